@@ -1,0 +1,203 @@
+//! The compiler driver: file → AST → params → graph IR → passes → program → native kernels →
+//! artifact, stopping at whichever stage the caller asks for. Every user-facing failure comes
+//! back as a [`CompileError`] whose text is ready to print (diagnostics already rendered).
+use crate::backend::cranelift;
+use crate::frontend::{self, diag, Diagnostic, Overrides, ParamEnv, SourceMap};
+use crate::passes::{run_pipeline, PassOptions, PassRecord};
+use crate::{elab, lower};
+use loopc_dialects::print::print_module;
+use loopc_dialects::Module;
+use loopc_runtime::artifact::{self, Manifest};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `--set name=value` arguments.
+    pub set: Vec<String>,
+    /// An HF-style config.json.
+    pub config: Option<PathBuf>,
+    pub opt_level: u8,
+    pub dump_after: Vec<String>,
+    /// Verify after every pass (always on in debug builds).
+    pub verify: bool,
+    pub pass_limit: Option<usize>,
+    /// Render diagnostics with ANSI colors.
+    pub color: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// Rendered diagnostics (source snippets included).
+    #[error("{0}")]
+    Diagnostics(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A parsed and elaborated program plus what is needed to report on it.
+pub struct Front {
+    pub sources: SourceMap,
+    pub ast: frontend::ast::File,
+    pub params: ParamEnv,
+    pub warnings: Vec<Diagnostic>,
+    pub config_path: Option<String>,
+}
+
+pub struct Built {
+    pub manifest: Manifest,
+    pub shared_object: Vec<u8>,
+    pub passes: Vec<PassRecord>,
+    pub module: Module,
+    pub warnings: String,
+    /// (stage, seconds)
+    pub timings: Vec<(&'static str, f64)>,
+}
+
+impl Built {
+    pub fn artifact_bytes(&self) -> Vec<u8> {
+        artifact::encode(&self.manifest, &self.shared_object)
+    }
+}
+
+fn render(sm: &SourceMap, d: &[Diagnostic], color: bool) -> String {
+    diag::render(sm, d, color)
+}
+
+/// Parse the file and evaluate its params with the overrides; stops on any error.
+pub fn front(path: &Path, opts: &Options) -> Result<Front, CompileError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CompileError::Other(format!("error: cannot read `{}`: {e}", path.display())))?;
+    front_from_source(&path.display().to_string(), &text, opts)
+}
+
+pub fn front_from_source(name: &str, text: &str, opts: &Options) -> Result<Front, CompileError> {
+    let mut sm = SourceMap::new();
+    let file = sm.add(name, text);
+    let (ast, mut diags) = frontend::parse(&sm, file);
+    let (set, set_diags) = Overrides::parse_set_args(&mut sm, &opts.set);
+    diags.extend(set_diags);
+    let mut overrides = Overrides { set, config: None };
+    let mut config_path = None;
+    if let Some(cp) = &opts.config {
+        let shown = cp.display().to_string();
+        let text = std::fs::read_to_string(cp)
+            .map_err(|e| CompileError::Other(format!("error: cannot read config `{shown}`: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| CompileError::Other(format!("error: config `{shown}` is not valid JSON: {e}")))?;
+        let serde_json::Value::Object(map) = v else {
+            return Err(CompileError::Other(format!("error: config `{shown}` must be a JSON object")));
+        };
+        overrides.config = Some((shown.clone(), map));
+        config_path = Some(shown);
+    }
+    if diag::has_errors(&diags) {
+        return Err(CompileError::Diagnostics(render(&sm, &diags, opts.color)));
+    }
+    let (params, pdiags) = frontend::eval_params(&ast, &overrides);
+    diags.extend(pdiags);
+    if let Some(cp) = &config_path {
+        diags.extend(params.unused_config_warning(cp));
+    }
+    if diag::has_errors(&diags) {
+        return Err(CompileError::Diagnostics(render(&sm, &diags, opts.color)));
+    }
+    Ok(Front { sources: sm, ast, params, warnings: diags, config_path })
+}
+
+/// Elaborate to the graph IR (stage `graph`), before any pass.
+pub fn graph(f: &Front, opts: &Options) -> Result<(Module, Vec<Diagnostic>), CompileError> {
+    let (m, diags) = elab::elaborate(&f.sources, &f.ast, &f.params);
+    let mut all = f.warnings.clone();
+    all.extend(diags);
+    match m {
+        Some(m) => Ok((m, all)),
+        None => Err(CompileError::Diagnostics(render(&f.sources, &all, opts.color))),
+    }
+}
+
+/// Run the pass pipeline (stage `lowered` is its output).
+pub fn optimize(m: &mut Module, opts: &Options) -> Result<Vec<PassRecord>, CompileError> {
+    let popts = PassOptions {
+        dump_after: opts.dump_after.clone(),
+        verify: opts.verify || cfg!(debug_assertions),
+        limit: opts.pass_limit,
+        opt_level: opts.opt_level,
+    };
+    run_pipeline(m, &popts).map_err(|e| CompileError::Other(format!("internal compiler error: {e}")))
+}
+
+pub fn program(m: &Module) -> Result<Manifest, CompileError> {
+    lower::lower(m, "cpu-x86_64", "cranelift").map_err(|e| CompileError::Other(format!("error: {e}")))
+}
+
+/// The whole pipeline from a file to artifact bytes.
+pub fn build(path: &Path, opts: &Options) -> Result<Built, CompileError> {
+    let mut timings = vec![];
+    let t = Instant::now();
+    let f = front(path, opts)?;
+    timings.push(("parse+params", t.elapsed().as_secs_f64()));
+    build_front(&f, opts, timings)
+}
+
+pub fn build_front(f: &Front, opts: &Options, mut timings: Vec<(&'static str, f64)>) -> Result<Built, CompileError> {
+    let t = Instant::now();
+    let (mut module, warns) = graph(f, opts)?;
+    timings.push(("elaborate", t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    let passes = optimize(&mut module, opts)?;
+    timings.push(("passes", t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    let manifest = program(&module)?;
+    timings.push(("lower", t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    let compiled = cranelift::compile_kernels(&manifest.kernels)
+        .map_err(|e| CompileError::Other(format!("error: code generation failed: {e}")))?;
+    timings.push(("codegen+link", t.elapsed().as_secs_f64()));
+    Ok(Built {
+        manifest,
+        shared_object: compiled.shared_object,
+        passes,
+        module,
+        warnings: if warns.is_empty() { String::new() } else { render(&f.sources, &warns, opts.color) },
+        timings,
+    })
+}
+
+/// Text of one IR stage: `ast`, `graph`, `lowered`, `program` or `clif`.
+pub fn stage_text(path: &Path, stage: &str, opts: &Options) -> Result<String, CompileError> {
+    let f = front(path, opts)?;
+    stage_text_front(&f, stage, opts)
+}
+
+pub const STAGES: &[&str] = &["ast", "graph", "lowered", "program", "clif"];
+
+pub fn stage_text_front(f: &Front, stage: &str, opts: &Options) -> Result<String, CompileError> {
+    if stage == "ast" {
+        return Ok(frontend::print(&f.ast));
+    }
+    let (mut m, _) = graph(f, opts)?;
+    if stage == "graph" {
+        return Ok(print_module(&m));
+    }
+    optimize(&mut m, opts)?;
+    if stage == "lowered" {
+        return Ok(print_module(&m));
+    }
+    let manifest = program(&m)?;
+    match stage {
+        "program" => Ok(lower::print_manifest(&manifest)),
+        "clif" => {
+            let mut s = String::new();
+            for k in &manifest.kernels {
+                let text = cranelift::kernel_clif(k).map_err(|e| CompileError::Other(format!("error: {e}")))?;
+                s.push_str(&format!("; {}\n{text}\n", k.symbol));
+            }
+            Ok(s)
+        }
+        other => Err(CompileError::Other(format!(
+            "error: unknown stage `{other}`; stages are: {}",
+            STAGES.join(", ")
+        ))),
+    }
+}

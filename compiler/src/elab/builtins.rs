@@ -1,0 +1,330 @@
+//! Builtin functions of the DSL and calls of user layers.
+use super::{show, Elab, InitVal, Scope, Val, BAD_ARGS, BAD_POLICY, TOO_DEEP};
+use crate::frontend::ast::{self, Ident};
+use crate::frontend::diag;
+use crate::frontend::Span;
+use loopc_dialects::ops::{ExitSpec, RopeStyle, StateInit, Unary};
+use loopc_dialects::Op;
+use std::collections::HashMap;
+
+/// Names callable as builtins (for "did you mean" suggestions).
+pub const NAMES: &[&str] = &[
+    "embed", "linear", "rmsnorm", "rope", "attention", "concat", "split", "silu", "sigmoid", "relu", "gelu", "exp",
+    "tanh", "sqrt", "zeros", "trunc_normal", "converge",
+];
+
+/// Bare names that stand for themselves when not bound.
+pub const SYMBOLS: &[&str] = &["interleaved", "half", "fixed", "per_step"];
+
+struct Bound {
+    vals: Vec<Option<(Val, Span)>>,
+}
+
+impl Bound {
+    fn get(&self, i: usize) -> Option<(Val, Span)> {
+        self.vals[i].clone()
+    }
+}
+
+impl<'a> Elab<'a> {
+    /// Bind positional then keyword arguments to `names`; the first `required` are mandatory.
+    fn bind(&mut self, callee: &Ident, args: &[ast::Arg], names: &[&str], required: usize, span: Span) -> Option<Bound> {
+        let mut vals: Vec<Option<(Val, Span)>> = vec![None; names.len()];
+        let mut ok = true;
+        let mut pos = 0;
+        for a in args {
+            let v = self.eval(&a.value);
+            let slot = match &a.name {
+                None => {
+                    let i = pos;
+                    pos += 1;
+                    if i >= names.len() {
+                        self.err(BAD_ARGS, a.span, format!("`{}` takes at most {} arguments ({})", callee.name, names.len(), names.join(", ")), "extra argument");
+                        ok = false;
+                        continue;
+                    }
+                    i
+                }
+                Some(k) => match names.iter().position(|n| *n == k.name) {
+                    Some(i) => i,
+                    None => {
+                        self.err(BAD_ARGS, k.span, format!("`{}` has no argument `{}`; its arguments are: {}", callee.name, k.name, names.join(", ")), "unknown keyword");
+                        ok = false;
+                        continue;
+                    }
+                },
+            };
+            if vals[slot].is_some() {
+                self.err(BAD_ARGS, a.span, format!("argument `{}` of `{}` is given twice", names[slot], callee.name), "again here");
+                ok = false;
+            }
+            if v == Val::Error {
+                ok = false;
+            }
+            vals[slot] = Some((v, a.value.span));
+        }
+        for (i, n) in names.iter().enumerate().take(required) {
+            if vals[i].is_none() {
+                self.err(BAD_ARGS, span, format!("`{}` is missing its argument `{n}`", callee.name), "in this call");
+                ok = false;
+            }
+        }
+        ok.then_some(Bound { vals })
+    }
+
+    fn int_arg(&mut self, v: &(Val, Span), what: &str, min: i64) -> Option<usize> {
+        match v.0 {
+            Val::Int(i) if i >= min => Some(i as usize),
+            _ => {
+                self.err(BAD_ARGS, v.1, format!("{what} must be an integer ≥ {min}, got {}", show(&v.0)), "here");
+                None
+            }
+        }
+    }
+
+    fn num_arg(&mut self, v: &(Val, Span), what: &str, code: &str, ok: impl Fn(f64) -> bool, expect: &str) -> Option<f64> {
+        match v.0.num() {
+            Some(x) if x.is_finite() && ok(x) => Some(x),
+            _ => {
+                self.err(code, v.1, format!("{what} must be {expect}, got {}", show(&v.0)), "here");
+                None
+            }
+        }
+    }
+
+    pub(crate) fn call(&mut self, callee: &Ident, args: &[ast::Arg], span: Span) -> Val {
+        if let Some(layer) = self.layers.get(&callee.name).copied() {
+            return self.call_layer(layer, callee, args, span);
+        }
+        let unary = match callee.name.as_str() {
+            "silu" => Some(Unary::Silu),
+            "sigmoid" => Some(Unary::Sigmoid),
+            "relu" => Some(Unary::Relu),
+            "gelu" => Some(Unary::GeluTanh),
+            "exp" => Some(Unary::Exp),
+            "tanh" => Some(Unary::Tanh),
+            _ => None,
+        };
+        if let Some(u) = unary {
+            let Some(b) = self.bind(callee, args, &["x"], 1, span) else { return Val::Error };
+            let (x, s) = b.get(0).unwrap();
+            return self.unary(u, x, s);
+        }
+        match callee.name.as_str() {
+            "sqrt" => {
+                let Some(b) = self.bind(callee, args, &["x"], 1, span) else { return Val::Error };
+                match b.get(0).unwrap() {
+                    (v, s) if v.num().is_some() => {
+                        let x = v.num().unwrap();
+                        if x < 0.0 {
+                            self.err(BAD_ARGS, s, format!("sqrt of a negative number ({x})"), "here");
+                            return Val::Error;
+                        }
+                        Val::Float(x.sqrt())
+                    }
+                    (v, s) => self.unary(Unary::Sqrt, v, s),
+                }
+            }
+            "embed" => {
+                let Some(b) = self.bind(callee, args, &["tokens", "table"], 2, span) else { return Val::Error };
+                self.op(Op::Embed, &[b.get(0).unwrap(), b.get(1).unwrap()], span)
+            }
+            "linear" => {
+                let Some(b) = self.bind(callee, args, &["x", "weight"], 2, span) else { return Val::Error };
+                self.op(Op::Linear, &[b.get(0).unwrap(), b.get(1).unwrap()], span)
+            }
+            "rmsnorm" => {
+                let Some(b) = self.bind(callee, args, &["x", "gain", "eps"], 3, span) else { return Val::Error };
+                let Some(eps) = self.num_arg(&b.get(2).unwrap(), "`rmsnorm` eps", BAD_ARGS, |x| x >= 0.0, "a number ≥ 0") else {
+                    return Val::Error;
+                };
+                self.op(Op::RmsNorm { eps: eps as f32 }, &[b.get(0).unwrap(), b.get(1).unwrap()], span)
+            }
+            "rope" => {
+                let Some(b) = self.bind(callee, args, &["x", "heads", "style", "base"], 4, span) else { return Val::Error };
+                let Some(heads) = self.int_arg(&b.get(1).unwrap(), "`rope` heads", 1) else { return Val::Error };
+                let (sv, ss) = b.get(2).unwrap();
+                let style = match &sv {
+                    Val::Sym(s) => RopeStyle::from_name(s),
+                    _ => None,
+                };
+                let Some(style) = style else {
+                    self.err(BAD_ARGS, ss, format!("`rope` style must be `interleaved` or `half`, got {}", show(&sv)), "style");
+                    return Val::Error;
+                };
+                let Some(base) = self.num_arg(&b.get(3).unwrap(), "`rope` base", BAD_ARGS, |x| x > 1.0, "a number > 1") else {
+                    return Val::Error;
+                };
+                self.op(Op::Rope { heads, style, base }, &[b.get(0).unwrap()], span)
+            }
+            "attention" => {
+                let Some(b) = self.bind(callee, args, &["q", "k", "v", "heads", "kv_heads", "scale"], 5, span) else {
+                    return Val::Error;
+                };
+                let Some(heads) = self.int_arg(&b.get(3).unwrap(), "`attention` heads", 1) else { return Val::Error };
+                let Some(kv_heads) = self.int_arg(&b.get(4).unwrap(), "`attention` kv_heads", 1) else { return Val::Error };
+                let q = b.get(0).unwrap();
+                let scale = match b.get(5) {
+                    Some(s) => match self.num_arg(&s, "`attention` scale", BAD_ARGS, |x| x > 0.0, "a number > 0") {
+                        Some(x) => x as f32,
+                        None => return Val::Error,
+                    },
+                    None => {
+                        // 1/sqrt(head_dim), from the query width.
+                        let Some(n) = self.tensor(&q.0, q.1, "the query") else { return Val::Error };
+                        let cols = self.regions.last().unwrap().region.ty(n).cols().unwrap_or(heads);
+                        (1.0 / ((cols / heads).max(1) as f64).sqrt()) as f32
+                    }
+                };
+                let site = self.new_site();
+                self.op(Op::Attention { heads, kv_heads, scale, site }, &[q, b.get(1).unwrap(), b.get(2).unwrap()], span)
+            }
+            "concat" => {
+                let vals: Vec<(Val, Span)> = args
+                    .iter()
+                    .map(|a| {
+                        if let Some(k) = &a.name {
+                            self.err(BAD_ARGS, k.span, "`concat` takes positional arguments only".into(), "keyword");
+                        }
+                        (self.eval(&a.value), a.value.span)
+                    })
+                    .collect();
+                if vals.is_empty() {
+                    self.err(BAD_ARGS, span, "`concat` needs at least one tensor".into(), "empty");
+                    return Val::Error;
+                }
+                self.op(Op::Concat, &vals, span)
+            }
+            "split" => {
+                let Some(b) = self.bind(callee, args, &["x", "sizes"], 2, span) else { return Val::Error };
+                let (x, xs) = b.get(0).unwrap();
+                let (sizes, ss) = b.get(1).unwrap();
+                let Val::List(items) = sizes else {
+                    self.err(BAD_ARGS, ss, format!("`split` sizes must be a list like [dim, dim], got {}", show(&sizes)), "sizes");
+                    return Val::Error;
+                };
+                let mut start = 0;
+                let mut out = vec![];
+                for it in &items {
+                    let Some(len) = self.int_arg(&(it.clone(), ss), "a `split` size", 1) else { return Val::Error };
+                    out.push(self.op(Op::Slice { start, len }, &[(x.clone(), xs)], span));
+                    start += len;
+                }
+                if let Some(n) = self.tensor(&x, xs, "the value to split") {
+                    let cols = self.regions.last().unwrap().region.ty(n).cols();
+                    if cols.is_some_and(|c| c != start) {
+                        self.err(
+                            super::SHAPE,
+                            ss,
+                            format!("`split` sizes add up to {start} but the value has width {}", cols.unwrap()),
+                            "sizes",
+                        );
+                        return Val::Error;
+                    }
+                }
+                Val::List(out)
+            }
+            "zeros" => {
+                let Some(b) = self.bind(callee, args, &["like"], 1, span) else { return Val::Error };
+                self.init(StateInit::Zeros, b.get(0).unwrap())
+            }
+            "trunc_normal" => {
+                let Some(b) = self.bind(callee, args, &["like", "std", "scale", "seed"], 2, span) else { return Val::Error };
+                let Some(std) = self.num_arg(&b.get(1).unwrap(), "`trunc_normal` std", BAD_POLICY, |x| x >= 0.0, "a number ≥ 0") else {
+                    return Val::Error;
+                };
+                let scale = match b.get(2) {
+                    Some(s) => match self.num_arg(&s, "`trunc_normal` scale", BAD_POLICY, |_| true, "a finite number") {
+                        Some(x) => x,
+                        None => return Val::Error,
+                    },
+                    None => 1.0,
+                };
+                let seed = match b.get(3) {
+                    Some(s) => match self.int_arg(&s, "`trunc_normal` seed", 0) {
+                        Some(x) => x as u64,
+                        None => return Val::Error,
+                    },
+                    None => 0,
+                };
+                self.init(StateInit::TruncNormal { std, scale, seed }, b.get(0).unwrap())
+            }
+            "converge" => {
+                let Some(b) = self.bind(callee, args, &["threshold", "max", "min"], 2, span) else { return Val::Error };
+                let Some(threshold) =
+                    self.num_arg(&b.get(0).unwrap(), "`converge` threshold", BAD_POLICY, |x| x > 0.0, "a number > 0")
+                else {
+                    return Val::Error;
+                };
+                let mx = b.get(1).unwrap();
+                let Some(max_steps) = self.policy_int(&mx, "`converge` max", 1) else { return Val::Error };
+                let min_steps = match b.get(2) {
+                    Some(m) => match self.policy_int(&m, "`converge` min", 1) {
+                        Some(x) if x <= max_steps => x,
+                        Some(x) => {
+                            self.err(BAD_POLICY, m.1, format!("`converge` min ({x}) exceeds max ({max_steps})"), "min");
+                            return Val::Error;
+                        }
+                        None => return Val::Error,
+                    },
+                    None => 1,
+                };
+                Val::Exit(ExitSpec::Converge { threshold, min_steps, max_steps })
+            }
+            _ => {
+                self.unknown(callee);
+                Val::Error
+            }
+        }
+    }
+
+    fn policy_int(&mut self, v: &(Val, Span), what: &str, min: i64) -> Option<usize> {
+        match v.0 {
+            Val::Int(i) if i >= min => Some(i as usize),
+            _ => {
+                self.err(BAD_POLICY, v.1, format!("{what} must be an integer ≥ {min}, got {}", show(&v.0)), "here");
+                None
+            }
+        }
+    }
+
+    fn init(&mut self, init: StateInit, like: (Val, Span)) -> Val {
+        match &like.0 {
+            Val::Tensor { depth, node } => Val::Init(InitVal { init, like: Some((*depth, *node)) }),
+            Val::Error => Val::Error,
+            other => {
+                self.err(BAD_POLICY, like.1, format!("the state is shaped like a tensor; got {}", show(other)), "like");
+                Val::Error
+            }
+        }
+    }
+
+    fn call_layer(&mut self, layer: &'a ast::Layer, callee: &Ident, args: &[ast::Arg], span: Span) -> Val {
+        if self.call_depth > 64 {
+            self.err(TOO_DEEP, span, format!("layer `{}` calls itself too deeply", callee.name), "recursive call");
+            return Val::Error;
+        }
+        let names: Vec<&str> = layer.params.iter().map(|p| p.name.as_str()).collect();
+        let Some(b) = self.bind(callee, args, &names, names.len(), span) else { return Val::Error };
+        let mut vars = HashMap::new();
+        for (n, v) in names.iter().zip(b.vals) {
+            vars.insert(n.to_string(), v.map(|p| p.0).unwrap_or(Val::Error));
+        }
+        let d = self.regions.len() - 1;
+        self.scopes.push(Scope { vars, depth: d, barrier: true });
+        self.call_depth += 1;
+        let r = self.block(&layer.body, true);
+        self.call_depth -= 1;
+        self.scopes.pop();
+        match r {
+            Some((v, _)) => v,
+            None => {
+                self.diags.push(
+                    diag::error(super::NO_RETURN, format!("layer `{}` ends without `return`", layer.name.name))
+                        .with_labels(vec![diag::primary(layer.name.span, "this layer"), diag::secondary(span, "called here")]),
+                );
+                Val::Error
+            }
+        }
+    }
+}

@@ -1,0 +1,748 @@
+//! Elaboration: the AST with evaluated params becomes the graph IR. Layers are inlined at each
+//! call, `for` loops are unrolled, `recur` becomes a `loop.recur` node whose body captures the
+//! loop-invariant values it reads, and every new node is typed by the dialect's own `infer`, so
+//! shape errors surface here with a span instead of in a later pass.
+//!
+//! Error codes (continuing the front end's table):
+//! | code  | meaning |
+//! |-------|---------|
+//! | E0301 | shape or type mismatch in a tensor op |
+//! | E0302 | unknown name |
+//! | E0303 | bad arguments to a builtin or layer (count, kind, unknown keyword) |
+//! | E0304 | invalid policy or policy parameter (`exit`, `cache`, state init, steps) |
+//! | E0305 | misplaced statement (`state`/`exit` outside `recur`, `return` in `recur`, ...) |
+//! | E0306 | a layer or forward without `return`, or with statements after it |
+//! | E0307 | structural error in `recur` (no `state`, two states, nested `recur`, assignment to a loop-external value) |
+//! | E0308 | a weight name declared twice with different shapes |
+//! | E0309 | layer recursion too deep |
+mod builtins;
+mod value;
+
+use crate::frontend::ast::{self, BinOp, Block, Expr, ExprKind, StmtKind, StrPart};
+use crate::frontend::diag::{self, Diagnostic, SourceMap};
+use crate::frontend::{ParamEnv, Span, Value};
+use codespan_reporting::files::Files;
+use loopc_dialects::ops::{Binary, CacheSpec, ExitSpec, StateInit, Unary};
+use loopc_dialects::verify::infer;
+use loopc_dialects::{graph::WeightDecl, Module, NodeId, Op, Region, Ty, WeightView};
+use std::collections::HashMap;
+pub use value::{InitVal, Val};
+
+pub const SHAPE: &str = "E0301";
+pub const UNKNOWN: &str = "E0302";
+pub const BAD_ARGS: &str = "E0303";
+pub const BAD_POLICY: &str = "E0304";
+pub const MISPLACED: &str = "E0305";
+pub const NO_RETURN: &str = "E0306";
+pub const BAD_RECUR: &str = "E0307";
+pub const WEIGHT_CLASH: &str = "E0308";
+pub const TOO_DEEP: &str = "E0309";
+
+struct RegionCtx {
+    region: Region,
+    /// (outer node, param node) for each loop-invariant value the body reads.
+    captures: Vec<(NodeId, NodeId)>,
+    weight_nodes: HashMap<WeightView, NodeId>,
+}
+
+struct Scope {
+    vars: HashMap<String, Val>,
+    depth: usize,
+    /// A layer body: names of the caller are invisible past this scope.
+    barrier: bool,
+}
+
+pub(crate) struct Elab<'a> {
+    sm: &'a SourceMap,
+    layers: HashMap<String, &'a ast::Layer>,
+    globals: HashMap<String, Val>,
+    regions: Vec<RegionCtx>,
+    scopes: Vec<Scope>,
+    weights: Vec<WeightDecl>,
+    weight_ids: HashMap<String, (u32, Span)>,
+    diags: Vec<Diagnostic>,
+    next_site: u32,
+    call_depth: usize,
+}
+
+/// Elaborate a parsed file. Returns the module only when no error was reported.
+pub fn elaborate(sm: &SourceMap, file: &ast::File, env: &ParamEnv) -> (Option<Module>, Vec<Diagnostic>) {
+    let mut e = Elab {
+        sm,
+        layers: HashMap::new(),
+        globals: HashMap::new(),
+        regions: vec![],
+        scopes: vec![],
+        weights: vec![],
+        weight_ids: HashMap::new(),
+        diags: vec![],
+        next_site: 0,
+        call_depth: 0,
+    };
+    let mut name = String::from("model");
+    let mut forward = None;
+    for (k, v) in env.iter() {
+        e.globals.insert(
+            k.to_string(),
+            match v {
+                Value::Int(i) => Val::Int(i),
+                Value::Float(f) => Val::Float(f),
+            },
+        );
+    }
+    for item in &file.items {
+        match item {
+            ast::Item::Model(m) => name = m.name.as_plain().unwrap_or(name),
+            ast::Item::Layer(l) => {
+                if e.layers.insert(l.name.name.clone(), l).is_some() {
+                    e.err(BAD_ARGS, l.name.span, format!("layer `{}` is defined twice", l.name.name), "second definition");
+                }
+            }
+            ast::Item::Forward(f) => {
+                if forward.is_some() {
+                    e.err(MISPLACED, f.span, "a file has one `forward`".into(), "second `forward`");
+                }
+                forward = Some(f);
+            }
+            ast::Item::Param(_) => {}
+        }
+    }
+    let Some(fwd) = forward else {
+        e.diags.push(diag::error(NO_RETURN, "the file has no `forward(tokens) { ... }` block").with_notes(vec![
+            "help: the model's entry point reads token ids and returns logits".into(),
+        ]));
+        return (None, e.diags);
+    };
+    e.regions.push(RegionCtx { region: Region::default(), captures: vec![], weight_nodes: HashMap::new() });
+    let tokens = e.regions[0].region.add(Op::Tokens, Ty::Tokens, &[]);
+    let mut vars = HashMap::new();
+    vars.insert(fwd.input.name.clone(), Val::Tensor { depth: 0, node: tokens });
+    e.scopes.push(Scope { vars, depth: 0, barrier: true });
+    let result = e.block(&fwd.body, true);
+    e.scopes.pop();
+    let mut ctx = e.regions.pop().expect("forward region");
+    match result {
+        Some((v, span)) => {
+            if let Some(n) = e.tensor_in(&mut ctx, &v, span, "the forward result") {
+                if ctx.region.ty(n).cols().is_none() {
+                    e.err(SHAPE, span, "forward must return logits [S, vocab]".into(), "not an activation");
+                }
+                ctx.region.results.push(n);
+            }
+        }
+        None => e.err(NO_RETURN, fwd.span, "`forward` has no `return`".into(), "add `return <logits>` at the end"),
+    }
+    if diag::has_errors(&e.diags) {
+        return (None, e.diags);
+    }
+    let mut params: Vec<(String, f64)> = env.iter().map(|(k, v)| (k.to_string(), v.as_f64())).collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut module = Module { name, weights: e.weights, params, forward: ctx.region };
+    module.forward.compact();
+    (Some(module), e.diags)
+}
+
+impl<'a> Elab<'a> {
+    pub(crate) fn err(&mut self, code: &str, span: Span, msg: String, label: &str) {
+        self.diags.push(diag::error(code, msg).with_labels(vec![diag::primary(span, label)]));
+    }
+
+    fn depth(&self) -> usize {
+        self.regions.len() - 1
+    }
+
+    fn origin(&self, span: Span) -> String {
+        let name = self.sm.name(span.file).unwrap_or("?").to_string();
+        match self.sm.files().location(span.file, span.start as usize) {
+            Ok(loc) => format!("{name}:{}:{}", loc.line_number, loc.column_number),
+            Err(_) => name,
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Option<Val> {
+        for s in self.scopes.iter().rev() {
+            if let Some(v) = s.vars.get(name) {
+                return Some(v.clone());
+            }
+            if s.barrier {
+                break;
+            }
+        }
+        self.globals.get(name).cloned()
+    }
+
+    /// Rebind an existing name where it was defined. Only names of the current region may change
+    /// inside a `recur`: the body cannot write a value that outlives one iteration except the state.
+    fn assign(&mut self, name: &ast::Ident, v: Val) {
+        let cur = self.depth();
+        for i in (0..self.scopes.len()).rev() {
+            if self.scopes[i].vars.contains_key(&name.name) {
+                if self.scopes[i].depth < cur {
+                    self.err(
+                        BAD_RECUR,
+                        name.span,
+                        format!("cannot assign `{}` inside `recur`: it is defined outside the loop", name.name),
+                        "only the `state` (or names defined inside the loop) can change per iteration",
+                    );
+                    return;
+                }
+                self.scopes[i].vars.insert(name.name.clone(), v);
+                return;
+            }
+            if self.scopes[i].barrier {
+                break;
+            }
+        }
+        let msg = if self.globals.contains_key(&name.name) {
+            format!("`{}` is a param and cannot be assigned", name.name)
+        } else {
+            format!("cannot assign `{}`: no such local (use `let` to define it)", name.name)
+        };
+        self.err(UNKNOWN, name.span, msg, "assigned here");
+    }
+
+    fn define(&mut self, name: &str, v: Val) {
+        self.scopes.last_mut().expect("a scope").vars.insert(name.to_string(), v);
+    }
+
+    /// Run a block; returns the `return` value (and its span) if the block returns.
+    fn block(&mut self, b: &Block, expect_return: bool) -> Option<(Val, Span)> {
+        let mut ret = None;
+        for st in &b.stmts {
+            if let Some((_, rspan)) = &ret {
+                self.err(NO_RETURN, st.span, "statement after `return`".into(), "unreachable");
+                let _ = rspan;
+                break;
+            }
+            ret = self.stmt(st);
+        }
+        if ret.is_none() && expect_return {
+            return None;
+        }
+        ret
+    }
+
+    fn stmt(&mut self, st: &ast::Stmt) -> Option<(Val, Span)> {
+        match &st.kind {
+            StmtKind::Weight { name, key, shape } => {
+                let v = self.weight(key, shape, st.span);
+                self.define(&name.name, v);
+            }
+            StmtKind::Let { names, value } => {
+                let v = self.eval(value);
+                if names.len() == 1 {
+                    self.define(&names[0].name, v);
+                } else {
+                    match v {
+                        Val::List(items) if items.len() == names.len() => {
+                            for (n, it) in names.iter().zip(items) {
+                                self.define(&n.name, it);
+                            }
+                        }
+                        Val::Error => {
+                            for n in names {
+                                self.define(&n.name, Val::Error);
+                            }
+                        }
+                        other => {
+                            let got = match &other {
+                                Val::List(items) => format!("{} values", items.len()),
+                                v => v.describe().to_string(),
+                            };
+                            self.err(BAD_ARGS, value.span, format!("cannot unpack {got} into {} names", names.len()), "this value");
+                            for n in names {
+                                self.define(&n.name, Val::Error);
+                            }
+                        }
+                    }
+                }
+            }
+            StmtKind::Assign { name, value } => {
+                let v = self.eval(value);
+                self.assign(name, v);
+            }
+            StmtKind::For { var, start, end, body } => {
+                let (a, b) = (self.eval(start), self.eval(end));
+                let (Val::Int(a), Val::Int(b)) = (a.clone(), b.clone()) else {
+                    if a != Val::Error && b != Val::Error {
+                        self.err(BAD_ARGS, start.span.to(end.span), "a `for` range needs integer bounds".into(), "not integers");
+                    }
+                    return None;
+                };
+                for i in a..b {
+                    let d = self.depth();
+                    self.scopes.push(Scope { vars: HashMap::from([(var.name.clone(), Val::Int(i))]), depth: d, barrier: false });
+                    let r = self.block(body, false);
+                    self.scopes.pop();
+                    if let Some((_, span)) = r {
+                        self.err(MISPLACED, span, "`return` inside a `for` loop".into(), "return after the loop instead");
+                    }
+                }
+            }
+            StmtKind::Recur { steps, body } => self.recur(steps, body, st.span),
+            StmtKind::State { .. } | StmtKind::Exit(_) | StmtKind::Cache(_) | StmtKind::ExitGate(_) => {
+                self.err(MISPLACED, st.span, "this statement belongs directly inside a `recur` block".into(), "outside `recur`");
+            }
+            StmtKind::Return(e) => {
+                let v = self.eval(e);
+                return Some((v, e.span));
+            }
+        }
+        None
+    }
+
+    fn weight(&mut self, key: &ast::StrLit, shape: &[Expr], span: Span) -> Val {
+        let Some(name) = self.interp(key) else { return Val::Error };
+        let mut dims = vec![];
+        for d in shape {
+            match self.eval(d) {
+                Val::Int(i) if i > 0 => dims.push(i as usize),
+                Val::Error => return Val::Error,
+                other => {
+                    self.err(SHAPE, d.span, format!("a weight dimension must be a positive integer, got {}", show(&other)), "here");
+                    return Val::Error;
+                }
+            }
+        }
+        let id = match self.weight_ids.get(&name) {
+            Some(&(id, first)) => {
+                if self.weights[id as usize].shape != dims {
+                    self.diags.push(
+                        diag::error(WEIGHT_CLASH, format!("weight `{name}` is declared with two shapes"))
+                            .with_labels(vec![
+                                diag::primary(span, format!("declared here as {:?}", dims)),
+                                diag::secondary(first, format!("and here as {:?}", self.weights[id as usize].shape)),
+                            ]),
+                    );
+                    return Val::Error;
+                }
+                id
+            }
+            None => {
+                let id = self.weights.len() as u32;
+                self.weights.push(WeightDecl { name: name.clone(), shape: dims.clone(), origin: self.origin(span) });
+                self.weight_ids.insert(name, (id, span));
+                id
+            }
+        };
+        Val::Weight(WeightView { weight: id, offset: 0, shape: dims })
+    }
+
+    fn interp(&mut self, s: &ast::StrLit) -> Option<String> {
+        let mut out = String::new();
+        for p in &s.parts {
+            match p {
+                StrPart::Text(t) => out.push_str(t),
+                StrPart::Interp(id) => match self.lookup(&id.name) {
+                    Some(Val::Int(i)) => out.push_str(&i.to_string()),
+                    Some(Val::Str(t)) => out.push_str(&t),
+                    Some(Val::Error) => return None,
+                    Some(other) => {
+                        self.err(BAD_ARGS, id.span, format!("cannot put {} into a string", other.describe()), "here");
+                        return None;
+                    }
+                    None => {
+                        self.unknown(id);
+                        return None;
+                    }
+                },
+            }
+        }
+        Some(out)
+    }
+
+    fn unknown(&mut self, id: &ast::Ident) {
+        let mut names: Vec<String> = self.globals.keys().cloned().collect();
+        for s in self.scopes.iter().rev() {
+            names.extend(s.vars.keys().cloned());
+            if s.barrier {
+                break;
+            }
+        }
+        names.extend(self.layers.keys().cloned());
+        names.extend(builtins::NAMES.iter().map(|s| s.to_string()));
+        let best = names
+            .iter()
+            .map(|n| (strsim_distance(n, &id.name), n))
+            .filter(|(d, _)| *d <= 2)
+            .min();
+        let mut d = diag::error(UNKNOWN, format!("unknown name `{}`", id.name)).with_labels(vec![diag::primary(id.span, "not defined here")]);
+        if let Some((_, n)) = best {
+            d = d.with_notes(vec![format!("help: did you mean `{n}`?")]);
+        }
+        self.diags.push(d);
+    }
+
+    pub(crate) fn eval(&mut self, e: &Expr) -> Val {
+        match &e.kind {
+            ExprKind::Int(i) => Val::Int(*i),
+            ExprKind::Float(f) => Val::Float(*f),
+            ExprKind::Str(s) => self.interp(s).map(Val::Str).unwrap_or(Val::Error),
+            ExprKind::Name(id) => match self.lookup(&id.name) {
+                Some(v) => v,
+                None if builtins::SYMBOLS.contains(&id.name.as_str()) => Val::Sym(id.name.clone()),
+                None => {
+                    self.unknown(id);
+                    Val::Error
+                }
+            },
+            ExprKind::Neg(x) => match self.eval(x) {
+                Val::Int(i) => Val::Int(-i),
+                Val::Float(f) => Val::Float(-f),
+                Val::Error => Val::Error,
+                v @ (Val::Tensor { .. } | Val::Weight(_)) => self.unary(Unary::Neg, v, e.span),
+                other => {
+                    self.err(BAD_ARGS, e.span, format!("cannot negate {}", other.describe()), "here");
+                    Val::Error
+                }
+            },
+            ExprKind::Binary { op, op_span, lhs, rhs } => {
+                let (a, b) = (self.eval(lhs), self.eval(rhs));
+                self.binary(*op, a, b, *op_span, e.span)
+            }
+            ExprKind::Call { callee, args } => self.call(callee, args, e.span),
+            ExprKind::Index { base, index } => {
+                let (b, i) = (self.eval(base), self.eval(index));
+                match (b, i) {
+                    (Val::Error, _) | (_, Val::Error) => Val::Error,
+                    (Val::List(items), Val::Int(i)) => match items.get(i as usize).filter(|_| i >= 0) {
+                        Some(v) => v.clone(),
+                        None => {
+                            self.err(SHAPE, index.span, format!("index {i} is out of range for a list of {}", items.len()), "here");
+                            Val::Error
+                        }
+                    },
+                    (Val::Weight(w), Val::Int(i)) => {
+                        if w.shape.is_empty() || i < 0 || i as usize >= w.shape[0] {
+                            self.err(SHAPE, index.span, format!("index {i} is out of range for a weight of shape {:?}", w.shape), "here");
+                            return Val::Error;
+                        }
+                        let inner: usize = w.shape[1..].iter().product();
+                        Val::Weight(WeightView { weight: w.weight, offset: w.offset + i as usize * inner, shape: w.shape[1..].to_vec() })
+                    }
+                    (b, i) => {
+                        self.err(BAD_ARGS, e.span, format!("cannot index {} with {}", b.describe(), i.describe()), "here");
+                        Val::Error
+                    }
+                }
+            }
+            ExprKind::List(items) => Val::List(items.iter().map(|x| self.eval(x)).collect()),
+            ExprKind::Error => Val::Error,
+        }
+    }
+
+    fn binary(&mut self, op: BinOp, a: Val, b: Val, op_span: Span, span: Span) -> Val {
+        use Val::*;
+        match (&a, &b) {
+            (Error, _) | (_, Error) => Error,
+            (Int(x), Int(y)) => {
+                let r = match op {
+                    BinOp::Add => x.checked_add(*y),
+                    BinOp::Sub => x.checked_sub(*y),
+                    BinOp::Mul => x.checked_mul(*y),
+                    BinOp::Div => {
+                        if *y == 0 {
+                            self.err(SHAPE, span, "division by zero".into(), "here");
+                            return Error;
+                        }
+                        if x % y != 0 {
+                            self.err(SHAPE, span, format!("{x} / {y} does not divide exactly"), "integer division must be exact")
+                            ;
+                            return Error;
+                        }
+                        Some(x / y)
+                    }
+                };
+                r.map(Int).unwrap_or_else(|| {
+                    self.err(SHAPE, span, "integer overflow".into(), "here");
+                    Error
+                })
+            }
+            (x, y) if x.num().is_some() && y.num().is_some() => {
+                let (x, y) = (x.num().unwrap(), y.num().unwrap());
+                Float(match op {
+                    BinOp::Add => x + y,
+                    BinOp::Sub => x - y,
+                    BinOp::Mul => x * y,
+                    BinOp::Div => x / y,
+                })
+            }
+            (Tensor { .. } | Weight(_), Tensor { .. } | Weight(_)) => {
+                if matches!((&a, &b), (Weight(_), Weight(_))) {
+                    self.err(BAD_ARGS, span, "arithmetic on two weights is not supported; use it on activations".into(), "here");
+                    return Error;
+                }
+                let bop = match op {
+                    BinOp::Add => Binary::Add,
+                    BinOp::Sub => Binary::Sub,
+                    BinOp::Mul => Binary::Mul,
+                    BinOp::Div => Binary::Div,
+                };
+                self.op(Op::Binary(bop), &[(a, span), (b, span)], op_span)
+            }
+            (Tensor { .. }, n) | (n, Tensor { .. }) if n.num().is_some() && matches!(op, BinOp::Mul) => {
+                let t = if matches!(a, Tensor { .. }) { a.clone() } else { b.clone() };
+                self.op(Op::Scale(n.num().unwrap() as f32), &[(t, span)], op_span)
+            }
+            (Tensor { .. }, n) if n.num().is_some() && matches!(op, BinOp::Div) => {
+                self.op(Op::Scale((1.0 / n.num().unwrap()) as f32), &[(a.clone(), span)], op_span)
+            }
+            _ => {
+                self.err(
+                    BAD_ARGS,
+                    op_span,
+                    format!("cannot apply `{}` to {} and {}", op.symbol(), a.describe(), b.describe()),
+                    "this operator",
+                );
+                Error
+            }
+        }
+    }
+
+    pub(crate) fn unary(&mut self, u: Unary, v: Val, span: Span) -> Val {
+        self.op(Op::Unary(u), &[(v, span)], span)
+    }
+
+    /// Materialize a value as a node of the current region (capturing outer tensors).
+    pub(crate) fn tensor(&mut self, v: &Val, span: Span, what: &str) -> Option<NodeId> {
+        let mut ctx = self.regions.pop().expect("a region");
+        let r = self.tensor_in(&mut ctx, v, span, what);
+        self.regions.push(ctx);
+        r
+    }
+
+    fn tensor_in(&mut self, ctx: &mut RegionCtx, v: &Val, span: Span, what: &str) -> Option<NodeId> {
+        let cur = self.regions.len();
+        match v {
+            Val::Tensor { depth, node } if *depth == cur => Some(*node),
+            Val::Tensor { depth, node } if *depth + 1 == cur => {
+                if let Some(&(_, p)) = ctx.captures.iter().find(|(o, _)| o == node) {
+                    return Some(p);
+                }
+                let ty = self.regions[*depth].region.ty(*node).clone();
+                let i = ctx.region.params.len() as u32;
+                ctx.region.params.push(ty.clone());
+                let p = ctx.region.add(Op::Param(i), ty, &[]);
+                ctx.captures.push((*node, p));
+                Some(p)
+            }
+            Val::Tensor { .. } => {
+                self.err(BAD_RECUR, span, "nested `recur` blocks are not supported".into(), "value from two loops out");
+                None
+            }
+            Val::Weight(w) => {
+                if let Some(&n) = ctx.weight_nodes.get(w) {
+                    return Some(n);
+                }
+                let n = ctx.region.add(Op::Weight(w.clone()), Ty::Weight(w.shape.clone()), &[]);
+                ctx.weight_nodes.insert(w.clone(), n);
+                Some(n)
+            }
+            Val::Error => None,
+            other => {
+                self.err(BAD_ARGS, span, format!("{what} must be a tensor, got {}", show(other)), "here");
+                None
+            }
+        }
+    }
+
+    /// Add a typed node; shape errors become diagnostics at `span`.
+    pub(crate) fn op(&mut self, op: Op, args: &[(Val, Span)], span: Span) -> Val {
+        let mut nodes = vec![];
+        for (i, (v, s)) in args.iter().enumerate() {
+            match self.tensor(v, *s, &format!("operand {} of `{}`", i + 1, op.mnemonic())) {
+                Some(n) => nodes.push(n),
+                None => return Val::Error,
+            }
+        }
+        let d = self.depth();
+        let ctx = self.regions.last_mut().expect("a region");
+        let tys: Vec<Ty> = nodes.iter().map(|&n| ctx.region.ty(n).clone()).collect();
+        match infer(&op, &tys, &ctx.region.params) {
+            Ok(ty) => {
+                let n = ctx.region.add(op, ty, &nodes);
+                Val::Tensor { depth: d, node: n }
+            }
+            Err(msg) => {
+                let shapes: Vec<String> = tys.iter().map(|t| t.to_string()).collect();
+                self.diags.push(
+                    diag::error(SHAPE, format!("shape mismatch: {msg}"))
+                        .with_labels(vec![diag::primary(span, format!("operands: {}", shapes.join(", ")))]),
+                );
+                Val::Error
+            }
+        }
+    }
+
+    pub(crate) fn new_site(&mut self) -> u32 {
+        self.next_site += 1;
+        self.next_site - 1
+    }
+
+    fn recur(&mut self, steps: &Expr, body: &Block, span: Span) {
+        let steps_v = self.eval(steps);
+        let steps_n = match steps_v {
+            Val::Int(n) if n >= 1 => n as usize,
+            Val::Error => 1,
+            other => {
+                self.err(BAD_POLICY, steps.span, format!("`recur` needs a step count ≥ 1, got {}", show(&other)), "steps");
+                1
+            }
+        };
+        if self.depth() > 0 {
+            self.err(BAD_RECUR, span, "nested `recur` blocks are not supported".into(), "inner loop");
+            return;
+        }
+        let states: Vec<_> = body.stmts.iter().filter(|s| matches!(s.kind, StmtKind::State { .. })).collect();
+        let Some(state_stmt) = states.first() else {
+            self.err(BAD_RECUR, span, "`recur` has no `state`".into(), "add `state s = <init>` to name the loop-carried value");
+            return;
+        };
+        for extra in &states[1..] {
+            self.err(BAD_RECUR, extra.span, "`recur` has more than one `state`".into(), "second state");
+        }
+        let StmtKind::State { name: sname, init } = &state_stmt.kind else { unreachable!() };
+        let init_v = self.eval(init);
+        let iv = match init_v {
+            Val::Tensor { depth, node } => InitVal { init: StateInit::Operand, like: Some((depth, node)) },
+            Val::Init(iv) => iv,
+            Val::Error => return,
+            other => {
+                self.err(
+                    BAD_POLICY,
+                    init.span,
+                    format!("a state starts from a tensor, `zeros(like)` or `trunc_normal(like, std = ...)`, got {}", show(&other)),
+                    "initial state",
+                );
+                return;
+            }
+        };
+        let Some((like_depth, like)) = iv.like else { return };
+        let state_ty = self.regions[like_depth].region.ty(like).clone();
+        if state_ty.cols().is_none() {
+            self.err(SHAPE, init.span, format!("the state must be an activation, got {state_ty}"), "initial state");
+            return;
+        }
+        let mut exit = ExitSpec::Fixed;
+        let mut cache = CacheSpec::PerStep;
+        for st in &body.stmts {
+            match &st.kind {
+                StmtKind::Exit(e) => match self.eval(e) {
+                    Val::Sym(s) if s == "fixed" => exit = ExitSpec::Fixed,
+                    Val::Exit(x) => exit = x,
+                    Val::Error => {}
+                    other => self.err(
+                        BAD_POLICY,
+                        e.span,
+                        format!("unknown exit policy {}", show(&other)),
+                        "expected `fixed` or `converge(threshold = ..., max = ...)`",
+                    ),
+                },
+                StmtKind::Cache(e) => match self.eval(e) {
+                    Val::Sym(s) if s == "per_step" => cache = CacheSpec::PerStep,
+                    Val::Error => {}
+                    other => self.err(BAD_POLICY, e.span, format!("unknown cache policy {}", show(&other)), "expected `per_step`"),
+                },
+                _ => {}
+            }
+        }
+        let mut region = Region { params: vec![state_ty.clone()], ..Default::default() };
+        let p0 = region.add(Op::Param(0), state_ty, &[]);
+        self.regions.push(RegionCtx { region, captures: vec![], weight_nodes: HashMap::new() });
+        self.scopes.push(Scope { vars: HashMap::from([(sname.name.clone(), Val::Tensor { depth: 1, node: p0 })]), depth: 1, barrier: false });
+        let mut gate = None;
+        for st in &body.stmts {
+            match &st.kind {
+                StmtKind::State { .. } | StmtKind::Exit(_) | StmtKind::Cache(_) => {}
+                StmtKind::ExitGate(e) => {
+                    if gate.is_some() {
+                        self.err(BAD_RECUR, st.span, "`recur` has two `exit_gate`s".into(), "second gate");
+                    }
+                    let v = self.eval(e);
+                    gate = Some((v, e.span));
+                }
+                StmtKind::Return(_) => self.err(MISPLACED, st.span, "`return` inside `recur`".into(), "return after the loop"),
+                _ => {
+                    self.stmt(st);
+                }
+            }
+        }
+        let next_v = self.scopes.last().and_then(|s| s.vars.get(&sname.name).cloned()).unwrap_or(Val::Error);
+        let next = self.tensor(&next_v, sname.span, "the next state");
+        let gate_n = match &gate {
+            Some((v, s)) => {
+                let n = self.tensor(v, *s, "the exit gate");
+                if let Some(n) = n {
+                    let ty = self.regions.last().unwrap().region.ty(n).clone();
+                    if ty != Ty::Act(1) {
+                        self.err(SHAPE, *s, format!("the exit gate must be one logit per token [S, 1], got {ty}"), "gate");
+                    }
+                }
+                n
+            }
+            None => None,
+        };
+        self.scopes.pop();
+        let mut ctx = self.regions.pop().expect("body region");
+        let (Some(next), true) = (next, gate.is_none() || gate_n.is_some()) else { return };
+        ctx.region.results.push(next);
+        if let Some(g) = gate_n {
+            ctx.region.results.push(g);
+        }
+        ctx.region.compact_keep_params();
+        let mut operands = vec![];
+        if iv.init == StateInit::Operand {
+            operands.push(like);
+        }
+        // Captures are renumbered by compaction; the param index order is unchanged.
+        operands.extend(ctx.captures.iter().map(|(o, _)| *o));
+        let op = Op::Recur { steps: steps_n, init: iv.init, exit, cache, gate: gate.is_some(), body: Box::new(ctx.region) };
+        let parent = self.regions.last_mut().expect("forward region");
+        let tys: Vec<Ty> = operands.iter().map(|&n| parent.region.ty(n).clone()).collect();
+        match infer(&op, &tys, &parent.region.params) {
+            Ok(ty) => {
+                let n = parent.region.add(op, ty, &operands);
+                self.define(&sname.name, Val::Tensor { depth: 0, node: n });
+            }
+            Err(msg) => self.err(SHAPE, span, format!("invalid recurrence: {msg}"), "this loop"),
+        }
+    }
+}
+
+/// Keep parameter nodes alive through compaction even when unused, so param indices stay valid.
+trait CompactKeepParams {
+    fn compact_keep_params(&mut self);
+}
+
+impl CompactKeepParams for Region {
+    fn compact_keep_params(&mut self) {
+        // Unused captures are still passed; compaction would drop their `param` nodes, which is
+        // harmless because params are identified by index, not by node.
+        self.compact();
+    }
+}
+
+fn show(v: &Val) -> String {
+    match v {
+        Val::Int(i) => format!("the integer {i}"),
+        Val::Float(f) => format!("the float {f}"),
+        Val::Str(s) => format!("the string {s:?}"),
+        Val::Sym(s) => format!("`{s}`"),
+        other => other.describe().to_string(),
+    }
+}
+
+fn strsim_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut cur = vec![i; b.len() + 1];
+        for j in 1..=b.len() {
+            let c = usize::from(a[i - 1] != b[j - 1]);
+            cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + c);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}

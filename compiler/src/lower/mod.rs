@@ -1,0 +1,338 @@
+//! Lowering of the optimized graph IR to the runtime's program: buffers, instructions, the kernel
+//! list the backend compiles, KV sites and RoPE tables. The forward region splits at its one
+//! recurrence into prelude / recur / coda.
+mod print;
+
+pub use print::print_manifest;
+
+use loopc_dialects::ops::{Binary, CacheSpec, ExitSpec, FusedOp, RopeStyle as DRope, StateInit as DInit, Unary};
+use loopc_dialects::{Module, NodeId, Op, Region, Ty};
+use loopc_runtime::artifact::{
+    Arg, BufId, BufferDecl, CachePolicy, EwIn, EwOp, ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite,
+    Manifest, Program, Recur, RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
+};
+use std::collections::HashMap;
+
+#[derive(Debug, thiserror::Error)]
+#[error("lowering: {0}")]
+pub struct LowerError(pub String);
+
+struct Lowerer<'m> {
+    module: &'m Module,
+    buffers: Vec<BufferDecl>,
+    kernels: Vec<KernelDecl>,
+    kernel_ids: HashMap<String, u32>,
+    rope_tables: Vec<RopeTable>,
+    kv_sites: Vec<Option<KvSite>>,
+    recur: Option<Recur>,
+}
+
+pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, LowerError> {
+    let mut l = Lowerer {
+        module,
+        buffers: vec![],
+        kernels: vec![],
+        kernel_ids: HashMap::new(),
+        rope_tables: vec![],
+        kv_sites: vec![],
+        recur: None,
+    };
+    let r = &module.forward;
+    let mut vals: HashMap<NodeId, BufId> = HashMap::new();
+    let mut prelude = vec![];
+    let mut coda = vec![];
+    let order = r.topo_order();
+    let mut after = false;
+    for &n in &order {
+        let out = if after { &mut coda } else { &mut prelude };
+        if let Op::Recur { .. } = r.node(n).op {
+            if after {
+                return Err(LowerError("a program with more than one `recur` is not supported by this runtime".into()));
+            }
+            l.lower_recur(r, n, &mut vals)?;
+            after = true;
+            continue;
+        }
+        l.lower_node(r, n, &mut vals, out, false)?;
+    }
+    let logits_node = r.results[0];
+    let logits = *vals.get(&logits_node).ok_or_else(|| LowerError("forward must return an activation".into()))?;
+    let vocab = l.buffers[logits as usize].cols;
+    let hidden = module
+        .params
+        .iter()
+        .find(|(k, _)| k == "dim")
+        .map(|(_, v)| *v as usize)
+        .unwrap_or(0);
+    let kv_sites = l
+        .kv_sites
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| s.ok_or_else(|| LowerError(format!("attention site {i} is not used"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Manifest {
+        format_version: FORMAT_VERSION,
+        model: module.name.clone(),
+        target: target.into(),
+        backend: backend.into(),
+        params: module.params.iter().cloned().collect(),
+        vocab,
+        hidden,
+        weights: module
+            .weights
+            .iter()
+            .map(|w| WeightDecl { name: w.name.clone(), shape: w.shape.clone(), origin: w.origin.clone() })
+            .collect(),
+        buffers: l.buffers,
+        kernels: l.kernels,
+        rope_tables: l.rope_tables,
+        kv_sites,
+        program: Program { prelude, recur: l.recur, coda, logits },
+    })
+}
+
+fn wref(op: &Op) -> Option<WRef> {
+    let Op::Weight(v) = op else { return None };
+    let (rows, cols) = match v.shape.as_slice() {
+        [n, k] => (*n, *k),
+        _ => (1, v.numel()),
+    };
+    Some(WRef { weight: v.weight, offset: v.offset, rows, cols })
+}
+
+impl<'m> Lowerer<'m> {
+    fn buffer(&mut self, name: String, cols: usize) -> BufId {
+        self.buffers.push(BufferDecl { name, rows: Rows::Tokens, cols });
+        (self.buffers.len() - 1) as BufId
+    }
+
+    fn kernel(&mut self, spec: KernelSpec) -> u32 {
+        let key = format!("{spec:?}");
+        if let Some(&k) = self.kernel_ids.get(&key) {
+            return k;
+        }
+        let kind = match &spec {
+            KernelSpec::Elementwise { .. } => "ew",
+            KernelSpec::RmsNorm { .. } => "rmsnorm",
+            KernelSpec::Rope { .. } => "rope",
+            KernelSpec::Attention { .. } => "attn",
+        };
+        let id = self.kernels.len() as u32;
+        self.kernels.push(KernelDecl { symbol: format!("loopc_k{id}_{kind}"), spec });
+        self.kernel_ids.insert(key, id);
+        id
+    }
+
+    fn rope_table(&mut self, head_dim: usize, base: f64) -> u32 {
+        let t = RopeTable { head_dim, base };
+        if let Some(i) = self.rope_tables.iter().position(|x| *x == t) {
+            return i as u32;
+        }
+        self.rope_tables.push(t);
+        (self.rope_tables.len() - 1) as u32
+    }
+
+    fn arg(&self, r: &Region, n: NodeId, vals: &HashMap<NodeId, BufId>) -> Result<Arg, LowerError> {
+        if let Some(w) = wref(&r.node(n).op) {
+            return Ok(Arg::Weight(w));
+        }
+        vals.get(&n).map(|&b| Arg::Buf(b)).ok_or_else(|| LowerError(format!("value {n:?} has no buffer")))
+    }
+
+    fn buf(&self, n: NodeId, vals: &HashMap<NodeId, BufId>) -> Result<BufId, LowerError> {
+        vals.get(&n).copied().ok_or_else(|| LowerError(format!("value {n:?} has no buffer")))
+    }
+
+    fn lower_recur(&mut self, r: &Region, n: NodeId, vals: &mut HashMap<NodeId, BufId>) -> Result<(), LowerError> {
+        let Op::Recur { steps, init, exit, cache, gate, body } = &r.node(n).op else { unreachable!() };
+        let ops = r.operands(n);
+        let cols = r.ty(n).cols().ok_or_else(|| LowerError("the recurrence state must be an activation".into()))?;
+        let state = self.buffer("state".into(), cols);
+        let init = match init {
+            DInit::Zeros => StateInit::Zeros,
+            DInit::Operand => StateInit::From(self.buf(ops[0], vals)?),
+            DInit::TruncNormal { std, scale, seed } => StateInit::TruncNormal { std: *std, scale: *scale, seed: *seed },
+        };
+        let n_init = usize::from(matches!(init, StateInit::From(_)));
+        let mut bvals: HashMap<NodeId, BufId> = HashMap::new();
+        let mut instrs = vec![];
+        for bn in body.topo_order() {
+            match body.node(bn).op {
+                Op::Param(0) => {
+                    bvals.insert(bn, state);
+                }
+                Op::Param(i) => {
+                    let outer = ops[n_init + i as usize - 1];
+                    let b = match wref(&r.node(outer).op) {
+                        Some(_) => return Err(LowerError("a weight captured by `recur` must be declared inside it".into())),
+                        None => self.buf(outer, vals)?,
+                    };
+                    bvals.insert(bn, b);
+                }
+                Op::Recur { .. } => return Err(LowerError("nested `recur` is not supported by this runtime".into())),
+                _ => self.lower_node(body, bn, &mut bvals, &mut instrs, true)?,
+            }
+        }
+        let mut next = self.buf(body.results[0], &bvals)?;
+        if next == state {
+            // The body did not change the state; the runtime still needs a distinct buffer.
+            let b = self.buffer("state_next".into(), cols);
+            instrs.push(Instr::Copy { src: state, dst: b });
+            next = b;
+        }
+        let gate = if *gate { Some(self.buf(body.results[1], &bvals)?) } else { None };
+        self.recur = Some(Recur {
+            state,
+            next,
+            init,
+            body: instrs,
+            default_steps: *steps,
+            exit: match exit {
+                ExitSpec::Fixed => ExitPolicy::Fixed,
+                ExitSpec::Converge { threshold, min_steps, max_steps } => {
+                    ExitPolicy::Converge { threshold: *threshold, min_steps: *min_steps, max_steps: *max_steps }
+                }
+            },
+            cache: match cache {
+                CacheSpec::PerStep => CachePolicy::PerStep,
+            },
+            gate,
+        });
+        // After the loop, the recur node's value is the final state.
+        vals.insert(n, state);
+        Ok(())
+    }
+
+    fn lower_node(
+        &mut self,
+        r: &Region,
+        n: NodeId,
+        vals: &mut HashMap<NodeId, BufId>,
+        out: &mut Vec<Instr>,
+        in_loop: bool,
+    ) -> Result<(), LowerError> {
+        let node = r.node(n);
+        let ops = r.operands(n);
+        let cols = match node.ty {
+            Ty::Act(c) => c,
+            _ => return Ok(()), // tokens and weights need no buffer
+        };
+        let name = node.op.mnemonic().replace('.', "_");
+        match &node.op {
+            Op::Embed => {
+                let table = wref(&r.node(ops[1]).op).ok_or_else(|| LowerError("`embed` needs a weight table".into()))?;
+                let o = self.buffer(name, cols);
+                out.push(Instr::Embed { table, out: o });
+                vals.insert(n, o);
+            }
+            Op::Linear => {
+                let w = wref(&r.node(ops[1]).op).ok_or_else(|| LowerError("`linear` needs a weight".into()))?;
+                let x = self.buf(ops[0], vals)?;
+                let o = self.buffer(name, cols);
+                out.push(Instr::MatMul { x, w, out: o });
+                vals.insert(n, o);
+            }
+            Op::RmsNorm { eps } => {
+                let x = self.buf(ops[0], vals)?;
+                let g = self.arg(r, ops[1], vals)?;
+                let k = self.kernel(KernelSpec::RmsNorm { cols, eps: *eps, residual: false, gain: true });
+                let o = self.buffer(name, cols);
+                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(x), g, Arg::Buf(o)] });
+                vals.insert(n, o);
+            }
+            Op::Rope { heads, style, base } => {
+                let x = self.buf(ops[0], vals)?;
+                let head_dim = cols / heads;
+                let o = self.buffer(name, cols);
+                out.push(Instr::Copy { src: x, dst: o });
+                let t = self.rope_table(head_dim, *base);
+                let style = match style {
+                    DRope::Interleaved => RopeStyle::Interleaved,
+                    DRope::Half => RopeStyle::Half,
+                };
+                let k = self.kernel(KernelSpec::Rope { heads: *heads, head_dim, style });
+                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(o), Arg::RopeCos(t), Arg::RopeSin(t)] });
+                vals.insert(n, o);
+            }
+            Op::Attention { heads, kv_heads, scale, site } => {
+                let (q, kb, vb) = (self.buf(ops[0], vals)?, self.buf(ops[1], vals)?, self.buf(ops[2], vals)?);
+                let head_dim = cols / heads;
+                let s = *site as usize;
+                if self.kv_sites.len() <= s {
+                    self.kv_sites.resize(s + 1, None);
+                }
+                self.kv_sites[s] = Some(KvSite {
+                    name: format!("site{s}"),
+                    kv_heads: *kv_heads,
+                    head_dim,
+                    in_loop,
+                });
+                out.push(Instr::KvWrite { site: *site, k: kb, v: vb });
+                let k = self.kernel(KernelSpec::Attention { heads: *heads, kv_heads: *kv_heads, head_dim, scale: *scale });
+                let o = self.buffer(name, cols);
+                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(q), Arg::KCache(*site), Arg::VCache(*site), Arg::Buf(o)] });
+                vals.insert(n, o);
+            }
+            Op::Concat => {
+                let inputs = ops.iter().map(|&o| self.buf(o, vals)).collect::<Result<Vec<_>, _>>()?;
+                let o = self.buffer(name, cols);
+                out.push(Instr::Concat { inputs, out: o });
+                vals.insert(n, o);
+            }
+            Op::Slice { .. } => {
+                return Err(LowerError(
+                    "`split` of a value that is not a `linear` projection is not supported yet; split the projection weight instead".into(),
+                ))
+            }
+            Op::Unary(_) | Op::Binary(_) | Op::Scale(_) | Op::Fused { .. } => {
+                let body = match &node.op {
+                    Op::Unary(u) => vec![FusedOp::Arg(0), FusedOp::Unary(*u, 0)],
+                    Op::Binary(b) => vec![FusedOp::Arg(0), FusedOp::Arg(1), FusedOp::Binary(*b, 0, 1)],
+                    Op::Scale(c) => vec![FusedOp::Arg(0), FusedOp::Const(*c), FusedOp::Binary(Binary::Mul, 0, 1)],
+                    Op::Fused { body } => body.clone(),
+                    _ => unreachable!(),
+                };
+                let mut args = vec![];
+                let mut inputs = vec![];
+                for &o in &ops {
+                    let a = self.arg(r, o, vals)?;
+                    inputs.push(if matches!(a, Arg::Weight(_)) { EwIn::Broadcast } else { EwIn::Rows });
+                    args.push(a);
+                }
+                let ew: Vec<EwOp> = body.iter().map(ew_op).collect();
+                let last = (ew.len() - 1) as u32;
+                let k = self.kernel(KernelSpec::Elementwise { cols, inputs, ops: ew, outputs: vec![last] });
+                let o = self.buffer(if matches!(node.op, Op::Fused { .. }) { "fused".into() } else { name }, cols);
+                args.push(Arg::Buf(o));
+                out.push(Instr::Kernel { kernel: k, args });
+                vals.insert(n, o);
+            }
+            Op::Param(_) | Op::Recur { .. } | Op::Tokens | Op::Weight(_) => {}
+        }
+        Ok(())
+    }
+}
+
+fn ew_op(f: &FusedOp) -> EwOp {
+    match *f {
+        FusedOp::Arg(i) => EwOp::Input(i),
+        FusedOp::Const(c) => EwOp::Const(c),
+        FusedOp::Unary(u, a) => match u {
+            Unary::Neg => EwOp::Neg(a),
+            Unary::Exp => EwOp::Exp(a),
+            Unary::Sigmoid => EwOp::Sigmoid(a),
+            Unary::Silu => EwOp::Silu(a),
+            Unary::Relu => EwOp::Relu(a),
+            Unary::Tanh => EwOp::Tanh(a),
+            Unary::GeluTanh => EwOp::GeluTanh(a),
+            Unary::Sqrt => EwOp::Sqrt(a),
+        },
+        FusedOp::Binary(b, x, y) => match b {
+            Binary::Add => EwOp::Add(x, y),
+            Binary::Sub => EwOp::Sub(x, y),
+            Binary::Mul => EwOp::Mul(x, y),
+            Binary::Div => EwOp::Div(x, y),
+            Binary::Max => EwOp::Max(x, y),
+        },
+    }
+}

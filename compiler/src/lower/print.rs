@@ -1,0 +1,104 @@
+//! Text form of the lowered program (`loopc ir --stage program`): what the runtime will execute.
+use loopc_runtime::artifact::{Arg, Instr, KernelSpec, Manifest, Rows, StateInit, WRef};
+use std::fmt::Write;
+
+pub fn print_manifest(m: &Manifest) -> String {
+    let mut s = String::new();
+    writeln!(s, "program {:?} target={} backend={}", m.model, m.target, m.backend).unwrap();
+    writeln!(s, "vocab {} hidden {}", m.vocab, m.hidden).unwrap();
+    for (i, b) in m.buffers.iter().enumerate() {
+        let rows = match b.rows {
+            Rows::Tokens => "S".to_string(),
+            Rows::Fixed(n) => n.to_string(),
+        };
+        writeln!(s, "buffer b{i} [{rows}, {}] {}", b.cols, b.name).unwrap();
+    }
+    for (i, k) in m.kernels.iter().enumerate() {
+        writeln!(s, "kernel k{i} @{} {}", k.symbol, spec(&k.spec)).unwrap();
+    }
+    for (i, t) in m.rope_tables.iter().enumerate() {
+        writeln!(s, "rope_table t{i} head_dim={} base={:?}", t.head_dim, t.base).unwrap();
+    }
+    for (i, k) in m.kv_sites.iter().enumerate() {
+        writeln!(s, "kv_site s{i} kv_heads={} head_dim={} {}", k.kv_heads, k.head_dim, if k.in_loop { "per-iteration" } else { "single" })
+            .unwrap();
+    }
+    writeln!(s, "prelude {{").unwrap();
+    instrs(&mut s, m, &m.program.prelude, "  ");
+    writeln!(s, "}}").unwrap();
+    if let Some(r) = &m.program.recur {
+        let init = match &r.init {
+            StateInit::Zeros => "zeros".to_string(),
+            StateInit::From(b) => format!("b{b}"),
+            StateInit::TruncNormal { std, scale, seed } => format!("trunc_normal(std={std:?},scale={scale:?},seed={seed})"),
+        };
+        let gate = r.gate.map(|g| format!(" gate=b{g}")).unwrap_or_default();
+        writeln!(
+            s,
+            "recur state=b{} next=b{} init={init} steps={} exit={:?} cache={:?}{gate} {{",
+            r.state, r.next, r.default_steps, r.exit, r.cache
+        )
+        .unwrap();
+        instrs(&mut s, m, &r.body, "  ");
+        writeln!(s, "}}").unwrap();
+    }
+    writeln!(s, "coda {{").unwrap();
+    instrs(&mut s, m, &m.program.coda, "  ");
+    writeln!(s, "}}").unwrap();
+    writeln!(s, "logits b{}", m.program.logits).unwrap();
+    s
+}
+
+fn w(m: &Manifest, r: &WRef) -> String {
+    let name = &m.weights[r.weight as usize].name;
+    if r.offset == 0 && r.rows * r.cols == m.weights[r.weight as usize].shape.iter().product::<usize>() {
+        format!("{name:?}[{}x{}]", r.rows, r.cols)
+    } else {
+        format!("{name:?}+{}[{}x{}]", r.offset, r.rows, r.cols)
+    }
+}
+
+fn instrs(s: &mut String, m: &Manifest, v: &[Instr], ind: &str) {
+    for i in v {
+        let line = match i {
+            Instr::Embed { table, out } => format!("b{out} = embed tokens, {}", w(m, table)),
+            Instr::MatMul { x, w: wr, out } => format!("b{out} = matmul b{x}, {}ᵀ", w(m, wr)),
+            Instr::Concat { inputs, out } => {
+                let a: Vec<String> = inputs.iter().map(|b| format!("b{b}")).collect();
+                format!("b{out} = concat {}", a.join(", "))
+            }
+            Instr::Copy { src, dst } => format!("b{dst} = copy b{src}"),
+            Instr::KvWrite { site, k, v } => format!("kv_write s{site}, b{k}, b{v}"),
+            Instr::Kernel { kernel, args } => {
+                let a: Vec<String> = args
+                    .iter()
+                    .map(|a| match a {
+                        Arg::Buf(b) => format!("b{b}"),
+                        Arg::Weight(r) => w(m, r),
+                        Arg::RopeCos(t) => format!("cos(t{t})"),
+                        Arg::RopeSin(t) => format!("sin(t{t})"),
+                        Arg::KCache(c) => format!("k(s{c})"),
+                        Arg::VCache(c) => format!("v(s{c})"),
+                    })
+                    .collect();
+                format!("call k{kernel}({})", a.join(", "))
+            }
+        };
+        writeln!(s, "{ind}{line}").unwrap();
+    }
+}
+
+fn spec(k: &KernelSpec) -> String {
+    match k {
+        KernelSpec::Elementwise { cols, inputs, ops, outputs } => {
+            format!("elementwise cols={cols} inputs={inputs:?} ops={ops:?} outputs={outputs:?}")
+        }
+        KernelSpec::RmsNorm { cols, eps, residual, gain } => {
+            format!("rmsnorm cols={cols} eps={eps:?} residual={residual} gain={gain}")
+        }
+        KernelSpec::Rope { heads, head_dim, style } => format!("rope heads={heads} head_dim={head_dim} style={style:?}"),
+        KernelSpec::Attention { heads, kv_heads, head_dim, scale } => {
+            format!("attention heads={heads} kv_heads={kv_heads} head_dim={head_dim} scale={scale:?}")
+        }
+    }
+}

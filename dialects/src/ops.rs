@@ -1,0 +1,230 @@
+//! The ops of both levels. Each op has one spelling in the text form ([`Op::mnemonic`]).
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RopeStyle {
+    /// Pairs `(x[2i], x[2i+1])`: Huginn's complex-like rotation.
+    Interleaved,
+    /// Pairs `(x[i], x[i + d/2])`: HF `rotate_half` (Llama, Qwen2, Ouro).
+    Half,
+}
+
+impl RopeStyle {
+    pub fn name(self) -> &'static str {
+        match self {
+            RopeStyle::Interleaved => "interleaved",
+            RopeStyle::Half => "half",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "interleaved" => Some(RopeStyle::Interleaved),
+            "half" => Some(RopeStyle::Half),
+            _ => None,
+        }
+    }
+}
+
+/// Pointwise functions of one operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unary {
+    Neg,
+    Exp,
+    Sigmoid,
+    Silu,
+    Relu,
+    Tanh,
+    GeluTanh,
+    Sqrt,
+}
+
+impl Unary {
+    pub const ALL: [Unary; 8] = [
+        Unary::Neg,
+        Unary::Exp,
+        Unary::Sigmoid,
+        Unary::Silu,
+        Unary::Relu,
+        Unary::Tanh,
+        Unary::GeluTanh,
+        Unary::Sqrt,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Unary::Neg => "neg",
+            Unary::Exp => "exp",
+            Unary::Sigmoid => "sigmoid",
+            Unary::Silu => "silu",
+            Unary::Relu => "relu",
+            Unary::Tanh => "tanh",
+            Unary::GeluTanh => "gelu_tanh",
+            Unary::Sqrt => "sqrt",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|u| u.name() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+}
+
+impl Binary {
+    pub const ALL: [Binary; 5] = [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div, Binary::Max];
+    pub fn name(self) -> &'static str {
+        match self {
+            Binary::Add => "add",
+            Binary::Sub => "sub",
+            Binary::Mul => "mul",
+            Binary::Div => "div",
+            Binary::Max => "max",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|u| u.name() == s)
+    }
+}
+
+/// One instruction of a fused elementwise body; operands index earlier instructions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FusedOp {
+    /// The i-th operand of the fused node.
+    Arg(u32),
+    Const(f32),
+    Unary(Unary, u32),
+    Binary(Binary, u32, u32),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateInit {
+    Zeros,
+    /// Start from the recur node's first operand (Ouro: the embeddings).
+    Operand,
+    /// Truncated normal at ±3σ times `scale` (Huginn's `like-init`); `std = 0` gives zeros.
+    TruncNormal { std: f64, scale: f64, seed: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExitSpec {
+    Fixed,
+    Converge { threshold: f64, min_steps: usize, max_steps: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheSpec {
+    PerStep,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    // ---- loop level ----
+    /// The i-th parameter of the enclosing region (in a recur body: 0 is the state, then the
+    /// captured loop-invariant values in operand order).
+    Param(u32),
+    /// The recurrence. Operands: the init operand (if `init` is `Operand`) then the captures.
+    /// The body region yields the next state and, when `gate` is set, the exit-gate logits.
+    Recur {
+        steps: usize,
+        init: StateInit,
+        exit: ExitSpec,
+        cache: CacheSpec,
+        gate: bool,
+        body: Box<crate::graph::Region>,
+    },
+    // ---- tensor level ----
+    Tokens,
+    /// A checkpoint tensor (or a contiguous window of one).
+    Weight(crate::graph::WeightView),
+    /// `table[tokens]`. Operands: tokens, table.
+    Embed,
+    /// `x · wᵀ` with `w: [n, k]`. Operands: x, w.
+    Linear,
+    /// `x · rsqrt(mean(x²) + eps) · g`. Operands: x, g.
+    RmsNorm { eps: f32 },
+    /// Rotary embedding on `heads` heads. Operand: x.
+    Rope { heads: usize, style: RopeStyle, base: f64 },
+    /// Causal attention with a KV cache slot per site (and per iteration inside a recur).
+    /// Operands: q, k, v.
+    Attention { heads: usize, kv_heads: usize, scale: f32, site: u32 },
+    Unary(Unary),
+    /// Operands of equal width, or a weight whose element count is the width (broadcast over rows).
+    Binary(Binary),
+    /// Multiply by a build-time constant.
+    Scale(f32),
+    Concat,
+    /// Columns `start .. start + len`.
+    Slice { start: usize, len: usize },
+    /// A fused elementwise kernel created by the passes; `outputs` has one entry.
+    Fused { body: Vec<FusedOp> },
+}
+
+impl Op {
+    pub fn mnemonic(&self) -> &'static str {
+        match self {
+            Op::Param(_) => "param",
+            Op::Recur { .. } => "loop.recur",
+            Op::Tokens => "tokens",
+            Op::Weight(_) => "weight",
+            Op::Embed => "embed",
+            Op::Linear => "linear",
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::Rope { .. } => "rope",
+            Op::Attention { .. } => "attention",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Scale(_) => "scale",
+            Op::Concat => "concat",
+            Op::Slice { .. } => "slice",
+            Op::Fused { .. } => "fused",
+        }
+    }
+}
+
+impl fmt::Display for StateInit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StateInit::Zeros => write!(f, "zeros"),
+            StateInit::Operand => write!(f, "operand"),
+            StateInit::TruncNormal { std, scale, seed } => {
+                write!(f, "trunc_normal(std={},scale={},seed={seed})", fnum(*std), fnum(*scale))
+            }
+        }
+    }
+}
+
+impl fmt::Display for ExitSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitSpec::Fixed => write!(f, "fixed"),
+            ExitSpec::Converge { threshold, min_steps, max_steps } => write!(
+                f,
+                "converge(threshold={},min={min_steps},max={max_steps})",
+                fnum(*threshold)
+            ),
+        }
+    }
+}
+
+impl fmt::Display for CacheSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheSpec::PerStep => write!(f, "per_step"),
+        }
+    }
+}
+
+/// Shortest text that parses back to the same f64 (Rust's `{:?}` is round-trip exact).
+pub fn fnum(x: f64) -> String {
+    format!("{x:?}")
+}
+
+/// Shortest text that parses back to the same f32.
+pub fn fnum32(x: f32) -> String {
+    format!("{x:?}")
+}

@@ -1,0 +1,279 @@
+//! Shape inference and the verifier. [`infer`] is the single source of typing rules: the
+//! elaborator calls it to type new nodes, and [`verify_module`] re-checks every stored type after
+//! each pass, so a pass that breaks a shape is caught where it happens.
+use crate::graph::{Module, Region};
+use crate::ops::{FusedOp, Op, StateInit};
+use crate::types::Ty;
+
+/// The result type of `op` applied to operands of the given types, or why it is ill-typed.
+pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
+    let arity = |n: usize| -> Result<(), String> {
+        if args.len() == n {
+            Ok(())
+        } else {
+            Err(format!("`{}` takes {n} operand(s), got {}", op.mnemonic(), args.len()))
+        }
+    };
+    let act = |i: usize| -> Result<usize, String> {
+        match &args[i] {
+            Ty::Act(c) => Ok(*c),
+            t => Err(format!("operand {} of `{}` must be an activation [S, n], got {t}", i + 1, op.mnemonic())),
+        }
+    };
+    let weight = |i: usize| -> Result<Vec<usize>, String> {
+        match &args[i] {
+            Ty::Weight(s) => Ok(s.clone()),
+            t => Err(format!("operand {} of `{}` must be a weight, got {t}", i + 1, op.mnemonic())),
+        }
+    };
+    match op {
+        Op::Param(i) => params
+            .get(*i as usize)
+            .cloned()
+            .ok_or_else(|| format!("region has {} parameter(s), no parameter {i}", params.len())),
+        Op::Tokens => {
+            arity(0)?;
+            Ok(Ty::Tokens)
+        }
+        Op::Weight(v) => {
+            arity(0)?;
+            Ok(Ty::Weight(v.shape.clone()))
+        }
+        Op::Embed => {
+            arity(2)?;
+            if args[0] != Ty::Tokens {
+                return Err(format!("`embed` reads token ids, got {}", args[0]));
+            }
+            let w = weight(1)?;
+            if w.len() != 2 {
+                return Err(format!("`embed` table must be 2-D [vocab, dim], got {}", args[1]));
+            }
+            Ok(Ty::Act(w[1]))
+        }
+        Op::Linear => {
+            arity(2)?;
+            let k = act(0)?;
+            let w = weight(1)?;
+            if w.len() != 2 || w[1] != k {
+                return Err(format!(
+                    "`linear` weight must be [n, {k}] for an input of width {k}, got {}",
+                    args[1]
+                ));
+            }
+            Ok(Ty::Act(w[0]))
+        }
+        Op::RmsNorm { eps } => {
+            arity(2)?;
+            let d = act(0)?;
+            let g = weight(1)?;
+            if g.iter().product::<usize>() != d {
+                return Err(format!("`rmsnorm` gain must have {d} elements, got {}", args[1]));
+            }
+            if !(*eps >= 0.0) {
+                return Err(format!("`rmsnorm` eps must be ≥ 0, got {eps}"));
+            }
+            Ok(Ty::Act(d))
+        }
+        Op::Rope { heads, .. } => {
+            arity(1)?;
+            let d = act(0)?;
+            if *heads == 0 || d % heads != 0 || (d / heads) % 2 != 0 {
+                return Err(format!(
+                    "`rope` needs a width divisible into {heads} heads of even size, got {d}"
+                ));
+            }
+            Ok(Ty::Act(d))
+        }
+        Op::Attention { heads, kv_heads, .. } => {
+            arity(3)?;
+            let (q, k, v) = (act(0)?, act(1)?, act(2)?);
+            if *heads == 0 || *kv_heads == 0 || heads % kv_heads != 0 {
+                return Err(format!("`attention` heads ({heads}) must be a multiple of kv_heads ({kv_heads})"));
+            }
+            if q % heads != 0 {
+                return Err(format!("`attention` query width {q} is not divisible by {heads} heads"));
+            }
+            let hd = q / heads;
+            if k != kv_heads * hd || v != kv_heads * hd {
+                return Err(format!(
+                    "`attention` key/value width must be kv_heads·head_dim = {}·{hd} = {}, got {k} and {v}",
+                    kv_heads,
+                    kv_heads * hd
+                ));
+            }
+            Ok(Ty::Act(q))
+        }
+        Op::Unary(_) | Op::Scale(_) => {
+            arity(1)?;
+            Ok(Ty::Act(act(0)?))
+        }
+        Op::Binary(_) => {
+            arity(2)?;
+            match (&args[0], &args[1]) {
+                (Ty::Act(a), Ty::Act(b)) if a == b => Ok(Ty::Act(*a)),
+                (Ty::Act(a), Ty::Weight(w)) | (Ty::Weight(w), Ty::Act(a))
+                    if w.iter().product::<usize>() == *a =>
+                {
+                    Ok(Ty::Act(*a))
+                }
+                (a, b) => Err(format!(
+                    "`{}` needs operands of the same width (or a weight with as many elements as the width), got {a} and {b}",
+                    op.mnemonic()
+                )),
+            }
+        }
+        Op::Concat => {
+            if args.is_empty() {
+                return Err("`concat` needs at least one operand".into());
+            }
+            let mut total = 0;
+            for i in 0..args.len() {
+                total += act(i)?;
+            }
+            Ok(Ty::Act(total))
+        }
+        Op::Slice { start, len } => {
+            arity(1)?;
+            let d = act(0)?;
+            if *len == 0 || start + len > d {
+                return Err(format!("`slice` of columns {start}..{} is out of range for width {d}", start + len));
+            }
+            Ok(Ty::Act(*len))
+        }
+        Op::Fused { body } => {
+            let mut width = None;
+            for (i, a) in args.iter().enumerate() {
+                let w = match a {
+                    Ty::Act(c) => *c,
+                    Ty::Weight(s) => s.iter().product(),
+                    t => return Err(format!("`fused` operand {} must be an activation or weight, got {t}", i + 1)),
+                };
+                if matches!(a, Ty::Act(_)) {
+                    if width.is_some_and(|x| x != w) {
+                        return Err("`fused` operands have different widths".into());
+                    }
+                    width = Some(w);
+                }
+            }
+            for (j, f) in body.iter().enumerate() {
+                let ok = match f {
+                    FusedOp::Arg(a) => (*a as usize) < args.len(),
+                    FusedOp::Const(_) => true,
+                    FusedOp::Unary(_, a) => (*a as usize) < j,
+                    FusedOp::Binary(_, a, b) => (*a as usize) < j && (*b as usize) < j,
+                };
+                if !ok {
+                    return Err(format!("`fused` body instruction v{j} refers forward or to a missing operand"));
+                }
+            }
+            if body.is_empty() {
+                return Err("`fused` body is empty".into());
+            }
+            let w = width.ok_or("`fused` needs at least one activation operand")?;
+            for a in args {
+                if let Ty::Weight(s) = a {
+                    if s.iter().product::<usize>() != w {
+                        return Err(format!("`fused` weight operand {a} does not broadcast to width {w}"));
+                    }
+                }
+            }
+            Ok(Ty::Act(w))
+        }
+        Op::Recur { init, body, gate, steps, .. } => {
+            if *steps == 0 {
+                return Err("`loop.recur` needs at least one step".into());
+            }
+            let n_init = usize::from(*init == StateInit::Operand);
+            if body.params.len() != args.len() + 1 - n_init {
+                return Err(format!(
+                    "`loop.recur` body has {} parameters but the node passes {} captures plus the state",
+                    body.params.len(),
+                    args.len() - n_init
+                ));
+            }
+            let state = body.params[0].clone();
+            if n_init == 1 && args[0] != state {
+                return Err(format!("`loop.recur` init operand {} does not match the state {state}", args[0]));
+            }
+            for (i, a) in args[n_init..].iter().enumerate() {
+                if *a != body.params[i + 1] {
+                    return Err(format!("`loop.recur` capture {} has type {a}, body expects {}", i, body.params[i + 1]));
+                }
+            }
+            let want = 1 + usize::from(*gate);
+            if body.results.len() != want {
+                return Err(format!("`loop.recur` body must yield {want} value(s), yields {}", body.results.len()));
+            }
+            let next = &body.graph[body.results[0]].ty;
+            if *next != state {
+                return Err(format!("`loop.recur` yields a next state {next} unlike the state {state}"));
+            }
+            if *gate && body.graph[body.results[1]].ty != Ty::Act(1) {
+                return Err(format!("`loop.recur` exit gate must be [S, 1], got {}", body.graph[body.results[1]].ty));
+            }
+            Ok(state)
+        }
+    }
+}
+
+/// An error found by the verifier, with the region path and node for the pass manager's report.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("verifier: {path}: node %{node} `{op}`: {message}")]
+pub struct VerifyError {
+    pub path: String,
+    pub node: usize,
+    pub op: String,
+    pub message: String,
+}
+
+pub fn verify_module(m: &Module) -> Result<(), VerifyError> {
+    verify_region(m, &m.forward, "forward")?;
+    if m.forward.results.len() != 1 {
+        return Err(VerifyError {
+            path: "forward".into(),
+            node: 0,
+            op: "return".into(),
+            message: "forward must return exactly the logits".into(),
+        });
+    }
+    Ok(())
+}
+
+fn verify_region(m: &Module, r: &Region, path: &str) -> Result<(), VerifyError> {
+    let order = r.topo_order();
+    let err = |i: usize, op: &Op, message: String| VerifyError {
+        path: path.to_string(),
+        node: i,
+        op: op.mnemonic().to_string(),
+        message,
+    };
+    if order.len() != r.graph.node_count() {
+        return Err(err(0, &Op::Tokens, "the region has a cycle".into()));
+    }
+    for (i, &n) in order.iter().enumerate() {
+        let node = r.node(n);
+        let args: Vec<Ty> = r.operands(n).iter().map(|&o| r.ty(o).clone()).collect();
+        if let Op::Weight(v) = &node.op {
+            let Some(decl) = m.weights.get(v.weight as usize) else {
+                return Err(err(i, &node.op, format!("weight @{} is not declared", v.weight)));
+            };
+            let total: usize = decl.shape.iter().product();
+            if v.offset + v.numel() > total {
+                return Err(err(i, &node.op, format!("view of {} elements at {} overruns {:?}", v.numel(), v.offset, decl.shape)));
+            }
+        }
+        let ty = infer(&node.op, &args, &r.params).map_err(|e| err(i, &node.op, e))?;
+        if ty != node.ty {
+            return Err(err(i, &node.op, format!("stored type {} but the operands give {ty}", node.ty)));
+        }
+        if let Op::Recur { body, .. } = &node.op {
+            verify_region(m, body, &format!("{path}/%{i}"))?;
+        }
+    }
+    for res in &r.results {
+        if res.index() >= r.graph.node_count() {
+            return Err(err(0, &Op::Tokens, "a result refers to a missing node".into()));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! The artifact: what `loopc build` writes and the runtime loads.
+//!
+//! The compiler targets this format (IREE-style: the runtime owns the contract), so the runtime
+//! never needs a compiler crate. An artifact is one file:
+//!
+//! ```text
+//! b"LOOPCAR1" | u64 LE manifest length | manifest (JSON) | u64 LE object length | shared object
+//! ```
+//!
+//! The shared object holds the generated kernels; each kernel has the C ABI
+//! `extern "C" fn(ptrs: *const *mut f32, ints: *const i64)` (see [`KernelSpec`] for the pointer
+//! order of each kind and [`KernelInts`] for the integers).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const MAGIC: &[u8; 8] = b"LOOPCAR1";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Index into [`Manifest::buffers`].
+pub type BufId = u32;
+/// Index into [`Manifest::kernels`].
+pub type KernelId = u32;
+/// Index into [`Manifest::weights`].
+pub type WeightId = u32;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub model: String,
+    /// `cpu-x86_64` for Cranelift output.
+    pub target: String,
+    pub backend: String,
+    /// Evaluated DSL parameters, for display and for checking a config against the artifact.
+    pub params: BTreeMap<String, f64>,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub weights: Vec<WeightDecl>,
+    pub buffers: Vec<BufferDecl>,
+    pub kernels: Vec<KernelDecl>,
+    pub rope_tables: Vec<RopeTable>,
+    /// One entry per attention site in the program; inside the recurrence a site has one cache
+    /// slot per iteration (`per-step` policy).
+    pub kv_sites: Vec<KvSite>,
+    pub program: Program,
+}
+
+/// A checkpoint tensor, bound by the checkpoint's own name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WeightDecl {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// `file:line:col` of the DSL declaration, so load errors can point at the source.
+    pub origin: String,
+}
+
+/// A contiguous window of a weight, seen as a `rows × cols` row-major matrix.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WRef {
+    pub weight: WeightId,
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Rows {
+    /// One row per token of the current call (prefill length, or 1 in decode).
+    Tokens,
+    Fixed(usize),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BufferDecl {
+    pub name: String,
+    pub rows: Rows,
+    pub cols: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KernelDecl {
+    pub symbol: String,
+    pub spec: KernelSpec,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs (x[2i], x[2i+1]) (Huginn, "complex-like").
+    Interleaved,
+    /// Pairs (x[i], x[i + d/2]) (HF `rotate_half`: Llama, Qwen2, Ouro).
+    Half,
+}
+
+/// `cos`/`sin` tables of shape `[positions, head_dim/2]`, built by the runtime at load:
+/// `theta_i = pos / base^(2i/head_dim)`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RopeTable {
+    pub head_dim: usize,
+    pub base: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KvSite {
+    pub name: String,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// True for sites inside the recurrence: one slot per iteration.
+    pub in_loop: bool,
+}
+
+/// Integers passed to every kernel: `ints[0..4] = [begin, end, pos0, kv_len]`.
+/// Work items `begin..end` are rows, except for attention where item `i` is
+/// `(row = i / heads, head = i % heads)`. Row `r` of the call has absolute position `pos0 + r`.
+pub struct KernelInts;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum EwIn {
+    /// A `[rows, cols]` buffer.
+    Rows,
+    /// A `[cols]` vector broadcast over rows (a bias, a gain).
+    Broadcast,
+    /// A `[rows, 1]` buffer broadcast over columns (a per-row scale).
+    PerRow,
+}
+
+/// One SSA instruction of a fused elementwise kernel; operands index earlier instructions.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub enum EwOp {
+    Input(u32),
+    Const(f32),
+    Add(u32, u32),
+    Sub(u32, u32),
+    Mul(u32, u32),
+    Div(u32, u32),
+    Max(u32, u32),
+    Neg(u32),
+    Exp(u32),
+    Sigmoid(u32),
+    /// x · sigmoid(x)
+    Silu(u32),
+    Relu(u32),
+    Tanh(u32),
+    /// 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
+    GeluTanh(u32),
+    Sqrt(u32),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum KernelSpec {
+    /// `outputs[k][r, c] = ops[outputs[k]]` evaluated per element.
+    /// Pointers: each input in order, then each output in order.
+    Elementwise { cols: usize, inputs: Vec<EwIn>, ops: Vec<EwOp>, outputs: Vec<u32> },
+    /// `y = x · rsqrt(mean(x²) + eps) [· gain]`; with `residual`, `x = a + b` and `x` is also
+    /// written. Pointers: `[x, gain?, y]` or `[a, b, gain?, sum, y]`.
+    RmsNorm { cols: usize, eps: f32, residual: bool, gain: bool },
+    /// Rotary embedding in place on `heads` heads of `head_dim` per row.
+    /// Pointers: `[x, cos, sin]`, tables `[positions, head_dim/2]`, row `r` at position `pos0 + r`.
+    Rope { heads: usize, head_dim: usize, style: RopeStyle },
+    /// Causal softmax attention of query rows over a cache slot, online softmax, no score matrix.
+    /// Pointers: `[q, k_cache, v_cache, out]`; q/out `[rows, heads·head_dim]`, caches
+    /// `[capacity, kv_heads·head_dim]`. Query row `r` attends to cache rows `0..=pos0 + r`.
+    /// Head `h` reads kv head `h / (heads / kv_heads)`.
+    Attention { heads: usize, kv_heads: usize, head_dim: usize, scale: f32 },
+}
+
+impl KernelSpec {
+    pub fn num_ptrs(&self) -> usize {
+        match self {
+            KernelSpec::Elementwise { inputs, outputs, .. } => inputs.len() + outputs.len(),
+            KernelSpec::RmsNorm { residual, gain, .. } => {
+                (if *residual { 4 } else { 2 }) + usize::from(*gain)
+            }
+            KernelSpec::Rope { .. } => 3,
+            KernelSpec::Attention { .. } => 4,
+        }
+    }
+}
+
+/// An argument of a kernel call, resolved to a pointer by the runtime.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub enum Arg {
+    Buf(BufId),
+    Weight(WRef),
+    RopeCos(u32),
+    RopeSin(u32),
+    /// Key or value rows of the current slot of a KV site.
+    KCache(u32),
+    VCache(u32),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Instr {
+    /// `out[r] = table[tokens[r]]`.
+    Embed { table: WRef, out: BufId },
+    /// `out = x · wᵀ` (`w` is `[n_out, k_in]`, the checkpoint's `Linear` layout).
+    MatMul { x: BufId, w: WRef, out: BufId },
+    /// Column-wise concatenation.
+    Concat { inputs: Vec<BufId>, out: BufId },
+    Copy { src: BufId, dst: BufId },
+    /// Append the call's key/value rows to the current slot of `site`.
+    KvWrite { site: u32, k: BufId, v: BufId },
+    /// A generated kernel; `items` is [`Rows::Tokens`] rows, times heads for attention.
+    Kernel { kernel: KernelId, args: Vec<Arg> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum StateInit {
+    Zeros,
+    /// Start from the value of another buffer (Ouro: the embeddings).
+    From(BufId),
+    /// Huginn's `like-init`: truncated normal at ±3σ, times `scale`, from a seeded generator.
+    TruncNormal { std: f64, scale: f64, seed: u64 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum ExitPolicy {
+    /// Run exactly `steps` iterations (overridable per call).
+    Fixed,
+    /// Stop once the mean over rows of ‖s_t − s_{t−1}‖ / ‖s_t‖ falls below `threshold`,
+    /// after at least `min_steps`, and never past `max_steps`.
+    Converge { threshold: f64, min_steps: usize, max_steps: usize },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum CachePolicy {
+    /// One KV slot per (iteration, layer).
+    PerStep,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Recur {
+    /// Loop-carried state; the body reads it and writes `next`.
+    pub state: BufId,
+    pub next: BufId,
+    pub init: StateInit,
+    pub body: Vec<Instr>,
+    pub default_steps: usize,
+    pub exit: ExitPolicy,
+    pub cache: CachePolicy,
+    /// `[rows, 1]` buffer holding the learned exit gate's logit for this iteration (Ouro);
+    /// the runtime turns the per-step values into exit probabilities.
+    pub gate: Option<BufId>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Program {
+    pub prelude: Vec<Instr>,
+    pub recur: Option<Recur>,
+    pub coda: Vec<Instr>,
+    pub logits: BufId,
+}
+
+impl Manifest {
+    pub fn kernel_items(&self, k: KernelId, rows: usize) -> usize {
+        match &self.kernels[k as usize].spec {
+            KernelSpec::Attention { heads, .. } => rows * heads,
+            _ => rows,
+        }
+    }
+}
+
+/// Serialize an artifact to bytes.
+pub fn encode(manifest: &Manifest, object: &[u8]) -> Vec<u8> {
+    let json = serde_json::to_vec_pretty(manifest).expect("manifest serializes");
+    let mut out = Vec::with_capacity(24 + json.len() + object.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&(object.len() as u64).to_le_bytes());
+    out.extend_from_slice(object);
+    out
+}
+
+/// Split artifact bytes into the manifest and the shared object.
+pub fn decode(bytes: &[u8]) -> Result<(Manifest, &[u8]), String> {
+    let take = |at: usize, n: usize| -> Result<&[u8], String> {
+        bytes.get(at..at + n).ok_or_else(|| format!("artifact truncated at byte {at}"))
+    };
+    if take(0, 8)? != MAGIC {
+        return Err("not a loopc artifact (bad magic; expected LOOPCAR1)".into());
+    }
+    let n = u64::from_le_bytes(take(8, 8)?.try_into().unwrap()) as usize;
+    let json = take(16, n)?;
+    let manifest: Manifest =
+        serde_json::from_slice(json).map_err(|e| format!("artifact manifest is invalid: {e}"))?;
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(format!(
+            "artifact format version {} is not supported by this runtime (expects {FORMAT_VERSION}); rebuild it with this loopc",
+            manifest.format_version
+        ));
+    }
+    let m = u64::from_le_bytes(take(16 + n, 8)?.try_into().unwrap()) as usize;
+    let obj = take(24 + n, m)?;
+    Ok((manifest, obj))
+}

@@ -1,0 +1,108 @@
+//! The runtime's error type. Every failure caused by user input (artifact bytes, weight files,
+//! token ids, call arguments) is reported through [`RuntimeError`]; the runtime does not panic
+//! on such input.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the runtime.
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+fn fmt_shape(s: &[usize]) -> String {
+    let parts: Vec<String> = s.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+fn fmt_similar(similar: &[String]) -> String {
+    if similar.is_empty() {
+        String::new()
+    } else {
+        let quoted: Vec<String> = similar.iter().map(|s| format!("`{s}`")).collect();
+        format!("; similar names in the checkpoint: {}", quoted.join(", "))
+    }
+}
+
+fn fmt_more(n: usize) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} more declared weights are missing too)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot read `{}`: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The artifact file is not a well-formed loopc artifact.
+    #[error("invalid artifact: {0}")]
+    Artifact(String),
+
+    /// The manifest decodes but is inconsistent (bad ids, mismatched shapes, ...).
+    #[error("inconsistent artifact manifest: {0}")]
+    Manifest(String),
+
+    /// A safetensors file cannot be parsed, or a checkpoint directory is malformed.
+    #[error("invalid checkpoint `{}`: {msg}", path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+
+    #[error(
+        "checkpoint has no tensor `{name}` (expected shape {}, declared at {origin}){}{}",
+        fmt_shape(expected), fmt_similar(similar), fmt_more(*also_missing)
+    )]
+    MissingWeight {
+        name: String,
+        expected: Vec<usize>,
+        origin: String,
+        similar: Vec<String>,
+        also_missing: usize,
+    },
+
+    #[error(
+        "checkpoint tensor `{name}` has shape {} ({found_elems} elements) but the model declares {} ({expected_elems} elements) at {origin}",
+        fmt_shape(found), fmt_shape(expected)
+    )]
+    WeightShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+        expected_elems: usize,
+        found_elems: usize,
+        origin: String,
+    },
+
+    #[error("checkpoint tensor `{name}` has dtype {dtype}, which the runtime cannot load (supported: F32, BF16, F16, F64), declared at {origin}")]
+    WeightDtype { name: String, dtype: String, origin: String },
+
+    /// The kernels' shared object cannot be loaded.
+    #[error("cannot load the artifact's kernels: {0}")]
+    KernelLoad(String),
+
+    #[error("kernel symbol `{symbol}` (kernel #{kernel}) is missing from the artifact's shared object: {msg}")]
+    MissingSymbol { symbol: String, kernel: usize, msg: String },
+
+    #[error("token id {token} at input index {index} is out of range (the embedding table has {limit} rows)")]
+    TokenOutOfRange { token: u32, index: usize, limit: usize },
+
+    #[error("empty input: a call needs at least one token")]
+    EmptyInput,
+
+    #[error("cannot allocate {bytes} bytes for {what}")]
+    Alloc { bytes: u128, what: String },
+
+    #[error("invalid setting: {0}")]
+    Config(String),
+}
+
+impl RuntimeError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        RuntimeError::Io { path: path.into(), source }
+    }
+    pub(crate) fn manifest(msg: impl Into<String>) -> Self {
+        RuntimeError::Manifest(msg.into())
+    }
+}

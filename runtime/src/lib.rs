@@ -1,0 +1,2 @@
+//! loopc runtime: loads an artifact and runs it.
+pub mod artifact;

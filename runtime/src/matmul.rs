@@ -1,0 +1,380 @@
+//! `out[m, n] = x[m, k] · w[n, k]ᵀ` (the checkpoint's `Linear` layout, all row-major).
+//!
+//! For `m > 1` this calls `gemm` (packed, multithreaded over the current rayon pool). For
+//! `m == 1` (decode) `gemm` would run on one thread, so a bandwidth-oriented GEMV splits the
+//! output rows over the pool and streams each weight row exactly once, with AVX-512 or
+//! AVX2+FMA dot products picked at run time (portable fallback elsewhere).
+
+use rayon::prelude::*;
+
+/// Below this many multiply-adds a product runs on the calling thread.
+const PAR_MIN_MACS: usize = 1 << 16;
+
+/// `out = x · wᵀ` with `x: [m, k]`, `w: [n, k]`, `out: [m, n]`.
+/// `threads` is the size of the current rayon pool.
+pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, threads: usize) {
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul operand sizes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return;
+    }
+    if m == 1 {
+        gemv(&x[..k], &w[..n * k], &mut out[..n], threads);
+        return;
+    }
+    let macs = m.saturating_mul(n).saturating_mul(k);
+    let par = if threads > 1 && macs >= 64 * PAR_MIN_MACS {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the sizes were checked above; dst is [m, n] row-major (rs = n, cs = 1), lhs is
+    // [m, k] row-major, rhs is wᵀ: element (kk, j) lives at w[j * k + kk] (rs = 1, cs = k).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// `out[j] = Σ_i x[i] · w[j·k + i]` with `k = x.len()`, rows split over the rayon pool.
+pub fn gemv(x: &[f32], w: &[f32], out: &mut [f32], threads: usize) {
+    let k = x.len();
+    let n = out.len();
+    assert!(w.len() >= n * k, "gemv operand sizes");
+    if threads <= 1 || n < 8 || n.saturating_mul(k) < PAR_MIN_MACS {
+        gemv_rows(x, w, out);
+        return;
+    }
+    // A few chunks per thread so that rayon can balance; rows in multiples of 4.
+    let chunks = threads * 4;
+    let rows = n.div_ceil(chunks).next_multiple_of(4).max(4);
+    out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| {
+        let r0 = c * rows;
+        gemv_rows(x, &w[r0 * k..(r0 + o.len()) * k], o);
+    });
+}
+
+/// Serial GEMV on one block of rows.
+pub fn gemv_rows(x: &[f32], w: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature is present; sizes are checked inside.
+            unsafe { x86::gemv_avx512(x, w, out) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            unsafe { x86::gemv_avx2(x, w, out) };
+            return;
+        }
+    }
+    gemv_portable(x, w, out)
+}
+
+/// Portable GEMV: 8 independent partial sums per row (auto-vectorises).
+pub fn gemv_portable(x: &[f32], w: &[f32], out: &mut [f32]) {
+    let k = x.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let row = &w[j * k..(j + 1) * k];
+        let mut acc = [0f32; 8];
+        let mut xc = x.chunks_exact(8);
+        let mut wc = row.chunks_exact(8);
+        for (xa, wa) in (&mut xc).zip(&mut wc) {
+            for l in 0..8 {
+                acc[l] = xa[l].mul_add(wa[l], acc[l]);
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for (a, b) in xc.remainder().iter().zip(wc.remainder()) {
+            s += a * b;
+        }
+        *o = s;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gemv_avx512(x: &[f32], w: &[f32], out: &mut [f32]) {
+        let k = x.len();
+        let n = out.len();
+        assert!(w.len() >= n * k);
+        let xp = x.as_ptr();
+        let wp = w.as_ptr();
+        let kb = k / 16 * 16;
+        let tail = k - kb;
+        let mask: __mmask16 = ((1u32 << tail) - 1) as u16;
+        let mut j = 0;
+        while j + 4 <= n {
+            let w0 = wp.add(j * k);
+            let w1 = w0.add(k);
+            let w2 = w1.add(k);
+            let w3 = w2.add(k);
+            let (mut a0, mut a1, mut a2, mut a3) =
+                (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+            let (mut b0, mut b1, mut b2, mut b3) =
+                (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut i = 0;
+            while i + 32 <= kb {
+                let x0 = _mm512_loadu_ps(xp.add(i));
+                let x1 = _mm512_loadu_ps(xp.add(i + 16));
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0.add(i)), x0, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1.add(i)), x0, a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2.add(i)), x0, a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3.add(i)), x0, a3);
+                b0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0.add(i + 16)), x1, b0);
+                b1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1.add(i + 16)), x1, b1);
+                b2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2.add(i + 16)), x1, b2);
+                b3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3.add(i + 16)), x1, b3);
+                i += 32;
+            }
+            if i < kb {
+                let x0 = _mm512_loadu_ps(xp.add(i));
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0.add(i)), x0, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1.add(i)), x0, a1);
+                a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2.add(i)), x0, a2);
+                a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3.add(i)), x0, a3);
+                i += 16;
+            }
+            if tail > 0 {
+                let x0 = _mm512_maskz_loadu_ps(mask, xp.add(i));
+                b0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w0.add(i)), x0, b0);
+                b1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w1.add(i)), x0, b1);
+                b2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w2.add(i)), x0, b2);
+                b3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w3.add(i)), x0, b3);
+            }
+            *out.get_unchecked_mut(j) = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+            *out.get_unchecked_mut(j + 1) = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+            *out.get_unchecked_mut(j + 2) = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+            *out.get_unchecked_mut(j + 3) = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
+            j += 4;
+        }
+        while j < n {
+            let w0 = wp.add(j * k);
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 64 <= kb {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let o = i + 16 * u;
+                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(w0.add(o)), _mm512_loadu_ps(xp.add(o)), *a);
+                }
+                i += 64;
+            }
+            while i < kb {
+                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(w0.add(i)), _mm512_loadu_ps(xp.add(i)), acc[0]);
+                i += 16;
+            }
+            if tail > 0 {
+                acc[1] = _mm512_fmadd_ps(
+                    _mm512_maskz_loadu_ps(mask, w0.add(i)),
+                    _mm512_maskz_loadu_ps(mask, xp.add(i)),
+                    acc[1],
+                );
+            }
+            let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            *out.get_unchecked_mut(j) = _mm512_reduce_add_ps(s);
+            j += 1;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemv_avx2(x: &[f32], w: &[f32], out: &mut [f32]) {
+        let k = x.len();
+        let n = out.len();
+        assert!(w.len() >= n * k);
+        let xp = x.as_ptr();
+        let wp = w.as_ptr();
+        let kb = k / 8 * 8;
+        let mut j = 0;
+        while j + 4 <= n {
+            let rows = [wp.add(j * k), wp.add((j + 1) * k), wp.add((j + 2) * k), wp.add((j + 3) * k)];
+            let mut a = [_mm256_setzero_ps(); 4];
+            let mut b = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 16 <= kb {
+                let x0 = _mm256_loadu_ps(xp.add(i));
+                let x1 = _mm256_loadu_ps(xp.add(i + 8));
+                for r in 0..4 {
+                    a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r].add(i)), x0, a[r]);
+                    b[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r].add(i + 8)), x1, b[r]);
+                }
+                i += 16;
+            }
+            if i < kb {
+                let x0 = _mm256_loadu_ps(xp.add(i));
+                for r in 0..4 {
+                    a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r].add(i)), x0, a[r]);
+                }
+                i += 8;
+            }
+            for r in 0..4 {
+                let mut s = hsum256(_mm256_add_ps(a[r], b[r]));
+                for t in i..k {
+                    s += *xp.add(t) * *rows[r].add(t);
+                }
+                *out.get_unchecked_mut(j + r) = s;
+            }
+            j += 4;
+        }
+        while j < n {
+            let w0 = wp.add(j * k);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= kb {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * u;
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(w0.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
+                }
+                i += 32;
+            }
+            while i < kb {
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w0.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
+                i += 8;
+            }
+            let mut s = hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            for t in i..k {
+                s += *xp.add(t) * *w0.add(t);
+            }
+            *out.get_unchecked_mut(j) = s;
+            j += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut o = vec![0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for i in 0..k {
+                    s += x[r * k + i] as f64 * w[j * k + i] as f64;
+                }
+                o[r * n + j] = s as f32;
+            }
+        }
+        o
+    }
+
+    fn close(a: &[f32], b: &[f32], k: usize) {
+        assert_eq!(a.len(), b.len());
+        let tol = 1e-5 * (k as f32).sqrt().max(1.0);
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "index {i}: {x} vs {y} (k={k})");
+        }
+    }
+
+    fn pool(n: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()
+    }
+
+    #[test]
+    fn gemv_matches_naive_all_paths() {
+        let mut s = 7u64;
+        for &k in &[1usize, 3, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 257] {
+            for &n in &[1usize, 2, 3, 4, 5, 7, 9, 13] {
+                let x: Vec<f32> = (0..k).map(|_| lcg(&mut s)).collect();
+                let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+                let want = naive(&x, &w, 1, k, n);
+                let mut o = vec![f32::NAN; n];
+                gemv_portable(&x, &w, &mut o);
+                close(&o, &want, k);
+                let mut o = vec![f32::NAN; n];
+                gemv_rows(&x, &w, &mut o);
+                close(&o, &want, k);
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                        let mut o = vec![f32::NAN; n];
+                        unsafe { x86::gemv_avx2(&x, &w, &mut o) };
+                        close(&o, &want, k);
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        let mut o = vec![f32::NAN; n];
+                        unsafe { x86::gemv_avx512(&x, &w, &mut o) };
+                        close(&o, &want, k);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemv_parallel_matches_naive() {
+        let mut s = 11u64;
+        let (k, n) = (300usize, 1001usize);
+        let x: Vec<f32> = (0..k).map(|_| lcg(&mut s)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+        let want = naive(&x, &w, 1, k, n);
+        let mut o = vec![f32::NAN; n];
+        pool(3).install(|| gemv(&x, &w, &mut o, 3));
+        close(&o, &want, k);
+    }
+
+    /// The gemm path on windows of a larger weight (a `WRef` with an offset).
+    #[test]
+    fn gemm_path_matches_naive_with_offsets() {
+        let mut s = 3u64;
+        let p = pool(2);
+        for &(m, k, n, off) in &[(2usize, 5usize, 3usize, 7usize), (7, 33, 19, 1), (64, 96, 80, 123), (130, 64, 257, 64)] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let big: Vec<f32> = (0..off + n * k + 11).map(|_| lcg(&mut s)).collect();
+            let w = &big[off..off + n * k];
+            let want = naive(&x, w, m, k, n);
+            let mut o = vec![f32::NAN; m * n];
+            p.install(|| matmul(&x, &big[off..], &mut o, m, k, n, 2));
+            close(&o, &want, k);
+            // Single-row through matmul uses the GEMV.
+            let mut o1 = vec![f32::NAN; n];
+            p.install(|| matmul(&x[..k], &big[off..], &mut o1, 1, k, n, 2));
+            close(&o1, &want[..n], k);
+        }
+        let mut o = vec![1f32; 6];
+        matmul(&[], &[], &mut o, 2, 0, 3, 1);
+        assert_eq!(o, vec![0.0; 6]);
+    }
+}

@@ -1,0 +1,158 @@
+//! Aligned, zero-initialised `f32` storage that reports allocation failure as an error.
+//!
+//! Small blocks come from the global allocator with 64-byte alignment. Blocks of at least
+//! [`HUGE_THRESHOLD`] bytes are anonymous `mmap`s advised with `MADV_HUGEPAGE` (transparent
+//! huge pages make streaming GEMV over weights noticeably faster); the kernel hands out
+//! zeroed pages lazily, so a large allocation costs nothing until it is touched.
+
+use crate::error::{Result, RuntimeError};
+use std::alloc::Layout;
+use std::ptr::NonNull;
+
+/// Allocations at least this large (in bytes) are `mmap`ed and advised for huge pages.
+pub(crate) const HUGE_THRESHOLD: usize = 4 << 20;
+const ALIGN: usize = 64;
+
+enum Kind {
+    Empty,
+    Heap(Layout),
+    Mmap(usize),
+}
+
+/// A fixed-length, 64-byte aligned `[f32]` that starts zeroed.
+pub(crate) struct AVec {
+    ptr: NonNull<f32>,
+    len: usize,
+    kind: Kind,
+}
+
+// SAFETY: AVec uniquely owns its allocation, like Vec<f32>.
+unsafe impl Send for AVec {}
+unsafe impl Sync for AVec {}
+
+impl AVec {
+    pub(crate) fn new() -> Self {
+        AVec { ptr: NonNull::dangling(), len: 0, kind: Kind::Empty }
+    }
+
+    /// `len` zeroed floats; `what` names the allocation in the error.
+    pub(crate) fn zeroed(len: usize, what: &str) -> Result<Self> {
+        if len == 0 {
+            return Ok(Self::new());
+        }
+        let err = || RuntimeError::Alloc { bytes: len as u128 * 4, what: what.to_string() };
+        let bytes = len.checked_mul(4).ok_or_else(err)?;
+        if bytes > isize::MAX as usize / 2 {
+            return Err(err());
+        }
+        #[cfg(unix)]
+        if bytes >= HUGE_THRESHOLD {
+            // SAFETY: plain anonymous private mapping; checked for MAP_FAILED.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED || p.is_null() {
+                return Err(err());
+            }
+            #[cfg(target_os = "linux")]
+            // SAFETY: advising our own fresh mapping; failure is harmless.
+            unsafe {
+                libc::madvise(p, bytes, libc::MADV_HUGEPAGE);
+            }
+            return Ok(AVec {
+                ptr: NonNull::new(p as *mut f32).ok_or_else(err)?,
+                len,
+                kind: Kind::Mmap(bytes),
+            });
+        }
+        let layout = Layout::from_size_align(bytes, ALIGN).map_err(|_| err())?;
+        // SAFETY: layout has non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(p as *mut f32).ok_or_else(err)?;
+        Ok(AVec { ptr, len, kind: Kind::Heap(layout) })
+    }
+
+    /// A copy of `src`.
+    pub(crate) fn from_slice(src: &[f32], what: &str) -> Result<Self> {
+        let mut v = Self::zeroed(src.len(), what)?;
+        v.as_mut_slice().copy_from_slice(src);
+        Ok(v)
+    }
+
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+    #[inline]
+    pub(crate) fn as_ptr(&self) -> *const f32 {
+        self.ptr.as_ptr()
+    }
+    #[inline]
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.ptr.as_ptr()
+    }
+    #[inline]
+    pub(crate) fn as_slice(&self) -> &[f32] {
+        // SAFETY: ptr is valid for len initialised floats (or dangling with len 0).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    #[inline]
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as above, and we hold &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AVec {
+    fn drop(&mut self) {
+        match self.kind {
+            Kind::Empty => {}
+            // SAFETY: allocated with this layout by alloc_zeroed.
+            Kind::Heap(layout) => unsafe { std::alloc::dealloc(self.ptr.as_ptr() as *mut u8, layout) },
+            #[cfg(unix)]
+            // SAFETY: mapped by us with this length.
+            Kind::Mmap(bytes) => unsafe {
+                libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, bytes);
+            },
+            #[cfg(not(unix))]
+            Kind::Mmap(_) => {}
+        }
+    }
+}
+
+impl Default for AVec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeroed_and_aligned() {
+        for n in [0usize, 1, 17, 1000, (HUGE_THRESHOLD / 4) + 3] {
+            let mut v = AVec::zeroed(n, "test").unwrap();
+            assert_eq!(v.len(), n);
+            assert!(v.as_slice().iter().all(|&x| x == 0.0));
+            if n > 0 {
+                assert_eq!(v.as_ptr() as usize % ALIGN, 0);
+                v.as_mut_slice()[n - 1] = 1.0;
+                assert_eq!(v.as_slice()[n - 1], 1.0);
+            }
+        }
+    }
+
+    #[test]
+    fn huge_request_is_an_error() {
+        assert!(AVec::zeroed(usize::MAX / 2, "x").is_err());
+    }
+}

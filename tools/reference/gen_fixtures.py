@@ -1,0 +1,190 @@
+"""Generate the tiny Huginn / Ouro parity fixtures under tests/fixtures/ (deterministic).
+
+    python tools/reference/gen_fixtures.py [--out tests/fixtures]
+
+Reference numbers are computed in float64 and stored as float32.  Self-checks (asserted):
+  * incremental decode with the KV cache == full recomputation (max abs diff < 1e-9, f64)
+  * float32 reference run vs float64 run (max abs diff < 1e-4)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import loopref as R  # noqa: E402
+
+torch.set_num_threads(2)
+
+HUGINN_CFG = {
+    "model_type": "huginn_raven",
+    "n_embd": 64,
+    "n_heads": 4,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+    "n_layers_in_prelude": 1,
+    "n_layers_in_recurrent_block": 2,
+    "n_layers_in_coda": 1,
+    "block_size": 64,
+    "rope_base": 50000,
+    "norm_eps": 1e-6,
+    "mean_recurrence": 4,
+    "tie_embeddings": True,
+    "qk_bias": True,
+    "bias": False,
+    "state_init": "like-init",
+    "injection_type": "linear",
+}
+
+OURO_CFG = {
+    "model_type": "ouro",
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "vocab_size": 256,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "total_ut_steps": 4,
+    "early_exit_threshold": 1.0,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 64,
+    "hidden_act": "silu",
+}
+
+PROMPT_LEN = 7
+DECODE_LEN = 4
+HUGINN_STEPS = (1, 4, 7)
+HUGINN_SEED = 1234
+OURO_SEED = 5678
+
+
+def write_config(path, cfg):
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+
+
+def tokens(seed, vocab):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (PROMPT_LEN,), generator=g, dtype=torch.int64)
+    dec = torch.randint(0, vocab, (DECODE_LEN,), generator=g, dtype=torch.int64)
+    return prompt, dec
+
+
+def run_huginn(w, cfg, prompt, dec, r, dtype):
+    """Prefill + cached decode (one token at a time) + full recompute, all in `dtype`."""
+    wd = R.cast_weights(w, dtype)
+    rope = R.huginn_rope_table(cfg, dtype)
+    cache = R.KVCache(PROMPT_LEN + DECODE_LEN)
+    pre = R.huginn_forward(wd, cfg, prompt[None], r, cache=cache, start=0, rope=rope)[0]
+    outs = []
+    for n in range(DECODE_LEN):
+        o = R.huginn_forward(wd, cfg, dec[None, n:n + 1], r, cache=cache,
+                             start=PROMPT_LEN + n, rope=rope)[0, 0]
+        outs.append(o)
+    decl = torch.stack(outs)
+    assert cache.num_slots() == R.huginn_num_slots(cfg, r)
+    full = R.huginn_forward(wd, cfg, torch.cat([prompt, dec])[None], r, rope=rope)[0]
+    return pre, decl, full
+
+
+def run_ouro(w, cfg, prompt, dec, dtype):
+    wd = R.cast_weights(w, dtype)
+    total = PROMPT_LEN + DECODE_LEN
+    rope = R.ouro_rope_table(cfg, total, dtype)
+    cache = R.KVCache(total)
+    pre = R.ouro_forward(wd, cfg, prompt[None], cache=cache, start=0, rope=rope)
+    dl, dp = [], []
+    for n in range(DECODE_LEN):
+        o = R.ouro_forward(wd, cfg, dec[None, n:n + 1], cache=cache, start=PROMPT_LEN + n, rope=rope)
+        dl.append(o["logits"][0, 0])
+        dp.append(o["exit_probs"][0, 0])
+    assert cache.num_slots() == cfg["total_ut_steps"] * cfg["num_hidden_layers"]
+    full = R.ouro_forward(wd, cfg, torch.cat([prompt, dec])[None], rope=rope)
+    return (pre["logits"][0], pre["exit_probs"][0], torch.stack(dl), torch.stack(dp),
+            full["logits"][0], full["exit_probs"][0])
+
+
+def maxdiff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def gen_huginn(out):
+    d = os.path.join(out, "huginn_tiny")
+    os.makedirs(d, exist_ok=True)
+    cfg = HUGINN_CFG
+    w = R.huginn_random_weights(cfg, HUGINN_SEED)
+    write_config(os.path.join(d, "config.json"), cfg)
+    save_file(w, os.path.join(d, "model.safetensors"))
+    for r in HUGINN_STEPS:
+        prompt, dec = tokens(HUGINN_SEED + 100 + r, cfg["vocab_size"])
+        pre, decl, full = run_huginn(w, cfg, prompt, dec, r, torch.float64)
+        cache_err = max(maxdiff(pre, full[:PROMPT_LEN]), maxdiff(decl, full[PROMPT_LEN:]))
+        pre32, dec32, _ = run_huginn(w, cfg, prompt, dec, r, torch.float32)
+        f32_err = max(maxdiff(pre, pre32), maxdiff(decl, dec32))
+        print(f"huginn r={r}: cache-vs-full (f64) max|d|={cache_err:.3e}  "
+              f"f32-vs-f64 max|d|={f32_err:.3e}  logit std={pre.std().item():.3f}")
+        assert cache_err < 1e-9, cache_err
+        assert f32_err < 1e-4, f32_err
+        save_file({
+            "prompt": prompt.contiguous(),
+            "prefill_logits": pre.float().contiguous(),
+            "decode_tokens": dec.contiguous(),
+            "decode_logits": decl.float().contiguous(),
+        }, os.path.join(d, f"r{r}.safetensors"))
+
+
+def gen_ouro(out):
+    d = os.path.join(out, "ouro_tiny")
+    os.makedirs(d, exist_ok=True)
+    cfg = OURO_CFG
+    w = R.ouro_random_weights(cfg, OURO_SEED)
+    write_config(os.path.join(d, "config.json"), cfg)
+    save_file(w, os.path.join(d, "model.safetensors"))
+    T = cfg["total_ut_steps"]
+    prompt, dec = tokens(OURO_SEED + 100 + T, cfg["vocab_size"])
+    pl, pp, dl, dp, fl, fp = run_ouro(w, cfg, prompt, dec, torch.float64)
+    cache_err = max(maxdiff(pl, fl[:PROMPT_LEN]), maxdiff(dl, fl[PROMPT_LEN:]),
+                    maxdiff(pp, fp[:PROMPT_LEN]), maxdiff(dp, fp[PROMPT_LEN:]))
+    pl32, pp32, dl32, dp32, _, _ = run_ouro(w, cfg, prompt, dec, torch.float32)
+    f32_err = max(maxdiff(pl, pl32), maxdiff(dl, dl32))
+    f32_perr = max(maxdiff(pp, pp32), maxdiff(dp, dp32))
+    psum_err = (torch.cat([pp, dp]).sum(-1) - 1).abs().max().item()
+    print(f"ouro t={T}: cache-vs-full (f64) max|d|={cache_err:.3e}  "
+          f"f32-vs-f64 logits max|d|={f32_err:.3e}  exit_probs max|d|={f32_perr:.3e}  "
+          f"|sum p - 1|={psum_err:.1e}  logit std={pl.std().item():.3f}")
+    assert cache_err < 1e-9, cache_err
+    assert f32_err < 1e-4 and f32_perr < 1e-4, (f32_err, f32_perr)
+    assert psum_err < 1e-12
+    save_file({
+        "prompt": prompt.contiguous(),
+        "prefill_logits": pl.float().contiguous(),
+        "prefill_exit_probs": pp.float().contiguous(),
+        "decode_tokens": dec.contiguous(),
+        "decode_logits": dl.float().contiguous(),
+        "decode_exit_probs": dp.float().contiguous(),
+    }, os.path.join(d, f"t{T}.safetensors"))
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=os.path.join(here, "..", "..", "tests", "fixtures"))
+    a = ap.parse_args()
+    out = os.path.normpath(a.out)
+    gen_huginn(out)
+    gen_ouro(out)
+    print(f"fixtures written to {out}")
+
+
+if __name__ == "__main__":
+    main()
