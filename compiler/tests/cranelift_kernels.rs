@@ -86,20 +86,21 @@ fn ptrs_of(bufs: &mut [Vec<f32>]) -> Vec<*mut f32> {
 #[track_caller]
 fn assert_close(what: &str, got: &[f32], want: &[f64], rel: f64, abs: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut worst = 0.0f64;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w).abs();
         let tol = rel * w.abs() + abs;
-        worst = worst.max(if tol > 0.0 { err / tol } else { err });
-        assert!(err <= tol, "{what}: element {i}: got {g}, want {w} (error {err:e} > {tol:e})");
-    }
-    if std::env::var_os("LOOPC_TEST_WORST").is_some() {
-        eprintln!("{what}: worst error/tolerance {worst:.3}");
+        assert!(
+            err <= tol,
+            "{what}: element {i}: got {g}, want {w} (error {err:e} > {tol:e})"
+        );
     }
 }
 
 fn decl(symbol: &str, spec: KernelSpec) -> KernelDecl {
-    KernelDecl { symbol: symbol.into(), spec }
+    KernelDecl {
+        symbol: symbol.into(),
+        spec,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -164,7 +165,15 @@ fn ew_reference(
 }
 
 /// Input data for `kind`: `lo..hi`, with a few fixed probes mixed into `Rows` inputs.
-fn ew_data(rng: &mut Rng, kind: EwIn, rows: usize, cols: usize, lo: f32, hi: f32, probes: &[f32]) -> Vec<f32> {
+fn ew_data(
+    rng: &mut Rng,
+    kind: EwIn,
+    rows: usize,
+    cols: usize,
+    lo: f32,
+    hi: f32,
+    probes: &[f32],
+) -> Vec<f32> {
     let n = match kind {
         EwIn::Rows => rows * cols,
         EwIn::Broadcast => cols,
@@ -192,7 +201,14 @@ struct EwCase {
     abs: f64,
 }
 
-fn unary(name: &'static str, op: fn(u32) -> EwOp, range: (f32, f32), probes: &[f32], rel: f64, abs: f64) -> EwCase {
+fn unary(
+    name: &'static str,
+    op: fn(u32) -> EwOp,
+    range: (f32, f32),
+    probes: &[f32],
+    rel: f64,
+    abs: f64,
+) -> EwCase {
     EwCase {
         name,
         inputs: vec![EwIn::Rows],
@@ -211,8 +227,9 @@ fn ew_cases() -> Vec<EwCase> {
         0.0, -0.0, 1e-6, -1e-6, 1e-3, -1e-3, 0.3, -0.3, 0.62, -0.62, 0.63, -0.63, 1.0, -1.0, 5.0,
         -5.0, 9.0, -9.0, 15.0, -15.0, 30.0, -30.0, 80.0, -80.0, 100.0, -100.0,
     ];
-    let exp_probes: Vec<f32> =
-        vec![0.0, 1e-6, -1e-6, 0.34657, -0.34657, 1.0, -1.0, 20.0, -20.0, 80.0, -80.0, 86.9, -86.9];
+    let exp_probes: Vec<f32> = vec![
+        0.0, 1e-6, -1e-6, 0.34657, -0.34657, 1.0, -1.0, 20.0, -20.0, 80.0, -80.0, 86.9, -86.9,
+    ];
     let mut cases = vec![
         unary("neg", EwOp::Neg, (-10.0, 10.0), &wide, 0.0, 0.0),
         unary("exp", EwOp::Exp, (-30.0, 30.0), &exp_probes, 2e-6, 0.0),
@@ -221,7 +238,14 @@ fn ew_cases() -> Vec<EwCase> {
         unary("relu", EwOp::Relu, (-10.0, 10.0), &wide, 0.0, 0.0),
         unary("tanh", EwOp::Tanh, (-3.0, 3.0), &wide, 2e-6, 1e-30),
         unary("gelu_tanh", EwOp::GeluTanh, (-6.0, 6.0), &wide, 2e-6, 1e-12),
-        unary("sqrt", EwOp::Sqrt, (0.0, 100.0), &[0.0, 1e-6, 1.0, 4.0, 1e6], 1e-7, 0.0),
+        unary(
+            "sqrt",
+            EwOp::Sqrt,
+            (0.0, 100.0),
+            &[0.0, 1e-6, 1.0, 4.0, 1e6],
+            1e-7,
+            0.0,
+        ),
     ];
     for (name, op) in [
         ("add", EwOp::Add(0, 1) as EwOp),
@@ -246,24 +270,24 @@ fn ew_cases() -> Vec<EwCase> {
         name: "fused",
         inputs: vec![EwIn::Rows, EwIn::Broadcast, EwIn::PerRow, EwIn::Rows],
         ops: vec![
-            EwOp::Input(0),     // 0 x
-            EwOp::Input(1),     // 1 bias
-            EwOp::Input(2),     // 2 per-row scale
-            EwOp::Input(3),     // 3 y
-            EwOp::Add(0, 1),    // 4 x + bias
-            EwOp::Silu(4),      // 5
-            EwOp::Mul(5, 2),    // 6
-            EwOp::Sub(6, 3),    // 7 output 0
-            EwOp::Exp(3),       // 8 dead
-            EwOp::Mul(3, 3),    // 9
-            EwOp::Const(1.5),   // 10
-            EwOp::Add(9, 10),   // 11 y² + 1.5
-            EwOp::Sqrt(11),     // 12
-            EwOp::GeluTanh(0),  // 13
-            EwOp::Div(13, 12),  // 14
-            EwOp::Tanh(2),      // 15
-            EwOp::Max(14, 15),  // 16 output 1
-            EwOp::Sigmoid(16),  // 17 output 2
+            EwOp::Input(0),    // 0 x
+            EwOp::Input(1),    // 1 bias
+            EwOp::Input(2),    // 2 per-row scale
+            EwOp::Input(3),    // 3 y
+            EwOp::Add(0, 1),   // 4 x + bias
+            EwOp::Silu(4),     // 5
+            EwOp::Mul(5, 2),   // 6
+            EwOp::Sub(6, 3),   // 7 output 0
+            EwOp::Exp(3),      // 8 dead
+            EwOp::Mul(3, 3),   // 9
+            EwOp::Const(1.5),  // 10
+            EwOp::Add(9, 10),  // 11 y² + 1.5
+            EwOp::Sqrt(11),    // 12
+            EwOp::GeluTanh(0), // 13
+            EwOp::Div(13, 12), // 14
+            EwOp::Tanh(2),     // 15
+            EwOp::Max(14, 15), // 16 output 1
+            EwOp::Sigmoid(16), // 17 output 2
         ],
         outputs: vec![7, 16, 17],
         range: (-4.0, 4.0),
@@ -276,7 +300,15 @@ fn ew_cases() -> Vec<EwCase> {
 
 #[test]
 fn elementwise_ops_match_reference() {
-    let shapes = [(5usize, 1usize), (4, 3), (3, 7), (4, 64), (3, 96), (3, 130), (2, 301)];
+    let shapes = [
+        (5usize, 1usize),
+        (4, 3),
+        (3, 7),
+        (4, 64),
+        (3, 96),
+        (3, 130),
+        (2, 301),
+    ];
     let cases = ew_cases();
     let mut decls = Vec::new();
     for case in &cases {
@@ -300,7 +332,17 @@ fn elementwise_ops_match_reference() {
             let data: Vec<Vec<f32>> = case
                 .inputs
                 .iter()
-                .map(|&kind| ew_data(&mut rng, kind, rows, cols, case.range.0, case.range.1, &case.probes))
+                .map(|&kind| {
+                    ew_data(
+                        &mut rng,
+                        kind,
+                        rows,
+                        cols,
+                        case.range.0,
+                        case.range.1,
+                        &case.probes,
+                    )
+                })
                 .collect();
             let want = ew_reference(rows, cols, &case.inputs, &case.ops, &case.outputs, &data);
             let mut bufs = data.clone();
@@ -323,13 +365,27 @@ fn elementwise_ops_match_reference() {
 
 #[test]
 fn elementwise_large_arguments_saturate_without_nan() {
-    let ops = vec![EwOp::Input(0), EwOp::Sigmoid(0), EwOp::Silu(0), EwOp::Tanh(0), EwOp::GeluTanh(0), EwOp::Exp(0)];
+    let ops = vec![
+        EwOp::Input(0),
+        EwOp::Sigmoid(0),
+        EwOp::Silu(0),
+        EwOp::Tanh(0),
+        EwOp::GeluTanh(0),
+        EwOp::Exp(0),
+    ];
     let cols = 12;
     let lib = Loaded::new(&[decl(
         "sat",
-        KernelSpec::Elementwise { cols, inputs: vec![EwIn::Rows], ops, outputs: vec![1, 2, 3, 4, 5] },
+        KernelSpec::Elementwise {
+            cols,
+            inputs: vec![EwIn::Rows],
+            ops,
+            outputs: vec![1, 2, 3, 4, 5],
+        },
     )]);
-    let x: Vec<f32> = vec![-1e4, -200.0, -100.0, -88.5, -87.5, -80.0, 80.0, 87.5, 88.5, 100.0, 200.0, 1e4];
+    let x: Vec<f32> = vec![
+        -1e4, -200.0, -100.0, -88.5, -87.5, -80.0, 80.0, 87.5, 88.5, 100.0, 200.0, 1e4,
+    ];
     let mut bufs = vec![x.clone()];
     bufs.extend((0..5).map(|_| vec![f32::NAN; cols]));
     let ptrs = ptrs_of(&mut bufs);
@@ -340,10 +396,19 @@ fn elementwise_large_arguments_saturate_without_nan() {
             assert!(out.is_finite(), "x = {v}: non-finite output {out}");
         }
         let vd = v as f64;
-        assert!((sg as f64 - sigmoid(vd)).abs() < 1e-30 + 1e-6 * sigmoid(vd), "sigmoid({v}) = {sg}");
-        assert!((si as f64 - vd * sigmoid(vd)).abs() < 1e-6 * (1.0 + vd.abs() * sigmoid(vd)), "silu({v}) = {si}");
+        assert!(
+            (sg as f64 - sigmoid(vd)).abs() < 1e-30 + 1e-6 * sigmoid(vd),
+            "sigmoid({v}) = {sg}"
+        );
+        assert!(
+            (si as f64 - vd * sigmoid(vd)).abs() < 1e-6 * (1.0 + vd.abs() * sigmoid(vd)),
+            "silu({v}) = {si}"
+        );
         assert!((th as f64 - vd.tanh()).abs() < 1e-6, "tanh({v}) = {th}");
-        assert!((ge as f64 - gelu_tanh(vd)).abs() < 1e-6 * (1.0 + gelu_tanh(vd).abs()), "gelu({v}) = {ge}");
+        assert!(
+            (ge as f64 - gelu_tanh(vd)).abs() < 1e-6 * (1.0 + gelu_tanh(vd).abs()),
+            "gelu({v}) = {ge}"
+        );
         assert!(ex >= 0.0, "exp({v}) = {ex}");
     }
 }
@@ -357,17 +422,35 @@ fn elementwise_in_place_output_may_alias_input() {
         KernelSpec::Elementwise {
             cols,
             inputs: vec![EwIn::Rows, EwIn::Rows],
-            ops: vec![EwOp::Input(0), EwOp::Input(1), EwOp::Add(0, 1), EwOp::Mul(0, 1)],
+            ops: vec![
+                EwOp::Input(0),
+                EwOp::Input(1),
+                EwOp::Add(0, 1),
+                EwOp::Mul(0, 1),
+            ],
             outputs: vec![2, 3],
         },
     )]);
     let mut rng = Rng(7);
     let mut x = rng.vec(rows * cols, -1.0, 1.0);
     let mut y = rng.vec(rows * cols, -1.0, 1.0);
-    let want_sum: Vec<f64> = x.iter().zip(&y).map(|(&a, &b)| a as f64 + b as f64).collect();
-    let want_prod: Vec<f64> = x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).collect();
+    let want_sum: Vec<f64> = x
+        .iter()
+        .zip(&y)
+        .map(|(&a, &b)| a as f64 + b as f64)
+        .collect();
+    let want_prod: Vec<f64> = x
+        .iter()
+        .zip(&y)
+        .map(|(&a, &b)| a as f64 * b as f64)
+        .collect();
     // out0 = x (in place), out1 = y (in place).
-    let ptrs = [x.as_mut_ptr(), y.as_mut_ptr(), x.as_mut_ptr(), y.as_mut_ptr()];
+    let ptrs = [
+        x.as_mut_ptr(),
+        y.as_mut_ptr(),
+        x.as_mut_ptr(),
+        y.as_mut_ptr(),
+    ];
     call_split(lib.kernel("inplace"), &ptrs, rows, 1, 0);
     assert_close("sum in place", &x, &want_sum, 1e-7, 0.0);
     assert_close("product in place", &y, &want_prod, 1e-7, 0.0);
@@ -385,7 +468,12 @@ fn rmsnorm_matches_reference() {
         for &(residual, gain) in &variants {
             decls.push(decl(
                 &format!("rms_{cols}_{residual}_{gain}"),
-                KernelSpec::RmsNorm { cols, eps: 1e-5, residual, gain },
+                KernelSpec::RmsNorm {
+                    cols,
+                    eps: 1e-5,
+                    residual,
+                    gain,
+                },
             ));
         }
     }
@@ -399,7 +487,10 @@ fn rmsnorm_matches_reference() {
             let b = rng.vec(rows * cols, -3.0, 3.0);
             let g = rng.vec(cols, 0.5, 1.5);
             let x: Vec<f64> = if residual {
-                a.iter().zip(&b).map(|(&p, &q)| p as f64 + q as f64).collect()
+                a.iter()
+                    .zip(&b)
+                    .map(|(&p, &q)| p as f64 + q as f64)
+                    .collect()
             } else {
                 a.iter().map(|&p| p as f64).collect()
             };
@@ -438,21 +529,39 @@ fn rmsnorm_matches_reference() {
 fn rmsnorm_residual_sum_may_alias_input() {
     let cols = 45;
     let rows = 2;
-    let lib = Loaded::new(&[decl("rms", KernelSpec::RmsNorm { cols, eps: 1e-6, residual: true, gain: false })]);
+    let lib = Loaded::new(&[decl(
+        "rms",
+        KernelSpec::RmsNorm {
+            cols,
+            eps: 1e-6,
+            residual: true,
+            gain: false,
+        },
+    )]);
     let mut rng = Rng(11);
     let mut a = rng.vec(rows * cols, -2.0, 2.0);
     let mut b = rng.vec(rows * cols, -2.0, 2.0);
     let mut y = vec![0.0f32; rows * cols];
-    let x: Vec<f64> = a.iter().zip(&b).map(|(&p, &q)| p as f64 + q as f64).collect();
+    let x: Vec<f64> = a
+        .iter()
+        .zip(&b)
+        .map(|(&p, &q)| p as f64 + q as f64)
+        .collect();
     let mut want = vec![0.0; rows * cols];
     for r in 0..rows {
         let row = &x[r * cols..(r + 1) * cols];
-        let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / cols as f64 + 1e-6f32 as f64).sqrt();
+        let inv =
+            1.0 / (row.iter().map(|v| v * v).sum::<f64>() / cols as f64 + 1e-6f32 as f64).sqrt();
         for c in 0..cols {
             want[r * cols + c] = row[c] * inv;
         }
     }
-    let ptrs = [a.as_mut_ptr(), b.as_mut_ptr(), a.as_mut_ptr(), y.as_mut_ptr()];
+    let ptrs = [
+        a.as_mut_ptr(),
+        b.as_mut_ptr(),
+        a.as_mut_ptr(),
+        y.as_mut_ptr(),
+    ];
     call(lib.kernel("rms"), &ptrs, 0, rows, 0, 0);
     assert_close("aliased sum", &a, &x, 1e-7, 0.0);
     assert_close("aliased y", &y, &want, 1e-5, 1e-5);
@@ -463,12 +572,26 @@ fn rmsnorm_residual_sum_may_alias_input() {
 
 #[test]
 fn rope_matches_reference() {
-    let shapes = [(1usize, 2usize), (2, 6), (3, 10), (4, 16), (2, 96), (1, 130)];
+    let shapes = [
+        (1usize, 2usize),
+        (2, 6),
+        (3, 10),
+        (4, 16),
+        (2, 96),
+        (1, 130),
+    ];
     let styles = [(RopeStyle::Interleaved, "il"), (RopeStyle::Half, "half")];
     let mut decls = Vec::new();
     for &(heads, head_dim) in &shapes {
         for &(style, s) in &styles {
-            decls.push(decl(&format!("rope_{heads}_{head_dim}_{s}"), KernelSpec::Rope { heads, head_dim, style }));
+            decls.push(decl(
+                &format!("rope_{heads}_{head_dim}_{s}"),
+                KernelSpec::Rope {
+                    heads,
+                    head_dim,
+                    style,
+                },
+            ));
         }
     }
     let lib = Loaded::new(&decls);
@@ -533,12 +656,25 @@ struct AttnCase {
 }
 
 fn attn_symbol(c: &AttnCase) -> String {
-    format!("attn_{}_{}_{}_{}", c.heads, c.kv_heads, c.head_dim, c.scale.to_bits())
+    format!(
+        "attn_{}_{}_{}_{}",
+        c.heads,
+        c.kv_heads,
+        c.head_dim,
+        c.scale.to_bits()
+    )
 }
 
 /// Run one attention case; cache rows past `pos0 + rows` hold NaN, so reading past the causal
 /// limit of the last row would poison the output.
-fn check_attention(lib: &Loaded, c: &AttnCase, rows: usize, pos0: usize, split: usize, rng: &mut Rng) {
+fn check_attention(
+    lib: &Loaded,
+    c: &AttnCase,
+    rows: usize,
+    pos0: usize,
+    split: usize,
+    rng: &mut Rng,
+) {
     let hd = c.head_dim;
     let capacity = pos0 + rows + 5;
     let q = rng.vec(rows * c.heads * hd, -1.0, 1.0);
@@ -560,21 +696,33 @@ fn check_attention(lib: &Loaded, c: &AttnCase, rows: usize, pos0: usize, split: 
             let scores: Vec<f64> = (0..n)
                 .map(|j| {
                     let kv = &kc[(j * c.kv_heads + g) * hd..][..hd];
-                    c.scale as f64 * qv.iter().zip(kv).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+                    c.scale as f64
+                        * qv.iter()
+                            .zip(kv)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
                 })
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let l: f64 = w.iter().sum();
             for d in 0..hd {
-                let acc: f64 = (0..n).map(|j| w[j] * vc[(j * c.kv_heads + g) * hd + d] as f64).sum();
+                let acc: f64 = (0..n)
+                    .map(|j| w[j] * vc[(j * c.kv_heads + g) * hd + d] as f64)
+                    .sum();
                 want[(r * c.heads + h) * hd + d] = acc / l;
             }
         }
     }
     let mut bufs = vec![q, kc, vc, vec![f32::NAN; rows * c.heads * hd]];
     let ptrs = ptrs_of(&mut bufs);
-    call_split(lib.kernel(&attn_symbol(c)), &ptrs, rows * c.heads, split, pos0);
+    call_split(
+        lib.kernel(&attn_symbol(c)),
+        &ptrs,
+        rows * c.heads,
+        split,
+        pos0,
+    );
     assert_close(
         &format!(
             "attention heads={} kv_heads={} head_dim={} scale={} rows={rows} pos0={pos0}",
@@ -591,12 +739,27 @@ fn attn_cases() -> Vec<AttnCase> {
     let mut cases = Vec::new();
     for (heads, kv_heads) in [(4, 2), (4, 4), (2, 1), (1, 1)] {
         for head_dim in [16usize, 96, 6, 18, 36] {
-            cases.push(AttnCase { heads, kv_heads, head_dim, scale: 1.0 / (head_dim as f32).sqrt() });
+            cases.push(AttnCase {
+                heads,
+                kv_heads,
+                head_dim,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+            });
         }
     }
     // Large scores: the running maximum moves a lot, exercising the rescaling.
-    cases.push(AttnCase { heads: 2, kv_heads: 1, head_dim: 16, scale: 4.0 });
-    cases.push(AttnCase { heads: 2, kv_heads: 2, head_dim: 64, scale: 2.0 });
+    cases.push(AttnCase {
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 16,
+        scale: 4.0,
+    });
+    cases.push(AttnCase {
+        heads: 2,
+        kv_heads: 2,
+        head_dim: 64,
+        scale: 2.0,
+    });
     cases
 }
 
@@ -608,7 +771,12 @@ fn attention_matches_reference() {
         .map(|c| {
             decl(
                 &attn_symbol(c),
-                KernelSpec::Attention { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim, scale: c.scale },
+                KernelSpec::Attention {
+                    heads: c.heads,
+                    kv_heads: c.kv_heads,
+                    head_dim: c.head_dim,
+                    scale: c.scale,
+                },
             )
         })
         .collect();
@@ -625,10 +793,20 @@ fn attention_matches_reference() {
 
 #[test]
 fn attention_concurrent_calls_on_disjoint_items() {
-    let c = AttnCase { heads: 4, kv_heads: 2, head_dim: 96, scale: 0.1 };
+    let c = AttnCase {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 96,
+        scale: 0.1,
+    };
     let lib = Loaded::new(&[decl(
         &attn_symbol(&c),
-        KernelSpec::Attention { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim, scale: c.scale },
+        KernelSpec::Attention {
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            scale: c.scale,
+        },
     )]);
     let k = lib.kernel(&attn_symbol(&c));
     let (rows, pos0, hd) = (16usize, 20usize, c.head_dim);
@@ -639,11 +817,21 @@ fn attention_concurrent_calls_on_disjoint_items() {
     let mut vc = rng.vec(cap * c.kv_heads * hd, -1.0, 1.0);
     let items = rows * c.heads;
     let mut serial = vec![0.0f32; items * hd];
-    let ptrs = [q.as_mut_ptr(), kc.as_mut_ptr(), vc.as_mut_ptr(), serial.as_mut_ptr()];
+    let ptrs = [
+        q.as_mut_ptr(),
+        kc.as_mut_ptr(),
+        vc.as_mut_ptr(),
+        serial.as_mut_ptr(),
+    ];
     call(k, &ptrs, 0, items, pos0, cap);
 
     let mut parallel = vec![f32::NAN; items * hd];
-    let ptrs = [q.as_mut_ptr(), kc.as_mut_ptr(), vc.as_mut_ptr(), parallel.as_mut_ptr()];
+    let ptrs = [
+        q.as_mut_ptr(),
+        kc.as_mut_ptr(),
+        vc.as_mut_ptr(),
+        parallel.as_mut_ptr(),
+    ];
     let addrs: Vec<usize> = ptrs.iter().map(|&p| p as usize).collect();
     let threads = 4;
     std::thread::scope(|s| {
@@ -666,15 +854,43 @@ fn attention_concurrent_calls_on_disjoint_items() {
 
 fn sample_decls() -> Vec<KernelDecl> {
     vec![
-        decl("s_rms", KernelSpec::RmsNorm { cols: 130, eps: 1e-6, residual: true, gain: true }),
-        decl("s_rope", KernelSpec::Rope { heads: 4, head_dim: 16, style: RopeStyle::Interleaved }),
-        decl("s_attn", KernelSpec::Attention { heads: 4, kv_heads: 2, head_dim: 96, scale: 0.125 }),
+        decl(
+            "s_rms",
+            KernelSpec::RmsNorm {
+                cols: 130,
+                eps: 1e-6,
+                residual: true,
+                gain: true,
+            },
+        ),
+        decl(
+            "s_rope",
+            KernelSpec::Rope {
+                heads: 4,
+                head_dim: 16,
+                style: RopeStyle::Interleaved,
+            },
+        ),
+        decl(
+            "s_attn",
+            KernelSpec::Attention {
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 96,
+                scale: 0.125,
+            },
+        ),
         decl(
             "s_ew",
             KernelSpec::Elementwise {
                 cols: 7,
                 inputs: vec![EwIn::Rows, EwIn::Rows],
-                ops: vec![EwOp::Input(0), EwOp::Input(1), EwOp::Silu(0), EwOp::Mul(2, 1)],
+                ops: vec![
+                    EwOp::Input(0),
+                    EwOp::Input(1),
+                    EwOp::Silu(0),
+                    EwOp::Mul(2, 1),
+                ],
                 outputs: vec![3],
             },
         ),
@@ -687,7 +903,10 @@ fn kernel_clif_is_deterministic() {
         let a = kernel_clif(&d).unwrap();
         let b = kernel_clif(&d).unwrap();
         assert_eq!(a, b, "{}", d.symbol);
-        assert!(a.starts_with(&format!("function %{}(i64, i64)", d.symbol)), "{a}");
+        assert!(
+            a.starts_with(&format!("function %{}(i64, i64)", d.symbol)),
+            "{a}"
+        );
     }
     let a = kernel_clif(&sample_decls()[0]).unwrap();
     let b = kernel_clif(&sample_decls()[1]).unwrap();
@@ -708,41 +927,76 @@ fn compile_reports_clif_and_object() {
     // Compiling twice gives the same object.
     assert_eq!(compile_kernels(&decls).unwrap().object, out.object);
     // An empty kernel list still links.
-    assert!(compile_kernels(&[]).unwrap().shared_object.starts_with(b"\x7fELF"));
+    assert!(compile_kernels(&[])
+        .unwrap()
+        .shared_object
+        .starts_with(b"\x7fELF"));
 }
 
 #[test]
 fn invalid_specs_are_errors() {
     let bad = [
-        KernelSpec::Elementwise { cols: 4, inputs: vec![EwIn::Rows], ops: vec![EwOp::Add(0, 1)], outputs: vec![0] },
-        KernelSpec::Elementwise { cols: 4, inputs: vec![EwIn::Rows], ops: vec![EwOp::Input(1)], outputs: vec![0] },
-        KernelSpec::Elementwise { cols: 4, inputs: vec![EwIn::Rows], ops: vec![EwOp::Input(0)], outputs: vec![3] },
-        KernelSpec::Elementwise { cols: 0, inputs: vec![EwIn::Rows], ops: vec![EwOp::Input(0)], outputs: vec![0] },
-        KernelSpec::Rope { heads: 2, head_dim: 7, style: RopeStyle::Half },
-        KernelSpec::Attention { heads: 4, kv_heads: 3, head_dim: 16, scale: 1.0 },
-        KernelSpec::Attention { heads: 4, kv_heads: 0, head_dim: 16, scale: 1.0 },
-        KernelSpec::RmsNorm { cols: 8, eps: f32::NAN, residual: false, gain: false },
+        KernelSpec::Elementwise {
+            cols: 4,
+            inputs: vec![EwIn::Rows],
+            ops: vec![EwOp::Add(0, 1)],
+            outputs: vec![0],
+        },
+        KernelSpec::Elementwise {
+            cols: 4,
+            inputs: vec![EwIn::Rows],
+            ops: vec![EwOp::Input(1)],
+            outputs: vec![0],
+        },
+        KernelSpec::Elementwise {
+            cols: 4,
+            inputs: vec![EwIn::Rows],
+            ops: vec![EwOp::Input(0)],
+            outputs: vec![3],
+        },
+        KernelSpec::Elementwise {
+            cols: 0,
+            inputs: vec![EwIn::Rows],
+            ops: vec![EwOp::Input(0)],
+            outputs: vec![0],
+        },
+        KernelSpec::Rope {
+            heads: 2,
+            head_dim: 7,
+            style: RopeStyle::Half,
+        },
+        KernelSpec::Attention {
+            heads: 4,
+            kv_heads: 3,
+            head_dim: 16,
+            scale: 1.0,
+        },
+        KernelSpec::Attention {
+            heads: 4,
+            kv_heads: 0,
+            head_dim: 16,
+            scale: 1.0,
+        },
+        KernelSpec::RmsNorm {
+            cols: 8,
+            eps: f32::NAN,
+            residual: false,
+            gain: false,
+        },
     ];
     for spec in bad {
         let d = decl("bad", spec.clone());
         let e = compile_kernels(std::slice::from_ref(&d)).unwrap_err();
-        assert!(matches!(e, BackendError::InvalidSpec { .. }), "{spec:?}: {e}");
+        assert!(
+            matches!(e, BackendError::InvalidSpec { .. }),
+            "{spec:?}: {e}"
+        );
         assert!(e.to_string().contains("bad"), "{e}");
         assert!(kernel_clif(&d).is_err());
     }
     let dup = [sample_decls()[0].clone(), sample_decls()[0].clone()];
-    assert!(matches!(compile_kernels(&dup), Err(BackendError::DuplicateSymbol(_))));
-}
-
-#[test]
-fn zz_dump_tmp() {
-    let decls = sample_decls();
-    let out = compile_kernels(&decls).unwrap();
-    std::fs::write("/tmp/k.so", &out.shared_object).unwrap();
-    for (s, t) in &out.clif {
-        std::fs::write(format!("/tmp/{s}.clif"), t).unwrap();
-    }
-    for d in &decls {
-        std::fs::write(format!("/tmp/{}.pre.clif", d.symbol), kernel_clif(d).unwrap()).unwrap();
-    }
+    assert!(matches!(
+        compile_kernels(&dup),
+        Err(BackendError::DuplicateSymbol(_))
+    ));
 }

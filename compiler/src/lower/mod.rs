@@ -17,8 +17,7 @@ use std::collections::HashMap;
 #[error("lowering: {0}")]
 pub struct LowerError(pub String);
 
-struct Lowerer<'m> {
-    module: &'m Module,
+struct Lowerer {
     buffers: Vec<BufferDecl>,
     kernels: Vec<KernelDecl>,
     kernel_ids: HashMap<String, u32>,
@@ -29,7 +28,6 @@ struct Lowerer<'m> {
 
 pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, LowerError> {
     let mut l = Lowerer {
-        module,
         buffers: vec![],
         kernels: vec![],
         kernel_ids: HashMap::new(),
@@ -100,7 +98,7 @@ fn wref(op: &Op) -> Option<WRef> {
     Some(WRef { weight: v.weight, offset: v.offset, rows, cols })
 }
 
-impl<'m> Lowerer<'m> {
+impl Lowerer {
     fn buffer(&mut self, name: String, cols: usize) -> BufId {
         self.buffers.push(BufferDecl { name, rows: Rows::Tokens, cols });
         (self.buffers.len() - 1) as BufId
@@ -243,8 +241,18 @@ impl<'m> Lowerer<'m> {
             Op::Rope { heads, style, base } => {
                 let x = self.buf(ops[0], vals)?;
                 let head_dim = cols / heads;
-                let o = self.buffer(name, cols);
-                out.push(Instr::Copy { src: x, dst: o });
+                // Rotate in place when nothing else reads the input (the usual q/k projection).
+                let src = ops[0];
+                let private = r.users(src).len() == 1
+                    && !matches!(r.node(src).op, Op::Param(_))
+                    && !r.results.contains(&src);
+                let o = if private {
+                    x
+                } else {
+                    let o = self.buffer(name, cols);
+                    out.push(Instr::Copy { src: x, dst: o });
+                    o
+                };
                 let t = self.rope_table(head_dim, *base);
                 let style = match style {
                     DRope::Interleaved => RopeStyle::Interleaved,

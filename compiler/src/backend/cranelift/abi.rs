@@ -41,11 +41,17 @@ impl Params {
         let begin = int(fx, 0);
         let end = int(fx, 1);
         let pos0 = int(fx, 2);
-        Params { ptrs, begin, end, pos0 }
+        Params {
+            ptrs,
+            begin,
+            end,
+            pos0,
+        }
     }
 
     /// Pointer argument `k` (in the order documented on each `KernelSpec` variant).
     pub fn ptr(&self, fx: &mut Fx, k: usize) -> Value {
-        fx.b.ins().load(types::I64, arg_flags(), self.ptrs, 8 * k as i32)
+        fx.b.ins()
+            .load(types::I64, arg_flags(), self.ptrs, 8 * k as i32)
     }
 }

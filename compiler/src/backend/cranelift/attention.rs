@@ -4,17 +4,21 @@
 //! as one vector (a 4×4 transpose), and the softmax update (`exp`, rescaling of the accumulator)
 //! is paid once per four keys. The last `n % 4` keys go one by one, so nothing past the causal
 //! limit is read.
+//!
+//! `q`, `k_cache` and `v_cache` are read-only here (`out` must not alias them), so their loads
+//! are pure values that Cranelift schedules next to their uses.
 
 use super::abi::Params;
-use super::emit::{Fx, LANES};
+use super::emit::{Access, Fx, LANES};
 use super::math;
 use cranelift_codegen::ir::{types, InstBuilder, StackSlotData, StackSlotKind, Value};
 
 /// Head sizes are unrolled into straight-line code; this bounds its size.
 pub const MAX_HEAD_DIM: usize = 512;
-/// Up to this many `f32x4` chunks the accumulator lives in registers (with the four dot
-/// products and temporaries it still fits x86's 16 vector registers); beyond, in a stack slot.
-const REGISTER_CHUNKS: usize = 8;
+/// Up to this many `f32x4` chunks the accumulator lives in registers and the dot products are
+/// unrolled (accumulator, query chunks, four dot products and temporaries fit x86's 16 vector
+/// registers); beyond, the accumulator lives in a stack slot and the dot products loop.
+const REGISTER_CHUNKS: usize = 4;
 /// Keys per block of the main loop.
 const KEYS: usize = 4;
 
@@ -32,6 +36,7 @@ struct Head {
     /// Row 0 of this head's kv head in each cache.
     k: Value,
     v: Value,
+    head_dim: usize,
     /// Byte offset and width of each chunk of a head.
     chunks: Vec<(i32, usize)>,
     kv_row_bytes: i64,
@@ -66,16 +71,30 @@ impl Head {
         let row = |key: usize| (key as i64 * self.kv_row_bytes) as i32;
 
         // Scores: with one key, two accumulators alternate to shorten the dependency chain.
+        // Long heads loop over chunks so that each iteration's loads are consumed in it.
         let zero = fx.splat(0.0);
         let mut d = vec![zero; nkeys.max(2)];
-        for (ci, &(off, w)) in self.chunks.iter().enumerate() {
-            let qc = fx.load(self.q, off, w);
-            for key in 0..nkeys {
-                let kc = fx.load(kp, off + row(key), w);
-                let slot = if nkeys == 1 { ci % 2 } else { key };
-                d[slot] = fx.mul_add(qc, kc, d[slot]);
-            }
-        }
+        let q = self.q;
+        fx.for_chunks(
+            self.head_dim,
+            2,
+            REGISTER_CHUNKS,
+            &mut d,
+            |fx, dyn_off, off, w, d| {
+                let qp = fx.at(q, dyn_off);
+                let qc = fx.load(qp, off, w);
+                let kpc = fx.at(kp, dyn_off);
+                for key in 0..nkeys {
+                    let kc = fx.load_with(Access::ReadOnly, kpc, off + row(key), w);
+                    let slot = if nkeys == 1 {
+                        (off as usize / 16) % 2
+                    } else {
+                        key
+                    };
+                    d[slot] = fx.mul_add(qc, kc, d[slot]);
+                }
+            },
+        );
         let s = if nkeys == KEYS {
             fx.transpose_sum([d[0], d[1], d[2], d[3]])
         } else {
@@ -98,7 +117,9 @@ impl Head {
         st[M] = m_new;
 
         let weights: Vec<Value> = if nkeys == KEYS {
-            (0..KEYS as u8).map(|key| fx.broadcast_lane(p, key)).collect()
+            (0..KEYS as u8)
+                .map(|key| fx.broadcast_lane(p, key))
+                .collect()
         } else {
             vec![p]
         };
@@ -106,7 +127,7 @@ impl Head {
             let old = self.acc(fx, st, ci);
             let mut a = fx.mul(old, alpha);
             for (key, &wk) in weights.iter().enumerate() {
-                let vc = fx.load(vp, off + row(key), w);
+                let vc = fx.load_with(Access::ReadOnly, vp, off + row(key), w);
                 a = fx.mul_add(wk, vc, a);
             }
             self.set_acc(fx, st, ci, a);
@@ -163,6 +184,7 @@ pub fn build(
             q: fx.iadd(q, q_off),
             k: fx.offset(k, g, head_bytes),
             v: fx.offset(v, g, head_bytes),
+            head_dim,
             chunks: chunks.clone(),
             kv_row_bytes: kv_heads as i64 * head_bytes,
             scale,
@@ -183,9 +205,7 @@ pub fn build(
         let state = fx.counted_loop(start, n_blocks, KEYS as i64, state, |fx, j, st| {
             head.keys(fx, j, KEYS, st)
         });
-        let state = fx.counted_loop(n_blocks, n, 1, state, |fx, j, st| {
-            head.keys(fx, j, 1, st)
-        });
+        let state = fx.counted_loop(n_blocks, n, 1, state, |fx, j, st| head.keys(fx, j, 1, st));
 
         let o = fx.iadd(out, q_off);
         let l = state[L];

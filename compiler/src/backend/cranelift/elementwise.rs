@@ -21,7 +21,9 @@ pub fn validate(inputs: &[EwIn], ops: &[EwOp], outputs: &[u32]) -> Result<(), St
         }
         for a in operands(op) {
             if a as usize >= i {
-                return Err(format!("op {i} ({op:?}) uses op {a}, which does not precede it"));
+                return Err(format!(
+                    "op {i} ({op:?}) uses op {a}, which does not precede it"
+                ));
             }
         }
     }
@@ -78,8 +80,9 @@ pub fn build(
     outputs: &[u32],
 ) {
     let in_ptrs: Vec<Value> = (0..inputs.len()).map(|k| params.ptr(fx, k)).collect();
-    let out_ptrs: Vec<Value> =
-        (0..outputs.len()).map(|k| params.ptr(fx, inputs.len() + k)).collect();
+    let out_ptrs: Vec<Value> = (0..outputs.len())
+        .map(|k| params.ptr(fx, inputs.len() + k))
+        .collect();
     let live = live_ops(ops, outputs);
     let row_bytes = 4 * cols as i64;
 
@@ -99,52 +102,58 @@ pub fn build(
             .collect();
         let out_rows: Vec<Value> = out_ptrs.iter().map(|&p| fx.iadd(p, row_off)).collect();
 
-        fx.for_chunks(cols, 2, UNROLL_ALL, &mut vec![], |fx, dyn_off, off, width, _| {
-            // Every input of the chunk is read before any output is written, so an output may
-            // alias an input (in-place updates).
-            let mut loaded: Vec<Option<Value>> = vec![None; inputs.len()];
-            let mut vals: Vec<Option<Value>> = vec![None; ops.len()];
-            for (i, op) in ops.iter().enumerate() {
-                if !live[i] {
-                    continue;
+        fx.for_chunks(
+            cols,
+            2,
+            UNROLL_ALL,
+            &mut vec![],
+            |fx, dyn_off, off, width, _| {
+                // Every input of the chunk is read before any output is written, so an output may
+                // alias an input (in-place updates).
+                let mut loaded: Vec<Option<Value>> = vec![None; inputs.len()];
+                let mut vals: Vec<Option<Value>> = vec![None; ops.len()];
+                for (i, op) in ops.iter().enumerate() {
+                    if !live[i] {
+                        continue;
+                    }
+                    let arg = |k: u32| vals[k as usize].expect("operands precede their uses");
+                    let v = match *op {
+                        EwOp::Input(k) => {
+                            let k = k as usize;
+                            *loaded[k].get_or_insert_with(|| match sources[k] {
+                                Source::Memory(base) => {
+                                    let at = fx.at(base, dyn_off);
+                                    fx.load(at, off, width)
+                                }
+                                Source::Splat(v) => v,
+                            })
+                        }
+                        EwOp::Const(c) => fx.splat(c),
+                        EwOp::Add(a, b) => fx.add(arg(a), arg(b)),
+                        EwOp::Sub(a, b) => fx.sub(arg(a), arg(b)),
+                        EwOp::Mul(a, b) => fx.mul(arg(a), arg(b)),
+                        EwOp::Div(a, b) => fx.div(arg(a), arg(b)),
+                        EwOp::Max(a, b) => fx.b.ins().fmax(arg(a), arg(b)),
+                        EwOp::Neg(a) => fx.neg(arg(a)),
+                        EwOp::Exp(a) => math::exp(fx, arg(a)),
+                        EwOp::Sigmoid(a) => math::sigmoid(fx, arg(a)),
+                        EwOp::Silu(a) => math::silu(fx, arg(a)),
+                        EwOp::Relu(a) => {
+                            let zero = fx.splat(0.0);
+                            fx.b.ins().fmax(arg(a), zero)
+                        }
+                        EwOp::Tanh(a) => math::tanh(fx, arg(a)),
+                        EwOp::GeluTanh(a) => math::gelu_tanh(fx, arg(a)),
+                        EwOp::Sqrt(a) => fx.b.ins().sqrt(arg(a)),
+                    };
+                    vals[i] = Some(v);
                 }
-                let arg = |k: u32| vals[k as usize].expect("operands precede their uses");
-                let v = match *op {
-                    EwOp::Input(k) => {
-                        let k = k as usize;
-                        *loaded[k].get_or_insert_with(|| match sources[k] {
-                            Source::Memory(base) => {
-                                let at = fx.iadd(base, dyn_off);
-                                fx.load(at, off, width)
-                            }
-                            Source::Splat(v) => v,
-                        })
-                    }
-                    EwOp::Const(c) => fx.splat(c),
-                    EwOp::Add(a, b) => fx.add(arg(a), arg(b)),
-                    EwOp::Sub(a, b) => fx.sub(arg(a), arg(b)),
-                    EwOp::Mul(a, b) => fx.mul(arg(a), arg(b)),
-                    EwOp::Div(a, b) => fx.div(arg(a), arg(b)),
-                    EwOp::Max(a, b) => fx.b.ins().fmax(arg(a), arg(b)),
-                    EwOp::Neg(a) => fx.neg(arg(a)),
-                    EwOp::Exp(a) => math::exp(fx, arg(a)),
-                    EwOp::Sigmoid(a) => math::sigmoid(fx, arg(a)),
-                    EwOp::Silu(a) => math::silu(fx, arg(a)),
-                    EwOp::Relu(a) => {
-                        let zero = fx.splat(0.0);
-                        fx.b.ins().fmax(arg(a), zero)
-                    }
-                    EwOp::Tanh(a) => math::tanh(fx, arg(a)),
-                    EwOp::GeluTanh(a) => math::gelu_tanh(fx, arg(a)),
-                    EwOp::Sqrt(a) => fx.b.ins().sqrt(arg(a)),
-                };
-                vals[i] = Some(v);
-            }
-            for (&o, &row) in outputs.iter().zip(&out_rows) {
-                let v = vals[o as usize].expect("outputs are live");
-                let at = fx.iadd(row, dyn_off);
-                fx.store(v, at, off, width);
-            }
-        });
+                for (&o, &row) in outputs.iter().zip(&out_rows) {
+                    let v = vals[o as usize].expect("outputs are live");
+                    let at = fx.at(row, dyn_off);
+                    fx.store(v, at, off, width);
+                }
+            },
+        );
     });
 }

@@ -75,6 +75,14 @@ impl<'a> Fx<'a> {
         self.b.ins().imul_imm_s(a, k)
     }
 
+    /// `base + dyn_off`, for the chunk offsets of [`Fx::for_chunks`].
+    pub fn at(&mut self, base: Value, dyn_off: Option<Value>) -> Value {
+        match dyn_off {
+            Some(off) => self.iadd(base, off),
+            None => base,
+        }
+    }
+
     /// `base + index * scale`, the address of element `index` of an array of `scale`-byte rows.
     pub fn offset(&mut self, base: Value, index: Value, scale: i64) -> Value {
         let off = self.imul_imm(index, scale);
@@ -152,7 +160,10 @@ impl<'a> Fx<'a> {
         let le = MemFlagsData::new().with_endianness(Endianness::Little);
         let a8 = self.b.ins().bitcast(types::I8X16, le, a);
         let b8 = self.b.ins().bitcast(types::I8X16, le, b);
-        let bytes: Vec<u8> = lanes.iter().flat_map(|&l| (0..4).map(move |k| 4 * l + k)).collect();
+        let bytes: Vec<u8> = lanes
+            .iter()
+            .flat_map(|&l| (0..4).map(move |k| 4 * l + k))
+            .collect();
         let mask = self.b.func.dfg.immediates.push(ConstantData::from(bytes));
         let r = self.b.ins().shuffle(a8, b8, mask);
         self.b.ins().bitcast(F32X4, le, r)
@@ -206,7 +217,10 @@ impl<'a> Fx<'a> {
         }
         let mut v = self.splat(0.0);
         for k in 0..width {
-            let s = self.b.ins().load(types::F32, access.flags(), base, off + 4 * k as i32);
+            let s = self
+                .b
+                .ins()
+                .load(types::F32, access.flags(), base, off + 4 * k as i32);
             v = self.b.ins().insertlane(v, s, k as u8);
         }
         v
@@ -221,7 +235,9 @@ impl<'a> Fx<'a> {
         }
         for k in 0..width {
             let s = self.b.ins().extractlane(v, k as u8);
-            self.b.ins().store(data_flags(), s, base, off + 4 * k as i32);
+            self.b
+                .ins()
+                .store(data_flags(), s, base, off + 4 * k as i32);
         }
     }
 
@@ -236,6 +252,9 @@ impl<'a> Fx<'a> {
     /// `for (iv = start; iv < end; iv += step)` (signed), threading `carried` through the
     /// iterations: `body` receives the values of the current iteration and replaces them with
     /// those of the next. Returns the values after the last iteration.
+    ///
+    /// The loop is rotated (one guard, then the test at the bottom: one branch per iteration) and
+    /// gets a preheader of its own, where Cranelift hoists loop-invariant code.
     pub fn counted_loop(
         &mut self,
         start: Value,
@@ -244,9 +263,12 @@ impl<'a> Fx<'a> {
         carried: Vec<Value>,
         body: impl FnOnce(&mut Self, Value, &mut Vec<Value>),
     ) -> Vec<Value> {
-        let types: Vec<Type> = carried.iter().map(|&v| self.b.func.dfg.value_type(v)).collect();
+        let types: Vec<Type> = carried
+            .iter()
+            .map(|&v| self.b.func.dfg.value_type(v))
+            .collect();
+        let preheader = self.b.create_block();
         let header = self.b.create_block();
-        let body_block = self.b.create_block();
         let exit = self.b.create_block();
         let iv = self.b.append_block_param(header, types::I64);
         let mut state = Vec::with_capacity(types.len());
@@ -255,21 +277,34 @@ impl<'a> Fx<'a> {
             state.push(self.b.append_block_param(header, ty));
             out.push(self.b.append_block_param(exit, ty));
         }
-
         let args = |first: Option<Value>, rest: &[Value]| -> Vec<BlockArg> {
-            first.into_iter().chain(rest.iter().copied()).map(BlockArg::Value).collect()
+            first
+                .into_iter()
+                .chain(rest.iter().copied())
+                .map(BlockArg::Value)
+                .collect()
         };
+
+        let any = self.b.ins().icmp(IntCC::SignedLessThan, start, end);
+        self.b
+            .ins()
+            .brif(any, preheader, &[], exit, &args(None, &carried));
+
+        self.b.switch_to_block(preheader);
+        self.b.seal_block(preheader);
         self.b.ins().jump(header, &args(Some(start), &carried));
 
         self.b.switch_to_block(header);
-        let more = self.b.ins().icmp(IntCC::SignedLessThan, iv, end);
-        self.b.ins().brif(more, body_block, &[], exit, &args(None, &state));
-
-        self.b.switch_to_block(body_block);
-        self.b.seal_block(body_block);
         body(self, iv, &mut state);
         let next = self.b.ins().iadd_imm_s(iv, step);
-        self.b.ins().jump(header, &args(Some(next), &state));
+        let more = self.b.ins().icmp(IntCC::SignedLessThan, next, end);
+        self.b.ins().brif(
+            more,
+            header,
+            &args(Some(next), &state),
+            exit,
+            &args(None, &state),
+        );
         self.b.seal_block(header);
 
         self.b.switch_to_block(exit);
@@ -279,7 +314,7 @@ impl<'a> Fx<'a> {
 
     /// Walk `n` contiguous f32 in chunks of 4 lanes, the last one possibly partial. Calls
     /// `f(fx, dyn_off, off, width, state)` per chunk, where the chunk starts `dyn_off + off` bytes
-    /// into the row (`dyn_off` is a loop variable, or 0 where the walk is unrolled), and
+    /// into the row (`dyn_off` is the loop variable, or `None` where the walk is unrolled), and
     /// `(off / 16) % unroll` is the chunk's index modulo `unroll` (to pick an accumulator).
     /// `state` is threaded through the walk like [`Fx::counted_loop`]'s values.
     ///
@@ -294,7 +329,7 @@ impl<'a> Fx<'a> {
         unroll: usize,
         unroll_all: usize,
         state: &mut Vec<Value>,
-        mut f: impl FnMut(&mut Self, Value, i32, usize, &mut Vec<Value>),
+        mut f: impl FnMut(&mut Self, Option<Value>, i32, usize, &mut Vec<Value>),
     ) {
         let full = n / LANES;
         let tail = n % LANES;
@@ -311,18 +346,17 @@ impl<'a> Fx<'a> {
                 std::mem::take(state),
                 |fx, iv, st| {
                     for u in 0..unroll {
-                        f(fx, iv, u as i32 * chunk_bytes, LANES, st);
+                        f(fx, Some(iv), u as i32 * chunk_bytes, LANES, st);
                     }
                 },
             );
             done = groups * unroll;
         }
-        let zero = self.iconst(0);
         for k in done..full {
-            f(self, zero, k as i32 * chunk_bytes, LANES, state);
+            f(self, None, k as i32 * chunk_bytes, LANES, state);
         }
         if tail > 0 {
-            f(self, zero, full as i32 * chunk_bytes, tail, state);
+            f(self, None, full as i32 * chunk_bytes, tail, state);
         }
     }
 }

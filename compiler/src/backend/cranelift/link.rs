@@ -61,7 +61,10 @@ pub fn shared_object(object: &[u8]) -> Result<Vec<u8>, BackendError> {
         .output()
         .map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => BackendError::LinkerMissing,
-            _ => BackendError::Io { context: "cannot run `cc`".into(), source },
+            _ => BackendError::Io {
+                context: "cannot run `cc`".into(),
+                source,
+            },
         })?;
     if !output.status.success() {
         return Err(BackendError::LinkFailed {

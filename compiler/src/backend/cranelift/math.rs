@@ -5,6 +5,9 @@
 //! `|r| ≤ ln2/2` (about 1 ulp). The others are built on it, in forms that neither overflow nor
 //! cancel catastrophically. NaN inputs propagate.
 
+// The Cephes coefficients are kept digit for digit as published.
+#![allow(clippy::excessive_precision)]
+
 use super::emit::{Fx, F32X4};
 use cranelift_codegen::ir::{condcodes::FloatCC, types, InstBuilder, MemFlagsData, Value};
 
@@ -36,8 +39,13 @@ pub fn exp(fx: &mut Fx, x: Value) -> Value {
 
     let z = fx.mul(r, r);
     let mut p = fx.splat(1.987_569_15e-4);
-    for c in [1.398_199_950_7e-3, 8.333_451_907_3e-3, 4.166_579_589_4e-2, 1.666_666_545_9e-1, 5.000_000_120_1e-1]
-    {
+    for c in [
+        1.398_199_950_7e-3,
+        8.333_451_907_3e-3,
+        4.166_579_589_4e-2,
+        1.666_666_545_9e-1,
+        5.000_000_120_1e-1,
+    ] {
         let c = fx.splat(c);
         p = fx.mul_add(p, r, c);
     }
@@ -47,7 +55,9 @@ pub fn exp(fx: &mut Fx, x: Value) -> Value {
 
     // 2^n: the bits of `t` are those of ROUND_MAGIC plus n; rebias to an IEEE exponent.
     let bits = fx.b.ins().bitcast(types::I32X4, MemFlagsData::new(), t);
-    let bias = fx.b.ins().iconst(types::I32, i64::from(ROUND_MAGIC.to_bits()) - 127);
+    let bias =
+        fx.b.ins()
+            .iconst(types::I32, i64::from(ROUND_MAGIC.to_bits()) - 127);
     let bias = fx.b.ins().splat(types::I32X4, bias);
     let e = fx.b.ins().isub(bits, bias);
     let e = fx.b.ins().ishl_imm_u(e, 23);
@@ -80,7 +90,12 @@ pub fn silu(fx: &mut Fx, x: Value) -> Value {
 pub fn tanh(fx: &mut Fx, x: Value) -> Value {
     let z = fx.mul(x, x);
     let mut p = fx.splat(-5.704_988_727_45e-3);
-    for c in [2.063_908_879_54e-2, -5.373_971_555_31e-2, 1.333_144_220_36e-1, -3.333_328_194_22e-1] {
+    for c in [
+        2.063_908_879_54e-2,
+        -5.373_971_555_31e-2,
+        1.333_144_220_36e-1,
+        -3.333_328_194_22e-1,
+    ] {
         let c = fx.splat(c);
         p = fx.mul_add(p, z, c);
     }

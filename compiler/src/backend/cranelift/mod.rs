@@ -89,8 +89,10 @@ pub fn compile_kernels(kernels: &[KernelDecl]) -> Result<CompiledKernels, Backen
     let mut clif = Vec::with_capacity(kernels.len());
 
     for decl in kernels {
-        let codegen_err =
-            |message: String| BackendError::Codegen { symbol: decl.symbol.clone(), message };
+        let codegen_err = |message: String| BackendError::Codegen {
+            symbol: decl.symbol.clone(),
+            message,
+        };
         let id = module
             .declare_function(&decl.symbol, Linkage::Export, &abi::signature())
             .map_err(|e| codegen_err(e.to_string()))?;
@@ -112,9 +114,16 @@ pub fn compile_kernels(kernels: &[KernelDecl]) -> Result<CompiledKernels, Backen
         module.clear_context(&mut ctx);
     }
 
-    let object = module.finish().emit().map_err(|e| BackendError::Object(e.to_string()))?;
+    let object = module
+        .finish()
+        .emit()
+        .map_err(|e| BackendError::Object(e.to_string()))?;
     let shared_object = link::shared_object(&object)?;
-    Ok(CompiledKernels { object, shared_object, clif })
+    Ok(CompiledKernels {
+        object,
+        shared_object,
+        clif,
+    })
 }
 
 /// The CLIF of one kernel as generated, before Cranelift's optimizations.
@@ -123,7 +132,11 @@ pub fn compile_kernels(kernels: &[KernelDecl]) -> Result<CompiledKernels, Backen
 /// available) rather than for the host, so it can be snapshot-tested.
 pub fn kernel_clif(decl: &KernelDecl) -> Result<String, BackendError> {
     validate(decl)?;
-    let func = build(decl, Features::CANONICAL, &mut FunctionBuilderContext::new());
+    let func = build(
+        decl,
+        Features::CANONICAL,
+        &mut FunctionBuilderContext::new(),
+    );
     let flags = settings::Flags::new(settings::builder());
     cranelift_codegen::verify_function(&func, &flags).map_err(|errors| BackendError::Codegen {
         symbol: decl.symbol.clone(),
@@ -139,18 +152,29 @@ fn build(decl: &KernelDecl, features: Features, fctx: &mut FunctionBuilderContex
     let mut fx = emit::Fx::new(b, features);
     let params = abi::Params::enter(&mut fx);
     match &decl.spec {
-        KernelSpec::Elementwise { cols, inputs, ops, outputs } => {
-            elementwise::build(&mut fx, &params, *cols, inputs, ops, outputs)
-        }
-        KernelSpec::RmsNorm { cols, eps, residual, gain } => {
-            norm::build(&mut fx, &params, *cols, *eps, *residual, *gain)
-        }
-        KernelSpec::Rope { heads, head_dim, style } => {
-            rope::build(&mut fx, &params, *heads, *head_dim, *style)
-        }
-        KernelSpec::Attention { heads, kv_heads, head_dim, scale } => {
-            attention::build(&mut fx, &params, *heads, *kv_heads, *head_dim, *scale)
-        }
+        KernelSpec::Elementwise {
+            cols,
+            inputs,
+            ops,
+            outputs,
+        } => elementwise::build(&mut fx, &params, *cols, inputs, ops, outputs),
+        KernelSpec::RmsNorm {
+            cols,
+            eps,
+            residual,
+            gain,
+        } => norm::build(&mut fx, &params, *cols, *eps, *residual, *gain),
+        KernelSpec::Rope {
+            heads,
+            head_dim,
+            style,
+        } => rope::build(&mut fx, &params, *heads, *head_dim, *style),
+        KernelSpec::Attention {
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+        } => attention::build(&mut fx, &params, *heads, *kv_heads, *head_dim, *scale),
     }
     fx.finish();
     func
@@ -161,11 +185,20 @@ fn build(decl: &KernelDecl, features: Features, fctx: &mut FunctionBuilderContex
 const MAX_DIM: usize = 1 << 24;
 
 fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
-    let invalid = |reason: String| BackendError::InvalidSpec { symbol: decl.symbol.clone(), reason };
+    let invalid = |reason: String| BackendError::InvalidSpec {
+        symbol: decl.symbol.clone(),
+        reason,
+    };
     if decl.symbol.is_empty()
-        || decl.symbol.chars().any(|c| c.is_whitespace() || c.is_control())
+        || decl
+            .symbol
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
     {
-        return Err(invalid(format!("symbol {:?} is not a valid symbol name", decl.symbol)));
+        return Err(invalid(format!(
+            "symbol {:?} is not a valid symbol name",
+            decl.symbol
+        )));
     }
     let dim = |name: &str, v: usize| {
         if v == 0 || v > MAX_DIM {
@@ -175,18 +208,27 @@ fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
         }
     };
     match &decl.spec {
-        KernelSpec::Elementwise { cols, inputs, ops, outputs } => {
+        KernelSpec::Elementwise {
+            cols,
+            inputs,
+            ops,
+            outputs,
+        } => {
             dim("cols", *cols)?;
             elementwise::validate(inputs, ops, outputs).map_err(invalid)
         }
         KernelSpec::RmsNorm { cols, eps, .. } => {
             dim("cols", *cols)?;
             if !eps.is_finite() || *eps < 0.0 {
-                return Err(invalid(format!("eps = {eps} must be finite and non-negative")));
+                return Err(invalid(format!(
+                    "eps = {eps} must be finite and non-negative"
+                )));
             }
             Ok(())
         }
-        KernelSpec::Rope { heads, head_dim, .. } => {
+        KernelSpec::Rope {
+            heads, head_dim, ..
+        } => {
             dim("heads", *heads)?;
             dim("head_dim", *head_dim)?;
             dim("heads * head_dim", heads.saturating_mul(*head_dim))?;
@@ -195,7 +237,12 @@ fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
             }
             Ok(())
         }
-        KernelSpec::Attention { heads, kv_heads, head_dim, scale } => {
+        KernelSpec::Attention {
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+        } => {
             dim("heads", *heads)?;
             dim("kv_heads", *kv_heads)?;
             dim("head_dim", *head_dim)?;

@@ -34,19 +34,25 @@ pub fn build(fx: &mut Fx, params: &Params, cols: usize, eps: f32, residual: bool
 
         let zero = fx.splat(0.0);
         let mut acc = vec![zero; ACCUMULATORS];
-        fx.for_chunks(cols, ACCUMULATORS, ACCUMULATORS, &mut acc, |fx, dyn_off, off, width, acc| {
-            let at = fx.iadd(a_row, dyn_off);
-            let mut x = fx.load(at, off, width);
-            if let (Some(b_row), Some(sum_row)) = (b_row, sum_row) {
-                let at = fx.iadd(b_row, dyn_off);
-                let xb = fx.load(at, off, width);
-                x = fx.add(x, xb);
-                let at = fx.iadd(sum_row, dyn_off);
-                fx.store(x, at, off, width);
-            }
-            let k = (off as usize / 16) % ACCUMULATORS;
-            acc[k] = fx.mul_add(x, x, acc[k]);
-        });
+        fx.for_chunks(
+            cols,
+            ACCUMULATORS,
+            ACCUMULATORS,
+            &mut acc,
+            |fx, dyn_off, off, width, acc| {
+                let at = fx.at(a_row, dyn_off);
+                let mut x = fx.load(at, off, width);
+                if let (Some(b_row), Some(sum_row)) = (b_row, sum_row) {
+                    let at = fx.at(b_row, dyn_off);
+                    let xb = fx.load(at, off, width);
+                    x = fx.add(x, xb);
+                    let at = fx.at(sum_row, dyn_off);
+                    fx.store(x, at, off, width);
+                }
+                let k = (off as usize / 16) % ACCUMULATORS;
+                acc[k] = fx.mul_add(x, x, acc[k]);
+            },
+        );
         let s01 = fx.add(acc[0], acc[1]);
         let s23 = fx.add(acc[2], acc[3]);
         let s = fx.add(s01, s23);
@@ -61,17 +67,23 @@ pub fn build(fx: &mut Fx, params: &Params, cols: usize, eps: f32, residual: bool
 
         // With the residual, `x` is re-read from `sum`, not recomputed: `sum` may alias `a`.
         let x_row = sum_row.unwrap_or(a_row);
-        fx.for_chunks(cols, 2, UNROLL_ALL, &mut vec![], |fx, dyn_off, off, width, _| {
-            let at = fx.iadd(x_row, dyn_off);
-            let x = fx.load(at, off, width);
-            let mut y = fx.mul(x, inv);
-            if let Some(g) = gain_ptr {
-                let at = fx.iadd(g, dyn_off);
-                let g = fx.load(at, off, width);
-                y = fx.mul(y, g);
-            }
-            let at = fx.iadd(y_row, dyn_off);
-            fx.store(y, at, off, width);
-        });
+        fx.for_chunks(
+            cols,
+            2,
+            UNROLL_ALL,
+            &mut vec![],
+            |fx, dyn_off, off, width, _| {
+                let at = fx.at(x_row, dyn_off);
+                let x = fx.load(at, off, width);
+                let mut y = fx.mul(x, inv);
+                if let Some(g) = gain_ptr {
+                    let at = fx.at(g, dyn_off);
+                    let g = fx.load(at, off, width);
+                    y = fx.mul(y, g);
+                }
+                let at = fx.at(y_row, dyn_off);
+                fx.store(y, at, off, width);
+            },
+        );
     });
 }

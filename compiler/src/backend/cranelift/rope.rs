@@ -21,7 +21,10 @@ pub fn build(fx: &mut Fx, params: &Params, heads: usize, head_dim: usize, style:
         let end = fx.iconst(heads as i64 * head_bytes);
         fx.counted_loop(start, end, head_bytes, vec![], |fx, head_off, _| {
             let xh = fx.iadd(x_row, head_off);
-            let tables = Tables { cos: cos_row, sin: sin_row };
+            let tables = Tables {
+                cos: cos_row,
+                sin: sin_row,
+            };
             match style {
                 RopeStyle::Half => half_pairs(fx, xh, tables, half),
                 RopeStyle::Interleaved => interleaved_pairs(fx, xh, tables, half),
@@ -38,10 +41,10 @@ struct Tables {
 
 impl Tables {
     /// `cos`/`sin` of the pairs of one chunk.
-    fn load(self, fx: &mut Fx, dyn_off: Value, off: i32, width: usize) -> (Value, Value) {
-        let at = fx.iadd(self.cos, dyn_off);
+    fn load(self, fx: &mut Fx, dyn_off: Option<Value>, off: i32, width: usize) -> (Value, Value) {
+        let at = fx.at(self.cos, dyn_off);
         let c = fx.load_with(Access::ReadOnly, at, off, width);
-        let at = fx.iadd(self.sin, dyn_off);
+        let at = fx.at(self.sin, dyn_off);
         let s = fx.load_with(Access::ReadOnly, at, off, width);
         (c, s)
     }
@@ -60,38 +63,54 @@ fn rotate(fx: &mut Fx, a: Value, b: Value, c: Value, s: Value) -> (Value, Value)
 /// Pairs `(x[i], x[i + d/2])`: both halves are contiguous, no shuffles.
 fn half_pairs(fx: &mut Fx, xh: Value, tables: Tables, half: usize) {
     let second = 4 * half as i32;
-    fx.for_chunks(half, 1, UNROLL_ALL, &mut vec![], |fx, dyn_off, off, width, _| {
-        let (c, s) = tables.load(fx, dyn_off, off, width);
-        let at = fx.iadd(xh, dyn_off);
-        let a = fx.load(at, off, width);
-        let b = fx.load(at, off + second, width);
-        let (a2, b2) = rotate(fx, a, b, c, s);
-        fx.store(a2, at, off, width);
-        fx.store(b2, at, off + second, width);
-    });
+    fx.for_chunks(
+        half,
+        1,
+        UNROLL_ALL,
+        &mut vec![],
+        |fx, dyn_off, off, width, _| {
+            let (c, s) = tables.load(fx, dyn_off, off, width);
+            let at = fx.at(xh, dyn_off);
+            let a = fx.load(at, off, width);
+            let b = fx.load(at, off + second, width);
+            let (a2, b2) = rotate(fx, a, b, c, s);
+            fx.store(a2, at, off, width);
+            fx.store(b2, at, off + second, width);
+        },
+    );
 }
 
 /// Pairs `(x[2i], x[2i+1])`: four pairs span two vectors, de-interleaved into `a` and `b` lanes
 /// (`shufps`) and interleaved back (`unpcklps`/`unpckhps`).
 fn interleaved_pairs(fx: &mut Fx, xh: Value, tables: Tables, half: usize) {
-    fx.for_chunks(half, 1, UNROLL_ALL, &mut vec![], |fx, dyn_off, off, width, _| {
-        let (c, s) = tables.load(fx, dyn_off, off, width);
-        // Chunk offsets count pairs (one f32 of the tables); x has two f32 per pair.
-        let x_dyn = fx.b.ins().ishl_imm_u(dyn_off, 1);
-        let at = fx.iadd(xh, x_dyn);
-        let off = 2 * off;
-        let w0 = (2 * width).min(LANES);
-        let w1 = 2 * width - w0;
-        let v0 = fx.load(at, off, w0);
-        let v1 = if w1 > 0 { fx.load(at, off + 16, w1) } else { fx.splat(0.0) };
-        let a = fx.shuffle(v0, v1, [0, 2, 4, 6]);
-        let b = fx.shuffle(v0, v1, [1, 3, 5, 7]);
-        let (a2, b2) = rotate(fx, a, b, c, s);
-        let o0 = fx.shuffle(a2, b2, [0, 4, 1, 5]);
-        fx.store(o0, at, off, w0);
-        if w1 > 0 {
-            let o1 = fx.shuffle(a2, b2, [2, 6, 3, 7]);
-            fx.store(o1, at, off + 16, w1);
-        }
-    });
+    fx.for_chunks(
+        half,
+        1,
+        UNROLL_ALL,
+        &mut vec![],
+        |fx, dyn_off, off, width, _| {
+            let (c, s) = tables.load(fx, dyn_off, off, width);
+            // Chunk offsets count pairs (one f32 of the tables); x has two f32 per pair.
+            let x_dyn = dyn_off.map(|d| fx.b.ins().ishl_imm_u(d, 1));
+            let at = fx.at(xh, x_dyn);
+            let off = 2 * off;
+            let w0 = (2 * width).min(LANES);
+            let w1 = 2 * width - w0;
+            let v0 = fx.load(at, off, w0);
+            let v1 = if w1 > 0 {
+                fx.load(at, off + 16, w1)
+            } else {
+                fx.splat(0.0)
+            };
+            let a = fx.shuffle(v0, v1, [0, 2, 4, 6]);
+            let b = fx.shuffle(v0, v1, [1, 3, 5, 7]);
+            let (a2, b2) = rotate(fx, a, b, c, s);
+            let o0 = fx.shuffle(a2, b2, [0, 4, 1, 5]);
+            fx.store(o0, at, off, w0);
+            if w1 > 0 {
+                let o1 = fx.shuffle(a2, b2, [2, 6, 3, 7]);
+                fx.store(o1, at, off + 16, w1);
+            }
+        },
+    );
 }

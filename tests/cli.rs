@@ -1,0 +1,105 @@
+//! The `loopc` binary end to end: build an artifact, run it, dump logits, print IR, check.
+mod common;
+use common::*;
+use std::process::Command;
+
+fn loopc(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loopc")).args(args).current_dir(root()).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("loopc-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn build_then_run_matches_the_reference_and_dumps_logits() {
+    let art = tmp("huginn.loopc");
+    let dump = tmp("logits.safetensors");
+    let (ok, _, err) = loopc(&[
+        "build", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "init_scale=0",
+        "-o", art.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("built examples/huginn.loop"), "{err}");
+    let f = fixture("huginn_tiny/r4.safetensors");
+    let prompt: Vec<String> = read(&f, "prompt").i64.iter().map(|x| x.to_string()).collect();
+    let (ok, out, err) = loopc(&[
+        "run", art.to_str().unwrap(), "--weights", "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", &prompt.join(" "),
+        "--steps", "4", "--max-new-tokens", "3", "--dump-logits", dump.to_str().unwrap(), "--stats",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.split_whitespace().count(), 3, "three generated tokens: {out}");
+    let pre = read(&dump, "prefill_logits");
+    assert_eq!(pre.shape, vec![prompt.len(), 256]);
+    assert!(max_abs_diff(&pre.f32, &read(&f, "prefill_logits").f32) <= 1e-4);
+    let dec = read(&dump, "decode_logits");
+    assert_eq!(dec.shape, vec![2, 256], "logits of each decode step (the last token is not fed back)");
+    // Greedy: each generated token is the argmax of the logits before it.
+    let toks: Vec<usize> = out.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    let argmax = |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    assert_eq!(toks[0], argmax(&pre.f32[(prompt.len() - 1) * 256..]));
+    assert_eq!(toks[1], argmax(&dec.f32[..256]));
+    assert_eq!(toks[2], argmax(&dec.f32[256..]));
+}
+
+#[test]
+fn run_compiles_a_loop_file_in_memory() {
+    let (ok, out, err) = loopc(&[
+        "run", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--weights",
+        "tests/fixtures/ouro_tiny/model.safetensors", "--tokens", "1 2 3", "--max-new-tokens", "4",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.split_whitespace().count(), 4);
+}
+
+#[test]
+fn ir_prints_every_stage() {
+    for stage in ["ast", "graph", "lowered", "program", "clif"] {
+        let (ok, out, err) = loopc(&["ir", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--stage", stage]);
+        assert!(ok, "{stage}: {err}");
+        assert!(!out.is_empty(), "{stage} printed nothing");
+    }
+    let (ok, _, err) = loopc(&["ir", "examples/ouro.loop", "--stage", "nope"]);
+    assert!(!ok);
+    assert!(err.contains("unknown stage `nope`"), "{err}");
+}
+
+#[test]
+fn check_reports_missing_and_misshaped_weights() {
+    // The Ouro checkpoint has none of Huginn's tensors.
+    let (ok, _, err) = loopc(&[
+        "check", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--weights",
+        "tests/fixtures/ouro_tiny/model.safetensors",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("transformer.wte.weight"), "{err}");
+    // Right names, wrong size: declare dim=32 against a dim=64 checkpoint.
+    let (ok, _, err) = loopc(&[
+        "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "dim=32", "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("[256, 32]") && err.contains("[256, 64]"), "names both shapes: {err}");
+    assert!(err.contains("examples/huginn.loop:"), "points at the declaration: {err}");
+}
+
+#[test]
+fn user_errors_are_messages_not_panics() {
+    let cases: &[&[&str]] = &[
+        &["build", "does/not/exist.loop"],
+        &["build", "examples/huginn.loop", "--set", "dim=63"],
+        &["build", "examples/huginn.loop", "--config", "Cargo.toml"],
+        &["run", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--weights", "tests/fixtures/ouro_tiny/model.safetensors", "--tokens", "999"],
+        &["run", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--weights", "tests/fixtures/ouro_tiny/model.safetensors", "--tokens", "1", "--steps", "0"],
+        &["run", "Cargo.toml", "--weights", "x", "--tokens", "1"],
+    ];
+    for c in cases {
+        let (ok, _, err) = loopc(c);
+        assert!(!ok, "{c:?} should fail");
+        assert!(err.contains("error"), "{c:?}: {err}");
+        assert!(!err.contains("panicked"), "{c:?} panicked: {err}");
+    }
+}
