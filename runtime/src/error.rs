@@ -91,6 +91,9 @@ pub enum RuntimeError {
     #[error("empty input: a call needs at least one token")]
     EmptyInput,
 
+    #[error("the recurrence needs at least one iteration, but steps = 0 (from set_steps or the artifact's default)")]
+    ZeroSteps,
+
     #[error("cannot allocate {bytes} bytes for {what}")]
     Alloc { bytes: u128, what: String },
 

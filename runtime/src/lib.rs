@@ -1,2 +1,62 @@
-//! loopc runtime: loads an artifact and runs it.
+//! loopc runtime: loads an artifact (`loopc build` output), binds a safetensors checkpoint and
+//! runs prefill/decode for looped (recurrent-depth) transformers.
+//!
+//! The compiler lowers the model into the artifact's [`artifact::Program`]; the runtime only
+//! interprets its instructions (embedding lookups, matrix products, concatenations, KV-cache
+//! writes and calls to the generated kernels) and runs the control logic of the recurrence
+//! (initial state, iterations, exit policy, exit gate). It depends on no compiler crate.
+//!
+//! ```no_run
+//! use loopc_runtime::{generate, sample, Artifact, Model, Rng, SamplerConfig, Weights};
+//!
+//! # fn main() -> Result<(), loopc_runtime::RuntimeError> {
+//! let artifact = Artifact::load("model.loopc")?;           // or Artifact::from_bytes(&bytes)
+//! let weights = Weights::open("model.safetensors")?;       // a file or a checkpoint directory
+//! let model = Model::new(artifact, weights)?;              // validates, binds weights, loads kernels
+//!
+//! let mut session = model.session();
+//! session.set_steps(Some(8));                              // recurrence depth (None = artifact default)
+//! let logits = session.prefill(&[1, 2, 3])?;               // [3, vocab]: every position
+//! let mut rng = Rng::new(0);
+//! let next = sample(logits.last_row(), &SamplerConfig::greedy(), &mut rng);
+//! let step_logits = session.step(next)?;                   // [vocab]
+//! assert_eq!(step_logits.len(), model.manifest().vocab);
+//! println!("{:?} {:?}", session.exit_probs(), session.stats());
+//! session.reset();                                         // new sequence, same allocations
+//!
+//! // Or in one go, keeping every logit:
+//! let out = generate(&mut session, &[1, 2, 3], 16, &SamplerConfig::temperature(0.7).with_top_p(0.9), &[0])?;
+//! println!("{:?} ({} decode rows)", out.tokens, out.step_logits.rows);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Environment: `LOOPC_THREADS` (worker threads; default: available cores), `LOOPC_PROFILE=1`
+//! (per-operation timers in [`Stats::profile`]), `LOOPC_HUGEPAGE_WEIGHTS=1` (copy f32 weights
+//! into huge-page-advised memory instead of using them in place from the mapping).
+
 pub mod artifact;
+pub mod error;
+mod exec;
+pub mod kernels;
+mod kv;
+pub mod matmul;
+mod mem;
+mod model;
+pub mod rng;
+mod rope;
+pub mod sampler;
+mod session;
+pub mod weights;
+
+pub use error::{Result, RuntimeError};
+pub use model::{Artifact, Model};
+pub use rng::Rng;
+pub use sampler::{argmax, sample, SamplerConfig};
+pub use session::{generate, ExitProbs, GenerateOutput, Logits, Session, Stats};
+pub use weights::{check_weights, TensorInfo, Weights};
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_kernels;

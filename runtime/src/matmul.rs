@@ -360,7 +360,7 @@ mod tests {
     fn gemm_path_matches_naive_with_offsets() {
         let mut s = 3u64;
         let p = pool(2);
-        for &(m, k, n, off) in &[(2usize, 5usize, 3usize, 7usize), (7, 33, 19, 1), (64, 96, 80, 123), (130, 64, 257, 64)] {
+        for &(m, k, n, off) in &[(2usize, 5usize, 3usize, 7usize), (7, 33, 19, 1), (64, 96, 80, 123), (130, 64, 257, 64), (200, 128, 300, 5)] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
             let big: Vec<f32> = (0..off + n * k + 11).map(|_| lcg(&mut s)).collect();
             let w = &big[off..off + n * k];
@@ -376,5 +376,40 @@ mod tests {
         let mut o = vec![1f32; 6];
         matmul(&[], &[], &mut o, 2, 0, 3, 1);
         assert_eq!(o, vec![0.0; 6]);
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    /// `cargo test --release -p loopc-runtime bench_gemv -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_gemv() {
+        let (k, n) = (4096usize, 4096usize);
+        let x: Vec<f32> = (0..k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 13) as f32 * 0.01).collect();
+        let mut o = vec![0f32; n];
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for (name, th) in [("gemv 1 thread", 1), ("gemv all threads", threads)] {
+            pool.install(|| gemv(&x, &w, &mut o, th));
+            let t = std::time::Instant::now();
+            let reps = 20;
+            for _ in 0..reps {
+                pool.install(|| gemv(&x, &w, &mut o, th));
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            println!("{name}: {:.2} ms, {:.1} GFLOP/s, {:.1} GB/s", s * 1e3, 2.0 * (n * k) as f64 / s / 1e9, (n * k * 4) as f64 / s / 1e9);
+        }
+        let t = std::time::Instant::now();
+        for _ in 0..5 {
+            unsafe {
+                gemm::gemm(1, n, k, o.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None)
+            }
+        }
+        let s = t.elapsed().as_secs_f64() / 5.0;
+        println!("gemm m=1: {:.2} ms, {:.1} GFLOP/s", s * 1e3, 2.0 * (n * k) as f64 / s / 1e9);
     }
 }

@@ -79,13 +79,6 @@ impl AVec {
         Ok(AVec { ptr, len, kind: Kind::Heap(layout) })
     }
 
-    /// A copy of `src`.
-    pub(crate) fn from_slice(src: &[f32], what: &str) -> Result<Self> {
-        let mut v = Self::zeroed(src.len(), what)?;
-        v.as_mut_slice().copy_from_slice(src);
-        Ok(v)
-    }
-
     #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len

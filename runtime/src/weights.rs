@@ -35,6 +35,8 @@ impl Backing {
 struct WeightFile {
     path: PathBuf,
     backing: Backing,
+    /// This file's tensors (the global index may prefer another shard for a name).
+    entries: HashMap<String, Entry>,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +193,7 @@ impl Weights {
 
     fn add_file(&mut self, path: PathBuf, backing: Backing) -> Result<()> {
         let file_idx = self.files.len();
+        let mut entries = HashMap::new();
         {
             let bytes = backing.bytes();
             let st = SafeTensors::deserialize(bytes)
@@ -207,10 +210,11 @@ impl Weights {
                     end: start + d.len(),
                 };
                 // First file wins unless an index says otherwise (apply_index).
-                self.index.entry(name.to_string()).or_insert(e);
+                self.index.entry(name.to_string()).or_insert_with(|| e.clone());
+                entries.insert(name.to_string(), e);
             }
         }
-        self.files.push(WeightFile { path, backing });
+        self.files.push(WeightFile { path, backing, entries });
         Ok(())
     }
 
@@ -220,21 +224,11 @@ impl Weights {
         for (name, shard) in map {
             let fi = self.files.iter().position(|f| f.path.file_name().is_some_and(|n| n == shard.as_str()));
             let Some(fi) = fi else { continue };
-            let bytes = self.files[fi].backing.bytes();
-            let st = SafeTensors::deserialize(bytes).map_err(|e| RuntimeError::Checkpoint {
-                path: self.files[fi].path.clone(),
-                msg: e.to_string(),
-            })?;
-            match st.tensor(&name) {
-                Ok(view) => {
-                    let d = view.data();
-                    let start = d.as_ptr() as usize - bytes.as_ptr() as usize;
-                    self.index.insert(
-                        name,
-                        Entry { file: fi, dtype: view.dtype(), shape: view.shape().to_vec(), start, end: start + d.len() },
-                    );
+            match self.files[fi].entries.get(&name) {
+                Some(e) => {
+                    self.index.insert(name, e.clone());
                 }
-                Err(_) => {
+                None => {
                     return Err(RuntimeError::Checkpoint {
                         path: idx.to_path_buf(),
                         msg: format!("the index maps `{name}` to shard `{shard}`, which does not contain it"),
@@ -265,6 +259,56 @@ impl Weights {
         v
     }
 
+    /// Check one declaration against the checkpoint (name, dims, dtype, data size).
+    fn check_one(&self, d: &WeightDecl) -> Result<&Entry> {
+        let Some(e) = self.index.get(&d.name) else {
+            return Err(RuntimeError::MissingWeight {
+                name: d.name.clone(),
+                expected: d.shape.clone(),
+                origin: d.origin.clone(),
+                similar: self.similar_names(&d.name, 3),
+                also_missing: 0,
+            });
+        };
+        let found_elems = checked_product(&e.shape);
+        let expected_elems = checked_product(&d.shape);
+        if e.shape != d.shape {
+            return Err(RuntimeError::WeightShape {
+                name: d.name.clone(),
+                expected: d.shape.clone(),
+                found: e.shape.clone(),
+                expected_elems: expected_elems.unwrap_or(usize::MAX),
+                found_elems: found_elems.unwrap_or(usize::MAX),
+                origin: d.origin.clone(),
+            });
+        }
+        let elem = match e.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::F64 => 8,
+            _ => {
+                return Err(RuntimeError::WeightDtype {
+                    name: d.name.clone(),
+                    dtype: format!("{:?}", e.dtype),
+                    origin: d.origin.clone(),
+                })
+            }
+        };
+        if found_elems.and_then(|n| n.checked_mul(elem)) != Some(e.end - e.start) {
+            return Err(RuntimeError::Checkpoint {
+                path: self.files[e.file].path.clone(),
+                msg: format!("tensor `{}` has {} bytes of data for shape {:?}", d.name, e.end - e.start, e.shape),
+            });
+        }
+        Ok(e)
+    }
+
+    /// Every problem that binding `decls` would hit (each missing tensor with similar names,
+    /// each shape or dtype mismatch), in declaration order; empty when all bind.
+    pub fn check(&self, decls: &[WeightDecl]) -> Vec<RuntimeError> {
+        decls.iter().filter_map(|d| self.check_one(d).err()).collect()
+    }
+
     /// Bind every declaration by name, checking shapes and converting to f32.
     pub(crate) fn bind(&self, decls: &[WeightDecl], pool: &rayon::ThreadPool) -> Result<Vec<Bound>> {
         let force_copy = std::env::var("LOOPC_HUGEPAGE_WEIGHTS").is_ok_and(|v| v == "1");
@@ -280,44 +324,15 @@ impl Weights {
         }
         let mut out = Vec::with_capacity(decls.len());
         for d in decls {
-            let e = &self.index[&d.name];
-            let found_elems = checked_product(&e.shape);
-            let expected_elems = checked_product(&d.shape);
-            if e.shape != d.shape {
-                return Err(RuntimeError::WeightShape {
-                    name: d.name.clone(),
-                    expected: d.shape.clone(),
-                    found: e.shape.clone(),
-                    expected_elems: expected_elems.unwrap_or(usize::MAX),
-                    found_elems: found_elems.unwrap_or(usize::MAX),
-                    origin: d.origin.clone(),
-                });
-            }
-            let n = found_elems.unwrap_or(usize::MAX);
+            let e = self.check_one(d)?;
+            let n = checked_product(&e.shape).unwrap_or(usize::MAX);
             let bytes = &self.files[e.file].backing.bytes()[e.start..e.end];
-            let dtype_err = || RuntimeError::WeightDtype {
-                name: d.name.clone(),
-                dtype: format!("{:?}", e.dtype),
-                origin: d.origin.clone(),
-            };
             let what = || format!("weight `{}`", d.name);
-            let elem = match e.dtype {
-                Dtype::F32 => 4,
-                Dtype::BF16 | Dtype::F16 => 2,
-                Dtype::F64 => 8,
-                _ => return Err(dtype_err()),
-            };
-            if n.checked_mul(elem) != Some(bytes.len()) {
-                return Err(RuntimeError::Checkpoint {
-                    path: self.files[e.file].path.clone(),
-                    msg: format!("tensor `{}` has {} bytes of data for shape {:?}", d.name, bytes.len(), e.shape),
-                });
-            }
             let bound = match e.dtype {
                 Dtype::F32
                     if cfg!(target_endian = "little")
                         && !force_copy
-                        && (bytes.as_ptr() as usize) % std::mem::align_of::<f32>() == 0 =>
+                        && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()) =>
                 {
                     Bound::Mapped { ptr: bytes.as_ptr() as *const f32, len: n }
                 }
@@ -333,9 +348,14 @@ impl Weights {
     }
 
     fn similar_names(&self, name: &str, k: usize) -> Vec<String> {
+        let limit = (name.len() / 2).max(3);
         let mut scored: Vec<(usize, &String)> = self
             .index
             .keys()
+            .filter(|n| {
+                let short = n.len().min(name.len());
+                levenshtein(name, n) <= limit || (short >= 3 && (n.contains(name) || name.contains(n.as_str())))
+            })
             .map(|n| {
                 let d = levenshtein(name, n);
                 // Names sharing the final component (".weight", ".bias", ...) rank first on ties.
@@ -344,9 +364,13 @@ impl Weights {
             })
             .collect();
         scored.sort();
-        let limit = (name.len() / 2).max(3);
-        scored.into_iter().filter(|(d, _)| *d / 2 <= limit).take(k).map(|(_, n)| n.clone()).collect()
+        scored.into_iter().take(k).map(|(_, n)| n.clone()).collect()
     }
+}
+
+/// [`Weights::check`] as messages, for reports such as `loopc check`.
+pub fn check_weights(weights: &Weights, decls: &[WeightDecl]) -> Vec<String> {
+    weights.check(decls).iter().map(|e| e.to_string()).collect()
 }
 
 fn checked_product(s: &[usize]) -> Option<usize> {
@@ -371,17 +395,17 @@ pub(crate) enum Bound {
     Owned(AVec),
 }
 
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bound({} floats, {})", self.len(), if self.is_mapped() { "mapped" } else { "owned" })
+    }
+}
+
 // SAFETY: Mapped points into a read-only mapping owned by the same Model as this value.
 unsafe impl Send for Bound {}
 unsafe impl Sync for Bound {}
 
 impl Bound {
-    pub(crate) fn ptr(&self) -> *const f32 {
-        match self {
-            Bound::Mapped { ptr, .. } => *ptr,
-            Bound::Owned(v) => v.as_ptr(),
-        }
-    }
     pub(crate) fn len(&self) -> usize {
         match self {
             Bound::Mapped { len, .. } => *len,
@@ -538,7 +562,8 @@ mod tests {
         assert_eq!(w.len(), 4);
         let b = w.bind(&[decl("a.weight", &[2, 3]), decl("b", &[3]), decl("c", &[4])], &pool()).unwrap();
         assert_eq!(b[0].as_slice(), &a[..]);
-        assert!(b[0].is_mapped() || (b[0].ptr() as usize) % 4 != 0 || std::env::var("LOOPC_HUGEPAGE_WEIGHTS").is_ok());
+        // safetensors pads its header to 8 bytes: F32 data is aligned and used in place.
+        assert!(b[0].is_mapped() || std::env::var("LOOPC_HUGEPAGE_WEIGHTS").is_ok_and(|v| v == "1"));
         assert_eq!(b[1].as_slice(), &[1.0, -2.5, 3.0]);
         assert_eq!(b[2].as_slice(), &[1.0, -2.0, 2f32.powi(-24), 65504.0]);
         // Through a directory with model.safetensors.
@@ -635,6 +660,30 @@ mod tests {
         let w = Weights::open(&d).unwrap();
         assert_eq!(w.len(), 2);
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The repository's reference fixtures open, and bind in place (zero copy).
+    #[test]
+    fn fixture_checkpoints_bind_in_place() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        for dir in ["huginn_tiny", "ouro_tiny"] {
+            let d = root.join(dir);
+            if !d.join("model.safetensors").is_file() {
+                continue;
+            }
+            let w = Weights::open(&d).unwrap();
+            let decls: Vec<WeightDecl> = w
+                .tensors()
+                .into_iter()
+                .filter(|t| t.dtype == "F32")
+                .map(|t| WeightDecl { name: t.name, shape: t.shape, origin: "fixture".into() })
+                .collect();
+            assert!(decls.len() > 10);
+            let b = w.bind(&decls, &pool()).unwrap();
+            if std::env::var("LOOPC_HUGEPAGE_WEIGHTS").is_err() {
+                assert!(b.iter().all(|x| x.is_mapped()), "{dir}");
+            }
+        }
     }
 
     #[test]

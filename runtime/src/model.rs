@@ -1,0 +1,566 @@
+//! [`Artifact`] (the file `loopc build` writes) and [`Model`] (an artifact bound to weights,
+//! validated, with its kernels loaded and a thread pool).
+
+use crate::artifact::{self, Arg, BufId, EwIn, EwOp, ExitPolicy, Instr, KernelSpec, Manifest, Rows, StateInit, WRef};
+use crate::error::{Result, RuntimeError};
+use crate::kernels::Kernels;
+use crate::session::Session;
+use crate::weights::{Bound, Weights};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A decoded artifact: the manifest and the kernels' shared object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Artifact {
+    pub manifest: Manifest,
+    pub object: Vec<u8>,
+}
+
+impl Artifact {
+    pub fn new(manifest: Manifest, object: Vec<u8>) -> Self {
+        Artifact { manifest, object }
+    }
+
+    /// Read and decode an artifact file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| RuntimeError::io(path, e))?;
+        Self::from_bytes(&bytes).map_err(|e| match e {
+            RuntimeError::Artifact(m) => RuntimeError::Artifact(format!("{}: {m}", path.display())),
+            e => e,
+        })
+    }
+
+    /// Decode artifact bytes (see [`crate::artifact`] for the layout).
+    pub fn from_bytes(bytes: impl AsRef<[u8]>) -> Result<Self> {
+        let bytes = bytes.as_ref();
+        // Bound the two length fields before handing the bytes to `artifact::decode`, so that
+        // absurd lengths are reported as truncation rather than overflowing.
+        let len_at = |at: usize| -> Option<u64> { bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap())) };
+        if bytes.len() >= 16 && bytes[..8] == artifact::MAGIC[..] {
+            let n = len_at(8).unwrap_or(0);
+            if n > bytes.len() as u64 {
+                return Err(RuntimeError::Artifact(format!(
+                    "artifact truncated: manifest length {n} exceeds the file size {}",
+                    bytes.len()
+                )));
+            }
+            if let Some(m) = len_at(16 + n as usize) {
+                if m > bytes.len() as u64 {
+                    return Err(RuntimeError::Artifact(format!(
+                        "artifact truncated: object length {m} exceeds the file size {}",
+                        bytes.len()
+                    )));
+                }
+            }
+        }
+        let (manifest, obj) = artifact::decode(bytes).map_err(RuntimeError::Artifact)?;
+        Ok(Artifact { manifest, object: obj.to_vec() })
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        artifact::encode(&self.manifest, &self.object)
+    }
+}
+
+/// A model ready to run: manifest validated, weights bound, kernels loaded.
+/// Cheap to clone (shared); create any number of [`Session`]s from it.
+#[derive(Clone)]
+pub struct Model {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) manifest: Manifest,
+    pub(crate) weights: Vec<Bound>,
+    pub(crate) kernels: Kernels,
+    pub(crate) pool: rayon::ThreadPool,
+    pub(crate) threads: usize,
+    /// Token ids must be below this (rows of the smallest embedding table, else `vocab`).
+    pub(crate) token_limit: usize,
+    /// Per-kernel argument requirements, checked per call size.
+    pub(crate) needs: Vec<Vec<Need>>,
+    // Keeps the memory maps behind `weights` alive; dropped after `weights`.
+    pub(crate) _checkpoint: Weights,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("model", &self.inner.manifest.model)
+            .field("threads", &self.inner.threads)
+            .field("weights", &self.inner.weights.len())
+            .field("kernels", &self.inner.kernels.len())
+            .finish()
+    }
+}
+
+impl Model {
+    /// Validate the manifest, bind the weights and load the kernels. The thread count comes
+    /// from `LOOPC_THREADS` (default: the available cores).
+    pub fn new(artifact: Artifact, weights: Weights) -> Result<Self> {
+        let threads = match std::env::var("LOOPC_THREADS") {
+            Ok(v) => v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| RuntimeError::Config(format!("LOOPC_THREADS must be a positive integer, got `{v}`")))?,
+            Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        Self::with_threads(artifact, weights, threads)
+    }
+
+    /// [`Artifact::load`] + [`Weights::open`] + [`Model::new`].
+    pub fn load(artifact: impl AsRef<Path>, weights: impl AsRef<Path>) -> Result<Self> {
+        Self::new(Artifact::load(artifact)?, Weights::open(weights)?)
+    }
+
+    /// As [`Model::new`] with an explicit thread count.
+    pub fn with_threads(artifact: Artifact, weights: Weights, threads: usize) -> Result<Self> {
+        if threads == 0 {
+            return Err(RuntimeError::Config("the thread count must be at least 1".into()));
+        }
+        let Artifact { manifest, object } = artifact;
+        let needs = validate(&manifest)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("loopc-{i}"))
+            .build()
+            .map_err(|e| RuntimeError::Config(format!("cannot start {threads} threads: {e}")))?;
+        let bound = weights.bind(&manifest.weights, &pool)?;
+        let kernels = Kernels::load(&object, &manifest.kernels)?;
+        let token_limit = embed_limit(&manifest);
+        Ok(Model {
+            inner: Arc::new(Inner { manifest, weights: bound, kernels, pool, threads, token_limit, needs, _checkpoint: weights }),
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.inner.manifest
+    }
+
+    pub fn threads(&self) -> usize {
+        self.inner.threads
+    }
+
+    /// Token ids accepted by this model are `0..token_limit()`.
+    pub fn token_limit(&self) -> usize {
+        self.inner.token_limit
+    }
+
+    /// `(bytes used in place from the checkpoint mapping, bytes converted/copied to f32)`.
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        let mut m = 0;
+        let mut o = 0;
+        for w in &self.inner.weights {
+            if w.is_mapped() {
+                m += 4 * w.len();
+            } else {
+                o += 4 * w.len();
+            }
+        }
+        (m, o)
+    }
+
+    /// The f32 data bound to weight `id` (`None` if out of range).
+    pub fn weight(&self, id: usize) -> Option<&[f32]> {
+        self.inner.weights.get(id).map(|w| w.as_slice())
+    }
+
+    /// A new session (empty KV cache, position 0).
+    pub fn session(&self) -> Session {
+        Session::new(self.clone())
+    }
+}
+
+fn embed_limit(m: &Manifest) -> usize {
+    let mut lim: Option<usize> = None;
+    let mut visit = |list: &[Instr]| {
+        for i in list {
+            if let Instr::Embed { table, .. } = i {
+                lim = Some(lim.map_or(table.rows, |l: usize| l.min(table.rows)));
+            }
+        }
+    };
+    visit(&m.program.prelude);
+    if let Some(r) = &m.program.recur {
+        visit(&r.body);
+    }
+    visit(&m.program.coda);
+    lim.unwrap_or(m.vocab)
+}
+
+/// What a kernel pointer must point at, checked statically and per call size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Need {
+    /// One row of `c` floats per work row (`S` rows).
+    PerRow(usize),
+    /// At least `c` floats (a broadcast vector, a gain).
+    Vector(usize),
+    /// A rotary table for `head_dim`.
+    Table(usize),
+    /// A KV cache slot of `width` floats per row.
+    Cache(usize),
+}
+
+fn kernel_needs(spec: &KernelSpec) -> Vec<Need> {
+    match spec {
+        KernelSpec::Elementwise { cols, inputs, outputs, .. } => inputs
+            .iter()
+            .map(|i| match i {
+                EwIn::Rows => Need::PerRow(*cols),
+                EwIn::Broadcast => Need::Vector(*cols),
+                EwIn::PerRow => Need::PerRow(1),
+            })
+            .chain(outputs.iter().map(|_| Need::PerRow(*cols)))
+            .collect(),
+        KernelSpec::RmsNorm { cols, residual, gain, .. } => {
+            let mut v = vec![Need::PerRow(*cols)];
+            if *residual {
+                v.push(Need::PerRow(*cols));
+            }
+            if *gain {
+                v.push(Need::Vector(*cols));
+            }
+            if *residual {
+                v.push(Need::PerRow(*cols));
+            }
+            v.push(Need::PerRow(*cols));
+            v
+        }
+        KernelSpec::Rope { heads, head_dim, .. } => {
+            vec![Need::PerRow(heads * head_dim), Need::Table(*head_dim), Need::Table(*head_dim)]
+        }
+        KernelSpec::Attention { heads, kv_heads, head_dim, .. } => vec![
+            Need::PerRow(heads * head_dim),
+            Need::Cache(kv_heads * head_dim),
+            Need::Cache(kv_heads * head_dim),
+            Need::PerRow(heads * head_dim),
+        ],
+    }
+}
+
+fn elems(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b))
+}
+
+fn instr_name(i: &Instr) -> &'static str {
+    match i {
+        Instr::Embed { .. } => "Embed",
+        Instr::MatMul { .. } => "MatMul",
+        Instr::Concat { .. } => "Concat",
+        Instr::Copy { .. } => "Copy",
+        Instr::KvWrite { .. } => "KvWrite",
+        Instr::Kernel { .. } => "Kernel",
+    }
+}
+
+/// Check every id, shape and size relation the executor relies on, so that a malformed manifest
+/// is an error rather than out-of-bounds memory access. Returns the per-kernel [`Need`]s.
+pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
+    let nb = m.buffers.len();
+    let weight_elems: Vec<usize> = m
+        .weights
+        .iter()
+        .map(|w| elems(&w.shape).ok_or_else(|| RuntimeError::manifest(format!("weight `{}` has an overflowing shape {:?}", w.name, w.shape))))
+        .collect::<Result<_>>()?;
+    for b in &m.buffers {
+        if let Rows::Fixed(n) = b.rows {
+            if n.checked_mul(b.cols).is_none() {
+                return Err(RuntimeError::manifest(format!("buffer `{}` is too large", b.name)));
+            }
+        }
+    }
+    for (i, t) in m.rope_tables.iter().enumerate() {
+        if t.head_dim == 0 || t.head_dim % 2 != 0 || !(t.base.is_finite() && t.base > 0.0) {
+            return Err(RuntimeError::manifest(format!(
+                "rope table #{i} needs an even positive head_dim and a positive base (got head_dim {}, base {})",
+                t.head_dim, t.base
+            )));
+        }
+    }
+    for s in &m.kv_sites {
+        if s.kv_heads.checked_mul(s.head_dim).is_none() {
+            return Err(RuntimeError::manifest(format!("KV site `{}` is too large", s.name)));
+        }
+    }
+    let mut needs = Vec::with_capacity(m.kernels.len());
+    for (k, d) in m.kernels.iter().enumerate() {
+        let bad = |msg: String| RuntimeError::manifest(format!("kernel #{k} (`{}`): {msg}", d.symbol));
+        match &d.spec {
+            KernelSpec::Elementwise { inputs, ops, outputs, .. } => {
+                for (j, op) in ops.iter().enumerate() {
+                    let operands: Vec<u32> = match *op {
+                        EwOp::Input(i) => {
+                            if i as usize >= inputs.len() {
+                                return Err(bad(format!("op {j} reads input {i} of {}", inputs.len())));
+                            }
+                            vec![]
+                        }
+                        EwOp::Const(_) => vec![],
+                        EwOp::Add(a, b) | EwOp::Sub(a, b) | EwOp::Mul(a, b) | EwOp::Div(a, b) | EwOp::Max(a, b) => vec![a, b],
+                        EwOp::Neg(a)
+                        | EwOp::Exp(a)
+                        | EwOp::Sigmoid(a)
+                        | EwOp::Silu(a)
+                        | EwOp::Relu(a)
+                        | EwOp::Tanh(a)
+                        | EwOp::GeluTanh(a)
+                        | EwOp::Sqrt(a) => vec![a],
+                    };
+                    if operands.iter().any(|&o| o as usize >= j) {
+                        return Err(bad(format!("op {j} uses an operand that is not an earlier op")));
+                    }
+                }
+                if let Some(o) = outputs.iter().find(|&&o| o as usize >= ops.len()) {
+                    return Err(bad(format!("output refers to op {o} of {}", ops.len())));
+                }
+            }
+            KernelSpec::Rope { head_dim, heads, .. } => {
+                if *head_dim % 2 != 0 || *head_dim == 0 || *heads == 0 {
+                    return Err(bad("rope needs heads > 0 and an even, positive head_dim".into()));
+                }
+            }
+            KernelSpec::Attention { heads, kv_heads, head_dim, .. } => {
+                if *kv_heads == 0 || *heads == 0 || *head_dim == 0 || heads % kv_heads != 0 {
+                    return Err(bad(format!("attention needs heads ({heads}) to be a positive multiple of kv_heads ({kv_heads})")));
+                }
+            }
+            KernelSpec::RmsNorm { .. } => {}
+        }
+        needs.push(kernel_needs(&d.spec));
+    }
+    if m.program.logits as usize >= nb {
+        return Err(RuntimeError::manifest(format!("the logits buffer #{} does not exist", m.program.logits)));
+    }
+    let lb = &m.buffers[m.program.logits as usize];
+    if lb.rows != Rows::Tokens || lb.cols != m.vocab {
+        return Err(RuntimeError::manifest(format!(
+            "the logits buffer `{}` must be [tokens, vocab = {}], it is [{:?}, {}]",
+            lb.name, m.vocab, lb.rows, lb.cols
+        )));
+    }
+
+    let v = Validator { m, weight_elems: &weight_elems, needs: &needs };
+    v.list("prelude", &m.program.prelude, false)?;
+    if let Some(r) = &m.program.recur {
+        v.list("recur body", &r.body, true)?;
+        let ctx = "recur";
+        let st = v.buf(ctx, r.state)?;
+        let nx = v.buf(ctx, r.next)?;
+        if r.state == r.next {
+            return Err(RuntimeError::manifest("recur: `state` and `next` must be different buffers"));
+        }
+        if st.rows != Rows::Tokens || nx.rows != Rows::Tokens || st.cols != nx.cols {
+            return Err(RuntimeError::manifest(format!(
+                "recur: state `{}` and next `{}` must both be [tokens, n] with the same n",
+                st.name, nx.name
+            )));
+        }
+        match &r.init {
+            StateInit::From(b) => {
+                let src = v.buf(ctx, *b)?;
+                if src.rows != st.rows || src.cols != st.cols {
+                    return Err(RuntimeError::manifest(format!(
+                        "recur: init buffer `{}` must have the state's shape [tokens, {}]",
+                        src.name, st.cols
+                    )));
+                }
+            }
+            StateInit::TruncNormal { std, scale, .. } => {
+                if !(std.is_finite() && *std >= 0.0 && scale.is_finite()) {
+                    return Err(RuntimeError::manifest(format!("recur: bad truncated-normal init (std {std}, scale {scale})")));
+                }
+            }
+            StateInit::Zeros => {}
+        }
+        if let ExitPolicy::Converge { threshold, .. } = &r.exit {
+            if threshold.is_nan() {
+                return Err(RuntimeError::manifest("recur: the convergence threshold is NaN"));
+            }
+        }
+        if let Some(g) = r.gate {
+            let gb = v.buf(ctx, g)?;
+            if gb.rows != Rows::Tokens || gb.cols != 1 {
+                return Err(RuntimeError::manifest(format!("recur: gate buffer `{}` must be [tokens, 1]", gb.name)));
+            }
+        }
+    }
+    v.list("coda", &m.program.coda, false)?;
+    Ok(needs)
+}
+
+struct Validator<'a> {
+    m: &'a Manifest,
+    weight_elems: &'a [usize],
+    needs: &'a [Vec<Need>],
+}
+
+impl<'a> Validator<'a> {
+    fn buf(&self, ctx: &str, b: BufId) -> Result<&'a artifact::BufferDecl> {
+        self.m
+            .buffers
+            .get(b as usize)
+            .ok_or_else(|| RuntimeError::manifest(format!("{ctx}: buffer #{b} does not exist ({} buffers)", self.m.buffers.len())))
+    }
+
+    fn wref(&self, ctx: &str, w: &WRef) -> Result<()> {
+        let decl = self
+            .m
+            .weights
+            .get(w.weight as usize)
+            .ok_or_else(|| RuntimeError::manifest(format!("{ctx}: weight #{} does not exist", w.weight)))?;
+        let end = w.rows.checked_mul(w.cols).and_then(|n| n.checked_add(w.offset));
+        match end {
+            Some(e) if e <= self.weight_elems[w.weight as usize] => Ok(()),
+            _ => Err(RuntimeError::manifest(format!(
+                "{ctx}: window [{} x {}] at offset {} exceeds weight `{}` of shape {:?}",
+                w.rows, w.cols, w.offset, decl.name, decl.shape
+            ))),
+        }
+    }
+
+    fn list(&self, part: &str, list: &[Instr], in_body: bool) -> Result<()> {
+        for (i, ins) in list.iter().enumerate() {
+            let ctx = format!("{part} instruction #{i} ({})", instr_name(ins));
+            let err = |msg: String| RuntimeError::manifest(format!("{ctx}: {msg}"));
+            match ins {
+                Instr::Embed { table, out } => {
+                    self.wref(&ctx, table)?;
+                    let o = self.buf(&ctx, *out)?;
+                    if o.rows != Rows::Tokens || o.cols != table.cols {
+                        return Err(err(format!("output `{}` must be [tokens, {}]", o.name, table.cols)));
+                    }
+                }
+                Instr::MatMul { x, w, out } => {
+                    self.wref(&ctx, w)?;
+                    let xb = self.buf(&ctx, *x)?;
+                    let ob = self.buf(&ctx, *out)?;
+                    if x == out {
+                        return Err(err("input and output must be different buffers".into()));
+                    }
+                    if xb.cols != w.cols || ob.cols != w.rows || xb.rows != ob.rows {
+                        return Err(err(format!(
+                            "`{}` [{:?}, {}] · W[{}, {}]ᵀ does not fit `{}` [{:?}, {}]",
+                            xb.name, xb.rows, xb.cols, w.rows, w.cols, ob.name, ob.rows, ob.cols
+                        )));
+                    }
+                }
+                Instr::Concat { inputs, out } => {
+                    let ob = self.buf(&ctx, *out)?;
+                    let mut total = 0usize;
+                    for b in inputs {
+                        let ib = self.buf(&ctx, *b)?;
+                        if b == out {
+                            return Err(err("the output cannot also be an input".into()));
+                        }
+                        if ib.rows != ob.rows {
+                            return Err(err(format!("input `{}` has different rows than `{}`", ib.name, ob.name)));
+                        }
+                        total += ib.cols;
+                    }
+                    if total != ob.cols {
+                        return Err(err(format!("inputs have {total} columns in all, output `{}` has {}", ob.name, ob.cols)));
+                    }
+                }
+                Instr::Copy { src, dst } => {
+                    let s = self.buf(&ctx, *src)?;
+                    let d = self.buf(&ctx, *dst)?;
+                    if s.rows != d.rows || s.cols != d.cols {
+                        return Err(err(format!("`{}` and `{}` have different shapes", s.name, d.name)));
+                    }
+                }
+                Instr::KvWrite { site, k, v } => {
+                    let st = self
+                        .m
+                        .kv_sites
+                        .get(*site as usize)
+                        .ok_or_else(|| err(format!("KV site #{site} does not exist")))?;
+                    if st.in_loop && !in_body {
+                        return Err(err(format!("KV site `{}` is in the loop but written outside the recurrence", st.name)));
+                    }
+                    let width = st.kv_heads * st.head_dim;
+                    for b in [k, v] {
+                        let bb = self.buf(&ctx, *b)?;
+                        if bb.rows != Rows::Tokens || bb.cols != width {
+                            return Err(err(format!(
+                                "`{}` must be [tokens, kv_heads·head_dim = {width}] for site `{}`",
+                                bb.name, st.name
+                            )));
+                        }
+                    }
+                }
+                Instr::Kernel { kernel, args } => {
+                    let kd = self.m.kernels.get(*kernel as usize).ok_or_else(|| err(format!("kernel #{kernel} does not exist")))?;
+                    let needs = &self.needs[*kernel as usize];
+                    if args.len() != kd.spec.num_ptrs() || args.len() != needs.len() {
+                        return Err(err(format!(
+                            "kernel `{}` takes {} pointers, the call passes {}",
+                            kd.symbol,
+                            kd.spec.num_ptrs(),
+                            args.len()
+                        )));
+                    }
+                    for (j, (a, need)) in args.iter().zip(needs).enumerate() {
+                        self.arg(&ctx, j, a, *need, in_body)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn arg(&self, ctx: &str, j: usize, a: &Arg, need: Need, in_body: bool) -> Result<()> {
+        let err = |msg: String| RuntimeError::manifest(format!("{ctx}: argument {j}: {msg}"));
+        match (a, need) {
+            (Arg::Buf(b), Need::PerRow(c)) => {
+                let bb = self.buf(ctx, *b)?;
+                if bb.cols != c {
+                    return Err(err(format!("buffer `{}` has {} columns, the kernel expects {c}", bb.name, bb.cols)));
+                }
+            }
+            (Arg::Buf(b), Need::Vector(c)) => {
+                let bb = self.buf(ctx, *b)?;
+                if let Rows::Fixed(n) = bb.rows {
+                    if n * bb.cols < c {
+                        return Err(err(format!("buffer `{}` holds {} values, the kernel reads {c}", bb.name, n * bb.cols)));
+                    }
+                }
+            }
+            (Arg::Weight(w), Need::Vector(c)) => {
+                self.wref(ctx, w)?;
+                if w.rows * w.cols < c {
+                    return Err(err(format!("weight window holds {} values, the kernel reads {c}", w.rows * w.cols)));
+                }
+            }
+            (Arg::Weight(w), Need::PerRow(c)) => {
+                self.wref(ctx, w)?;
+                if w.cols != c {
+                    return Err(err(format!("weight window has {} columns, the kernel expects {c}", w.cols)));
+                }
+            }
+            (Arg::RopeCos(t) | Arg::RopeSin(t), Need::Table(hd)) => {
+                let tab = self.m.rope_tables.get(*t as usize).ok_or_else(|| err(format!("rope table #{t} does not exist")))?;
+                if tab.head_dim != hd {
+                    return Err(err(format!("rope table #{t} is for head_dim {}, the kernel uses {hd}", tab.head_dim)));
+                }
+            }
+            (Arg::KCache(s) | Arg::VCache(s), Need::Cache(width)) => {
+                let st = self.m.kv_sites.get(*s as usize).ok_or_else(|| err(format!("KV site #{s} does not exist")))?;
+                if st.kv_heads * st.head_dim != width {
+                    return Err(err(format!(
+                        "KV site `{}` stores {} values per row, the kernel expects {width}",
+                        st.name,
+                        st.kv_heads * st.head_dim
+                    )));
+                }
+                if st.in_loop && !in_body {
+                    return Err(err(format!("KV site `{}` is in the loop but read outside the recurrence", st.name)));
+                }
+            }
+            (a, n) => return Err(err(format!("{a:?} cannot be passed where the kernel expects {n:?}"))),
+        }
+        Ok(())
+    }
+}

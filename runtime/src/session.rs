@@ -1,0 +1,501 @@
+//! Sessions: a KV cache and a position over one sequence, with prefill/step calls.
+
+use crate::error::{Result, RuntimeError};
+use crate::exec::{ExecState, OP_NAMES};
+use crate::model::Model;
+use crate::sampler::{sample, Rng, SamplerConfig};
+use std::time::{Duration, Instant};
+
+/// Logits of every position of a call: `rows × vocab`, row-major.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Logits {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub vocab: usize,
+}
+
+impl Logits {
+    pub fn new(vocab: usize) -> Self {
+        Logits { data: Vec::new(), rows: 0, vocab }
+    }
+
+    /// Row `i` (panics if `i >= rows`, like slice indexing).
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// The last row (empty if there are no rows).
+    pub fn last_row(&self) -> &[f32] {
+        if self.rows == 0 {
+            &[]
+        } else {
+            self.row(self.rows - 1)
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// All rows, `[rows, vocab]` row-major.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    pub fn iter_rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.data.chunks(self.vocab.max(1)).take(self.rows)
+    }
+
+    /// Append one row (must be `vocab` long).
+    pub fn push_row(&mut self, row: &[f32]) {
+        assert_eq!(row.len(), self.vocab, "row length");
+        self.data.extend_from_slice(row);
+        self.rows += 1;
+    }
+}
+
+impl std::ops::Deref for Logits {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+/// Exit probabilities from a learned gate (Ouro), for the rows of the last call:
+/// `λ_t = sigmoid(gate_t)`, `p_t = λ_t·Π_{j<t}(1−λ_j)` for `t < T−1`, `p_{T−1} = Π_{j<T−1}(1−λ_j)`,
+/// where `T` is the number of iterations run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExitProbs {
+    pub rows: usize,
+    pub steps: usize,
+    /// `[rows, steps]`: λ per row and iteration.
+    pub lambdas: Vec<f32>,
+    /// `[rows, steps]`: p per row and iteration (each row sums to 1).
+    pub probs: Vec<f32>,
+}
+
+/// Derefs to `probs`, `[rows, steps]` row-major.
+impl std::ops::Deref for ExitProbs {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.probs
+    }
+}
+
+impl ExitProbs {
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.probs[r * self.steps..(r + 1) * self.steps]
+    }
+
+    pub fn lambda_row(&self, r: usize) -> &[f32] {
+        &self.lambdas[r * self.steps..(r + 1) * self.steps]
+    }
+
+    /// Ouro's `exit_threshold` rule: the first iteration whose cumulative probability reaches
+    /// `q`, else the last one.
+    pub fn exit_step(&self, r: usize, q: f32) -> usize {
+        let mut cdf = 0.0f32;
+        for (t, p) in self.row(r).iter().enumerate() {
+            cdf += p;
+            if cdf >= q {
+                return t;
+            }
+        }
+        self.steps.saturating_sub(1)
+    }
+
+    fn compute(&mut self, gates: &[f32], rows: usize, steps: usize) {
+        self.rows = rows;
+        self.steps = steps;
+        self.lambdas.clear();
+        self.probs.clear();
+        self.lambdas.resize(rows * steps, 0.0);
+        self.probs.resize(rows * steps, 0.0);
+        for r in 0..rows {
+            let mut rem = 1.0f32;
+            for t in 0..steps {
+                let l = gates[t * rows + r];
+                self.lambdas[r * steps + t] = l;
+                if t + 1 < steps {
+                    self.probs[r * steps + t] = l * rem;
+                    rem *= 1.0 - l;
+                } else {
+                    self.probs[r * steps + t] = rem;
+                }
+            }
+        }
+    }
+}
+
+/// Time and work counters of a session.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    pub prefill_calls: usize,
+    pub prefill_tokens: usize,
+    pub prefill_time: Duration,
+    pub decode_calls: usize,
+    pub decode_time: Duration,
+    /// Recurrence iterations run by each call, in order.
+    pub iterations: Vec<usize>,
+    /// Σ iterations over calls.
+    pub total_iterations: usize,
+    /// Σ tokens × iterations over calls (recurrent-block applications to a token).
+    pub token_iterations: usize,
+    /// KV-cache bytes allocated / holding filled positions (after the last call).
+    pub kv_bytes_allocated: usize,
+    pub kv_bytes_used: usize,
+    /// Per-operation timers `(name, total time, count)`; empty unless profiling is on
+    /// (`LOOPC_PROFILE=1` or [`Session::set_profiling`]).
+    pub profile: Vec<(&'static str, Duration, u64)>,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "prefill: {} call(s), {} tokens, {:.3} s ({:.1} tok/s)",
+            self.prefill_calls,
+            self.prefill_tokens,
+            self.prefill_time.as_secs_f64(),
+            self.prefill_tokens_per_s()
+        )?;
+        writeln!(
+            f,
+            "decode: {} step(s), {:.3} s ({:.1} tok/s)",
+            self.decode_calls,
+            self.decode_time.as_secs_f64(),
+            self.decode_tokens_per_s()
+        )?;
+        let calls = self.iterations.len().max(1) as f64;
+        writeln!(
+            f,
+            "recurrence: {} iterations over {} call(s) (mean {:.2}), {} token-iterations",
+            self.total_iterations,
+            self.iterations.len(),
+            self.total_iterations as f64 / calls,
+            self.token_iterations
+        )?;
+        write!(
+            f,
+            "kv cache: {:.1} KiB used, {:.1} KiB allocated",
+            self.kv_bytes_used as f64 / 1024.0,
+            self.kv_bytes_allocated as f64 / 1024.0
+        )?;
+        if !self.profile.is_empty() {
+            let total: f64 = self.profile.iter().map(|p| p.1.as_secs_f64()).sum();
+            for (name, d, n) in &self.profile {
+                write!(
+                    f,
+                    "\n  {name:<14} {:>9.3} ms {:>5.1}% {:>8} calls",
+                    d.as_secs_f64() * 1e3,
+                    100.0 * d.as_secs_f64() / total.max(1e-12),
+                    n
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Stats {
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        if self.decode_time.is_zero() {
+            0.0
+        } else {
+            self.decode_calls as f64 / self.decode_time.as_secs_f64()
+        }
+    }
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        if self.prefill_time.is_zero() {
+            0.0
+        } else {
+            self.prefill_tokens as f64 / self.prefill_time.as_secs_f64()
+        }
+    }
+}
+
+/// One sequence being processed: its KV cache, position and counters.
+///
+/// Every call continues the sequence at [`Session::position`]. The number of recurrence
+/// iterations is [`Session::set_steps`] (or the artifact's default); with a convergence exit
+/// it is the cap. Huginn's random initial state is drawn per absolute position from the
+/// artifact's seed, so it does not depend on how the sequence is split into calls (and is not
+/// bit-identical to torch's generator).
+pub struct Session {
+    model: Model,
+    steps: Option<usize>,
+    pos: usize,
+    st: ExecState,
+    /// The last step's logits (reused: decode allocates nothing).
+    step_out: Logits,
+    exit: Option<ExitProbs>,
+    stats: Stats,
+    last_iterations: usize,
+}
+
+enum Kind {
+    Prefill,
+    Decode,
+}
+
+impl Session {
+    pub(crate) fn new(model: Model) -> Self {
+        let mut st = ExecState::new(&model.inner);
+        if std::env::var("LOOPC_PROFILE").is_ok_and(|v| v == "1") {
+            st.profile = Some(Box::default());
+        }
+        let vocab = model.inner.manifest.vocab;
+        Session {
+            model,
+            steps: None,
+            pos: 0,
+            st,
+            step_out: Logits::new(vocab),
+            exit: None,
+            stats: Stats::default(),
+            last_iterations: 0,
+        }
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Recurrence iterations for the next calls (`None`: the artifact's default).
+    pub fn set_steps(&mut self, steps: Option<usize>) {
+        self.steps = steps;
+    }
+
+    pub fn steps(&self) -> Option<usize> {
+        self.steps
+    }
+
+    /// Number of tokens processed so far (the position of the next token).
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Process `tokens` (one or more) at the current position; returns the logits of every
+    /// position, `[tokens.len(), vocab]`.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Logits> {
+        let wi = self.forward(tokens, Kind::Prefill)?;
+        let m = &self.model.inner;
+        let vocab = m.manifest.vocab;
+        let l = &self.st.workspace(wi).buf(m.manifest.program.logits)[..tokens.len() * vocab];
+        Ok(Logits { data: l.to_vec(), rows: tokens.len(), vocab })
+    }
+
+    /// Process one token; returns its logits (one row of `vocab`; reused by the next call).
+    pub fn step(&mut self, token: u32) -> Result<&Logits> {
+        let wi = self.forward(&[token], Kind::Decode)?;
+        let m = &self.model.inner;
+        let l = &self.st.workspace(wi).buf(m.manifest.program.logits)[..m.manifest.vocab];
+        let out = &mut self.step_out;
+        out.data.clear();
+        out.data.extend_from_slice(l);
+        out.rows = 1;
+        Ok(&self.step_out)
+    }
+
+    /// Run one call; returns the index of the workspace holding its logits.
+    fn forward(&mut self, tokens: &[u32], kind: Kind) -> Result<usize> {
+        if tokens.is_empty() {
+            return Err(RuntimeError::EmptyInput);
+        }
+        let t0 = Instant::now();
+        let m = &self.model.inner;
+        let info = self.st.forward(m, tokens, self.pos, self.steps)?;
+        let dt = t0.elapsed();
+        let s = tokens.len();
+        self.pos += s;
+        self.last_iterations = info.iterations;
+        // Exit probabilities of a gated recurrence.
+        let gated = m.manifest.program.recur.as_ref().is_some_and(|r| r.gate.is_some());
+        if gated {
+            let e = self.exit.get_or_insert_with(ExitProbs::default);
+            e.compute(&self.st.gates, s, info.iterations);
+        } else {
+            self.exit = None;
+        }
+        let st = &mut self.stats;
+        match kind {
+            Kind::Prefill => {
+                st.prefill_calls += 1;
+                st.prefill_tokens += s;
+                st.prefill_time += dt;
+            }
+            Kind::Decode => {
+                st.decode_calls += 1;
+                st.decode_time += dt;
+            }
+        }
+        st.iterations.push(info.iterations);
+        st.total_iterations += info.iterations;
+        st.token_iterations += info.iterations * s;
+        st.kv_bytes_allocated = self.st.kv.bytes_allocated();
+        st.kv_bytes_used = self.st.kv.bytes_used();
+        Ok(info.ws)
+    }
+
+    /// Exit probabilities of the last call (only for artifacts with an exit gate).
+    pub fn exit_probs(&self) -> Option<&ExitProbs> {
+        self.exit.as_ref()
+    }
+
+    /// Recurrence iterations run by the last call.
+    pub fn last_iterations(&self) -> usize {
+        self.last_iterations
+    }
+
+    /// Counters (profile timers are filled in when profiling is on).
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        if let Some(p) = &self.st.profile {
+            s.profile = OP_NAMES.iter().zip(p.iter()).filter(|(_, (_, n))| *n > 0).map(|(name, (d, n))| (*name, *d, *n)).collect();
+        }
+        s
+    }
+
+    /// Turn the per-operation timers on or off (they cost a clock read per instruction).
+    pub fn set_profiling(&mut self, on: bool) {
+        if on {
+            if self.st.profile.is_none() {
+                self.st.profile = Some(Box::default());
+            }
+        } else {
+            self.st.profile = None;
+        }
+    }
+
+    pub fn reset_stats(&mut self) {
+        self.stats = Stats::default();
+        if let Some(p) = &mut self.st.profile {
+            **p = Default::default();
+        }
+    }
+
+    /// Start a new sequence: position 0, empty KV cache (allocations kept), no exit
+    /// probabilities. Counters are kept (see [`Session::reset_stats`]).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        self.st.kv.reset();
+        self.exit = None;
+        self.last_iterations = 0;
+        self.stats.kv_bytes_used = 0;
+    }
+
+    /// Filled length of every KV slot: `(site name, lengths per slot)`.
+    pub fn kv_lens(&self) -> Vec<(String, Vec<usize>)> {
+        self.st.kv.lens()
+    }
+
+    /// Keys and values (`[len, kv_heads·head_dim]` each) of a KV slot, for inspection.
+    pub fn kv_slot(&self, site: usize, slot: usize) -> Option<(&[f32], &[f32])> {
+        self.st.kv.slot_rows(site, slot)
+    }
+}
+
+/// Everything a generation produced, so that callers can dump every logit.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GenerateOutput {
+    /// The new tokens (the prompt excluded), including a final stop token if one was drawn.
+    pub tokens: Vec<u32>,
+    /// Logits of every prompt position.
+    pub prefill_logits: Logits,
+    /// Logits of each decode step, one row per step (the step that consumed `tokens[i]` gives
+    /// row `i`, which produced `tokens[i + 1]`).
+    pub step_logits: Logits,
+    /// Recurrence iterations of each call (prefill first).
+    pub iterations: Vec<usize>,
+    /// True when generation ended on a stop token.
+    pub stopped: bool,
+    /// Wall time of the prefill call, and of all decode steps (sampling included).
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+impl GenerateOutput {
+    /// Write `prompt` and `tokens` (I64) and `prefill_logits` `[P, vocab]` and `decode_logits`
+    /// `[steps, vocab]` (F32) to a safetensors file.
+    pub fn write_safetensors(&self, path: impl AsRef<std::path::Path>, prompt: &[u32]) -> Result<()> {
+        use safetensors::tensor::TensorView;
+        use safetensors::Dtype;
+        let path = path.as_ref();
+        let i64b = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect() };
+        let f32b = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let iters: Vec<u8> = self.iterations.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect();
+        let data: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
+            ("prompt", Dtype::I64, vec![prompt.len()], i64b(prompt)),
+            ("tokens", Dtype::I64, vec![self.tokens.len()], i64b(&self.tokens)),
+            ("iterations", Dtype::I64, vec![self.iterations.len()], iters),
+            ("prefill_logits", Dtype::F32, vec![self.prefill_logits.rows, self.prefill_logits.vocab], f32b(&self.prefill_logits.data)),
+            ("decode_logits", Dtype::F32, vec![self.step_logits.rows, self.step_logits.vocab], f32b(&self.step_logits.data)),
+        ];
+        let views = data
+            .iter()
+            .map(|(n, dt, s, d)| {
+                TensorView::new(*dt, s.clone(), d)
+                    .map(|v| (n.to_string(), v))
+                    .map_err(|e| RuntimeError::Config(format!("cannot serialize `{n}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::serialize_to_file(views, None, path).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(io) => RuntimeError::io(path, io),
+            e => RuntimeError::Config(format!("cannot write `{}`: {e}", path.display())),
+        })
+    }
+}
+
+/// Prefill `prompt`, then sample up to `max_new_tokens` tokens, stopping after a token in
+/// `stop_tokens`. Sampling uses a generator seeded with `cfg.seed`.
+pub fn generate(
+    session: &mut Session,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    cfg: &SamplerConfig,
+    stop_tokens: &[u32],
+) -> Result<GenerateOutput> {
+    let vocab = session.model.inner.manifest.vocab;
+    let mut rng = Rng::new(cfg.seed);
+    let t0 = Instant::now();
+    let prefill_logits = session.prefill(prompt)?;
+    let prefill_seconds = t0.elapsed().as_secs_f64();
+    let mut out = GenerateOutput {
+        prefill_seconds,
+        decode_seconds: 0.0,
+        tokens: Vec::with_capacity(max_new_tokens),
+        step_logits: Logits::new(vocab),
+        iterations: vec![session.last_iterations()],
+        prefill_logits,
+        stopped: false,
+    };
+    if max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let mut next = sample(out.prefill_logits.last_row(), cfg, &mut rng);
+    let t1 = Instant::now();
+    loop {
+        out.tokens.push(next);
+        if stop_tokens.contains(&next) {
+            out.stopped = true;
+            break;
+        }
+        if out.tokens.len() >= max_new_tokens {
+            break;
+        }
+        let l = session.step(next)?;
+        out.step_logits.push_row(l.data());
+        out.iterations.push(session.last_iterations());
+        next = sample(out.step_logits.last_row(), cfg, &mut rng);
+    }
+    out.decode_seconds = t1.elapsed().as_secs_f64();
+    Ok(out)
+}

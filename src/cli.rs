@@ -1,0 +1,276 @@
+//! Command-line interface. Progress and timings go to stderr; results (IR text, generated
+//! tokens) to stdout, so `loopc ir ... > file` and pipes stay clean.
+use clap::{Args, Parser, Subcommand};
+use loopc_compiler::driver::{self, CompileError, Options};
+use loopc_runtime::{Artifact, Model, SamplerConfig, Weights};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "loopc",
+    version,
+    about = "Compile looped (recurrent-depth) transformers and run them",
+    long_about = "loopc compiles a looped transformer described in a `.loop` file into a native \
+artifact and runs it on safetensors weights.\n\n\
+Typical use:\n  \
+loopc build examples/huginn.loop --config config.json -o huginn.loopc\n  \
+loopc run huginn.loopc --weights model.safetensors --tokens \"1 2 3\" --steps 8 --max-new-tokens 16\n\n\
+`loopc ir` prints any stage of the compiler; `loopc check` only reports diagnostics."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Override a param of the `.loop` file (repeatable), e.g. `--set dim=64`.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+    /// An HF-style config.json; its keys override the params that name them with `from`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// 0 disables the optimizing passes (for debugging and parity checks).
+    #[arg(long, default_value_t = 1)]
+    opt_level: u8,
+    /// Print the graph IR after the named pass (or `all`) to stderr.
+    #[arg(long, value_name = "PASS")]
+    dump_after: Vec<String>,
+    /// Run only the first N passes (bisect a miscompile).
+    #[arg(long, value_name = "N")]
+    pass_limit: Option<usize>,
+    /// Verify the IR after every pass (always on in debug builds).
+    #[arg(long)]
+    verify: bool,
+}
+
+impl ModelArgs {
+    fn options(&self) -> Options {
+        Options {
+            set: self.set.clone(),
+            config: self.config.clone(),
+            opt_level: self.opt_level,
+            dump_after: self.dump_after.clone(),
+            verify: self.verify,
+            pass_limit: self.pass_limit,
+            color: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Compile a `.loop` file into an artifact.
+    Build {
+        /// The model description.
+        model: PathBuf,
+        #[command(flatten)]
+        args: ModelArgs,
+        /// Output path (default: the model's file name with `.loopc`).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Run a model: prefill the prompt, then generate tokens.
+    Run(RunArgs),
+    /// Print one stage of the compiler: ast, graph, lowered, program, clif.
+    Ir {
+        model: PathBuf,
+        #[arg(long, default_value = "graph")]
+        stage: String,
+        #[command(flatten)]
+        args: ModelArgs,
+    },
+    /// Check a `.loop` file (and optionally a checkpoint against it); prints diagnostics only.
+    Check {
+        model: PathBuf,
+        #[command(flatten)]
+        args: ModelArgs,
+        /// Also check that this checkpoint has every declared tensor with its shape.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// An artifact from `loopc build`, or a `.loop` file (compiled in memory first).
+    model: PathBuf,
+    /// Weights: a .safetensors file or a directory of shards.
+    #[arg(long)]
+    weights: PathBuf,
+    /// The prompt as token ids, e.g. "1 2 3".
+    #[arg(long, conflicts_with = "prompt")]
+    tokens: Option<String>,
+    /// The prompt as text (needs --tokenizer).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// A HF tokenizer.json for --prompt.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Recurrence steps r (default: the model's).
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop at these token ids, e.g. "65505 65508".
+    #[arg(long)]
+    stop: Option<String>,
+    /// Write the logits of every prefill position and decode step to this safetensors file.
+    #[arg(long, value_name = "FILE.safetensors")]
+    dump_logits: Option<PathBuf>,
+    /// Print run statistics (iterations, KV bytes, timings) to stderr.
+    #[arg(long)]
+    stats: bool,
+    /// Compile options when MODEL is a `.loop` file.
+    #[command(flatten)]
+    args: ModelArgs,
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => 0,
+        Err(msg) => {
+            eprintln!("{}", msg.trim_end());
+            1
+        }
+    }
+}
+
+fn compile_err(e: CompileError) -> String {
+    e.to_string()
+}
+
+fn dispatch(cli: Cli) -> Result<(), String> {
+    match cli.cmd {
+        Cmd::Build { model, args, output } => {
+            let t = Instant::now();
+            let built = driver::build(&model, &args.options()).map_err(compile_err)?;
+            eprint!("{}", built.warnings);
+            for p in &built.passes {
+                if let Some(d) = &p.dump {
+                    eprintln!("// ---- after pass `{}` ----\n{d}", p.name);
+                }
+            }
+            let out = output.unwrap_or_else(|| model.with_extension("loopc"));
+            let bytes = built.artifact_bytes();
+            std::fs::write(&out, &bytes).map_err(|e| format!("error: cannot write `{}`: {e}", out.display()))?;
+            let stages: Vec<String> = built.timings.iter().map(|(k, s)| format!("{k} {:.1} ms", s * 1e3)).collect();
+            eprintln!(
+                "built {} → {} ({} kernels, {} weights, {:.1} KiB) in {:.3} s [{}]",
+                model.display(),
+                out.display(),
+                built.manifest.kernels.len(),
+                built.manifest.weights.len(),
+                bytes.len() as f64 / 1024.0,
+                t.elapsed().as_secs_f64(),
+                stages.join(", ")
+            );
+            Ok(())
+        }
+        Cmd::Ir { model, stage, args } => {
+            let text = driver::stage_text(&model, &stage, &args.options()).map_err(compile_err)?;
+            print!("{text}");
+            Ok(())
+        }
+        Cmd::Check { model, args, weights } => {
+            let opts = args.options();
+            let f = driver::front(&model, &opts).map_err(compile_err)?;
+            let (mut m, warns) = driver::graph(&f, &opts).map_err(compile_err)?;
+            driver::optimize(&mut m, &opts).map_err(compile_err)?;
+            if !warns.is_empty() {
+                eprint!("{}", loopc_compiler::frontend::render(&f.sources, &warns, opts.color));
+            }
+            if let Some(w) = weights {
+                let ws = Weights::open(&w).map_err(|e| format!("error: {e}"))?;
+                let problems = loopc_runtime::check_weights(&ws, &driver::program(&m).map_err(compile_err)?.weights);
+                if !problems.is_empty() {
+                    return Err(format!("error: {} problem(s) with `{}`:\n{}", problems.len(), w.display(), problems.join("\n")));
+                }
+            }
+            eprintln!("{}: ok ({} nodes, {} weights)", model.display(), m.node_count(), m.weights.len());
+            Ok(())
+        }
+        Cmd::Run(r) => run(r),
+    }
+}
+
+fn load_artifact(path: &Path, args: &ModelArgs) -> Result<Artifact, String> {
+    if path.extension().is_some_and(|e| e == "loop") {
+        let t = Instant::now();
+        let built = driver::build(path, &args.options()).map_err(compile_err)?;
+        eprint!("{}", built.warnings);
+        eprintln!("compiled {} in {:.3} s", path.display(), t.elapsed().as_secs_f64());
+        Artifact::from_bytes(built.artifact_bytes()).map_err(|e| format!("error: {e}"))
+    } else {
+        Artifact::load(path).map_err(|e| format!("error: {e}"))
+    }
+}
+
+fn parse_ids(s: &str, what: &str) -> Result<Vec<u32>, String> {
+    s.split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().map_err(|_| format!("error: {what}: `{t}` is not a token id")))
+        .collect()
+}
+
+fn run(r: RunArgs) -> Result<(), String> {
+    let artifact = load_artifact(&r.model, &r.args)?;
+    let t = Instant::now();
+    let weights = Weights::open(&r.weights).map_err(|e| format!("error: {e}"))?;
+    let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
+    eprintln!("loaded weights from {} in {:.3} s", r.weights.display(), t.elapsed().as_secs_f64());
+    let prompt = match (&r.tokens, &r.prompt) {
+        (Some(t), _) => parse_ids(t, "--tokens")?,
+        (None, Some(_)) => {
+            return Err("error: --prompt needs a tokenizer, which this build does not include yet; pass token ids with --tokens".into())
+        }
+        (None, None) => return Err("error: give the prompt with --tokens \"1 2 3\"".into()),
+    };
+    let stops = match &r.stop {
+        Some(s) => parse_ids(s, "--stop")?,
+        None => vec![],
+    };
+    let mut sampler = if r.temperature > 0.0 { SamplerConfig::temperature(r.temperature) } else { SamplerConfig::greedy() };
+    if let Some(k) = r.top_k {
+        sampler = sampler.with_top_k(k);
+    }
+    if let Some(p) = r.top_p {
+        sampler = sampler.with_top_p(p);
+    }
+    sampler = sampler.with_seed(r.seed);
+    let mut session = model.session();
+    session.set_steps(r.steps);
+    let out = loopc_runtime::generate(&mut session, &prompt, r.max_new_tokens, &sampler, &stops)
+        .map_err(|e| format!("error: {e}"))?;
+    let toks: Vec<String> = out.tokens.iter().map(|t| t.to_string()).collect();
+    println!("{}", toks.join(" "));
+    let st = session.stats();
+    eprintln!(
+        "prefill {} tokens in {:.3} s ({:.1} tok/s); decode {} tokens in {:.3} s ({:.1} tok/s)",
+        prompt.len(),
+        out.prefill_seconds,
+        prompt.len() as f64 / out.prefill_seconds.max(1e-9),
+        out.tokens.len(),
+        out.decode_seconds,
+        out.tokens.len() as f64 / out.decode_seconds.max(1e-9),
+    );
+    if r.stats {
+        eprintln!("{st}");
+    }
+    if let Some(path) = &r.dump_logits {
+        out.write_safetensors(path, &prompt).map_err(|e| format!("error: cannot write `{}`: {e}", path.display()))?;
+        eprintln!("wrote logits to {}", path.display());
+    }
+    Ok(())
+}
