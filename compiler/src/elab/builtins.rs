@@ -141,6 +141,19 @@ impl<'a> Elab<'a> {
                 self.op(Op::RmsNorm { eps: eps as f32 }, &[b.get(0).unwrap(), b.get(1).unwrap()], span)
             }
             "rope" => {
+                let style_expr = args.iter().find(|a| a.name.as_ref().is_some_and(|n| n.name == "style")).or_else(|| {
+                    args.iter().filter(|a| a.name.is_none()).nth(2)
+                });
+                if let Some(a) = style_expr {
+                    if let Some(name) = self.symbol_of(&a.value).filter(|n| RopeStyle::from_name(n).is_none()) {
+                        self.diags.push(
+                            diag::error(BAD_ARGS, format!("unknown rope style `{name}`"))
+                                .with_labels(vec![diag::primary(a.value.span, "style")])
+                                .with_notes(vec!["help: use `interleaved` (Huginn: pairs x[2i], x[2i+1]) or `half` (HF rotate_half: pairs x[i], x[i+d/2])".into()]),
+                        );
+                        return Val::Error;
+                    }
+                }
                 let Some(b) = self.bind(callee, args, &["x", "heads", "style", "base"], 4, span) else { return Val::Error };
                 let Some(heads) = self.int_arg(&b.get(1).unwrap(), "`rope` heads", 1) else { return Val::Error };
                 let (sv, ss) = b.get(2).unwrap();
@@ -203,24 +216,28 @@ impl<'a> Elab<'a> {
                     self.err(BAD_ARGS, ss, format!("`split` sizes must be a list like [dim, dim], got {}", show(&sizes)), "sizes");
                     return Val::Error;
                 };
-                let mut start = 0;
-                let mut out = vec![];
+                let mut lens = vec![];
                 for it in &items {
                     let Some(len) = self.int_arg(&(it.clone(), ss), "a `split` size", 1) else { return Val::Error };
+                    lens.push(len);
+                }
+                let total: usize = lens.iter().sum();
+                let Some(n) = self.tensor(&x, xs, "the value to split") else { return Val::Error };
+                let cols = self.regions.last().unwrap().region.ty(n).cols();
+                if cols.is_some_and(|c| c != total) {
+                    self.err(
+                        super::SHAPE,
+                        ss,
+                        format!("`split` sizes add up to {total} but the value has width {}", cols.unwrap()),
+                        "sizes",
+                    );
+                    return Val::Error;
+                }
+                let mut start = 0;
+                let mut out = vec![];
+                for len in lens {
                     out.push(self.op(Op::Slice { start, len }, &[(x.clone(), xs)], span));
                     start += len;
-                }
-                if let Some(n) = self.tensor(&x, xs, "the value to split") {
-                    let cols = self.regions.last().unwrap().region.ty(n).cols();
-                    if cols.is_some_and(|c| c != start) {
-                        self.err(
-                            super::SHAPE,
-                            ss,
-                            format!("`split` sizes add up to {start} but the value has width {}", cols.unwrap()),
-                            "sizes",
-                        );
-                        return Val::Error;
-                    }
                 }
                 Val::List(out)
             }

@@ -351,6 +351,14 @@ impl<'a> Elab<'a> {
         Some(out)
     }
 
+    /// The name of a bare identifier that is not bound to a value: a policy or style symbol.
+    pub(crate) fn symbol_of(&self, e: &Expr) -> Option<String> {
+        match &e.kind {
+            ExprKind::Name(id) if self.lookup(&id.name).is_none() => Some(id.name.clone()),
+            _ => None,
+        }
+    }
+
     fn unknown(&mut self, id: &ast::Ident) {
         let mut names: Vec<String> = self.globals.keys().cloned().collect();
         for s in self.scopes.iter().rev() {
@@ -627,6 +635,18 @@ impl<'a> Elab<'a> {
         let mut cache = CacheSpec::PerStep;
         for st in &body.stmts {
             match &st.kind {
+                StmtKind::Exit(e) if self.symbol_of(e).is_some() => {
+                    let name = self.symbol_of(e).unwrap();
+                    if name != "fixed" {
+                        self.err(BAD_POLICY, e.span, format!("unknown exit policy `{name}`"), "expected `fixed` or `converge(threshold = ..., max = ...)`");
+                    }
+                }
+                StmtKind::Cache(e) if self.symbol_of(e).is_some() => {
+                    let name = self.symbol_of(e).unwrap();
+                    if name != "per_step" {
+                        self.err(BAD_POLICY, e.span, format!("unknown cache policy `{name}`"), "expected `per_step`");
+                    }
+                }
                 StmtKind::Exit(e) => match self.eval(e) {
                     Val::Sym(s) if s == "fixed" => exit = ExitSpec::Fixed,
                     Val::Exit(x) => exit = x,
