@@ -6,6 +6,9 @@ use loopc_runtime::{Artifact, Model, SamplerConfig, Weights};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::tokenize;
+use crate::bench;
+
 #[derive(Parser)]
 #[command(
     name = "loopc",
@@ -73,6 +76,23 @@ enum Cmd {
     },
     /// Run a model: prefill the prompt, then generate tokens.
     Run(RunArgs),
+    /// Time prefill and decode (medians over repetitions), printed as one JSON line.
+    Bench {
+        /// An artifact or a `.loop` file.
+        model: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        #[arg(long)]
+        steps: Option<usize>,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[command(flatten)]
+        args: ModelArgs,
+    },
     /// Print one stage of the compiler: ast, graph, lowered, program, clif.
     Ir {
         model: PathBuf,
@@ -102,12 +122,15 @@ struct RunArgs {
     /// The prompt as token ids, e.g. "1 2 3".
     #[arg(long, conflicts_with = "prompt")]
     tokens: Option<String>,
-    /// The prompt as text (needs --tokenizer).
+    /// The prompt as text (needs --tokenizer); prints the generated text.
     #[arg(long)]
     prompt: Option<String>,
-    /// A HF tokenizer.json for --prompt.
-    #[arg(long)]
+    /// A Hugging Face tokenizer.json, used with --prompt.
+    #[arg(long, value_name = "tokenizer.json")]
     tokenizer: Option<PathBuf>,
+    /// With --prompt, also print the generated token ids (a line before the text).
+    #[arg(long)]
+    print_ids: bool,
     /// Recurrence steps r (default: the model's).
     #[arg(long)]
     steps: Option<usize>,
@@ -202,6 +225,14 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::Run(r) => run(r),
+        Cmd::Bench { model, weights, prompt_len, new_tokens, steps, reps, args } => {
+            let artifact = load_artifact(&model, &args)?;
+            let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
+            let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
+            let line = bench::run(&model, &bench::BenchArgs { prompt_len, new_tokens, steps, reps, seed: 0 })?;
+            println!("{line}");
+            Ok(())
+        }
     }
 }
 
@@ -225,18 +256,32 @@ fn parse_ids(s: &str, what: &str) -> Result<Vec<u32>, String> {
 }
 
 fn run(r: RunArgs) -> Result<(), String> {
+    // The prompt first, so a bad tokenizer fails before the model is compiled and loaded.
+    let (prompt, tokenizer) = match (&r.tokens, &r.prompt, &r.tokenizer) {
+        (Some(t), _, _) => (parse_ids(t, "--tokens")?, None),
+        (None, Some(text), Some(path)) => {
+            let tok = tokenize::load(path)?;
+            (tokenize::encode(&tok, text)?, Some((tok, path)))
+        }
+        (None, Some(_), None) => {
+            return Err("error: --prompt needs --tokenizer tokenizer.json (or pass token ids with --tokens \"1 2 3\")".into())
+        }
+        (None, None, _) => return Err("error: give the prompt with --tokens \"1 2 3\" or --prompt TEXT --tokenizer tokenizer.json".into()),
+    };
     let artifact = load_artifact(&r.model, &r.args)?;
     let t = Instant::now();
     let weights = Weights::open(&r.weights).map_err(|e| format!("error: {e}"))?;
     let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
     eprintln!("loaded weights from {} in {:.3} s", r.weights.display(), t.elapsed().as_secs_f64());
-    let prompt = match (&r.tokens, &r.prompt) {
-        (Some(t), _) => parse_ids(t, "--tokens")?,
-        (None, Some(_)) => {
-            return Err("error: --prompt needs a tokenizer, which this build does not include yet; pass token ids with --tokens".into())
+    if let (Some((_, path)), Some(&id)) = (&tokenizer, prompt.iter().max()) {
+        if id as usize >= model.token_limit() {
+            return Err(format!(
+                "error: the tokenizer `{}` gave token id {id} for the prompt, but the model takes ids below {} (is it this model's tokenizer?)",
+                path.display(),
+                model.token_limit()
+            ));
         }
-        (None, None) => return Err("error: give the prompt with --tokens \"1 2 3\"".into()),
-    };
+    }
     let stops = match &r.stop {
         Some(s) => parse_ids(s, "--stop")?,
         None => vec![],
@@ -254,7 +299,15 @@ fn run(r: RunArgs) -> Result<(), String> {
     let out = loopc_runtime::generate(&mut session, &prompt, r.max_new_tokens, &sampler, &stops)
         .map_err(|e| format!("error: {e}"))?;
     let toks: Vec<String> = out.tokens.iter().map(|t| t.to_string()).collect();
-    println!("{}", toks.join(" "));
+    match &tokenizer {
+        None => println!("{}", toks.join(" ")),
+        Some((tok, _)) => {
+            if r.print_ids {
+                println!("{}", toks.join(" "));
+            }
+            println!("{}", tokenize::decode(tok, &out.tokens)?);
+        }
+    }
     let st = session.stats();
     eprintln!(
         "prefill {} tokens in {:.3} s ({:.1} tok/s); decode {} tokens in {:.3} s ({:.1} tok/s)",
