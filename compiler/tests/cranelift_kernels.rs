@@ -526,6 +526,38 @@ fn rmsnorm_matches_reference() {
 }
 
 #[test]
+fn layernorm_matches_reference() {
+    let shapes = [1usize, 3, 7, 64, 96, 130, 301];
+    let decls: Vec<KernelDecl> =
+        shapes.iter().map(|&cols| decl(&format!("ln_{cols}"), KernelSpec::LayerNorm { cols, eps: 1e-5 })).collect();
+    let lib = Loaded::new(&decls);
+    let mut rng = Rng(21);
+    let rows = 5;
+    for &cols in &shapes {
+        let k = lib.kernel(&format!("ln_{cols}"));
+        // An offset mean makes the naive E[x²] − E[x]² formula lose digits; the kernel must not.
+        let x: Vec<f32> = rng.vec(rows * cols, -3.0, 3.0).iter().map(|v| v + 40.0).collect();
+        let g = rng.vec(cols, 0.5, 1.5);
+        let b = rng.vec(cols, -0.5, 0.5);
+        let mut want = vec![0.0; rows * cols];
+        for r in 0..rows {
+            let row: Vec<f64> = x[r * cols..(r + 1) * cols].iter().map(|&v| v as f64).collect();
+            let mean = row.iter().sum::<f64>() / cols as f64;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / cols as f64;
+            let inv = 1.0 / (var + 1e-5f32 as f64).sqrt();
+            for c in 0..cols {
+                want[r * cols + c] = (row[c] - mean) * inv * g[c] as f64 + b[c] as f64;
+            }
+        }
+        let mut bufs = vec![x.clone(), g.clone(), b.clone(), vec![f32::NAN; rows * cols]];
+        let ptrs = ptrs_of(&mut bufs);
+        call_split(k, &ptrs, rows, 2, 0);
+        // cols = 1 has zero variance: the output is the bias exactly.
+        assert_close(&format!("layernorm cols={cols}"), &bufs[3], &want, 1e-4, 2e-4);
+    }
+}
+
+#[test]
 fn rmsnorm_residual_sum_may_alias_input() {
     let cols = 45;
     let rows = 2;

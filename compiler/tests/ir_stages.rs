@@ -25,6 +25,9 @@ fn stage(example: &str, config: &str, stage: &str) -> String {
     if example == "huginn" {
         o.set.push("init_scale=0".into());
     }
+    if example == "ltg" {
+        o.set.extend(["positions=1".into(), "inject=1".into()]);
+    }
     let f = driver::front_from_source(&format!("examples/{example}.loop"), &std::fs::read_to_string(path).unwrap(), &o)
         .unwrap_or_else(|e| panic!("{e}"));
     driver::stage_text_front(&f, stage, &o).unwrap_or_else(|e| panic!("{e}"))
@@ -48,11 +51,14 @@ stage_snapshots! {
     ouro_graph: "ouro", "ouro_tiny/config.json", "graph";
     ouro_lowered: "ouro", "ouro_tiny/config.json", "lowered";
     ouro_program: "ouro", "ouro_tiny/config.json", "program";
+    ltg_ast: "ltg", "ltg_tiny/config.json", "ast";
+    ltg_graph: "ltg", "ltg_tiny/config.json", "graph";
+    ltg_program: "ltg", "ltg_tiny/config.json", "program";
 }
 
 #[test]
 fn graph_text_round_trips() {
-    for (ex, cfg) in [("huginn", "huginn_tiny/config.json"), ("ouro", "ouro_tiny/config.json")] {
+    for (ex, cfg) in [("huginn", "huginn_tiny/config.json"), ("ouro", "ouro_tiny/config.json"), ("ltg", "ltg_tiny/config.json")] {
         for st in ["graph", "lowered"] {
             let text = stage(ex, cfg, st);
             let m = parse_module(&text).unwrap_or_else(|e| panic!("{ex}/{st}: {e}"));
@@ -86,4 +92,22 @@ fn full_size_huginn_elaborates() {
     assert_eq!(p.kv_sites.iter().filter(|s| s.in_loop).count(), 4);
     assert_eq!(p.kv_sites.len(), 8);
     assert_eq!(p.program.recur.as_ref().unwrap().default_steps, 32);
+}
+
+#[test]
+fn printed_ast_is_a_fixed_point_for_every_example() {
+    use loopc_compiler::frontend::{parse, print, SourceMap};
+    for ex in ["huginn", "ouro", "ltg"] {
+        let text = std::fs::read_to_string(root().join(format!("examples/{ex}.loop"))).unwrap();
+        let mut sm = SourceMap::new();
+        let f = sm.add(ex, text);
+        let (ast, d) = parse(&sm, f);
+        assert!(d.is_empty(), "{ex}: {d:?}");
+        let once = print(&ast);
+        let mut sm2 = SourceMap::new();
+        let f2 = sm2.add(ex, once.clone());
+        let (ast2, d2) = parse(&sm2, f2);
+        assert!(d2.is_empty(), "{ex} printed form re-parses: {d2:?}");
+        assert_eq!(print(&ast2), once, "{ex}");
+    }
 }

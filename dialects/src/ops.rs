@@ -162,6 +162,14 @@ pub enum Op {
     Slice { start: usize, len: usize },
     /// A fused elementwise kernel created by the passes; `outputs` has one entry.
     Fused { body: Vec<FusedOp> },
+    /// `(x − mean) · rsqrt(var + eps) · g + b`. Operands: x, g, b.
+    LayerNorm { eps: f32 },
+    /// `x · w` with `w: [k, n]` (GPT-2's `Conv1D` layout). Operands: x, w.
+    MatMul,
+    /// Learned absolute position embeddings `table[position]`. Operand: table.
+    PosEmbed,
+    /// Sinusoidal position embeddings of width `cols`.
+    Sinusoidal { cols: usize, base: f64 },
 }
 
 impl Op {
@@ -182,6 +190,10 @@ impl Op {
             Op::Concat => "concat",
             Op::Slice { .. } => "slice",
             Op::Fused { .. } => "fused",
+            Op::LayerNorm { .. } => "layernorm",
+            Op::MatMul => "matmul",
+            Op::PosEmbed => "pos_embed",
+            Op::Sinusoidal { .. } => "sinusoidal",
         }
     }
 }

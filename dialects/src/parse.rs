@@ -126,6 +126,10 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
             "embed" => Op::Embed,
             "linear" => Op::Linear,
             "rmsnorm" => Op::RmsNorm { eps: num(ln, attr("eps")?)? as f32 },
+            "layernorm" => Op::LayerNorm { eps: num(ln, attr("eps")?)? as f32 },
+            "matmul" => Op::MatMul,
+            "pos_embed" => Op::PosEmbed,
+            "sinusoidal" => Op::Sinusoidal { cols: num(ln, attr("cols")?)? as usize, base: num(ln, attr("base")?)? },
             "rope" => Op::Rope {
                 heads: num(ln, attr("heads")?)? as usize,
                 style: RopeStyle::from_name(attr("style")?).ok_or(ParseError { line: ln, message: "unknown rope style".into() })?,

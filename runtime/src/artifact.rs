@@ -161,6 +161,9 @@ pub enum KernelSpec {
     /// `[capacity, kv_heads·head_dim]`. Query row `r` attends to cache rows `0..=pos0 + r`.
     /// Head `h` reads kv head `h / (heads / kv_heads)`.
     Attention { heads: usize, kv_heads: usize, head_dim: usize, scale: f32 },
+    /// `y = (x − mean(x)) · rsqrt(var(x) + eps) · gain + bias` (biased variance, as torch).
+    /// Pointers: `[x, gain, bias, y]`.
+    LayerNorm { cols: usize, eps: f32 },
 }
 
 impl KernelSpec {
@@ -172,6 +175,7 @@ impl KernelSpec {
             }
             KernelSpec::Rope { .. } => 3,
             KernelSpec::Attention { .. } => 4,
+            KernelSpec::LayerNorm { .. } => 4,
         }
     }
 }
@@ -201,6 +205,15 @@ pub enum Instr {
     KvWrite { site: u32, k: BufId, v: BufId },
     /// A generated kernel; `items` is [`Rows::Tokens`] rows, times heads for attention.
     Kernel { kernel: KernelId, args: Vec<Arg> },
+    /// `out = x · w` with `w: [k_in, n_out]` (GPT-2's `Conv1D` layout); `w.rows` is `k_in`.
+    MatMulKN { x: BufId, w: WRef, out: BufId },
+    /// Columns `start .. start + out.cols` of `src`.
+    SliceCols { src: BufId, start: usize, out: BufId },
+    /// `out[r] = table[pos0 + r]`: learned absolute position embeddings.
+    PosEmbed { table: WRef, out: BufId },
+    /// Sinusoidal position embeddings (Vaswani et al.): even columns `sin(p·base^(−c/d))`, odd
+    /// columns `cos` of the same angle, computed in f64.
+    Sinusoidal { base: f64, out: BufId },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -380,6 +380,56 @@ impl Run<'_> {
                 self.kv.write(site, slot, self.pos0, s, kb, vb)?;
                 Ok(3)
             }
+            Instr::MatMulKN { x, w, out } => {
+                let rows = self.ws.rows[*x as usize];
+                let wd = weight(m, w);
+                let xb = &self.ws.bufs[*x as usize];
+                // SAFETY: x != out (validated), so the two slices do not alias.
+                let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
+                let os = self.ws.bufs[*out as usize].as_mut_slice();
+                crate::matmul::matmul_kn(xs, wd, os, rows, w.rows, w.cols, m.threads);
+                Ok(1)
+            }
+            Instr::SliceCols { src, start, out } => {
+                let (sc, oc) = (bufs[*src as usize].cols, bufs[*out as usize].cols);
+                let rows = self.ws.rows[*out as usize];
+                let sp = self.ws.bufs[*src as usize].as_ptr();
+                let op = self.ws.bufs[*out as usize].as_mut_ptr();
+                for r in 0..rows {
+                    // SAFETY: validated: distinct buffers, start + oc <= sc, same rows.
+                    unsafe { std::ptr::copy_nonoverlapping(sp.add(r * sc + start), op.add(r * oc), oc) };
+                }
+                Ok(2)
+            }
+            Instr::PosEmbed { table, out } => {
+                let cols = table.cols;
+                if self.pos0 + s > table.rows {
+                    return Err(crate::RuntimeError::Config(format!(
+                        "position {} is past the {} learned position embeddings of this model",
+                        self.pos0 + s - 1,
+                        table.rows
+                    )));
+                }
+                let w = weight(m, table);
+                let o = self.ws.bufs[*out as usize].as_mut_slice();
+                o[..s * cols].copy_from_slice(&w[self.pos0 * cols..(self.pos0 + s) * cols]);
+                Ok(0)
+            }
+            Instr::Sinusoidal { base, out } => {
+                let cols = bufs[*out as usize].cols;
+                let o = self.ws.bufs[*out as usize].as_mut_slice();
+                for r in 0..s {
+                    let p = (self.pos0 + r) as f64;
+                    for c in (0..cols).step_by(2) {
+                        let a = p * (-(c as f64) * base.ln() / cols as f64).exp();
+                        o[r * cols + c] = a.sin() as f32;
+                        if c + 1 < cols {
+                            o[r * cols + c + 1] = a.cos() as f32;
+                        }
+                    }
+                }
+                Ok(0)
+            }
             Instr::Kernel { kernel, args } => {
                 let k = *kernel as usize;
                 let spec = &m.manifest.kernels[k].spec;
@@ -407,7 +457,7 @@ impl Run<'_> {
                 }
                 let (cost, chunks_per_thread, cat) = match spec {
                     KernelSpec::Elementwise { cols, ops, .. } => (cols * ops.len().max(1), 1, 4),
-                    KernelSpec::RmsNorm { cols, .. } => (cols * 4, 1, 5),
+                    KernelSpec::RmsNorm { cols, .. } | KernelSpec::LayerNorm { cols, .. } => (cols * 4, 1, 5),
                     KernelSpec::Rope { heads, head_dim, .. } => (heads * head_dim * 3, 1, 6),
                     KernelSpec::Attention { head_dim, .. } => (self.kv_len.saturating_mul(head_dim * 4), 4, 7),
                 };

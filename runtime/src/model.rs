@@ -238,6 +238,9 @@ fn kernel_needs(spec: &KernelSpec) -> Vec<Need> {
             Need::Cache(kv_heads * head_dim),
             Need::PerRow(heads * head_dim),
         ],
+        KernelSpec::LayerNorm { cols, .. } => {
+            vec![Need::PerRow(*cols), Need::Vector(*cols), Need::Vector(*cols), Need::PerRow(*cols)]
+        }
     }
 }
 
@@ -253,6 +256,10 @@ fn instr_name(i: &Instr) -> &'static str {
         Instr::Copy { .. } => "Copy",
         Instr::KvWrite { .. } => "KvWrite",
         Instr::Kernel { .. } => "Kernel",
+        Instr::MatMulKN { .. } => "MatMulKN",
+        Instr::SliceCols { .. } => "SliceCols",
+        Instr::PosEmbed { .. } => "PosEmbed",
+        Instr::Sinusoidal { .. } => "Sinusoidal",
     }
 }
 
@@ -327,7 +334,7 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                     return Err(bad(format!("attention needs heads ({heads}) to be a positive multiple of kv_heads ({kv_heads})")));
                 }
             }
-            KernelSpec::RmsNorm { .. } => {}
+            KernelSpec::RmsNorm { .. } | KernelSpec::LayerNorm { .. } => {}
         }
         needs.push(kernel_needs(&d.spec));
     }
@@ -489,6 +496,40 @@ impl<'a> Validator<'a> {
                                 bb.name, st.name
                             )));
                         }
+                    }
+                }
+                Instr::MatMulKN { x, w, out } => {
+                    self.wref(&ctx, w)?;
+                    let xb = self.buf(&ctx, *x)?;
+                    let ob = self.buf(&ctx, *out)?;
+                    if x == out {
+                        return Err(err("input and output must be different buffers".into()));
+                    }
+                    if xb.cols != w.rows || ob.cols != w.cols || xb.rows != ob.rows {
+                        return Err(err(format!(
+                            "`{}` [{:?}, {}] · W[{}, {}] does not fit `{}` [{:?}, {}]",
+                            xb.name, xb.rows, xb.cols, w.rows, w.cols, ob.name, ob.rows, ob.cols
+                        )));
+                    }
+                }
+                Instr::SliceCols { src, start, out } => {
+                    let sb = self.buf(&ctx, *src)?;
+                    let ob = self.buf(&ctx, *out)?;
+                    if src == out || sb.rows != ob.rows || start.checked_add(ob.cols).is_none_or(|e| e > sb.cols) {
+                        return Err(err(format!("columns {start}..+{} of `{}` do not fit", ob.cols, sb.name)));
+                    }
+                }
+                Instr::PosEmbed { table, out } => {
+                    self.wref(&ctx, table)?;
+                    let o = self.buf(&ctx, *out)?;
+                    if o.rows != Rows::Tokens || o.cols != table.cols {
+                        return Err(err(format!("output `{}` must be [tokens, {}]", o.name, table.cols)));
+                    }
+                }
+                Instr::Sinusoidal { base, out } => {
+                    let o = self.buf(&ctx, *out)?;
+                    if o.rows != Rows::Tokens || !(base.is_finite() && *base > 1.0) {
+                        return Err(err(format!("output `{}` must be [tokens, n] and the base > 1", o.name)));
                     }
                 }
                 Instr::Kernel { kernel, args } => {

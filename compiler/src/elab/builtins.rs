@@ -9,8 +9,8 @@ use std::collections::HashMap;
 
 /// Names callable as builtins (for "did you mean" suggestions).
 pub const NAMES: &[&str] = &[
-    "embed", "linear", "rmsnorm", "rope", "attention", "concat", "split", "silu", "sigmoid", "relu", "gelu", "exp",
-    "tanh", "sqrt", "zeros", "trunc_normal", "converge",
+    "embed", "linear", "matmul", "rmsnorm", "layernorm", "rope", "attention", "concat", "split", "silu", "sigmoid",
+    "relu", "gelu_tanh", "exp", "tanh", "sqrt", "zeros", "trunc_normal", "converge", "pos_embed", "sinusoidal",
 ];
 
 /// Bare names that stand for themselves when not bound.
@@ -100,7 +100,7 @@ impl<'a> Elab<'a> {
             "silu" => Some(Unary::Silu),
             "sigmoid" => Some(Unary::Sigmoid),
             "relu" => Some(Unary::Relu),
-            "gelu" => Some(Unary::GeluTanh),
+            "gelu_tanh" => Some(Unary::GeluTanh),
             "exp" => Some(Unary::Exp),
             "tanh" => Some(Unary::Tanh),
             _ => None,
@@ -129,9 +129,45 @@ impl<'a> Elab<'a> {
                 let Some(b) = self.bind(callee, args, &["tokens", "table"], 2, span) else { return Val::Error };
                 self.op(Op::Embed, &[b.get(0).unwrap(), b.get(1).unwrap()], span)
             }
-            "linear" => {
-                let Some(b) = self.bind(callee, args, &["x", "weight"], 2, span) else { return Val::Error };
-                self.op(Op::Linear, &[b.get(0).unwrap(), b.get(1).unwrap()], span)
+            "linear" | "matmul" => {
+                let Some(b) = self.bind(callee, args, &["x", "weight", "bias"], 2, span) else { return Val::Error };
+                let op = if callee.name == "linear" { Op::Linear } else { Op::MatMul };
+                let y = self.op(op, &[b.get(0).unwrap(), b.get(1).unwrap()], span);
+                match b.get(2) {
+                    Some(bias) => self.op(Op::Binary(loopc_dialects::ops::Binary::Add), &[(y, span), bias], span),
+                    None => y,
+                }
+            }
+            "gelu" => {
+                self.diags.push(
+                    diag::error(BAD_ARGS, "exact (erf) GELU is not available")
+                        .with_labels(vec![diag::primary(callee.span, "here")])
+                        .with_notes(vec!["help: GPT-2 and most looped GPT-2 models use the tanh approximation: `gelu_tanh(x)`".into()]),
+                );
+                Val::Error
+            }
+            "layernorm" => {
+                let Some(b) = self.bind(callee, args, &["x", "gain", "bias", "eps"], 4, span) else { return Val::Error };
+                let Some(eps) = self.num_arg(&b.get(3).unwrap(), "`layernorm` eps", BAD_ARGS, |x| x >= 0.0, "a number ≥ 0") else {
+                    return Val::Error;
+                };
+                self.op(Op::LayerNorm { eps: eps as f32 }, &[b.get(0).unwrap(), b.get(1).unwrap(), b.get(2).unwrap()], span)
+            }
+            "pos_embed" => {
+                let Some(b) = self.bind(callee, args, &["table"], 1, span) else { return Val::Error };
+                self.op(Op::PosEmbed, &[b.get(0).unwrap()], span)
+            }
+            "sinusoidal" => {
+                let Some(b) = self.bind(callee, args, &["dim", "base"], 1, span) else { return Val::Error };
+                let Some(cols) = self.int_arg(&b.get(0).unwrap(), "`sinusoidal` dim", 1) else { return Val::Error };
+                let base = match b.get(1) {
+                    Some(v) => match self.num_arg(&v, "`sinusoidal` base", BAD_ARGS, |x| x > 1.0, "a number > 1") {
+                        Some(x) => x,
+                        None => return Val::Error,
+                    },
+                    None => 10000.0,
+                };
+                self.op(Op::Sinusoidal { cols, base }, &[], span)
             }
             "rmsnorm" => {
                 let Some(b) = self.bind(callee, args, &["x", "gain", "eps"], 3, span) else { return Val::Error };

@@ -287,6 +287,40 @@ impl<'a> Elab<'a> {
                 let v = self.eval(e);
                 return Some((v, e.span));
             }
+            StmtKind::If { lhs, cmp, then, els } => {
+                let a = self.eval(lhs);
+                let truth = match (cmp, &a) {
+                    (_, Val::Error) => return None,
+                    (None, v) if v.num().is_some() => v.num() != Some(0.0),
+                    (Some((op, rhs)), _) => {
+                        let b = self.eval(rhs);
+                        let eq = match (&a, &b) {
+                            (_, Val::Error) => return None,
+                            (x, y) if x.num().is_some() && y.num().is_some() => x.num() == y.num(),
+                            (Val::Str(x), Val::Str(y)) | (Val::Sym(x), Val::Sym(y)) => x == y,
+                            (x, y) => {
+                                self.err(BAD_ARGS, st.span, format!("cannot compare {} with {}", x.describe(), y.describe()), "condition");
+                                return None;
+                            }
+                        };
+                        if *op == ast::CmpOp::Eq { eq } else { !eq }
+                    }
+                    (None, v) => {
+                        self.err(BAD_ARGS, lhs.span, format!("an `if` condition must be a number or a comparison, got {}", show(v)), "condition");
+                        return None;
+                    }
+                };
+                let branch = if truth { Some(then) } else { els.as_ref() };
+                if let Some(b) = branch {
+                    // Names a branch defines stay visible after it, like the statements of a layer:
+                    // the branch is spliced into the enclosing block.
+                    for st in &b.stmts {
+                        if let Some(r) = self.stmt(st) {
+                            return Some(r);
+                        }
+                    }
+                }
+            }
         }
         None
     }

@@ -114,6 +114,7 @@ impl Lowerer {
             KernelSpec::RmsNorm { .. } => "rmsnorm",
             KernelSpec::Rope { .. } => "rope",
             KernelSpec::Attention { .. } => "attn",
+            KernelSpec::LayerNorm { .. } => "layernorm",
         };
         let id = self.kernels.len() as u32;
         self.kernels.push(KernelDecl { symbol: format!("loopc_k{id}_{kind}"), spec });
@@ -287,10 +288,38 @@ impl Lowerer {
                 out.push(Instr::Concat { inputs, out: o });
                 vals.insert(n, o);
             }
-            Op::Slice { .. } => {
-                return Err(LowerError(
-                    "`split` of a value that is not a `linear` projection is not supported yet; split the projection weight instead".into(),
-                ))
+            Op::Slice { start, .. } => {
+                let src = self.buf(ops[0], vals)?;
+                let o = self.buffer(name, cols);
+                out.push(Instr::SliceCols { src, start: *start, out: o });
+                vals.insert(n, o);
+            }
+            Op::LayerNorm { eps } => {
+                let x = self.buf(ops[0], vals)?;
+                let g = self.arg(r, ops[1], vals)?;
+                let b = self.arg(r, ops[2], vals)?;
+                let k = self.kernel(KernelSpec::LayerNorm { cols, eps: *eps });
+                let o = self.buffer(name, cols);
+                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(x), g, b, Arg::Buf(o)] });
+                vals.insert(n, o);
+            }
+            Op::MatMul => {
+                let w = wref(&r.node(ops[1]).op).ok_or_else(|| LowerError("`matmul` needs a weight".into()))?;
+                let x = self.buf(ops[0], vals)?;
+                let o = self.buffer(name, cols);
+                out.push(Instr::MatMulKN { x, w, out: o });
+                vals.insert(n, o);
+            }
+            Op::PosEmbed => {
+                let table = wref(&r.node(ops[0]).op).ok_or_else(|| LowerError("`pos_embed` needs a weight table".into()))?;
+                let o = self.buffer(name, cols);
+                out.push(Instr::PosEmbed { table, out: o });
+                vals.insert(n, o);
+            }
+            Op::Sinusoidal { base, .. } => {
+                let o = self.buffer(name, cols);
+                out.push(Instr::Sinusoidal { base: *base, out: o });
+                vals.insert(n, o);
             }
             Op::Unary(_) | Op::Binary(_) | Op::Scale(_) | Op::Fused { .. } => {
                 let body = match &node.op {
