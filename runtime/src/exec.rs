@@ -343,14 +343,18 @@ impl Run<'_> {
                 }
                 Ok(0)
             }
-            Instr::MatMul { x, w, out } => {
+            Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out } => {
                 let rows = self.ws.rows[*x as usize];
                 let wd = weight(m, w);
                 let xb = &self.ws.bufs[*x as usize];
                 // SAFETY: x != out (validated), so the two slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
                 let os = self.ws.bufs[*out as usize].as_mut_slice();
-                matmul(xs, wd, os, rows, w.cols, w.rows, m.threads);
+                if matches!(ins, Instr::MatMul { .. }) {
+                    matmul(xs, wd, os, rows, w.cols, w.rows, m.threads);
+                } else {
+                    crate::matmul::matmul_kn(xs, wd, os, rows, w.rows, w.cols, m.threads);
+                }
                 Ok(1)
             }
             Instr::Concat { inputs, out } => {
@@ -379,16 +383,6 @@ impl Run<'_> {
                 let (kb, vb) = (self.ws.buf(*k), self.ws.buf(*v));
                 self.kv.write(site, slot, self.pos0, s, kb, vb)?;
                 Ok(3)
-            }
-            Instr::MatMulKN { x, w, out } => {
-                let rows = self.ws.rows[*x as usize];
-                let wd = weight(m, w);
-                let xb = &self.ws.bufs[*x as usize];
-                // SAFETY: x != out (validated), so the two slices do not alias.
-                let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
-                let os = self.ws.bufs[*out as usize].as_mut_slice();
-                crate::matmul::matmul_kn(xs, wd, os, rows, w.rows, w.cols, m.threads);
-                Ok(1)
             }
             Instr::SliceCols { src, start, out } => {
                 let (sc, oc) = (bufs[*src as usize].cols, bufs[*out as usize].cols);

@@ -440,16 +440,18 @@ impl<'a> Validator<'a> {
                         return Err(err(format!("output `{}` must be [tokens, {}]", o.name, table.cols)));
                     }
                 }
-                Instr::MatMul { x, w, out } => {
+                Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out } => {
                     self.wref(&ctx, w)?;
                     let xb = self.buf(&ctx, *x)?;
                     let ob = self.buf(&ctx, *out)?;
                     if x == out {
                         return Err(err("input and output must be different buffers".into()));
                     }
-                    if xb.cols != w.cols || ob.cols != w.rows || xb.rows != ob.rows {
+                    // `MatMul` multiplies by Wᵀ (`Linear` layout), `MatMulKN` by W (`Conv1D`).
+                    let (k, n, t) = if matches!(ins, Instr::MatMul { .. }) { (w.cols, w.rows, "ᵀ") } else { (w.rows, w.cols, "") };
+                    if xb.cols != k || ob.cols != n || xb.rows != ob.rows {
                         return Err(err(format!(
-                            "`{}` [{:?}, {}] · W[{}, {}]ᵀ does not fit `{}` [{:?}, {}]",
+                            "`{}` [{:?}, {}] · W[{}, {}]{t} does not fit `{}` [{:?}, {}]",
                             xb.name, xb.rows, xb.cols, w.rows, w.cols, ob.name, ob.rows, ob.cols
                         )));
                     }
@@ -496,20 +498,6 @@ impl<'a> Validator<'a> {
                                 bb.name, st.name
                             )));
                         }
-                    }
-                }
-                Instr::MatMulKN { x, w, out } => {
-                    self.wref(&ctx, w)?;
-                    let xb = self.buf(&ctx, *x)?;
-                    let ob = self.buf(&ctx, *out)?;
-                    if x == out {
-                        return Err(err("input and output must be different buffers".into()));
-                    }
-                    if xb.cols != w.rows || ob.cols != w.cols || xb.rows != ob.rows {
-                        return Err(err(format!(
-                            "`{}` [{:?}, {}] · W[{}, {}] does not fit `{}` [{:?}, {}]",
-                            xb.name, xb.rows, xb.cols, w.rows, w.cols, ob.name, ob.rows, ob.cols
-                        )));
                     }
                 }
                 Instr::SliceCols { src, start, out } => {
