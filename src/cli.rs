@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use crate::tokenize;
 use crate::bench;
+use crate::eval;
 
 #[derive(Parser)]
 #[command(
@@ -76,6 +77,24 @@ enum Cmd {
     },
     /// Run a model: prefill the prompt, then generate tokens.
     Run(RunArgs),
+    /// Accuracy on a task file (JSON lines of tokens/answer/hops) by hop count × steps.
+    Eval {
+        /// An artifact or a `.loop` file.
+        model: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        /// JSON lines: {"tokens": [...], "answer": id, "hops": k}.
+        #[arg(long)]
+        task: PathBuf,
+        /// Recurrence depths to evaluate, e.g. "1,2,4,8".
+        #[arg(long, default_value = "1,2,4,8")]
+        steps: String,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+        #[command(flatten)]
+        args: ModelArgs,
+    },
     /// Time prefill and decode (medians over repetitions), printed as one JSON line.
     Bench {
         /// An artifact or a `.loop` file.
@@ -225,6 +244,21 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::Run(r) => run(r),
+        Cmd::Eval { model, weights, task, steps, format, args } => {
+            let steps: Vec<usize> = steps
+                .split(',')
+                .map(|t| t.trim().parse::<usize>().ok().filter(|&r| r > 0).ok_or(format!("error: --steps: `{t}` is not a positive integer")))
+                .collect::<Result<_, _>>()?;
+            let items = eval::load_task(&task)?;
+            let artifact = load_artifact(&model, &args)?;
+            let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
+            let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
+            let t = Instant::now();
+            let table = eval::evaluate(&model, &items, &steps)?;
+            print!("{}", table.render(&format)?);
+            eprintln!("evaluated {} questions × {} depths in {:.2} s", items.len(), steps.len(), t.elapsed().as_secs_f64());
+            Ok(())
+        }
         Cmd::Bench { model, weights, prompt_len, new_tokens, steps, reps, args } => {
             let artifact = load_artifact(&model, &args)?;
             let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;

@@ -1,6 +1,7 @@
 //! `loopc`: compile looped transformers described in `.loop` files and run them.
 mod bench;
 mod cli;
+mod eval;
 mod tokenize;
 
 fn main() {
