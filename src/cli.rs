@@ -173,6 +173,9 @@ struct RunArgs {
     /// Print run statistics (iterations, KV bytes, timings) to stderr.
     #[arg(long)]
     stats: bool,
+    /// Time every kind of operation (matmul, attention, norms, ...) and print the table.
+    #[arg(long)]
+    profile: bool,
     /// Compile options when MODEL is a `.loop` file.
     #[command(flatten)]
     args: ModelArgs,
@@ -330,6 +333,7 @@ fn run(r: RunArgs) -> Result<(), String> {
     sampler = sampler.with_seed(r.seed);
     let mut session = model.session();
     session.set_steps(r.steps);
+    session.set_profiling(r.profile);
     let out = loopc_runtime::generate(&mut session, &prompt, r.max_new_tokens, &sampler, &stops)
         .map_err(|e| format!("error: {e}"))?;
     let toks: Vec<String> = out.tokens.iter().map(|t| t.to_string()).collect();
@@ -352,7 +356,7 @@ fn run(r: RunArgs) -> Result<(), String> {
         out.decode_seconds,
         out.tokens.len() as f64 / out.decode_seconds.max(1e-9),
     );
-    if r.stats {
+    if r.stats || r.profile {
         eprintln!("{st}");
     }
     if let Some(path) = &r.dump_logits {
