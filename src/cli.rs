@@ -120,6 +120,13 @@ enum Cmd {
         #[command(flatten)]
         args: ModelArgs,
     },
+    /// Print every param of a `.loop` file with its value and where it came from (the default,
+    /// `--set`, or which config.json key), and the config keys no param reads.
+    Params {
+        model: PathBuf,
+        #[command(flatten)]
+        args: ModelArgs,
+    },
     /// Check a `.loop` file (and optionally a checkpoint against it); prints diagnostics only.
     Check {
         model: PathBuf,
@@ -247,6 +254,22 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::Run(r) => run(r),
+        Cmd::Params { model, args } => {
+            use loopc_compiler::frontend::params::ValueSource;
+            let f = driver::front(&model, &args.options()).map_err(compile_err)?;
+            for p in &f.params.params {
+                let src = match &p.source {
+                    ValueSource::Default => "default".to_string(),
+                    ValueSource::Set => "--set".to_string(),
+                    ValueSource::Config(k) => format!("config \"{k}\""),
+                };
+                println!("{:<16} {:>14}  {src}", p.name, p.value.to_string());
+            }
+            if !f.params.unused_config_keys.is_empty() {
+                println!("unused config keys: {}", f.params.unused_config_keys.join(", "));
+            }
+            Ok(())
+        }
         Cmd::Eval { model, weights, task, steps, format, args } => {
             let steps: Vec<usize> = steps
                 .split(',')

@@ -103,3 +103,14 @@ fn user_errors_are_messages_not_panics() {
         assert!(!err.contains("panicked"), "{c:?} panicked: {err}");
     }
 }
+
+#[test]
+fn params_lists_values_and_their_sources() {
+    let (ok, out, err) = loopc(&["params", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "steps=3"]);
+    assert!(ok, "{err}");
+    let line = |name: &str| out.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("{name}: {out}")).to_string();
+    assert!(line("dim").contains("64") && line("dim").contains("config \"n_embd\""), "{out}");
+    assert!(line("head_dim").contains("16") && line("head_dim").ends_with("default"), "derived from dim/heads: {out}");
+    assert!(line("steps").contains('3') && line("steps").ends_with("--set"), "{out}");
+    assert!(out.contains("unused config keys:") && out.contains("tie_embeddings"), "{out}");
+}
