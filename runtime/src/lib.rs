@@ -37,6 +37,7 @@
 
 pub mod artifact;
 pub mod error;
+pub mod guard;
 mod exec;
 pub mod kernels;
 mod kv;
