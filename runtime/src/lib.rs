@@ -38,6 +38,7 @@
 pub mod artifact;
 pub mod error;
 mod exec;
+mod exit;
 pub mod kernels;
 mod kv;
 pub mod matmul;
@@ -45,6 +46,7 @@ mod mem;
 mod model;
 pub mod rng;
 mod rope;
+mod rows;
 pub mod sampler;
 mod session;
 pub mod weights;
@@ -53,7 +55,7 @@ pub use error::{Result, RuntimeError};
 pub use model::{Artifact, Model};
 pub use rng::Rng;
 pub use sampler::{argmax, sample, SamplerConfig};
-pub use session::{generate, ExitProbs, GenerateOutput, Logits, Session, Stats};
+pub use session::{generate, DepthSchedule, ExitProbs, GenerateOutput, Logits, Session, Stats};
 pub use weights::{check_weights, TensorInfo, Weights};
 
 #[cfg(test)]

@@ -380,6 +380,24 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                 return Err(RuntimeError::manifest("recur: the convergence threshold is NaN"));
             }
         }
+        match &r.exit {
+            ExitPolicy::Criterion { threshold, min_steps, every, max_steps, .. } => {
+                if threshold.is_nan() || *every == 0 || *max_steps == 0 || min_steps > max_steps {
+                    return Err(RuntimeError::manifest(format!(
+                        "recur: bad exit criterion (threshold {threshold}, min {min_steps}, every {every}, max {max_steps})"
+                    )));
+                }
+            }
+            ExitPolicy::Gate { q, max_steps, .. } => {
+                if q.is_nan() || *max_steps == 0 || r.gate.is_none() {
+                    return Err(RuntimeError::manifest("recur: a gate exit needs a gate buffer, q and max ≥ 1"));
+                }
+            }
+            _ => {}
+        }
+        if r.readout.iter().any(|&i| i as usize >= m.program.coda.len()) {
+            return Err(RuntimeError::manifest("recur: readout index past the end of the coda"));
+        }
         if let Some(g) = r.gate {
             let gb = v.buf(ctx, g)?;
             if gb.rows != Rows::Tokens || gb.cols != 1 {
