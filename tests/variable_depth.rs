@@ -83,11 +83,38 @@ fn schedule_share_first_matches_reference() {
     assert!(p <= TOL && d <= TOL, "prefill {p:e}, decode {d:e}");
 }
 
+/// Recursion-wise slots hold exactly the entries written: the same KV bytes as the reference
+/// counts (41984 at f32 for this schedule), fewer than per-step's gap-filled slots.
+#[test]
+fn schedule_recursion_wise_matches_reference() {
+    let model = huginn("fixed", "recursion_wise");
+    let (p, d) = schedule_case(&model, "recursion_wise");
+    assert!(p <= TOL && d <= TOL, "prefill {p:e}, decode {d:e}");
+    let f = fixture("huginn_tiny/sched_recursion_wise.safetensors");
+    let mut all = depths(&read(&f, "prompt_depths"));
+    all.extend(depths(&read(&f, "decode_depths")));
+    let mut s = model.session();
+    s.set_depth_schedule(Some(DepthSchedule::Positions(all.clone())));
+    s.prefill(&ids(&read(&f, "prompt"))).unwrap();
+    for &t in &ids(&read(&f, "decode_tokens")) {
+        s.step(t).unwrap();
+    }
+    assert_eq!(s.stats().kv_bytes_used, 41984);
+    let per_step = huginn("fixed", "per_step");
+    let mut s = per_step.session();
+    s.set_depth_schedule(Some(DepthSchedule::Positions(all)));
+    s.prefill(&ids(&read(&f, "prompt"))).unwrap();
+    for &t in &ids(&read(&f, "decode_tokens")) {
+        s.step(t).unwrap();
+    }
+    assert!(s.stats().kv_bytes_used > 41984);
+}
+
 /// One prefill of prompt + decode tokens with the same schedule equals the reference's
 /// recomputation (and, for per_step and share_first, the cached decode).
 #[test]
 fn schedule_prefill_equals_reference_recompute() {
-    for policy in ["per_step", "share_first", "last_step"] {
+    for policy in ["per_step", "share_first", "last_step", "recursion_wise"] {
         let model = huginn("fixed", policy);
         let f = fixture(&format!("huginn_tiny/sched_{policy}.safetensors"));
         let mut toks = ids(&read(&f, "prompt"));
@@ -141,6 +168,9 @@ fn cache_policies_at_fixed_depth() {
     };
     let (p, d, per) = run(&huginn("fixed", "per_step"));
     assert!(p <= TOL && d <= TOL);
+    let (p, d, rw) = run(&huginn("fixed", "recursion_wise"));
+    assert!(p <= TOL && d <= TOL, "recursion_wise at fixed depth: {p:e} {d:e}");
+    assert_eq!(rw.kv_bytes_used, per.kv_bytes_used);
     let (p, d, _) = run(&huginn("fixed", "ring(4)"));
     assert!(p <= TOL && d <= TOL, "ring(4) at depth 4: {p:e} {d:e}");
     let (p, d, last) = run(&huginn("fixed", "last_step"));

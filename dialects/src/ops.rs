@@ -162,6 +162,8 @@ pub enum CacheSpec {
     ShareFirst,
     /// One slot per layer holding the latest iteration (Ouro's decode-time sharing); `ring(1)`.
     LastStep,
+    /// One slot per iteration holding only the tokens that reached it (MoR recursion-wise).
+    RecursionWise,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -270,6 +272,7 @@ impl fmt::Display for CacheSpec {
             CacheSpec::Ring(c) => write!(f, "ring({c})"),
             CacheSpec::ShareFirst => write!(f, "share_first"),
             CacheSpec::LastStep => write!(f, "last_step"),
+            CacheSpec::RecursionWise => write!(f, "recursion_wise"),
         }
     }
 }

@@ -250,6 +250,7 @@ fn parse_cache(ln: usize, s: &str) -> Result<CacheSpec, ParseError> {
         "per_step" => CacheSpec::PerStep,
         "share_first" => CacheSpec::ShareFirst,
         "last_step" => CacheSpec::LastStep,
+        "recursion_wise" => CacheSpec::RecursionWise,
         _ => match s.strip_prefix("ring(").and_then(|r| r.strip_suffix(')')) {
             Some(c) => CacheSpec::Ring(num(ln, c)? as usize),
             None => return perr(ln, format!("unknown cache policy `{s}`")),

@@ -263,13 +263,16 @@ pub enum CachePolicy {
     ShareFirst,
     /// One slot per layer, overwritten by every iteration (`Ring(1)`).
     LastStep,
+    /// MoR recursion-wise caching: slot `t` holds, in position order, only the tokens that ran
+    /// iteration `t`, and attention at iteration `t` sees only those (Huginn's `skip` read).
+    RecursionWise,
 }
 
 impl CachePolicy {
     /// Slots per in-loop site, `None` for one per iteration.
     pub fn slots(&self) -> Option<usize> {
         match self {
-            CachePolicy::PerStep => None,
+            CachePolicy::PerStep | CachePolicy::RecursionWise => None,
             CachePolicy::Ring(c) => Some((*c).max(1)),
             CachePolicy::ShareFirst | CachePolicy::LastStep => Some(1),
         }

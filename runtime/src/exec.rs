@@ -479,6 +479,20 @@ impl Run<'_> {
         self.copy_n(src, dst, usize::MAX)
     }
 
+    /// For attention over a recursion-wise slot: the number of entries before this call's rows.
+    fn compact_slot_base(&self, args: &[Arg], iter: Option<usize>) -> Option<usize> {
+        let recur = self.m.manifest.program.recur.as_ref()?;
+        if recur.cache != CachePolicy::RecursionWise {
+            return None;
+        }
+        let site = args.iter().find_map(|a| if let Arg::KCache(s) = a { Some(*s as usize) } else { None })?;
+        if !self.m.manifest.kv_sites[site].in_loop {
+            return None;
+        }
+        let slot = self.kv.slot_of(site, iter);
+        Some(self.kv.len(site, slot).saturating_sub(self.n))
+    }
+
     /// Rows a buffer holds now (compacted per-token buffers hold `n`).
     fn rows_of(&self, b: u32) -> usize {
         match self.m.manifest.buffers[b as usize].rows {
@@ -569,7 +583,9 @@ impl Run<'_> {
                 }
                 let slot = self.kv.slot_of(site, iter);
                 let (kb, vb) = (self.ws.buf(*k), self.ws.buf(*v));
-                if self.active.is_empty() {
+                if in_loop && cache == Some(&CachePolicy::RecursionWise) {
+                    self.kv.append(site, slot, s, kb, vb)?;
+                } else if self.active.is_empty() {
                     self.kv.write(site, slot, self.pos0, s, kb, vb)?;
                 } else {
                     let prev = match iter {
@@ -613,7 +629,11 @@ impl Run<'_> {
                 };
                 let f = m.kernels.get(k);
                 let positional = matches!(spec, KernelSpec::Rope { .. } | KernelSpec::Attention { .. });
-                if positional && self.active.last().is_some_and(|&r| r + 1 != s) {
+                if let Some(base) = self.compact_slot_base(args, iter) {
+                    // A recursion-wise slot holds exactly the rows that reached this iteration,
+                    // in position order, so row i attends to its first `base + i + 1` entries.
+                    launch(f, &self.ws.ptrs, 0, items, base as i64, self.kv_len, cost, chunks_per_thread, m.threads);
+                } else if positional && self.active.last().is_some_and(|&r| r + 1 != s) {
                     // Compacted rows: one call per run of consecutive positions, with `pos0`
                     // shifted so that compact row `i` sees its own position.
                     let per = items / s.max(1);

@@ -192,6 +192,25 @@ impl KvCache {
         Ok(())
     }
 
+    /// Append `n` rows after the slot's filled rows (recursion-wise slots hold only the tokens
+    /// that reached their iteration, in position order).
+    pub(crate) fn append(&mut self, site: usize, slot: usize, n: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let len = self.len(site, slot);
+        self.ensure(site, slot, len + n)?;
+        let st = &mut self.sites[site];
+        let w = st.width;
+        let dst = &mut st.slots[slot];
+        dst.k.as_mut_slice()[len * w..(len + n) * w].copy_from_slice(&k[..n * w]);
+        dst.v.as_mut_slice()[len * w..(len + n) * w].copy_from_slice(&v[..n * w]);
+        dst.len = len + n;
+        Ok(())
+    }
+
+    /// Filled rows of a slot (0 if it does not exist).
+    pub(crate) fn len(&self, site: usize, slot: usize) -> usize {
+        self.sites[site].slots.get(slot).map_or(0, |s| s.len)
+    }
+
     /// Base pointers of a slot's key and value storage (the slot must exist: see `ensure`).
     pub(crate) fn ptrs(&mut self, site: usize, slot: usize) -> (*mut f32, *mut f32) {
         let sl = &mut self.sites[site].slots[slot];

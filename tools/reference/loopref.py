@@ -72,10 +72,12 @@ class KVCache:
         return len(self.k)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float,
+           kmask: Optional[Tensor] = None) -> Tensor:
     """q [B,H,S,hd] at absolute positions start..start+S-1; k,v [B,Hkv,start+S,hd].
 
     Causal, bottom-right aligned (query at position p sees keys 0..p).  GQA by repeat.
+    `kmask` [start+S] (bool) drops keys whose position holds no entry (recursion-wise caches).
     """
     h, hkv = q.shape[1], k.shape[1]
     if hkv != h:
@@ -83,6 +85,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     s, kv_len = q.shape[2], k.shape[2]
+    if kmask is not None:
+        qpos = torch.arange(start, start + s, device=q.device)[:, None]
+        kpos = torch.arange(kv_len, device=q.device)[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(kpos <= qpos) & kmask[None, :],
+                                              scale=scale)
     if s == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if s == kv_len:
@@ -142,9 +149,11 @@ def huginn_attn(w: Weights, p: str, x: Tensor, cs: Tensor, H: int, hd: int,
     q = rope_interleaved(q, cs).transpose(1, 2)
     k = rope_interleaved(k, cs).transpose(1, 2)
     v = v.transpose(1, 2)
+    kmask = None
     if cache is not None:
-        k, v = cache.update(slot, k, v, start)
-    y = attend(q, k, v, start, 1.0 / math.sqrt(hd))
+        k, v, *rest = cache.update(slot, k, v, start)
+        kmask = rest[0] if rest else None
+    y = attend(q, k, v, start, 1.0 / math.sqrt(hd), kmask)
     y = y.transpose(1, 2).reshape(B, S, E)
     return F.linear(y, w[p + "attn.proj.weight"])
 
@@ -415,11 +424,13 @@ class ScheduleCache:
                    `latest-m4`, for any number of core layers).
       last_step    one slot per j, overwritten by every iteration; reads see what it holds.
       share_first  one slot per j, written only at t = 0 (MoR recursive sharing).
+      recursion_wise  one slot per (t, j); iteration t attends only to the positions that ran
+                   iteration t (MoR recursion-wise caching, Huginn's `skip` read).
 
     Every physical slot records, per position, the iteration that wrote it (-1: none).
     """
 
-    POLICIES = ("per_step", "last_step", "share_first")
+    POLICIES = ("per_step", "last_step", "share_first", "recursion_wise")
 
     def __init__(self, max_len: int, policy: str = "per_step"):
         if policy not in self.POLICIES:
@@ -435,7 +446,7 @@ class ScheduleCache:
         return self.plain.update(slot, k, v, start)
 
     def _phys(self, t: int) -> int:
-        return t if self.policy == "per_step" else 0
+        return t if self.policy in ("per_step", "recursion_wise") else 0
 
     def update_loop(self, j: int, t: int, k: Tensor, v: Tensor, start: int, active: Tensor):
         """Write the active positions' k,v ([B,Hkv,S,hd]) of core layer j at iteration t and
@@ -453,6 +464,9 @@ class ScheduleCache:
             self.v[key][:, :, idx] = v[:, :, active]
             self.it[key][idx] = t
         n = start + S
+        if self.policy == "recursion_wise":
+            key = (j, t)
+            return self.k[key][:, :, :n], self.v[key][:, :, :n], self.it[key][:n] >= 0
         if self.policy != "per_step":
             return self.k[(j, 0)][:, :, :n], self.v[(j, 0)][:, :, :n]
         # Latest entry at an iteration <= t: later slots overwrite earlier ones.

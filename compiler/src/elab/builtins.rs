@@ -15,7 +15,7 @@ pub const NAMES: &[&str] = &[
 ];
 
 /// Bare names that stand for themselves when not bound.
-pub const SYMBOLS: &[&str] = &["interleaved", "half", "fixed", "per_step", "share_first", "last_step"];
+pub const SYMBOLS: &[&str] = &["interleaved", "half", "fixed", "per_step", "share_first", "last_step", "recursion_wise"];
 
 struct Bound {
     vals: Vec<Option<(Val, Span)>>,

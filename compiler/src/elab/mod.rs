@@ -26,7 +26,7 @@ use loopc_dialects::ops::{Binary, CacheSpec, ExitSpec, StateInit, Unary};
 
 const EXIT_HINT: &str = "expected `fixed`, `converge(threshold = ..., max = ...)`, a criterion (`latent_diff`, `cosine`, `kl`, `minp_kl`, `entropy_diff`, `argmax_stability`: `kl(threshold = 5e-4, min_steps = 1, every = 1, max = 32)`) or `gate(q = 0.5)`";
 const EXIT_CALLS: &[&str] = &["converge", "latent_diff", "cosine", "kl", "minp_kl", "entropy_diff", "argmax_stability", "gate"];
-const CACHE_HINT: &str = "expected `per_step`, `ring(c)`, `share_first` or `last_step`";
+const CACHE_HINT: &str = "expected `per_step`, `ring(c)`, `share_first`, `last_step` or `recursion_wise`";
 use loopc_dialects::verify::infer;
 use loopc_dialects::{graph::WeightDecl, Module, NodeId, Op, Region, Ty, WeightView};
 use std::collections::HashMap;
@@ -652,6 +652,7 @@ impl<'a> Elab<'a> {
                         "per_step" => cache = CacheSpec::PerStep,
                         "share_first" => cache = CacheSpec::ShareFirst,
                         "last_step" => cache = CacheSpec::LastStep,
+                        "recursion_wise" => cache = CacheSpec::RecursionWise,
                         _ => self.err(BAD_POLICY, e.span, format!("unknown cache policy `{name}`"), CACHE_HINT),
                     }
                 }

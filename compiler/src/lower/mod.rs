@@ -226,6 +226,7 @@ impl Lowerer {
                 CacheSpec::Ring(c) => CachePolicy::Ring(*c),
                 CacheSpec::ShareFirst => CachePolicy::ShareFirst,
                 CacheSpec::LastStep => CachePolicy::LastStep,
+                CacheSpec::RecursionWise => CachePolicy::RecursionWise,
             },
             gate,
             readout: vec![],
