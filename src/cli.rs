@@ -137,6 +137,9 @@ struct RunArgs {
     /// Force per-token depths: "d0 d1 ..." for positions 0, 1, ... (the last repeats).
     #[arg(long, value_name = "DEPTHS")]
     depths: Option<String>,
+    /// With --depths: repeat the list cyclically (position p gets d[p mod n]).
+    #[arg(long)]
+    cycle_depths: bool,
     /// Compile options when MODEL is a `.loop` file.
     #[command(flatten)]
     args: ModelArgs,
@@ -268,7 +271,11 @@ fn run(r: RunArgs) -> Result<(), String> {
         if v.is_empty() || v.contains(&0) {
             return Err("error: --depths needs one or more depths ≥ 1".into());
         }
-        session.set_depth_schedule(Some(loopc_runtime::DepthSchedule::Positions(v)));
+        session.set_depth_schedule(Some(if r.cycle_depths {
+            loopc_runtime::DepthSchedule::Cycle(v)
+        } else {
+            loopc_runtime::DepthSchedule::Positions(v)
+        }));
     }
     let out = loopc_runtime::generate(&mut session, &prompt, r.max_new_tokens, &sampler, &stops)
         .map_err(|e| format!("error: {e}"))?;

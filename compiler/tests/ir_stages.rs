@@ -87,3 +87,27 @@ fn full_size_huginn_elaborates() {
     assert_eq!(p.kv_sites.len(), 8);
     assert_eq!(p.program.recur.as_ref().unwrap().default_steps, 32);
 }
+
+/// The new exit and cache policies survive the graph IR's text form.
+#[test]
+fn variable_depth_policies_round_trip() {
+    let src = std::fs::read_to_string(root().join("examples/huginn.loop")).unwrap();
+    for (exit, cache) in [
+        ("kl(threshold = 5e-4, min_steps = 2, every = 3, max = 9)", "ring(2)"),
+        ("argmax_stability(threshold = 5)", "share_first"),
+        ("latent_diff(threshold = 0.03)", "last_step"),
+        ("minp_kl(threshold = 1e-5)", "recursion_wise"),
+    ] {
+        let text = src.replace("exit fixed", &format!("exit {exit}")).replace("cache per_step", &format!("cache {cache}"));
+        let mut o = opts("huginn_tiny/config.json");
+        o.set.push("init_scale=0".into());
+        let f = driver::front_from_source("huginn.loop", &text, &o).unwrap_or_else(|e| panic!("{e}"));
+        let g = driver::stage_text_front(&f, "graph", &o).unwrap_or_else(|e| panic!("{e}"));
+        assert!(g.contains(&format!("cache={}", cache.replace(' ', ""))), "{g}");
+        let m = parse_module(&g).unwrap_or_else(|e| panic!("{exit}: {e}"));
+        assert_eq!(print_module(&m), g, "{exit} / {cache} does not round-trip");
+    }
+    let text = src.replace("exit fixed", "exit gate(q = 0.5)");
+    let f = driver::front_from_source("huginn.loop", &text, &opts("huginn_tiny/config.json")).unwrap();
+    assert!(driver::graph(&f, &opts("huginn_tiny/config.json")).is_err(), "gate exit without exit_gate");
+}

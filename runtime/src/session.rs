@@ -141,6 +141,8 @@ impl ExitProbs {
 pub enum DepthSchedule {
     /// `v[p]` for position `p`; positions past the end take the last entry.
     Positions(Vec<usize>),
+    /// `v[p mod v.len()]`.
+    Cycle(Vec<usize>),
     Fn(std::sync::Arc<dyn Fn(usize) -> usize + Send + Sync>),
 }
 
@@ -152,6 +154,7 @@ impl DepthSchedule {
     pub fn depth(&self, pos: usize) -> Option<usize> {
         match self {
             DepthSchedule::Positions(v) => v.get(pos).or(v.last()).copied(),
+            DepthSchedule::Cycle(v) => (!v.is_empty()).then(|| v[pos % v.len()]),
             DepthSchedule::Fn(f) => Some(f(pos)),
         }
     }
@@ -161,6 +164,7 @@ impl std::fmt::Debug for DepthSchedule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DepthSchedule::Positions(v) => write!(f, "Positions({v:?})"),
+            DepthSchedule::Cycle(v) => write!(f, "Cycle({v:?})"),
             DepthSchedule::Fn(_) => write!(f, "Fn(..)"),
         }
     }
