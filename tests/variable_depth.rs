@@ -281,3 +281,23 @@ fn bad_schedules_are_errors() {
     s.set_depth_schedule(Some(DepthSchedule::Positions(vec![2, 0])));
     assert!(s.prefill(&[1, 2]).is_err());
 }
+
+/// ACT / UT halting on Ouro's gate with physical exit, against `ouro_forward_act` in the
+/// reference (eps 0.01, max 6): the same halting steps and logits, prefill and decode.
+#[test]
+fn ouro_act_matches_reference() {
+    let f = fixture("ouro_tiny/act.safetensors");
+    let model = variant("ouro", "ouro_tiny/config.json", "ouro_tiny/model.safetensors", "act(eps = 0.01, max = 6)", "per_step", &[]);
+    let mut s = model.session();
+    let pre = s.prefill(&ids(&read(&f, "prompt"))).unwrap();
+    assert_eq!(s.last_depths(), &depths(&read(&f, "prompt_depths"))[..]);
+    let d_pre = max_abs_diff(pre.data(), &read(&f, "prefill_logits").f32);
+    let want_d = depths(&read(&f, "decode_depths"));
+    let mut got = vec![];
+    for (i, &t) in ids(&read(&f, "decode_tokens")).iter().enumerate() {
+        got.extend_from_slice(s.step(t).unwrap().data());
+        assert_eq!(s.last_depths(), &[want_d[i]], "decode step {i}");
+    }
+    let d_dec = max_abs_diff(&got, &read(&f, "decode_logits").f32);
+    assert!(d_pre <= TOL && d_dec <= TOL, "prefill {d_pre:e}, decode {d_dec:e}");
+}

@@ -107,6 +107,13 @@ fn variable_depth_policies_round_trip() {
         let m = parse_module(&g).unwrap_or_else(|e| panic!("{exit}: {e}"));
         assert_eq!(print_module(&m), g, "{exit} / {cache} does not round-trip");
     }
+    let ouro = std::fs::read_to_string(root().join("examples/ouro.loop")).unwrap();
+    for exit in ["act(eps = 0.01, max = 6)", "gate(q = 0.5, min_steps = 2)"] {
+        let o = opts("ouro_tiny/config.json");
+        let f = driver::front_from_source("ouro.loop", &ouro.replace("exit fixed", &format!("exit {exit}")), &o).unwrap();
+        let g = driver::stage_text_front(&f, "graph", &o).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(print_module(&parse_module(&g).unwrap()), g, "{exit} does not round-trip");
+    }
     let text = src.replace("exit fixed", "exit gate(q = 0.5)");
     let f = driver::front_from_source("huginn.loop", &text, &opts("huginn_tiny/config.json")).unwrap();
     assert!(driver::graph(&f, &opts("huginn_tiny/config.json")).is_err(), "gate exit without exit_gate");

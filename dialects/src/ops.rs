@@ -119,6 +119,9 @@ pub enum ExitSpec {
     Criterion { kind: Criterion, threshold: f64, min_steps: usize, every: usize, max_steps: usize },
     /// Ouro's learned gate: exit at the first step whose exit-probability CDF reaches `q`.
     Gate { q: f64, min_steps: usize, max_steps: usize },
+    /// ACT / Universal-Transformer halting on the exit gate: the state is the running
+    /// halting-weighted average; a token halts once its cumulative probability passes 1 − eps.
+    Act { eps: f64, max_steps: usize },
 }
 
 /// Huginn's per-token exit criteria (families.md §1.3).
@@ -261,6 +264,7 @@ impl fmt::Display for ExitSpec {
             ExitSpec::Gate { q, min_steps, max_steps } => {
                 write!(f, "gate(q={},min={min_steps},max={max_steps})", fnum(*q))
             }
+            ExitSpec::Act { eps, max_steps } => write!(f, "act(eps={},max={max_steps})", fnum(*eps)),
         }
     }
 }

@@ -235,6 +235,9 @@ fn parse_exit(ln: usize, s: &str) -> Result<ExitSpec, ParseError> {
             max_steps: num(ln, get("max")?)? as usize,
         });
     }
+    if name == "act" {
+        return Ok(ExitSpec::Act { eps: num(ln, get("eps")?)?, max_steps: num(ln, get("max")?)? as usize });
+    }
     if name != "converge" {
         return perr(ln, format!("unknown exit policy `{s}`"));
     }

@@ -227,6 +227,10 @@ pub enum ExitPolicy {
     /// step takes the remaining mass); a row stops after the first step whose CDF reaches `q`
     /// (in f32), at the earliest after `min_steps`.
     Gate { q: f64, min_steps: usize, max_steps: usize },
+    /// ACT / Universal-Transformer halting per token on the gate buffer: `p = σ(gate)`; while
+    /// `h + p ≤ 1 − eps` the row continues with `h += p`, `w = p`, else it halts with
+    /// `w = 1 − h`; the state becomes `next·w + state·(1 − w)` (a running weighted average).
+    Act { eps: f64, max_steps: usize },
 }
 
 /// Huginn's zero-shot exit criteria (see `shared/reference/families.md` §1.3).

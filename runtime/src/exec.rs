@@ -217,7 +217,10 @@ fn cap_of(exit: &ExitPolicy, default_steps: usize, steps: Option<usize>, depths:
     }
     match *exit {
         ExitPolicy::Fixed => steps.unwrap_or(default_steps),
-        ExitPolicy::Converge { max_steps, .. } | ExitPolicy::Criterion { max_steps, .. } | ExitPolicy::Gate { max_steps, .. } => {
+        ExitPolicy::Converge { max_steps, .. }
+        | ExitPolicy::Criterion { max_steps, .. }
+        | ExitPolicy::Gate { max_steps, .. }
+        | ExitPolicy::Act { max_steps, .. } => {
             steps.unwrap_or(max_steps)
         }
     }
@@ -346,6 +349,18 @@ impl Run<'_> {
                     if let Rule::Gate { q, min_steps } = rule {
                         let cdf = self.ex.hist.gate_cdf(r, l, step == cap);
                         exiting[i] |= step >= min_steps && cdf >= q;
+                    }
+                    if let Rule::Act { thr } = rule {
+                        let (w, halted) = self.ex.hist.act_weight(r, l, thr);
+                        exiting[i] |= halted;
+                        // The state is the running halting-weighted average of the iterates.
+                        let (nb, sb) = (rec.next as usize, rec.state as usize);
+                        let np = self.ws.bufs[nb].as_mut_ptr();
+                        let sp = self.ws.bufs[sb].as_ptr();
+                        for c in i * cols..(i + 1) * cols {
+                            // SAFETY: distinct buffers of at least n·cols elements.
+                            unsafe { *np.add(c) = *np.add(c) * w + *sp.add(c) * (1.0 - w) };
+                        }
                     }
                 }
             }

@@ -11,6 +11,8 @@ pub(crate) enum Rule {
     None,
     Criterion { c: Criterion, threshold: f64, min_steps: usize, every: usize },
     Gate { q: f32, min_steps: usize },
+    /// ACT halting at cumulative probability `thr = 1 − eps`.
+    Act { thr: f32 },
 }
 
 impl Rule {
@@ -22,6 +24,7 @@ impl Rule {
                 Rule::Criterion { c: criterion, threshold: threshold.unwrap_or(t), min_steps, every: every.max(1) }
             }
             ExitPolicy::Gate { q, min_steps, .. } => Rule::Gate { q: threshold.unwrap_or(q) as f32, min_steps },
+            ExitPolicy::Act { eps, .. } => Rule::Act { thr: (1.0 - threshold.unwrap_or(eps)) as f32 },
             _ => Rule::None,
         }
     }
@@ -104,6 +107,18 @@ impl History {
                 self.count[row] as f64
             }
             Criterion::LatentDiff | Criterion::Cosine => unreachable!("latent criteria read the state"),
+        }
+    }
+
+    /// UT/ACT halting in f32: returns the update weight of this step and whether the row halts.
+    pub(crate) fn act_weight(&mut self, row: usize, p: f32, thr: f32) -> (f32, bool) {
+        let h = self.cdf[row];
+        if h + p > thr {
+            self.cdf[row] = 1.0;
+            (1.0 - h, true)
+        } else {
+            self.cdf[row] = h + p;
+            (p, false)
         }
     }
 

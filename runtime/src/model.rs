@@ -393,6 +393,11 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                     return Err(RuntimeError::manifest("recur: a gate exit needs a gate buffer, q and max ≥ 1"));
                 }
             }
+            ExitPolicy::Act { eps, max_steps } => {
+                if !(*eps > 0.0 && *eps < 1.0) || *max_steps == 0 || r.gate.is_none() {
+                    return Err(RuntimeError::manifest("recur: an ACT exit needs a gate buffer, 0 < eps < 1 and max ≥ 1"));
+                }
+            }
             _ => {}
         }
         if r.readout.iter().any(|&i| i as usize >= m.program.coda.len()) {

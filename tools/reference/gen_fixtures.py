@@ -233,6 +233,49 @@ def gen_schedule(out):
         }, os.path.join(d, f"sched_{policy}.safetensors"))
 
 
+ACT_EPS = 0.01
+ACT_MAX = 6
+
+
+def run_act(w, cfg, prompt, dec, dtype):
+    wd = R.cast_weights(w, dtype)
+    total = PROMPT_LEN + DECODE_LEN
+    rope = R.ouro_rope_table(cfg, total, dtype)
+    cache = R.ScheduleCache(total, "per_step")
+    pre, pdep = R.ouro_forward_act(wd, cfg, prompt[None], ACT_EPS, ACT_MAX, cache, 0, rope)
+    dl, dd = [], []
+    for n in range(DECODE_LEN):
+        o, d = R.ouro_forward_act(wd, cfg, dec[None, n:n + 1], ACT_EPS, ACT_MAX, cache, PROMPT_LEN + n, rope)
+        dl.append(o[0, 0])
+        dd.append(d[0])
+    full, fdep = R.ouro_forward_act(wd, cfg, torch.cat([prompt, dec])[None], ACT_EPS, ACT_MAX,
+                                    R.ScheduleCache(total, "per_step"), 0, rope)
+    return pre[0], pdep, torch.stack(dl), torch.stack(dd), full[0], fdep
+
+
+def gen_act(out):
+    """ACT halting on Ouro's gate with physical exit: ouro_tiny/act.safetensors."""
+    d = os.path.join(out, "ouro_tiny")
+    cfg = OURO_CFG
+    w = R.ouro_random_weights(cfg, OURO_SEED)
+    prompt, dec = tokens(OURO_SEED + 777, cfg["vocab_size"])
+    pl, pd, dl, dd, fl, fd = run_act(w, cfg, prompt, dec, torch.float64)
+    cache_err = max(maxdiff(pl, fl[:PROMPT_LEN]), maxdiff(dl, fl[PROMPT_LEN:]))
+    assert torch.equal(torch.cat([pd, dd]), fd), (pd, dd, fd)
+    pl32, pd32, dl32, dd32, _, _ = run_act(w, cfg, prompt, dec, torch.float32)
+    assert torch.equal(pd, pd32) and torch.equal(dd, dd32), "f32 halts at other steps"
+    f32_err = max(maxdiff(pl, pl32), maxdiff(dl, dl32))
+    print(f"ouro act eps={ACT_EPS} max={ACT_MAX}: depths {pd.tolist()} {dd.tolist()}  "
+          f"cache-vs-full (f64) max|d|={cache_err:.3e}  f32-vs-f64 max|d|={f32_err:.3e}")
+    assert cache_err < 1e-9 and f32_err < 1e-4
+    save_file({
+        "prompt": prompt.contiguous(), "prompt_depths": pd.contiguous(),
+        "prefill_logits": pl.float().contiguous(),
+        "decode_tokens": dec.contiguous(), "decode_depths": dd.contiguous(),
+        "decode_logits": dl.float().contiguous(),
+    }, os.path.join(d, "act.safetensors"))
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__)
@@ -244,6 +287,7 @@ def main():
         gen_huginn(out)
         gen_ouro(out)
     gen_schedule(out)
+    gen_act(out)
     print(f"fixtures written to {out}")
 
 

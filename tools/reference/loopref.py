@@ -539,3 +539,44 @@ def huginn_forward_schedule(w: Weights, cfg: dict, ids: Tensor, depths: Tensor,
         h = huginn_block(w, f"transformer.coda.{i}.", h, cs, cfg, cache, npre + i, start)
     h = rms_norm(h, lnf, eps)
     return F.linear(h, w.get("lm_head.weight", wte))
+
+
+def ouro_forward_act(w: Weights, cfg: dict, ids: Tensor, eps: float, max_steps: int,
+                     cache: ScheduleCache, start: int = 0, rope=None):
+    """ACT / Universal-Transformer halting on Ouro's exit gate (families.md §4.4), batch 1.
+
+    p = sigmoid(gate(normed loop output)); a token whose cumulative p would pass 1 - eps halts
+    with weight 1 - (cumulative p), otherwise continues with weight p; its state is the running
+    average  state <- loop(state)·w + state·(1 - w).  Halted tokens stop: they write no more KV
+    and are read through `cache`'s rule.  Returns (logits [1,S,V], depths [S]).
+    """
+    L = cfg["num_hidden_layers"]
+    eps_n = cfg.get("rms_norm_eps", 1e-6)
+    emb = w["model.embed_tokens.weight"]
+    S = ids.shape[1]
+    if rope is None:
+        rope = ouro_rope_table(cfg, start + S, emb.dtype)
+    cos, sin = rope[0][start:start + S], rope[1][start:start + S]
+    gw, gb = w["model.early_exit_gate.weight"], w["model.early_exit_gate.bias"]
+    state = F.embedding(ids, emb)
+    hp = torch.zeros(S, dtype=emb.dtype)
+    n = torch.zeros(S, dtype=torch.int64)
+    halted = torch.zeros(S, dtype=torch.bool)
+    thr = 1.0 - eps
+    for t in range(max_steps):
+        active = ~halted
+        if not bool(active.any()):
+            break
+        x = state
+        for l in range(L):
+            x = ouro_layer(w, l, x, cos, sin, cfg, _LoopSlots(cache, l, t, active), -1, start)
+        x = rms_norm(x, w["model.norm.weight"], eps_n)
+        p = torch.sigmoid(F.linear(x, gw) + gb)[0, :, 0]
+        newh = active & (hp + p > thr)
+        still = active & ~newh
+        wt = torch.where(still, p, torch.where(newh, 1.0 - hp, torch.zeros_like(p)))
+        hp = torch.where(still, hp + p, torch.where(newh, torch.ones_like(hp), hp))
+        n = n + active.long()
+        state = x * wt[None, :, None] + state * (1 - wt[None, :, None])
+        halted = halted | newh | (n >= max_steps)
+    return F.linear(state, w["lm_head.weight"]), n

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 pub const NAMES: &[&str] = &[
     "embed", "linear", "rmsnorm", "rope", "attention", "concat", "split", "silu", "sigmoid", "relu", "gelu", "exp",
     "tanh", "sqrt", "zeros", "trunc_normal", "converge", "latent_diff", "cosine", "kl", "minp_kl", "entropy_diff",
-    "argmax_stability", "gate", "ring",
+    "argmax_stability", "gate", "act", "ring",
 ];
 
 /// Bare names that stand for themselves when not bound.
@@ -295,6 +295,18 @@ impl<'a> Elab<'a> {
                 let Ok((min_steps, max_steps)) = self.step_bounds("gate", b.get(1), b.get(2)) else { return Val::Error };
                 match q {
                     Some(q) => Val::Exit(ExitSpec::Gate { q, min_steps, max_steps }),
+                    None => Val::Error,
+                }
+            }
+            "act" => {
+                let Some(b) = self.bind(callee, args, &["eps", "max"], 0, span) else { return Val::Error };
+                let eps = match b.get(0) {
+                    Some(e) => self.num_arg(&e, "`act` eps", BAD_POLICY, |x| x > 0.0 && x < 1.0, "a number in (0, 1)"),
+                    None => Some(0.01),
+                };
+                let Ok((_, max_steps)) = self.step_bounds("act", None, b.get(1)) else { return Val::Error };
+                match eps {
+                    Some(eps) => Val::Exit(ExitSpec::Act { eps, max_steps }),
                     None => Val::Error,
                 }
             }

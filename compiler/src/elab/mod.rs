@@ -24,8 +24,8 @@ use crate::frontend::{ParamEnv, Span, Value};
 use codespan_reporting::files::Files;
 use loopc_dialects::ops::{Binary, CacheSpec, ExitSpec, StateInit, Unary};
 
-const EXIT_HINT: &str = "expected `fixed`, `converge(threshold = ..., max = ...)`, a criterion (`latent_diff`, `cosine`, `kl`, `minp_kl`, `entropy_diff`, `argmax_stability`: `kl(threshold = 5e-4, min_steps = 1, every = 1, max = 32)`) or `gate(q = 0.5)`";
-const EXIT_CALLS: &[&str] = &["converge", "latent_diff", "cosine", "kl", "minp_kl", "entropy_diff", "argmax_stability", "gate"];
+const EXIT_HINT: &str = "expected `fixed`, `converge(threshold = ..., max = ...)`, a criterion (`latent_diff`, `cosine`, `kl`, `minp_kl`, `entropy_diff`, `argmax_stability`: `kl(threshold = 5e-4, min_steps = 1, every = 1, max = 32)`), `gate(q = 0.5)` or `act(eps = 0.01)`";
+const EXIT_CALLS: &[&str] = &["converge", "latent_diff", "cosine", "kl", "minp_kl", "entropy_diff", "argmax_stability", "gate", "act"];
 const CACHE_HINT: &str = "expected `per_step`, `ring(c)`, `share_first`, `last_step` or `recursion_wise`";
 use loopc_dialects::verify::infer;
 use loopc_dialects::{graph::WeightDecl, Module, NodeId, Op, Region, Ty, WeightView};
@@ -743,10 +743,11 @@ impl<'a> Elab<'a> {
                 *max_steps = steps_n;
                 *min_steps = (*min_steps).min(steps_n);
             }
+            ExitSpec::Act { max_steps, .. } if *max_steps == 0 => *max_steps = steps_n,
             _ => {}
         }
-        if let (ExitSpec::Gate { .. }, None, Some(sp)) = (&exit, &gate, exit_span) {
-            self.err(BAD_POLICY, sp, "`exit gate(...)` needs an `exit_gate` in this `recur`".into(), "learned exit without a gate");
+        if let (ExitSpec::Gate { .. } | ExitSpec::Act { .. }, None, Some(sp)) = (&exit, &gate, exit_span) {
+            self.err(BAD_POLICY, sp, "`exit gate(...)` and `exit act(...)` need an `exit_gate` in this `recur`".into(), "learned exit without a gate");
         }
         let op = Op::Recur { steps: steps_n, init: iv.init, exit, cache, gate: gate.is_some(), body: Box::new(ctx.region) };
         let parent = self.regions.last_mut().expect("forward region");

@@ -220,6 +220,7 @@ impl Lowerer {
                 ExitSpec::Gate { q, min_steps, max_steps } => {
                     ExitPolicy::Gate { q: *q, min_steps: *min_steps, max_steps: *max_steps }
                 }
+                ExitSpec::Act { eps, max_steps } => ExitPolicy::Act { eps: *eps, max_steps: *max_steps },
             },
             cache: match cache {
                 CacheSpec::PerStep => CachePolicy::PerStep,
