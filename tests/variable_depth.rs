@@ -301,3 +301,57 @@ fn ouro_act_matches_reference() {
     let d_dec = max_abs_diff(&got, &read(&f, "decode_logits").f32);
     assert!(d_pre <= TOL && d_dec <= TOL, "prefill {d_pre:e}, decode {d_dec:e}");
 }
+
+/// A batch of 4 sequences with unequal lengths and per-token depths (forced schedules, or a
+/// per-token criterion) computes exactly what 4 independent sessions compute, in prefill and in
+/// decode (including a step where one sequence sits out), under per_step and recursion_wise.
+#[test]
+fn batch_of_four_equals_independent_sessions() {
+    let prompts: [&[u32]; 4] = [&[5, 17, 3, 99, 42, 7, 1], &[8, 8, 200], &[250, 1, 2, 3, 4], &[77]];
+    let steps: [[Option<u32>; 4]; 3] =
+        [[Some(3), Some(9), Some(4), Some(11)], [Some(30), Some(90), Some(40), Some(110)], [Some(6), None, Some(8), Some(12)]];
+    let scheds = [vec![3, 1, 4, 2, 5, 1, 3, 2, 2, 4], vec![2, 6, 1, 3, 3], vec![1, 1, 1, 1, 1, 4, 4, 2], vec![5, 2, 3, 1]];
+    let cases = [
+        ("fixed", "per_step", true),
+        ("fixed", "recursion_wise", true),
+        ("entropy_diff(threshold = 5e-2, min_steps = 2, max = 7)", "per_step", false),
+    ];
+    for (exit, cache, forced) in cases {
+        let model = huginn(exit, cache);
+        let mut batch = model.batch_session(4);
+        let mut singles: Vec<_> = (0..4).map(|_| model.session()).collect();
+        if forced {
+            for b in 0..4 {
+                batch.set_depth_schedule(b, Some(DepthSchedule::Positions(scheds[b].clone())));
+                singles[b].set_depth_schedule(Some(DepthSchedule::Positions(scheds[b].clone())));
+            }
+        }
+        let got = batch.prefill(&prompts).unwrap();
+        let mut evals = 0;
+        for b in 0..4 {
+            let want = singles[b].prefill(prompts[b]).unwrap();
+            let d = max_abs_diff(got[b].data(), want.data());
+            assert!(d <= 1e-5, "{exit}/{cache}: prefill of sequence {b} differs by {d:e}");
+            assert_eq!(batch.last_depths(b), singles[b].last_depths(), "{exit}/{cache} seq {b}");
+            evals += singles[b].last_depths().iter().sum::<usize>();
+        }
+        assert_eq!(batch.last_block_evaluations(), evals);
+        for toks in &steps {
+            let got = batch.step(toks).unwrap();
+            for b in 0..4 {
+                match toks[b] {
+                    Some(t) => {
+                        let want = singles[b].step(t).unwrap().data().to_vec();
+                        let d = max_abs_diff(got[b].data(), &want);
+                        assert!(d <= 1e-5, "{exit}/{cache}: decode of sequence {b} differs by {d:e}");
+                        assert_eq!(batch.last_depths(b), singles[b].last_depths());
+                    }
+                    None => assert_eq!(got[b].rows(), 0),
+                }
+            }
+        }
+        assert_eq!(batch.positions(), &[10, 5, 8, 4]);
+        let kv: Vec<usize> = singles.iter().map(|s| s.stats().kv_bytes_used).collect();
+        assert_eq!(batch.kv_bytes_used(), kv);
+    }
+}

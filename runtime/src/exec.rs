@@ -113,6 +113,7 @@ pub(crate) struct Exits {
     active: Vec<usize>,
     keep: Vec<usize>,
     exiting: Vec<bool>,
+    runs: Vec<(usize, usize, i64)>,
     final_state: Vec<f32>,
     saved: Vec<(u32, Vec<f32>)>,
 }
@@ -169,6 +170,12 @@ impl ExecState {
     /// Run the program on `tokens` at positions `pos0..`. `steps` overrides the recurrence
     /// length (a hard cap for convergence-based exits).
     pub(crate) fn forward(&mut self, m: &Inner, tokens: &[u32], pos0: usize, steps: Option<usize>) -> Result<CallInfo> {
+        self.forward_segs(m, None, tokens, &[Seg { row0: 0, rows: tokens.len(), pos0 }], steps)
+    }
+
+    /// Run the program on the rows of several sequences at once: `segs[b]` are sequence `b`'s
+    /// rows of `tokens`, with its KV cache `kvs[b]` (`None`: this state's own cache, one segment).
+    pub(crate) fn forward_segs(&mut self, m: &Inner, kvs: Option<&mut [KvCache]>, tokens: &[u32], segs: &[Seg], steps: Option<usize>) -> Result<CallInfo> {
         let s = tokens.len();
         if s == 0 {
             return Err(RuntimeError::EmptyInput);
@@ -183,25 +190,30 @@ impl ExecState {
                 return Err(RuntimeError::ZeroSteps);
             }
         }
-        let kv_len = pos0
-            .checked_add(s)
-            .ok_or_else(|| RuntimeError::Config("position overflow".into()))?;
+        let mut kv_len = 0;
+        for sg in segs {
+            let end = sg.pos0.checked_add(sg.rows).ok_or_else(|| RuntimeError::Config("position overflow".into()))?;
+            kv_len = kv_len.max(end);
+        }
         for r in &mut self.ropes {
             r.ensure(kv_len)?;
         }
         let wi = self.workspace_for(m, s)?;
         let ExecState { kv, exits, ropes, workspaces, gates, profile } = self;
+        let kvs = match kvs {
+            Some(k) => k,
+            None => std::slice::from_mut(kv),
+        };
         let mut run = Run {
             m,
-            kv,
+            kvs,
+            segs,
             ex: exits,
             active: Vec::new(),
             n: s,
             ropes,
             ws: &mut workspaces[wi],
             tokens,
-            pos0,
-            kv_len,
             profile: profile.as_deref_mut(),
         };
         let iterations = m.pool.install(|| run.program(steps, gates))?;
@@ -226,9 +238,19 @@ fn cap_of(exit: &ExitPolicy, default_steps: usize, steps: Option<usize>, depths:
     }
 }
 
+/// One sequence's rows of a call: rows `row0..row0 + rows` at positions `pos0..`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seg {
+    pub(crate) row0: usize,
+    pub(crate) rows: usize,
+    pub(crate) pos0: usize,
+}
+
 struct Run<'a> {
     m: &'a Inner,
-    kv: &'a mut KvCache,
+    /// One KV cache per sequence (segment).
+    kvs: &'a mut [KvCache],
+    segs: &'a [Seg],
     ex: &'a mut Exits,
     /// Call rows held by the compacted buffers, in order (empty: all rows, uncompacted).
     active: Vec<usize>,
@@ -237,8 +259,6 @@ struct Run<'a> {
     ropes: &'a mut [Rope],
     ws: &'a mut Workspace,
     tokens: &'a [u32],
-    pos0: usize,
-    kv_len: usize,
     profile: Option<&'a mut [(Duration, u64); OP_NAMES.len()]>,
 }
 
@@ -448,12 +468,13 @@ impl Run<'_> {
             StateInit::From(b) => self.copy(*b, state),
             StateInit::TruncNormal { std, scale, seed } => {
                 let cols = self.m.manifest.buffers[state as usize].cols;
-                let pos0 = self.pos0;
+                let segs = self.segs;
                 let out = self.ws.bufs[state as usize].as_mut_slice();
                 // One generator per absolute position: the initial state of a token does not
                 // depend on how the sequence was split into calls.
-                for (r, row) in out.chunks_mut(cols.max(1)).enumerate() {
-                    let mut rng = Rng::new(mix(*seed, (pos0 + r) as u64));
+                for (r, row) in out.chunks_mut(cols.max(1)).enumerate().take(self.ws.s) {
+                    let pos = segs.iter().find(|g| r >= g.row0 && r < g.row0 + g.rows).map_or(r, |g| g.pos0 + r - g.row0);
+                    let mut rng = Rng::new(mix(*seed, pos as u64));
                     fill_trunc_normal(row, *std, *scale, &mut rng);
                 }
             }
@@ -494,18 +515,29 @@ impl Run<'_> {
         self.copy_n(src, dst, usize::MAX)
     }
 
-    /// For attention over a recursion-wise slot: the number of entries before this call's rows.
-    fn compact_slot_base(&self, args: &[Arg], iter: Option<usize>) -> Option<usize> {
-        let recur = self.m.manifest.program.recur.as_ref()?;
-        if recur.cache != CachePolicy::RecursionWise {
-            return None;
+    /// Compact rows `[ia, ib)` of segment `b` (the active rows of that sequence).
+    fn seg_range(&self, b: usize) -> (usize, usize) {
+        let g = self.segs[b];
+        if self.active.is_empty() {
+            (g.row0, g.row0 + g.rows)
+        } else {
+            (self.active.partition_point(|&r| r < g.row0), self.active.partition_point(|&r| r < g.row0 + g.rows))
         }
-        let site = args.iter().find_map(|a| if let Arg::KCache(s) = a { Some(*s as usize) } else { None })?;
-        if !self.m.manifest.kv_sites[site].in_loop {
-            return None;
+    }
+
+    /// Runs `(i0, i1, pos0)` of compact rows in `[ia, ia + len)` of segment `b` with consecutive
+    /// positions, `pos0` shifted so that row `i` of the run is at its own position.
+    fn pos_runs(&self, b: usize, ia: usize, ib: usize, out: &mut Vec<(usize, usize, i64)>) {
+        out.clear();
+        let g = self.segs[b];
+        if self.active.is_empty() {
+            out.push((ia, ib, g.pos0 as i64 - g.row0 as i64));
+            return;
         }
-        let slot = self.kv.slot_of(site, iter);
-        Some(self.kv.len(site, slot).saturating_sub(self.n))
+        for (j0, j1) in crate::rows::runs(&self.active[ia..ib]) {
+            let i0 = ia + j0;
+            out.push((i0, ia + j1, (g.pos0 + self.active[i0] - g.row0) as i64 - i0 as i64));
+        }
     }
 
     /// Rows a buffer holds now (compacted per-token buffers hold `n`).
@@ -596,18 +628,33 @@ impl Run<'_> {
                     // MoR recursive sharing: later iterations attend to the first one's entries.
                     return Ok(3);
                 }
-                let slot = self.kv.slot_of(site, iter);
-                let (kb, vb) = (self.ws.buf(*k), self.ws.buf(*v));
-                if in_loop && cache == Some(&CachePolicy::RecursionWise) {
-                    self.kv.append(site, slot, s, kb, vb)?;
-                } else if self.active.is_empty() {
-                    self.kv.write(site, slot, self.pos0, s, kb, vb)?;
-                } else {
-                    let prev = match iter {
-                        Some(t) if in_loop && t > 0 => Some(self.kv.slot_of(site, Some(t - 1))),
-                        _ => None,
-                    };
-                    self.kv.write_rows(site, slot, prev, self.pos0, self.ws.s, &self.active, kb, vb)?;
+                let w = bufs[*k as usize].cols;
+                for b in 0..self.segs.len() {
+                    let (ia, ib) = self.seg_range(b);
+                    if ia == ib {
+                        continue;
+                    }
+                    let g = self.segs[b];
+                    let kv = &mut self.kvs[b];
+                    let slot = kv.slot_of(site, iter);
+                    let (kb, vb) = (&self.ws.buf(*k)[ia * w..], &self.ws.buf(*v)[ia * w..]);
+                    if in_loop && cache == Some(&CachePolicy::RecursionWise) {
+                        kv.append(site, slot, ib - ia, kb, vb)?;
+                    } else if self.active.is_empty() {
+                        kv.write(site, slot, g.pos0, g.rows, kb, vb)?;
+                    } else {
+                        let prev = match iter {
+                            Some(t) if in_loop && t > 0 => Some(kv.slot_of(site, Some(t - 1))),
+                            _ => None,
+                        };
+                        let act = &self.active[ia..ib];
+                        if g.row0 == 0 {
+                            kv.write_rows(site, slot, prev, g.pos0, g.rows, act, kb, vb)?;
+                        } else {
+                            let rel: Vec<usize> = act.iter().map(|&r| r - g.row0).collect();
+                            kv.write_rows(site, slot, prev, g.pos0, g.rows, &rel, kb, vb)?;
+                        }
+                    }
                 }
                 Ok(3)
             }
@@ -615,50 +662,81 @@ impl Run<'_> {
                 let k = *kernel as usize;
                 let spec = &m.manifest.kernels[k].spec;
                 let items = m.manifest.kernel_items(*kernel, s);
-                self.ws.ptrs.clear();
-                for a in args {
-                    let p: *mut f32 = match a {
-                        Arg::Buf(b) => self.ws.bufs[*b as usize].as_mut_ptr(),
-                        Arg::Weight(w) => weight(m, w).as_ptr() as *mut f32,
-                        Arg::RopeCos(i) => self.ropes[*i as usize].cos_ptr(),
-                        Arg::RopeSin(i) => self.ropes[*i as usize].sin_ptr(),
-                        Arg::KCache(st) | Arg::VCache(st) => {
-                            let st = *st as usize;
-                            let slot = self.kv.slot_of(st, iter);
-                            self.kv.ensure(st, slot, self.kv_len)?;
-                            let (kp, vp) = self.kv.ptrs(st, slot);
-                            if matches!(a, Arg::KCache(_)) {
-                                kp
-                            } else {
-                                vp
-                            }
-                        }
-                    };
-                    self.ws.ptrs.push(p);
-                }
-                let (cost, chunks_per_thread, cat) = match spec {
-                    KernelSpec::Elementwise { cols, ops, .. } => (cols * ops.len().max(1), 1, 4),
-                    KernelSpec::RmsNorm { cols, .. } => (cols * 4, 1, 5),
-                    KernelSpec::Rope { heads, head_dim, .. } => (heads * head_dim * 3, 1, 6),
-                    KernelSpec::Attention { head_dim, .. } => (self.kv_len.saturating_mul(head_dim * 4), 4, 7),
-                };
+                let per = items / s.max(1);
                 let f = m.kernels.get(k);
-                let positional = matches!(spec, KernelSpec::Rope { .. } | KernelSpec::Attention { .. });
-                if let Some(base) = self.compact_slot_base(args, iter) {
-                    // A recursion-wise slot holds exactly the rows that reached this iteration,
-                    // in position order, so row i attends to its first `base + i + 1` entries.
-                    launch(f, &self.ws.ptrs, 0, items, base as i64, self.kv_len, cost, chunks_per_thread, m.threads);
-                } else if positional && self.active.last().is_some_and(|&r| r + 1 != s) {
-                    // Compacted rows: one call per run of consecutive positions, with `pos0`
-                    // shifted so that compact row `i` sees its own position.
-                    let per = items / s.max(1);
-                    for (i0, i1) in crate::rows::runs(&self.active) {
-                        let p0 = (self.pos0 + self.active[i0]) as i64 - i0 as i64;
-                        launch(f, &self.ws.ptrs, i0 * per, i1 * per, p0, self.kv_len, cost, chunks_per_thread, m.threads);
+                let attention = args.iter().any(|a| matches!(a, Arg::KCache(_) | Arg::VCache(_)));
+                let positional = matches!(spec, KernelSpec::Rope { .. }) || attention;
+                let cat = match spec {
+                    KernelSpec::Elementwise { .. } => 4,
+                    KernelSpec::RmsNorm { .. } => 5,
+                    KernelSpec::Rope { .. } => 6,
+                    KernelSpec::Attention { .. } => 7,
+                };
+                let (unit, chunks_per_thread) = match spec {
+                    KernelSpec::Elementwise { cols, ops, .. } => (cols * ops.len().max(1), 1),
+                    KernelSpec::RmsNorm { cols, .. } => (cols * 4, 1),
+                    KernelSpec::Rope { heads, head_dim, .. } => (heads * head_dim * 3, 1),
+                    KernelSpec::Attention { head_dim, .. } => (head_dim * 4, 4),
+                };
+                let simple = !positional || (self.segs.len() == 1 && self.segs[0].row0 == 0 && self.active.last().is_none_or(|&r| r + 1 == s));
+                let mut runs = std::mem::take(&mut self.ex.runs);
+                for b in 0..self.segs.len() {
+                    let (ia, ib) = if simple { (0, s) } else { self.seg_range(b) };
+                    if ia == ib {
+                        continue;
                     }
-                } else {
-                    launch(f, &self.ws.ptrs, 0, items, self.pos0 as i64, self.kv_len, cost, chunks_per_thread, m.threads);
+                    let g = self.segs[b];
+                    let kv_len = g.pos0 + g.rows;
+                    self.ws.ptrs.clear();
+                    for a in args {
+                        let p: *mut f32 = match a {
+                            Arg::Buf(x) => self.ws.bufs[*x as usize].as_mut_ptr(),
+                            Arg::Weight(w) => weight(m, w).as_ptr() as *mut f32,
+                            Arg::RopeCos(i) => self.ropes[*i as usize].cos_ptr(),
+                            Arg::RopeSin(i) => self.ropes[*i as usize].sin_ptr(),
+                            Arg::KCache(st) | Arg::VCache(st) => {
+                                let st = *st as usize;
+                                let kv = &mut self.kvs[b];
+                                let slot = kv.slot_of(st, iter);
+                                kv.ensure(st, slot, kv_len)?;
+                                let (kp, vp) = kv.ptrs(st, slot);
+                                if matches!(a, Arg::KCache(_)) {
+                                    kp
+                                } else {
+                                    vp
+                                }
+                            }
+                        };
+                        self.ws.ptrs.push(p);
+                    }
+                    let cost = if attention { kv_len.saturating_mul(unit) } else { unit };
+                    let compact_site = args.iter().find_map(|a| match a {
+                        Arg::KCache(st) if m.manifest.kv_sites[*st as usize].in_loop => Some(*st as usize),
+                        _ => None,
+                    });
+                    let recursion_wise = m.manifest.program.recur.as_ref().is_some_and(|r| r.cache == CachePolicy::RecursionWise);
+                    if let (Some(st), true) = (compact_site, recursion_wise) {
+                        // A recursion-wise slot holds exactly the rows that reached this
+                        // iteration, in position order: row i attends to its first `base + i + 1`
+                        // entries.
+                        let kv = &self.kvs[b];
+                        let base = kv.len(st, kv.slot_of(st, iter)) as i64 - (ib - ia) as i64;
+                        launch(f, &self.ws.ptrs, ia * per, ib * per, base - ia as i64, kv_len, cost, chunks_per_thread, m.threads);
+                    } else if simple {
+                        launch(f, &self.ws.ptrs, 0, items, g.pos0 as i64, kv_len, cost, chunks_per_thread, m.threads);
+                    } else {
+                        // Compacted rows or several sequences: one call per run of consecutive
+                        // positions.
+                        self.pos_runs(b, ia, ib, &mut runs);
+                        for &(i0, i1, p0) in &runs {
+                            launch(f, &self.ws.ptrs, i0 * per, i1 * per, p0, kv_len, cost, chunks_per_thread, m.threads);
+                        }
+                    }
+                    if simple {
+                        break;
+                    }
                 }
+                self.ex.runs = runs;
                 Ok(cat)
             }
         }

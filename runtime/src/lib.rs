@@ -36,6 +36,7 @@
 //! into huge-page-advised memory instead of using them in place from the mapping).
 
 pub mod artifact;
+mod batch;
 pub mod error;
 mod exec;
 mod exit;
@@ -51,6 +52,7 @@ pub mod sampler;
 mod session;
 pub mod weights;
 
+pub use batch::BatchSession;
 pub use error::{Result, RuntimeError};
 pub use model::{Artifact, Model};
 pub use rng::Rng;

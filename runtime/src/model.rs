@@ -172,6 +172,11 @@ impl Model {
     pub fn session(&self) -> Session {
         Session::new(self.clone())
     }
+
+    /// A session over `n` independent sequences processed together.
+    pub fn batch_session(&self, n: usize) -> crate::BatchSession {
+        crate::batch::BatchSession::new(self.clone(), n)
+    }
 }
 
 fn embed_limit(m: &Manifest) -> usize {
