@@ -183,6 +183,15 @@ struct RunArgs {
     /// Time every kind of operation (matmul, attention, norms, ...) and print the table.
     #[arg(long)]
     profile: bool,
+    /// Override the exit policy's threshold (the gate's q for `exit gate(...)`).
+    #[arg(long, value_name = "X")]
+    exit_threshold: Option<f64>,
+    /// Force per-token depths: "d0 d1 ..." for positions 0, 1, ... (the last repeats).
+    #[arg(long, value_name = "DEPTHS")]
+    depths: Option<String>,
+    /// With --depths: repeat the list cyclically (position p gets d[p mod n]).
+    #[arg(long)]
+    cycle_depths: bool,
     /// Compile options when MODEL is a `.loop` file.
     #[command(flatten)]
     args: ModelArgs,
@@ -357,6 +366,23 @@ fn run(r: RunArgs) -> Result<(), String> {
     let mut session = model.session();
     session.set_steps(r.steps);
     session.set_profiling(r.profile);
+    if let Some(x) = r.exit_threshold {
+        if !x.is_finite() {
+            return Err(format!("error: --exit-threshold must be a finite number, got {x}"));
+        }
+        session.set_exit_threshold(Some(x));
+    }
+    if let Some(d) = &r.depths {
+        let v: Vec<usize> = parse_ids(d, "--depths")?.into_iter().map(|x| x as usize).collect();
+        if v.is_empty() || v.contains(&0) {
+            return Err("error: --depths needs one or more depths ≥ 1".into());
+        }
+        session.set_depth_schedule(Some(if r.cycle_depths {
+            loopc_runtime::DepthSchedule::Cycle(v)
+        } else {
+            loopc_runtime::DepthSchedule::Positions(v)
+        }));
+    }
     let out = loopc_runtime::generate(&mut session, &prompt, r.max_new_tokens, &sampler, &stops)
         .map_err(|e| format!("error: {e}"))?;
     let toks: Vec<String> = out.tokens.iter().map(|t| t.to_string()).collect();

@@ -114,3 +114,27 @@ fn params_lists_values_and_their_sources() {
     assert!(line("steps").contains('3') && line("steps").ends_with("--set"), "{out}");
     assert!(out.contains("unused config keys:") && out.contains("tie_embeddings"), "{out}");
 }
+
+fn run_with_forced_depths_prints_depth_stats() {
+    let (ok, out, err) = loopc(&[
+        "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "init_scale=0",
+        "--weights", "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1 2 3 4", "--depths", "3 1 2 4 2",
+        "--max-new-tokens", "3", "--stats",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.split_whitespace().count(), 3);
+    // Positions 0..=5 run 3 1 2 4 2 2 iterations (the last depth repeats).
+    assert!(err.contains("depth histogram (depth:tokens): 1:1 2:3 3:1 4:1"), "{err}");
+    assert!(err.contains("block evaluations: 2.33 per token"), "{err}");
+    assert!(err.contains("bytes per token"), "{err}");
+    let (ok, _, err) = loopc(&[
+        "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1 2", "--depths", "0",
+    ]);
+    assert!(!ok && err.contains("--depths"), "{err}");
+    let (ok, _, err) = loopc(&[
+        "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1 2", "--exit-threshold", "nan",
+    ]);
+    assert!(!ok && err.contains("--exit-threshold"), "{err}");
+}

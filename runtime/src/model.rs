@@ -172,6 +172,11 @@ impl Model {
     pub fn session(&self) -> Session {
         Session::new(self.clone())
     }
+
+    /// A session over `n` independent sequences processed together.
+    pub fn batch_session(&self, n: usize) -> crate::BatchSession {
+        crate::batch::BatchSession::new(self.clone(), n)
+    }
 }
 
 fn embed_limit(m: &Manifest) -> usize {
@@ -386,6 +391,24 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
             if threshold.is_nan() {
                 return Err(RuntimeError::manifest("recur: the convergence threshold is NaN"));
             }
+        }
+        let bad = match &r.exit {
+            ExitPolicy::Criterion { threshold, min_steps, every, max_steps, .. } => {
+                (threshold.is_nan() || *every == 0 || *max_steps == 0 || min_steps > max_steps).then(|| {
+                    format!("recur: bad exit criterion (threshold {threshold}, min {min_steps}, every {every}, max {max_steps})")
+                })
+            }
+            ExitPolicy::Gate { q, max_steps, .. } => (q.is_nan() || *max_steps == 0 || r.gate.is_none())
+                .then(|| "recur: a gate exit needs a gate buffer, q and max ≥ 1".to_string()),
+            ExitPolicy::Act { eps, max_steps } => (!(*eps > 0.0 && *eps < 1.0) || *max_steps == 0 || r.gate.is_none())
+                .then(|| "recur: an ACT exit needs a gate buffer, 0 < eps < 1 and max ≥ 1".to_string()),
+            _ => None,
+        };
+        if let Some(msg) = bad {
+            return Err(RuntimeError::manifest(msg));
+        }
+        if r.readout.iter().any(|&i| i as usize >= m.program.coda.len()) {
+            return Err(RuntimeError::manifest("recur: readout index past the end of the coda"));
         }
         if let Some(g) = r.gate {
             let gb = v.buf(ctx, g)?;

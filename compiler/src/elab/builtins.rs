@@ -3,7 +3,7 @@ use super::{show, Elab, InitVal, Scope, Val, BAD_ARGS, BAD_POLICY, TOO_DEEP};
 use crate::frontend::ast::{self, Ident};
 use crate::frontend::diag;
 use crate::frontend::Span;
-use loopc_dialects::ops::{ExitSpec, RopeStyle, StateInit, Unary};
+use loopc_dialects::ops::{CacheSpec, Criterion, ExitSpec, RopeStyle, StateInit, Unary};
 use loopc_dialects::Op;
 use std::collections::HashMap;
 
@@ -11,10 +11,11 @@ use std::collections::HashMap;
 pub const NAMES: &[&str] = &[
     "embed", "linear", "matmul", "rmsnorm", "layernorm", "rope", "attention", "concat", "split", "silu", "sigmoid",
     "relu", "gelu_tanh", "exp", "tanh", "sqrt", "zeros", "trunc_normal", "converge", "pos_embed", "sinusoidal",
+    "latent_diff", "cosine", "kl", "minp_kl", "entropy_diff", "argmax_stability", "gate", "act", "ring",
 ];
 
 /// Bare names that stand for themselves when not bound.
-pub const SYMBOLS: &[&str] = &["interleaved", "half", "fixed", "per_step"];
+pub const SYMBOLS: &[&str] = &["interleaved", "half", "fixed", "per_step", "share_first", "last_step", "recursion_wise"];
 
 struct Bound {
     vals: Vec<Option<(Val, Span)>>,
@@ -324,11 +325,79 @@ impl<'a> Elab<'a> {
                 };
                 Val::Exit(ExitSpec::Converge { threshold, min_steps, max_steps })
             }
+            "gate" => {
+                let Some(b) = self.bind(callee, args, &["q", "min_steps", "max"], 1, span) else { return Val::Error };
+                let q = self.num_arg(&b.get(0).unwrap(), "`gate` q", BAD_POLICY, |x| x > 0.0 && x <= 1.0, "a number in (0, 1]");
+                let Ok((min_steps, max_steps)) = self.step_bounds("gate", b.get(1), b.get(2)) else { return Val::Error };
+                match q {
+                    Some(q) => Val::Exit(ExitSpec::Gate { q, min_steps, max_steps }),
+                    None => Val::Error,
+                }
+            }
+            "act" => {
+                let Some(b) = self.bind(callee, args, &["eps", "max"], 0, span) else { return Val::Error };
+                let eps = match b.get(0) {
+                    Some(e) => self.num_arg(&e, "`act` eps", BAD_POLICY, |x| x > 0.0 && x < 1.0, "a number in (0, 1)"),
+                    None => Some(0.01),
+                };
+                let Ok((_, max_steps)) = self.step_bounds("act", None, b.get(1)) else { return Val::Error };
+                match eps {
+                    Some(eps) => Val::Exit(ExitSpec::Act { eps, max_steps }),
+                    None => Val::Error,
+                }
+            }
+            "ring" => {
+                let Some(b) = self.bind(callee, args, &["c"], 1, span) else { return Val::Error };
+                match self.policy_int(&b.get(0).unwrap(), "`ring` size", 1) {
+                    Some(c) => Val::Cache(CacheSpec::Ring(c)),
+                    None => Val::Error,
+                }
+            }
+            name if Criterion::from_name(name).is_some() => {
+                let kind = Criterion::from_name(name).unwrap();
+                let names = ["threshold", "min_steps", "every", "max"];
+                let Some(b) = self.bind(callee, args, &names, 1, span) else { return Val::Error };
+                let what = format!("`{name}` threshold");
+                let threshold = if kind == Criterion::ArgmaxStability {
+                    self.policy_int(&b.get(0).unwrap(), &what, 1).map(|x| x as f64)
+                } else {
+                    self.num_arg(&b.get(0).unwrap(), &what, BAD_POLICY, |x| x > 0.0, "a number > 0")
+                };
+                let every = match b.get(2) {
+                    Some(e) => self.policy_int(&e, &format!("`{name}` every"), 1),
+                    None => Some(1),
+                };
+                let Ok((min_steps, max_steps)) = self.step_bounds(name, b.get(1), b.get(3)) else { return Val::Error };
+                match (threshold, every) {
+                    (Some(threshold), Some(every)) => Val::Exit(ExitSpec::Criterion { kind, threshold, min_steps, every, max_steps }),
+                    _ => Val::Error,
+                }
+            }
             _ => {
                 self.unknown(callee);
                 Val::Error
             }
         }
+    }
+
+    /// `min_steps` (default 1) and `max` (default 0: the `recur`'s own step count).
+    fn step_bounds(&mut self, name: &str, min: Option<(Val, Span)>, max: Option<(Val, Span)>) -> Result<(usize, usize), ()> {
+        let max_steps = match max {
+            Some(m) => self.policy_int(&m, &format!("`{name}` max"), 1).ok_or(())?,
+            None => 0,
+        };
+        let min_steps = match min {
+            Some(m) => {
+                let x = self.policy_int(&m, &format!("`{name}` min_steps"), 1).ok_or(())?;
+                if max_steps > 0 && x > max_steps {
+                    self.err(BAD_POLICY, m.1, format!("`{name}` min_steps ({x}) exceeds max ({max_steps})"), "min_steps");
+                    return Err(());
+                }
+                x
+            }
+            None => 1,
+        };
+        Ok((min_steps, max_steps))
     }
 
     fn policy_int(&mut self, v: &(Val, Span), what: &str, min: i64) -> Option<usize> {

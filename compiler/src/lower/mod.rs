@@ -2,13 +2,14 @@
 //! list the backend compiles, KV sites and RoPE tables. The forward region splits at its one
 //! recurrence into prelude / recur / coda.
 mod print;
+mod readout;
 
 pub use print::print_manifest;
 
-use loopc_dialects::ops::{Binary, CacheSpec, ExitSpec, FusedOp, RopeStyle as DRope, StateInit as DInit, Unary};
+use loopc_dialects::ops::{Binary, CacheSpec, Criterion as DCriterion, ExitSpec, FusedOp, RopeStyle as DRope, StateInit as DInit, Unary};
 use loopc_dialects::{Module, NodeId, Op, Region, Ty};
 use loopc_runtime::artifact::{
-    Arg, BufId, BufferDecl, CachePolicy, EwIn, EwOp, ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite,
+    Arg, BufId, BufferDecl, CachePolicy, Criterion, EwIn, EwOp, ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite,
     Manifest, Program, Recur, RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
 };
 use std::collections::HashMap;
@@ -85,8 +86,27 @@ pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, L
         kernels: l.kernels,
         rope_tables: l.rope_tables,
         kv_sites,
-        program: Program { prelude, recur: l.recur, coda, logits },
+        program: Program {
+            prelude,
+            recur: l.recur.map(|mut r| {
+                r.readout = readout::readout(&coda, r.state, r.next);
+                r
+            }),
+            coda,
+            logits,
+        },
     })
+}
+
+fn criterion(c: DCriterion) -> Criterion {
+    match c {
+        DCriterion::LatentDiff => Criterion::LatentDiff,
+        DCriterion::Cosine => Criterion::Cosine,
+        DCriterion::Kl => Criterion::Kl,
+        DCriterion::MinpKl => Criterion::MinpKl,
+        DCriterion::EntropyDiff => Criterion::EntropyDiff,
+        DCriterion::ArgmaxStability => Criterion::ArgmaxStability,
+    }
 }
 
 fn wref(op: &Op) -> Option<WRef> {
@@ -191,11 +211,27 @@ impl Lowerer {
                 ExitSpec::Converge { threshold, min_steps, max_steps } => {
                     ExitPolicy::Converge { threshold: *threshold, min_steps: *min_steps, max_steps: *max_steps }
                 }
+                ExitSpec::Criterion { kind, threshold, min_steps, every, max_steps } => ExitPolicy::Criterion {
+                    criterion: criterion(*kind),
+                    threshold: *threshold,
+                    min_steps: *min_steps,
+                    every: *every,
+                    max_steps: *max_steps,
+                },
+                ExitSpec::Gate { q, min_steps, max_steps } => {
+                    ExitPolicy::Gate { q: *q, min_steps: *min_steps, max_steps: *max_steps }
+                }
+                ExitSpec::Act { eps, max_steps } => ExitPolicy::Act { eps: *eps, max_steps: *max_steps },
             },
             cache: match cache {
                 CacheSpec::PerStep => CachePolicy::PerStep,
+                CacheSpec::Ring(c) => CachePolicy::Ring(*c),
+                CacheSpec::ShareFirst => CachePolicy::ShareFirst,
+                CacheSpec::LastStep => CachePolicy::LastStep,
+                CacheSpec::RecursionWise => CachePolicy::RecursionWise,
             },
             gate,
+            readout: vec![],
         });
         // After the loop, the recur node's value is the final state.
         vals.insert(n, state);
