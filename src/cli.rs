@@ -73,11 +73,18 @@ enum Cmd {
     },
     /// Run a model: prefill the prompt, then generate tokens.
     Run(RunArgs),
-    /// Print one stage of the compiler: ast, graph, lowered, program, clif.
+    /// Print one stage of the compiler: ast, graph, egraph, lowered, program, clif.
     Ir {
         model: PathBuf,
         #[arg(long, default_value = "graph")]
         stage: String,
+        #[command(flatten)]
+        args: ModelArgs,
+    },
+    /// Show what the e-graph optimizer does: rules fired per region, node counts, cost before
+    /// and after, time per stage.
+    Explain {
+        model: PathBuf,
         #[command(flatten)]
         args: ModelArgs,
     },
@@ -180,6 +187,11 @@ fn dispatch(cli: Cli) -> Result<(), String> {
         }
         Cmd::Ir { model, stage, args } => {
             let text = driver::stage_text(&model, &stage, &args.options()).map_err(compile_err)?;
+            print!("{text}");
+            Ok(())
+        }
+        Cmd::Explain { model, args } => {
+            let text = driver::explain(&model, &args.options()).map_err(compile_err)?;
             print!("{text}");
             Ok(())
         }

@@ -162,6 +162,20 @@ pub enum Op {
     Slice { start: usize, len: usize },
     /// A fused elementwise kernel created by the passes; `outputs` has one entry.
     Fused { body: Vec<FusedOp> },
+    /// `s = a + b; y = rmsnorm(s, g)` as one kernel with two results `(s, y)`, read by `proj`.
+    /// Operands: a, b, g.
+    RmsNormRes { eps: f32 },
+    /// The `index`-th result of a multi-result node.
+    Proj(u32),
+    // ---- derived weights: computed once by the runtime at load, from checkpoint tensors ----
+    /// Columns `start .. start + len` of a 2-D weight (not contiguous, hence a copy).
+    WSliceCols { start: usize, len: usize },
+    /// Every element times a build-time constant.
+    WScale(f32),
+    /// `W · diag(g)`: column `j` of a 2-D weight times `g[j]`. Operands: W, g.
+    WMulCols,
+    /// Rows of 2-D weights with equal column counts, stacked.
+    WConcatRows,
 }
 
 impl Op {
@@ -182,7 +196,20 @@ impl Op {
             Op::Concat => "concat",
             Op::Slice { .. } => "slice",
             Op::Fused { .. } => "fused",
+            Op::RmsNormRes { .. } => "rmsnorm_res",
+            Op::Proj(_) => "proj",
+            Op::WSliceCols { .. } => "w.slice_cols",
+            Op::WScale(_) => "w.scale",
+            Op::WMulCols => "w.mul_cols",
+            Op::WConcatRows => "w.concat_rows",
         }
+    }
+}
+
+impl Op {
+    /// Ops whose value is a weight computed at load time from other weights.
+    pub fn is_derived_weight(&self) -> bool {
+        matches!(self, Op::WSliceCols { .. } | Op::WScale(_) | Op::WMulCols | Op::WConcatRows)
     }
 }
 

@@ -179,6 +179,64 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             Ok(Ty::Act(w))
         }
+        Op::RmsNormRes { eps } => {
+            arity(3)?;
+            let (a, b) = (act(0)?, act(1)?);
+            let g = weight(2)?;
+            if a != b || g.iter().product::<usize>() != a {
+                return Err(format!("`rmsnorm_res` needs two activations of one width and a gain of that many elements, got {}, {} and {}", args[0], args[1], args[2]));
+            }
+            if !(*eps >= 0.0) {
+                return Err(format!("`rmsnorm_res` eps must be ≥ 0, got {eps}"));
+            }
+            Ok(Ty::Tuple(vec![Ty::Act(a), Ty::Act(a)]))
+        }
+        Op::Proj(i) => {
+            arity(1)?;
+            match &args[0] {
+                Ty::Tuple(ts) => ts.get(*i as usize).cloned().ok_or_else(|| format!("`proj {i}` of a {}-tuple", ts.len())),
+                t => Err(format!("`proj` reads a multi-result node, got {t}")),
+            }
+        }
+        Op::WSliceCols { start, len } => {
+            arity(1)?;
+            let w = weight(0)?;
+            if w.len() != 2 || *len == 0 || start + len > w[1] {
+                return Err(format!("`w.slice_cols` {start}..{} does not fit {}", start + len, args[0]));
+            }
+            Ok(Ty::Weight(vec![w[0], *len]))
+        }
+        Op::WScale(c) => {
+            arity(1)?;
+            if !c.is_finite() {
+                return Err(format!("`w.scale` by a non-finite {c}"));
+            }
+            Ok(Ty::Weight(weight(0)?))
+        }
+        Op::WMulCols => {
+            arity(2)?;
+            let (w, g) = (weight(0)?, weight(1)?);
+            if w.len() != 2 || g.iter().product::<usize>() != w[1] {
+                return Err(format!("`w.mul_cols` needs a 2-D weight and one factor per column, got {} and {}", args[0], args[1]));
+            }
+            Ok(Ty::Weight(w))
+        }
+        Op::WConcatRows => {
+            if args.is_empty() {
+                return Err("`w.concat_rows` needs at least one operand".into());
+            }
+            let mut rows = 0;
+            let mut cols = None;
+            for i in 0..args.len() {
+                let w = weight(i)?;
+                if w.len() != 2 || cols.is_some_and(|c| c != w[1]) {
+                    return Err(format!("`w.concat_rows` needs 2-D weights with equal columns, got {}", args[i]));
+                }
+                cols = Some(w[1]);
+                rows += w[0];
+            }
+            Ok(Ty::Weight(vec![rows, cols.unwrap_or(0)]))
+        }
         Op::Recur { init, body, gate, steps, .. } => {
             if *steps == 0 {
                 return Err("`loop.recur` needs at least one step".into());

@@ -43,6 +43,84 @@ pub struct Manifest {
     /// slot per iteration (`per-step` policy).
     pub kv_sites: Vec<KvSite>,
     pub program: Program,
+    /// Weights the runtime computes once at load from checkpoint tensors (compile-time constant
+    /// folding on weights). Derived weight `i` has the id `weights.len() + i`, so a [`WRef`]
+    /// names it like a checkpoint tensor. Absent from artifacts that need none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub derived: Vec<DerivedWeight>,
+}
+
+/// A weight computed at load; its sources are checkpoint tensors or earlier derived weights.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DerivedWeight {
+    /// For messages: how it was made, e.g. `slice_cols(adapter, 64..128)`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub recipe: Derive,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Derive {
+    /// Columns `start .. start + len` of `src` (a `rows × cols` window).
+    SliceCols { src: WRef, start: usize, len: usize },
+    /// `src · by`.
+    Scale { src: WRef, by: f32 },
+    /// `src · diag(gain)`: column `j` times `gain[j]`; `gain` holds `src.cols` values.
+    MulCols { src: WRef, gain: WRef },
+    /// The rows of every source (equal `cols`), stacked.
+    ConcatRows { srcs: Vec<WRef> },
+}
+
+impl Derive {
+    pub fn sources(&self) -> Vec<&WRef> {
+        match self {
+            Derive::SliceCols { src, .. } | Derive::Scale { src, .. } => vec![src],
+            Derive::MulCols { src, gain } => vec![src, gain],
+            Derive::ConcatRows { srcs } => srcs.iter().collect(),
+        }
+    }
+
+    /// `(rows, cols)` of the result, or why the recipe is inconsistent.
+    pub fn out_shape(&self) -> Result<(usize, usize), String> {
+        match self {
+            Derive::SliceCols { src, start, len } => {
+                if start.checked_add(*len).is_none_or(|e| e > src.cols) || *len == 0 {
+                    return Err(format!("columns {start}..{} of a {}-column weight", start + len, src.cols));
+                }
+                Ok((src.rows, *len))
+            }
+            Derive::Scale { src, .. } => Ok((src.rows, src.cols)),
+            Derive::MulCols { src, gain } => {
+                if gain.rows.checked_mul(gain.cols) != Some(src.cols) {
+                    return Err(format!("{} gains for {} columns", gain.rows * gain.cols, src.cols));
+                }
+                Ok((src.rows, src.cols))
+            }
+            Derive::ConcatRows { srcs } => {
+                let cols = srcs.first().map(|s| s.cols).ok_or("no sources")?;
+                if srcs.iter().any(|s| s.cols != cols) {
+                    return Err("sources with different column counts".into());
+                }
+                Ok((srcs.iter().map(|s| s.rows).sum(), cols))
+            }
+        }
+    }
+
+    /// Compute the derived values; `get` yields the data of a validated source window.
+    pub fn compute<'a>(&self, get: impl Fn(&WRef) -> &'a [f32]) -> Vec<f32> {
+        match self {
+            Derive::SliceCols { src, start, len } => {
+                let d = get(src);
+                (0..src.rows).flat_map(|r| d[r * src.cols + start..r * src.cols + start + len].iter().copied()).collect()
+            }
+            Derive::Scale { src, by } => get(src).iter().map(|x| x * by).collect(),
+            Derive::MulCols { src, gain } => {
+                let (d, g) = (get(src), get(gain));
+                d.iter().enumerate().map(|(i, x)| x * g[i % src.cols]).collect()
+            }
+            Derive::ConcatRows { srcs } => srcs.iter().flat_map(|s| get(s).iter().copied()).collect(),
+        }
+    }
 }
 
 /// A checkpoint tensor, bound by the checkpoint's own name.

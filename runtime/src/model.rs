@@ -128,7 +128,8 @@ impl Model {
             .thread_name(|i| format!("loopc-{i}"))
             .build()
             .map_err(|e| RuntimeError::Config(format!("cannot start {threads} threads: {e}")))?;
-        let bound = weights.bind(&manifest.weights, &pool)?;
+        let mut bound = weights.bind(&manifest.weights, &pool)?;
+        derive_weights(&manifest, &mut bound)?;
         let kernels = Kernels::load(&object, &manifest.kernels)?;
         let token_limit = embed_limit(&manifest);
         Ok(Model {
@@ -172,6 +173,20 @@ impl Model {
     pub fn session(&self) -> Session {
         Session::new(self.clone())
     }
+}
+
+/// Append the derived weights (validated by [`validate`]) to the bound checkpoint tensors.
+fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>) -> Result<()> {
+    for d in &m.derived {
+        let data = {
+            let all: &Vec<Bound> = bound;
+            d.recipe.compute(|w| &all[w.weight as usize].as_slice()[w.offset..w.offset + w.rows * w.cols])
+        };
+        let mut v = crate::mem::AVec::zeroed(data.len(), &d.name)?;
+        v.as_mut_slice().copy_from_slice(&data);
+        bound.push(Bound::Owned(v));
+    }
+    Ok(())
 }
 
 fn embed_limit(m: &Manifest) -> usize {
@@ -264,7 +279,24 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
         .weights
         .iter()
         .map(|w| elems(&w.shape).ok_or_else(|| RuntimeError::manifest(format!("weight `{}` has an overflowing shape {:?}", w.name, w.shape))))
-        .collect::<Result<_>>()?;
+        .collect::<Result<Vec<usize>>>()?;
+    let mut weight_elems = weight_elems;
+    for (i, d) in m.derived.iter().enumerate() {
+        let bad = |msg: String| RuntimeError::manifest(format!("derived weight #{i} `{}`: {msg}", d.name));
+        for src in d.recipe.sources() {
+            // Sources come before: checkpoint tensors or earlier derived weights.
+            let n = weight_elems.get(src.weight as usize).ok_or_else(|| bad(format!("source weight #{} is not defined before it", src.weight)))?;
+            let end = src.rows.checked_mul(src.cols).and_then(|x| x.checked_add(src.offset));
+            if end.is_none_or(|e| e > *n) {
+                return Err(bad(format!("source window [{} x {}] at {} overruns weight #{}", src.rows, src.cols, src.offset, src.weight)));
+            }
+        }
+        let (r, c) = d.recipe.out_shape().map_err(bad)?;
+        if elems(&d.shape) != Some(r * c) {
+            return Err(bad(format!("declared shape {:?} but the recipe gives [{r}, {c}]", d.shape)));
+        }
+        weight_elems.push(r * c);
+    }
     for b in &m.buffers {
         if let Rows::Fixed(n) = b.rows {
             if n.checked_mul(b.cols).is_none() {
@@ -406,17 +438,20 @@ impl<'a> Validator<'a> {
     }
 
     fn wref(&self, ctx: &str, w: &WRef) -> Result<()> {
-        let decl = self
-            .m
-            .weights
-            .get(w.weight as usize)
-            .ok_or_else(|| RuntimeError::manifest(format!("{ctx}: weight #{} does not exist", w.weight)))?;
+        let nw = self.m.weights.len();
+        let (name, shape) = match self.m.weights.get(w.weight as usize) {
+            Some(decl) => (&decl.name, &decl.shape),
+            None => match self.m.derived.get((w.weight as usize).wrapping_sub(nw)) {
+                Some(d) => (&d.name, &d.shape),
+                None => return Err(RuntimeError::manifest(format!("{ctx}: weight #{} does not exist", w.weight))),
+            },
+        };
         let end = w.rows.checked_mul(w.cols).and_then(|n| n.checked_add(w.offset));
         match end {
             Some(e) if e <= self.weight_elems[w.weight as usize] => Ok(()),
             _ => Err(RuntimeError::manifest(format!(
                 "{ctx}: window [{} x {}] at offset {} exceeds weight `{}` of shape {:?}",
-                w.rows, w.cols, w.offset, decl.name, decl.shape
+                w.rows, w.cols, w.offset, name, shape
             ))),
         }
     }
