@@ -146,6 +146,37 @@ fn q_scale_text(heads: usize, hd: usize) -> String {
         )
 }
 
+fn gain_fold_text(d: usize, n: usize, residual: bool) -> String {
+    // Two matmuls read the norm (the rule needs every user to be one); with `residual`, the
+    // norm's input is a residual sum that is also used later.
+    header(&[("emb", vec![V, d]), ("wa", vec![n, d]), ("wb", vec![n, d]), ("g", vec![d]), ("wo", vec![d, n]), ("head", vec![V, d])])
+        + &format!(
+            "forward {{
+  %0 = tokens : tokens
+  %1 = weight @0 : {wv}
+  %2 = embed %0, %1 : [S, {d}]
+  %3 = {sum} : [S, {d}]
+  %4 = weight @3 : w[{d}]
+  %5 = rmsnorm %3, %4 eps=1e-5 : [S, {d}]
+  %6 = weight @1 : {wn}
+  %7 = linear %5, %6 : [S, {n}]
+  %8 = weight @2 : {wn}
+  %9 = linear %5, %8 : [S, {n}]
+  %10 = mul %7, %9 : [S, {n}]
+  %11 = weight @4 : w[{d}, {n}]
+  %12 = linear %10, %11 : [S, {d}]
+  %13 = add %3, %12 : [S, {d}]
+  %14 = weight @5 : {wv}
+  %15 = linear %13, %14 : [S, {V}]
+  return %15
+}}
+",
+            sum = if residual { "add %2, %2".to_string() } else { "tanh %2".to_string() },
+            wv = w(&[V, d]),
+            wn = w(&[n, d])
+        )
+}
+
 fn concat_linear_text(d: usize, steps: usize) -> String {
     header(&[("emb", vec![V, d]), ("adapter", vec![d, 2 * d]), ("head", vec![V, d])])
         + &format!(
@@ -214,6 +245,25 @@ fn rule_concat_linear_split_and_hoist_on_the_backend() {
     }
 }
 
+#[test]
+fn rule_rmsnorm_gain_fold_on_the_backend() {
+    let mut rng = Rng(0x5eed_0005);
+    for seed in 0..6 {
+        let d = rng.pick(&[1, 4, 16, 40]);
+        let n = rng.pick(&[1, 8, 24]);
+        check_rule(&gain_fold_text(d, n, seed % 2 == 1), "rmsnorm-gain-fold", seed);
+    }
+}
+
+#[test]
+fn gain_fold_needs_every_user_to_be_a_matmul() {
+    // Here the normalized value also feeds the residual add: folding would need both norms.
+    let text = gain_fold_text(8, 8, false).replace("%13 = add %3, %12", "%13 = add %5, %12");
+    let mut m = parse_module(&text).unwrap();
+    let report = egraph::optimize(&mut m);
+    assert_eq!(report.fired("rmsnorm-gain-fold"), 0, "{}", report.text());
+}
+
 fn snapshot_pair(text: &str) -> String {
     let m = parse_module(text).unwrap();
     let mut o = m.clone();
@@ -235,6 +285,11 @@ fn snapshot_rule_embed_scale_fold() {
 #[test]
 fn snapshot_rule_q_scale_fold() {
     insta::assert_snapshot!(snapshot_pair(&q_scale_text(2, 4)));
+}
+
+#[test]
+fn snapshot_rule_rmsnorm_gain_fold() {
+    insta::assert_snapshot!(snapshot_pair(&gain_fold_text(8, 4, false)));
 }
 
 #[test]

@@ -145,7 +145,7 @@ pub enum Op {
     Embed,
     /// `x · wᵀ` with `w: [n, k]`. Operands: x, w.
     Linear,
-    /// `x · rsqrt(mean(x²) + eps) · g`. Operands: x, g.
+    /// `x · rsqrt(mean(x²) + eps) · g`. Operands: x, g (or only x: no gain, after folding).
     RmsNorm { eps: f32 },
     /// Rotary embedding on `heads` heads. Operand: x.
     Rope { heads: usize, style: RopeStyle, base: f64 },
@@ -163,7 +163,7 @@ pub enum Op {
     /// A fused elementwise kernel created by the passes; `outputs` has one entry.
     Fused { body: Vec<FusedOp> },
     /// `s = a + b; y = rmsnorm(s, g)` as one kernel with two results `(s, y)`, read by `proj`.
-    /// Operands: a, b, g.
+    /// Operands: a, b, g (or only a, b: no gain).
     RmsNormRes { eps: f32 },
     /// The `index`-th result of a multi-result node.
     Proj(u32),

@@ -63,10 +63,12 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             Ok(Ty::Act(w[0]))
         }
         Op::RmsNorm { eps } => {
-            arity(2)?;
+            // The gain is optional: the optimizer folds it into the matmuls that read the norm.
+            if args.len() != 1 {
+                arity(2)?;
+            }
             let d = act(0)?;
-            let g = weight(1)?;
-            if g.iter().product::<usize>() != d {
+            if args.len() == 2 && weight(1)?.iter().product::<usize>() != d {
                 return Err(format!("`rmsnorm` gain must have {d} elements, got {}", args[1]));
             }
             if !(*eps >= 0.0) {
@@ -180,11 +182,13 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             Ok(Ty::Act(w))
         }
         Op::RmsNormRes { eps } => {
-            arity(3)?;
+            if args.len() != 2 {
+                arity(3)?;
+            }
             let (a, b) = (act(0)?, act(1)?);
-            let g = weight(2)?;
-            if a != b || g.iter().product::<usize>() != a {
-                return Err(format!("`rmsnorm_res` needs two activations of one width and a gain of that many elements, got {}, {} and {}", args[0], args[1], args[2]));
+            let g = if args.len() == 3 { weight(2)?.iter().product::<usize>() } else { a };
+            if a != b || g != a {
+                return Err(format!("`rmsnorm_res` needs two activations of one width and a gain of that many elements, got {}, {} and {}", args[0], args[1], args.get(2).map_or("no gain".to_string(), |t| t.to_string())));
             }
             if !(*eps >= 0.0) {
                 return Err(format!("`rmsnorm_res` eps must be ≥ 0, got {eps}"));

@@ -157,6 +157,8 @@ pub struct TensorAnalysis {
     pub in_loop: bool,
     /// Iterations of the enclosing recurrence (prices loop-invariant work in the cost model).
     pub steps: usize,
+    /// The region's results: users outside the graph, which rules must respect.
+    pub roots: Vec<Id>,
 }
 
 pub type TGraph = EGraph<TNode, TensorAnalysis>;

@@ -133,7 +133,7 @@ fn opt_region(r: &mut Region, path: &str, in_loop: bool, steps: usize, out: &mut
 
 fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> RegionReport {
     let mut rep = RegionReport { path: path.to_string(), nodes_before: r.graph.node_count(), ..Default::default() };
-    let analysis = TensorAnalysis { params: r.params.clone(), opaque: vec![], in_loop, steps };
+    let analysis = TensorAnalysis { params: r.params.clone(), opaque: vec![], in_loop, steps, roots: vec![] };
     let mut eg: TGraph = egg::EGraph::new(analysis);
     let mut ids: HashMap<NodeId, Id> = HashMap::new();
     let mut original: HashMap<Id, TNode> = HashMap::new();
@@ -147,6 +147,7 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
     }
     eg.rebuild();
     let roots: Vec<Id> = r.results.iter().map(|n| ids[n]).collect();
+    eg.analysis.roots = roots.clone();
     let before = cost::Selection { choice: original, roots: roots.clone() };
     rep.cost_before = cost::dag_cost(&eg, &before);
 

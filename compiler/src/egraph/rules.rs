@@ -67,13 +67,15 @@ impl Rule {
     }
 }
 
-pub const STAGES: &[&str] = &["fuse-norm", "fold-weights", "licm"];
+/// LICM first: splitting the adapter exposes a residual add in front of the first norm.
+pub const STAGES: &[&str] = &["licm", "fuse-norm", "fold-weights"];
 
 pub fn all() -> Vec<Rule> {
     vec![
         Rule { name: "rmsnorm-residual", stage: "fuse-norm", search: rmsnorm_residual_search, apply: rmsnorm_residual_apply },
         Rule { name: "embed-scale-fold", stage: "fold-weights", search: embed_scale_search, apply: embed_scale_apply },
         Rule { name: "q-scale-fold", stage: "fold-weights", search: q_scale_search, apply: q_scale_apply },
+        Rule { name: "rmsnorm-gain-fold", stage: "fold-weights", search: gain_fold_search, apply: gain_fold_apply },
         Rule { name: "concat-linear-split", stage: "licm", search: concat_linear_search, apply: concat_linear_apply },
     ]
 }
@@ -98,12 +100,13 @@ fn rmsnorm_residual_search(eg: &TGraph, c: Id) -> Vec<Match> {
     let mut out = vec![];
     for n in nodes_where(eg, c, |o| matches!(o, TOp::RmsNorm { .. })) {
         let TOp::RmsNorm { eps } = n.op else { continue };
-        let (s, g) = (n.children[0], n.children[1]);
+        let s = n.children[0];
+        let g = n.children.get(1).map_or(NONE, |g| usize::from(*g));
         let Some(w) = act_width(eg, s) else { continue };
         for a in nodes_where(eg, s, |o| *o == TOp::Binary(ADD)) {
             let (x, y) = (a.children[0], a.children[1]);
             if act_width(eg, x) == Some(w) && act_width(eg, y) == Some(w) {
-                out.push(vec![usize::from(s), usize::from(x), usize::from(y), usize::from(g), eps as usize]);
+                out.push(vec![usize::from(s), usize::from(x), usize::from(y), g, eps as usize]);
             }
         }
     }
@@ -112,7 +115,11 @@ fn rmsnorm_residual_search(eg: &TGraph, c: Id) -> Vec<Match> {
 
 fn rmsnorm_residual_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
     let [s, x, y, g, eps] = m[..] else { return false };
-    let t = eg.add(TNode::new(TOp::RmsNormRes { eps: eps as u32 }, vec![id(x), id(y), id(g)]));
+    let mut kids = vec![id(x), id(y)];
+    if g != NONE {
+        kids.push(id(g));
+    }
+    let t = eg.add(TNode::new(TOp::RmsNormRes { eps: eps as u32 }, kids));
     let p0 = eg.add(TNode::new(TOp::Proj(0), vec![t]));
     let p1 = eg.add(TNode::new(TOp::Proj(1), vec![t]));
     let a = union_new(eg, c, p1);
@@ -239,4 +246,61 @@ fn concat_linear_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
         Some(a) => union_new(eg, c, a),
         None => false,
     }
+}
+
+/// `linear(rmsnorm(x, g), W)` = `linear(rmsnorm(x), W·diag(g))` when every user of the norm is
+/// a matmul (then the norm runs without its gain; otherwise both norms would be needed). Also
+/// for the normalized result of a fused residual norm, whose sum stays available.
+fn gain_fold_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    for l in nodes_where(eg, c, |o| *o == TOp::Linear) {
+        let (n, w) = (eg.find(l.children[0]), l.children[1]);
+        if weight_shape(eg, w).is_none_or(|s| s.len() != 2) || !only_matmul_users(eg, n) {
+            continue;
+        }
+        for nn in &eg[n].nodes {
+            match nn.op {
+                TOp::RmsNorm { eps } if nn.children.len() == 2 => {
+                    out.push(vec![usize::from(w), 0, usize::from(nn.children[0]), NONE, usize::from(nn.children[1]), eps as usize, NONE]);
+                }
+                TOp::Proj(1) => {
+                    let t = nn.children[0];
+                    for tn in nodes_where(eg, t, |o| matches!(o, TOp::RmsNormRes { .. })) {
+                        let TOp::RmsNormRes { eps } = tn.op else { continue };
+                        if tn.children.len() == 3 {
+                            let k = &tn.children;
+                            out.push(vec![usize::from(w), 1, usize::from(k[0]), usize::from(k[1]), usize::from(k[2]), eps as usize, usize::from(t)]);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn only_matmul_users(eg: &TGraph, n: Id) -> bool {
+    let n = eg.find(n);
+    !eg.analysis.roots.iter().any(|r| eg.find(*r) == n)
+        && eg[n].parents().all(|p| {
+        let node = eg.id_to_node(p);
+        node.op == TOp::Linear && eg.find(node.children[0]) == n && eg.find(node.children[1]) != n
+    })
+}
+
+fn gain_fold_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [w, residual, x, a, g, eps, t] = m[..] else { return false };
+    let wg = eg.add(TNode::new(TOp::WMulCols, vec![id(w), id(g)]));
+    let normed = if residual == 0 {
+        eg.add(TNode::new(TOp::RmsNorm { eps: eps as u32 }, vec![id(x)]))
+    } else {
+        let t2 = eg.add(TNode::new(TOp::RmsNormRes { eps: eps as u32 }, vec![id(x), id(a)]));
+        // Both forms compute the same sum.
+        let (s_old, s_new) = (eg.add(TNode::new(TOp::Proj(0), vec![id(t)])), eg.add(TNode::new(TOp::Proj(0), vec![t2])));
+        union_new(eg, s_old, s_new);
+        eg.add(TNode::new(TOp::Proj(1), vec![t2]))
+    };
+    let l = eg.add(TNode::new(TOp::Linear, vec![normed, wg]));
+    union_new(eg, c, l)
 }

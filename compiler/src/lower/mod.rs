@@ -259,11 +259,14 @@ impl Lowerer {
                 let Ty::Tuple(ts) = &node.ty else { return Err(LowerError("`rmsnorm_res` must be a pair".into())) };
                 let cols = ts.first().and_then(|t| t.cols()).ok_or_else(|| LowerError("`rmsnorm_res` of a non-activation".into()))?;
                 let (a, b) = (self.buf(ops[0], vals)?, self.buf(ops[1], vals)?);
-                let g = self.arg(r, ops[2], vals)?;
-                let k = self.kernel(KernelSpec::RmsNorm { cols, eps: *eps, residual: true, gain: true });
+                let gain = ops.get(2).map(|&g| self.arg(r, g, vals)).transpose()?;
+                let k = self.kernel(KernelSpec::RmsNorm { cols, eps: *eps, residual: true, gain: gain.is_some() });
                 let sum = self.buffer("rmsnorm_res_sum".into(), cols);
                 let y = self.buffer("rmsnorm_res".into(), cols);
-                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(a), Arg::Buf(b), g, Arg::Buf(sum), Arg::Buf(y)] });
+                let mut args = vec![Arg::Buf(a), Arg::Buf(b)];
+                args.extend(gain);
+                args.extend([Arg::Buf(sum), Arg::Buf(y)]);
+                out.push(Instr::Kernel { kernel: k, args });
                 self.tuples.insert((in_loop, n), vec![sum, y]);
                 return Ok(());
             }
@@ -300,10 +303,13 @@ impl Lowerer {
             }
             Op::RmsNorm { eps } => {
                 let x = self.buf(ops[0], vals)?;
-                let g = self.arg(r, ops[1], vals)?;
-                let k = self.kernel(KernelSpec::RmsNorm { cols, eps: *eps, residual: false, gain: true });
+                let gain = ops.get(1).map(|&g| self.arg(r, g, vals)).transpose()?;
+                let k = self.kernel(KernelSpec::RmsNorm { cols, eps: *eps, residual: false, gain: gain.is_some() });
                 let o = self.buffer(name, cols);
-                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(x), g, Arg::Buf(o)] });
+                let mut args = vec![Arg::Buf(x)];
+                args.extend(gain);
+                args.push(Arg::Buf(o));
+                out.push(Instr::Kernel { kernel: k, args });
                 vals.insert(n, o);
             }
             Op::Rope { heads, style, base } => {
