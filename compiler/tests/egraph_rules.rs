@@ -177,6 +177,39 @@ fn gain_fold_text(d: usize, n: usize, residual: bool) -> String {
         )
 }
 
+fn swiglu_text(d: usize, f: usize, fused: bool, act: &str) -> String {
+    // `fused`: gate and up are adjacent row windows of one [2f, d] tensor (Huginn's `fc`);
+    // otherwise two tensors (Ouro's gate_proj / up_proj).
+    let ws = if fused {
+        vec![("emb", vec![V, d]), ("fc", vec![2 * f, d]), ("down", vec![d, f]), ("head", vec![V, d])]
+    } else {
+        vec![("emb", vec![V, d]), ("gate", vec![f, d]), ("up", vec![f, d]), ("down", vec![d, f]), ("head", vec![V, d])]
+    };
+    let (up, down, head) = if fused { (format!("weight @1+{}", f * d), 2, 3) } else { ("weight @2".to_string(), 3, 4) };
+    header(&ws)
+        + &format!(
+            "forward {{
+  %0 = tokens : tokens
+  %1 = weight @0 : {wv}
+  %2 = embed %0, %1 : [S, {d}]
+  %3 = weight @1 : {wf}
+  %4 = {up} : {wf}
+  %5 = linear %2, %3 : [S, {f}]
+  %6 = {act} %5 : [S, {f}]
+  %7 = linear %2, %4 : [S, {f}]
+  %8 = mul %6, %7 : [S, {f}]
+  %9 = weight @{down} : w[{d}, {f}]
+  %10 = linear %8, %9 : [S, {d}]
+  %11 = weight @{head} : {wv}
+  %12 = linear %10, %11 : [S, {V}]
+  return %12
+}}
+",
+            wv = w(&[V, d]),
+            wf = w(&[f, d])
+        )
+}
+
 fn concat_linear_text(d: usize, steps: usize) -> String {
     header(&[("emb", vec![V, d]), ("adapter", vec![d, 2 * d]), ("head", vec![V, d])])
         + &format!(
@@ -264,6 +297,21 @@ fn gain_fold_needs_every_user_to_be_a_matmul() {
     assert_eq!(report.fired("rmsnorm-gain-fold"), 0, "{}", report.text());
 }
 
+#[test]
+fn rule_swiglu_fuse_on_the_backend() {
+    let mut rng = Rng(0x5eed_0006);
+    for seed in 0..6 {
+        let d = rng.pick(&[1, 8, 24, 64]);
+        let f = rng.pick(&[1, 3, 16, 40]);
+        let act = ["silu", "gelu_tanh", "relu"][seed as usize % 3];
+        let rhs = check_rule(&swiglu_text(d, f, seed % 2 == 0, act), "swiglu-fuse", seed);
+        let text = print_module(&rhs);
+        assert!(text.contains("glu"), "{text}");
+        // The fused checkpoint tensor is used as it is: no derived copy.
+        assert_eq!(text.contains("w.concat_rows"), seed % 2 == 1, "{text}");
+    }
+}
+
 fn snapshot_pair(text: &str) -> String {
     let m = parse_module(text).unwrap();
     let mut o = m.clone();
@@ -290,6 +338,16 @@ fn snapshot_rule_q_scale_fold() {
 #[test]
 fn snapshot_rule_rmsnorm_gain_fold() {
     insta::assert_snapshot!(snapshot_pair(&gain_fold_text(8, 4, false)));
+}
+
+#[test]
+fn snapshot_rule_swiglu_fuse() {
+    insta::assert_snapshot!(snapshot_pair(&swiglu_text(8, 4, true, "silu")));
+}
+
+#[test]
+fn snapshot_rule_swiglu_fuse_separate_weights() {
+    insta::assert_snapshot!(snapshot_pair(&swiglu_text(8, 4, false, "silu")));
 }
 
 #[test]

@@ -176,6 +176,9 @@ pub enum Op {
     WMulCols,
     /// Rows of 2-D weights with equal column counts, stacked.
     WConcatRows,
+    /// A gated unit over the two halves of its operand `[S, 2n]` → `[S, n]`:
+    /// `act(x[:, :n]) · x[:, n:]` (SwiGLU with `silu`). Operand: the gate|up matmul.
+    Glu(Unary),
 }
 
 impl Op {
@@ -202,6 +205,7 @@ impl Op {
             Op::WScale(_) => "w.scale",
             Op::WMulCols => "w.mul_cols",
             Op::WConcatRows => "w.concat_rows",
+            Op::Glu(_) => "glu",
         }
     }
 }

@@ -145,6 +145,7 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
             "w.scale" => Op::WScale(num(ln, attr("by")?)? as f32),
             "w.mul_cols" => Op::WMulCols,
             "w.concat_rows" => Op::WConcatRows,
+            "glu" => Op::Glu(Unary::from_name(attr("act")?).ok_or(ParseError { line: ln, message: "unknown `glu` activation".into() })?),
             "slice" => Op::Slice { start: num(ln, attr("start")?)? as usize, len: num(ln, attr("len")?)? as usize },
             "fused" => Op::Fused { body: parse_fused(ln, fused.unwrap_or(""))? },
             "loop.recur" => {

@@ -195,6 +195,14 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             Ok(Ty::Tuple(vec![Ty::Act(a), Ty::Act(a)]))
         }
+        Op::Glu(_) => {
+            arity(1)?;
+            let d = act(0)?;
+            if d % 2 != 0 {
+                return Err(format!("`glu` splits its operand in two halves, got an odd width {d}"));
+            }
+            Ok(Ty::Act(d / 2))
+        }
         Op::Proj(i) => {
             arity(1)?;
             match &args[0] {

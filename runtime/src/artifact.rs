@@ -239,6 +239,11 @@ pub enum KernelSpec {
     /// `[capacity, kv_heads·head_dim]`. Query row `r` attends to cache rows `0..=pos0 + r`.
     /// Head `h` reads kv head `h / (heads / kv_heads)`.
     Attention { heads: usize, kv_heads: usize, head_dim: usize, scale: f32 },
+    /// A gated unit over the two halves of one matmul output (gate|up):
+    /// `y[r, c] = ops(x[r, c], x[r, cols + c])`, where `Input(0)` is the gate half and
+    /// `Input(1)` the up half, and the last op is the result (SwiGLU: `silu(g) · u`).
+    /// Pointers: `[x (rows × 2·cols), y (rows × cols)]`.
+    Glu { cols: usize, ops: Vec<EwOp> },
 }
 
 impl KernelSpec {
@@ -250,6 +255,7 @@ impl KernelSpec {
             }
             KernelSpec::Rope { .. } => 3,
             KernelSpec::Attention { .. } => 4,
+            KernelSpec::Glu { .. } => 2,
         }
     }
 }

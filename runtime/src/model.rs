@@ -247,6 +247,7 @@ fn kernel_needs(spec: &KernelSpec) -> Vec<Need> {
         KernelSpec::Rope { heads, head_dim, .. } => {
             vec![Need::PerRow(heads * head_dim), Need::Table(*head_dim), Need::Table(*head_dim)]
         }
+        KernelSpec::Glu { cols, .. } => vec![Need::PerRow(2 * cols), Need::PerRow(*cols)],
         KernelSpec::Attention { heads, kv_heads, head_dim, .. } => vec![
             Need::PerRow(heads * head_dim),
             Need::Cache(kv_heads * head_dim),
@@ -360,6 +361,27 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                 }
             }
             KernelSpec::RmsNorm { .. } => {}
+            KernelSpec::Glu { ops, .. } => {
+                let ok = !ops.is_empty()
+                    && ops.iter().enumerate().all(|(j, op)| match *op {
+                        EwOp::Input(i) => i < 2,
+                        EwOp::Const(_) => true,
+                        EwOp::Add(a, b) | EwOp::Sub(a, b) | EwOp::Mul(a, b) | EwOp::Div(a, b) | EwOp::Max(a, b) => {
+                            (a as usize) < j && (b as usize) < j
+                        }
+                        EwOp::Neg(a)
+                        | EwOp::Exp(a)
+                        | EwOp::Sigmoid(a)
+                        | EwOp::Silu(a)
+                        | EwOp::Relu(a)
+                        | EwOp::Tanh(a)
+                        | EwOp::GeluTanh(a)
+                        | EwOp::Sqrt(a) => (a as usize) < j,
+                    });
+                if !ok {
+                    return Err(bad("gated unit ops must read inputs 0..2 and earlier ops only".into()));
+                }
+            }
         }
         needs.push(kernel_needs(&d.spec));
     }

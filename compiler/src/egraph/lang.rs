@@ -32,6 +32,7 @@ pub enum TOp {
     WScale(u32),
     WMulCols,
     WConcatRows,
+    Glu(u8),
     /// Index into [`TensorAnalysis::opaque`].
     Opaque(u32),
 }
@@ -97,6 +98,7 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
         Op::WScale(c) => TOp::WScale(c.to_bits()),
         Op::WMulCols => TOp::WMulCols,
         Op::WConcatRows => TOp::WConcatRows,
+        Op::Glu(u) => TOp::Glu(unary_ix(*u)),
         Op::Recur { .. } | Op::Fused { .. } => {
             opaque.push(op.clone());
             TOp::Opaque((opaque.len() - 1) as u32)
@@ -133,6 +135,7 @@ pub fn to_op(t: &TOp, opaque: &[Op]) -> Op {
         TOp::WScale(c) => Op::WScale(f32::from_bits(*c)),
         TOp::WMulCols => Op::WMulCols,
         TOp::WConcatRows => Op::WConcatRows,
+        TOp::Glu(u) => Op::Glu(Unary::ALL[*u as usize]),
         TOp::Opaque(i) => opaque[*i as usize].clone(),
     }
 }

@@ -4,7 +4,7 @@
 //! A rule is a pair of plain functions wrapped as an egg [`Searcher`] and [`Applier`]: the
 //! searcher returns matches as positional values (class ids and, where a rule needs an
 //! attribute of the matched op, its bits), which travel to the applier in egg's `Subst`.
-use super::lang::{act_width, nodes_where, weight_shape, TGraph, TNode, TOp, TensorAnalysis, ADD};
+use super::lang::{act_width, nodes_where, weight_shape, TGraph, TNode, TOp, TensorAnalysis, ADD, MUL};
 use egg::{Applier, Id, PatternAst, Rewrite, SearchMatches, Searcher, Subst, Symbol, Var};
 
 /// Positional match values: class ids or attribute bits, each below 2³² (egg ids are u32;
@@ -68,7 +68,7 @@ impl Rule {
 }
 
 /// LICM first: splitting the adapter exposes a residual add in front of the first norm.
-pub const STAGES: &[&str] = &["licm", "fuse-norm", "fold-weights"];
+pub const STAGES: &[&str] = &["licm", "fuse-norm", "fold-weights", "fuse-mlp"];
 
 pub fn all() -> Vec<Rule> {
     vec![
@@ -76,6 +76,7 @@ pub fn all() -> Vec<Rule> {
         Rule { name: "embed-scale-fold", stage: "fold-weights", search: embed_scale_search, apply: embed_scale_apply },
         Rule { name: "q-scale-fold", stage: "fold-weights", search: q_scale_search, apply: q_scale_apply },
         Rule { name: "rmsnorm-gain-fold", stage: "fold-weights", search: gain_fold_search, apply: gain_fold_apply },
+        Rule { name: "swiglu-fuse", stage: "fuse-mlp", search: swiglu_search, apply: swiglu_apply },
         Rule { name: "concat-linear-split", stage: "licm", search: concat_linear_search, apply: concat_linear_apply },
     ]
 }
@@ -303,4 +304,66 @@ fn gain_fold_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
     };
     let l = eg.add(TNode::new(TOp::Linear, vec![normed, wg]));
     union_new(eg, c, l)
+}
+
+/// `act(x·Waᵀ) · (x·Wbᵀ)` = `glu_act(x·[Wa; Wb]ᵀ)`: gate and up as one matmul over the stacked
+/// weight, then one kernel reading both halves. The stacked weight is the checkpoint's own
+/// fused tensor when the two are adjacent windows of it (Huginn's `fc`), else derived.
+fn swiglu_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    for m in nodes_where(eg, c, |o| *o == TOp::Binary(MUL)) {
+        let (p, q) = (m.children[0], m.children[1]);
+        for a in nodes_where(eg, p, |o| matches!(o, TOp::Unary(_))) {
+            let TOp::Unary(act) = a.op else { continue };
+            for lg in nodes_where(eg, a.children[0], |o| *o == TOp::Linear) {
+                for lu in nodes_where(eg, q, |o| *o == TOp::Linear) {
+                    let (x, wa, wb) = (lg.children[0], lg.children[1], lu.children[1]);
+                    if eg.find(x) != eg.find(lu.children[0]) {
+                        continue;
+                    }
+                    let (Some(sa), Some(sb)) = (weight_shape(eg, wa), weight_shape(eg, wb)) else { continue };
+                    if sa.len() == 2 && sa == sb {
+                        out.push(vec![usize::from(x), usize::from(wa), usize::from(wb), act as usize]);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn swiglu_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [x, wa, wb, act] = m[..] else { return false };
+    let Some(w) = stack_rows(eg, id(wa), id(wb)) else { return false };
+    let l = eg.add(TNode::new(TOp::Linear, vec![id(x), w]));
+    let g = eg.add(TNode::new(TOp::Glu(act as u8), vec![l]));
+    union_new(eg, c, g)
+}
+
+/// A weight holding the rows of `a` then those of `b`, preferring no copy: one view when they
+/// are adjacent windows of a tensor, the gain factored out when both carry the same folded
+/// gain, else a derived concatenation.
+fn stack_rows(eg: &mut TGraph, a: Id, b: Id) -> Option<Id> {
+    let view = |eg: &TGraph, c: Id| {
+        eg[c].nodes.iter().find_map(|n| match &n.op {
+            TOp::Weight { weight, offset, shape } if shape.len() == 2 => Some((*weight, *offset, shape.clone())),
+            _ => None,
+        })
+    };
+    if let (Some((wa, oa, sa)), Some((wb, ob, sb))) = (view(eg, a), view(eg, b)) {
+        if wa == wb && sa[1] == sb[1] && ob == oa + sa[0] * sa[1] {
+            return Some(eg.add(TNode::new(TOp::Weight { weight: wa, offset: oa, shape: vec![sa[0] + sb[0], sa[1]] }, vec![])));
+        }
+    }
+    let gained = |eg: &TGraph, c: Id| -> Vec<(Id, Id)> {
+        nodes_where(eg, c, |o| *o == TOp::WMulCols).map(|n| (n.children[0], eg.find(n.children[1]))).collect()
+    };
+    let (ga, gb) = (gained(eg, a), gained(eg, b));
+    for (ia, g) in &ga {
+        if let Some((ib, _)) = gb.iter().find(|(_, g2)| g2 == g) {
+            let inner = stack_rows(eg, *ia, *ib)?;
+            return Some(eg.add(TNode::new(TOp::WMulCols, vec![inner, *g])));
+        }
+    }
+    Some(eg.add(TNode::new(TOp::WConcatRows, vec![a, b])))
 }

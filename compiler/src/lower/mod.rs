@@ -157,6 +157,7 @@ impl Lowerer {
             KernelSpec::RmsNorm { .. } => "rmsnorm",
             KernelSpec::Rope { .. } => "rope",
             KernelSpec::Attention { .. } => "attn",
+            KernelSpec::Glu { .. } => "glu",
         };
         let id = self.kernels.len() as u32;
         self.kernels.push(KernelDecl { symbol: format!("loopc_k{id}_{kind}"), spec });
@@ -353,6 +354,14 @@ impl Lowerer {
                 let k = self.kernel(KernelSpec::Attention { heads: *heads, kv_heads: *kv_heads, head_dim, scale: *scale });
                 let o = self.buffer(name, cols);
                 out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(q), Arg::KCache(*site), Arg::VCache(*site), Arg::Buf(o)] });
+                vals.insert(n, o);
+            }
+            Op::Glu(u) => {
+                let x = self.buf(ops[0], vals)?;
+                let act = ew_op(&FusedOp::Unary(*u, 0));
+                let k = self.kernel(KernelSpec::Glu { cols, ops: vec![EwOp::Input(0), act, EwOp::Input(1), EwOp::Mul(1, 2)] });
+                let o = self.buffer(name, cols);
+                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(x), Arg::Buf(o)] });
                 vals.insert(n, o);
             }
             Op::Concat => {

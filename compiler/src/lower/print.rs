@@ -107,6 +107,7 @@ fn spec(k: &KernelSpec) -> String {
             format!("rmsnorm cols={cols} eps={eps:?} residual={residual} gain={gain}")
         }
         KernelSpec::Rope { heads, head_dim, style } => format!("rope heads={heads} head_dim={head_dim} style={style:?}"),
+        KernelSpec::Glu { cols, ops } => format!("glu cols={cols} ops={ops:?}"),
         KernelSpec::Attention { heads, kv_heads, head_dim, scale } => {
             format!("attention heads={heads} kv_heads={kv_heads} head_dim={head_dim} scale={scale:?}")
         }
