@@ -365,3 +365,37 @@ fn multi_result_text_round_trips() {
     assert_eq!(print_module(&again), text);
     verify_module(&again).unwrap();
 }
+
+/// A malformed derived-weight table is a load error naming the entry, never a panic.
+#[test]
+fn malformed_derived_weights_are_rejected() {
+    let mut m = parse_module(&concat_linear_text(8, 2)).unwrap();
+    egraph::optimize(&mut m);
+    let manifest = driver::program(&m).unwrap();
+    assert!(!manifest.derived.is_empty());
+    let so = cranelift::compile_kernels(&manifest.kernels).unwrap().shared_object;
+    let weights = || {
+        let data: Vec<Vec<f32>> = m.weights.iter().map(|w| vec![0.1; w.shape.iter().product()]).collect();
+        Weights::from_f32(m.weights.iter().zip(&data).map(|(w, d)| (w.name.as_str(), w.shape.clone(), d.as_slice()))).unwrap()
+    };
+    use loopc_runtime::artifact::Derive;
+    let mut cases = vec![];
+    let mut bad = manifest.clone();
+    if let Derive::SliceCols { start, .. } = &mut bad.derived[0].recipe {
+        *start = 1000;
+    }
+    cases.push(bad);
+    let mut bad = manifest.clone();
+    bad.derived[0].shape = vec![3, 3];
+    cases.push(bad);
+    let mut bad = manifest.clone();
+    if let Derive::SliceCols { src, .. } = &mut bad.derived[0].recipe {
+        src.weight = 99;
+    }
+    cases.push(bad);
+    for bad in cases {
+        let err = Model::with_threads(Artifact::new(bad, so.clone()), weights(), 1).unwrap_err();
+        assert!(err.to_string().contains("derived weight #0"), "{err}");
+    }
+    Model::with_threads(Artifact::new(manifest, so), weights(), 1).unwrap();
+}

@@ -186,6 +186,41 @@ fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>) -> Result<()> {
         v.as_mut_slice().copy_from_slice(&data);
         bound.push(Bound::Owned(v));
     }
+    // Intermediate results (the scaled Q weight a gain is then folded into) are not read by
+    // the program: free them.
+    let mut used = vec![false; bound.len()];
+    let mut mark = |list: &[Instr]| {
+        for i in list {
+            match i {
+                Instr::Embed { table: w, .. } | Instr::MatMul { w, .. } => {
+                    if let Some(u) = used.get_mut(w.weight as usize) {
+                        *u = true;
+                    }
+                }
+                Instr::Kernel { args, .. } => {
+                    for a in args {
+                        if let Some(u) = match a {
+                            Arg::Weight(w) => used.get_mut(w.weight as usize),
+                            _ => None,
+                        } {
+                            *u = true;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+    mark(&m.program.prelude);
+    if let Some(r) = &m.program.recur {
+        mark(&r.body);
+    }
+    mark(&m.program.coda);
+    for (i, b) in bound.iter_mut().enumerate().skip(m.weights.len()) {
+        if !used[i] {
+            *b = Bound::Owned(crate::mem::AVec::new());
+        }
+    }
     Ok(())
 }
 
