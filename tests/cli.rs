@@ -103,3 +103,17 @@ fn user_errors_are_messages_not_panics() {
         assert!(!err.contains("panicked"), "{c:?} panicked: {err}");
     }
 }
+
+#[test]
+fn explain_lists_rules_per_region_and_the_egraph_stage_prints() {
+    let (ok, out, err) = loopc(&["explain", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "init_scale=0"]);
+    assert!(ok, "{err}");
+    for want in ["region forward/%", "region forward\n", "fired rmsnorm-residual", "fired concat-linear-split", "fired swiglu-fuse", "hoisted 1 value", "cost "] {
+        assert!(out.contains(want), "missing `{want}` in:\n{out}");
+    }
+    let (ok, out, err) = loopc(&["ir", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--stage", "egraph"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("rmsnorm_res") && out.contains("glu"), "{out}");
+    let (ok, _, err) = loopc(&["explain", "examples/missing.loop"]);
+    assert!(!ok && err.contains("cannot read"), "{err}");
+}

@@ -46,6 +46,9 @@ fn numel(t: &Option<Ty>) -> f64 {
 
 /// Cost of one node without its weights, and the bytes it reads of each weight operand.
 pub fn node_cost(eg: &TGraph, n: &TNode) -> (f64, Vec<(Id, f64)>) {
+    if !super::lang::arity_ok(n) {
+        return (f64::INFINITY, vec![]);
+    }
     let s = S_NOMINAL;
     let ty = |i: usize| eg[n.children[i]].data.ty.clone();
     let is_w = |i: usize| matches!(eg[n.children[i]].data.ty, Some(Ty::Weight(_)));

@@ -205,9 +205,23 @@ impl Analysis<TNode> for TensorAnalysis {
     }
 }
 
-/// Nodes of class `id` with operator matching `f`.
+/// Whether a node has an operand count its op allows, so rules can index operands freely.
+pub fn arity_ok(n: &TNode) -> bool {
+    let k = n.children.len();
+    match n.op {
+        TOp::Linear | TOp::Binary(_) | TOp::Embed | TOp::WMulCols => k == 2,
+        TOp::Attention { .. } => k == 3,
+        TOp::Rope { .. } | TOp::Unary(_) | TOp::Scale(_) | TOp::Proj(_) | TOp::Slice { .. } => k == 1,
+        TOp::WScale(_) | TOp::WSliceCols { .. } | TOp::Glu(_) => k == 1,
+        TOp::RmsNorm { .. } => k == 1 || k == 2,
+        TOp::RmsNormRes { .. } => k == 2 || k == 3,
+        _ => true,
+    }
+}
+
+/// Nodes of class `id` with operator matching `f` (and a sound operand count).
 pub fn nodes_where<'a>(eg: &'a TGraph, id: Id, f: impl Fn(&TOp) -> bool + 'a) -> impl Iterator<Item = &'a TNode> + 'a {
-    eg[id].nodes.iter().filter(move |n| f(&n.op))
+    eg[id].nodes.iter().filter(move |n| f(&n.op) && arity_ok(n))
 }
 
 pub fn act_width(eg: &TGraph, id: Id) -> Option<usize> {

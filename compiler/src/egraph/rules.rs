@@ -259,7 +259,7 @@ fn gain_fold_search(eg: &TGraph, c: Id) -> Vec<Match> {
         if weight_shape(eg, w).is_none_or(|s| s.len() != 2) || !only_matmul_users(eg, n) {
             continue;
         }
-        for nn in &eg[n].nodes {
+        for nn in eg[n].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
             match nn.op {
                 TOp::RmsNorm { eps } if nn.children.len() == 2 => {
                     out.push(vec![usize::from(w), 0, usize::from(nn.children[0]), NONE, usize::from(nn.children[1]), eps as usize, NONE]);
@@ -286,7 +286,7 @@ fn only_matmul_users(eg: &TGraph, n: Id) -> bool {
     !eg.analysis.roots.iter().any(|r| eg.find(*r) == n)
         && eg[n].parents().all(|p| {
         let node = eg.id_to_node(p);
-        node.op == TOp::Linear && eg.find(node.children[0]) == n && eg.find(node.children[1]) != n
+        node.op == TOp::Linear && node.children.len() == 2 && eg.find(node.children[0]) == n && eg.find(node.children[1]) != n
     })
 }
 
