@@ -210,6 +210,30 @@ fn swiglu_text(d: usize, f: usize, fused: bool, act: &str) -> String {
         )
 }
 
+fn rope_bias_text(heads: usize, hd: usize, style: &str, bias_first: bool) -> String {
+    let d = heads * hd;
+    let add = if bias_first { "add %5, %4" } else { "add %4, %5" };
+    header(&[("emb", vec![V, d]), ("wq", vec![d, d]), ("bq", vec![1, heads, hd]), ("head", vec![V, d])])
+        + &format!(
+            "forward {{
+  %0 = tokens : tokens
+  %1 = weight @0 : {wv}
+  %2 = embed %0, %1 : [S, {d}]
+  %3 = weight @1 : w[{d}, {d}]
+  %4 = linear %2, %3 : [S, {d}]
+  %5 = weight @2 : w[1, {heads}, {hd}]
+  %6 = {add} : [S, {d}]
+  %7 = rope %6 heads={heads} style={style} base=500.0 : [S, {d}]
+  %8 = add %7, %2 : [S, {d}]
+  %9 = weight @3 : {wv}
+  %10 = linear %8, %9 : [S, {V}]
+  return %10
+}}
+",
+            wv = w(&[V, d])
+        )
+}
+
 fn concat_linear_text(d: usize, steps: usize) -> String {
     header(&[("emb", vec![V, d]), ("adapter", vec![d, 2 * d]), ("head", vec![V, d])])
         + &format!(
@@ -312,6 +336,17 @@ fn rule_swiglu_fuse_on_the_backend() {
     }
 }
 
+#[test]
+fn rule_rope_bias_epilogue_on_the_backend() {
+    let mut rng = Rng(0x5eed_0007);
+    for seed in 0..8 {
+        let heads = rng.pick(&[1, 2, 3]);
+        let hd = rng.pick(&[2, 4, 6, 8, 16, 34]);
+        let style = if seed % 2 == 0 { "interleaved" } else { "half" };
+        check_rule(&rope_bias_text(heads, hd, style, seed % 4 < 2), "rope-bias-epilogue", seed);
+    }
+}
+
 fn snapshot_pair(text: &str) -> String {
     let m = parse_module(text).unwrap();
     let mut o = m.clone();
@@ -348,6 +383,11 @@ fn snapshot_rule_swiglu_fuse() {
 #[test]
 fn snapshot_rule_swiglu_fuse_separate_weights() {
     insta::assert_snapshot!(snapshot_pair(&swiglu_text(8, 4, false, "silu")));
+}
+
+#[test]
+fn snapshot_rule_rope_bias_epilogue() {
+    insta::assert_snapshot!(snapshot_pair(&rope_bias_text(2, 4, "interleaved", false)));
 }
 
 #[test]

@@ -147,7 +147,7 @@ pub enum Op {
     Linear,
     /// `x · rsqrt(mean(x²) + eps) · g`. Operands: x, g (or only x: no gain, after folding).
     RmsNorm { eps: f32 },
-    /// Rotary embedding on `heads` heads. Operand: x.
+    /// Rotary embedding on `heads` heads. Operands: x (and optionally a bias added first).
     Rope { heads: usize, style: RopeStyle, base: f64 },
     /// Causal attention with a KV cache slot per site (and per iteration inside a recur).
     /// Operands: q, k, v.

@@ -77,8 +77,14 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             Ok(Ty::Act(d))
         }
         Op::Rope { heads, .. } => {
-            arity(1)?;
+            // An optional bias operand, added before the rotation (the optimizer's epilogue).
+            if args.len() != 2 {
+                arity(1)?;
+            }
             let d = act(0)?;
+            if args.len() == 2 && weight(1)?.iter().product::<usize>() != d {
+                return Err(format!("`rope` bias must have {d} elements, got {}", args[1]));
+            }
             if *heads == 0 || d % heads != 0 || (d / heads) % 2 != 0 {
                 return Err(format!(
                     "`rope` needs a width divisible into {heads} heads of even size, got {d}"

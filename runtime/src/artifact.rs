@@ -244,6 +244,9 @@ pub enum KernelSpec {
     /// `Input(1)` the up half, and the last op is the result (SwiGLU: `silu(g) · u`).
     /// Pointers: `[x (rows × 2·cols), y (rows × cols)]`.
     Glu { cols: usize, ops: Vec<EwOp> },
+    /// `x = rope(x + bias)` in place: the q/k bias add as the rotary kernel's prologue (the
+    /// attention epilogue of the QKV matmul). Pointers: `[x, bias (heads·head_dim), cos, sin]`.
+    RopeBias { heads: usize, head_dim: usize, style: RopeStyle },
 }
 
 impl KernelSpec {
@@ -256,6 +259,7 @@ impl KernelSpec {
             KernelSpec::Rope { .. } => 3,
             KernelSpec::Attention { .. } => 4,
             KernelSpec::Glu { .. } => 2,
+            KernelSpec::RopeBias { .. } => 4,
         }
     }
 }

@@ -411,6 +411,7 @@ impl Run<'_> {
                     KernelSpec::Rope { heads, head_dim, .. } => (heads * head_dim * 3, 1, 6),
                     KernelSpec::Attention { head_dim, .. } => (self.kv_len.saturating_mul(head_dim * 4), 4, 7),
                     KernelSpec::Glu { cols, ops } => (cols * ops.len().max(1), 1, 4),
+                    KernelSpec::RopeBias { heads, head_dim, .. } => (heads * head_dim * 4, 1, 6),
                 };
                 launch(m.kernels.get(k), &self.ws.ptrs, items, self.pos0, self.kv_len, cost, chunks_per_thread, m.threads);
                 Ok(cat)

@@ -283,6 +283,12 @@ fn kernel_needs(spec: &KernelSpec) -> Vec<Need> {
             vec![Need::PerRow(heads * head_dim), Need::Table(*head_dim), Need::Table(*head_dim)]
         }
         KernelSpec::Glu { cols, .. } => vec![Need::PerRow(2 * cols), Need::PerRow(*cols)],
+        KernelSpec::RopeBias { heads, head_dim, .. } => vec![
+            Need::PerRow(heads * head_dim),
+            Need::Vector(heads * head_dim),
+            Need::Table(*head_dim),
+            Need::Table(*head_dim),
+        ],
         KernelSpec::Attention { heads, kv_heads, head_dim, .. } => vec![
             Need::PerRow(heads * head_dim),
             Need::Cache(kv_heads * head_dim),
@@ -385,7 +391,7 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                     return Err(bad(format!("output refers to op {o} of {}", ops.len())));
                 }
             }
-            KernelSpec::Rope { head_dim, heads, .. } => {
+            KernelSpec::Rope { head_dim, heads, .. } | KernelSpec::RopeBias { head_dim, heads, .. } => {
                 if *head_dim % 2 != 0 || *head_dim == 0 || *heads == 0 {
                     return Err(bad("rope needs heads > 0 and an even, positive head_dim".into()));
                 }

@@ -211,7 +211,8 @@ pub fn arity_ok(n: &TNode) -> bool {
     match n.op {
         TOp::Linear | TOp::Binary(_) | TOp::Embed | TOp::WMulCols => k == 2,
         TOp::Attention { .. } => k == 3,
-        TOp::Rope { .. } | TOp::Unary(_) | TOp::Scale(_) | TOp::Proj(_) | TOp::Slice { .. } => k == 1,
+        TOp::Unary(_) | TOp::Scale(_) | TOp::Proj(_) | TOp::Slice { .. } => k == 1,
+        TOp::Rope { .. } => k == 1 || k == 2,
         TOp::WScale(_) | TOp::WSliceCols { .. } | TOp::Glu(_) => k == 1,
         TOp::RmsNorm { .. } => k == 1 || k == 2,
         TOp::RmsNormRes { .. } => k == 2 || k == 3,

@@ -68,7 +68,7 @@ impl Rule {
 }
 
 /// LICM first: splitting the adapter exposes a residual add in front of the first norm.
-pub const STAGES: &[&str] = &["licm", "fuse-norm", "fold-weights", "fuse-mlp"];
+pub const STAGES: &[&str] = &["licm", "fuse-norm", "fold-weights", "epilogue"];
 
 pub fn all() -> Vec<Rule> {
     vec![
@@ -76,7 +76,8 @@ pub fn all() -> Vec<Rule> {
         Rule { name: "embed-scale-fold", stage: "fold-weights", search: embed_scale_search, apply: embed_scale_apply },
         Rule { name: "q-scale-fold", stage: "fold-weights", search: q_scale_search, apply: q_scale_apply },
         Rule { name: "rmsnorm-gain-fold", stage: "fold-weights", search: gain_fold_search, apply: gain_fold_apply },
-        Rule { name: "swiglu-fuse", stage: "fuse-mlp", search: swiglu_search, apply: swiglu_apply },
+        Rule { name: "swiglu-fuse", stage: "epilogue", search: swiglu_search, apply: swiglu_apply },
+        Rule { name: "rope-bias-epilogue", stage: "epilogue", search: rope_bias_search, apply: rope_bias_apply },
         Rule { name: "concat-linear-split", stage: "licm", search: concat_linear_search, apply: concat_linear_apply },
     ]
 }
@@ -157,7 +158,7 @@ fn q_scale_search(eg: &TGraph, c: Id) -> Vec<Match> {
             continue;
         }
         let (q, k, v) = (n.children[0], n.children[1], n.children[2]);
-        for r in nodes_where(eg, q, |o| matches!(o, TOp::Rope { .. })) {
+        for r in nodes_where(eg, q, |o| matches!(o, TOp::Rope { .. })).filter(|r| r.children.len() == 1) {
             let TOp::Rope { heads: rh, interleaved, base } = r.op else { continue };
             let q1 = r.children[0];
             let pack = |lin: &TNode, bias: Option<Id>| -> Option<Match> {
@@ -366,4 +367,30 @@ fn stack_rows(eg: &mut TGraph, a: Id, b: Id) -> Option<Id> {
         }
     }
     Some(eg.add(TNode::new(TOp::WConcatRows, vec![a, b])))
+}
+
+/// `rope(y + b)` = `rope(y, b)`: the q/k bias is added by the rotary kernel as it loads the
+/// projection, so the QKV matmul output is read and written once more instead of twice.
+fn rope_bias_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    for r in nodes_where(eg, c, |o| matches!(o, TOp::Rope { .. })).filter(|r| r.children.len() == 1) {
+        let TOp::Rope { heads, interleaved, base } = r.op else { continue };
+        let Some(w) = act_width(eg, r.children[0]) else { continue };
+        for a in nodes_where(eg, r.children[0], |o| *o == TOp::Binary(ADD)) {
+            for (y, b) in [(a.children[0], a.children[1]), (a.children[1], a.children[0])] {
+                let numel = weight_shape(eg, b).map(|s| s.iter().product::<usize>());
+                if act_width(eg, y) == Some(w) && numel == Some(w) {
+                    out.push(vec![usize::from(y), usize::from(b), heads, interleaved as usize, (base >> 32) as usize, (base & 0xffff_ffff) as usize]);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn rope_bias_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [y, b, heads, interleaved, base_hi, base_lo] = m[..] else { return false };
+    let base = ((base_hi as u64) << 32) | base_lo as u64;
+    let r = eg.add(TNode::new(TOp::Rope { heads, interleaved: interleaved != 0, base }, vec![id(y), id(b)]));
+    union_new(eg, c, r)
 }

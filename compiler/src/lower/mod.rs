@@ -158,6 +158,7 @@ impl Lowerer {
             KernelSpec::Rope { .. } => "rope",
             KernelSpec::Attention { .. } => "attn",
             KernelSpec::Glu { .. } => "glu",
+            KernelSpec::RopeBias { .. } => "rope",
         };
         let id = self.kernels.len() as u32;
         self.kernels.push(KernelDecl { symbol: format!("loopc_k{id}_{kind}"), spec });
@@ -333,8 +334,15 @@ impl Lowerer {
                     DRope::Interleaved => RopeStyle::Interleaved,
                     DRope::Half => RopeStyle::Half,
                 };
-                let k = self.kernel(KernelSpec::Rope { heads: *heads, head_dim, style });
-                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(o), Arg::RopeCos(t), Arg::RopeSin(t)] });
+                let (k, mut args) = match ops.get(1) {
+                    Some(&b) => {
+                        let bias = self.arg(r, b, vals)?;
+                        (self.kernel(KernelSpec::RopeBias { heads: *heads, head_dim, style }), vec![Arg::Buf(o), bias])
+                    }
+                    None => (self.kernel(KernelSpec::Rope { heads: *heads, head_dim, style }), vec![Arg::Buf(o)]),
+                };
+                args.extend([Arg::RopeCos(t), Arg::RopeSin(t)]);
+                out.push(Instr::Kernel { kernel: k, args });
                 vals.insert(n, o);
             }
             Op::Attention { heads, kv_heads, scale, site } => {

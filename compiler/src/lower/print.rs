@@ -108,6 +108,7 @@ fn spec(k: &KernelSpec) -> String {
         }
         KernelSpec::Rope { heads, head_dim, style } => format!("rope heads={heads} head_dim={head_dim} style={style:?}"),
         KernelSpec::Glu { cols, ops } => format!("glu cols={cols} ops={ops:?}"),
+        KernelSpec::RopeBias { heads, head_dim, style } => format!("rope_bias heads={heads} head_dim={head_dim} style={style:?}"),
         KernelSpec::Attention { heads, kv_heads, head_dim, scale } => {
             format!("attention heads={heads} kv_heads={kv_heads} head_dim={head_dim} scale={scale:?}")
         }

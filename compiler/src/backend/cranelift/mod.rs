@@ -176,6 +176,7 @@ fn build(decl: &KernelDecl, features: Features, fctx: &mut FunctionBuilderContex
             scale,
         } => attention::build(&mut fx, &params, *heads, *kv_heads, *head_dim, *scale),
         KernelSpec::Glu { cols, ops } => elementwise::build_glu(&mut fx, &params, *cols, ops),
+        KernelSpec::RopeBias { heads, head_dim, style } => rope::build_with_bias(&mut fx, &params, *heads, *head_dim, *style),
     }
     fx.finish();
     func
@@ -228,6 +229,9 @@ fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
             Ok(())
         }
         KernelSpec::Rope {
+            heads, head_dim, ..
+        }
+        | KernelSpec::RopeBias {
             heads, head_dim, ..
         } => {
             dim("heads", *heads)?;
