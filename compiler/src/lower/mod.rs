@@ -406,7 +406,17 @@ impl Lowerer {
                 out.push(Instr::Kernel { kernel: k, args });
                 vals.insert(n, o);
             }
-            _ => {}
+            // Weights (derived ones too) need no buffer; multi-result nodes were handled above.
+            Op::Param(_)
+            | Op::Recur { .. }
+            | Op::Tokens
+            | Op::Weight(_)
+            | Op::RmsNormRes { .. }
+            | Op::Proj(_)
+            | Op::WSliceCols { .. }
+            | Op::WScale(_)
+            | Op::WMulCols
+            | Op::WConcatRows => {}
         }
         Ok(())
     }
