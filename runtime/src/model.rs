@@ -186,8 +186,9 @@ fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>) -> Result<()> {
         v.as_mut_slice().copy_from_slice(&data);
         bound.push(Bound::Owned(v));
     }
-    // Intermediate results (the scaled Q weight a gain is then folded into) are not read by
-    // the program: free them.
+    // Intermediate results (the scaled Q weight a gain is then folded into) and checkpoint
+    // tensors converted to f32 that only fed derived weights are not read by the program: free
+    // them (mapped tensors cost no memory once unused).
     let mut used = vec![false; bound.len()];
     let mut mark = |list: &[Instr]| {
         for i in list {
@@ -216,8 +217,11 @@ fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>) -> Result<()> {
         mark(&r.body);
     }
     mark(&m.program.coda);
-    for (i, b) in bound.iter_mut().enumerate().skip(m.weights.len()) {
-        if !used[i] {
+    if m.derived.is_empty() {
+        return Ok(());
+    }
+    for (i, b) in bound.iter_mut().enumerate() {
+        if !used[i] && !b.is_mapped() {
             *b = Bound::Owned(crate::mem::AVec::new());
         }
     }

@@ -66,9 +66,11 @@ impl Report {
             let pct = if r.cost_before > 0.0 { 100.0 * (r.cost_after - r.cost_before) / r.cost_before } else { 0.0 };
             writeln!(
                 s,
-                "  cost {:.0} -> {:.0} ({pct:+.1}%){}",
+                "  cost {:.0} -> {:.0} ({pct:+.1}%; {:.0} -> {:.0} per token){}",
                 r.cost_before,
                 r.cost_after,
+                r.cost_before / cost::S_NOMINAL,
+                r.cost_after / cost::S_NOMINAL,
                 if r.replaced { "" } else { ", kept the original" }
             )
             .unwrap();
