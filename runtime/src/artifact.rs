@@ -108,17 +108,42 @@ impl Derive {
 
     /// Compute the derived values; `get` yields the data of a validated source window.
     pub fn compute<'a>(&self, get: impl Fn(&WRef) -> &'a [f32]) -> Vec<f32> {
-        match self {
-            Derive::SliceCols { src, start, len } => {
-                let d = get(src);
-                (0..src.rows).flat_map(|r| d[r * src.cols + start..r * src.cols + start + len].iter().copied()).collect()
+        let (rows, cols) = self.out_shape().unwrap_or((0, 0));
+        let mut out = vec![0.0; rows * cols];
+        self.compute_rows(&get, 0, &mut out);
+        out
+    }
+
+    /// Rows `first ..` of the result into `out` (whole rows), so a caller can split the work.
+    pub fn compute_rows<'a>(&self, get: &impl Fn(&WRef) -> &'a [f32], first: usize, out: &mut [f32]) {
+        let (_, cols) = self.out_shape().unwrap_or((0, 1));
+        for (i, row) in out.chunks_mut(cols.max(1)).enumerate() {
+            let r = first + i;
+            match self {
+                Derive::SliceCols { src, start, len } => {
+                    row.copy_from_slice(&get(src)[r * src.cols + start..r * src.cols + start + len])
+                }
+                Derive::Scale { src, by } => {
+                    for (o, x) in row.iter_mut().zip(&get(src)[r * cols..(r + 1) * cols]) {
+                        *o = x * by;
+                    }
+                }
+                Derive::MulCols { src, gain } => {
+                    for ((o, x), g) in row.iter_mut().zip(&get(src)[r * cols..(r + 1) * cols]).zip(get(gain)) {
+                        *o = x * g;
+                    }
+                }
+                Derive::ConcatRows { srcs } => {
+                    let mut k = r;
+                    for s in srcs {
+                        if k < s.rows {
+                            row.copy_from_slice(&get(s)[k * cols..(k + 1) * cols]);
+                            break;
+                        }
+                        k -= s.rows;
+                    }
+                }
             }
-            Derive::Scale { src, by } => get(src).iter().map(|x| x * by).collect(),
-            Derive::MulCols { src, gain } => {
-                let (d, g) = (get(src), get(gain));
-                d.iter().enumerate().map(|(i, x)| x * g[i % src.cols]).collect()
-            }
-            Derive::ConcatRows { srcs } => srcs.iter().flat_map(|s| get(s).iter().copied()).collect(),
         }
     }
 }

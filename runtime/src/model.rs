@@ -129,7 +129,7 @@ impl Model {
             .build()
             .map_err(|e| RuntimeError::Config(format!("cannot start {threads} threads: {e}")))?;
         let mut bound = weights.bind(&manifest.weights, &pool)?;
-        derive_weights(&manifest, &mut bound)?;
+        derive_weights(&manifest, &mut bound, &pool)?;
         let kernels = Kernels::load(&object, &manifest.kernels)?;
         let token_limit = embed_limit(&manifest);
         Ok(Model {
@@ -176,14 +176,22 @@ impl Model {
 }
 
 /// Append the derived weights (validated by [`validate`]) to the bound checkpoint tensors.
-fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>) -> Result<()> {
+fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool) -> Result<()> {
+    use rayon::prelude::*;
+    const ROWS: usize = 64;
     for d in &m.derived {
-        let data = {
+        let (rows, cols) = d.recipe.out_shape().map_err(RuntimeError::manifest)?;
+        let mut v = crate::mem::AVec::zeroed(rows * cols, &d.name)?;
+        {
             let all: &Vec<Bound> = bound;
-            d.recipe.compute(|w| &all[w.weight as usize].as_slice()[w.offset..w.offset + w.rows * w.cols])
-        };
-        let mut v = crate::mem::AVec::zeroed(data.len(), &d.name)?;
-        v.as_mut_slice().copy_from_slice(&data);
+            let get = |w: &WRef| &all[w.weight as usize].as_slice()[w.offset..w.offset + w.rows * w.cols];
+            let out = v.as_mut_slice();
+            pool.install(|| {
+                out.par_chunks_mut((ROWS * cols).max(1))
+                    .enumerate()
+                    .for_each(|(i, chunk)| d.recipe.compute_rows(&get, i * ROWS, chunk));
+            });
+        }
         bound.push(Bound::Owned(v));
     }
     // Intermediate results (the scaled Q weight a gain is then folded into) and checkpoint
