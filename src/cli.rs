@@ -112,7 +112,7 @@ enum Cmd {
         #[command(flatten)]
         args: ModelArgs,
     },
-    /// Print one stage of the compiler: ast, graph, lowered, program, clif.
+    /// Print one stage of the compiler: ast, graph, egraph, lowered, program, clif.
     Ir {
         model: PathBuf,
         #[arg(long, default_value = "graph")]
@@ -123,6 +123,13 @@ enum Cmd {
     /// Print every param of a `.loop` file with its value and where it came from (the default,
     /// `--set`, or which config.json key), and the config keys no param reads.
     Params {
+        model: PathBuf,
+        #[command(flatten)]
+        args: ModelArgs,
+    },
+    /// Show what the e-graph optimizer does: rules fired per region, node counts, cost before
+    /// and after, time per stage.
+    Explain {
         model: PathBuf,
         #[command(flatten)]
         args: ModelArgs,
@@ -241,6 +248,11 @@ fn dispatch(cli: Cli) -> Result<(), String> {
         }
         Cmd::Ir { model, stage, args } => {
             let text = driver::stage_text(&model, &stage, &args.options()).map_err(compile_err)?;
+            print!("{text}");
+            Ok(())
+        }
+        Cmd::Explain { model, args } => {
+            let text = driver::explain(&model, &args.options()).map_err(compile_err)?;
             print!("{text}");
             Ok(())
         }

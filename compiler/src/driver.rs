@@ -170,7 +170,34 @@ pub fn stage_text(path: &Path, stage: &str, opts: &Options) -> Result<String, Co
     stage_text_front(&f, stage, opts)
 }
 
-pub const STAGES: &[&str] = &["ast", "graph", "lowered", "program", "clif"];
+pub const STAGES: &[&str] = &["ast", "graph", "egraph", "lowered", "program", "clif"];
+
+/// `loopc explain`: which e-graph rules fired where, and the cost before and after. Runs the
+/// passes in front of `egraph`, then the optimizer with its report.
+pub fn explain(path: &Path, opts: &Options) -> Result<String, CompileError> {
+    let f = front(path, opts)?;
+    explain_front(&f, opts)
+}
+
+pub fn explain_front(f: &Front, opts: &Options) -> Result<String, CompileError> {
+    let (mut m, _) = graph(f, opts)?;
+    let before = optimize_until(&mut m, opts, "egraph")?;
+    let nodes = m.node_count();
+    let report = crate::egraph::optimize(&mut m);
+    loopc_dialects::verify::verify_module(&m).map_err(|e| CompileError::Other(format!("internal compiler error: after `egraph`: {e}")))?;
+    let mut s = format!("passes before egraph: {}\nnodes: {nodes} -> {}\n", before.join(", "), m.node_count());
+    s.push_str(&report.text());
+    Ok(s)
+}
+
+/// Run the pipeline up to (not including) the pass `stop`; returns the names run.
+fn optimize_until(m: &mut Module, opts: &Options, stop: &str) -> Result<Vec<&'static str>, CompileError> {
+    let names: Vec<&'static str> = crate::passes::pipeline(opts.opt_level.max(1)).iter().map(|p| p.name()).collect();
+    let k = names.iter().position(|n| *n == stop).unwrap_or(names.len());
+    let o = Options { pass_limit: Some(k), opt_level: opts.opt_level.max(1), ..opts.clone() };
+    optimize(m, &o)?;
+    Ok(names[..k].to_vec())
+}
 
 pub fn stage_text_front(f: &Front, stage: &str, opts: &Options) -> Result<String, CompileError> {
     if stage == "ast" {
@@ -178,6 +205,13 @@ pub fn stage_text_front(f: &Front, stage: &str, opts: &Options) -> Result<String
     }
     let (mut m, _) = graph(f, opts)?;
     if stage == "graph" {
+        return Ok(print_module(&m));
+    }
+    if stage == "egraph" {
+        // Up to and including the e-graph pass (even at --opt-level 0, to show what it does).
+        optimize_until(&mut m, opts, "egraph")?;
+        crate::egraph::optimize(&mut m);
+        loopc_dialects::verify::verify_module(&m).map_err(|e| CompileError::Other(format!("internal compiler error: after `egraph`: {e}")))?;
         return Ok(print_module(&m));
     }
     optimize(&mut m, opts)?;

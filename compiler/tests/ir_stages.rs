@@ -45,10 +45,12 @@ macro_rules! stage_snapshots {
 stage_snapshots! {
     huginn_ast: "huginn", "huginn_tiny/config.json", "ast";
     huginn_graph: "huginn", "huginn_tiny/config.json", "graph";
+    huginn_egraph: "huginn", "huginn_tiny/config.json", "egraph";
     huginn_lowered: "huginn", "huginn_tiny/config.json", "lowered";
     huginn_program: "huginn", "huginn_tiny/config.json", "program";
     ouro_ast: "ouro", "ouro_tiny/config.json", "ast";
     ouro_graph: "ouro", "ouro_tiny/config.json", "graph";
+    ouro_egraph: "ouro", "ouro_tiny/config.json", "egraph";
     ouro_lowered: "ouro", "ouro_tiny/config.json", "lowered";
     ouro_program: "ouro", "ouro_tiny/config.json", "program";
     ltg_ast: "ltg", "ltg_tiny/config.json", "ast";
@@ -59,7 +61,7 @@ stage_snapshots! {
 #[test]
 fn graph_text_round_trips() {
     for (ex, cfg) in [("huginn", "huginn_tiny/config.json"), ("ouro", "ouro_tiny/config.json"), ("ltg", "ltg_tiny/config.json")] {
-        for st in ["graph", "lowered"] {
+        for st in ["graph", "egraph", "lowered"] {
             let text = stage(ex, cfg, st);
             let m = parse_module(&text).unwrap_or_else(|e| panic!("{ex}/{st}: {e}"));
             assert_eq!(print_module(&m), text, "{ex}/{st} does not round-trip");

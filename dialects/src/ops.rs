@@ -193,9 +193,9 @@ pub enum Op {
     Embed,
     /// `x · wᵀ` with `w: [n, k]`. Operands: x, w.
     Linear,
-    /// `x · rsqrt(mean(x²) + eps) · g`. Operands: x, g.
+    /// `x · rsqrt(mean(x²) + eps) · g`. Operands: x, g (or only x: no gain, after folding).
     RmsNorm { eps: f32 },
-    /// Rotary embedding on `heads` heads. Operand: x.
+    /// Rotary embedding on `heads` heads. Operands: x (and optionally a bias added first).
     Rope { heads: usize, style: RopeStyle, base: f64 },
     /// Causal attention with a KV cache slot per site (and per iteration inside a recur).
     /// Operands: q, k, v.
@@ -218,6 +218,23 @@ pub enum Op {
     PosEmbed,
     /// Sinusoidal position embeddings of width `cols`.
     Sinusoidal { cols: usize, base: f64 },
+    /// `s = a + b; y = rmsnorm(s, g)` as one kernel with two results `(s, y)`, read by `proj`.
+    /// Operands: a, b, g (or only a, b: no gain).
+    RmsNormRes { eps: f32 },
+    /// The `index`-th result of a multi-result node.
+    Proj(u32),
+    // ---- derived weights: computed once by the runtime at load, from checkpoint tensors ----
+    /// Columns `start .. start + len` of a 2-D weight (not contiguous, hence a copy).
+    WSliceCols { start: usize, len: usize },
+    /// Every element times a build-time constant.
+    WScale(f32),
+    /// `W · diag(g)`: column `j` of a 2-D weight times `g[j]`. Operands: W, g.
+    WMulCols,
+    /// Rows of 2-D weights with equal column counts, stacked.
+    WConcatRows,
+    /// A gated unit over the two halves of its operand `[S, 2n]` → `[S, n]`:
+    /// `act(x[:, :n]) · x[:, n:]` (SwiGLU with `silu`). Operand: the gate|up matmul.
+    Glu(Unary),
 }
 
 impl Op {
@@ -242,7 +259,21 @@ impl Op {
             Op::MatMul => "matmul",
             Op::PosEmbed => "pos_embed",
             Op::Sinusoidal { .. } => "sinusoidal",
+            Op::RmsNormRes { .. } => "rmsnorm_res",
+            Op::Proj(_) => "proj",
+            Op::WSliceCols { .. } => "w.slice_cols",
+            Op::WScale(_) => "w.scale",
+            Op::WMulCols => "w.mul_cols",
+            Op::WConcatRows => "w.concat_rows",
+            Op::Glu(_) => "glu",
         }
+    }
+}
+
+impl Op {
+    /// Ops whose value is a weight computed at load time from other weights.
+    pub fn is_derived_weight(&self) -> bool {
+        matches!(self, Op::WSliceCols { .. } | Op::WScale(_) | Op::WMulCols | Op::WConcatRows)
     }
 }
 

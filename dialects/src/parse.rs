@@ -143,6 +143,13 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
             },
             "scale" => Op::Scale(num(ln, attr("by")?)? as f32),
             "concat" => Op::Concat,
+            "rmsnorm_res" => Op::RmsNormRes { eps: num(ln, attr("eps")?)? as f32 },
+            "proj" => Op::Proj(num(ln, attr("index")?)? as u32),
+            "w.slice_cols" => Op::WSliceCols { start: num(ln, attr("start")?)? as usize, len: num(ln, attr("len")?)? as usize },
+            "w.scale" => Op::WScale(num(ln, attr("by")?)? as f32),
+            "w.mul_cols" => Op::WMulCols,
+            "w.concat_rows" => Op::WConcatRows,
+            "glu" => Op::Glu(Unary::from_name(attr("act")?).ok_or(ParseError { line: ln, message: "unknown `glu` activation".into() })?),
             "slice" => Op::Slice { start: num(ln, attr("start")?)? as usize, len: num(ln, attr("len")?)? as usize },
             "fused" => Op::Fused { body: parse_fused(ln, fused.unwrap_or(""))? },
             "loop.recur" => {
@@ -266,6 +273,15 @@ fn parse_cache(ln: usize, s: &str) -> Result<CacheSpec, ParseError> {
 }
 
 fn parse_ty(ln: usize, s: &str) -> Result<Ty, ParseError> {
+    if let Some(inner) = s.strip_prefix('(').and_then(|r| r.strip_suffix(')')) {
+        // Members end with `]`, and `], ` separates them (`, ` alone also occurs inside one).
+        let mut out = vec![];
+        for part in inner.split("], ") {
+            let part = if part.ends_with(']') { part.to_string() } else { format!("{part}]") };
+            out.push(parse_ty(ln, &part)?);
+        }
+        return Ok(Ty::Tuple(out));
+    }
     if s == "tokens" {
         Ok(Ty::Tokens)
     } else if let Some(rest) = s.strip_prefix("[S, ").and_then(|r| r.strip_suffix(']')) {

@@ -109,7 +109,11 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
             ("scale", fnum32(*scale)),
             ("site", site.to_string()),
         ],
-        Op::Scale(c) => vec![("by", fnum32(*c))],
+        Op::Scale(c) | Op::WScale(c) => vec![("by", fnum32(*c))],
+        Op::RmsNormRes { eps } => vec![("eps", fnum32(*eps))],
+        Op::Proj(i) => vec![("index", i.to_string())],
+        Op::Glu(u) => vec![("act", u.name().into())],
+        Op::WSliceCols { start, len } => vec![("start", start.to_string()), ("len", len.to_string())],
         Op::Slice { start, len } => vec![("start", start.to_string()), ("len", len.to_string())],
         _ => vec![],
     }

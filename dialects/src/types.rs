@@ -10,6 +10,8 @@ pub enum Ty {
     Act(usize),
     /// A (view of a) checkpoint tensor with a static shape.
     Weight(Vec<usize>),
+    /// The results of a multi-result node, read by `proj i` nodes (never stored in a buffer).
+    Tuple(Vec<Ty>),
 }
 
 impl Ty {
@@ -35,6 +37,16 @@ impl fmt::Display for Ty {
                     write!(f, "{d}")?;
                 }
                 write!(f, "]")
+            }
+            Ty::Tuple(ts) => {
+                write!(f, "(")?;
+                for (i, t) in ts.iter().enumerate() {
+                    if i > 0 {
+                        write!(f, ", ")?;
+                    }
+                    write!(f, "{t}")?;
+                }
+                write!(f, ")")
             }
         }
     }

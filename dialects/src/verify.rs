@@ -63,10 +63,12 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             Ok(Ty::Act(w[0]))
         }
         Op::RmsNorm { eps } => {
-            arity(2)?;
+            // The gain is optional: the optimizer folds it into the matmuls that read the norm.
+            if args.len() != 1 {
+                arity(2)?;
+            }
             let d = act(0)?;
-            let g = weight(1)?;
-            if g.iter().product::<usize>() != d {
+            if args.len() == 2 && weight(1)?.iter().product::<usize>() != d {
                 return Err(format!("`rmsnorm` gain must have {d} elements, got {}", args[1]));
             }
             if !(*eps >= 0.0) {
@@ -113,8 +115,14 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             Ok(Ty::Act(*cols))
         }
         Op::Rope { heads, .. } => {
-            arity(1)?;
+            // An optional bias operand, added before the rotation (the optimizer's epilogue).
+            if args.len() != 2 {
+                arity(1)?;
+            }
             let d = act(0)?;
+            if args.len() == 2 && weight(1)?.iter().product::<usize>() != d {
+                return Err(format!("`rope` bias must have {d} elements, got {}", args[1]));
+            }
             if *heads == 0 || d % heads != 0 || (d / heads) % 2 != 0 {
                 return Err(format!(
                     "`rope` needs a width divisible into {heads} heads of even size, got {d}"
@@ -216,6 +224,74 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                 }
             }
             Ok(Ty::Act(w))
+        }
+        Op::RmsNormRes { eps } => {
+            if args.len() != 2 {
+                arity(3)?;
+            }
+            let (a, b) = (act(0)?, act(1)?);
+            let g = if args.len() == 3 { weight(2)?.iter().product::<usize>() } else { a };
+            if a != b || g != a {
+                return Err(format!("`rmsnorm_res` needs two activations of one width and a gain of that many elements, got {}, {} and {}", args[0], args[1], args.get(2).map_or("no gain".to_string(), |t| t.to_string())));
+            }
+            if !(*eps >= 0.0) {
+                return Err(format!("`rmsnorm_res` eps must be ≥ 0, got {eps}"));
+            }
+            Ok(Ty::Tuple(vec![Ty::Act(a), Ty::Act(a)]))
+        }
+        Op::Glu(_) => {
+            arity(1)?;
+            let d = act(0)?;
+            if d % 2 != 0 {
+                return Err(format!("`glu` splits its operand in two halves, got an odd width {d}"));
+            }
+            Ok(Ty::Act(d / 2))
+        }
+        Op::Proj(i) => {
+            arity(1)?;
+            match &args[0] {
+                Ty::Tuple(ts) => ts.get(*i as usize).cloned().ok_or_else(|| format!("`proj {i}` of a {}-tuple", ts.len())),
+                t => Err(format!("`proj` reads a multi-result node, got {t}")),
+            }
+        }
+        Op::WSliceCols { start, len } => {
+            arity(1)?;
+            let w = weight(0)?;
+            if w.len() != 2 || *len == 0 || start + len > w[1] {
+                return Err(format!("`w.slice_cols` {start}..{} does not fit {}", start + len, args[0]));
+            }
+            Ok(Ty::Weight(vec![w[0], *len]))
+        }
+        Op::WScale(c) => {
+            arity(1)?;
+            if !c.is_finite() {
+                return Err(format!("`w.scale` by a non-finite {c}"));
+            }
+            Ok(Ty::Weight(weight(0)?))
+        }
+        Op::WMulCols => {
+            arity(2)?;
+            let (w, g) = (weight(0)?, weight(1)?);
+            if w.len() != 2 || g.iter().product::<usize>() != w[1] {
+                return Err(format!("`w.mul_cols` needs a 2-D weight and one factor per column, got {} and {}", args[0], args[1]));
+            }
+            Ok(Ty::Weight(w))
+        }
+        Op::WConcatRows => {
+            if args.is_empty() {
+                return Err("`w.concat_rows` needs at least one operand".into());
+            }
+            let mut rows = 0;
+            let mut cols = None;
+            for i in 0..args.len() {
+                let w = weight(i)?;
+                if w.len() != 2 || cols.is_some_and(|c| c != w[1]) {
+                    return Err(format!("`w.concat_rows` needs 2-D weights with equal columns, got {}", args[i]));
+                }
+                cols = Some(w[1]);
+                rows += w[0];
+            }
+            Ok(Ty::Weight(vec![rows, cols.unwrap_or(0)]))
         }
         Op::Recur { init, body, gate, steps, .. } => {
             if *steps == 0 {

@@ -43,6 +43,109 @@ pub struct Manifest {
     /// slot per iteration (`per-step` policy).
     pub kv_sites: Vec<KvSite>,
     pub program: Program,
+    /// Weights the runtime computes once at load from checkpoint tensors (compile-time constant
+    /// folding on weights). Derived weight `i` has the id `weights.len() + i`, so a [`WRef`]
+    /// names it like a checkpoint tensor. Absent from artifacts that need none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub derived: Vec<DerivedWeight>,
+}
+
+/// A weight computed at load; its sources are checkpoint tensors or earlier derived weights.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DerivedWeight {
+    /// For messages: how it was made, e.g. `slice_cols(adapter, 64..128)`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub recipe: Derive,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Derive {
+    /// Columns `start .. start + len` of `src` (a `rows × cols` window).
+    SliceCols { src: WRef, start: usize, len: usize },
+    /// `src · by`.
+    Scale { src: WRef, by: f32 },
+    /// `src · diag(gain)`: column `j` times `gain[j]`; `gain` holds `src.cols` values.
+    MulCols { src: WRef, gain: WRef },
+    /// The rows of every source (equal `cols`), stacked.
+    ConcatRows { srcs: Vec<WRef> },
+}
+
+impl Derive {
+    pub fn sources(&self) -> Vec<&WRef> {
+        match self {
+            Derive::SliceCols { src, .. } | Derive::Scale { src, .. } => vec![src],
+            Derive::MulCols { src, gain } => vec![src, gain],
+            Derive::ConcatRows { srcs } => srcs.iter().collect(),
+        }
+    }
+
+    /// `(rows, cols)` of the result, or why the recipe is inconsistent.
+    pub fn out_shape(&self) -> Result<(usize, usize), String> {
+        match self {
+            Derive::SliceCols { src, start, len } => {
+                if start.checked_add(*len).is_none_or(|e| e > src.cols) || *len == 0 {
+                    return Err(format!("columns {start}..{} of a {}-column weight", start + len, src.cols));
+                }
+                Ok((src.rows, *len))
+            }
+            Derive::Scale { src, .. } => Ok((src.rows, src.cols)),
+            Derive::MulCols { src, gain } => {
+                if gain.rows.checked_mul(gain.cols) != Some(src.cols) {
+                    return Err(format!("{} gains for {} columns", gain.rows * gain.cols, src.cols));
+                }
+                Ok((src.rows, src.cols))
+            }
+            Derive::ConcatRows { srcs } => {
+                let cols = srcs.first().map(|s| s.cols).ok_or("no sources")?;
+                if srcs.iter().any(|s| s.cols != cols) {
+                    return Err("sources with different column counts".into());
+                }
+                Ok((srcs.iter().map(|s| s.rows).sum(), cols))
+            }
+        }
+    }
+
+    /// Compute the derived values; `get` yields the data of a validated source window.
+    pub fn compute<'a>(&self, get: impl Fn(&WRef) -> &'a [f32]) -> Vec<f32> {
+        let (rows, cols) = self.out_shape().unwrap_or((0, 0));
+        let mut out = vec![0.0; rows * cols];
+        self.compute_rows(&get, 0, &mut out);
+        out
+    }
+
+    /// Rows `first ..` of the result into `out` (whole rows), so a caller can split the work.
+    pub fn compute_rows<'a>(&self, get: &impl Fn(&WRef) -> &'a [f32], first: usize, out: &mut [f32]) {
+        let (_, cols) = self.out_shape().unwrap_or((0, 1));
+        for (i, row) in out.chunks_mut(cols.max(1)).enumerate() {
+            let r = first + i;
+            match self {
+                Derive::SliceCols { src, start, len } => {
+                    row.copy_from_slice(&get(src)[r * src.cols + start..r * src.cols + start + len])
+                }
+                Derive::Scale { src, by } => {
+                    for (o, x) in row.iter_mut().zip(&get(src)[r * cols..(r + 1) * cols]) {
+                        *o = x * by;
+                    }
+                }
+                Derive::MulCols { src, gain } => {
+                    for ((o, x), g) in row.iter_mut().zip(&get(src)[r * cols..(r + 1) * cols]).zip(get(gain)) {
+                        *o = x * g;
+                    }
+                }
+                Derive::ConcatRows { srcs } => {
+                    let mut k = r;
+                    for s in srcs {
+                        if k < s.rows {
+                            row.copy_from_slice(&get(s)[k * cols..(k + 1) * cols]);
+                            break;
+                        }
+                        k -= s.rows;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A checkpoint tensor, bound by the checkpoint's own name.
@@ -164,6 +267,14 @@ pub enum KernelSpec {
     /// `y = (x − mean(x)) · rsqrt(var(x) + eps) · gain + bias` (biased variance, as torch).
     /// Pointers: `[x, gain, bias, y]`.
     LayerNorm { cols: usize, eps: f32 },
+    /// A gated unit over the two halves of one matmul output (gate|up):
+    /// `y[r, c] = ops(x[r, c], x[r, cols + c])`, where `Input(0)` is the gate half and
+    /// `Input(1)` the up half, and the last op is the result (SwiGLU: `silu(g) · u`).
+    /// Pointers: `[x (rows × 2·cols), y (rows × cols)]`.
+    Glu { cols: usize, ops: Vec<EwOp> },
+    /// `x = rope(x + bias)` in place: the q/k bias add as the rotary kernel's prologue (the
+    /// attention epilogue of the QKV matmul). Pointers: `[x, bias (heads·head_dim), cos, sin]`.
+    RopeBias { heads: usize, head_dim: usize, style: RopeStyle },
 }
 
 impl KernelSpec {
@@ -176,6 +287,8 @@ impl KernelSpec {
             KernelSpec::Rope { .. } => 3,
             KernelSpec::Attention { .. } => 4,
             KernelSpec::LayerNorm { .. } => 4,
+            KernelSpec::Glu { .. } => 2,
+            KernelSpec::RopeBias { .. } => 4,
         }
     }
 }

@@ -719,18 +719,21 @@ impl Run<'_> {
                 let per = items / s.max(1);
                 let f = m.kernels.get(k);
                 let attention = args.iter().any(|a| matches!(a, Arg::KCache(_) | Arg::VCache(_)));
-                let positional = matches!(spec, KernelSpec::Rope { .. }) || attention;
+                let positional = matches!(spec, KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. }) || attention;
                 let cat = match spec {
                     KernelSpec::Elementwise { .. } => 4,
                     KernelSpec::RmsNorm { .. } | KernelSpec::LayerNorm { .. } => 5,
-                    KernelSpec::Rope { .. } => 6,
+                    KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. } => 6,
                     KernelSpec::Attention { .. } => 7,
+                    KernelSpec::Glu { .. } => 4,
                 };
                 let (unit, chunks_per_thread) = match spec {
                     KernelSpec::Elementwise { cols, ops, .. } => (cols * ops.len().max(1), 1),
                     KernelSpec::RmsNorm { cols, .. } | KernelSpec::LayerNorm { cols, .. } => (cols * 4, 1),
                     KernelSpec::Rope { heads, head_dim, .. } => (heads * head_dim * 3, 1),
                     KernelSpec::Attention { head_dim, .. } => (head_dim * 4, 4),
+                    KernelSpec::Glu { cols, ops } => (cols * ops.len().max(1), 1),
+                    KernelSpec::RopeBias { heads, head_dim, .. } => (heads * head_dim * 4, 1),
                 };
                 let simple = !positional || (self.segs.len() == 1 && self.segs[0].row0 == 0 && self.active.last().is_none_or(|&r| r + 1 == s));
                 let mut runs = std::mem::take(&mut self.ex.runs);

@@ -128,7 +128,8 @@ impl Model {
             .thread_name(|i| format!("loopc-{i}"))
             .build()
             .map_err(|e| RuntimeError::Config(format!("cannot start {threads} threads: {e}")))?;
-        let bound = weights.bind(&manifest.weights, &pool)?;
+        let mut bound = weights.bind(&manifest.weights, &pool)?;
+        derive_weights(&manifest, &mut bound, &pool)?;
         let kernels = Kernels::load(&object, &manifest.kernels)?;
         let token_limit = embed_limit(&manifest);
         Ok(Model {
@@ -177,6 +178,67 @@ impl Model {
     pub fn batch_session(&self, n: usize) -> crate::BatchSession {
         crate::batch::BatchSession::new(self.clone(), n)
     }
+}
+
+/// Append the derived weights (validated by [`validate`]) to the bound checkpoint tensors.
+fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool) -> Result<()> {
+    use rayon::prelude::*;
+    const ROWS: usize = 64;
+    for d in &m.derived {
+        let (rows, cols) = d.recipe.out_shape().map_err(RuntimeError::manifest)?;
+        let mut v = crate::mem::AVec::zeroed(rows * cols, &d.name)?;
+        {
+            let all: &Vec<Bound> = bound;
+            let get = |w: &WRef| &all[w.weight as usize].as_slice()[w.offset..w.offset + w.rows * w.cols];
+            let out = v.as_mut_slice();
+            pool.install(|| {
+                out.par_chunks_mut((ROWS * cols).max(1))
+                    .enumerate()
+                    .for_each(|(i, chunk)| d.recipe.compute_rows(&get, i * ROWS, chunk));
+            });
+        }
+        bound.push(Bound::Owned(v));
+    }
+    // Intermediate results (the scaled Q weight a gain is then folded into) and checkpoint
+    // tensors converted to f32 that only fed derived weights are not read by the program: free
+    // them (mapped tensors cost no memory once unused).
+    let mut used = vec![false; bound.len()];
+    let mut mark = |list: &[Instr]| {
+        for i in list {
+            match i {
+                Instr::Embed { table: w, .. } | Instr::MatMul { w, .. } => {
+                    if let Some(u) = used.get_mut(w.weight as usize) {
+                        *u = true;
+                    }
+                }
+                Instr::Kernel { args, .. } => {
+                    for a in args {
+                        if let Some(u) = match a {
+                            Arg::Weight(w) => used.get_mut(w.weight as usize),
+                            _ => None,
+                        } {
+                            *u = true;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+    mark(&m.program.prelude);
+    if let Some(r) = &m.program.recur {
+        mark(&r.body);
+    }
+    mark(&m.program.coda);
+    if m.derived.is_empty() {
+        return Ok(());
+    }
+    for (i, b) in bound.iter_mut().enumerate() {
+        if !used[i] && !b.is_mapped() {
+            *b = Bound::Owned(crate::mem::AVec::new());
+        }
+    }
+    Ok(())
 }
 
 fn embed_limit(m: &Manifest) -> usize {
@@ -237,6 +299,13 @@ fn kernel_needs(spec: &KernelSpec) -> Vec<Need> {
         KernelSpec::Rope { heads, head_dim, .. } => {
             vec![Need::PerRow(heads * head_dim), Need::Table(*head_dim), Need::Table(*head_dim)]
         }
+        KernelSpec::Glu { cols, .. } => vec![Need::PerRow(2 * cols), Need::PerRow(*cols)],
+        KernelSpec::RopeBias { heads, head_dim, .. } => vec![
+            Need::PerRow(heads * head_dim),
+            Need::Vector(heads * head_dim),
+            Need::Table(*head_dim),
+            Need::Table(*head_dim),
+        ],
         KernelSpec::Attention { heads, kv_heads, head_dim, .. } => vec![
             Need::PerRow(heads * head_dim),
             Need::Cache(kv_heads * head_dim),
@@ -276,7 +345,24 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
         .weights
         .iter()
         .map(|w| elems(&w.shape).ok_or_else(|| RuntimeError::manifest(format!("weight `{}` has an overflowing shape {:?}", w.name, w.shape))))
-        .collect::<Result<_>>()?;
+        .collect::<Result<Vec<usize>>>()?;
+    let mut weight_elems = weight_elems;
+    for (i, d) in m.derived.iter().enumerate() {
+        let bad = |msg: String| RuntimeError::manifest(format!("derived weight #{i} `{}`: {msg}", d.name));
+        for src in d.recipe.sources() {
+            // Sources come before: checkpoint tensors or earlier derived weights.
+            let n = weight_elems.get(src.weight as usize).ok_or_else(|| bad(format!("source weight #{} is not defined before it", src.weight)))?;
+            let end = src.rows.checked_mul(src.cols).and_then(|x| x.checked_add(src.offset));
+            if end.is_none_or(|e| e > *n) {
+                return Err(bad(format!("source window [{} x {}] at {} overruns weight #{}", src.rows, src.cols, src.offset, src.weight)));
+            }
+        }
+        let (r, c) = d.recipe.out_shape().map_err(bad)?;
+        if elems(&d.shape) != Some(r * c) {
+            return Err(bad(format!("declared shape {:?} but the recipe gives [{r}, {c}]", d.shape)));
+        }
+        weight_elems.push(r * c);
+    }
     for b in &m.buffers {
         if let Rows::Fixed(n) = b.rows {
             if n.checked_mul(b.cols).is_none() {
@@ -329,7 +415,7 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                     return Err(bad(format!("output refers to op {o} of {}", ops.len())));
                 }
             }
-            KernelSpec::Rope { head_dim, heads, .. } => {
+            KernelSpec::Rope { head_dim, heads, .. } | KernelSpec::RopeBias { head_dim, heads, .. } => {
                 if *head_dim % 2 != 0 || *head_dim == 0 || *heads == 0 {
                     return Err(bad("rope needs heads > 0 and an even, positive head_dim".into()));
                 }
@@ -340,6 +426,27 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                 }
             }
             KernelSpec::RmsNorm { .. } | KernelSpec::LayerNorm { .. } => {}
+            KernelSpec::Glu { ops, .. } => {
+                let ok = !ops.is_empty()
+                    && ops.iter().enumerate().all(|(j, op)| match *op {
+                        EwOp::Input(i) => i < 2,
+                        EwOp::Const(_) => true,
+                        EwOp::Add(a, b) | EwOp::Sub(a, b) | EwOp::Mul(a, b) | EwOp::Div(a, b) | EwOp::Max(a, b) => {
+                            (a as usize) < j && (b as usize) < j
+                        }
+                        EwOp::Neg(a)
+                        | EwOp::Exp(a)
+                        | EwOp::Sigmoid(a)
+                        | EwOp::Silu(a)
+                        | EwOp::Relu(a)
+                        | EwOp::Tanh(a)
+                        | EwOp::GeluTanh(a)
+                        | EwOp::Sqrt(a) => (a as usize) < j,
+                    });
+                if !ok {
+                    return Err(bad("gated unit ops must read inputs 0..2 and earlier ops only".into()));
+                }
+            }
         }
         needs.push(kernel_needs(&d.spec));
     }
@@ -436,17 +543,20 @@ impl<'a> Validator<'a> {
     }
 
     fn wref(&self, ctx: &str, w: &WRef) -> Result<()> {
-        let decl = self
-            .m
-            .weights
-            .get(w.weight as usize)
-            .ok_or_else(|| RuntimeError::manifest(format!("{ctx}: weight #{} does not exist", w.weight)))?;
+        let nw = self.m.weights.len();
+        let (name, shape) = match self.m.weights.get(w.weight as usize) {
+            Some(decl) => (&decl.name, &decl.shape),
+            None => match self.m.derived.get((w.weight as usize).wrapping_sub(nw)) {
+                Some(d) => (&d.name, &d.shape),
+                None => return Err(RuntimeError::manifest(format!("{ctx}: weight #{} does not exist", w.weight))),
+            },
+        };
         let end = w.rows.checked_mul(w.cols).and_then(|n| n.checked_add(w.offset));
         match end {
             Some(e) if e <= self.weight_elems[w.weight as usize] => Ok(()),
             _ => Err(RuntimeError::manifest(format!(
                 "{ctx}: window [{} x {}] at offset {} exceeds weight `{}` of shape {:?}",
-                w.rows, w.cols, w.offset, decl.name, decl.shape
+                w.rows, w.cols, w.offset, name, shape
             ))),
         }
     }

@@ -64,6 +64,8 @@ fn outputs(spec: &KernelSpec, n: usize) -> std::ops::Range<usize> {
         KernelSpec::Rope { .. } => 0..1,
         KernelSpec::Attention { .. } => 3..4,
         KernelSpec::LayerNorm { .. } => 3..4,
+        KernelSpec::Glu { .. } => 1..2,
+        KernelSpec::RopeBias { .. } => 0..1,
     }
 }
 

@@ -182,6 +182,7 @@ fn manifest() -> Manifest {
             coda: vec![Instr::MatMul { x: 1, w: wr(6, 0, V, D), out: 9 }],
             logits: 9,
         },
+        derived: vec![],
     }
 }
 

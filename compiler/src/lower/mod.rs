@@ -9,7 +9,7 @@ pub use print::print_manifest;
 use loopc_dialects::ops::{Binary, CacheSpec, Criterion as DCriterion, ExitSpec, FusedOp, RopeStyle as DRope, StateInit as DInit, Unary};
 use loopc_dialects::{Module, NodeId, Op, Region, Ty};
 use loopc_runtime::artifact::{
-    Arg, BufId, BufferDecl, CachePolicy, Criterion, EwIn, EwOp, ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite,
+    Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, EwIn, EwOp, ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite,
     Manifest, Program, Recur, RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
 };
 use std::collections::HashMap;
@@ -25,6 +25,12 @@ struct Lowerer {
     rope_tables: Vec<RopeTable>,
     kv_sites: Vec<Option<KvSite>>,
     recur: Option<Recur>,
+    /// Derived weights, deduplicated by recipe (a hoisted matmul and the body may share one).
+    derived: Vec<DerivedWeight>,
+    derived_ids: HashMap<String, u32>,
+    n_weights: usize,
+    /// Buffers of multi-result nodes, keyed by (inside the recurrence, node).
+    tuples: HashMap<(bool, NodeId), Vec<BufId>>,
 }
 
 pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, LowerError> {
@@ -35,6 +41,10 @@ pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, L
         rope_tables: vec![],
         kv_sites: vec![],
         recur: None,
+        derived: vec![],
+        derived_ids: HashMap::new(),
+        n_weights: module.weights.len(),
+        tuples: HashMap::new(),
     };
     let r = &module.forward;
     let mut vals: HashMap<NodeId, BufId> = HashMap::new();
@@ -95,6 +105,7 @@ pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, L
             coda,
             logits,
         },
+        derived: l.derived,
     })
 }
 
@@ -119,6 +130,38 @@ fn wref(op: &Op) -> Option<WRef> {
 }
 
 impl Lowerer {
+    /// The weight window a weight-typed node denotes; derived weights are registered (once).
+    fn wref(&mut self, r: &Region, n: NodeId) -> Result<Option<WRef>, LowerError> {
+        let op = &r.node(n).op;
+        if !op.is_derived_weight() {
+            return Ok(wref(op));
+        }
+        let mut srcs = vec![];
+        for o in r.operands(n) {
+            srcs.push(self.wref(r, o)?.ok_or_else(|| LowerError("a derived weight reads a non-weight".into()))?);
+        }
+        let recipe = match op {
+            Op::WSliceCols { start, len } => Derive::SliceCols { src: srcs[0], start: *start, len: *len },
+            Op::WScale(c) => Derive::Scale { src: srcs[0], by: *c },
+            Op::WMulCols => Derive::MulCols { src: srcs[0], gain: srcs[1] },
+            Op::WConcatRows => Derive::ConcatRows { srcs },
+            _ => unreachable!("is_derived_weight"),
+        };
+        let (rows, cols) = recipe.out_shape().map_err(|e| LowerError(format!("derived weight: {e}")))?;
+        let key = format!("{recipe:?}");
+        let id = match self.derived_ids.get(&key) {
+            Some(&i) => i,
+            None => {
+                let i = (self.n_weights + self.derived.len()) as u32;
+                let name = format!("{}({})", op.mnemonic(), recipe.sources().iter().map(|w| format!("#{}+{}", w.weight, w.offset)).collect::<Vec<_>>().join(", "));
+                self.derived.push(DerivedWeight { name, shape: vec![rows, cols], recipe });
+                self.derived_ids.insert(key, i);
+                i
+            }
+        };
+        Ok(Some(WRef { weight: id, offset: 0, rows, cols }))
+    }
+
     fn buffer(&mut self, name: String, cols: usize) -> BufId {
         self.buffers.push(BufferDecl { name, rows: Rows::Tokens, cols });
         (self.buffers.len() - 1) as BufId
@@ -135,6 +178,8 @@ impl Lowerer {
             KernelSpec::Rope { .. } => "rope",
             KernelSpec::Attention { .. } => "attn",
             KernelSpec::LayerNorm { .. } => "layernorm",
+            KernelSpec::Glu { .. } => "glu",
+            KernelSpec::RopeBias { .. } => "rope",
         };
         let id = self.kernels.len() as u32;
         self.kernels.push(KernelDecl { symbol: format!("loopc_k{id}_{kind}"), spec });
@@ -151,8 +196,8 @@ impl Lowerer {
         (self.rope_tables.len() - 1) as u32
     }
 
-    fn arg(&self, r: &Region, n: NodeId, vals: &HashMap<NodeId, BufId>) -> Result<Arg, LowerError> {
-        if let Some(w) = wref(&r.node(n).op) {
+    fn arg(&mut self, r: &Region, n: NodeId, vals: &HashMap<NodeId, BufId>) -> Result<Arg, LowerError> {
+        if let Some(w) = self.wref(r, n)? {
             return Ok(Arg::Weight(w));
         }
         vals.get(&n).map(|&b| Arg::Buf(b)).ok_or_else(|| LowerError(format!("value {n:?} has no buffer")))
@@ -182,9 +227,9 @@ impl Lowerer {
                 }
                 Op::Param(i) => {
                     let outer = ops[n_init + i as usize - 1];
-                    let b = match wref(&r.node(outer).op) {
-                        Some(_) => return Err(LowerError("a weight captured by `recur` must be declared inside it".into())),
-                        None => self.buf(outer, vals)?,
+                    let b = match r.ty(outer) {
+                        Ty::Weight(_) => return Err(LowerError("a weight captured by `recur` must be declared inside it".into())),
+                        _ => self.buf(outer, vals)?,
                     };
                     bvals.insert(bn, b);
                 }
@@ -248,6 +293,34 @@ impl Lowerer {
     ) -> Result<(), LowerError> {
         let node = r.node(n);
         let ops = r.operands(n);
+        match &node.op {
+            Op::RmsNormRes { eps } => {
+                let Ty::Tuple(ts) = &node.ty else { return Err(LowerError("`rmsnorm_res` must be a pair".into())) };
+                let cols = ts.first().and_then(|t| t.cols()).ok_or_else(|| LowerError("`rmsnorm_res` of a non-activation".into()))?;
+                let (a, b) = (self.buf(ops[0], vals)?, self.buf(ops[1], vals)?);
+                let gain = ops.get(2).map(|&g| self.arg(r, g, vals)).transpose()?;
+                let k = self.kernel(KernelSpec::RmsNorm { cols, eps: *eps, residual: true, gain: gain.is_some() });
+                let sum = self.buffer("rmsnorm_res_sum".into(), cols);
+                let y = self.buffer("rmsnorm_res".into(), cols);
+                let mut args = vec![Arg::Buf(a), Arg::Buf(b)];
+                args.extend(gain);
+                args.extend([Arg::Buf(sum), Arg::Buf(y)]);
+                out.push(Instr::Kernel { kernel: k, args });
+                self.tuples.insert((in_loop, n), vec![sum, y]);
+                return Ok(());
+            }
+            Op::Proj(i) => {
+                let b = self
+                    .tuples
+                    .get(&(in_loop, ops[0]))
+                    .and_then(|v| v.get(*i as usize))
+                    .copied()
+                    .ok_or_else(|| LowerError("`proj` of a value with no results".into()))?;
+                vals.insert(n, b);
+                return Ok(());
+            }
+            _ => {}
+        }
         let cols = match node.ty {
             Ty::Act(c) => c,
             _ => return Ok(()), // tokens and weights need no buffer
@@ -255,13 +328,13 @@ impl Lowerer {
         let name = node.op.mnemonic().replace('.', "_");
         match &node.op {
             Op::Embed => {
-                let table = wref(&r.node(ops[1]).op).ok_or_else(|| LowerError("`embed` needs a weight table".into()))?;
+                let table = self.wref(r, ops[1])?.ok_or_else(|| LowerError("`embed` needs a weight table".into()))?;
                 let o = self.buffer(name, cols);
                 out.push(Instr::Embed { table, out: o });
                 vals.insert(n, o);
             }
             Op::Linear => {
-                let w = wref(&r.node(ops[1]).op).ok_or_else(|| LowerError("`linear` needs a weight".into()))?;
+                let w = self.wref(r, ops[1])?.ok_or_else(|| LowerError("`linear` needs a weight".into()))?;
                 let x = self.buf(ops[0], vals)?;
                 let o = self.buffer(name, cols);
                 out.push(Instr::MatMul { x, w, out: o });
@@ -269,10 +342,13 @@ impl Lowerer {
             }
             Op::RmsNorm { eps } => {
                 let x = self.buf(ops[0], vals)?;
-                let g = self.arg(r, ops[1], vals)?;
-                let k = self.kernel(KernelSpec::RmsNorm { cols, eps: *eps, residual: false, gain: true });
+                let gain = ops.get(1).map(|&g| self.arg(r, g, vals)).transpose()?;
+                let k = self.kernel(KernelSpec::RmsNorm { cols, eps: *eps, residual: false, gain: gain.is_some() });
                 let o = self.buffer(name, cols);
-                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(x), g, Arg::Buf(o)] });
+                let mut args = vec![Arg::Buf(x)];
+                args.extend(gain);
+                args.push(Arg::Buf(o));
+                out.push(Instr::Kernel { kernel: k, args });
                 vals.insert(n, o);
             }
             Op::Rope { heads, style, base } => {
@@ -295,8 +371,15 @@ impl Lowerer {
                     DRope::Interleaved => RopeStyle::Interleaved,
                     DRope::Half => RopeStyle::Half,
                 };
-                let k = self.kernel(KernelSpec::Rope { heads: *heads, head_dim, style });
-                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(o), Arg::RopeCos(t), Arg::RopeSin(t)] });
+                let (k, mut args) = match ops.get(1) {
+                    Some(&b) => {
+                        let bias = self.arg(r, b, vals)?;
+                        (self.kernel(KernelSpec::RopeBias { heads: *heads, head_dim, style }), vec![Arg::Buf(o), bias])
+                    }
+                    None => (self.kernel(KernelSpec::Rope { heads: *heads, head_dim, style }), vec![Arg::Buf(o)]),
+                };
+                args.extend([Arg::RopeCos(t), Arg::RopeSin(t)]);
+                out.push(Instr::Kernel { kernel: k, args });
                 vals.insert(n, o);
             }
             Op::Attention { heads, kv_heads, scale, site } => {
@@ -316,6 +399,14 @@ impl Lowerer {
                 let k = self.kernel(KernelSpec::Attention { heads: *heads, kv_heads: *kv_heads, head_dim, scale: *scale });
                 let o = self.buffer(name, cols);
                 out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(q), Arg::KCache(*site), Arg::VCache(*site), Arg::Buf(o)] });
+                vals.insert(n, o);
+            }
+            Op::Glu(u) => {
+                let x = self.buf(ops[0], vals)?;
+                let act = ew_op(&FusedOp::Unary(*u, 0));
+                let k = self.kernel(KernelSpec::Glu { cols, ops: vec![EwOp::Input(0), act, EwOp::Input(1), EwOp::Mul(1, 2)] });
+                let o = self.buffer(name, cols);
+                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(x), Arg::Buf(o)] });
                 vals.insert(n, o);
             }
             Op::Concat => {
@@ -380,7 +471,17 @@ impl Lowerer {
                 out.push(Instr::Kernel { kernel: k, args });
                 vals.insert(n, o);
             }
-            Op::Param(_) | Op::Recur { .. } | Op::Tokens | Op::Weight(_) => {}
+            // Weights (derived ones too) need no buffer; multi-result nodes were handled above.
+            Op::Param(_)
+            | Op::Recur { .. }
+            | Op::Tokens
+            | Op::Weight(_)
+            | Op::RmsNormRes { .. }
+            | Op::Proj(_)
+            | Op::WSliceCols { .. }
+            | Op::WScale(_)
+            | Op::WMulCols
+            | Op::WConcatRows => {}
         }
         Ok(())
     }

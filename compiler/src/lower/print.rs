@@ -6,6 +6,9 @@ pub fn print_manifest(m: &Manifest) -> String {
     let mut s = String::new();
     writeln!(s, "program {:?} target={} backend={}", m.model, m.target, m.backend).unwrap();
     writeln!(s, "vocab {} hidden {}", m.vocab, m.hidden).unwrap();
+    for (i, d) in m.derived.iter().enumerate() {
+        writeln!(s, "derived #{} {:?} {:?} = {:?}", m.weights.len() + i, d.name, d.shape, d.recipe).unwrap();
+    }
     for (i, b) in m.buffers.iter().enumerate() {
         let rows = match b.rows {
             Rows::Tokens => "S".to_string(),
@@ -50,8 +53,15 @@ pub fn print_manifest(m: &Manifest) -> String {
 }
 
 fn w(m: &Manifest, r: &WRef) -> String {
-    let name = &m.weights[r.weight as usize].name;
-    if r.offset == 0 && r.rows * r.cols == m.weights[r.weight as usize].shape.iter().product::<usize>() {
+    let nw = m.weights.len();
+    let (name, shape) = match m.weights.get(r.weight as usize) {
+        Some(d) => (&d.name, &d.shape),
+        None => match m.derived.get(r.weight as usize - nw) {
+            Some(d) => (&d.name, &d.shape),
+            None => return format!("#{}?", r.weight),
+        },
+    };
+    if r.offset == 0 && r.rows * r.cols == shape.iter().product::<usize>() {
         format!("{name:?}[{}x{}]", r.rows, r.cols)
     } else {
         format!("{name:?}+{}[{}x{}]", r.offset, r.rows, r.cols)
@@ -101,6 +111,8 @@ fn spec(k: &KernelSpec) -> String {
             format!("rmsnorm cols={cols} eps={eps:?} residual={residual} gain={gain}")
         }
         KernelSpec::Rope { heads, head_dim, style } => format!("rope heads={heads} head_dim={head_dim} style={style:?}"),
+        KernelSpec::Glu { cols, ops } => format!("glu cols={cols} ops={ops:?}"),
+        KernelSpec::RopeBias { heads, head_dim, style } => format!("rope_bias heads={heads} head_dim={head_dim} style={style:?}"),
         KernelSpec::Attention { heads, kv_heads, head_dim, scale } => {
             format!("attention heads={heads} kv_heads={kv_heads} head_dim={head_dim} scale={scale:?}")
         }

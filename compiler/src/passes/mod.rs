@@ -41,6 +41,7 @@ pub struct PassRecord {
 pub fn pipeline(opt_level: u8) -> Vec<Box<dyn Pass>> {
     let mut v: Vec<Box<dyn Pass>> = vec![Box::new(fold_linear_slice::FoldLinearSlice)];
     if opt_level > 0 {
+        v.push(Box::new(crate::egraph::EGraphPass));
         v.push(Box::new(fuse_elementwise::FuseElementwise));
     }
     v

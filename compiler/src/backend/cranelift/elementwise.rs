@@ -71,6 +71,15 @@ enum Source {
     Splat(Value),
 }
 
+/// Where an input lives: its pointer, and for `Rows` inputs the row stride and first column
+/// (in floats), so one buffer can feed several inputs (the halves of a gate|up matmul).
+struct Layout {
+    kind: EwIn,
+    ptr: usize,
+    stride: usize,
+    col: usize,
+}
+
 pub fn build(
     fx: &mut Fx,
     params: &Params,
@@ -79,20 +88,54 @@ pub fn build(
     ops: &[EwOp],
     outputs: &[u32],
 ) {
-    let in_ptrs: Vec<Value> = (0..inputs.len()).map(|k| params.ptr(fx, k)).collect();
+    let layout: Vec<Layout> = inputs
+        .iter()
+        .enumerate()
+        .map(|(k, &kind)| Layout { kind, ptr: k, stride: cols, col: 0 })
+        .collect();
+    build_with(fx, params, cols, &layout, inputs.len(), ops, outputs);
+}
+
+/// `y = ops(x[:, :cols], x[:, cols:])` with pointers `[x, y]` (see `KernelSpec::Glu`).
+pub fn build_glu(fx: &mut Fx, params: &Params, cols: usize, ops: &[EwOp]) {
+    let layout = [
+        Layout { kind: EwIn::Rows, ptr: 0, stride: 2 * cols, col: 0 },
+        Layout { kind: EwIn::Rows, ptr: 0, stride: 2 * cols, col: cols },
+    ];
+    let last = ops.len().saturating_sub(1) as u32;
+    build_with(fx, params, cols, &layout, 1, ops, &[last]);
+}
+
+fn build_with(
+    fx: &mut Fx,
+    params: &Params,
+    cols: usize,
+    layout: &[Layout],
+    n_in_ptrs: usize,
+    ops: &[EwOp],
+    outputs: &[u32],
+) {
+    let inputs: Vec<EwIn> = layout.iter().map(|l| l.kind).collect();
+    let in_ptrs: Vec<Value> = layout.iter().map(|l| params.ptr(fx, l.ptr)).collect();
     let out_ptrs: Vec<Value> = (0..outputs.len())
-        .map(|k| params.ptr(fx, inputs.len() + k))
+        .map(|k| params.ptr(fx, n_in_ptrs + k))
         .collect();
     let live = live_ops(ops, outputs);
     let row_bytes = 4 * cols as i64;
 
     fx.counted_loop(params.begin, params.end, 1, vec![], |fx, r, _| {
         let row_off = fx.imul_imm(r, row_bytes);
-        let sources: Vec<Source> = inputs
+        let sources: Vec<Source> = layout
             .iter()
             .zip(&in_ptrs)
-            .map(|(kind, &ptr)| match kind {
-                EwIn::Rows => Source::Memory(fx.iadd(ptr, row_off)),
+            .map(|(l, &ptr)| match l.kind {
+                EwIn::Rows if l.stride == cols && l.col == 0 => Source::Memory(fx.iadd(ptr, row_off)),
+                EwIn::Rows => {
+                    let off = fx.imul_imm(r, 4 * l.stride as i64);
+                    let col = fx.iconst(4 * l.col as i64);
+                    let off = fx.iadd(off, col);
+                    Source::Memory(fx.iadd(ptr, off))
+                }
                 EwIn::Broadcast => Source::Memory(ptr),
                 EwIn::PerRow => {
                     let at = fx.offset(ptr, r, 4);

@@ -25,7 +25,7 @@ use cranelift_codegen::settings;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_module::{Linkage, Module};
 use cranelift_object::{ObjectBuilder, ObjectModule};
-use loopc_runtime::artifact::{KernelDecl, KernelSpec};
+use loopc_runtime::artifact::{EwIn, KernelDecl, KernelSpec};
 use std::collections::HashSet;
 
 pub use target::Features;
@@ -177,6 +177,8 @@ fn build(decl: &KernelDecl, features: Features, fctx: &mut FunctionBuilderContex
             scale,
         } => attention::build(&mut fx, &params, *heads, *kv_heads, *head_dim, *scale),
         KernelSpec::LayerNorm { cols, eps } => layernorm::build(&mut fx, &params, *cols, *eps),
+        KernelSpec::Glu { cols, ops } => elementwise::build_glu(&mut fx, &params, *cols, ops),
+        KernelSpec::RopeBias { heads, head_dim, style } => rope::build_with_bias(&mut fx, &params, *heads, *head_dim, *style),
     }
     fx.finish();
     func
@@ -230,6 +232,9 @@ fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
         }
         KernelSpec::Rope {
             heads, head_dim, ..
+        }
+        | KernelSpec::RopeBias {
+            heads, head_dim, ..
         } => {
             dim("heads", *heads)?;
             dim("head_dim", *head_dim)?;
@@ -264,6 +269,12 @@ fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
                 return Err(invalid(format!("scale = {scale} must be finite")));
             }
             Ok(())
+        }
+        KernelSpec::Glu { cols, ops } => {
+            dim("2 * cols", cols.saturating_mul(2))?;
+            dim("cols", *cols)?;
+            let last = ops.len().checked_sub(1).ok_or_else(|| invalid("a gated unit needs ops".into()))?;
+            elementwise::validate(&[EwIn::Rows, EwIn::Rows], ops, &[last as u32]).map_err(invalid)
         }
     }
 }

@@ -6,9 +6,20 @@ use cranelift_codegen::ir::{InstBuilder, Value};
 use loopc_runtime::artifact::RopeStyle;
 
 pub fn build(fx: &mut Fx, params: &Params, heads: usize, head_dim: usize, style: RopeStyle) {
+    build_impl(fx, params, heads, head_dim, style, false)
+}
+
+/// `x = rope(x + bias)`: pointers `[x, bias, cos, sin]`.
+pub fn build_with_bias(fx: &mut Fx, params: &Params, heads: usize, head_dim: usize, style: RopeStyle) {
+    build_impl(fx, params, heads, head_dim, style, true)
+}
+
+fn build_impl(fx: &mut Fx, params: &Params, heads: usize, head_dim: usize, style: RopeStyle, with_bias: bool) {
     let x = params.ptr(fx, 0);
-    let cos = params.ptr(fx, 1);
-    let sin = params.ptr(fx, 2);
+    let bias = with_bias.then(|| params.ptr(fx, 1));
+    let k = usize::from(with_bias);
+    let cos = params.ptr(fx, 1 + k);
+    let sin = params.ptr(fx, 2 + k);
     let half = head_dim / 2;
     let head_bytes = 4 * head_dim as i64;
 
@@ -21,13 +32,14 @@ pub fn build(fx: &mut Fx, params: &Params, heads: usize, head_dim: usize, style:
         let end = fx.iconst(heads as i64 * head_bytes);
         fx.counted_loop(start, end, head_bytes, vec![], |fx, head_off, _| {
             let xh = fx.iadd(x_row, head_off);
+            let bh = bias.map(|b| fx.iadd(b, head_off));
             let tables = Tables {
                 cos: cos_row,
                 sin: sin_row,
             };
             match style {
-                RopeStyle::Half => half_pairs(fx, xh, tables, half),
-                RopeStyle::Interleaved => interleaved_pairs(fx, xh, tables, half),
+                RopeStyle::Half => half_pairs(fx, xh, bh, tables, half),
+                RopeStyle::Interleaved => interleaved_pairs(fx, xh, bh, tables, half),
             }
         });
     });
@@ -61,7 +73,7 @@ fn rotate(fx: &mut Fx, a: Value, b: Value, c: Value, s: Value) -> (Value, Value)
 }
 
 /// Pairs `(x[i], x[i + d/2])`: both halves are contiguous, no shuffles.
-fn half_pairs(fx: &mut Fx, xh: Value, tables: Tables, half: usize) {
+fn half_pairs(fx: &mut Fx, xh: Value, bh: Option<Value>, tables: Tables, half: usize) {
     let second = 4 * half as i32;
     fx.for_chunks(
         half,
@@ -71,8 +83,15 @@ fn half_pairs(fx: &mut Fx, xh: Value, tables: Tables, half: usize) {
         |fx, dyn_off, off, width, _| {
             let (c, s) = tables.load(fx, dyn_off, off, width);
             let at = fx.at(xh, dyn_off);
-            let a = fx.load(at, off, width);
-            let b = fx.load(at, off + second, width);
+            let mut a = fx.load(at, off, width);
+            let mut b = fx.load(at, off + second, width);
+            if let Some(bh) = bh {
+                let bat = fx.at(bh, dyn_off);
+                let ba = fx.load_with(Access::ReadOnly, bat, off, width);
+                let bb = fx.load_with(Access::ReadOnly, bat, off + second, width);
+                a = fx.add(a, ba);
+                b = fx.add(b, bb);
+            }
             let (a2, b2) = rotate(fx, a, b, c, s);
             fx.store(a2, at, off, width);
             fx.store(b2, at, off + second, width);
@@ -82,7 +101,7 @@ fn half_pairs(fx: &mut Fx, xh: Value, tables: Tables, half: usize) {
 
 /// Pairs `(x[2i], x[2i+1])`: four pairs span two vectors, de-interleaved into `a` and `b` lanes
 /// (`shufps`) and interleaved back (`unpcklps`/`unpckhps`).
-fn interleaved_pairs(fx: &mut Fx, xh: Value, tables: Tables, half: usize) {
+fn interleaved_pairs(fx: &mut Fx, xh: Value, bh: Option<Value>, tables: Tables, half: usize) {
     fx.for_chunks(
         half,
         1,
@@ -96,12 +115,21 @@ fn interleaved_pairs(fx: &mut Fx, xh: Value, tables: Tables, half: usize) {
             let off = 2 * off;
             let w0 = (2 * width).min(LANES);
             let w1 = 2 * width - w0;
-            let v0 = fx.load(at, off, w0);
-            let v1 = if w1 > 0 {
+            let mut v0 = fx.load(at, off, w0);
+            let mut v1 = if w1 > 0 {
                 fx.load(at, off + 16, w1)
             } else {
                 fx.splat(0.0)
             };
+            if let Some(bh) = bh {
+                let bat = fx.at(bh, x_dyn);
+                let b0 = fx.load_with(Access::ReadOnly, bat, off, w0);
+                v0 = fx.add(v0, b0);
+                if w1 > 0 {
+                    let b1 = fx.load_with(Access::ReadOnly, bat, off + 16, w1);
+                    v1 = fx.add(v1, b1);
+                }
+            }
             let a = fx.shuffle(v0, v1, [0, 2, 4, 6]);
             let b = fx.shuffle(v0, v1, [1, 3, 5, 7]);
             let (a2, b2) = rotate(fx, a, b, c, s);

@@ -1,0 +1,231 @@
+//! The cost model and the DAG-aware extractor.
+//!
+//! **Cost of a program** = bytes moved + FLOPs / [`FLOPS_PER_BYTE`], for a nominal call of
+//! [`S_NOMINAL`] rows, f32 everywhere:
+//! - an op reads each activation operand (`S·width·4` bytes), writes its results, and reads the
+//!   part of each weight operand it touches (a matmul the whole view, an embedding `S` rows, a
+//!   broadcast operand its elements);
+//! - FLOPs: `2·S·n·k` per matmul, `4·S·L·d` for attention over `L = S` keys (+ `S·L·heads` when
+//!   it must scale the scores), a few per element for pointwise ops and norms;
+//! - **DAG-aware**: a value used twice is computed once (the sum is over the selected classes,
+//!   not over a tree), and each weight is charged once per region at the largest read of it,
+//!   so weights shared by several ops (and K/V, which attention reads in place) count once;
+//! - inside a recur body, a loop-invariant value costs `1/steps` of its price: it is hoisted
+//!   and computed once for all iterations;
+//! - derived weights cost nothing at run time (the runtime computes them once at load);
+//! - projections of a multi-result node are free (they alias one of its output buffers).
+//!
+//! The extractor first picks, per class, the node with the least tree cost (a fixed point that
+//! tolerates cycles), then improves the selection as a DAG: a class switches to a node whose
+//! operands are all already computed by the selection when that node is cheaper on its own
+//! than what the class costs now. This is what picks `proj 0 (rmsnorm_res ...)` for a residual
+//! sum whose fused norm is selected anyway, instead of adding the sum a second time.
+use super::lang::{TGraph, TNode, TOp};
+use egg::Id;
+use loopc_dialects::Ty;
+use std::collections::{HashMap, HashSet};
+
+pub const S_NOMINAL: f64 = 16.0;
+/// A rough machine balance: FLOPs a core does in the time it moves one byte from memory.
+pub const FLOPS_PER_BYTE: f64 = 8.0;
+
+fn width(t: &Option<Ty>) -> f64 {
+    match t {
+        Some(Ty::Act(c)) => *c as f64,
+        Some(Ty::Tuple(ts)) => ts.iter().map(|t| width(&Some(t.clone()))).sum(),
+        _ => 0.0,
+    }
+}
+
+fn numel(t: &Option<Ty>) -> f64 {
+    match t {
+        Some(Ty::Weight(s)) => s.iter().product::<usize>() as f64,
+        _ => 0.0,
+    }
+}
+
+/// Cost of one node without its weights, and the bytes it reads of each weight operand.
+pub fn node_cost(eg: &TGraph, n: &TNode) -> (f64, Vec<(Id, f64)>) {
+    if !super::lang::arity_ok(n) {
+        return (f64::INFINITY, vec![]);
+    }
+    let s = S_NOMINAL;
+    let ty = |i: usize| eg[n.children[i]].data.ty.clone();
+    let is_w = |i: usize| matches!(eg[n.children[i]].data.ty, Some(Ty::Weight(_)));
+    let acts_in: f64 = (0..n.children.len()).filter(|&i| !is_w(i)).map(|i| width(&ty(i))).sum();
+    let out_w = eg.analysis.node_ty(eg, n);
+    let out = width(&out_w);
+    let mut wreads = vec![];
+    let bytes = |cols: f64| 4.0 * s * cols;
+    let (mut b, mut flops) = (bytes(acts_in + out), 0.0);
+    match &n.op {
+        TOp::Tokens | TOp::Param(_) | TOp::Weight { .. } | TOp::Opaque(_) | TOp::Proj(_) => b = 0.0,
+        TOp::WSliceCols { .. } | TOp::WScale(_) | TOp::WMulCols | TOp::WConcatRows => b = 0.0,
+        TOp::Linear => {
+            let w = numel(&ty(1));
+            wreads.push((n.children[1], 4.0 * w));
+            flops = 2.0 * s * w;
+        }
+        TOp::Embed => {
+            b = bytes(out);
+            wreads.push((n.children[1], bytes(out)));
+        }
+        TOp::Attention { heads, scale, .. } => {
+            // K and V are read from the cache in place, L = S keys.
+            flops = 4.0 * s * s * out;
+            if f32::from_bits(*scale) != 1.0 {
+                flops += s * s * *heads as f64;
+            }
+        }
+        TOp::Concat | TOp::Slice { .. } => {}
+        TOp::RmsNorm { .. } | TOp::RmsNormRes { .. } => {
+            flops = 4.0 * s * out;
+            for i in 0..n.children.len() {
+                if is_w(i) {
+                    wreads.push((n.children[i], 4.0 * numel(&ty(i))));
+                }
+            }
+        }
+        _ => {
+            flops = 2.0 * s * out;
+            for i in 0..n.children.len() {
+                if is_w(i) {
+                    wreads.push((n.children[i], 4.0 * numel(&ty(i))));
+                }
+            }
+        }
+    }
+    let mut c = b + flops / FLOPS_PER_BYTE;
+    if eg.analysis.in_loop && node_invariant(eg, n) {
+        c /= eg.analysis.steps.max(1) as f64;
+        for w in &mut wreads {
+            w.1 /= eg.analysis.steps.max(1) as f64;
+        }
+    }
+    (c, wreads)
+}
+
+fn node_invariant(eg: &TGraph, n: &TNode) -> bool {
+    match n.op {
+        TOp::Param(i) => i != 0,
+        TOp::Attention { .. } | TOp::Opaque(_) => false,
+        _ => n.children.iter().all(|c| eg[*c].data.invariant),
+    }
+}
+
+/// A selection: one node per class reachable from the roots.
+pub struct Selection {
+    pub choice: HashMap<Id, TNode>,
+    pub roots: Vec<Id>,
+}
+
+fn ill_typed(eg: &TGraph, n: &TNode) -> bool {
+    eg.analysis.node_ty(eg, n).is_none()
+}
+
+pub fn extract(eg: &TGraph, roots: &[Id]) -> Selection {
+    // Tree costs to a fixed point.
+    let mut best: HashMap<Id, (f64, TNode)> = HashMap::new();
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for class in eg.classes() {
+            for n in &class.nodes {
+                if ill_typed(eg, n) {
+                    continue;
+                }
+                let mut total = 0.0;
+                let mut ok = true;
+                for ch in &n.children {
+                    match best.get(&eg.find(*ch)) {
+                        Some((c, _)) => total += c,
+                        None => {
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+                if !ok {
+                    continue;
+                }
+                let (own, wr) = node_cost(eg, n);
+                total += own + wr.iter().map(|w| w.1).sum::<f64>();
+                let better = best.get(&class.id).is_none_or(|(c, b)| total < *c - 1e-9 || ((total - *c).abs() <= 1e-9 && n < b));
+                if better {
+                    best.insert(class.id, (total, n.clone()));
+                    changed = true;
+                }
+            }
+        }
+    }
+    let roots: Vec<Id> = roots.iter().map(|r| eg.find(*r)).collect();
+    let mut choice: HashMap<Id, TNode> = best.into_iter().map(|(k, (_, n))| (k, n)).collect();
+    // DAG improvement: reuse what the selection computes anyway.
+    for _ in 0..8 {
+        let reach = reachable(eg, &choice, &roots);
+        let mut switched = false;
+        for &c in &reach {
+            let cur = &choice[&c];
+            let cur_own = node_cost(eg, cur).0;
+            let mut pick: Option<TNode> = None;
+            for n in &eg[c].nodes {
+                if n == cur || ill_typed(eg, n) {
+                    continue;
+                }
+                let kids: Vec<Id> = n.children.iter().map(|k| eg.find(*k)).collect();
+                if !kids.iter().all(|k| reach.contains(k)) || kids.iter().any(|k| depends_on(eg, &choice, *k, c)) {
+                    continue;
+                }
+                let own = node_cost(eg, n).0;
+                if own < cur_own - 1e-9 && pick.as_ref().is_none_or(|p| own < node_cost(eg, p).0) {
+                    pick = Some(n.clone());
+                }
+            }
+            if let Some(p) = pick {
+                choice.insert(c, p);
+                switched = true;
+            }
+        }
+        if !switched {
+            break;
+        }
+    }
+    let reach = reachable(eg, &choice, &roots);
+    choice.retain(|k, _| reach.contains(k));
+    Selection { choice, roots }
+}
+
+fn reachable(eg: &TGraph, choice: &HashMap<Id, TNode>, roots: &[Id]) -> HashSet<Id> {
+    let mut seen = HashSet::new();
+    let mut stack: Vec<Id> = roots.to_vec();
+    while let Some(c) = stack.pop() {
+        let c = eg.find(c);
+        if !seen.insert(c) {
+            continue;
+        }
+        if let Some(n) = choice.get(&c) {
+            stack.extend(n.children.iter().copied());
+        }
+    }
+    seen
+}
+
+/// Whether the selected DAG under `from` reaches `target` (a switch to `from` would cycle).
+fn depends_on(eg: &TGraph, choice: &HashMap<Id, TNode>, from: Id, target: Id) -> bool {
+    reachable(eg, choice, &[from]).contains(&target)
+}
+
+/// DAG cost of a selection (each class once, each weight once at its largest read).
+pub fn dag_cost(eg: &TGraph, sel: &Selection) -> f64 {
+    let mut total = 0.0;
+    let mut wmax: HashMap<Id, f64> = HashMap::new();
+    for n in sel.choice.values() {
+        let (c, wr) = node_cost(eg, n);
+        total += c;
+        for (w, b) in wr {
+            let e = wmax.entry(eg.find(w)).or_insert(0.0);
+            *e = e.max(b);
+        }
+    }
+    total + wmax.values().sum::<f64>()
+}

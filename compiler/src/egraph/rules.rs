@@ -1,0 +1,396 @@
+//! The rewrite rules: each one-directional and named, in stages (no associativity or
+//! commutativity, so saturation of each stage ends in a few iterations).
+//!
+//! A rule is a pair of plain functions wrapped as an egg [`Searcher`] and [`Applier`]: the
+//! searcher returns matches as positional values (class ids and, where a rule needs an
+//! attribute of the matched op, its bits), which travel to the applier in egg's `Subst`.
+use super::lang::{act_width, nodes_where, weight_shape, TGraph, TNode, TOp, TensorAnalysis, ADD, MUL};
+use egg::{Applier, Id, PatternAst, Rewrite, SearchMatches, Searcher, Subst, Symbol, Var};
+
+/// Positional match values: class ids or attribute bits, each below 2³² (egg ids are u32;
+/// wider attributes are split in halves).
+pub type Match = Vec<usize>;
+
+pub struct Rule {
+    pub name: &'static str,
+    pub stage: &'static str,
+    pub search: fn(&TGraph, Id) -> Vec<Match>,
+    pub apply: fn(&mut TGraph, Id, &Match) -> bool,
+}
+
+const MAX_VALS: usize = 16;
+
+fn var(i: usize) -> Var {
+    format!("?m{i}").parse().expect("valid egg variable")
+}
+
+struct FnSearcher(fn(&TGraph, Id) -> Vec<Match>);
+struct FnApplier(fn(&mut TGraph, Id, &Match) -> bool);
+
+impl Searcher<TNode, TensorAnalysis> for FnSearcher {
+    fn search_eclass_with_limit(&self, eg: &TGraph, eclass: Id, limit: usize) -> Option<SearchMatches<'_, TNode>> {
+        let mut substs = vec![];
+        for m in (self.0)(eg, eclass).into_iter().take(limit) {
+            if m.len() >= MAX_VALS || m.iter().any(|&v| v > u32::MAX as usize) {
+                continue;
+            }
+            let mut s = Subst::with_capacity(m.len() + 1);
+            // ?m0 holds the count, so matches of different lengths decode unambiguously.
+            s.insert(var(0), Id::from(m.len()));
+            for (i, v) in m.iter().enumerate() {
+                s.insert(var(i + 1), Id::from(*v));
+            }
+            substs.push(s);
+        }
+        (!substs.is_empty()).then_some(SearchMatches { eclass, substs, ast: None })
+    }
+    fn vars(&self) -> Vec<Var> {
+        (0..MAX_VALS).map(var).collect()
+    }
+}
+
+impl Applier<TNode, TensorAnalysis> for FnApplier {
+    fn apply_one(&self, eg: &mut TGraph, eclass: Id, subst: &Subst, _: Option<&PatternAst<TNode>>, _: Symbol) -> Vec<Id> {
+        let n: usize = subst.get(var(0)).map_or(0, |i| usize::from(*i));
+        let m: Match = (0..n).filter_map(|i| subst.get(var(i + 1)).map(|v| usize::from(*v))).collect();
+        if (self.0)(eg, eclass, &m) {
+            vec![eclass]
+        } else {
+            vec![]
+        }
+    }
+}
+
+impl Rule {
+    pub fn rewrite(&self) -> Rewrite<TNode, TensorAnalysis> {
+        Rewrite::new(self.name, FnSearcher(self.search), FnApplier(self.apply)).expect("rule is well-formed")
+    }
+}
+
+/// LICM first: splitting the adapter exposes a residual add in front of the first norm.
+pub const STAGES: &[&str] = &["licm", "fuse-norm", "fold-weights", "epilogue"];
+
+pub fn all() -> Vec<Rule> {
+    vec![
+        Rule { name: "rmsnorm-residual", stage: "fuse-norm", search: rmsnorm_residual_search, apply: rmsnorm_residual_apply },
+        Rule { name: "embed-scale-fold", stage: "fold-weights", search: embed_scale_search, apply: embed_scale_apply },
+        Rule { name: "q-scale-fold", stage: "fold-weights", search: q_scale_search, apply: q_scale_apply },
+        Rule { name: "rmsnorm-gain-fold", stage: "fold-weights", search: gain_fold_search, apply: gain_fold_apply },
+        Rule { name: "swiglu-fuse", stage: "epilogue", search: swiglu_search, apply: swiglu_apply },
+        Rule { name: "rope-bias-epilogue", stage: "epilogue", search: rope_bias_search, apply: rope_bias_apply },
+        Rule { name: "concat-linear-split", stage: "licm", search: concat_linear_search, apply: concat_linear_apply },
+    ]
+}
+
+const NONE: usize = u32::MAX as usize;
+
+fn id(v: usize) -> Id {
+    Id::from(v)
+}
+
+fn union_new(eg: &mut TGraph, class: Id, new: Id) -> bool {
+    let ty_ok = eg[class].data.ty == eg[new].data.ty;
+    // A rule must never equate values of different types; refuse rather than corrupt the graph.
+    ty_ok && eg.union(class, new)
+}
+
+/// `rmsnorm(x + a, g)` = `proj 1 (rmsnorm_res x a g)`, and `x + a` = `proj 0` of the same
+/// node: one kernel reads `x` and `a` once and writes both the sum and the normalized value.
+/// Covers Huginn's post-norm `norm(x + attn)`, Ouro's `x + norm(branch)` feeding the next
+/// pre-norm, and any pre-norm block whose input is a residual sum.
+fn rmsnorm_residual_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    for n in nodes_where(eg, c, |o| matches!(o, TOp::RmsNorm { .. })) {
+        let TOp::RmsNorm { eps } = n.op else { continue };
+        let s = n.children[0];
+        let g = n.children.get(1).map_or(NONE, |g| usize::from(*g));
+        let Some(w) = act_width(eg, s) else { continue };
+        for a in nodes_where(eg, s, |o| *o == TOp::Binary(ADD)) {
+            let (x, y) = (a.children[0], a.children[1]);
+            if act_width(eg, x) == Some(w) && act_width(eg, y) == Some(w) {
+                out.push(vec![usize::from(s), usize::from(x), usize::from(y), g, eps as usize]);
+            }
+        }
+    }
+    out
+}
+
+fn rmsnorm_residual_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [s, x, y, g, eps] = m[..] else { return false };
+    let mut kids = vec![id(x), id(y)];
+    if g != NONE {
+        kids.push(id(g));
+    }
+    let t = eg.add(TNode::new(TOp::RmsNormRes { eps: eps as u32 }, kids));
+    let p0 = eg.add(TNode::new(TOp::Proj(0), vec![t]));
+    let p1 = eg.add(TNode::new(TOp::Proj(1), vec![t]));
+    let a = union_new(eg, c, p1);
+    let b = union_new(eg, id(s), p0);
+    a || b
+}
+
+/// `embed(t, T) · c` = `embed(t, T·c)`: the scale moves into a derived table computed at load.
+fn embed_scale_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    for n in nodes_where(eg, c, |o| matches!(o, TOp::Scale(_))) {
+        let TOp::Scale(k) = n.op else { continue };
+        for e in nodes_where(eg, n.children[0], |o| *o == TOp::Embed) {
+            out.push(vec![usize::from(e.children[0]), usize::from(e.children[1]), k as usize]);
+        }
+    }
+    out
+}
+
+fn embed_scale_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [tok, table, k] = m[..] else { return false };
+    let t = eg.add(TNode::new(TOp::WScale(k as u32), vec![id(table)]));
+    let e = eg.add(TNode::new(TOp::Embed, vec![id(tok), t]));
+    union_new(eg, c, e)
+}
+
+/// `attention(rope(x·Wᵀ [+ b]), k, v, scale=s)` = `attention(rope(x·(sW)ᵀ [+ s·b]), k, v, 1)`:
+/// RoPE and the bias add are linear, so the softmax scale folds into the Q weight (and bias).
+fn q_scale_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    for n in nodes_where(eg, c, |o| matches!(o, TOp::Attention { .. })) {
+        let TOp::Attention { heads, kv_heads, scale, site } = n.op else { continue };
+        if f32::from_bits(scale) == 1.0 {
+            continue;
+        }
+        let (q, k, v) = (n.children[0], n.children[1], n.children[2]);
+        for r in nodes_where(eg, q, |o| matches!(o, TOp::Rope { .. })).filter(|r| r.children.len() == 1) {
+            let TOp::Rope { heads: rh, interleaved, base } = r.op else { continue };
+            let q1 = r.children[0];
+            let pack = |lin: &TNode, bias: Option<Id>| -> Option<Match> {
+                weight_shape(eg, lin.children[1])?;
+                Some(vec![
+                    usize::from(k), usize::from(v), usize::from(lin.children[0]), usize::from(lin.children[1]),
+                    bias.map_or(NONE, usize::from), heads, kv_heads, scale as usize, site as usize,
+                    rh, interleaved as usize, (base >> 32) as usize, (base & 0xffff_ffff) as usize,
+                ])
+            };
+            for l in nodes_where(eg, q1, |o| *o == TOp::Linear) {
+                out.extend(pack(l, None));
+            }
+            for a in nodes_where(eg, q1, |o| *o == TOp::Binary(ADD)) {
+                let (l, b) = (a.children[0], a.children[1]);
+                if weight_shape(eg, b).is_none() {
+                    continue;
+                }
+                for ln in nodes_where(eg, l, |o| *o == TOp::Linear) {
+                    out.extend(pack(ln, Some(b)));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn q_scale_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [k, v, x, w, bias, heads, kv_heads, scale, site, rh, interleaved, base_hi, base_lo] = m[..] else { return false };
+    let base = ((base_hi as u64) << 32) | base_lo as u64;
+    let ws = eg.add(TNode::new(TOp::WScale(scale as u32), vec![id(w)]));
+    let mut q = eg.add(TNode::new(TOp::Linear, vec![id(x), ws]));
+    if bias != NONE {
+        let bs = eg.add(TNode::new(TOp::WScale(scale as u32), vec![id(bias)]));
+        q = eg.add(TNode::new(TOp::Binary(ADD), vec![q, bs]));
+    }
+    let q = eg.add(TNode::new(TOp::Rope { heads: rh, interleaved: interleaved != 0, base }, vec![q]));
+    let att = TOp::Attention { heads, kv_heads, scale: 1.0f32.to_bits(), site: site as u32 };
+    let a = eg.add(TNode::new(att, vec![q, id(k), id(v)]));
+    union_new(eg, c, a)
+}
+
+/// `linear(concat(s, e), W)` = `linear(s, W[:, :|s|]) + linear(e, W[:, |s|:])`. Column windows
+/// are derived weights. Searched only in a recur body where some part is loop-invariant: that
+/// part is then computed once before the loop (Huginn's adapter over `[state, embedded]`).
+fn concat_linear_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    if !eg.analysis.in_loop {
+        return vec![];
+    }
+    let mut out = vec![];
+    for n in nodes_where(eg, c, |o| *o == TOp::Linear) {
+        let (cat, w) = (n.children[0], n.children[1]);
+        let Some(ws) = weight_shape(eg, w) else { continue };
+        for cn in nodes_where(eg, cat, |o| *o == TOp::Concat) {
+            let parts = &cn.children;
+            let inv = parts.iter().filter(|p| eg[**p].data.invariant).count();
+            if parts.len() < 2 || parts.len() + 1 >= MAX_VALS || inv == 0 || inv == parts.len() {
+                continue;
+            }
+            let widths: Option<usize> = parts.iter().map(|p| act_width(eg, *p)).sum();
+            if ws.len() != 2 || widths != Some(ws[1]) {
+                continue;
+            }
+            let mut m = vec![usize::from(w)];
+            m.extend(parts.iter().map(|p| usize::from(*p)));
+            out.push(m);
+        }
+    }
+    out
+}
+
+fn concat_linear_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let Some((&w, parts)) = m.split_first() else { return false };
+    let mut start = 0;
+    let mut acc: Option<Id> = None;
+    for &p in parts {
+        let Some(len) = act_width(eg, id(p)) else { return false };
+        let wp = eg.add(TNode::new(TOp::WSliceCols { start, len }, vec![id(w)]));
+        let l = eg.add(TNode::new(TOp::Linear, vec![id(p), wp]));
+        acc = Some(match acc {
+            None => l,
+            Some(a) => eg.add(TNode::new(TOp::Binary(ADD), vec![a, l])),
+        });
+        start += len;
+    }
+    match acc {
+        Some(a) => union_new(eg, c, a),
+        None => false,
+    }
+}
+
+/// `linear(rmsnorm(x, g), W)` = `linear(rmsnorm(x), W·diag(g))` when every user of the norm is
+/// a matmul (then the norm runs without its gain; otherwise both norms would be needed). Also
+/// for the normalized result of a fused residual norm, whose sum stays available.
+fn gain_fold_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    for l in nodes_where(eg, c, |o| *o == TOp::Linear) {
+        let (n, w) = (eg.find(l.children[0]), l.children[1]);
+        if weight_shape(eg, w).is_none_or(|s| s.len() != 2) || !only_matmul_users(eg, n) {
+            continue;
+        }
+        for nn in eg[n].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
+            match nn.op {
+                TOp::RmsNorm { eps } if nn.children.len() == 2 => {
+                    out.push(vec![usize::from(w), 0, usize::from(nn.children[0]), NONE, usize::from(nn.children[1]), eps as usize, NONE]);
+                }
+                TOp::Proj(1) => {
+                    let t = nn.children[0];
+                    for tn in nodes_where(eg, t, |o| matches!(o, TOp::RmsNormRes { .. })) {
+                        let TOp::RmsNormRes { eps } = tn.op else { continue };
+                        if tn.children.len() == 3 {
+                            let k = &tn.children;
+                            out.push(vec![usize::from(w), 1, usize::from(k[0]), usize::from(k[1]), usize::from(k[2]), eps as usize, usize::from(t)]);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn only_matmul_users(eg: &TGraph, n: Id) -> bool {
+    let n = eg.find(n);
+    !eg.analysis.roots.iter().any(|r| eg.find(*r) == n)
+        && eg[n].parents().all(|p| {
+        let node = eg.id_to_node(p);
+        node.op == TOp::Linear && node.children.len() == 2 && eg.find(node.children[0]) == n && eg.find(node.children[1]) != n
+    })
+}
+
+fn gain_fold_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [w, residual, x, a, g, eps, t] = m[..] else { return false };
+    let wg = eg.add(TNode::new(TOp::WMulCols, vec![id(w), id(g)]));
+    let normed = if residual == 0 {
+        eg.add(TNode::new(TOp::RmsNorm { eps: eps as u32 }, vec![id(x)]))
+    } else {
+        let t2 = eg.add(TNode::new(TOp::RmsNormRes { eps: eps as u32 }, vec![id(x), id(a)]));
+        // Both forms compute the same sum.
+        let (s_old, s_new) = (eg.add(TNode::new(TOp::Proj(0), vec![id(t)])), eg.add(TNode::new(TOp::Proj(0), vec![t2])));
+        union_new(eg, s_old, s_new);
+        eg.add(TNode::new(TOp::Proj(1), vec![t2]))
+    };
+    let l = eg.add(TNode::new(TOp::Linear, vec![normed, wg]));
+    union_new(eg, c, l)
+}
+
+/// `act(x·Waᵀ) · (x·Wbᵀ)` = `glu_act(x·[Wa; Wb]ᵀ)`: gate and up as one matmul over the stacked
+/// weight, then one kernel reading both halves. The stacked weight is the checkpoint's own
+/// fused tensor when the two are adjacent windows of it (Huginn's `fc`), else derived.
+fn swiglu_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    for m in nodes_where(eg, c, |o| *o == TOp::Binary(MUL)) {
+        let (p, q) = (m.children[0], m.children[1]);
+        for a in nodes_where(eg, p, |o| matches!(o, TOp::Unary(_))) {
+            let TOp::Unary(act) = a.op else { continue };
+            for lg in nodes_where(eg, a.children[0], |o| *o == TOp::Linear) {
+                for lu in nodes_where(eg, q, |o| *o == TOp::Linear) {
+                    let (x, wa, wb) = (lg.children[0], lg.children[1], lu.children[1]);
+                    if eg.find(x) != eg.find(lu.children[0]) {
+                        continue;
+                    }
+                    let (Some(sa), Some(sb)) = (weight_shape(eg, wa), weight_shape(eg, wb)) else { continue };
+                    if sa.len() == 2 && sa == sb {
+                        out.push(vec![usize::from(x), usize::from(wa), usize::from(wb), act as usize]);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn swiglu_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [x, wa, wb, act] = m[..] else { return false };
+    let Some(w) = stack_rows(eg, id(wa), id(wb)) else { return false };
+    let l = eg.add(TNode::new(TOp::Linear, vec![id(x), w]));
+    let g = eg.add(TNode::new(TOp::Glu(act as u8), vec![l]));
+    union_new(eg, c, g)
+}
+
+/// A weight holding the rows of `a` then those of `b`, preferring no copy: one view when they
+/// are adjacent windows of a tensor, the gain factored out when both carry the same folded
+/// gain, else a derived concatenation.
+fn stack_rows(eg: &mut TGraph, a: Id, b: Id) -> Option<Id> {
+    let view = |eg: &TGraph, c: Id| {
+        eg[c].nodes.iter().find_map(|n| match &n.op {
+            TOp::Weight { weight, offset, shape } if shape.len() == 2 => Some((*weight, *offset, shape.clone())),
+            _ => None,
+        })
+    };
+    if let (Some((wa, oa, sa)), Some((wb, ob, sb))) = (view(eg, a), view(eg, b)) {
+        if wa == wb && sa[1] == sb[1] && ob == oa + sa[0] * sa[1] {
+            return Some(eg.add(TNode::new(TOp::Weight { weight: wa, offset: oa, shape: vec![sa[0] + sb[0], sa[1]] }, vec![])));
+        }
+    }
+    let gained = |eg: &TGraph, c: Id| -> Vec<(Id, Id)> {
+        nodes_where(eg, c, |o| *o == TOp::WMulCols).map(|n| (n.children[0], eg.find(n.children[1]))).collect()
+    };
+    let (ga, gb) = (gained(eg, a), gained(eg, b));
+    for (ia, g) in &ga {
+        if let Some((ib, _)) = gb.iter().find(|(_, g2)| g2 == g) {
+            let inner = stack_rows(eg, *ia, *ib)?;
+            return Some(eg.add(TNode::new(TOp::WMulCols, vec![inner, *g])));
+        }
+    }
+    Some(eg.add(TNode::new(TOp::WConcatRows, vec![a, b])))
+}
+
+/// `rope(y + b)` = `rope(y, b)`: the q/k bias is added by the rotary kernel as it loads the
+/// projection, so the QKV matmul output is read and written once more instead of twice.
+fn rope_bias_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    for r in nodes_where(eg, c, |o| matches!(o, TOp::Rope { .. })).filter(|r| r.children.len() == 1) {
+        let TOp::Rope { heads, interleaved, base } = r.op else { continue };
+        let Some(w) = act_width(eg, r.children[0]) else { continue };
+        for a in nodes_where(eg, r.children[0], |o| *o == TOp::Binary(ADD)) {
+            for (y, b) in [(a.children[0], a.children[1]), (a.children[1], a.children[0])] {
+                let numel = weight_shape(eg, b).map(|s| s.iter().product::<usize>());
+                if act_width(eg, y) == Some(w) && numel == Some(w) {
+                    out.push(vec![usize::from(y), usize::from(b), heads, interleaved as usize, (base >> 32) as usize, (base & 0xffff_ffff) as usize]);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn rope_bias_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [y, b, heads, interleaved, base_hi, base_lo] = m[..] else { return false };
+    let base = ((base_hi as u64) << 32) | base_lo as u64;
+    let r = eg.add(TNode::new(TOp::Rope { heads, interleaved: interleaved != 0, base }, vec![id(y), id(b)]));
+    union_new(eg, c, r)
+}
