@@ -355,3 +355,31 @@ fn batch_of_four_equals_independent_sessions() {
         assert_eq!(batch.kv_bytes_used(), kv);
     }
 }
+
+/// With a state-based criterion a token's trajectory depends only on its own state and the
+/// latest KV of earlier positions, so cached decode equals recomputing the whole sequence in one
+/// prefill — depths included.
+#[test]
+fn latent_exit_decode_equals_recompute() {
+    let model = huginn("latent_diff(threshold = 0.9, max = 7)", "per_step");
+    let f = fixture("huginn_tiny/r7.safetensors");
+    let prompt = ids(&read(&f, "prompt"));
+    let decode = ids(&read(&f, "decode_tokens"));
+    let mut s = model.session();
+    s.prefill(&prompt).unwrap();
+    let mut depths = s.last_depths().to_vec();
+    let mut cached = vec![];
+    for &t in &decode {
+        cached.extend_from_slice(s.step(t).unwrap().data());
+        depths.push(s.last_depths()[0]);
+    }
+    let mut all = prompt.clone();
+    all.extend_from_slice(&decode);
+    let mut fresh = model.session();
+    let full = fresh.prefill(&all).unwrap();
+    assert_eq!(fresh.last_depths(), &depths[..]);
+    assert!(depths.iter().any(|&d| d < 7), "no token exited early: {depths:?}");
+    let v = full.vocab();
+    let d = max_abs_diff(&cached, &full.data()[prompt.len() * v..]);
+    assert!(d <= 1e-5, "cached decode differs from recomputation by {d:e}");
+}
