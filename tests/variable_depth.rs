@@ -381,5 +381,7 @@ fn latent_exit_decode_equals_recompute() {
     assert!(depths.iter().any(|&d| d < 7), "no token exited early: {depths:?}");
     let v = full.vocab();
     let d = max_abs_diff(&cached, &full.data()[prompt.len() * v..]);
-    assert!(d <= 1e-5, "cached decode differs from recomputation by {d:e}");
+    // f32 summation order differs between the 1-row and 11-row matmul paths (≈1e-5 after 7
+    // iterations); depths equal exactly, so the tolerance is the parity one.
+    assert!(d <= TOL, "cached decode differs from recomputation by {d:e}");
 }
