@@ -385,3 +385,24 @@ fn latent_exit_decode_equals_recompute() {
     // iterations); depths equal exactly, so the tolerance is the parity one.
     assert!(d <= TOL, "cached decode differs from recomputation by {d:e}");
 }
+
+/// Forced per-token loops on the Ouro family against `ouro_forward_schedule`.
+#[test]
+fn ouro_schedule_matches_reference() {
+    let f = fixture("ouro_tiny/sched_per_step.safetensors");
+    let model = variant("ouro", "ouro_tiny/config.json", "ouro_tiny/model.safetensors", "fixed", "per_step", &[]);
+    let prompt = ids(&read(&f, "prompt"));
+    let mut all = depths(&read(&f, "prompt_depths"));
+    all.extend(depths(&read(&f, "decode_depths")));
+    let mut s = model.session();
+    s.set_depth_schedule(Some(DepthSchedule::Positions(all.clone())));
+    let pre = s.prefill(&prompt).unwrap();
+    let d_pre = max_abs_diff(pre.data(), &read(&f, "prefill_logits").f32);
+    let mut got = vec![];
+    for &t in &ids(&read(&f, "decode_tokens")) {
+        got.extend_from_slice(s.step(t).unwrap().data());
+    }
+    let d_dec = max_abs_diff(&got, &read(&f, "decode_logits").f32);
+    assert!(d_pre <= TOL && d_dec <= TOL, "prefill {d_pre:e}, decode {d_dec:e}");
+    assert_eq!(s.stats().token_iterations, all.iter().sum::<usize>());
+}
