@@ -280,6 +280,17 @@ fn bad_schedules_are_errors() {
     assert!(s.prefill(&[1, 2]).is_err());
     s.set_depth_schedule(Some(DepthSchedule::Positions(vec![2, 0])));
     assert!(s.prefill(&[1, 2]).is_err());
+    assert_eq!(s.position(), 0, "a failed call does not advance the sequence");
+    let mut b = model.batch_session(2);
+    assert!(b.prefill(&[&[1]]).is_err(), "one token list for two sequences");
+    assert!(b.prefill(&[&[], &[]]).is_err(), "nothing to do");
+    assert!(b.prefill(&[&[1], &[100_000]]).is_err(), "token out of range");
+    b.set_depth_schedule(0, Some(DepthSchedule::Positions(vec![2])));
+    assert!(b.prefill(&[&[1], &[2]]).is_err(), "a schedule for only some sequences");
+    b.set_depth_schedule(1, Some(DepthSchedule::Positions(vec![3])));
+    assert_eq!(b.prefill(&[&[1], &[2]]).unwrap().len(), 2);
+    assert_eq!(b.positions(), &[1, 1], "failed calls did not move the sequences");
+    assert_eq!((b.last_depths(0), b.last_depths(1)), (&[2][..], &[3][..]));
 }
 
 /// ACT / UT halting on Ouro's gate with physical exit, against `ouro_forward_act` in the
