@@ -190,6 +190,10 @@ struct RunArgs {
     /// Time every kind of operation (matmul, attention, norms, ...) and print the table.
     #[arg(long)]
     profile: bool,
+    /// Stability guard on the recurrent state: off, warn, error or clamp, optionally with the
+    /// allowed norm growth since the first iteration, e.g. `clamp:1000` (default warn:10000).
+    #[arg(long, default_value = "warn")]
+    guard: loopc_runtime::guard::Guard,
     /// Override the exit policy's threshold (the gate's q for `exit gate(...)`).
     #[arg(long, value_name = "X")]
     exit_threshold: Option<f64>,
@@ -378,6 +382,7 @@ fn run(r: RunArgs) -> Result<(), String> {
     let mut session = model.session();
     session.set_steps(r.steps);
     session.set_profiling(r.profile);
+    session.set_guard(r.guard);
     if let Some(x) = r.exit_threshold {
         if !x.is_finite() {
             return Err(format!("error: --exit-threshold must be a finite number, got {x}"));
@@ -408,6 +413,13 @@ fn run(r: RunArgs) -> Result<(), String> {
     }
     let out = loopc_runtime::generate(&mut session, &prompt, r.max_new_tokens, &sampler, &stops)
         .map_err(|e| format!("error: {e}"))?;
+    let events = session.take_guard_events();
+    for e in events.iter().take(5) {
+        eprintln!("warning: {e}");
+    }
+    if events.len() > 5 {
+        eprintln!("warning: ... and {} more guard events (use --guard error to stop at the first)", events.len() - 5);
+    }
     let toks: Vec<String> = out.tokens.iter().map(|t| t.to_string()).collect();
     match &tokenizer {
         None => println!("{}", toks.join(" ")),

@@ -38,6 +38,10 @@ pub enum RuntimeError {
         source: std::io::Error,
     },
 
+    /// The stability guard (in `error` mode) saw a state row go non-finite or blow up.
+    #[error("unstable recurrence: {0} (see `--guard`: warn, clamp or off to continue)")]
+    Unstable(String),
+
     /// The artifact file is not a well-formed loopc artifact.
     #[error("invalid artifact: {0}")]
     Artifact(String),

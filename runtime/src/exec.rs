@@ -118,6 +118,11 @@ pub(crate) struct Exits {
     runs: Vec<(usize, usize, i64)>,
     final_state: Vec<f32>,
     saved: Vec<(u32, Vec<f32>)>,
+    pub(crate) guard: crate::guard::Guard,
+    /// Each call row's state norm after its first iteration (the guard's reference).
+    guard_ref: Vec<f64>,
+    /// Guard events since they were last taken.
+    pub(crate) guard_events: Vec<crate::guard::GuardEvent>,
 }
 
 /// Per-session mutable state of the interpreter.
@@ -296,6 +301,7 @@ impl Run<'_> {
             }
             while iterations < cap {
                 self.list(&rec.body, Some(iterations))?;
+                self.guard_step(iterations, rec)?;
                 let t0 = self.profile.is_some().then(Instant::now);
                 if let Some(g) = rec.gate {
                     gates.extend(self.ws.buf(g)[..s].iter().map(|&x| 1.0 / (1.0 + (-x).exp())));
@@ -320,6 +326,35 @@ impl Run<'_> {
         }
         self.list(&prog.coda, None)?;
         Ok(iterations)
+    }
+
+    /// Run the stability guard on the rows the body just computed (`next`, against `state`).
+    fn guard_step(&mut self, iteration: usize, rec: &crate::artifact::Recur) -> Result<()> {
+        use crate::guard::{check, GuardMode};
+        let guard = self.ex.guard;
+        if guard.mode == GuardMode::Off {
+            return Ok(());
+        }
+        let cols = self.m.manifest.buffers[rec.state as usize].cols;
+        let s = self.ws.s;
+        if iteration == 0 {
+            self.ex.guard_ref.clear();
+            self.ex.guard_ref.resize(s, f64::NAN);
+        }
+        let n = if self.active.is_empty() { s } else { self.active.len() };
+        let rows: Vec<(usize, usize)> =
+            (0..n).map(|i| (if self.active.is_empty() { i } else { self.active[i] }, self.position_of(i))).collect();
+        let (nb, sb) = (rec.next as usize, rec.state as usize);
+        let prev: Vec<f32> = self.ws.bufs[sb].as_slice()[..n * cols].to_vec();
+        let next = &mut self.ws.bufs[nb].as_mut_slice()[..n * cols];
+        let events = check(&guard, iteration, rows.into_iter(), next, &prev, cols, &mut self.ex.guard_ref);
+        if guard.mode == GuardMode::Error {
+            if let Some(e) = events.first() {
+                return Err(RuntimeError::Unstable(e.to_string()));
+            }
+        }
+        self.ex.guard_events.extend(events);
+        Ok(())
     }
 
     #[inline]

@@ -91,34 +91,33 @@ fn norm(row: &[f32]) -> f64 {
     row.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
 }
 
-/// Check (and in clamp mode repair) the state rows after `iteration`. `reference` holds each
-/// row's norm after the first iteration (filled in on iteration 0). `prev` is the previous
+/// Check (and in clamp mode repair) the state rows after `iteration`. `rows` gives, for each
+/// row held in `state`, its row in the call and its absolute position. `reference[call row]`
+/// holds the row's norm after its first iteration (NaN until then). `prev` is the previous
 /// state, used to restore non-finite rows. Returns the events of this iteration.
 pub fn check(
     guard: &Guard,
     iteration: usize,
-    positions: impl Iterator<Item = usize>,
+    rows: impl Iterator<Item = (usize, usize)>,
     state: &mut [f32],
     prev: &[f32],
     cols: usize,
-    reference: &mut Vec<f64>,
+    reference: &mut [f64],
 ) -> Vec<GuardEvent> {
     let mut events = vec![];
     if guard.mode == GuardMode::Off || cols == 0 {
         return events;
     }
-    let rows = state.len() / cols;
-    if iteration == 0 || reference.len() != rows {
-        reference.clear();
-        reference.extend(state.chunks(cols).map(norm));
-    }
-    for ((r, row), position) in state.chunks_mut(cols).enumerate().zip(positions) {
+    for ((i, row), (r, position)) in state.chunks_mut(cols).enumerate().zip(rows) {
         let n = norm(row);
         let kind = if !n.is_finite() {
             EventKind::NonFinite
         } else {
-            let base = reference[r].max(f64::MIN_POSITIVE);
-            let growth = n / base;
+            if reference[r].is_nan() {
+                reference[r] = n;
+                continue;
+            }
+            let growth = n / reference[r].max(f64::MIN_POSITIVE);
             if growth <= guard.max_growth as f64 || reference[r] == 0.0 {
                 continue;
             }
@@ -127,7 +126,7 @@ pub fn check(
         events.push(GuardEvent { iteration, position, kind });
         if guard.mode == GuardMode::Clamp {
             match kind {
-                EventKind::NonFinite => row.copy_from_slice(&prev[r * cols..(r + 1) * cols]),
+                EventKind::NonFinite => row.copy_from_slice(&prev[i * cols..(i + 1) * cols]),
                 EventKind::Growth(_) => {
                     let scale = (guard.max_growth as f64 * reference[r] / n) as f32;
                     row.iter_mut().for_each(|x| *x *= scale);
@@ -153,11 +152,11 @@ mod tests {
     #[test]
     fn flags_non_finite_and_growth_with_positions() {
         let g = Guard { mode: GuardMode::Warn, max_growth: 10.0 };
-        let mut refn = vec![];
+        let mut refn = vec![f64::NAN; 2];
         let mut s = vec![1.0, 0.0, 0.0, 1.0];
-        assert!(check(&g, 0, 5..7, &mut s, &[0.0; 4], 2, &mut refn).is_empty());
+        assert!(check(&g, 0, [(0, 5), (1, 6)].into_iter(), &mut s, &[0.0; 4], 2, &mut refn).is_empty());
         let mut s2 = vec![f32::NAN, 0.0, 0.0, 50.0];
-        let ev = check(&g, 3, 5..7, &mut s2, &s, 2, &mut refn);
+        let ev = check(&g, 3, [(0, 5), (1, 6)].into_iter(), &mut s2, &s, 2, &mut refn);
         assert_eq!(ev.len(), 2);
         assert_eq!((ev[0].iteration, ev[0].position, ev[0].kind), (3, 5, EventKind::NonFinite));
         assert_eq!((ev[1].position, ev[1].kind), (6, EventKind::Growth(50.0)));
@@ -167,12 +166,12 @@ mod tests {
     #[test]
     fn clamp_restores_and_rescales() {
         let g = Guard { mode: GuardMode::Clamp, max_growth: 10.0 };
-        let mut refn = vec![];
+        let mut refn = vec![f64::NAN; 2];
         let mut s = vec![3.0, 4.0, 0.0, 1.0];
-        check(&g, 0, 0..2, &mut s, &[0.0; 4], 2, &mut refn);
+        check(&g, 0, [(0, 0), (1, 1)].into_iter(), &mut s, &[0.0; 4], 2, &mut refn);
         let prev = s.clone();
         let mut s2 = vec![f32::INFINITY, 1.0, 0.0, 1000.0];
-        check(&g, 1, 0..2, &mut s2, &prev, 2, &mut refn);
+        check(&g, 1, [(0, 0), (1, 1)].into_iter(), &mut s2, &prev, 2, &mut refn);
         assert_eq!(&s2[..2], &[3.0, 4.0], "non-finite row restored from the previous state");
         assert!((s2[3] - 10.0).abs() < 1e-4, "grown row rescaled to 10× its first norm: {}", s2[3]);
     }

@@ -339,6 +339,16 @@ impl Session {
         self.schedule = schedule;
     }
 
+    /// The stability guard for the next calls (default: warn at 10⁴× norm growth or non-finite).
+    pub fn set_guard(&mut self, guard: crate::guard::Guard) {
+        self.st.exits.guard = guard;
+    }
+
+    /// What the guard saw since the last call of this method (iteration, position, kind).
+    pub fn take_guard_events(&mut self) -> Vec<crate::guard::GuardEvent> {
+        std::mem::take(&mut self.st.exits.guard_events)
+    }
+
     /// Override the exit policy's threshold (`q` for a gate exit) for the next calls.
     pub fn set_exit_threshold(&mut self, threshold: Option<f64>) {
         self.st.exits.threshold = threshold;
