@@ -126,7 +126,6 @@ pub fn optimize(m: &mut Module) -> Report {
 
 fn opt_region(r: &mut Region, path: &str, in_loop: bool, steps: usize, out: &mut Vec<RegionReport>) {
     let order = r.topo_order();
-    let mut hoisted = 0;
     for (i, &n) in order.iter().enumerate() {
         let Op::Recur { body, steps: st, .. } = &mut r.graph[n].op else { continue };
         let st = *st;
@@ -139,9 +138,7 @@ fn opt_region(r: &mut Region, path: &str, in_loop: bool, steps: usize, out: &mut
         if let Some(last) = out.iter_mut().rev().find(|x| x.path == format!("{path}/%{i}")) {
             last.hoisted = h;
         }
-        hoisted += h;
     }
-    let _ = hoisted;
     out.push(rewrite_region(r, path, in_loop, steps));
 }
 
