@@ -6,6 +6,10 @@ use loopc_runtime::{Artifact, Model, SamplerConfig, Weights};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::tokenize;
+use crate::bench;
+use crate::eval;
+
 #[derive(Parser)]
 #[command(
     name = "loopc",
@@ -73,6 +77,41 @@ enum Cmd {
     },
     /// Run a model: prefill the prompt, then generate tokens.
     Run(RunArgs),
+    /// Accuracy on a task file (JSON lines of tokens/answer/hops) by hop count × steps.
+    Eval {
+        /// An artifact or a `.loop` file.
+        model: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        /// JSON lines: {"tokens": [...], "answer": id, "hops": k}.
+        #[arg(long)]
+        task: PathBuf,
+        /// Recurrence depths to evaluate, e.g. "1,2,4,8".
+        #[arg(long, default_value = "1,2,4,8")]
+        steps: String,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+        #[command(flatten)]
+        args: ModelArgs,
+    },
+    /// Time prefill and decode (medians over repetitions), printed as one JSON line.
+    Bench {
+        /// An artifact or a `.loop` file.
+        model: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        #[arg(long)]
+        steps: Option<usize>,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[command(flatten)]
+        args: ModelArgs,
+    },
     /// Print one stage of the compiler: ast, graph, egraph, lowered, program, clif.
     Ir {
         model: PathBuf,
@@ -84,6 +123,13 @@ enum Cmd {
     /// Show what the e-graph optimizer does: rules fired per region, node counts, cost before
     /// and after, time per stage.
     Explain {
+        model: PathBuf,
+        #[command(flatten)]
+        args: ModelArgs,
+    },
+    /// Print every param of a `.loop` file with its value and where it came from (the default,
+    /// `--set`, or which config.json key), and the config keys no param reads.
+    Params {
         model: PathBuf,
         #[command(flatten)]
         args: ModelArgs,
@@ -109,12 +155,15 @@ struct RunArgs {
     /// The prompt as token ids, e.g. "1 2 3".
     #[arg(long, conflicts_with = "prompt")]
     tokens: Option<String>,
-    /// The prompt as text (needs --tokenizer).
+    /// The prompt as text (needs --tokenizer); prints the generated text.
     #[arg(long)]
     prompt: Option<String>,
-    /// A HF tokenizer.json for --prompt.
-    #[arg(long)]
+    /// A Hugging Face tokenizer.json, used with --prompt.
+    #[arg(long, value_name = "tokenizer.json")]
     tokenizer: Option<PathBuf>,
+    /// With --prompt, also print the generated token ids (a line before the text).
+    #[arg(long)]
+    print_ids: bool,
     /// Recurrence steps r (default: the model's).
     #[arg(long)]
     steps: Option<usize>,
@@ -138,6 +187,18 @@ struct RunArgs {
     /// Print run statistics (iterations, KV bytes, timings) to stderr.
     #[arg(long)]
     stats: bool,
+    /// Time every kind of operation (matmul, attention, norms, ...) and print the table.
+    #[arg(long)]
+    profile: bool,
+    /// Override the exit policy's threshold (the gate's q for `exit gate(...)`).
+    #[arg(long, value_name = "X")]
+    exit_threshold: Option<f64>,
+    /// Force per-token depths: "d0 d1 ..." for positions 0, 1, ... (the last repeats).
+    #[arg(long, value_name = "DEPTHS")]
+    depths: Option<String>,
+    /// With --depths: repeat the list cyclically (position p gets d[p mod n]).
+    #[arg(long)]
+    cycle_depths: bool,
     /// Compile options when MODEL is a `.loop` file.
     #[command(flatten)]
     args: ModelArgs,
@@ -214,6 +275,45 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::Run(r) => run(r),
+        Cmd::Params { model, args } => {
+            use loopc_compiler::frontend::params::ValueSource;
+            let f = driver::front(&model, &args.options()).map_err(compile_err)?;
+            for p in &f.params.params {
+                let src = match &p.source {
+                    ValueSource::Default => "default".to_string(),
+                    ValueSource::Set => "--set".to_string(),
+                    ValueSource::Config(k) => format!("config \"{k}\""),
+                };
+                println!("{:<16} {:>14}  {src}", p.name, p.value.to_string());
+            }
+            if !f.params.unused_config_keys.is_empty() {
+                println!("unused config keys: {}", f.params.unused_config_keys.join(", "));
+            }
+            Ok(())
+        }
+        Cmd::Eval { model, weights, task, steps, format, args } => {
+            let steps: Vec<usize> = steps
+                .split(',')
+                .map(|t| t.trim().parse::<usize>().ok().filter(|&r| r > 0).ok_or(format!("error: --steps: `{t}` is not a positive integer")))
+                .collect::<Result<_, _>>()?;
+            let items = eval::load_task(&task)?;
+            let artifact = load_artifact(&model, &args)?;
+            let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
+            let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
+            let t = Instant::now();
+            let table = eval::evaluate(&model, &items, &steps)?;
+            print!("{}", table.render(&format)?);
+            eprintln!("evaluated {} questions × {} depths in {:.2} s", items.len(), steps.len(), t.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Cmd::Bench { model, weights, prompt_len, new_tokens, steps, reps, args } => {
+            let artifact = load_artifact(&model, &args)?;
+            let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
+            let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
+            let line = bench::run(&model, &bench::BenchArgs { prompt_len, new_tokens, steps, reps, seed: 0 })?;
+            println!("{line}");
+            Ok(())
+        }
     }
 }
 
@@ -237,18 +337,32 @@ fn parse_ids(s: &str, what: &str) -> Result<Vec<u32>, String> {
 }
 
 fn run(r: RunArgs) -> Result<(), String> {
+    // The prompt first, so a bad tokenizer fails before the model is compiled and loaded.
+    let (prompt, tokenizer) = match (&r.tokens, &r.prompt, &r.tokenizer) {
+        (Some(t), _, _) => (parse_ids(t, "--tokens")?, None),
+        (None, Some(text), Some(path)) => {
+            let tok = tokenize::load(path)?;
+            (tokenize::encode(&tok, text)?, Some((tok, path)))
+        }
+        (None, Some(_), None) => {
+            return Err("error: --prompt needs --tokenizer tokenizer.json (or pass token ids with --tokens \"1 2 3\")".into())
+        }
+        (None, None, _) => return Err("error: give the prompt with --tokens \"1 2 3\" or --prompt TEXT --tokenizer tokenizer.json".into()),
+    };
     let artifact = load_artifact(&r.model, &r.args)?;
     let t = Instant::now();
     let weights = Weights::open(&r.weights).map_err(|e| format!("error: {e}"))?;
     let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
     eprintln!("loaded weights from {} in {:.3} s", r.weights.display(), t.elapsed().as_secs_f64());
-    let prompt = match (&r.tokens, &r.prompt) {
-        (Some(t), _) => parse_ids(t, "--tokens")?,
-        (None, Some(_)) => {
-            return Err("error: --prompt needs a tokenizer, which this build does not include yet; pass token ids with --tokens".into())
+    if let (Some((_, path)), Some(&id)) = (&tokenizer, prompt.iter().max()) {
+        if id as usize >= model.token_limit() {
+            return Err(format!(
+                "error: the tokenizer `{}` gave token id {id} for the prompt, but the model takes ids below {} (is it this model's tokenizer?)",
+                path.display(),
+                model.token_limit()
+            ));
         }
-        (None, None) => return Err("error: give the prompt with --tokens \"1 2 3\"".into()),
-    };
+    }
     let stops = match &r.stop {
         Some(s) => parse_ids(s, "--stop")?,
         None => vec![],
@@ -263,10 +377,36 @@ fn run(r: RunArgs) -> Result<(), String> {
     sampler = sampler.with_seed(r.seed);
     let mut session = model.session();
     session.set_steps(r.steps);
+    session.set_profiling(r.profile);
+    if let Some(x) = r.exit_threshold {
+        if !x.is_finite() {
+            return Err(format!("error: --exit-threshold must be a finite number, got {x}"));
+        }
+        session.set_exit_threshold(Some(x));
+    }
+    if let Some(d) = &r.depths {
+        let v: Vec<usize> = parse_ids(d, "--depths")?.into_iter().map(|x| x as usize).collect();
+        if v.is_empty() || v.contains(&0) {
+            return Err("error: --depths needs one or more depths ≥ 1".into());
+        }
+        session.set_depth_schedule(Some(if r.cycle_depths {
+            loopc_runtime::DepthSchedule::Cycle(v)
+        } else {
+            loopc_runtime::DepthSchedule::Positions(v)
+        }));
+    }
     let out = loopc_runtime::generate(&mut session, &prompt, r.max_new_tokens, &sampler, &stops)
         .map_err(|e| format!("error: {e}"))?;
     let toks: Vec<String> = out.tokens.iter().map(|t| t.to_string()).collect();
-    println!("{}", toks.join(" "));
+    match &tokenizer {
+        None => println!("{}", toks.join(" ")),
+        Some((tok, _)) => {
+            if r.print_ids {
+                println!("{}", toks.join(" "));
+            }
+            println!("{}", tokenize::decode(tok, &out.tokens)?);
+        }
+    }
     let st = session.stats();
     eprintln!(
         "prefill {} tokens in {:.3} s ({:.1} tok/s); decode {} tokens in {:.3} s ({:.1} tok/s)",
@@ -277,7 +417,7 @@ fn run(r: RunArgs) -> Result<(), String> {
         out.decode_seconds,
         out.tokens.len() as f64 / out.decode_seconds.max(1e-9),
     );
-    if r.stats {
+    if r.stats || r.profile {
         eprintln!("{st}");
     }
     if let Some(path) = &r.dump_logits {

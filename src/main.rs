@@ -1,5 +1,8 @@
 //! `loopc`: compile looped transformers described in `.loop` files and run them.
+mod bench;
 mod cli;
+mod eval;
+mod tokenize;
 
 fn main() {
     std::process::exit(cli::main());

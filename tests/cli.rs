@@ -117,3 +117,38 @@ fn explain_lists_rules_per_region_and_the_egraph_stage_prints() {
     let (ok, _, err) = loopc(&["explain", "examples/missing.loop"]);
     assert!(!ok && err.contains("cannot read"), "{err}");
 }
+
+#[test]
+fn params_lists_values_and_their_sources() {
+    let (ok, out, err) = loopc(&["params", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "steps=3"]);
+    assert!(ok, "{err}");
+    let line = |name: &str| out.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("{name}: {out}")).to_string();
+    assert!(line("dim").contains("64") && line("dim").contains("config \"n_embd\""), "{out}");
+    assert!(line("head_dim").contains("16") && line("head_dim").ends_with("default"), "derived from dim/heads: {out}");
+    assert!(line("steps").contains('3') && line("steps").ends_with("--set"), "{out}");
+    assert!(out.contains("unused config keys:") && out.contains("tie_embeddings"), "{out}");
+}
+
+fn run_with_forced_depths_prints_depth_stats() {
+    let (ok, out, err) = loopc(&[
+        "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "init_scale=0",
+        "--weights", "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1 2 3 4", "--depths", "3 1 2 4 2",
+        "--max-new-tokens", "3", "--stats",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.split_whitespace().count(), 3);
+    // Positions 0..=5 run 3 1 2 4 2 2 iterations (the last depth repeats).
+    assert!(err.contains("depth histogram (depth:tokens): 1:1 2:3 3:1 4:1"), "{err}");
+    assert!(err.contains("block evaluations: 2.33 per token"), "{err}");
+    assert!(err.contains("bytes per token"), "{err}");
+    let (ok, _, err) = loopc(&[
+        "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1 2", "--depths", "0",
+    ]);
+    assert!(!ok && err.contains("--depths"), "{err}");
+    let (ok, _, err) = loopc(&[
+        "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1 2", "--exit-threshold", "nan",
+    ]);
+    assert!(!ok && err.contains("--exit-threshold"), "{err}");
+}

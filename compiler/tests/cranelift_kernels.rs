@@ -526,6 +526,38 @@ fn rmsnorm_matches_reference() {
 }
 
 #[test]
+fn layernorm_matches_reference() {
+    let shapes = [1usize, 3, 7, 64, 96, 130, 301];
+    let decls: Vec<KernelDecl> =
+        shapes.iter().map(|&cols| decl(&format!("ln_{cols}"), KernelSpec::LayerNorm { cols, eps: 1e-5 })).collect();
+    let lib = Loaded::new(&decls);
+    let mut rng = Rng(21);
+    let rows = 5;
+    for &cols in &shapes {
+        let k = lib.kernel(&format!("ln_{cols}"));
+        // An offset mean makes the naive E[x²] − E[x]² formula lose digits; the kernel must not.
+        let x: Vec<f32> = rng.vec(rows * cols, -3.0, 3.0).iter().map(|v| v + 40.0).collect();
+        let g = rng.vec(cols, 0.5, 1.5);
+        let b = rng.vec(cols, -0.5, 0.5);
+        let mut want = vec![0.0; rows * cols];
+        for r in 0..rows {
+            let row: Vec<f64> = x[r * cols..(r + 1) * cols].iter().map(|&v| v as f64).collect();
+            let mean = row.iter().sum::<f64>() / cols as f64;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / cols as f64;
+            let inv = 1.0 / (var + 1e-5f32 as f64).sqrt();
+            for c in 0..cols {
+                want[r * cols + c] = (row[c] - mean) * inv * g[c] as f64 + b[c] as f64;
+            }
+        }
+        let mut bufs = vec![x.clone(), g.clone(), b.clone(), vec![f32::NAN; rows * cols]];
+        let ptrs = ptrs_of(&mut bufs);
+        call_split(k, &ptrs, rows, 2, 0);
+        // cols = 1 has zero variance: the output is the bias exactly.
+        assert_close(&format!("layernorm cols={cols}"), &bufs[3], &want, 1e-4, 2e-4);
+    }
+}
+
+#[test]
 fn rmsnorm_residual_sum_may_alias_input() {
     let cols = 45;
     let rows = 2;
@@ -999,4 +1031,59 @@ fn invalid_specs_are_errors() {
         compile_kernels(&dup),
         Err(BackendError::DuplicateSymbol(_))
     ));
+}
+
+/// Physical early exit calls rope and attention on compacted rows: one call per run of
+/// consecutive positions, items `[i0, i1)` with `pos0 = position(i0) - i0`. Each compacted row
+/// must then equal the kernel run alone at its own position.
+#[test]
+fn compacted_rows_with_shifted_pos0_match_single_rows() {
+    let (heads, kv_heads, hd) = (4usize, 2usize, 16usize);
+    let decls = vec![
+        decl("rope_c", KernelSpec::Rope { heads, head_dim: hd, style: RopeStyle::Interleaved }),
+        decl("attn_c", KernelSpec::Attention { heads, kv_heads, head_dim: hd, scale: 0.25 }),
+    ];
+    let lib = Loaded::new(&decls);
+    let (rope, attn) = (lib.kernel("rope_c"), lib.kernel("attn_c"));
+    let mut rng = Rng(11);
+    let positions = [2usize, 3, 7, 8, 9];
+    let runs = [(0usize, 2usize), (2, 5)];
+    let n = positions.len();
+    let (w, kvw) = (heads * hd, kv_heads * hd);
+    let cap = 12;
+    let half = hd / 2;
+    let mut cos = vec![0.0f32; cap * half];
+    let mut sin = vec![0.0f32; cap * half];
+    for p in 0..cap {
+        for i in 0..half {
+            let th = p as f64 / 10000f64.powf(2.0 * i as f64 / hd as f64);
+            cos[p * half + i] = th.cos() as f32;
+            sin[p * half + i] = th.sin() as f32;
+        }
+    }
+    let x = rng.vec(n * w, -1.0, 1.0);
+    let kc = rng.vec(cap * kvw, -1.0, 1.0);
+    let vc = rng.vec(cap * kvw, -1.0, 1.0);
+    // Compacted calls.
+    let mut bufs = vec![x.clone(), cos.clone(), sin.clone()];
+    let p = ptrs_of(&mut bufs);
+    for &(i0, i1) in &runs {
+        call(rope, &p, i0, i1, positions[i0] - i0, 0);
+    }
+    let mut abufs = vec![bufs[0].clone(), kc.clone(), vc.clone(), vec![f32::NAN; n * w]];
+    let ap = ptrs_of(&mut abufs);
+    for &(i0, i1) in &runs {
+        call(attn, &ap, i0 * heads, i1 * heads, positions[i0] - i0, 0);
+    }
+    // One row at a time at its own position.
+    for (i, &pos) in positions.iter().enumerate() {
+        let mut one = vec![x[i * w..(i + 1) * w].to_vec(), cos.clone(), sin.clone()];
+        let op = ptrs_of(&mut one);
+        call(rope, &op, 0, 1, pos, 0);
+        assert_eq!(&bufs[0][i * w..(i + 1) * w], &one[0][..], "rope row {i} at position {pos}");
+        let mut a1 = vec![one[0].clone(), kc.clone(), vc.clone(), vec![f32::NAN; w]];
+        let a1p = ptrs_of(&mut a1);
+        call(attn, &a1p, 0, heads, pos, 0);
+        assert_eq!(&abufs[3][i * w..(i + 1) * w], &a1[3][..], "attention row {i} at position {pos}");
+    }
 }

@@ -39,6 +39,10 @@ diag_snapshots!(
     weight_two_shapes,
     bad_rope_style,
     several_errors,
+    bad_criterion_param,
+    unknown_criterion_keyword,
+    unknown_criterion,
+    gate_exit_without_gate,
 );
 
 #[test]

@@ -25,6 +25,9 @@ fn stage(example: &str, config: &str, stage: &str) -> String {
     if example == "huginn" {
         o.set.push("init_scale=0".into());
     }
+    if example == "ltg" {
+        o.set.extend(["positions=1".into(), "inject=1".into()]);
+    }
     let f = driver::front_from_source(&format!("examples/{example}.loop"), &std::fs::read_to_string(path).unwrap(), &o)
         .unwrap_or_else(|e| panic!("{e}"));
     driver::stage_text_front(&f, stage, &o).unwrap_or_else(|e| panic!("{e}"))
@@ -50,11 +53,14 @@ stage_snapshots! {
     ouro_egraph: "ouro", "ouro_tiny/config.json", "egraph";
     ouro_lowered: "ouro", "ouro_tiny/config.json", "lowered";
     ouro_program: "ouro", "ouro_tiny/config.json", "program";
+    ltg_ast: "ltg", "ltg_tiny/config.json", "ast";
+    ltg_graph: "ltg", "ltg_tiny/config.json", "graph";
+    ltg_program: "ltg", "ltg_tiny/config.json", "program";
 }
 
 #[test]
 fn graph_text_round_trips() {
-    for (ex, cfg) in [("huginn", "huginn_tiny/config.json"), ("ouro", "ouro_tiny/config.json")] {
+    for (ex, cfg) in [("huginn", "huginn_tiny/config.json"), ("ouro", "ouro_tiny/config.json"), ("ltg", "ltg_tiny/config.json")] {
         for st in ["graph", "egraph", "lowered"] {
             let text = stage(ex, cfg, st);
             let m = parse_module(&text).unwrap_or_else(|e| panic!("{ex}/{st}: {e}"));
@@ -88,4 +94,53 @@ fn full_size_huginn_elaborates() {
     assert_eq!(p.kv_sites.iter().filter(|s| s.in_loop).count(), 4);
     assert_eq!(p.kv_sites.len(), 8);
     assert_eq!(p.program.recur.as_ref().unwrap().default_steps, 32);
+}
+
+#[test]
+fn printed_ast_is_a_fixed_point_for_every_example() {
+    use loopc_compiler::frontend::{parse, print, SourceMap};
+    for ex in ["huginn", "ouro", "ltg"] {
+        let text = std::fs::read_to_string(root().join(format!("examples/{ex}.loop"))).unwrap();
+        let mut sm = SourceMap::new();
+        let f = sm.add(ex, text);
+        let (ast, d) = parse(&sm, f);
+        assert!(d.is_empty(), "{ex}: {d:?}");
+        let once = print(&ast);
+        let mut sm2 = SourceMap::new();
+        let f2 = sm2.add(ex, once.clone());
+        let (ast2, d2) = parse(&sm2, f2);
+        assert!(d2.is_empty(), "{ex} printed form re-parses: {d2:?}");
+        assert_eq!(print(&ast2), once, "{ex}");
+    }
+}
+
+/// The new exit and cache policies survive the graph IR's text form.
+#[test]
+fn variable_depth_policies_round_trip() {
+    let src = std::fs::read_to_string(root().join("examples/huginn.loop")).unwrap();
+    for (exit, cache) in [
+        ("kl(threshold = 5e-4, min_steps = 2, every = 3, max = 9)", "ring(2)"),
+        ("argmax_stability(threshold = 5)", "share_first"),
+        ("latent_diff(threshold = 0.03)", "last_step"),
+        ("minp_kl(threshold = 1e-5)", "recursion_wise"),
+    ] {
+        let text = src.replace("exit fixed", &format!("exit {exit}")).replace("cache per_step", &format!("cache {cache}"));
+        let mut o = opts("huginn_tiny/config.json");
+        o.set.push("init_scale=0".into());
+        let f = driver::front_from_source("huginn.loop", &text, &o).unwrap_or_else(|e| panic!("{e}"));
+        let g = driver::stage_text_front(&f, "graph", &o).unwrap_or_else(|e| panic!("{e}"));
+        assert!(g.contains(&format!("cache={}", cache.replace(' ', ""))), "{g}");
+        let m = parse_module(&g).unwrap_or_else(|e| panic!("{exit}: {e}"));
+        assert_eq!(print_module(&m), g, "{exit} / {cache} does not round-trip");
+    }
+    let ouro = std::fs::read_to_string(root().join("examples/ouro.loop")).unwrap();
+    for exit in ["act(eps = 0.01, max = 6)", "gate(q = 0.5, min_steps = 2)"] {
+        let o = opts("ouro_tiny/config.json");
+        let f = driver::front_from_source("ouro.loop", &ouro.replace("exit fixed", &format!("exit {exit}")), &o).unwrap();
+        let g = driver::stage_text_front(&f, "graph", &o).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(print_module(&parse_module(&g).unwrap()), g, "{exit} does not round-trip");
+    }
+    let text = src.replace("exit fixed", "exit gate(q = 0.5)");
+    let f = driver::front_from_source("huginn.loop", &text, &opts("huginn_tiny/config.json")).unwrap();
+    assert!(driver::graph(&f, &opts("huginn_tiny/config.json")).is_err(), "gate exit without exit_gate");
 }

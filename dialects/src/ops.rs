@@ -114,11 +114,59 @@ pub enum StateInit {
 pub enum ExitSpec {
     Fixed,
     Converge { threshold: f64, min_steps: usize, max_steps: usize },
+    /// A per-token zero-shot criterion (Huginn), checked after step `n` when `n ≥ min_steps`
+    /// and `n % every == 0`; `max_steps` is the hard cap.
+    Criterion { kind: Criterion, threshold: f64, min_steps: usize, every: usize, max_steps: usize },
+    /// Ouro's learned gate: exit at the first step whose exit-probability CDF reaches `q`.
+    Gate { q: f64, min_steps: usize, max_steps: usize },
+    /// ACT / Universal-Transformer halting on the exit gate: the state is the running
+    /// halting-weighted average; a token halts once its cumulative probability passes 1 − eps.
+    Act { eps: f64, max_steps: usize },
+}
+
+/// Huginn's per-token exit criteria (families.md §1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Criterion {
+    LatentDiff,
+    Cosine,
+    Kl,
+    MinpKl,
+    EntropyDiff,
+    ArgmaxStability,
+}
+
+impl Criterion {
+    pub const ALL: [Criterion; 6] =
+        [Criterion::LatentDiff, Criterion::Cosine, Criterion::Kl, Criterion::MinpKl, Criterion::EntropyDiff, Criterion::ArgmaxStability];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Criterion::LatentDiff => "latent_diff",
+            Criterion::Cosine => "cosine",
+            Criterion::Kl => "kl",
+            Criterion::MinpKl => "minp_kl",
+            Criterion::EntropyDiff => "entropy_diff",
+            Criterion::ArgmaxStability => "argmax_stability",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == s)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheSpec {
     PerStep,
+    /// `c` slots per layer reused round-robin by the iterations (Huginn's compress-s, in
+    /// recurrences rather than layers).
+    Ring(usize),
+    /// Only the first iteration writes; later iterations attend to its entries (MoR sharing).
+    ShareFirst,
+    /// One slot per layer holding the latest iteration (Ouro's decode-time sharing); `ring(1)`.
+    LastStep,
+    /// One slot per iteration holding only the tokens that reached it (MoR recursion-wise).
+    RecursionWise,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -162,6 +210,14 @@ pub enum Op {
     Slice { start: usize, len: usize },
     /// A fused elementwise kernel created by the passes; `outputs` has one entry.
     Fused { body: Vec<FusedOp> },
+    /// `(x − mean) · rsqrt(var + eps) · g + b`. Operands: x, g, b.
+    LayerNorm { eps: f32 },
+    /// `x · w` with `w: [k, n]` (GPT-2's `Conv1D` layout). Operands: x, w.
+    MatMul,
+    /// Learned absolute position embeddings `table[position]`. Operand: table.
+    PosEmbed,
+    /// Sinusoidal position embeddings of width `cols`.
+    Sinusoidal { cols: usize, base: f64 },
     /// `s = a + b; y = rmsnorm(s, g)` as one kernel with two results `(s, y)`, read by `proj`.
     /// Operands: a, b, g (or only a, b: no gain).
     RmsNormRes { eps: f32 },
@@ -199,6 +255,10 @@ impl Op {
             Op::Concat => "concat",
             Op::Slice { .. } => "slice",
             Op::Fused { .. } => "fused",
+            Op::LayerNorm { .. } => "layernorm",
+            Op::MatMul => "matmul",
+            Op::PosEmbed => "pos_embed",
+            Op::Sinusoidal { .. } => "sinusoidal",
             Op::RmsNormRes { .. } => "rmsnorm_res",
             Op::Proj(_) => "proj",
             Op::WSliceCols { .. } => "w.slice_cols",
@@ -238,6 +298,16 @@ impl fmt::Display for ExitSpec {
                 "converge(threshold={},min={min_steps},max={max_steps})",
                 fnum(*threshold)
             ),
+            ExitSpec::Criterion { kind, threshold, min_steps, every, max_steps } => write!(
+                f,
+                "{}(threshold={},min={min_steps},every={every},max={max_steps})",
+                kind.name(),
+                fnum(*threshold)
+            ),
+            ExitSpec::Gate { q, min_steps, max_steps } => {
+                write!(f, "gate(q={},min={min_steps},max={max_steps})", fnum(*q))
+            }
+            ExitSpec::Act { eps, max_steps } => write!(f, "act(eps={},max={max_steps})", fnum(*eps)),
         }
     }
 }
@@ -246,6 +316,10 @@ impl fmt::Display for CacheSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CacheSpec::PerStep => write!(f, "per_step"),
+            CacheSpec::Ring(c) => write!(f, "ring({c})"),
+            CacheSpec::ShareFirst => write!(f, "share_first"),
+            CacheSpec::LastStep => write!(f, "last_step"),
+            CacheSpec::RecursionWise => write!(f, "recursion_wise"),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Reader for the text form written by [`crate::print`]; `print(parse(print(m))) == print(m)`.
 //! Weight origins are not part of the text form and come back empty.
 use crate::graph::{Module, NodeId, Region, WeightDecl, WeightView};
-use crate::ops::{Binary, CacheSpec, ExitSpec, FusedOp, Op, RopeStyle, StateInit, Unary};
+use crate::ops::{Binary, CacheSpec, Criterion, ExitSpec, FusedOp, Op, RopeStyle, StateInit, Unary};
 use crate::types::Ty;
 use std::collections::HashMap;
 
@@ -126,6 +126,10 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
             "embed" => Op::Embed,
             "linear" => Op::Linear,
             "rmsnorm" => Op::RmsNorm { eps: num(ln, attr("eps")?)? as f32 },
+            "layernorm" => Op::LayerNorm { eps: num(ln, attr("eps")?)? as f32 },
+            "matmul" => Op::MatMul,
+            "pos_embed" => Op::PosEmbed,
+            "sinusoidal" => Op::Sinusoidal { cols: num(ln, attr("cols")?)? as usize, base: num(ln, attr("base")?)? },
             "rope" => Op::Rope {
                 heads: num(ln, attr("heads")?)? as usize,
                 style: RopeStyle::from_name(attr("style")?).ok_or(ParseError { line: ln, message: "unknown rope style".into() })?,
@@ -161,10 +165,7 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
                     steps: num(ln, attr("steps")?)? as usize,
                     init,
                     exit: parse_exit(ln, attr("exit")?)?,
-                    cache: match attr("cache")? {
-                        "per_step" => CacheSpec::PerStep,
-                        c => return perr(ln, format!("unknown cache policy `{c}`")),
-                    },
+                    cache: parse_cache(ln, attr("cache")?)?,
                     gate: attr("gate")? == "true",
                     body: Box::new(body),
                 }
@@ -226,12 +227,48 @@ fn parse_exit(ln: usize, s: &str) -> Result<ExitSpec, ParseError> {
     if s == "fixed" {
         return Ok(ExitSpec::Fixed);
     }
-    let a = call_args(ln, s, "converge")?;
-    let get = |k: &str| a.get(k).ok_or(ParseError { line: ln, message: format!("converge needs {k}") });
+    let name = s.split('(').next().unwrap_or("");
+    let a = call_args(ln, s, name)?;
+    let get = |k: &str| a.get(k).ok_or(ParseError { line: ln, message: format!("{name} needs {k}") });
+    if let Some(kind) = Criterion::from_name(name) {
+        return Ok(ExitSpec::Criterion {
+            kind,
+            threshold: num(ln, get("threshold")?)?,
+            min_steps: num(ln, get("min")?)? as usize,
+            every: num(ln, get("every")?)? as usize,
+            max_steps: num(ln, get("max")?)? as usize,
+        });
+    }
+    if name == "gate" {
+        return Ok(ExitSpec::Gate {
+            q: num(ln, get("q")?)?,
+            min_steps: num(ln, get("min")?)? as usize,
+            max_steps: num(ln, get("max")?)? as usize,
+        });
+    }
+    if name == "act" {
+        return Ok(ExitSpec::Act { eps: num(ln, get("eps")?)?, max_steps: num(ln, get("max")?)? as usize });
+    }
+    if name != "converge" {
+        return perr(ln, format!("unknown exit policy `{s}`"));
+    }
     Ok(ExitSpec::Converge {
         threshold: num(ln, get("threshold")?)?,
         min_steps: num(ln, get("min")?)? as usize,
         max_steps: num(ln, get("max")?)? as usize,
+    })
+}
+
+fn parse_cache(ln: usize, s: &str) -> Result<CacheSpec, ParseError> {
+    Ok(match s {
+        "per_step" => CacheSpec::PerStep,
+        "share_first" => CacheSpec::ShareFirst,
+        "last_step" => CacheSpec::LastStep,
+        "recursion_wise" => CacheSpec::RecursionWise,
+        _ => match s.strip_prefix("ring(").and_then(|r| r.strip_suffix(')')) {
+            Some(c) => CacheSpec::Ring(num(ln, c)? as usize),
+            None => return perr(ln, format!("unknown cache policy `{s}`")),
+        },
     })
 }
 

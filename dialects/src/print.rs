@@ -98,7 +98,8 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
             ("cache", cache.to_string()),
             ("gate", gate.to_string()),
         ],
-        Op::RmsNorm { eps } => vec![("eps", fnum32(*eps))],
+        Op::RmsNorm { eps } | Op::LayerNorm { eps } => vec![("eps", fnum32(*eps))],
+        Op::Sinusoidal { cols, base } => vec![("cols", cols.to_string()), ("base", fnum(*base))],
         Op::Rope { heads, style, base } => {
             vec![("heads", heads.to_string()), ("style", style.name().into()), ("base", fnum(*base))]
         }

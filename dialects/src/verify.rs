@@ -76,6 +76,44 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             Ok(Ty::Act(d))
         }
+        Op::LayerNorm { eps } => {
+            arity(3)?;
+            let d = act(0)?;
+            for i in [1, 2] {
+                let g = weight(i)?;
+                if g.iter().product::<usize>() != d {
+                    return Err(format!("`layernorm` gain and bias must have {d} elements, got {}", args[i]));
+                }
+            }
+            if !(*eps >= 0.0) {
+                return Err(format!("`layernorm` eps must be ≥ 0, got {eps}"));
+            }
+            Ok(Ty::Act(d))
+        }
+        Op::MatMul => {
+            arity(2)?;
+            let k = act(0)?;
+            let w = weight(1)?;
+            if w.len() != 2 || w[0] != k {
+                return Err(format!("`matmul` weight must be [{k}, n] for an input of width {k}, got {}", args[1]));
+            }
+            Ok(Ty::Act(w[1]))
+        }
+        Op::PosEmbed => {
+            arity(1)?;
+            let w = weight(0)?;
+            if w.len() != 2 {
+                return Err(format!("`pos_embed` table must be 2-D [positions, dim], got {}", args[0]));
+            }
+            Ok(Ty::Act(w[1]))
+        }
+        Op::Sinusoidal { cols, base } => {
+            arity(0)?;
+            if *cols == 0 || !(*base > 1.0) {
+                return Err(format!("`sinusoidal` needs a width > 0 and a base > 1, got {cols} and {base}"));
+            }
+            Ok(Ty::Act(*cols))
+        }
         Op::Rope { heads, .. } => {
             // An optional bias operand, added before the rotation (the optimizer's epilogue).
             if args.len() != 2 {

@@ -264,6 +264,9 @@ pub enum KernelSpec {
     /// `[capacity, kv_heads·head_dim]`. Query row `r` attends to cache rows `0..=pos0 + r`.
     /// Head `h` reads kv head `h / (heads / kv_heads)`.
     Attention { heads: usize, kv_heads: usize, head_dim: usize, scale: f32 },
+    /// `y = (x − mean(x)) · rsqrt(var(x) + eps) · gain + bias` (biased variance, as torch).
+    /// Pointers: `[x, gain, bias, y]`.
+    LayerNorm { cols: usize, eps: f32 },
     /// A gated unit over the two halves of one matmul output (gate|up):
     /// `y[r, c] = ops(x[r, c], x[r, cols + c])`, where `Input(0)` is the gate half and
     /// `Input(1)` the up half, and the last op is the result (SwiGLU: `silu(g) · u`).
@@ -283,6 +286,7 @@ impl KernelSpec {
             }
             KernelSpec::Rope { .. } => 3,
             KernelSpec::Attention { .. } => 4,
+            KernelSpec::LayerNorm { .. } => 4,
             KernelSpec::Glu { .. } => 2,
             KernelSpec::RopeBias { .. } => 4,
         }
@@ -314,6 +318,15 @@ pub enum Instr {
     KvWrite { site: u32, k: BufId, v: BufId },
     /// A generated kernel; `items` is [`Rows::Tokens`] rows, times heads for attention.
     Kernel { kernel: KernelId, args: Vec<Arg> },
+    /// `out = x · w` with `w: [k_in, n_out]` (GPT-2's `Conv1D` layout); `w.rows` is `k_in`.
+    MatMulKN { x: BufId, w: WRef, out: BufId },
+    /// Columns `start .. start + out.cols` of `src`.
+    SliceCols { src: BufId, start: usize, out: BufId },
+    /// `out[r] = table[pos0 + r]`: learned absolute position embeddings.
+    PosEmbed { table: WRef, out: BufId },
+    /// Sinusoidal position embeddings (Vaswani et al.): even columns `sin(p·base^(−c/d))`, odd
+    /// columns `cos` of the same angle, computed in f64.
+    Sinusoidal { base: f64, out: BufId },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -332,12 +345,68 @@ pub enum ExitPolicy {
     /// Stop once the mean over rows of ‖s_t − s_{t−1}‖ / ‖s_t‖ falls below `threshold`,
     /// after at least `min_steps`, and never past `max_steps`.
     Converge { threshold: f64, min_steps: usize, max_steps: usize },
+    /// Per token: after step `n` (1-based) with `n ≥ min_steps` and `n % every == 0`, a row whose
+    /// criterion value passes `threshold` stops (physically: it leaves the active set); no row
+    /// runs past `max_steps`.
+    Criterion { criterion: Criterion, threshold: f64, min_steps: usize, every: usize, max_steps: usize },
+    /// Per token, Ouro's learned gate: `λ_t = σ(gate_t)`, `p_t = λ_t·Π_{j<t}(1−λ_j)` (the last
+    /// step takes the remaining mass); a row stops after the first step whose CDF reaches `q`
+    /// (in f32), at the earliest after `min_steps`.
+    Gate { q: f64, min_steps: usize, max_steps: usize },
+    /// ACT / Universal-Transformer halting per token on the gate buffer: `p = σ(gate)`; while
+    /// `h + p ≤ 1 − eps` the row continues with `h += p`, `w = p`, else it halts with
+    /// `w = 1 − h`; the state becomes `next·w + state·(1 − w)` (a running weighted average).
+    Act { eps: f64, max_steps: usize },
+}
+
+/// Huginn's zero-shot exit criteria (see `shared/reference/families.md` §1.3).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Criterion {
+    /// ‖s_t − s_{t−1}‖ / ‖s_t‖ < threshold (s_{−1} is the initial state).
+    LatentDiff,
+    /// 1 − cos(s_t, s_{t−1}) < threshold.
+    Cosine,
+    /// KL(p_{t−1} ‖ p_t) < threshold, p_{−1} uniform; needs the readout every step.
+    Kl,
+    /// As `Kl` after setting probabilities below 0.1·max to 1/V and renormalizing.
+    MinpKl,
+    /// |H_t − H_{t−1}| < threshold with H_{−1} = 100.
+    EntropyDiff,
+    /// The argmax has not changed for `threshold` consecutive steps.
+    ArgmaxStability,
+}
+
+impl Criterion {
+    /// True when the value is computed from the logits, so the coda runs every step.
+    pub fn needs_logits(self) -> bool {
+        !matches!(self, Criterion::LatentDiff | Criterion::Cosine)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum CachePolicy {
     /// One KV slot per (iteration, layer).
     PerStep,
+    /// `c` slots per layer; iteration `t` uses slot `t mod c`.
+    Ring(usize),
+    /// Only iteration 0 writes; every iteration attends to slot 0 (MoR recursive sharing).
+    ShareFirst,
+    /// One slot per layer, overwritten by every iteration (`Ring(1)`).
+    LastStep,
+    /// MoR recursion-wise caching: slot `t` holds, in position order, only the tokens that ran
+    /// iteration `t`, and attention at iteration `t` sees only those (Huginn's `skip` read).
+    RecursionWise,
+}
+
+impl CachePolicy {
+    /// Slots per in-loop site, `None` for one per iteration.
+    pub fn slots(&self) -> Option<usize> {
+        match self {
+            CachePolicy::PerStep | CachePolicy::RecursionWise => None,
+            CachePolicy::Ring(c) => Some((*c).max(1)),
+            CachePolicy::ShareFirst | CachePolicy::LastStep => Some(1),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -353,6 +422,10 @@ pub struct Recur {
     /// `[rows, 1]` buffer holding the learned exit gate's logit for this iteration (Ouro);
     /// the runtime turns the per-step values into exit probabilities.
     pub gate: Option<BufId>,
+    /// Indices into [`Program::coda`] of the instructions that depend on the state: the
+    /// readout that per-step criteria run on the active rows after every iteration.
+    #[serde(default)]
+    pub readout: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -361,6 +434,23 @@ pub struct Program {
     pub recur: Option<Recur>,
     pub coda: Vec<Instr>,
     pub logits: BufId,
+}
+
+impl Instr {
+    /// Every buffer the instruction reads or writes (kernels: all their buffer arguments).
+    pub fn buffers(&self) -> Vec<BufId> {
+        match self {
+            Instr::Embed { out, .. } | Instr::PosEmbed { out, .. } | Instr::Sinusoidal { out, .. } => vec![*out],
+            Instr::MatMul { x, out, .. } | Instr::MatMulKN { x, out, .. } => vec![*x, *out],
+            Instr::SliceCols { src, out, .. } => vec![*src, *out],
+            Instr::Concat { inputs, out } => inputs.iter().copied().chain([*out]).collect(),
+            Instr::Copy { src, dst } => vec![*src, *dst],
+            Instr::KvWrite { k, v, .. } => vec![*k, *v],
+            Instr::Kernel { args, .. } => {
+                args.iter().filter_map(|a| if let Arg::Buf(b) = a { Some(*b) } else { None }).collect()
+            }
+        }
+    }
 }
 
 impl Manifest {

@@ -6,7 +6,8 @@
 //! same size (every decode step) allocate nothing, except when the KV cache or the rotary
 //! tables double.
 
-use crate::artifact::{Arg, ExitPolicy, Instr, KernelSpec, Rows, StateInit};
+use crate::artifact::{Arg, CachePolicy, ExitPolicy, Instr, KernelSpec, Recur, Rows, StateInit};
+use crate::exit::{latent_value, passes, History, Rule};
 use crate::error::{Result, RuntimeError};
 use crate::kernels::KernelFn;
 use crate::kv::KvCache;
@@ -97,9 +98,30 @@ impl Workspace {
     }
 }
 
+/// Per-token depth control and its results, kept across calls so decode reuses allocations.
+#[derive(Default)]
+pub(crate) struct Exits {
+    /// Forced depth of each row of the next call (empty: none).
+    pub(crate) depths: Vec<usize>,
+    /// Run-time override of the policy's threshold (or the gate's `q`).
+    pub(crate) threshold: Option<f64>,
+    /// Iterations each row of the last call ran.
+    pub(crate) row_depth: Vec<usize>,
+    /// Rows the readout ran on in the last call (per-step criteria).
+    pub(crate) readout_rows: usize,
+    hist: History,
+    active: Vec<usize>,
+    keep: Vec<usize>,
+    exiting: Vec<bool>,
+    runs: Vec<(usize, usize, i64)>,
+    final_state: Vec<f32>,
+    saved: Vec<(u32, Vec<f32>)>,
+}
+
 /// Per-session mutable state of the interpreter.
 pub(crate) struct ExecState {
     pub(crate) kv: KvCache,
+    pub(crate) exits: Exits,
     ropes: Vec<Rope>,
     workspaces: Vec<Workspace>,
     /// Sigmoid of the exit gate, `[iteration][row]`, for the last call.
@@ -116,8 +138,10 @@ pub(crate) struct CallInfo {
 
 impl ExecState {
     pub(crate) fn new(m: &Inner) -> Self {
+        let ring = m.manifest.program.recur.as_ref().and_then(|r| r.cache.slots());
         ExecState {
-            kv: KvCache::new(&m.manifest.kv_sites),
+            kv: KvCache::new(&m.manifest.kv_sites, ring),
+            exits: Exits::default(),
             ropes: m.manifest.rope_tables.iter().map(Rope::new).collect(),
             workspaces: Vec::new(),
             gates: Vec::new(),
@@ -146,6 +170,12 @@ impl ExecState {
     /// Run the program on `tokens` at positions `pos0..`. `steps` overrides the recurrence
     /// length (a hard cap for convergence-based exits).
     pub(crate) fn forward(&mut self, m: &Inner, tokens: &[u32], pos0: usize, steps: Option<usize>) -> Result<CallInfo> {
+        self.forward_segs(m, None, tokens, &[Seg { row0: 0, rows: tokens.len(), pos0 }], steps)
+    }
+
+    /// Run the program on the rows of several sequences at once: `segs[b]` are sequence `b`'s
+    /// rows of `tokens`, with its KV cache `kvs[b]` (`None`: this state's own cache, one segment).
+    pub(crate) fn forward_segs(&mut self, m: &Inner, kvs: Option<&mut [KvCache]>, tokens: &[u32], segs: &[Seg], steps: Option<usize>) -> Result<CallInfo> {
         let s = tokens.len();
         if s == 0 {
             return Err(RuntimeError::EmptyInput);
@@ -156,30 +186,34 @@ impl ExecState {
             }
         }
         if let Some(rec) = &m.manifest.program.recur {
-            let cap = match rec.exit {
-                ExitPolicy::Fixed => steps.unwrap_or(rec.default_steps),
-                ExitPolicy::Converge { max_steps, .. } => steps.unwrap_or(max_steps),
-            };
-            if cap == 0 {
+            if cap_of(&rec.exit, rec.default_steps, steps, &self.exits.depths) == 0 || self.exits.depths.contains(&0) {
                 return Err(RuntimeError::ZeroSteps);
             }
         }
-        let kv_len = pos0
-            .checked_add(s)
-            .ok_or_else(|| RuntimeError::Config("position overflow".into()))?;
+        let mut kv_len = 0;
+        for sg in segs {
+            let end = sg.pos0.checked_add(sg.rows).ok_or_else(|| RuntimeError::Config("position overflow".into()))?;
+            kv_len = kv_len.max(end);
+        }
         for r in &mut self.ropes {
             r.ensure(kv_len)?;
         }
         let wi = self.workspace_for(m, s)?;
-        let ExecState { kv, ropes, workspaces, gates, profile } = self;
+        let ExecState { kv, exits, ropes, workspaces, gates, profile } = self;
+        let kvs = match kvs {
+            Some(k) => k,
+            None => std::slice::from_mut(kv),
+        };
         let mut run = Run {
             m,
-            kv,
+            kvs,
+            segs,
+            ex: exits,
+            active: Vec::new(),
+            n: s,
             ropes,
             ws: &mut workspaces[wi],
             tokens,
-            pos0,
-            kv_len,
             profile: profile.as_deref_mut(),
         };
         let iterations = m.pool.install(|| run.program(steps, gates))?;
@@ -187,14 +221,44 @@ impl ExecState {
     }
 }
 
+/// Recurrence length of a call: the forced depths' maximum, else the per-call override, else
+/// the policy's cap.
+fn cap_of(exit: &ExitPolicy, default_steps: usize, steps: Option<usize>, depths: &[usize]) -> usize {
+    if let Some(&d) = depths.iter().max() {
+        return d;
+    }
+    match *exit {
+        ExitPolicy::Fixed => steps.unwrap_or(default_steps),
+        ExitPolicy::Converge { max_steps, .. }
+        | ExitPolicy::Criterion { max_steps, .. }
+        | ExitPolicy::Gate { max_steps, .. }
+        | ExitPolicy::Act { max_steps, .. } => {
+            steps.unwrap_or(max_steps)
+        }
+    }
+}
+
+/// One sequence's rows of a call: rows `row0..row0 + rows` at positions `pos0..`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seg {
+    pub(crate) row0: usize,
+    pub(crate) rows: usize,
+    pub(crate) pos0: usize,
+}
+
 struct Run<'a> {
     m: &'a Inner,
-    kv: &'a mut KvCache,
+    /// One KV cache per sequence (segment).
+    kvs: &'a mut [KvCache],
+    segs: &'a [Seg],
+    ex: &'a mut Exits,
+    /// Call rows held by the compacted buffers, in order (empty: all rows, uncompacted).
+    active: Vec<usize>,
+    /// Rows the buffers currently hold.
+    n: usize,
     ropes: &'a mut [Rope],
     ws: &'a mut Workspace,
     tokens: &'a [u32],
-    pos0: usize,
-    kv_len: usize,
     profile: Option<&'a mut [(Duration, u64); OP_NAMES.len()]>,
 }
 
@@ -215,13 +279,19 @@ impl Run<'_> {
             let t0 = self.profile.is_some().then(Instant::now);
             self.init_state(&rec.init, rec.state)?;
             self.time(8, t0);
-            let (cap, converge) = match rec.exit {
-                ExitPolicy::Fixed => (steps.unwrap_or(rec.default_steps), None),
-                ExitPolicy::Converge { threshold, min_steps, max_steps } => {
-                    (steps.unwrap_or(max_steps), Some((threshold, min_steps)))
-                }
+            let cap = cap_of(&rec.exit, rec.default_steps, steps, &self.ex.depths);
+            let converge = match rec.exit {
+                ExitPolicy::Converge { threshold, min_steps, .. } => Some((self.ex.threshold.unwrap_or(threshold), min_steps)),
+                _ => None,
             };
+            let rule = if self.ex.depths.is_empty() { Rule::of(&rec.exit, self.ex.threshold) } else { Rule::None };
             let s = self.ws.s;
+            self.ex.readout_rows = 0;
+            if !self.ex.depths.is_empty() || !matches!(rule, Rule::None) {
+                let iterations = self.per_row(rec, cap, rule, gates)?;
+                self.list(&prog.coda, None)?;
+                return Ok(iterations);
+            }
             while iterations < cap {
                 self.list(&rec.body, Some(iterations))?;
                 let t0 = self.profile.is_some().then(Instant::now);
@@ -243,9 +313,145 @@ impl Run<'_> {
                 // The coda may read either buffer: both hold the initial state.
                 self.copy(rec.state, rec.next);
             }
+            self.ex.row_depth.clear();
+            self.ex.row_depth.resize(s, iterations);
         }
         self.list(&prog.coda, None)?;
         Ok(iterations)
+    }
+
+    /// The recurrence with per-row exits: rows that stop leave the active set, and the body
+    /// (and the readout) run only on the rows still active, compacted to the front of every
+    /// per-token buffer. Returns the deepest row's iteration count.
+    fn per_row(&mut self, rec: &Recur, cap: usize, rule: Rule, gates: &mut Vec<f32>) -> Result<usize> {
+        let m = self.m;
+        let man = &m.manifest;
+        let s = self.ws.s;
+        let cols = man.buffers[rec.state as usize].cols;
+        let vocab = man.vocab;
+        let logits_buf = man.program.logits;
+        let live = if s > 1 { crate::rows::live_ins(man, rec) } else { Vec::new() };
+        {
+            let ex = &mut *self.ex;
+            ex.hist.reset(s, vocab, &rule);
+            ex.row_depth.clear();
+            ex.row_depth.resize(s, 0);
+            ex.final_state.resize(s * cols, 0.0);
+            ex.saved.clear();
+            for &b in &live {
+                let c = man.buffers[b as usize].cols;
+                ex.saved.push((b, self.ws.bufs[b as usize].as_slice()[..s * c].to_vec()));
+            }
+        }
+        let mut active = std::mem::take(&mut self.ex.active);
+        active.clear();
+        active.extend(0..s);
+        self.active = active;
+        let mut t = 0;
+        while !self.active.is_empty() && t < cap {
+            self.n = self.active.len();
+            let n = self.n;
+            self.list(&rec.body, Some(t))?;
+            let t0 = self.profile.is_some().then(Instant::now);
+            let step = t + 1;
+            let mut exiting = std::mem::take(&mut self.ex.exiting);
+            exiting.clear();
+            for &r in &self.active {
+                let d = self.ex.depths.get(r).copied().unwrap_or(cap);
+                exiting.push(step >= d.min(cap));
+            }
+            if let Some(g) = rec.gate {
+                let base = gates.len();
+                gates.resize(base + s, 0.0);
+                for (i, &r) in self.active.iter().enumerate() {
+                    let l = 1.0 / (1.0 + (-self.ws.buf(g)[i]).exp());
+                    gates[base + r] = l;
+                    if let Rule::Gate { q, min_steps } = rule {
+                        let cdf = self.ex.hist.gate_cdf(r, l, step == cap);
+                        exiting[i] |= step >= min_steps && cdf >= q;
+                    }
+                    if let Rule::Act { thr } = rule {
+                        let (w, halted) = self.ex.hist.act_weight(r, l, thr);
+                        exiting[i] |= halted;
+                        // The state is the running halting-weighted average of the iterates.
+                        let (nb, sb) = (rec.next as usize, rec.state as usize);
+                        let np = self.ws.bufs[nb].as_mut_ptr();
+                        let sp = self.ws.bufs[sb].as_ptr();
+                        for c in i * cols..(i + 1) * cols {
+                            // SAFETY: distinct buffers of at least n·cols elements.
+                            unsafe { *np.add(c) = *np.add(c) * w + *sp.add(c) * (1.0 - w) };
+                        }
+                    }
+                }
+            }
+            if let Rule::Criterion { c, threshold, min_steps, every } = rule {
+                let check = step >= min_steps && step % every == 0;
+                if rule.needs_latent() {
+                    let (a, b) = (self.ws.buf(rec.next), self.ws.buf(rec.state));
+                    for i in 0..n {
+                        let v = latent_value(c, &a[i * cols..(i + 1) * cols], &b[i * cols..(i + 1) * cols]);
+                        exiting[i] |= check && passes(c, v, threshold);
+                    }
+                }
+                self.copy_n(rec.next, rec.state, n * cols);
+                if rule.needs_logits() {
+                    self.time(8, t0);
+                    for &i in &rec.readout {
+                        self.list(std::slice::from_ref(&man.program.coda[i as usize]), None)?;
+                    }
+                    self.ex.readout_rows += n;
+                    let l = self.ws.buf(logits_buf);
+                    for (i, &r) in self.active.iter().enumerate() {
+                        let v = self.ex.hist.logits_value(c, r, &l[i * vocab..(i + 1) * vocab]);
+                        exiting[i] |= check && passes(c, v, threshold);
+                    }
+                }
+            } else {
+                self.copy_n(rec.next, rec.state, n * cols);
+            }
+            let t0 = self.profile.is_some().then(Instant::now);
+            let mut keep = std::mem::take(&mut self.ex.keep);
+            keep.clear();
+            for (i, &r) in self.active.iter().enumerate() {
+                if exiting[i] {
+                    let st = self.ws.buf(rec.state);
+                    self.ex.final_state[r * cols..(r + 1) * cols].copy_from_slice(&st[i * cols..(i + 1) * cols]);
+                    self.ex.row_depth[r] = step;
+                } else {
+                    keep.push(i);
+                }
+            }
+            if keep.len() < n && !keep.is_empty() {
+                crate::rows::gather(self.ws.bufs[rec.state as usize].as_mut_slice(), cols, &keep);
+                for &b in &live {
+                    let c = man.buffers[b as usize].cols;
+                    crate::rows::gather(self.ws.bufs[b as usize].as_mut_slice(), c, &keep);
+                }
+            }
+            let mut j = 0;
+            self.active.retain(|_| {
+                j += 1;
+                !exiting[j - 1]
+            });
+            self.ex.keep = keep;
+            self.ex.exiting = exiting;
+            self.time(8, t0);
+            t = step;
+        }
+        // Rows still active at the cap end with the state they have.
+        for (i, &r) in self.active.iter().enumerate() {
+            let st = self.ws.buf(rec.state);
+            self.ex.final_state[r * cols..(r + 1) * cols].copy_from_slice(&st[i * cols..(i + 1) * cols]);
+            self.ex.row_depth[r] = t;
+        }
+        for (b, data) in &self.ex.saved {
+            self.ws.bufs[*b as usize].as_mut_slice()[..data.len()].copy_from_slice(data);
+        }
+        self.ws.bufs[rec.state as usize].as_mut_slice()[..s * cols].copy_from_slice(&self.ex.final_state[..s * cols]);
+        self.copy(rec.state, rec.next);
+        self.ex.active = std::mem::take(&mut self.active);
+        self.n = s;
+        Ok(t)
     }
 
     #[inline]
@@ -262,12 +468,13 @@ impl Run<'_> {
             StateInit::From(b) => self.copy(*b, state),
             StateInit::TruncNormal { std, scale, seed } => {
                 let cols = self.m.manifest.buffers[state as usize].cols;
-                let pos0 = self.pos0;
+                let segs = self.segs;
                 let out = self.ws.bufs[state as usize].as_mut_slice();
                 // One generator per absolute position: the initial state of a token does not
                 // depend on how the sequence was split into calls.
-                for (r, row) in out.chunks_mut(cols.max(1)).enumerate() {
-                    let mut rng = Rng::new(mix(*seed, (pos0 + r) as u64));
+                for (r, row) in out.chunks_mut(cols.max(1)).enumerate().take(self.ws.s) {
+                    let pos = segs.iter().find(|g| r >= g.row0 && r < g.row0 + g.rows).map_or(r, |g| g.pos0 + r - g.row0);
+                    let mut rng = Rng::new(mix(*seed, pos as u64));
                     fill_trunc_normal(row, *std, *scale, &mut rng);
                 }
             }
@@ -305,10 +512,55 @@ impl Run<'_> {
     }
 
     fn copy(&mut self, src: u32, dst: u32) {
+        self.copy_n(src, dst, usize::MAX)
+    }
+
+    /// Compact rows `[ia, ib)` of segment `b` (the active rows of that sequence).
+    fn seg_range(&self, b: usize) -> (usize, usize) {
+        let g = self.segs[b];
+        if self.active.is_empty() {
+            (g.row0, g.row0 + g.rows)
+        } else {
+            (self.active.partition_point(|&r| r < g.row0), self.active.partition_point(|&r| r < g.row0 + g.rows))
+        }
+    }
+
+    /// Runs `(i0, i1, pos0)` of compact rows in `[ia, ia + len)` of segment `b` with consecutive
+    /// positions, `pos0` shifted so that row `i` of the run is at its own position.
+    fn pos_runs(&self, b: usize, ia: usize, ib: usize, out: &mut Vec<(usize, usize, i64)>) {
+        out.clear();
+        let g = self.segs[b];
+        if self.active.is_empty() {
+            out.push((ia, ib, g.pos0 as i64 - g.row0 as i64));
+            return;
+        }
+        for (j0, j1) in crate::rows::runs(&self.active[ia..ib]) {
+            let i0 = ia + j0;
+            out.push((i0, ia + j1, (g.pos0 + self.active[i0] - g.row0) as i64 - i0 as i64));
+        }
+    }
+
+    /// Absolute position of compact row `i` within its own sequence.
+    fn position_of(&self, i: usize) -> usize {
+        let c = if self.active.is_empty() { i } else { self.active[i] };
+        let b = self.segs.partition_point(|g| g.row0 + g.rows <= c);
+        let g = self.segs[b.min(self.segs.len() - 1)];
+        g.pos0 + (c - g.row0)
+    }
+
+    /// Rows a buffer holds now (compacted per-token buffers hold `n`).
+    fn rows_of(&self, b: u32) -> usize {
+        match self.m.manifest.buffers[b as usize].rows {
+            Rows::Tokens => self.n,
+            Rows::Fixed(r) => r,
+        }
+    }
+
+    fn copy_n(&mut self, src: u32, dst: u32, n: usize) {
         if src == dst {
             return;
         }
-        let n = self.ws.bufs[src as usize].len().min(self.ws.bufs[dst as usize].len());
+        let n = n.min(self.ws.bufs[src as usize].len()).min(self.ws.bufs[dst as usize].len());
         let sp = self.ws.bufs[src as usize].as_ptr();
         let dp = self.ws.bufs[dst as usize].as_mut_ptr();
         // SAFETY: distinct buffers, both at least n long.
@@ -329,13 +581,14 @@ impl Run<'_> {
     fn instr(&mut self, ins: &Instr, iter: Option<usize>) -> Result<usize> {
         let m = self.m;
         let bufs = &m.manifest.buffers;
-        let s = self.ws.s;
+        let s = self.n;
         match ins {
             Instr::Embed { table, out } => {
                 let cols = table.cols;
                 let w = weight(m, table).as_ptr();
                 let o = self.ws.bufs[*out as usize].as_mut_slice();
-                for (r, &t) in self.tokens.iter().enumerate() {
+                for r in 0..s {
+                    let t = self.tokens[if self.active.is_empty() { r } else { self.active[r] }];
                     // SAFETY: tokens were checked against the smallest table's rows; the window
                     // was validated against the weight.
                     let row = unsafe { std::slice::from_raw_parts(w.add(t as usize * cols), cols) };
@@ -343,19 +596,23 @@ impl Run<'_> {
                 }
                 Ok(0)
             }
-            Instr::MatMul { x, w, out } => {
-                let rows = self.ws.rows[*x as usize];
+            Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out } => {
+                let rows = self.rows_of(*x);
                 let wd = weight(m, w);
                 let xb = &self.ws.bufs[*x as usize];
                 // SAFETY: x != out (validated), so the two slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
                 let os = self.ws.bufs[*out as usize].as_mut_slice();
-                matmul(xs, wd, os, rows, w.cols, w.rows, m.threads);
+                if matches!(ins, Instr::MatMul { .. }) {
+                    matmul(xs, wd, os, rows, w.cols, w.rows, m.threads);
+                } else {
+                    crate::matmul::matmul_kn(xs, wd, os, rows, w.rows, w.cols, m.threads);
+                }
                 Ok(1)
             }
             Instr::Concat { inputs, out } => {
                 let oc = bufs[*out as usize].cols;
-                let rows = self.ws.rows[*out as usize];
+                let rows = self.rows_of(*out);
                 let op = self.ws.bufs[*out as usize].as_mut_ptr();
                 let mut off = 0;
                 for b in inputs {
@@ -370,50 +627,172 @@ impl Run<'_> {
                 Ok(2)
             }
             Instr::Copy { src, dst } => {
-                self.copy(*src, *dst);
+                let n = self.rows_of(*src) * bufs[*src as usize].cols;
+                self.copy_n(*src, *dst, n);
                 Ok(2)
             }
             Instr::KvWrite { site, k, v } => {
                 let site = *site as usize;
-                let slot = self.kv.slot_of(site, iter);
-                let (kb, vb) = (self.ws.buf(*k), self.ws.buf(*v));
-                self.kv.write(site, slot, self.pos0, s, kb, vb)?;
+                let in_loop = m.manifest.kv_sites[site].in_loop;
+                let later = iter.is_some_and(|t| t > 0);
+                let cache = m.manifest.program.recur.as_ref().map(|r| &r.cache);
+                if in_loop && later && cache == Some(&CachePolicy::ShareFirst) {
+                    // MoR recursive sharing: later iterations attend to the first one's entries.
+                    return Ok(3);
+                }
+                let w = bufs[*k as usize].cols;
+                for b in 0..self.segs.len() {
+                    let (ia, ib) = self.seg_range(b);
+                    if ia == ib {
+                        continue;
+                    }
+                    let g = self.segs[b];
+                    let kv = &mut self.kvs[b];
+                    let slot = kv.slot_of(site, iter);
+                    let (kb, vb) = (&self.ws.buf(*k)[ia * w..], &self.ws.buf(*v)[ia * w..]);
+                    if in_loop && cache == Some(&CachePolicy::RecursionWise) {
+                        kv.append(site, slot, ib - ia, kb, vb)?;
+                    } else if self.active.is_empty() {
+                        kv.write(site, slot, g.pos0, g.rows, kb, vb)?;
+                    } else {
+                        let prev = match iter {
+                            Some(t) if in_loop && t > 0 => Some(kv.slot_of(site, Some(t - 1))),
+                            _ => None,
+                        };
+                        let act = &self.active[ia..ib];
+                        if g.row0 == 0 {
+                            kv.write_rows(site, slot, prev, g.pos0, g.rows, act, kb, vb)?;
+                        } else {
+                            let rel: Vec<usize> = act.iter().map(|&r| r - g.row0).collect();
+                            kv.write_rows(site, slot, prev, g.pos0, g.rows, &rel, kb, vb)?;
+                        }
+                    }
+                }
                 Ok(3)
+            }
+            Instr::SliceCols { src, start, out } => {
+                let (sc, oc) = (bufs[*src as usize].cols, bufs[*out as usize].cols);
+                let rows = self.rows_of(*out);
+                let sp = self.ws.bufs[*src as usize].as_ptr();
+                let op = self.ws.bufs[*out as usize].as_mut_ptr();
+                for r in 0..rows {
+                    // SAFETY: validated: distinct buffers, start + oc <= sc, same rows.
+                    unsafe { std::ptr::copy_nonoverlapping(sp.add(r * sc + start), op.add(r * oc), oc) };
+                }
+                Ok(2)
+            }
+            Instr::PosEmbed { table, out } => {
+                let cols = table.cols;
+                let w = weight(m, table);
+                for r in 0..self.n {
+                    let p = self.position_of(r);
+                    if p >= table.rows {
+                        return Err(crate::RuntimeError::Config(format!(
+                            "position {p} is past the {} learned position embeddings of this model",
+                            table.rows
+                        )));
+                    }
+                    let o = self.ws.bufs[*out as usize].as_mut_slice();
+                    o[r * cols..(r + 1) * cols].copy_from_slice(&w[p * cols..(p + 1) * cols]);
+                }
+                Ok(0)
+            }
+            Instr::Sinusoidal { base, out } => {
+                let cols = bufs[*out as usize].cols;
+                for r in 0..self.n {
+                    let p = self.position_of(r) as f64;
+                    let o = self.ws.bufs[*out as usize].as_mut_slice();
+                    for c in (0..cols).step_by(2) {
+                        let a = p * (-(c as f64) * base.ln() / cols as f64).exp();
+                        o[r * cols + c] = a.sin() as f32;
+                        if c + 1 < cols {
+                            o[r * cols + c + 1] = a.cos() as f32;
+                        }
+                    }
+                }
+                Ok(0)
             }
             Instr::Kernel { kernel, args } => {
                 let k = *kernel as usize;
                 let spec = &m.manifest.kernels[k].spec;
                 let items = m.manifest.kernel_items(*kernel, s);
-                self.ws.ptrs.clear();
-                for a in args {
-                    let p: *mut f32 = match a {
-                        Arg::Buf(b) => self.ws.bufs[*b as usize].as_mut_ptr(),
-                        Arg::Weight(w) => weight(m, w).as_ptr() as *mut f32,
-                        Arg::RopeCos(i) => self.ropes[*i as usize].cos_ptr(),
-                        Arg::RopeSin(i) => self.ropes[*i as usize].sin_ptr(),
-                        Arg::KCache(st) | Arg::VCache(st) => {
-                            let st = *st as usize;
-                            let slot = self.kv.slot_of(st, iter);
-                            self.kv.ensure(st, slot, self.kv_len)?;
-                            let (kp, vp) = self.kv.ptrs(st, slot);
-                            if matches!(a, Arg::KCache(_)) {
-                                kp
-                            } else {
-                                vp
-                            }
-                        }
-                    };
-                    self.ws.ptrs.push(p);
-                }
-                let (cost, chunks_per_thread, cat) = match spec {
-                    KernelSpec::Elementwise { cols, ops, .. } => (cols * ops.len().max(1), 1, 4),
-                    KernelSpec::RmsNorm { cols, .. } => (cols * 4, 1, 5),
-                    KernelSpec::Rope { heads, head_dim, .. } => (heads * head_dim * 3, 1, 6),
-                    KernelSpec::Attention { head_dim, .. } => (self.kv_len.saturating_mul(head_dim * 4), 4, 7),
-                    KernelSpec::Glu { cols, ops } => (cols * ops.len().max(1), 1, 4),
-                    KernelSpec::RopeBias { heads, head_dim, .. } => (heads * head_dim * 4, 1, 6),
+                let per = items / s.max(1);
+                let f = m.kernels.get(k);
+                let attention = args.iter().any(|a| matches!(a, Arg::KCache(_) | Arg::VCache(_)));
+                let positional = matches!(spec, KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. }) || attention;
+                let cat = match spec {
+                    KernelSpec::Elementwise { .. } | KernelSpec::Glu { .. } => 4,
+                    KernelSpec::RmsNorm { .. } | KernelSpec::LayerNorm { .. } => 5,
+                    KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. } => 6,
+                    KernelSpec::Attention { .. } => 7,
                 };
-                launch(m.kernels.get(k), &self.ws.ptrs, items, self.pos0, self.kv_len, cost, chunks_per_thread, m.threads);
+                let (unit, chunks_per_thread) = match spec {
+                    KernelSpec::Elementwise { cols, ops, .. } => (cols * ops.len().max(1), 1),
+                    KernelSpec::RmsNorm { cols, .. } | KernelSpec::LayerNorm { cols, .. } => (cols * 4, 1),
+                    KernelSpec::Rope { heads, head_dim, .. } => (heads * head_dim * 3, 1),
+                    KernelSpec::Attention { head_dim, .. } => (head_dim * 4, 4),
+                    KernelSpec::Glu { cols, ops } => (cols * ops.len().max(1), 1),
+                    KernelSpec::RopeBias { heads, head_dim, .. } => (heads * head_dim * 4, 1),
+                };
+                let simple = !positional || (self.segs.len() == 1 && self.segs[0].row0 == 0 && self.active.last().is_none_or(|&r| r + 1 == s));
+                let mut runs = std::mem::take(&mut self.ex.runs);
+                for b in 0..self.segs.len() {
+                    let (ia, ib) = if simple { (0, s) } else { self.seg_range(b) };
+                    if ia == ib {
+                        continue;
+                    }
+                    let g = self.segs[b];
+                    let kv_len = g.pos0 + g.rows;
+                    self.ws.ptrs.clear();
+                    for a in args {
+                        let p: *mut f32 = match a {
+                            Arg::Buf(x) => self.ws.bufs[*x as usize].as_mut_ptr(),
+                            Arg::Weight(w) => weight(m, w).as_ptr() as *mut f32,
+                            Arg::RopeCos(i) => self.ropes[*i as usize].cos_ptr(),
+                            Arg::RopeSin(i) => self.ropes[*i as usize].sin_ptr(),
+                            Arg::KCache(st) | Arg::VCache(st) => {
+                                let st = *st as usize;
+                                let kv = &mut self.kvs[b];
+                                let slot = kv.slot_of(st, iter);
+                                kv.ensure(st, slot, kv_len)?;
+                                let (kp, vp) = kv.ptrs(st, slot);
+                                if matches!(a, Arg::KCache(_)) {
+                                    kp
+                                } else {
+                                    vp
+                                }
+                            }
+                        };
+                        self.ws.ptrs.push(p);
+                    }
+                    let cost = if attention { kv_len.saturating_mul(unit) } else { unit };
+                    let compact_site = args.iter().find_map(|a| match a {
+                        Arg::KCache(st) if m.manifest.kv_sites[*st as usize].in_loop => Some(*st as usize),
+                        _ => None,
+                    });
+                    let recursion_wise = m.manifest.program.recur.as_ref().is_some_and(|r| r.cache == CachePolicy::RecursionWise);
+                    if let (Some(st), true) = (compact_site, recursion_wise) {
+                        // A recursion-wise slot holds exactly the rows that reached this
+                        // iteration, in position order: row i attends to its first `base + i + 1`
+                        // entries.
+                        let kv = &self.kvs[b];
+                        let base = kv.len(st, kv.slot_of(st, iter)) as i64 - (ib - ia) as i64;
+                        launch(f, &self.ws.ptrs, ia * per, ib * per, base - ia as i64, kv_len, cost, chunks_per_thread, m.threads);
+                    } else if simple {
+                        launch(f, &self.ws.ptrs, 0, items, g.pos0 as i64, kv_len, cost, chunks_per_thread, m.threads);
+                    } else {
+                        // Compacted rows or several sequences: one call per run of consecutive
+                        // positions.
+                        self.pos_runs(b, ia, ib, &mut runs);
+                        for &(i0, i1, p0) in &runs {
+                            launch(f, &self.ws.ptrs, i0 * per, i1 * per, p0, kv_len, cost, chunks_per_thread, m.threads);
+                        }
+                    }
+                    if simple {
+                        break;
+                    }
+                }
+                self.ex.runs = runs;
                 Ok(cat)
             }
         }
@@ -426,16 +805,17 @@ fn weight<'x>(m: &'x Inner, w: &crate::artifact::WRef) -> &'x [f32] {
     &all[w.offset..w.offset + w.rows * w.cols]
 }
 
-/// Run kernel items `0..items` in contiguous chunks over the current rayon pool (inline when
+/// Run kernel items `begin..end` in contiguous chunks over the current rayon pool (inline when
 /// the work is small). One pointer array is shared by all chunks.
 #[allow(clippy::too_many_arguments)]
-fn launch(f: KernelFn, ptrs: &[*mut f32], items: usize, pos0: usize, kv_len: usize, cost: usize, chunks_per_thread: usize, threads: usize) {
-    if items == 0 {
+fn launch(f: KernelFn, ptrs: &[*mut f32], begin: usize, end: usize, pos0: i64, kv_len: usize, cost: usize, chunks_per_thread: usize, threads: usize) {
+    if end <= begin {
         return;
     }
-    let (pos0, kv_len) = (pos0 as i64, kv_len as i64);
+    let items = end - begin;
+    let kv_len = kv_len as i64;
     if threads <= 1 || items < 2 || items.saturating_mul(cost) < INLINE_WORK {
-        let ints = [0, items as i64, pos0, kv_len];
+        let ints = [begin as i64, end as i64, pos0, kv_len];
         // SAFETY: pointers and sizes were validated against the kernel's spec.
         unsafe { f(ptrs.as_ptr(), ints.as_ptr()) };
         return;
@@ -446,8 +826,8 @@ fn launch(f: KernelFn, ptrs: &[*mut f32], items: usize, pos0: usize, kv_len: usi
     let p = SendPtr(ptrs.as_ptr());
     (0..n).into_par_iter().for_each(move |c| {
         let p = p;
-        let b = c * per;
-        let e = (b + per).min(items);
+        let b = begin + c * per;
+        let e = (b + per).min(end);
         let ints = [b as i64, e as i64, pos0, kv_len];
         // SAFETY: as above; chunks write disjoint rows.
         unsafe { f(p.0, ints.as_ptr()) };
@@ -480,7 +860,7 @@ mod tests {
         let mut out = vec![-1f32; 100];
         let addr = out.as_mut_ptr() as usize;
         SEEN.lock().unwrap().clear();
-        pool.install(move || launch(record, &[addr as *mut f32], 100, 7, 107, 1 << 20, 1, 3));
+        pool.install(move || launch(record, &[addr as *mut f32], 0, 100, 7, 107, 1 << 20, 1, 3));
         assert!(out.iter().enumerate().all(|(i, &x)| x == i as f32));
         let mut seen = SEEN.lock().unwrap().clone();
         seen.sort();
@@ -491,7 +871,7 @@ mod tests {
         assert!(seen.iter().all(|s| s.2 == 7 && s.3 == 107));
         // Tiny work runs inline in one call.
         SEEN.lock().unwrap().clear();
-        pool.install(move || launch(record, &[addr as *mut f32], 100, 0, 100, 1, 1, 3));
+        pool.install(move || launch(record, &[addr as *mut f32], 0, 100, 0, 100, 1, 1, 3));
         assert_eq!(SEEN.lock().unwrap().as_slice(), &[(0, 100, 0, 100)]);
     }
 }

@@ -9,6 +9,12 @@
 //! that holds them. This realises Huginn's `latest-m4` read rule at write time: a position
 //! that exited at iteration `e` is seen by later iterations through its last computed KV.
 //! Rows no lower slot holds (only possible after a call that ran 0 iterations) are zeros.
+//!
+//! **Per-token exits inside a call.** [`KvCache::write_rows`] writes only the active rows of a
+//! compacted call; the call's other positions take the entry of the previous iteration's slot,
+//! which by induction holds the latest entry of that position (computed or copied). With ring
+//! policies a slot is `iteration mod c`, so "latest" is the last iteration that wrote that slot
+//! (Huginn's compress-s with latest reads).
 
 use crate::artifact::KvSite;
 use crate::error::Result;
@@ -33,11 +39,14 @@ pub(crate) struct Site {
 
 pub(crate) struct KvCache {
     sites: Vec<Site>,
+    /// Slots per in-loop site (`None`: one per iteration).
+    ring: Option<usize>,
 }
 
 impl KvCache {
-    pub(crate) fn new(sites: &[KvSite]) -> Self {
+    pub(crate) fn new(sites: &[KvSite], ring: Option<usize>) -> Self {
         KvCache {
+            ring: ring.map(|c| c.max(1)),
             sites: sites
                 .iter()
                 .map(|s| Site {
@@ -63,7 +72,8 @@ impl KvCache {
     #[inline]
     pub(crate) fn slot_of(&self, site: usize, iter: Option<usize>) -> usize {
         if self.sites[site].in_loop {
-            iter.unwrap_or(0)
+            let t = iter.unwrap_or(0);
+            self.ring.map_or(t, |c| t % c)
         } else {
             0
         }
@@ -104,6 +114,20 @@ impl KvCache {
     /// `slot`, filling any gap below `pos0` first (see the module docs).
     pub(crate) fn write(&mut self, site: usize, slot: usize, pos0: usize, rows: usize, k: &[f32], v: &[f32]) -> Result<()> {
         self.ensure(site, slot, pos0 + rows)?;
+        self.fill_gap(site, slot, pos0);
+        let s = &mut self.sites[site];
+        let w = s.width;
+        let dst = &mut s.slots[slot];
+        let r = pos0 * w..(pos0 + rows) * w;
+        dst.k.as_mut_slice()[r.clone()].copy_from_slice(&k[..rows * w]);
+        dst.v.as_mut_slice()[r].copy_from_slice(&v[..rows * w]);
+        dst.len = pos0 + rows;
+        Ok(())
+    }
+
+    /// Fill rows `len..pos0` of `slot` from the highest lower slot holding each (see the module
+    /// docs); the slot must have the capacity.
+    fn fill_gap(&mut self, site: usize, slot: usize, pos0: usize) {
         let s = &mut self.sites[site];
         let w = s.width;
         let (lower, rest) = s.slots.split_at_mut(slot);
@@ -126,11 +150,65 @@ impl KvCache {
                 }
             }
         }
-        let r = pos0 * w..(pos0 + rows) * w;
-        dst.k.as_mut_slice()[r.clone()].copy_from_slice(&k[..rows * w]);
-        dst.v.as_mut_slice()[r].copy_from_slice(&v[..rows * w]);
-        dst.len = pos0 + rows;
+    }
+
+    /// Write the rows of a compacted call: row `i` of `k`/`v` goes to position
+    /// `pos0 + rows[i]`; the call's other positions are copied from `prev` (the slot of the
+    /// previous iteration), which holds their latest entry.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_rows(&mut self, site: usize, slot: usize, prev: Option<usize>, pos0: usize, s: usize, rows: &[usize], k: &[f32], v: &[f32]) -> Result<()> {
+        self.ensure(site, slot, pos0 + s)?;
+        let old_len = self.sites[site].slots[slot].len;
+        if old_len < pos0 {
+            // Fill the gap below the call exactly as a full write does.
+            self.fill_gap(site, slot, pos0);
+        }
+        let st = &mut self.sites[site];
+        let w = st.width;
+        if rows.len() < s {
+            if let Some(p) = prev.filter(|&p| p != slot && p < st.slots.len()) {
+                let (src, dst) = if p < slot {
+                    let (a, b) = st.slots.split_at_mut(slot);
+                    (&a[p], &mut b[0])
+                } else {
+                    let (a, b) = st.slots.split_at_mut(p);
+                    (&b[0], &mut a[slot])
+                };
+                let hi = src.len.min(pos0 + s);
+                if hi > pos0 {
+                    let r = pos0 * w..hi * w;
+                    dst.k.as_mut_slice()[r.clone()].copy_from_slice(&src.k.as_slice()[r.clone()]);
+                    dst.v.as_mut_slice()[r.clone()].copy_from_slice(&src.v.as_slice()[r]);
+                }
+            }
+        }
+        let dst = &mut st.slots[slot];
+        for (i, &r) in rows.iter().enumerate() {
+            let at = (pos0 + r) * w;
+            dst.k.as_mut_slice()[at..at + w].copy_from_slice(&k[i * w..(i + 1) * w]);
+            dst.v.as_mut_slice()[at..at + w].copy_from_slice(&v[i * w..(i + 1) * w]);
+        }
+        dst.len = dst.len.max(pos0 + s);
         Ok(())
+    }
+
+    /// Append `n` rows after the slot's filled rows (recursion-wise slots hold only the tokens
+    /// that reached their iteration, in position order).
+    pub(crate) fn append(&mut self, site: usize, slot: usize, n: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let len = self.len(site, slot);
+        self.ensure(site, slot, len + n)?;
+        let st = &mut self.sites[site];
+        let w = st.width;
+        let dst = &mut st.slots[slot];
+        dst.k.as_mut_slice()[len * w..(len + n) * w].copy_from_slice(&k[..n * w]);
+        dst.v.as_mut_slice()[len * w..(len + n) * w].copy_from_slice(&v[..n * w]);
+        dst.len = len + n;
+        Ok(())
+    }
+
+    /// Filled rows of a slot (0 if it does not exist).
+    pub(crate) fn len(&self, site: usize, slot: usize) -> usize {
+        self.sites[site].slots.get(slot).map_or(0, |s| s.len)
     }
 
     /// Base pointers of a slot's key and value storage (the slot must exist: see `ensure`).
@@ -184,7 +262,7 @@ mod tests {
 
     #[test]
     fn slot_fill_rule() {
-        let mut kv = KvCache::new(&[site(true)]);
+        let mut kv = KvCache::new(&[site(true)], None);
         // Call 1: prefill of 3 positions, 3 iterations.
         for t in 0..3 {
             let r = rows(t, 0, 3);
@@ -218,7 +296,7 @@ mod tests {
 
     #[test]
     fn growth_keeps_rows_and_gaps_without_source_are_zero() {
-        let mut kv = KvCache::new(&[site(false)]);
+        let mut kv = KvCache::new(&[site(false)], None);
         for p in 0..40 {
             kv.write(0, 0, p, 1, &rows(0, p, 1), &rows(0, p, 1)).unwrap();
         }

@@ -36,8 +36,11 @@
 //! into huge-page-advised memory instead of using them in place from the mapping).
 
 pub mod artifact;
+mod batch;
 pub mod error;
+pub mod guard;
 mod exec;
+mod exit;
 pub mod kernels;
 mod kv;
 pub mod matmul;
@@ -45,15 +48,17 @@ mod mem;
 mod model;
 pub mod rng;
 mod rope;
+mod rows;
 pub mod sampler;
 mod session;
 pub mod weights;
 
+pub use batch::BatchSession;
 pub use error::{Result, RuntimeError};
 pub use model::{Artifact, Model};
 pub use rng::Rng;
 pub use sampler::{argmax, sample, SamplerConfig};
-pub use session::{generate, ExitProbs, GenerateOutput, Logits, Session, Stats};
+pub use session::{generate, DepthSchedule, ExitProbs, GenerateOutput, Logits, Session, Stats};
 pub use weights::{check_weights, TensorInfo, Weights};
 
 #[cfg(test)]

@@ -58,6 +58,62 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
     }
 }
 
+/// `out = x · w` with `x: [m, k]`, `w: [k, n]` (GPT-2's `Conv1D` layout), `out: [m, n]`.
+/// For one row the output columns are split over the pool, each chunk streaming its columns of
+/// every weight row.
+pub fn matmul_kn(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, threads: usize) {
+    assert!(x.len() >= m * k && w.len() >= k * n && out.len() >= m * n, "matmul_kn operand sizes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out[..m * n].fill(0.0);
+        return;
+    }
+    let macs = m.saturating_mul(n).saturating_mul(k);
+    let gemm_cols = |out: &mut [f32], j0: usize, nc: usize, par: gemm::Parallelism| {
+        // SAFETY: sizes checked above; dst [m, nc] with row stride n starting at column j0, lhs
+        // [m, k] row-major, rhs element (kk, j) at w[kk·n + j0 + j] (rs = n, cs = 1).
+        unsafe {
+            gemm::gemm(
+                m,
+                nc,
+                k,
+                out.as_mut_ptr().add(j0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr().add(j0),
+                1,
+                n as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    };
+    if m == 1 && threads > 1 && macs >= PAR_MIN_MACS && n >= 64 {
+        let chunk = n.div_ceil(threads * 2).next_multiple_of(16);
+        let base = out.as_mut_ptr() as usize;
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let j0 = c * chunk;
+            let nc = chunk.min(n - j0);
+            // SAFETY: chunks write disjoint columns of the single output row.
+            let o = unsafe { std::slice::from_raw_parts_mut(base as *mut f32, n) };
+            gemm_cols(o, j0, nc, gemm::Parallelism::None);
+        });
+        return;
+    }
+    let par = if threads > 1 && macs >= 64 * PAR_MIN_MACS { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    gemm_cols(out, 0, n, par);
+}
+
 /// `out[j] = Σ_i x[i] · w[j·k + i]` with `k = x.len()`, rows split over the rayon pool.
 pub fn gemv(x: &[f32], w: &[f32], out: &mut [f32], threads: usize) {
     let k = x.len();
@@ -310,6 +366,24 @@ mod tests {
 
     fn pool(n: usize) -> rayon::ThreadPool {
         rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()
+    }
+
+    #[test]
+    fn matmul_kn_matches_naive() {
+        for &(m, k, n) in &[(1, 7, 5), (1, 64, 300), (3, 33, 70), (17, 64, 129)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let w: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0).collect();
+            for threads in [1, 2] {
+                let mut out = vec![0.0; m * n];
+                matmul_kn(&x, &w, &mut out, m, k, n, threads);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k).map(|kk| x[i * k + kk] as f64 * w[kk * n + j] as f64).sum();
+                        assert!((out[i * n + j] as f64 - want).abs() < 1e-3, "({m},{k},{n}) [{i},{j}]");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -173,6 +173,11 @@ impl Model {
     pub fn session(&self) -> Session {
         Session::new(self.clone())
     }
+
+    /// A session over `n` independent sequences processed together.
+    pub fn batch_session(&self, n: usize) -> crate::BatchSession {
+        crate::batch::BatchSession::new(self.clone(), n)
+    }
 }
 
 /// Append the derived weights (validated by [`validate`]) to the bound checkpoint tensors.
@@ -307,6 +312,9 @@ fn kernel_needs(spec: &KernelSpec) -> Vec<Need> {
             Need::Cache(kv_heads * head_dim),
             Need::PerRow(heads * head_dim),
         ],
+        KernelSpec::LayerNorm { cols, .. } => {
+            vec![Need::PerRow(*cols), Need::Vector(*cols), Need::Vector(*cols), Need::PerRow(*cols)]
+        }
     }
 }
 
@@ -322,6 +330,10 @@ fn instr_name(i: &Instr) -> &'static str {
         Instr::Copy { .. } => "Copy",
         Instr::KvWrite { .. } => "KvWrite",
         Instr::Kernel { .. } => "Kernel",
+        Instr::MatMulKN { .. } => "MatMulKN",
+        Instr::SliceCols { .. } => "SliceCols",
+        Instr::PosEmbed { .. } => "PosEmbed",
+        Instr::Sinusoidal { .. } => "Sinusoidal",
     }
 }
 
@@ -413,7 +425,7 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                     return Err(bad(format!("attention needs heads ({heads}) to be a positive multiple of kv_heads ({kv_heads})")));
                 }
             }
-            KernelSpec::RmsNorm { .. } => {}
+            KernelSpec::RmsNorm { .. } | KernelSpec::LayerNorm { .. } => {}
             KernelSpec::Glu { ops, .. } => {
                 let ok = !ops.is_empty()
                     && ops.iter().enumerate().all(|(j, op)| match *op {
@@ -487,6 +499,24 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                 return Err(RuntimeError::manifest("recur: the convergence threshold is NaN"));
             }
         }
+        let bad = match &r.exit {
+            ExitPolicy::Criterion { threshold, min_steps, every, max_steps, .. } => {
+                (threshold.is_nan() || *every == 0 || *max_steps == 0 || min_steps > max_steps).then(|| {
+                    format!("recur: bad exit criterion (threshold {threshold}, min {min_steps}, every {every}, max {max_steps})")
+                })
+            }
+            ExitPolicy::Gate { q, max_steps, .. } => (q.is_nan() || *max_steps == 0 || r.gate.is_none())
+                .then(|| "recur: a gate exit needs a gate buffer, q and max ≥ 1".to_string()),
+            ExitPolicy::Act { eps, max_steps } => (!(*eps > 0.0 && *eps < 1.0) || *max_steps == 0 || r.gate.is_none())
+                .then(|| "recur: an ACT exit needs a gate buffer, 0 < eps < 1 and max ≥ 1".to_string()),
+            _ => None,
+        };
+        if let Some(msg) = bad {
+            return Err(RuntimeError::manifest(msg));
+        }
+        if r.readout.iter().any(|&i| i as usize >= m.program.coda.len()) {
+            return Err(RuntimeError::manifest("recur: readout index past the end of the coda"));
+        }
         if let Some(g) = r.gate {
             let gb = v.buf(ctx, g)?;
             if gb.rows != Rows::Tokens || gb.cols != 1 {
@@ -543,16 +573,18 @@ impl<'a> Validator<'a> {
                         return Err(err(format!("output `{}` must be [tokens, {}]", o.name, table.cols)));
                     }
                 }
-                Instr::MatMul { x, w, out } => {
+                Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out } => {
                     self.wref(&ctx, w)?;
                     let xb = self.buf(&ctx, *x)?;
                     let ob = self.buf(&ctx, *out)?;
                     if x == out {
                         return Err(err("input and output must be different buffers".into()));
                     }
-                    if xb.cols != w.cols || ob.cols != w.rows || xb.rows != ob.rows {
+                    // `MatMul` multiplies by Wᵀ (`Linear` layout), `MatMulKN` by W (`Conv1D`).
+                    let (k, n, t) = if matches!(ins, Instr::MatMul { .. }) { (w.cols, w.rows, "ᵀ") } else { (w.rows, w.cols, "") };
+                    if xb.cols != k || ob.cols != n || xb.rows != ob.rows {
                         return Err(err(format!(
-                            "`{}` [{:?}, {}] · W[{}, {}]ᵀ does not fit `{}` [{:?}, {}]",
+                            "`{}` [{:?}, {}] · W[{}, {}]{t} does not fit `{}` [{:?}, {}]",
                             xb.name, xb.rows, xb.cols, w.rows, w.cols, ob.name, ob.rows, ob.cols
                         )));
                     }
@@ -599,6 +631,26 @@ impl<'a> Validator<'a> {
                                 bb.name, st.name
                             )));
                         }
+                    }
+                }
+                Instr::SliceCols { src, start, out } => {
+                    let sb = self.buf(&ctx, *src)?;
+                    let ob = self.buf(&ctx, *out)?;
+                    if src == out || sb.rows != ob.rows || start.checked_add(ob.cols).is_none_or(|e| e > sb.cols) {
+                        return Err(err(format!("columns {start}..+{} of `{}` do not fit", ob.cols, sb.name)));
+                    }
+                }
+                Instr::PosEmbed { table, out } => {
+                    self.wref(&ctx, table)?;
+                    let o = self.buf(&ctx, *out)?;
+                    if o.rows != Rows::Tokens || o.cols != table.cols {
+                        return Err(err(format!("output `{}` must be [tokens, {}]", o.name, table.cols)));
+                    }
+                }
+                Instr::Sinusoidal { base, out } => {
+                    let o = self.buf(&ctx, *out)?;
+                    if o.rows != Rows::Tokens || !(base.is_finite() && *base > 1.0) {
+                        return Err(err(format!("output `{}` must be [tokens, n] and the base > 1", o.name)));
                     }
                 }
                 Instr::Kernel { kernel, args } => {

@@ -135,6 +135,41 @@ impl ExitProbs {
     }
 }
 
+/// A forced per-token recurrence depth (Huginn's `NumStepsGenerator`): it overrides the exit
+/// policy, and the token at absolute position `p` runs exactly `depth(p)` iterations.
+#[derive(Clone)]
+pub enum DepthSchedule {
+    /// `v[p]` for position `p`; positions past the end take the last entry.
+    Positions(Vec<usize>),
+    /// `v[p mod v.len()]`.
+    Cycle(Vec<usize>),
+    Fn(std::sync::Arc<dyn Fn(usize) -> usize + Send + Sync>),
+}
+
+impl DepthSchedule {
+    pub fn from_fn(f: impl Fn(usize) -> usize + Send + Sync + 'static) -> Self {
+        DepthSchedule::Fn(std::sync::Arc::new(f))
+    }
+
+    pub fn depth(&self, pos: usize) -> Option<usize> {
+        match self {
+            DepthSchedule::Positions(v) => v.get(pos).or(v.last()).copied(),
+            DepthSchedule::Cycle(v) => (!v.is_empty()).then(|| v[pos % v.len()]),
+            DepthSchedule::Fn(f) => Some(f(pos)),
+        }
+    }
+}
+
+impl std::fmt::Debug for DepthSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DepthSchedule::Positions(v) => write!(f, "Positions({v:?})"),
+            DepthSchedule::Cycle(v) => write!(f, "Cycle({v:?})"),
+            DepthSchedule::Fn(_) => write!(f, "Fn(..)"),
+        }
+    }
+}
+
 /// Time and work counters of a session.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
@@ -152,6 +187,13 @@ pub struct Stats {
     /// KV-cache bytes allocated / holding filled positions (after the last call).
     pub kv_bytes_allocated: usize,
     pub kv_bytes_used: usize,
+    /// Positions the KV cache holds (the sequence length so far).
+    pub kv_positions: usize,
+    /// `depth_histogram[d]`: tokens that ran exactly `d` recurrence iterations.
+    pub depth_histogram: Vec<usize>,
+    /// Token rows the readout (coda and head) ran on inside the recurrence, for per-step
+    /// criteria; the final coda pass is not counted.
+    pub readout_rows: usize,
     /// Per-operation timers `(name, total time, count)`; empty unless profiling is on
     /// (`LOOPC_PROFILE=1` or [`Session::set_profiling`]).
     pub profile: Vec<(&'static str, Duration, u64)>,
@@ -183,11 +225,23 @@ impl std::fmt::Display for Stats {
             self.total_iterations as f64 / calls,
             self.token_iterations
         )?;
+        let tokens = (self.prefill_tokens + self.decode_calls).max(1);
+        writeln!(
+            f,
+            "block evaluations: {:.2} per token, readout rows in the loop: {}",
+            self.token_iterations as f64 / tokens as f64,
+            self.readout_rows
+        )?;
+        let hist: Vec<String> =
+            self.depth_histogram.iter().enumerate().filter(|(_, &n)| n > 0).map(|(d, n)| format!("{d}:{n}")).collect();
+        writeln!(f, "depth histogram (depth:tokens): {}", hist.join(" "))?;
         write!(
             f,
-            "kv cache: {:.1} KiB used, {:.1} KiB allocated",
+            "kv cache: {:.1} KiB used, {:.1} KiB allocated, {} bytes per token, {} bytes per sequence",
             self.kv_bytes_used as f64 / 1024.0,
-            self.kv_bytes_allocated as f64 / 1024.0
+            self.kv_bytes_allocated as f64 / 1024.0,
+            self.kv_bytes_used / self.kv_positions.max(1),
+            self.kv_bytes_used
         )?;
         if !self.profile.is_empty() {
             let total: f64 = self.profile.iter().map(|p| p.1.as_secs_f64()).sum();
@@ -232,6 +286,7 @@ impl Stats {
 pub struct Session {
     model: Model,
     steps: Option<usize>,
+    schedule: Option<DepthSchedule>,
     pos: usize,
     st: ExecState,
     /// The last step's logits (reused: decode allocates nothing).
@@ -256,6 +311,7 @@ impl Session {
         Session {
             model,
             steps: None,
+            schedule: None,
             pos: 0,
             st,
             step_out: Logits::new(vocab),
@@ -276,6 +332,21 @@ impl Session {
 
     pub fn steps(&self) -> Option<usize> {
         self.steps
+    }
+
+    /// Force the depth of every token (overrides the exit policy); `None` restores it.
+    pub fn set_depth_schedule(&mut self, schedule: Option<DepthSchedule>) {
+        self.schedule = schedule;
+    }
+
+    /// Override the exit policy's threshold (`q` for a gate exit) for the next calls.
+    pub fn set_exit_threshold(&mut self, threshold: Option<f64>) {
+        self.st.exits.threshold = threshold;
+    }
+
+    /// Iterations each token of the last call ran.
+    pub fn last_depths(&self) -> &[usize] {
+        &self.st.exits.row_depth
     }
 
     /// Number of tokens processed so far (the position of the next token).
@@ -312,6 +383,13 @@ impl Session {
         }
         let t0 = Instant::now();
         let m = &self.model.inner;
+        self.st.exits.depths.clear();
+        if let Some(sch) = &self.schedule {
+            for p in self.pos..self.pos + tokens.len() {
+                let d = sch.depth(p).ok_or_else(|| RuntimeError::Config("the depth schedule is empty".into()))?;
+                self.st.exits.depths.push(d);
+            }
+        }
         let info = self.st.forward(m, tokens, self.pos, self.steps)?;
         let dt = t0.elapsed();
         let s = tokens.len();
@@ -339,9 +417,19 @@ impl Session {
         }
         st.iterations.push(info.iterations);
         st.total_iterations += info.iterations;
-        st.token_iterations += info.iterations * s;
         st.kv_bytes_allocated = self.st.kv.bytes_allocated();
         st.kv_bytes_used = self.st.kv.bytes_used();
+        st.kv_positions = self.pos;
+        st.readout_rows += self.st.exits.readout_rows;
+        if m.manifest.program.recur.is_some() {
+            for &d in &self.st.exits.row_depth {
+                st.token_iterations += d;
+                if st.depth_histogram.len() <= d {
+                    st.depth_histogram.resize(d + 1, 0);
+                }
+                st.depth_histogram[d] += 1;
+            }
+        }
         Ok(info.ws)
     }
 
@@ -390,6 +478,7 @@ impl Session {
         self.exit = None;
         self.last_iterations = 0;
         self.stats.kv_bytes_used = 0;
+        self.stats.kv_positions = 0;
     }
 
     /// Filled length of every KV slot: `(site name, lengths per slot)`.

@@ -81,6 +81,7 @@ fn manifest(init: StateInit, exit: ExitPolicy, gate: bool, default_steps: usize)
                 exit,
                 cache: CachePolicy::PerStep,
                 gate: if gate { Some(5) } else { None },
+                readout: vec![],
             }),
             coda: vec![
                 Instr::Copy { src: 1, dst: 6 },

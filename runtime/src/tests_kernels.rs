@@ -177,6 +177,7 @@ fn manifest() -> Manifest {
                 exit: ExitPolicy::Fixed,
                 cache: CachePolicy::PerStep,
                 gate: None,
+                readout: vec![],
             }),
             coda: vec![Instr::MatMul { x: 1, w: wr(6, 0, V, D), out: 9 }],
             logits: 9,

@@ -175,14 +175,119 @@ def gen_ouro(out):
     }, os.path.join(d, f"t{T}.safetensors"))
 
 
+SCHED_PROMPT_DEPTHS = (3, 1, 4, 2, 5, 1, 3)
+SCHED_DECODE_DEPTHS = (2, 5, 1, 3)
+
+
+def run_schedule(w, cfg, prompt, dec, pdep, ddep, policy, dtype):
+    """Prefill + cached decode with a per-token depth schedule, and the full recompute."""
+    wd = R.cast_weights(w, dtype)
+    rope = R.huginn_rope_table(cfg, dtype)
+    cache = R.ScheduleCache(PROMPT_LEN + DECODE_LEN, policy)
+    pre = R.huginn_forward_schedule(wd, cfg, prompt[None], pdep, cache, 0, rope)[0]
+    outs = []
+    for n in range(DECODE_LEN):
+        o = R.huginn_forward_schedule(wd, cfg, dec[None, n:n + 1], ddep[n:n + 1], cache,
+                                      PROMPT_LEN + n, rope)
+        outs.append(o[0, 0])
+    full_cache = R.ScheduleCache(PROMPT_LEN + DECODE_LEN, policy)
+    full = R.huginn_forward_schedule(wd, cfg, torch.cat([prompt, dec])[None],
+                                     torch.cat([pdep, ddep]), full_cache, 0, rope)[0]
+    return pre, torch.stack(outs), full, cache.bytes()
+
+
+def gen_schedule(out):
+    """Forced per-token depths under each cache policy: huginn_tiny/sched_{policy}.safetensors."""
+    d = os.path.join(out, "huginn_tiny")
+    cfg = HUGINN_CFG
+    w = R.huginn_random_weights(cfg, HUGINN_SEED)
+    prompt, dec = tokens(HUGINN_SEED + 999, cfg["vocab_size"])
+    pdep = torch.tensor(SCHED_PROMPT_DEPTHS, dtype=torch.int64)
+    ddep = torch.tensor(SCHED_DECODE_DEPTHS, dtype=torch.int64)
+    # A constant schedule is the fixed-depth forward.
+    wd = R.cast_weights(w, torch.float64)
+    c = R.ScheduleCache(PROMPT_LEN, "per_step")
+    a = R.huginn_forward_schedule(wd, cfg, prompt[None], torch.full((PROMPT_LEN,), 4), c)
+    b = R.huginn_forward(wd, cfg, prompt[None], 4)
+    assert maxdiff(a, b) < 1e-9, maxdiff(a, b)
+    for policy in R.ScheduleCache.POLICIES:
+        pre, decl, full, nbytes = run_schedule(w, cfg, prompt, dec, pdep, ddep, policy, torch.float64)
+        cache_err = max(maxdiff(pre, full[:PROMPT_LEN]), maxdiff(decl, full[PROMPT_LEN:]))
+        pre32, dec32, _, _ = run_schedule(w, cfg, prompt, dec, pdep, ddep, policy, torch.float32)
+        f32_err = max(maxdiff(pre, pre32), maxdiff(decl, dec32))
+        print(f"huginn schedule {policy}: cache-vs-full (f64) max|d|={cache_err:.3e}  "
+              f"f32-vs-f64 max|d|={f32_err:.3e}  kv bytes (f32)={nbytes}")
+        # last_step: a prefill reads other prompt tokens at the current iteration, decode reads
+        # their final one, so only per_step and share_first equal recomputation.
+        if policy != "last_step":
+            assert cache_err < 1e-9, cache_err
+        assert f32_err < 1e-4, f32_err
+        save_file({
+            "prompt": prompt.contiguous(),
+            "prompt_depths": pdep.contiguous(),
+            "prefill_logits": pre.float().contiguous(),
+            "decode_tokens": dec.contiguous(),
+            "decode_depths": ddep.contiguous(),
+            "decode_logits": decl.float().contiguous(),
+            "recompute_logits": full.float().contiguous(),
+        }, os.path.join(d, f"sched_{policy}.safetensors"))
+
+
+ACT_EPS = 0.01
+ACT_MAX = 6
+
+
+def run_act(w, cfg, prompt, dec, dtype):
+    wd = R.cast_weights(w, dtype)
+    total = PROMPT_LEN + DECODE_LEN
+    rope = R.ouro_rope_table(cfg, total, dtype)
+    cache = R.ScheduleCache(total, "per_step")
+    pre, pdep = R.ouro_forward_act(wd, cfg, prompt[None], ACT_EPS, ACT_MAX, cache, 0, rope)
+    dl, dd = [], []
+    for n in range(DECODE_LEN):
+        o, d = R.ouro_forward_act(wd, cfg, dec[None, n:n + 1], ACT_EPS, ACT_MAX, cache, PROMPT_LEN + n, rope)
+        dl.append(o[0, 0])
+        dd.append(d[0])
+    full, fdep = R.ouro_forward_act(wd, cfg, torch.cat([prompt, dec])[None], ACT_EPS, ACT_MAX,
+                                    R.ScheduleCache(total, "per_step"), 0, rope)
+    return pre[0], pdep, torch.stack(dl), torch.stack(dd), full[0], fdep
+
+
+def gen_act(out):
+    """ACT halting on Ouro's gate with physical exit: ouro_tiny/act.safetensors."""
+    d = os.path.join(out, "ouro_tiny")
+    cfg = OURO_CFG
+    w = R.ouro_random_weights(cfg, OURO_SEED)
+    prompt, dec = tokens(OURO_SEED + 777, cfg["vocab_size"])
+    pl, pd, dl, dd, fl, fd = run_act(w, cfg, prompt, dec, torch.float64)
+    cache_err = max(maxdiff(pl, fl[:PROMPT_LEN]), maxdiff(dl, fl[PROMPT_LEN:]))
+    assert torch.equal(torch.cat([pd, dd]), fd), (pd, dd, fd)
+    pl32, pd32, dl32, dd32, _, _ = run_act(w, cfg, prompt, dec, torch.float32)
+    assert torch.equal(pd, pd32) and torch.equal(dd, dd32), "f32 halts at other steps"
+    f32_err = max(maxdiff(pl, pl32), maxdiff(dl, dl32))
+    print(f"ouro act eps={ACT_EPS} max={ACT_MAX}: depths {pd.tolist()} {dd.tolist()}  "
+          f"cache-vs-full (f64) max|d|={cache_err:.3e}  f32-vs-f64 max|d|={f32_err:.3e}")
+    assert cache_err < 1e-9 and f32_err < 1e-4
+    save_file({
+        "prompt": prompt.contiguous(), "prompt_depths": pd.contiguous(),
+        "prefill_logits": pl.float().contiguous(),
+        "decode_tokens": dec.contiguous(), "decode_depths": dd.contiguous(),
+        "decode_logits": dl.float().contiguous(),
+    }, os.path.join(d, "act.safetensors"))
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.path.join(here, "..", "..", "tests", "fixtures"))
+    ap.add_argument("--only", choices=["all", "schedule"], default="all")
     a = ap.parse_args()
     out = os.path.normpath(a.out)
-    gen_huginn(out)
-    gen_ouro(out)
+    if a.only == "all":
+        gen_huginn(out)
+        gen_ouro(out)
+    gen_schedule(out)
+    gen_act(out)
     print(f"fixtures written to {out}")
 
 

@@ -72,10 +72,12 @@ class KVCache:
         return len(self.k)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float,
+           kmask: Optional[Tensor] = None) -> Tensor:
     """q [B,H,S,hd] at absolute positions start..start+S-1; k,v [B,Hkv,start+S,hd].
 
     Causal, bottom-right aligned (query at position p sees keys 0..p).  GQA by repeat.
+    `kmask` [start+S] (bool) drops keys whose position holds no entry (recursion-wise caches).
     """
     h, hkv = q.shape[1], k.shape[1]
     if hkv != h:
@@ -83,6 +85,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor:
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     s, kv_len = q.shape[2], k.shape[2]
+    if kmask is not None:
+        qpos = torch.arange(start, start + s, device=q.device)[:, None]
+        kpos = torch.arange(kv_len, device=q.device)[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(kpos <= qpos) & kmask[None, :],
+                                              scale=scale)
     if s == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if s == kv_len:
@@ -142,9 +149,11 @@ def huginn_attn(w: Weights, p: str, x: Tensor, cs: Tensor, H: int, hd: int,
     q = rope_interleaved(q, cs).transpose(1, 2)
     k = rope_interleaved(k, cs).transpose(1, 2)
     v = v.transpose(1, 2)
+    kmask = None
     if cache is not None:
-        k, v = cache.update(slot, k, v, start)
-    y = attend(q, k, v, start, 1.0 / math.sqrt(hd))
+        k, v, *rest = cache.update(slot, k, v, start)
+        kmask = rest[0] if rest else None
+    y = attend(q, k, v, start, 1.0 / math.sqrt(hd), kmask)
     y = y.transpose(1, 2).reshape(B, S, E)
     return F.linear(y, w[p + "attn.proj.weight"])
 
@@ -400,3 +409,174 @@ def ouro_random_weights(cfg: dict, seed: int) -> Weights:
     w["model.early_exit_gate.bias"] = torch.randn(1, generator=g)
     w["lm_head.weight"] = lin(V, Hs)
     return {k: v.contiguous() for k, v in w.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Per-token depth schedules and KV-cache policies (Huginn)
+# ----------------------------------------------------------------------------------------
+
+class ScheduleCache:
+    """KV cache for per-token depths: plain slots for prelude/coda layers (a `KVCache`), and
+    for each core layer j and recurrence iteration t a *physical* slot chosen by `policy`:
+
+      per_step     one slot per (t, j).  A position that did not run iteration t (it stopped
+                   earlier) is read from its latest entry at an iteration <= t (Huginn's
+                   `latest-m4`, for any number of core layers).
+      last_step    one slot per j, overwritten by every iteration; reads see what it holds.
+      share_first  one slot per j, written only at t = 0 (MoR recursive sharing).
+      recursion_wise  one slot per (t, j); iteration t attends only to the positions that ran
+                   iteration t (MoR recursion-wise caching, Huginn's `skip` read).
+
+    Every physical slot records, per position, the iteration that wrote it (-1: none).
+    """
+
+    POLICIES = ("per_step", "last_step", "share_first", "recursion_wise")
+
+    def __init__(self, max_len: int, policy: str = "per_step"):
+        if policy not in self.POLICIES:
+            raise ValueError(f"unknown cache policy {policy}")
+        self.max_len = max_len
+        self.policy = policy
+        self.plain = KVCache(max_len)
+        self.k: Dict[tuple, Tensor] = {}
+        self.v: Dict[tuple, Tensor] = {}
+        self.it: Dict[tuple, Tensor] = {}
+
+    def update(self, slot: int, k: Tensor, v: Tensor, start: int):
+        return self.plain.update(slot, k, v, start)
+
+    def _phys(self, t: int) -> int:
+        return t if self.policy in ("per_step", "recursion_wise") else 0
+
+    def update_loop(self, j: int, t: int, k: Tensor, v: Tensor, start: int, active: Tensor):
+        """Write the active positions' k,v ([B,Hkv,S,hd]) of core layer j at iteration t and
+        return the K/V that iteration t attends to, positions 0..start+S-1."""
+        S = k.shape[2]
+        if not (self.policy == "share_first" and t > 0):
+            key = (j, self._phys(t))
+            if key not in self.k:
+                shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+                self.k[key] = k.new_zeros(shape)
+                self.v[key] = v.new_zeros(shape)
+                self.it[key] = torch.full((self.max_len,), -1, dtype=torch.int64)
+            idx = start + torch.nonzero(active).flatten()
+            self.k[key][:, :, idx] = k[:, :, active]
+            self.v[key][:, :, idx] = v[:, :, active]
+            self.it[key][idx] = t
+        n = start + S
+        if self.policy == "recursion_wise":
+            key = (j, t)
+            return self.k[key][:, :, :n], self.v[key][:, :, :n], self.it[key][:n] >= 0
+        if self.policy != "per_step":
+            return self.k[(j, 0)][:, :, :n], self.v[(j, 0)][:, :, :n]
+        # Latest entry at an iteration <= t: later slots overwrite earlier ones.
+        K = self.k[(j, 0)][:, :, :n].clone()
+        V = self.v[(j, 0)][:, :, :n].clone()
+        for tt in range(1, t + 1):
+            if (j, tt) not in self.k:
+                continue
+            m = self.it[(j, tt)][:n] >= 0
+            K[:, :, m] = self.k[(j, tt)][:, :, :n][:, :, m]
+            V[:, :, m] = self.v[(j, tt)][:, :, :n][:, :, m]
+        return K, V
+
+    def bytes(self, itemsize: int = 4) -> int:
+        """Bytes of the filled positions of every slot (plain and loop), at `itemsize` per value."""
+        tot = 0
+        for d, lens in ((self.plain.k, self.plain.len), (self.k, None)):
+            for key, t in d.items():
+                n = lens[key] if lens is not None else int((self.it[key] >= 0).sum())
+                tot += 2 * t.shape[0] * t.shape[1] * n * t.shape[3] * itemsize
+        return tot
+
+
+class _LoopSlots:
+    """Routes a core block's `cache.update(slot, ...)` to iteration t of a ScheduleCache."""
+
+    def __init__(self, cache: ScheduleCache, j: int, t: int, active: Tensor):
+        self.cache, self.j, self.t, self.active = cache, j, t, active
+
+    def update(self, slot, k, v, start):
+        return self.cache.update_loop(self.j, self.t, k, v, start, self.active)
+
+
+def huginn_forward_schedule(w: Weights, cfg: dict, ids: Tensor, depths: Tensor,
+                            cache: ScheduleCache, start: int = 0,
+                            rope: Optional[Tensor] = None) -> Tensor:
+    """Logits [1,S,V] with a per-token depth schedule (`depths` [S], each >= 1): token i runs
+    exactly depths[i] recurrence iterations.  Batch 1, zero initial state.
+
+    Every iteration runs the core block on all S positions, but only active positions
+    (depth > t) write the cache and update their state; an inactive position keeps its state
+    and is seen by others through the cache policy's read rule.  The coda runs once, on the
+    final states.
+    """
+    E, _, _ = huginn_dims(cfg)
+    npre = cfg["n_layers_in_prelude"]
+    ncore = cfg["n_layers_in_recurrent_block"]
+    ncoda = cfg["n_layers_in_coda"]
+    eps = cfg.get("norm_eps", 1e-6)
+    wte = w["transformer.wte.weight"]
+    if rope is None:
+        rope = huginn_rope_table(cfg, wte.dtype)
+    S = ids.shape[1]
+    cs = rope[start:start + S]
+    e = F.embedding(ids, wte) * math.sqrt(E)
+    for i in range(npre):
+        e = huginn_block(w, f"transformer.prelude.{i}.", e, cs, cfg, cache, i, start)
+    s = torch.zeros_like(e)
+    adapter = w["transformer.adapter.weight"]
+    for t in range(int(depths.max())):
+        active = depths > t
+        x = F.linear(torch.cat([s, e], dim=-1), adapter)
+        for j in range(ncore):
+            x = huginn_block(w, f"transformer.core_block.{j}.", x, cs, cfg,
+                             _LoopSlots(cache, j, t, active), -1, start)
+        s = torch.where(active[None, :, None], x, s)
+    lnf = w["transformer.ln_f.weight"]
+    h = rms_norm(s, lnf, eps)
+    for i in range(ncoda):
+        h = huginn_block(w, f"transformer.coda.{i}.", h, cs, cfg, cache, npre + i, start)
+    h = rms_norm(h, lnf, eps)
+    return F.linear(h, w.get("lm_head.weight", wte))
+
+
+def ouro_forward_act(w: Weights, cfg: dict, ids: Tensor, eps: float, max_steps: int,
+                     cache: ScheduleCache, start: int = 0, rope=None):
+    """ACT / Universal-Transformer halting on Ouro's exit gate (families.md §4.4), batch 1.
+
+    p = sigmoid(gate(normed loop output)); a token whose cumulative p would pass 1 - eps halts
+    with weight 1 - (cumulative p), otherwise continues with weight p; its state is the running
+    average  state <- loop(state)·w + state·(1 - w).  Halted tokens stop: they write no more KV
+    and are read through `cache`'s rule.  Returns (logits [1,S,V], depths [S]).
+    """
+    L = cfg["num_hidden_layers"]
+    eps_n = cfg.get("rms_norm_eps", 1e-6)
+    emb = w["model.embed_tokens.weight"]
+    S = ids.shape[1]
+    if rope is None:
+        rope = ouro_rope_table(cfg, start + S, emb.dtype)
+    cos, sin = rope[0][start:start + S], rope[1][start:start + S]
+    gw, gb = w["model.early_exit_gate.weight"], w["model.early_exit_gate.bias"]
+    state = F.embedding(ids, emb)
+    hp = torch.zeros(S, dtype=emb.dtype)
+    n = torch.zeros(S, dtype=torch.int64)
+    halted = torch.zeros(S, dtype=torch.bool)
+    thr = 1.0 - eps
+    for t in range(max_steps):
+        active = ~halted
+        if not bool(active.any()):
+            break
+        x = state
+        for l in range(L):
+            x = ouro_layer(w, l, x, cos, sin, cfg, _LoopSlots(cache, l, t, active), -1, start)
+        x = rms_norm(x, w["model.norm.weight"], eps_n)
+        p = torch.sigmoid(F.linear(x, gw) + gb)[0, :, 0]
+        newh = active & (hp + p > thr)
+        still = active & ~newh
+        wt = torch.where(still, p, torch.where(newh, 1.0 - hp, torch.zeros_like(p)))
+        hp = torch.where(still, hp + p, torch.where(newh, torch.ones_like(hp), hp))
+        n = n + active.long()
+        state = x * wt[None, :, None] + state * (1 - wt[None, :, None])
+        halted = halted | newh | (n >= max_steps)
+    return F.linear(state, w["lm_head.weight"]), n

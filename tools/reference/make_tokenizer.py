@@ -1,4 +1,4 @@
-"""Write tests/fixtures/tokenizer/tokenizer.json: a tiny BPE tokenizer (<= 256 ids, the vocab
+"""Write tests/fixtures/tokenizer/tokenizer.json: a tiny BPE tokenizer (256 ids, the vocab
 of the tiny test models) for `loopc run --prompt` tests.
 
 Shape of a real Qwen/Ouro tokenizer, minus the byte-level mapping (which alone needs 256 ids):
@@ -20,7 +20,7 @@ QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-VOCAB_SIZE = 200
+VOCAB_SIZE = 256  # = the tiny models' vocab, so every id they generate decodes
 SPECIALS = ["<unk>", "<s>", "</s>"]
 
 CORPUS = [
@@ -32,6 +32,8 @@ CORPUS = [
     "Hello, world. Hello again, world: 0 1 2 3 4 5 6 7 8 9.",
     "What is the capital of France? The capital of France is Paris.",
     "She sells sea shells by the sea shore; he reads books in the park.",
+    "Numbers like 42 and 2024 are split into single digits by the pattern.",
+    "Every prompt becomes token ids, and the generated ids become text again.",
 ]
 
 
@@ -44,7 +46,7 @@ def main() -> None:
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
-    assert tok.get_vocab_size() <= 256, tok.get_vocab_size()
+    assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
     text = "Hello, the model runs again."
     enc = tok.encode(text)
     assert enc.ids[0] == tok.token_to_id("<s>")

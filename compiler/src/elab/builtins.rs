@@ -3,18 +3,19 @@ use super::{show, Elab, InitVal, Scope, Val, BAD_ARGS, BAD_POLICY, TOO_DEEP};
 use crate::frontend::ast::{self, Ident};
 use crate::frontend::diag;
 use crate::frontend::Span;
-use loopc_dialects::ops::{ExitSpec, RopeStyle, StateInit, Unary};
+use loopc_dialects::ops::{CacheSpec, Criterion, ExitSpec, RopeStyle, StateInit, Unary};
 use loopc_dialects::Op;
 use std::collections::HashMap;
 
 /// Names callable as builtins (for "did you mean" suggestions).
 pub const NAMES: &[&str] = &[
-    "embed", "linear", "rmsnorm", "rope", "attention", "concat", "split", "silu", "sigmoid", "relu", "gelu", "exp",
-    "tanh", "sqrt", "zeros", "trunc_normal", "converge",
+    "embed", "linear", "matmul", "rmsnorm", "layernorm", "rope", "attention", "concat", "split", "silu", "sigmoid",
+    "relu", "gelu_tanh", "exp", "tanh", "sqrt", "zeros", "trunc_normal", "converge", "pos_embed", "sinusoidal",
+    "latent_diff", "cosine", "kl", "minp_kl", "entropy_diff", "argmax_stability", "gate", "act", "ring",
 ];
 
 /// Bare names that stand for themselves when not bound.
-pub const SYMBOLS: &[&str] = &["interleaved", "half", "fixed", "per_step"];
+pub const SYMBOLS: &[&str] = &["interleaved", "half", "fixed", "per_step", "share_first", "last_step", "recursion_wise"];
 
 struct Bound {
     vals: Vec<Option<(Val, Span)>>,
@@ -100,7 +101,7 @@ impl<'a> Elab<'a> {
             "silu" => Some(Unary::Silu),
             "sigmoid" => Some(Unary::Sigmoid),
             "relu" => Some(Unary::Relu),
-            "gelu" => Some(Unary::GeluTanh),
+            "gelu_tanh" => Some(Unary::GeluTanh),
             "exp" => Some(Unary::Exp),
             "tanh" => Some(Unary::Tanh),
             _ => None,
@@ -129,9 +130,45 @@ impl<'a> Elab<'a> {
                 let Some(b) = self.bind(callee, args, &["tokens", "table"], 2, span) else { return Val::Error };
                 self.op(Op::Embed, &[b.get(0).unwrap(), b.get(1).unwrap()], span)
             }
-            "linear" => {
-                let Some(b) = self.bind(callee, args, &["x", "weight"], 2, span) else { return Val::Error };
-                self.op(Op::Linear, &[b.get(0).unwrap(), b.get(1).unwrap()], span)
+            "linear" | "matmul" => {
+                let Some(b) = self.bind(callee, args, &["x", "weight", "bias"], 2, span) else { return Val::Error };
+                let op = if callee.name == "linear" { Op::Linear } else { Op::MatMul };
+                let y = self.op(op, &[b.get(0).unwrap(), b.get(1).unwrap()], span);
+                match b.get(2) {
+                    Some(bias) => self.op(Op::Binary(loopc_dialects::ops::Binary::Add), &[(y, span), bias], span),
+                    None => y,
+                }
+            }
+            "gelu" => {
+                self.diags.push(
+                    diag::error(BAD_ARGS, "exact (erf) GELU is not available")
+                        .with_labels(vec![diag::primary(callee.span, "here")])
+                        .with_notes(vec!["help: GPT-2 and most looped GPT-2 models use the tanh approximation: `gelu_tanh(x)`".into()]),
+                );
+                Val::Error
+            }
+            "layernorm" => {
+                let Some(b) = self.bind(callee, args, &["x", "gain", "bias", "eps"], 4, span) else { return Val::Error };
+                let Some(eps) = self.num_arg(&b.get(3).unwrap(), "`layernorm` eps", BAD_ARGS, |x| x >= 0.0, "a number ≥ 0") else {
+                    return Val::Error;
+                };
+                self.op(Op::LayerNorm { eps: eps as f32 }, &[b.get(0).unwrap(), b.get(1).unwrap(), b.get(2).unwrap()], span)
+            }
+            "pos_embed" => {
+                let Some(b) = self.bind(callee, args, &["table"], 1, span) else { return Val::Error };
+                self.op(Op::PosEmbed, &[b.get(0).unwrap()], span)
+            }
+            "sinusoidal" => {
+                let Some(b) = self.bind(callee, args, &["dim", "base"], 1, span) else { return Val::Error };
+                let Some(cols) = self.int_arg(&b.get(0).unwrap(), "`sinusoidal` dim", 1) else { return Val::Error };
+                let base = match b.get(1) {
+                    Some(v) => match self.num_arg(&v, "`sinusoidal` base", BAD_ARGS, |x| x > 1.0, "a number > 1") {
+                        Some(x) => x,
+                        None => return Val::Error,
+                    },
+                    None => 10000.0,
+                };
+                self.op(Op::Sinusoidal { cols, base }, &[], span)
             }
             "rmsnorm" => {
                 let Some(b) = self.bind(callee, args, &["x", "gain", "eps"], 3, span) else { return Val::Error };
@@ -288,11 +325,79 @@ impl<'a> Elab<'a> {
                 };
                 Val::Exit(ExitSpec::Converge { threshold, min_steps, max_steps })
             }
+            "gate" => {
+                let Some(b) = self.bind(callee, args, &["q", "min_steps", "max"], 1, span) else { return Val::Error };
+                let q = self.num_arg(&b.get(0).unwrap(), "`gate` q", BAD_POLICY, |x| x > 0.0 && x <= 1.0, "a number in (0, 1]");
+                let Ok((min_steps, max_steps)) = self.step_bounds("gate", b.get(1), b.get(2)) else { return Val::Error };
+                match q {
+                    Some(q) => Val::Exit(ExitSpec::Gate { q, min_steps, max_steps }),
+                    None => Val::Error,
+                }
+            }
+            "act" => {
+                let Some(b) = self.bind(callee, args, &["eps", "max"], 0, span) else { return Val::Error };
+                let eps = match b.get(0) {
+                    Some(e) => self.num_arg(&e, "`act` eps", BAD_POLICY, |x| x > 0.0 && x < 1.0, "a number in (0, 1)"),
+                    None => Some(0.01),
+                };
+                let Ok((_, max_steps)) = self.step_bounds("act", None, b.get(1)) else { return Val::Error };
+                match eps {
+                    Some(eps) => Val::Exit(ExitSpec::Act { eps, max_steps }),
+                    None => Val::Error,
+                }
+            }
+            "ring" => {
+                let Some(b) = self.bind(callee, args, &["c"], 1, span) else { return Val::Error };
+                match self.policy_int(&b.get(0).unwrap(), "`ring` size", 1) {
+                    Some(c) => Val::Cache(CacheSpec::Ring(c)),
+                    None => Val::Error,
+                }
+            }
+            name if Criterion::from_name(name).is_some() => {
+                let kind = Criterion::from_name(name).unwrap();
+                let names = ["threshold", "min_steps", "every", "max"];
+                let Some(b) = self.bind(callee, args, &names, 1, span) else { return Val::Error };
+                let what = format!("`{name}` threshold");
+                let threshold = if kind == Criterion::ArgmaxStability {
+                    self.policy_int(&b.get(0).unwrap(), &what, 1).map(|x| x as f64)
+                } else {
+                    self.num_arg(&b.get(0).unwrap(), &what, BAD_POLICY, |x| x > 0.0, "a number > 0")
+                };
+                let every = match b.get(2) {
+                    Some(e) => self.policy_int(&e, &format!("`{name}` every"), 1),
+                    None => Some(1),
+                };
+                let Ok((min_steps, max_steps)) = self.step_bounds(name, b.get(1), b.get(3)) else { return Val::Error };
+                match (threshold, every) {
+                    (Some(threshold), Some(every)) => Val::Exit(ExitSpec::Criterion { kind, threshold, min_steps, every, max_steps }),
+                    _ => Val::Error,
+                }
+            }
             _ => {
                 self.unknown(callee);
                 Val::Error
             }
         }
+    }
+
+    /// `min_steps` (default 1) and `max` (default 0: the `recur`'s own step count).
+    fn step_bounds(&mut self, name: &str, min: Option<(Val, Span)>, max: Option<(Val, Span)>) -> Result<(usize, usize), ()> {
+        let max_steps = match max {
+            Some(m) => self.policy_int(&m, &format!("`{name}` max"), 1).ok_or(())?,
+            None => 0,
+        };
+        let min_steps = match min {
+            Some(m) => {
+                let x = self.policy_int(&m, &format!("`{name}` min_steps"), 1).ok_or(())?;
+                if max_steps > 0 && x > max_steps {
+                    self.err(BAD_POLICY, m.1, format!("`{name}` min_steps ({x}) exceeds max ({max_steps})"), "min_steps");
+                    return Err(());
+                }
+                x
+            }
+            None => 1,
+        };
+        Ok((min_steps, max_steps))
     }
 
     fn policy_int(&mut self, v: &(Val, Span), what: &str, min: i64) -> Option<usize> {

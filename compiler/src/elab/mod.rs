@@ -23,6 +23,10 @@ use crate::frontend::diag::{self, Diagnostic, SourceMap};
 use crate::frontend::{ParamEnv, Span, Value};
 use codespan_reporting::files::Files;
 use loopc_dialects::ops::{Binary, CacheSpec, ExitSpec, StateInit, Unary};
+
+const EXIT_HINT: &str = "expected `fixed`, `converge(threshold = ..., max = ...)`, a criterion (`latent_diff`, `cosine`, `kl`, `minp_kl`, `entropy_diff`, `argmax_stability`: `kl(threshold = 5e-4, min_steps = 1, every = 1, max = 32)`), `gate(q = 0.5)` or `act(eps = 0.01)`";
+const EXIT_CALLS: &[&str] = &["converge", "latent_diff", "cosine", "kl", "minp_kl", "entropy_diff", "argmax_stability", "gate", "act"];
+const CACHE_HINT: &str = "expected `per_step`, `ring(c)`, `share_first`, `last_step` or `recursion_wise`";
 use loopc_dialects::verify::infer;
 use loopc_dialects::{graph::WeightDecl, Module, NodeId, Op, Region, Ty, WeightView};
 use std::collections::HashMap;
@@ -286,6 +290,40 @@ impl<'a> Elab<'a> {
             StmtKind::Return(e) => {
                 let v = self.eval(e);
                 return Some((v, e.span));
+            }
+            StmtKind::If { lhs, cmp, then, els } => {
+                let a = self.eval(lhs);
+                let truth = match (cmp, &a) {
+                    (_, Val::Error) => return None,
+                    (None, v) if v.num().is_some() => v.num() != Some(0.0),
+                    (Some((op, rhs)), _) => {
+                        let b = self.eval(rhs);
+                        let eq = match (&a, &b) {
+                            (_, Val::Error) => return None,
+                            (x, y) if x.num().is_some() && y.num().is_some() => x.num() == y.num(),
+                            (Val::Str(x), Val::Str(y)) | (Val::Sym(x), Val::Sym(y)) => x == y,
+                            (x, y) => {
+                                self.err(BAD_ARGS, st.span, format!("cannot compare {} with {}", x.describe(), y.describe()), "condition");
+                                return None;
+                            }
+                        };
+                        if *op == ast::CmpOp::Eq { eq } else { !eq }
+                    }
+                    (None, v) => {
+                        self.err(BAD_ARGS, lhs.span, format!("an `if` condition must be a number or a comparison, got {}", show(v)), "condition");
+                        return None;
+                    }
+                };
+                let branch = if truth { Some(then) } else { els.as_ref() };
+                if let Some(b) = branch {
+                    // Names a branch defines stay visible after it, like the statements of a layer:
+                    // the branch is spliced into the enclosing block.
+                    for st in &b.stmts {
+                        if let Some(r) = self.stmt(st) {
+                            return Some(r);
+                        }
+                    }
+                }
             }
         }
         None
@@ -632,36 +670,53 @@ impl<'a> Elab<'a> {
             return;
         }
         let mut exit = ExitSpec::Fixed;
+        let mut exit_span = None;
         let mut cache = CacheSpec::PerStep;
         for st in &body.stmts {
             match &st.kind {
                 StmtKind::Exit(e) if self.symbol_of(e).is_some() => {
                     let name = self.symbol_of(e).unwrap();
                     if name != "fixed" {
-                        self.err(BAD_POLICY, e.span, format!("unknown exit policy `{name}`"), "expected `fixed` or `converge(threshold = ..., max = ...)`");
+                        self.err(BAD_POLICY, e.span, format!("unknown exit policy `{name}`"), EXIT_HINT);
                     }
                 }
                 StmtKind::Cache(e) if self.symbol_of(e).is_some() => {
                     let name = self.symbol_of(e).unwrap();
-                    if name != "per_step" {
-                        self.err(BAD_POLICY, e.span, format!("unknown cache policy `{name}`"), "expected `per_step`");
+                    match name.as_str() {
+                        "per_step" => cache = CacheSpec::PerStep,
+                        "share_first" => cache = CacheSpec::ShareFirst,
+                        "last_step" => cache = CacheSpec::LastStep,
+                        "recursion_wise" => cache = CacheSpec::RecursionWise,
+                        _ => self.err(BAD_POLICY, e.span, format!("unknown cache policy `{name}`"), CACHE_HINT),
                     }
+                }
+                StmtKind::Exit(Expr { kind: ExprKind::Call { callee, .. }, span, .. }) if !EXIT_CALLS.contains(&callee.name.as_str()) => {
+                    let near = EXIT_CALLS.iter().min_by_key(|n| strsim_distance(n, &callee.name)).filter(|n| strsim_distance(n, &callee.name) <= 3);
+                    let label = match near {
+                        Some(n) => format!("did you mean `{n}`?"),
+                        None => EXIT_HINT.to_string(),
+                    };
+                    self.err(BAD_POLICY, *span, format!("unknown exit policy `{}`", callee.name), &label);
                 }
                 StmtKind::Exit(e) => match self.eval(e) {
                     Val::Sym(s) if s == "fixed" => exit = ExitSpec::Fixed,
-                    Val::Exit(x) => exit = x,
+                    Val::Exit(x) => {
+                        exit = x;
+                        exit_span = Some(e.span);
+                    }
                     Val::Error => {}
                     other => self.err(
                         BAD_POLICY,
                         e.span,
                         format!("unknown exit policy {}", show(&other)),
-                        "expected `fixed` or `converge(threshold = ..., max = ...)`",
+                        EXIT_HINT,
                     ),
                 },
                 StmtKind::Cache(e) => match self.eval(e) {
                     Val::Sym(s) if s == "per_step" => cache = CacheSpec::PerStep,
+                    Val::Cache(c) => cache = c,
                     Val::Error => {}
-                    other => self.err(BAD_POLICY, e.span, format!("unknown cache policy {}", show(&other)), "expected `per_step`"),
+                    other => self.err(BAD_POLICY, e.span, format!("unknown cache policy {}", show(&other)), CACHE_HINT),
                 },
                 _ => {}
             }
@@ -716,6 +771,18 @@ impl<'a> Elab<'a> {
         }
         // Captures are renumbered by compaction; the param index order is unchanged.
         operands.extend(ctx.captures.iter().map(|(o, _)| *o));
+        // `max` defaults to the recurrence's own step count.
+        match &mut exit {
+            ExitSpec::Criterion { max_steps, min_steps, .. } | ExitSpec::Gate { max_steps, min_steps, .. } if *max_steps == 0 => {
+                *max_steps = steps_n;
+                *min_steps = (*min_steps).min(steps_n);
+            }
+            ExitSpec::Act { max_steps, .. } if *max_steps == 0 => *max_steps = steps_n,
+            _ => {}
+        }
+        if let (ExitSpec::Gate { .. } | ExitSpec::Act { .. }, None, Some(sp)) = (&exit, &gate, exit_span) {
+            self.err(BAD_POLICY, sp, "`exit gate(...)` and `exit act(...)` need an `exit_gate` in this `recur`".into(), "learned exit without a gate");
+        }
         let op = Op::Recur { steps: steps_n, init: iv.init, exit, cache, gate: gate.is_some(), body: Box::new(ctx.region) };
         let parent = self.regions.last_mut().expect("forward region");
         let tys: Vec<Ty> = operands.iter().map(|&n| parent.region.ty(n).clone()).collect();

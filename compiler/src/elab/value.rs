@@ -1,6 +1,6 @@
 //! Compile-time values of the elaborator. Tensors are graph nodes, tagged with the depth of the
 //! region they live in so that a use from inside a `recur` body becomes a capture.
-use loopc_dialects::ops::{ExitSpec, StateInit};
+use loopc_dialects::ops::{CacheSpec, ExitSpec, StateInit};
 use loopc_dialects::{NodeId, WeightView};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +15,7 @@ pub enum Val {
     List(Vec<Val>),
     Init(InitVal),
     Exit(ExitSpec),
+    Cache(CacheSpec),
     /// Poison: an error was already reported; uses stay silent.
     Error,
 }
@@ -39,6 +40,7 @@ impl Val {
             Val::List(_) => "a list",
             Val::Init(_) => "a state initializer",
             Val::Exit(_) => "an exit policy",
+            Val::Cache(_) => "a cache policy",
             Val::Error => "an erroneous value",
         }
     }

@@ -152,6 +152,25 @@ pub enum StmtKind {
     ExitGate(Expr),
     /// `return value`: the result of the enclosing layer or forward.
     Return(Expr),
+    /// `if lhs (== | !=) rhs { ... } else { ... }`: a build-time choice (e.g. the positional
+    /// embedding of a family); without a comparison, a non-zero number is true.
+    If { lhs: Expr, cmp: Option<(CmpOp, Expr)>, then: Block, els: Option<Block> },
+}
+
+/// Comparison operators of `if`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+}
+
+impl CmpOp {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "==",
+            CmpOp::Ne => "!=",
+        }
+    }
 }
 
 /// An expression with its span.

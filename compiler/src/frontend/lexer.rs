@@ -22,9 +22,11 @@ pub enum Keyword {
     Cache,
     ExitGate,
     Return,
+    If,
+    Else,
 }
 
-const KEYWORDS: [(&str, Keyword); 15] = [
+const KEYWORDS: [(&str, Keyword); 17] = [
     ("model", Keyword::Model),
     ("param", Keyword::Param),
     ("from", Keyword::From),
@@ -40,6 +42,8 @@ const KEYWORDS: [(&str, Keyword); 15] = [
     ("cache", Keyword::Cache),
     ("exit_gate", Keyword::ExitGate),
     ("return", Keyword::Return),
+    ("if", Keyword::If),
+    ("else", Keyword::Else),
 ];
 
 impl Keyword {
@@ -69,6 +73,7 @@ impl Keyword {
                 | Keyword::Cache
                 | Keyword::ExitGate
                 | Keyword::Return
+                | Keyword::If
         )
     }
 }
@@ -84,6 +89,8 @@ pub enum Punct {
     Comma,
     Eq,
     DotDot,
+    EqEq,
+    NotEq,
     Plus,
     Minus,
     Star,
@@ -102,6 +109,8 @@ impl Punct {
             Punct::Comma => ",",
             Punct::Eq => "=",
             Punct::DotDot => "..",
+            Punct::EqEq => "==",
+            Punct::NotEq => "!=",
             Punct::Plus => "+",
             Punct::Minus => "-",
             Punct::Star => "*",
@@ -258,6 +267,14 @@ impl<'a> Lexer<'a> {
             '[' => Punct::LBracket,
             ']' => Punct::RBracket,
             ',' => Punct::Comma,
+            '=' if self.peek2() == Some('=') => {
+                self.pos += 2;
+                return Some(Punct::EqEq);
+            }
+            '!' if self.peek2() == Some('=') => {
+                self.pos += 2;
+                return Some(Punct::NotEq);
+            }
             '=' => Punct::Eq,
             '+' => Punct::Plus,
             '-' => Punct::Minus,

@@ -556,6 +556,30 @@ impl Parser {
                 self.bump();
                 StmtKind::Return(self.expr()?)
             }
+            TokKind::Kw(Keyword::If) => {
+                self.bump();
+                let lhs = self.expr_before_block()?;
+                let cmp = match self.peek() {
+                    TokKind::Punct(Punct::EqEq) => Some(CmpOp::Eq),
+                    TokKind::Punct(Punct::NotEq) => Some(CmpOp::Ne),
+                    _ => None,
+                };
+                let cmp = match cmp {
+                    Some(op) => {
+                        self.bump();
+                        Some((op, self.expr_before_block()?))
+                    }
+                    None => None,
+                };
+                let then = self.block()?;
+                let els = if matches!(self.peek(), TokKind::Kw(Keyword::Else)) {
+                    self.bump();
+                    Some(self.block()?)
+                } else {
+                    None
+                };
+                StmtKind::If { lhs, cmp, then, els }
+            }
             _ => return Err(self.expected_with("a statement", vec![format!("note: {STMT_FORMS}")])),
         };
         Ok(Stmt {

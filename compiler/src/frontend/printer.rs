@@ -152,6 +152,20 @@ impl Printer {
             StmtKind::Cache(e) => self.keyword_expr("cache", e),
             StmtKind::ExitGate(e) => self.keyword_expr("exit_gate", e),
             StmtKind::Return(e) => self.keyword_expr("return", e),
+            StmtKind::If { lhs, cmp, then, els } => {
+                self.out.push_str("if ");
+                self.expr(lhs, 0);
+                if let Some((op, rhs)) = cmp {
+                    let _ = write!(self.out, " {} ", op.symbol());
+                    self.expr(rhs, 0);
+                }
+                self.out.push(' ');
+                self.block(then);
+                if let Some(b) = els {
+                    self.out.push_str(" else ");
+                    self.block(b);
+                }
+            }
         }
     }
 

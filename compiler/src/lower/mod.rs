@@ -2,13 +2,15 @@
 //! list the backend compiles, KV sites and RoPE tables. The forward region splits at its one
 //! recurrence into prelude / recur / coda.
 mod print;
+mod readout;
 
 pub use print::print_manifest;
 
-use loopc_dialects::ops::{Binary, CacheSpec, ExitSpec, FusedOp, RopeStyle as DRope, StateInit as DInit, Unary};
+use loopc_dialects::ops::{Binary, CacheSpec, Criterion as DCriterion, ExitSpec, FusedOp, RopeStyle as DRope, StateInit as DInit, Unary};
 use loopc_dialects::{Module, NodeId, Op, Region, Ty};
 use loopc_runtime::artifact::{
-    Arg, BufId, BufferDecl, CachePolicy, Derive, DerivedWeight, EwIn, EwOp, ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite,
+    Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, EwIn, EwOp, ExitPolicy, Instr, KernelDecl,
+    KernelSpec, KvSite,
     Manifest, Program, Recur, RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
 };
 use std::collections::HashMap;
@@ -95,9 +97,28 @@ pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, L
         kernels: l.kernels,
         rope_tables: l.rope_tables,
         kv_sites,
-        program: Program { prelude, recur: l.recur, coda, logits },
+        program: Program {
+            prelude,
+            recur: l.recur.map(|mut r| {
+                r.readout = readout::readout(&coda, r.state, r.next);
+                r
+            }),
+            coda,
+            logits,
+        },
         derived: l.derived,
     })
+}
+
+fn criterion(c: DCriterion) -> Criterion {
+    match c {
+        DCriterion::LatentDiff => Criterion::LatentDiff,
+        DCriterion::Cosine => Criterion::Cosine,
+        DCriterion::Kl => Criterion::Kl,
+        DCriterion::MinpKl => Criterion::MinpKl,
+        DCriterion::EntropyDiff => Criterion::EntropyDiff,
+        DCriterion::ArgmaxStability => Criterion::ArgmaxStability,
+    }
 }
 
 fn wref(op: &Op) -> Option<WRef> {
@@ -157,6 +178,7 @@ impl Lowerer {
             KernelSpec::RmsNorm { .. } => "rmsnorm",
             KernelSpec::Rope { .. } => "rope",
             KernelSpec::Attention { .. } => "attn",
+            KernelSpec::LayerNorm { .. } => "layernorm",
             KernelSpec::Glu { .. } => "glu",
             KernelSpec::RopeBias { .. } => "rope",
         };
@@ -235,11 +257,27 @@ impl Lowerer {
                 ExitSpec::Converge { threshold, min_steps, max_steps } => {
                     ExitPolicy::Converge { threshold: *threshold, min_steps: *min_steps, max_steps: *max_steps }
                 }
+                ExitSpec::Criterion { kind, threshold, min_steps, every, max_steps } => ExitPolicy::Criterion {
+                    criterion: criterion(*kind),
+                    threshold: *threshold,
+                    min_steps: *min_steps,
+                    every: *every,
+                    max_steps: *max_steps,
+                },
+                ExitSpec::Gate { q, min_steps, max_steps } => {
+                    ExitPolicy::Gate { q: *q, min_steps: *min_steps, max_steps: *max_steps }
+                }
+                ExitSpec::Act { eps, max_steps } => ExitPolicy::Act { eps: *eps, max_steps: *max_steps },
             },
             cache: match cache {
                 CacheSpec::PerStep => CachePolicy::PerStep,
+                CacheSpec::Ring(c) => CachePolicy::Ring(*c),
+                CacheSpec::ShareFirst => CachePolicy::ShareFirst,
+                CacheSpec::LastStep => CachePolicy::LastStep,
+                CacheSpec::RecursionWise => CachePolicy::RecursionWise,
             },
             gate,
+            readout: vec![],
         });
         // After the loop, the recur node's value is the final state.
         vals.insert(n, state);
@@ -378,10 +416,38 @@ impl Lowerer {
                 out.push(Instr::Concat { inputs, out: o });
                 vals.insert(n, o);
             }
-            Op::Slice { .. } => {
-                return Err(LowerError(
-                    "`split` of a value that is not a `linear` projection is not supported yet; split the projection weight instead".into(),
-                ))
+            Op::Slice { start, .. } => {
+                let src = self.buf(ops[0], vals)?;
+                let o = self.buffer(name, cols);
+                out.push(Instr::SliceCols { src, start: *start, out: o });
+                vals.insert(n, o);
+            }
+            Op::LayerNorm { eps } => {
+                let x = self.buf(ops[0], vals)?;
+                let g = self.arg(r, ops[1], vals)?;
+                let b = self.arg(r, ops[2], vals)?;
+                let k = self.kernel(KernelSpec::LayerNorm { cols, eps: *eps });
+                let o = self.buffer(name, cols);
+                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(x), g, b, Arg::Buf(o)] });
+                vals.insert(n, o);
+            }
+            Op::MatMul => {
+                let w = wref(&r.node(ops[1]).op).ok_or_else(|| LowerError("`matmul` needs a weight".into()))?;
+                let x = self.buf(ops[0], vals)?;
+                let o = self.buffer(name, cols);
+                out.push(Instr::MatMulKN { x, w, out: o });
+                vals.insert(n, o);
+            }
+            Op::PosEmbed => {
+                let table = wref(&r.node(ops[0]).op).ok_or_else(|| LowerError("`pos_embed` needs a weight table".into()))?;
+                let o = self.buffer(name, cols);
+                out.push(Instr::PosEmbed { table, out: o });
+                vals.insert(n, o);
+            }
+            Op::Sinusoidal { base, .. } => {
+                let o = self.buffer(name, cols);
+                out.push(Instr::Sinusoidal { base: *base, out: o });
+                vals.insert(n, o);
             }
             Op::Unary(_) | Op::Binary(_) | Op::Scale(_) | Op::Fused { .. } => {
                 let body = match &node.op {

@@ -79,6 +79,10 @@ fn instrs(s: &mut String, m: &Manifest, v: &[Instr], ind: &str) {
             }
             Instr::Copy { src, dst } => format!("b{dst} = copy b{src}"),
             Instr::KvWrite { site, k, v } => format!("kv_write s{site}, b{k}, b{v}"),
+            Instr::MatMulKN { x, w: wr, out } => format!("b{out} = matmul b{x}, {}", w(m, wr)),
+            Instr::SliceCols { src, start, out } => format!("b{out} = slice b{src}, start={start}"),
+            Instr::PosEmbed { table, out } => format!("b{out} = pos_embed {}", w(m, table)),
+            Instr::Sinusoidal { base, out } => format!("b{out} = sinusoidal base={base:?}"),
             Instr::Kernel { kernel, args } => {
                 let a: Vec<String> = args
                     .iter()
@@ -112,5 +116,6 @@ fn spec(k: &KernelSpec) -> String {
         KernelSpec::Attention { heads, kv_heads, head_dim, scale } => {
             format!("attention heads={heads} kv_heads={kv_heads} head_dim={head_dim} scale={scale:?}")
         }
+        KernelSpec::LayerNorm { cols, eps } => format!("layernorm cols={cols} eps={eps:?}"),
     }
 }

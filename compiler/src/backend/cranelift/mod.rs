@@ -15,6 +15,7 @@ mod elementwise;
 mod emit;
 mod link;
 mod math;
+mod layernorm;
 mod norm;
 mod rope;
 mod target;
@@ -175,6 +176,7 @@ fn build(decl: &KernelDecl, features: Features, fctx: &mut FunctionBuilderContex
             head_dim,
             scale,
         } => attention::build(&mut fx, &params, *heads, *kv_heads, *head_dim, *scale),
+        KernelSpec::LayerNorm { cols, eps } => layernorm::build(&mut fx, &params, *cols, *eps),
         KernelSpec::Glu { cols, ops } => elementwise::build_glu(&mut fx, &params, *cols, ops),
         KernelSpec::RopeBias { heads, head_dim, style } => rope::build_with_bias(&mut fx, &params, *heads, *head_dim, *style),
     }
@@ -219,7 +221,7 @@ fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
             dim("cols", *cols)?;
             elementwise::validate(inputs, ops, outputs).map_err(invalid)
         }
-        KernelSpec::RmsNorm { cols, eps, .. } => {
+        KernelSpec::RmsNorm { cols, eps, .. } | KernelSpec::LayerNorm { cols, eps } => {
             dim("cols", *cols)?;
             if !eps.is_finite() || *eps < 0.0 {
                 return Err(invalid(format!(

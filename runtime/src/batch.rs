@@ -1,0 +1,146 @@
+//! Batches of independent sequences in one call: each has its own position, KV cache and
+//! per-token depths; their rows share every matmul and kernel launch, and a row that exits
+//! leaves the active set whatever its sequence (so a batch with unequal depths costs the sum of
+//! its tokens' depths, not batch × max depth).
+
+use crate::error::{Result, RuntimeError};
+use crate::exec::{ExecState, Seg};
+use crate::kv::KvCache;
+use crate::model::Model;
+use crate::session::{DepthSchedule, Logits};
+
+pub struct BatchSession {
+    model: Model,
+    st: ExecState,
+    kvs: Vec<KvCache>,
+    pos: Vec<usize>,
+    steps: Option<usize>,
+    schedules: Vec<Option<DepthSchedule>>,
+    segs: Vec<Seg>,
+    /// The sequence of each segment of the last call.
+    seq_ids: Vec<usize>,
+    tokens: Vec<u32>,
+}
+
+impl BatchSession {
+    pub(crate) fn new(model: Model, n: usize) -> Self {
+        let m = &model.inner;
+        let st = ExecState::new(m);
+        let ring = m.manifest.program.recur.as_ref().and_then(|r| r.cache.slots());
+        let kvs = (0..n).map(|_| KvCache::new(&m.manifest.kv_sites, ring)).collect();
+        BatchSession {
+            st,
+            kvs,
+            pos: vec![0; n],
+            steps: None,
+            schedules: vec![None; n],
+            segs: Vec::new(),
+            seq_ids: Vec::new(),
+            tokens: Vec::new(),
+            model,
+        }
+    }
+
+    /// Number of sequences.
+    pub fn len(&self) -> usize {
+        self.kvs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kvs.is_empty()
+    }
+
+    pub fn set_steps(&mut self, steps: Option<usize>) {
+        self.steps = steps;
+    }
+
+    pub fn set_exit_threshold(&mut self, threshold: Option<f64>) {
+        self.st.exits.threshold = threshold;
+    }
+
+    /// Force the depths of sequence `b`'s tokens; either every sequence has a schedule or none.
+    pub fn set_depth_schedule(&mut self, b: usize, schedule: Option<DepthSchedule>) {
+        if let Some(s) = self.schedules.get_mut(b) {
+            *s = schedule;
+        }
+    }
+
+    /// Positions of the next token of each sequence.
+    pub fn positions(&self) -> &[usize] {
+        &self.pos
+    }
+
+    /// Process `chunks[b]` for each sequence `b` (an empty chunk sits this call out); returns
+    /// the logits of every row of each sequence.
+    pub fn prefill(&mut self, chunks: &[&[u32]]) -> Result<Vec<Logits>> {
+        let n = self.kvs.len();
+        if chunks.len() != n {
+            return Err(RuntimeError::Config(format!("a batch of {n} sequences got {} token lists", chunks.len())));
+        }
+        let scheduled = self.schedules.iter().filter(|s| s.is_some()).count();
+        if scheduled != 0 && scheduled != n {
+            return Err(RuntimeError::Config("either every sequence of a batch has a depth schedule or none".into()));
+        }
+        self.segs.clear();
+        self.tokens.clear();
+        self.st.exits.depths.clear();
+        self.seq_ids.clear();
+        let mut kvs = Vec::with_capacity(n);
+        for (b, (c, kv)) in chunks.iter().zip(self.kvs.iter_mut()).enumerate() {
+            if c.is_empty() {
+                continue;
+            }
+            self.segs.push(Seg { row0: self.tokens.len(), rows: c.len(), pos0: self.pos[b] });
+            self.tokens.extend_from_slice(c);
+            if let Some(s) = &self.schedules[b] {
+                for p in self.pos[b]..self.pos[b] + c.len() {
+                    let d = s.depth(p).ok_or_else(|| RuntimeError::Config("the depth schedule is empty".into()))?;
+                    self.st.exits.depths.push(d);
+                }
+            }
+            kvs.push(std::mem::replace(kv, KvCache::new(&[], None)));
+            self.seq_ids.push(b);
+        }
+        if self.tokens.is_empty() {
+            return Err(RuntimeError::EmptyInput);
+        }
+        let m = &self.model.inner;
+        let r = self.st.forward_segs(m, Some(&mut kvs), &self.tokens, &self.segs, self.steps);
+        // The caches go back whatever happened.
+        for (kv, &b) in kvs.into_iter().zip(&self.seq_ids) {
+            self.kvs[b] = kv;
+        }
+        let info = r?;
+        let vocab = m.manifest.vocab;
+        let all = self.st.workspace(info.ws).buf(m.manifest.program.logits);
+        let mut out = vec![Logits::new(vocab); n];
+        for (g, &b) in self.segs.iter().zip(&self.seq_ids) {
+            out[b] = Logits { data: all[g.row0 * vocab..(g.row0 + g.rows) * vocab].to_vec(), rows: g.rows, vocab };
+            self.pos[b] += g.rows;
+        }
+        Ok(out)
+    }
+
+    /// One token per sequence (`None` sits a sequence out).
+    pub fn step(&mut self, tokens: &[Option<u32>]) -> Result<Vec<Logits>> {
+        let chunks: Vec<&[u32]> = tokens.iter().map(|t| t.as_ref().map_or(&[][..], std::slice::from_ref)).collect();
+        self.prefill(&chunks)
+    }
+
+    /// Iterations each token of sequence `b` ran in the last call (empty if it sat out).
+    pub fn last_depths(&self, b: usize) -> &[usize] {
+        let Some(i) = self.seq_ids.iter().position(|&x| x == b) else { return &[] };
+        let g = self.segs[i];
+        &self.st.exits.row_depth[g.row0..g.row0 + g.rows]
+    }
+
+    /// Σ iterations over the rows of the last call (block evaluations).
+    pub fn last_block_evaluations(&self) -> usize {
+        self.st.exits.row_depth.iter().sum()
+    }
+
+    /// KV bytes holding filled positions, per sequence.
+    pub fn kv_bytes_used(&self) -> Vec<usize> {
+        self.kvs.iter().map(|k| k.bytes_used()).collect()
+    }
+}
