@@ -280,6 +280,15 @@ fn rule_embed_scale_fold_on_the_backend() {
 }
 
 #[test]
+fn rule_scale_identity_on_the_backend() {
+    for (seed, d) in [(0, 3), (1, 16)] {
+        let rhs = check_rule(&embed_scale_text(d).replace("by=2.5", "by=1.0"), "scale-identity", seed);
+        let text = print_module(&rhs);
+        assert!(!text.contains("scale"), "neither a scale op nor a derived table: {text}");
+    }
+}
+
+#[test]
 fn rule_q_scale_fold_on_the_backend() {
     let mut rng = Rng(0x5eed_0003);
     for seed in 0..4 {
