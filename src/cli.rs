@@ -120,16 +120,16 @@ enum Cmd {
         #[command(flatten)]
         args: ModelArgs,
     },
-    /// Show what the e-graph optimizer does: rules fired per region, node counts, cost before
-    /// and after, time per stage.
-    Explain {
+    /// Print every param of a `.loop` file with its value and where it came from (the default,
+    /// `--set`, or which config.json key), and the config keys no param reads.
+    Params {
         model: PathBuf,
         #[command(flatten)]
         args: ModelArgs,
     },
-    /// Print every param of a `.loop` file with its value and where it came from (the default,
-    /// `--set`, or which config.json key), and the config keys no param reads.
-    Params {
+    /// Show what the e-graph optimizer does: rules fired per region, node counts, cost before
+    /// and after, time per stage.
+    Explain {
         model: PathBuf,
         #[command(flatten)]
         args: ModelArgs,
@@ -382,10 +382,21 @@ fn run(r: RunArgs) -> Result<(), String> {
         if !x.is_finite() {
             return Err(format!("error: --exit-threshold must be a finite number, got {x}"));
         }
+        let fixed = matches!(
+            model.manifest().program.recur.as_ref().map(|r| &r.exit),
+            Some(loopc_runtime::artifact::ExitPolicy::Fixed) | None
+        );
+        if fixed {
+            eprintln!("warning: --exit-threshold has no effect: the model's exit policy is `fixed`");
+        }
         session.set_exit_threshold(Some(x));
     }
     if let Some(d) = &r.depths {
-        let v: Vec<usize> = parse_ids(d, "--depths")?.into_iter().map(|x| x as usize).collect();
+        let v = d
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .filter(|t| !t.is_empty())
+            .map(|t| t.parse::<usize>().map_err(|_| format!("error: --depths: `{t}` is not a depth")))
+            .collect::<Result<Vec<usize>, String>>()?;
         if v.is_empty() || v.contains(&0) {
             return Err("error: --depths needs one or more depths ≥ 1".into());
         }

@@ -105,20 +105,6 @@ fn user_errors_are_messages_not_panics() {
 }
 
 #[test]
-fn explain_lists_rules_per_region_and_the_egraph_stage_prints() {
-    let (ok, out, err) = loopc(&["explain", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "init_scale=0"]);
-    assert!(ok, "{err}");
-    for want in ["region forward/%", "region forward\n", "fired rmsnorm-residual", "fired concat-linear-split", "fired swiglu-fuse", "hoisted 1 value", "cost "] {
-        assert!(out.contains(want), "missing `{want}` in:\n{out}");
-    }
-    let (ok, out, err) = loopc(&["ir", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--stage", "egraph"]);
-    assert!(ok, "{err}");
-    assert!(out.contains("rmsnorm_res") && out.contains("glu"), "{out}");
-    let (ok, _, err) = loopc(&["explain", "examples/missing.loop"]);
-    assert!(!ok && err.contains("cannot read"), "{err}");
-}
-
-#[test]
 fn params_lists_values_and_their_sources() {
     let (ok, out, err) = loopc(&["params", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "steps=3"]);
     assert!(ok, "{err}");
@@ -129,6 +115,7 @@ fn params_lists_values_and_their_sources() {
     assert!(out.contains("unused config keys:") && out.contains("tie_embeddings"), "{out}");
 }
 
+#[test]
 fn run_with_forced_depths_prints_depth_stats() {
     let (ok, out, err) = loopc(&[
         "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "init_scale=0",
@@ -151,4 +138,18 @@ fn run_with_forced_depths_prints_depth_stats() {
         "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1 2", "--exit-threshold", "nan",
     ]);
     assert!(!ok && err.contains("--exit-threshold"), "{err}");
+}
+
+#[test]
+fn explain_lists_rules_per_region_and_the_egraph_stage_prints() {
+    let (ok, out, err) = loopc(&["explain", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "init_scale=0"]);
+    assert!(ok, "{err}");
+    for want in ["region forward/%", "region forward\n", "fired rmsnorm-residual", "fired concat-linear-split", "fired swiglu-fuse", "hoisted 1 value", "cost "] {
+        assert!(out.contains(want), "missing `{want}` in:\n{out}");
+    }
+    let (ok, out, err) = loopc(&["ir", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--stage", "egraph"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("rmsnorm_res") && out.contains("glu"), "{out}");
+    let (ok, _, err) = loopc(&["explain", "examples/missing.loop"]);
+    assert!(!ok && err.contains("cannot read"), "{err}");
 }

@@ -280,6 +280,17 @@ fn bad_schedules_are_errors() {
     assert!(s.prefill(&[1, 2]).is_err());
     s.set_depth_schedule(Some(DepthSchedule::Positions(vec![2, 0])));
     assert!(s.prefill(&[1, 2]).is_err());
+    assert_eq!(s.position(), 0, "a failed call does not advance the sequence");
+    let mut b = model.batch_session(2);
+    assert!(b.prefill(&[&[1]]).is_err(), "one token list for two sequences");
+    assert!(b.prefill(&[&[], &[]]).is_err(), "nothing to do");
+    assert!(b.prefill(&[&[1], &[100_000]]).is_err(), "token out of range");
+    b.set_depth_schedule(0, Some(DepthSchedule::Positions(vec![2])));
+    assert!(b.prefill(&[&[1], &[2]]).is_err(), "a schedule for only some sequences");
+    b.set_depth_schedule(1, Some(DepthSchedule::Positions(vec![3])));
+    assert_eq!(b.prefill(&[&[1], &[2]]).unwrap().len(), 2);
+    assert_eq!(b.positions(), &[1, 1], "failed calls did not move the sequences");
+    assert_eq!((b.last_depths(0), b.last_depths(1)), (&[2][..], &[3][..]));
 }
 
 /// ACT / UT halting on Ouro's gate with physical exit, against `ouro_forward_act` in the
@@ -354,4 +365,55 @@ fn batch_of_four_equals_independent_sessions() {
         let kv: Vec<usize> = singles.iter().map(|s| s.stats().kv_bytes_used).collect();
         assert_eq!(batch.kv_bytes_used(), kv);
     }
+}
+
+/// With a state-based criterion a token's trajectory depends only on its own state and the
+/// latest KV of earlier positions, so cached decode equals recomputing the whole sequence in one
+/// prefill — depths included.
+#[test]
+fn latent_exit_decode_equals_recompute() {
+    let model = huginn("latent_diff(threshold = 0.9, max = 7)", "per_step");
+    let f = fixture("huginn_tiny/r7.safetensors");
+    let prompt = ids(&read(&f, "prompt"));
+    let decode = ids(&read(&f, "decode_tokens"));
+    let mut s = model.session();
+    s.prefill(&prompt).unwrap();
+    let mut depths = s.last_depths().to_vec();
+    let mut cached = vec![];
+    for &t in &decode {
+        cached.extend_from_slice(s.step(t).unwrap().data());
+        depths.push(s.last_depths()[0]);
+    }
+    let mut all = prompt.clone();
+    all.extend_from_slice(&decode);
+    let mut fresh = model.session();
+    let full = fresh.prefill(&all).unwrap();
+    assert_eq!(fresh.last_depths(), &depths[..]);
+    assert!(depths.iter().any(|&d| d < 7), "no token exited early: {depths:?}");
+    let v = full.vocab();
+    let d = max_abs_diff(&cached, &full.data()[prompt.len() * v..]);
+    // f32 summation order differs between the 1-row and 11-row matmul paths (≈1e-5 after 7
+    // iterations); depths equal exactly, so the tolerance is the parity one.
+    assert!(d <= TOL, "cached decode differs from recomputation by {d:e}");
+}
+
+/// Forced per-token loops on the Ouro family against `ouro_forward_schedule`.
+#[test]
+fn ouro_schedule_matches_reference() {
+    let f = fixture("ouro_tiny/sched_per_step.safetensors");
+    let model = variant("ouro", "ouro_tiny/config.json", "ouro_tiny/model.safetensors", "fixed", "per_step", &[]);
+    let prompt = ids(&read(&f, "prompt"));
+    let mut all = depths(&read(&f, "prompt_depths"));
+    all.extend(depths(&read(&f, "decode_depths")));
+    let mut s = model.session();
+    s.set_depth_schedule(Some(DepthSchedule::Positions(all.clone())));
+    let pre = s.prefill(&prompt).unwrap();
+    let d_pre = max_abs_diff(pre.data(), &read(&f, "prefill_logits").f32);
+    let mut got = vec![];
+    for &t in &ids(&read(&f, "decode_tokens")) {
+        got.extend_from_slice(s.step(t).unwrap().data());
+    }
+    let d_dec = max_abs_diff(&got, &read(&f, "decode_logits").f32);
+    assert!(d_pre <= TOL && d_dec <= TOL, "prefill {d_pre:e}, decode {d_dec:e}");
+    assert_eq!(s.stats().token_iterations, all.iter().sum::<usize>());
 }

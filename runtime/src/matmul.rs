@@ -25,6 +25,10 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
         gemv(&x[..k], &w[..n * k], &mut out[..n], threads);
         return;
     }
+    if m <= SMALL_M {
+        gemv_multi(&x[..m * k], &w[..n * k], &mut out[..m * n], m, threads);
+        return;
+    }
     let macs = m.saturating_mul(n).saturating_mul(k);
     let par = if threads > 1 && macs >= 64 * PAR_MIN_MACS {
         gemm::Parallelism::Rayon(threads)
@@ -129,6 +133,36 @@ pub fn gemv(x: &[f32], w: &[f32], out: &mut [f32], threads: usize) {
     out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| {
         let r0 = c * rows;
         gemv_rows(x, &w[r0 * k..(r0 + o.len()) * k], o);
+    });
+}
+
+/// Up to this many rows (a decode step of a small batch) use `gemv_multi`: `gemm` packs the
+/// whole weight for a handful of rows and loses to streaming it.
+const SMALL_M: usize = 8;
+
+/// GEMV for a few rows at once: the output columns (weight rows) are split over the pool and
+/// each block of weight rows is applied to every `x` row while it is hot in cache, so the
+/// weights are streamed from memory once per call, not once per row.
+pub fn gemv_multi(x: &[f32], w: &[f32], out: &mut [f32], m: usize, threads: usize) {
+    let k = x.len() / m.max(1);
+    let n = out.len() / m.max(1);
+    assert!(w.len() >= n * k && x.len() >= m * k && out.len() >= m * n, "gemv_multi operand sizes");
+    let block = |r0: usize, r1: usize, out: *mut f32| {
+        for i in 0..m {
+            // SAFETY: blocks [r0, r1) are disjoint across callers; row i of out is n long.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.add(i * n + r0), r1 - r0) };
+            gemv_rows(&x[i * k..(i + 1) * k], &w[r0 * k..r1 * k], o);
+        }
+    };
+    let op = out.as_mut_ptr() as usize;
+    if threads <= 1 || n < 8 || m.saturating_mul(n).saturating_mul(k) < PAR_MIN_MACS {
+        block(0, n, op as *mut f32);
+        return;
+    }
+    let rows = n.div_ceil(threads * 4).next_multiple_of(4).max(4);
+    (0..n.div_ceil(rows)).into_par_iter().for_each(|c| {
+        let r0 = c * rows;
+        block(r0, (r0 + rows).min(n), op as *mut f32);
     });
 }
 
@@ -427,6 +461,21 @@ mod tests {
         let mut o = vec![f32::NAN; n];
         pool(3).install(|| gemv(&x, &w, &mut o, 3));
         close(&o, &want, k);
+    }
+
+    #[test]
+    fn gemv_multi_matches_naive_serial_and_parallel() {
+        let mut s = 13u64;
+        for &(m, k, n) in &[(2usize, 17usize, 5usize), (4, 300, 1001), (8, 64, 33)] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let want = naive(&x, &w, m, k, n);
+            for threads in [1, 3] {
+                let mut o = vec![f32::NAN; m * n];
+                pool(threads).install(|| gemv_multi(&x, &w, &mut o, m, threads));
+                close(&o, &want, k);
+            }
+        }
     }
 
     /// The gemm path on windows of a larger weight (a `WRef` with an offset).

@@ -276,6 +276,49 @@ def gen_act(out):
     }, os.path.join(d, "act.safetensors"))
 
 
+OURO_SCHED_PROMPT = (2, 4, 1, 3, 4, 2, 1)
+OURO_SCHED_DECODE = (3, 1, 4, 2)
+
+
+def gen_ouro_schedule(out):
+    """Forced per-token loops on Ouro, per_step cache: ouro_tiny/sched_per_step.safetensors."""
+    d = os.path.join(out, "ouro_tiny")
+    cfg = OURO_CFG
+    w = R.ouro_random_weights(cfg, OURO_SEED)
+    prompt, dec = tokens(OURO_SEED + 555, cfg["vocab_size"])
+    pdep = torch.tensor(OURO_SCHED_PROMPT, dtype=torch.int64)
+    ddep = torch.tensor(OURO_SCHED_DECODE, dtype=torch.int64)
+    total = PROMPT_LEN + DECODE_LEN
+
+    def run(dtype):
+        wd = R.cast_weights(w, dtype)
+        rope = R.ouro_rope_table(cfg, total, dtype)
+        cache = R.ScheduleCache(total, "per_step")
+        pre = R.ouro_forward_schedule(wd, cfg, prompt[None], pdep, cache, 0, rope)[0]
+        dl = [R.ouro_forward_schedule(wd, cfg, dec[None, n:n + 1], ddep[n:n + 1], cache, PROMPT_LEN + n, rope)[0, 0]
+              for n in range(DECODE_LEN)]
+        full = R.ouro_forward_schedule(wd, cfg, torch.cat([prompt, dec])[None], torch.cat([pdep, ddep]),
+                                       R.ScheduleCache(total, "per_step"), 0, rope)[0]
+        return pre, torch.stack(dl), full
+
+    pre, decl, full = run(torch.float64)
+    const = R.ouro_forward_schedule(R.cast_weights(w, torch.float64), cfg, prompt[None],
+                                    torch.full((PROMPT_LEN,), 4), R.ScheduleCache(PROMPT_LEN))
+    fixed = R.ouro_forward(R.cast_weights(w, torch.float64), cfg, prompt[None])["logits"]
+    assert maxdiff(const, fixed) < 1e-9
+    cache_err = max(maxdiff(pre, full[:PROMPT_LEN]), maxdiff(decl, full[PROMPT_LEN:]))
+    pre32, dec32, _ = run(torch.float32)
+    f32_err = max(maxdiff(pre, pre32), maxdiff(decl, dec32))
+    print(f"ouro schedule per_step: cache-vs-full (f64) max|d|={cache_err:.3e}  f32-vs-f64 max|d|={f32_err:.3e}")
+    assert cache_err < 1e-9 and f32_err < 1e-4
+    save_file({
+        "prompt": prompt.contiguous(), "prompt_depths": pdep.contiguous(),
+        "prefill_logits": pre.float().contiguous(),
+        "decode_tokens": dec.contiguous(), "decode_depths": ddep.contiguous(),
+        "decode_logits": decl.float().contiguous(),
+    }, os.path.join(d, "sched_per_step.safetensors"))
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__)
@@ -288,6 +331,7 @@ def main():
         gen_ouro(out)
     gen_schedule(out)
     gen_act(out)
+    gen_ouro_schedule(out)
     print(f"fixtures written to {out}")
 
 

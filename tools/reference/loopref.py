@@ -580,3 +580,25 @@ def ouro_forward_act(w: Weights, cfg: dict, ids: Tensor, eps: float, max_steps: 
         state = x * wt[None, :, None] + state * (1 - wt[None, :, None])
         halted = halted | newh | (n >= max_steps)
     return F.linear(state, w["lm_head.weight"]), n
+
+
+def ouro_forward_schedule(w: Weights, cfg: dict, ids: Tensor, depths: Tensor,
+                          cache: ScheduleCache, start: int = 0, rope=None) -> Tensor:
+    """Ouro logits [1,S,V] with a per-token depth schedule (token i runs depths[i] loops);
+    inactive tokens keep their state and are read through `cache`'s rule.  Batch 1."""
+    L = cfg["num_hidden_layers"]
+    eps_n = cfg.get("rms_norm_eps", 1e-6)
+    emb = w["model.embed_tokens.weight"]
+    S = ids.shape[1]
+    if rope is None:
+        rope = ouro_rope_table(cfg, start + S, emb.dtype)
+    cos, sin = rope[0][start:start + S], rope[1][start:start + S]
+    h = F.embedding(ids, emb)
+    for t in range(int(depths.max())):
+        active = depths > t
+        x = h
+        for l in range(L):
+            x = ouro_layer(w, l, x, cos, sin, cfg, _LoopSlots(cache, l, t, active), -1, start)
+        x = rms_norm(x, w["model.norm.weight"], eps_n)
+        h = torch.where(active[None, :, None], x, h)
+    return F.linear(h, w["lm_head.weight"])

@@ -99,8 +99,13 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
         Op::WMulCols => TOp::WMulCols,
         Op::WConcatRows => TOp::WConcatRows,
         Op::Glu(u) => TOp::Glu(unary_ix(*u)),
-        // Ops no rule reads yet stay whole (their operands are still children).
-        Op::Recur { .. } | Op::Fused { .. } | Op::LayerNorm { .. } | Op::MatMul | Op::PosEmbed | Op::Sinusoidal { .. } => {
+        // Kept whole: the optimizer has no rules for them yet.
+        Op::Recur { .. }
+        | Op::Fused { .. }
+        | Op::LayerNorm { .. }
+        | Op::MatMul
+        | Op::PosEmbed
+        | Op::Sinusoidal { .. } => {
             opaque.push(op.clone());
             TOp::Opaque((opaque.len() - 1) as u32)
         }

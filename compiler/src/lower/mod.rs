@@ -9,8 +9,7 @@ pub use print::print_manifest;
 use loopc_dialects::ops::{Binary, CacheSpec, Criterion as DCriterion, ExitSpec, FusedOp, RopeStyle as DRope, StateInit as DInit, Unary};
 use loopc_dialects::{Module, NodeId, Op, Region, Ty};
 use loopc_runtime::artifact::{
-    Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, EwIn, EwOp, ExitPolicy, Instr, KernelDecl,
-    KernelSpec, KvSite,
+    Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, EwIn, EwOp, ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite,
     Manifest, Program, Recur, RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
 };
 use std::collections::HashMap;
