@@ -280,12 +280,41 @@ fn rule_embed_scale_fold_on_the_backend() {
 }
 
 #[test]
+fn rule_scale_identity_on_the_backend() {
+    for (seed, d) in [(0, 3), (1, 16)] {
+        let rhs = check_rule(&embed_scale_text(d).replace("by=2.5", "by=1.0"), "scale-identity", seed);
+        let text = print_module(&rhs);
+        assert!(!text.contains("scale"), "neither a scale op nor a derived table: {text}");
+    }
+}
+
+#[test]
 fn rule_q_scale_fold_on_the_backend() {
     let mut rng = Rng(0x5eed_0003);
     for seed in 0..4 {
         let heads = rng.pick(&[1, 2, 4]);
         let hd = rng.pick(&[2, 4, 8, 16]);
         check_rule(&q_scale_text(heads, hd), "q-scale-fold", seed);
+    }
+}
+
+#[test]
+fn hoisting_with_an_operand_init_state_and_an_exit_gate() {
+    // Ouro-style init (the first operand is the initial state) plus a capture and a learned
+    // exit gate: the hoisted value must become the last capture, after the existing ones.
+    let mut rng = Rng(0x5eed_0008);
+    for seed in 0..3 {
+        let d = rng.pick(&[4, 16, 33]);
+        let text = concat_linear_text(d, 3)
+            .replace("%3 = loop.recur %2 steps=3 init=zeros exit=fixed cache=per_step gate=false", "%3 = loop.recur %2, %2 steps=3 init=operand exit=fixed cache=per_step gate=true")
+            .replace("    yield %5\n", &format!("    %6 = weight @2 : w[{V}, {d}]\n    %7 = linear %5, %6 : [S, {V}]\n    %8 = slice %7 start=0 len=1 : [S, 1]\n    yield %5, %8\n"));
+        // The gate must be a matmul of width 1 for lowering: use a [1, d] window of the head.
+        let text = text
+            .replace(&format!("    %6 = weight @2 : w[{V}, {d}]\n    %7 = linear %5, %6 : [S, {V}]\n    %8 = slice %7 start=0 len=1 : [S, 1]\n"), &format!("    %6 = weight @2 : w[1, {d}]\n    %7 = linear %5, %6 : [S, 1]\n"))
+            .replace("    yield %5, %8\n", "    yield %5, %7\n");
+        let rhs = check_rule(&text, "concat-linear-split", seed);
+        let out = print_module(&rhs);
+        assert!(out.contains("init=operand") && out.contains("gate=true"), "{out}");
     }
 }
 

@@ -46,8 +46,14 @@ fn numel(t: &Option<Ty>) -> f64 {
 
 /// Cost of one node without its weights, and the bytes it reads of each weight operand.
 pub fn node_cost(eg: &TGraph, n: &TNode) -> (f64, Vec<(Id, f64)>) {
+    let (b, flops, wreads) = node_parts(eg, n);
+    (b + flops / FLOPS_PER_BYTE, wreads)
+}
+
+/// Activation bytes, FLOPs and weight reads of one node (per iteration inside a body).
+pub fn node_parts(eg: &TGraph, n: &TNode) -> (f64, f64, Vec<(Id, f64)>) {
     if !super::lang::arity_ok(n) {
-        return (f64::INFINITY, vec![]);
+        return (f64::INFINITY, 0.0, vec![]);
     }
     let s = S_NOMINAL;
     let ty = |i: usize| eg[n.children[i]].data.ty.clone();
@@ -95,14 +101,15 @@ pub fn node_cost(eg: &TGraph, n: &TNode) -> (f64, Vec<(Id, f64)>) {
             }
         }
     }
-    let mut c = b + flops / FLOPS_PER_BYTE;
     if eg.analysis.in_loop && node_invariant(eg, n) {
-        c /= eg.analysis.steps.max(1) as f64;
+        let k = eg.analysis.steps.max(1) as f64;
+        b /= k;
+        flops /= k;
         for w in &mut wreads {
-            w.1 /= eg.analysis.steps.max(1) as f64;
+            w.1 /= k;
         }
     }
-    (c, wreads)
+    (b, flops, wreads)
 }
 
 fn node_invariant(eg: &TGraph, n: &TNode) -> bool {
@@ -217,15 +224,22 @@ fn depends_on(eg: &TGraph, choice: &HashMap<Id, TNode>, from: Id, target: Id) ->
 
 /// DAG cost of a selection (each class once, each weight once at its largest read).
 pub fn dag_cost(eg: &TGraph, sel: &Selection) -> f64 {
-    let mut total = 0.0;
+    let (bytes, flops) = dag_parts(eg, sel);
+    bytes + flops / FLOPS_PER_BYTE
+}
+
+/// `(bytes moved, FLOPs)` of a selection for one call of [`S_NOMINAL`] rows.
+pub fn dag_parts(eg: &TGraph, sel: &Selection) -> (f64, f64) {
+    let (mut bytes, mut flops) = (0.0, 0.0);
     let mut wmax: HashMap<Id, f64> = HashMap::new();
     for n in sel.choice.values() {
-        let (c, wr) = node_cost(eg, n);
-        total += c;
+        let (b, f, wr) = node_parts(eg, n);
+        bytes += b;
+        flops += f;
         for (w, b) in wr {
             let e = wmax.entry(eg.find(w)).or_insert(0.0);
             *e = e.max(b);
         }
     }
-    total + wmax.values().sum::<f64>()
+    (bytes + wmax.values().sum::<f64>(), flops)
 }

@@ -27,6 +27,9 @@ pub struct RegionReport {
     pub eclasses: usize,
     pub cost_before: f64,
     pub cost_after: f64,
+    /// `(bytes, FLOPs)` per call of the cost model's nominal size, before and after.
+    pub parts_before: (f64, f64),
+    pub parts_after: (f64, f64),
     /// Applications per rule (a rule applied to a class already equal to its result counts 0).
     pub fired: BTreeMap<&'static str, usize>,
     /// (stage, microseconds, e-nodes after the stage; for `extract`, the classes selected)
@@ -66,12 +69,20 @@ impl Report {
             let pct = if r.cost_before > 0.0 { 100.0 * (r.cost_after - r.cost_before) / r.cost_before } else { 0.0 };
             writeln!(
                 s,
-                "  cost {:.0} -> {:.0} ({pct:+.1}%; {:.0} -> {:.0} per token){}",
+                "  cost {:.0} -> {:.0} ({pct:+.1}%){}",
                 r.cost_before,
                 r.cost_after,
-                r.cost_before / cost::S_NOMINAL,
-                r.cost_after / cost::S_NOMINAL,
                 if r.replaced { "" } else { ", kept the original" }
+            )
+            .unwrap();
+            let s_rows = cost::S_NOMINAL;
+            writeln!(
+                s,
+                "  per token: {:.0} -> {:.0} bytes moved, {:.0} -> {:.0} flops",
+                r.parts_before.0 / s_rows,
+                r.parts_after.0 / s_rows,
+                r.parts_before.1 / s_rows,
+                r.parts_after.1 / s_rows
             )
             .unwrap();
             for (st, us, n) in &r.stages {
@@ -115,7 +126,6 @@ pub fn optimize(m: &mut Module) -> Report {
 
 fn opt_region(r: &mut Region, path: &str, in_loop: bool, steps: usize, out: &mut Vec<RegionReport>) {
     let order = r.topo_order();
-    let mut hoisted = 0;
     for (i, &n) in order.iter().enumerate() {
         let Op::Recur { body, steps: st, .. } = &mut r.graph[n].op else { continue };
         let st = *st;
@@ -128,9 +138,7 @@ fn opt_region(r: &mut Region, path: &str, in_loop: bool, steps: usize, out: &mut
         if let Some(last) = out.iter_mut().rev().find(|x| x.path == format!("{path}/%{i}")) {
             last.hoisted = h;
         }
-        hoisted += h;
     }
-    let _ = hoisted;
     out.push(rewrite_region(r, path, in_loop, steps));
 }
 
@@ -153,6 +161,7 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
     eg.analysis.roots = roots.clone();
     let before = cost::Selection { choice: original, roots: roots.clone() };
     rep.cost_before = cost::dag_cost(&eg, &before);
+    rep.parts_before = cost::dag_parts(&eg, &before);
 
     let rules = rules::all();
     for stage in rules::STAGES {
@@ -180,6 +189,7 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
     let t = Instant::now();
     let sel = cost::extract(&eg, &roots);
     rep.cost_after = cost::dag_cost(&eg, &sel);
+    rep.parts_after = cost::dag_parts(&eg, &sel);
     rep.stages.push(("extract", t.elapsed().as_micros(), sel.choice.len()));
     if rep.cost_after < rep.cost_before * (1.0 - 1e-9) {
         if let Some(new) = build_region(&eg, &sel, &r.params) {
@@ -189,6 +199,7 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
     }
     if !rep.replaced {
         rep.cost_after = rep.cost_before;
+        rep.parts_after = rep.parts_before;
     }
     rep.nodes_after = r.graph.node_count();
     rep

@@ -73,6 +73,7 @@ pub const STAGES: &[&str] = &["licm", "fuse-norm", "fold-weights", "epilogue"];
 pub fn all() -> Vec<Rule> {
     vec![
         Rule { name: "rmsnorm-residual", stage: "fuse-norm", search: rmsnorm_residual_search, apply: rmsnorm_residual_apply },
+        Rule { name: "scale-identity", stage: "fold-weights", search: scale_identity_search, apply: scale_identity_apply },
         Rule { name: "embed-scale-fold", stage: "fold-weights", search: embed_scale_search, apply: embed_scale_apply },
         Rule { name: "q-scale-fold", stage: "fold-weights", search: q_scale_search, apply: q_scale_apply },
         Rule { name: "rmsnorm-gain-fold", stage: "fold-weights", search: gain_fold_search, apply: gain_fold_apply },
@@ -134,6 +135,10 @@ fn embed_scale_search(eg: &TGraph, c: Id) -> Vec<Match> {
     let mut out = vec![];
     for n in nodes_where(eg, c, |o| matches!(o, TOp::Scale(_))) {
         let TOp::Scale(k) = n.op else { continue };
+        // By 1 is `scale-identity`'s; by 0 would store a table of zeros to save one pass.
+        if f32::from_bits(k) == 1.0 || f32::from_bits(k) == 0.0 {
+            continue;
+        }
         for e in nodes_where(eg, n.children[0], |o| *o == TOp::Embed) {
             out.push(vec![usize::from(e.children[0]), usize::from(e.children[1]), k as usize]);
         }
@@ -393,4 +398,14 @@ fn rope_bias_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
     let base = ((base_hi as u64) << 32) | base_lo as u64;
     let r = eg.add(TNode::new(TOp::Rope { heads, interleaved: interleaved != 0, base }, vec![id(y), id(b)]));
     union_new(eg, c, r)
+}
+
+/// `x · 1` = `x` (LTG's `e · (1 − inject)` with `inject = 0`).
+fn scale_identity_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    nodes_where(eg, c, |o| *o == TOp::Scale(1.0f32.to_bits())).map(|n| vec![usize::from(n.children[0])]).collect()
+}
+
+fn scale_identity_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [x] = m[..] else { return false };
+    union_new(eg, c, id(x))
 }
