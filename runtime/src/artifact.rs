@@ -437,6 +437,22 @@ pub struct Program {
 }
 
 impl Instr {
+    /// Every weight window the instruction reads.
+    pub fn weights(&self) -> Vec<WRef> {
+        match self {
+            Instr::Embed { table: w, .. }
+            | Instr::PosEmbed { table: w, .. }
+            | Instr::MatMul { w, .. }
+            | Instr::MatMulKN { w, .. } => vec![*w],
+            Instr::Kernel { args, .. } => {
+                args.iter().filter_map(|a| if let Arg::Weight(w) = a { Some(*w) } else { None }).collect()
+            }
+            Instr::Concat { .. } | Instr::Copy { .. } | Instr::KvWrite { .. } | Instr::SliceCols { .. } | Instr::Sinusoidal { .. } => {
+                vec![]
+            }
+        }
+    }
+
     /// Every buffer the instruction reads or writes (kernels: all their buffer arguments).
     pub fn buffers(&self) -> Vec<BufId> {
         match self {

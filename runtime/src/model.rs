@@ -205,23 +205,10 @@ fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool
     let mut used = vec![false; bound.len()];
     let mut mark = |list: &[Instr]| {
         for i in list {
-            match i {
-                Instr::Embed { table: w, .. } | Instr::MatMul { w, .. } => {
-                    if let Some(u) = used.get_mut(w.weight as usize) {
-                        *u = true;
-                    }
+            for w in i.weights() {
+                if let Some(u) = used.get_mut(w.weight as usize) {
+                    *u = true;
                 }
-                Instr::Kernel { args, .. } => {
-                    for a in args {
-                        if let Some(u) = match a {
-                            Arg::Weight(w) => used.get_mut(w.weight as usize),
-                            _ => None,
-                        } {
-                            *u = true;
-                        }
-                    }
-                }
-                _ => {}
             }
         }
     };
@@ -234,8 +221,14 @@ fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool
         return Ok(());
     }
     for (i, b) in bound.iter_mut().enumerate() {
-        if !used[i] && !b.is_mapped() {
-            *b = Bound::Owned(crate::mem::AVec::new());
+        if !used[i] {
+            if b.is_mapped() {
+                // Deriving read these pages; the program never will again, so give them back
+                // (they would otherwise stay resident next to their derived copies).
+                b.release_pages();
+            } else {
+                *b = Bound::Owned(crate::mem::AVec::new());
+            }
         }
     }
     Ok(())

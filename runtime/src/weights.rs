@@ -420,6 +420,20 @@ impl Bound {
             Bound::Owned(v) => v.as_slice(),
         }
     }
+    /// Drop the resident pages of a mapped tensor that nothing will read again (the mapping is
+    /// file-backed and read-only, so a later read would simply fault the data back in).
+    pub(crate) fn release_pages(&self) {
+        if let Bound::Mapped { ptr, len } = self {
+            let page = 4096usize;
+            let start = (*ptr as usize).next_multiple_of(page);
+            let end = (*ptr as usize + len * 4) / page * page;
+            if end > start {
+                // SAFETY: the range lies inside this tensor's part of a live read-only mapping.
+                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+            }
+        }
+    }
+
     pub(crate) fn is_mapped(&self) -> bool {
         matches!(self, Bound::Mapped { .. })
     }
