@@ -39,7 +39,7 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     for rep in 0..=a.reps {
         session.reset();
         let t = Instant::now();
-        let logits = session.prefill(&prompt).map_err(|e| format!("error: {e}"))?;
+        let logits = session.prefill_last(&prompt).map_err(|e| format!("error: {e}"))?;
         let tp = t.elapsed().as_secs_f64();
         let mut next = loopc_runtime::argmax(logits.last_row());
         let t = Instant::now();

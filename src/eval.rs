@@ -51,7 +51,7 @@ pub fn evaluate(model: &Model, items: &[Item], steps: &[usize]) -> Result<Table,
         session.set_steps(Some(r));
         for it in items {
             session.reset();
-            let logits = session.prefill(&it.tokens).map_err(|e| format!("error: {e}"))?;
+            let logits = session.prefill_last(&it.tokens).map_err(|e| format!("error: {e}"))?;
             let pred = loopc_runtime::argmax(logits.last_row());
             let c = cells.entry((it.hops, r)).or_insert((0usize, 0usize));
             c.0 += usize::from(pred == it.answer);

@@ -41,3 +41,23 @@ fn ltg_no_positions_with_injection() {
     ltg_case("nope_inject_r4", 1);
     ltg_case("nope_inject_r4", 0);
 }
+
+#[test]
+fn prefill_last_equals_the_last_row_of_prefill() {
+    for (ex, cfg, w, set) in [
+        ("huginn", "huginn_tiny/config.json", "huginn_tiny/model.safetensors", vec!["init_scale=0"]),
+        ("ltg", "ltg_tiny/config.json", "ltg_tiny/model.safetensors", vec!["positions=1"]),
+    ] {
+        let m = model(ex, cfg, w, &set, 1);
+        let prompt = [5, 17, 3, 99, 42];
+        let full = m.session().prefill(&prompt).unwrap();
+        let mut s = m.session();
+        let last = s.prefill_last(&prompt).unwrap();
+        assert_eq!(last.rows(), 1);
+        assert_eq!(last.data(), full.last_row(), "{ex}");
+        // The session goes on from there exactly as after a full prefill.
+        let mut t = m.session();
+        t.prefill(&prompt).unwrap();
+        assert_eq!(s.step(7).unwrap().data(), t.step(7).unwrap().data(), "{ex}");
+    }
+}

@@ -118,6 +118,8 @@ pub(crate) struct Exits {
     runs: Vec<(usize, usize, i64)>,
     final_state: Vec<f32>,
     saved: Vec<(u32, Vec<f32>)>,
+    /// Compute the logits of each sequence's last row only (prefill when the caller samples).
+    pub(crate) logits_last_only: bool,
     pub(crate) guard: crate::guard::Guard,
     /// Each call row's state norm after its first iteration (the guard's reference).
     guard_ref: Vec<f64>,
@@ -498,6 +500,28 @@ impl Run<'_> {
                     o[r * cols..(r + 1) * cols].copy_from_slice(row);
                 }
                 Ok(0)
+            }
+            Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out }
+                if *out == m.manifest.program.logits && self.ex.logits_last_only && self.active.is_empty() =>
+            {
+                // The head on each sequence's last row only: a prefill that only samples the next
+                // token skips (rows − 1) · vocab · dim multiply-adds.
+                let (k, n) = if matches!(ins, Instr::MatMul { .. }) { (w.cols, w.rows) } else { (w.rows, w.cols) };
+                let wd = weight(m, w);
+                for g in self.segs {
+                    if g.rows == 0 {
+                        continue;
+                    }
+                    let r = g.row0 + g.rows - 1;
+                    let xs = self.ws.bufs[*x as usize].as_slice()[r * k..(r + 1) * k].to_vec();
+                    let os = &mut self.ws.bufs[*out as usize].as_mut_slice()[r * n..(r + 1) * n];
+                    if matches!(ins, Instr::MatMul { .. }) {
+                        matmul(&xs, wd, os, 1, k, n, m.threads);
+                    } else {
+                        crate::matmul::matmul_kn(&xs, wd, os, 1, k, n, m.threads);
+                    }
+                }
+                Ok(1)
             }
             Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out } => {
                 let rows = self.rows_of(*x);

@@ -374,6 +374,20 @@ impl Session {
         Ok(Logits { data: l.to_vec(), rows: tokens.len(), vocab })
     }
 
+    /// As [`Session::prefill`], but computes (and returns) only the last position's logits:
+    /// what generation needs, without the head's cost on every prompt row.
+    pub fn prefill_last(&mut self, tokens: &[u32]) -> Result<Logits> {
+        self.st.exits.logits_last_only = true;
+        let r = self.forward(tokens, Kind::Prefill);
+        self.st.exits.logits_last_only = false;
+        let wi = r?;
+        let m = &self.model.inner;
+        let vocab = m.manifest.vocab;
+        let s = tokens.len();
+        let l = &self.st.workspace(wi).buf(m.manifest.program.logits)[(s - 1) * vocab..s * vocab];
+        Ok(Logits { data: l.to_vec(), rows: 1, vocab })
+    }
+
     /// Process one token; returns its logits (one row of `vocab`; reused by the next call).
     pub fn step(&mut self, token: u32) -> Result<&Logits> {
         let wi = self.forward(&[token], Kind::Decode)?;
