@@ -7,6 +7,29 @@
 
 use rayon::prelude::*;
 
+/// `dst[m, n] = x[m, k] · B` (all row strides in elements) where element `(kk, j)` of `B` is at
+/// `rhs + kk·rhs_rs + j·rhs_cs`: one call shape for the `Linear` (Wᵀ) and `Conv1D` (W) layouts
+/// and for column blocks of either.
+///
+/// # Safety
+/// Every pointer must cover the elements the strides address.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_block(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    x: *const f32,
+    x_rs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    par: gemm::Parallelism,
+) {
+    gemm::gemm(m, n, k, dst, 1, dst_rs, false, x, 1, x_rs, rhs, rhs_cs, rhs_rs, 0.0f32, 1.0f32, false, false, false, par)
+}
+
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_MIN_MACS: usize = 1 << 16;
 
@@ -45,27 +68,7 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
             // SAFETY: sizes checked above; each task writes its own columns j0..j0+nc of `out`
             // (row stride n) from weight rows j0..j0+nc.
             unsafe {
-                gemm::gemm(
-                    m,
-                    nc,
-                    k,
-                    (op as *mut f32).add(j0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr().add(j0 * k),
-                    k as isize,
-                    1,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
+                gemm_block(m, nc, k, (op as *mut f32).add(j0), n as isize, x.as_ptr(), k as isize, w.as_ptr().add(j0 * k), 1, k as isize, gemm::Parallelism::None)
             }
         });
         return;
@@ -78,27 +81,7 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
     // SAFETY: the sizes were checked above; dst is [m, n] row-major (rs = n, cs = 1), lhs is
     // [m, k] row-major, rhs is wᵀ: element (kk, j) lives at w[j * k + kk] (rs = 1, cs = k).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        )
+        gemm_block(m, n, k, out.as_mut_ptr(), n as isize, x.as_ptr(), k as isize, w.as_ptr(), 1, k as isize, par)
     }
 }
 
@@ -119,27 +102,7 @@ pub fn matmul_kn(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: u
         // SAFETY: sizes checked above; dst [m, nc] with row stride n starting at column j0, lhs
         // [m, k] row-major, rhs element (kk, j) at w[kk·n + j0 + j] (rs = n, cs = 1).
         unsafe {
-            gemm::gemm(
-                m,
-                nc,
-                k,
-                out.as_mut_ptr().add(j0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr().add(j0),
-                1,
-                n as isize,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                par,
-            )
+            gemm_block(m, nc, k, out.as_mut_ptr().add(j0), n as isize, x.as_ptr(), k as isize, w.as_ptr().add(j0), n as isize, 1, par)
         }
     };
     if m == 1 && threads > 1 && macs >= PAR_MIN_MACS && n >= 64 {
@@ -585,7 +548,7 @@ mod bench {
         let t = std::time::Instant::now();
         for _ in 0..5 {
             unsafe {
-                gemm::gemm(1, n, k, o.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None)
+                gemm_block(1, n, k, o.as_mut_ptr(), n as isize, x.as_ptr(), k as isize, w.as_ptr(), 1, k as isize, gemm::Parallelism::None)
             }
         }
         let s = t.elapsed().as_secs_f64() / 5.0;
