@@ -140,6 +140,11 @@ fn embed_scale_search(eg: &TGraph, c: Id) -> Vec<Match> {
             continue;
         }
         for e in nodes_where(eg, n.children[0], |o| *o == TOp::Embed) {
+            // A table that is also read elsewhere (a tied head) would be stored twice: the copy
+            // costs vocab × dim floats of memory to save one pass over S × dim activations.
+            if eg[e.children[1]].parents().len() > 1 {
+                continue;
+            }
             out.push(vec![usize::from(e.children[0]), usize::from(e.children[1]), k as usize]);
         }
     }
