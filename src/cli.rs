@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::tokenize;
 use crate::bench;
 use crate::eval;
+use crate::trace_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -91,6 +92,25 @@ enum Cmd {
         steps: String,
         /// table, csv or json.
         #[arg(long, default_value = "table")]
+        format: String,
+        #[command(flatten)]
+        args: ModelArgs,
+    },
+    /// Per token and iteration: state norm, relative update, cosine to the previous state, and
+    /// whether the trajectory settled on a fixed point or a cycle (JSON or CSV).
+    Trace {
+        /// An artifact or a `.loop` file.
+        model: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        tokens: String,
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Relative distance under which a state counts as repeated.
+        #[arg(long, default_value_t = 1e-3)]
+        tol: f32,
+        #[arg(long, default_value = "json")]
         format: String,
         #[command(flatten)]
         args: ModelArgs,
@@ -308,6 +328,14 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             let table = eval::evaluate(&model, &items, &steps)?;
             print!("{}", table.render(&format)?);
             eprintln!("evaluated {} questions × {} depths in {:.2} s", items.len(), steps.len(), t.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Cmd::Trace { model, weights, tokens, steps, tol, format, args } => {
+            let tokens = parse_ids(&tokens, "--tokens")?;
+            let artifact = load_artifact(&model, &args)?;
+            let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
+            let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
+            print!("{}", trace_cmd::run(&model, &tokens, steps, tol, &format)?);
             Ok(())
         }
         Cmd::Bench { model, weights, prompt_len, new_tokens, steps, reps, args } => {

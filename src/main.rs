@@ -3,6 +3,7 @@ mod bench;
 mod cli;
 mod eval;
 mod tokenize;
+mod trace_cmd;
 
 fn main() {
     std::process::exit(cli::main());

@@ -125,6 +125,8 @@ pub(crate) struct Exits {
     guard_ref: Vec<f64>,
     /// Guard events since they were last taken.
     pub(crate) guard_events: Vec<crate::guard::GuardEvent>,
+    /// Per-iteration trace of the state (`Session::set_trace`), when on.
+    pub(crate) trace: Option<Vec<crate::trace::TraceStep>>,
 }
 
 /// Per-session mutable state of the interpreter.
@@ -333,6 +335,15 @@ impl Run<'_> {
     /// Run the stability guard on the rows the body just computed (`next`, against `state`).
     fn guard_step(&mut self, iteration: usize, rec: &crate::artifact::Recur) -> Result<()> {
         use crate::guard::{check, GuardMode};
+        if self.ex.trace.is_some() {
+            let cols = self.m.manifest.buffers[rec.state as usize].cols;
+            let n = if self.active.is_empty() { self.ws.s } else { self.active.len() };
+            let (a, b) = (self.ws.buf(rec.next), self.ws.buf(rec.state));
+            let steps: Vec<_> = (0..n)
+                .map(|i| crate::trace::step(iteration, self.position_of(i), &a[i * cols..(i + 1) * cols], &b[i * cols..(i + 1) * cols]))
+                .collect();
+            self.ex.trace.as_mut().expect("tracing").extend(steps);
+        }
         let guard = self.ex.guard;
         if guard.mode == GuardMode::Off {
             return Ok(());

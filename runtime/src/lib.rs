@@ -39,6 +39,7 @@ pub mod artifact;
 mod batch;
 pub mod error;
 pub mod guard;
+pub mod trace;
 mod exec;
 mod exit;
 pub mod kernels;

@@ -349,6 +349,16 @@ impl Session {
         std::mem::take(&mut self.st.exits.guard_events)
     }
 
+    /// Record every token's state after every iteration (see [`crate::trace`]).
+    pub fn set_trace(&mut self, on: bool) {
+        self.st.exits.trace = on.then(Vec::new);
+    }
+
+    /// The trace recorded since tracing was turned on or last taken.
+    pub fn take_trace(&mut self) -> Vec<crate::trace::TraceStep> {
+        self.st.exits.trace.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     /// Override the exit policy's threshold (`q` for a gate exit) for the next calls.
     pub fn set_exit_threshold(&mut self, threshold: Option<f64>) {
         self.st.exits.threshold = threshold;
