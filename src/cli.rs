@@ -112,6 +112,9 @@ enum Cmd {
         tol: f32,
         #[arg(long, default_value = "json")]
         format: String,
+        /// Also draw the PCA trajectories (PC1/PC2) as an SVG.
+        #[arg(long, value_name = "FILE.svg")]
+        svg: Option<PathBuf>,
         #[command(flatten)]
         args: ModelArgs,
     },
@@ -330,12 +333,12 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             eprintln!("evaluated {} questions × {} depths in {:.2} s", items.len(), steps.len(), t.elapsed().as_secs_f64());
             Ok(())
         }
-        Cmd::Trace { model, weights, tokens, steps, tol, format, args } => {
+        Cmd::Trace { model, weights, tokens, steps, tol, format, svg, args } => {
             let tokens = parse_ids(&tokens, "--tokens")?;
             let artifact = load_artifact(&model, &args)?;
             let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
             let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
-            print!("{}", trace_cmd::run(&model, &tokens, steps, tol, &format)?);
+            print!("{}", trace_cmd::run(&model, &tokens, steps, tol, &format, svg.as_deref())?);
             Ok(())
         }
         Cmd::Bench { model, weights, prompt_len, new_tokens, steps, reps, args } => {

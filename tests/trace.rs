@@ -88,3 +88,22 @@ fn trace_json_schema() {
     assert_eq!(v["rows"].as_array().unwrap().len(), 3 * 5);
     assert_eq!(v["iterations"], 5);
 }
+
+#[test]
+fn trace_svg_has_one_series_per_token() {
+    let svg = std::env::temp_dir().join(format!("loopc-trace-{}.svg", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopc"))
+        .args(["trace", "examples/ltg.loop", "--config", "tests/fixtures/ltg_tiny/config.json", "--set", "positions=2", "--weights",
+            "tests/fixtures/ltg_tiny/model.safetensors", "--tokens", "5 6 7 8", "--steps", "4", "--format", "csv", "--svg"])
+        .arg(&svg)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(csv.lines().count(), 1 + 4 * 4, "header + one line per token and iteration");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
+    assert_eq!(text.matches("<polyline").count(), 4, "one trajectory per token");
+    assert_eq!(text.matches("<circle").count(), 16, "one point per token and iteration");
+}

@@ -100,3 +100,73 @@ mod tests {
         assert!((cyc[1].cosine - 0.0).abs() < 1e-6 && (fixed[2].cosine - 1.0).abs() < 1e-6);
     }
 }
+
+/// Principal components of a set of states (rows of `x`, `n × d`): the top `k` directions of the
+/// centered data by power iteration with deflation on the covariance, and each row's coordinates
+/// along them. Directions are normalized with their largest-magnitude entry positive, so the
+/// result is unique up to ties. Returns `(components k × d, projections n × k, variances k)`.
+pub fn pca(x: &[f32], n: usize, d: usize, k: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let k = k.min(d).min(n);
+    let mut mean = vec![0.0f64; d];
+    for r in 0..n {
+        for c in 0..d {
+            mean[c] += x[r * d + c] as f64 / n as f64;
+        }
+    }
+    let xc: Vec<f64> = (0..n * d).map(|i| x[i] as f64 - mean[i % d]).collect();
+    let mut cov = vec![0.0f64; d * d];
+    for r in 0..n {
+        let row = &xc[r * d..(r + 1) * d];
+        for i in 0..d {
+            if row[i] == 0.0 {
+                continue;
+            }
+            for j in 0..d {
+                cov[i * d + j] += row[i] * row[j];
+            }
+        }
+    }
+    let mut comps = vec![0.0f64; k * d];
+    let mut vars = vec![0.0f64; k];
+    for c in 0..k {
+        // Deterministic start that is not orthogonal to any axis.
+        let mut v: Vec<f64> = (0..d).map(|i| 1.0 + (i as f64 * 0.618).fract()).collect();
+        let mut lambda = 0.0;
+        for _ in 0..500 {
+            let mut w = vec![0.0f64; d];
+            for i in 0..d {
+                w[i] = (0..d).map(|j| cov[i * d + j] * v[j]).sum();
+            }
+            let nw = w.iter().map(|a| a * a).sum::<f64>().sqrt();
+            if nw == 0.0 {
+                break;
+            }
+            let next: Vec<f64> = w.iter().map(|a| a / nw).collect();
+            let delta: f64 = next.iter().zip(&v).map(|(a, b)| (a - b).abs()).sum();
+            v = next;
+            lambda = nw;
+            if delta < 1e-13 {
+                break;
+            }
+        }
+        let imax = (0..d).max_by(|&a, &b| v[a].abs().total_cmp(&v[b].abs())).unwrap_or(0);
+        if v[imax] < 0.0 {
+            v.iter_mut().for_each(|a| *a = -*a);
+        }
+        // Deflate: remove this direction's variance before finding the next.
+        for i in 0..d {
+            for j in 0..d {
+                cov[i * d + j] -= lambda * v[i] * v[j];
+            }
+        }
+        comps[c * d..(c + 1) * d].copy_from_slice(&v);
+        vars[c] = lambda / n.max(1) as f64;
+    }
+    let mut proj = vec![0.0f64; n * k];
+    for r in 0..n {
+        for c in 0..k {
+            proj[r * k + c] = (0..d).map(|i| xc[r * d + i] * comps[c * d + i]).sum();
+        }
+    }
+    (comps, proj, vars)
+}
