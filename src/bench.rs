@@ -24,14 +24,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Peak resident set size of this process in bytes (Linux `VmHWM`).
 pub fn peak_rss() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some(kb * 1024)
 }
 
 pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     let vocab = model.manifest().vocab as u64;
     let mut rng = Rng::new(a.seed);
-    let prompt: Vec<u32> = (0..a.prompt_len).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let prompt: Vec<u32> = (0..a.prompt_len)
+        .map(|_| (rng.next_u64() % vocab) as u32)
+        .collect();
     let mut session = model.session();
     session.set_steps(a.steps);
     let (mut pre, mut dec) = (vec![], vec![]);
@@ -39,7 +47,9 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     for rep in 0..=a.reps {
         session.reset();
         let t = Instant::now();
-        let logits = session.prefill_last(&prompt).map_err(|e| format!("error: {e}"))?;
+        let logits = session
+            .prefill_last(&prompt)
+            .map_err(|e| format!("error: {e}"))?;
         let tp = t.elapsed().as_secs_f64();
         let mut next = loopc_runtime::argmax(logits.last_row());
         let t = Instant::now();

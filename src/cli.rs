@@ -6,9 +6,9 @@ use loopc_runtime::{Artifact, Model, SamplerConfig, Weights};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::tokenize;
 use crate::bench;
 use crate::eval;
+use crate::tokenize;
 use crate::trace_cmd;
 
 #[derive(Parser)]
@@ -248,7 +248,11 @@ fn compile_err(e: CompileError) -> String {
 
 fn dispatch(cli: Cli) -> Result<(), String> {
     match cli.cmd {
-        Cmd::Build { model, args, output } => {
+        Cmd::Build {
+            model,
+            args,
+            output,
+        } => {
             let t = Instant::now();
             let built = driver::build(&model, &args.options()).map_err(compile_err)?;
             eprint!("{}", built.warnings);
@@ -259,8 +263,13 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             }
             let out = output.unwrap_or_else(|| model.with_extension("loopc"));
             let bytes = built.artifact_bytes();
-            std::fs::write(&out, &bytes).map_err(|e| format!("error: cannot write `{}`: {e}", out.display()))?;
-            let stages: Vec<String> = built.timings.iter().map(|(k, s)| format!("{k} {:.1} ms", s * 1e3)).collect();
+            std::fs::write(&out, &bytes)
+                .map_err(|e| format!("error: cannot write `{}`: {e}", out.display()))?;
+            let stages: Vec<String> = built
+                .timings
+                .iter()
+                .map(|(k, s)| format!("{k} {:.1} ms", s * 1e3))
+                .collect();
             eprintln!(
                 "built {} → {} ({} kernels, {} weights, {:.1} KiB) in {:.3} s [{}]",
                 model.display(),
@@ -283,22 +292,42 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             print!("{text}");
             Ok(())
         }
-        Cmd::Check { model, args, weights } => {
+        Cmd::Check {
+            model,
+            args,
+            weights,
+        } => {
             let opts = args.options();
             let f = driver::front(&model, &opts).map_err(compile_err)?;
             let (mut m, warns) = driver::graph(&f, &opts).map_err(compile_err)?;
             driver::optimize(&mut m, &opts).map_err(compile_err)?;
             if !warns.is_empty() {
-                eprint!("{}", loopc_compiler::frontend::render(&f.sources, &warns, opts.color));
+                eprint!(
+                    "{}",
+                    loopc_compiler::frontend::render(&f.sources, &warns, opts.color)
+                );
             }
             if let Some(w) = weights {
                 let ws = Weights::open(&w).map_err(|e| format!("error: {e}"))?;
-                let problems = loopc_runtime::check_weights(&ws, &driver::program(&m).map_err(compile_err)?.weights);
+                let problems = loopc_runtime::check_weights(
+                    &ws,
+                    &driver::program(&m).map_err(compile_err)?.weights,
+                );
                 if !problems.is_empty() {
-                    return Err(format!("error: {} problem(s) with `{}`:\n{}", problems.len(), w.display(), problems.join("\n")));
+                    return Err(format!(
+                        "error: {} problem(s) with `{}`:\n{}",
+                        problems.len(),
+                        w.display(),
+                        problems.join("\n")
+                    ));
                 }
             }
-            eprintln!("{}: ok ({} nodes, {} weights)", model.display(), m.node_count(), m.weights.len());
+            eprintln!(
+                "{}: ok ({} nodes, {} weights)",
+                model.display(),
+                m.node_count(),
+                m.weights.len()
+            );
             Ok(())
         }
         Cmd::Run(r) => run(r),
@@ -314,14 +343,30 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                 println!("{:<16} {:>14}  {src}", p.name, p.value.to_string());
             }
             if !f.params.unused_config_keys.is_empty() {
-                println!("unused config keys: {}", f.params.unused_config_keys.join(", "));
+                println!(
+                    "unused config keys: {}",
+                    f.params.unused_config_keys.join(", ")
+                );
             }
             Ok(())
         }
-        Cmd::Eval { model, weights, task, steps, format, args } => {
+        Cmd::Eval {
+            model,
+            weights,
+            task,
+            steps,
+            format,
+            args,
+        } => {
             let steps: Vec<usize> = steps
                 .split(',')
-                .map(|t| t.trim().parse::<usize>().ok().filter(|&r| r > 0).ok_or(format!("error: --steps: `{t}` is not a positive integer")))
+                .map(|t| {
+                    t.trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&r| r > 0)
+                        .ok_or(format!("error: --steps: `{t}` is not a positive integer"))
+                })
                 .collect::<Result<_, _>>()?;
             let items = eval::load_task(&task)?;
             let artifact = load_artifact(&model, &args)?;
@@ -330,22 +375,56 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             let t = Instant::now();
             let table = eval::evaluate(&model, &items, &steps)?;
             print!("{}", table.render(&format)?);
-            eprintln!("evaluated {} questions × {} depths in {:.2} s", items.len(), steps.len(), t.elapsed().as_secs_f64());
+            eprintln!(
+                "evaluated {} questions × {} depths in {:.2} s",
+                items.len(),
+                steps.len(),
+                t.elapsed().as_secs_f64()
+            );
             Ok(())
         }
-        Cmd::Trace { model, weights, tokens, steps, tol, format, svg, args } => {
+        Cmd::Trace {
+            model,
+            weights,
+            tokens,
+            steps,
+            tol,
+            format,
+            svg,
+            args,
+        } => {
             let tokens = parse_ids(&tokens, "--tokens")?;
             let artifact = load_artifact(&model, &args)?;
             let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
             let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
-            print!("{}", trace_cmd::run(&model, &tokens, steps, tol, &format, svg.as_deref())?);
+            print!(
+                "{}",
+                trace_cmd::run(&model, &tokens, steps, tol, &format, svg.as_deref())?
+            );
             Ok(())
         }
-        Cmd::Bench { model, weights, prompt_len, new_tokens, steps, reps, args } => {
+        Cmd::Bench {
+            model,
+            weights,
+            prompt_len,
+            new_tokens,
+            steps,
+            reps,
+            args,
+        } => {
             let artifact = load_artifact(&model, &args)?;
             let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
             let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
-            let line = bench::run(&model, &bench::BenchArgs { prompt_len, new_tokens, steps, reps, seed: 0 })?;
+            let line = bench::run(
+                &model,
+                &bench::BenchArgs {
+                    prompt_len,
+                    new_tokens,
+                    steps,
+                    reps,
+                    seed: 0,
+                },
+            )?;
             println!("{line}");
             Ok(())
         }
@@ -357,7 +436,11 @@ fn load_artifact(path: &Path, args: &ModelArgs) -> Result<Artifact, String> {
         let t = Instant::now();
         let built = driver::build(path, &args.options()).map_err(compile_err)?;
         eprint!("{}", built.warnings);
-        eprintln!("compiled {} in {:.3} s", path.display(), t.elapsed().as_secs_f64());
+        eprintln!(
+            "compiled {} in {:.3} s",
+            path.display(),
+            t.elapsed().as_secs_f64()
+        );
         Artifact::from_bytes(built.artifact_bytes()).map_err(|e| format!("error: {e}"))
     } else {
         Artifact::load(path).map_err(|e| format!("error: {e}"))
@@ -367,7 +450,10 @@ fn load_artifact(path: &Path, args: &ModelArgs) -> Result<Artifact, String> {
 fn parse_ids(s: &str, what: &str) -> Result<Vec<u32>, String> {
     s.split(|c: char| c.is_whitespace() || c == ',')
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().map_err(|_| format!("error: {what}: `{t}` is not a token id")))
+        .map(|t| {
+            t.parse::<u32>()
+                .map_err(|_| format!("error: {what}: `{t}` is not a token id"))
+        })
         .collect()
 }
 
@@ -388,7 +474,11 @@ fn run(r: RunArgs) -> Result<(), String> {
     let t = Instant::now();
     let weights = Weights::open(&r.weights).map_err(|e| format!("error: {e}"))?;
     let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
-    eprintln!("loaded weights from {} in {:.3} s", r.weights.display(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded weights from {} in {:.3} s",
+        r.weights.display(),
+        t.elapsed().as_secs_f64()
+    );
     if let (Some((_, path)), Some(&id)) = (&tokenizer, prompt.iter().max()) {
         if id as usize >= model.token_limit() {
             return Err(format!(
@@ -402,7 +492,11 @@ fn run(r: RunArgs) -> Result<(), String> {
         Some(s) => parse_ids(s, "--stop")?,
         None => vec![],
     };
-    let mut sampler = if r.temperature > 0.0 { SamplerConfig::temperature(r.temperature) } else { SamplerConfig::greedy() };
+    let mut sampler = if r.temperature > 0.0 {
+        SamplerConfig::temperature(r.temperature)
+    } else {
+        SamplerConfig::greedy()
+    };
     if let Some(k) = r.top_k {
         sampler = sampler.with_top_k(k);
     }
@@ -416,14 +510,18 @@ fn run(r: RunArgs) -> Result<(), String> {
     session.set_guard(r.guard);
     if let Some(x) = r.exit_threshold {
         if !x.is_finite() {
-            return Err(format!("error: --exit-threshold must be a finite number, got {x}"));
+            return Err(format!(
+                "error: --exit-threshold must be a finite number, got {x}"
+            ));
         }
         let fixed = matches!(
             model.manifest().program.recur.as_ref().map(|r| &r.exit),
             Some(loopc_runtime::artifact::ExitPolicy::Fixed) | None
         );
         if fixed {
-            eprintln!("warning: --exit-threshold has no effect: the model's exit policy is `fixed`");
+            eprintln!(
+                "warning: --exit-threshold has no effect: the model's exit policy is `fixed`"
+            );
         }
         session.set_exit_threshold(Some(x));
     }
@@ -431,7 +529,10 @@ fn run(r: RunArgs) -> Result<(), String> {
         let v = d
             .split(|c: char| c.is_whitespace() || c == ',')
             .filter(|t| !t.is_empty())
-            .map(|t| t.parse::<usize>().map_err(|_| format!("error: --depths: `{t}` is not a depth")))
+            .map(|t| {
+                t.parse::<usize>()
+                    .map_err(|_| format!("error: --depths: `{t}` is not a depth"))
+            })
             .collect::<Result<Vec<usize>, String>>()?;
         if v.is_empty() || v.contains(&0) {
             return Err("error: --depths needs one or more depths ≥ 1".into());
@@ -449,7 +550,10 @@ fn run(r: RunArgs) -> Result<(), String> {
         eprintln!("warning: {e}");
     }
     if events.len() > 5 {
-        eprintln!("warning: ... and {} more guard events (use --guard error to stop at the first)", events.len() - 5);
+        eprintln!(
+            "warning: ... and {} more guard events (use --guard error to stop at the first)",
+            events.len() - 5
+        );
     }
     let toks: Vec<String> = out.tokens.iter().map(|t| t.to_string()).collect();
     match &tokenizer {
@@ -475,7 +579,8 @@ fn run(r: RunArgs) -> Result<(), String> {
         eprintln!("{st}");
     }
     if let Some(path) = &r.dump_logits {
-        out.write_safetensors(path, &prompt).map_err(|e| format!("error: cannot write `{}`: {e}", path.display()))?;
+        out.write_safetensors(path, &prompt)
+            .map_err(|e| format!("error: cannot write `{}`: {e}", path.display()))?;
         eprintln!("wrote logits to {}", path.display());
     }
     Ok(())

@@ -12,25 +12,43 @@ pub struct Item {
 }
 
 pub fn load_task(path: &std::path::Path) -> Result<Vec<Item>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("error: cannot read task `{}`: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("error: cannot read task `{}`: {e}", path.display()))?;
     let mut items = vec![];
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let bad = |what: &str| format!("error: {}:{}: {what}", path.display(), i + 1);
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&format!("not JSON: {e}")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(&format!("not JSON: {e}")))?;
         let ids = |k: &str| -> Result<Vec<u32>, String> {
             v.get(k)
                 .and_then(|x| x.as_array())
                 .ok_or_else(|| bad(&format!("missing array `{k}`")))?
                 .iter()
-                .map(|t| t.as_u64().map(|t| t as u32).ok_or_else(|| bad(&format!("`{k}` holds a non-integer"))))
+                .map(|t| {
+                    t.as_u64()
+                        .map(|t| t as u32)
+                        .ok_or_else(|| bad(&format!("`{k}` holds a non-integer")))
+                })
                 .collect()
         };
-        let num = |k: &str| v.get(k).and_then(|x| x.as_u64()).ok_or_else(|| bad(&format!("missing integer `{k}`")));
+        let num = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .ok_or_else(|| bad(&format!("missing integer `{k}`")))
+        };
         let tokens = ids("tokens")?;
         if tokens.is_empty() {
             return Err(bad("`tokens` is empty"));
         }
-        items.push(Item { tokens, answer: num("answer")? as u32, hops: num("hops").unwrap_or(0) as u32 });
+        items.push(Item {
+            tokens,
+            answer: num("answer")? as u32,
+            hops: num("hops").unwrap_or(0) as u32,
+        });
     }
     if items.is_empty() {
         return Err(format!("error: task `{}` has no questions", path.display()));
@@ -51,14 +69,19 @@ pub fn evaluate(model: &Model, items: &[Item], steps: &[usize]) -> Result<Table,
         session.set_steps(Some(r));
         for it in items {
             session.reset();
-            let logits = session.prefill_last(&it.tokens).map_err(|e| format!("error: {e}"))?;
+            let logits = session
+                .prefill_last(&it.tokens)
+                .map_err(|e| format!("error: {e}"))?;
             let pred = loopc_runtime::argmax(logits.last_row());
             let c = cells.entry((it.hops, r)).or_insert((0usize, 0usize));
             c.0 += usize::from(pred == it.answer);
             c.1 += 1;
         }
     }
-    Ok(Table { cells, steps: steps.to_vec() })
+    Ok(Table {
+        cells,
+        steps: steps.to_vec(),
+    })
 }
 
 impl Table {
@@ -104,7 +127,11 @@ impl Table {
                     .collect();
                 s = serde_json::to_string_pretty(&rows).unwrap() + "\n";
             }
-            other => return Err(format!("error: unknown format `{other}`; use table, csv or json")),
+            other => {
+                return Err(format!(
+                    "error: unknown format `{other}`; use table, csv or json"
+                ))
+            }
         }
         Ok(s)
     }

@@ -9,10 +9,20 @@ use loopc_runtime::Model;
 pub fn svg(trace: &[TraceStep], tokens: &[u32], proj: &[f64], k: usize) -> String {
     let (w, h, pad) = (640.0, 480.0, 40.0);
     let xs: Vec<f64> = (0..trace.len()).map(|i| proj[i * k]).collect();
-    let ys: Vec<f64> = (0..trace.len()).map(|i| if k > 1 { proj[i * k + 1] } else { 0.0 }).collect();
+    let ys: Vec<f64> = (0..trace.len())
+        .map(|i| if k > 1 { proj[i * k + 1] } else { 0.0 })
+        .collect();
     let span = |v: &[f64]| {
-        let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
-        if hi > lo { (lo, hi) } else { (lo - 1.0, lo + 1.0) }
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
+        if hi > lo {
+            (lo, hi)
+        } else {
+            (lo - 1.0, lo + 1.0)
+        }
     };
     let ((x0, x1), (y0, y1)) = (span(&xs), span(&ys));
     let px = |x: f64| pad + (x - x0) / (x1 - x0) * (w - 2.0 * pad);
@@ -28,22 +38,48 @@ pub fn svg(trace: &[TraceStep], tokens: &[u32], proj: &[f64], k: usize) -> Strin
     positions.sort_unstable();
     positions.dedup();
     for p in positions {
-        let idx: Vec<usize> = (0..trace.len()).filter(|&i| trace[i].position == p).collect();
-        let pts: Vec<String> = idx.iter().map(|&i| format!("{:.1},{:.1}", px(xs[i]), py(ys[i]))).collect();
+        let idx: Vec<usize> = (0..trace.len())
+            .filter(|&i| trace[i].position == p)
+            .collect();
+        let pts: Vec<String> = idx
+            .iter()
+            .map(|&i| format!("{:.1},{:.1}", px(xs[i]), py(ys[i])))
+            .collect();
         out += &format!("<polyline class=\"series\" fill=\"none\" stroke=\"#999\" stroke-width=\"1\" points=\"{}\"/>\n", pts.join(" "));
         for &i in &idx {
             let f = trace[i].iteration as f64 / iters as f64;
-            let colour = format!("rgb({},{},{})", (255.0 * f) as u8, 60, (255.0 * (1.0 - f)) as u8);
-            out += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>\n", px(xs[i]), py(ys[i]));
+            let colour = format!(
+                "rgb({},{},{})",
+                (255.0 * f) as u8,
+                60,
+                (255.0 * (1.0 - f)) as u8
+            );
+            out += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>\n",
+                px(xs[i]),
+                py(ys[i])
+            );
         }
         if let Some(&last) = idx.last() {
-            out += &format!("<text x=\"{:.1}\" y=\"{:.1}\">t{p}:{}</text>\n", px(xs[last]) + 4.0, py(ys[last]) - 4.0, tokens[p]);
+            out += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\">t{p}:{}</text>\n",
+                px(xs[last]) + 4.0,
+                py(ys[last]) - 4.0,
+                tokens[p]
+            );
         }
     }
     out + "</svg>\n"
 }
 
-pub fn run(model: &Model, tokens: &[u32], steps: Option<usize>, tol: f32, format: &str, svg_out: Option<&std::path::Path>) -> Result<String, String> {
+pub fn run(
+    model: &Model,
+    tokens: &[u32],
+    steps: Option<usize>,
+    tol: f32,
+    format: &str,
+    svg_out: Option<&std::path::Path>,
+) -> Result<String, String> {
     let mut s = model.session();
     s.set_steps(steps);
     s.set_trace(true);
@@ -62,9 +98,14 @@ pub fn run(model: &Model, tokens: &[u32], steps: Option<usize>, tol: f32, format
     let d = trace.first().map_or(0, |t| t.state.len());
     let flat: Vec<f32> = trace.iter().flat_map(|t| t.state.iter().copied()).collect();
     let k = 3.min(d);
-    let (_, proj, vars) = if trace.is_empty() { (vec![], vec![], vec![]) } else { pca(&flat, trace.len(), d, k) };
+    let (_, proj, vars) = if trace.is_empty() {
+        (vec![], vec![], vec![])
+    } else {
+        pca(&flat, trace.len(), d, k)
+    };
     if let Some(path) = svg_out {
-        std::fs::write(path, svg(&trace, tokens, &proj, k)).map_err(|e| format!("error: cannot write `{}`: {e}", path.display()))?;
+        std::fs::write(path, svg(&trace, tokens, &proj, k))
+            .map_err(|e| format!("error: cannot write `{}`: {e}", path.display()))?;
     }
     match format {
         "json" => {
@@ -91,7 +132,10 @@ pub fn run(model: &Model, tokens: &[u32], steps: Option<usize>, tol: f32, format
         "csv" => {
             let mut s = String::from("position,token,iteration,norm,rel_update,cosine\n");
             for t in &trace {
-                s.push_str(&format!("{},{},{},{},{},{}\n", t.position, tokens[t.position], t.iteration, t.norm, t.rel_update, t.cosine));
+                s.push_str(&format!(
+                    "{},{},{},{},{},{}\n",
+                    t.position, tokens[t.position], t.iteration, t.norm, t.rel_update, t.cosine
+                ));
             }
             Ok(s)
         }

@@ -9,9 +9,20 @@ use std::time::Instant;
 fn load() -> Option<Model> {
     let w = std::env::var("LOOPC_BENCH_WEIGHTS").ok()?;
     let c = std::env::var("LOOPC_BENCH_CONFIG").ok()?;
-    let opts = Options { set: vec!["init_scale=0".into()], config: Some(c.into()), opt_level: 1, ..Default::default() };
+    let opts = Options {
+        set: vec!["init_scale=0".into()],
+        config: Some(c.into()),
+        opt_level: 1,
+        ..Default::default()
+    };
     let built = driver::build(&root().join("examples/huginn.loop"), &opts).unwrap();
-    Some(Model::new(Artifact::from_bytes(built.artifact_bytes()).unwrap(), Weights::open(w).unwrap()).unwrap())
+    Some(
+        Model::new(
+            Artifact::from_bytes(built.artifact_bytes()).unwrap(),
+            Weights::open(w).unwrap(),
+        )
+        .unwrap(),
+    )
 }
 
 #[test]
@@ -26,7 +37,13 @@ fn batch_decode_throughput() {
                 b.set_depth_schedule(i, sched.clone().map(DepthSchedule::Cycle));
             }
         };
-        let prompts: Vec<Vec<u32>> = (0..n).map(|b| (0..(16 + 8 * b as u32)).map(|t| (t * 7 + b as u32) % 1000).collect()).collect();
+        let prompts: Vec<Vec<u32>> = (0..n)
+            .map(|b| {
+                (0..(16 + 8 * b as u32))
+                    .map(|t| (t * 7 + b as u32) % 1000)
+                    .collect()
+            })
+            .collect();
         let refs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
         // Batched.
         let mut bs = model.batch_session(n);

@@ -4,8 +4,16 @@ use common::*;
 use std::process::Command;
 
 fn loopc(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_loopc")).args(args).current_dir(root()).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(env!("CARGO_BIN_EXE_loopc"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
@@ -19,27 +27,62 @@ fn build_then_run_matches_the_reference_and_dumps_logits() {
     let art = tmp("huginn.loopc");
     let dump = tmp("logits.safetensors");
     let (ok, _, err) = loopc(&[
-        "build", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "init_scale=0",
-        "-o", art.to_str().unwrap(),
+        "build",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--set",
+        "init_scale=0",
+        "-o",
+        art.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("built examples/huginn.loop"), "{err}");
     let f = fixture("huginn_tiny/r4.safetensors");
-    let prompt: Vec<String> = read(&f, "prompt").i64.iter().map(|x| x.to_string()).collect();
+    let prompt: Vec<String> = read(&f, "prompt")
+        .i64
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
     let (ok, out, err) = loopc(&[
-        "run", art.to_str().unwrap(), "--weights", "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", &prompt.join(" "),
-        "--steps", "4", "--max-new-tokens", "3", "--dump-logits", dump.to_str().unwrap(), "--stats",
+        "run",
+        art.to_str().unwrap(),
+        "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors",
+        "--tokens",
+        &prompt.join(" "),
+        "--steps",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "--dump-logits",
+        dump.to_str().unwrap(),
+        "--stats",
     ]);
     assert!(ok, "{err}");
-    assert_eq!(out.split_whitespace().count(), 3, "three generated tokens: {out}");
+    assert_eq!(
+        out.split_whitespace().count(),
+        3,
+        "three generated tokens: {out}"
+    );
     let pre = read(&dump, "prefill_logits");
     assert_eq!(pre.shape, vec![prompt.len(), 256]);
     assert!(max_abs_diff(&pre.f32, &read(&f, "prefill_logits").f32) <= 1e-4);
     let dec = read(&dump, "decode_logits");
-    assert_eq!(dec.shape, vec![2, 256], "logits of each decode step (the last token is not fed back)");
+    assert_eq!(
+        dec.shape,
+        vec![2, 256],
+        "logits of each decode step (the last token is not fed back)"
+    );
     // Greedy: each generated token is the argmax of the logits before it.
     let toks: Vec<usize> = out.split_whitespace().map(|t| t.parse().unwrap()).collect();
-    let argmax = |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0
+    };
     assert_eq!(toks[0], argmax(&pre.f32[(prompt.len() - 1) * 256..]));
     assert_eq!(toks[1], argmax(&dec.f32[..256]));
     assert_eq!(toks[2], argmax(&dec.f32[256..]));
@@ -48,8 +91,16 @@ fn build_then_run_matches_the_reference_and_dumps_logits() {
 #[test]
 fn run_compiles_a_loop_file_in_memory() {
     let (ok, out, err) = loopc(&[
-        "run", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--weights",
-        "tests/fixtures/ouro_tiny/model.safetensors", "--tokens", "1 2 3", "--max-new-tokens", "4",
+        "run",
+        "examples/ouro.loop",
+        "--config",
+        "tests/fixtures/ouro_tiny/config.json",
+        "--weights",
+        "tests/fixtures/ouro_tiny/model.safetensors",
+        "--tokens",
+        "1 2 3",
+        "--max-new-tokens",
+        "4",
     ]);
     assert!(ok, "{err}");
     assert_eq!(out.split_whitespace().count(), 4);
@@ -58,7 +109,14 @@ fn run_compiles_a_loop_file_in_memory() {
 #[test]
 fn ir_prints_every_stage() {
     for stage in ["ast", "graph", "lowered", "program", "clif"] {
-        let (ok, out, err) = loopc(&["ir", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--stage", stage]);
+        let (ok, out, err) = loopc(&[
+            "ir",
+            "examples/ouro.loop",
+            "--config",
+            "tests/fixtures/ouro_tiny/config.json",
+            "--stage",
+            stage,
+        ]);
         assert!(ok, "{stage}: {err}");
         assert!(!out.is_empty(), "{stage} printed nothing");
     }
@@ -71,19 +129,37 @@ fn ir_prints_every_stage() {
 fn check_reports_missing_and_misshaped_weights() {
     // The Ouro checkpoint has none of Huginn's tensors.
     let (ok, _, err) = loopc(&[
-        "check", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--weights",
+        "check",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--weights",
         "tests/fixtures/ouro_tiny/model.safetensors",
     ]);
     assert!(!ok);
     assert!(err.contains("transformer.wte.weight"), "{err}");
     // Right names, wrong size: declare dim=32 against a dim=64 checkpoint.
     let (ok, _, err) = loopc(&[
-        "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "dim=32", "--weights",
-        "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1",
+        "run",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--set",
+        "dim=32",
+        "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors",
+        "--tokens",
+        "1",
     ]);
     assert!(!ok);
-    assert!(err.contains("[256, 32]") && err.contains("[256, 64]"), "names both shapes: {err}");
-    assert!(err.contains("examples/huginn.loop:"), "points at the declaration: {err}");
+    assert!(
+        err.contains("[256, 32]") && err.contains("[256, 64]"),
+        "names both shapes: {err}"
+    );
+    assert!(
+        err.contains("examples/huginn.loop:"),
+        "points at the declaration: {err}"
+    );
 }
 
 #[test]
@@ -92,8 +168,28 @@ fn user_errors_are_messages_not_panics() {
         &["build", "does/not/exist.loop"],
         &["build", "examples/huginn.loop", "--set", "dim=63"],
         &["build", "examples/huginn.loop", "--config", "Cargo.toml"],
-        &["run", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--weights", "tests/fixtures/ouro_tiny/model.safetensors", "--tokens", "999"],
-        &["run", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--weights", "tests/fixtures/ouro_tiny/model.safetensors", "--tokens", "1", "--steps", "0"],
+        &[
+            "run",
+            "examples/ouro.loop",
+            "--config",
+            "tests/fixtures/ouro_tiny/config.json",
+            "--weights",
+            "tests/fixtures/ouro_tiny/model.safetensors",
+            "--tokens",
+            "999",
+        ],
+        &[
+            "run",
+            "examples/ouro.loop",
+            "--config",
+            "tests/fixtures/ouro_tiny/config.json",
+            "--weights",
+            "tests/fixtures/ouro_tiny/model.safetensors",
+            "--tokens",
+            "1",
+            "--steps",
+            "0",
+        ],
         &["run", "Cargo.toml", "--weights", "x", "--tokens", "1"],
     ];
     for c in cases {
@@ -106,48 +202,125 @@ fn user_errors_are_messages_not_panics() {
 
 #[test]
 fn params_lists_values_and_their_sources() {
-    let (ok, out, err) = loopc(&["params", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "steps=3"]);
+    let (ok, out, err) = loopc(&[
+        "params",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--set",
+        "steps=3",
+    ]);
     assert!(ok, "{err}");
-    let line = |name: &str| out.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("{name}: {out}")).to_string();
-    assert!(line("dim").contains("64") && line("dim").contains("config \"n_embd\""), "{out}");
-    assert!(line("head_dim").contains("16") && line("head_dim").ends_with("default"), "derived from dim/heads: {out}");
-    assert!(line("steps").contains('3') && line("steps").ends_with("--set"), "{out}");
-    assert!(out.contains("unused config keys:") && out.contains("tie_embeddings"), "{out}");
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name}: {out}"))
+            .to_string()
+    };
+    assert!(
+        line("dim").contains("64") && line("dim").contains("config \"n_embd\""),
+        "{out}"
+    );
+    assert!(
+        line("head_dim").contains("16") && line("head_dim").ends_with("default"),
+        "derived from dim/heads: {out}"
+    );
+    assert!(
+        line("steps").contains('3') && line("steps").ends_with("--set"),
+        "{out}"
+    );
+    assert!(
+        out.contains("unused config keys:") && out.contains("tie_embeddings"),
+        "{out}"
+    );
 }
 
 #[test]
 fn run_with_forced_depths_prints_depth_stats() {
     let (ok, out, err) = loopc(&[
-        "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "init_scale=0",
-        "--weights", "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1 2 3 4", "--depths", "3 1 2 4 2",
-        "--max-new-tokens", "3", "--stats",
+        "run",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--set",
+        "init_scale=0",
+        "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors",
+        "--tokens",
+        "1 2 3 4",
+        "--depths",
+        "3 1 2 4 2",
+        "--max-new-tokens",
+        "3",
+        "--stats",
     ]);
     assert!(ok, "{err}");
     assert_eq!(out.split_whitespace().count(), 3);
     // Positions 0..=5 run 3 1 2 4 2 2 iterations (the last depth repeats).
-    assert!(err.contains("depth histogram (depth:tokens): 1:1 2:3 3:1 4:1"), "{err}");
+    assert!(
+        err.contains("depth histogram (depth:tokens): 1:1 2:3 3:1 4:1"),
+        "{err}"
+    );
     assert!(err.contains("block evaluations: 2.33 per token"), "{err}");
     assert!(err.contains("bytes per token"), "{err}");
     let (ok, _, err) = loopc(&[
-        "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--weights",
-        "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1 2", "--depths", "0",
+        "run",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors",
+        "--tokens",
+        "1 2",
+        "--depths",
+        "0",
     ]);
     assert!(!ok && err.contains("--depths"), "{err}");
     let (ok, _, err) = loopc(&[
-        "run", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--weights",
-        "tests/fixtures/huginn_tiny/model.safetensors", "--tokens", "1 2", "--exit-threshold", "nan",
+        "run",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors",
+        "--tokens",
+        "1 2",
+        "--exit-threshold",
+        "nan",
     ]);
     assert!(!ok && err.contains("--exit-threshold"), "{err}");
 }
 
 #[test]
 fn explain_lists_rules_per_region_and_the_egraph_stage_prints() {
-    let (ok, out, err) = loopc(&["explain", "examples/huginn.loop", "--config", "tests/fixtures/huginn_tiny/config.json", "--set", "init_scale=0"]);
+    let (ok, out, err) = loopc(&[
+        "explain",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--set",
+        "init_scale=0",
+    ]);
     assert!(ok, "{err}");
-    for want in ["region forward/%", "region forward\n", "fired rmsnorm-residual", "fired concat-linear-split", "fired swiglu-fuse", "hoisted 1 value", "cost "] {
+    for want in [
+        "region forward/%",
+        "region forward\n",
+        "fired rmsnorm-residual",
+        "fired concat-linear-split",
+        "fired swiglu-fuse",
+        "hoisted 1 value",
+        "cost ",
+    ] {
         assert!(out.contains(want), "missing `{want}` in:\n{out}");
     }
-    let (ok, out, err) = loopc(&["ir", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--stage", "egraph"]);
+    let (ok, out, err) = loopc(&[
+        "ir",
+        "examples/ouro.loop",
+        "--config",
+        "tests/fixtures/ouro_tiny/config.json",
+        "--stage",
+        "egraph",
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("rmsnorm_res") && out.contains("glu"), "{out}");
     let (ok, _, err) = loopc(&["explain", "examples/missing.loop"]);

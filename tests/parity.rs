@@ -6,7 +6,15 @@ use common::*;
 
 const TOL: f32 = 1e-4;
 
-fn check_case(example: &str, cfg: &str, weights: &str, case: &str, steps: usize, set: &[&str], opt_level: u8) -> (f32, f32) {
+fn check_case(
+    example: &str,
+    cfg: &str,
+    weights: &str,
+    case: &str,
+    steps: usize,
+    set: &[&str],
+    opt_level: u8,
+) -> (f32, f32) {
     let model = model(example, cfg, weights, set, opt_level);
     let f = fixture(case);
     let prompt = ids(&read(&f, "prompt"));
@@ -22,8 +30,14 @@ fn check_case(example: &str, cfg: &str, weights: &str, case: &str, steps: usize,
         got_dec.extend_from_slice(s.step(t).unwrap().data());
     }
     let d_dec = max_abs_diff(&got_dec, &want_dec.f32);
-    assert!(d_pre <= TOL, "{case} opt{opt_level}: prefill max |Δ| = {d_pre:e}");
-    assert!(d_dec <= TOL, "{case} opt{opt_level}: decode max |Δ| = {d_dec:e}");
+    assert!(
+        d_pre <= TOL,
+        "{case} opt{opt_level}: prefill max |Δ| = {d_pre:e}"
+    );
+    assert!(
+        d_dec <= TOL,
+        "{case} opt{opt_level}: decode max |Δ| = {d_dec:e}"
+    );
     eprintln!("parity {case} r={steps} opt{opt_level}: prefill {d_pre:.2e}, decode {d_dec:.2e}");
     (d_pre, d_dec)
 }
@@ -32,28 +46,66 @@ const HUGINN: &[&str] = &["init_scale=0"];
 
 #[test]
 fn huginn_r1() {
-    check_case("huginn", "huginn_tiny/config.json", "huginn_tiny/model.safetensors", "huginn_tiny/r1.safetensors", 1, HUGINN, 1);
+    check_case(
+        "huginn",
+        "huginn_tiny/config.json",
+        "huginn_tiny/model.safetensors",
+        "huginn_tiny/r1.safetensors",
+        1,
+        HUGINN,
+        1,
+    );
 }
 
 #[test]
 fn huginn_r4() {
-    check_case("huginn", "huginn_tiny/config.json", "huginn_tiny/model.safetensors", "huginn_tiny/r4.safetensors", 4, HUGINN, 1);
+    check_case(
+        "huginn",
+        "huginn_tiny/config.json",
+        "huginn_tiny/model.safetensors",
+        "huginn_tiny/r4.safetensors",
+        4,
+        HUGINN,
+        1,
+    );
 }
 
 #[test]
 fn huginn_r7() {
-    check_case("huginn", "huginn_tiny/config.json", "huginn_tiny/model.safetensors", "huginn_tiny/r7.safetensors", 7, HUGINN, 1);
+    check_case(
+        "huginn",
+        "huginn_tiny/config.json",
+        "huginn_tiny/model.safetensors",
+        "huginn_tiny/r7.safetensors",
+        7,
+        HUGINN,
+        1,
+    );
 }
 
 #[test]
 fn huginn_r4_unoptimized() {
-    check_case("huginn", "huginn_tiny/config.json", "huginn_tiny/model.safetensors", "huginn_tiny/r4.safetensors", 4, HUGINN, 0);
+    check_case(
+        "huginn",
+        "huginn_tiny/config.json",
+        "huginn_tiny/model.safetensors",
+        "huginn_tiny/r4.safetensors",
+        4,
+        HUGINN,
+        0,
+    );
 }
 
 #[test]
 fn huginn_steps_from_the_dsl_default() {
     // The fixture config sets mean_recurrence = 4, which the DSL reads as `steps`.
-    let model = model("huginn", "huginn_tiny/config.json", "huginn_tiny/model.safetensors", HUGINN, 1);
+    let model = model(
+        "huginn",
+        "huginn_tiny/config.json",
+        "huginn_tiny/model.safetensors",
+        HUGINN,
+        1,
+    );
     let f = fixture("huginn_tiny/r4.safetensors");
     let mut s = model.session();
     let pre = s.prefill(&ids(&read(&f, "prompt"))).unwrap();
@@ -62,17 +114,39 @@ fn huginn_steps_from_the_dsl_default() {
 
 #[test]
 fn ouro_t4() {
-    check_case("ouro", "ouro_tiny/config.json", "ouro_tiny/model.safetensors", "ouro_tiny/t4.safetensors", 4, &[], 1);
+    check_case(
+        "ouro",
+        "ouro_tiny/config.json",
+        "ouro_tiny/model.safetensors",
+        "ouro_tiny/t4.safetensors",
+        4,
+        &[],
+        1,
+    );
 }
 
 #[test]
 fn ouro_t4_unoptimized() {
-    check_case("ouro", "ouro_tiny/config.json", "ouro_tiny/model.safetensors", "ouro_tiny/t4.safetensors", 4, &[], 0);
+    check_case(
+        "ouro",
+        "ouro_tiny/config.json",
+        "ouro_tiny/model.safetensors",
+        "ouro_tiny/t4.safetensors",
+        4,
+        &[],
+        0,
+    );
 }
 
 #[test]
 fn ouro_exit_probabilities() {
-    let model = model("ouro", "ouro_tiny/config.json", "ouro_tiny/model.safetensors", &[], 1);
+    let model = model(
+        "ouro",
+        "ouro_tiny/config.json",
+        "ouro_tiny/model.safetensors",
+        &[],
+        1,
+    );
     let f = fixture("ouro_tiny/t4.safetensors");
     let mut s = model.session();
     s.prefill(&ids(&read(&f, "prompt"))).unwrap();
@@ -86,13 +160,23 @@ fn ouro_exit_probabilities() {
         s.step(t).unwrap();
         let got = s.exit_probs().unwrap();
         let d = max_abs_diff(&got, &want.f32[i * 4..(i + 1) * 4]);
-        assert!(d <= 1e-5, "decode step {i}: exit probabilities differ by {d:e}");
+        assert!(
+            d <= 1e-5,
+            "decode step {i}: exit probabilities differ by {d:e}"
+        );
     }
 }
 
 /// Decoding token by token with the cache gives the same logits as one prefill of the whole
 /// sequence (which uses no cached state at all).
-fn decode_equals_recompute(example: &str, cfg: &str, weights: &str, case: &str, steps: usize, set: &[&str]) {
+fn decode_equals_recompute(
+    example: &str,
+    cfg: &str,
+    weights: &str,
+    case: &str,
+    steps: usize,
+    set: &[&str],
+) {
     let model = model(example, cfg, weights, set, 1);
     let f = fixture(case);
     let prompt = ids(&read(&f, "prompt"));
@@ -114,22 +198,45 @@ fn decode_equals_recompute(example: &str, cfg: &str, weights: &str, case: &str, 
     // The cached run's step i sees prompt + decode[..=i]; the full run's row P-1+i+1 sees the same.
     let recompute: Vec<f32> = tail[vocab..].to_vec();
     let d = max_abs_diff(&cached[..cached.len() - vocab], &recompute);
-    assert!(d <= 1e-5, "{case}: cached decode differs from recomputation by {d:e}");
+    assert!(
+        d <= 1e-5,
+        "{case}: cached decode differs from recomputation by {d:e}"
+    );
 }
 
 #[test]
 fn huginn_decode_equals_recompute() {
-    decode_equals_recompute("huginn", "huginn_tiny/config.json", "huginn_tiny/model.safetensors", "huginn_tiny/r7.safetensors", 7, HUGINN);
+    decode_equals_recompute(
+        "huginn",
+        "huginn_tiny/config.json",
+        "huginn_tiny/model.safetensors",
+        "huginn_tiny/r7.safetensors",
+        7,
+        HUGINN,
+    );
 }
 
 #[test]
 fn ouro_decode_equals_recompute() {
-    decode_equals_recompute("ouro", "ouro_tiny/config.json", "ouro_tiny/model.safetensors", "ouro_tiny/t4.safetensors", 4, &[]);
+    decode_equals_recompute(
+        "ouro",
+        "ouro_tiny/config.json",
+        "ouro_tiny/model.safetensors",
+        "ouro_tiny/t4.safetensors",
+        4,
+        &[],
+    );
 }
 
 #[test]
 fn chunked_prefill_equals_one_prefill() {
-    let model = model("huginn", "huginn_tiny/config.json", "huginn_tiny/model.safetensors", HUGINN, 1);
+    let model = model(
+        "huginn",
+        "huginn_tiny/config.json",
+        "huginn_tiny/model.safetensors",
+        HUGINN,
+        1,
+    );
     let f = fixture("huginn_tiny/r4.safetensors");
     let prompt = ids(&read(&f, "prompt"));
     let want = read(&f, "prefill_logits");

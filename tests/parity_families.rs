@@ -12,7 +12,13 @@ fn ltg_case(case: &str, opt_level: u8) {
     let positions = read(&f, "positions").i64[0];
     let set = [format!("inject={inject}"), format!("positions={positions}")];
     let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
-    let model = model("ltg", "ltg_tiny/config.json", "ltg_tiny/model.safetensors", &set, opt_level);
+    let model = model(
+        "ltg",
+        "ltg_tiny/config.json",
+        "ltg_tiny/model.safetensors",
+        &set,
+        opt_level,
+    );
     let mut s = model.session();
     s.set_steps(Some(iters));
     let pre = s.prefill(&ids(&read(&f, "prompt"))).unwrap();
@@ -22,8 +28,13 @@ fn ltg_case(case: &str, opt_level: u8) {
         dec.extend_from_slice(s.step(t).unwrap().data());
     }
     let d_dec = max_abs_diff(&dec, &read(&f, "decode_logits").f32);
-    eprintln!("parity ltg/{case} r={iters} opt{opt_level}: prefill {d_pre:.2e}, decode {d_dec:.2e}");
-    assert!(d_pre <= TOL && d_dec <= TOL, "ltg/{case}: prefill {d_pre:e}, decode {d_dec:e}");
+    eprintln!(
+        "parity ltg/{case} r={iters} opt{opt_level}: prefill {d_pre:.2e}, decode {d_dec:.2e}"
+    );
+    assert!(
+        d_pre <= TOL && d_dec <= TOL,
+        "ltg/{case}: prefill {d_pre:e}, decode {d_dec:e}"
+    );
 }
 
 #[test]
@@ -45,8 +56,18 @@ fn ltg_no_positions_with_injection() {
 #[test]
 fn prefill_last_equals_the_last_row_of_prefill() {
     for (ex, cfg, w, set) in [
-        ("huginn", "huginn_tiny/config.json", "huginn_tiny/model.safetensors", vec!["init_scale=0"]),
-        ("ltg", "ltg_tiny/config.json", "ltg_tiny/model.safetensors", vec!["positions=1"]),
+        (
+            "huginn",
+            "huginn_tiny/config.json",
+            "huginn_tiny/model.safetensors",
+            vec!["init_scale=0"],
+        ),
+        (
+            "ltg",
+            "ltg_tiny/config.json",
+            "ltg_tiny/model.safetensors",
+            vec!["positions=1"],
+        ),
     ] {
         let m = model(ex, cfg, w, &set, 1);
         let prompt = [5, 17, 3, 99, 42];

@@ -21,16 +21,27 @@ forward(tokens) {
   }
   return linear(h, wte)
 }"#;
-    let opts = Options { verify: true, opt_level: 1, ..Default::default() };
+    let opts = Options {
+        verify: true,
+        opt_level: 1,
+        ..Default::default()
+    };
     let f = driver::front_from_source("diag.loop", src, &opts).unwrap();
     let built = driver::build_front(&f, &opts, vec![]).unwrap();
-    let wte: Vec<f32> = (0..32).map(|i| ((i % 5) as f32 - 2.0) / 3.0 + 0.1).collect();
+    let wte: Vec<f32> = (0..32)
+        .map(|i| ((i % 5) as f32 - 2.0) / 3.0 + 0.1)
+        .collect();
     let mut w = vec![0.0f32; 16];
     for i in 0..4 {
         w[i * 4 + i] = a;
     }
-    let weights = Weights::from_f32([("wte", vec![8, 4], &wte[..]), ("w", vec![4, 4], &w[..])]).unwrap();
-    Model::new(Artifact::from_bytes(built.artifact_bytes()).unwrap(), weights).unwrap()
+    let weights =
+        Weights::from_f32([("wte", vec![8, 4], &wte[..]), ("w", vec![4, 4], &w[..])]).unwrap();
+    Model::new(
+        Artifact::from_bytes(built.artifact_bytes()).unwrap(),
+        weights,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -53,14 +64,23 @@ fn trace_statistics_follow_the_closed_form() {
     s.set_trace(true);
     s.prefill(&[4]).unwrap();
     let t = s.take_trace();
-    assert_eq!(analyze(&t.iter().collect::<Vec<_>>(), 1e-3, 4), Settled::Cycle { period: 2, distance: 0.0 });
+    assert_eq!(
+        analyze(&t.iter().collect::<Vec<_>>(), 1e-3, 4),
+        Settled::Cycle {
+            period: 2,
+            distance: 0.0
+        }
+    );
     assert!(t.iter().all(|x| (x.cosine + 1.0).abs() < 1e-6));
 
     let mut s = diagonal(1.0).session();
     s.set_trace(true);
     s.prefill(&[4]).unwrap();
     let t = s.take_trace();
-    assert!(matches!(analyze(&t.iter().collect::<Vec<_>>(), 1e-3, 4), Settled::FixedPoint { .. }));
+    assert!(matches!(
+        analyze(&t.iter().collect::<Vec<_>>(), 1e-3, 4),
+        Settled::FixedPoint { .. }
+    ));
     // Off by default: nothing is recorded.
     let mut s = diagonal(1.0).session();
     s.prefill(&[4]).unwrap();
@@ -70,12 +90,26 @@ fn trace_statistics_follow_the_closed_form() {
 #[test]
 fn trace_json_schema() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopc"))
-        .args(["trace", "examples/ouro.loop", "--config", "tests/fixtures/ouro_tiny/config.json", "--weights",
-            "tests/fixtures/ouro_tiny/model.safetensors", "--tokens", "5 6 7", "--steps", "5"])
+        .args([
+            "trace",
+            "examples/ouro.loop",
+            "--config",
+            "tests/fixtures/ouro_tiny/config.json",
+            "--weights",
+            "tests/fixtures/ouro_tiny/model.safetensors",
+            "--tokens",
+            "5 6 7",
+            "--steps",
+            "5",
+        ])
         .current_dir(root())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // The schema: top-level keys, then the keys of a row and of a settled entry.
     let keys = |o: &serde_json::Value| {
@@ -83,7 +117,12 @@ fn trace_json_schema() {
         k.sort();
         k.join(",")
     };
-    let schema = format!("{}\nrows[]: {}\nsettled[]: {}", keys(&v), keys(&v["rows"][0]), keys(&v["settled"][0]));
+    let schema = format!(
+        "{}\nrows[]: {}\nsettled[]: {}",
+        keys(&v),
+        keys(&v["rows"][0]),
+        keys(&v["settled"][0])
+    );
     insta::assert_snapshot!(schema);
     assert_eq!(v["rows"].as_array().unwrap().len(), 3 * 5);
     assert_eq!(v["iterations"], 5);
@@ -93,17 +132,48 @@ fn trace_json_schema() {
 fn trace_svg_has_one_series_per_token() {
     let svg = std::env::temp_dir().join(format!("loopc-trace-{}.svg", std::process::id()));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_loopc"))
-        .args(["trace", "examples/ltg.loop", "--config", "tests/fixtures/ltg_tiny/config.json", "--set", "positions=2", "--weights",
-            "tests/fixtures/ltg_tiny/model.safetensors", "--tokens", "5 6 7 8", "--steps", "4", "--format", "csv", "--svg"])
+        .args([
+            "trace",
+            "examples/ltg.loop",
+            "--config",
+            "tests/fixtures/ltg_tiny/config.json",
+            "--set",
+            "positions=2",
+            "--weights",
+            "tests/fixtures/ltg_tiny/model.safetensors",
+            "--tokens",
+            "5 6 7 8",
+            "--steps",
+            "4",
+            "--format",
+            "csv",
+            "--svg",
+        ])
         .arg(&svg)
         .current_dir(root())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let csv = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(csv.lines().count(), 1 + 4 * 4, "header + one line per token and iteration");
+    assert_eq!(
+        csv.lines().count(),
+        1 + 4 * 4,
+        "header + one line per token and iteration"
+    );
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
-    assert_eq!(text.matches("<polyline").count(), 4, "one trajectory per token");
-    assert_eq!(text.matches("<circle").count(), 16, "one point per token and iteration");
+    assert_eq!(
+        text.matches("<polyline").count(),
+        4,
+        "one trajectory per token"
+    );
+    assert_eq!(
+        text.matches("<circle").count(),
+        16,
+        "one point per token and iteration"
+    );
 }

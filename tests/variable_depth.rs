@@ -11,10 +11,23 @@ const HUGINN_CFG: &str = "huginn_tiny/config.json";
 const HUGINN_W: &str = "huginn_tiny/model.safetensors";
 
 /// Build `examples/{example}.loop` with its `exit`/`cache` lines replaced.
-fn variant(example: &str, cfg: &str, weights: &str, exit: &str, cache: &str, set: &[&str]) -> Model {
-    let src = std::fs::read_to_string(root().join("examples").join(format!("{example}.loop"))).unwrap();
-    let src = src.replace("exit fixed", &format!("exit {exit}")).replace("cache per_step", &format!("cache {cache}"));
-    let tag: String = format!("{example}_{exit}_{cache}").chars().map(|c| if c.is_alphanumeric() { c } else { '_' }).collect();
+fn variant(
+    example: &str,
+    cfg: &str,
+    weights: &str,
+    exit: &str,
+    cache: &str,
+    set: &[&str],
+) -> Model {
+    let src =
+        std::fs::read_to_string(root().join("examples").join(format!("{example}.loop"))).unwrap();
+    let src = src
+        .replace("exit fixed", &format!("exit {exit}"))
+        .replace("cache per_step", &format!("cache {cache}"));
+    let tag: String = format!("{example}_{exit}_{cache}")
+        .chars()
+        .map(|c| if c.is_alphanumeric() { c } else { '_' })
+        .collect();
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!("loopc_vd_{}_{n}_{tag}.loop", std::process::id()));
@@ -33,7 +46,14 @@ fn variant(example: &str, cfg: &str, weights: &str, exit: &str, cache: &str, set
 }
 
 fn huginn(exit: &str, cache: &str) -> Model {
-    variant("huginn", HUGINN_CFG, HUGINN_W, exit, cache, &["init_scale=0"])
+    variant(
+        "huginn",
+        HUGINN_CFG,
+        HUGINN_W,
+        exit,
+        cache,
+        &["init_scale=0"],
+    )
 }
 
 fn depths(t: &Tensor) -> Vec<usize> {
@@ -164,12 +184,19 @@ fn cache_policies_at_fixed_depth() {
         for &t in &decode {
             dec.extend_from_slice(s.step(t).unwrap().data());
         }
-        (max_abs_diff(pre.data(), &want_pre), max_abs_diff(&dec, &want_dec), s.stats())
+        (
+            max_abs_diff(pre.data(), &want_pre),
+            max_abs_diff(&dec, &want_dec),
+            s.stats(),
+        )
     };
     let (p, d, per) = run(&huginn("fixed", "per_step"));
     assert!(p <= TOL && d <= TOL);
     let (p, d, rw) = run(&huginn("fixed", "recursion_wise"));
-    assert!(p <= TOL && d <= TOL, "recursion_wise at fixed depth: {p:e} {d:e}");
+    assert!(
+        p <= TOL && d <= TOL,
+        "recursion_wise at fixed depth: {p:e} {d:e}"
+    );
     assert_eq!(rw.kv_bytes_used, per.kv_bytes_used);
     let (p, d, _) = run(&huginn("fixed", "ring(4)"));
     assert!(p <= TOL && d <= TOL, "ring(4) at depth 4: {p:e} {d:e}");
@@ -193,7 +220,14 @@ fn criterion_exit_equals_forced_schedule() {
     let f = fixture("huginn_tiny/r7.safetensors");
     let prompt = ids(&read(&f, "prompt"));
     let decode = ids(&read(&f, "decode_tokens"));
-    for exit in ["kl(threshold = 0.3, max = 7)", "latent_diff(threshold = 0.9, max = 7)", "entropy_diff(threshold = 5e-2, min_steps = 2, max = 7)", "argmax_stability(threshold = 2, max = 7)", "cosine(threshold = 0.3, every = 2, max = 7)", "minp_kl(threshold = 0.02, max = 7)"] {
+    for exit in [
+        "kl(threshold = 0.3, max = 7)",
+        "latent_diff(threshold = 0.9, max = 7)",
+        "entropy_diff(threshold = 5e-2, min_steps = 2, max = 7)",
+        "argmax_stability(threshold = 2, max = 7)",
+        "cosine(threshold = 0.3, every = 2, max = 7)",
+        "minp_kl(threshold = 0.02, max = 7)",
+    ] {
         let model = huginn(exit, "per_step");
         let mut s = model.session();
         let pre = s.prefill(&prompt).unwrap();
@@ -203,15 +237,27 @@ fn criterion_exit_equals_forced_schedule() {
             dec.extend_from_slice(s.step(t).unwrap().data());
             chosen.push(s.last_depths()[0]);
         }
-        assert!(chosen.iter().all(|&d| (1..=7).contains(&d)), "{exit}: {chosen:?}");
+        assert!(
+            chosen.iter().all(|&d| (1..=7).contains(&d)),
+            "{exit}: {chosen:?}"
+        );
         if exit.starts_with("entropy") {
-            assert!(chosen.iter().all(|&d| d >= 2), "{exit}: min_steps ignored: {chosen:?}");
+            assert!(
+                chosen.iter().all(|&d| d >= 2),
+                "{exit}: min_steps ignored: {chosen:?}"
+            );
         }
         if exit.starts_with("cosine") {
-            assert!(chosen.iter().all(|&d| d % 2 == 0 || d == 7), "{exit}: every = 2 ignored: {chosen:?}");
+            assert!(
+                chosen.iter().all(|&d| d % 2 == 0 || d == 7),
+                "{exit}: every = 2 ignored: {chosen:?}"
+            );
         }
         let st = s.stats();
-        eprintln!("{exit}: depths {chosen:?}, readout rows {}", st.readout_rows);
+        eprintln!(
+            "{exit}: depths {chosen:?}, readout rows {}",
+            st.readout_rows
+        );
         let fixed = huginn("fixed", "per_step");
         let mut r = fixed.session();
         r.set_depth_schedule(Some(DepthSchedule::Positions(chosen.clone())));
@@ -220,7 +266,10 @@ fn criterion_exit_equals_forced_schedule() {
         for &t in &decode {
             dec2.extend_from_slice(r.step(t).unwrap().data());
         }
-        assert!(max_abs_diff(pre.data(), pre2.data()) <= 1e-5, "{exit}: prefill differs");
+        assert!(
+            max_abs_diff(pre.data(), pre2.data()) <= 1e-5,
+            "{exit}: prefill differs"
+        );
         assert!(max_abs_diff(&dec, &dec2) <= 1e-5, "{exit}: decode differs");
         assert_eq!(r.stats().token_iterations, st.token_iterations);
     }
@@ -236,11 +285,19 @@ fn exit_threshold_override() {
     let mut s = model.session();
     s.set_exit_threshold(Some(1e9));
     s.prefill(&prompt).unwrap();
-    assert!(s.last_depths().iter().all(|&d| d == 2), "{:?}", s.last_depths());
+    assert!(
+        s.last_depths().iter().all(|&d| d == 2),
+        "{:?}",
+        s.last_depths()
+    );
     s.reset();
     s.set_exit_threshold(Some(1e-30));
     s.prefill(&prompt).unwrap();
-    assert!(s.last_depths().iter().all(|&d| d == 6), "{:?}", s.last_depths());
+    assert!(
+        s.last_depths().iter().all(|&d| d == 6),
+        "{:?}",
+        s.last_depths()
+    );
     let st = s.stats();
     assert_eq!(st.token_iterations, prompt.len() * (2 + 6));
     assert_eq!(st.depth_histogram[2], prompt.len());
@@ -254,7 +311,14 @@ fn ouro_gate_exit() {
     let f = fixture("ouro_tiny/t4.safetensors");
     let prompt = ids(&read(&f, "prompt"));
     let probs = read(&f, "prefill_exit_probs").f32;
-    let model = variant("ouro", "ouro_tiny/config.json", "ouro_tiny/model.safetensors", "gate(q = 0.5)", "per_step", &[]);
+    let model = variant(
+        "ouro",
+        "ouro_tiny/config.json",
+        "ouro_tiny/model.safetensors",
+        "gate(q = 0.5)",
+        "per_step",
+        &[],
+    );
     let mut s = model.session();
     s.prefill(&prompt).unwrap();
     let depths = s.last_depths().to_vec();
@@ -263,7 +327,12 @@ fn ouro_gate_exit() {
         cdf += p;
         cdf >= 0.5
     });
-    assert_eq!(depths[0], want0.map_or(4, |t| t + 1), "{depths:?} from {:?}", &probs[..4]);
+    assert_eq!(
+        depths[0],
+        want0.map_or(4, |t| t + 1),
+        "{depths:?} from {:?}",
+        &probs[..4]
+    );
     assert!(depths.iter().all(|&d| (1..=4).contains(&d)));
     s.reset();
     s.set_exit_threshold(Some(1.0));
@@ -280,16 +349,33 @@ fn bad_schedules_are_errors() {
     assert!(s.prefill(&[1, 2]).is_err());
     s.set_depth_schedule(Some(DepthSchedule::Positions(vec![2, 0])));
     assert!(s.prefill(&[1, 2]).is_err());
-    assert_eq!(s.position(), 0, "a failed call does not advance the sequence");
+    assert_eq!(
+        s.position(),
+        0,
+        "a failed call does not advance the sequence"
+    );
     let mut b = model.batch_session(2);
-    assert!(b.prefill(&[&[1]]).is_err(), "one token list for two sequences");
+    assert!(
+        b.prefill(&[&[1]]).is_err(),
+        "one token list for two sequences"
+    );
     assert!(b.prefill(&[&[], &[]]).is_err(), "nothing to do");
-    assert!(b.prefill(&[&[1], &[100_000]]).is_err(), "token out of range");
+    assert!(
+        b.prefill(&[&[1], &[100_000]]).is_err(),
+        "token out of range"
+    );
     b.set_depth_schedule(0, Some(DepthSchedule::Positions(vec![2])));
-    assert!(b.prefill(&[&[1], &[2]]).is_err(), "a schedule for only some sequences");
+    assert!(
+        b.prefill(&[&[1], &[2]]).is_err(),
+        "a schedule for only some sequences"
+    );
     b.set_depth_schedule(1, Some(DepthSchedule::Positions(vec![3])));
     assert_eq!(b.prefill(&[&[1], &[2]]).unwrap().len(), 2);
-    assert_eq!(b.positions(), &[1, 1], "failed calls did not move the sequences");
+    assert_eq!(
+        b.positions(),
+        &[1, 1],
+        "failed calls did not move the sequences"
+    );
     assert_eq!((b.last_depths(0), b.last_depths(1)), (&[2][..], &[3][..]));
 }
 
@@ -298,7 +384,14 @@ fn bad_schedules_are_errors() {
 #[test]
 fn ouro_act_matches_reference() {
     let f = fixture("ouro_tiny/act.safetensors");
-    let model = variant("ouro", "ouro_tiny/config.json", "ouro_tiny/model.safetensors", "act(eps = 0.01, max = 6)", "per_step", &[]);
+    let model = variant(
+        "ouro",
+        "ouro_tiny/config.json",
+        "ouro_tiny/model.safetensors",
+        "act(eps = 0.01, max = 6)",
+        "per_step",
+        &[],
+    );
     let mut s = model.session();
     let pre = s.prefill(&ids(&read(&f, "prompt"))).unwrap();
     assert_eq!(s.last_depths(), &depths(&read(&f, "prompt_depths"))[..]);
@@ -310,7 +403,10 @@ fn ouro_act_matches_reference() {
         assert_eq!(s.last_depths(), &[want_d[i]], "decode step {i}");
     }
     let d_dec = max_abs_diff(&got, &read(&f, "decode_logits").f32);
-    assert!(d_pre <= TOL && d_dec <= TOL, "prefill {d_pre:e}, decode {d_dec:e}");
+    assert!(
+        d_pre <= TOL && d_dec <= TOL,
+        "prefill {d_pre:e}, decode {d_dec:e}"
+    );
 }
 
 /// A batch of 4 sequences with unequal lengths and per-token depths (forced schedules, or a
@@ -318,14 +414,31 @@ fn ouro_act_matches_reference() {
 /// decode (including a step where one sequence sits out), under per_step and recursion_wise.
 #[test]
 fn batch_of_four_equals_independent_sessions() {
-    let prompts: [&[u32]; 4] = [&[5, 17, 3, 99, 42, 7, 1], &[8, 8, 200], &[250, 1, 2, 3, 4], &[77]];
-    let steps: [[Option<u32>; 4]; 3] =
-        [[Some(3), Some(9), Some(4), Some(11)], [Some(30), Some(90), Some(40), Some(110)], [Some(6), None, Some(8), Some(12)]];
-    let scheds = [vec![3, 1, 4, 2, 5, 1, 3, 2, 2, 4], vec![2, 6, 1, 3, 3], vec![1, 1, 1, 1, 1, 4, 4, 2], vec![5, 2, 3, 1]];
+    let prompts: [&[u32]; 4] = [
+        &[5, 17, 3, 99, 42, 7, 1],
+        &[8, 8, 200],
+        &[250, 1, 2, 3, 4],
+        &[77],
+    ];
+    let steps: [[Option<u32>; 4]; 3] = [
+        [Some(3), Some(9), Some(4), Some(11)],
+        [Some(30), Some(90), Some(40), Some(110)],
+        [Some(6), None, Some(8), Some(12)],
+    ];
+    let scheds = [
+        vec![3, 1, 4, 2, 5, 1, 3, 2, 2, 4],
+        vec![2, 6, 1, 3, 3],
+        vec![1, 1, 1, 1, 1, 4, 4, 2],
+        vec![5, 2, 3, 1],
+    ];
     let cases = [
         ("fixed", "per_step", true),
         ("fixed", "recursion_wise", true),
-        ("entropy_diff(threshold = 5e-2, min_steps = 2, max = 7)", "per_step", false),
+        (
+            "entropy_diff(threshold = 5e-2, min_steps = 2, max = 7)",
+            "per_step",
+            false,
+        ),
     ];
     for (exit, cache, forced) in cases {
         let model = huginn(exit, cache);
@@ -342,8 +455,15 @@ fn batch_of_four_equals_independent_sessions() {
         for b in 0..4 {
             let want = singles[b].prefill(prompts[b]).unwrap();
             let d = max_abs_diff(got[b].data(), want.data());
-            assert!(d <= 1e-5, "{exit}/{cache}: prefill of sequence {b} differs by {d:e}");
-            assert_eq!(batch.last_depths(b), singles[b].last_depths(), "{exit}/{cache} seq {b}");
+            assert!(
+                d <= 1e-5,
+                "{exit}/{cache}: prefill of sequence {b} differs by {d:e}"
+            );
+            assert_eq!(
+                batch.last_depths(b),
+                singles[b].last_depths(),
+                "{exit}/{cache} seq {b}"
+            );
             evals += singles[b].last_depths().iter().sum::<usize>();
         }
         assert_eq!(batch.last_block_evaluations(), evals);
@@ -354,7 +474,10 @@ fn batch_of_four_equals_independent_sessions() {
                     Some(t) => {
                         let want = singles[b].step(t).unwrap().data().to_vec();
                         let d = max_abs_diff(got[b].data(), &want);
-                        assert!(d <= 1e-5, "{exit}/{cache}: decode of sequence {b} differs by {d:e}");
+                        assert!(
+                            d <= 1e-5,
+                            "{exit}/{cache}: decode of sequence {b} differs by {d:e}"
+                        );
                         assert_eq!(batch.last_depths(b), singles[b].last_depths());
                     }
                     None => assert_eq!(got[b].rows(), 0),
@@ -389,19 +512,32 @@ fn latent_exit_decode_equals_recompute() {
     let mut fresh = model.session();
     let full = fresh.prefill(&all).unwrap();
     assert_eq!(fresh.last_depths(), &depths[..]);
-    assert!(depths.iter().any(|&d| d < 7), "no token exited early: {depths:?}");
+    assert!(
+        depths.iter().any(|&d| d < 7),
+        "no token exited early: {depths:?}"
+    );
     let v = full.vocab();
     let d = max_abs_diff(&cached, &full.data()[prompt.len() * v..]);
     // f32 summation order differs between the 1-row and 11-row matmul paths (≈1e-5 after 7
     // iterations); depths equal exactly, so the tolerance is the parity one.
-    assert!(d <= TOL, "cached decode differs from recomputation by {d:e}");
+    assert!(
+        d <= TOL,
+        "cached decode differs from recomputation by {d:e}"
+    );
 }
 
 /// Forced per-token loops on the Ouro family against `ouro_forward_schedule`.
 #[test]
 fn ouro_schedule_matches_reference() {
     let f = fixture("ouro_tiny/sched_per_step.safetensors");
-    let model = variant("ouro", "ouro_tiny/config.json", "ouro_tiny/model.safetensors", "fixed", "per_step", &[]);
+    let model = variant(
+        "ouro",
+        "ouro_tiny/config.json",
+        "ouro_tiny/model.safetensors",
+        "fixed",
+        "per_step",
+        &[],
+    );
     let prompt = ids(&read(&f, "prompt"));
     let mut all = depths(&read(&f, "prompt_depths"));
     all.extend(depths(&read(&f, "decode_depths")));
@@ -414,6 +550,9 @@ fn ouro_schedule_matches_reference() {
         got.extend_from_slice(s.step(t).unwrap().data());
     }
     let d_dec = max_abs_diff(&got, &read(&f, "decode_logits").f32);
-    assert!(d_pre <= TOL && d_dec <= TOL, "prefill {d_pre:e}, decode {d_dec:e}");
+    assert!(
+        d_pre <= TOL && d_dec <= TOL,
+        "prefill {d_pre:e}, decode {d_dec:e}"
+    );
     assert_eq!(s.stats().token_iterations, all.iter().sum::<usize>());
 }

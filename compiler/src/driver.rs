@@ -66,8 +66,9 @@ fn render(sm: &SourceMap, d: &[Diagnostic], color: bool) -> String {
 
 /// Parse the file and evaluate its params with the overrides; stops on any error.
 pub fn front(path: &Path, opts: &Options) -> Result<Front, CompileError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CompileError::Other(format!("error: cannot read `{}`: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CompileError::Other(format!("error: cannot read `{}`: {e}", path.display()))
+    })?;
     front_from_source(&path.display().to_string(), &text, opts)
 }
 
@@ -81,12 +82,16 @@ pub fn front_from_source(name: &str, text: &str, opts: &Options) -> Result<Front
     let mut config_path = None;
     if let Some(cp) = &opts.config {
         let shown = cp.display().to_string();
-        let text = std::fs::read_to_string(cp)
-            .map_err(|e| CompileError::Other(format!("error: cannot read config `{shown}`: {e}")))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| CompileError::Other(format!("error: config `{shown}` is not valid JSON: {e}")))?;
+        let text = std::fs::read_to_string(cp).map_err(|e| {
+            CompileError::Other(format!("error: cannot read config `{shown}`: {e}"))
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            CompileError::Other(format!("error: config `{shown}` is not valid JSON: {e}"))
+        })?;
         let serde_json::Value::Object(map) = v else {
-            return Err(CompileError::Other(format!("error: config `{shown}` must be a JSON object")));
+            return Err(CompileError::Other(format!(
+                "error: config `{shown}` must be a JSON object"
+            )));
         };
         overrides.config = Some((shown.clone(), map));
         config_path = Some(shown);
@@ -102,7 +107,13 @@ pub fn front_from_source(name: &str, text: &str, opts: &Options) -> Result<Front
     if diag::has_errors(&diags) {
         return Err(CompileError::Diagnostics(render(&sm, &diags, opts.color)));
     }
-    Ok(Front { sources: sm, ast, params, warnings: diags, config_path })
+    Ok(Front {
+        sources: sm,
+        ast,
+        params,
+        warnings: diags,
+        config_path,
+    })
 }
 
 /// Elaborate to the graph IR (stage `graph`), before any pass.
@@ -112,7 +123,9 @@ pub fn graph(f: &Front, opts: &Options) -> Result<(Module, Vec<Diagnostic>), Com
     all.extend(diags);
     match m {
         Some(m) => Ok((m, all)),
-        None => Err(CompileError::Diagnostics(render(&f.sources, &all, opts.color))),
+        None => Err(CompileError::Diagnostics(render(
+            &f.sources, &all, opts.color,
+        ))),
     }
 }
 
@@ -124,11 +137,13 @@ pub fn optimize(m: &mut Module, opts: &Options) -> Result<Vec<PassRecord>, Compi
         limit: opts.pass_limit,
         opt_level: opts.opt_level,
     };
-    run_pipeline(m, &popts).map_err(|e| CompileError::Other(format!("internal compiler error: {e}")))
+    run_pipeline(m, &popts)
+        .map_err(|e| CompileError::Other(format!("internal compiler error: {e}")))
 }
 
 pub fn program(m: &Module) -> Result<Manifest, CompileError> {
-    lower::lower(m, "cpu-x86_64", "cranelift").map_err(|e| CompileError::Other(format!("error: {e}")))
+    lower::lower(m, "cpu-x86_64", "cranelift")
+        .map_err(|e| CompileError::Other(format!("error: {e}")))
 }
 
 /// The whole pipeline from a file to artifact bytes.
@@ -140,7 +155,11 @@ pub fn build(path: &Path, opts: &Options) -> Result<Built, CompileError> {
     build_front(&f, opts, timings)
 }
 
-pub fn build_front(f: &Front, opts: &Options, mut timings: Vec<(&'static str, f64)>) -> Result<Built, CompileError> {
+pub fn build_front(
+    f: &Front,
+    opts: &Options,
+    mut timings: Vec<(&'static str, f64)>,
+) -> Result<Built, CompileError> {
     let t = Instant::now();
     let (mut module, warns) = graph(f, opts)?;
     timings.push(("elaborate", t.elapsed().as_secs_f64()));
@@ -159,7 +178,11 @@ pub fn build_front(f: &Front, opts: &Options, mut timings: Vec<(&'static str, f6
         shared_object: compiled.shared_object,
         passes,
         module,
-        warnings: if warns.is_empty() { String::new() } else { render(&f.sources, &warns, opts.color) },
+        warnings: if warns.is_empty() {
+            String::new()
+        } else {
+            render(&f.sources, &warns, opts.color)
+        },
         timings,
     })
 }
@@ -184,17 +207,34 @@ pub fn explain_front(f: &Front, opts: &Options) -> Result<String, CompileError> 
     let before = optimize_until(&mut m, opts, "egraph")?;
     let nodes = m.node_count();
     let report = crate::egraph::optimize(&mut m);
-    loopc_dialects::verify::verify_module(&m).map_err(|e| CompileError::Other(format!("internal compiler error: after `egraph`: {e}")))?;
-    let mut s = format!("passes before egraph: {}\nnodes: {nodes} -> {}\n", before.join(", "), m.node_count());
+    loopc_dialects::verify::verify_module(&m).map_err(|e| {
+        CompileError::Other(format!("internal compiler error: after `egraph`: {e}"))
+    })?;
+    let mut s = format!(
+        "passes before egraph: {}\nnodes: {nodes} -> {}\n",
+        before.join(", "),
+        m.node_count()
+    );
     s.push_str(&report.text());
     Ok(s)
 }
 
 /// Run the pipeline up to (not including) the pass `stop`; returns the names run.
-fn optimize_until(m: &mut Module, opts: &Options, stop: &str) -> Result<Vec<&'static str>, CompileError> {
-    let names: Vec<&'static str> = crate::passes::pipeline(opts.opt_level.max(1)).iter().map(|p| p.name()).collect();
+fn optimize_until(
+    m: &mut Module,
+    opts: &Options,
+    stop: &str,
+) -> Result<Vec<&'static str>, CompileError> {
+    let names: Vec<&'static str> = crate::passes::pipeline(opts.opt_level.max(1))
+        .iter()
+        .map(|p| p.name())
+        .collect();
     let k = names.iter().position(|n| *n == stop).unwrap_or(names.len());
-    let o = Options { pass_limit: Some(k), opt_level: opts.opt_level.max(1), ..opts.clone() };
+    let o = Options {
+        pass_limit: Some(k),
+        opt_level: opts.opt_level.max(1),
+        ..opts.clone()
+    };
     optimize(m, &o)?;
     Ok(names[..k].to_vec())
 }
@@ -211,7 +251,9 @@ pub fn stage_text_front(f: &Front, stage: &str, opts: &Options) -> Result<String
         // Up to and including the e-graph pass (even at --opt-level 0, to show what it does).
         optimize_until(&mut m, opts, "egraph")?;
         crate::egraph::optimize(&mut m);
-        loopc_dialects::verify::verify_module(&m).map_err(|e| CompileError::Other(format!("internal compiler error: after `egraph`: {e}")))?;
+        loopc_dialects::verify::verify_module(&m).map_err(|e| {
+            CompileError::Other(format!("internal compiler error: after `egraph`: {e}"))
+        })?;
         return Ok(print_module(&m));
     }
     optimize(&mut m, opts)?;
@@ -224,7 +266,8 @@ pub fn stage_text_front(f: &Front, stage: &str, opts: &Options) -> Result<String
         "clif" => {
             let mut s = String::new();
             for k in &manifest.kernels {
-                let text = cranelift::kernel_clif(k).map_err(|e| CompileError::Other(format!("error: {e}")))?;
+                let text = cranelift::kernel_clif(k)
+                    .map_err(|e| CompileError::Other(format!("error: {e}")))?;
                 s.push_str(&format!("; {}\n{text}\n", k.symbol));
             }
             Ok(s)

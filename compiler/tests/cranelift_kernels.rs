@@ -528,20 +528,34 @@ fn rmsnorm_matches_reference() {
 #[test]
 fn layernorm_matches_reference() {
     let shapes = [1usize, 3, 7, 64, 96, 130, 301];
-    let decls: Vec<KernelDecl> =
-        shapes.iter().map(|&cols| decl(&format!("ln_{cols}"), KernelSpec::LayerNorm { cols, eps: 1e-5 })).collect();
+    let decls: Vec<KernelDecl> = shapes
+        .iter()
+        .map(|&cols| {
+            decl(
+                &format!("ln_{cols}"),
+                KernelSpec::LayerNorm { cols, eps: 1e-5 },
+            )
+        })
+        .collect();
     let lib = Loaded::new(&decls);
     let mut rng = Rng(21);
     let rows = 5;
     for &cols in &shapes {
         let k = lib.kernel(&format!("ln_{cols}"));
         // An offset mean makes the naive E[x²] − E[x]² formula lose digits; the kernel must not.
-        let x: Vec<f32> = rng.vec(rows * cols, -3.0, 3.0).iter().map(|v| v + 40.0).collect();
+        let x: Vec<f32> = rng
+            .vec(rows * cols, -3.0, 3.0)
+            .iter()
+            .map(|v| v + 40.0)
+            .collect();
         let g = rng.vec(cols, 0.5, 1.5);
         let b = rng.vec(cols, -0.5, 0.5);
         let mut want = vec![0.0; rows * cols];
         for r in 0..rows {
-            let row: Vec<f64> = x[r * cols..(r + 1) * cols].iter().map(|&v| v as f64).collect();
+            let row: Vec<f64> = x[r * cols..(r + 1) * cols]
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
             let mean = row.iter().sum::<f64>() / cols as f64;
             let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / cols as f64;
             let inv = 1.0 / (var + 1e-5f32 as f64).sqrt();
@@ -553,7 +567,13 @@ fn layernorm_matches_reference() {
         let ptrs = ptrs_of(&mut bufs);
         call_split(k, &ptrs, rows, 2, 0);
         // cols = 1 has zero variance: the output is the bias exactly.
-        assert_close(&format!("layernorm cols={cols}"), &bufs[3], &want, 1e-4, 2e-4);
+        assert_close(
+            &format!("layernorm cols={cols}"),
+            &bufs[3],
+            &want,
+            1e-4,
+            2e-4,
+        );
     }
 }
 
@@ -1040,8 +1060,23 @@ fn invalid_specs_are_errors() {
 fn compacted_rows_with_shifted_pos0_match_single_rows() {
     let (heads, kv_heads, hd) = (4usize, 2usize, 16usize);
     let decls = vec![
-        decl("rope_c", KernelSpec::Rope { heads, head_dim: hd, style: RopeStyle::Interleaved }),
-        decl("attn_c", KernelSpec::Attention { heads, kv_heads, head_dim: hd, scale: 0.25 }),
+        decl(
+            "rope_c",
+            KernelSpec::Rope {
+                heads,
+                head_dim: hd,
+                style: RopeStyle::Interleaved,
+            },
+        ),
+        decl(
+            "attn_c",
+            KernelSpec::Attention {
+                heads,
+                kv_heads,
+                head_dim: hd,
+                scale: 0.25,
+            },
+        ),
     ];
     let lib = Loaded::new(&decls);
     let (rope, attn) = (lib.kernel("rope_c"), lib.kernel("attn_c"));
@@ -1070,7 +1105,12 @@ fn compacted_rows_with_shifted_pos0_match_single_rows() {
     for &(i0, i1) in &runs {
         call(rope, &p, i0, i1, positions[i0] - i0, 0);
     }
-    let mut abufs = vec![bufs[0].clone(), kc.clone(), vc.clone(), vec![f32::NAN; n * w]];
+    let mut abufs = vec![
+        bufs[0].clone(),
+        kc.clone(),
+        vc.clone(),
+        vec![f32::NAN; n * w],
+    ];
     let ap = ptrs_of(&mut abufs);
     for &(i0, i1) in &runs {
         call(attn, &ap, i0 * heads, i1 * heads, positions[i0] - i0, 0);
@@ -1080,10 +1120,18 @@ fn compacted_rows_with_shifted_pos0_match_single_rows() {
         let mut one = vec![x[i * w..(i + 1) * w].to_vec(), cos.clone(), sin.clone()];
         let op = ptrs_of(&mut one);
         call(rope, &op, 0, 1, pos, 0);
-        assert_eq!(&bufs[0][i * w..(i + 1) * w], &one[0][..], "rope row {i} at position {pos}");
+        assert_eq!(
+            &bufs[0][i * w..(i + 1) * w],
+            &one[0][..],
+            "rope row {i} at position {pos}"
+        );
         let mut a1 = vec![one[0].clone(), kc.clone(), vc.clone(), vec![f32::NAN; w]];
         let a1p = ptrs_of(&mut a1);
         call(attn, &a1p, 0, heads, pos, 0);
-        assert_eq!(&abufs[3][i * w..(i + 1) * w], &a1[3][..], "attention row {i} at position {pos}");
+        assert_eq!(
+            &abufs[3][i * w..(i + 1) * w],
+            &a1[3][..],
+            "attention row {i} at position {pos}"
+        );
     }
 }

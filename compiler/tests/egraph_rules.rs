@@ -31,13 +31,33 @@ impl Rng {
 fn run(m: &Module, rng_seed: u64, tokens: &[u32]) -> Vec<f32> {
     verify_module(m).unwrap_or_else(|e| panic!("{e}\n{}", print_module(m)));
     let manifest = driver::program(m).unwrap_or_else(|e| panic!("{e}\n{}", print_module(m)));
-    let so = cranelift::compile_kernels(&manifest.kernels).unwrap().shared_object;
+    let so = cranelift::compile_kernels(&manifest.kernels)
+        .unwrap()
+        .shared_object;
     let mut rng = Rng(rng_seed);
-    let data: Vec<Vec<f32>> = m.weights.iter().map(|w| (0..w.shape.iter().product::<usize>()).map(|_| 0.5 * rng.uniform()).collect()).collect();
-    let weights = Weights::from_f32(m.weights.iter().zip(&data).map(|(w, d)| (w.name.as_str(), w.shape.clone(), d.as_slice()))).unwrap();
+    let data: Vec<Vec<f32>> = m
+        .weights
+        .iter()
+        .map(|w| {
+            (0..w.shape.iter().product::<usize>())
+                .map(|_| 0.5 * rng.uniform())
+                .collect()
+        })
+        .collect();
+    let weights = Weights::from_f32(
+        m.weights
+            .iter()
+            .zip(&data)
+            .map(|(w, d)| (w.name.as_str(), w.shape.clone(), d.as_slice())),
+    )
+    .unwrap();
     let model = Model::with_threads(Artifact::new(manifest, so), weights, 2).unwrap();
     let mut s = model.session();
-    let mut out = s.prefill(&tokens[..tokens.len() - 1]).unwrap().data().to_vec();
+    let mut out = s
+        .prefill(&tokens[..tokens.len() - 1])
+        .unwrap()
+        .data()
+        .to_vec();
     out.extend_from_slice(s.step(tokens[tokens.len() - 1]).unwrap().data());
     out
 }
@@ -48,15 +68,34 @@ fn check_rule(text: &str, rule: &str, seed: u64) -> Module {
     verify_module(&lhs).unwrap();
     let mut rhs = lhs.clone();
     let report = egraph::optimize(&mut rhs);
-    assert!(report.fired(rule) > 0, "rule {rule} did not fire:\n{}\n{text}", report.text());
-    assert!(report.regions.iter().any(|r| r.replaced), "{rule}: nothing was cheaper:\n{}", report.text());
+    assert!(
+        report.fired(rule) > 0,
+        "rule {rule} did not fire:\n{}\n{text}",
+        report.text()
+    );
+    assert!(
+        report.regions.iter().any(|r| r.replaced),
+        "{rule}: nothing was cheaper:\n{}",
+        report.text()
+    );
     verify_module(&rhs).unwrap_or_else(|e| panic!("{e}\n{}", print_module(&rhs)));
-    let tokens: Vec<u32> = (0..5).map(|i| ((seed as u32).wrapping_mul(7) + i * 3) % 16).collect();
+    let tokens: Vec<u32> = (0..5)
+        .map(|i| ((seed as u32).wrapping_mul(7) + i * 3) % 16)
+        .collect();
     let a = run(&lhs, seed, &tokens);
     let b = run(&rhs, seed, &tokens);
     let scale = a.iter().fold(1.0f32, |m, x| m.max(x.abs()));
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale;
-    assert!(d <= 1e-5, "{rule} seed {seed}: sides differ by {d:e} (relative)\n{}", print_module(&rhs));
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale;
+    assert!(
+        d <= 1e-5,
+        "{rule} seed {seed}: sides differ by {d:e} (relative)\n{}",
+        print_module(&rhs)
+    );
     rhs
 }
 
@@ -77,9 +116,13 @@ fn w(shape: &[usize]) -> String {
 }
 
 fn residual_text(d: usize) -> String {
-    header(&[("emb", vec![V, d]), ("wa", vec![d, d]), ("g", vec![d]), ("head", vec![V, d])])
-        + &format!(
-            "forward {{
+    header(&[
+        ("emb", vec![V, d]),
+        ("wa", vec![d, d]),
+        ("g", vec![d]),
+        ("head", vec![V, d]),
+    ]) + &format!(
+        "forward {{
   %0 = tokens : tokens
   %1 = weight @0 : {wv}
   %2 = embed %0, %1 : [S, {d}]
@@ -94,9 +137,9 @@ fn residual_text(d: usize) -> String {
   return %10
 }}
 ",
-            wv = w(&[V, d]),
-            wd = w(&[d, d])
-        )
+        wv = w(&[V, d]),
+        wd = w(&[d, d])
+    )
 }
 
 fn embed_scale_text(d: usize) -> String {
@@ -119,9 +162,15 @@ fn embed_scale_text(d: usize) -> String {
 fn q_scale_text(heads: usize, hd: usize) -> String {
     let d = heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    header(&[("emb", vec![V, d]), ("wq", vec![d, d]), ("wk", vec![d, d]), ("wv", vec![d, d]), ("bq", vec![d]), ("head", vec![V, d])])
-        + &format!(
-            "forward {{
+    header(&[
+        ("emb", vec![V, d]),
+        ("wq", vec![d, d]),
+        ("wk", vec![d, d]),
+        ("wv", vec![d, d]),
+        ("bq", vec![d]),
+        ("head", vec![V, d]),
+    ]) + &format!(
+        "forward {{
   %0 = tokens : tokens
   %1 = weight @0 : {wv}
   %2 = embed %0, %1 : [S, {d}]
@@ -141,17 +190,23 @@ fn q_scale_text(heads: usize, hd: usize) -> String {
   return %15
 }}
 ",
-            wv = w(&[V, d]),
-            wd = w(&[d, d])
-        )
+        wv = w(&[V, d]),
+        wd = w(&[d, d])
+    )
 }
 
 fn gain_fold_text(d: usize, n: usize, residual: bool) -> String {
     // Two matmuls read the norm (the rule needs every user to be one); with `residual`, the
     // norm's input is a residual sum that is also used later.
-    header(&[("emb", vec![V, d]), ("wa", vec![n, d]), ("wb", vec![n, d]), ("g", vec![d]), ("wo", vec![d, n]), ("head", vec![V, d])])
-        + &format!(
-            "forward {{
+    header(&[
+        ("emb", vec![V, d]),
+        ("wa", vec![n, d]),
+        ("wb", vec![n, d]),
+        ("g", vec![d]),
+        ("wo", vec![d, n]),
+        ("head", vec![V, d]),
+    ]) + &format!(
+        "forward {{
   %0 = tokens : tokens
   %1 = weight @0 : {wv}
   %2 = embed %0, %1 : [S, {d}]
@@ -171,21 +226,40 @@ fn gain_fold_text(d: usize, n: usize, residual: bool) -> String {
   return %15
 }}
 ",
-            sum = if residual { "add %2, %2".to_string() } else { "tanh %2".to_string() },
-            wv = w(&[V, d]),
-            wn = w(&[n, d])
-        )
+        sum = if residual {
+            "add %2, %2".to_string()
+        } else {
+            "tanh %2".to_string()
+        },
+        wv = w(&[V, d]),
+        wn = w(&[n, d])
+    )
 }
 
 fn swiglu_text(d: usize, f: usize, fused: bool, act: &str) -> String {
     // `fused`: gate and up are adjacent row windows of one [2f, d] tensor (Huginn's `fc`);
     // otherwise two tensors (Ouro's gate_proj / up_proj).
     let ws = if fused {
-        vec![("emb", vec![V, d]), ("fc", vec![2 * f, d]), ("down", vec![d, f]), ("head", vec![V, d])]
+        vec![
+            ("emb", vec![V, d]),
+            ("fc", vec![2 * f, d]),
+            ("down", vec![d, f]),
+            ("head", vec![V, d]),
+        ]
     } else {
-        vec![("emb", vec![V, d]), ("gate", vec![f, d]), ("up", vec![f, d]), ("down", vec![d, f]), ("head", vec![V, d])]
+        vec![
+            ("emb", vec![V, d]),
+            ("gate", vec![f, d]),
+            ("up", vec![f, d]),
+            ("down", vec![d, f]),
+            ("head", vec![V, d]),
+        ]
     };
-    let (up, down, head) = if fused { (format!("weight @1+{}", f * d), 2, 3) } else { ("weight @2".to_string(), 3, 4) };
+    let (up, down, head) = if fused {
+        (format!("weight @1+{}", f * d), 2, 3)
+    } else {
+        ("weight @2".to_string(), 3, 4)
+    };
     header(&ws)
         + &format!(
             "forward {{
@@ -212,10 +286,18 @@ fn swiglu_text(d: usize, f: usize, fused: bool, act: &str) -> String {
 
 fn rope_bias_text(heads: usize, hd: usize, style: &str, bias_first: bool) -> String {
     let d = heads * hd;
-    let add = if bias_first { "add %5, %4" } else { "add %4, %5" };
-    header(&[("emb", vec![V, d]), ("wq", vec![d, d]), ("bq", vec![1, heads, hd]), ("head", vec![V, d])])
-        + &format!(
-            "forward {{
+    let add = if bias_first {
+        "add %5, %4"
+    } else {
+        "add %4, %5"
+    };
+    header(&[
+        ("emb", vec![V, d]),
+        ("wq", vec![d, d]),
+        ("bq", vec![1, heads, hd]),
+        ("head", vec![V, d]),
+    ]) + &format!(
+        "forward {{
   %0 = tokens : tokens
   %1 = weight @0 : {wv}
   %2 = embed %0, %1 : [S, {d}]
@@ -230,14 +312,17 @@ fn rope_bias_text(heads: usize, hd: usize, style: &str, bias_first: bool) -> Str
   return %10
 }}
 ",
-            wv = w(&[V, d])
-        )
+        wv = w(&[V, d])
+    )
 }
 
 fn concat_linear_text(d: usize, steps: usize) -> String {
-    header(&[("emb", vec![V, d]), ("adapter", vec![d, 2 * d]), ("head", vec![V, d])])
-        + &format!(
-            "forward {{
+    header(&[
+        ("emb", vec![V, d]),
+        ("adapter", vec![d, 2 * d]),
+        ("head", vec![V, d]),
+    ]) + &format!(
+        "forward {{
   %0 = tokens : tokens
   %1 = weight @0 : {wv}
   %2 = embed %0, %1 : [S, {d}]
@@ -255,10 +340,10 @@ fn concat_linear_text(d: usize, steps: usize) -> String {
   return %5
 }}
 ",
-            d2 = 2 * d,
-            wv = w(&[V, d]),
-            wa = w(&[d, 2 * d])
-        )
+        d2 = 2 * d,
+        wv = w(&[V, d]),
+        wa = w(&[d, 2 * d])
+    )
 }
 
 #[test]
@@ -282,9 +367,16 @@ fn rule_embed_scale_fold_on_the_backend() {
 #[test]
 fn rule_scale_identity_on_the_backend() {
     for (seed, d) in [(0, 3), (1, 16)] {
-        let rhs = check_rule(&embed_scale_text(d).replace("by=2.5", "by=1.0"), "scale-identity", seed);
+        let rhs = check_rule(
+            &embed_scale_text(d).replace("by=2.5", "by=1.0"),
+            "scale-identity",
+            seed,
+        );
         let text = print_module(&rhs);
-        assert!(!text.contains("scale"), "neither a scale op nor a derived table: {text}");
+        assert!(
+            !text.contains("scale"),
+            "neither a scale op nor a derived table: {text}"
+        );
     }
 }
 
@@ -314,7 +406,10 @@ fn hoisting_with_an_operand_init_state_and_an_exit_gate() {
             .replace("    yield %5, %8\n", "    yield %5, %7\n");
         let rhs = check_rule(&text, "concat-linear-split", seed);
         let out = print_module(&rhs);
-        assert!(out.contains("init=operand") && out.contains("gate=true"), "{out}");
+        assert!(
+            out.contains("init=operand") && out.contains("gate=true"),
+            "{out}"
+        );
     }
 }
 
@@ -337,7 +432,11 @@ fn rule_rmsnorm_gain_fold_on_the_backend() {
     for seed in 0..6 {
         let d = rng.pick(&[1, 4, 16, 40]);
         let n = rng.pick(&[1, 8, 24]);
-        check_rule(&gain_fold_text(d, n, seed % 2 == 1), "rmsnorm-gain-fold", seed);
+        check_rule(
+            &gain_fold_text(d, n, seed % 2 == 1),
+            "rmsnorm-gain-fold",
+            seed,
+        );
     }
 }
 
@@ -372,7 +471,11 @@ fn rule_rope_bias_epilogue_on_the_backend() {
         let heads = rng.pick(&[1, 2, 3]);
         let hd = rng.pick(&[2, 4, 6, 8, 16, 34]);
         let style = if seed % 2 == 0 { "interleaved" } else { "half" };
-        check_rule(&rope_bias_text(heads, hd, style, seed % 4 < 2), "rope-bias-epilogue", seed);
+        check_rule(
+            &rope_bias_text(heads, hd, style, seed % 4 < 2),
+            "rope-bias-epilogue",
+            seed,
+        );
     }
 }
 
@@ -380,8 +483,21 @@ fn snapshot_pair(text: &str) -> String {
     let m = parse_module(text).unwrap();
     let mut o = m.clone();
     let report = egraph::optimize(&mut o);
-    let fired: Vec<String> = report.regions.iter().flat_map(|r| r.fired.iter().map(move |(k, v)| format!("{}: {k} x{v}", r.path))).collect();
-    format!("# before\n{}\n# fired\n{}\n\n# after\n{}", print_module(&m), fired.join("\n"), print_module(&o))
+    let fired: Vec<String> = report
+        .regions
+        .iter()
+        .flat_map(|r| {
+            r.fired
+                .iter()
+                .map(move |(k, v)| format!("{}: {k} x{v}", r.path))
+        })
+        .collect();
+    format!(
+        "# before\n{}\n# fired\n{}\n\n# after\n{}",
+        print_module(&m),
+        fired.join("\n"),
+        print_module(&o)
+    )
 }
 
 #[test]
@@ -429,7 +545,10 @@ fn multi_result_text_round_trips() {
     let mut m = parse_module(&residual_text(8)).unwrap();
     egraph::optimize(&mut m);
     let text = print_module(&m);
-    assert!(text.contains("rmsnorm_res") && text.contains("proj"), "{text}");
+    assert!(
+        text.contains("rmsnorm_res") && text.contains("proj"),
+        "{text}"
+    );
     let again = parse_module(&text).unwrap();
     assert_eq!(print_module(&again), text);
     verify_module(&again).unwrap();
@@ -442,10 +561,22 @@ fn malformed_derived_weights_are_rejected() {
     egraph::optimize(&mut m);
     let manifest = driver::program(&m).unwrap();
     assert!(!manifest.derived.is_empty());
-    let so = cranelift::compile_kernels(&manifest.kernels).unwrap().shared_object;
+    let so = cranelift::compile_kernels(&manifest.kernels)
+        .unwrap()
+        .shared_object;
     let weights = || {
-        let data: Vec<Vec<f32>> = m.weights.iter().map(|w| vec![0.1; w.shape.iter().product()]).collect();
-        Weights::from_f32(m.weights.iter().zip(&data).map(|(w, d)| (w.name.as_str(), w.shape.clone(), d.as_slice()))).unwrap()
+        let data: Vec<Vec<f32>> = m
+            .weights
+            .iter()
+            .map(|w| vec![0.1; w.shape.iter().product()])
+            .collect();
+        Weights::from_f32(
+            m.weights
+                .iter()
+                .zip(&data)
+                .map(|(w, d)| (w.name.as_str(), w.shape.clone(), d.as_slice())),
+        )
+        .unwrap()
     };
     use loopc_runtime::artifact::Derive;
     let mut cases = vec![];

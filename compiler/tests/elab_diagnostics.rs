@@ -4,10 +4,17 @@ use loopc_compiler::driver::{self, CompileError, Options};
 use std::path::PathBuf;
 
 fn render(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/diagnostics/elab").join(format!("{name}.loop"));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/diagnostics/elab")
+        .join(format!("{name}.loop"));
     let text = std::fs::read_to_string(&path).unwrap();
-    let opts = Options { verify: true, opt_level: 1, ..Default::default() };
-    let front = driver::front_from_source(&format!("{name}.loop"), &text, &opts).unwrap_or_else(|e| panic!("{e}"));
+    let opts = Options {
+        verify: true,
+        opt_level: 1,
+        ..Default::default()
+    };
+    let front = driver::front_from_source(&format!("{name}.loop"), &text, &opts)
+        .unwrap_or_else(|e| panic!("{e}"));
     match driver::graph(&front, &opts) {
         Err(CompileError::Diagnostics(s)) => s,
         Err(other) => panic!("{name}: expected diagnostics, got {other}"),

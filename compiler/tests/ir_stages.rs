@@ -28,8 +28,12 @@ fn stage(example: &str, config: &str, stage: &str) -> String {
     if example == "ltg" {
         o.set.extend(["positions=1".into(), "inject=1".into()]);
     }
-    let f = driver::front_from_source(&format!("examples/{example}.loop"), &std::fs::read_to_string(path).unwrap(), &o)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let f = driver::front_from_source(
+        &format!("examples/{example}.loop"),
+        &std::fs::read_to_string(path).unwrap(),
+        &o,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     driver::stage_text_front(&f, stage, &o).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -60,7 +64,11 @@ stage_snapshots! {
 
 #[test]
 fn graph_text_round_trips() {
-    for (ex, cfg) in [("huginn", "huginn_tiny/config.json"), ("ouro", "ouro_tiny/config.json"), ("ltg", "ltg_tiny/config.json")] {
+    for (ex, cfg) in [
+        ("huginn", "huginn_tiny/config.json"),
+        ("ouro", "ouro_tiny/config.json"),
+        ("ltg", "ltg_tiny/config.json"),
+    ] {
         for st in ["graph", "egraph", "lowered"] {
             let text = stage(ex, cfg, st);
             let m = parse_module(&text).unwrap_or_else(|e| panic!("{ex}/{st}: {e}"));
@@ -84,7 +92,11 @@ fn verifier_rejects_a_broken_module() {
 fn full_size_huginn_elaborates() {
     // The defaults are the released 3.5B model: 8 blocks, 32 steps.
     let path = root().join("examples/huginn.loop");
-    let o = Options { verify: true, opt_level: 1, ..Default::default() };
+    let o = Options {
+        verify: true,
+        opt_level: 1,
+        ..Default::default()
+    };
     let f = driver::front(&path, &o).unwrap();
     let (mut m, _) = driver::graph(&f, &o).unwrap();
     driver::optimize(&mut m, &o).unwrap();
@@ -119,28 +131,50 @@ fn printed_ast_is_a_fixed_point_for_every_example() {
 fn variable_depth_policies_round_trip() {
     let src = std::fs::read_to_string(root().join("examples/huginn.loop")).unwrap();
     for (exit, cache) in [
-        ("kl(threshold = 5e-4, min_steps = 2, every = 3, max = 9)", "ring(2)"),
+        (
+            "kl(threshold = 5e-4, min_steps = 2, every = 3, max = 9)",
+            "ring(2)",
+        ),
         ("argmax_stability(threshold = 5)", "share_first"),
         ("latent_diff(threshold = 0.03)", "last_step"),
         ("minp_kl(threshold = 1e-5)", "recursion_wise"),
     ] {
-        let text = src.replace("exit fixed", &format!("exit {exit}")).replace("cache per_step", &format!("cache {cache}"));
+        let text = src
+            .replace("exit fixed", &format!("exit {exit}"))
+            .replace("cache per_step", &format!("cache {cache}"));
         let mut o = opts("huginn_tiny/config.json");
         o.set.push("init_scale=0".into());
-        let f = driver::front_from_source("huginn.loop", &text, &o).unwrap_or_else(|e| panic!("{e}"));
+        let f =
+            driver::front_from_source("huginn.loop", &text, &o).unwrap_or_else(|e| panic!("{e}"));
         let g = driver::stage_text_front(&f, "graph", &o).unwrap_or_else(|e| panic!("{e}"));
-        assert!(g.contains(&format!("cache={}", cache.replace(' ', ""))), "{g}");
+        assert!(
+            g.contains(&format!("cache={}", cache.replace(' ', ""))),
+            "{g}"
+        );
         let m = parse_module(&g).unwrap_or_else(|e| panic!("{exit}: {e}"));
         assert_eq!(print_module(&m), g, "{exit} / {cache} does not round-trip");
     }
     let ouro = std::fs::read_to_string(root().join("examples/ouro.loop")).unwrap();
     for exit in ["act(eps = 0.01, max = 6)", "gate(q = 0.5, min_steps = 2)"] {
         let o = opts("ouro_tiny/config.json");
-        let f = driver::front_from_source("ouro.loop", &ouro.replace("exit fixed", &format!("exit {exit}")), &o).unwrap();
+        let f = driver::front_from_source(
+            "ouro.loop",
+            &ouro.replace("exit fixed", &format!("exit {exit}")),
+            &o,
+        )
+        .unwrap();
         let g = driver::stage_text_front(&f, "graph", &o).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(print_module(&parse_module(&g).unwrap()), g, "{exit} does not round-trip");
+        assert_eq!(
+            print_module(&parse_module(&g).unwrap()),
+            g,
+            "{exit} does not round-trip"
+        );
     }
     let text = src.replace("exit fixed", "exit gate(q = 0.5)");
-    let f = driver::front_from_source("huginn.loop", &text, &opts("huginn_tiny/config.json")).unwrap();
-    assert!(driver::graph(&f, &opts("huginn_tiny/config.json")).is_err(), "gate exit without exit_gate");
+    let f =
+        driver::front_from_source("huginn.loop", &text, &opts("huginn_tiny/config.json")).unwrap();
+    assert!(
+        driver::graph(&f, &opts("huginn_tiny/config.json")).is_err(),
+        "gate exit without exit_gate"
+    );
 }

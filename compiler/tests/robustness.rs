@@ -19,9 +19,48 @@ impl Rng {
 }
 
 const PIECES: &[&str] = &[
-    "(", ")", "{", "}", "[", "]", ",", "=", "==", "+", "-", "*", "/", "..", "\"", "{p}", "0", "-1", "1e999", "x", "recur",
-    "state", "exit", "cache", "let", "return", "weight", "layer", "for", "if", "else", "split", "attention", "rope",
-    "linear", "\n", " ", "#", "9999999999999999999999", "0.0", "steps", "dim",
+    "(",
+    ")",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    "=",
+    "==",
+    "+",
+    "-",
+    "*",
+    "/",
+    "..",
+    "\"",
+    "{p}",
+    "0",
+    "-1",
+    "1e999",
+    "x",
+    "recur",
+    "state",
+    "exit",
+    "cache",
+    "let",
+    "return",
+    "weight",
+    "layer",
+    "for",
+    "if",
+    "else",
+    "split",
+    "attention",
+    "rope",
+    "linear",
+    "\n",
+    " ",
+    "#",
+    "9999999999999999999999",
+    "0.0",
+    "steps",
+    "dim",
 ];
 
 fn mutate(rng: &mut Rng, text: &str) -> String {
@@ -58,7 +97,11 @@ fn mutated_examples_never_panic() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut rng = Rng(7);
     let mut outcomes = [0usize; 2];
-    for (ex, cfg) in [("huginn", "huginn_tiny"), ("ouro", "ouro_tiny"), ("ltg", "ltg_tiny")] {
+    for (ex, cfg) in [
+        ("huginn", "huginn_tiny"),
+        ("ouro", "ouro_tiny"),
+        ("ltg", "ltg_tiny"),
+    ] {
         let text = std::fs::read_to_string(root.join(format!("examples/{ex}.loop"))).unwrap();
         let opts = Options {
             config: Some(root.join(format!("tests/fixtures/{cfg}/config.json"))),
@@ -81,5 +124,10 @@ fn mutated_examples_never_panic() {
         }
     }
     // The mutations must exercise both paths, or the test proves little.
-    assert!(outcomes[0] > 50 && outcomes[1] > 5, "errors {} / compiled {}", outcomes[0], outcomes[1]);
+    assert!(
+        outcomes[0] > 50 && outcomes[1] > 5,
+        "errors {} / compiled {}",
+        outcomes[0],
+        outcomes[1]
+    );
 }

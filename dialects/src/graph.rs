@@ -76,8 +76,11 @@ impl Region {
     }
 
     pub fn users(&self, n: NodeId) -> Vec<NodeId> {
-        let mut v: Vec<NodeId> =
-            self.graph.edges_directed(n, Direction::Outgoing).map(|e| e.target()).collect();
+        let mut v: Vec<NodeId> = self
+            .graph
+            .edges_directed(n, Direction::Outgoing)
+            .map(|e| e.target())
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -154,7 +157,11 @@ impl Region {
                 g.add_edge(s, t, *e.weight());
             }
         }
-        self.results = self.results.iter().map(|r| map[r.index()].expect("result is live")).collect();
+        self.results = self
+            .results
+            .iter()
+            .map(|r| map[r.index()].expect("result is live"))
+            .collect();
         self.graph = g;
     }
 
@@ -165,7 +172,11 @@ impl Region {
             .edges_directed(old, Direction::Outgoing)
             .map(|e| (e.target(), *e.weight()))
             .collect();
-        let ids: Vec<_> = self.graph.edges_directed(old, Direction::Outgoing).map(|e| e.id()).collect();
+        let ids: Vec<_> = self
+            .graph
+            .edges_directed(old, Direction::Outgoing)
+            .map(|e| e.id())
+            .collect();
         for id in ids {
             self.graph.remove_edge(id);
         }
@@ -187,12 +198,22 @@ impl PartialEq for Region {
         if a.len() != b.len() || self.params != other.params {
             return false;
         }
-        let ia: std::collections::HashMap<NodeId, usize> = a.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-        let ib: std::collections::HashMap<NodeId, usize> = b.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        let ia: std::collections::HashMap<NodeId, usize> =
+            a.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        let ib: std::collections::HashMap<NodeId, usize> =
+            b.iter().enumerate().map(|(i, &n)| (n, i)).collect();
         a.iter().zip(&b).all(|(&x, &y)| {
             self.graph[x] == other.graph[y]
-                && self.operands(x).iter().map(|o| ia[o]).eq(other.operands(y).iter().map(|o| ib[o]))
-        }) && self.results.iter().map(|r| ia[r]).eq(other.results.iter().map(|r| ib[r]))
+                && self
+                    .operands(x)
+                    .iter()
+                    .map(|o| ia[o])
+                    .eq(other.operands(y).iter().map(|o| ib[o]))
+        }) && self
+            .results
+            .iter()
+            .map(|r| ia[r])
+            .eq(other.results.iter().map(|r| ib[r]))
     }
 }
 

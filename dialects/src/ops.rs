@@ -76,7 +76,13 @@ pub enum Binary {
 }
 
 impl Binary {
-    pub const ALL: [Binary; 5] = [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div, Binary::Max];
+    pub const ALL: [Binary; 5] = [
+        Binary::Add,
+        Binary::Sub,
+        Binary::Mul,
+        Binary::Div,
+        Binary::Max,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             Binary::Add => "add",
@@ -107,21 +113,42 @@ pub enum StateInit {
     /// Start from the recur node's first operand (Ouro: the embeddings).
     Operand,
     /// Truncated normal at ±3σ times `scale` (Huginn's `like-init`); `std = 0` gives zeros.
-    TruncNormal { std: f64, scale: f64, seed: u64 },
+    TruncNormal {
+        std: f64,
+        scale: f64,
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExitSpec {
     Fixed,
-    Converge { threshold: f64, min_steps: usize, max_steps: usize },
+    Converge {
+        threshold: f64,
+        min_steps: usize,
+        max_steps: usize,
+    },
     /// A per-token zero-shot criterion (Huginn), checked after step `n` when `n ≥ min_steps`
     /// and `n % every == 0`; `max_steps` is the hard cap.
-    Criterion { kind: Criterion, threshold: f64, min_steps: usize, every: usize, max_steps: usize },
+    Criterion {
+        kind: Criterion,
+        threshold: f64,
+        min_steps: usize,
+        every: usize,
+        max_steps: usize,
+    },
     /// Ouro's learned gate: exit at the first step whose exit-probability CDF reaches `q`.
-    Gate { q: f64, min_steps: usize, max_steps: usize },
+    Gate {
+        q: f64,
+        min_steps: usize,
+        max_steps: usize,
+    },
     /// ACT / Universal-Transformer halting on the exit gate: the state is the running
     /// halting-weighted average; a token halts once its cumulative probability passes 1 − eps.
-    Act { eps: f64, max_steps: usize },
+    Act {
+        eps: f64,
+        max_steps: usize,
+    },
 }
 
 /// Huginn's per-token exit criteria (families.md §1.3).
@@ -136,8 +163,14 @@ pub enum Criterion {
 }
 
 impl Criterion {
-    pub const ALL: [Criterion; 6] =
-        [Criterion::LatentDiff, Criterion::Cosine, Criterion::Kl, Criterion::MinpKl, Criterion::EntropyDiff, Criterion::ArgmaxStability];
+    pub const ALL: [Criterion; 6] = [
+        Criterion::LatentDiff,
+        Criterion::Cosine,
+        Criterion::Kl,
+        Criterion::MinpKl,
+        Criterion::EntropyDiff,
+        Criterion::ArgmaxStability,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -194,12 +227,23 @@ pub enum Op {
     /// `x · wᵀ` with `w: [n, k]`. Operands: x, w.
     Linear,
     /// `x · rsqrt(mean(x²) + eps) · g`. Operands: x, g (or only x: no gain, after folding).
-    RmsNorm { eps: f32 },
+    RmsNorm {
+        eps: f32,
+    },
     /// Rotary embedding on `heads` heads. Operands: x (and optionally a bias added first).
-    Rope { heads: usize, style: RopeStyle, base: f64 },
+    Rope {
+        heads: usize,
+        style: RopeStyle,
+        base: f64,
+    },
     /// Causal attention with a KV cache slot per site (and per iteration inside a recur).
     /// Operands: q, k, v.
-    Attention { heads: usize, kv_heads: usize, scale: f32, site: u32 },
+    Attention {
+        heads: usize,
+        kv_heads: usize,
+        scale: f32,
+        site: u32,
+    },
     Unary(Unary),
     /// Operands of equal width, or a weight whose element count is the width (broadcast over rows).
     Binary(Binary),
@@ -207,25 +251,40 @@ pub enum Op {
     Scale(f32),
     Concat,
     /// Columns `start .. start + len`.
-    Slice { start: usize, len: usize },
+    Slice {
+        start: usize,
+        len: usize,
+    },
     /// A fused elementwise kernel created by the passes; `outputs` has one entry.
-    Fused { body: Vec<FusedOp> },
+    Fused {
+        body: Vec<FusedOp>,
+    },
     /// `(x − mean) · rsqrt(var + eps) · g + b`. Operands: x, g, b.
-    LayerNorm { eps: f32 },
+    LayerNorm {
+        eps: f32,
+    },
     /// `x · w` with `w: [k, n]` (GPT-2's `Conv1D` layout). Operands: x, w.
     MatMul,
     /// Learned absolute position embeddings `table[position]`. Operand: table.
     PosEmbed,
     /// Sinusoidal position embeddings of width `cols`.
-    Sinusoidal { cols: usize, base: f64 },
+    Sinusoidal {
+        cols: usize,
+        base: f64,
+    },
     /// `s = a + b; y = rmsnorm(s, g)` as one kernel with two results `(s, y)`, read by `proj`.
     /// Operands: a, b, g (or only a, b: no gain).
-    RmsNormRes { eps: f32 },
+    RmsNormRes {
+        eps: f32,
+    },
     /// The `index`-th result of a multi-result node.
     Proj(u32),
     // ---- derived weights: computed once by the runtime at load, from checkpoint tensors ----
     /// Columns `start .. start + len` of a 2-D weight (not contiguous, hence a copy).
-    WSliceCols { start: usize, len: usize },
+    WSliceCols {
+        start: usize,
+        len: usize,
+    },
     /// Every element times a build-time constant.
     WScale(f32),
     /// `W · diag(g)`: column `j` of a 2-D weight times `g[j]`. Operands: W, g.
@@ -273,7 +332,10 @@ impl Op {
 impl Op {
     /// Ops whose value is a weight computed at load time from other weights.
     pub fn is_derived_weight(&self) -> bool {
-        matches!(self, Op::WSliceCols { .. } | Op::WScale(_) | Op::WMulCols | Op::WConcatRows)
+        matches!(
+            self,
+            Op::WSliceCols { .. } | Op::WScale(_) | Op::WMulCols | Op::WConcatRows
+        )
     }
 }
 
@@ -283,7 +345,12 @@ impl fmt::Display for StateInit {
             StateInit::Zeros => write!(f, "zeros"),
             StateInit::Operand => write!(f, "operand"),
             StateInit::TruncNormal { std, scale, seed } => {
-                write!(f, "trunc_normal(std={},scale={},seed={seed})", fnum(*std), fnum(*scale))
+                write!(
+                    f,
+                    "trunc_normal(std={},scale={},seed={seed})",
+                    fnum(*std),
+                    fnum(*scale)
+                )
             }
         }
     }
@@ -293,21 +360,37 @@ impl fmt::Display for ExitSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ExitSpec::Fixed => write!(f, "fixed"),
-            ExitSpec::Converge { threshold, min_steps, max_steps } => write!(
+            ExitSpec::Converge {
+                threshold,
+                min_steps,
+                max_steps,
+            } => write!(
                 f,
                 "converge(threshold={},min={min_steps},max={max_steps})",
                 fnum(*threshold)
             ),
-            ExitSpec::Criterion { kind, threshold, min_steps, every, max_steps } => write!(
+            ExitSpec::Criterion {
+                kind,
+                threshold,
+                min_steps,
+                every,
+                max_steps,
+            } => write!(
                 f,
                 "{}(threshold={},min={min_steps},every={every},max={max_steps})",
                 kind.name(),
                 fnum(*threshold)
             ),
-            ExitSpec::Gate { q, min_steps, max_steps } => {
+            ExitSpec::Gate {
+                q,
+                min_steps,
+                max_steps,
+            } => {
                 write!(f, "gate(q={},min={min_steps},max={max_steps})", fnum(*q))
             }
-            ExitSpec::Act { eps, max_steps } => write!(f, "act(eps={},max={max_steps})", fnum(*eps)),
+            ExitSpec::Act { eps, max_steps } => {
+                write!(f, "act(eps={},max={max_steps})", fnum(*eps))
+            }
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Reader for the text form written by [`crate::print`]; `print(parse(print(m))) == print(m)`.
 //! Weight origins are not part of the text form and come back empty.
 use crate::graph::{Module, NodeId, Region, WeightDecl, WeightView};
-use crate::ops::{Binary, CacheSpec, Criterion, ExitSpec, FusedOp, Op, RopeStyle, StateInit, Unary};
+use crate::ops::{
+    Binary, CacheSpec, Criterion, ExitSpec, FusedOp, Op, RopeStyle, StateInit, Unary,
+};
 use crate::types::Ty;
 use std::collections::HashMap;
 
@@ -26,7 +28,10 @@ impl<'a> Lines<'a> {
 }
 
 fn perr<T>(line: usize, message: impl Into<String>) -> Result<T, ParseError> {
-    Err(ParseError { line, message: message.into() })
+    Err(ParseError {
+        line,
+        message: message.into(),
+    })
 }
 
 pub fn parse_module(text: &str) -> Result<Module, ParseError> {
@@ -39,19 +44,39 @@ pub fn parse_module(text: &str) -> Result<Module, ParseError> {
             .collect(),
         pos: 0,
     };
-    let mut m = Module { name: String::new(), weights: vec![], params: vec![], forward: Region::default() };
+    let mut m = Module {
+        name: String::new(),
+        weights: vec![],
+        params: vec![],
+        forward: Region::default(),
+    };
     while let Some((ln, l)) = lines.next() {
         if let Some(rest) = l.strip_prefix("module ") {
             m.name = unquote(ln, rest)?;
         } else if let Some(rest) = l.strip_prefix("param ") {
-            let (k, v) = rest.split_once(" = ").ok_or(ParseError { line: ln, message: "expected `param name = value`".into() })?;
+            let (k, v) = rest.split_once(" = ").ok_or(ParseError {
+                line: ln,
+                message: "expected `param name = value`".into(),
+            })?;
             m.params.push((k.to_string(), num(ln, v)?));
         } else if let Some(rest) = l.strip_prefix("weight @") {
-            let (idx, rest) = rest.split_once(' ').ok_or(ParseError { line: ln, message: "expected `weight @i \"name\" [dims]`".into() })?;
+            let (idx, rest) = rest.split_once(' ').ok_or(ParseError {
+                line: ln,
+                message: "expected `weight @i \"name\" [dims]`".into(),
+            })?;
             if idx.parse::<usize>().ok() != Some(m.weights.len()) {
-                return perr(ln, format!("weights must be numbered in order; expected @{}", m.weights.len()));
+                return perr(
+                    ln,
+                    format!(
+                        "weights must be numbered in order; expected @{}",
+                        m.weights.len()
+                    ),
+                );
             }
-            let q = rest.rfind('"').ok_or(ParseError { line: ln, message: "missing name".into() })?;
+            let q = rest.rfind('"').ok_or(ParseError {
+                line: ln,
+                message: "missing name".into(),
+            })?;
             m.weights.push(WeightDecl {
                 name: unquote(ln, &rest[..=q])?,
                 shape: dim_list(ln, rest[q + 1..].trim())?,
@@ -67,27 +92,44 @@ pub fn parse_module(text: &str) -> Result<Module, ParseError> {
 }
 
 fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Region, ParseError> {
-    let mut r = Region { params: params.to_vec(), ..Default::default() };
+    let mut r = Region {
+        params: params.to_vec(),
+        ..Default::default()
+    };
     let mut names: HashMap<String, NodeId> = HashMap::new();
     loop {
         let Some((ln, l)) = lines.next() else {
-            return perr(0, format!("region is not closed by `{terminator}` and `}}`"));
+            return perr(
+                0,
+                format!("region is not closed by `{terminator}` and `}}`"),
+            );
         };
         if let Some(rest) = l.strip_prefix(terminator).filter(|s| s.starts_with(' ')) {
             for v in rest.split(',') {
                 let v = v.trim();
-                r.results.push(*names.get(v).ok_or(ParseError { line: ln, message: format!("unknown value {v}") })?);
+                r.results.push(*names.get(v).ok_or(ParseError {
+                    line: ln,
+                    message: format!("unknown value {v}"),
+                })?);
             }
             match lines.next() {
                 Some((_, "}")) => return Ok(r),
-                Some((ln, l)) => return perr(ln, format!("expected `}}` after `{terminator}`, got `{l}`")),
+                Some((ln, l)) => {
+                    return perr(ln, format!("expected `}}` after `{terminator}`, got `{l}`"))
+                }
                 None => return perr(ln, "expected `}`"),
             }
         }
-        let (lhs, rest) = l.split_once(" = ").ok_or(ParseError { line: ln, message: format!("expected `%n = op ...`, got `{l}`") })?;
+        let (lhs, rest) = l.split_once(" = ").ok_or(ParseError {
+            line: ln,
+            message: format!("expected `%n = op ...`, got `{l}`"),
+        })?;
         let opens = rest.ends_with(" {");
         let rest = rest.trim_end_matches(" {");
-        let (head, ty) = rest.rsplit_once(" : ").ok_or(ParseError { line: ln, message: "missing ` : type`".into() })?;
+        let (head, ty) = rest.rsplit_once(" : ").ok_or(ParseError {
+            line: ln,
+            message: "missing ` : type`".into(),
+        })?;
         let ty = parse_ty(ln, ty)?;
         let (head, fused) = match head.find(" {") {
             Some(i) => (&head[..i], Some(head[i + 2..].trim_end_matches('}'))),
@@ -102,7 +144,10 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
         for t in toks {
             let t = t.trim_end_matches(',');
             if t.starts_with('%') {
-                operands.push(*names.get(t).ok_or(ParseError { line: ln, message: format!("unknown value {t}") })?);
+                operands.push(*names.get(t).ok_or(ParseError {
+                    line: ln,
+                    message: format!("unknown value {t}"),
+                })?);
             } else if let Some(w) = t.strip_prefix('@') {
                 wref = Some(w);
             } else if let Some((k, v)) = t.split_once('=') {
@@ -112,27 +157,49 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
             }
         }
         let attr = |k: &str| -> Result<&str, ParseError> {
-            attrs.get(k).copied().ok_or(ParseError { line: ln, message: format!("`{mnem}` needs `{k}=`") })
+            attrs.get(k).copied().ok_or(ParseError {
+                line: ln,
+                message: format!("`{mnem}` needs `{k}=`"),
+            })
         };
         let op = match mnem {
             "param" => Op::Param(num(ln, bare.unwrap_or(""))? as u32),
             "tokens" => Op::Tokens,
             "weight" => {
-                let w = wref.ok_or(ParseError { line: ln, message: "`weight` needs `@i`".into() })?;
+                let w = wref.ok_or(ParseError {
+                    line: ln,
+                    message: "`weight` needs `@i`".into(),
+                })?;
                 let (i, off) = w.split_once('+').unwrap_or((w, "0"));
-                let Ty::Weight(shape) = ty.clone() else { return perr(ln, "`weight` has a weight type") };
-                Op::Weight(WeightView { weight: num(ln, i)? as u32, offset: num(ln, off)? as usize, shape })
+                let Ty::Weight(shape) = ty.clone() else {
+                    return perr(ln, "`weight` has a weight type");
+                };
+                Op::Weight(WeightView {
+                    weight: num(ln, i)? as u32,
+                    offset: num(ln, off)? as usize,
+                    shape,
+                })
             }
             "embed" => Op::Embed,
             "linear" => Op::Linear,
-            "rmsnorm" => Op::RmsNorm { eps: num(ln, attr("eps")?)? as f32 },
-            "layernorm" => Op::LayerNorm { eps: num(ln, attr("eps")?)? as f32 },
+            "rmsnorm" => Op::RmsNorm {
+                eps: num(ln, attr("eps")?)? as f32,
+            },
+            "layernorm" => Op::LayerNorm {
+                eps: num(ln, attr("eps")?)? as f32,
+            },
             "matmul" => Op::MatMul,
             "pos_embed" => Op::PosEmbed,
-            "sinusoidal" => Op::Sinusoidal { cols: num(ln, attr("cols")?)? as usize, base: num(ln, attr("base")?)? },
+            "sinusoidal" => Op::Sinusoidal {
+                cols: num(ln, attr("cols")?)? as usize,
+                base: num(ln, attr("base")?)?,
+            },
             "rope" => Op::Rope {
                 heads: num(ln, attr("heads")?)? as usize,
-                style: RopeStyle::from_name(attr("style")?).ok_or(ParseError { line: ln, message: "unknown rope style".into() })?,
+                style: RopeStyle::from_name(attr("style")?).ok_or(ParseError {
+                    line: ln,
+                    message: "unknown rope style".into(),
+                })?,
                 base: num(ln, attr("base")?)?,
             },
             "attention" => Op::Attention {
@@ -143,15 +210,28 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
             },
             "scale" => Op::Scale(num(ln, attr("by")?)? as f32),
             "concat" => Op::Concat,
-            "rmsnorm_res" => Op::RmsNormRes { eps: num(ln, attr("eps")?)? as f32 },
+            "rmsnorm_res" => Op::RmsNormRes {
+                eps: num(ln, attr("eps")?)? as f32,
+            },
             "proj" => Op::Proj(num(ln, attr("index")?)? as u32),
-            "w.slice_cols" => Op::WSliceCols { start: num(ln, attr("start")?)? as usize, len: num(ln, attr("len")?)? as usize },
+            "w.slice_cols" => Op::WSliceCols {
+                start: num(ln, attr("start")?)? as usize,
+                len: num(ln, attr("len")?)? as usize,
+            },
             "w.scale" => Op::WScale(num(ln, attr("by")?)? as f32),
             "w.mul_cols" => Op::WMulCols,
             "w.concat_rows" => Op::WConcatRows,
-            "glu" => Op::Glu(Unary::from_name(attr("act")?).ok_or(ParseError { line: ln, message: "unknown `glu` activation".into() })?),
-            "slice" => Op::Slice { start: num(ln, attr("start")?)? as usize, len: num(ln, attr("len")?)? as usize },
-            "fused" => Op::Fused { body: parse_fused(ln, fused.unwrap_or(""))? },
+            "glu" => Op::Glu(Unary::from_name(attr("act")?).ok_or(ParseError {
+                line: ln,
+                message: "unknown `glu` activation".into(),
+            })?),
+            "slice" => Op::Slice {
+                start: num(ln, attr("start")?)? as usize,
+                len: num(ln, attr("len")?)? as usize,
+            },
+            "fused" => Op::Fused {
+                body: parse_fused(ln, fused.unwrap_or(""))?,
+            },
             "loop.recur" => {
                 if !opens {
                     return perr(ln, "`loop.recur` must open a body with `{`");
@@ -188,27 +268,54 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
 fn parse_fused(ln: usize, body: &str) -> Result<Vec<FusedOp>, ParseError> {
     let mut out = vec![];
     for part in body.split(';') {
-        let (_, rhs) = part.split_once('=').ok_or(ParseError { line: ln, message: format!("bad fused instruction `{part}`") })?;
+        let (_, rhs) = part.split_once('=').ok_or(ParseError {
+            line: ln,
+            message: format!("bad fused instruction `{part}`"),
+        })?;
         let t: Vec<&str> = rhs.split_whitespace().collect();
-        let v = |s: &str| -> Result<u32, ParseError> { Ok(num(ln, s.trim_start_matches('v'))? as u32) };
+        let v =
+            |s: &str| -> Result<u32, ParseError> { Ok(num(ln, s.trim_start_matches('v'))? as u32) };
         out.push(match t.as_slice() {
             ["arg", a] => FusedOp::Arg(num(ln, a)? as u32),
             ["const", c] => FusedOp::Const(num(ln, c)? as f32),
-            [u, a] => FusedOp::Unary(Unary::from_name(u).ok_or(ParseError { line: ln, message: format!("unknown unary `{u}`") })?, v(a)?),
-            [b, x, y] => FusedOp::Binary(Binary::from_name(b).ok_or(ParseError { line: ln, message: format!("unknown binary `{b}`") })?, v(x)?, v(y)?),
+            [u, a] => FusedOp::Unary(
+                Unary::from_name(u).ok_or(ParseError {
+                    line: ln,
+                    message: format!("unknown unary `{u}`"),
+                })?,
+                v(a)?,
+            ),
+            [b, x, y] => FusedOp::Binary(
+                Binary::from_name(b).ok_or(ParseError {
+                    line: ln,
+                    message: format!("unknown binary `{b}`"),
+                })?,
+                v(x)?,
+                v(y)?,
+            ),
             _ => return perr(ln, format!("bad fused instruction `{part}`")),
         });
     }
     Ok(out)
 }
 
-fn call_args<'a>(ln: usize, s: &'a str, name: &str) -> Result<HashMap<&'a str, &'a str>, ParseError> {
+fn call_args<'a>(
+    ln: usize,
+    s: &'a str,
+    name: &str,
+) -> Result<HashMap<&'a str, &'a str>, ParseError> {
     let inner = s
         .strip_prefix(name)
         .and_then(|s| s.strip_prefix('('))
         .and_then(|s| s.strip_suffix(')'))
-        .ok_or(ParseError { line: ln, message: format!("expected `{name}(...)`") })?;
-    Ok(inner.split(',').filter_map(|kv| kv.split_once('=')).collect())
+        .ok_or(ParseError {
+            line: ln,
+            message: format!("expected `{name}(...)`"),
+        })?;
+    Ok(inner
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .collect())
 }
 
 fn parse_init(ln: usize, s: &str) -> Result<StateInit, ParseError> {
@@ -217,8 +324,17 @@ fn parse_init(ln: usize, s: &str) -> Result<StateInit, ParseError> {
         "operand" => Ok(StateInit::Operand),
         _ => {
             let a = call_args(ln, s, "trunc_normal")?;
-            let get = |k: &str| a.get(k).ok_or(ParseError { line: ln, message: format!("trunc_normal needs {k}") });
-            Ok(StateInit::TruncNormal { std: num(ln, get("std")?)?, scale: num(ln, get("scale")?)?, seed: num(ln, get("seed")?)? as u64 })
+            let get = |k: &str| {
+                a.get(k).ok_or(ParseError {
+                    line: ln,
+                    message: format!("trunc_normal needs {k}"),
+                })
+            };
+            Ok(StateInit::TruncNormal {
+                std: num(ln, get("std")?)?,
+                scale: num(ln, get("scale")?)?,
+                seed: num(ln, get("seed")?)? as u64,
+            })
         }
     }
 }
@@ -229,7 +345,12 @@ fn parse_exit(ln: usize, s: &str) -> Result<ExitSpec, ParseError> {
     }
     let name = s.split('(').next().unwrap_or("");
     let a = call_args(ln, s, name)?;
-    let get = |k: &str| a.get(k).ok_or(ParseError { line: ln, message: format!("{name} needs {k}") });
+    let get = |k: &str| {
+        a.get(k).ok_or(ParseError {
+            line: ln,
+            message: format!("{name} needs {k}"),
+        })
+    };
     if let Some(kind) = Criterion::from_name(name) {
         return Ok(ExitSpec::Criterion {
             kind,
@@ -247,7 +368,10 @@ fn parse_exit(ln: usize, s: &str) -> Result<ExitSpec, ParseError> {
         });
     }
     if name == "act" {
-        return Ok(ExitSpec::Act { eps: num(ln, get("eps")?)?, max_steps: num(ln, get("max")?)? as usize });
+        return Ok(ExitSpec::Act {
+            eps: num(ln, get("eps")?)?,
+            max_steps: num(ln, get("max")?)? as usize,
+        });
     }
     if name != "converge" {
         return perr(ln, format!("unknown exit policy `{s}`"));
@@ -277,7 +401,11 @@ fn parse_ty(ln: usize, s: &str) -> Result<Ty, ParseError> {
         // Members end with `]`, and `], ` separates them (`, ` alone also occurs inside one).
         let mut out = vec![];
         for part in inner.split("], ") {
-            let part = if part.ends_with(']') { part.to_string() } else { format!("{part}]") };
+            let part = if part.ends_with(']') {
+                part.to_string()
+            } else {
+                format!("{part}]")
+            };
             out.push(parse_ty(ln, &part)?);
         }
         return Ok(Ty::Tuple(out));
@@ -297,12 +425,21 @@ fn dim_list(ln: usize, s: &str) -> Result<Vec<usize>, ParseError> {
     let inner = s
         .strip_prefix('[')
         .and_then(|s| s.strip_suffix(']'))
-        .ok_or(ParseError { line: ln, message: format!("expected `[dims]`, got `{s}`") })?;
-    inner.split(',').map(|d| Ok(num(ln, d.trim())? as usize)).collect()
+        .ok_or(ParseError {
+            line: ln,
+            message: format!("expected `[dims]`, got `{s}`"),
+        })?;
+    inner
+        .split(',')
+        .map(|d| Ok(num(ln, d.trim())? as usize))
+        .collect()
 }
 
 fn num(ln: usize, s: &str) -> Result<f64, ParseError> {
-    s.parse::<f64>().map_err(|_| ParseError { line: ln, message: format!("expected a number, got `{s}`") })
+    s.parse::<f64>().map_err(|_| ParseError {
+        line: ln,
+        message: format!("expected a number, got `{s}`"),
+    })
 }
 
 fn unquote(ln: usize, s: &str) -> Result<String, ParseError> {
@@ -310,5 +447,8 @@ fn unquote(ln: usize, s: &str) -> Result<String, ParseError> {
         .strip_prefix('"')
         .and_then(|s| s.strip_suffix('"'))
         .map(|s| s.replace("\\\"", "\""))
-        .ok_or(ParseError { line: ln, message: format!("expected a quoted string, got `{s}`") })
+        .ok_or(ParseError {
+            line: ln,
+            message: format!("expected a quoted string, got `{s}`"),
+        })
 }

@@ -63,7 +63,11 @@ fn print_region(s: &mut String, r: &Region, depth: usize, terminator: &str) {
             write!(s, " {k}={v}").unwrap();
         }
         if let Op::Fused { body } = &node.op {
-            let parts: Vec<String> = body.iter().enumerate().map(|(j, f)| fused_line(j, f)).collect();
+            let parts: Vec<String> = body
+                .iter()
+                .enumerate()
+                .map(|(j, f)| fused_line(j, f))
+                .collect();
             write!(s, " {{{}}}", parts.join("; ")).unwrap();
         }
         write!(s, " : {}", node.ty).unwrap();
@@ -91,7 +95,14 @@ fn fused_line(j: usize, f: &FusedOp) -> String {
 /// The attributes of an op, in the fixed order the parser expects.
 pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
     match op {
-        Op::Recur { steps, init, exit, cache, gate, .. } => vec![
+        Op::Recur {
+            steps,
+            init,
+            exit,
+            cache,
+            gate,
+            ..
+        } => vec![
             ("steps", steps.to_string()),
             ("init", init.to_string()),
             ("exit", exit.to_string()),
@@ -101,9 +112,18 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::RmsNorm { eps } | Op::LayerNorm { eps } => vec![("eps", fnum32(*eps))],
         Op::Sinusoidal { cols, base } => vec![("cols", cols.to_string()), ("base", fnum(*base))],
         Op::Rope { heads, style, base } => {
-            vec![("heads", heads.to_string()), ("style", style.name().into()), ("base", fnum(*base))]
+            vec![
+                ("heads", heads.to_string()),
+                ("style", style.name().into()),
+                ("base", fnum(*base)),
+            ]
         }
-        Op::Attention { heads, kv_heads, scale, site } => vec![
+        Op::Attention {
+            heads,
+            kv_heads,
+            scale,
+            site,
+        } => vec![
             ("heads", heads.to_string()),
             ("kv_heads", kv_heads.to_string()),
             ("scale", fnum32(*scale)),
@@ -113,7 +133,9 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::RmsNormRes { eps } => vec![("eps", fnum32(*eps))],
         Op::Proj(i) => vec![("index", i.to_string())],
         Op::Glu(u) => vec![("act", u.name().into())],
-        Op::WSliceCols { start, len } => vec![("start", start.to_string()), ("len", len.to_string())],
+        Op::WSliceCols { start, len } => {
+            vec![("start", start.to_string()), ("len", len.to_string())]
+        }
         Op::Slice { start, len } => vec![("start", start.to_string()), ("len", len.to_string())],
         _ => vec![],
     }

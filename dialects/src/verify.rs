@@ -11,19 +11,31 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
         if args.len() == n {
             Ok(())
         } else {
-            Err(format!("`{}` takes {n} operand(s), got {}", op.mnemonic(), args.len()))
+            Err(format!(
+                "`{}` takes {n} operand(s), got {}",
+                op.mnemonic(),
+                args.len()
+            ))
         }
     };
     let act = |i: usize| -> Result<usize, String> {
         match &args[i] {
             Ty::Act(c) => Ok(*c),
-            t => Err(format!("operand {} of `{}` must be an activation [S, n], got {t}", i + 1, op.mnemonic())),
+            t => Err(format!(
+                "operand {} of `{}` must be an activation [S, n], got {t}",
+                i + 1,
+                op.mnemonic()
+            )),
         }
     };
     let weight = |i: usize| -> Result<Vec<usize>, String> {
         match &args[i] {
             Ty::Weight(s) => Ok(s.clone()),
-            t => Err(format!("operand {} of `{}` must be a weight, got {t}", i + 1, op.mnemonic())),
+            t => Err(format!(
+                "operand {} of `{}` must be a weight, got {t}",
+                i + 1,
+                op.mnemonic()
+            )),
         }
     };
     match op {
@@ -46,7 +58,10 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             let w = weight(1)?;
             if w.len() != 2 {
-                return Err(format!("`embed` table must be 2-D [vocab, dim], got {}", args[1]));
+                return Err(format!(
+                    "`embed` table must be 2-D [vocab, dim], got {}",
+                    args[1]
+                ));
             }
             Ok(Ty::Act(w[1]))
         }
@@ -69,7 +84,10 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             let d = act(0)?;
             if args.len() == 2 && weight(1)?.iter().product::<usize>() != d {
-                return Err(format!("`rmsnorm` gain must have {d} elements, got {}", args[1]));
+                return Err(format!(
+                    "`rmsnorm` gain must have {d} elements, got {}",
+                    args[1]
+                ));
             }
             if !(*eps >= 0.0) {
                 return Err(format!("`rmsnorm` eps must be ≥ 0, got {eps}"));
@@ -82,7 +100,10 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             for i in [1, 2] {
                 let g = weight(i)?;
                 if g.iter().product::<usize>() != d {
-                    return Err(format!("`layernorm` gain and bias must have {d} elements, got {}", args[i]));
+                    return Err(format!(
+                        "`layernorm` gain and bias must have {d} elements, got {}",
+                        args[i]
+                    ));
                 }
             }
             if !(*eps >= 0.0) {
@@ -95,7 +116,10 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             let k = act(0)?;
             let w = weight(1)?;
             if w.len() != 2 || w[0] != k {
-                return Err(format!("`matmul` weight must be [{k}, n] for an input of width {k}, got {}", args[1]));
+                return Err(format!(
+                    "`matmul` weight must be [{k}, n] for an input of width {k}, got {}",
+                    args[1]
+                ));
             }
             Ok(Ty::Act(w[1]))
         }
@@ -103,14 +127,19 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             arity(1)?;
             let w = weight(0)?;
             if w.len() != 2 {
-                return Err(format!("`pos_embed` table must be 2-D [positions, dim], got {}", args[0]));
+                return Err(format!(
+                    "`pos_embed` table must be 2-D [positions, dim], got {}",
+                    args[0]
+                ));
             }
             Ok(Ty::Act(w[1]))
         }
         Op::Sinusoidal { cols, base } => {
             arity(0)?;
             if *cols == 0 || !(*base > 1.0) {
-                return Err(format!("`sinusoidal` needs a width > 0 and a base > 1, got {cols} and {base}"));
+                return Err(format!(
+                    "`sinusoidal` needs a width > 0 and a base > 1, got {cols} and {base}"
+                ));
             }
             Ok(Ty::Act(*cols))
         }
@@ -121,7 +150,10 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             let d = act(0)?;
             if args.len() == 2 && weight(1)?.iter().product::<usize>() != d {
-                return Err(format!("`rope` bias must have {d} elements, got {}", args[1]));
+                return Err(format!(
+                    "`rope` bias must have {d} elements, got {}",
+                    args[1]
+                ));
             }
             if *heads == 0 || d % heads != 0 || (d / heads) % 2 != 0 {
                 return Err(format!(
@@ -130,14 +162,20 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             Ok(Ty::Act(d))
         }
-        Op::Attention { heads, kv_heads, .. } => {
+        Op::Attention {
+            heads, kv_heads, ..
+        } => {
             arity(3)?;
             let (q, k, v) = (act(0)?, act(1)?, act(2)?);
             if *heads == 0 || *kv_heads == 0 || heads % kv_heads != 0 {
-                return Err(format!("`attention` heads ({heads}) must be a multiple of kv_heads ({kv_heads})"));
+                return Err(format!(
+                    "`attention` heads ({heads}) must be a multiple of kv_heads ({kv_heads})"
+                ));
             }
             if q % heads != 0 {
-                return Err(format!("`attention` query width {q} is not divisible by {heads} heads"));
+                return Err(format!(
+                    "`attention` query width {q} is not divisible by {heads} heads"
+                ));
             }
             let hd = q / heads;
             if k != kv_heads * hd || v != kv_heads * hd {
@@ -182,7 +220,10 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             arity(1)?;
             let d = act(0)?;
             if *len == 0 || start + len > d {
-                return Err(format!("`slice` of columns {start}..{} is out of range for width {d}", start + len));
+                return Err(format!(
+                    "`slice` of columns {start}..{} is out of range for width {d}",
+                    start + len
+                ));
             }
             Ok(Ty::Act(*len))
         }
@@ -192,7 +233,12 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                 let w = match a {
                     Ty::Act(c) => *c,
                     Ty::Weight(s) => s.iter().product(),
-                    t => return Err(format!("`fused` operand {} must be an activation or weight, got {t}", i + 1)),
+                    t => {
+                        return Err(format!(
+                            "`fused` operand {} must be an activation or weight, got {t}",
+                            i + 1
+                        ))
+                    }
                 };
                 if matches!(a, Ty::Act(_)) {
                     if width.is_some_and(|x| x != w) {
@@ -209,7 +255,9 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                     FusedOp::Binary(_, a, b) => (*a as usize) < j && (*b as usize) < j,
                 };
                 if !ok {
-                    return Err(format!("`fused` body instruction v{j} refers forward or to a missing operand"));
+                    return Err(format!(
+                        "`fused` body instruction v{j} refers forward or to a missing operand"
+                    ));
                 }
             }
             if body.is_empty() {
@@ -219,7 +267,9 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             for a in args {
                 if let Ty::Weight(s) = a {
                     if s.iter().product::<usize>() != w {
-                        return Err(format!("`fused` weight operand {a} does not broadcast to width {w}"));
+                        return Err(format!(
+                            "`fused` weight operand {a} does not broadcast to width {w}"
+                        ));
                     }
                 }
             }
@@ -230,7 +280,11 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                 arity(3)?;
             }
             let (a, b) = (act(0)?, act(1)?);
-            let g = if args.len() == 3 { weight(2)?.iter().product::<usize>() } else { a };
+            let g = if args.len() == 3 {
+                weight(2)?.iter().product::<usize>()
+            } else {
+                a
+            };
             if a != b || g != a {
                 return Err(format!("`rmsnorm_res` needs two activations of one width and a gain of that many elements, got {}, {} and {}", args[0], args[1], args.get(2).map_or("no gain".to_string(), |t| t.to_string())));
             }
@@ -243,14 +297,19 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             arity(1)?;
             let d = act(0)?;
             if d % 2 != 0 {
-                return Err(format!("`glu` splits its operand in two halves, got an odd width {d}"));
+                return Err(format!(
+                    "`glu` splits its operand in two halves, got an odd width {d}"
+                ));
             }
             Ok(Ty::Act(d / 2))
         }
         Op::Proj(i) => {
             arity(1)?;
             match &args[0] {
-                Ty::Tuple(ts) => ts.get(*i as usize).cloned().ok_or_else(|| format!("`proj {i}` of a {}-tuple", ts.len())),
+                Ty::Tuple(ts) => ts
+                    .get(*i as usize)
+                    .cloned()
+                    .ok_or_else(|| format!("`proj {i}` of a {}-tuple", ts.len())),
                 t => Err(format!("`proj` reads a multi-result node, got {t}")),
             }
         }
@@ -258,7 +317,11 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             arity(1)?;
             let w = weight(0)?;
             if w.len() != 2 || *len == 0 || start + len > w[1] {
-                return Err(format!("`w.slice_cols` {start}..{} does not fit {}", start + len, args[0]));
+                return Err(format!(
+                    "`w.slice_cols` {start}..{} does not fit {}",
+                    start + len,
+                    args[0]
+                ));
             }
             Ok(Ty::Weight(vec![w[0], *len]))
         }
@@ -273,7 +336,10 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             arity(2)?;
             let (w, g) = (weight(0)?, weight(1)?);
             if w.len() != 2 || g.iter().product::<usize>() != w[1] {
-                return Err(format!("`w.mul_cols` needs a 2-D weight and one factor per column, got {} and {}", args[0], args[1]));
+                return Err(format!(
+                    "`w.mul_cols` needs a 2-D weight and one factor per column, got {} and {}",
+                    args[0], args[1]
+                ));
             }
             Ok(Ty::Weight(w))
         }
@@ -286,14 +352,23 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             for i in 0..args.len() {
                 let w = weight(i)?;
                 if w.len() != 2 || cols.is_some_and(|c| c != w[1]) {
-                    return Err(format!("`w.concat_rows` needs 2-D weights with equal columns, got {}", args[i]));
+                    return Err(format!(
+                        "`w.concat_rows` needs 2-D weights with equal columns, got {}",
+                        args[i]
+                    ));
                 }
                 cols = Some(w[1]);
                 rows += w[0];
             }
             Ok(Ty::Weight(vec![rows, cols.unwrap_or(0)]))
         }
-        Op::Recur { init, body, gate, steps, .. } => {
+        Op::Recur {
+            init,
+            body,
+            gate,
+            steps,
+            ..
+        } => {
             if *steps == 0 {
                 return Err("`loop.recur` needs at least one step".into());
             }
@@ -307,23 +382,38 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             let state = body.params[0].clone();
             if n_init == 1 && args[0] != state {
-                return Err(format!("`loop.recur` init operand {} does not match the state {state}", args[0]));
+                return Err(format!(
+                    "`loop.recur` init operand {} does not match the state {state}",
+                    args[0]
+                ));
             }
             for (i, a) in args[n_init..].iter().enumerate() {
                 if *a != body.params[i + 1] {
-                    return Err(format!("`loop.recur` capture {} has type {a}, body expects {}", i, body.params[i + 1]));
+                    return Err(format!(
+                        "`loop.recur` capture {} has type {a}, body expects {}",
+                        i,
+                        body.params[i + 1]
+                    ));
                 }
             }
             let want = 1 + usize::from(*gate);
             if body.results.len() != want {
-                return Err(format!("`loop.recur` body must yield {want} value(s), yields {}", body.results.len()));
+                return Err(format!(
+                    "`loop.recur` body must yield {want} value(s), yields {}",
+                    body.results.len()
+                ));
             }
             let next = &body.graph[body.results[0]].ty;
             if *next != state {
-                return Err(format!("`loop.recur` yields a next state {next} unlike the state {state}"));
+                return Err(format!(
+                    "`loop.recur` yields a next state {next} unlike the state {state}"
+                ));
             }
             if *gate && body.graph[body.results[1]].ty != Ty::Act(1) {
-                return Err(format!("`loop.recur` exit gate must be [S, 1], got {}", body.graph[body.results[1]].ty));
+                return Err(format!(
+                    "`loop.recur` exit gate must be [S, 1], got {}",
+                    body.graph[body.results[1]].ty
+                ));
             }
             Ok(state)
         }
@@ -369,16 +459,33 @@ fn verify_region(m: &Module, r: &Region, path: &str) -> Result<(), VerifyError> 
         let args: Vec<Ty> = r.operands(n).iter().map(|&o| r.ty(o).clone()).collect();
         if let Op::Weight(v) = &node.op {
             let Some(decl) = m.weights.get(v.weight as usize) else {
-                return Err(err(i, &node.op, format!("weight @{} is not declared", v.weight)));
+                return Err(err(
+                    i,
+                    &node.op,
+                    format!("weight @{} is not declared", v.weight),
+                ));
             };
             let total: usize = decl.shape.iter().product();
             if v.offset + v.numel() > total {
-                return Err(err(i, &node.op, format!("view of {} elements at {} overruns {:?}", v.numel(), v.offset, decl.shape)));
+                return Err(err(
+                    i,
+                    &node.op,
+                    format!(
+                        "view of {} elements at {} overruns {:?}",
+                        v.numel(),
+                        v.offset,
+                        decl.shape
+                    ),
+                ));
             }
         }
         let ty = infer(&node.op, &args, &r.params).map_err(|e| err(i, &node.op, e))?;
         if ty != node.ty {
-            return Err(err(i, &node.op, format!("stored type {} but the operands give {ty}", node.ty)));
+            return Err(err(
+                i,
+                &node.op,
+                format!("stored type {} but the operands give {ty}", node.ty),
+            ));
         }
         if let Op::Recur { body, .. } = &node.op {
             verify_region(m, body, &format!("{path}/%{i}"))?;
@@ -386,7 +493,11 @@ fn verify_region(m: &Module, r: &Region, path: &str) -> Result<(), VerifyError> 
     }
     for res in &r.results {
         if res.index() >= r.graph.node_count() {
-            return Err(err(0, &Op::Tokens, "a result refers to a missing node".into()));
+            return Err(err(
+                0,
+                &Op::Tokens,
+                "a result refers to a missing node".into(),
+            ));
         }
     }
     Ok(())

@@ -85,14 +85,22 @@ impl Derive {
         match self {
             Derive::SliceCols { src, start, len } => {
                 if start.checked_add(*len).is_none_or(|e| e > src.cols) || *len == 0 {
-                    return Err(format!("columns {start}..{} of a {}-column weight", start + len, src.cols));
+                    return Err(format!(
+                        "columns {start}..{} of a {}-column weight",
+                        start + len,
+                        src.cols
+                    ));
                 }
                 Ok((src.rows, *len))
             }
             Derive::Scale { src, .. } => Ok((src.rows, src.cols)),
             Derive::MulCols { src, gain } => {
                 if gain.rows.checked_mul(gain.cols) != Some(src.cols) {
-                    return Err(format!("{} gains for {} columns", gain.rows * gain.cols, src.cols));
+                    return Err(format!(
+                        "{} gains for {} columns",
+                        gain.rows * gain.cols,
+                        src.cols
+                    ));
                 }
                 Ok((src.rows, src.cols))
             }
@@ -115,7 +123,12 @@ impl Derive {
     }
 
     /// Rows `first ..` of the result into `out` (whole rows), so a caller can split the work.
-    pub fn compute_rows<'a>(&self, get: &impl Fn(&WRef) -> &'a [f32], first: usize, out: &mut [f32]) {
+    pub fn compute_rows<'a>(
+        &self,
+        get: &impl Fn(&WRef) -> &'a [f32],
+        first: usize,
+        out: &mut [f32],
+    ) {
         let (_, cols) = self.out_shape().unwrap_or((0, 1));
         for (i, row) in out.chunks_mut(cols.max(1)).enumerate() {
             let r = first + i;
@@ -129,7 +142,11 @@ impl Derive {
                     }
                 }
                 Derive::MulCols { src, gain } => {
-                    for ((o, x), g) in row.iter_mut().zip(&get(src)[r * cols..(r + 1) * cols]).zip(get(gain)) {
+                    for ((o, x), g) in row
+                        .iter_mut()
+                        .zip(&get(src)[r * cols..(r + 1) * cols])
+                        .zip(get(gain))
+                    {
                         *o = x * g;
                     }
                 }
@@ -252,18 +269,37 @@ pub enum EwOp {
 pub enum KernelSpec {
     /// `outputs[k][r, c] = ops[outputs[k]]` evaluated per element.
     /// Pointers: each input in order, then each output in order.
-    Elementwise { cols: usize, inputs: Vec<EwIn>, ops: Vec<EwOp>, outputs: Vec<u32> },
+    Elementwise {
+        cols: usize,
+        inputs: Vec<EwIn>,
+        ops: Vec<EwOp>,
+        outputs: Vec<u32>,
+    },
     /// `y = x · rsqrt(mean(x²) + eps) [· gain]`; with `residual`, `x = a + b` and `x` is also
     /// written. Pointers: `[x, gain?, y]` or `[a, b, gain?, sum, y]`.
-    RmsNorm { cols: usize, eps: f32, residual: bool, gain: bool },
+    RmsNorm {
+        cols: usize,
+        eps: f32,
+        residual: bool,
+        gain: bool,
+    },
     /// Rotary embedding in place on `heads` heads of `head_dim` per row.
     /// Pointers: `[x, cos, sin]`, tables `[positions, head_dim/2]`, row `r` at position `pos0 + r`.
-    Rope { heads: usize, head_dim: usize, style: RopeStyle },
+    Rope {
+        heads: usize,
+        head_dim: usize,
+        style: RopeStyle,
+    },
     /// Causal softmax attention of query rows over a cache slot, online softmax, no score matrix.
     /// Pointers: `[q, k_cache, v_cache, out]`; q/out `[rows, heads·head_dim]`, caches
     /// `[capacity, kv_heads·head_dim]`. Query row `r` attends to cache rows `0..=pos0 + r`.
     /// Head `h` reads kv head `h / (heads / kv_heads)`.
-    Attention { heads: usize, kv_heads: usize, head_dim: usize, scale: f32 },
+    Attention {
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+    },
     /// `y = (x − mean(x)) · rsqrt(var(x) + eps) · gain + bias` (biased variance, as torch).
     /// Pointers: `[x, gain, bias, y]`.
     LayerNorm { cols: usize, eps: f32 },
@@ -274,13 +310,19 @@ pub enum KernelSpec {
     Glu { cols: usize, ops: Vec<EwOp> },
     /// `x = rope(x + bias)` in place: the q/k bias add as the rotary kernel's prologue (the
     /// attention epilogue of the QKV matmul). Pointers: `[x, bias (heads·head_dim), cos, sin]`.
-    RopeBias { heads: usize, head_dim: usize, style: RopeStyle },
+    RopeBias {
+        heads: usize,
+        head_dim: usize,
+        style: RopeStyle,
+    },
 }
 
 impl KernelSpec {
     pub fn num_ptrs(&self) -> usize {
         match self {
-            KernelSpec::Elementwise { inputs, outputs, .. } => inputs.len() + outputs.len(),
+            KernelSpec::Elementwise {
+                inputs, outputs, ..
+            } => inputs.len() + outputs.len(),
             KernelSpec::RmsNorm { residual, gain, .. } => {
                 (if *residual { 4 } else { 2 }) + usize::from(*gain)
             }
@@ -308,25 +350,59 @@ pub enum Arg {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Instr {
     /// `out[r] = table[tokens[r]]`.
-    Embed { table: WRef, out: BufId },
+    Embed {
+        table: WRef,
+        out: BufId,
+    },
     /// `out = x · wᵀ` (`w` is `[n_out, k_in]`, the checkpoint's `Linear` layout).
-    MatMul { x: BufId, w: WRef, out: BufId },
+    MatMul {
+        x: BufId,
+        w: WRef,
+        out: BufId,
+    },
     /// Column-wise concatenation.
-    Concat { inputs: Vec<BufId>, out: BufId },
-    Copy { src: BufId, dst: BufId },
+    Concat {
+        inputs: Vec<BufId>,
+        out: BufId,
+    },
+    Copy {
+        src: BufId,
+        dst: BufId,
+    },
     /// Append the call's key/value rows to the current slot of `site`.
-    KvWrite { site: u32, k: BufId, v: BufId },
+    KvWrite {
+        site: u32,
+        k: BufId,
+        v: BufId,
+    },
     /// A generated kernel; `items` is [`Rows::Tokens`] rows, times heads for attention.
-    Kernel { kernel: KernelId, args: Vec<Arg> },
+    Kernel {
+        kernel: KernelId,
+        args: Vec<Arg>,
+    },
     /// `out = x · w` with `w: [k_in, n_out]` (GPT-2's `Conv1D` layout); `w.rows` is `k_in`.
-    MatMulKN { x: BufId, w: WRef, out: BufId },
+    MatMulKN {
+        x: BufId,
+        w: WRef,
+        out: BufId,
+    },
     /// Columns `start .. start + out.cols` of `src`.
-    SliceCols { src: BufId, start: usize, out: BufId },
+    SliceCols {
+        src: BufId,
+        start: usize,
+        out: BufId,
+    },
     /// `out[r] = table[pos0 + r]`: learned absolute position embeddings.
-    PosEmbed { table: WRef, out: BufId },
+    PosEmbed {
+        table: WRef,
+        out: BufId,
+    },
     /// Sinusoidal position embeddings (Vaswani et al.): even columns `sin(p·base^(−c/d))`, odd
     /// columns `cos` of the same angle, computed in f64.
-    Sinusoidal { base: f64, out: BufId },
+    Sinusoidal {
+        base: f64,
+        out: BufId,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -335,7 +411,11 @@ pub enum StateInit {
     /// Start from the value of another buffer (Ouro: the embeddings).
     From(BufId),
     /// Huginn's `like-init`: truncated normal at ±3σ, times `scale`, from a seeded generator.
-    TruncNormal { std: f64, scale: f64, seed: u64 },
+    TruncNormal {
+        std: f64,
+        scale: f64,
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -344,15 +424,29 @@ pub enum ExitPolicy {
     Fixed,
     /// Stop once the mean over rows of ‖s_t − s_{t−1}‖ / ‖s_t‖ falls below `threshold`,
     /// after at least `min_steps`, and never past `max_steps`.
-    Converge { threshold: f64, min_steps: usize, max_steps: usize },
+    Converge {
+        threshold: f64,
+        min_steps: usize,
+        max_steps: usize,
+    },
     /// Per token: after step `n` (1-based) with `n ≥ min_steps` and `n % every == 0`, a row whose
     /// criterion value passes `threshold` stops (physically: it leaves the active set); no row
     /// runs past `max_steps`.
-    Criterion { criterion: Criterion, threshold: f64, min_steps: usize, every: usize, max_steps: usize },
+    Criterion {
+        criterion: Criterion,
+        threshold: f64,
+        min_steps: usize,
+        every: usize,
+        max_steps: usize,
+    },
     /// Per token, Ouro's learned gate: `λ_t = σ(gate_t)`, `p_t = λ_t·Π_{j<t}(1−λ_j)` (the last
     /// step takes the remaining mass); a row stops after the first step whose CDF reaches `q`
     /// (in f32), at the earliest after `min_steps`.
-    Gate { q: f64, min_steps: usize, max_steps: usize },
+    Gate {
+        q: f64,
+        min_steps: usize,
+        max_steps: usize,
+    },
     /// ACT / Universal-Transformer halting per token on the gate buffer: `p = σ(gate)`; while
     /// `h + p ≤ 1 − eps` the row continues with `h += p`, `w = p`, else it halts with
     /// `w = 1 − h`; the state becomes `next·w + state·(1 − w)` (a running weighted average).
@@ -444,10 +538,21 @@ impl Instr {
             | Instr::PosEmbed { table: w, .. }
             | Instr::MatMul { w, .. }
             | Instr::MatMulKN { w, .. } => vec![*w],
-            Instr::Kernel { args, .. } => {
-                args.iter().filter_map(|a| if let Arg::Weight(w) = a { Some(*w) } else { None }).collect()
-            }
-            Instr::Concat { .. } | Instr::Copy { .. } | Instr::KvWrite { .. } | Instr::SliceCols { .. } | Instr::Sinusoidal { .. } => {
+            Instr::Kernel { args, .. } => args
+                .iter()
+                .filter_map(|a| {
+                    if let Arg::Weight(w) = a {
+                        Some(*w)
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+            Instr::Concat { .. }
+            | Instr::Copy { .. }
+            | Instr::KvWrite { .. }
+            | Instr::SliceCols { .. }
+            | Instr::Sinusoidal { .. } => {
                 vec![]
             }
         }
@@ -456,15 +561,18 @@ impl Instr {
     /// Every buffer the instruction reads or writes (kernels: all their buffer arguments).
     pub fn buffers(&self) -> Vec<BufId> {
         match self {
-            Instr::Embed { out, .. } | Instr::PosEmbed { out, .. } | Instr::Sinusoidal { out, .. } => vec![*out],
+            Instr::Embed { out, .. }
+            | Instr::PosEmbed { out, .. }
+            | Instr::Sinusoidal { out, .. } => vec![*out],
             Instr::MatMul { x, out, .. } | Instr::MatMulKN { x, out, .. } => vec![*x, *out],
             Instr::SliceCols { src, out, .. } => vec![*src, *out],
             Instr::Concat { inputs, out } => inputs.iter().copied().chain([*out]).collect(),
             Instr::Copy { src, dst } => vec![*src, *dst],
             Instr::KvWrite { k, v, .. } => vec![*k, *v],
-            Instr::Kernel { args, .. } => {
-                args.iter().filter_map(|a| if let Arg::Buf(b) = a { Some(*b) } else { None }).collect()
-            }
+            Instr::Kernel { args, .. } => args
+                .iter()
+                .filter_map(|a| if let Arg::Buf(b) = a { Some(*b) } else { None })
+                .collect(),
         }
     }
 }
@@ -493,7 +601,9 @@ pub fn encode(manifest: &Manifest, object: &[u8]) -> Vec<u8> {
 /// Split artifact bytes into the manifest and the shared object.
 pub fn decode(bytes: &[u8]) -> Result<(Manifest, &[u8]), String> {
     let take = |at: usize, n: usize| -> Result<&[u8], String> {
-        bytes.get(at..at + n).ok_or_else(|| format!("artifact truncated at byte {at}"))
+        bytes
+            .get(at..at + n)
+            .ok_or_else(|| format!("artifact truncated at byte {at}"))
     };
     if take(0, 8)? != MAGIC {
         return Err("not a loopc artifact (bad magic; expected LOOPCAR1)".into());

@@ -26,8 +26,15 @@ impl BatchSession {
     pub(crate) fn new(model: Model, n: usize) -> Self {
         let m = &model.inner;
         let st = ExecState::new(m);
-        let ring = m.manifest.program.recur.as_ref().and_then(|r| r.cache.slots());
-        let kvs = (0..n).map(|_| KvCache::new(&m.manifest.kv_sites, ring)).collect();
+        let ring = m
+            .manifest
+            .program
+            .recur
+            .as_ref()
+            .and_then(|r| r.cache.slots());
+        let kvs = (0..n)
+            .map(|_| KvCache::new(&m.manifest.kv_sites, ring))
+            .collect();
         BatchSession {
             st,
             kvs,
@@ -75,11 +82,16 @@ impl BatchSession {
     pub fn prefill(&mut self, chunks: &[&[u32]]) -> Result<Vec<Logits>> {
         let n = self.kvs.len();
         if chunks.len() != n {
-            return Err(RuntimeError::Config(format!("a batch of {n} sequences got {} token lists", chunks.len())));
+            return Err(RuntimeError::Config(format!(
+                "a batch of {n} sequences got {} token lists",
+                chunks.len()
+            )));
         }
         let scheduled = self.schedules.iter().filter(|s| s.is_some()).count();
         if scheduled != 0 && scheduled != n {
-            return Err(RuntimeError::Config("either every sequence of a batch has a depth schedule or none".into()));
+            return Err(RuntimeError::Config(
+                "either every sequence of a batch has a depth schedule or none".into(),
+            ));
         }
         self.segs.clear();
         self.tokens.clear();
@@ -90,11 +102,17 @@ impl BatchSession {
             if c.is_empty() {
                 continue;
             }
-            self.segs.push(Seg { row0: self.tokens.len(), rows: c.len(), pos0: self.pos[b] });
+            self.segs.push(Seg {
+                row0: self.tokens.len(),
+                rows: c.len(),
+                pos0: self.pos[b],
+            });
             self.tokens.extend_from_slice(c);
             if let Some(s) = &self.schedules[b] {
                 for p in self.pos[b]..self.pos[b] + c.len() {
-                    let d = s.depth(p).ok_or_else(|| RuntimeError::Config("the depth schedule is empty".into()))?;
+                    let d = s.depth(p).ok_or_else(|| {
+                        RuntimeError::Config("the depth schedule is empty".into())
+                    })?;
                     self.st.exits.depths.push(d);
                 }
             }
@@ -105,7 +123,9 @@ impl BatchSession {
             return Err(RuntimeError::EmptyInput);
         }
         let m = &self.model.inner;
-        let r = self.st.forward_segs(m, Some(&mut kvs), &self.tokens, &self.segs, self.steps);
+        let r = self
+            .st
+            .forward_segs(m, Some(&mut kvs), &self.tokens, &self.segs, self.steps);
         // The caches go back whatever happened.
         for (kv, &b) in kvs.into_iter().zip(&self.seq_ids) {
             self.kvs[b] = kv;
@@ -115,7 +135,11 @@ impl BatchSession {
         let all = self.st.workspace(info.ws).buf(m.manifest.program.logits);
         let mut out = vec![Logits::new(vocab); n];
         for (g, &b) in self.segs.iter().zip(&self.seq_ids) {
-            out[b] = Logits { data: all[g.row0 * vocab..(g.row0 + g.rows) * vocab].to_vec(), rows: g.rows, vocab };
+            out[b] = Logits {
+                data: all[g.row0 * vocab..(g.row0 + g.rows) * vocab].to_vec(),
+                rows: g.rows,
+                vocab,
+            };
             self.pos[b] += g.rows;
         }
         Ok(out)
@@ -123,13 +147,18 @@ impl BatchSession {
 
     /// One token per sequence (`None` sits a sequence out).
     pub fn step(&mut self, tokens: &[Option<u32>]) -> Result<Vec<Logits>> {
-        let chunks: Vec<&[u32]> = tokens.iter().map(|t| t.as_ref().map_or(&[][..], std::slice::from_ref)).collect();
+        let chunks: Vec<&[u32]> = tokens
+            .iter()
+            .map(|t| t.as_ref().map_or(&[][..], std::slice::from_ref))
+            .collect();
         self.prefill(&chunks)
     }
 
     /// Iterations each token of sequence `b` ran in the last call (empty if it sat out).
     pub fn last_depths(&self, b: usize) -> &[usize] {
-        let Some(i) = self.seq_ids.iter().position(|&x| x == b) else { return &[] };
+        let Some(i) = self.seq_ids.iter().position(|&x| x == b) else {
+            return &[];
+        };
         let g = self.segs[i];
         &self.st.exits.row_depth[g.row0..g.row0 + g.rows]
     }

@@ -80,17 +80,29 @@ pub enum RuntimeError {
     },
 
     #[error("checkpoint tensor `{name}` has dtype {dtype}, which the runtime cannot load (supported: F32, BF16, F16, F64), declared at {origin}")]
-    WeightDtype { name: String, dtype: String, origin: String },
+    WeightDtype {
+        name: String,
+        dtype: String,
+        origin: String,
+    },
 
     /// The kernels' shared object cannot be loaded.
     #[error("cannot load the artifact's kernels: {0}")]
     KernelLoad(String),
 
     #[error("kernel symbol `{symbol}` (kernel #{kernel}) is missing from the artifact's shared object: {msg}")]
-    MissingSymbol { symbol: String, kernel: usize, msg: String },
+    MissingSymbol {
+        symbol: String,
+        kernel: usize,
+        msg: String,
+    },
 
     #[error("token id {token} at input index {index} is out of range (the embedding table has {limit} rows)")]
-    TokenOutOfRange { token: u32, index: usize, limit: usize },
+    TokenOutOfRange {
+        token: u32,
+        index: usize,
+        limit: usize,
+    },
 
     #[error("empty input: a call needs at least one token")]
     EmptyInput,
@@ -107,7 +119,10 @@ pub enum RuntimeError {
 
 impl RuntimeError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        RuntimeError::Io { path: path.into(), source }
+        RuntimeError::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub(crate) fn manifest(msg: impl Into<String>) -> Self {
         RuntimeError::Manifest(msg.into())

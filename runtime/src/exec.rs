@@ -7,8 +7,8 @@
 //! tables double.
 
 use crate::artifact::{Arg, CachePolicy, ExitPolicy, Instr, KernelSpec, Rows, StateInit};
-use crate::exit::{History, Rule};
 use crate::error::{Result, RuntimeError};
+use crate::exit::{History, Rule};
 use crate::kernels::KernelFn;
 use crate::kv::KvCache;
 use crate::matmul::matmul;
@@ -27,8 +27,17 @@ const INLINE_WORK: usize = 1 << 15;
 const MAX_WORKSPACES: usize = 4;
 
 /// Categories of the optional per-operation timers.
-pub(crate) const OP_NAMES: [&str; 9] =
-    ["embed", "matmul", "concat/copy", "kv_write", "elementwise", "rmsnorm", "rope", "attention", "recur_control"];
+pub(crate) const OP_NAMES: [&str; 9] = [
+    "embed",
+    "matmul",
+    "concat/copy",
+    "kv_write",
+    "elementwise",
+    "rmsnorm",
+    "rope",
+    "attention",
+    "recur_control",
+];
 
 /// All buffers of the program for one call size `S`.
 pub(crate) struct Workspace {
@@ -58,7 +67,12 @@ impl Workspace {
             bufs.push(AVec::zeroed(n, &format!("buffer `{}`", b.name))?);
             rows.push(r);
         }
-        let ws = Workspace { s, bufs, rows, ptrs: Vec::with_capacity(8) };
+        let ws = Workspace {
+            s,
+            bufs,
+            rows,
+            ptrs: Vec::with_capacity(8),
+        };
         ws.check_sizes(m)?;
         Ok(ws)
     }
@@ -74,7 +88,9 @@ impl Workspace {
         lists.push(("coda", &man.program.coda));
         for (part, list) in lists {
             for (i, ins) in list.iter().enumerate() {
-                let Instr::Kernel { kernel, args } = ins else { continue };
+                let Instr::Kernel { kernel, args } = ins else {
+                    continue;
+                };
                 for (j, (a, need)) in args.iter().zip(&m.needs[*kernel as usize]).enumerate() {
                     let (have, want) = match (a, need) {
                         (Arg::Buf(b), Need::PerRow(_)) => (self.rows[*b as usize], s),
@@ -149,7 +165,12 @@ pub(crate) struct CallInfo {
 
 impl ExecState {
     pub(crate) fn new(m: &Inner) -> Self {
-        let ring = m.manifest.program.recur.as_ref().and_then(|r| r.cache.slots());
+        let ring = m
+            .manifest
+            .program
+            .recur
+            .as_ref()
+            .and_then(|r| r.cache.slots());
         ExecState {
             kv: KvCache::new(&m.manifest.kv_sites, ring),
             exits: Exits::default(),
@@ -180,37 +201,76 @@ impl ExecState {
 
     /// Run the program on `tokens` at positions `pos0..`. `steps` overrides the recurrence
     /// length (a hard cap for convergence-based exits).
-    pub(crate) fn forward(&mut self, m: &Inner, tokens: &[u32], pos0: usize, steps: Option<usize>) -> Result<CallInfo> {
-        self.forward_segs(m, None, tokens, &[Seg { row0: 0, rows: tokens.len(), pos0 }], steps)
+    pub(crate) fn forward(
+        &mut self,
+        m: &Inner,
+        tokens: &[u32],
+        pos0: usize,
+        steps: Option<usize>,
+    ) -> Result<CallInfo> {
+        self.forward_segs(
+            m,
+            None,
+            tokens,
+            &[Seg {
+                row0: 0,
+                rows: tokens.len(),
+                pos0,
+            }],
+            steps,
+        )
     }
 
     /// Run the program on the rows of several sequences at once: `segs[b]` are sequence `b`'s
     /// rows of `tokens`, with its KV cache `kvs[b]` (`None`: this state's own cache, one segment).
-    pub(crate) fn forward_segs(&mut self, m: &Inner, kvs: Option<&mut [KvCache]>, tokens: &[u32], segs: &[Seg], steps: Option<usize>) -> Result<CallInfo> {
+    pub(crate) fn forward_segs(
+        &mut self,
+        m: &Inner,
+        kvs: Option<&mut [KvCache]>,
+        tokens: &[u32],
+        segs: &[Seg],
+        steps: Option<usize>,
+    ) -> Result<CallInfo> {
         let s = tokens.len();
         if s == 0 {
             return Err(RuntimeError::EmptyInput);
         }
         for (i, &t) in tokens.iter().enumerate() {
             if t as usize >= m.token_limit {
-                return Err(RuntimeError::TokenOutOfRange { token: t, index: i, limit: m.token_limit });
+                return Err(RuntimeError::TokenOutOfRange {
+                    token: t,
+                    index: i,
+                    limit: m.token_limit,
+                });
             }
         }
         if let Some(rec) = &m.manifest.program.recur {
-            if cap_of(&rec.exit, rec.default_steps, steps, &self.exits.depths) == 0 || self.exits.depths.contains(&0) {
+            if cap_of(&rec.exit, rec.default_steps, steps, &self.exits.depths) == 0
+                || self.exits.depths.contains(&0)
+            {
                 return Err(RuntimeError::ZeroSteps);
             }
         }
         let mut kv_len = 0;
         for sg in segs {
-            let end = sg.pos0.checked_add(sg.rows).ok_or_else(|| RuntimeError::Config("position overflow".into()))?;
+            let end = sg
+                .pos0
+                .checked_add(sg.rows)
+                .ok_or_else(|| RuntimeError::Config("position overflow".into()))?;
             kv_len = kv_len.max(end);
         }
         for r in &mut self.ropes {
             r.ensure(kv_len)?;
         }
         let wi = self.workspace_for(m, s)?;
-        let ExecState { kv, exits, ropes, workspaces, gates, profile } = self;
+        let ExecState {
+            kv,
+            exits,
+            ropes,
+            workspaces,
+            gates,
+            profile,
+        } = self;
         let kvs = match kvs {
             Some(k) => k,
             None => std::slice::from_mut(kv),
@@ -234,7 +294,12 @@ impl ExecState {
 
 /// Recurrence length of a call: the forced depths' maximum, else the per-call override, else
 /// the policy's cap.
-fn cap_of(exit: &ExitPolicy, default_steps: usize, steps: Option<usize>, depths: &[usize]) -> usize {
+fn cap_of(
+    exit: &ExitPolicy,
+    default_steps: usize,
+    steps: Option<usize>,
+    depths: &[usize],
+) -> usize {
     if let Some(&d) = depths.iter().max() {
         return d;
     }
@@ -243,9 +308,7 @@ fn cap_of(exit: &ExitPolicy, default_steps: usize, steps: Option<usize>, depths:
         ExitPolicy::Converge { max_steps, .. }
         | ExitPolicy::Criterion { max_steps, .. }
         | ExitPolicy::Gate { max_steps, .. }
-        | ExitPolicy::Act { max_steps, .. } => {
-            steps.unwrap_or(max_steps)
-        }
+        | ExitPolicy::Act { max_steps, .. } => steps.unwrap_or(max_steps),
     }
 }
 
@@ -292,10 +355,18 @@ impl Run<'_> {
             self.time(8, t0);
             let cap = cap_of(&rec.exit, rec.default_steps, steps, &self.ex.depths);
             let converge = match rec.exit {
-                ExitPolicy::Converge { threshold, min_steps, .. } => Some((self.ex.threshold.unwrap_or(threshold), min_steps)),
+                ExitPolicy::Converge {
+                    threshold,
+                    min_steps,
+                    ..
+                } => Some((self.ex.threshold.unwrap_or(threshold), min_steps)),
                 _ => None,
             };
-            let rule = if self.ex.depths.is_empty() { Rule::of(&rec.exit, self.ex.threshold) } else { Rule::None };
+            let rule = if self.ex.depths.is_empty() {
+                Rule::of(&rec.exit, self.ex.threshold)
+            } else {
+                Rule::None
+            };
             let s = self.ws.s;
             self.ex.readout_rows = 0;
             if !self.ex.depths.is_empty() || !matches!(rule, Rule::None) {
@@ -308,10 +379,16 @@ impl Run<'_> {
                 self.guard_step(iterations, rec)?;
                 let t0 = self.profile.is_some().then(Instant::now);
                 if let Some(g) = rec.gate {
-                    gates.extend(self.ws.buf(g)[..s].iter().map(|&x| 1.0 / (1.0 + (-x).exp())));
+                    gates.extend(
+                        self.ws.buf(g)[..s]
+                            .iter()
+                            .map(|&x| 1.0 / (1.0 + (-x).exp())),
+                    );
                 }
                 let stop = match converge {
-                    Some((thr, min)) if iterations + 1 >= min => self.rel_change(rec.next, rec.state) < thr,
+                    Some((thr, min)) if iterations + 1 >= min => {
+                        self.rel_change(rec.next, rec.state) < thr
+                    }
                     _ => false,
                 };
                 self.copy(rec.next, rec.state);
@@ -337,10 +414,21 @@ impl Run<'_> {
         use crate::guard::{check, GuardMode};
         if self.ex.trace.is_some() {
             let cols = self.m.manifest.buffers[rec.state as usize].cols;
-            let n = if self.active.is_empty() { self.ws.s } else { self.active.len() };
+            let n = if self.active.is_empty() {
+                self.ws.s
+            } else {
+                self.active.len()
+            };
             let (a, b) = (self.ws.buf(rec.next), self.ws.buf(rec.state));
             let steps: Vec<_> = (0..n)
-                .map(|i| crate::trace::step(iteration, self.position_of(i), &a[i * cols..(i + 1) * cols], &b[i * cols..(i + 1) * cols]))
+                .map(|i| {
+                    crate::trace::step(
+                        iteration,
+                        self.position_of(i),
+                        &a[i * cols..(i + 1) * cols],
+                        &b[i * cols..(i + 1) * cols],
+                    )
+                })
                 .collect();
             self.ex.trace.as_mut().expect("tracing").extend(steps);
         }
@@ -354,13 +442,35 @@ impl Run<'_> {
             self.ex.guard_ref.clear();
             self.ex.guard_ref.resize(s, f64::NAN);
         }
-        let n = if self.active.is_empty() { s } else { self.active.len() };
-        let rows: Vec<(usize, usize)> =
-            (0..n).map(|i| (if self.active.is_empty() { i } else { self.active[i] }, self.position_of(i))).collect();
+        let n = if self.active.is_empty() {
+            s
+        } else {
+            self.active.len()
+        };
+        let rows: Vec<(usize, usize)> = (0..n)
+            .map(|i| {
+                (
+                    if self.active.is_empty() {
+                        i
+                    } else {
+                        self.active[i]
+                    },
+                    self.position_of(i),
+                )
+            })
+            .collect();
         let (nb, sb) = (rec.next as usize, rec.state as usize);
         let prev: Vec<f32> = self.ws.bufs[sb].as_slice()[..n * cols].to_vec();
         let next = &mut self.ws.bufs[nb].as_mut_slice()[..n * cols];
-        let events = check(&guard, iteration, rows.into_iter(), next, &prev, cols, &mut self.ex.guard_ref);
+        let events = check(
+            &guard,
+            iteration,
+            rows.into_iter(),
+            next,
+            &prev,
+            cols,
+            &mut self.ex.guard_ref,
+        );
         if guard.mode == GuardMode::Error {
             if let Some(e) = events.first() {
                 return Err(RuntimeError::Unstable(e.to_string()));
@@ -389,7 +499,10 @@ impl Run<'_> {
                 // One generator per absolute position: the initial state of a token does not
                 // depend on how the sequence was split into calls.
                 for (r, row) in out.chunks_mut(cols.max(1)).enumerate().take(self.ws.s) {
-                    let pos = segs.iter().find(|g| r >= g.row0 && r < g.row0 + g.rows).map_or(r, |g| g.pos0 + r - g.row0);
+                    let pos = segs
+                        .iter()
+                        .find(|g| r >= g.row0 && r < g.row0 + g.rows)
+                        .map_or(r, |g| g.pos0 + r - g.row0);
                     let mut rng = Rng::new(mix(*seed, pos as u64));
                     fill_trunc_normal(row, *std, *scale, &mut rng);
                 }
@@ -437,7 +550,10 @@ impl Run<'_> {
         if self.active.is_empty() {
             (g.row0, g.row0 + g.rows)
         } else {
-            (self.active.partition_point(|&r| r < g.row0), self.active.partition_point(|&r| r < g.row0 + g.rows))
+            (
+                self.active.partition_point(|&r| r < g.row0),
+                self.active.partition_point(|&r| r < g.row0 + g.rows),
+            )
         }
     }
 
@@ -452,13 +568,21 @@ impl Run<'_> {
         }
         for (j0, j1) in crate::rows::runs(&self.active[ia..ib]) {
             let i0 = ia + j0;
-            out.push((i0, ia + j1, (g.pos0 + self.active[i0] - g.row0) as i64 - i0 as i64));
+            out.push((
+                i0,
+                ia + j1,
+                (g.pos0 + self.active[i0] - g.row0) as i64 - i0 as i64,
+            ));
         }
     }
 
     /// Absolute position of compact row `i` within its own sequence.
     fn position_of(&self, i: usize) -> usize {
-        let c = if self.active.is_empty() { i } else { self.active[i] };
+        let c = if self.active.is_empty() {
+            i
+        } else {
+            self.active[i]
+        };
         let b = self.segs.partition_point(|g| g.row0 + g.rows <= c);
         let g = self.segs[b.min(self.segs.len() - 1)];
         g.pos0 + (c - g.row0)
@@ -476,13 +600,14 @@ impl Run<'_> {
         if src == dst {
             return;
         }
-        let n = n.min(self.ws.bufs[src as usize].len()).min(self.ws.bufs[dst as usize].len());
+        let n = n
+            .min(self.ws.bufs[src as usize].len())
+            .min(self.ws.bufs[dst as usize].len());
         let sp = self.ws.bufs[src as usize].as_ptr();
         let dp = self.ws.bufs[dst as usize].as_mut_ptr();
         // SAFETY: distinct buffers, both at least n long.
         unsafe { std::ptr::copy_nonoverlapping(sp, dp, n) };
     }
-
 
     fn list(&mut self, list: &[Instr], iter: Option<usize>) -> Result<()> {
         for ins in list {
@@ -504,7 +629,11 @@ impl Run<'_> {
                 let w = weight(m, table).as_ptr();
                 let o = self.ws.bufs[*out as usize].as_mut_slice();
                 for r in 0..s {
-                    let t = self.tokens[if self.active.is_empty() { r } else { self.active[r] }];
+                    let t = self.tokens[if self.active.is_empty() {
+                        r
+                    } else {
+                        self.active[r]
+                    }];
                     // SAFETY: tokens were checked against the smallest table's rows; the window
                     // was validated against the weight.
                     let row = unsafe { std::slice::from_raw_parts(w.add(t as usize * cols), cols) };
@@ -513,11 +642,17 @@ impl Run<'_> {
                 Ok(0)
             }
             Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out }
-                if *out == m.manifest.program.logits && self.ex.logits_last_only && self.active.is_empty() =>
+                if *out == m.manifest.program.logits
+                    && self.ex.logits_last_only
+                    && self.active.is_empty() =>
             {
                 // The head on each sequence's last row only: a prefill that only samples the next
                 // token skips (rows − 1) · vocab · dim multiply-adds.
-                let (k, n) = if matches!(ins, Instr::MatMul { .. }) { (w.cols, w.rows) } else { (w.rows, w.cols) };
+                let (k, n) = if matches!(ins, Instr::MatMul { .. }) {
+                    (w.cols, w.rows)
+                } else {
+                    (w.rows, w.cols)
+                };
                 let wd = weight(m, w);
                 for g in self.segs {
                     if g.rows == 0 {
@@ -558,7 +693,9 @@ impl Run<'_> {
                     let ip = self.ws.bufs[*b as usize].as_ptr();
                     for r in 0..rows {
                         // SAFETY: shapes validated (same rows, columns add up); out is not an input.
-                        unsafe { std::ptr::copy_nonoverlapping(ip.add(r * c), op.add(r * oc + off), c) };
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(ip.add(r * c), op.add(r * oc + off), c)
+                        };
                     }
                     off += c;
                 }
@@ -615,7 +752,9 @@ impl Run<'_> {
                 let op = self.ws.bufs[*out as usize].as_mut_ptr();
                 for r in 0..rows {
                     // SAFETY: validated: distinct buffers, start + oc <= sc, same rows.
-                    unsafe { std::ptr::copy_nonoverlapping(sp.add(r * sc + start), op.add(r * oc), oc) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(sp.add(r * sc + start), op.add(r * oc), oc)
+                    };
                 }
                 Ok(2)
             }
@@ -656,8 +795,12 @@ impl Run<'_> {
                 let items = m.manifest.kernel_items(*kernel, s);
                 let per = items / s.max(1);
                 let f = m.kernels.get(k);
-                let attention = args.iter().any(|a| matches!(a, Arg::KCache(_) | Arg::VCache(_)));
-                let positional = matches!(spec, KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. }) || attention;
+                let attention = args
+                    .iter()
+                    .any(|a| matches!(a, Arg::KCache(_) | Arg::VCache(_)));
+                let positional =
+                    matches!(spec, KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. })
+                        || attention;
                 let cat = match spec {
                     KernelSpec::Elementwise { .. } => 4,
                     KernelSpec::RmsNorm { .. } | KernelSpec::LayerNorm { .. } => 5,
@@ -667,13 +810,22 @@ impl Run<'_> {
                 };
                 let (unit, chunks_per_thread) = match spec {
                     KernelSpec::Elementwise { cols, ops, .. } => (cols * ops.len().max(1), 1),
-                    KernelSpec::RmsNorm { cols, .. } | KernelSpec::LayerNorm { cols, .. } => (cols * 4, 1),
-                    KernelSpec::Rope { heads, head_dim, .. } => (heads * head_dim * 3, 1),
+                    KernelSpec::RmsNorm { cols, .. } | KernelSpec::LayerNorm { cols, .. } => {
+                        (cols * 4, 1)
+                    }
+                    KernelSpec::Rope {
+                        heads, head_dim, ..
+                    } => (heads * head_dim * 3, 1),
                     KernelSpec::Attention { head_dim, .. } => (head_dim * 4, 4),
                     KernelSpec::Glu { cols, ops } => (cols * ops.len().max(1), 1),
-                    KernelSpec::RopeBias { heads, head_dim, .. } => (heads * head_dim * 4, 1),
+                    KernelSpec::RopeBias {
+                        heads, head_dim, ..
+                    } => (heads * head_dim * 4, 1),
                 };
-                let simple = !positional || (self.segs.len() == 1 && self.segs[0].row0 == 0 && self.active.last().is_none_or(|&r| r + 1 == s));
+                let simple = !positional
+                    || (self.segs.len() == 1
+                        && self.segs[0].row0 == 0
+                        && self.active.last().is_none_or(|&r| r + 1 == s));
                 let mut runs = std::mem::take(&mut self.ex.runs);
                 for b in 0..self.segs.len() {
                     let (ia, ib) = if simple { (0, s) } else { self.seg_range(b) };
@@ -704,27 +856,68 @@ impl Run<'_> {
                         };
                         self.ws.ptrs.push(p);
                     }
-                    let cost = if attention { kv_len.saturating_mul(unit) } else { unit };
+                    let cost = if attention {
+                        kv_len.saturating_mul(unit)
+                    } else {
+                        unit
+                    };
                     let compact_site = args.iter().find_map(|a| match a {
-                        Arg::KCache(st) if m.manifest.kv_sites[*st as usize].in_loop => Some(*st as usize),
+                        Arg::KCache(st) if m.manifest.kv_sites[*st as usize].in_loop => {
+                            Some(*st as usize)
+                        }
                         _ => None,
                     });
-                    let recursion_wise = m.manifest.program.recur.as_ref().is_some_and(|r| r.cache == CachePolicy::RecursionWise);
+                    let recursion_wise = m
+                        .manifest
+                        .program
+                        .recur
+                        .as_ref()
+                        .is_some_and(|r| r.cache == CachePolicy::RecursionWise);
                     if let (Some(st), true) = (compact_site, recursion_wise) {
                         // A recursion-wise slot holds exactly the rows that reached this
                         // iteration, in position order: row i attends to its first `base + i + 1`
                         // entries.
                         let kv = &self.kvs[b];
                         let base = kv.len(st, kv.slot_of(st, iter)) as i64 - (ib - ia) as i64;
-                        launch(f, &self.ws.ptrs, ia * per, ib * per, base - ia as i64, kv_len, cost, chunks_per_thread, m.threads);
+                        launch(
+                            f,
+                            &self.ws.ptrs,
+                            ia * per,
+                            ib * per,
+                            base - ia as i64,
+                            kv_len,
+                            cost,
+                            chunks_per_thread,
+                            m.threads,
+                        );
                     } else if simple {
-                        launch(f, &self.ws.ptrs, 0, items, g.pos0 as i64, kv_len, cost, chunks_per_thread, m.threads);
+                        launch(
+                            f,
+                            &self.ws.ptrs,
+                            0,
+                            items,
+                            g.pos0 as i64,
+                            kv_len,
+                            cost,
+                            chunks_per_thread,
+                            m.threads,
+                        );
                     } else {
                         // Compacted rows or several sequences: one call per run of consecutive
                         // positions.
                         self.pos_runs(b, ia, ib, &mut runs);
                         for &(i0, i1, p0) in &runs {
-                            launch(f, &self.ws.ptrs, i0 * per, i1 * per, p0, kv_len, cost, chunks_per_thread, m.threads);
+                            launch(
+                                f,
+                                &self.ws.ptrs,
+                                i0 * per,
+                                i1 * per,
+                                p0,
+                                kv_len,
+                                cost,
+                                chunks_per_thread,
+                                m.threads,
+                            );
                         }
                     }
                     if simple {
@@ -747,7 +940,17 @@ fn weight<'x>(m: &'x Inner, w: &crate::artifact::WRef) -> &'x [f32] {
 /// Run kernel items `begin..end` in contiguous chunks over the current rayon pool (inline when
 /// the work is small). One pointer array is shared by all chunks.
 #[allow(clippy::too_many_arguments)]
-fn launch(f: KernelFn, ptrs: &[*mut f32], begin: usize, end: usize, pos0: i64, kv_len: usize, cost: usize, chunks_per_thread: usize, threads: usize) {
+fn launch(
+    f: KernelFn,
+    ptrs: &[*mut f32],
+    begin: usize,
+    end: usize,
+    pos0: i64,
+    kv_len: usize,
+    cost: usize,
+    chunks_per_thread: usize,
+    threads: usize,
+) {
     if end <= begin {
         return;
     }
@@ -790,12 +993,17 @@ mod tests {
             *out.add(i as usize) = i as f32;
         }
         CALLS.fetch_add(1, Ordering::Relaxed);
-        SEEN.lock().unwrap().push((ints[0], ints[1], ints[2], ints[3]));
+        SEEN.lock()
+            .unwrap()
+            .push((ints[0], ints[1], ints[2], ints[3]));
     }
 
     #[test]
     fn launch_covers_items_in_chunks() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
         let mut out = vec![-1f32; 100];
         let addr = out.as_mut_ptr() as usize;
         SEEN.lock().unwrap().clear();

@@ -9,10 +9,20 @@ use crate::artifact::{Criterion, ExitPolicy};
 pub(crate) enum Rule {
     /// Every row runs `cap` iterations unless a forced depth says otherwise.
     None,
-    Criterion { c: Criterion, threshold: f64, min_steps: usize, every: usize },
-    Gate { q: f32, min_steps: usize },
+    Criterion {
+        c: Criterion,
+        threshold: f64,
+        min_steps: usize,
+        every: usize,
+    },
+    Gate {
+        q: f32,
+        min_steps: usize,
+    },
     /// ACT halting at cumulative probability `thr = 1 − eps`.
-    Act { thr: f32 },
+    Act {
+        thr: f32,
+    },
 }
 
 impl Rule {
@@ -20,11 +30,25 @@ impl Rule {
     /// run-time threshold override.
     pub(crate) fn of(exit: &ExitPolicy, threshold: Option<f64>) -> Rule {
         match *exit {
-            ExitPolicy::Criterion { criterion, threshold: t, min_steps, every, .. } => {
-                Rule::Criterion { c: criterion, threshold: threshold.unwrap_or(t), min_steps, every: every.max(1) }
-            }
-            ExitPolicy::Gate { q, min_steps, .. } => Rule::Gate { q: threshold.unwrap_or(q) as f32, min_steps },
-            ExitPolicy::Act { eps, .. } => Rule::Act { thr: (1.0 - threshold.unwrap_or(eps)) as f32 },
+            ExitPolicy::Criterion {
+                criterion,
+                threshold: t,
+                min_steps,
+                every,
+                ..
+            } => Rule::Criterion {
+                c: criterion,
+                threshold: threshold.unwrap_or(t),
+                min_steps,
+                every: every.max(1),
+            },
+            ExitPolicy::Gate { q, min_steps, .. } => Rule::Gate {
+                q: threshold.unwrap_or(q) as f32,
+                min_steps,
+            },
+            ExitPolicy::Act { eps, .. } => Rule::Act {
+                thr: (1.0 - threshold.unwrap_or(eps)) as f32,
+            },
             _ => Rule::None,
         }
     }
@@ -34,7 +58,13 @@ impl Rule {
     }
 
     pub(crate) fn needs_latent(&self) -> bool {
-        matches!(self, Rule::Criterion { c: Criterion::LatentDiff | Criterion::Cosine, .. })
+        matches!(
+            self,
+            Rule::Criterion {
+                c: Criterion::LatentDiff | Criterion::Cosine,
+                ..
+            }
+        )
     }
 }
 
@@ -91,7 +121,11 @@ impl History {
                 kl
             }
             Criterion::EntropyDiff => {
-                let h: f64 = -self.logp.iter().map(|&l| (l as f64).exp() * ((l as f64).exp() + 1e-10).ln()).sum::<f64>();
+                let h: f64 = -self
+                    .logp
+                    .iter()
+                    .map(|&l| (l as f64).exp() * ((l as f64).exp() + 1e-10).ln())
+                    .sum::<f64>();
                 let d = (h - self.prev_h[row]).abs();
                 self.prev_h[row] = h;
                 d
@@ -106,7 +140,9 @@ impl History {
                 self.prev_am[row] = am;
                 self.count[row] as f64
             }
-            Criterion::LatentDiff | Criterion::Cosine => unreachable!("latent criteria read the state"),
+            Criterion::LatentDiff | Criterion::Cosine => {
+                unreachable!("latent criteria read the state")
+            }
         }
     }
 
@@ -124,7 +160,11 @@ impl History {
 
     /// Ouro's survival bookkeeping in f32: returns the CDF after this step.
     pub(crate) fn gate_cdf(&mut self, row: usize, lambda: f32, last: bool) -> f32 {
-        let p = if last { self.rem[row] } else { lambda * self.rem[row] };
+        let p = if last {
+            self.rem[row]
+        } else {
+            lambda * self.rem[row]
+        };
         self.rem[row] *= 1.0 - lambda;
         self.cdf[row] += p;
         self.cdf[row]
@@ -202,12 +242,20 @@ mod tests {
     #[test]
     fn kl_from_uniform_then_zero() {
         let mut h = History::default();
-        let rule = Rule::Criterion { c: Criterion::Kl, threshold: 1e-3, min_steps: 1, every: 1 };
+        let rule = Rule::Criterion {
+            c: Criterion::Kl,
+            threshold: 1e-3,
+            min_steps: 1,
+            every: 1,
+        };
         h.reset(2, 4, &rule);
         let l = [1.0f32, 2.0, 3.0, 4.0];
         // KL(uniform ‖ p) = Σ ¼ (ln ¼ − ln p_i).
         let lse = l.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln();
-        let want: f64 = l.iter().map(|&x| 0.25 * ((0.25f64).ln() - (x as f64 - lse))).sum();
+        let want: f64 = l
+            .iter()
+            .map(|&x| 0.25 * ((0.25f64).ln() - (x as f64 - lse)))
+            .sum();
         let got = h.logits_value(Criterion::Kl, 1, &l);
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         assert!(h.logits_value(Criterion::Kl, 1, &l).abs() < 1e-7);
@@ -216,19 +264,36 @@ mod tests {
     #[test]
     fn entropy_argmax_and_gate() {
         let mut h = History::default();
-        let rule = Rule::Criterion { c: Criterion::EntropyDiff, threshold: 1e-3, min_steps: 1, every: 1 };
+        let rule = Rule::Criterion {
+            c: Criterion::EntropyDiff,
+            threshold: 1e-3,
+            min_steps: 1,
+            every: 1,
+        };
         h.reset(1, 3, &rule);
         let l = [0.0f32, 0.0, 0.0];
         let e = h.logits_value(Criterion::EntropyDiff, 0, &l);
         assert!((e - (100.0 - 3f64.ln())).abs() < 1e-6);
-        assert_eq!(h.logits_value(Criterion::ArgmaxStability, 0, &[0.0, 1.0, 0.0]), 0.0);
-        assert_eq!(h.logits_value(Criterion::ArgmaxStability, 0, &[0.0, 2.0, 0.0]), 1.0);
-        assert_eq!(h.logits_value(Criterion::ArgmaxStability, 0, &[3.0, 2.0, 0.0]), 0.0);
+        assert_eq!(
+            h.logits_value(Criterion::ArgmaxStability, 0, &[0.0, 1.0, 0.0]),
+            0.0
+        );
+        assert_eq!(
+            h.logits_value(Criterion::ArgmaxStability, 0, &[0.0, 2.0, 0.0]),
+            1.0
+        );
+        assert_eq!(
+            h.logits_value(Criterion::ArgmaxStability, 0, &[3.0, 2.0, 0.0]),
+            0.0
+        );
         assert_eq!(h.gate_cdf(0, 0.25, false), 0.25);
         assert_eq!(h.gate_cdf(0, 0.5, false), 0.25 + 0.5 * 0.75);
         assert_eq!(h.gate_cdf(0, 0.1, true), 1.0);
         assert!(passes(Criterion::ArgmaxStability, 5.0, 5.0) && !passes(Criterion::Kl, 1e-3, 1e-3));
         assert!((latent_value(Criterion::Cosine, &[1.0, 0.0], &[2.0, 0.0])).abs() < 1e-12);
-        assert_eq!(latent_value(Criterion::LatentDiff, &[3.0, 4.0], &[3.0, 4.0]), 0.0);
+        assert_eq!(
+            latent_value(Criterion::LatentDiff, &[3.0, 4.0], &[3.0, 4.0]),
+            0.0
+        );
     }
 }

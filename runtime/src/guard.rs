@@ -26,7 +26,10 @@ pub struct Guard {
 
 impl Default for Guard {
     fn default() -> Self {
-        Guard { mode: GuardMode::Warn, max_growth: 1e4 }
+        Guard {
+            mode: GuardMode::Warn,
+            max_growth: 1e4,
+        }
     }
 }
 
@@ -40,7 +43,11 @@ impl std::str::FromStr for Guard {
             "warn" => GuardMode::Warn,
             "error" => GuardMode::Error,
             "clamp" => GuardMode::Clamp,
-            other => return Err(format!("unknown guard mode `{other}`; use off, warn, error or clamp[:GROWTH]")),
+            other => {
+                return Err(format!(
+                    "unknown guard mode `{other}`; use off, warn, error or clamp[:GROWTH]"
+                ))
+            }
         };
         let max_growth = match growth {
             None => Guard::default().max_growth,
@@ -88,7 +95,10 @@ impl std::fmt::Display for GuardEvent {
 }
 
 fn norm(row: &[f32]) -> f64 {
-    row.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
+    row.iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Check (and in clamp mode repair) the state rows after `iteration`. `rows` gives, for each
@@ -123,7 +133,11 @@ pub fn check(
             }
             EventKind::Growth(growth as f32)
         };
-        events.push(GuardEvent { iteration, position, kind });
+        events.push(GuardEvent {
+            iteration,
+            position,
+            kind,
+        });
         if guard.mode == GuardMode::Clamp {
             match kind {
                 EventKind::NonFinite => row.copy_from_slice(&prev[i * cols..(i + 1) * cols]),
@@ -144,35 +158,91 @@ mod tests {
     #[test]
     fn parses_modes_and_growth() {
         assert_eq!("off".parse::<Guard>().unwrap().mode, GuardMode::Off);
-        assert_eq!("clamp:100".parse::<Guard>().unwrap(), Guard { mode: GuardMode::Clamp, max_growth: 100.0 });
+        assert_eq!(
+            "clamp:100".parse::<Guard>().unwrap(),
+            Guard {
+                mode: GuardMode::Clamp,
+                max_growth: 100.0
+            }
+        );
         assert!("clamp:0.5".parse::<Guard>().is_err());
         assert!("loud".parse::<Guard>().is_err());
     }
 
     #[test]
     fn flags_non_finite_and_growth_with_positions() {
-        let g = Guard { mode: GuardMode::Warn, max_growth: 10.0 };
+        let g = Guard {
+            mode: GuardMode::Warn,
+            max_growth: 10.0,
+        };
         let mut refn = vec![f64::NAN; 2];
         let mut s = vec![1.0, 0.0, 0.0, 1.0];
-        assert!(check(&g, 0, [(0, 5), (1, 6)].into_iter(), &mut s, &[0.0; 4], 2, &mut refn).is_empty());
+        assert!(check(
+            &g,
+            0,
+            [(0, 5), (1, 6)].into_iter(),
+            &mut s,
+            &[0.0; 4],
+            2,
+            &mut refn
+        )
+        .is_empty());
         let mut s2 = vec![f32::NAN, 0.0, 0.0, 50.0];
-        let ev = check(&g, 3, [(0, 5), (1, 6)].into_iter(), &mut s2, &s, 2, &mut refn);
+        let ev = check(
+            &g,
+            3,
+            [(0, 5), (1, 6)].into_iter(),
+            &mut s2,
+            &s,
+            2,
+            &mut refn,
+        );
         assert_eq!(ev.len(), 2);
-        assert_eq!((ev[0].iteration, ev[0].position, ev[0].kind), (3, 5, EventKind::NonFinite));
+        assert_eq!(
+            (ev[0].iteration, ev[0].position, ev[0].kind),
+            (3, 5, EventKind::NonFinite)
+        );
         assert_eq!((ev[1].position, ev[1].kind), (6, EventKind::Growth(50.0)));
         assert!(s2[0].is_nan(), "warn mode leaves the state alone");
     }
 
     #[test]
     fn clamp_restores_and_rescales() {
-        let g = Guard { mode: GuardMode::Clamp, max_growth: 10.0 };
+        let g = Guard {
+            mode: GuardMode::Clamp,
+            max_growth: 10.0,
+        };
         let mut refn = vec![f64::NAN; 2];
         let mut s = vec![3.0, 4.0, 0.0, 1.0];
-        check(&g, 0, [(0, 0), (1, 1)].into_iter(), &mut s, &[0.0; 4], 2, &mut refn);
+        check(
+            &g,
+            0,
+            [(0, 0), (1, 1)].into_iter(),
+            &mut s,
+            &[0.0; 4],
+            2,
+            &mut refn,
+        );
         let prev = s.clone();
         let mut s2 = vec![f32::INFINITY, 1.0, 0.0, 1000.0];
-        check(&g, 1, [(0, 0), (1, 1)].into_iter(), &mut s2, &prev, 2, &mut refn);
-        assert_eq!(&s2[..2], &[3.0, 4.0], "non-finite row restored from the previous state");
-        assert!((s2[3] - 10.0).abs() < 1e-4, "grown row rescaled to 10× its first norm: {}", s2[3]);
+        check(
+            &g,
+            1,
+            [(0, 0), (1, 1)].into_iter(),
+            &mut s2,
+            &prev,
+            2,
+            &mut refn,
+        );
+        assert_eq!(
+            &s2[..2],
+            &[3.0, 4.0],
+            "non-finite row restored from the previous state"
+        );
+        assert!(
+            (s2[3] - 10.0).abs() < 1e-4,
+            "grown row rescaled to 10× its first norm: {}",
+            s2[3]
+        );
     }
 }

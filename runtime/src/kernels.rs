@@ -17,7 +17,9 @@ pub struct Kernels {
 
 impl std::fmt::Debug for Kernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Kernels").field("count", &self.fns.len()).finish()
+        f.debug_struct("Kernels")
+            .field("count", &self.fns.len())
+            .finish()
     }
 }
 
@@ -26,7 +28,10 @@ impl Kernels {
     /// object (it may be empty); an empty object with declared kernels is an error.
     pub fn load(object: &[u8], decls: &[KernelDecl]) -> Result<Self> {
         if decls.is_empty() {
-            return Ok(Kernels { fns: Vec::new(), _lib: None });
+            return Ok(Kernels {
+                fns: Vec::new(),
+                _lib: None,
+            });
         }
         if object.is_empty() {
             return Err(RuntimeError::KernelLoad(format!(
@@ -45,15 +50,23 @@ impl Kernels {
             let mut name = d.symbol.as_bytes().to_vec();
             name.push(0);
             // SAFETY: the symbol is declared by the manifest to have the kernel ABI.
-            let f: std::result::Result<libloading::Symbol<'_, KernelFn>, _> = unsafe { lib.get(&name) };
+            let f: std::result::Result<libloading::Symbol<'_, KernelFn>, _> =
+                unsafe { lib.get(&name) };
             match f {
                 Ok(f) => fns.push(*f),
                 Err(e) => {
-                    return Err(RuntimeError::MissingSymbol { symbol: d.symbol.clone(), kernel: i, msg: e.to_string() })
+                    return Err(RuntimeError::MissingSymbol {
+                        symbol: d.symbol.clone(),
+                        kernel: i,
+                        msg: e.to_string(),
+                    })
                 }
             }
         }
-        Ok(Kernels { fns, _lib: Some(lib) })
+        Ok(Kernels {
+            fns,
+            _lib: Some(lib),
+        })
     }
 
     #[inline]
@@ -85,7 +98,10 @@ fn write_temp(object: &[u8]) -> Result<std::path::PathBuf> {
             COUNTER.fetch_add(1, Ordering::Relaxed),
             nanos
         ));
-        let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path);
         match f {
             Ok(mut f) => {
                 let r = f.write_all(object).and_then(|_| f.flush());
@@ -100,7 +116,9 @@ fn write_temp(object: &[u8]) -> Result<std::path::PathBuf> {
             Err(e) => return Err(RuntimeError::io(&path, e)),
         }
     }
-    Err(RuntimeError::KernelLoad("cannot create a unique temporary file for the kernels".into()))
+    Err(RuntimeError::KernelLoad(
+        "cannot create a unique temporary file for the kernels".into(),
+    ))
 }
 
 #[cfg(test)]
@@ -118,7 +136,11 @@ mod tests {
     fn errors_are_clear() {
         let decl = KernelDecl {
             symbol: "k0".into(),
-            spec: KernelSpec::Rope { heads: 1, head_dim: 2, style: crate::artifact::RopeStyle::Half },
+            spec: KernelSpec::Rope {
+                heads: 1,
+                head_dim: 2,
+                style: crate::artifact::RopeStyle::Half,
+            },
         };
         let e = Kernels::load(&[], std::slice::from_ref(&decl)).unwrap_err();
         assert!(e.to_string().contains("no shared object"), "{e}");
@@ -130,13 +152,29 @@ mod tests {
     /// when one can be found (skipped otherwise).
     #[test]
     fn missing_symbol_is_named() {
-        let candidates = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6"];
-        let Some(bytes) = candidates.iter().find_map(|p| std::fs::read(p).ok()) else { return };
-        let spec = KernelSpec::Rope { heads: 1, head_dim: 2, style: crate::artifact::RopeStyle::Half };
-        let ok = KernelDecl { symbol: "cosf".into(), spec: spec.clone() };
+        let candidates = [
+            "/lib/x86_64-linux-gnu/libm.so.6",
+            "/usr/lib/x86_64-linux-gnu/libm.so.6",
+            "/lib64/libm.so.6",
+        ];
+        let Some(bytes) = candidates.iter().find_map(|p| std::fs::read(p).ok()) else {
+            return;
+        };
+        let spec = KernelSpec::Rope {
+            heads: 1,
+            head_dim: 2,
+            style: crate::artifact::RopeStyle::Half,
+        };
+        let ok = KernelDecl {
+            symbol: "cosf".into(),
+            spec: spec.clone(),
+        };
         let k = Kernels::load(&bytes, std::slice::from_ref(&ok)).unwrap();
         assert_eq!(k.len(), 1);
-        let bad = KernelDecl { symbol: "loopc_no_such_kernel".into(), spec };
+        let bad = KernelDecl {
+            symbol: "loopc_no_such_kernel".into(),
+            spec,
+        };
         let e = Kernels::load(&bytes, &[ok, bad]).unwrap_err();
         assert!(e.to_string().contains("loopc_no_such_kernel"), "{e}");
     }

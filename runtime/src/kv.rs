@@ -95,10 +95,12 @@ impl KvCache {
             cap = cap.saturating_mul(2);
         }
         let what = format!("KV cache of site `{}`", s.name);
-        let elems = cap.checked_mul(width).ok_or(crate::error::RuntimeError::Alloc {
-            bytes: cap as u128 * width as u128 * 4,
-            what: what.clone(),
-        })?;
+        let elems = cap
+            .checked_mul(width)
+            .ok_or(crate::error::RuntimeError::Alloc {
+                bytes: cap as u128 * width as u128 * 4,
+                what: what.clone(),
+            })?;
         let mut k = AVec::zeroed(elems, &what)?;
         let mut v = AVec::zeroed(elems, &what)?;
         let n = sl.len * width;
@@ -112,7 +114,15 @@ impl KvCache {
 
     /// Write `rows` rows of keys/values (`[rows, width]`) at positions `pos0..pos0 + rows` of
     /// `slot`, filling any gap below `pos0` first (see the module docs).
-    pub(crate) fn write(&mut self, site: usize, slot: usize, pos0: usize, rows: usize, k: &[f32], v: &[f32]) -> Result<()> {
+    pub(crate) fn write(
+        &mut self,
+        site: usize,
+        slot: usize,
+        pos0: usize,
+        rows: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
         self.ensure(site, slot, pos0 + rows)?;
         self.fill_gap(site, slot, pos0);
         let s = &mut self.sites[site];
@@ -139,7 +149,8 @@ impl KvCache {
                 Some(src) => {
                     let end = lower[src].len.min(pos0);
                     let r = cur * w..end * w;
-                    dst.k.as_mut_slice()[r.clone()].copy_from_slice(&lower[src].k.as_slice()[r.clone()]);
+                    dst.k.as_mut_slice()[r.clone()]
+                        .copy_from_slice(&lower[src].k.as_slice()[r.clone()]);
                     dst.v.as_mut_slice()[r.clone()].copy_from_slice(&lower[src].v.as_slice()[r]);
                     cur = end;
                 }
@@ -156,7 +167,17 @@ impl KvCache {
     /// `pos0 + rows[i]`; the call's other positions are copied from `prev` (the slot of the
     /// previous iteration), which holds their latest entry.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn write_rows(&mut self, site: usize, slot: usize, prev: Option<usize>, pos0: usize, s: usize, rows: &[usize], k: &[f32], v: &[f32]) -> Result<()> {
+    pub(crate) fn write_rows(
+        &mut self,
+        site: usize,
+        slot: usize,
+        prev: Option<usize>,
+        pos0: usize,
+        s: usize,
+        rows: &[usize],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
         self.ensure(site, slot, pos0 + s)?;
         let old_len = self.sites[site].slots[slot].len;
         if old_len < pos0 {
@@ -194,7 +215,14 @@ impl KvCache {
 
     /// Append `n` rows after the slot's filled rows (recursion-wise slots hold only the tokens
     /// that reached their iteration, in position order).
-    pub(crate) fn append(&mut self, site: usize, slot: usize, n: usize, k: &[f32], v: &[f32]) -> Result<()> {
+    pub(crate) fn append(
+        &mut self,
+        site: usize,
+        slot: usize,
+        n: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
         let len = self.len(site, slot);
         self.ensure(site, slot, len + n)?;
         let st = &mut self.sites[site];
@@ -225,17 +253,36 @@ impl KvCache {
 
     /// Bytes allocated for keys and values.
     pub(crate) fn bytes_allocated(&self) -> usize {
-        self.sites.iter().map(|s| s.slots.iter().map(|sl| 2 * 4 * sl.cap * s.width).sum::<usize>()).sum()
+        self.sites
+            .iter()
+            .map(|s| {
+                s.slots
+                    .iter()
+                    .map(|sl| 2 * 4 * sl.cap * s.width)
+                    .sum::<usize>()
+            })
+            .sum()
     }
 
     /// Bytes holding filled positions.
     pub(crate) fn bytes_used(&self) -> usize {
-        self.sites.iter().map(|s| s.slots.iter().map(|sl| 2 * 4 * sl.len * s.width).sum::<usize>()).sum()
+        self.sites
+            .iter()
+            .map(|s| {
+                s.slots
+                    .iter()
+                    .map(|sl| 2 * 4 * sl.len * s.width)
+                    .sum::<usize>()
+            })
+            .sum()
     }
 
     /// `(site name, per-slot filled lengths)`, for inspection.
     pub(crate) fn lens(&self) -> Vec<(String, Vec<usize>)> {
-        self.sites.iter().map(|s| (s.name.clone(), s.slots.iter().map(|sl| sl.len).collect())).collect()
+        self.sites
+            .iter()
+            .map(|s| (s.name.clone(), s.slots.iter().map(|sl| sl.len).collect()))
+            .collect()
     }
 
     /// Keys and values of the filled rows of a slot (`None` if it does not exist).
@@ -252,12 +299,19 @@ mod tests {
     use super::*;
 
     fn site(in_loop: bool) -> KvSite {
-        KvSite { name: "core.attn".into(), kv_heads: 1, head_dim: 2, in_loop }
+        KvSite {
+            name: "core.attn".into(),
+            kv_heads: 1,
+            head_dim: 2,
+            in_loop,
+        }
     }
 
     /// Rows tagged `(iteration, position)`.
     fn rows(t: usize, pos0: usize, n: usize) -> Vec<f32> {
-        (pos0..pos0 + n).flat_map(|p| [t as f32, p as f32]).collect()
+        (pos0..pos0 + n)
+            .flat_map(|p| [t as f32, p as f32])
+            .collect()
     }
 
     #[test]
@@ -269,27 +323,44 @@ mod tests {
             kv.write(0, t, 0, 3, &r, &r).unwrap();
         }
         // Call 2: position 3, only 1 iteration.
-        kv.write(0, 0, 3, 1, &rows(0, 3, 1), &rows(0, 3, 1)).unwrap();
+        kv.write(0, 0, 3, 1, &rows(0, 3, 1), &rows(0, 3, 1))
+            .unwrap();
         // Call 3: position 4, 2 iterations.
         for t in 0..2 {
-            kv.write(0, t, 4, 1, &rows(t, 4, 1), &rows(t, 4, 1)).unwrap();
+            kv.write(0, t, 4, 1, &rows(t, 4, 1), &rows(t, 4, 1))
+                .unwrap();
         }
         // Call 4: position 5, 4 iterations (slot 3 is new).
         for t in 0..4 {
-            kv.write(0, t, 5, 1, &rows(t, 5, 1), &rows(t, 5, 1)).unwrap();
+            kv.write(0, t, 5, 1, &rows(t, 5, 1), &rows(t, 5, 1))
+                .unwrap();
         }
         let tags = |slot: usize| -> Vec<(usize, usize)> {
             let (k, v) = kv.slot_rows(0, slot).unwrap();
             assert_eq!(k, v);
-            k.chunks(2).map(|c| (c[0] as usize, c[1] as usize)).collect()
+            k.chunks(2)
+                .map(|c| (c[0] as usize, c[1] as usize))
+                .collect()
         };
-        assert_eq!(tags(0), vec![(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 5)]);
+        assert_eq!(
+            tags(0),
+            vec![(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 5)]
+        );
         // Slot 1 lacked position 3 at call 3: copied from slot 0.
-        assert_eq!(tags(1), vec![(1, 0), (1, 1), (1, 2), (0, 3), (1, 4), (1, 5)]);
+        assert_eq!(
+            tags(1),
+            vec![(1, 0), (1, 1), (1, 2), (0, 3), (1, 4), (1, 5)]
+        );
         // Slot 2 lacked 3 and 4 at call 4: 3 from slot 1 (itself a copy of slot 0), 4 from slot 1.
-        assert_eq!(tags(2), vec![(2, 0), (2, 1), (2, 2), (0, 3), (1, 4), (2, 5)]);
+        assert_eq!(
+            tags(2),
+            vec![(2, 0), (2, 1), (2, 2), (0, 3), (1, 4), (2, 5)]
+        );
         // Slot 3 is new: positions 0..2 from slot 2 (the highest holding them), 3, 4 as above.
-        assert_eq!(tags(3), vec![(2, 0), (2, 1), (2, 2), (0, 3), (1, 4), (3, 5)]);
+        assert_eq!(
+            tags(3),
+            vec![(2, 0), (2, 1), (2, 2), (0, 3), (1, 4), (3, 5)]
+        );
         assert_eq!(kv.lens()[0].1, vec![6, 6, 6, 6]);
         assert_eq!(kv.bytes_used(), 4 * 6 * 2 * 2 * 4);
     }
@@ -298,13 +369,15 @@ mod tests {
     fn growth_keeps_rows_and_gaps_without_source_are_zero() {
         let mut kv = KvCache::new(&[site(false)], None);
         for p in 0..40 {
-            kv.write(0, 0, p, 1, &rows(0, p, 1), &rows(0, p, 1)).unwrap();
+            kv.write(0, 0, p, 1, &rows(0, p, 1), &rows(0, p, 1))
+                .unwrap();
         }
         assert_eq!(kv.capacity(0, 0), 64);
         let (k, _) = kv.slot_rows(0, 0).unwrap();
         assert!(k.chunks(2).enumerate().all(|(p, c)| c[1] as usize == p));
         // Gap with nothing to copy from: zeros.
-        kv.write(0, 0, 45, 1, &rows(9, 45, 1), &rows(9, 45, 1)).unwrap();
+        kv.write(0, 0, 45, 1, &rows(9, 45, 1), &rows(9, 45, 1))
+            .unwrap();
         let (k, _) = kv.slot_rows(0, 0).unwrap();
         assert_eq!(&k[80..90], &[0.0; 10]);
         assert_eq!(&k[90..92], &[9.0, 45.0]);

@@ -38,10 +38,9 @@
 pub mod artifact;
 mod batch;
 pub mod error;
-pub mod guard;
-pub mod trace;
 mod exec;
 mod exit;
+pub mod guard;
 pub mod kernels;
 mod kv;
 pub mod matmul;
@@ -52,6 +51,7 @@ mod rope;
 mod rows;
 pub mod sampler;
 mod session;
+pub mod trace;
 pub mod weights;
 
 pub use batch::BatchSession;

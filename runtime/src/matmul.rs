@@ -27,7 +27,10 @@ unsafe fn gemm_block(
     rhs_cs: isize,
     par: gemm::Parallelism,
 ) {
-    gemm::gemm(m, n, k, dst, 1, dst_rs, false, x, 1, x_rs, rhs, rhs_cs, rhs_rs, 0.0f32, 1.0f32, false, false, false, par)
+    gemm::gemm(
+        m, n, k, dst, 1, dst_rs, false, x, 1, x_rs, rhs, rhs_cs, rhs_rs, 0.0f32, 1.0f32, false,
+        false, false, par,
+    )
 }
 
 /// Below this many multiply-adds a product runs on the calling thread.
@@ -36,7 +39,10 @@ const PAR_MIN_MACS: usize = 1 << 16;
 /// `out = x · wᵀ` with `x: [m, k]`, `w: [n, k]`, `out: [m, n]`.
 /// `threads` is the size of the current rayon pool.
 pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, threads: usize) {
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul operand sizes");
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
+        "matmul operand sizes"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -68,7 +74,19 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
             // SAFETY: sizes checked above; each task writes its own columns j0..j0+nc of `out`
             // (row stride n) from weight rows j0..j0+nc.
             unsafe {
-                gemm_block(m, nc, k, (op as *mut f32).add(j0), n as isize, x.as_ptr(), k as isize, w.as_ptr().add(j0 * k), 1, k as isize, gemm::Parallelism::None)
+                gemm_block(
+                    m,
+                    nc,
+                    k,
+                    (op as *mut f32).add(j0),
+                    n as isize,
+                    x.as_ptr(),
+                    k as isize,
+                    w.as_ptr().add(j0 * k),
+                    1,
+                    k as isize,
+                    gemm::Parallelism::None,
+                )
             }
         });
         return;
@@ -81,15 +99,38 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
     // SAFETY: the sizes were checked above; dst is [m, n] row-major (rs = n, cs = 1), lhs is
     // [m, k] row-major, rhs is wᵀ: element (kk, j) lives at w[j * k + kk] (rs = 1, cs = k).
     unsafe {
-        gemm_block(m, n, k, out.as_mut_ptr(), n as isize, x.as_ptr(), k as isize, w.as_ptr(), 1, k as isize, par)
+        gemm_block(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            n as isize,
+            x.as_ptr(),
+            k as isize,
+            w.as_ptr(),
+            1,
+            k as isize,
+            par,
+        )
     }
 }
 
 /// `out = x · w` with `x: [m, k]`, `w: [k, n]` (GPT-2's `Conv1D` layout), `out: [m, n]`.
 /// For one row the output columns are split over the pool, each chunk streaming its columns of
 /// every weight row.
-pub fn matmul_kn(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, threads: usize) {
-    assert!(x.len() >= m * k && w.len() >= k * n && out.len() >= m * n, "matmul_kn operand sizes");
+pub fn matmul_kn(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) {
+    assert!(
+        x.len() >= m * k && w.len() >= k * n && out.len() >= m * n,
+        "matmul_kn operand sizes"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -102,7 +143,19 @@ pub fn matmul_kn(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: u
         // SAFETY: sizes checked above; dst [m, nc] with row stride n starting at column j0, lhs
         // [m, k] row-major, rhs element (kk, j) at w[kk·n + j0 + j] (rs = n, cs = 1).
         unsafe {
-            gemm_block(m, nc, k, out.as_mut_ptr().add(j0), n as isize, x.as_ptr(), k as isize, w.as_ptr().add(j0), n as isize, 1, par)
+            gemm_block(
+                m,
+                nc,
+                k,
+                out.as_mut_ptr().add(j0),
+                n as isize,
+                x.as_ptr(),
+                k as isize,
+                w.as_ptr().add(j0),
+                n as isize,
+                1,
+                par,
+            )
         }
     };
     if m == 1 && threads > 1 && macs >= PAR_MIN_MACS && n >= 64 {
@@ -117,7 +170,11 @@ pub fn matmul_kn(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: u
         });
         return;
     }
-    let par = if threads > 1 && macs >= 64 * PAR_MIN_MACS { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par = if threads > 1 && macs >= 64 * PAR_MIN_MACS {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     gemm_cols(out, 0, n, par);
 }
 
@@ -149,7 +206,10 @@ const SMALL_M: usize = 8;
 pub fn gemv_multi(x: &[f32], w: &[f32], out: &mut [f32], m: usize, threads: usize) {
     let k = x.len() / m.max(1);
     let n = out.len() / m.max(1);
-    assert!(w.len() >= n * k && x.len() >= m * k && out.len() >= m * n, "gemv_multi operand sizes");
+    assert!(
+        w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
+        "gemv_multi operand sizes"
+    );
     let block = |r0: usize, r1: usize, out: *mut f32| {
         for i in 0..m {
             // SAFETY: blocks [r0, r1) are disjoint across callers; row i of out is n long.
@@ -178,7 +238,8 @@ pub fn gemv_rows(x: &[f32], w: &[f32], out: &mut [f32]) {
             unsafe { x86::gemv_avx512(x, w, out) };
             return;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: as above.
             unsafe { x86::gemv_avx2(x, w, out) };
             return;
@@ -228,10 +289,18 @@ mod x86 {
             let w1 = w0.add(k);
             let w2 = w1.add(k);
             let w3 = w2.add(k);
-            let (mut a0, mut a1, mut a2, mut a3) =
-                (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
-            let (mut b0, mut b1, mut b2, mut b3) =
-                (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+            let (mut a0, mut a1, mut a2, mut a3) = (
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+            );
+            let (mut b0, mut b1, mut b2, mut b3) = (
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+            );
             let mut i = 0;
             while i + 32 <= kb {
                 let x0 = _mm512_loadu_ps(xp.add(i));
@@ -274,12 +343,17 @@ mod x86 {
             while i + 64 <= kb {
                 for (u, a) in acc.iter_mut().enumerate() {
                     let o = i + 16 * u;
-                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(w0.add(o)), _mm512_loadu_ps(xp.add(o)), *a);
+                    *a =
+                        _mm512_fmadd_ps(_mm512_loadu_ps(w0.add(o)), _mm512_loadu_ps(xp.add(o)), *a);
                 }
                 i += 64;
             }
             while i < kb {
-                acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(w0.add(i)), _mm512_loadu_ps(xp.add(i)), acc[0]);
+                acc[0] = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(w0.add(i)),
+                    _mm512_loadu_ps(xp.add(i)),
+                    acc[0],
+                );
                 i += 16;
             }
             if tail > 0 {
@@ -316,7 +390,12 @@ mod x86 {
         let kb = k / 8 * 8;
         let mut j = 0;
         while j + 4 <= n {
-            let rows = [wp.add(j * k), wp.add((j + 1) * k), wp.add((j + 2) * k), wp.add((j + 3) * k)];
+            let rows = [
+                wp.add(j * k),
+                wp.add((j + 1) * k),
+                wp.add((j + 2) * k),
+                wp.add((j + 3) * k),
+            ];
             let mut a = [_mm256_setzero_ps(); 4];
             let mut b = [_mm256_setzero_ps(); 4];
             let mut i = 0;
@@ -352,15 +431,23 @@ mod x86 {
             while i + 32 <= kb {
                 for (u, a) in acc.iter_mut().enumerate() {
                     let o = i + 8 * u;
-                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(w0.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
+                    *a =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(w0.add(o)), _mm256_loadu_ps(xp.add(o)), *a);
                 }
                 i += 32;
             }
             while i < kb {
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w0.add(i)), _mm256_loadu_ps(xp.add(i)), acc[0]);
+                acc[0] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(w0.add(i)),
+                    _mm256_loadu_ps(xp.add(i)),
+                    acc[0],
+                );
                 i += 8;
             }
-            let mut s = hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            let mut s = hsum256(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ));
             for t in i..k {
                 s += *xp.add(t) * *w0.add(t);
             }
@@ -375,7 +462,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 
@@ -397,26 +486,42 @@ mod tests {
         assert_eq!(a.len(), b.len());
         let tol = 1e-5 * (k as f32).sqrt().max(1.0);
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "index {i}: {x} vs {y} (k={k})");
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "index {i}: {x} vs {y} (k={k})"
+            );
         }
     }
 
     fn pool(n: usize) -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
     }
 
     #[test]
     fn column_split_matmul_matches_naive() {
         // Large enough for the two-thread column split (m ≤ 512, n not a multiple of the block).
         let (m, k, n) = (64, 256, 300);
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 60.0).collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 60.0)
+            .collect();
         let mut out = vec![f32::NAN; m * n];
         matmul(&x, &w, &mut out, m, k, n, 2);
         for i in 0..m {
             for j in 0..n {
-                let want: f64 = (0..k).map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64).sum();
-                assert!((out[i * n + j] as f64 - want).abs() < 1e-3, "[{i},{j}] {} vs {want}", out[i * n + j]);
+                let want: f64 = (0..k)
+                    .map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64)
+                    .sum();
+                assert!(
+                    (out[i * n + j] as f64 - want).abs() < 1e-3,
+                    "[{i},{j}] {} vs {want}",
+                    out[i * n + j]
+                );
             }
         }
     }
@@ -424,15 +529,24 @@ mod tests {
     #[test]
     fn matmul_kn_matches_naive() {
         for &(m, k, n) in &[(1, 7, 5), (1, 64, 300), (3, 33, 70), (17, 64, 129)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
-            let w: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let w: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
+                .collect();
             for threads in [1, 2] {
                 let mut out = vec![0.0; m * n];
                 matmul_kn(&x, &w, &mut out, m, k, n, threads);
                 for i in 0..m {
                     for j in 0..n {
-                        let want: f64 = (0..k).map(|kk| x[i * k + kk] as f64 * w[kk * n + j] as f64).sum();
-                        assert!((out[i * n + j] as f64 - want).abs() < 1e-3, "({m},{k},{n}) [{i},{j}]");
+                        let want: f64 = (0..k)
+                            .map(|kk| x[i * k + kk] as f64 * w[kk * n + j] as f64)
+                            .sum();
+                        assert!(
+                            (out[i * n + j] as f64 - want).abs() < 1e-3,
+                            "({m},{k},{n}) [{i},{j}]"
+                        );
                     }
                 }
             }
@@ -455,7 +569,9 @@ mod tests {
                 close(&o, &want, k);
                 #[cfg(target_arch = "x86_64")]
                 {
-                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
                         let mut o = vec![f32::NAN; n];
                         unsafe { x86::gemv_avx2(&x, &w, &mut o) };
                         close(&o, &want, k);
@@ -502,7 +618,13 @@ mod tests {
     fn gemm_path_matches_naive_with_offsets() {
         let mut s = 3u64;
         let p = pool(2);
-        for &(m, k, n, off) in &[(2usize, 5usize, 3usize, 7usize), (7, 33, 19, 1), (64, 96, 80, 123), (130, 64, 257, 64), (200, 128, 300, 5)] {
+        for &(m, k, n, off) in &[
+            (2usize, 5usize, 3usize, 7usize),
+            (7, 33, 19, 1),
+            (64, 96, 80, 123),
+            (130, 64, 257, 64),
+            (200, 128, 300, 5),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
             let big: Vec<f32> = (0..off + n * k + 11).map(|_| lcg(&mut s)).collect();
             let w = &big[off..off + n * k];
@@ -534,7 +656,10 @@ mod bench {
         let w: Vec<f32> = (0..n * k).map(|i| (i % 13) as f32 * 0.01).collect();
         let mut o = vec![0f32; n];
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
         for (name, th) in [("gemv 1 thread", 1), ("gemv all threads", threads)] {
             pool.install(|| gemv(&x, &w, &mut o, th));
             let t = std::time::Instant::now();
@@ -543,15 +668,36 @@ mod bench {
                 pool.install(|| gemv(&x, &w, &mut o, th));
             }
             let s = t.elapsed().as_secs_f64() / reps as f64;
-            println!("{name}: {:.2} ms, {:.1} GFLOP/s, {:.1} GB/s", s * 1e3, 2.0 * (n * k) as f64 / s / 1e9, (n * k * 4) as f64 / s / 1e9);
+            println!(
+                "{name}: {:.2} ms, {:.1} GFLOP/s, {:.1} GB/s",
+                s * 1e3,
+                2.0 * (n * k) as f64 / s / 1e9,
+                (n * k * 4) as f64 / s / 1e9
+            );
         }
         let t = std::time::Instant::now();
         for _ in 0..5 {
             unsafe {
-                gemm_block(1, n, k, o.as_mut_ptr(), n as isize, x.as_ptr(), k as isize, w.as_ptr(), 1, k as isize, gemm::Parallelism::None)
+                gemm_block(
+                    1,
+                    n,
+                    k,
+                    o.as_mut_ptr(),
+                    n as isize,
+                    x.as_ptr(),
+                    k as isize,
+                    w.as_ptr(),
+                    1,
+                    k as isize,
+                    gemm::Parallelism::None,
+                )
             }
         }
         let s = t.elapsed().as_secs_f64() / 5.0;
-        println!("gemm m=1: {:.2} ms, {:.1} GFLOP/s", s * 1e3, 2.0 * (n * k) as f64 / s / 1e9);
+        println!(
+            "gemm m=1: {:.2} ms, {:.1} GFLOP/s",
+            s * 1e3,
+            2.0 * (n * k) as f64 / s / 1e9
+        );
     }
 }

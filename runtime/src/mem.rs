@@ -32,7 +32,11 @@ unsafe impl Sync for AVec {}
 
 impl AVec {
     pub(crate) fn new() -> Self {
-        AVec { ptr: NonNull::dangling(), len: 0, kind: Kind::Empty }
+        AVec {
+            ptr: NonNull::dangling(),
+            len: 0,
+            kind: Kind::Empty,
+        }
     }
 
     /// `len` zeroed floats; `what` names the allocation in the error.
@@ -40,7 +44,10 @@ impl AVec {
         if len == 0 {
             return Ok(Self::new());
         }
-        let err = || RuntimeError::Alloc { bytes: len as u128 * 4, what: what.to_string() };
+        let err = || RuntimeError::Alloc {
+            bytes: len as u128 * 4,
+            what: what.to_string(),
+        };
         let bytes = len.checked_mul(4).ok_or_else(err)?;
         if bytes > isize::MAX as usize / 2 {
             return Err(err());
@@ -76,7 +83,11 @@ impl AVec {
         // SAFETY: layout has non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(p as *mut f32).ok_or_else(err)?;
-        Ok(AVec { ptr, len, kind: Kind::Heap(layout) })
+        Ok(AVec {
+            ptr,
+            len,
+            kind: Kind::Heap(layout),
+        })
     }
 
     #[inline]
@@ -108,7 +119,9 @@ impl Drop for AVec {
         match self.kind {
             Kind::Empty => {}
             // SAFETY: allocated with this layout by alloc_zeroed.
-            Kind::Heap(layout) => unsafe { std::alloc::dealloc(self.ptr.as_ptr() as *mut u8, layout) },
+            Kind::Heap(layout) => unsafe {
+                std::alloc::dealloc(self.ptr.as_ptr() as *mut u8, layout)
+            },
             #[cfg(unix)]
             // SAFETY: mapped by us with this length.
             Kind::Mmap(bytes) => unsafe {

@@ -1,7 +1,9 @@
 //! [`Artifact`] (the file `loopc build` writes) and [`Model`] (an artifact bound to weights,
 //! validated, with its kernels loaded and a thread pool).
 
-use crate::artifact::{self, Arg, BufId, EwIn, EwOp, ExitPolicy, Instr, KernelSpec, Manifest, Rows, StateInit, WRef};
+use crate::artifact::{
+    self, Arg, BufId, EwIn, EwOp, ExitPolicy, Instr, KernelSpec, Manifest, Rows, StateInit, WRef,
+};
 use crate::error::{Result, RuntimeError};
 use crate::kernels::Kernels;
 use crate::session::Session;
@@ -36,7 +38,11 @@ impl Artifact {
         let bytes = bytes.as_ref();
         // Bound the two length fields before handing the bytes to `artifact::decode`, so that
         // absurd lengths are reported as truncation rather than overflowing.
-        let len_at = |at: usize| -> Option<u64> { bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap())) };
+        let len_at = |at: usize| -> Option<u64> {
+            bytes
+                .get(at..at + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        };
         if bytes.len() >= 16 && bytes[..8] == artifact::MAGIC[..] {
             let n = len_at(8).unwrap_or(0);
             if n > bytes.len() as u64 {
@@ -55,7 +61,10 @@ impl Artifact {
             }
         }
         let (manifest, obj) = artifact::decode(bytes).map_err(RuntimeError::Artifact)?;
-        Ok(Artifact { manifest, object: obj.to_vec() })
+        Ok(Artifact {
+            manifest,
+            object: obj.to_vec(),
+        })
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -105,7 +114,11 @@ impl Model {
                 .parse::<usize>()
                 .ok()
                 .filter(|&n| n > 0)
-                .ok_or_else(|| RuntimeError::Config(format!("LOOPC_THREADS must be a positive integer, got `{v}`")))?,
+                .ok_or_else(|| {
+                    RuntimeError::Config(format!(
+                        "LOOPC_THREADS must be a positive integer, got `{v}`"
+                    ))
+                })?,
             Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         Self::with_threads(artifact, weights, threads)
@@ -119,7 +132,9 @@ impl Model {
     /// As [`Model::new`] with an explicit thread count.
     pub fn with_threads(artifact: Artifact, weights: Weights, threads: usize) -> Result<Self> {
         if threads == 0 {
-            return Err(RuntimeError::Config("the thread count must be at least 1".into()));
+            return Err(RuntimeError::Config(
+                "the thread count must be at least 1".into(),
+            ));
         }
         let Artifact { manifest, object } = artifact;
         let needs = validate(&manifest)?;
@@ -133,7 +148,16 @@ impl Model {
         let kernels = Kernels::load(&object, &manifest.kernels)?;
         let token_limit = embed_limit(&manifest);
         Ok(Model {
-            inner: Arc::new(Inner { manifest, weights: bound, kernels, pool, threads, token_limit, needs, _checkpoint: weights }),
+            inner: Arc::new(Inner {
+                manifest,
+                weights: bound,
+                kernels,
+                pool,
+                threads,
+                token_limit,
+                needs,
+                _checkpoint: weights,
+            }),
         })
     }
 
@@ -189,7 +213,8 @@ fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool
         let mut v = crate::mem::AVec::zeroed(rows * cols, &d.name)?;
         {
             let all: &Vec<Bound> = bound;
-            let get = |w: &WRef| &all[w.weight as usize].as_slice()[w.offset..w.offset + w.rows * w.cols];
+            let get =
+                |w: &WRef| &all[w.weight as usize].as_slice()[w.offset..w.offset + w.rows * w.cols];
             let out = v.as_mut_slice();
             pool.install(|| {
                 out.par_chunks_mut((ROWS * cols).max(1))
@@ -266,7 +291,12 @@ pub(crate) enum Need {
 
 fn kernel_needs(spec: &KernelSpec) -> Vec<Need> {
     match spec {
-        KernelSpec::Elementwise { cols, inputs, outputs, .. } => inputs
+        KernelSpec::Elementwise {
+            cols,
+            inputs,
+            outputs,
+            ..
+        } => inputs
             .iter()
             .map(|i| match i {
                 EwIn::Rows => Need::PerRow(*cols),
@@ -275,7 +305,12 @@ fn kernel_needs(spec: &KernelSpec) -> Vec<Need> {
             })
             .chain(outputs.iter().map(|_| Need::PerRow(*cols)))
             .collect(),
-        KernelSpec::RmsNorm { cols, residual, gain, .. } => {
+        KernelSpec::RmsNorm {
+            cols,
+            residual,
+            gain,
+            ..
+        } => {
             let mut v = vec![Need::PerRow(*cols)];
             if *residual {
                 v.push(Need::PerRow(*cols));
@@ -289,24 +324,42 @@ fn kernel_needs(spec: &KernelSpec) -> Vec<Need> {
             v.push(Need::PerRow(*cols));
             v
         }
-        KernelSpec::Rope { heads, head_dim, .. } => {
-            vec![Need::PerRow(heads * head_dim), Need::Table(*head_dim), Need::Table(*head_dim)]
+        KernelSpec::Rope {
+            heads, head_dim, ..
+        } => {
+            vec![
+                Need::PerRow(heads * head_dim),
+                Need::Table(*head_dim),
+                Need::Table(*head_dim),
+            ]
         }
         KernelSpec::Glu { cols, .. } => vec![Need::PerRow(2 * cols), Need::PerRow(*cols)],
-        KernelSpec::RopeBias { heads, head_dim, .. } => vec![
+        KernelSpec::RopeBias {
+            heads, head_dim, ..
+        } => vec![
             Need::PerRow(heads * head_dim),
             Need::Vector(heads * head_dim),
             Need::Table(*head_dim),
             Need::Table(*head_dim),
         ],
-        KernelSpec::Attention { heads, kv_heads, head_dim, .. } => vec![
+        KernelSpec::Attention {
+            heads,
+            kv_heads,
+            head_dim,
+            ..
+        } => vec![
             Need::PerRow(heads * head_dim),
             Need::Cache(kv_heads * head_dim),
             Need::Cache(kv_heads * head_dim),
             Need::PerRow(heads * head_dim),
         ],
         KernelSpec::LayerNorm { cols, .. } => {
-            vec![Need::PerRow(*cols), Need::Vector(*cols), Need::Vector(*cols), Need::PerRow(*cols)]
+            vec![
+                Need::PerRow(*cols),
+                Need::Vector(*cols),
+                Need::Vector(*cols),
+                Need::PerRow(*cols),
+            ]
         }
     }
 }
@@ -337,29 +390,55 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
     let weight_elems: Vec<usize> = m
         .weights
         .iter()
-        .map(|w| elems(&w.shape).ok_or_else(|| RuntimeError::manifest(format!("weight `{}` has an overflowing shape {:?}", w.name, w.shape))))
+        .map(|w| {
+            elems(&w.shape).ok_or_else(|| {
+                RuntimeError::manifest(format!(
+                    "weight `{}` has an overflowing shape {:?}",
+                    w.name, w.shape
+                ))
+            })
+        })
         .collect::<Result<Vec<usize>>>()?;
     let mut weight_elems = weight_elems;
     for (i, d) in m.derived.iter().enumerate() {
-        let bad = |msg: String| RuntimeError::manifest(format!("derived weight #{i} `{}`: {msg}", d.name));
+        let bad = |msg: String| {
+            RuntimeError::manifest(format!("derived weight #{i} `{}`: {msg}", d.name))
+        };
         for src in d.recipe.sources() {
             // Sources come before: checkpoint tensors or earlier derived weights.
-            let n = weight_elems.get(src.weight as usize).ok_or_else(|| bad(format!("source weight #{} is not defined before it", src.weight)))?;
-            let end = src.rows.checked_mul(src.cols).and_then(|x| x.checked_add(src.offset));
+            let n = weight_elems.get(src.weight as usize).ok_or_else(|| {
+                bad(format!(
+                    "source weight #{} is not defined before it",
+                    src.weight
+                ))
+            })?;
+            let end = src
+                .rows
+                .checked_mul(src.cols)
+                .and_then(|x| x.checked_add(src.offset));
             if end.is_none_or(|e| e > *n) {
-                return Err(bad(format!("source window [{} x {}] at {} overruns weight #{}", src.rows, src.cols, src.offset, src.weight)));
+                return Err(bad(format!(
+                    "source window [{} x {}] at {} overruns weight #{}",
+                    src.rows, src.cols, src.offset, src.weight
+                )));
             }
         }
         let (r, c) = d.recipe.out_shape().map_err(bad)?;
         if elems(&d.shape) != Some(r * c) {
-            return Err(bad(format!("declared shape {:?} but the recipe gives [{r}, {c}]", d.shape)));
+            return Err(bad(format!(
+                "declared shape {:?} but the recipe gives [{r}, {c}]",
+                d.shape
+            )));
         }
         weight_elems.push(r * c);
     }
     for b in &m.buffers {
         if let Rows::Fixed(n) = b.rows {
             if n.checked_mul(b.cols).is_none() {
-                return Err(RuntimeError::manifest(format!("buffer `{}` is too large", b.name)));
+                return Err(RuntimeError::manifest(format!(
+                    "buffer `{}` is too large",
+                    b.name
+                )));
             }
         }
     }
@@ -373,24 +452,40 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
     }
     for s in &m.kv_sites {
         if s.kv_heads.checked_mul(s.head_dim).is_none() {
-            return Err(RuntimeError::manifest(format!("KV site `{}` is too large", s.name)));
+            return Err(RuntimeError::manifest(format!(
+                "KV site `{}` is too large",
+                s.name
+            )));
         }
     }
     let mut needs = Vec::with_capacity(m.kernels.len());
     for (k, d) in m.kernels.iter().enumerate() {
-        let bad = |msg: String| RuntimeError::manifest(format!("kernel #{k} (`{}`): {msg}", d.symbol));
+        let bad =
+            |msg: String| RuntimeError::manifest(format!("kernel #{k} (`{}`): {msg}", d.symbol));
         match &d.spec {
-            KernelSpec::Elementwise { inputs, ops, outputs, .. } => {
+            KernelSpec::Elementwise {
+                inputs,
+                ops,
+                outputs,
+                ..
+            } => {
                 for (j, op) in ops.iter().enumerate() {
                     let operands: Vec<u32> = match *op {
                         EwOp::Input(i) => {
                             if i as usize >= inputs.len() {
-                                return Err(bad(format!("op {j} reads input {i} of {}", inputs.len())));
+                                return Err(bad(format!(
+                                    "op {j} reads input {i} of {}",
+                                    inputs.len()
+                                )));
                             }
                             vec![]
                         }
                         EwOp::Const(_) => vec![],
-                        EwOp::Add(a, b) | EwOp::Sub(a, b) | EwOp::Mul(a, b) | EwOp::Div(a, b) | EwOp::Max(a, b) => vec![a, b],
+                        EwOp::Add(a, b)
+                        | EwOp::Sub(a, b)
+                        | EwOp::Mul(a, b)
+                        | EwOp::Div(a, b)
+                        | EwOp::Max(a, b) => vec![a, b],
                         EwOp::Neg(a)
                         | EwOp::Exp(a)
                         | EwOp::Sigmoid(a)
@@ -401,19 +496,33 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                         | EwOp::Sqrt(a) => vec![a],
                     };
                     if operands.iter().any(|&o| o as usize >= j) {
-                        return Err(bad(format!("op {j} uses an operand that is not an earlier op")));
+                        return Err(bad(format!(
+                            "op {j} uses an operand that is not an earlier op"
+                        )));
                     }
                 }
                 if let Some(o) = outputs.iter().find(|&&o| o as usize >= ops.len()) {
                     return Err(bad(format!("output refers to op {o} of {}", ops.len())));
                 }
             }
-            KernelSpec::Rope { head_dim, heads, .. } | KernelSpec::RopeBias { head_dim, heads, .. } => {
+            KernelSpec::Rope {
+                head_dim, heads, ..
+            }
+            | KernelSpec::RopeBias {
+                head_dim, heads, ..
+            } => {
                 if *head_dim % 2 != 0 || *head_dim == 0 || *heads == 0 {
-                    return Err(bad("rope needs heads > 0 and an even, positive head_dim".into()));
+                    return Err(bad(
+                        "rope needs heads > 0 and an even, positive head_dim".into()
+                    ));
                 }
             }
-            KernelSpec::Attention { heads, kv_heads, head_dim, .. } => {
+            KernelSpec::Attention {
+                heads,
+                kv_heads,
+                head_dim,
+                ..
+            } => {
                 if *kv_heads == 0 || *heads == 0 || *head_dim == 0 || heads % kv_heads != 0 {
                     return Err(bad(format!("attention needs heads ({heads}) to be a positive multiple of kv_heads ({kv_heads})")));
                 }
@@ -424,9 +533,11 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                     && ops.iter().enumerate().all(|(j, op)| match *op {
                         EwOp::Input(i) => i < 2,
                         EwOp::Const(_) => true,
-                        EwOp::Add(a, b) | EwOp::Sub(a, b) | EwOp::Mul(a, b) | EwOp::Div(a, b) | EwOp::Max(a, b) => {
-                            (a as usize) < j && (b as usize) < j
-                        }
+                        EwOp::Add(a, b)
+                        | EwOp::Sub(a, b)
+                        | EwOp::Mul(a, b)
+                        | EwOp::Div(a, b)
+                        | EwOp::Max(a, b) => (a as usize) < j && (b as usize) < j,
                         EwOp::Neg(a)
                         | EwOp::Exp(a)
                         | EwOp::Sigmoid(a)
@@ -437,14 +548,19 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                         | EwOp::Sqrt(a) => (a as usize) < j,
                     });
                 if !ok {
-                    return Err(bad("gated unit ops must read inputs 0..2 and earlier ops only".into()));
+                    return Err(bad(
+                        "gated unit ops must read inputs 0..2 and earlier ops only".into(),
+                    ));
                 }
             }
         }
         needs.push(kernel_needs(&d.spec));
     }
     if m.program.logits as usize >= nb {
-        return Err(RuntimeError::manifest(format!("the logits buffer #{} does not exist", m.program.logits)));
+        return Err(RuntimeError::manifest(format!(
+            "the logits buffer #{} does not exist",
+            m.program.logits
+        )));
     }
     let lb = &m.buffers[m.program.logits as usize];
     if lb.rows != Rows::Tokens || lb.cols != m.vocab {
@@ -454,7 +570,11 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
         )));
     }
 
-    let v = Validator { m, weight_elems: &weight_elems, needs: &needs };
+    let v = Validator {
+        m,
+        weight_elems: &weight_elems,
+        needs: &needs,
+    };
     v.list("prelude", &m.program.prelude, false)?;
     if let Some(r) = &m.program.recur {
         v.list("recur body", &r.body, true)?;
@@ -462,7 +582,9 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
         let st = v.buf(ctx, r.state)?;
         let nx = v.buf(ctx, r.next)?;
         if r.state == r.next {
-            return Err(RuntimeError::manifest("recur: `state` and `next` must be different buffers"));
+            return Err(RuntimeError::manifest(
+                "recur: `state` and `next` must be different buffers",
+            ));
         }
         if st.rows != Rows::Tokens || nx.rows != Rows::Tokens || st.cols != nx.cols {
             return Err(RuntimeError::manifest(format!(
@@ -482,14 +604,18 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
             }
             StateInit::TruncNormal { std, scale, .. } => {
                 if !(std.is_finite() && *std >= 0.0 && scale.is_finite()) {
-                    return Err(RuntimeError::manifest(format!("recur: bad truncated-normal init (std {std}, scale {scale})")));
+                    return Err(RuntimeError::manifest(format!(
+                        "recur: bad truncated-normal init (std {std}, scale {scale})"
+                    )));
                 }
             }
             StateInit::Zeros => {}
         }
         if let ExitPolicy::Converge { threshold, .. } = &r.exit {
             if threshold.is_nan() {
-                return Err(RuntimeError::manifest("recur: the convergence threshold is NaN"));
+                return Err(RuntimeError::manifest(
+                    "recur: the convergence threshold is NaN",
+                ));
             }
         }
         let bad = match &r.exit {
@@ -507,13 +633,21 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
         if let Some(msg) = bad {
             return Err(RuntimeError::manifest(msg));
         }
-        if r.readout.iter().any(|&i| i as usize >= m.program.coda.len()) {
-            return Err(RuntimeError::manifest("recur: readout index past the end of the coda"));
+        if r.readout
+            .iter()
+            .any(|&i| i as usize >= m.program.coda.len())
+        {
+            return Err(RuntimeError::manifest(
+                "recur: readout index past the end of the coda",
+            ));
         }
         if let Some(g) = r.gate {
             let gb = v.buf(ctx, g)?;
             if gb.rows != Rows::Tokens || gb.cols != 1 {
-                return Err(RuntimeError::manifest(format!("recur: gate buffer `{}` must be [tokens, 1]", gb.name)));
+                return Err(RuntimeError::manifest(format!(
+                    "recur: gate buffer `{}` must be [tokens, 1]",
+                    gb.name
+                )));
             }
         }
     }
@@ -529,10 +663,12 @@ struct Validator<'a> {
 
 impl<'a> Validator<'a> {
     fn buf(&self, ctx: &str, b: BufId) -> Result<&'a artifact::BufferDecl> {
-        self.m
-            .buffers
-            .get(b as usize)
-            .ok_or_else(|| RuntimeError::manifest(format!("{ctx}: buffer #{b} does not exist ({} buffers)", self.m.buffers.len())))
+        self.m.buffers.get(b as usize).ok_or_else(|| {
+            RuntimeError::manifest(format!(
+                "{ctx}: buffer #{b} does not exist ({} buffers)",
+                self.m.buffers.len()
+            ))
+        })
     }
 
     fn wref(&self, ctx: &str, w: &WRef) -> Result<()> {
@@ -541,10 +677,18 @@ impl<'a> Validator<'a> {
             Some(decl) => (&decl.name, &decl.shape),
             None => match self.m.derived.get((w.weight as usize).wrapping_sub(nw)) {
                 Some(d) => (&d.name, &d.shape),
-                None => return Err(RuntimeError::manifest(format!("{ctx}: weight #{} does not exist", w.weight))),
+                None => {
+                    return Err(RuntimeError::manifest(format!(
+                        "{ctx}: weight #{} does not exist",
+                        w.weight
+                    )))
+                }
             },
         };
-        let end = w.rows.checked_mul(w.cols).and_then(|n| n.checked_add(w.offset));
+        let end = w
+            .rows
+            .checked_mul(w.cols)
+            .and_then(|n| n.checked_add(w.offset));
         match end {
             Some(e) if e <= self.weight_elems[w.weight as usize] => Ok(()),
             _ => Err(RuntimeError::manifest(format!(
@@ -563,7 +707,10 @@ impl<'a> Validator<'a> {
                     self.wref(&ctx, table)?;
                     let o = self.buf(&ctx, *out)?;
                     if o.rows != Rows::Tokens || o.cols != table.cols {
-                        return Err(err(format!("output `{}` must be [tokens, {}]", o.name, table.cols)));
+                        return Err(err(format!(
+                            "output `{}` must be [tokens, {}]",
+                            o.name, table.cols
+                        )));
                     }
                 }
                 Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out } => {
@@ -574,7 +721,11 @@ impl<'a> Validator<'a> {
                         return Err(err("input and output must be different buffers".into()));
                     }
                     // `MatMul` multiplies by Wᵀ (`Linear` layout), `MatMulKN` by W (`Conv1D`).
-                    let (k, n, t) = if matches!(ins, Instr::MatMul { .. }) { (w.cols, w.rows, "ᵀ") } else { (w.rows, w.cols, "") };
+                    let (k, n, t) = if matches!(ins, Instr::MatMul { .. }) {
+                        (w.cols, w.rows, "ᵀ")
+                    } else {
+                        (w.rows, w.cols, "")
+                    };
                     if xb.cols != k || ob.cols != n || xb.rows != ob.rows {
                         return Err(err(format!(
                             "`{}` [{:?}, {}] · W[{}, {}]{t} does not fit `{}` [{:?}, {}]",
@@ -591,19 +742,28 @@ impl<'a> Validator<'a> {
                             return Err(err("the output cannot also be an input".into()));
                         }
                         if ib.rows != ob.rows {
-                            return Err(err(format!("input `{}` has different rows than `{}`", ib.name, ob.name)));
+                            return Err(err(format!(
+                                "input `{}` has different rows than `{}`",
+                                ib.name, ob.name
+                            )));
                         }
                         total += ib.cols;
                     }
                     if total != ob.cols {
-                        return Err(err(format!("inputs have {total} columns in all, output `{}` has {}", ob.name, ob.cols)));
+                        return Err(err(format!(
+                            "inputs have {total} columns in all, output `{}` has {}",
+                            ob.name, ob.cols
+                        )));
                     }
                 }
                 Instr::Copy { src, dst } => {
                     let s = self.buf(&ctx, *src)?;
                     let d = self.buf(&ctx, *dst)?;
                     if s.rows != d.rows || s.cols != d.cols {
-                        return Err(err(format!("`{}` and `{}` have different shapes", s.name, d.name)));
+                        return Err(err(format!(
+                            "`{}` and `{}` have different shapes",
+                            s.name, d.name
+                        )));
                     }
                 }
                 Instr::KvWrite { site, k, v } => {
@@ -613,7 +773,10 @@ impl<'a> Validator<'a> {
                         .get(*site as usize)
                         .ok_or_else(|| err(format!("KV site #{site} does not exist")))?;
                     if st.in_loop && !in_body {
-                        return Err(err(format!("KV site `{}` is in the loop but written outside the recurrence", st.name)));
+                        return Err(err(format!(
+                            "KV site `{}` is in the loop but written outside the recurrence",
+                            st.name
+                        )));
                     }
                     let width = st.kv_heads * st.head_dim;
                     for b in [k, v] {
@@ -629,25 +792,41 @@ impl<'a> Validator<'a> {
                 Instr::SliceCols { src, start, out } => {
                     let sb = self.buf(&ctx, *src)?;
                     let ob = self.buf(&ctx, *out)?;
-                    if src == out || sb.rows != ob.rows || start.checked_add(ob.cols).is_none_or(|e| e > sb.cols) {
-                        return Err(err(format!("columns {start}..+{} of `{}` do not fit", ob.cols, sb.name)));
+                    if src == out
+                        || sb.rows != ob.rows
+                        || start.checked_add(ob.cols).is_none_or(|e| e > sb.cols)
+                    {
+                        return Err(err(format!(
+                            "columns {start}..+{} of `{}` do not fit",
+                            ob.cols, sb.name
+                        )));
                     }
                 }
                 Instr::PosEmbed { table, out } => {
                     self.wref(&ctx, table)?;
                     let o = self.buf(&ctx, *out)?;
                     if o.rows != Rows::Tokens || o.cols != table.cols {
-                        return Err(err(format!("output `{}` must be [tokens, {}]", o.name, table.cols)));
+                        return Err(err(format!(
+                            "output `{}` must be [tokens, {}]",
+                            o.name, table.cols
+                        )));
                     }
                 }
                 Instr::Sinusoidal { base, out } => {
                     let o = self.buf(&ctx, *out)?;
                     if o.rows != Rows::Tokens || !(base.is_finite() && *base > 1.0) {
-                        return Err(err(format!("output `{}` must be [tokens, n] and the base > 1", o.name)));
+                        return Err(err(format!(
+                            "output `{}` must be [tokens, n] and the base > 1",
+                            o.name
+                        )));
                     }
                 }
                 Instr::Kernel { kernel, args } => {
-                    let kd = self.m.kernels.get(*kernel as usize).ok_or_else(|| err(format!("kernel #{kernel} does not exist")))?;
+                    let kd = self
+                        .m
+                        .kernels
+                        .get(*kernel as usize)
+                        .ok_or_else(|| err(format!("kernel #{kernel} does not exist")))?;
                     let needs = &self.needs[*kernel as usize];
                     if args.len() != kd.spec.num_ptrs() || args.len() != needs.len() {
                         return Err(err(format!(
@@ -672,37 +851,61 @@ impl<'a> Validator<'a> {
             (Arg::Buf(b), Need::PerRow(c)) => {
                 let bb = self.buf(ctx, *b)?;
                 if bb.cols != c {
-                    return Err(err(format!("buffer `{}` has {} columns, the kernel expects {c}", bb.name, bb.cols)));
+                    return Err(err(format!(
+                        "buffer `{}` has {} columns, the kernel expects {c}",
+                        bb.name, bb.cols
+                    )));
                 }
             }
             (Arg::Buf(b), Need::Vector(c)) => {
                 let bb = self.buf(ctx, *b)?;
                 if let Rows::Fixed(n) = bb.rows {
                     if n * bb.cols < c {
-                        return Err(err(format!("buffer `{}` holds {} values, the kernel reads {c}", bb.name, n * bb.cols)));
+                        return Err(err(format!(
+                            "buffer `{}` holds {} values, the kernel reads {c}",
+                            bb.name,
+                            n * bb.cols
+                        )));
                     }
                 }
             }
             (Arg::Weight(w), Need::Vector(c)) => {
                 self.wref(ctx, w)?;
                 if w.rows * w.cols < c {
-                    return Err(err(format!("weight window holds {} values, the kernel reads {c}", w.rows * w.cols)));
+                    return Err(err(format!(
+                        "weight window holds {} values, the kernel reads {c}",
+                        w.rows * w.cols
+                    )));
                 }
             }
             (Arg::Weight(w), Need::PerRow(c)) => {
                 self.wref(ctx, w)?;
                 if w.cols != c {
-                    return Err(err(format!("weight window has {} columns, the kernel expects {c}", w.cols)));
+                    return Err(err(format!(
+                        "weight window has {} columns, the kernel expects {c}",
+                        w.cols
+                    )));
                 }
             }
             (Arg::RopeCos(t) | Arg::RopeSin(t), Need::Table(hd)) => {
-                let tab = self.m.rope_tables.get(*t as usize).ok_or_else(|| err(format!("rope table #{t} does not exist")))?;
+                let tab = self
+                    .m
+                    .rope_tables
+                    .get(*t as usize)
+                    .ok_or_else(|| err(format!("rope table #{t} does not exist")))?;
                 if tab.head_dim != hd {
-                    return Err(err(format!("rope table #{t} is for head_dim {}, the kernel uses {hd}", tab.head_dim)));
+                    return Err(err(format!(
+                        "rope table #{t} is for head_dim {}, the kernel uses {hd}",
+                        tab.head_dim
+                    )));
                 }
             }
             (Arg::KCache(s) | Arg::VCache(s), Need::Cache(width)) => {
-                let st = self.m.kv_sites.get(*s as usize).ok_or_else(|| err(format!("KV site #{s} does not exist")))?;
+                let st = self
+                    .m
+                    .kv_sites
+                    .get(*s as usize)
+                    .ok_or_else(|| err(format!("KV site #{s} does not exist")))?;
                 if st.kv_heads * st.head_dim != width {
                     return Err(err(format!(
                         "KV site `{}` stores {} values per row, the kernel expects {width}",
@@ -711,10 +914,17 @@ impl<'a> Validator<'a> {
                     )));
                 }
                 if st.in_loop && !in_body {
-                    return Err(err(format!("KV site `{}` is in the loop but read outside the recurrence", st.name)));
+                    return Err(err(format!(
+                        "KV site `{}` is in the loop but read outside the recurrence",
+                        st.name
+                    )));
                 }
             }
-            (a, n) => return Err(err(format!("{a:?} cannot be passed where the kernel expects {n:?}"))),
+            (a, n) => {
+                return Err(err(format!(
+                    "{a:?} cannot be passed where the kernel expects {n:?}"
+                )))
+            }
         }
         Ok(())
     }

@@ -13,7 +13,10 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng { state: seed, spare: None }
+        Rng {
+            state: seed,
+            spare: None,
+        }
     }
 
     #[inline]
@@ -104,9 +107,15 @@ mod tests {
         // Variance of a standard normal truncated at ±3: 1 − 6φ(3)/(2Φ(3) − 1) ≈ 0.97334.
         let want_var = 0.97334 * (std * scale).powi(2);
         assert!(mean.abs() < 0.01 * std * scale * 3.0, "mean {mean}");
-        assert!((var / want_var - 1.0).abs() < 0.02, "var {var} want {want_var}");
+        assert!(
+            (var / want_var - 1.0).abs() < 0.02,
+            "var {var} want {want_var}"
+        );
         // Something lands near the edges: the tails are not clipped to a spike.
-        let near_edge = out.iter().filter(|&&x| (x as f64).abs() > 2.5 * std * scale).count();
+        let near_edge = out
+            .iter()
+            .filter(|&&x| (x as f64).abs() > 2.5 * std * scale)
+            .count();
         assert!(near_edge > 0);
         let mut z = vec![1f32; 10];
         fill_trunc_normal(&mut z, 0.0, 8.0, &mut Rng::new(7));

@@ -20,8 +20,16 @@ pub(crate) struct Rope {
 impl Rope {
     pub(crate) fn new(spec: &RopeTable) -> Self {
         let half = spec.head_dim / 2;
-        let inv = (0..half).map(|i| spec.base.powf((2 * i) as f64 / spec.head_dim as f64)).collect();
-        Rope { spec: spec.clone(), inv, positions: 0, cos: AVec::new(), sin: AVec::new() }
+        let inv = (0..half)
+            .map(|i| spec.base.powf((2 * i) as f64 / spec.head_dim as f64))
+            .collect();
+        Rope {
+            spec: spec.clone(),
+            inv,
+            positions: 0,
+            cos: AVec::new(),
+            sin: AVec::new(),
+        }
     }
 
     pub(crate) fn half(&self) -> usize {
@@ -44,10 +52,12 @@ impl Rope {
         }
         let half = self.half();
         let what = "rotary tables";
-        let elems = p.checked_mul(half).ok_or(crate::error::RuntimeError::Alloc {
-            bytes: p as u128 * half as u128 * 4,
-            what: what.into(),
-        })?;
+        let elems = p
+            .checked_mul(half)
+            .ok_or(crate::error::RuntimeError::Alloc {
+                bytes: p as u128 * half as u128 * 4,
+                what: what.into(),
+            })?;
         let mut cos = AVec::zeroed(elems, what)?;
         let mut sin = AVec::zeroed(elems, what)?;
         let old = self.positions * half;
@@ -89,7 +99,10 @@ mod tests {
 
     #[test]
     fn values_and_growth() {
-        let mut r = Rope::new(&RopeTable { head_dim: 8, base: 10000.0 });
+        let mut r = Rope::new(&RopeTable {
+            head_dim: 8,
+            base: 10000.0,
+        });
         r.ensure(3).unwrap();
         assert_eq!(r.positions(), 64);
         r.ensure(100).unwrap();

@@ -16,7 +16,9 @@ pub(crate) fn live_ins(m: &Manifest, rec: &Recur) -> Vec<BufId> {
             Instr::Embed { out, .. } => {
                 written.insert(*out);
             }
-            Instr::MatMul { x, out, .. } | Instr::MatMulKN { x, out, .. } | Instr::SliceCols { src: x, out, .. } => {
+            Instr::MatMul { x, out, .. }
+            | Instr::MatMulKN { x, out, .. }
+            | Instr::SliceCols { src: x, out, .. } => {
                 read.insert(*x);
                 written.insert(*out);
             }

@@ -26,10 +26,18 @@ impl Default for SamplerConfig {
 
 impl SamplerConfig {
     pub fn greedy() -> Self {
-        SamplerConfig { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplerConfig {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
     pub fn temperature(t: f32) -> Self {
-        SamplerConfig { temperature: t, ..Self::greedy() }
+        SamplerConfig {
+            temperature: t,
+            ..Self::greedy()
+        }
     }
     pub fn with_top_k(mut self, k: usize) -> Self {
         self.top_k = k;
@@ -71,11 +79,17 @@ pub fn sample(logits: &[f32], cfg: &SamplerConfig, rng: &mut Rng) -> u32 {
     }
     let t = cfg.temperature as f64;
     // Candidates sorted by logit, descending (NaNs dropped).
-    let mut idx: Vec<u32> = (0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()).collect();
+    let mut idx: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| !logits[i as usize].is_nan())
+        .collect();
     if idx.is_empty() {
         return 0;
     }
-    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let by_logit = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
     if cfg.top_k > 0 && cfg.top_k < idx.len() {
         idx.select_nth_unstable_by(cfg.top_k - 1, by_logit);
         idx.truncate(cfg.top_k);
@@ -85,7 +99,10 @@ pub fn sample(logits: &[f32], cfg: &SamplerConfig, rng: &mut Rng) -> u32 {
     if !max.is_finite() {
         return argmax(logits);
     }
-    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / t).exp()).collect();
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i as usize] as f64 - max) / t).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     if !(total.is_finite() && total > 0.0) {
         return idx[0];
@@ -134,8 +151,18 @@ mod tests {
         assert_eq!(sample(&l, &SamplerConfig::greedy(), &mut r), 1);
         assert_eq!(argmax(&[f32::NAN, -1.0, 5.0, 5.0]), 2);
         assert_eq!(sample(&[], &SamplerConfig::temperature(1.0), &mut r), 0);
-        assert_eq!(sample(&[f32::NAN; 3], &SamplerConfig::temperature(1.0), &mut r), 0);
-        assert_eq!(sample(&[f32::NEG_INFINITY, 1.0], &SamplerConfig::temperature(1.0), &mut r), 1);
+        assert_eq!(
+            sample(&[f32::NAN; 3], &SamplerConfig::temperature(1.0), &mut r),
+            0
+        );
+        assert_eq!(
+            sample(
+                &[f32::NEG_INFINITY, 1.0],
+                &SamplerConfig::temperature(1.0),
+                &mut r
+            ),
+            1
+        );
     }
 
     #[test]
@@ -161,7 +188,10 @@ mod tests {
             (0..64).map(|_| sample(&l, &cfg, &mut r)).collect()
         };
         assert_eq!(a, b);
-        assert!(a.iter().any(|&t| t != a[0]), "temperature 1.5 should vary: {a:?}");
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "temperature 1.5 should vary: {a:?}"
+        );
         assert!(a.iter().all(|&t| t != 5), "NaN logit never sampled");
     }
 

@@ -16,7 +16,11 @@ pub struct Logits {
 
 impl Logits {
     pub fn new(vocab: usize) -> Self {
-        Logits { data: Vec::new(), rows: 0, vocab }
+        Logits {
+            data: Vec::new(),
+            rows: 0,
+            vocab,
+        }
     }
 
     /// Row `i` (panics if `i >= rows`, like slice indexing).
@@ -232,8 +236,13 @@ impl std::fmt::Display for Stats {
             self.token_iterations as f64 / tokens as f64,
             self.readout_rows
         )?;
-        let hist: Vec<String> =
-            self.depth_histogram.iter().enumerate().filter(|(_, &n)| n > 0).map(|(d, n)| format!("{d}:{n}")).collect();
+        let hist: Vec<String> = self
+            .depth_histogram
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(d, n)| format!("{d}:{n}"))
+            .collect();
         writeln!(f, "depth histogram (depth:tokens): {}", hist.join(" "))?;
         write!(
             f,
@@ -356,7 +365,12 @@ impl Session {
 
     /// The trace recorded since tracing was turned on or last taken.
     pub fn take_trace(&mut self) -> Vec<crate::trace::TraceStep> {
-        self.st.exits.trace.as_mut().map(std::mem::take).unwrap_or_default()
+        self.st
+            .exits
+            .trace
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Override the exit policy's threshold (`q` for a gate exit) for the next calls.
@@ -381,7 +395,11 @@ impl Session {
         let m = &self.model.inner;
         let vocab = m.manifest.vocab;
         let l = &self.st.workspace(wi).buf(m.manifest.program.logits)[..tokens.len() * vocab];
-        Ok(Logits { data: l.to_vec(), rows: tokens.len(), vocab })
+        Ok(Logits {
+            data: l.to_vec(),
+            rows: tokens.len(),
+            vocab,
+        })
     }
 
     /// As [`Session::prefill`], but computes (and returns) only the last position's logits:
@@ -395,7 +413,11 @@ impl Session {
         let vocab = m.manifest.vocab;
         let s = tokens.len();
         let l = &self.st.workspace(wi).buf(m.manifest.program.logits)[(s - 1) * vocab..s * vocab];
-        Ok(Logits { data: l.to_vec(), rows: 1, vocab })
+        Ok(Logits {
+            data: l.to_vec(),
+            rows: 1,
+            vocab,
+        })
     }
 
     /// Process one token; returns its logits (one row of `vocab`; reused by the next call).
@@ -420,7 +442,9 @@ impl Session {
         self.st.exits.depths.clear();
         if let Some(sch) = &self.schedule {
             for p in self.pos..self.pos + tokens.len() {
-                let d = sch.depth(p).ok_or_else(|| RuntimeError::Config("the depth schedule is empty".into()))?;
+                let d = sch
+                    .depth(p)
+                    .ok_or_else(|| RuntimeError::Config("the depth schedule is empty".into()))?;
                 self.st.exits.depths.push(d);
             }
         }
@@ -430,7 +454,12 @@ impl Session {
         self.pos += s;
         self.last_iterations = info.iterations;
         // Exit probabilities of a gated recurrence.
-        let gated = m.manifest.program.recur.as_ref().is_some_and(|r| r.gate.is_some());
+        let gated = m
+            .manifest
+            .program
+            .recur
+            .as_ref()
+            .is_some_and(|r| r.gate.is_some());
         if gated {
             let e = self.exit.get_or_insert_with(ExitProbs::default);
             e.compute(&self.st.gates, s, info.iterations);
@@ -481,7 +510,12 @@ impl Session {
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
         if let Some(p) = &self.st.profile {
-            s.profile = OP_NAMES.iter().zip(p.iter()).filter(|(_, (_, n))| *n > 0).map(|(name, (d, n))| (*name, *d, *n)).collect();
+            s.profile = OP_NAMES
+                .iter()
+                .zip(p.iter())
+                .filter(|(_, (_, n))| *n > 0)
+                .map(|(name, (d, n))| (*name, *d, *n))
+                .collect();
         }
         s
     }
@@ -548,19 +582,43 @@ pub struct GenerateOutput {
 impl GenerateOutput {
     /// Write `prompt` and `tokens` (I64) and `prefill_logits` `[P, vocab]` and `decode_logits`
     /// `[steps, vocab]` (F32) to a safetensors file.
-    pub fn write_safetensors(&self, path: impl AsRef<std::path::Path>, prompt: &[u32]) -> Result<()> {
+    pub fn write_safetensors(
+        &self,
+        path: impl AsRef<std::path::Path>,
+        prompt: &[u32],
+    ) -> Result<()> {
         use safetensors::tensor::TensorView;
         use safetensors::Dtype;
         let path = path.as_ref();
-        let i64b = |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect() };
+        let i64b =
+            |v: &[u32]| -> Vec<u8> { v.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect() };
         let f32b = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-        let iters: Vec<u8> = self.iterations.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect();
+        let iters: Vec<u8> = self
+            .iterations
+            .iter()
+            .flat_map(|&t| (t as i64).to_le_bytes())
+            .collect();
         let data: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
             ("prompt", Dtype::I64, vec![prompt.len()], i64b(prompt)),
-            ("tokens", Dtype::I64, vec![self.tokens.len()], i64b(&self.tokens)),
+            (
+                "tokens",
+                Dtype::I64,
+                vec![self.tokens.len()],
+                i64b(&self.tokens),
+            ),
             ("iterations", Dtype::I64, vec![self.iterations.len()], iters),
-            ("prefill_logits", Dtype::F32, vec![self.prefill_logits.rows, self.prefill_logits.vocab], f32b(&self.prefill_logits.data)),
-            ("decode_logits", Dtype::F32, vec![self.step_logits.rows, self.step_logits.vocab], f32b(&self.step_logits.data)),
+            (
+                "prefill_logits",
+                Dtype::F32,
+                vec![self.prefill_logits.rows, self.prefill_logits.vocab],
+                f32b(&self.prefill_logits.data),
+            ),
+            (
+                "decode_logits",
+                Dtype::F32,
+                vec![self.step_logits.rows, self.step_logits.vocab],
+                f32b(&self.step_logits.data),
+            ),
         ];
         let views = data
             .iter()

@@ -17,9 +17,16 @@ struct Ws {
 
 fn weights_data() -> Ws {
     let f = |n: usize, mul: f32, add: f32| -> Vec<f32> {
-        (0..n).map(|i| (((i * 37 + 11) % 17) as f32 / 17.0 - 0.5) * mul + add).collect()
+        (0..n)
+            .map(|i| (((i * 37 + 11) % 17) as f32 / 17.0 - 0.5) * mul + add)
+            .collect()
     };
-    Ws { emb: f(V * H, 2.0, 0.1), adapter: f(H * 2 * H, 0.5, 0.0), headpack: f(7 * H, 1.5, 0.0), gate: f(H, 3.0, 0.0) }
+    Ws {
+        emb: f(V * H, 2.0, 0.1),
+        adapter: f(H * 2 * H, 0.5, 0.0),
+        headpack: f(7 * H, 1.5, 0.0),
+        gate: f(H, 3.0, 0.0),
+    }
 }
 
 fn weights() -> Weights {
@@ -35,19 +42,47 @@ fn weights() -> Weights {
 }
 
 fn buf(name: &str, cols: usize) -> BufferDecl {
-    BufferDecl { name: name.into(), rows: Rows::Tokens, cols }
+    BufferDecl {
+        name: name.into(),
+        rows: Rows::Tokens,
+        cols,
+    }
 }
 
 fn manifest(init: StateInit, exit: ExitPolicy, gate: bool, default_steps: usize) -> Manifest {
-    let wd = |name: &str, shape: Vec<usize>| WeightDecl { name: name.into(), shape, origin: format!("test.loop:1:{}", name.len()) };
-    let wr = |weight: u32, offset: usize, rows: usize, cols: usize| WRef { weight, offset, rows, cols };
+    let wd = |name: &str, shape: Vec<usize>| WeightDecl {
+        name: name.into(),
+        shape,
+        origin: format!("test.loop:1:{}", name.len()),
+    };
+    let wr = |weight: u32, offset: usize, rows: usize, cols: usize| WRef {
+        weight,
+        offset,
+        rows,
+        cols,
+    };
     let mut body = vec![
-        Instr::Concat { inputs: vec![1, 0], out: 3 },
-        Instr::MatMul { x: 3, w: wr(1, 0, H, 2 * H), out: 2 },
-        Instr::KvWrite { site: 0, k: 2, v: 1 },
+        Instr::Concat {
+            inputs: vec![1, 0],
+            out: 3,
+        },
+        Instr::MatMul {
+            x: 3,
+            w: wr(1, 0, H, 2 * H),
+            out: 2,
+        },
+        Instr::KvWrite {
+            site: 0,
+            k: 2,
+            v: 1,
+        },
     ];
     if gate {
-        body.push(Instr::MatMul { x: 2, w: wr(3, 0, 1, H), out: 5 });
+        body.push(Instr::MatMul {
+            x: 2,
+            w: wr(3, 0, 1, H),
+            out: 5,
+        });
     }
     Manifest {
         format_version: FORMAT_VERSION,
@@ -63,15 +98,36 @@ fn manifest(init: StateInit, exit: ExitPolicy, gate: bool, default_steps: usize)
             wd("headpack", vec![7, H]),
             wd("gate", vec![1, H]),
         ],
-        buffers: vec![buf("e", H), buf("s", H), buf("n", H), buf("c", 2 * H), buf("logits", V), buf("g", 1), buf("h", H)],
+        buffers: vec![
+            buf("e", H),
+            buf("s", H),
+            buf("n", H),
+            buf("c", 2 * H),
+            buf("logits", V),
+            buf("g", 1),
+            buf("h", H),
+        ],
         kernels: vec![],
         rope_tables: vec![],
         kv_sites: vec![
-            KvSite { name: "core".into(), kv_heads: 2, head_dim: 2, in_loop: true },
-            KvSite { name: "coda".into(), kv_heads: 1, head_dim: 4, in_loop: false },
+            KvSite {
+                name: "core".into(),
+                kv_heads: 2,
+                head_dim: 2,
+                in_loop: true,
+            },
+            KvSite {
+                name: "coda".into(),
+                kv_heads: 1,
+                head_dim: 4,
+                in_loop: false,
+            },
         ],
         program: Program {
-            prelude: vec![Instr::Embed { table: wr(0, 0, V, H), out: 0 }],
+            prelude: vec![Instr::Embed {
+                table: wr(0, 0, V, H),
+                out: 0,
+            }],
             recur: Some(Recur {
                 state: 1,
                 next: 2,
@@ -85,8 +141,16 @@ fn manifest(init: StateInit, exit: ExitPolicy, gate: bool, default_steps: usize)
             }),
             coda: vec![
                 Instr::Copy { src: 1, dst: 6 },
-                Instr::MatMul { x: 6, w: wr(2, 2 * H, V, H), out: 4 },
-                Instr::KvWrite { site: 1, k: 6, v: 0 },
+                Instr::MatMul {
+                    x: 6,
+                    w: wr(2, 2 * H, V, H),
+                    out: 4,
+                },
+                Instr::KvWrite {
+                    site: 1,
+                    k: 6,
+                    v: 0,
+                },
             ],
             logits: 4,
         },
@@ -106,7 +170,13 @@ fn reference_states(tok: u32, init: &[f32], steps: usize) -> Vec<Vec<f32>> {
     for _ in 0..steps {
         let s = states.last().unwrap();
         let c: Vec<f32> = s.iter().chain(e).copied().collect();
-        let n: Vec<f32> = (0..H).map(|j| (0..2 * H).map(|i| c[i] as f64 * w.adapter[j * 2 * H + i] as f64).sum::<f64>() as f32).collect();
+        let n: Vec<f32> = (0..H)
+            .map(|j| {
+                (0..2 * H)
+                    .map(|i| c[i] as f64 * w.adapter[j * 2 * H + i] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
         states.push(n);
     }
     states
@@ -114,7 +184,13 @@ fn reference_states(tok: u32, init: &[f32], steps: usize) -> Vec<Vec<f32>> {
 
 fn reference_logits(s: &[f32]) -> Vec<f32> {
     let w = weights_data();
-    (0..V).map(|j| (0..H).map(|i| s[i] as f64 * w.headpack[(2 + j) * H + i] as f64).sum::<f64>() as f32).collect()
+    (0..V)
+        .map(|j| {
+            (0..H)
+                .map(|i| s[i] as f64 * w.headpack[(2 + j) * H + i] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect()
 }
 
 fn close(a: &[f32], b: &[f32]) {
@@ -141,7 +217,10 @@ fn prefill_step_and_kv_slots() {
     // One step with 1 iteration, then one with 3: the fill rule copies position 3 into slots 1, 2.
     s.set_steps(Some(1));
     let l1 = s.step(2).unwrap().to_vec();
-    close(&l1, &reference_logits(&reference_states(2, &[0.0; H], 1)[1]));
+    close(
+        &l1,
+        &reference_logits(&reference_states(2, &[0.0; H], 1)[1]),
+    );
     let p1 = s.step(3).unwrap().as_ptr();
     s.set_steps(None);
     let l2 = s.step(3).unwrap();
@@ -168,7 +247,10 @@ fn prefill_step_and_kv_slots() {
     assert_eq!(st.iterations, vec![3, 1, 1, 3]);
     assert_eq!(st.total_iterations, 8);
     assert_eq!(st.token_iterations, 9 + 1 + 1 + 3);
-    assert_eq!((st.prefill_calls, st.prefill_tokens, st.decode_calls), (1, 3, 3));
+    assert_eq!(
+        (st.prefill_calls, st.prefill_tokens, st.decode_calls),
+        (1, 3, 3)
+    );
     assert_eq!(st.kv_bytes_used, (3 * 6 * 4 + 6 * 4) * 2 * 4);
     assert!(st.kv_bytes_allocated >= st.kv_bytes_used);
     assert!(s.exit_probs().is_none());
@@ -181,7 +263,14 @@ fn prefill_step_and_kv_slots() {
 
 #[test]
 fn chunked_prefill_matches_full_and_init_from() {
-    for init in [StateInit::From(0), StateInit::TruncNormal { std: 0.3, scale: 2.0, seed: 42 }] {
+    for init in [
+        StateInit::From(0),
+        StateInit::TruncNormal {
+            std: 0.3,
+            scale: 2.0,
+            seed: 42,
+        },
+    ] {
         let m = model(manifest(init.clone(), ExitPolicy::Fixed, false, 2));
         let mut a = m.session();
         let full = a.prefill(&[3, 1, 2, 2]).unwrap();
@@ -196,38 +285,86 @@ fn chunked_prefill_matches_full_and_init_from() {
         if init == StateInit::From(0) {
             let w = weights_data();
             let e = &w.emb[3 * H..4 * H];
-            close(full.row(0), &reference_logits(&reference_states(3, e, 2)[2]));
+            close(
+                full.row(0),
+                &reference_logits(&reference_states(3, e, 2)[2]),
+            );
         }
     }
     // The random initial state differs per position.
-    let m = model(manifest(StateInit::TruncNormal { std: 0.3, scale: 2.0, seed: 42 }, ExitPolicy::Fixed, false, 1));
+    let m = model(manifest(
+        StateInit::TruncNormal {
+            std: 0.3,
+            scale: 2.0,
+            seed: 42,
+        },
+        ExitPolicy::Fixed,
+        false,
+        1,
+    ));
     let mut s = m.session();
     let l = s.prefill(&[1, 1]).unwrap();
-    assert_ne!(l.row(0), l.row(1), "different positions draw different states");
+    assert_ne!(
+        l.row(0),
+        l.row(1),
+        "different positions draw different states"
+    );
     // Zero iterations is an error, not a panic, and leaves the session as it was.
     s.set_steps(Some(0));
     assert!(matches!(s.step(1), Err(RuntimeError::ZeroSteps)));
     assert_eq!(s.position(), 2);
     let m0 = model(manifest(StateInit::Zeros, ExitPolicy::Fixed, false, 0));
-    assert!(matches!(m0.session().prefill(&[1]), Err(RuntimeError::ZeroSteps)));
-    let mc = model(manifest(StateInit::Zeros, ExitPolicy::Converge { threshold: 0.1, min_steps: 0, max_steps: 0 }, false, 0));
-    assert!(matches!(mc.session().prefill(&[1]), Err(RuntimeError::ZeroSteps)));
+    assert!(matches!(
+        m0.session().prefill(&[1]),
+        Err(RuntimeError::ZeroSteps)
+    ));
+    let mc = model(manifest(
+        StateInit::Zeros,
+        ExitPolicy::Converge {
+            threshold: 0.1,
+            min_steps: 0,
+            max_steps: 0,
+        },
+        false,
+        0,
+    ));
+    assert!(matches!(
+        mc.session().prefill(&[1]),
+        Err(RuntimeError::ZeroSteps)
+    ));
 }
 
 #[test]
 fn converge_policy_and_cap() {
     let thr = 1e-3;
-    let m = model(manifest(StateInit::Zeros, ExitPolicy::Converge { threshold: thr, min_steps: 2, max_steps: 60 }, false, 0));
+    let m = model(manifest(
+        StateInit::Zeros,
+        ExitPolicy::Converge {
+            threshold: thr,
+            min_steps: 2,
+            max_steps: 60,
+        },
+        false,
+        0,
+    ));
     let toks = [0u32, 4];
     // Reference: stop after iteration t (t + 1 >= 2) when the mean relative change < thr.
-    let states: Vec<Vec<Vec<f32>>> = toks.iter().map(|&t| reference_states(t, &[0.0; H], 60)).collect();
+    let states: Vec<Vec<Vec<f32>>> = toks
+        .iter()
+        .map(|&t| reference_states(t, &[0.0; H], 60))
+        .collect();
     let mut want = 60;
     for t in 1..=60 {
         let mean: f64 = states
             .iter()
             .map(|st| {
                 let (a, b) = (&st[t], &st[t - 1]);
-                let d: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>().sqrt();
+                let d: f64 = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
                 let n: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
                 d / n
             })
@@ -238,7 +375,10 @@ fn converge_policy_and_cap() {
             break;
         }
     }
-    assert!(want > 2 && want < 60, "the toy recurrence should converge mid-way ({want})");
+    assert!(
+        want > 2 && want < 60,
+        "the toy recurrence should converge mid-way ({want})"
+    );
     let mut s = m.session();
     let l = s.prefill(&toks).unwrap();
     assert_eq!(s.last_iterations(), want);
@@ -266,7 +406,12 @@ fn exit_gate_probabilities() {
             })
             .collect();
         close(e.lambda_row(r), &lam);
-        let p = [lam[0], lam[1] * (1.0 - lam[0]), lam[2] * (1.0 - lam[0]) * (1.0 - lam[1]), (1.0 - lam[0]) * (1.0 - lam[1]) * (1.0 - lam[2])];
+        let p = [
+            lam[0],
+            lam[1] * (1.0 - lam[0]),
+            lam[2] * (1.0 - lam[0]) * (1.0 - lam[1]),
+            (1.0 - lam[0]) * (1.0 - lam[1]) * (1.0 - lam[2]),
+        ];
         close(e.row(r), &p);
         assert!((e.row(r).iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!(e.exit_step(r, 1.0) <= 3);
@@ -285,7 +430,17 @@ fn bad_inputs_are_errors() {
     let mut s = m.session();
     assert!(matches!(s.prefill(&[]), Err(RuntimeError::EmptyInput)));
     let e = s.prefill(&[1, 5]).unwrap_err();
-    assert!(matches!(e, RuntimeError::TokenOutOfRange { token: 5, index: 1, limit: 5 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            RuntimeError::TokenOutOfRange {
+                token: 5,
+                index: 1,
+                limit: 5
+            }
+        ),
+        "{e}"
+    );
     assert!(s.step(u32::MAX).is_err());
     assert_eq!(s.position(), 0, "failed calls do not advance");
     s.prefill(&[1]).unwrap();
@@ -331,24 +486,42 @@ fn artifact_bytes_roundtrip_and_garbage() {
     let a = Artifact::new(man, vec![]);
     let bytes = a.to_bytes();
     assert_eq!(Artifact::from_bytes(&bytes).unwrap(), a);
-    assert!(matches!(Artifact::from_bytes(b"nope"), Err(RuntimeError::Artifact(_))));
-    assert!(matches!(Artifact::from_bytes(&bytes[..bytes.len() / 2]), Err(RuntimeError::Artifact(_))));
+    assert!(matches!(
+        Artifact::from_bytes(b"nope"),
+        Err(RuntimeError::Artifact(_))
+    ));
+    assert!(matches!(
+        Artifact::from_bytes(&bytes[..bytes.len() / 2]),
+        Err(RuntimeError::Artifact(_))
+    ));
     let mut huge = bytes.clone();
     huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-    assert!(matches!(Artifact::from_bytes(&huge), Err(RuntimeError::Artifact(_))));
+    assert!(matches!(
+        Artifact::from_bytes(&huge),
+        Err(RuntimeError::Artifact(_))
+    ));
     let mut huge = bytes.clone();
     let n = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
     huge[16 + n..24 + n].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
-    assert!(matches!(Artifact::from_bytes(&huge), Err(RuntimeError::Artifact(_))));
+    assert!(matches!(
+        Artifact::from_bytes(&huge),
+        Err(RuntimeError::Artifact(_))
+    ));
     let mut bad_json = bytes.clone();
     bad_json[20] = b'#';
-    assert!(matches!(Artifact::from_bytes(&bad_json), Err(RuntimeError::Artifact(_))));
+    assert!(matches!(
+        Artifact::from_bytes(&bad_json),
+        Err(RuntimeError::Artifact(_))
+    ));
     let dir = std::env::temp_dir().join(format!("loopc-rt-art-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("toy.loopc");
     std::fs::write(&p, &bytes).unwrap();
     assert_eq!(Artifact::load(&p).unwrap(), a);
-    assert!(matches!(Artifact::load(dir.join("missing.loopc")), Err(RuntimeError::Io { .. })));
+    assert!(matches!(
+        Artifact::load(dir.join("missing.loopc")),
+        Err(RuntimeError::Io { .. })
+    ));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -363,16 +536,41 @@ fn manifest_validation() {
     m.program.prelude.push(Instr::Copy { src: 0, dst: 99 });
     check(m, "buffer #99 does not exist");
     let mut m = base();
-    m.program.coda[1] = Instr::MatMul { x: 6, w: WRef { weight: 2, offset: 3 * H, rows: V, cols: H }, out: 4 };
+    m.program.coda[1] = Instr::MatMul {
+        x: 6,
+        w: WRef {
+            weight: 2,
+            offset: 3 * H,
+            rows: V,
+            cols: H,
+        },
+        out: 4,
+    };
     check(m, "exceeds weight `headpack`");
     let mut m = base();
-    m.program.coda[1] = Instr::MatMul { x: 3, w: WRef { weight: 2, offset: 0, rows: V, cols: H }, out: 4 };
+    m.program.coda[1] = Instr::MatMul {
+        x: 3,
+        w: WRef {
+            weight: 2,
+            offset: 0,
+            rows: V,
+            cols: H,
+        },
+        out: 4,
+    };
     check(m, "does not fit");
     let mut m = base();
-    m.program.coda.push(Instr::KvWrite { site: 0, k: 2, v: 1 });
+    m.program.coda.push(Instr::KvWrite {
+        site: 0,
+        k: 2,
+        v: 1,
+    });
     check(m, "written outside the recurrence");
     let mut m = base();
-    m.program.coda.push(Instr::Kernel { kernel: 0, args: vec![] });
+    m.program.coda.push(Instr::Kernel {
+        kernel: 0,
+        args: vec![],
+    });
     check(m, "kernel #0 does not exist");
     let mut m = base();
     m.buffers[4].cols = 3;
@@ -385,19 +583,58 @@ fn manifest_validation() {
     check(m, "has shape [4, 8]");
     // Kernels declared without a shared object.
     let mut m = base();
-    m.kernels.push(KernelDecl { symbol: "k".into(), spec: KernelSpec::RmsNorm { cols: H, eps: 1e-6, residual: false, gain: false } });
-    m.program.coda.insert(0, Instr::Kernel { kernel: 0, args: vec![Arg::Buf(1), Arg::Buf(6)] });
+    m.kernels.push(KernelDecl {
+        symbol: "k".into(),
+        spec: KernelSpec::RmsNorm {
+            cols: H,
+            eps: 1e-6,
+            residual: false,
+            gain: false,
+        },
+    });
+    m.program.coda.insert(
+        0,
+        Instr::Kernel {
+            kernel: 0,
+            args: vec![Arg::Buf(1), Arg::Buf(6)],
+        },
+    );
     check(m, "no shared object");
     let mut m = base();
-    m.kernels.push(KernelDecl { symbol: "k".into(), spec: KernelSpec::RmsNorm { cols: H, eps: 1e-6, residual: false, gain: true } });
-    m.program.coda.insert(0, Instr::Kernel { kernel: 0, args: vec![Arg::Buf(1), Arg::Buf(6)] });
+    m.kernels.push(KernelDecl {
+        symbol: "k".into(),
+        spec: KernelSpec::RmsNorm {
+            cols: H,
+            eps: 1e-6,
+            residual: false,
+            gain: true,
+        },
+    });
+    m.program.coda.insert(
+        0,
+        Instr::Kernel {
+            kernel: 0,
+            args: vec![Arg::Buf(1), Arg::Buf(6)],
+        },
+    );
     check(m, "takes 3 pointers");
     let mut m = base();
     m.kernels.push(KernelDecl {
         symbol: "att".into(),
-        spec: KernelSpec::Attention { heads: 2, kv_heads: 1, head_dim: 2, scale: 1.0 },
+        spec: KernelSpec::Attention {
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 2,
+            scale: 1.0,
+        },
     });
-    m.program.coda.insert(0, Instr::Kernel { kernel: 0, args: vec![Arg::Buf(1), Arg::KCache(1), Arg::VCache(1), Arg::Buf(6)] });
+    m.program.coda.insert(
+        0,
+        Instr::Kernel {
+            kernel: 0,
+            args: vec![Arg::Buf(1), Arg::KCache(1), Arg::VCache(1), Arg::Buf(6)],
+        },
+    );
     check(m, "stores 4 values per row, the kernel expects 2");
     let mut m = base();
     m.program.recur.as_mut().unwrap().next = 1;
@@ -415,9 +652,15 @@ fn matmul_with_many_tokens_uses_gemm_path() {
     let toks: Vec<u32> = (0..40).map(|i| (i * 7 % V) as u32).collect();
     let l = s.prefill(&toks).unwrap();
     for (r, &t) in toks.iter().enumerate() {
-        close(l.row(r), &reference_logits(&reference_states(t, &[0.0; H], 3)[3]));
+        close(
+            l.row(r),
+            &reference_logits(&reference_states(t, &[0.0; H], 3)[3]),
+        );
     }
-    assert_eq!(m.weight_bytes().0 + m.weight_bytes().1, 4 * (V * H + 2 * H * H + 7 * H + H));
+    assert_eq!(
+        m.weight_bytes().0 + m.weight_bytes().1,
+        4 * (V * H + 2 * H * H + 7 * H + H)
+    );
 }
 
 #[test]
@@ -452,8 +695,16 @@ fn check_weights_lists_every_problem() {
     m.weights[3].name = "gaet".into();
     let p = crate::check_weights(&w, &m.weights);
     assert_eq!(p.len(), 3, "{p:#?}");
-    assert!(p[0].contains("`emb.weight`") && p[0].contains("`emb`") && p[0].contains("test.loop:1:"), "{}", p[0]);
-    assert!(p[1].contains("[4, 8]") && p[1].contains("[4, 4]"), "{}", p[1]);
+    assert!(
+        p[0].contains("`emb.weight`") && p[0].contains("`emb`") && p[0].contains("test.loop:1:"),
+        "{}",
+        p[0]
+    );
+    assert!(
+        p[1].contains("[4, 8]") && p[1].contains("[4, 4]"),
+        "{}",
+        p[1]
+    );
     assert!(p[2].contains("`gate`"), "{}", p[2]);
 }
 
@@ -473,13 +724,30 @@ fn generate_output_writes_safetensors_and_stats_display() {
     assert_eq!(st.tensor("prefill_logits").unwrap().shape(), &[3, V]);
     assert_eq!(st.tensor("decode_logits").unwrap().shape(), &[2, V]);
     assert_eq!(st.tensor("tokens").unwrap().shape(), &[3]);
-    let dec: Vec<f32> = st.tensor("decode_logits").unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let dec: Vec<f32> = st
+        .tensor("decode_logits")
+        .unwrap()
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     assert_eq!(dec, out.step_logits.data);
-    assert!(out.write_safetensors(dir.join("no/such/dir/x.safetensors"), &[1]).is_err());
+    assert!(out
+        .write_safetensors(dir.join("no/such/dir/x.safetensors"), &[1])
+        .is_err());
     let _ = std::fs::remove_dir_all(&dir);
     let stats = s.stats();
     let text = stats.to_string();
-    assert!(text.contains("prefill: 1 call(s), 3 tokens") && text.contains("decode: 2 step(s)"), "{text}");
-    assert!(stats.profile.iter().any(|(n, _, c)| *n == "matmul" && *c > 0), "{text}");
+    assert!(
+        text.contains("prefill: 1 call(s), 3 tokens") && text.contains("decode: 2 step(s)"),
+        "{text}"
+    );
+    assert!(
+        stats
+            .profile
+            .iter()
+            .any(|(n, _, c)| *n == "matmul" && *c > 0),
+        "{text}"
+    );
     assert!(text.contains("matmul"), "{text}");
 }

@@ -71,14 +71,26 @@ fn compile() -> Option<Vec<u8>> {
     let c = dir.join("k.c");
     let so = dir.join("k.so");
     std::fs::write(&c, C_SRC).ok()?;
-    let st = std::process::Command::new("cc").args(["-O2", "-shared", "-fPIC", "-o"]).arg(&so).arg(&c).arg("-lm").status().ok()?;
-    let bytes = if st.success() { std::fs::read(&so).ok() } else { None };
+    let st = std::process::Command::new("cc")
+        .args(["-O2", "-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(&c)
+        .arg("-lm")
+        .status()
+        .ok()?;
+    let bytes = if st.success() {
+        std::fs::read(&so).ok()
+    } else {
+        None
+    };
     let _ = std::fs::remove_dir_all(&dir);
     bytes
 }
 
 fn gen(n: usize, seed: usize, mul: f32) -> Vec<f32> {
-    (0..n).map(|i| ((((i + 3) * (seed * 2 + 31) + seed) % 23) as f32 / 23.0 - 0.5) * mul).collect()
+    (0..n)
+        .map(|i| ((((i + 3) * (seed * 2 + 31) + seed) % 23) as f32 / 23.0 - 0.5) * mul)
+        .collect()
 }
 
 struct W {
@@ -104,10 +116,26 @@ fn wdata() -> W {
 }
 
 fn manifest() -> Manifest {
-    let wr = |weight: u32, offset: usize, rows: usize, cols: usize| WRef { weight, offset, rows, cols };
-    let b = |name: &str, cols: usize| BufferDecl { name: name.into(), rows: Rows::Tokens, cols };
-    let wd = |name: &str, shape: Vec<usize>| WeightDecl { name: name.into(), shape, origin: "t.loop:1:1".into() };
-    let kd = |symbol: &str, spec: KernelSpec| KernelDecl { symbol: symbol.into(), spec };
+    let wr = |weight: u32, offset: usize, rows: usize, cols: usize| WRef {
+        weight,
+        offset,
+        rows,
+        cols,
+    };
+    let b = |name: &str, cols: usize| BufferDecl {
+        name: name.into(),
+        rows: Rows::Tokens,
+        cols,
+    };
+    let wd = |name: &str, shape: Vec<usize>| WeightDecl {
+        name: name.into(),
+        shape,
+        origin: "t.loop:1:1".into(),
+    };
+    let kd = |symbol: &str, spec: KernelSpec| KernelDecl {
+        symbol: symbol.into(),
+        spec,
+    };
     // buffers: 0 e, 1 s, 2 n, 3 xn, 4 q, 5 k, 6 v, 7 att, 8 o, 9 logits
     Manifest {
         format_version: FORMAT_VERSION,
@@ -139,10 +167,40 @@ fn manifest() -> Manifest {
             b("logits", V),
         ],
         kernels: vec![
-            kd("k_rms", KernelSpec::RmsNorm { cols: D, eps: EPS, residual: false, gain: true }),
-            kd("k_rope_q", KernelSpec::Rope { heads: 2, head_dim: HD, style: RopeStyle::Interleaved }),
-            kd("k_rope_k", KernelSpec::Rope { heads: 1, head_dim: HD, style: RopeStyle::Interleaved }),
-            kd("k_attn", KernelSpec::Attention { heads: 2, kv_heads: 1, head_dim: HD, scale: SCALE }),
+            kd(
+                "k_rms",
+                KernelSpec::RmsNorm {
+                    cols: D,
+                    eps: EPS,
+                    residual: false,
+                    gain: true,
+                },
+            ),
+            kd(
+                "k_rope_q",
+                KernelSpec::Rope {
+                    heads: 2,
+                    head_dim: HD,
+                    style: RopeStyle::Interleaved,
+                },
+            ),
+            kd(
+                "k_rope_k",
+                KernelSpec::Rope {
+                    heads: 1,
+                    head_dim: HD,
+                    style: RopeStyle::Interleaved,
+                },
+            ),
+            kd(
+                "k_attn",
+                KernelSpec::Attention {
+                    heads: 2,
+                    kv_heads: 1,
+                    head_dim: HD,
+                    scale: SCALE,
+                },
+            ),
             kd(
                 "k_add",
                 KernelSpec::Elementwise {
@@ -153,25 +211,71 @@ fn manifest() -> Manifest {
                 },
             ),
         ],
-        rope_tables: vec![RopeTable { head_dim: HD, base: 100.0 }],
-        kv_sites: vec![KvSite { name: "core.attn".into(), kv_heads: 1, head_dim: HD, in_loop: true }],
+        rope_tables: vec![RopeTable {
+            head_dim: HD,
+            base: 100.0,
+        }],
+        kv_sites: vec![KvSite {
+            name: "core.attn".into(),
+            kv_heads: 1,
+            head_dim: HD,
+            in_loop: true,
+        }],
         program: Program {
-            prelude: vec![Instr::Embed { table: wr(0, 0, V, D), out: 0 }],
+            prelude: vec![Instr::Embed {
+                table: wr(0, 0, V, D),
+                out: 0,
+            }],
             recur: Some(Recur {
                 state: 1,
                 next: 2,
                 init: StateInit::From(0),
                 body: vec![
-                    Instr::Kernel { kernel: 0, args: vec![Arg::Buf(1), Arg::Weight(wr(1, D, 1, D)), Arg::Buf(3)] },
-                    Instr::MatMul { x: 3, w: wr(2, 0, D, D), out: 4 },
-                    Instr::MatMul { x: 3, w: wr(3, 0, KVD, D), out: 5 },
-                    Instr::MatMul { x: 3, w: wr(4, 0, KVD, D), out: 6 },
-                    Instr::Kernel { kernel: 1, args: vec![Arg::Buf(4), Arg::RopeCos(0), Arg::RopeSin(0)] },
-                    Instr::Kernel { kernel: 2, args: vec![Arg::Buf(5), Arg::RopeCos(0), Arg::RopeSin(0)] },
-                    Instr::KvWrite { site: 0, k: 5, v: 6 },
-                    Instr::Kernel { kernel: 3, args: vec![Arg::Buf(4), Arg::KCache(0), Arg::VCache(0), Arg::Buf(7)] },
-                    Instr::MatMul { x: 7, w: wr(5, 0, D, D), out: 8 },
-                    Instr::Kernel { kernel: 4, args: vec![Arg::Buf(1), Arg::Buf(8), Arg::Buf(2)] },
+                    Instr::Kernel {
+                        kernel: 0,
+                        args: vec![Arg::Buf(1), Arg::Weight(wr(1, D, 1, D)), Arg::Buf(3)],
+                    },
+                    Instr::MatMul {
+                        x: 3,
+                        w: wr(2, 0, D, D),
+                        out: 4,
+                    },
+                    Instr::MatMul {
+                        x: 3,
+                        w: wr(3, 0, KVD, D),
+                        out: 5,
+                    },
+                    Instr::MatMul {
+                        x: 3,
+                        w: wr(4, 0, KVD, D),
+                        out: 6,
+                    },
+                    Instr::Kernel {
+                        kernel: 1,
+                        args: vec![Arg::Buf(4), Arg::RopeCos(0), Arg::RopeSin(0)],
+                    },
+                    Instr::Kernel {
+                        kernel: 2,
+                        args: vec![Arg::Buf(5), Arg::RopeCos(0), Arg::RopeSin(0)],
+                    },
+                    Instr::KvWrite {
+                        site: 0,
+                        k: 5,
+                        v: 6,
+                    },
+                    Instr::Kernel {
+                        kernel: 3,
+                        args: vec![Arg::Buf(4), Arg::KCache(0), Arg::VCache(0), Arg::Buf(7)],
+                    },
+                    Instr::MatMul {
+                        x: 7,
+                        w: wr(5, 0, D, D),
+                        out: 8,
+                    },
+                    Instr::Kernel {
+                        kernel: 4,
+                        args: vec![Arg::Buf(1), Arg::Buf(8), Arg::Buf(2)],
+                    },
                 ],
                 default_steps: STEPS,
                 exit: ExitPolicy::Fixed,
@@ -179,7 +283,11 @@ fn manifest() -> Manifest {
                 gate: None,
                 readout: vec![],
             }),
-            coda: vec![Instr::MatMul { x: 1, w: wr(6, 0, V, D), out: 9 }],
+            coda: vec![Instr::MatMul {
+                x: 1,
+                w: wr(6, 0, V, D),
+                out: 9,
+            }],
             logits: 9,
         },
         derived: vec![],
@@ -188,7 +296,13 @@ fn manifest() -> Manifest {
 
 fn lin(x: &[f32], w: &[f32], n: usize) -> Vec<f32> {
     let k = x.len();
-    (0..n).map(|j| (0..k).map(|i| x[i] as f64 * w[j * k + i] as f64).sum::<f64>() as f32).collect()
+    (0..n)
+        .map(|j| {
+            (0..k)
+                .map(|i| x[i] as f64 * w[j * k + i] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect()
 }
 
 fn rope(x: &mut [f32], pos: usize) {
@@ -207,14 +321,21 @@ fn rope(x: &mut [f32], pos: usize) {
 fn reference(tokens: &[u32]) -> Vec<Vec<f32>> {
     let w = wdata();
     let n = tokens.len();
-    let mut s: Vec<Vec<f32>> = tokens.iter().map(|&t| w.emb[t as usize * D..(t as usize + 1) * D].to_vec()).collect();
+    let mut s: Vec<Vec<f32>> = tokens
+        .iter()
+        .map(|&t| w.emb[t as usize * D..(t as usize + 1) * D].to_vec())
+        .collect();
     for _ in 0..STEPS {
         let mut qs = vec![];
         let mut ks = vec![];
         let mut vs = vec![];
         for (p, x) in s.iter().enumerate() {
             let ms: f32 = x.iter().map(|v| v * v).sum::<f32>() / D as f32;
-            let xn: Vec<f32> = x.iter().zip(&w.norms[D..]).map(|(v, g)| v / (ms + EPS).sqrt() * g).collect();
+            let xn: Vec<f32> = x
+                .iter()
+                .zip(&w.norms[D..])
+                .map(|(v, g)| v / (ms + EPS).sqrt() * g)
+                .collect();
             let mut q = lin(&xn, &w.wq, D);
             let mut k = lin(&xn, &w.wk, KVD);
             rope(&mut q, p);
@@ -228,16 +349,30 @@ fn reference(tokens: &[u32]) -> Vec<Vec<f32>> {
             let mut att = vec![0f32; D];
             for h in 0..2 {
                 let q = &qs[p][h * HD..(h + 1) * HD];
-                let sc: Vec<f64> = (0..=p).map(|j| q.iter().zip(&ks[j]).map(|(a, b)| (a * b) as f64).sum::<f64>() * SCALE as f64).collect();
+                let sc: Vec<f64> = (0..=p)
+                    .map(|j| {
+                        q.iter()
+                            .zip(&ks[j])
+                            .map(|(a, b)| (a * b) as f64)
+                            .sum::<f64>()
+                            * SCALE as f64
+                    })
+                    .collect();
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for d in 0..HD {
-                    att[h * HD + d] = ((0..=p).map(|j| e[j] * vs[j][d] as f64).sum::<f64>() / z) as f32;
+                    att[h * HD + d] =
+                        ((0..=p).map(|j| e[j] * vs[j][d] as f64).sum::<f64>() / z) as f32;
                 }
             }
             let o = lin(&att, &w.wo, D);
-            next.push(s[p].iter().zip(&o).map(|(a, b)| a + b).collect::<Vec<f32>>());
+            next.push(
+                s[p].iter()
+                    .zip(&o)
+                    .map(|(a, b)| a + b)
+                    .collect::<Vec<f32>>(),
+            );
         }
         s = next;
     }
@@ -274,7 +409,10 @@ fn c_kernels_through_the_abi() {
     }
     for (p, (g, r)) in got.iter().zip(&want).enumerate() {
         for (a, b) in g.iter().zip(r) {
-            assert!((a - b).abs() < 2e-4 * (1.0 + b.abs()), "position {p}: {g:?} vs {r:?}");
+            assert!(
+                (a - b).abs() < 2e-4 * (1.0 + b.abs()),
+                "position {p}: {g:?} vs {r:?}"
+            );
         }
     }
     assert_eq!(s.kv_lens()[0].1, vec![73, 73]);

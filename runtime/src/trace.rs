@@ -30,7 +30,11 @@ pub enum Settled {
 }
 
 fn dist(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt() as f32
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt() as f32
 }
 
 fn norm(a: &[f32]) -> f32 {
@@ -41,13 +45,21 @@ fn norm(a: &[f32]) -> f32 {
 pub fn step(iteration: usize, position: usize, state: &[f32], prev: &[f32]) -> TraceStep {
     let n = norm(state);
     let np = norm(prev);
-    let dot: f64 = state.iter().zip(prev).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let dot: f64 = state
+        .iter()
+        .zip(prev)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum();
     TraceStep {
         iteration,
         position,
         norm: n,
         rel_update: if n > 0.0 { dist(state, prev) / n } else { 0.0 },
-        cosine: if n > 0.0 && np > 0.0 { (dot / (n as f64 * np as f64)) as f32 } else { 0.0 },
+        cosine: if n > 0.0 && np > 0.0 {
+            (dot / (n as f64 * np as f64)) as f32
+        } else {
+            0.0
+        },
         state: state.to_vec(),
     }
 }
@@ -56,20 +68,31 @@ pub fn step(iteration: usize, position: usize, state: &[f32], prev: &[f32]) -> T
 /// relative update is below `tol`, else the smallest period p ≤ `max_period` with
 /// ‖s_T − s_{T−p}‖ / ‖s_T‖ < `tol`.
 pub fn analyze(steps: &[&TraceStep], tol: f32, max_period: usize) -> Settled {
-    let Some(last) = steps.last() else { return Settled::Moving { rel_update: f32::NAN } };
+    let Some(last) = steps.last() else {
+        return Settled::Moving {
+            rel_update: f32::NAN,
+        };
+    };
     if last.rel_update < tol {
-        return Settled::FixedPoint { distance: last.rel_update };
+        return Settled::FixedPoint {
+            distance: last.rel_update,
+        };
     }
     let n = last.norm.max(f32::MIN_POSITIVE);
     for p in 2..=max_period {
         if steps.len() > p {
             let d = dist(&last.state, &steps[steps.len() - 1 - p].state) / n;
             if d < tol {
-                return Settled::Cycle { period: p, distance: d };
+                return Settled::Cycle {
+                    period: p,
+                    distance: d,
+                };
             }
         }
     }
-    Settled::Moving { rel_update: last.rel_update }
+    Settled::Moving {
+        rel_update: last.rel_update,
+    }
 }
 
 #[cfg(test)]
@@ -92,11 +115,30 @@ mod tests {
     #[test]
     fn finds_fixed_points_and_cycles() {
         let fixed = traj(&[[1.0, 0.0], [2.0, 1.0], [2.0, 1.0]]);
-        assert!(matches!(analyze(&fixed.iter().collect::<Vec<_>>(), 1e-3, 4), Settled::FixedPoint { .. }));
-        let cyc = traj(&[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]);
-        assert_eq!(analyze(&cyc.iter().collect::<Vec<_>>(), 1e-3, 4), Settled::Cycle { period: 3, distance: 0.0 });
+        assert!(matches!(
+            analyze(&fixed.iter().collect::<Vec<_>>(), 1e-3, 4),
+            Settled::FixedPoint { .. }
+        ));
+        let cyc = traj(&[
+            [1.0, 0.0],
+            [0.0, 1.0],
+            [-1.0, 0.0],
+            [1.0, 0.0],
+            [0.0, 1.0],
+            [-1.0, 0.0],
+        ]);
+        assert_eq!(
+            analyze(&cyc.iter().collect::<Vec<_>>(), 1e-3, 4),
+            Settled::Cycle {
+                period: 3,
+                distance: 0.0
+            }
+        );
         let moving = traj(&[[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]);
-        assert!(matches!(analyze(&moving.iter().collect::<Vec<_>>(), 1e-3, 4), Settled::Moving { .. }));
+        assert!(matches!(
+            analyze(&moving.iter().collect::<Vec<_>>(), 1e-3, 4),
+            Settled::Moving { .. }
+        ));
         assert!((cyc[1].cosine - 0.0).abs() < 1e-6 && (fixed[2].cosine - 1.0).abs() < 1e-6);
     }
 }
@@ -149,7 +191,9 @@ pub fn pca(x: &[f32], n: usize, d: usize, k: usize) -> (Vec<f64>, Vec<f64>, Vec<
                 break;
             }
         }
-        let imax = (0..d).max_by(|&a, &b| v[a].abs().total_cmp(&v[b].abs())).unwrap_or(0);
+        let imax = (0..d)
+            .max_by(|&a, &b| v[a].abs().total_cmp(&v[b].abs()))
+            .unwrap_or(0);
         if v[imax] < 0.0 {
             v.iter_mut().for_each(|a| *a = -*a);
         }

@@ -85,7 +85,11 @@ impl Weights {
         } else {
             vec![path.to_path_buf()]
         };
-        let mut w = Weights { files: Vec::new(), index: HashMap::new(), source: path.to_path_buf() };
+        let mut w = Weights {
+            files: Vec::new(),
+            index: HashMap::new(),
+            source: path.to_path_buf(),
+        };
         for f in &files {
             let file = std::fs::File::open(f).map_err(|e| RuntimeError::io(f, e))?;
             // SAFETY: read-only private mapping. The checkpoint must not be modified while the
@@ -113,13 +117,19 @@ impl Weights {
 
     /// Weights from safetensors bytes held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
-        let mut w = Weights { files: Vec::new(), index: HashMap::new(), source: "<memory>".into() };
+        let mut w = Weights {
+            files: Vec::new(),
+            index: HashMap::new(),
+            source: "<memory>".into(),
+        };
         w.add_file("<memory>".into(), Backing::Owned(bytes))?;
         Ok(w)
     }
 
     /// Weights from named f32 tensors (for tests and programmatic use).
-    pub fn from_f32<'a>(tensors: impl IntoIterator<Item = (&'a str, Vec<usize>, &'a [f32])>) -> Result<Self> {
+    pub fn from_f32<'a>(
+        tensors: impl IntoIterator<Item = (&'a str, Vec<usize>, &'a [f32])>,
+    ) -> Result<Self> {
         let mut list: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, shape, data) in tensors {
             let n: usize = shape.iter().product();
@@ -129,7 +139,11 @@ impl Weights {
                     data.len()
                 )));
             }
-            list.push((name.to_string(), shape, data.iter().flat_map(|x| x.to_le_bytes()).collect()));
+            list.push((
+                name.to_string(),
+                shape,
+                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ));
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = list
             .iter()
@@ -159,13 +173,19 @@ impl Weights {
                 if Path::new(&s).components().count() != 1 || !p.is_file() {
                     return Err(RuntimeError::Checkpoint {
                         path: idx.clone(),
-                        msg: format!("the index names shard `{s}`, which is not a file in {}", dir.display()),
+                        msg: format!(
+                            "the index names shard `{s}`, which is not a file in {}",
+                            dir.display()
+                        ),
                     });
                 }
                 out.push(p);
             }
             if out.is_empty() {
-                return Err(RuntimeError::Checkpoint { path: idx, msg: "the index lists no shards".into() });
+                return Err(RuntimeError::Checkpoint {
+                    path: idx,
+                    msg: "the index lists no shards".into(),
+                });
             }
             return Ok(out);
         }
@@ -196,8 +216,10 @@ impl Weights {
         let mut entries = HashMap::new();
         {
             let bytes = backing.bytes();
-            let st = SafeTensors::deserialize(bytes)
-                .map_err(|e| RuntimeError::Checkpoint { path: path.clone(), msg: e.to_string() })?;
+            let st = SafeTensors::deserialize(bytes).map_err(|e| RuntimeError::Checkpoint {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
             let base = bytes.as_ptr() as usize;
             for (name, view) in st.iter() {
                 let d = view.data();
@@ -210,11 +232,17 @@ impl Weights {
                     end: start + d.len(),
                 };
                 // First file wins unless an index says otherwise (apply_index).
-                self.index.entry(name.to_string()).or_insert_with(|| e.clone());
+                self.index
+                    .entry(name.to_string())
+                    .or_insert_with(|| e.clone());
                 entries.insert(name.to_string(), e);
             }
         }
-        self.files.push(WeightFile { path, backing, entries });
+        self.files.push(WeightFile {
+            path,
+            backing,
+            entries,
+        });
         Ok(())
     }
 
@@ -222,7 +250,10 @@ impl Weights {
         let text = std::fs::read_to_string(idx).map_err(|e| RuntimeError::io(idx, e))?;
         let map = parse_index(idx, &text)?;
         for (name, shard) in map {
-            let fi = self.files.iter().position(|f| f.path.file_name().is_some_and(|n| n == shard.as_str()));
+            let fi = self
+                .files
+                .iter()
+                .position(|f| f.path.file_name().is_some_and(|n| n == shard.as_str()));
             let Some(fi) = fi else { continue };
             match self.files[fi].entries.get(&name) {
                 Some(e) => {
@@ -231,7 +262,9 @@ impl Weights {
                 None => {
                     return Err(RuntimeError::Checkpoint {
                         path: idx.to_path_buf(),
-                        msg: format!("the index maps `{name}` to shard `{shard}`, which does not contain it"),
+                        msg: format!(
+                            "the index maps `{name}` to shard `{shard}`, which does not contain it"
+                        ),
                     })
                 }
             }
@@ -253,7 +286,11 @@ impl Weights {
         let mut v: Vec<TensorInfo> = self
             .index
             .iter()
-            .map(|(n, e)| TensorInfo { name: n.clone(), dtype: format!("{:?}", e.dtype), shape: e.shape.clone() })
+            .map(|(n, e)| TensorInfo {
+                name: n.clone(),
+                dtype: format!("{:?}", e.dtype),
+                shape: e.shape.clone(),
+            })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
@@ -297,7 +334,12 @@ impl Weights {
         if found_elems.and_then(|n| n.checked_mul(elem)) != Some(e.end - e.start) {
             return Err(RuntimeError::Checkpoint {
                 path: self.files[e.file].path.clone(),
-                msg: format!("tensor `{}` has {} bytes of data for shape {:?}", d.name, e.end - e.start, e.shape),
+                msg: format!(
+                    "tensor `{}` has {} bytes of data for shape {:?}",
+                    d.name,
+                    e.end - e.start,
+                    e.shape
+                ),
             });
         }
         Ok(e)
@@ -306,13 +348,23 @@ impl Weights {
     /// Every problem that binding `decls` would hit (each missing tensor with similar names,
     /// each shape or dtype mismatch), in declaration order; empty when all bind.
     pub fn check(&self, decls: &[WeightDecl]) -> Vec<RuntimeError> {
-        decls.iter().filter_map(|d| self.check_one(d).err()).collect()
+        decls
+            .iter()
+            .filter_map(|d| self.check_one(d).err())
+            .collect()
     }
 
     /// Bind every declaration by name, checking shapes and converting to f32.
-    pub(crate) fn bind(&self, decls: &[WeightDecl], pool: &rayon::ThreadPool) -> Result<Vec<Bound>> {
+    pub(crate) fn bind(
+        &self,
+        decls: &[WeightDecl],
+        pool: &rayon::ThreadPool,
+    ) -> Result<Vec<Bound>> {
         let force_copy = std::env::var("LOOPC_HUGEPAGE_WEIGHTS").is_ok_and(|v| v == "1");
-        let missing: Vec<&WeightDecl> = decls.iter().filter(|d| !self.index.contains_key(&d.name)).collect();
+        let missing: Vec<&WeightDecl> = decls
+            .iter()
+            .filter(|d| !self.index.contains_key(&d.name))
+            .collect();
         if let Some(first) = missing.first() {
             return Err(RuntimeError::MissingWeight {
                 name: first.name.clone(),
@@ -332,9 +384,13 @@ impl Weights {
                 Dtype::F32
                     if cfg!(target_endian = "little")
                         && !force_copy
-                        && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()) =>
+                        && (bytes.as_ptr() as usize)
+                            .is_multiple_of(std::mem::align_of::<f32>()) =>
                 {
-                    Bound::Mapped { ptr: bytes.as_ptr() as *const f32, len: n }
+                    Bound::Mapped {
+                        ptr: bytes.as_ptr() as *const f32,
+                        len: n,
+                    }
                 }
                 dt => {
                     let mut v = AVec::zeroed(n, &what())?;
@@ -354,7 +410,8 @@ impl Weights {
             .keys()
             .filter(|n| {
                 let short = n.len().min(name.len());
-                levenshtein(name, n) <= limit || (short >= 3 && (n.contains(name) || name.contains(n.as_str())))
+                levenshtein(name, n) <= limit
+                    || (short >= 3 && (n.contains(name) || name.contains(n.as_str())))
             })
             .map(|n| {
                 let d = levenshtein(name, n);
@@ -397,7 +454,12 @@ pub(crate) enum Bound {
 
 impl std::fmt::Debug for Bound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Bound({} floats, {})", self.len(), if self.is_mapped() { "mapped" } else { "owned" })
+        write!(
+            f,
+            "Bound({} floats, {})",
+            self.len(),
+            if self.is_mapped() { "mapped" } else { "owned" }
+        )
     }
 }
 
@@ -429,7 +491,9 @@ impl Bound {
             let end = (*ptr as usize + len * 4) / page * page;
             if end > start {
                 // SAFETY: the range lies inside this tensor's part of a live read-only mapping.
-                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
+                };
             }
         }
     }
@@ -524,11 +588,18 @@ mod tests {
     use safetensors::tensor::TensorView;
 
     fn pool() -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap()
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap()
     }
 
     fn decl(name: &str, shape: &[usize]) -> WeightDecl {
-        WeightDecl { name: name.into(), shape: shape.to_vec(), origin: "model.loop:3:5".into() }
+        WeightDecl {
+            name: name.into(),
+            shape: shape.to_vec(),
+            origin: "model.loop:3:5".into(),
+        }
     }
 
     pub(crate) fn temp_dir(tag: &str) -> PathBuf {
@@ -561,8 +632,14 @@ mod tests {
         let d = temp_dir("bind");
         let p = d.join("m.safetensors");
         let a: Vec<f32> = (0..6).map(|i| i as f32 * 0.5).collect();
-        let bf: Vec<u8> = [1.0f32, -2.5, 3.0].iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes()).collect();
-        let h: Vec<u8> = [0x3c00u16, 0xc000, 0x0001, 0x7bff].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let bf: Vec<u8> = [1.0f32, -2.5, 3.0]
+            .iter()
+            .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        let h: Vec<u8> = [0x3c00u16, 0xc000, 0x0001, 0x7bff]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
         write(
             &p,
             &[
@@ -574,17 +651,27 @@ mod tests {
         );
         let w = Weights::open(&p).unwrap();
         assert_eq!(w.len(), 4);
-        let b = w.bind(&[decl("a.weight", &[2, 3]), decl("b", &[3]), decl("c", &[4])], &pool()).unwrap();
+        let b = w
+            .bind(
+                &[decl("a.weight", &[2, 3]), decl("b", &[3]), decl("c", &[4])],
+                &pool(),
+            )
+            .unwrap();
         assert_eq!(b[0].as_slice(), &a[..]);
         // safetensors pads its header to 8 bytes: F32 data is aligned and used in place.
-        assert!(b[0].is_mapped() || std::env::var("LOOPC_HUGEPAGE_WEIGHTS").is_ok_and(|v| v == "1"));
+        assert!(
+            b[0].is_mapped() || std::env::var("LOOPC_HUGEPAGE_WEIGHTS").is_ok_and(|v| v == "1")
+        );
         assert_eq!(b[1].as_slice(), &[1.0, -2.5, 3.0]);
         assert_eq!(b[2].as_slice(), &[1.0, -2.0, 2f32.powi(-24), 65504.0]);
         // Through a directory with model.safetensors.
         let p2 = d.join("model.safetensors");
         std::fs::rename(&p, &p2).unwrap();
         let w = Weights::open(&d).unwrap();
-        assert_eq!(w.bind(&[decl("b", &[3])], &pool()).unwrap()[0].as_slice(), &[1.0, -2.5, 3.0]);
+        assert_eq!(
+            w.bind(&[decl("b", &[3])], &pool()).unwrap()[0].as_slice(),
+            &[1.0, -2.5, 3.0]
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -595,9 +682,24 @@ mod tests {
         write(
             &p,
             &[
-                ("model.layers.0.self_attn.q_proj.weight", Dtype::F32, vec![2], f32b(&[0.0, 1.0])),
-                ("model.layers.1.self_attn.q_proj.weight", Dtype::F32, vec![2], f32b(&[0.0, 1.0])),
-                ("model.layers.0.mlp.up_proj.weight", Dtype::F32, vec![2], f32b(&[0.0, 1.0])),
+                (
+                    "model.layers.0.self_attn.q_proj.weight",
+                    Dtype::F32,
+                    vec![2],
+                    f32b(&[0.0, 1.0]),
+                ),
+                (
+                    "model.layers.1.self_attn.q_proj.weight",
+                    Dtype::F32,
+                    vec![2],
+                    f32b(&[0.0, 1.0]),
+                ),
+                (
+                    "model.layers.0.mlp.up_proj.weight",
+                    Dtype::F32,
+                    vec![2],
+                    f32b(&[0.0, 1.0]),
+                ),
                 ("lm_head.weight", Dtype::F32, vec![1], f32b(&[0.0])),
                 ("zzzz", Dtype::F32, vec![1], f32b(&[0.0])),
             ],
@@ -605,15 +707,24 @@ mod tests {
         let w = Weights::open(&p).unwrap();
         let err = w
             .bind(
-                &[decl("model.layers.0.self_attn.q_prj.weight", &[2, 1]), decl("nothere", &[1])],
+                &[
+                    decl("model.layers.0.self_attn.q_prj.weight", &[2, 1]),
+                    decl("nothere", &[1]),
+                ],
                 &pool(),
             )
             .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("`model.layers.0.self_attn.q_prj.weight`"), "{msg}");
+        assert!(
+            msg.contains("`model.layers.0.self_attn.q_prj.weight`"),
+            "{msg}"
+        );
         assert!(msg.contains("[2, 1]"), "{msg}");
         assert!(msg.contains("model.loop:3:5"), "{msg}");
-        assert!(msg.contains("`model.layers.0.self_attn.q_proj.weight`"), "{msg}");
+        assert!(
+            msg.contains("`model.layers.0.self_attn.q_proj.weight`"),
+            "{msg}"
+        );
         assert!(msg.contains("1 more"), "{msg}");
         assert!(!msg.contains("zzzz"), "{msg}");
         match err {
@@ -629,10 +740,22 @@ mod tests {
     #[test]
     fn wrong_shape_error_names_both() {
         let w = Weights::from_f32([("x", vec![2, 3], &[0f32; 6][..])]).unwrap();
-        let msg = w.bind(&[decl("x", &[3, 2])], &pool()).unwrap_err().to_string();
-        assert!(msg.contains("[2, 3]") && msg.contains("[3, 2]") && msg.contains("model.loop:3:5"), "{msg}");
-        let msg = w.bind(&[decl("x", &[6, 2])], &pool()).unwrap_err().to_string();
-        assert!(msg.contains("6 elements") && msg.contains("12 elements"), "{msg}");
+        let msg = w
+            .bind(&[decl("x", &[3, 2])], &pool())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("[2, 3]") && msg.contains("[3, 2]") && msg.contains("model.loop:3:5"),
+            "{msg}"
+        );
+        let msg = w
+            .bind(&[decl("x", &[6, 2])], &pool())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("6 elements") && msg.contains("12 elements"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -644,10 +767,19 @@ mod tests {
         let msg = w.bind(&[decl("i", &[2])], &pool()).unwrap_err().to_string();
         assert!(msg.contains("I32"), "{msg}");
         std::fs::write(&p, b"garbage").unwrap();
-        assert!(matches!(Weights::open(&p), Err(RuntimeError::Checkpoint { .. })));
-        assert!(matches!(Weights::open(d.join("nope")), Err(RuntimeError::Io { .. })));
+        assert!(matches!(
+            Weights::open(&p),
+            Err(RuntimeError::Checkpoint { .. })
+        ));
+        assert!(matches!(
+            Weights::open(d.join("nope")),
+            Err(RuntimeError::Io { .. })
+        ));
         let empty = temp_dir("empty");
-        assert!(matches!(Weights::open(&empty), Err(RuntimeError::Checkpoint { .. })));
+        assert!(matches!(
+            Weights::open(&empty),
+            Err(RuntimeError::Checkpoint { .. })
+        ));
         let _ = std::fs::remove_dir_all(&d);
         let _ = std::fs::remove_dir_all(&empty);
     }
@@ -655,10 +787,16 @@ mod tests {
     #[test]
     fn sharded_with_index() {
         let d = temp_dir("shard");
-        write(&d.join("model-00001-of-00002.safetensors"), &[("a", Dtype::F32, vec![1], f32b(&[1.0]))]);
+        write(
+            &d.join("model-00001-of-00002.safetensors"),
+            &[("a", Dtype::F32, vec![1], f32b(&[1.0]))],
+        );
         write(
             &d.join("model-00002-of-00002.safetensors"),
-            &[("b", Dtype::F32, vec![2], f32b(&[2.0, 3.0])), ("a", Dtype::F32, vec![1], f32b(&[9.0]))],
+            &[
+                ("b", Dtype::F32, vec![2], f32b(&[2.0, 3.0])),
+                ("a", Dtype::F32, vec![1], f32b(&[9.0])),
+            ],
         );
         std::fs::write(
             d.join("model.safetensors.index.json"),
@@ -666,7 +804,9 @@ mod tests {
         )
         .unwrap();
         let w = Weights::open(&d).unwrap();
-        let b = w.bind(&[decl("a", &[1]), decl("b", &[2])], &pool()).unwrap();
+        let b = w
+            .bind(&[decl("a", &[1]), decl("b", &[2])], &pool())
+            .unwrap();
         assert_eq!(b[0].as_slice(), &[9.0]);
         assert_eq!(b[1].as_slice(), &[2.0, 3.0]);
         // Without an index, all shards are opened.
@@ -690,7 +830,11 @@ mod tests {
                 .tensors()
                 .into_iter()
                 .filter(|t| t.dtype == "F32")
-                .map(|t| WeightDecl { name: t.name, shape: t.shape, origin: "fixture".into() })
+                .map(|t| WeightDecl {
+                    name: t.name,
+                    shape: t.shape,
+                    origin: "fixture".into(),
+                })
                 .collect();
             assert!(decls.len() > 10);
             let b = w.bind(&decls, &pool()).unwrap();

@@ -22,8 +22,11 @@ pub fn build(example: &str, config: &str, set: &[&str], opt_level: u8) -> Artifa
         verify: true,
         ..Default::default()
     };
-    let built = driver::build(&root().join("examples").join(format!("{example}.loop")), &opts)
-        .unwrap_or_else(|e| panic!("build of {example} failed:\n{e}"));
+    let built = driver::build(
+        &root().join("examples").join(format!("{example}.loop")),
+        &opts,
+    )
+    .unwrap_or_else(|e| panic!("build of {example} failed:\n{e}"));
     Artifact::from_bytes(built.artifact_bytes()).expect("artifact loads")
 }
 
@@ -42,19 +45,27 @@ pub struct Tensor {
 pub fn read(path: &Path, name: &str) -> Tensor {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("{name} missing in {}", path.display()));
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("{name} missing in {}", path.display()));
     let shape = t.shape().to_vec();
     let data = t.data();
     match t.dtype() {
         safetensors::Dtype::F32 => Tensor {
             shape,
-            f32: data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            f32: data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
             i64: vec![],
         },
         safetensors::Dtype::I64 => Tensor {
             shape,
             f32: vec![],
-            i64: data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+            i64: data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
         },
         d => panic!("unexpected dtype {d:?}"),
     }
@@ -66,5 +77,8 @@ pub fn ids(t: &Tensor) -> Vec<u32> {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

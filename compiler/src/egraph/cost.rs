@@ -58,7 +58,10 @@ pub fn node_parts(eg: &TGraph, n: &TNode) -> (f64, f64, Vec<(Id, f64)>) {
     let s = S_NOMINAL;
     let ty = |i: usize| eg[n.children[i]].data.ty.clone();
     let is_w = |i: usize| matches!(eg[n.children[i]].data.ty, Some(Ty::Weight(_)));
-    let acts_in: f64 = (0..n.children.len()).filter(|&i| !is_w(i)).map(|i| width(&ty(i))).sum();
+    let acts_in: f64 = (0..n.children.len())
+        .filter(|&i| !is_w(i))
+        .map(|i| width(&ty(i)))
+        .sum();
     let out_w = eg.analysis.node_ty(eg, n);
     let out = width(&out_w);
     let mut wreads = vec![];
@@ -157,7 +160,9 @@ pub fn extract(eg: &TGraph, roots: &[Id]) -> Selection {
                 }
                 let (own, wr) = node_cost(eg, n);
                 total += own + wr.iter().map(|w| w.1).sum::<f64>();
-                let better = best.get(&class.id).is_none_or(|(c, b)| total < *c - 1e-9 || ((total - *c).abs() <= 1e-9 && n < b));
+                let better = best.get(&class.id).is_none_or(|(c, b)| {
+                    total < *c - 1e-9 || ((total - *c).abs() <= 1e-9 && n < b)
+                });
                 if better {
                     best.insert(class.id, (total, n.clone()));
                     changed = true;
@@ -180,7 +185,9 @@ pub fn extract(eg: &TGraph, roots: &[Id]) -> Selection {
                     continue;
                 }
                 let kids: Vec<Id> = n.children.iter().map(|k| eg.find(*k)).collect();
-                if !kids.iter().all(|k| reach.contains(k)) || kids.iter().any(|k| depends_on(eg, &choice, *k, c)) {
+                if !kids.iter().all(|k| reach.contains(k))
+                    || kids.iter().any(|k| depends_on(eg, &choice, *k, c))
+                {
                     continue;
                 }
                 let own = node_cost(eg, n).0;

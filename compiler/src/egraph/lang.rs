@@ -15,20 +15,43 @@ use loopc_dialects::{Op, Ty, WeightView};
 pub enum TOp {
     Tokens,
     Param(u32),
-    Weight { weight: u32, offset: usize, shape: Vec<usize> },
+    Weight {
+        weight: u32,
+        offset: usize,
+        shape: Vec<usize>,
+    },
     Embed,
     Linear,
-    RmsNorm { eps: u32 },
-    Rope { heads: usize, interleaved: bool, base: u64 },
-    Attention { heads: usize, kv_heads: usize, scale: u32, site: u32 },
+    RmsNorm {
+        eps: u32,
+    },
+    Rope {
+        heads: usize,
+        interleaved: bool,
+        base: u64,
+    },
+    Attention {
+        heads: usize,
+        kv_heads: usize,
+        scale: u32,
+        site: u32,
+    },
     Unary(u8),
     Binary(u8),
     Scale(u32),
     Concat,
-    Slice { start: usize, len: usize },
-    RmsNormRes { eps: u32 },
+    Slice {
+        start: usize,
+        len: usize,
+    },
+    RmsNormRes {
+        eps: u32,
+    },
     Proj(u32),
-    WSliceCols { start: usize, len: usize },
+    WSliceCols {
+        start: usize,
+        len: usize,
+    },
     WScale(u32),
     WMulCols,
     WConcatRows,
@@ -77,24 +100,44 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
     match op {
         Op::Tokens => TOp::Tokens,
         Op::Param(i) => TOp::Param(*i),
-        Op::Weight(v) => TOp::Weight { weight: v.weight, offset: v.offset, shape: v.shape.clone() },
+        Op::Weight(v) => TOp::Weight {
+            weight: v.weight,
+            offset: v.offset,
+            shape: v.shape.clone(),
+        },
         Op::Embed => TOp::Embed,
         Op::Linear => TOp::Linear,
         Op::RmsNorm { eps } => TOp::RmsNorm { eps: eps.to_bits() },
-        Op::Rope { heads, style, base } => {
-            TOp::Rope { heads: *heads, interleaved: *style == RopeStyle::Interleaved, base: base.to_bits() }
-        }
-        Op::Attention { heads, kv_heads, scale, site } => {
-            TOp::Attention { heads: *heads, kv_heads: *kv_heads, scale: scale.to_bits(), site: *site }
-        }
+        Op::Rope { heads, style, base } => TOp::Rope {
+            heads: *heads,
+            interleaved: *style == RopeStyle::Interleaved,
+            base: base.to_bits(),
+        },
+        Op::Attention {
+            heads,
+            kv_heads,
+            scale,
+            site,
+        } => TOp::Attention {
+            heads: *heads,
+            kv_heads: *kv_heads,
+            scale: scale.to_bits(),
+            site: *site,
+        },
         Op::Unary(u) => TOp::Unary(unary_ix(*u)),
         Op::Binary(b) => TOp::Binary(binary_ix(*b)),
         Op::Scale(c) => TOp::Scale(c.to_bits()),
         Op::Concat => TOp::Concat,
-        Op::Slice { start, len } => TOp::Slice { start: *start, len: *len },
+        Op::Slice { start, len } => TOp::Slice {
+            start: *start,
+            len: *len,
+        },
         Op::RmsNormRes { eps } => TOp::RmsNormRes { eps: eps.to_bits() },
         Op::Proj(i) => TOp::Proj(*i),
-        Op::WSliceCols { start, len } => TOp::WSliceCols { start: *start, len: *len },
+        Op::WSliceCols { start, len } => TOp::WSliceCols {
+            start: *start,
+            len: *len,
+        },
         Op::WScale(c) => TOp::WScale(c.to_bits()),
         Op::WMulCols => TOp::WMulCols,
         Op::WConcatRows => TOp::WConcatRows,
@@ -116,28 +159,60 @@ pub fn to_op(t: &TOp, opaque: &[Op]) -> Op {
     match t {
         TOp::Tokens => Op::Tokens,
         TOp::Param(i) => Op::Param(*i),
-        TOp::Weight { weight, offset, shape } => {
-            Op::Weight(WeightView { weight: *weight, offset: *offset, shape: shape.clone() })
-        }
+        TOp::Weight {
+            weight,
+            offset,
+            shape,
+        } => Op::Weight(WeightView {
+            weight: *weight,
+            offset: *offset,
+            shape: shape.clone(),
+        }),
         TOp::Embed => Op::Embed,
         TOp::Linear => Op::Linear,
-        TOp::RmsNorm { eps } => Op::RmsNorm { eps: f32::from_bits(*eps) },
-        TOp::Rope { heads, interleaved, base } => Op::Rope {
+        TOp::RmsNorm { eps } => Op::RmsNorm {
+            eps: f32::from_bits(*eps),
+        },
+        TOp::Rope {
+            heads,
+            interleaved,
+            base,
+        } => Op::Rope {
             heads: *heads,
-            style: if *interleaved { RopeStyle::Interleaved } else { RopeStyle::Half },
+            style: if *interleaved {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Half
+            },
             base: f64::from_bits(*base),
         },
-        TOp::Attention { heads, kv_heads, scale, site } => {
-            Op::Attention { heads: *heads, kv_heads: *kv_heads, scale: f32::from_bits(*scale), site: *site }
-        }
+        TOp::Attention {
+            heads,
+            kv_heads,
+            scale,
+            site,
+        } => Op::Attention {
+            heads: *heads,
+            kv_heads: *kv_heads,
+            scale: f32::from_bits(*scale),
+            site: *site,
+        },
         TOp::Unary(u) => Op::Unary(Unary::ALL[*u as usize]),
         TOp::Binary(b) => Op::Binary(Binary::ALL[*b as usize]),
         TOp::Scale(c) => Op::Scale(f32::from_bits(*c)),
         TOp::Concat => Op::Concat,
-        TOp::Slice { start, len } => Op::Slice { start: *start, len: *len },
-        TOp::RmsNormRes { eps } => Op::RmsNormRes { eps: f32::from_bits(*eps) },
+        TOp::Slice { start, len } => Op::Slice {
+            start: *start,
+            len: *len,
+        },
+        TOp::RmsNormRes { eps } => Op::RmsNormRes {
+            eps: f32::from_bits(*eps),
+        },
         TOp::Proj(i) => Op::Proj(*i),
-        TOp::WSliceCols { start, len } => Op::WSliceCols { start: *start, len: *len },
+        TOp::WSliceCols { start, len } => Op::WSliceCols {
+            start: *start,
+            len: *len,
+        },
         TOp::WScale(c) => Op::WScale(f32::from_bits(*c)),
         TOp::WMulCols => Op::WMulCols,
         TOp::WConcatRows => Op::WConcatRows,
@@ -227,7 +302,11 @@ pub fn arity_ok(n: &TNode) -> bool {
 }
 
 /// Nodes of class `id` with operator matching `f` (and a sound operand count).
-pub fn nodes_where<'a>(eg: &'a TGraph, id: Id, f: impl Fn(&TOp) -> bool + 'a) -> impl Iterator<Item = &'a TNode> + 'a {
+pub fn nodes_where<'a>(
+    eg: &'a TGraph,
+    id: Id,
+    f: impl Fn(&TOp) -> bool + 'a,
+) -> impl Iterator<Item = &'a TNode> + 'a {
     eg[id].nodes.iter().filter(move |n| f(&n.op) && arity_ok(n))
 }
 

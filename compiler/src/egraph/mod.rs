@@ -48,13 +48,22 @@ pub struct Report {
 
 impl Report {
     pub fn fired(&self, rule: &str) -> usize {
-        self.regions.iter().map(|r| r.fired.get(rule).copied().unwrap_or(0)).sum()
+        self.regions
+            .iter()
+            .map(|r| r.fired.get(rule).copied().unwrap_or(0))
+            .sum()
     }
 
     /// The text of `loopc explain`.
     pub fn text(&self) -> String {
         let mut s = String::new();
-        writeln!(s, "egraph: {} region(s) in {:.1} ms", self.regions.len(), self.micros as f64 / 1e3).unwrap();
+        writeln!(
+            s,
+            "egraph: {} region(s) in {:.1} ms",
+            self.regions.len(),
+            self.micros as f64 / 1e3
+        )
+        .unwrap();
         writeln!(
             s,
             "cost model: bytes + flops/{} at S = {} rows, weights once per region, loop-invariant work / steps",
@@ -64,15 +73,27 @@ impl Report {
         .unwrap();
         for r in &self.regions {
             writeln!(s, "region {}", r.path).unwrap();
-            writeln!(s, "  nodes {} -> {}, e-graph {} nodes in {} classes", r.nodes_before, r.nodes_after, r.enodes, r.eclasses)
-                .unwrap();
-            let pct = if r.cost_before > 0.0 { 100.0 * (r.cost_after - r.cost_before) / r.cost_before } else { 0.0 };
+            writeln!(
+                s,
+                "  nodes {} -> {}, e-graph {} nodes in {} classes",
+                r.nodes_before, r.nodes_after, r.enodes, r.eclasses
+            )
+            .unwrap();
+            let pct = if r.cost_before > 0.0 {
+                100.0 * (r.cost_after - r.cost_before) / r.cost_before
+            } else {
+                0.0
+            };
             writeln!(
                 s,
                 "  cost {:.0} -> {:.0} ({pct:+.1}%){}",
                 r.cost_before,
                 r.cost_after,
-                if r.replaced { "" } else { ", kept the original" }
+                if r.replaced {
+                    ""
+                } else {
+                    ", kept the original"
+                }
             )
             .unwrap();
             let s_rows = cost::S_NOMINAL;
@@ -86,7 +107,11 @@ impl Report {
             )
             .unwrap();
             for (st, us, n) in &r.stages {
-                let what = if *st == "extract" { "classes selected" } else { "e-nodes" };
+                let what = if *st == "extract" {
+                    "classes selected"
+                } else {
+                    "e-nodes"
+                };
                 writeln!(s, "  stage {st}: {:.2} ms, {n} {what}", *us as f64 / 1e3).unwrap();
             }
             for rule in rules::all() {
@@ -124,10 +149,21 @@ pub fn optimize(m: &mut Module) -> Report {
     report
 }
 
-fn opt_region(r: &mut Region, path: &str, in_loop: bool, steps: usize, out: &mut Vec<RegionReport>) {
+fn opt_region(
+    r: &mut Region,
+    path: &str,
+    in_loop: bool,
+    steps: usize,
+    out: &mut Vec<RegionReport>,
+) {
     let order = r.topo_order();
     for (i, &n) in order.iter().enumerate() {
-        let Op::Recur { body, steps: st, .. } = &mut r.graph[n].op else { continue };
+        let Op::Recur {
+            body, steps: st, ..
+        } = &mut r.graph[n].op
+        else {
+            continue;
+        };
         let st = *st;
         let mut b = std::mem::take(body.as_mut());
         opt_region(&mut b, &format!("{path}/%{i}"), true, st, out);
@@ -135,7 +171,11 @@ fn opt_region(r: &mut Region, path: &str, in_loop: bool, steps: usize, out: &mut
         if let Op::Recur { body, .. } = &mut r.graph[n].op {
             **body = b;
         }
-        if let Some(last) = out.iter_mut().rev().find(|x| x.path == format!("{path}/%{i}")) {
+        if let Some(last) = out
+            .iter_mut()
+            .rev()
+            .find(|x| x.path == format!("{path}/%{i}"))
+        {
             last.hoisted = h;
         }
     }
@@ -143,8 +183,18 @@ fn opt_region(r: &mut Region, path: &str, in_loop: bool, steps: usize, out: &mut
 }
 
 fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> RegionReport {
-    let mut rep = RegionReport { path: path.to_string(), nodes_before: r.graph.node_count(), ..Default::default() };
-    let analysis = TensorAnalysis { params: r.params.clone(), opaque: vec![], in_loop, steps, roots: vec![] };
+    let mut rep = RegionReport {
+        path: path.to_string(),
+        nodes_before: r.graph.node_count(),
+        ..Default::default()
+    };
+    let analysis = TensorAnalysis {
+        params: r.params.clone(),
+        opaque: vec![],
+        in_loop,
+        steps,
+        roots: vec![],
+    };
     let mut eg: TGraph = egg::EGraph::new(analysis);
     let mut ids: HashMap<NodeId, Id> = HashMap::new();
     let mut original: HashMap<Id, TNode> = HashMap::new();
@@ -159,14 +209,21 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
     eg.rebuild();
     let roots: Vec<Id> = r.results.iter().map(|n| ids[n]).collect();
     eg.analysis.roots = roots.clone();
-    let before = cost::Selection { choice: original, roots: roots.clone() };
+    let before = cost::Selection {
+        choice: original,
+        roots: roots.clone(),
+    };
     rep.cost_before = cost::dag_cost(&eg, &before);
     rep.parts_before = cost::dag_parts(&eg, &before);
 
     let rules = rules::all();
     for stage in rules::STAGES {
         let t = Instant::now();
-        let rw: Vec<_> = rules.iter().filter(|x| x.stage == *stage).map(|x| x.rewrite()).collect();
+        let rw: Vec<_> = rules
+            .iter()
+            .filter(|x| x.stage == *stage)
+            .map(|x| x.rewrite())
+            .collect();
         let runner = Runner::default()
             .with_egraph(eg)
             .with_scheduler(SimpleScheduler)
@@ -182,7 +239,8 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
             }
         }
         eg = runner.egraph;
-        rep.stages.push((stage, t.elapsed().as_micros(), eg.total_number_of_nodes()));
+        rep.stages
+            .push((stage, t.elapsed().as_micros(), eg.total_number_of_nodes()));
     }
     rep.enodes = eg.total_number_of_nodes();
     rep.eclasses = eg.number_of_classes();
@@ -190,7 +248,8 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
     let sel = cost::extract(&eg, &roots);
     rep.cost_after = cost::dag_cost(&eg, &sel);
     rep.parts_after = cost::dag_parts(&eg, &sel);
-    rep.stages.push(("extract", t.elapsed().as_micros(), sel.choice.len()));
+    rep.stages
+        .push(("extract", t.elapsed().as_micros(), sel.choice.len()));
     if rep.cost_after < rep.cost_before * (1.0 - 1e-9) {
         if let Some(new) = build_region(&eg, &sel, &r.params) {
             *r = new;
@@ -207,7 +266,10 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
 
 /// The graph IR of an extracted selection (`None` if some class has no typed node).
 fn build_region(eg: &TGraph, sel: &cost::Selection, params: &[Ty]) -> Option<Region> {
-    let mut r = Region { params: params.to_vec(), ..Default::default() };
+    let mut r = Region {
+        params: params.to_vec(),
+        ..Default::default()
+    };
     let mut made: HashMap<Id, NodeId> = HashMap::new();
     // Post-order without recursion: deep bodies would overflow the stack.
     for &root in &sel.roots {
@@ -227,20 +289,30 @@ fn build_region(eg: &TGraph, sel: &cost::Selection, params: &[Ty]) -> Option<Reg
                 }
                 continue;
             }
-            let ops: Vec<NodeId> = node.children.iter().map(|ch| made.get(&eg.find(*ch)).copied()).collect::<Option<_>>()?;
+            let ops: Vec<NodeId> = node
+                .children
+                .iter()
+                .map(|ch| made.get(&eg.find(*ch)).copied())
+                .collect::<Option<_>>()?;
             let ty = eg[c].data.ty.clone()?;
             let id = r.add(to_op(&node.op, &eg.analysis.opaque), ty, &ops);
             made.insert(c, id);
         }
     }
-    r.results = sel.roots.iter().map(|c| made.get(&eg.find(*c)).copied()).collect::<Option<_>>()?;
+    r.results = sel
+        .roots
+        .iter()
+        .map(|c| made.get(&eg.find(*c)).copied())
+        .collect::<Option<_>>()?;
     Some(r)
 }
 
 /// Move the loop-invariant values of `body` (recur node `rn` of `r`) in front of the loop:
 /// each becomes a new capture. Returns how many values were hoisted.
 fn hoist(r: &mut Region, rn: NodeId, body: &mut Region) -> usize {
-    let Op::Recur { init, .. } = &r.node(rn).op else { return 0 };
+    let Op::Recur { init, .. } = &r.node(rn).op else {
+        return 0;
+    };
     let n_init = usize::from(*init == loopc_dialects::ops::StateInit::Operand);
     let outer_ops = r.operands(rn);
     let order = body.topo_order();
@@ -272,7 +344,11 @@ fn hoist(r: &mut Region, rn: NodeId, body: &mut Region) -> usize {
         let idx = r.operands(rn).len() as u32;
         r.graph.add_edge(outer, rn, idx);
         body.params.push(body.ty(f).clone());
-        let p = body.add(Op::Param((body.params.len() - 1) as u32), body.ty(f).clone(), &[]);
+        let p = body.add(
+            Op::Param((body.params.len() - 1) as u32),
+            body.ty(f).clone(),
+            &[],
+        );
         body.replace_uses(f, p);
     }
     body.compact();

@@ -4,7 +4,9 @@
 //! A rule is a pair of plain functions wrapped as an egg [`Searcher`] and [`Applier`]: the
 //! searcher returns matches as positional values (class ids and, where a rule needs an
 //! attribute of the matched op, its bits), which travel to the applier in egg's `Subst`.
-use super::lang::{act_width, nodes_where, weight_shape, TGraph, TNode, TOp, TensorAnalysis, ADD, MUL};
+use super::lang::{
+    act_width, nodes_where, weight_shape, TGraph, TNode, TOp, TensorAnalysis, ADD, MUL,
+};
 use egg::{Applier, Id, PatternAst, Rewrite, SearchMatches, Searcher, Subst, Symbol, Var};
 
 /// Positional match values: class ids or attribute bits, each below 2³² (egg ids are u32;
@@ -28,7 +30,12 @@ struct FnSearcher(fn(&TGraph, Id) -> Vec<Match>);
 struct FnApplier(fn(&mut TGraph, Id, &Match) -> bool);
 
 impl Searcher<TNode, TensorAnalysis> for FnSearcher {
-    fn search_eclass_with_limit(&self, eg: &TGraph, eclass: Id, limit: usize) -> Option<SearchMatches<'_, TNode>> {
+    fn search_eclass_with_limit(
+        &self,
+        eg: &TGraph,
+        eclass: Id,
+        limit: usize,
+    ) -> Option<SearchMatches<'_, TNode>> {
         let mut substs = vec![];
         for m in (self.0)(eg, eclass).into_iter().take(limit) {
             if m.len() >= MAX_VALS || m.iter().any(|&v| v > u32::MAX as usize) {
@@ -42,7 +49,11 @@ impl Searcher<TNode, TensorAnalysis> for FnSearcher {
             }
             substs.push(s);
         }
-        (!substs.is_empty()).then_some(SearchMatches { eclass, substs, ast: None })
+        (!substs.is_empty()).then_some(SearchMatches {
+            eclass,
+            substs,
+            ast: None,
+        })
     }
     fn vars(&self) -> Vec<Var> {
         (0..MAX_VALS).map(var).collect()
@@ -50,9 +61,18 @@ impl Searcher<TNode, TensorAnalysis> for FnSearcher {
 }
 
 impl Applier<TNode, TensorAnalysis> for FnApplier {
-    fn apply_one(&self, eg: &mut TGraph, eclass: Id, subst: &Subst, _: Option<&PatternAst<TNode>>, _: Symbol) -> Vec<Id> {
+    fn apply_one(
+        &self,
+        eg: &mut TGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<TNode>>,
+        _: Symbol,
+    ) -> Vec<Id> {
         let n: usize = subst.get(var(0)).map_or(0, |i| usize::from(*i));
-        let m: Match = (0..n).filter_map(|i| subst.get(var(i + 1)).map(|v| usize::from(*v))).collect();
+        let m: Match = (0..n)
+            .filter_map(|i| subst.get(var(i + 1)).map(|v| usize::from(*v)))
+            .collect();
         if (self.0)(eg, eclass, &m) {
             vec![eclass]
         } else {
@@ -63,7 +83,8 @@ impl Applier<TNode, TensorAnalysis> for FnApplier {
 
 impl Rule {
     pub fn rewrite(&self) -> Rewrite<TNode, TensorAnalysis> {
-        Rewrite::new(self.name, FnSearcher(self.search), FnApplier(self.apply)).expect("rule is well-formed")
+        Rewrite::new(self.name, FnSearcher(self.search), FnApplier(self.apply))
+            .expect("rule is well-formed")
     }
 }
 
@@ -72,14 +93,54 @@ pub const STAGES: &[&str] = &["licm", "fuse-norm", "fold-weights", "epilogue"];
 
 pub fn all() -> Vec<Rule> {
     vec![
-        Rule { name: "rmsnorm-residual", stage: "fuse-norm", search: rmsnorm_residual_search, apply: rmsnorm_residual_apply },
-        Rule { name: "scale-identity", stage: "fold-weights", search: scale_identity_search, apply: scale_identity_apply },
-        Rule { name: "embed-scale-fold", stage: "fold-weights", search: embed_scale_search, apply: embed_scale_apply },
-        Rule { name: "q-scale-fold", stage: "fold-weights", search: q_scale_search, apply: q_scale_apply },
-        Rule { name: "rmsnorm-gain-fold", stage: "fold-weights", search: gain_fold_search, apply: gain_fold_apply },
-        Rule { name: "swiglu-fuse", stage: "epilogue", search: swiglu_search, apply: swiglu_apply },
-        Rule { name: "rope-bias-epilogue", stage: "epilogue", search: rope_bias_search, apply: rope_bias_apply },
-        Rule { name: "concat-linear-split", stage: "licm", search: concat_linear_search, apply: concat_linear_apply },
+        Rule {
+            name: "rmsnorm-residual",
+            stage: "fuse-norm",
+            search: rmsnorm_residual_search,
+            apply: rmsnorm_residual_apply,
+        },
+        Rule {
+            name: "scale-identity",
+            stage: "fold-weights",
+            search: scale_identity_search,
+            apply: scale_identity_apply,
+        },
+        Rule {
+            name: "embed-scale-fold",
+            stage: "fold-weights",
+            search: embed_scale_search,
+            apply: embed_scale_apply,
+        },
+        Rule {
+            name: "q-scale-fold",
+            stage: "fold-weights",
+            search: q_scale_search,
+            apply: q_scale_apply,
+        },
+        Rule {
+            name: "rmsnorm-gain-fold",
+            stage: "fold-weights",
+            search: gain_fold_search,
+            apply: gain_fold_apply,
+        },
+        Rule {
+            name: "swiglu-fuse",
+            stage: "epilogue",
+            search: swiglu_search,
+            apply: swiglu_apply,
+        },
+        Rule {
+            name: "rope-bias-epilogue",
+            stage: "epilogue",
+            search: rope_bias_search,
+            apply: rope_bias_apply,
+        },
+        Rule {
+            name: "concat-linear-split",
+            stage: "licm",
+            search: concat_linear_search,
+            apply: concat_linear_apply,
+        },
     ]
 }
 
@@ -109,7 +170,13 @@ fn rmsnorm_residual_search(eg: &TGraph, c: Id) -> Vec<Match> {
         for a in nodes_where(eg, s, |o| *o == TOp::Binary(ADD)) {
             let (x, y) = (a.children[0], a.children[1]);
             if act_width(eg, x) == Some(w) && act_width(eg, y) == Some(w) {
-                out.push(vec![usize::from(s), usize::from(x), usize::from(y), g, eps as usize]);
+                out.push(vec![
+                    usize::from(s),
+                    usize::from(x),
+                    usize::from(y),
+                    g,
+                    eps as usize,
+                ]);
             }
         }
     }
@@ -117,7 +184,9 @@ fn rmsnorm_residual_search(eg: &TGraph, c: Id) -> Vec<Match> {
 }
 
 fn rmsnorm_residual_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
-    let [s, x, y, g, eps] = m[..] else { return false };
+    let [s, x, y, g, eps] = m[..] else {
+        return false;
+    };
     let mut kids = vec![id(x), id(y)];
     if g != NONE {
         kids.push(id(g));
@@ -145,7 +214,11 @@ fn embed_scale_search(eg: &TGraph, c: Id) -> Vec<Match> {
             if eg[e.children[1]].parents().len() > 1 {
                 continue;
             }
-            out.push(vec![usize::from(e.children[0]), usize::from(e.children[1]), k as usize]);
+            out.push(vec![
+                usize::from(e.children[0]),
+                usize::from(e.children[1]),
+                k as usize,
+            ]);
         }
     }
     out
@@ -163,20 +236,47 @@ fn embed_scale_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
 fn q_scale_search(eg: &TGraph, c: Id) -> Vec<Match> {
     let mut out = vec![];
     for n in nodes_where(eg, c, |o| matches!(o, TOp::Attention { .. })) {
-        let TOp::Attention { heads, kv_heads, scale, site } = n.op else { continue };
+        let TOp::Attention {
+            heads,
+            kv_heads,
+            scale,
+            site,
+        } = n.op
+        else {
+            continue;
+        };
         if f32::from_bits(scale) == 1.0 {
             continue;
         }
         let (q, k, v) = (n.children[0], n.children[1], n.children[2]);
-        for r in nodes_where(eg, q, |o| matches!(o, TOp::Rope { .. })).filter(|r| r.children.len() == 1) {
-            let TOp::Rope { heads: rh, interleaved, base } = r.op else { continue };
+        for r in
+            nodes_where(eg, q, |o| matches!(o, TOp::Rope { .. })).filter(|r| r.children.len() == 1)
+        {
+            let TOp::Rope {
+                heads: rh,
+                interleaved,
+                base,
+            } = r.op
+            else {
+                continue;
+            };
             let q1 = r.children[0];
             let pack = |lin: &TNode, bias: Option<Id>| -> Option<Match> {
                 weight_shape(eg, lin.children[1])?;
                 Some(vec![
-                    usize::from(k), usize::from(v), usize::from(lin.children[0]), usize::from(lin.children[1]),
-                    bias.map_or(NONE, usize::from), heads, kv_heads, scale as usize, site as usize,
-                    rh, interleaved as usize, (base >> 32) as usize, (base & 0xffff_ffff) as usize,
+                    usize::from(k),
+                    usize::from(v),
+                    usize::from(lin.children[0]),
+                    usize::from(lin.children[1]),
+                    bias.map_or(NONE, usize::from),
+                    heads,
+                    kv_heads,
+                    scale as usize,
+                    site as usize,
+                    rh,
+                    interleaved as usize,
+                    (base >> 32) as usize,
+                    (base & 0xffff_ffff) as usize,
                 ])
             };
             for l in nodes_where(eg, q1, |o| *o == TOp::Linear) {
@@ -197,7 +297,10 @@ fn q_scale_search(eg: &TGraph, c: Id) -> Vec<Match> {
 }
 
 fn q_scale_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
-    let [k, v, x, w, bias, heads, kv_heads, scale, site, rh, interleaved, base_hi, base_lo] = m[..] else { return false };
+    let [k, v, x, w, bias, heads, kv_heads, scale, site, rh, interleaved, base_hi, base_lo] = m[..]
+    else {
+        return false;
+    };
     let base = ((base_hi as u64) << 32) | base_lo as u64;
     let ws = eg.add(TNode::new(TOp::WScale(scale as u32), vec![id(w)]));
     let mut q = eg.add(TNode::new(TOp::Linear, vec![id(x), ws]));
@@ -205,8 +308,20 @@ fn q_scale_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
         let bs = eg.add(TNode::new(TOp::WScale(scale as u32), vec![id(bias)]));
         q = eg.add(TNode::new(TOp::Binary(ADD), vec![q, bs]));
     }
-    let q = eg.add(TNode::new(TOp::Rope { heads: rh, interleaved: interleaved != 0, base }, vec![q]));
-    let att = TOp::Attention { heads, kv_heads, scale: 1.0f32.to_bits(), site: site as u32 };
+    let q = eg.add(TNode::new(
+        TOp::Rope {
+            heads: rh,
+            interleaved: interleaved != 0,
+            base,
+        },
+        vec![q],
+    ));
+    let att = TOp::Attention {
+        heads,
+        kv_heads,
+        scale: 1.0f32.to_bits(),
+        site: site as u32,
+    };
     let a = eg.add(TNode::new(att, vec![q, id(k), id(v)]));
     union_new(eg, c, a)
 }
@@ -221,7 +336,9 @@ fn concat_linear_search(eg: &TGraph, c: Id) -> Vec<Match> {
     let mut out = vec![];
     for n in nodes_where(eg, c, |o| *o == TOp::Linear) {
         let (cat, w) = (n.children[0], n.children[1]);
-        let Some(ws) = weight_shape(eg, w) else { continue };
+        let Some(ws) = weight_shape(eg, w) else {
+            continue;
+        };
         for cn in nodes_where(eg, cat, |o| *o == TOp::Concat) {
             let parts = &cn.children;
             let inv = parts.iter().filter(|p| eg[**p].data.invariant).count();
@@ -241,11 +358,15 @@ fn concat_linear_search(eg: &TGraph, c: Id) -> Vec<Match> {
 }
 
 fn concat_linear_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
-    let Some((&w, parts)) = m.split_first() else { return false };
+    let Some((&w, parts)) = m.split_first() else {
+        return false;
+    };
     let mut start = 0;
     let mut acc: Option<Id> = None;
     for &p in parts {
-        let Some(len) = act_width(eg, id(p)) else { return false };
+        let Some(len) = act_width(eg, id(p)) else {
+            return false;
+        };
         let wp = eg.add(TNode::new(TOp::WSliceCols { start, len }, vec![id(w)]));
         let l = eg.add(TNode::new(TOp::Linear, vec![id(p), wp]));
         acc = Some(match acc {
@@ -273,15 +394,33 @@ fn gain_fold_search(eg: &TGraph, c: Id) -> Vec<Match> {
         for nn in eg[n].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
             match nn.op {
                 TOp::RmsNorm { eps } if nn.children.len() == 2 => {
-                    out.push(vec![usize::from(w), 0, usize::from(nn.children[0]), NONE, usize::from(nn.children[1]), eps as usize, NONE]);
+                    out.push(vec![
+                        usize::from(w),
+                        0,
+                        usize::from(nn.children[0]),
+                        NONE,
+                        usize::from(nn.children[1]),
+                        eps as usize,
+                        NONE,
+                    ]);
                 }
                 TOp::Proj(1) => {
                     let t = nn.children[0];
                     for tn in nodes_where(eg, t, |o| matches!(o, TOp::RmsNormRes { .. })) {
-                        let TOp::RmsNormRes { eps } = tn.op else { continue };
+                        let TOp::RmsNormRes { eps } = tn.op else {
+                            continue;
+                        };
                         if tn.children.len() == 3 {
                             let k = &tn.children;
-                            out.push(vec![usize::from(w), 1, usize::from(k[0]), usize::from(k[1]), usize::from(k[2]), eps as usize, usize::from(t)]);
+                            out.push(vec![
+                                usize::from(w),
+                                1,
+                                usize::from(k[0]),
+                                usize::from(k[1]),
+                                usize::from(k[2]),
+                                eps as usize,
+                                usize::from(t),
+                            ]);
                         }
                     }
                 }
@@ -296,20 +435,31 @@ fn only_matmul_users(eg: &TGraph, n: Id) -> bool {
     let n = eg.find(n);
     !eg.analysis.roots.iter().any(|r| eg.find(*r) == n)
         && eg[n].parents().all(|p| {
-        let node = eg.id_to_node(p);
-        node.op == TOp::Linear && node.children.len() == 2 && eg.find(node.children[0]) == n && eg.find(node.children[1]) != n
-    })
+            let node = eg.id_to_node(p);
+            node.op == TOp::Linear
+                && node.children.len() == 2
+                && eg.find(node.children[0]) == n
+                && eg.find(node.children[1]) != n
+        })
 }
 
 fn gain_fold_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
-    let [w, residual, x, a, g, eps, t] = m[..] else { return false };
+    let [w, residual, x, a, g, eps, t] = m[..] else {
+        return false;
+    };
     let wg = eg.add(TNode::new(TOp::WMulCols, vec![id(w), id(g)]));
     let normed = if residual == 0 {
         eg.add(TNode::new(TOp::RmsNorm { eps: eps as u32 }, vec![id(x)]))
     } else {
-        let t2 = eg.add(TNode::new(TOp::RmsNormRes { eps: eps as u32 }, vec![id(x), id(a)]));
+        let t2 = eg.add(TNode::new(
+            TOp::RmsNormRes { eps: eps as u32 },
+            vec![id(x), id(a)],
+        ));
         // Both forms compute the same sum.
-        let (s_old, s_new) = (eg.add(TNode::new(TOp::Proj(0), vec![id(t)])), eg.add(TNode::new(TOp::Proj(0), vec![t2])));
+        let (s_old, s_new) = (
+            eg.add(TNode::new(TOp::Proj(0), vec![id(t)])),
+            eg.add(TNode::new(TOp::Proj(0), vec![t2])),
+        );
         union_new(eg, s_old, s_new);
         eg.add(TNode::new(TOp::Proj(1), vec![t2]))
     };
@@ -332,9 +482,16 @@ fn swiglu_search(eg: &TGraph, c: Id) -> Vec<Match> {
                     if eg.find(x) != eg.find(lu.children[0]) {
                         continue;
                     }
-                    let (Some(sa), Some(sb)) = (weight_shape(eg, wa), weight_shape(eg, wb)) else { continue };
+                    let (Some(sa), Some(sb)) = (weight_shape(eg, wa), weight_shape(eg, wb)) else {
+                        continue;
+                    };
                     if sa.len() == 2 && sa == sb {
-                        out.push(vec![usize::from(x), usize::from(wa), usize::from(wb), act as usize]);
+                        out.push(vec![
+                            usize::from(x),
+                            usize::from(wa),
+                            usize::from(wb),
+                            act as usize,
+                        ]);
                     }
                 }
             }
@@ -344,8 +501,12 @@ fn swiglu_search(eg: &TGraph, c: Id) -> Vec<Match> {
 }
 
 fn swiglu_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
-    let [x, wa, wb, act] = m[..] else { return false };
-    let Some(w) = stack_rows(eg, id(wa), id(wb)) else { return false };
+    let [x, wa, wb, act] = m[..] else {
+        return false;
+    };
+    let Some(w) = stack_rows(eg, id(wa), id(wb)) else {
+        return false;
+    };
     let l = eg.add(TNode::new(TOp::Linear, vec![id(x), w]));
     let g = eg.add(TNode::new(TOp::Glu(act as u8), vec![l]));
     union_new(eg, c, g)
@@ -357,17 +518,30 @@ fn swiglu_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
 fn stack_rows(eg: &mut TGraph, a: Id, b: Id) -> Option<Id> {
     let view = |eg: &TGraph, c: Id| {
         eg[c].nodes.iter().find_map(|n| match &n.op {
-            TOp::Weight { weight, offset, shape } if shape.len() == 2 => Some((*weight, *offset, shape.clone())),
+            TOp::Weight {
+                weight,
+                offset,
+                shape,
+            } if shape.len() == 2 => Some((*weight, *offset, shape.clone())),
             _ => None,
         })
     };
     if let (Some((wa, oa, sa)), Some((wb, ob, sb))) = (view(eg, a), view(eg, b)) {
         if wa == wb && sa[1] == sb[1] && ob == oa + sa[0] * sa[1] {
-            return Some(eg.add(TNode::new(TOp::Weight { weight: wa, offset: oa, shape: vec![sa[0] + sb[0], sa[1]] }, vec![])));
+            return Some(eg.add(TNode::new(
+                TOp::Weight {
+                    weight: wa,
+                    offset: oa,
+                    shape: vec![sa[0] + sb[0], sa[1]],
+                },
+                vec![],
+            )));
         }
     }
     let gained = |eg: &TGraph, c: Id| -> Vec<(Id, Id)> {
-        nodes_where(eg, c, |o| *o == TOp::WMulCols).map(|n| (n.children[0], eg.find(n.children[1]))).collect()
+        nodes_where(eg, c, |o| *o == TOp::WMulCols)
+            .map(|n| (n.children[0], eg.find(n.children[1])))
+            .collect()
     };
     let (ga, gb) = (gained(eg, a), gained(eg, b));
     for (ia, g) in &ga {
@@ -383,14 +557,34 @@ fn stack_rows(eg: &mut TGraph, a: Id, b: Id) -> Option<Id> {
 /// projection, so the QKV matmul output is read and written once more instead of twice.
 fn rope_bias_search(eg: &TGraph, c: Id) -> Vec<Match> {
     let mut out = vec![];
-    for r in nodes_where(eg, c, |o| matches!(o, TOp::Rope { .. })).filter(|r| r.children.len() == 1) {
-        let TOp::Rope { heads, interleaved, base } = r.op else { continue };
-        let Some(w) = act_width(eg, r.children[0]) else { continue };
+    for r in nodes_where(eg, c, |o| matches!(o, TOp::Rope { .. })).filter(|r| r.children.len() == 1)
+    {
+        let TOp::Rope {
+            heads,
+            interleaved,
+            base,
+        } = r.op
+        else {
+            continue;
+        };
+        let Some(w) = act_width(eg, r.children[0]) else {
+            continue;
+        };
         for a in nodes_where(eg, r.children[0], |o| *o == TOp::Binary(ADD)) {
-            for (y, b) in [(a.children[0], a.children[1]), (a.children[1], a.children[0])] {
+            for (y, b) in [
+                (a.children[0], a.children[1]),
+                (a.children[1], a.children[0]),
+            ] {
                 let numel = weight_shape(eg, b).map(|s| s.iter().product::<usize>());
                 if act_width(eg, y) == Some(w) && numel == Some(w) {
-                    out.push(vec![usize::from(y), usize::from(b), heads, interleaved as usize, (base >> 32) as usize, (base & 0xffff_ffff) as usize]);
+                    out.push(vec![
+                        usize::from(y),
+                        usize::from(b),
+                        heads,
+                        interleaved as usize,
+                        (base >> 32) as usize,
+                        (base & 0xffff_ffff) as usize,
+                    ]);
                 }
             }
         }
@@ -399,15 +593,26 @@ fn rope_bias_search(eg: &TGraph, c: Id) -> Vec<Match> {
 }
 
 fn rope_bias_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
-    let [y, b, heads, interleaved, base_hi, base_lo] = m[..] else { return false };
+    let [y, b, heads, interleaved, base_hi, base_lo] = m[..] else {
+        return false;
+    };
     let base = ((base_hi as u64) << 32) | base_lo as u64;
-    let r = eg.add(TNode::new(TOp::Rope { heads, interleaved: interleaved != 0, base }, vec![id(y), id(b)]));
+    let r = eg.add(TNode::new(
+        TOp::Rope {
+            heads,
+            interleaved: interleaved != 0,
+            base,
+        },
+        vec![id(y), id(b)],
+    ));
     union_new(eg, c, r)
 }
 
 /// `x · 1` = `x` (LTG's `e · (1 − inject)` with `inject = 0`).
 fn scale_identity_search(eg: &TGraph, c: Id) -> Vec<Match> {
-    nodes_where(eg, c, |o| *o == TOp::Scale(1.0f32.to_bits())).map(|n| vec![usize::from(n.children[0])]).collect()
+    nodes_where(eg, c, |o| *o == TOp::Scale(1.0f32.to_bits()))
+        .map(|n| vec![usize::from(n.children[0])])
+        .collect()
 }
 
 fn scale_identity_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {

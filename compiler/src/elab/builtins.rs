@@ -9,13 +9,48 @@ use std::collections::HashMap;
 
 /// Names callable as builtins (for "did you mean" suggestions).
 pub const NAMES: &[&str] = &[
-    "embed", "linear", "matmul", "rmsnorm", "layernorm", "rope", "attention", "concat", "split", "silu", "sigmoid",
-    "relu", "gelu_tanh", "exp", "tanh", "sqrt", "zeros", "trunc_normal", "converge", "pos_embed", "sinusoidal",
-    "latent_diff", "cosine", "kl", "minp_kl", "entropy_diff", "argmax_stability", "gate", "act", "ring",
+    "embed",
+    "linear",
+    "matmul",
+    "rmsnorm",
+    "layernorm",
+    "rope",
+    "attention",
+    "concat",
+    "split",
+    "silu",
+    "sigmoid",
+    "relu",
+    "gelu_tanh",
+    "exp",
+    "tanh",
+    "sqrt",
+    "zeros",
+    "trunc_normal",
+    "converge",
+    "pos_embed",
+    "sinusoidal",
+    "latent_diff",
+    "cosine",
+    "kl",
+    "minp_kl",
+    "entropy_diff",
+    "argmax_stability",
+    "gate",
+    "act",
+    "ring",
 ];
 
 /// Bare names that stand for themselves when not bound.
-pub const SYMBOLS: &[&str] = &["interleaved", "half", "fixed", "per_step", "share_first", "last_step", "recursion_wise"];
+pub const SYMBOLS: &[&str] = &[
+    "interleaved",
+    "half",
+    "fixed",
+    "per_step",
+    "share_first",
+    "last_step",
+    "recursion_wise",
+];
 
 struct Bound {
     vals: Vec<Option<(Val, Span)>>,
@@ -29,7 +64,14 @@ impl Bound {
 
 impl<'a> Elab<'a> {
     /// Bind positional then keyword arguments to `names`; the first `required` are mandatory.
-    fn bind(&mut self, callee: &Ident, args: &[ast::Arg], names: &[&str], required: usize, span: Span) -> Option<Bound> {
+    fn bind(
+        &mut self,
+        callee: &Ident,
+        args: &[ast::Arg],
+        names: &[&str],
+        required: usize,
+        span: Span,
+    ) -> Option<Bound> {
         let mut vals: Vec<Option<(Val, Span)>> = vec![None; names.len()];
         let mut ok = true;
         let mut pos = 0;
@@ -40,7 +82,17 @@ impl<'a> Elab<'a> {
                     let i = pos;
                     pos += 1;
                     if i >= names.len() {
-                        self.err(BAD_ARGS, a.span, format!("`{}` takes at most {} arguments ({})", callee.name, names.len(), names.join(", ")), "extra argument");
+                        self.err(
+                            BAD_ARGS,
+                            a.span,
+                            format!(
+                                "`{}` takes at most {} arguments ({})",
+                                callee.name,
+                                names.len(),
+                                names.join(", ")
+                            ),
+                            "extra argument",
+                        );
                         ok = false;
                         continue;
                     }
@@ -49,14 +101,32 @@ impl<'a> Elab<'a> {
                 Some(k) => match names.iter().position(|n| *n == k.name) {
                     Some(i) => i,
                     None => {
-                        self.err(BAD_ARGS, k.span, format!("`{}` has no argument `{}`; its arguments are: {}", callee.name, k.name, names.join(", ")), "unknown keyword");
+                        self.err(
+                            BAD_ARGS,
+                            k.span,
+                            format!(
+                                "`{}` has no argument `{}`; its arguments are: {}",
+                                callee.name,
+                                k.name,
+                                names.join(", ")
+                            ),
+                            "unknown keyword",
+                        );
                         ok = false;
                         continue;
                     }
                 },
             };
             if vals[slot].is_some() {
-                self.err(BAD_ARGS, a.span, format!("argument `{}` of `{}` is given twice", names[slot], callee.name), "again here");
+                self.err(
+                    BAD_ARGS,
+                    a.span,
+                    format!(
+                        "argument `{}` of `{}` is given twice",
+                        names[slot], callee.name
+                    ),
+                    "again here",
+                );
                 ok = false;
             }
             if v == Val::Error {
@@ -66,7 +136,12 @@ impl<'a> Elab<'a> {
         }
         for (i, n) in names.iter().enumerate().take(required) {
             if vals[i].is_none() {
-                self.err(BAD_ARGS, span, format!("`{}` is missing its argument `{n}`", callee.name), "in this call");
+                self.err(
+                    BAD_ARGS,
+                    span,
+                    format!("`{}` is missing its argument `{n}`", callee.name),
+                    "in this call",
+                );
                 ok = false;
             }
         }
@@ -77,17 +152,34 @@ impl<'a> Elab<'a> {
         match v.0 {
             Val::Int(i) if i >= min => Some(i as usize),
             _ => {
-                self.err(BAD_ARGS, v.1, format!("{what} must be an integer ≥ {min}, got {}", show(&v.0)), "here");
+                self.err(
+                    BAD_ARGS,
+                    v.1,
+                    format!("{what} must be an integer ≥ {min}, got {}", show(&v.0)),
+                    "here",
+                );
                 None
             }
         }
     }
 
-    fn num_arg(&mut self, v: &(Val, Span), what: &str, code: &str, ok: impl Fn(f64) -> bool, expect: &str) -> Option<f64> {
+    fn num_arg(
+        &mut self,
+        v: &(Val, Span),
+        what: &str,
+        code: &str,
+        ok: impl Fn(f64) -> bool,
+        expect: &str,
+    ) -> Option<f64> {
         match v.0.num() {
             Some(x) if x.is_finite() && ok(x) => Some(x),
             _ => {
-                self.err(code, v.1, format!("{what} must be {expect}, got {}", show(&v.0)), "here");
+                self.err(
+                    code,
+                    v.1,
+                    format!("{what} must be {expect}, got {}", show(&v.0)),
+                    "here",
+                );
                 None
             }
         }
@@ -107,18 +199,27 @@ impl<'a> Elab<'a> {
             _ => None,
         };
         if let Some(u) = unary {
-            let Some(b) = self.bind(callee, args, &["x"], 1, span) else { return Val::Error };
+            let Some(b) = self.bind(callee, args, &["x"], 1, span) else {
+                return Val::Error;
+            };
             let (x, s) = b.get(0).unwrap();
             return self.unary(u, x, s);
         }
         match callee.name.as_str() {
             "sqrt" => {
-                let Some(b) = self.bind(callee, args, &["x"], 1, span) else { return Val::Error };
+                let Some(b) = self.bind(callee, args, &["x"], 1, span) else {
+                    return Val::Error;
+                };
                 match b.get(0).unwrap() {
                     (v, s) if v.num().is_some() => {
                         let x = v.num().unwrap();
                         if x < 0.0 {
-                            self.err(BAD_ARGS, s, format!("sqrt of a negative number ({x})"), "here");
+                            self.err(
+                                BAD_ARGS,
+                                s,
+                                format!("sqrt of a negative number ({x})"),
+                                "here",
+                            );
                             return Val::Error;
                         }
                         Val::Float(x.sqrt())
@@ -127,15 +228,27 @@ impl<'a> Elab<'a> {
                 }
             }
             "embed" => {
-                let Some(b) = self.bind(callee, args, &["tokens", "table"], 2, span) else { return Val::Error };
+                let Some(b) = self.bind(callee, args, &["tokens", "table"], 2, span) else {
+                    return Val::Error;
+                };
                 self.op(Op::Embed, &[b.get(0).unwrap(), b.get(1).unwrap()], span)
             }
             "linear" | "matmul" => {
-                let Some(b) = self.bind(callee, args, &["x", "weight", "bias"], 2, span) else { return Val::Error };
-                let op = if callee.name == "linear" { Op::Linear } else { Op::MatMul };
+                let Some(b) = self.bind(callee, args, &["x", "weight", "bias"], 2, span) else {
+                    return Val::Error;
+                };
+                let op = if callee.name == "linear" {
+                    Op::Linear
+                } else {
+                    Op::MatMul
+                };
                 let y = self.op(op, &[b.get(0).unwrap(), b.get(1).unwrap()], span);
                 match b.get(2) {
-                    Some(bias) => self.op(Op::Binary(loopc_dialects::ops::Binary::Add), &[(y, span), bias], span),
+                    Some(bias) => self.op(
+                        Op::Binary(loopc_dialects::ops::Binary::Add),
+                        &[(y, span), bias],
+                        span,
+                    ),
                     None => y,
                 }
             }
@@ -148,21 +261,46 @@ impl<'a> Elab<'a> {
                 Val::Error
             }
             "layernorm" => {
-                let Some(b) = self.bind(callee, args, &["x", "gain", "bias", "eps"], 4, span) else { return Val::Error };
-                let Some(eps) = self.num_arg(&b.get(3).unwrap(), "`layernorm` eps", BAD_ARGS, |x| x >= 0.0, "a number ≥ 0") else {
+                let Some(b) = self.bind(callee, args, &["x", "gain", "bias", "eps"], 4, span)
+                else {
                     return Val::Error;
                 };
-                self.op(Op::LayerNorm { eps: eps as f32 }, &[b.get(0).unwrap(), b.get(1).unwrap(), b.get(2).unwrap()], span)
+                let Some(eps) = self.num_arg(
+                    &b.get(3).unwrap(),
+                    "`layernorm` eps",
+                    BAD_ARGS,
+                    |x| x >= 0.0,
+                    "a number ≥ 0",
+                ) else {
+                    return Val::Error;
+                };
+                self.op(
+                    Op::LayerNorm { eps: eps as f32 },
+                    &[b.get(0).unwrap(), b.get(1).unwrap(), b.get(2).unwrap()],
+                    span,
+                )
             }
             "pos_embed" => {
-                let Some(b) = self.bind(callee, args, &["table"], 1, span) else { return Val::Error };
+                let Some(b) = self.bind(callee, args, &["table"], 1, span) else {
+                    return Val::Error;
+                };
                 self.op(Op::PosEmbed, &[b.get(0).unwrap()], span)
             }
             "sinusoidal" => {
-                let Some(b) = self.bind(callee, args, &["dim", "base"], 1, span) else { return Val::Error };
-                let Some(cols) = self.int_arg(&b.get(0).unwrap(), "`sinusoidal` dim", 1) else { return Val::Error };
+                let Some(b) = self.bind(callee, args, &["dim", "base"], 1, span) else {
+                    return Val::Error;
+                };
+                let Some(cols) = self.int_arg(&b.get(0).unwrap(), "`sinusoidal` dim", 1) else {
+                    return Val::Error;
+                };
                 let base = match b.get(1) {
-                    Some(v) => match self.num_arg(&v, "`sinusoidal` base", BAD_ARGS, |x| x > 1.0, "a number > 1") {
+                    Some(v) => match self.num_arg(
+                        &v,
+                        "`sinusoidal` base",
+                        BAD_ARGS,
+                        |x| x > 1.0,
+                        "a number > 1",
+                    ) {
                         Some(x) => x,
                         None => return Val::Error,
                     },
@@ -171,18 +309,34 @@ impl<'a> Elab<'a> {
                 self.op(Op::Sinusoidal { cols, base }, &[], span)
             }
             "rmsnorm" => {
-                let Some(b) = self.bind(callee, args, &["x", "gain", "eps"], 3, span) else { return Val::Error };
-                let Some(eps) = self.num_arg(&b.get(2).unwrap(), "`rmsnorm` eps", BAD_ARGS, |x| x >= 0.0, "a number ≥ 0") else {
+                let Some(b) = self.bind(callee, args, &["x", "gain", "eps"], 3, span) else {
                     return Val::Error;
                 };
-                self.op(Op::RmsNorm { eps: eps as f32 }, &[b.get(0).unwrap(), b.get(1).unwrap()], span)
+                let Some(eps) = self.num_arg(
+                    &b.get(2).unwrap(),
+                    "`rmsnorm` eps",
+                    BAD_ARGS,
+                    |x| x >= 0.0,
+                    "a number ≥ 0",
+                ) else {
+                    return Val::Error;
+                };
+                self.op(
+                    Op::RmsNorm { eps: eps as f32 },
+                    &[b.get(0).unwrap(), b.get(1).unwrap()],
+                    span,
+                )
             }
             "rope" => {
-                let style_expr = args.iter().find(|a| a.name.as_ref().is_some_and(|n| n.name == "style")).or_else(|| {
-                    args.iter().filter(|a| a.name.is_none()).nth(2)
-                });
+                let style_expr = args
+                    .iter()
+                    .find(|a| a.name.as_ref().is_some_and(|n| n.name == "style"))
+                    .or_else(|| args.iter().filter(|a| a.name.is_none()).nth(2));
                 if let Some(a) = style_expr {
-                    if let Some(name) = self.symbol_of(&a.value).filter(|n| RopeStyle::from_name(n).is_none()) {
+                    if let Some(name) = self
+                        .symbol_of(&a.value)
+                        .filter(|n| RopeStyle::from_name(n).is_none())
+                    {
                         self.diags.push(
                             diag::error(BAD_ARGS, format!("unknown rope style `{name}`"))
                                 .with_labels(vec![diag::primary(a.value.span, "style")])
@@ -191,81 +345,162 @@ impl<'a> Elab<'a> {
                         return Val::Error;
                     }
                 }
-                let Some(b) = self.bind(callee, args, &["x", "heads", "style", "base"], 4, span) else { return Val::Error };
-                let Some(heads) = self.int_arg(&b.get(1).unwrap(), "`rope` heads", 1) else { return Val::Error };
+                let Some(b) = self.bind(callee, args, &["x", "heads", "style", "base"], 4, span)
+                else {
+                    return Val::Error;
+                };
+                let Some(heads) = self.int_arg(&b.get(1).unwrap(), "`rope` heads", 1) else {
+                    return Val::Error;
+                };
                 let (sv, ss) = b.get(2).unwrap();
                 let style = match &sv {
                     Val::Sym(s) => RopeStyle::from_name(s),
                     _ => None,
                 };
                 let Some(style) = style else {
-                    self.err(BAD_ARGS, ss, format!("`rope` style must be `interleaved` or `half`, got {}", show(&sv)), "style");
+                    self.err(
+                        BAD_ARGS,
+                        ss,
+                        format!(
+                            "`rope` style must be `interleaved` or `half`, got {}",
+                            show(&sv)
+                        ),
+                        "style",
+                    );
                     return Val::Error;
                 };
-                let Some(base) = self.num_arg(&b.get(3).unwrap(), "`rope` base", BAD_ARGS, |x| x > 1.0, "a number > 1") else {
+                let Some(base) = self.num_arg(
+                    &b.get(3).unwrap(),
+                    "`rope` base",
+                    BAD_ARGS,
+                    |x| x > 1.0,
+                    "a number > 1",
+                ) else {
                     return Val::Error;
                 };
                 self.op(Op::Rope { heads, style, base }, &[b.get(0).unwrap()], span)
             }
             "attention" => {
-                let Some(b) = self.bind(callee, args, &["q", "k", "v", "heads", "kv_heads", "scale"], 5, span) else {
+                let Some(b) = self.bind(
+                    callee,
+                    args,
+                    &["q", "k", "v", "heads", "kv_heads", "scale"],
+                    5,
+                    span,
+                ) else {
                     return Val::Error;
                 };
-                let Some(heads) = self.int_arg(&b.get(3).unwrap(), "`attention` heads", 1) else { return Val::Error };
-                let Some(kv_heads) = self.int_arg(&b.get(4).unwrap(), "`attention` kv_heads", 1) else { return Val::Error };
+                let Some(heads) = self.int_arg(&b.get(3).unwrap(), "`attention` heads", 1) else {
+                    return Val::Error;
+                };
+                let Some(kv_heads) = self.int_arg(&b.get(4).unwrap(), "`attention` kv_heads", 1)
+                else {
+                    return Val::Error;
+                };
                 let q = b.get(0).unwrap();
                 let scale = match b.get(5) {
-                    Some(s) => match self.num_arg(&s, "`attention` scale", BAD_ARGS, |x| x > 0.0, "a number > 0") {
+                    Some(s) => match self.num_arg(
+                        &s,
+                        "`attention` scale",
+                        BAD_ARGS,
+                        |x| x > 0.0,
+                        "a number > 0",
+                    ) {
                         Some(x) => x as f32,
                         None => return Val::Error,
                     },
                     None => {
                         // 1/sqrt(head_dim), from the query width.
-                        let Some(n) = self.tensor(&q.0, q.1, "the query") else { return Val::Error };
-                        let cols = self.regions.last().unwrap().region.ty(n).cols().unwrap_or(heads);
+                        let Some(n) = self.tensor(&q.0, q.1, "the query") else {
+                            return Val::Error;
+                        };
+                        let cols = self
+                            .regions
+                            .last()
+                            .unwrap()
+                            .region
+                            .ty(n)
+                            .cols()
+                            .unwrap_or(heads);
                         (1.0 / ((cols / heads).max(1) as f64).sqrt()) as f32
                     }
                 };
                 let site = self.new_site();
-                self.op(Op::Attention { heads, kv_heads, scale, site }, &[q, b.get(1).unwrap(), b.get(2).unwrap()], span)
+                self.op(
+                    Op::Attention {
+                        heads,
+                        kv_heads,
+                        scale,
+                        site,
+                    },
+                    &[q, b.get(1).unwrap(), b.get(2).unwrap()],
+                    span,
+                )
             }
             "concat" => {
                 let vals: Vec<(Val, Span)> = args
                     .iter()
                     .map(|a| {
                         if let Some(k) = &a.name {
-                            self.err(BAD_ARGS, k.span, "`concat` takes positional arguments only".into(), "keyword");
+                            self.err(
+                                BAD_ARGS,
+                                k.span,
+                                "`concat` takes positional arguments only".into(),
+                                "keyword",
+                            );
                         }
                         (self.eval(&a.value), a.value.span)
                     })
                     .collect();
                 if vals.is_empty() {
-                    self.err(BAD_ARGS, span, "`concat` needs at least one tensor".into(), "empty");
+                    self.err(
+                        BAD_ARGS,
+                        span,
+                        "`concat` needs at least one tensor".into(),
+                        "empty",
+                    );
                     return Val::Error;
                 }
                 self.op(Op::Concat, &vals, span)
             }
             "split" => {
-                let Some(b) = self.bind(callee, args, &["x", "sizes"], 2, span) else { return Val::Error };
+                let Some(b) = self.bind(callee, args, &["x", "sizes"], 2, span) else {
+                    return Val::Error;
+                };
                 let (x, xs) = b.get(0).unwrap();
                 let (sizes, ss) = b.get(1).unwrap();
                 let Val::List(items) = sizes else {
-                    self.err(BAD_ARGS, ss, format!("`split` sizes must be a list like [dim, dim], got {}", show(&sizes)), "sizes");
+                    self.err(
+                        BAD_ARGS,
+                        ss,
+                        format!(
+                            "`split` sizes must be a list like [dim, dim], got {}",
+                            show(&sizes)
+                        ),
+                        "sizes",
+                    );
                     return Val::Error;
                 };
                 let mut lens = vec![];
                 for it in &items {
-                    let Some(len) = self.int_arg(&(it.clone(), ss), "a `split` size", 1) else { return Val::Error };
+                    let Some(len) = self.int_arg(&(it.clone(), ss), "a `split` size", 1) else {
+                        return Val::Error;
+                    };
                     lens.push(len);
                 }
                 let total: usize = lens.iter().sum();
-                let Some(n) = self.tensor(&x, xs, "the value to split") else { return Val::Error };
+                let Some(n) = self.tensor(&x, xs, "the value to split") else {
+                    return Val::Error;
+                };
                 let cols = self.regions.last().unwrap().region.ty(n).cols();
                 if cols.is_some_and(|c| c != total) {
                     self.err(
                         super::SHAPE,
                         ss,
-                        format!("`split` sizes add up to {total} but the value has width {}", cols.unwrap()),
+                        format!(
+                            "`split` sizes add up to {total} but the value has width {}",
+                            cols.unwrap()
+                        ),
                         "sizes",
                     );
                     return Val::Error;
@@ -279,16 +514,33 @@ impl<'a> Elab<'a> {
                 Val::List(out)
             }
             "zeros" => {
-                let Some(b) = self.bind(callee, args, &["like"], 1, span) else { return Val::Error };
+                let Some(b) = self.bind(callee, args, &["like"], 1, span) else {
+                    return Val::Error;
+                };
                 self.init(StateInit::Zeros, b.get(0).unwrap())
             }
             "trunc_normal" => {
-                let Some(b) = self.bind(callee, args, &["like", "std", "scale", "seed"], 2, span) else { return Val::Error };
-                let Some(std) = self.num_arg(&b.get(1).unwrap(), "`trunc_normal` std", BAD_POLICY, |x| x >= 0.0, "a number ≥ 0") else {
+                let Some(b) = self.bind(callee, args, &["like", "std", "scale", "seed"], 2, span)
+                else {
+                    return Val::Error;
+                };
+                let Some(std) = self.num_arg(
+                    &b.get(1).unwrap(),
+                    "`trunc_normal` std",
+                    BAD_POLICY,
+                    |x| x >= 0.0,
+                    "a number ≥ 0",
+                ) else {
                     return Val::Error;
                 };
                 let scale = match b.get(2) {
-                    Some(s) => match self.num_arg(&s, "`trunc_normal` scale", BAD_POLICY, |_| true, "a finite number") {
+                    Some(s) => match self.num_arg(
+                        &s,
+                        "`trunc_normal` scale",
+                        BAD_POLICY,
+                        |_| true,
+                        "a finite number",
+                    ) {
                         Some(x) => x,
                         None => return Val::Error,
                     },
@@ -301,53 +553,100 @@ impl<'a> Elab<'a> {
                     },
                     None => 0,
                 };
-                self.init(StateInit::TruncNormal { std, scale, seed }, b.get(0).unwrap())
+                self.init(
+                    StateInit::TruncNormal { std, scale, seed },
+                    b.get(0).unwrap(),
+                )
             }
             "converge" => {
-                let Some(b) = self.bind(callee, args, &["threshold", "max", "min"], 2, span) else { return Val::Error };
-                let Some(threshold) =
-                    self.num_arg(&b.get(0).unwrap(), "`converge` threshold", BAD_POLICY, |x| x > 0.0, "a number > 0")
-                else {
+                let Some(b) = self.bind(callee, args, &["threshold", "max", "min"], 2, span) else {
+                    return Val::Error;
+                };
+                let Some(threshold) = self.num_arg(
+                    &b.get(0).unwrap(),
+                    "`converge` threshold",
+                    BAD_POLICY,
+                    |x| x > 0.0,
+                    "a number > 0",
+                ) else {
                     return Val::Error;
                 };
                 let mx = b.get(1).unwrap();
-                let Some(max_steps) = self.policy_int(&mx, "`converge` max", 1) else { return Val::Error };
+                let Some(max_steps) = self.policy_int(&mx, "`converge` max", 1) else {
+                    return Val::Error;
+                };
                 let min_steps = match b.get(2) {
                     Some(m) => match self.policy_int(&m, "`converge` min", 1) {
                         Some(x) if x <= max_steps => x,
                         Some(x) => {
-                            self.err(BAD_POLICY, m.1, format!("`converge` min ({x}) exceeds max ({max_steps})"), "min");
+                            self.err(
+                                BAD_POLICY,
+                                m.1,
+                                format!("`converge` min ({x}) exceeds max ({max_steps})"),
+                                "min",
+                            );
                             return Val::Error;
                         }
                         None => return Val::Error,
                     },
                     None => 1,
                 };
-                Val::Exit(ExitSpec::Converge { threshold, min_steps, max_steps })
+                Val::Exit(ExitSpec::Converge {
+                    threshold,
+                    min_steps,
+                    max_steps,
+                })
             }
             "gate" => {
-                let Some(b) = self.bind(callee, args, &["q", "min_steps", "max"], 1, span) else { return Val::Error };
-                let q = self.num_arg(&b.get(0).unwrap(), "`gate` q", BAD_POLICY, |x| x > 0.0 && x <= 1.0, "a number in (0, 1]");
-                let Ok((min_steps, max_steps)) = self.step_bounds("gate", b.get(1), b.get(2)) else { return Val::Error };
+                let Some(b) = self.bind(callee, args, &["q", "min_steps", "max"], 1, span) else {
+                    return Val::Error;
+                };
+                let q = self.num_arg(
+                    &b.get(0).unwrap(),
+                    "`gate` q",
+                    BAD_POLICY,
+                    |x| x > 0.0 && x <= 1.0,
+                    "a number in (0, 1]",
+                );
+                let Ok((min_steps, max_steps)) = self.step_bounds("gate", b.get(1), b.get(2))
+                else {
+                    return Val::Error;
+                };
                 match q {
-                    Some(q) => Val::Exit(ExitSpec::Gate { q, min_steps, max_steps }),
+                    Some(q) => Val::Exit(ExitSpec::Gate {
+                        q,
+                        min_steps,
+                        max_steps,
+                    }),
                     None => Val::Error,
                 }
             }
             "act" => {
-                let Some(b) = self.bind(callee, args, &["eps", "max"], 0, span) else { return Val::Error };
+                let Some(b) = self.bind(callee, args, &["eps", "max"], 0, span) else {
+                    return Val::Error;
+                };
                 let eps = match b.get(0) {
-                    Some(e) => self.num_arg(&e, "`act` eps", BAD_POLICY, |x| x > 0.0 && x < 1.0, "a number in (0, 1)"),
+                    Some(e) => self.num_arg(
+                        &e,
+                        "`act` eps",
+                        BAD_POLICY,
+                        |x| x > 0.0 && x < 1.0,
+                        "a number in (0, 1)",
+                    ),
                     None => Some(0.01),
                 };
-                let Ok((_, max_steps)) = self.step_bounds("act", None, b.get(1)) else { return Val::Error };
+                let Ok((_, max_steps)) = self.step_bounds("act", None, b.get(1)) else {
+                    return Val::Error;
+                };
                 match eps {
                     Some(eps) => Val::Exit(ExitSpec::Act { eps, max_steps }),
                     None => Val::Error,
                 }
             }
             "ring" => {
-                let Some(b) = self.bind(callee, args, &["c"], 1, span) else { return Val::Error };
+                let Some(b) = self.bind(callee, args, &["c"], 1, span) else {
+                    return Val::Error;
+                };
                 match self.policy_int(&b.get(0).unwrap(), "`ring` size", 1) {
                     Some(c) => Val::Cache(CacheSpec::Ring(c)),
                     None => Val::Error,
@@ -356,20 +655,37 @@ impl<'a> Elab<'a> {
             name if Criterion::from_name(name).is_some() => {
                 let kind = Criterion::from_name(name).unwrap();
                 let names = ["threshold", "min_steps", "every", "max"];
-                let Some(b) = self.bind(callee, args, &names, 1, span) else { return Val::Error };
+                let Some(b) = self.bind(callee, args, &names, 1, span) else {
+                    return Val::Error;
+                };
                 let what = format!("`{name}` threshold");
                 let threshold = if kind == Criterion::ArgmaxStability {
-                    self.policy_int(&b.get(0).unwrap(), &what, 1).map(|x| x as f64)
+                    self.policy_int(&b.get(0).unwrap(), &what, 1)
+                        .map(|x| x as f64)
                 } else {
-                    self.num_arg(&b.get(0).unwrap(), &what, BAD_POLICY, |x| x > 0.0, "a number > 0")
+                    self.num_arg(
+                        &b.get(0).unwrap(),
+                        &what,
+                        BAD_POLICY,
+                        |x| x > 0.0,
+                        "a number > 0",
+                    )
                 };
                 let every = match b.get(2) {
                     Some(e) => self.policy_int(&e, &format!("`{name}` every"), 1),
                     None => Some(1),
                 };
-                let Ok((min_steps, max_steps)) = self.step_bounds(name, b.get(1), b.get(3)) else { return Val::Error };
+                let Ok((min_steps, max_steps)) = self.step_bounds(name, b.get(1), b.get(3)) else {
+                    return Val::Error;
+                };
                 match (threshold, every) {
-                    (Some(threshold), Some(every)) => Val::Exit(ExitSpec::Criterion { kind, threshold, min_steps, every, max_steps }),
+                    (Some(threshold), Some(every)) => Val::Exit(ExitSpec::Criterion {
+                        kind,
+                        threshold,
+                        min_steps,
+                        every,
+                        max_steps,
+                    }),
                     _ => Val::Error,
                 }
             }
@@ -381,16 +697,28 @@ impl<'a> Elab<'a> {
     }
 
     /// `min_steps` (default 1) and `max` (default 0: the `recur`'s own step count).
-    fn step_bounds(&mut self, name: &str, min: Option<(Val, Span)>, max: Option<(Val, Span)>) -> Result<(usize, usize), ()> {
+    fn step_bounds(
+        &mut self,
+        name: &str,
+        min: Option<(Val, Span)>,
+        max: Option<(Val, Span)>,
+    ) -> Result<(usize, usize), ()> {
         let max_steps = match max {
             Some(m) => self.policy_int(&m, &format!("`{name}` max"), 1).ok_or(())?,
             None => 0,
         };
         let min_steps = match min {
             Some(m) => {
-                let x = self.policy_int(&m, &format!("`{name}` min_steps"), 1).ok_or(())?;
+                let x = self
+                    .policy_int(&m, &format!("`{name}` min_steps"), 1)
+                    .ok_or(())?;
                 if max_steps > 0 && x > max_steps {
-                    self.err(BAD_POLICY, m.1, format!("`{name}` min_steps ({x}) exceeds max ({max_steps})"), "min_steps");
+                    self.err(
+                        BAD_POLICY,
+                        m.1,
+                        format!("`{name}` min_steps ({x}) exceeds max ({max_steps})"),
+                        "min_steps",
+                    );
                     return Err(());
                 }
                 x
@@ -404,7 +732,12 @@ impl<'a> Elab<'a> {
         match v.0 {
             Val::Int(i) if i >= min => Some(i as usize),
             _ => {
-                self.err(BAD_POLICY, v.1, format!("{what} must be an integer ≥ {min}, got {}", show(&v.0)), "here");
+                self.err(
+                    BAD_POLICY,
+                    v.1,
+                    format!("{what} must be an integer ≥ {min}, got {}", show(&v.0)),
+                    "here",
+                );
                 None
             }
         }
@@ -412,28 +745,53 @@ impl<'a> Elab<'a> {
 
     fn init(&mut self, init: StateInit, like: (Val, Span)) -> Val {
         match &like.0 {
-            Val::Tensor { depth, node } => Val::Init(InitVal { init, like: Some((*depth, *node)) }),
+            Val::Tensor { depth, node } => Val::Init(InitVal {
+                init,
+                like: Some((*depth, *node)),
+            }),
             Val::Error => Val::Error,
             other => {
-                self.err(BAD_POLICY, like.1, format!("the state is shaped like a tensor; got {}", show(other)), "like");
+                self.err(
+                    BAD_POLICY,
+                    like.1,
+                    format!("the state is shaped like a tensor; got {}", show(other)),
+                    "like",
+                );
                 Val::Error
             }
         }
     }
 
-    fn call_layer(&mut self, layer: &'a ast::Layer, callee: &Ident, args: &[ast::Arg], span: Span) -> Val {
+    fn call_layer(
+        &mut self,
+        layer: &'a ast::Layer,
+        callee: &Ident,
+        args: &[ast::Arg],
+        span: Span,
+    ) -> Val {
         if self.call_depth > 64 {
-            self.err(TOO_DEEP, span, format!("layer `{}` calls itself too deeply", callee.name), "recursive call");
+            self.err(
+                TOO_DEEP,
+                span,
+                format!("layer `{}` calls itself too deeply", callee.name),
+                "recursive call",
+            );
             return Val::Error;
         }
         let names: Vec<&str> = layer.params.iter().map(|p| p.name.as_str()).collect();
-        let Some(b) = self.bind(callee, args, &names, names.len(), span) else { return Val::Error };
+        let Some(b) = self.bind(callee, args, &names, names.len(), span) else {
+            return Val::Error;
+        };
         let mut vars = HashMap::new();
         for (n, v) in names.iter().zip(b.vals) {
             vars.insert(n.to_string(), v.map(|p| p.0).unwrap_or(Val::Error));
         }
         let d = self.regions.len() - 1;
-        self.scopes.push(Scope { vars, depth: d, barrier: true });
+        self.scopes.push(Scope {
+            vars,
+            depth: d,
+            barrier: true,
+        });
         self.call_depth += 1;
         let r = self.block(&layer.body, true);
         self.call_depth -= 1;
@@ -442,8 +800,14 @@ impl<'a> Elab<'a> {
             Some((v, _)) => v,
             None => {
                 self.diags.push(
-                    diag::error(super::NO_RETURN, format!("layer `{}` ends without `return`", layer.name.name))
-                        .with_labels(vec![diag::primary(layer.name.span, "this layer"), diag::secondary(span, "called here")]),
+                    diag::error(
+                        super::NO_RETURN,
+                        format!("layer `{}` ends without `return`", layer.name.name),
+                    )
+                    .with_labels(vec![
+                        diag::primary(layer.name.span, "this layer"),
+                        diag::secondary(span, "called here"),
+                    ]),
                 );
                 Val::Error
             }

@@ -25,8 +25,19 @@ use codespan_reporting::files::Files;
 use loopc_dialects::ops::{Binary, CacheSpec, ExitSpec, StateInit, Unary};
 
 const EXIT_HINT: &str = "expected `fixed`, `converge(threshold = ..., max = ...)`, a criterion (`latent_diff`, `cosine`, `kl`, `minp_kl`, `entropy_diff`, `argmax_stability`: `kl(threshold = 5e-4, min_steps = 1, every = 1, max = 32)`), `gate(q = 0.5)` or `act(eps = 0.01)`";
-const EXIT_CALLS: &[&str] = &["converge", "latent_diff", "cosine", "kl", "minp_kl", "entropy_diff", "argmax_stability", "gate", "act"];
-const CACHE_HINT: &str = "expected `per_step`, `ring(c)`, `share_first`, `last_step` or `recursion_wise`";
+const EXIT_CALLS: &[&str] = &[
+    "converge",
+    "latent_diff",
+    "cosine",
+    "kl",
+    "minp_kl",
+    "entropy_diff",
+    "argmax_stability",
+    "gate",
+    "act",
+];
+const CACHE_HINT: &str =
+    "expected `per_step`, `ring(c)`, `share_first`, `last_step` or `recursion_wise`";
 use loopc_dialects::verify::infer;
 use loopc_dialects::{graph::WeightDecl, Module, NodeId, Op, Region, Ty, WeightView};
 use std::collections::HashMap;
@@ -70,7 +81,11 @@ pub(crate) struct Elab<'a> {
 }
 
 /// Elaborate a parsed file. Returns the module only when no error was reported.
-pub fn elaborate(sm: &SourceMap, file: &ast::File, env: &ParamEnv) -> (Option<Module>, Vec<Diagnostic>) {
+pub fn elaborate(
+    sm: &SourceMap,
+    file: &ast::File,
+    env: &ParamEnv,
+) -> (Option<Module>, Vec<Diagnostic>) {
     let mut e = Elab {
         sm,
         layers: HashMap::new(),
@@ -99,12 +114,22 @@ pub fn elaborate(sm: &SourceMap, file: &ast::File, env: &ParamEnv) -> (Option<Mo
             ast::Item::Model(m) => name = m.name.as_plain().unwrap_or(name),
             ast::Item::Layer(l) => {
                 if e.layers.insert(l.name.name.clone(), l).is_some() {
-                    e.err(BAD_ARGS, l.name.span, format!("layer `{}` is defined twice", l.name.name), "second definition");
+                    e.err(
+                        BAD_ARGS,
+                        l.name.span,
+                        format!("layer `{}` is defined twice", l.name.name),
+                        "second definition",
+                    );
                 }
             }
             ast::Item::Forward(f) => {
                 if forward.is_some() {
-                    e.err(MISPLACED, f.span, "a file has one `forward`".into(), "second `forward`");
+                    e.err(
+                        MISPLACED,
+                        f.span,
+                        "a file has one `forward`".into(),
+                        "second `forward`",
+                    );
                 }
                 forward = Some(f);
             }
@@ -112,16 +137,32 @@ pub fn elaborate(sm: &SourceMap, file: &ast::File, env: &ParamEnv) -> (Option<Mo
         }
     }
     let Some(fwd) = forward else {
-        e.diags.push(diag::error(NO_RETURN, "the file has no `forward(tokens) { ... }` block").with_notes(vec![
-            "help: the model's entry point reads token ids and returns logits".into(),
-        ]));
+        e.diags.push(
+            diag::error(NO_RETURN, "the file has no `forward(tokens) { ... }` block").with_notes(
+                vec!["help: the model's entry point reads token ids and returns logits".into()],
+            ),
+        );
         return (None, e.diags);
     };
-    e.regions.push(RegionCtx { region: Region::default(), captures: vec![], weight_nodes: HashMap::new() });
+    e.regions.push(RegionCtx {
+        region: Region::default(),
+        captures: vec![],
+        weight_nodes: HashMap::new(),
+    });
     let tokens = e.regions[0].region.add(Op::Tokens, Ty::Tokens, &[]);
     let mut vars = HashMap::new();
-    vars.insert(fwd.input.name.clone(), Val::Tensor { depth: 0, node: tokens });
-    e.scopes.push(Scope { vars, depth: 0, barrier: true });
+    vars.insert(
+        fwd.input.name.clone(),
+        Val::Tensor {
+            depth: 0,
+            node: tokens,
+        },
+    );
+    e.scopes.push(Scope {
+        vars,
+        depth: 0,
+        barrier: true,
+    });
     let result = e.block(&fwd.body, true);
     e.scopes.pop();
     let mut ctx = e.regions.pop().expect("forward region");
@@ -129,26 +170,45 @@ pub fn elaborate(sm: &SourceMap, file: &ast::File, env: &ParamEnv) -> (Option<Mo
         Some((v, span)) => {
             if let Some(n) = e.tensor_in(&mut ctx, &v, span, "the forward result") {
                 if ctx.region.ty(n).cols().is_none() {
-                    e.err(SHAPE, span, "forward must return logits [S, vocab]".into(), "not an activation");
+                    e.err(
+                        SHAPE,
+                        span,
+                        "forward must return logits [S, vocab]".into(),
+                        "not an activation",
+                    );
                 }
                 ctx.region.results.push(n);
             }
         }
-        None => e.err(NO_RETURN, fwd.span, "`forward` has no `return`".into(), "add `return <logits>` at the end"),
+        None => e.err(
+            NO_RETURN,
+            fwd.span,
+            "`forward` has no `return`".into(),
+            "add `return <logits>` at the end",
+        ),
     }
     if diag::has_errors(&e.diags) {
         return (None, e.diags);
     }
-    let mut params: Vec<(String, f64)> = env.iter().map(|(k, v)| (k.to_string(), v.as_f64())).collect();
+    let mut params: Vec<(String, f64)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_f64()))
+        .collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut module = Module { name, weights: e.weights, params, forward: ctx.region };
+    let mut module = Module {
+        name,
+        weights: e.weights,
+        params,
+        forward: ctx.region,
+    };
     module.forward.compact();
     (Some(module), e.diags)
 }
 
 impl<'a> Elab<'a> {
     pub(crate) fn err(&mut self, code: &str, span: Span, msg: String, label: &str) {
-        self.diags.push(diag::error(code, msg).with_labels(vec![diag::primary(span, label)]));
+        self.diags
+            .push(diag::error(code, msg).with_labels(vec![diag::primary(span, label)]));
     }
 
     fn depth(&self) -> usize {
@@ -200,13 +260,20 @@ impl<'a> Elab<'a> {
         let msg = if self.globals.contains_key(&name.name) {
             format!("`{}` is a param and cannot be assigned", name.name)
         } else {
-            format!("cannot assign `{}`: no such local (use `let` to define it)", name.name)
+            format!(
+                "cannot assign `{}`: no such local (use `let` to define it)",
+                name.name
+            )
         };
         self.err(UNKNOWN, name.span, msg, "assigned here");
     }
 
     fn define(&mut self, name: &str, v: Val) {
-        self.scopes.last_mut().expect("a scope").vars.insert(name.to_string(), v);
+        self.scopes
+            .last_mut()
+            .expect("a scope")
+            .vars
+            .insert(name.to_string(), v);
     }
 
     /// Run a block; returns the `return` value (and its span) if the block returns.
@@ -214,7 +281,12 @@ impl<'a> Elab<'a> {
         let mut ret = None;
         for st in &b.stmts {
             if let Some((_, rspan)) = &ret {
-                self.err(NO_RETURN, st.span, "statement after `return`".into(), "unreachable");
+                self.err(
+                    NO_RETURN,
+                    st.span,
+                    "statement after `return`".into(),
+                    "unreachable",
+                );
                 let _ = rspan;
                 break;
             }
@@ -253,7 +325,12 @@ impl<'a> Elab<'a> {
                                 Val::List(items) => format!("{} values", items.len()),
                                 v => v.describe().to_string(),
                             };
-                            self.err(BAD_ARGS, value.span, format!("cannot unpack {got} into {} names", names.len()), "this value");
+                            self.err(
+                                BAD_ARGS,
+                                value.span,
+                                format!("cannot unpack {got} into {} names", names.len()),
+                                "this value",
+                            );
                             for n in names {
                                 self.define(&n.name, Val::Error);
                             }
@@ -265,33 +342,65 @@ impl<'a> Elab<'a> {
                 let v = self.eval(value);
                 self.assign(name, v);
             }
-            StmtKind::For { var, start, end, body } => {
+            StmtKind::For {
+                var,
+                start,
+                end,
+                body,
+            } => {
                 let (a, b) = (self.eval(start), self.eval(end));
                 let (Val::Int(a), Val::Int(b)) = (a.clone(), b.clone()) else {
                     if a != Val::Error && b != Val::Error {
-                        self.err(BAD_ARGS, start.span.to(end.span), "a `for` range needs integer bounds".into(), "not integers");
+                        self.err(
+                            BAD_ARGS,
+                            start.span.to(end.span),
+                            "a `for` range needs integer bounds".into(),
+                            "not integers",
+                        );
                     }
                     return None;
                 };
                 for i in a..b {
                     let d = self.depth();
-                    self.scopes.push(Scope { vars: HashMap::from([(var.name.clone(), Val::Int(i))]), depth: d, barrier: false });
+                    self.scopes.push(Scope {
+                        vars: HashMap::from([(var.name.clone(), Val::Int(i))]),
+                        depth: d,
+                        barrier: false,
+                    });
                     let r = self.block(body, false);
                     self.scopes.pop();
                     if let Some((_, span)) = r {
-                        self.err(MISPLACED, span, "`return` inside a `for` loop".into(), "return after the loop instead");
+                        self.err(
+                            MISPLACED,
+                            span,
+                            "`return` inside a `for` loop".into(),
+                            "return after the loop instead",
+                        );
                     }
                 }
             }
             StmtKind::Recur { steps, body } => self.recur(steps, body, st.span),
-            StmtKind::State { .. } | StmtKind::Exit(_) | StmtKind::Cache(_) | StmtKind::ExitGate(_) => {
-                self.err(MISPLACED, st.span, "this statement belongs directly inside a `recur` block".into(), "outside `recur`");
+            StmtKind::State { .. }
+            | StmtKind::Exit(_)
+            | StmtKind::Cache(_)
+            | StmtKind::ExitGate(_) => {
+                self.err(
+                    MISPLACED,
+                    st.span,
+                    "this statement belongs directly inside a `recur` block".into(),
+                    "outside `recur`",
+                );
             }
             StmtKind::Return(e) => {
                 let v = self.eval(e);
                 return Some((v, e.span));
             }
-            StmtKind::If { lhs, cmp, then, els } => {
+            StmtKind::If {
+                lhs,
+                cmp,
+                then,
+                els,
+            } => {
                 let a = self.eval(lhs);
                 let truth = match (cmp, &a) {
                     (_, Val::Error) => return None,
@@ -303,14 +412,35 @@ impl<'a> Elab<'a> {
                             (x, y) if x.num().is_some() && y.num().is_some() => x.num() == y.num(),
                             (Val::Str(x), Val::Str(y)) | (Val::Sym(x), Val::Sym(y)) => x == y,
                             (x, y) => {
-                                self.err(BAD_ARGS, st.span, format!("cannot compare {} with {}", x.describe(), y.describe()), "condition");
+                                self.err(
+                                    BAD_ARGS,
+                                    st.span,
+                                    format!(
+                                        "cannot compare {} with {}",
+                                        x.describe(),
+                                        y.describe()
+                                    ),
+                                    "condition",
+                                );
                                 return None;
                             }
                         };
-                        if *op == ast::CmpOp::Eq { eq } else { !eq }
+                        if *op == ast::CmpOp::Eq {
+                            eq
+                        } else {
+                            !eq
+                        }
                     }
                     (None, v) => {
-                        self.err(BAD_ARGS, lhs.span, format!("an `if` condition must be a number or a comparison, got {}", show(v)), "condition");
+                        self.err(
+                            BAD_ARGS,
+                            lhs.span,
+                            format!(
+                                "an `if` condition must be a number or a comparison, got {}",
+                                show(v)
+                            ),
+                            "condition",
+                        );
                         return None;
                     }
                 };
@@ -330,14 +460,24 @@ impl<'a> Elab<'a> {
     }
 
     fn weight(&mut self, key: &ast::StrLit, shape: &[Expr], span: Span) -> Val {
-        let Some(name) = self.interp(key) else { return Val::Error };
+        let Some(name) = self.interp(key) else {
+            return Val::Error;
+        };
         let mut dims = vec![];
         for d in shape {
             match self.eval(d) {
                 Val::Int(i) if i > 0 => dims.push(i as usize),
                 Val::Error => return Val::Error,
                 other => {
-                    self.err(SHAPE, d.span, format!("a weight dimension must be a positive integer, got {}", show(&other)), "here");
+                    self.err(
+                        SHAPE,
+                        d.span,
+                        format!(
+                            "a weight dimension must be a positive integer, got {}",
+                            show(&other)
+                        ),
+                        "here",
+                    );
                     return Val::Error;
                 }
             }
@@ -346,11 +486,17 @@ impl<'a> Elab<'a> {
             Some(&(id, first)) => {
                 if self.weights[id as usize].shape != dims {
                     self.diags.push(
-                        diag::error(WEIGHT_CLASH, format!("weight `{name}` is declared with two shapes"))
-                            .with_labels(vec![
-                                diag::primary(span, format!("declared here as {:?}", dims)),
-                                diag::secondary(first, format!("and here as {:?}", self.weights[id as usize].shape)),
-                            ]),
+                        diag::error(
+                            WEIGHT_CLASH,
+                            format!("weight `{name}` is declared with two shapes"),
+                        )
+                        .with_labels(vec![
+                            diag::primary(span, format!("declared here as {:?}", dims)),
+                            diag::secondary(
+                                first,
+                                format!("and here as {:?}", self.weights[id as usize].shape),
+                            ),
+                        ]),
                     );
                     return Val::Error;
                 }
@@ -358,12 +504,20 @@ impl<'a> Elab<'a> {
             }
             None => {
                 let id = self.weights.len() as u32;
-                self.weights.push(WeightDecl { name: name.clone(), shape: dims.clone(), origin: self.origin(span) });
+                self.weights.push(WeightDecl {
+                    name: name.clone(),
+                    shape: dims.clone(),
+                    origin: self.origin(span),
+                });
                 self.weight_ids.insert(name, (id, span));
                 id
             }
         };
-        Val::Weight(WeightView { weight: id, offset: 0, shape: dims })
+        Val::Weight(WeightView {
+            weight: id,
+            offset: 0,
+            shape: dims,
+        })
     }
 
     fn interp(&mut self, s: &ast::StrLit) -> Option<String> {
@@ -376,7 +530,12 @@ impl<'a> Elab<'a> {
                     Some(Val::Str(t)) => out.push_str(&t),
                     Some(Val::Error) => return None,
                     Some(other) => {
-                        self.err(BAD_ARGS, id.span, format!("cannot put {} into a string", other.describe()), "here");
+                        self.err(
+                            BAD_ARGS,
+                            id.span,
+                            format!("cannot put {} into a string", other.describe()),
+                            "here",
+                        );
                         return None;
                     }
                     None => {
@@ -412,7 +571,8 @@ impl<'a> Elab<'a> {
             .map(|n| (strsim_distance(n, &id.name), n))
             .filter(|(d, _)| *d <= 2)
             .min();
-        let mut d = diag::error(UNKNOWN, format!("unknown name `{}`", id.name)).with_labels(vec![diag::primary(id.span, "not defined here")]);
+        let mut d = diag::error(UNKNOWN, format!("unknown name `{}`", id.name))
+            .with_labels(vec![diag::primary(id.span, "not defined here")]);
         if let Some((_, n)) = best {
             d = d.with_notes(vec![format!("help: did you mean `{n}`?")]);
         }
@@ -438,11 +598,21 @@ impl<'a> Elab<'a> {
                 Val::Error => Val::Error,
                 v @ (Val::Tensor { .. } | Val::Weight(_)) => self.unary(Unary::Neg, v, e.span),
                 other => {
-                    self.err(BAD_ARGS, e.span, format!("cannot negate {}", other.describe()), "here");
+                    self.err(
+                        BAD_ARGS,
+                        e.span,
+                        format!("cannot negate {}", other.describe()),
+                        "here",
+                    );
                     Val::Error
                 }
             },
-            ExprKind::Binary { op, op_span, lhs, rhs } => {
+            ExprKind::Binary {
+                op,
+                op_span,
+                lhs,
+                rhs,
+            } => {
                 let (a, b) = (self.eval(lhs), self.eval(rhs));
                 self.binary(*op, a, b, *op_span, e.span)
             }
@@ -451,23 +621,48 @@ impl<'a> Elab<'a> {
                 let (b, i) = (self.eval(base), self.eval(index));
                 match (b, i) {
                     (Val::Error, _) | (_, Val::Error) => Val::Error,
-                    (Val::List(items), Val::Int(i)) => match items.get(i as usize).filter(|_| i >= 0) {
+                    (Val::List(items), Val::Int(i)) => match items
+                        .get(i as usize)
+                        .filter(|_| i >= 0)
+                    {
                         Some(v) => v.clone(),
                         None => {
-                            self.err(SHAPE, index.span, format!("index {i} is out of range for a list of {}", items.len()), "here");
+                            self.err(
+                                SHAPE,
+                                index.span,
+                                format!("index {i} is out of range for a list of {}", items.len()),
+                                "here",
+                            );
                             Val::Error
                         }
                     },
                     (Val::Weight(w), Val::Int(i)) => {
                         if w.shape.is_empty() || i < 0 || i as usize >= w.shape[0] {
-                            self.err(SHAPE, index.span, format!("index {i} is out of range for a weight of shape {:?}", w.shape), "here");
+                            self.err(
+                                SHAPE,
+                                index.span,
+                                format!(
+                                    "index {i} is out of range for a weight of shape {:?}",
+                                    w.shape
+                                ),
+                                "here",
+                            );
                             return Val::Error;
                         }
                         let inner: usize = w.shape[1..].iter().product();
-                        Val::Weight(WeightView { weight: w.weight, offset: w.offset + i as usize * inner, shape: w.shape[1..].to_vec() })
+                        Val::Weight(WeightView {
+                            weight: w.weight,
+                            offset: w.offset + i as usize * inner,
+                            shape: w.shape[1..].to_vec(),
+                        })
                     }
                     (b, i) => {
-                        self.err(BAD_ARGS, e.span, format!("cannot index {} with {}", b.describe(), i.describe()), "here");
+                        self.err(
+                            BAD_ARGS,
+                            e.span,
+                            format!("cannot index {} with {}", b.describe(), i.describe()),
+                            "here",
+                        );
                         Val::Error
                     }
                 }
@@ -492,8 +687,12 @@ impl<'a> Elab<'a> {
                             return Error;
                         }
                         if x % y != 0 {
-                            self.err(SHAPE, span, format!("{x} / {y} does not divide exactly"), "integer division must be exact")
-                            ;
+                            self.err(
+                                SHAPE,
+                                span,
+                                format!("{x} / {y} does not divide exactly"),
+                                "integer division must be exact",
+                            );
                             return Error;
                         }
                         Some(x / y)
@@ -515,7 +714,12 @@ impl<'a> Elab<'a> {
             }
             (Tensor { .. } | Weight(_), Tensor { .. } | Weight(_)) => {
                 if matches!((&a, &b), (Weight(_), Weight(_))) {
-                    self.err(BAD_ARGS, span, "arithmetic on two weights is not supported; use it on activations".into(), "here");
+                    self.err(
+                        BAD_ARGS,
+                        span,
+                        "arithmetic on two weights is not supported; use it on activations".into(),
+                        "here",
+                    );
                     return Error;
                 }
                 let bop = match op {
@@ -526,18 +730,31 @@ impl<'a> Elab<'a> {
                 };
                 self.op(Op::Binary(bop), &[(a, span), (b, span)], op_span)
             }
-            (Tensor { .. }, n) | (n, Tensor { .. }) if n.num().is_some() && matches!(op, BinOp::Mul) => {
-                let t = if matches!(a, Tensor { .. }) { a.clone() } else { b.clone() };
+            (Tensor { .. }, n) | (n, Tensor { .. })
+                if n.num().is_some() && matches!(op, BinOp::Mul) =>
+            {
+                let t = if matches!(a, Tensor { .. }) {
+                    a.clone()
+                } else {
+                    b.clone()
+                };
                 self.op(Op::Scale(n.num().unwrap() as f32), &[(t, span)], op_span)
             }
-            (Tensor { .. }, n) if n.num().is_some() && matches!(op, BinOp::Div) => {
-                self.op(Op::Scale((1.0 / n.num().unwrap()) as f32), &[(a.clone(), span)], op_span)
-            }
+            (Tensor { .. }, n) if n.num().is_some() && matches!(op, BinOp::Div) => self.op(
+                Op::Scale((1.0 / n.num().unwrap()) as f32),
+                &[(a.clone(), span)],
+                op_span,
+            ),
             _ => {
                 self.err(
                     BAD_ARGS,
                     op_span,
-                    format!("cannot apply `{}` to {} and {}", op.symbol(), a.describe(), b.describe()),
+                    format!(
+                        "cannot apply `{}` to {} and {}",
+                        op.symbol(),
+                        a.describe(),
+                        b.describe()
+                    ),
                     "this operator",
                 );
                 Error
@@ -557,7 +774,13 @@ impl<'a> Elab<'a> {
         r
     }
 
-    fn tensor_in(&mut self, ctx: &mut RegionCtx, v: &Val, span: Span, what: &str) -> Option<NodeId> {
+    fn tensor_in(
+        &mut self,
+        ctx: &mut RegionCtx,
+        v: &Val,
+        span: Span,
+        what: &str,
+    ) -> Option<NodeId> {
         let cur = self.regions.len();
         match v {
             Val::Tensor { depth, node } if *depth == cur => Some(*node),
@@ -573,20 +796,32 @@ impl<'a> Elab<'a> {
                 Some(p)
             }
             Val::Tensor { .. } => {
-                self.err(BAD_RECUR, span, "nested `recur` blocks are not supported".into(), "value from two loops out");
+                self.err(
+                    BAD_RECUR,
+                    span,
+                    "nested `recur` blocks are not supported".into(),
+                    "value from two loops out",
+                );
                 None
             }
             Val::Weight(w) => {
                 if let Some(&n) = ctx.weight_nodes.get(w) {
                     return Some(n);
                 }
-                let n = ctx.region.add(Op::Weight(w.clone()), Ty::Weight(w.shape.clone()), &[]);
+                let n = ctx
+                    .region
+                    .add(Op::Weight(w.clone()), Ty::Weight(w.shape.clone()), &[]);
                 ctx.weight_nodes.insert(w.clone(), n);
                 Some(n)
             }
             Val::Error => None,
             other => {
-                self.err(BAD_ARGS, span, format!("{what} must be a tensor, got {}", show(other)), "here");
+                self.err(
+                    BAD_ARGS,
+                    span,
+                    format!("{what} must be a tensor, got {}", show(other)),
+                    "here",
+                );
                 None
             }
         }
@@ -612,8 +847,9 @@ impl<'a> Elab<'a> {
             Err(msg) => {
                 let shapes: Vec<String> = tys.iter().map(|t| t.to_string()).collect();
                 self.diags.push(
-                    diag::error(SHAPE, format!("shape mismatch: {msg}"))
-                        .with_labels(vec![diag::primary(span, format!("operands: {}", shapes.join(", ")))]),
+                    diag::error(SHAPE, format!("shape mismatch: {msg}")).with_labels(vec![
+                        diag::primary(span, format!("operands: {}", shapes.join(", "))),
+                    ]),
                 );
                 Val::Error
             }
@@ -631,26 +867,55 @@ impl<'a> Elab<'a> {
             Val::Int(n) if n >= 1 => n as usize,
             Val::Error => 1,
             other => {
-                self.err(BAD_POLICY, steps.span, format!("`recur` needs a step count ≥ 1, got {}", show(&other)), "steps");
+                self.err(
+                    BAD_POLICY,
+                    steps.span,
+                    format!("`recur` needs a step count ≥ 1, got {}", show(&other)),
+                    "steps",
+                );
                 1
             }
         };
         if self.depth() > 0 {
-            self.err(BAD_RECUR, span, "nested `recur` blocks are not supported".into(), "inner loop");
+            self.err(
+                BAD_RECUR,
+                span,
+                "nested `recur` blocks are not supported".into(),
+                "inner loop",
+            );
             return;
         }
-        let states: Vec<_> = body.stmts.iter().filter(|s| matches!(s.kind, StmtKind::State { .. })).collect();
+        let states: Vec<_> = body
+            .stmts
+            .iter()
+            .filter(|s| matches!(s.kind, StmtKind::State { .. }))
+            .collect();
         let Some(state_stmt) = states.first() else {
-            self.err(BAD_RECUR, span, "`recur` has no `state`".into(), "add `state s = <init>` to name the loop-carried value");
+            self.err(
+                BAD_RECUR,
+                span,
+                "`recur` has no `state`".into(),
+                "add `state s = <init>` to name the loop-carried value",
+            );
             return;
         };
         for extra in &states[1..] {
-            self.err(BAD_RECUR, extra.span, "`recur` has more than one `state`".into(), "second state");
+            self.err(
+                BAD_RECUR,
+                extra.span,
+                "`recur` has more than one `state`".into(),
+                "second state",
+            );
         }
-        let StmtKind::State { name: sname, init } = &state_stmt.kind else { unreachable!() };
+        let StmtKind::State { name: sname, init } = &state_stmt.kind else {
+            unreachable!()
+        };
         let init_v = self.eval(init);
         let iv = match init_v {
-            Val::Tensor { depth, node } => InitVal { init: StateInit::Operand, like: Some((depth, node)) },
+            Val::Tensor { depth, node } => InitVal {
+                init: StateInit::Operand,
+                like: Some((depth, node)),
+            },
             Val::Init(iv) => iv,
             Val::Error => return,
             other => {
@@ -663,10 +928,17 @@ impl<'a> Elab<'a> {
                 return;
             }
         };
-        let Some((like_depth, like)) = iv.like else { return };
+        let Some((like_depth, like)) = iv.like else {
+            return;
+        };
         let state_ty = self.regions[like_depth].region.ty(like).clone();
         if state_ty.cols().is_none() {
-            self.err(SHAPE, init.span, format!("the state must be an activation, got {state_ty}"), "initial state");
+            self.err(
+                SHAPE,
+                init.span,
+                format!("the state must be an activation, got {state_ty}"),
+                "initial state",
+            );
             return;
         }
         let mut exit = ExitSpec::Fixed;
@@ -677,7 +949,12 @@ impl<'a> Elab<'a> {
                 StmtKind::Exit(e) if self.symbol_of(e).is_some() => {
                     let name = self.symbol_of(e).unwrap();
                     if name != "fixed" {
-                        self.err(BAD_POLICY, e.span, format!("unknown exit policy `{name}`"), EXIT_HINT);
+                        self.err(
+                            BAD_POLICY,
+                            e.span,
+                            format!("unknown exit policy `{name}`"),
+                            EXIT_HINT,
+                        );
                     }
                 }
                 StmtKind::Cache(e) if self.symbol_of(e).is_some() => {
@@ -687,16 +964,33 @@ impl<'a> Elab<'a> {
                         "share_first" => cache = CacheSpec::ShareFirst,
                         "last_step" => cache = CacheSpec::LastStep,
                         "recursion_wise" => cache = CacheSpec::RecursionWise,
-                        _ => self.err(BAD_POLICY, e.span, format!("unknown cache policy `{name}`"), CACHE_HINT),
+                        _ => self.err(
+                            BAD_POLICY,
+                            e.span,
+                            format!("unknown cache policy `{name}`"),
+                            CACHE_HINT,
+                        ),
                     }
                 }
-                StmtKind::Exit(Expr { kind: ExprKind::Call { callee, .. }, span, .. }) if !EXIT_CALLS.contains(&callee.name.as_str()) => {
-                    let near = EXIT_CALLS.iter().min_by_key(|n| strsim_distance(n, &callee.name)).filter(|n| strsim_distance(n, &callee.name) <= 3);
+                StmtKind::Exit(Expr {
+                    kind: ExprKind::Call { callee, .. },
+                    span,
+                    ..
+                }) if !EXIT_CALLS.contains(&callee.name.as_str()) => {
+                    let near = EXIT_CALLS
+                        .iter()
+                        .min_by_key(|n| strsim_distance(n, &callee.name))
+                        .filter(|n| strsim_distance(n, &callee.name) <= 3);
                     let label = match near {
                         Some(n) => format!("did you mean `{n}`?"),
                         None => EXIT_HINT.to_string(),
                     };
-                    self.err(BAD_POLICY, *span, format!("unknown exit policy `{}`", callee.name), &label);
+                    self.err(
+                        BAD_POLICY,
+                        *span,
+                        format!("unknown exit policy `{}`", callee.name),
+                        &label,
+                    );
                 }
                 StmtKind::Exit(e) => match self.eval(e) {
                     Val::Sym(s) if s == "fixed" => exit = ExitSpec::Fixed,
@@ -716,33 +1010,63 @@ impl<'a> Elab<'a> {
                     Val::Sym(s) if s == "per_step" => cache = CacheSpec::PerStep,
                     Val::Cache(c) => cache = c,
                     Val::Error => {}
-                    other => self.err(BAD_POLICY, e.span, format!("unknown cache policy {}", show(&other)), CACHE_HINT),
+                    other => self.err(
+                        BAD_POLICY,
+                        e.span,
+                        format!("unknown cache policy {}", show(&other)),
+                        CACHE_HINT,
+                    ),
                 },
                 _ => {}
             }
         }
-        let mut region = Region { params: vec![state_ty.clone()], ..Default::default() };
+        let mut region = Region {
+            params: vec![state_ty.clone()],
+            ..Default::default()
+        };
         let p0 = region.add(Op::Param(0), state_ty, &[]);
-        self.regions.push(RegionCtx { region, captures: vec![], weight_nodes: HashMap::new() });
-        self.scopes.push(Scope { vars: HashMap::from([(sname.name.clone(), Val::Tensor { depth: 1, node: p0 })]), depth: 1, barrier: false });
+        self.regions.push(RegionCtx {
+            region,
+            captures: vec![],
+            weight_nodes: HashMap::new(),
+        });
+        self.scopes.push(Scope {
+            vars: HashMap::from([(sname.name.clone(), Val::Tensor { depth: 1, node: p0 })]),
+            depth: 1,
+            barrier: false,
+        });
         let mut gate = None;
         for st in &body.stmts {
             match &st.kind {
                 StmtKind::State { .. } | StmtKind::Exit(_) | StmtKind::Cache(_) => {}
                 StmtKind::ExitGate(e) => {
                     if gate.is_some() {
-                        self.err(BAD_RECUR, st.span, "`recur` has two `exit_gate`s".into(), "second gate");
+                        self.err(
+                            BAD_RECUR,
+                            st.span,
+                            "`recur` has two `exit_gate`s".into(),
+                            "second gate",
+                        );
                     }
                     let v = self.eval(e);
                     gate = Some((v, e.span));
                 }
-                StmtKind::Return(_) => self.err(MISPLACED, st.span, "`return` inside `recur`".into(), "return after the loop"),
+                StmtKind::Return(_) => self.err(
+                    MISPLACED,
+                    st.span,
+                    "`return` inside `recur`".into(),
+                    "return after the loop",
+                ),
                 _ => {
                     self.stmt(st);
                 }
             }
         }
-        let next_v = self.scopes.last().and_then(|s| s.vars.get(&sname.name).cloned()).unwrap_or(Val::Error);
+        let next_v = self
+            .scopes
+            .last()
+            .and_then(|s| s.vars.get(&sname.name).cloned())
+            .unwrap_or(Val::Error);
         let next = self.tensor(&next_v, sname.span, "the next state");
         let gate_n = match &gate {
             Some((v, s)) => {
@@ -750,7 +1074,12 @@ impl<'a> Elab<'a> {
                 if let Some(n) = n {
                     let ty = self.regions.last().unwrap().region.ty(n).clone();
                     if ty != Ty::Act(1) {
-                        self.err(SHAPE, *s, format!("the exit gate must be one logit per token [S, 1], got {ty}"), "gate");
+                        self.err(
+                            SHAPE,
+                            *s,
+                            format!("the exit gate must be one logit per token [S, 1], got {ty}"),
+                            "gate",
+                        );
                     }
                 }
                 n
@@ -759,7 +1088,9 @@ impl<'a> Elab<'a> {
         };
         self.scopes.pop();
         let mut ctx = self.regions.pop().expect("body region");
-        let (Some(next), true) = (next, gate.is_none() || gate_n.is_some()) else { return };
+        let (Some(next), true) = (next, gate.is_none() || gate_n.is_some()) else {
+            return;
+        };
         ctx.region.results.push(next);
         if let Some(g) = gate_n {
             ctx.region.results.push(g);
@@ -773,25 +1104,56 @@ impl<'a> Elab<'a> {
         operands.extend(ctx.captures.iter().map(|(o, _)| *o));
         // `max` defaults to the recurrence's own step count.
         match &mut exit {
-            ExitSpec::Criterion { max_steps, min_steps, .. } | ExitSpec::Gate { max_steps, min_steps, .. } if *max_steps == 0 => {
+            ExitSpec::Criterion {
+                max_steps,
+                min_steps,
+                ..
+            }
+            | ExitSpec::Gate {
+                max_steps,
+                min_steps,
+                ..
+            } if *max_steps == 0 => {
                 *max_steps = steps_n;
                 *min_steps = (*min_steps).min(steps_n);
             }
             ExitSpec::Act { max_steps, .. } if *max_steps == 0 => *max_steps = steps_n,
             _ => {}
         }
-        if let (ExitSpec::Gate { .. } | ExitSpec::Act { .. }, None, Some(sp)) = (&exit, &gate, exit_span) {
-            self.err(BAD_POLICY, sp, "`exit gate(...)` and `exit act(...)` need an `exit_gate` in this `recur`".into(), "learned exit without a gate");
+        if let (ExitSpec::Gate { .. } | ExitSpec::Act { .. }, None, Some(sp)) =
+            (&exit, &gate, exit_span)
+        {
+            self.err(
+                BAD_POLICY,
+                sp,
+                "`exit gate(...)` and `exit act(...)` need an `exit_gate` in this `recur`".into(),
+                "learned exit without a gate",
+            );
         }
-        let op = Op::Recur { steps: steps_n, init: iv.init, exit, cache, gate: gate.is_some(), body: Box::new(ctx.region) };
+        let op = Op::Recur {
+            steps: steps_n,
+            init: iv.init,
+            exit,
+            cache,
+            gate: gate.is_some(),
+            body: Box::new(ctx.region),
+        };
         let parent = self.regions.last_mut().expect("forward region");
-        let tys: Vec<Ty> = operands.iter().map(|&n| parent.region.ty(n).clone()).collect();
+        let tys: Vec<Ty> = operands
+            .iter()
+            .map(|&n| parent.region.ty(n).clone())
+            .collect();
         match infer(&op, &tys, &parent.region.params) {
             Ok(ty) => {
                 let n = parent.region.add(op, ty, &operands);
                 self.define(&sname.name, Val::Tensor { depth: 0, node: n });
             }
-            Err(msg) => self.err(SHAPE, span, format!("invalid recurrence: {msg}"), "this loop"),
+            Err(msg) => self.err(
+                SHAPE,
+                span,
+                format!("invalid recurrence: {msg}"),
+                "this loop",
+            ),
         }
     }
 }

@@ -10,7 +10,10 @@ pub enum Val {
     Str(String),
     /// A bare name that is not bound: `interleaved`, `fixed`, `per_step`, `zeros`...
     Sym(String),
-    Tensor { depth: usize, node: NodeId },
+    Tensor {
+        depth: usize,
+        node: NodeId,
+    },
     Weight(WeightView),
     List(Vec<Val>),
     Init(InitVal),

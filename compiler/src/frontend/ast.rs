@@ -154,7 +154,12 @@ pub enum StmtKind {
     Return(Expr),
     /// `if lhs (== | !=) rhs { ... } else { ... }`: a build-time choice (e.g. the positional
     /// embedding of a family); without a comparison, a non-zero number is true.
-    If { lhs: Expr, cmp: Option<(CmpOp, Expr)>, then: Block, els: Option<Block> },
+    If {
+        lhs: Expr,
+        cmp: Option<(CmpOp, Expr)>,
+        then: Block,
+        els: Option<Block>,
+    },
 }
 
 /// Comparison operators of `if`.

@@ -578,7 +578,12 @@ impl Parser {
                 } else {
                     None
                 };
-                StmtKind::If { lhs, cmp, then, els }
+                StmtKind::If {
+                    lhs,
+                    cmp,
+                    then,
+                    els,
+                }
             }
             _ => return Err(self.expected_with("a statement", vec![format!("note: {STMT_FORMS}")])),
         };

@@ -152,7 +152,12 @@ impl Printer {
             StmtKind::Cache(e) => self.keyword_expr("cache", e),
             StmtKind::ExitGate(e) => self.keyword_expr("exit_gate", e),
             StmtKind::Return(e) => self.keyword_expr("return", e),
-            StmtKind::If { lhs, cmp, then, els } => {
+            StmtKind::If {
+                lhs,
+                cmp,
+                then,
+                els,
+            } => {
                 self.out.push_str("if ");
                 self.expr(lhs, 0);
                 if let Some((op, rhs)) = cmp {

@@ -6,11 +6,15 @@ mod readout;
 
 pub use print::print_manifest;
 
-use loopc_dialects::ops::{Binary, CacheSpec, Criterion as DCriterion, ExitSpec, FusedOp, RopeStyle as DRope, StateInit as DInit, Unary};
+use loopc_dialects::ops::{
+    Binary, CacheSpec, Criterion as DCriterion, ExitSpec, FusedOp, RopeStyle as DRope,
+    StateInit as DInit, Unary,
+};
 use loopc_dialects::{Module, NodeId, Op, Region, Ty};
 use loopc_runtime::artifact::{
-    Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, EwIn, EwOp, ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite,
-    Manifest, Program, Recur, RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
+    Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, EwIn, EwOp, ExitPolicy,
+    Instr, KernelDecl, KernelSpec, KvSite, Manifest, Program, Recur, RopeStyle, RopeTable, Rows,
+    StateInit, WRef, WeightDecl, FORMAT_VERSION,
 };
 use std::collections::HashMap;
 
@@ -56,7 +60,9 @@ pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, L
         let out = if after { &mut coda } else { &mut prelude };
         if let Op::Recur { .. } = r.node(n).op {
             if after {
-                return Err(LowerError("a program with more than one `recur` is not supported by this runtime".into()));
+                return Err(LowerError(
+                    "a program with more than one `recur` is not supported by this runtime".into(),
+                ));
             }
             l.lower_recur(r, n, &mut vals)?;
             after = true;
@@ -65,7 +71,9 @@ pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, L
         l.lower_node(r, n, &mut vals, out, false)?;
     }
     let logits_node = r.results[0];
-    let logits = *vals.get(&logits_node).ok_or_else(|| LowerError("forward must return an activation".into()))?;
+    let logits = *vals
+        .get(&logits_node)
+        .ok_or_else(|| LowerError("forward must return an activation".into()))?;
     let vocab = l.buffers[logits as usize].cols;
     let hidden = module
         .params
@@ -90,7 +98,11 @@ pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, L
         weights: module
             .weights
             .iter()
-            .map(|w| WeightDecl { name: w.name.clone(), shape: w.shape.clone(), origin: w.origin.clone() })
+            .map(|w| WeightDecl {
+                name: w.name.clone(),
+                shape: w.shape.clone(),
+                origin: w.origin.clone(),
+            })
             .collect(),
         buffers: l.buffers,
         kernels: l.kernels,
@@ -126,7 +138,12 @@ fn wref(op: &Op) -> Option<WRef> {
         [n, k] => (*n, *k),
         _ => (1, v.numel()),
     };
-    Some(WRef { weight: v.weight, offset: v.offset, rows, cols })
+    Some(WRef {
+        weight: v.weight,
+        offset: v.offset,
+        rows,
+        cols,
+    })
 }
 
 impl Lowerer {
@@ -138,32 +155,69 @@ impl Lowerer {
         }
         let mut srcs = vec![];
         for o in r.operands(n) {
-            srcs.push(self.wref(r, o)?.ok_or_else(|| LowerError("a derived weight reads a non-weight".into()))?);
+            srcs.push(
+                self.wref(r, o)?
+                    .ok_or_else(|| LowerError("a derived weight reads a non-weight".into()))?,
+            );
         }
         let recipe = match op {
-            Op::WSliceCols { start, len } => Derive::SliceCols { src: srcs[0], start: *start, len: *len },
-            Op::WScale(c) => Derive::Scale { src: srcs[0], by: *c },
-            Op::WMulCols => Derive::MulCols { src: srcs[0], gain: srcs[1] },
+            Op::WSliceCols { start, len } => Derive::SliceCols {
+                src: srcs[0],
+                start: *start,
+                len: *len,
+            },
+            Op::WScale(c) => Derive::Scale {
+                src: srcs[0],
+                by: *c,
+            },
+            Op::WMulCols => Derive::MulCols {
+                src: srcs[0],
+                gain: srcs[1],
+            },
             Op::WConcatRows => Derive::ConcatRows { srcs },
             _ => unreachable!("is_derived_weight"),
         };
-        let (rows, cols) = recipe.out_shape().map_err(|e| LowerError(format!("derived weight: {e}")))?;
+        let (rows, cols) = recipe
+            .out_shape()
+            .map_err(|e| LowerError(format!("derived weight: {e}")))?;
         let key = format!("{recipe:?}");
         let id = match self.derived_ids.get(&key) {
             Some(&i) => i,
             None => {
                 let i = (self.n_weights + self.derived.len()) as u32;
-                let name = format!("{}({})", op.mnemonic(), recipe.sources().iter().map(|w| format!("#{}+{}", w.weight, w.offset)).collect::<Vec<_>>().join(", "));
-                self.derived.push(DerivedWeight { name, shape: vec![rows, cols], recipe });
+                let name = format!(
+                    "{}({})",
+                    op.mnemonic(),
+                    recipe
+                        .sources()
+                        .iter()
+                        .map(|w| format!("#{}+{}", w.weight, w.offset))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                self.derived.push(DerivedWeight {
+                    name,
+                    shape: vec![rows, cols],
+                    recipe,
+                });
                 self.derived_ids.insert(key, i);
                 i
             }
         };
-        Ok(Some(WRef { weight: id, offset: 0, rows, cols }))
+        Ok(Some(WRef {
+            weight: id,
+            offset: 0,
+            rows,
+            cols,
+        }))
     }
 
     fn buffer(&mut self, name: String, cols: usize) -> BufId {
-        self.buffers.push(BufferDecl { name, rows: Rows::Tokens, cols });
+        self.buffers.push(BufferDecl {
+            name,
+            rows: Rows::Tokens,
+            cols,
+        });
         (self.buffers.len() - 1) as BufId
     }
 
@@ -182,7 +236,10 @@ impl Lowerer {
             KernelSpec::RopeBias { .. } => "rope",
         };
         let id = self.kernels.len() as u32;
-        self.kernels.push(KernelDecl { symbol: format!("loopc_k{id}_{kind}"), spec });
+        self.kernels.push(KernelDecl {
+            symbol: format!("loopc_k{id}_{kind}"),
+            spec,
+        });
         self.kernel_ids.insert(key, id);
         id
     }
@@ -196,26 +253,57 @@ impl Lowerer {
         (self.rope_tables.len() - 1) as u32
     }
 
-    fn arg(&mut self, r: &Region, n: NodeId, vals: &HashMap<NodeId, BufId>) -> Result<Arg, LowerError> {
+    fn arg(
+        &mut self,
+        r: &Region,
+        n: NodeId,
+        vals: &HashMap<NodeId, BufId>,
+    ) -> Result<Arg, LowerError> {
         if let Some(w) = self.wref(r, n)? {
             return Ok(Arg::Weight(w));
         }
-        vals.get(&n).map(|&b| Arg::Buf(b)).ok_or_else(|| LowerError(format!("value {n:?} has no buffer")))
+        vals.get(&n)
+            .map(|&b| Arg::Buf(b))
+            .ok_or_else(|| LowerError(format!("value {n:?} has no buffer")))
     }
 
     fn buf(&self, n: NodeId, vals: &HashMap<NodeId, BufId>) -> Result<BufId, LowerError> {
-        vals.get(&n).copied().ok_or_else(|| LowerError(format!("value {n:?} has no buffer")))
+        vals.get(&n)
+            .copied()
+            .ok_or_else(|| LowerError(format!("value {n:?} has no buffer")))
     }
 
-    fn lower_recur(&mut self, r: &Region, n: NodeId, vals: &mut HashMap<NodeId, BufId>) -> Result<(), LowerError> {
-        let Op::Recur { steps, init, exit, cache, gate, body } = &r.node(n).op else { unreachable!() };
+    fn lower_recur(
+        &mut self,
+        r: &Region,
+        n: NodeId,
+        vals: &mut HashMap<NodeId, BufId>,
+    ) -> Result<(), LowerError> {
+        let Op::Recur {
+            steps,
+            init,
+            exit,
+            cache,
+            gate,
+            body,
+        } = &r.node(n).op
+        else {
+            unreachable!()
+        };
         let ops = r.operands(n);
-        let cols = r.ty(n).cols().ok_or_else(|| LowerError("the recurrence state must be an activation".into()))?;
+        let cols = r
+            .ty(n)
+            .cols()
+            .ok_or_else(|| LowerError("the recurrence state must be an activation".into()))?;
         let state = self.buffer("state".into(), cols);
         let init = match init {
             DInit::Zeros => StateInit::Zeros,
             DInit::Operand => StateInit::From(self.buf(ops[0], vals)?),
-            DInit::TruncNormal { std, scale, seed } => StateInit::TruncNormal { std: *std, scale: *scale, seed: *seed },
+            DInit::TruncNormal { std, scale, seed } => StateInit::TruncNormal {
+                std: *std,
+                scale: *scale,
+                seed: *seed,
+            },
         };
         let n_init = usize::from(matches!(init, StateInit::From(_)));
         let mut bvals: HashMap<NodeId, BufId> = HashMap::new();
@@ -228,12 +316,20 @@ impl Lowerer {
                 Op::Param(i) => {
                     let outer = ops[n_init + i as usize - 1];
                     let b = match r.ty(outer) {
-                        Ty::Weight(_) => return Err(LowerError("a weight captured by `recur` must be declared inside it".into())),
+                        Ty::Weight(_) => {
+                            return Err(LowerError(
+                                "a weight captured by `recur` must be declared inside it".into(),
+                            ))
+                        }
                         _ => self.buf(outer, vals)?,
                     };
                     bvals.insert(bn, b);
                 }
-                Op::Recur { .. } => return Err(LowerError("nested `recur` is not supported by this runtime".into())),
+                Op::Recur { .. } => {
+                    return Err(LowerError(
+                        "nested `recur` is not supported by this runtime".into(),
+                    ))
+                }
                 _ => self.lower_node(body, bn, &mut bvals, &mut instrs, true)?,
             }
         }
@@ -244,7 +340,11 @@ impl Lowerer {
             instrs.push(Instr::Copy { src: state, dst: b });
             next = b;
         }
-        let gate = if *gate { Some(self.buf(body.results[1], &bvals)?) } else { None };
+        let gate = if *gate {
+            Some(self.buf(body.results[1], &bvals)?)
+        } else {
+            None
+        };
         self.recur = Some(Recur {
             state,
             next,
@@ -253,20 +353,41 @@ impl Lowerer {
             default_steps: *steps,
             exit: match exit {
                 ExitSpec::Fixed => ExitPolicy::Fixed,
-                ExitSpec::Converge { threshold, min_steps, max_steps } => {
-                    ExitPolicy::Converge { threshold: *threshold, min_steps: *min_steps, max_steps: *max_steps }
-                }
-                ExitSpec::Criterion { kind, threshold, min_steps, every, max_steps } => ExitPolicy::Criterion {
+                ExitSpec::Converge {
+                    threshold,
+                    min_steps,
+                    max_steps,
+                } => ExitPolicy::Converge {
+                    threshold: *threshold,
+                    min_steps: *min_steps,
+                    max_steps: *max_steps,
+                },
+                ExitSpec::Criterion {
+                    kind,
+                    threshold,
+                    min_steps,
+                    every,
+                    max_steps,
+                } => ExitPolicy::Criterion {
                     criterion: criterion(*kind),
                     threshold: *threshold,
                     min_steps: *min_steps,
                     every: *every,
                     max_steps: *max_steps,
                 },
-                ExitSpec::Gate { q, min_steps, max_steps } => {
-                    ExitPolicy::Gate { q: *q, min_steps: *min_steps, max_steps: *max_steps }
-                }
-                ExitSpec::Act { eps, max_steps } => ExitPolicy::Act { eps: *eps, max_steps: *max_steps },
+                ExitSpec::Gate {
+                    q,
+                    min_steps,
+                    max_steps,
+                } => ExitPolicy::Gate {
+                    q: *q,
+                    min_steps: *min_steps,
+                    max_steps: *max_steps,
+                },
+                ExitSpec::Act { eps, max_steps } => ExitPolicy::Act {
+                    eps: *eps,
+                    max_steps: *max_steps,
+                },
             },
             cache: match cache {
                 CacheSpec::PerStep => CachePolicy::PerStep,
@@ -295,11 +416,21 @@ impl Lowerer {
         let ops = r.operands(n);
         match &node.op {
             Op::RmsNormRes { eps } => {
-                let Ty::Tuple(ts) = &node.ty else { return Err(LowerError("`rmsnorm_res` must be a pair".into())) };
-                let cols = ts.first().and_then(|t| t.cols()).ok_or_else(|| LowerError("`rmsnorm_res` of a non-activation".into()))?;
+                let Ty::Tuple(ts) = &node.ty else {
+                    return Err(LowerError("`rmsnorm_res` must be a pair".into()));
+                };
+                let cols = ts
+                    .first()
+                    .and_then(|t| t.cols())
+                    .ok_or_else(|| LowerError("`rmsnorm_res` of a non-activation".into()))?;
                 let (a, b) = (self.buf(ops[0], vals)?, self.buf(ops[1], vals)?);
                 let gain = ops.get(2).map(|&g| self.arg(r, g, vals)).transpose()?;
-                let k = self.kernel(KernelSpec::RmsNorm { cols, eps: *eps, residual: true, gain: gain.is_some() });
+                let k = self.kernel(KernelSpec::RmsNorm {
+                    cols,
+                    eps: *eps,
+                    residual: true,
+                    gain: gain.is_some(),
+                });
                 let sum = self.buffer("rmsnorm_res_sum".into(), cols);
                 let y = self.buffer("rmsnorm_res".into(), cols);
                 let mut args = vec![Arg::Buf(a), Arg::Buf(b)];
@@ -328,13 +459,17 @@ impl Lowerer {
         let name = node.op.mnemonic().replace('.', "_");
         match &node.op {
             Op::Embed => {
-                let table = self.wref(r, ops[1])?.ok_or_else(|| LowerError("`embed` needs a weight table".into()))?;
+                let table = self
+                    .wref(r, ops[1])?
+                    .ok_or_else(|| LowerError("`embed` needs a weight table".into()))?;
                 let o = self.buffer(name, cols);
                 out.push(Instr::Embed { table, out: o });
                 vals.insert(n, o);
             }
             Op::Linear => {
-                let w = self.wref(r, ops[1])?.ok_or_else(|| LowerError("`linear` needs a weight".into()))?;
+                let w = self
+                    .wref(r, ops[1])?
+                    .ok_or_else(|| LowerError("`linear` needs a weight".into()))?;
                 let x = self.buf(ops[0], vals)?;
                 let o = self.buffer(name, cols);
                 out.push(Instr::MatMul { x, w, out: o });
@@ -343,7 +478,12 @@ impl Lowerer {
             Op::RmsNorm { eps } => {
                 let x = self.buf(ops[0], vals)?;
                 let gain = ops.get(1).map(|&g| self.arg(r, g, vals)).transpose()?;
-                let k = self.kernel(KernelSpec::RmsNorm { cols, eps: *eps, residual: false, gain: gain.is_some() });
+                let k = self.kernel(KernelSpec::RmsNorm {
+                    cols,
+                    eps: *eps,
+                    residual: false,
+                    gain: gain.is_some(),
+                });
                 let o = self.buffer(name, cols);
                 let mut args = vec![Arg::Buf(x)];
                 args.extend(gain);
@@ -374,16 +514,39 @@ impl Lowerer {
                 let (k, mut args) = match ops.get(1) {
                     Some(&b) => {
                         let bias = self.arg(r, b, vals)?;
-                        (self.kernel(KernelSpec::RopeBias { heads: *heads, head_dim, style }), vec![Arg::Buf(o), bias])
+                        (
+                            self.kernel(KernelSpec::RopeBias {
+                                heads: *heads,
+                                head_dim,
+                                style,
+                            }),
+                            vec![Arg::Buf(o), bias],
+                        )
                     }
-                    None => (self.kernel(KernelSpec::Rope { heads: *heads, head_dim, style }), vec![Arg::Buf(o)]),
+                    None => (
+                        self.kernel(KernelSpec::Rope {
+                            heads: *heads,
+                            head_dim,
+                            style,
+                        }),
+                        vec![Arg::Buf(o)],
+                    ),
                 };
                 args.extend([Arg::RopeCos(t), Arg::RopeSin(t)]);
                 out.push(Instr::Kernel { kernel: k, args });
                 vals.insert(n, o);
             }
-            Op::Attention { heads, kv_heads, scale, site } => {
-                let (q, kb, vb) = (self.buf(ops[0], vals)?, self.buf(ops[1], vals)?, self.buf(ops[2], vals)?);
+            Op::Attention {
+                heads,
+                kv_heads,
+                scale,
+                site,
+            } => {
+                let (q, kb, vb) = (
+                    self.buf(ops[0], vals)?,
+                    self.buf(ops[1], vals)?,
+                    self.buf(ops[2], vals)?,
+                );
                 let head_dim = cols / heads;
                 let s = *site as usize;
                 if self.kv_sites.len() <= s {
@@ -395,22 +558,48 @@ impl Lowerer {
                     head_dim,
                     in_loop,
                 });
-                out.push(Instr::KvWrite { site: *site, k: kb, v: vb });
-                let k = self.kernel(KernelSpec::Attention { heads: *heads, kv_heads: *kv_heads, head_dim, scale: *scale });
+                out.push(Instr::KvWrite {
+                    site: *site,
+                    k: kb,
+                    v: vb,
+                });
+                let k = self.kernel(KernelSpec::Attention {
+                    heads: *heads,
+                    kv_heads: *kv_heads,
+                    head_dim,
+                    scale: *scale,
+                });
                 let o = self.buffer(name, cols);
-                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(q), Arg::KCache(*site), Arg::VCache(*site), Arg::Buf(o)] });
+                out.push(Instr::Kernel {
+                    kernel: k,
+                    args: vec![
+                        Arg::Buf(q),
+                        Arg::KCache(*site),
+                        Arg::VCache(*site),
+                        Arg::Buf(o),
+                    ],
+                });
                 vals.insert(n, o);
             }
             Op::Glu(u) => {
                 let x = self.buf(ops[0], vals)?;
                 let act = ew_op(&FusedOp::Unary(*u, 0));
-                let k = self.kernel(KernelSpec::Glu { cols, ops: vec![EwOp::Input(0), act, EwOp::Input(1), EwOp::Mul(1, 2)] });
+                let k = self.kernel(KernelSpec::Glu {
+                    cols,
+                    ops: vec![EwOp::Input(0), act, EwOp::Input(1), EwOp::Mul(1, 2)],
+                });
                 let o = self.buffer(name, cols);
-                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(x), Arg::Buf(o)] });
+                out.push(Instr::Kernel {
+                    kernel: k,
+                    args: vec![Arg::Buf(x), Arg::Buf(o)],
+                });
                 vals.insert(n, o);
             }
             Op::Concat => {
-                let inputs = ops.iter().map(|&o| self.buf(o, vals)).collect::<Result<Vec<_>, _>>()?;
+                let inputs = ops
+                    .iter()
+                    .map(|&o| self.buf(o, vals))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let o = self.buffer(name, cols);
                 out.push(Instr::Concat { inputs, out: o });
                 vals.insert(n, o);
@@ -418,7 +607,11 @@ impl Lowerer {
             Op::Slice { start, .. } => {
                 let src = self.buf(ops[0], vals)?;
                 let o = self.buffer(name, cols);
-                out.push(Instr::SliceCols { src, start: *start, out: o });
+                out.push(Instr::SliceCols {
+                    src,
+                    start: *start,
+                    out: o,
+                });
                 vals.insert(n, o);
             }
             Op::LayerNorm { eps } => {
@@ -427,32 +620,46 @@ impl Lowerer {
                 let b = self.arg(r, ops[2], vals)?;
                 let k = self.kernel(KernelSpec::LayerNorm { cols, eps: *eps });
                 let o = self.buffer(name, cols);
-                out.push(Instr::Kernel { kernel: k, args: vec![Arg::Buf(x), g, b, Arg::Buf(o)] });
+                out.push(Instr::Kernel {
+                    kernel: k,
+                    args: vec![Arg::Buf(x), g, b, Arg::Buf(o)],
+                });
                 vals.insert(n, o);
             }
             Op::MatMul => {
-                let w = wref(&r.node(ops[1]).op).ok_or_else(|| LowerError("`matmul` needs a weight".into()))?;
+                let w = wref(&r.node(ops[1]).op)
+                    .ok_or_else(|| LowerError("`matmul` needs a weight".into()))?;
                 let x = self.buf(ops[0], vals)?;
                 let o = self.buffer(name, cols);
                 out.push(Instr::MatMulKN { x, w, out: o });
                 vals.insert(n, o);
             }
             Op::PosEmbed => {
-                let table = wref(&r.node(ops[0]).op).ok_or_else(|| LowerError("`pos_embed` needs a weight table".into()))?;
+                let table = wref(&r.node(ops[0]).op)
+                    .ok_or_else(|| LowerError("`pos_embed` needs a weight table".into()))?;
                 let o = self.buffer(name, cols);
                 out.push(Instr::PosEmbed { table, out: o });
                 vals.insert(n, o);
             }
             Op::Sinusoidal { base, .. } => {
                 let o = self.buffer(name, cols);
-                out.push(Instr::Sinusoidal { base: *base, out: o });
+                out.push(Instr::Sinusoidal {
+                    base: *base,
+                    out: o,
+                });
                 vals.insert(n, o);
             }
             Op::Unary(_) | Op::Binary(_) | Op::Scale(_) | Op::Fused { .. } => {
                 let body = match &node.op {
                     Op::Unary(u) => vec![FusedOp::Arg(0), FusedOp::Unary(*u, 0)],
-                    Op::Binary(b) => vec![FusedOp::Arg(0), FusedOp::Arg(1), FusedOp::Binary(*b, 0, 1)],
-                    Op::Scale(c) => vec![FusedOp::Arg(0), FusedOp::Const(*c), FusedOp::Binary(Binary::Mul, 0, 1)],
+                    Op::Binary(b) => {
+                        vec![FusedOp::Arg(0), FusedOp::Arg(1), FusedOp::Binary(*b, 0, 1)]
+                    }
+                    Op::Scale(c) => vec![
+                        FusedOp::Arg(0),
+                        FusedOp::Const(*c),
+                        FusedOp::Binary(Binary::Mul, 0, 1),
+                    ],
                     Op::Fused { body } => body.clone(),
                     _ => unreachable!(),
                 };
@@ -460,13 +667,29 @@ impl Lowerer {
                 let mut inputs = vec![];
                 for &o in &ops {
                     let a = self.arg(r, o, vals)?;
-                    inputs.push(if matches!(a, Arg::Weight(_)) { EwIn::Broadcast } else { EwIn::Rows });
+                    inputs.push(if matches!(a, Arg::Weight(_)) {
+                        EwIn::Broadcast
+                    } else {
+                        EwIn::Rows
+                    });
                     args.push(a);
                 }
                 let ew: Vec<EwOp> = body.iter().map(ew_op).collect();
                 let last = (ew.len() - 1) as u32;
-                let k = self.kernel(KernelSpec::Elementwise { cols, inputs, ops: ew, outputs: vec![last] });
-                let o = self.buffer(if matches!(node.op, Op::Fused { .. }) { "fused".into() } else { name }, cols);
+                let k = self.kernel(KernelSpec::Elementwise {
+                    cols,
+                    inputs,
+                    ops: ew,
+                    outputs: vec![last],
+                });
+                let o = self.buffer(
+                    if matches!(node.op, Op::Fused { .. }) {
+                        "fused".into()
+                    } else {
+                        name
+                    },
+                    cols,
+                );
                 args.push(Arg::Buf(o));
                 out.push(Instr::Kernel { kernel: k, args });
                 vals.insert(n, o);

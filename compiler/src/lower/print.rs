@@ -4,10 +4,23 @@ use std::fmt::Write;
 
 pub fn print_manifest(m: &Manifest) -> String {
     let mut s = String::new();
-    writeln!(s, "program {:?} target={} backend={}", m.model, m.target, m.backend).unwrap();
+    writeln!(
+        s,
+        "program {:?} target={} backend={}",
+        m.model, m.target, m.backend
+    )
+    .unwrap();
     writeln!(s, "vocab {} hidden {}", m.vocab, m.hidden).unwrap();
     for (i, d) in m.derived.iter().enumerate() {
-        writeln!(s, "derived #{} {:?} {:?} = {:?}", m.weights.len() + i, d.name, d.shape, d.recipe).unwrap();
+        writeln!(
+            s,
+            "derived #{} {:?} {:?} = {:?}",
+            m.weights.len() + i,
+            d.name,
+            d.shape,
+            d.recipe
+        )
+        .unwrap();
     }
     for (i, b) in m.buffers.iter().enumerate() {
         let rows = match b.rows {
@@ -20,11 +33,22 @@ pub fn print_manifest(m: &Manifest) -> String {
         writeln!(s, "kernel k{i} @{} {}", k.symbol, spec(&k.spec)).unwrap();
     }
     for (i, t) in m.rope_tables.iter().enumerate() {
-        writeln!(s, "rope_table t{i} head_dim={} base={:?}", t.head_dim, t.base).unwrap();
+        writeln!(
+            s,
+            "rope_table t{i} head_dim={} base={:?}",
+            t.head_dim, t.base
+        )
+        .unwrap();
     }
     for (i, k) in m.kv_sites.iter().enumerate() {
-        writeln!(s, "kv_site s{i} kv_heads={} head_dim={} {}", k.kv_heads, k.head_dim, if k.in_loop { "per-iteration" } else { "single" })
-            .unwrap();
+        writeln!(
+            s,
+            "kv_site s{i} kv_heads={} head_dim={} {}",
+            k.kv_heads,
+            k.head_dim,
+            if k.in_loop { "per-iteration" } else { "single" }
+        )
+        .unwrap();
     }
     writeln!(s, "prelude {{").unwrap();
     instrs(&mut s, m, &m.program.prelude, "  ");
@@ -33,7 +57,9 @@ pub fn print_manifest(m: &Manifest) -> String {
         let init = match &r.init {
             StateInit::Zeros => "zeros".to_string(),
             StateInit::From(b) => format!("b{b}"),
-            StateInit::TruncNormal { std, scale, seed } => format!("trunc_normal(std={std:?},scale={scale:?},seed={seed})"),
+            StateInit::TruncNormal { std, scale, seed } => {
+                format!("trunc_normal(std={std:?},scale={scale:?},seed={seed})")
+            }
         };
         let gate = r.gate.map(|g| format!(" gate=b{g}")).unwrap_or_default();
         writeln!(
@@ -104,17 +130,42 @@ fn instrs(s: &mut String, m: &Manifest, v: &[Instr], ind: &str) {
 
 fn spec(k: &KernelSpec) -> String {
     match k {
-        KernelSpec::Elementwise { cols, inputs, ops, outputs } => {
+        KernelSpec::Elementwise {
+            cols,
+            inputs,
+            ops,
+            outputs,
+        } => {
             format!("elementwise cols={cols} inputs={inputs:?} ops={ops:?} outputs={outputs:?}")
         }
-        KernelSpec::RmsNorm { cols, eps, residual, gain } => {
+        KernelSpec::RmsNorm {
+            cols,
+            eps,
+            residual,
+            gain,
+        } => {
             format!("rmsnorm cols={cols} eps={eps:?} residual={residual} gain={gain}")
         }
-        KernelSpec::Rope { heads, head_dim, style } => format!("rope heads={heads} head_dim={head_dim} style={style:?}"),
+        KernelSpec::Rope {
+            heads,
+            head_dim,
+            style,
+        } => format!("rope heads={heads} head_dim={head_dim} style={style:?}"),
         KernelSpec::Glu { cols, ops } => format!("glu cols={cols} ops={ops:?}"),
-        KernelSpec::RopeBias { heads, head_dim, style } => format!("rope_bias heads={heads} head_dim={head_dim} style={style:?}"),
-        KernelSpec::Attention { heads, kv_heads, head_dim, scale } => {
-            format!("attention heads={heads} kv_heads={kv_heads} head_dim={head_dim} scale={scale:?}")
+        KernelSpec::RopeBias {
+            heads,
+            head_dim,
+            style,
+        } => format!("rope_bias heads={heads} head_dim={head_dim} style={style:?}"),
+        KernelSpec::Attention {
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+        } => {
+            format!(
+                "attention heads={heads} kv_heads={kv_heads} head_dim={head_dim} scale={scale:?}"
+            )
         }
         KernelSpec::LayerNorm { cols, eps } => format!("layernorm cols={cols} eps={eps:?}"),
     }

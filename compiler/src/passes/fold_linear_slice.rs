@@ -13,16 +13,24 @@ impl Pass for FoldLinearSlice {
     fn run(&self, m: &mut loopc_dialects::Module) {
         for_each_region(&mut m.forward, &mut |r: &mut Region| {
             for n in r.topo_order() {
-                let Op::Slice { start, len } = r.node(n).op else { continue };
+                let Op::Slice { start, len } = r.node(n).op else {
+                    continue;
+                };
                 let src = r.operands(n)[0];
                 if r.node(src).op != Op::Linear {
                     continue;
                 }
                 let ops = r.operands(src);
                 let (x, w) = (ops[0], ops[1]);
-                let Op::Weight(view) = &r.node(w).op else { continue };
+                let Op::Weight(view) = &r.node(w).op else {
+                    continue;
+                };
                 let k = view.shape[1];
-                let sub = WeightView { weight: view.weight, offset: view.offset + start * k, shape: vec![len, k] };
+                let sub = WeightView {
+                    weight: view.weight,
+                    offset: view.offset + start * k,
+                    shape: vec![len, k],
+                };
                 let wn = r.add(Op::Weight(sub.clone()), Ty::Weight(sub.shape.clone()), &[]);
                 let lin = r.add(Op::Linear, Ty::Act(len), &[x, wn]);
                 r.replace_uses(n, lin);

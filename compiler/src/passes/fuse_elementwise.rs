@@ -10,7 +10,10 @@ use std::collections::HashMap;
 pub struct FuseElementwise;
 
 fn pointwise(op: &Op) -> bool {
-    matches!(op, Op::Unary(_) | Op::Binary(_) | Op::Scale(_) | Op::Fused { .. })
+    matches!(
+        op,
+        Op::Unary(_) | Op::Binary(_) | Op::Scale(_) | Op::Fused { .. }
+    )
 }
 
 impl Pass for FuseElementwise {
@@ -86,7 +89,9 @@ fn emit(
                         FusedOp::Arg(i) => emit(r, ops[i as usize], false, body, args, memo),
                         FusedOp::Const(c) => push(body, FusedOp::Const(c)),
                         FusedOp::Unary(u, a) => push(body, FusedOp::Unary(u, map[a as usize])),
-                        FusedOp::Binary(b, x, y) => push(body, FusedOp::Binary(b, map[x as usize], map[y as usize])),
+                        FusedOp::Binary(b, x, y) => {
+                            push(body, FusedOp::Binary(b, map[x as usize], map[y as usize]))
+                        }
                     };
                     map.push(v);
                 }

@@ -26,7 +26,12 @@ pub struct PassOptions {
 
 impl Default for PassOptions {
     fn default() -> Self {
-        PassOptions { dump_after: vec![], verify: cfg!(debug_assertions), limit: None, opt_level: 1 }
+        PassOptions {
+            dump_after: vec![],
+            verify: cfg!(debug_assertions),
+            limit: None,
+            opt_level: 1,
+        }
     }
 }
 
@@ -71,13 +76,21 @@ pub fn run_pipeline(m: &mut Module, opts: &PassOptions) -> Result<Vec<PassRecord
             .iter()
             .any(|d| d == "all" || d == pass.name())
             .then(|| print_module(m));
-        records.push(PassRecord { name: pass.name(), nodes_after: m.node_count(), micros, dump });
+        records.push(PassRecord {
+            name: pass.name(),
+            nodes_after: m.node_count(),
+            micros,
+            dump,
+        });
     }
     Ok(records)
 }
 
 /// Apply `f` to a region and every nested recur body.
-pub(crate) fn for_each_region(r: &mut loopc_dialects::Region, f: &mut dyn FnMut(&mut loopc_dialects::Region)) {
+pub(crate) fn for_each_region(
+    r: &mut loopc_dialects::Region,
+    f: &mut dyn FnMut(&mut loopc_dialects::Region),
+) {
     use loopc_dialects::Op;
     for n in r.graph.node_indices().collect::<Vec<_>>() {
         if let Op::Recur { body, .. } = &mut r.graph[n].op {

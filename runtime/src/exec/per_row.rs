@@ -11,14 +11,24 @@ impl Run<'_> {
     /// The recurrence with per-row exits: rows that stop leave the active set, and the body
     /// (and the readout) run only on the rows still active, compacted to the front of every
     /// per-token buffer. Returns the deepest row's iteration count.
-    pub(super) fn per_row(&mut self, rec: &Recur, cap: usize, rule: Rule, gates: &mut Vec<f32>) -> Result<usize> {
+    pub(super) fn per_row(
+        &mut self,
+        rec: &Recur,
+        cap: usize,
+        rule: Rule,
+        gates: &mut Vec<f32>,
+    ) -> Result<usize> {
         let m = self.m;
         let man = &m.manifest;
         let s = self.ws.s;
         let cols = man.buffers[rec.state as usize].cols;
         let vocab = man.vocab;
         let logits_buf = man.program.logits;
-        let live = if s > 1 { crate::rows::live_ins(man, rec) } else { Vec::new() };
+        let live = if s > 1 {
+            crate::rows::live_ins(man, rec)
+        } else {
+            Vec::new()
+        };
         {
             let ex = &mut *self.ex;
             ex.hist.reset(s, vocab, &rule);
@@ -28,7 +38,8 @@ impl Run<'_> {
             ex.saved.clear();
             for &b in &live {
                 let c = man.buffers[b as usize].cols;
-                ex.saved.push((b, self.ws.bufs[b as usize].as_slice()[..s * c].to_vec()));
+                ex.saved
+                    .push((b, self.ws.bufs[b as usize].as_slice()[..s * c].to_vec()));
             }
         }
         let mut active = std::mem::take(&mut self.ex.active);
@@ -73,12 +84,22 @@ impl Run<'_> {
                     }
                 }
             }
-            if let Rule::Criterion { c, threshold, min_steps, every } = rule {
+            if let Rule::Criterion {
+                c,
+                threshold,
+                min_steps,
+                every,
+            } = rule
+            {
                 let check = step >= min_steps && step % every == 0;
                 if rule.needs_latent() {
                     let (a, b) = (self.ws.buf(rec.next), self.ws.buf(rec.state));
                     for i in 0..n {
-                        let v = latent_value(c, &a[i * cols..(i + 1) * cols], &b[i * cols..(i + 1) * cols]);
+                        let v = latent_value(
+                            c,
+                            &a[i * cols..(i + 1) * cols],
+                            &b[i * cols..(i + 1) * cols],
+                        );
                         exiting[i] |= check && passes(c, v, threshold);
                     }
                 }
@@ -91,7 +112,10 @@ impl Run<'_> {
                     self.ex.readout_rows += n;
                     let l = self.ws.buf(logits_buf);
                     for (i, &r) in self.active.iter().enumerate() {
-                        let v = self.ex.hist.logits_value(c, r, &l[i * vocab..(i + 1) * vocab]);
+                        let v = self
+                            .ex
+                            .hist
+                            .logits_value(c, r, &l[i * vocab..(i + 1) * vocab]);
                         exiting[i] |= check && passes(c, v, threshold);
                     }
                 }
@@ -104,7 +128,8 @@ impl Run<'_> {
             for (i, &r) in self.active.iter().enumerate() {
                 if exiting[i] {
                     let st = self.ws.buf(rec.state);
-                    self.ex.final_state[r * cols..(r + 1) * cols].copy_from_slice(&st[i * cols..(i + 1) * cols]);
+                    self.ex.final_state[r * cols..(r + 1) * cols]
+                        .copy_from_slice(&st[i * cols..(i + 1) * cols]);
                     self.ex.row_depth[r] = step;
                 } else {
                     keep.push(i);
@@ -130,13 +155,15 @@ impl Run<'_> {
         // Rows still active at the cap end with the state they have.
         for (i, &r) in self.active.iter().enumerate() {
             let st = self.ws.buf(rec.state);
-            self.ex.final_state[r * cols..(r + 1) * cols].copy_from_slice(&st[i * cols..(i + 1) * cols]);
+            self.ex.final_state[r * cols..(r + 1) * cols]
+                .copy_from_slice(&st[i * cols..(i + 1) * cols]);
             self.ex.row_depth[r] = t;
         }
         for (b, data) in &self.ex.saved {
             self.ws.bufs[*b as usize].as_mut_slice()[..data.len()].copy_from_slice(data);
         }
-        self.ws.bufs[rec.state as usize].as_mut_slice()[..s * cols].copy_from_slice(&self.ex.final_state[..s * cols]);
+        self.ws.bufs[rec.state as usize].as_mut_slice()[..s * cols]
+            .copy_from_slice(&self.ex.final_state[..s * cols]);
         self.copy(rec.state, rec.next);
         self.ex.active = std::mem::take(&mut self.active);
         self.n = s;

@@ -91,7 +91,12 @@ pub fn build(
     let layout: Vec<Layout> = inputs
         .iter()
         .enumerate()
-        .map(|(k, &kind)| Layout { kind, ptr: k, stride: cols, col: 0 })
+        .map(|(k, &kind)| Layout {
+            kind,
+            ptr: k,
+            stride: cols,
+            col: 0,
+        })
         .collect();
     build_with(fx, params, cols, &layout, inputs.len(), ops, outputs);
 }
@@ -99,8 +104,18 @@ pub fn build(
 /// `y = ops(x[:, :cols], x[:, cols:])` with pointers `[x, y]` (see `KernelSpec::Glu`).
 pub fn build_glu(fx: &mut Fx, params: &Params, cols: usize, ops: &[EwOp]) {
     let layout = [
-        Layout { kind: EwIn::Rows, ptr: 0, stride: 2 * cols, col: 0 },
-        Layout { kind: EwIn::Rows, ptr: 0, stride: 2 * cols, col: cols },
+        Layout {
+            kind: EwIn::Rows,
+            ptr: 0,
+            stride: 2 * cols,
+            col: 0,
+        },
+        Layout {
+            kind: EwIn::Rows,
+            ptr: 0,
+            stride: 2 * cols,
+            col: cols,
+        },
     ];
     let last = ops.len().saturating_sub(1) as u32;
     build_with(fx, params, cols, &layout, 1, ops, &[last]);
@@ -129,7 +144,9 @@ fn build_with(
             .iter()
             .zip(&in_ptrs)
             .map(|(l, &ptr)| match l.kind {
-                EwIn::Rows if l.stride == cols && l.col == 0 => Source::Memory(fx.iadd(ptr, row_off)),
+                EwIn::Rows if l.stride == cols && l.col == 0 => {
+                    Source::Memory(fx.iadd(ptr, row_off))
+                }
                 EwIn::Rows => {
                     let off = fx.imul_imm(r, 4 * l.stride as i64);
                     let col = fx.iconst(4 * l.col as i64);

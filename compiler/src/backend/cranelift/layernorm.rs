@@ -30,23 +30,35 @@ pub fn build(fx: &mut Fx, params: &Params, cols: usize, eps: f32) {
 
         let zero = fx.splat(0.0);
         let mut acc = vec![zero; ACCUMULATORS];
-        fx.for_chunks(cols, ACCUMULATORS, ACCUMULATORS, &mut acc, |fx, dyn_off, off, width, acc| {
-            let at = fx.at(x_row, dyn_off);
-            let x = fx.load(at, off, width);
-            let k = (off as usize / 16) % ACCUMULATORS;
-            acc[k] = fx.add(acc[k], x);
-        });
+        fx.for_chunks(
+            cols,
+            ACCUMULATORS,
+            ACCUMULATORS,
+            &mut acc,
+            |fx, dyn_off, off, width, acc| {
+                let at = fx.at(x_row, dyn_off);
+                let x = fx.load(at, off, width);
+                let k = (off as usize / 16) % ACCUMULATORS;
+                acc[k] = fx.add(acc[k], x);
+            },
+        );
         let total = reduce(fx, &acc);
         let mean = fx.div(total, n);
 
         let mut acc = vec![zero; ACCUMULATORS];
-        fx.for_chunks(cols, ACCUMULATORS, ACCUMULATORS, &mut acc, |fx, dyn_off, off, width, acc| {
-            let at = fx.at(x_row, dyn_off);
-            let x = fx.load(at, off, width);
-            let d = fx.sub(x, mean);
-            let k = (off as usize / 16) % ACCUMULATORS;
-            acc[k] = fx.mul_add(d, d, acc[k]);
-        });
+        fx.for_chunks(
+            cols,
+            ACCUMULATORS,
+            ACCUMULATORS,
+            &mut acc,
+            |fx, dyn_off, off, width, acc| {
+                let at = fx.at(x_row, dyn_off);
+                let x = fx.load(at, off, width);
+                let d = fx.sub(x, mean);
+                let k = (off as usize / 16) % ACCUMULATORS;
+                acc[k] = fx.mul_add(d, d, acc[k]);
+            },
+        );
         let sq = reduce(fx, &acc);
         // The lanes past the row end load as zero, so each added (0 − mean)²: take them back out.
         let pad = (4 - cols % 4) % 4;
@@ -65,18 +77,24 @@ pub fn build(fx: &mut Fx, params: &Params, cols: usize, eps: f32) {
         let one = fx.splat(1.0);
         let inv = fx.div(one, sd);
 
-        fx.for_chunks(cols, 2, UNROLL_ALL, &mut vec![], |fx, dyn_off, off, width, _| {
-            let at = fx.at(x_row, dyn_off);
-            let x = fx.load(at, off, width);
-            let d = fx.sub(x, mean);
-            let z = fx.mul(d, inv);
-            let at = fx.at(g_ptr, dyn_off);
-            let g = fx.load(at, off, width);
-            let at = fx.at(b_ptr, dyn_off);
-            let b = fx.load(at, off, width);
-            let y = fx.mul_add(z, g, b);
-            let at = fx.at(y_row, dyn_off);
-            fx.store(y, at, off, width);
-        });
+        fx.for_chunks(
+            cols,
+            2,
+            UNROLL_ALL,
+            &mut vec![],
+            |fx, dyn_off, off, width, _| {
+                let at = fx.at(x_row, dyn_off);
+                let x = fx.load(at, off, width);
+                let d = fx.sub(x, mean);
+                let z = fx.mul(d, inv);
+                let at = fx.at(g_ptr, dyn_off);
+                let g = fx.load(at, off, width);
+                let at = fx.at(b_ptr, dyn_off);
+                let b = fx.load(at, off, width);
+                let y = fx.mul_add(z, g, b);
+                let at = fx.at(y_row, dyn_off);
+                fx.store(y, at, off, width);
+            },
+        );
     });
 }

@@ -13,9 +13,9 @@ mod abi;
 mod attention;
 mod elementwise;
 mod emit;
+mod layernorm;
 mod link;
 mod math;
-mod layernorm;
 mod norm;
 mod rope;
 mod target;
@@ -178,7 +178,11 @@ fn build(decl: &KernelDecl, features: Features, fctx: &mut FunctionBuilderContex
         } => attention::build(&mut fx, &params, *heads, *kv_heads, *head_dim, *scale),
         KernelSpec::LayerNorm { cols, eps } => layernorm::build(&mut fx, &params, *cols, *eps),
         KernelSpec::Glu { cols, ops } => elementwise::build_glu(&mut fx, &params, *cols, ops),
-        KernelSpec::RopeBias { heads, head_dim, style } => rope::build_with_bias(&mut fx, &params, *heads, *head_dim, *style),
+        KernelSpec::RopeBias {
+            heads,
+            head_dim,
+            style,
+        } => rope::build_with_bias(&mut fx, &params, *heads, *head_dim, *style),
     }
     fx.finish();
     func
@@ -273,7 +277,10 @@ fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
         KernelSpec::Glu { cols, ops } => {
             dim("2 * cols", cols.saturating_mul(2))?;
             dim("cols", *cols)?;
-            let last = ops.len().checked_sub(1).ok_or_else(|| invalid("a gated unit needs ops".into()))?;
+            let last = ops
+                .len()
+                .checked_sub(1)
+                .ok_or_else(|| invalid("a gated unit needs ops".into()))?;
             elementwise::validate(&[EwIn::Rows, EwIn::Rows], ops, &[last as u32]).map_err(invalid)
         }
     }

@@ -10,11 +10,24 @@ pub fn build(fx: &mut Fx, params: &Params, heads: usize, head_dim: usize, style:
 }
 
 /// `x = rope(x + bias)`: pointers `[x, bias, cos, sin]`.
-pub fn build_with_bias(fx: &mut Fx, params: &Params, heads: usize, head_dim: usize, style: RopeStyle) {
+pub fn build_with_bias(
+    fx: &mut Fx,
+    params: &Params,
+    heads: usize,
+    head_dim: usize,
+    style: RopeStyle,
+) {
     build_impl(fx, params, heads, head_dim, style, true)
 }
 
-fn build_impl(fx: &mut Fx, params: &Params, heads: usize, head_dim: usize, style: RopeStyle, with_bias: bool) {
+fn build_impl(
+    fx: &mut Fx,
+    params: &Params,
+    heads: usize,
+    head_dim: usize,
+    style: RopeStyle,
+    with_bias: bool,
+) {
     let x = params.ptr(fx, 0);
     let bias = with_bias.then(|| params.ptr(fx, 1));
     let k = usize::from(with_bias);
