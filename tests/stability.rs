@@ -2,9 +2,8 @@
 //! logits or stops with a clean guard error; a diverging recurrence is never a silent NaN.
 mod common;
 use common::*;
-use loopc_compiler::driver::{self, Options};
 use loopc_runtime::guard::{EventKind, Guard, GuardMode};
-use loopc_runtime::{Artifact, Model, RuntimeError, Weights};
+use loopc_runtime::{Model, RuntimeError};
 
 fn finite(x: &[f32]) -> bool {
     x.iter().all(|v| v.is_finite())
@@ -83,25 +82,12 @@ forward(tokens) {
   }
   return linear(h, wte)
 }"#;
-    let opts = Options {
-        verify: true,
-        opt_level: 1,
-        ..Default::default()
-    };
-    let f = driver::front_from_source("exploding.loop", src, &opts).unwrap();
-    let built = driver::build_front(&f, &opts, vec![]).unwrap();
     let wte: Vec<f32> = (0..32).map(|i| ((i % 7) as f32 - 3.0) / 4.0).collect();
     let mut w = vec![0.0f32; 16];
     for i in 0..4 {
         w[i * 4 + i] = 10.0;
     }
-    let weights =
-        Weights::from_f32([("wte", vec![8, 4], &wte[..]), ("w", vec![4, 4], &w[..])]).unwrap();
-    Model::new(
-        Artifact::from_bytes(built.artifact_bytes()).unwrap(),
-        weights,
-    )
-    .unwrap()
+    toy_model(src, &[("wte", vec![8, 4], &wte), ("w", vec![4, 4], &w)])
 }
 
 #[test]

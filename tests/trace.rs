@@ -2,9 +2,8 @@
 //! trajectory is known in closed form, and the JSON schema of the CLI output.
 mod common;
 use common::*;
-use loopc_compiler::driver::{self, Options};
 use loopc_runtime::trace::{analyze, Settled};
-use loopc_runtime::{Artifact, Model, Weights};
+use loopc_runtime::Model;
 
 /// `h ← h · diag(a)`: with a = 2 the norm doubles each step (rel update 1/2, cosine 1); with
 /// a = −1 the state flips sign (a cycle of period 2); with a = 1 it is a fixed point.
@@ -21,13 +20,6 @@ forward(tokens) {
   }
   return linear(h, wte)
 }"#;
-    let opts = Options {
-        verify: true,
-        opt_level: 1,
-        ..Default::default()
-    };
-    let f = driver::front_from_source("diag.loop", src, &opts).unwrap();
-    let built = driver::build_front(&f, &opts, vec![]).unwrap();
     let wte: Vec<f32> = (0..32)
         .map(|i| ((i % 5) as f32 - 2.0) / 3.0 + 0.1)
         .collect();
@@ -35,13 +27,7 @@ forward(tokens) {
     for i in 0..4 {
         w[i * 4 + i] = a;
     }
-    let weights =
-        Weights::from_f32([("wte", vec![8, 4], &wte[..]), ("w", vec![4, 4], &w[..])]).unwrap();
-    Model::new(
-        Artifact::from_bytes(built.artifact_bytes()).unwrap(),
-        weights,
-    )
-    .unwrap()
+    toy_model(src, &[("wte", vec![8, 4], &wte), ("w", vec![4, 4], &w)])
 }
 
 #[test]

@@ -376,7 +376,7 @@ impl Run<'_> {
             }
             while iterations < cap {
                 self.list(&rec.body, Some(iterations))?;
-                self.guard_step(iterations, rec)?;
+                self.after_iteration(iterations, rec)?;
                 let t0 = self.profile.is_some().then(Instant::now);
                 if let Some(g) = rec.gate {
                     gates.extend(
@@ -409,65 +409,53 @@ impl Run<'_> {
         Ok(iterations)
     }
 
-    /// Run the stability guard on the rows the body just computed (`next`, against `state`).
-    fn guard_step(&mut self, iteration: usize, rec: &crate::artifact::Recur) -> Result<()> {
+    /// After each iteration: record the trace (when on) and run the stability guard on the rows
+    /// the body just computed (`next`, against the previous `state`).
+    fn after_iteration(&mut self, iteration: usize, rec: &crate::artifact::Recur) -> Result<()> {
         use crate::guard::{check, GuardMode};
-        if self.ex.trace.is_some() {
-            let cols = self.m.manifest.buffers[rec.state as usize].cols;
-            let n = if self.active.is_empty() {
-                self.ws.s
-            } else {
-                self.active.len()
-            };
-            let (a, b) = (self.ws.buf(rec.next), self.ws.buf(rec.state));
-            let steps: Vec<_> = (0..n)
-                .map(|i| {
-                    crate::trace::step(
-                        iteration,
-                        self.position_of(i),
-                        &a[i * cols..(i + 1) * cols],
-                        &b[i * cols..(i + 1) * cols],
-                    )
-                })
-                .collect();
-            self.ex.trace.as_mut().expect("tracing").extend(steps);
+        let cols = self.m.manifest.buffers[rec.state as usize].cols;
+        let n = if self.active.is_empty() {
+            self.ws.s
+        } else {
+            self.active.len()
+        };
+        let (active, segs) = (&self.active, self.segs);
+        // (call row, absolute position) of compact row i.
+        let row = |i: usize| {
+            let c = if active.is_empty() { i } else { active[i] };
+            (c, position_in(segs, c))
+        };
+        let (nb, sb) = (rec.next as usize, rec.state as usize);
+        if let Some(trace) = self.ex.trace.as_mut() {
+            let (a, b) = (self.ws.bufs[nb].as_slice(), self.ws.bufs[sb].as_slice());
+            trace.extend((0..n).map(|i| {
+                let r = i * cols..(i + 1) * cols;
+                crate::trace::step(iteration, row(i).1, &a[r.clone()], &b[r])
+            }));
         }
         let guard = self.ex.guard;
         if guard.mode == GuardMode::Off {
             return Ok(());
         }
-        let cols = self.m.manifest.buffers[rec.state as usize].cols;
-        let s = self.ws.s;
         if iteration == 0 {
             self.ex.guard_ref.clear();
-            self.ex.guard_ref.resize(s, f64::NAN);
+            self.ex.guard_ref.resize(self.ws.s, f64::NAN);
         }
-        let n = if self.active.is_empty() {
-            s
+        // `next` and `state` are distinct buffers (validated), so one can be written while the
+        // other is read, without copying the previous state on this per-iteration path.
+        let (next, prev) = if nb < sb {
+            let (lo, hi) = self.ws.bufs.split_at_mut(sb);
+            (lo[nb].as_mut_slice(), hi[0].as_slice())
         } else {
-            self.active.len()
+            let (lo, hi) = self.ws.bufs.split_at_mut(nb);
+            (hi[0].as_mut_slice(), lo[sb].as_slice())
         };
-        let rows: Vec<(usize, usize)> = (0..n)
-            .map(|i| {
-                (
-                    if self.active.is_empty() {
-                        i
-                    } else {
-                        self.active[i]
-                    },
-                    self.position_of(i),
-                )
-            })
-            .collect();
-        let (nb, sb) = (rec.next as usize, rec.state as usize);
-        let prev: Vec<f32> = self.ws.bufs[sb].as_slice()[..n * cols].to_vec();
-        let next = &mut self.ws.bufs[nb].as_mut_slice()[..n * cols];
         let events = check(
             &guard,
             iteration,
-            rows.into_iter(),
-            next,
-            &prev,
+            (0..n).map(row),
+            &mut next[..n * cols],
+            &prev[..n * cols],
             cols,
             &mut self.ex.guard_ref,
         );
@@ -583,9 +571,7 @@ impl Run<'_> {
         } else {
             self.active[i]
         };
-        let b = self.segs.partition_point(|g| g.row0 + g.rows <= c);
-        let g = self.segs[b.min(self.segs.len() - 1)];
-        g.pos0 + (c - g.row0)
+        position_in(self.segs, c)
     }
 
     /// Rows a buffer holds now (compacted per-token buffers hold `n`).
@@ -1021,4 +1007,11 @@ mod tests {
         pool.install(move || launch(record, &[addr as *mut f32], 0, 100, 0, 100, 1, 1, 3));
         assert_eq!(SEEN.lock().unwrap().as_slice(), &[(0, 100, 0, 100)]);
     }
+}
+
+/// Absolute position of call row `c` within its own sequence.
+fn position_in(segs: &[Seg], c: usize) -> usize {
+    let b = segs.partition_point(|g| g.row0 + g.rows <= c);
+    let g = segs[b.min(segs.len() - 1)];
+    g.pos0 + (c - g.row0)
 }

@@ -82,3 +82,21 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Compile `src` (a `.loop` program) and bind it to in-memory f32 tensors: small hand-made
+/// models whose behaviour is known in closed form.
+pub fn toy_model(src: &str, tensors: &[(&str, Vec<usize>, &[f32])]) -> Model {
+    let opts = Options {
+        verify: true,
+        opt_level: 1,
+        ..Default::default()
+    };
+    let f = driver::front_from_source("toy.loop", src, &opts).unwrap_or_else(|e| panic!("{e}"));
+    let built = driver::build_front(&f, &opts, vec![]).unwrap_or_else(|e| panic!("{e}"));
+    let weights = Weights::from_f32(tensors.iter().map(|(n, s, d)| (*n, s.clone(), *d))).unwrap();
+    Model::new(
+        Artifact::from_bytes(built.artifact_bytes()).unwrap(),
+        weights,
+    )
+    .unwrap()
+}

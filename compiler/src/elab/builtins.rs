@@ -793,7 +793,7 @@ impl<'a> Elab<'a> {
             barrier: true,
         });
         self.call_depth += 1;
-        let r = self.block(&layer.body, true);
+        let r = self.block(&layer.body);
         self.call_depth -= 1;
         self.scopes.pop();
         match r {

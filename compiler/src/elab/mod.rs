@@ -163,7 +163,7 @@ pub fn elaborate(
         depth: 0,
         barrier: true,
     });
-    let result = e.block(&fwd.body, true);
+    let result = e.block(&fwd.body);
     e.scopes.pop();
     let mut ctx = e.regions.pop().expect("forward region");
     match result {
@@ -277,23 +277,19 @@ impl<'a> Elab<'a> {
     }
 
     /// Run a block; returns the `return` value (and its span) if the block returns.
-    fn block(&mut self, b: &Block, expect_return: bool) -> Option<(Val, Span)> {
+    fn block(&mut self, b: &Block) -> Option<(Val, Span)> {
         let mut ret = None;
         for st in &b.stmts {
-            if let Some((_, rspan)) = &ret {
+            if ret.is_some() {
                 self.err(
                     NO_RETURN,
                     st.span,
                     "statement after `return`".into(),
                     "unreachable",
                 );
-                let _ = rspan;
                 break;
             }
             ret = self.stmt(st);
-        }
-        if ret.is_none() && expect_return {
-            return None;
         }
         ret
     }
@@ -367,7 +363,7 @@ impl<'a> Elab<'a> {
                         depth: d,
                         barrier: false,
                     });
-                    let r = self.block(body, false);
+                    let r = self.block(body);
                     self.scopes.pop();
                     if let Some((_, span)) = r {
                         self.err(
@@ -1095,7 +1091,8 @@ impl<'a> Elab<'a> {
         if let Some(g) = gate_n {
             ctx.region.results.push(g);
         }
-        ctx.region.compact_keep_params();
+        // Unused captures stay in `params` (identified by index), so dropping their nodes is safe.
+        ctx.region.compact();
         let mut operands = vec![];
         if iv.init == StateInit::Operand {
             operands.push(like);
@@ -1155,19 +1152,6 @@ impl<'a> Elab<'a> {
                 "this loop",
             ),
         }
-    }
-}
-
-/// Keep parameter nodes alive through compaction even when unused, so param indices stay valid.
-trait CompactKeepParams {
-    fn compact_keep_params(&mut self);
-}
-
-impl CompactKeepParams for Region {
-    fn compact_keep_params(&mut self) {
-        // Unused captures are still passed; compaction would drop their `param` nodes, which is
-        // harmless because params are identified by index, not by node.
-        self.compact();
     }
 }
 

@@ -51,7 +51,7 @@ impl Run<'_> {
             self.n = self.active.len();
             let n = self.n;
             self.list(&rec.body, Some(t))?;
-            self.guard_step(t, rec)?;
+            self.after_iteration(t, rec)?;
             let t0 = self.profile.is_some().then(Instant::now);
             let step = t + 1;
             let mut exiting = std::mem::take(&mut self.ex.exiting);
