@@ -577,7 +577,50 @@ impl Instr {
     }
 }
 
+impl KernelSpec {
+    /// The pointer positions the kernel writes (in place for RoPE); the others it only reads.
+    pub fn output_ptrs(&self, n: usize) -> std::ops::Range<usize> {
+        match self {
+            KernelSpec::Elementwise { inputs, .. } => inputs.len()..n,
+            KernelSpec::RmsNorm { residual: true, .. } => n - 2..n,
+            KernelSpec::RmsNorm { .. } => n - 1..n,
+            KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. } => 0..1,
+            KernelSpec::Attention { .. } | KernelSpec::LayerNorm { .. } => 3..4,
+            KernelSpec::Glu { .. } => 1..2,
+        }
+    }
+}
+
 impl Manifest {
+    /// The buffers an instruction reads and those it writes.
+    pub fn reads_writes(&self, ins: &Instr) -> (Vec<BufId>, Vec<BufId>) {
+        match ins {
+            Instr::Embed { out, .. }
+            | Instr::PosEmbed { out, .. }
+            | Instr::Sinusoidal { out, .. } => (vec![], vec![*out]),
+            Instr::MatMul { x, out, .. }
+            | Instr::MatMulKN { x, out, .. }
+            | Instr::SliceCols { src: x, out, .. } => (vec![*x], vec![*out]),
+            Instr::Concat { inputs, out } => (inputs.clone(), vec![*out]),
+            Instr::Copy { src, dst } => (vec![*src], vec![*dst]),
+            Instr::KvWrite { k, v, .. } => (vec![*k, *v], vec![]),
+            Instr::Kernel { kernel, args } => {
+                let outs = self.kernels[*kernel as usize].spec.output_ptrs(args.len());
+                let (mut r, mut w) = (vec![], vec![]);
+                for (j, a) in args.iter().enumerate() {
+                    if let Arg::Buf(b) = a {
+                        if outs.contains(&j) {
+                            w.push(*b)
+                        } else {
+                            r.push(*b)
+                        }
+                    }
+                }
+                (r, w)
+            }
+        }
+    }
+
     pub fn kernel_items(&self, k: KernelId, rows: usize) -> usize {
         match &self.kernels[k as usize].spec {
             KernelSpec::Attention { heads, .. } => rows * heads,

@@ -1,7 +1,7 @@
 //! Active-row bookkeeping for physical early exit: which buffers must be compacted with the
 //! state, and the runs of consecutive positions that position-dependent kernels are called on.
 
-use crate::artifact::{Arg, BufId, Instr, KernelSpec, Manifest, Recur, Rows};
+use crate::artifact::{BufId, Instr, Manifest, Recur, Rows};
 use std::collections::BTreeSet;
 
 /// Per-token buffers the body (and the readout) read but never write: the loop invariants
@@ -12,63 +12,14 @@ pub(crate) fn live_ins(m: &Manifest, rec: &Recur) -> Vec<BufId> {
     let mut read = BTreeSet::new();
     let mut written = BTreeSet::new();
     for ins in &all {
-        match ins {
-            Instr::Embed { out, .. } => {
-                written.insert(*out);
-            }
-            Instr::MatMul { x, out, .. }
-            | Instr::MatMulKN { x, out, .. }
-            | Instr::SliceCols { src: x, out, .. } => {
-                read.insert(*x);
-                written.insert(*out);
-            }
-            Instr::PosEmbed { out, .. } | Instr::Sinusoidal { out, .. } => {
-                written.insert(*out);
-            }
-            Instr::Concat { inputs, out } => {
-                read.extend(inputs.iter().copied());
-                written.insert(*out);
-            }
-            Instr::Copy { src, dst } => {
-                read.insert(*src);
-                written.insert(*dst);
-            }
-            Instr::KvWrite { k, v, .. } => {
-                read.insert(*k);
-                read.insert(*v);
-            }
-            Instr::Kernel { kernel, args } => {
-                let outs = outputs(&m.kernels[*kernel as usize].spec, args.len());
-                for (j, a) in args.iter().enumerate() {
-                    if let Arg::Buf(b) = a {
-                        if outs.contains(&j) {
-                            written.insert(*b);
-                        } else {
-                            read.insert(*b);
-                        }
-                    }
-                }
-            }
-        }
+        let (r, w) = m.reads_writes(ins);
+        read.extend(r);
+        written.extend(w);
     }
     read.into_iter()
         .filter(|b| !written.contains(b) && *b != rec.state && *b != rec.next)
         .filter(|b| m.buffers[*b as usize].rows == Rows::Tokens)
         .collect()
-}
-
-/// Pointer indices a kernel writes.
-fn outputs(spec: &KernelSpec, n: usize) -> std::ops::Range<usize> {
-    match spec {
-        KernelSpec::Elementwise { inputs, .. } => inputs.len()..n,
-        KernelSpec::RmsNorm { residual: true, .. } => n - 2..n,
-        KernelSpec::RmsNorm { .. } => n - 1..n,
-        KernelSpec::Rope { .. } => 0..1,
-        KernelSpec::Attention { .. } => 3..4,
-        KernelSpec::LayerNorm { .. } => 3..4,
-        KernelSpec::Glu { .. } => 1..2,
-        KernelSpec::RopeBias { .. } => 0..1,
-    }
 }
 
 /// Maximal runs `[i0, i1)` of compact rows whose positions are consecutive.
