@@ -82,3 +82,80 @@ fn prefill_last_equals_the_last_row_of_prefill() {
         assert_eq!(s.step(7).unwrap().data(), t.step(7).unwrap().data(), "{ex}");
     }
 }
+
+/// One Mixture-of-Recursions case (`tools/reference/gen_mor_fixtures.py`): prefill logits and
+/// per-token recursion counts, then cached decode steps. Without a decode threshold the
+/// reference's top-k keeps every decoded token, which loopc's rule reproduces at threshold 0.
+fn mor_case(case: &str, opt_level: u8) {
+    let f = fixture(&format!("mor_tiny/{case}.safetensors"));
+    let routing = read(&f, "routing").i64[0];
+    let sharing = read(&f, "sharing").i64[0];
+    let alpha = read(&f, "alpha").f32[0];
+    let thr = read(&f, "threshold").f32[0];
+    let set = [
+        format!("routing={routing}"),
+        format!("sharing={sharing}"),
+        format!("alpha={alpha}"),
+    ];
+    let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
+    let weights = format!("mor_tiny/{case}.safetensors");
+    let model = model("mor", "mor_tiny/config.json", &weights, &set, opt_level);
+    let mut s = model.session();
+    s.set_exit_threshold(Some(if thr < 0.0 { 0.0 } else { thr as f64 }));
+    let pre = s.prefill(&ids(&read(&f, "prompt"))).unwrap();
+    let d_pre = max_abs_diff(pre.data(), &read(&f, "prefill_logits").f32);
+    let depths: Vec<i64> = s.last_depths().iter().map(|&d| d as i64).collect();
+    assert_eq!(
+        depths,
+        read(&f, "prefill_depths").i64,
+        "mor/{case}: prefill depths"
+    );
+    let mut dec = vec![];
+    let mut dec_depths = vec![];
+    for &t in &ids(&read(&f, "decode_tokens")) {
+        dec.extend_from_slice(s.step(t).unwrap().data());
+        dec_depths.push(s.last_depths()[0] as i64);
+    }
+    assert_eq!(
+        dec_depths,
+        read(&f, "decode_depths").i64,
+        "mor/{case}: decode depths"
+    );
+    let d_dec = max_abs_diff(&dec, &read(&f, "decode_logits").f32);
+    eprintln!(
+        "parity mor/{case} opt{opt_level}: prefill {d_pre:.2e}, decode {d_dec:.2e}, depths {depths:?} / {dec_depths:?}"
+    );
+    assert!(
+        d_pre <= TOL && d_dec <= TOL,
+        "mor/{case}: prefill {d_pre:e}, decode {d_dec:e}"
+    );
+}
+
+#[test]
+fn mor_vanilla_recursive_model() {
+    mor_case("vanilla_middle_cycle", 1);
+}
+
+#[test]
+fn mor_expert_choice() {
+    mor_case("expert_middle_cycle", 1);
+    mor_case("expert_middle_cycle", 0);
+}
+
+#[test]
+fn mor_expert_choice_threshold_decode() {
+    mor_case("expert_middle_cycle_thr", 1);
+}
+
+#[test]
+fn mor_expert_choice_sequence_sharing_per_iteration_weights() {
+    mor_case("expert_middle_sequence", 1);
+    mor_case("expert_middle_sequence", 0);
+}
+
+#[test]
+fn mor_token_choice() {
+    mor_case("token_middle_cycle", 1);
+    mor_case("token_cycle", 1);
+    mor_case("token_cycle", 0);
+}

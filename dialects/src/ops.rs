@@ -149,6 +149,24 @@ pub enum ExitSpec {
         eps: f64,
         max_steps: usize,
     },
+    /// MoR expert-choice routing: before iteration `t` the router (one logit per token, read
+    /// from the state) scores every active token, `g = σ(z)·alpha`; a multi-token call keeps the
+    /// top `max(1, ⌊capacity[t]·S⌋)` active tokens of each sequence, a single-token call those
+    /// with `σ(z) ≥ threshold`; the others exit. Kept tokens update `h ← h + g·f(h)`.
+    ExpertChoice {
+        alpha: f64,
+        /// Per-iteration capacity fractions; empty means MoR's default `(N − t)/N`.
+        capacity: Vec<f64>,
+        threshold: f64,
+        max_steps: usize,
+    },
+    /// MoR token-choice routing: the router (N logits per token) runs once on the initial
+    /// state, `P = softmax(z)·alpha`, the token runs `argmax P + 1` iterations and ends as
+    /// `h_0 + P[d]·h_d`.
+    TokenChoice {
+        alpha: f64,
+        max_steps: usize,
+    },
 }
 
 /// Huginn's per-token exit criteria (families.md §1.3).
@@ -216,6 +234,9 @@ pub enum Op {
         exit: ExitSpec,
         cache: CacheSpec,
         gate: bool,
+        /// The body yields a router value after the next state (and the gate): computed from
+        /// the state at the start of an iteration, before the rest of the body (MoR routing).
+        router: bool,
         body: Box<crate::graph::Region>,
     },
     // ---- tensor level ----
@@ -291,6 +312,10 @@ pub enum Op {
     WMulCols,
     /// Rows of 2-D weights with equal column counts, stacked.
     WConcatRows,
+    /// Per-iteration specialization: inside a recur body, operand `t` is the weight that
+    /// iteration `t` reads (all of one shape). Weights of MoR's per-recursion routers and of
+    /// sharing schemes whose layer changes with the recursion.
+    WPerIter,
     /// A gated unit over the two halves of its operand `[S, 2n]` → `[S, n]`:
     /// `act(x[:, :n]) · x[:, n:]` (SwiGLU with `silu`). Operand: the gate|up matmul.
     Glu(Unary),
@@ -324,6 +349,7 @@ impl Op {
             Op::WScale(_) => "w.scale",
             Op::WMulCols => "w.mul_cols",
             Op::WConcatRows => "w.concat_rows",
+            Op::WPerIter => "w.per_iter",
             Op::Glu(_) => "glu",
         }
     }
@@ -334,7 +360,7 @@ impl Op {
     pub fn is_derived_weight(&self) -> bool {
         matches!(
             self,
-            Op::WSliceCols { .. } | Op::WScale(_) | Op::WMulCols | Op::WConcatRows
+            Op::WSliceCols { .. } | Op::WScale(_) | Op::WMulCols | Op::WConcatRows | Op::WPerIter
         )
     }
 }
@@ -390,6 +416,29 @@ impl fmt::Display for ExitSpec {
             }
             ExitSpec::Act { eps, max_steps } => {
                 write!(f, "act(eps={},max={max_steps})", fnum(*eps))
+            }
+            ExitSpec::ExpertChoice {
+                alpha,
+                capacity,
+                threshold,
+                max_steps,
+            } => {
+                // `;` separates the fractions: the attribute list splits on `,` and spaces.
+                let caps: Vec<String> = capacity.iter().map(|c| fnum(*c)).collect();
+                let caps = if caps.is_empty() {
+                    "default".to_string()
+                } else {
+                    caps.join(";")
+                };
+                write!(
+                    f,
+                    "expert_choice(alpha={},capacity={caps},threshold={},max={max_steps})",
+                    fnum(*alpha),
+                    fnum(*threshold)
+                )
+            }
+            ExitSpec::TokenChoice { alpha, max_steps } => {
+                write!(f, "token_choice(alpha={},max={max_steps})", fnum(*alpha))
             }
         }
     }

@@ -221,6 +221,7 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
             "w.scale" => Op::WScale(num(ln, attr("by")?)? as f32),
             "w.mul_cols" => Op::WMulCols,
             "w.concat_rows" => Op::WConcatRows,
+            "w.per_iter" => Op::WPerIter,
             "glu" => Op::Glu(Unary::from_name(attr("act")?).ok_or(ParseError {
                 line: ln,
                 message: "unknown `glu` activation".into(),
@@ -247,6 +248,7 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
                     exit: parse_exit(ln, attr("exit")?)?,
                     cache: parse_cache(ln, attr("cache")?)?,
                     gate: attr("gate")? == "true",
+                    router: attr("router").is_ok_and(|v| v == "true"),
                     body: Box::new(body),
                 }
             }
@@ -370,6 +372,28 @@ fn parse_exit(ln: usize, s: &str) -> Result<ExitSpec, ParseError> {
     if name == "act" {
         return Ok(ExitSpec::Act {
             eps: num(ln, get("eps")?)?,
+            max_steps: num(ln, get("max")?)? as usize,
+        });
+    }
+    if name == "expert_choice" {
+        let caps = *get("capacity")?;
+        let capacity = if caps == "default" {
+            vec![]
+        } else {
+            caps.split(';')
+                .map(|c| num(ln, c))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        return Ok(ExitSpec::ExpertChoice {
+            alpha: num(ln, get("alpha")?)?,
+            capacity,
+            threshold: num(ln, get("threshold")?)?,
+            max_steps: num(ln, get("max")?)? as usize,
+        });
+    }
+    if name == "token_choice" {
+        return Ok(ExitSpec::TokenChoice {
+            alpha: num(ln, get("alpha")?)?,
             max_steps: num(ln, get("max")?)? as usize,
         });
     }

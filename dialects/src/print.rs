@@ -101,14 +101,22 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
             exit,
             cache,
             gate,
+            router,
             ..
-        } => vec![
-            ("steps", steps.to_string()),
-            ("init", init.to_string()),
-            ("exit", exit.to_string()),
-            ("cache", cache.to_string()),
-            ("gate", gate.to_string()),
-        ],
+        } => {
+            let mut a = vec![
+                ("steps", steps.to_string()),
+                ("init", init.to_string()),
+                ("exit", exit.to_string()),
+                ("cache", cache.to_string()),
+                ("gate", gate.to_string()),
+            ];
+            // Printed only when set, so the text of models without routing is unchanged.
+            if *router {
+                a.push(("router", "true".into()));
+            }
+            a
+        }
         Op::RmsNorm { eps } | Op::LayerNorm { eps } => vec![("eps", fnum32(*eps))],
         Op::Sinusoidal { cols, base } => vec![("cols", cols.to_string()), ("base", fnum(*base))],
         Op::Rope { heads, style, base } => {

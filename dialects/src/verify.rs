@@ -362,10 +362,23 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             Ok(Ty::Weight(vec![rows, cols.unwrap_or(0)]))
         }
+        Op::WPerIter => {
+            let first = weight(0)?;
+            for i in 1..args.len() {
+                if weight(i)? != first {
+                    return Err(format!(
+                        "`w.per_iter` needs weights of one shape, got {} and {}",
+                        args[0], args[i]
+                    ));
+                }
+            }
+            Ok(Ty::Weight(first))
+        }
         Op::Recur {
             init,
             body,
             gate,
+            router,
             steps,
             ..
         } => {
@@ -396,7 +409,7 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                     ));
                 }
             }
-            let want = 1 + usize::from(*gate);
+            let want = 1 + usize::from(*gate) + usize::from(*router);
             if body.results.len() != want {
                 return Err(format!(
                     "`loop.recur` body must yield {want} value(s), yields {}",
@@ -414,6 +427,12 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                     "`loop.recur` exit gate must be [S, 1], got {}",
                     body.graph[body.results[1]].ty
                 ));
+            }
+            if *router {
+                let r = &body.graph[body.results[want - 1]].ty;
+                if r.cols().is_none() {
+                    return Err(format!("`loop.recur` router must be [S, n], got {r}"));
+                }
             }
             Ok(state)
         }

@@ -69,6 +69,9 @@ pub enum Derive {
     MulCols { src: WRef, gain: WRef },
     /// The rows of every source (equal `cols`), stacked.
     ConcatRows { srcs: Vec<WRef> },
+    /// Per-iteration specialization: no data of its own; inside the recurrence, iteration `t`
+    /// reads source `t` (whole weights of one shape). Only the recurrence body may read it.
+    PerIter { srcs: Vec<WRef> },
 }
 
 impl Derive {
@@ -76,7 +79,7 @@ impl Derive {
         match self {
             Derive::SliceCols { src, .. } | Derive::Scale { src, .. } => vec![src],
             Derive::MulCols { src, gain } => vec![src, gain],
-            Derive::ConcatRows { srcs } => srcs.iter().collect(),
+            Derive::ConcatRows { srcs } | Derive::PerIter { srcs } => srcs.iter().collect(),
         }
     }
 
@@ -110,6 +113,16 @@ impl Derive {
                     return Err("sources with different column counts".into());
                 }
                 Ok((srcs.iter().map(|s| s.rows).sum(), cols))
+            }
+            Derive::PerIter { srcs } => {
+                let first = srcs.first().ok_or("no sources")?;
+                if srcs
+                    .iter()
+                    .any(|s| (s.rows, s.cols) != (first.rows, first.cols))
+                {
+                    return Err("per-iteration sources of different shapes".into());
+                }
+                Ok((first.rows, first.cols))
             }
         }
     }
@@ -150,6 +163,8 @@ impl Derive {
                         *o = x * g;
                     }
                 }
+                // Selected per iteration, never materialized.
+                Derive::PerIter { .. } => {}
                 Derive::ConcatRows { srcs } => {
                     let mut k = r;
                     for s in srcs {
@@ -451,6 +466,22 @@ pub enum ExitPolicy {
     /// `h + p ≤ 1 − eps` the row continues with `h += p`, `w = p`, else it halts with
     /// `w = 1 − h`; the state becomes `next·w + state·(1 − w)` (a running weighted average).
     Act { eps: f64, max_steps: usize },
+    /// MoR expert-choice routing. Before iteration `t` the router ([`Recur::router`], one
+    /// logit per row, on the state) gives `g = σ(z)·alpha`. In a call of `S > 1` tokens of a
+    /// sequence the top `max(1, ⌊capacity[t]·S⌋)` of its still-active rows by `g` run iteration
+    /// `t` (ties to the earlier position); with `S = 1` a row runs it when `σ(z) ≥ threshold`.
+    /// The others exit with their state. Rows that run update `h ← h + g·body(h)`. `capacity`
+    /// empty means MoR's default `(N − t)/N` with `N = max_steps`.
+    ExpertChoice {
+        alpha: f64,
+        capacity: Vec<f64>,
+        threshold: f64,
+        max_steps: usize,
+    },
+    /// MoR token-choice routing: the router (N logits per row) runs once on the initial state;
+    /// `P = softmax(z)·alpha`, `d = argmax P`; the row runs `d + 1` iterations and ends as
+    /// `h_0 + P[d]·h_{d+1}`.
+    TokenChoice { alpha: f64, max_steps: usize },
 }
 
 /// Huginn's zero-shot exit criteria (see `shared/reference/families.md` §1.3).
@@ -520,6 +551,12 @@ pub struct Recur {
     /// readout that per-step criteria run on the active rows after every iteration.
     #[serde(default)]
     pub readout: Vec<u32>,
+    /// Run before each iteration on the active rows (expert choice) or once before the first
+    /// (token choice): computes the routing logits into `router_out` from the state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub router: Vec<Instr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_out: Option<BufId>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

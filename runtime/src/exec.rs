@@ -134,6 +134,12 @@ pub(crate) struct Exits {
     runs: Vec<(usize, usize, i64)>,
     final_state: Vec<f32>,
     saved: Vec<(u32, Vec<f32>)>,
+    /// Routing (MoR): each call row's initial state (token choice), depth and weight, and the
+    /// gate of each compact row in the current iteration (expert choice).
+    route_init: Vec<f32>,
+    route_depth: Vec<usize>,
+    route_w: Vec<f32>,
+    route_g: Vec<f32>,
     /// Compute the logits of each sequence's last row only (prefill when the caller samples).
     pub(crate) logits_last_only: bool,
     pub(crate) guard: crate::guard::Guard,
@@ -308,7 +314,9 @@ fn cap_of(
         ExitPolicy::Converge { max_steps, .. }
         | ExitPolicy::Criterion { max_steps, .. }
         | ExitPolicy::Gate { max_steps, .. }
-        | ExitPolicy::Act { max_steps, .. } => steps.unwrap_or(max_steps),
+        | ExitPolicy::Act { max_steps, .. }
+        | ExitPolicy::ExpertChoice { max_steps, .. }
+        | ExitPolicy::TokenChoice { max_steps, .. } => steps.unwrap_or(max_steps),
     }
 }
 
@@ -354,6 +362,11 @@ impl Run<'_> {
             self.init_state(&rec.init, rec.state)?;
             self.time(8, t0);
             let cap = cap_of(&rec.exit, rec.default_steps, steps, &self.ex.depths);
+            if let Some(l) = m.iter_limit.filter(|&l| cap > l) {
+                return Err(RuntimeError::Config(format!(
+                    "this model has per-iteration weights for {l} iterations; it cannot run {cap}"
+                )));
+            }
             let converge = match rec.exit {
                 ExitPolicy::Converge {
                     threshold,
@@ -612,7 +625,7 @@ impl Run<'_> {
         match ins {
             Instr::Embed { table, out } => {
                 let cols = table.cols;
-                let w = weight(m, table).as_ptr();
+                let w = weight(m, table, iter).as_ptr();
                 let o = self.ws.bufs[*out as usize].as_mut_slice();
                 for r in 0..s {
                     let t = self.tokens[if self.active.is_empty() {
@@ -639,7 +652,7 @@ impl Run<'_> {
                 } else {
                     (w.rows, w.cols)
                 };
-                let wd = weight(m, w);
+                let wd = weight(m, w, iter);
                 for g in self.segs {
                     if g.rows == 0 {
                         continue;
@@ -657,7 +670,7 @@ impl Run<'_> {
             }
             Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out } => {
                 let rows = self.rows_of(*x);
-                let wd = weight(m, w);
+                let wd = weight(m, w, iter);
                 let xb = &self.ws.bufs[*x as usize];
                 // SAFETY: x != out (validated), so the two slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
@@ -746,7 +759,7 @@ impl Run<'_> {
             }
             Instr::PosEmbed { table, out } => {
                 let cols = table.cols;
-                let w = weight(m, table);
+                let w = weight(m, table, iter);
                 for r in 0..self.n {
                     let p = self.position_of(r);
                     if p >= table.rows {
@@ -824,7 +837,7 @@ impl Run<'_> {
                     for a in args {
                         let p: *mut f32 = match a {
                             Arg::Buf(x) => self.ws.bufs[*x as usize].as_mut_ptr(),
-                            Arg::Weight(w) => weight(m, w).as_ptr() as *mut f32,
+                            Arg::Weight(w) => weight(m, w, iter).as_ptr() as *mut f32,
                             Arg::RopeCos(i) => self.ropes[*i as usize].cos_ptr(),
                             Arg::RopeSin(i) => self.ropes[*i as usize].sin_ptr(),
                             Arg::KCache(st) | Arg::VCache(st) => {
@@ -917,10 +930,19 @@ impl Run<'_> {
     }
 }
 
-/// The validated window of a weight.
-fn weight<'x>(m: &'x Inner, w: &crate::artifact::WRef) -> &'x [f32] {
-    let all = m.weights[w.weight as usize].as_slice();
-    &all[w.offset..w.offset + w.rows * w.cols]
+/// The validated window of a weight; a per-iteration weight resolves to the one iteration
+/// `iter` reads (calls are checked against the iterations the variants cover).
+fn weight<'x>(m: &'x Inner, w: &crate::artifact::WRef, iter: Option<usize>) -> &'x [f32] {
+    let vars = &m.iter_variants[w.weight as usize];
+    let (id, base) = match (vars.is_empty(), iter) {
+        (true, _) => (w.weight, 0),
+        (false, t) => {
+            let v = &vars[t.unwrap_or(0).min(vars.len() - 1)];
+            (v.weight, v.offset)
+        }
+    };
+    let all = m.weights[id as usize].as_slice();
+    &all[base + w.offset..base + w.offset + w.rows * w.cols]
 }
 
 /// Run kernel items `begin..end` in contiguous chunks over the current rayon pool (inline when

@@ -23,6 +23,15 @@ pub(crate) enum Rule {
     Act {
         thr: f32,
     },
+    /// MoR expert choice: the router selects the rows that run each iteration.
+    Expert {
+        alpha: f32,
+        threshold: f32,
+    },
+    /// MoR token choice: the router picks each row's depth before the first iteration.
+    Token {
+        alpha: f32,
+    },
 }
 
 impl Rule {
@@ -48,6 +57,17 @@ impl Rule {
             },
             ExitPolicy::Act { eps, .. } => Rule::Act {
                 thr: (1.0 - threshold.unwrap_or(eps)) as f32,
+            },
+            ExitPolicy::ExpertChoice {
+                alpha,
+                threshold: t,
+                ..
+            } => Rule::Expert {
+                alpha: alpha as f32,
+                threshold: threshold.unwrap_or(t) as f32,
+            },
+            ExitPolicy::TokenChoice { alpha, .. } => Rule::Token {
+                alpha: alpha as f32,
             },
             _ => Rule::None,
         }

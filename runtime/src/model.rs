@@ -89,6 +89,11 @@ pub(crate) struct Inner {
     pub(crate) token_limit: usize,
     /// Per-kernel argument requirements, checked per call size.
     pub(crate) needs: Vec<Vec<Need>>,
+    /// By weight id: the windows iteration `t` reads for a per-iteration weight (empty for
+    /// every other weight).
+    pub(crate) iter_variants: Vec<Vec<WRef>>,
+    /// Iterations the per-iteration weights cover (`None` without any).
+    pub(crate) iter_limit: Option<usize>,
     // Keeps the memory maps behind `weights` alive; dropped after `weights`.
     pub(crate) _checkpoint: Weights,
 }
@@ -147,6 +152,18 @@ impl Model {
         derive_weights(&manifest, &mut bound, &pool)?;
         let kernels = Kernels::load(&object, &manifest.kernels)?;
         let token_limit = embed_limit(&manifest);
+        let mut iter_variants = vec![Vec::new(); manifest.weights.len()];
+        let mut iter_limit: Option<usize> = None;
+        for d in &manifest.derived {
+            let v = match &d.recipe {
+                artifact::Derive::PerIter { srcs } => {
+                    iter_limit = Some(iter_limit.map_or(srcs.len(), |l| l.min(srcs.len())));
+                    srcs.clone()
+                }
+                _ => Vec::new(),
+            };
+            iter_variants.push(v);
+        }
         Ok(Model {
             inner: Arc::new(Inner {
                 manifest,
@@ -156,6 +173,8 @@ impl Model {
                 threads,
                 token_limit,
                 needs,
+                iter_variants,
+                iter_limit,
                 _checkpoint: weights,
             }),
         })
@@ -209,6 +228,11 @@ fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool
     use rayon::prelude::*;
     const ROWS: usize = 64;
     for d in &m.derived {
+        if matches!(d.recipe, artifact::Derive::PerIter { .. }) {
+            // Selected per iteration by the interpreter: no data of its own.
+            bound.push(Bound::Owned(crate::mem::AVec::new()));
+            continue;
+        }
         let (rows, cols) = d.recipe.out_shape().map_err(RuntimeError::manifest)?;
         let mut v = crate::mem::AVec::zeroed(rows * cols, &d.name)?;
         {
@@ -240,8 +264,19 @@ fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool
     mark(&m.program.prelude);
     if let Some(r) = &m.program.recur {
         mark(&r.body);
+        mark(&r.router);
     }
     mark(&m.program.coda);
+    // What a used per-iteration weight selects is used too (derived after their sources, so
+    // one pass from the back reaches every level).
+    let nw = m.weights.len();
+    for (i, d) in m.derived.iter().enumerate().rev() {
+        if let (true, artifact::Derive::PerIter { srcs }) = (used[nw + i], &d.recipe) {
+            for s in srcs {
+                used[s.weight as usize] = true;
+            }
+        }
+    }
     if m.derived.is_empty() {
         return Ok(());
     }
@@ -423,6 +458,16 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                 )));
             }
         }
+        for src in d.recipe.sources() {
+            let inner = m
+                .derived
+                .get((src.weight as usize).wrapping_sub(m.weights.len()));
+            if inner.is_some_and(|x| matches!(x.recipe, artifact::Derive::PerIter { .. })) {
+                return Err(bad(
+                    "reads a per-iteration weight (the compiler distributes such recipes)".into(),
+                ));
+            }
+        }
         let (r, c) = d.recipe.out_shape().map_err(bad)?;
         if elems(&d.shape) != Some(r * c) {
             return Err(bad(format!(
@@ -576,8 +621,54 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
         needs: &needs,
     };
     v.list("prelude", &m.program.prelude, false)?;
+    v.no_per_iter("prelude", &m.program.prelude)?;
+    v.no_per_iter("coda", &m.program.coda)?;
     if let Some(r) = &m.program.recur {
         v.list("recur body", &r.body, true)?;
+        v.list("recur router", &r.router, true)?;
+        match (&r.exit, r.router_out) {
+            (
+                ExitPolicy::ExpertChoice {
+                    alpha,
+                    capacity,
+                    threshold,
+                    max_steps,
+                },
+                Some(b),
+            ) => {
+                let rb = v.buf("recur", b)?;
+                if rb.rows != Rows::Tokens
+                    || rb.cols != 1
+                    || !alpha.is_finite()
+                    || !(0.0..=1.0).contains(threshold)
+                    || *max_steps == 0
+                    || capacity.iter().any(|c| !(*c > 0.0 && *c <= 1.0))
+                {
+                    return Err(RuntimeError::manifest(
+                        "recur: expert choice needs a [tokens, 1] router, a finite alpha, a threshold in [0, 1], capacities in (0, 1] and max ≥ 1",
+                    ));
+                }
+            }
+            (ExitPolicy::TokenChoice { alpha, max_steps }, Some(b)) => {
+                let rb = v.buf("recur", b)?;
+                if rb.rows != Rows::Tokens || rb.cols != *max_steps || !alpha.is_finite() {
+                    return Err(RuntimeError::manifest(format!(
+                        "recur: token choice needs a [tokens, {max_steps}] router (one logit per depth) and a finite alpha"
+                    )));
+                }
+            }
+            (ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. }, None) => {
+                return Err(RuntimeError::manifest(
+                    "recur: a routing exit needs a router",
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(RuntimeError::manifest(
+                    "recur: a router needs an expert- or token-choice exit",
+                ));
+            }
+            _ => {}
+        }
         let ctx = "recur";
         let st = v.buf(ctx, r.state)?;
         let nx = v.buf(ctx, r.next)?;
@@ -662,6 +753,24 @@ struct Validator<'a> {
 }
 
 impl<'a> Validator<'a> {
+    /// Per-iteration weights exist only inside the recurrence.
+    fn no_per_iter(&self, ctx: &str, list: &[Instr]) -> Result<()> {
+        let nw = self.m.weights.len();
+        for i in list {
+            for w in i.weights() {
+                if let Some(d) = self.m.derived.get((w.weight as usize).wrapping_sub(nw)) {
+                    if matches!(d.recipe, artifact::Derive::PerIter { .. }) {
+                        return Err(RuntimeError::manifest(format!(
+                            "{ctx}: per-iteration weight `{}` read outside the recurrence",
+                            d.name
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn buf(&self, ctx: &str, b: BufId) -> Result<&'a artifact::BufferDecl> {
         self.m.buffers.get(b as usize).ok_or_else(|| {
             RuntimeError::manifest(format!(

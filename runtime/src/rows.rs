@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 /// (Huginn's injected embeddings). They are compacted with the state and restored afterwards.
 pub(crate) fn live_ins(m: &Manifest, rec: &Recur) -> Vec<BufId> {
     let readout = rec.readout.iter().map(|&i| &m.program.coda[i as usize]);
-    let all: Vec<&Instr> = rec.body.iter().chain(readout).collect();
+    let all: Vec<&Instr> = rec.body.iter().chain(&rec.router).chain(readout).collect();
     let mut read = BTreeSet::new();
     let mut written = BTreeSet::new();
     for ins in &all {

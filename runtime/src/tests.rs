@@ -138,6 +138,8 @@ fn manifest(init: StateInit, exit: ExitPolicy, gate: bool, default_steps: usize)
                 cache: CachePolicy::PerStep,
                 gate: if gate { Some(5) } else { None },
                 readout: vec![],
+                router: vec![],
+                router_out: None,
             }),
             coda: vec![
                 Instr::Copy { src: 1, dst: 6 },

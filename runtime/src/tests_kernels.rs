@@ -282,6 +282,8 @@ fn manifest() -> Manifest {
                 cache: CachePolicy::PerStep,
                 gate: None,
                 readout: vec![],
+                router: vec![],
+                router_out: None,
             }),
             coda: vec![Instr::MatMul {
                 x: 1,

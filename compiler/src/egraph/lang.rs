@@ -148,6 +148,7 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
         | Op::LayerNorm { .. }
         | Op::MatMul
         | Op::PosEmbed
+        | Op::WPerIter
         | Op::Sinusoidal { .. } => {
             opaque.push(op.clone());
             TOp::Opaque((opaque.len() - 1) as u32)

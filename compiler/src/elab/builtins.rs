@@ -38,6 +38,10 @@ pub const NAMES: &[&str] = &[
     "argmax_stability",
     "gate",
     "act",
+    "expert_choice",
+    "token_choice",
+    "idiv",
+    "imod",
     "ring",
 ];
 
@@ -641,6 +645,139 @@ impl<'a> Elab<'a> {
                 match eps {
                     Some(eps) => Val::Exit(ExitSpec::Act { eps, max_steps }),
                     None => Val::Error,
+                }
+            }
+            "expert_choice" => {
+                let Some(b) = self.bind(
+                    callee,
+                    args,
+                    &["alpha", "capacity", "threshold", "max"],
+                    0,
+                    span,
+                ) else {
+                    return Val::Error;
+                };
+                let alpha = match b.get(0) {
+                    Some(a) => self.num_arg(
+                        &a,
+                        "`expert_choice` alpha",
+                        BAD_POLICY,
+                        |x| x > 0.0 && x.is_finite(),
+                        "a positive number",
+                    ),
+                    None => Some(0.1),
+                };
+                let threshold = match b.get(2) {
+                    Some(a) => self.num_arg(
+                        &a,
+                        "`expert_choice` threshold",
+                        BAD_POLICY,
+                        |x| (0.0..=1.0).contains(&x),
+                        "a probability in [0, 1]",
+                    ),
+                    None => Some(0.5),
+                };
+                let mut capacity = vec![];
+                if let Some((v, sp)) = b.get(1) {
+                    let items = match v {
+                        Val::List(items) => items,
+                        Val::Error => return Val::Error,
+                        other => vec![other],
+                    };
+                    for it in items {
+                        let c = self.num_arg(
+                            &(it, sp),
+                            "`expert_choice` capacity",
+                            BAD_POLICY,
+                            |x| x > 0.0 && x <= 1.0,
+                            "fractions in (0, 1]",
+                        );
+                        match c {
+                            Some(c) => capacity.push(c),
+                            None => return Val::Error,
+                        }
+                    }
+                }
+                let Ok((_, max_steps)) = self.step_bounds("expert_choice", None, b.get(3)) else {
+                    return Val::Error;
+                };
+                match (alpha, threshold) {
+                    (Some(alpha), Some(threshold)) => Val::Exit(ExitSpec::ExpertChoice {
+                        alpha,
+                        capacity,
+                        threshold,
+                        max_steps,
+                    }),
+                    _ => Val::Error,
+                }
+            }
+            "token_choice" => {
+                let Some(b) = self.bind(callee, args, &["alpha", "max"], 0, span) else {
+                    return Val::Error;
+                };
+                let alpha = match b.get(0) {
+                    Some(a) => self.num_arg(
+                        &a,
+                        "`token_choice` alpha",
+                        BAD_POLICY,
+                        |x| x > 0.0 && x.is_finite(),
+                        "a positive number",
+                    ),
+                    None => Some(1.0),
+                };
+                let Ok((_, max_steps)) = self.step_bounds("token_choice", None, b.get(1)) else {
+                    return Val::Error;
+                };
+                match alpha {
+                    Some(alpha) => Val::Exit(ExitSpec::TokenChoice { alpha, max_steps }),
+                    None => Val::Error,
+                }
+            }
+            "idiv" | "imod" => {
+                // Floor division and its remainder on integers (per iteration when either side
+                // depends on the iteration index): MoR's sharing maps `u // N` and `u mod B`.
+                let Some(b) = self.bind(callee, args, &["a", "b"], 2, span) else {
+                    return Val::Error;
+                };
+                let ((a, _), (d, dspan)) = (b.get(0).unwrap(), b.get(1).unwrap());
+                let n = [&a, &d].iter().find_map(|v| match v {
+                    Val::PerIter(items) => Some(items.len()),
+                    _ => None,
+                });
+                let at = |v: &Val, t: usize| match v {
+                    Val::PerIter(items) => items[t].clone(),
+                    o => o.clone(),
+                };
+                let one = |x: Val, y: Val| -> Result<Val, String> {
+                    match (x, y) {
+                        (Val::Int(_), Val::Int(0)) => Err("division by zero".into()),
+                        (Val::Int(x), Val::Int(y)) => Ok(Val::Int(if callee.name == "idiv" {
+                            x.div_euclid(y)
+                        } else {
+                            x.rem_euclid(y)
+                        })),
+                        (Val::Error, _) | (_, Val::Error) => Ok(Val::Error),
+                        (x, y) => Err(format!(
+                            "`{}` needs two integers, got {} and {}",
+                            callee.name,
+                            x.describe(),
+                            y.describe()
+                        )),
+                    }
+                };
+                let r = match n {
+                    None => one(a, d),
+                    Some(n) => (0..n)
+                        .map(|t| one(at(&a, t), at(&d, t)))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(Val::PerIter),
+                };
+                match r {
+                    Ok(v) => v,
+                    Err(msg) => {
+                        self.err(BAD_ARGS, dspan, msg, "here");
+                        Val::Error
+                    }
                 }
             }
             "ring" => {

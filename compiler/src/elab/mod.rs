@@ -35,6 +35,8 @@ const EXIT_CALLS: &[&str] = &[
     "argmax_stability",
     "gate",
     "act",
+    "expert_choice",
+    "token_choice",
 ];
 const CACHE_HINT: &str =
     "expected `per_step`, `ring(c)`, `share_first`, `last_step` or `recursion_wise`";
@@ -375,11 +377,12 @@ impl<'a> Elab<'a> {
                     }
                 }
             }
-            StmtKind::Recur { steps, body } => self.recur(steps, body, st.span),
+            StmtKind::Recur { steps, var, body } => self.recur(steps, var.as_ref(), body, st.span),
             StmtKind::State { .. }
             | StmtKind::Exit(_)
             | StmtKind::Cache(_)
-            | StmtKind::ExitGate(_) => {
+            | StmtKind::ExitGate(_)
+            | StmtKind::Router(_) => {
                 self.err(
                     MISPLACED,
                     st.span,
@@ -391,56 +394,8 @@ impl<'a> Elab<'a> {
                 let v = self.eval(e);
                 return Some((v, e.span));
             }
-            StmtKind::If {
-                lhs,
-                cmp,
-                then,
-                els,
-            } => {
-                let a = self.eval(lhs);
-                let truth = match (cmp, &a) {
-                    (_, Val::Error) => return None,
-                    (None, v) if v.num().is_some() => v.num() != Some(0.0),
-                    (Some((op, rhs)), _) => {
-                        let b = self.eval(rhs);
-                        let eq = match (&a, &b) {
-                            (_, Val::Error) => return None,
-                            (x, y) if x.num().is_some() && y.num().is_some() => x.num() == y.num(),
-                            (Val::Str(x), Val::Str(y)) | (Val::Sym(x), Val::Sym(y)) => x == y,
-                            (x, y) => {
-                                self.err(
-                                    BAD_ARGS,
-                                    st.span,
-                                    format!(
-                                        "cannot compare {} with {}",
-                                        x.describe(),
-                                        y.describe()
-                                    ),
-                                    "condition",
-                                );
-                                return None;
-                            }
-                        };
-                        if *op == ast::CmpOp::Eq {
-                            eq
-                        } else {
-                            !eq
-                        }
-                    }
-                    (None, v) => {
-                        self.err(
-                            BAD_ARGS,
-                            lhs.span,
-                            format!(
-                                "an `if` condition must be a number or a comparison, got {}",
-                                show(v)
-                            ),
-                            "condition",
-                        );
-                        return None;
-                    }
-                };
-                let branch = if truth { Some(then) } else { els.as_ref() };
+            StmtKind::If { .. } => {
+                let branch = self.branch_of(st)?;
                 if let Some(b) = branch {
                     // Names a branch defines stay visible after it, like the statements of a layer:
                     // the branch is spliced into the enclosing block.
@@ -455,10 +410,94 @@ impl<'a> Elab<'a> {
         None
     }
 
-    fn weight(&mut self, key: &ast::StrLit, shape: &[Expr], span: Span) -> Val {
-        let Some(name) = self.interp(key) else {
-            return Val::Error;
+    /// The branch an `if` statement takes (`Some(None)`: no branch); `None` after an error.
+    fn branch_of<'b>(&mut self, st: &'b ast::Stmt) -> Option<Option<&'b Block>> {
+        let StmtKind::If {
+            lhs,
+            cmp,
+            then,
+            els,
+        } = &st.kind
+        else {
+            return Some(None);
         };
+        let a = self.eval(lhs);
+        let truth = match (cmp, &a) {
+            (_, Val::Error) => return None,
+            (None, v) if v.num().is_some() => v.num() != Some(0.0),
+            (Some((op, rhs)), _) => {
+                let b = self.eval(rhs);
+                let eq = match (&a, &b) {
+                    (_, Val::Error) => return None,
+                    (x, y) if x.num().is_some() && y.num().is_some() => x.num() == y.num(),
+                    (Val::Str(x), Val::Str(y)) | (Val::Sym(x), Val::Sym(y)) => x == y,
+                    (x, y) => {
+                        self.err(
+                            BAD_ARGS,
+                            st.span,
+                            format!("cannot compare {} with {}", x.describe(), y.describe()),
+                            "condition",
+                        );
+                        return None;
+                    }
+                };
+                if *op == ast::CmpOp::Eq {
+                    eq
+                } else {
+                    !eq
+                }
+            }
+            (None, v) => {
+                self.err(
+                    BAD_ARGS,
+                    lhs.span,
+                    format!(
+                        "an `if` condition must be a number or a comparison, got {}",
+                        show(v)
+                    ),
+                    "condition",
+                );
+                return None;
+            }
+        };
+        Some(if truth { Some(then) } else { els.as_ref() })
+    }
+
+    /// The statements of a `recur` body with its build-time `if`s resolved (a branch is
+    /// spliced into the block), so `exit`, `cache` and `router` may depend on parameters.
+    fn flatten<'b>(&mut self, stmts: &'b [ast::Stmt], out: &mut Vec<&'b ast::Stmt>) {
+        for st in stmts {
+            if matches!(st.kind, StmtKind::If { .. }) {
+                if let Some(Some(b)) = self.branch_of(st) {
+                    self.flatten(&b.stmts, out);
+                }
+            } else {
+                out.push(st);
+            }
+        }
+    }
+
+    fn weight(&mut self, key: &ast::StrLit, shape: &[Expr], span: Span) -> Val {
+        let name = match self.interp_val(key) {
+            Some(Val::Str(n)) => n,
+            Some(Val::PerIter(names)) => {
+                // One checkpoint tensor per iteration; the body reads them through `w.per_iter`.
+                let mut views = vec![];
+                for n in names {
+                    let Val::Str(n) = n else { return Val::Error };
+                    match self.weight_named(n, shape, span) {
+                        Val::Error => return Val::Error,
+                        v => views.push(v),
+                    }
+                }
+                return Val::PerIter(views);
+            }
+            _ => return Val::Error,
+        };
+        self.weight_named(name, shape, span)
+    }
+
+    fn weight_named(&mut self, name: String, shape: &[Expr], span: Span) -> Val {
         let mut dims = vec![];
         for d in shape {
             match self.eval(d) {
@@ -516,12 +555,55 @@ impl<'a> Elab<'a> {
         })
     }
 
+    /// A string literal with its `{name}`s filled in: a string, or one string per iteration
+    /// when a name depends on the iteration of the enclosing `recur`.
+    fn interp_val(&mut self, s: &ast::StrLit) -> Option<Val> {
+        let mut vals = vec![];
+        for p in &s.parts {
+            if let StrPart::Interp(id) = p {
+                if let Some(v) = self.lookup(&id.name) {
+                    vals.push(v);
+                }
+            }
+        }
+        let Some(n) = per_iter_len(&vals.iter().collect::<Vec<_>>()) else {
+            return self.interp_at(s, None).map(Val::Str);
+        };
+        let mut out = Vec::with_capacity(n);
+        for t in 0..n {
+            out.push(Val::Str(self.interp_at(s, Some(t))?));
+        }
+        Some(if out.iter().all(|v| *v == out[0]) {
+            out.swap_remove(0)
+        } else {
+            Val::PerIter(out)
+        })
+    }
+
     fn interp(&mut self, s: &ast::StrLit) -> Option<String> {
+        match self.interp_val(s)? {
+            Val::Str(x) => Some(x),
+            _ => {
+                self.err(
+                    BAD_ARGS,
+                    s.span,
+                    "this string depends on the iteration index; only weight names may".into(),
+                    "here",
+                );
+                None
+            }
+        }
+    }
+
+    fn interp_at(&mut self, s: &ast::StrLit, t: Option<usize>) -> Option<String> {
         let mut out = String::new();
         for p in &s.parts {
             match p {
                 StrPart::Text(t) => out.push_str(t),
-                StrPart::Interp(id) => match self.lookup(&id.name) {
+                StrPart::Interp(id) => match self.lookup(&id.name).map(|v| match t {
+                    Some(t) => at_iter(&v, t),
+                    None => v,
+                }) {
                     Some(Val::Int(i)) => out.push_str(&i.to_string()),
                     Some(Val::Str(t)) => out.push_str(&t),
                     Some(Val::Error) => return None,
@@ -579,7 +661,7 @@ impl<'a> Elab<'a> {
         match &e.kind {
             ExprKind::Int(i) => Val::Int(*i),
             ExprKind::Float(f) => Val::Float(*f),
-            ExprKind::Str(s) => self.interp(s).map(Val::Str).unwrap_or(Val::Error),
+            ExprKind::Str(s) => self.interp_val(s).unwrap_or(Val::Error),
             ExprKind::Name(id) => match self.lookup(&id.name) {
                 Some(v) => v,
                 None if builtins::SYMBOLS.contains(&id.name.as_str()) => Val::Sym(id.name.clone()),
@@ -615,6 +697,25 @@ impl<'a> Elab<'a> {
             ExprKind::Call { callee, args } => self.call(callee, args, e.span),
             ExprKind::Index { base, index } => {
                 let (b, i) = (self.eval(base), self.eval(index));
+                if let Val::PerIter(items) = &b {
+                    let items = items.clone();
+                    return Val::PerIter(
+                        items
+                            .into_iter()
+                            .map(|w| self.index_val(w, i.clone(), index.span, e.span))
+                            .collect(),
+                    );
+                }
+                self.index_val(b, i, index.span, e.span)
+            }
+            ExprKind::List(items) => Val::List(items.iter().map(|x| self.eval(x)).collect()),
+            ExprKind::Error => Val::Error,
+        }
+    }
+
+    fn index_val(&mut self, b: Val, i: Val, ispan: Span, espan: Span) -> Val {
+        {
+            {
                 match (b, i) {
                     (Val::Error, _) | (_, Val::Error) => Val::Error,
                     (Val::List(items), Val::Int(i)) => match items
@@ -625,7 +726,7 @@ impl<'a> Elab<'a> {
                         None => {
                             self.err(
                                 SHAPE,
-                                index.span,
+                                ispan,
                                 format!("index {i} is out of range for a list of {}", items.len()),
                                 "here",
                             );
@@ -636,7 +737,7 @@ impl<'a> Elab<'a> {
                         if w.shape.is_empty() || i < 0 || i as usize >= w.shape[0] {
                             self.err(
                                 SHAPE,
-                                index.span,
+                                ispan,
                                 format!(
                                     "index {i} is out of range for a weight of shape {:?}",
                                     w.shape
@@ -655,7 +756,7 @@ impl<'a> Elab<'a> {
                     (b, i) => {
                         self.err(
                             BAD_ARGS,
-                            e.span,
+                            espan,
                             format!("cannot index {} with {}", b.describe(), i.describe()),
                             "here",
                         );
@@ -663,13 +764,33 @@ impl<'a> Elab<'a> {
                     }
                 }
             }
-            ExprKind::List(items) => Val::List(items.iter().map(|x| self.eval(x)).collect()),
-            ExprKind::Error => Val::Error,
         }
     }
 
     fn binary(&mut self, op: BinOp, a: Val, b: Val, op_span: Span, span: Span) -> Val {
         use Val::*;
+        if let Some(n) = per_iter_len(&[&a, &b]) {
+            // Arithmetic on the iteration index (or on values computed from it) is done per
+            // iteration: names such as "layers.{1 + t}" are then per-iteration names.
+            let mut out = Vec::with_capacity(n);
+            for t in 0..n {
+                let (x, y) = (at_iter(&a, t), at_iter(&b, t));
+                if !matches!(x, Int(_) | Float(_) | Error)
+                    || !matches!(y, Int(_) | Float(_) | Error)
+                {
+                    self.err(
+                        BAD_ARGS,
+                        op_span,
+                        "the iteration index can only be used in integer arithmetic and names"
+                            .into(),
+                        "here",
+                    );
+                    return Error;
+                }
+                out.push(self.binary(op, x, y, op_span, span));
+            }
+            return PerIter(out);
+        }
         match (&a, &b) {
             (Error, _) | (_, Error) => Error,
             (Int(x), Int(y)) => {
@@ -810,6 +931,20 @@ impl<'a> Elab<'a> {
                 ctx.weight_nodes.insert(w.clone(), n);
                 Some(n)
             }
+            Val::PerIter(items) if items.iter().all(|v| matches!(v, Val::Weight(_))) => {
+                let mut nodes = vec![];
+                for v in items.clone() {
+                    nodes.push(self.tensor_in(ctx, &v, span, what)?);
+                }
+                let ty = ctx.region.ty(nodes[0]).clone();
+                match infer(&Op::WPerIter, &vec![ty.clone(); nodes.len()], &[]) {
+                    Ok(ty) => Some(ctx.region.add(Op::WPerIter, ty, &nodes)),
+                    Err(msg) => {
+                        self.err(SHAPE, span, msg, "per-iteration weight");
+                        None
+                    }
+                }
+            }
             Val::Error => None,
             other => {
                 self.err(
@@ -857,7 +992,7 @@ impl<'a> Elab<'a> {
         self.next_site - 1
     }
 
-    fn recur(&mut self, steps: &Expr, body: &Block, span: Span) {
+    fn recur(&mut self, steps: &Expr, var: Option<&ast::Ident>, body: &Block, span: Span) {
         let steps_v = self.eval(steps);
         let steps_n = match steps_v {
             Val::Int(n) if n >= 1 => n as usize,
@@ -881,9 +1016,11 @@ impl<'a> Elab<'a> {
             );
             return;
         }
-        let states: Vec<_> = body
-            .stmts
+        let mut flat = vec![];
+        self.flatten(&body.stmts, &mut flat);
+        let states: Vec<_> = flat
             .iter()
+            .copied()
             .filter(|s| matches!(s.kind, StmtKind::State { .. }))
             .collect();
         let Some(state_stmt) = states.first() else {
@@ -940,7 +1077,7 @@ impl<'a> Elab<'a> {
         let mut exit = ExitSpec::Fixed;
         let mut exit_span = None;
         let mut cache = CacheSpec::PerStep;
-        for st in &body.stmts {
+        for st in flat.iter().copied() {
             match &st.kind {
                 StmtKind::Exit(e) if self.symbol_of(e).is_some() => {
                     let name = self.symbol_of(e).unwrap();
@@ -1026,13 +1163,19 @@ impl<'a> Elab<'a> {
             captures: vec![],
             weight_nodes: HashMap::new(),
         });
+        let mut vars = HashMap::from([(sname.name.clone(), Val::Tensor { depth: 1, node: p0 })]);
+        if let Some(v) = var {
+            let iters = (0..steps_n as i64).map(Val::Int).collect();
+            vars.insert(v.name.clone(), Val::PerIter(iters));
+        }
         self.scopes.push(Scope {
-            vars: HashMap::from([(sname.name.clone(), Val::Tensor { depth: 1, node: p0 })]),
+            vars,
             depth: 1,
             barrier: false,
         });
         let mut gate = None;
-        for st in &body.stmts {
+        let mut router = None;
+        for st in flat.iter().copied() {
             match &st.kind {
                 StmtKind::State { .. } | StmtKind::Exit(_) | StmtKind::Cache(_) => {}
                 StmtKind::ExitGate(e) => {
@@ -1046,6 +1189,18 @@ impl<'a> Elab<'a> {
                     }
                     let v = self.eval(e);
                     gate = Some((v, e.span));
+                }
+                StmtKind::Router(e) => {
+                    if router.is_some() {
+                        self.err(
+                            BAD_RECUR,
+                            st.span,
+                            "`recur` has two `router`s".into(),
+                            "second router",
+                        );
+                    }
+                    let v = self.eval(e);
+                    router = Some((v, e.span));
                 }
                 StmtKind::Return(_) => self.err(
                     MISPLACED,
@@ -1082,14 +1237,39 @@ impl<'a> Elab<'a> {
             }
             None => None,
         };
+        let router_n = match &router {
+            Some((v, s)) => {
+                let n = self.tensor(v, *s, "the router");
+                if let Some(n) = n {
+                    let ty = self.regions.last().unwrap().region.ty(n).clone();
+                    if ty.cols().is_none() {
+                        self.err(
+                            SHAPE,
+                            *s,
+                            format!("the router must give logits per token [S, n], got {ty}"),
+                            "router",
+                        );
+                    }
+                }
+                n
+            }
+            None => None,
+        };
         self.scopes.pop();
         let mut ctx = self.regions.pop().expect("body region");
-        let (Some(next), true) = (next, gate.is_none() || gate_n.is_some()) else {
+        let (Some(next), true, true) = (
+            next,
+            gate.is_none() || gate_n.is_some(),
+            router.is_none() || router_n.is_some(),
+        ) else {
             return;
         };
         ctx.region.results.push(next);
         if let Some(g) = gate_n {
             ctx.region.results.push(g);
+        }
+        if let Some(r) = router_n {
+            ctx.region.results.push(r);
         }
         // Unused captures stay in `params` (identified by index), so dropping their nodes is safe.
         ctx.region.compact();
@@ -1114,8 +1294,47 @@ impl<'a> Elab<'a> {
                 *max_steps = steps_n;
                 *min_steps = (*min_steps).min(steps_n);
             }
-            ExitSpec::Act { max_steps, .. } if *max_steps == 0 => *max_steps = steps_n,
+            ExitSpec::Act { max_steps, .. }
+            | ExitSpec::ExpertChoice { max_steps, .. }
+            | ExitSpec::TokenChoice { max_steps, .. }
+                if *max_steps == 0 =>
+            {
+                *max_steps = steps_n
+            }
             _ => {}
+        }
+        let routed = matches!(
+            exit,
+            ExitSpec::ExpertChoice { .. } | ExitSpec::TokenChoice { .. }
+        );
+        if let (true, None, Some(sp)) = (routed, &router, exit_span) {
+            self.err(
+                BAD_POLICY,
+                sp,
+                "`exit expert_choice(...)` and `exit token_choice(...)` need a `router` in this `recur`".into(),
+                "routing without a router",
+            );
+        }
+        if let (false, Some((_, sp))) = (routed, &router) {
+            self.err(
+                BAD_POLICY,
+                *sp,
+                "a `router` needs `exit expert_choice(...)` or `exit token_choice(...)`".into(),
+                "router without a routing policy",
+            );
+        }
+        if let (ExitSpec::ExpertChoice { capacity, .. }, Some(sp)) = (&exit, exit_span) {
+            if !capacity.is_empty() && capacity.len() < steps_n {
+                self.err(
+                    BAD_POLICY,
+                    sp,
+                    format!(
+                        "`expert_choice` gives {} capacities for a `recur` of {steps_n} steps",
+                        capacity.len()
+                    ),
+                    "one capacity per recursion",
+                );
+            }
         }
         if let (ExitSpec::Gate { .. } | ExitSpec::Act { .. }, None, Some(sp)) =
             (&exit, &gate, exit_span)
@@ -1133,6 +1352,7 @@ impl<'a> Elab<'a> {
             exit,
             cache,
             gate: gate.is_some(),
+            router: router.is_some(),
             body: Box::new(ctx.region),
         };
         let parent = self.regions.last_mut().expect("forward region");
@@ -1178,4 +1398,20 @@ fn strsim_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+/// The iteration count of the per-iteration values among `vals`, if any.
+fn per_iter_len(vals: &[&Val]) -> Option<usize> {
+    vals.iter().find_map(|v| match v {
+        Val::PerIter(items) => Some(items.len()),
+        _ => None,
+    })
+}
+
+/// The value at iteration `t` (a value that does not depend on the iteration is itself).
+fn at_iter(v: &Val, t: usize) -> Val {
+    match v {
+        Val::PerIter(items) => items.get(t).cloned().unwrap_or(Val::Error),
+        other => other.clone(),
+    }
 }

@@ -19,6 +19,10 @@ pub enum Val {
     Init(InitVal),
     Exit(ExitSpec),
     Cache(CacheSpec),
+    /// A value that depends on the iteration of the enclosing `recur` (its `as t` variable and
+    /// what is computed from it): entry `t` is the value at iteration `t`. Integers, strings
+    /// and weights only: it names per-iteration weights.
+    PerIter(Vec<Val>),
     /// Poison: an error was already reported; uses stay silent.
     Error,
 }
@@ -44,6 +48,7 @@ impl Val {
             Val::Init(_) => "a state initializer",
             Val::Exit(_) => "an exit policy",
             Val::Cache(_) => "a cache policy",
+            Val::PerIter(_) => "a per-iteration value",
             Val::Error => "an erroneous value",
         }
     }

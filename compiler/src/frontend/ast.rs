@@ -140,8 +140,13 @@ pub enum StmtKind {
         end: Expr,
         body: Block,
     },
-    /// `recur steps body`: the recurrent-depth loop, run `steps` times.
-    Recur { steps: Expr, body: Block },
+    /// `recur steps [as t] body`: the recurrent-depth loop, run `steps` times; `t`, the
+    /// iteration index, may appear in names (per-iteration weights).
+    Recur {
+        steps: Expr,
+        var: Option<Ident>,
+        body: Block,
+    },
     /// `state name = init`: the loop-carried state of the enclosing `recur` and its initial value.
     State { name: Ident, init: Expr },
     /// `exit policy`: the recurrence's exit policy (e.g. `fixed`).
@@ -150,6 +155,9 @@ pub enum StmtKind {
     Cache(Expr),
     /// `exit_gate expr`: the per-step exit-gate logit of a learned early exit.
     ExitGate(Expr),
+    /// `router expr`: the routing logits of the enclosing `recur`, read from the state at the
+    /// start of each iteration (MoR's routers).
+    Router(Expr),
     /// `return value`: the result of the enclosing layer or forward.
     Return(Expr),
     /// `if lhs (== | !=) rhs { ... } else { ... }`: a build-time choice (e.g. the positional

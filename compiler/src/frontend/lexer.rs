@@ -21,12 +21,14 @@ pub enum Keyword {
     Exit,
     Cache,
     ExitGate,
+    Router,
+    As,
     Return,
     If,
     Else,
 }
 
-const KEYWORDS: [(&str, Keyword); 17] = [
+const KEYWORDS: [(&str, Keyword); 19] = [
     ("model", Keyword::Model),
     ("param", Keyword::Param),
     ("from", Keyword::From),
@@ -41,6 +43,8 @@ const KEYWORDS: [(&str, Keyword); 17] = [
     ("exit", Keyword::Exit),
     ("cache", Keyword::Cache),
     ("exit_gate", Keyword::ExitGate),
+    ("router", Keyword::Router),
+    ("as", Keyword::As),
     ("return", Keyword::Return),
     ("if", Keyword::If),
     ("else", Keyword::Else),
@@ -72,6 +76,7 @@ impl Keyword {
                 | Keyword::Exit
                 | Keyword::Cache
                 | Keyword::ExitGate
+                | Keyword::Router
                 | Keyword::Return
                 | Keyword::If
         )

@@ -526,8 +526,15 @@ impl Parser {
             TokKind::Kw(Keyword::Recur) => {
                 self.bump();
                 let steps = self.expr_before_block()?;
+                let var = if self.at_kw(Keyword::As) {
+                    self.bump();
+                    Some(self.expect_ident("the iteration variable")?)
+                } else {
+                    None
+                };
                 StmtKind::Recur {
                     steps,
+                    var,
                     body: self.block()?,
                 }
             }
@@ -551,6 +558,10 @@ impl Parser {
             TokKind::Kw(Keyword::ExitGate) => {
                 self.bump();
                 StmtKind::ExitGate(self.expr()?)
+            }
+            TokKind::Kw(Keyword::Router) => {
+                self.bump();
+                StmtKind::Router(self.expr()?)
             }
             TokKind::Kw(Keyword::Return) => {
                 self.bump();

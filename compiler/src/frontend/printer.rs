@@ -138,9 +138,12 @@ impl Printer {
                 self.out.push(' ');
                 self.block(body);
             }
-            StmtKind::Recur { steps, body } => {
+            StmtKind::Recur { steps, var, body } => {
                 self.out.push_str("recur ");
                 self.expr(steps, 0);
+                if let Some(v) = var {
+                    let _ = write!(self.out, " as {}", v.name);
+                }
                 self.out.push(' ');
                 self.block(body);
             }
@@ -151,6 +154,7 @@ impl Printer {
             StmtKind::Exit(e) => self.keyword_expr("exit", e),
             StmtKind::Cache(e) => self.keyword_expr("cache", e),
             StmtKind::ExitGate(e) => self.keyword_expr("exit_gate", e),
+            StmtKind::Router(e) => self.keyword_expr("router", e),
             StmtKind::Return(e) => self.keyword_expr("return", e),
             StmtKind::If {
                 lhs,

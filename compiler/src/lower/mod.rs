@@ -175,8 +175,62 @@ impl Lowerer {
                 gain: srcs[1],
             },
             Op::WConcatRows => Derive::ConcatRows { srcs },
+            Op::WPerIter => Derive::PerIter { srcs },
             _ => unreachable!("is_derived_weight"),
         };
+        self.register(recipe, op.mnemonic()).map(Some)
+    }
+
+    /// The per-iteration variants of a derived weight, if it is a `PerIter` one.
+    fn per_iter_of(&self, w: &WRef) -> Option<Vec<WRef>> {
+        let d = self
+            .derived
+            .get((w.weight as usize).checked_sub(self.n_weights)?)?;
+        match &d.recipe {
+            Derive::PerIter { srcs } => Some(srcs.clone()),
+            _ => None,
+        }
+    }
+
+    /// Register a derived weight (once per recipe). A recipe that reads a per-iteration weight
+    /// is itself per-iteration: it is distributed over the iterations, so the runtime only ever
+    /// derives from checkpoint tensors and selects among whole weights per iteration.
+    fn register(&mut self, recipe: Derive, mnemonic: &str) -> Result<WRef, LowerError> {
+        if !matches!(recipe, Derive::PerIter { .. }) {
+            let srcs: Vec<WRef> = recipe.sources().into_iter().copied().collect();
+            let variants: Vec<Option<Vec<WRef>>> =
+                srcs.iter().map(|s| self.per_iter_of(s)).collect();
+            if let Some(n) = variants.iter().flatten().map(|v| v.len()).max() {
+                let mut per = vec![];
+                for t in 0..n {
+                    let pick = |i: usize| match &variants[i] {
+                        Some(v) => v[t.min(v.len() - 1)],
+                        None => srcs[i],
+                    };
+                    let rt = match &recipe {
+                        Derive::SliceCols { start, len, .. } => Derive::SliceCols {
+                            src: pick(0),
+                            start: *start,
+                            len: *len,
+                        },
+                        Derive::Scale { by, .. } => Derive::Scale {
+                            src: pick(0),
+                            by: *by,
+                        },
+                        Derive::MulCols { .. } => Derive::MulCols {
+                            src: pick(0),
+                            gain: pick(1),
+                        },
+                        Derive::ConcatRows { .. } => Derive::ConcatRows {
+                            srcs: (0..srcs.len()).map(pick).collect(),
+                        },
+                        Derive::PerIter { .. } => unreachable!(),
+                    };
+                    per.push(self.register(rt, mnemonic)?);
+                }
+                return self.register(Derive::PerIter { srcs: per }, "w.per_iter");
+            }
+        }
         let (rows, cols) = recipe
             .out_shape()
             .map_err(|e| LowerError(format!("derived weight: {e}")))?;
@@ -187,7 +241,7 @@ impl Lowerer {
                 let i = (self.n_weights + self.derived.len()) as u32;
                 let name = format!(
                     "{}({})",
-                    op.mnemonic(),
+                    mnemonic,
                     recipe
                         .sources()
                         .iter()
@@ -204,12 +258,12 @@ impl Lowerer {
                 i
             }
         };
-        Ok(Some(WRef {
+        Ok(WRef {
             weight: id,
             offset: 0,
             rows,
             cols,
-        }))
+        })
     }
 
     fn buffer(&mut self, name: String, cols: usize) -> BufId {
@@ -285,11 +339,31 @@ impl Lowerer {
             exit,
             cache,
             gate,
+            router,
             body,
         } = &r.node(n).op
         else {
             unreachable!()
         };
+        // The router's cone runs before the rest of the body, on the state at the start of the
+        // iteration, with buffers of its own (the rows it scores are not the rows the body
+        // then runs on); the body lowers only what the next state and gate need.
+        let router_root = router.then(|| body.results[body.results.len() - 1]);
+        let cone = |roots: &[NodeId]| -> std::collections::HashSet<NodeId> {
+            let mut seen: std::collections::HashSet<NodeId> = roots.iter().copied().collect();
+            let mut stack = roots.to_vec();
+            while let Some(x) = stack.pop() {
+                for o in body.operands(x) {
+                    if seen.insert(o) {
+                        stack.push(o);
+                    }
+                }
+            }
+            seen
+        };
+        let body_roots: Vec<NodeId> = body.results[..1 + usize::from(*gate)].to_vec();
+        let body_cone = cone(&body_roots);
+        let router_cone = router_root.map(|x| cone(&[x])).unwrap_or_default();
         let ops = r.operands(n);
         let cols = r
             .ty(n)
@@ -306,9 +380,45 @@ impl Lowerer {
             },
         };
         let n_init = usize::from(matches!(init, StateInit::From(_)));
+        let mut router_instrs = vec![];
+        let mut router_out = None;
+        if let Some(root) = router_root {
+            let mut rvals: HashMap<NodeId, BufId> = HashMap::new();
+            for bn in body.topo_order() {
+                if !router_cone.contains(&bn) {
+                    continue;
+                }
+                match body.node(bn).op {
+                    Op::Param(0) => {
+                        rvals.insert(bn, state);
+                    }
+                    Op::Param(i) => {
+                        let outer = ops[n_init + i as usize - 1];
+                        rvals.insert(bn, self.buf(outer, vals)?);
+                    }
+                    Op::Attention { .. } | Op::Recur { .. } => {
+                        return Err(LowerError(
+                            "a router reads the state only through per-token ops, not attention"
+                                .into(),
+                        ))
+                    }
+                    _ => self.lower_node(body, bn, &mut rvals, &mut router_instrs, true)?,
+                }
+            }
+            let mut out = self.buf(root, &rvals)?;
+            if out == state {
+                let b = self.buffer("router".into(), cols);
+                router_instrs.push(Instr::Copy { src: state, dst: b });
+                out = b;
+            }
+            router_out = Some(out);
+        }
         let mut bvals: HashMap<NodeId, BufId> = HashMap::new();
         let mut instrs = vec![];
         for bn in body.topo_order() {
+            if !body_cone.contains(&bn) {
+                continue;
+            }
             match body.node(bn).op {
                 Op::Param(0) => {
                     bvals.insert(bn, state);
@@ -388,6 +498,21 @@ impl Lowerer {
                     eps: *eps,
                     max_steps: *max_steps,
                 },
+                ExitSpec::ExpertChoice {
+                    alpha,
+                    capacity,
+                    threshold,
+                    max_steps,
+                } => ExitPolicy::ExpertChoice {
+                    alpha: *alpha,
+                    capacity: capacity.clone(),
+                    threshold: *threshold,
+                    max_steps: *max_steps,
+                },
+                ExitSpec::TokenChoice { alpha, max_steps } => ExitPolicy::TokenChoice {
+                    alpha: *alpha,
+                    max_steps: *max_steps,
+                },
             },
             cache: match cache {
                 CacheSpec::PerStep => CachePolicy::PerStep,
@@ -398,6 +523,8 @@ impl Lowerer {
             },
             gate,
             readout: vec![],
+            router: router_instrs,
+            router_out,
         });
         // After the loop, the recur node's value is the final state.
         vals.insert(n, state);
@@ -704,7 +831,8 @@ impl Lowerer {
             | Op::WSliceCols { .. }
             | Op::WScale(_)
             | Op::WMulCols
-            | Op::WConcatRows => {}
+            | Op::WConcatRows
+            | Op::WPerIter => {}
         }
         Ok(())
     }

@@ -46,18 +46,43 @@ impl Run<'_> {
         active.clear();
         active.extend(0..s);
         self.active = active;
+        let token = matches!(rule, Rule::Token { .. });
+        if let Rule::Token { alpha } = rule {
+            self.token_route(rec, alpha, cap)?;
+        }
         let mut t = 0;
         while !self.active.is_empty() && t < cap {
+            if let Rule::Expert { alpha, threshold } = rule {
+                self.expert_route(rec, t, alpha, threshold, &live)?;
+                if self.active.is_empty() {
+                    break;
+                }
+            }
             self.n = self.active.len();
             let n = self.n;
             self.list(&rec.body, Some(t))?;
+            if matches!(rule, Rule::Expert { .. }) {
+                // MoR's gated update of the rows that ran: h ← h + g·f(h).
+                let (nb, sb) = (rec.next as usize, rec.state as usize);
+                let np = self.ws.bufs[nb].as_mut_ptr();
+                let sp = self.ws.bufs[sb].as_ptr();
+                for (i, &g) in self.ex.route_g[..n].iter().enumerate() {
+                    for c in i * cols..(i + 1) * cols {
+                        // SAFETY: distinct buffers (validated) of at least n·cols elements.
+                        unsafe { *np.add(c) = *sp.add(c) + g * *np.add(c) };
+                    }
+                }
+            }
             self.after_iteration(t, rec)?;
             let t0 = self.profile.is_some().then(Instant::now);
             let step = t + 1;
             let mut exiting = std::mem::take(&mut self.ex.exiting);
             exiting.clear();
             for &r in &self.active {
-                let d = self.ex.depths.get(r).copied().unwrap_or(cap);
+                let d = match token {
+                    true => self.ex.route_depth[r],
+                    false => self.ex.depths.get(r).copied().unwrap_or(cap),
+                };
                 exiting.push(step >= d.min(cap));
             }
             if let Some(g) = rec.gate {
@@ -125,16 +150,15 @@ impl Run<'_> {
             let t0 = self.profile.is_some().then(Instant::now);
             let mut keep = std::mem::take(&mut self.ex.keep);
             keep.clear();
-            for (i, &r) in self.active.iter().enumerate() {
+            let active = std::mem::take(&mut self.active);
+            for (i, &r) in active.iter().enumerate() {
                 if exiting[i] {
-                    let st = self.ws.buf(rec.state);
-                    self.ex.final_state[r * cols..(r + 1) * cols]
-                        .copy_from_slice(&st[i * cols..(i + 1) * cols]);
-                    self.ex.row_depth[r] = step;
+                    self.finish_row(rec, i, r, step, token);
                 } else {
                     keep.push(i);
                 }
             }
+            self.active = active;
             if keep.len() < n && !keep.is_empty() {
                 crate::rows::gather(self.ws.bufs[rec.state as usize].as_mut_slice(), cols, &keep);
                 for &b in &live {
@@ -153,12 +177,11 @@ impl Run<'_> {
             t = step;
         }
         // Rows still active at the cap end with the state they have.
-        for (i, &r) in self.active.iter().enumerate() {
-            let st = self.ws.buf(rec.state);
-            self.ex.final_state[r * cols..(r + 1) * cols]
-                .copy_from_slice(&st[i * cols..(i + 1) * cols]);
-            self.ex.row_depth[r] = t;
+        let active = std::mem::take(&mut self.active);
+        for (i, &r) in active.iter().enumerate() {
+            self.finish_row(rec, i, r, t, token);
         }
+        self.active = active;
         for (b, data) in &self.ex.saved {
             self.ws.bufs[*b as usize].as_mut_slice()[..data.len()].copy_from_slice(data);
         }
@@ -168,5 +191,132 @@ impl Run<'_> {
         self.ex.active = std::mem::take(&mut self.active);
         self.n = s;
         Ok(t)
+    }
+
+    /// Record compact row `i` (call row `r`) as finished after `step` iterations. Under token
+    /// choice the result is MoR's `h_0 + w·h_d` (the input plus the weighted final state).
+    fn finish_row(&mut self, rec: &Recur, i: usize, r: usize, step: usize, token: bool) {
+        let cols = self.m.manifest.buffers[rec.state as usize].cols;
+        let st = &self.ws.buf(rec.state)[i * cols..(i + 1) * cols];
+        let out = &mut self.ex.final_state[r * cols..(r + 1) * cols];
+        if token {
+            let w = self.ex.route_w[r];
+            let h0 = &self.ex.route_init[r * cols..(r + 1) * cols];
+            for ((o, x), h) in out.iter_mut().zip(st).zip(h0) {
+                *o = h + w * x;
+            }
+        } else {
+            out.copy_from_slice(st);
+        }
+        self.ex.row_depth[r] = step;
+    }
+
+    /// Token choice: the router runs once on every row's initial state; each row's depth is
+    /// `argmax softmax(z) + 1` (the first maximum on ties) and its weight `alpha·P[d]`.
+    fn token_route(&mut self, rec: &Recur, alpha: f32, cap: usize) -> Result<()> {
+        let s = self.ws.s;
+        let cols = self.m.manifest.buffers[rec.state as usize].cols;
+        self.n = s;
+        self.list(&rec.router, Some(0))?;
+        let out = rec.router_out.expect("validated: routing has a router");
+        let nz = self.m.manifest.buffers[out as usize].cols;
+        let z = self.ws.buf(out);
+        let ex = &mut *self.ex;
+        ex.route_depth.clear();
+        ex.route_w.clear();
+        for r in 0..s {
+            let row = &z[r * nz..(r + 1) * nz];
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
+            let mut d = 0;
+            for (j, &x) in row.iter().enumerate() {
+                if x > row[d] {
+                    d = j;
+                }
+            }
+            ex.route_depth.push((d + 1).min(cap.max(1)));
+            ex.route_w.push((row[d] - mx).exp() / sum * alpha);
+        }
+        ex.route_init.clear();
+        ex.route_init
+            .extend_from_slice(&self.ws.buf(rec.state)[..s * cols]);
+        Ok(())
+    }
+
+    /// Expert choice before iteration `t`: score the active rows, keep per sequence the top
+    /// `max(1, ⌊capacity_t·S⌋)` (a multi-token call) or those with `σ(z) ≥ threshold` (one
+    /// token), retire the rest at depth `t`, and keep the gates of the rows that run.
+    fn expert_route(
+        &mut self,
+        rec: &Recur,
+        t: usize,
+        alpha: f32,
+        threshold: f32,
+        live: &[u32],
+    ) -> Result<()> {
+        let man = &self.m.manifest;
+        let n = self.active.len();
+        self.n = n;
+        self.list(&rec.router, Some(t))?;
+        let out = rec.router_out.expect("validated: routing has a router");
+        let (caps, n_rec) = match &rec.exit {
+            crate::artifact::ExitPolicy::ExpertChoice {
+                capacity,
+                max_steps,
+                ..
+            } => (capacity.clone(), *max_steps),
+            _ => (vec![], 1),
+        };
+        // MoR's default capacity schedule, in the reference's float arithmetic.
+        let cap_t = caps
+            .get(t)
+            .copied()
+            .unwrap_or((n_rec.saturating_sub(t)) as f64 / n_rec as f64);
+        let sig: Vec<f32> = self.ws.buf(out)[..n]
+            .iter()
+            .map(|&z| 1.0 / (1.0 + (-z).exp()))
+            .collect();
+        let mut selected = vec![false; n];
+        let mut idx = vec![];
+        for g in self.segs {
+            idx.clear();
+            idx.extend((0..n).filter(|&i| (g.row0..g.row0 + g.rows).contains(&self.active[i])));
+            if idx.is_empty() {
+                continue;
+            }
+            if g.rows > 1 {
+                let k = ((cap_t * g.rows as f64) as usize).max(1);
+                // Highest gate first; ties go to the earlier position.
+                idx.sort_by(|&a, &b| sig[b].total_cmp(&sig[a]).then(a.cmp(&b)));
+                for &i in idx.iter().take(k) {
+                    selected[i] = true;
+                }
+            } else {
+                for &i in &idx {
+                    selected[i] = sig[i] >= threshold;
+                }
+            }
+        }
+        let cols = man.buffers[rec.state as usize].cols;
+        let mut keep = vec![];
+        let active = std::mem::take(&mut self.active);
+        self.ex.route_g.clear();
+        for (i, &r) in active.iter().enumerate() {
+            if selected[i] {
+                keep.push(i);
+                self.ex.route_g.push(sig[i] * alpha);
+            } else {
+                self.finish_row(rec, i, r, t, false);
+            }
+        }
+        if keep.len() < n && !keep.is_empty() {
+            crate::rows::gather(self.ws.bufs[rec.state as usize].as_mut_slice(), cols, &keep);
+            for &b in live {
+                let c = man.buffers[b as usize].cols;
+                crate::rows::gather(self.ws.bufs[b as usize].as_mut_slice(), c, &keep);
+            }
+        }
+        self.active = keep.iter().map(|&i| active[i]).collect();
+        Ok(())
     }
 }
