@@ -92,10 +92,12 @@ fn mor_case(case: &str, opt_level: u8) {
     let sharing = read(&f, "sharing").i64[0];
     let alpha = read(&f, "alpha").f32[0];
     let thr = read(&f, "threshold").f32[0];
+    let kv = read(&f, "kv_sharing").i64[0];
     let set = [
         format!("routing={routing}"),
         format!("sharing={sharing}"),
         format!("alpha={alpha}"),
+        format!("kv_share={kv}"),
     ];
     let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
     let weights = format!("mor_tiny/{case}.safetensors");
@@ -158,4 +160,92 @@ fn mor_token_choice() {
     mor_case("token_middle_cycle", 1);
     mor_case("token_cycle", 1);
     mor_case("token_cycle", 0);
+}
+
+/// Recursive KV sharing: only the first recursion writes, later ones attend to its entries.
+/// The authors run every token through the block and keep the selected rows; loopc skips the
+/// unselected rows, which is exact because a row's result reads only its own state and the
+/// shared cache.
+#[test]
+fn mor_recursive_kv_sharing() {
+    mor_case("expert_middle_cycle_kvshare", 1);
+    mor_case("token_middle_cycle_kvshare", 1);
+}
+
+/// A batch of four sequences of unequal lengths, each routed to its own depths, gives every
+/// sequence exactly what it gets alone: top-k capacity is per sequence, the router's threshold
+/// per decoded token, and the recursion-wise caches are per sequence.
+#[test]
+fn mor_batch_of_unequal_sequences_equals_single_sessions() {
+    for (case, thr) in [
+        ("expert_middle_cycle_thr", 0.4),
+        ("token_middle_cycle", 0.0),
+        ("expert_middle_sequence", 0.0),
+    ] {
+        let f = fixture(&format!("mor_tiny/{case}.safetensors"));
+        let set = [
+            format!("routing={}", read(&f, "routing").i64[0]),
+            format!("sharing={}", read(&f, "sharing").i64[0]),
+            format!("alpha={}", read(&f, "alpha").f32[0]),
+        ];
+        let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
+        let weights = format!("mor_tiny/{case}.safetensors");
+        let model = model("mor", "mor_tiny/config.json", &weights, &set, 1);
+        let prompts: [&[u32]; 4] = [&[3, 9, 27, 81, 115, 7], &[5, 2], &[44, 1, 90, 3, 3], &[12]];
+        let steps = [
+            [Some(4), Some(8), None, Some(15)],
+            [Some(16), None, Some(23), Some(42)],
+            [Some(99), Some(100), Some(101), None],
+        ];
+        let mut batch = model.batch_session(4);
+        batch.set_exit_threshold(Some(thr));
+        let mut singles: Vec<_> = (0..4).map(|_| model.session()).collect();
+        let got = batch.prefill(&prompts).unwrap();
+        let mut depths = vec![];
+        for b in 0..4 {
+            singles[b].set_exit_threshold(Some(thr));
+            let want = singles[b].prefill(prompts[b]).unwrap();
+            let d = max_abs_diff(got[b].data(), want.data());
+            assert!(
+                d <= 1e-5,
+                "{case}: prefill of sequence {b} differs by {d:e}"
+            );
+            assert_eq!(
+                batch.last_depths(b),
+                singles[b].last_depths(),
+                "{case} seq {b}"
+            );
+            depths.extend_from_slice(singles[b].last_depths());
+        }
+        // The routers did route: not every token ran every recursion.
+        assert!(depths.iter().any(|&d| d < 3), "{case}: {depths:?}");
+        for toks in &steps {
+            let got = batch.step(toks).unwrap();
+            for b in 0..4 {
+                if let Some(t) = toks[b] {
+                    let want = singles[b].step(t).unwrap().data().to_vec();
+                    let d = max_abs_diff(got[b].data(), &want);
+                    assert!(d <= 1e-5, "{case}: decode of sequence {b} differs by {d:e}");
+                    assert_eq!(batch.last_depths(b), singles[b].last_depths());
+                }
+            }
+        }
+    }
+}
+
+/// Per-iteration weights cover the recursions they name: asking for more is a clear error.
+#[test]
+fn mor_more_recursions_than_per_iteration_weights_is_an_error() {
+    let f = "mor_tiny/expert_middle_cycle.safetensors";
+    let model = model(
+        "mor",
+        "mor_tiny/config.json",
+        f,
+        &["routing=1", "sharing=2"],
+        1,
+    );
+    let mut s = model.session();
+    s.set_steps(Some(5));
+    let e = s.prefill(&[1, 2, 3]).unwrap_err().to_string();
+    assert!(e.contains("per-iteration weights for 3 iterations"), "{e}");
 }

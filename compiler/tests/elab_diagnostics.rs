@@ -50,6 +50,8 @@ diag_snapshots!(
     unknown_criterion_keyword,
     unknown_criterion,
     gate_exit_without_gate,
+    routing_without_router,
+    iteration_index_misuse,
 );
 
 #[test]

@@ -28,6 +28,10 @@ fn stage(example: &str, config: &str, stage: &str) -> String {
     if example == "ltg" {
         o.set.extend(["positions=1".into(), "inject=1".into()]);
     }
+    if example == "mor" {
+        // Expert choice over sequence sharing: per-recursion routers and layer weights.
+        o.set.extend(["routing=1".into(), "sharing=3".into()]);
+    }
     let f = driver::front_from_source(
         &format!("examples/{example}.loop"),
         &std::fs::read_to_string(path).unwrap(),
@@ -60,6 +64,8 @@ stage_snapshots! {
     ltg_ast: "ltg", "ltg_tiny/config.json", "ast";
     ltg_graph: "ltg", "ltg_tiny/config.json", "graph";
     ltg_program: "ltg", "ltg_tiny/config.json", "program";
+    mor_graph: "mor", "mor_tiny/config.json", "graph";
+    mor_program: "mor", "mor_tiny/config.json", "program";
 }
 
 #[test]
@@ -68,6 +74,7 @@ fn graph_text_round_trips() {
         ("huginn", "huginn_tiny/config.json"),
         ("ouro", "ouro_tiny/config.json"),
         ("ltg", "ltg_tiny/config.json"),
+        ("mor", "mor_tiny/config.json"),
     ] {
         for st in ["graph", "egraph", "lowered"] {
             let text = stage(ex, cfg, st);
@@ -111,7 +118,7 @@ fn full_size_huginn_elaborates() {
 #[test]
 fn printed_ast_is_a_fixed_point_for_every_example() {
     use loopc_compiler::frontend::{parse, print, SourceMap};
-    for ex in ["huginn", "ouro", "ltg"] {
+    for ex in ["huginn", "ouro", "ltg", "mor"] {
         let text = std::fs::read_to_string(root().join(format!("examples/{ex}.loop"))).unwrap();
         let mut sm = SourceMap::new();
         let f = sm.add(ex, text);

@@ -20,13 +20,16 @@ CFG = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "num_
        "head_dim": 8, "intermediate_size": 32, "vocab_size": 128, "num_hidden_layers": 8,
        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "num_recursion": 3, "sharing": 2,
        "mor_router": 1, "mor_alpha": 0.1, "kv_sharing": 0}
-# (name, routing, sharing, alpha, decode threshold: None = the reference's top-k decode)
-CASES = [("vanilla_middle_cycle", 0, 2, 0.1, None),
-         ("expert_middle_cycle", 1, 2, 0.1, None),
-         ("expert_middle_cycle_thr", 1, 2, 0.1, 0.4),
-         ("expert_middle_sequence", 1, 3, 0.1, None),
-         ("token_middle_cycle", 2, 2, 1.0, None),
-         ("token_cycle", 2, 0, 1.0, None)]
+# (name, routing, sharing, alpha, decode threshold: None = the reference's top-k decode,
+#  kv_sharing: 0 recursion-wise caching, 1 recursive sharing)
+CASES = [("vanilla_middle_cycle", 0, 2, 0.1, None, 0),
+         ("expert_middle_cycle", 1, 2, 0.1, None, 0),
+         ("expert_middle_cycle_thr", 1, 2, 0.1, 0.4, 0),
+         ("expert_middle_sequence", 1, 3, 0.1, None, 0),
+         ("token_middle_cycle", 2, 2, 1.0, None, 0),
+         ("token_cycle", 2, 0, 1.0, None, 0),
+         ("expert_middle_cycle_kvshare", 1, 2, 0.1, None, 1),
+         ("token_middle_cycle_kvshare", 2, 2, 1.0, None, 1)]
 SEED = 777
 PROMPT_LEN, DECODE_LEN = 6, 4
 
@@ -52,8 +55,8 @@ def main():
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(CFG, f, indent=2)
         f.write("\n")
-    for i, (name, routing, sharing, alpha, thr) in enumerate(CASES):
-        cfg = dict(CFG, mor_router=routing, sharing=sharing, mor_alpha=alpha)
+    for i, (name, routing, sharing, alpha, thr, kv) in enumerate(CASES):
+        cfg = dict(CFG, mor_router=routing, sharing=sharing, mor_alpha=alpha, kv_sharing=kv)
         w = M.random_weights(cfg, SEED + i)
         g = torch.Generator().manual_seed(SEED + 100 + i)
         prompt = torch.randint(0, cfg["vocab_size"], (PROMPT_LEN,), generator=g, dtype=torch.int64)
@@ -69,7 +72,7 @@ def main():
         out.update({"prompt": prompt, "prefill_logits": pre.float().contiguous(), "decode_tokens": dec,
                     "decode_logits": decl.float().contiguous(), "prefill_depths": pre_d,
                     "decode_depths": dec_d, "routing": torch.tensor([routing]),
-                    "sharing": torch.tensor([sharing]), "alpha": torch.tensor([alpha], dtype=torch.float32),
+                    "sharing": torch.tensor([sharing]), "kv_sharing": torch.tensor([kv]), "alpha": torch.tensor([alpha], dtype=torch.float32),
                     "threshold": torch.tensor([-1.0 if thr is None else thr], dtype=torch.float32)})
         save_file(out, os.path.join(d, f"{name}.safetensors"))
 

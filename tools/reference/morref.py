@@ -84,7 +84,10 @@ class LayerCache:
         self.v: Optional[Tensor] = None
         self.pos: Optional[Tensor] = None
 
-    def add(self, k, v, pos):
+    def add(self, k, v, pos, write=True):
+        # Recursive KV sharing: a later recursion reads the first one's entries and writes none.
+        if not write:
+            return self.k, self.v, self.pos
         if self.k is None:
             self.k, self.v, self.pos = k, v, pos
         else:
@@ -94,7 +97,7 @@ class LayerCache:
         return self.k, self.v, self.pos
 
 
-def llama_layer(w: Weights, p: str, x: Tensor, pos: Tensor, cfg, cache: LayerCache):
+def llama_layer(w: Weights, p: str, x: Tensor, pos: Tensor, cfg, cache: LayerCache, write=True):
     """x: [T, H] tokens at absolute positions `pos` (increasing); causal over cached positions."""
     H, nh, nkv, hd = dims(cfg)
     eps = cfg["rms_norm_eps"]
@@ -106,7 +109,7 @@ def llama_layer(w: Weights, p: str, x: Tensor, pos: Tensor, cfg, cache: LayerCac
     cos, sin = rope_cos_sin(cfg, pos, x.dtype)
     q = q * cos[:, None] + rotate_half(q) * sin[:, None]
     k = k * cos[:, None] + rotate_half(k) * sin[:, None]
-    K, V, P = cache.add(k, v, pos)
+    K, V, P = cache.add(k, v, pos, write)
     rep = nh // nkv
     K = K.repeat_interleave(rep, dim=1)
     V = V.repeat_interleave(rep, dim=1)
@@ -138,10 +141,21 @@ def forward(w: Weights, cfg, ids: Tensor, pos0: int, caches: List[LayerCache],
         x = llama_layer(w, "model.layers.0", x, pos, cfg, caches[0])
     depth = torch.zeros(S, dtype=torch.int64)
 
+    share = cfg.get("kv_sharing", 0) == 1
+
     def block(r, y, sel):
+        if share:
+            # The authors run the full sequence through the block and gather the selected rows
+            # afterwards; every recursion attends to the first recursion's cache entries.
+            full = x if routing != 2 else y_full[0]
+            for j in range(base):
+                full = llama_layer(w, prefix(r, j), full, pos, cfg, caches[middle + j], write=(r == 0))
+            return full[sel]
         for j in range(base):
             y = llama_layer(w, prefix(r, j), y, pos[sel], cfg, caches[middle + j + r * base])
         return y
+
+    y_full = [None]
 
     if routing == 0:
         for r in range(N):
@@ -180,6 +194,7 @@ def forward(w: Weights, cfg, ids: Tensor, pos0: int, caches: List[LayerCache],
             act = torch.nonzero(d >= r)[:, 0]
             if act.numel() == 0:
                 continue
+            y_full[0] = state
             y = block(r, state[act], act)
             fin = d[act] == r
             final[act[fin]] = x[act[fin]] + wd[act[fin], None] * y[fin]

@@ -769,6 +769,20 @@ impl<'a> Elab<'a> {
 
     fn binary(&mut self, op: BinOp, a: Val, b: Val, op_span: Span, span: Span) -> Val {
         use Val::*;
+        // A per-iteration weight in tensor arithmetic is one `w.per_iter` node.
+        let as_tensor = |e: &mut Self, v: Val| match &v {
+            PerIter(items) if items.iter().any(|x| matches!(x, Weight(_))) => {
+                match e.tensor(&v, span, "an operand") {
+                    Some(node) => Tensor {
+                        depth: e.depth(),
+                        node,
+                    },
+                    None => Error,
+                }
+            }
+            _ => v,
+        };
+        let (a, b) = (as_tensor(self, a), as_tensor(self, b));
         if let Some(n) = per_iter_len(&[&a, &b]) {
             // Arithmetic on the iteration index (or on values computed from it) is done per
             // iteration: names such as "layers.{1 + t}" are then per-iteration names.
