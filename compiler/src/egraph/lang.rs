@@ -148,7 +148,8 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
         | Op::LayerNorm { .. }
         | Op::MatMul
         | Op::PosEmbed
-        | Op::Sinusoidal { .. } => {
+        | Op::Sinusoidal { .. }
+        | Op::TimingSignal { .. } => {
             opaque.push(op.clone());
             TOp::Opaque((opaque.len() - 1) as u32)
         }
