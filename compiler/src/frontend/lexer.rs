@@ -24,9 +24,11 @@ pub enum Keyword {
     Return,
     If,
     Else,
+    Ignore,
+    Require,
 }
 
-const KEYWORDS: [(&str, Keyword); 17] = [
+const KEYWORDS: [(&str, Keyword); 19] = [
     ("model", Keyword::Model),
     ("param", Keyword::Param),
     ("from", Keyword::From),
@@ -44,6 +46,8 @@ const KEYWORDS: [(&str, Keyword); 17] = [
     ("return", Keyword::Return),
     ("if", Keyword::If),
     ("else", Keyword::Else),
+    ("ignore", Keyword::Ignore),
+    ("require", Keyword::Require),
 ];
 
 impl Keyword {
@@ -57,7 +61,12 @@ impl Keyword {
     pub fn starts_item(self) -> bool {
         matches!(
             self,
-            Keyword::Model | Keyword::Param | Keyword::Layer | Keyword::Forward
+            Keyword::Model
+                | Keyword::Param
+                | Keyword::Layer
+                | Keyword::Forward
+                | Keyword::Ignore
+                | Keyword::Require
         )
     }
 
@@ -95,6 +104,7 @@ pub enum Punct {
     Minus,
     Star,
     Slash,
+    Percent,
 }
 
 impl Punct {
@@ -115,6 +125,7 @@ impl Punct {
             Punct::Minus => "-",
             Punct::Star => "*",
             Punct::Slash => "/",
+            Punct::Percent => "%",
         }
     }
 
@@ -280,6 +291,7 @@ impl<'a> Lexer<'a> {
             '-' => Punct::Minus,
             '*' => Punct::Star,
             '/' => Punct::Slash,
+            '%' => Punct::Percent,
             '.' if self.peek2() == Some('.') => {
                 self.pos += 2;
                 return Some(Punct::DotDot);
