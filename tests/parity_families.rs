@@ -249,3 +249,48 @@ fn mor_more_recursions_than_per_iteration_weights_is_an_error() {
     let e = s.prefill(&[1, 2, 3]).unwrap_err().to_string();
     assert!(e.contains("per-iteration weights for 3 iterations"), "{e}");
 }
+
+/// The Universal Transformer with ACT (`examples/ut.loop`) against `tools/reference/utref.py`:
+/// the same per-token halting depths and logits in prefill and in cached decode, for two
+/// `act_max_steps`, with and without the optimizer.
+fn ut_case(case: &str, opt_level: u8) {
+    let f = fixture(&format!("ut_tiny/{case}.safetensors"));
+    let max = read(&f, "max_steps").i64[0];
+    let set = format!("max_steps={max}");
+    let model = model(
+        "ut",
+        "ut_tiny/config.json",
+        "ut_tiny/model.safetensors",
+        &[&set],
+        opt_level,
+    );
+    let depths =
+        |name: &str| -> Vec<usize> { read(&f, name).i64.iter().map(|&d| d as usize).collect() };
+    let mut s = model.session();
+    let pre = s.prefill(&ids(&read(&f, "prompt"))).unwrap();
+    assert_eq!(
+        s.last_depths(),
+        &depths("prompt_depths")[..],
+        "{case}: prefill depths"
+    );
+    let d_pre = max_abs_diff(pre.data(), &read(&f, "prefill_logits").f32);
+    let want = depths("decode_depths");
+    let mut dec = vec![];
+    for (i, &t) in ids(&read(&f, "decode_tokens")).iter().enumerate() {
+        dec.extend_from_slice(s.step(t).unwrap().data());
+        assert_eq!(s.last_depths(), &[want[i]], "{case}: decode step {i}");
+    }
+    let d_dec = max_abs_diff(&dec, &read(&f, "decode_logits").f32);
+    eprintln!("parity ut/{case} opt{opt_level}: prefill {d_pre:.2e}, decode {d_dec:.2e}");
+    assert!(
+        d_pre <= TOL && d_dec <= TOL,
+        "ut/{case}: prefill {d_pre:e}, decode {d_dec:e}"
+    );
+}
+
+#[test]
+fn ut_act_matches_reference() {
+    ut_case("act_m6", 1);
+    ut_case("act_m3", 1);
+    ut_case("act_m6", 0);
+}

@@ -556,3 +556,18 @@ fn ouro_schedule_matches_reference() {
     );
     assert_eq!(s.stats().token_iterations, all.iter().sum::<usize>());
 }
+
+/// A ring cache (`ring(c)`, Huginn's `compress-s{c·n_core}`) under per-token exits, against the
+/// reference's ring rule (`huginn_tiny/sched_ring{c}.safetensors`): stopped tokens of the call
+/// carry their latest entry into the slot, earlier tokens are read as the slot holds them.
+#[test]
+fn schedule_ring_matches_reference() {
+    for c in [1, 2, 3] {
+        let model = huginn("fixed", &format!("ring({c})"));
+        let (p, d) = schedule_case(&model, &format!("ring{c}"));
+        assert!(
+            p <= TOL && d <= TOL,
+            "ring({c}): prefill {p:e}, decode {d:e}"
+        );
+    }
+}

@@ -99,11 +99,9 @@ pub fn front_from_source(name: &str, text: &str, opts: &Options) -> Result<Front
     if diag::has_errors(&diags) {
         return Err(CompileError::Diagnostics(render(&sm, &diags, opts.color)));
     }
+    // Config keys no param reads are errors unless the file ignores them (E0206).
     let (params, pdiags) = frontend::eval_params(&ast, &overrides);
     diags.extend(pdiags);
-    if let Some(cp) = &config_path {
-        diags.extend(params.unused_config_warning(cp));
-    }
     if diag::has_errors(&diags) {
         return Err(CompileError::Diagnostics(render(&sm, &diags, opts.color)));
     }

@@ -264,6 +264,16 @@ diag_test!(
     ["heads=4.5", "eps=abc"],
     config = r#"{"hidden_size": 64.5}"#
 );
+diag_test!(
+    unknown_config_key,
+    config = r#"{"hidden_size": 64, "num_attention_heads": 4, "hidden_act": "silu",
+                "architectures": ["X"], "num_atention_heads": 4, "rope_scaling": null}"#
+);
+diag_test!(
+    requirement_failed,
+    config = r#"{"hidden_size": 64, "num_attention_heads": 6, "num_key_value_heads": 4,
+                "tie_word_embeddings": true}"#
+);
 diag_test!(duplicate_param);
 diag_test!(later_param);
 diag_test!(unknown_name);

@@ -293,6 +293,16 @@ pub enum Op {
         cols: usize,
         base: f64,
     },
+    /// tensor2tensor's `get_timing_signal_1d` of width `cols`: `sin` of `t·inv_i` in the first
+    /// `cols/2` columns, `cos` in the next `cols/2` (a zero column pads an odd width), with
+    /// `inv_i = min·exp(−i·ln(max/min)/max(cols/2 − 1, 1))`. `t` is the token's position, or
+    /// with `step` the recurrence iteration (UT's `add_step_timing_signal`, recur bodies only).
+    TimingSignal {
+        cols: usize,
+        min_timescale: f64,
+        max_timescale: f64,
+        step: bool,
+    },
     /// `s = a + b; y = rmsnorm(s, g)` as one kernel with two results `(s, y)`, read by `proj`.
     /// Operands: a, b, g (or only a, b: no gain).
     RmsNormRes {
@@ -343,6 +353,7 @@ impl Op {
             Op::MatMul => "matmul",
             Op::PosEmbed => "pos_embed",
             Op::Sinusoidal { .. } => "sinusoidal",
+            Op::TimingSignal { .. } => "timing_signal",
             Op::RmsNormRes { .. } => "rmsnorm_res",
             Op::Proj(_) => "proj",
             Op::WSliceCols { .. } => "w.slice_cols",

@@ -194,6 +194,21 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
                 cols: num(ln, attr("cols")?)? as usize,
                 base: num(ln, attr("base")?)?,
             },
+            "timing_signal" => Op::TimingSignal {
+                cols: num(ln, attr("cols")?)? as usize,
+                min_timescale: num(ln, attr("min")?)?,
+                max_timescale: num(ln, attr("max")?)?,
+                step: match attr("of")? {
+                    "step" => true,
+                    "position" => false,
+                    o => {
+                        return perr(
+                            ln,
+                            format!("`timing_signal of=` is `step` or `position`, got `{o}`"),
+                        )
+                    }
+                },
+            },
             "rope" => Op::Rope {
                 heads: num(ln, attr("heads")?)? as usize,
                 style: RopeStyle::from_name(attr("style")?).ok_or(ParseError {

@@ -119,6 +119,17 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         }
         Op::RmsNorm { eps } | Op::LayerNorm { eps } => vec![("eps", fnum32(*eps))],
         Op::Sinusoidal { cols, base } => vec![("cols", cols.to_string()), ("base", fnum(*base))],
+        Op::TimingSignal {
+            cols,
+            min_timescale,
+            max_timescale,
+            step,
+        } => vec![
+            ("cols", cols.to_string()),
+            ("min", fnum(*min_timescale)),
+            ("max", fnum(*max_timescale)),
+            ("of", if *step { "step" } else { "position" }.into()),
+        ],
         Op::Rope { heads, style, base } => {
             vec![
                 ("heads", heads.to_string()),

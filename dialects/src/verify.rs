@@ -134,6 +134,20 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             Ok(Ty::Act(w[1]))
         }
+        Op::TimingSignal {
+            cols,
+            min_timescale: lo,
+            max_timescale: hi,
+            ..
+        } => {
+            arity(0)?;
+            if *cols == 0 || !(*lo > 0.0 && lo.is_finite() && *hi >= *lo && hi.is_finite()) {
+                return Err(format!(
+                    "`timing_signal` needs a width > 0 and timescales 0 < min ≤ max, got {cols}, {lo} and {hi}"
+                ));
+            }
+            Ok(Ty::Act(*cols))
+        }
         Op::Sinusoidal { cols, base } => {
             arity(0)?;
             if *cols == 0 || !(*base > 1.0) {

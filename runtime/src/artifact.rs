@@ -418,6 +418,17 @@ pub enum Instr {
         base: f64,
         out: BufId,
     },
+    /// tensor2tensor's timing signal (`get_timing_signal_1d`): with `h = cols/2`,
+    /// `inv_i = min·exp(−i·ln(max/min)/max(h − 1, 1))`, column `i < h` is `sin(t·inv_i)` and
+    /// column `h + i` is `cos(t·inv_i)` (a last zero column for odd widths), computed in f64.
+    /// `t` is the row's position, or with `step` the recurrence iteration (0-based; 0 outside
+    /// the recurrence): UT's `add_step_timing_signal`.
+    TimingSignal {
+        min_timescale: f64,
+        max_timescale: f64,
+        step: bool,
+        out: BufId,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -589,7 +600,8 @@ impl Instr {
             | Instr::Copy { .. }
             | Instr::KvWrite { .. }
             | Instr::SliceCols { .. }
-            | Instr::Sinusoidal { .. } => {
+            | Instr::Sinusoidal { .. }
+            | Instr::TimingSignal { .. } => {
                 vec![]
             }
         }
@@ -600,7 +612,8 @@ impl Instr {
         match self {
             Instr::Embed { out, .. }
             | Instr::PosEmbed { out, .. }
-            | Instr::Sinusoidal { out, .. } => vec![*out],
+            | Instr::Sinusoidal { out, .. }
+            | Instr::TimingSignal { out, .. } => vec![*out],
             Instr::MatMul { x, out, .. } | Instr::MatMulKN { x, out, .. } => vec![*x, *out],
             Instr::SliceCols { src, out, .. } => vec![*src, *out],
             Instr::Concat { inputs, out } => inputs.iter().copied().chain([*out]).collect(),
@@ -634,7 +647,8 @@ impl Manifest {
         match ins {
             Instr::Embed { out, .. }
             | Instr::PosEmbed { out, .. }
-            | Instr::Sinusoidal { out, .. } => (vec![], vec![*out]),
+            | Instr::Sinusoidal { out, .. }
+            | Instr::TimingSignal { out, .. } => (vec![], vec![*out]),
             Instr::MatMul { x, out, .. }
             | Instr::MatMulKN { x, out, .. }
             | Instr::SliceCols { src: x, out, .. } => (vec![*x], vec![*out]),

@@ -788,6 +788,31 @@ impl Run<'_> {
                 }
                 Ok(0)
             }
+            Instr::TimingSignal {
+                min_timescale: lo,
+                max_timescale: hi,
+                step,
+                out,
+            } => {
+                let cols = bufs[*out as usize].cols;
+                let h = cols / 2;
+                let inc = (hi / lo).ln() / (h.max(2) - 1) as f64;
+                let t = iter.unwrap_or(0) as f64;
+                for r in 0..self.n {
+                    let p = if *step { t } else { self.position_of(r) as f64 };
+                    let o =
+                        &mut self.ws.bufs[*out as usize].as_mut_slice()[r * cols..(r + 1) * cols];
+                    for i in 0..h {
+                        let a = p * lo * (-(i as f64) * inc).exp();
+                        o[i] = a.sin() as f32;
+                        o[h + i] = a.cos() as f32;
+                    }
+                    if cols % 2 == 1 {
+                        o[cols - 1] = 0.0;
+                    }
+                }
+                Ok(0)
+            }
             Instr::Kernel { kernel, args } => {
                 let k = *kernel as usize;
                 let spec = &m.manifest.kernels[k].spec;

@@ -415,6 +415,7 @@ fn instr_name(i: &Instr) -> &'static str {
         Instr::SliceCols { .. } => "SliceCols",
         Instr::PosEmbed { .. } => "PosEmbed",
         Instr::Sinusoidal { .. } => "Sinusoidal",
+        Instr::TimingSignal { .. } => "TimingSignal",
     }
 }
 
@@ -928,6 +929,27 @@ impl<'a> Validator<'a> {
                             "output `{}` must be [tokens, n] and the base > 1",
                             o.name
                         )));
+                    }
+                }
+                Instr::TimingSignal {
+                    min_timescale: lo,
+                    max_timescale: hi,
+                    step,
+                    out,
+                } => {
+                    let o = self.buf(&ctx, *out)?;
+                    if o.rows != Rows::Tokens
+                        || !(*lo > 0.0 && lo.is_finite() && *hi >= *lo && hi.is_finite())
+                    {
+                        return Err(err(format!(
+                            "output `{}` must be [tokens, n] and the timescales 0 < min <= max",
+                            o.name
+                        )));
+                    }
+                    if *step && !in_body {
+                        return Err(err(
+                            "the step timing signal is only defined inside the recurrence".into(),
+                        ));
                     }
                 }
                 Instr::Kernel { kernel, args } => {

@@ -233,6 +233,51 @@ def gen_schedule(out):
         }, os.path.join(d, f"sched_{policy}.safetensors"))
 
 
+# loopc `ring(c)` under per-token exits; on huginn_tiny (2 core layers) ring(1) is Huginn's
+# `compress-s2` and ring(2) its `compress-s4` (two recurrences of two layers).
+RING_SIZES = (1, 2, 3)
+
+
+def gen_ring_schedule(out):
+    """Forced per-token depths with a ring cache: huginn_tiny/sched_ring{c}.safetensors."""
+    d = os.path.join(out, "huginn_tiny")
+    cfg = HUGINN_CFG
+    w = R.huginn_random_weights(cfg, HUGINN_SEED)
+    prompt, dec = tokens(HUGINN_SEED + 999, cfg["vocab_size"])
+    pdep = torch.tensor(SCHED_PROMPT_DEPTHS, dtype=torch.int64)
+    ddep = torch.tensor(SCHED_DECODE_DEPTHS, dtype=torch.int64)
+    ref = {}
+    for c in RING_SIZES:
+        policy = f"ring{c}"
+        pre, decl, full, _ = run_schedule(w, cfg, prompt, dec, pdep, ddep, policy, torch.float64)
+        pre32, dec32, _, _ = run_schedule(w, cfg, prompt, dec, pdep, ddep, policy, torch.float32)
+        f32_err = max(maxdiff(pre, pre32), maxdiff(decl, dec32))
+        ref[c] = (pre, decl)
+        print(f"huginn schedule {policy}: f32-vs-f64 max|d|={f32_err:.3e}")
+        assert f32_err < 1e-4, f32_err
+        save_file({
+            "prompt": prompt.contiguous(),
+            "prompt_depths": pdep.contiguous(),
+            "prefill_logits": pre.float().contiguous(),
+            "decode_tokens": dec.contiguous(),
+            "decode_depths": ddep.contiguous(),
+            "decode_logits": decl.float().contiguous(),
+            "ring": torch.tensor([c]),
+        }, os.path.join(d, f"sched_ring{c}.safetensors"))
+    # ring(1) is last_step; a ring as long as the deepest schedule is per_step; a ring in
+    # between differs from both, so the fixture tests something of its own.
+    ls = run_schedule(w, cfg, prompt, dec, pdep, ddep, "last_step", torch.float64)
+    ps = run_schedule(w, cfg, prompt, dec, pdep, ddep, "per_step", torch.float64)
+    assert maxdiff(ref[1][0], ls[0]) < 1e-12 and maxdiff(ref[1][1], ls[1]) < 1e-12
+    deep = run_schedule(w, cfg, prompt, dec, pdep, ddep, f"ring{max(SCHED_PROMPT_DEPTHS + SCHED_DECODE_DEPTHS)}",
+                        torch.float64)
+    assert maxdiff(deep[0], ps[0]) < 1e-12 and maxdiff(deep[1], ps[1]) < 1e-12
+    for c in RING_SIZES[1:]:
+        dl, dp = maxdiff(ref[c][1], ls[1]), maxdiff(ref[c][1], ps[1])
+        print(f"ring{c} decode vs last_step {dl:.3e}, vs per_step {dp:.3e}")
+        assert dl > 1e-3 and dp > 1e-3
+
+
 ACT_EPS = 0.01
 ACT_MAX = 6
 
@@ -323,13 +368,17 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.path.join(here, "..", "..", "tests", "fixtures"))
-    ap.add_argument("--only", choices=["all", "schedule"], default="all")
+    ap.add_argument("--only", choices=["all", "schedule", "ring"], default="all")
     a = ap.parse_args()
     out = os.path.normpath(a.out)
+    if a.only == "ring":
+        gen_ring_schedule(out)
+        return
     if a.only == "all":
         gen_huginn(out)
         gen_ouro(out)
     gen_schedule(out)
+    gen_ring_schedule(out)
     gen_act(out)
     gen_ouro_schedule(out)
     print(f"fixtures written to {out}")

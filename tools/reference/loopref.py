@@ -426,6 +426,12 @@ class ScheduleCache:
       share_first  one slot per j, written only at t = 0 (MoR recursive sharing).
       recursion_wise  one slot per (t, j); iteration t attends only to the positions that ran
                    iteration t (MoR recursion-wise caching, Huginn's `skip` read).
+      ring{c}      c slots per j, iteration t uses slot t mod c (loopc `ring(c)`, Huginn
+                   `compress-s{c·n_core}`): later iterations overwrite earlier ones.  A position
+                   of the current call that stopped before t is carried into slot t mod c from
+                   slot (t−1) mod c (its latest entry); a position of an earlier call that never
+                   reached slot t mod c is read from the highest lower slot holding it (Huginn's
+                   `latest` read on the compressed index).  Reads see what the slot holds.
 
     Every physical slot records, per position, the iteration that wrote it (-1: none).
     """
@@ -433,7 +439,10 @@ class ScheduleCache:
     POLICIES = ("per_step", "last_step", "share_first", "recursion_wise")
 
     def __init__(self, max_len: int, policy: str = "per_step"):
-        if policy not in self.POLICIES:
+        self.ring = None
+        if policy.startswith("ring") and policy[4:].isdigit() and int(policy[4:]) >= 1:
+            self.ring = int(policy[4:])
+        elif policy not in self.POLICIES:
             raise ValueError(f"unknown cache policy {policy}")
         self.max_len = max_len
         self.policy = policy
@@ -452,6 +461,8 @@ class ScheduleCache:
         """Write the active positions' k,v ([B,Hkv,S,hd]) of core layer j at iteration t and
         return the K/V that iteration t attends to, positions 0..start+S-1."""
         S = k.shape[2]
+        if self.ring is not None:
+            return self._update_ring(j, t, k, v, start, active)
         if not (self.policy == "share_first" and t > 0):
             key = (j, self._phys(t))
             if key not in self.k:
@@ -479,6 +490,40 @@ class ScheduleCache:
             K[:, :, m] = self.k[(j, tt)][:, :, :n][:, :, m]
             V[:, :, m] = self.v[(j, tt)][:, :, :n][:, :, m]
         return K, V
+
+    def _update_ring(self, j: int, t: int, k: Tensor, v: Tensor, start: int, active: Tensor):
+        c = self.ring
+        key = (j, t % c)
+        S = k.shape[2]
+        n = start + S
+        if key not in self.k:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[key] = k.new_zeros(shape)
+            self.v[key] = v.new_zeros(shape)
+            self.it[key] = torch.full((self.max_len,), -1, dtype=torch.int64)
+        K, V, it = self.k[key], self.v[key], self.it[key]
+        # Earlier calls' positions this slot never held: the highest lower slot holding them.
+        for q in range(t % c - 1, -1, -1):
+            src = (j, q)
+            if src not in self.k:
+                continue
+            m = torch.zeros(self.max_len, dtype=torch.bool)
+            m[:start] = (it[:start] < 0) & (self.it[src][:start] >= 0)
+            K[:, :, m] = self.k[src][:, :, m]
+            V[:, :, m] = self.v[src][:, :, m]
+            it[m] = self.it[src][m]
+        # This call's stopped positions carry their latest entry from the previous slot.
+        prev = (j, (t - 1) % c)
+        if t > 0 and prev != key:
+            idx = start + torch.nonzero(~active).flatten()
+            K[:, :, idx] = self.k[prev][:, :, idx]
+            V[:, :, idx] = self.v[prev][:, :, idx]
+            it[idx] = self.it[prev][idx]
+        idx = start + torch.nonzero(active).flatten()
+        K[:, :, idx] = k[:, :, active]
+        V[:, :, idx] = v[:, :, active]
+        it[idx] = t
+        return K[:, :, :n], V[:, :, :n]
 
     def bytes(self, itemsize: int = 4) -> int:
         """Bytes of the filled positions of every slot (plain and loop), at `itemsize` per value."""

@@ -149,7 +149,8 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
         | Op::MatMul
         | Op::PosEmbed
         | Op::WPerIter
-        | Op::Sinusoidal { .. } => {
+        | Op::Sinusoidal { .. }
+        | Op::TimingSignal { .. } => {
             opaque.push(op.clone());
             TOp::Opaque((opaque.len() - 1) as u32)
         }

@@ -320,7 +320,8 @@ fn hoist(r: &mut Region, rn: NodeId, body: &mut Region) -> usize {
     for &n in &order {
         inv[n.index()] = match body.node(n).op {
             Op::Param(i) => i != 0,
-            Op::Attention { .. } | Op::Recur { .. } => false,
+            // The step signal changes every iteration although it reads nothing.
+            Op::Attention { .. } | Op::Recur { .. } | Op::TimingSignal { step: true, .. } => false,
             _ => body.operands(n).iter().all(|o| inv[o.index()]),
         };
     }

@@ -30,6 +30,8 @@ pub const NAMES: &[&str] = &[
     "converge",
     "pos_embed",
     "sinusoidal",
+    "timing_signal",
+    "step_signal",
     "latent_diff",
     "cosine",
     "kl",
@@ -311,6 +313,55 @@ impl<'a> Elab<'a> {
                     None => 10000.0,
                 };
                 self.op(Op::Sinusoidal { cols, base }, &[], span)
+            }
+            "timing_signal" | "step_signal" => {
+                let names = ["dim", "min_timescale", "max_timescale"];
+                let Some(b) = self.bind(callee, args, &names, 1, span) else {
+                    return Val::Error;
+                };
+                let what = format!("`{}` dim", callee.name);
+                let Some(cols) = self.int_arg(&b.get(0).unwrap(), &what, 1) else {
+                    return Val::Error;
+                };
+                let mut ts = [1.0, 1.0e4];
+                for (i, t) in ts.iter_mut().enumerate() {
+                    if let Some(v) = b.get(1 + i) {
+                        let what = format!("`{}` {}", callee.name, names[1 + i]);
+                        match self.num_arg(&v, &what, BAD_ARGS, |x| x > 0.0, "a number > 0") {
+                            Some(x) => *t = x,
+                            None => return Val::Error,
+                        }
+                    }
+                }
+                if ts[1] < ts[0] {
+                    self.err(
+                        BAD_ARGS,
+                        span,
+                        format!(
+                            "`{}` needs min_timescale ≤ max_timescale, got {} and {}",
+                            callee.name, ts[0], ts[1]
+                        ),
+                        "here",
+                    );
+                    return Val::Error;
+                }
+                let step = callee.name == "step_signal";
+                if step && self.depth() == 0 {
+                    self.err(
+                        BAD_ARGS,
+                        span,
+                        "`step_signal` is the recurrence index: it is only defined inside a `recur` body".into(),
+                        "outside `recur`",
+                    );
+                    return Val::Error;
+                }
+                let op = Op::TimingSignal {
+                    cols,
+                    min_timescale: ts[0],
+                    max_timescale: ts[1],
+                    step,
+                };
+                self.op(op, &[], span)
             }
             "rmsnorm" => {
                 let Some(b) = self.bind(callee, args, &["x", "gain", "eps"], 3, span) else {

@@ -135,7 +135,7 @@ pub fn elaborate(
                 }
                 forward = Some(f);
             }
-            ast::Item::Param(_) => {}
+            ast::Item::Param(_) | ast::Item::Ignore(_) | ast::Item::Require(_) => {}
         }
     }
     let Some(fwd) = forward else {
@@ -812,6 +812,13 @@ impl<'a> Elab<'a> {
                     BinOp::Add => x.checked_add(*y),
                     BinOp::Sub => x.checked_sub(*y),
                     BinOp::Mul => x.checked_mul(*y),
+                    BinOp::Rem => {
+                        if *y == 0 {
+                            self.err(SHAPE, span, "remainder by zero".into(), "here");
+                            return Error;
+                        }
+                        Some(x % y)
+                    }
                     BinOp::Div => {
                         if *y == 0 {
                             self.err(SHAPE, span, "division by zero".into(), "here");
@@ -841,6 +848,7 @@ impl<'a> Elab<'a> {
                     BinOp::Sub => x - y,
                     BinOp::Mul => x * y,
                     BinOp::Div => x / y,
+                    BinOp::Rem => x % y,
                 })
             }
             (Tensor { .. } | Weight(_), Tensor { .. } | Weight(_)) => {
@@ -854,6 +862,15 @@ impl<'a> Elab<'a> {
                     return Error;
                 }
                 let bop = match op {
+                    BinOp::Rem => {
+                        self.err(
+                            BAD_ARGS,
+                            op_span,
+                            "`%` is defined on numbers, not on tensors".into(),
+                            "here",
+                        );
+                        return Error;
+                    }
                     BinOp::Add => Binary::Add,
                     BinOp::Sub => Binary::Sub,
                     BinOp::Mul => Binary::Mul,

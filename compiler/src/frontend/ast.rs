@@ -59,6 +59,27 @@ pub enum Item {
     Layer(Layer),
     /// `forward(input) { ... }`: the model's entry point.
     Forward(Forward),
+    /// `ignore "key", ...`: config keys the model knows and deliberately does not read.
+    Ignore(Ignore),
+    /// `require lhs (== | !=) rhs, "message"`: a check on the params once they are bound.
+    Require(Require),
+}
+
+/// `ignore "key", ...`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ignore {
+    pub keys: Vec<StrLit>,
+    pub span: Span,
+}
+
+/// `require lhs (== | !=) rhs, "message"`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Require {
+    pub lhs: Expr,
+    pub cmp: CmpOp,
+    pub rhs: Expr,
+    pub message: StrLit,
+    pub span: Span,
 }
 
 impl Item {
@@ -68,6 +89,8 @@ impl Item {
             Item::Param(p) => p.span,
             Item::Layer(l) => l.span,
             Item::Forward(f) => f.span,
+            Item::Ignore(i) => i.span,
+            Item::Require(r) => r.span,
         }
     }
 }
@@ -238,6 +261,8 @@ pub enum BinOp {
     Sub,
     Mul,
     Div,
+    /// `%`: remainder of integer params (`require dim % heads == 0`).
+    Rem,
 }
 
 impl BinOp {
@@ -247,6 +272,7 @@ impl BinOp {
             BinOp::Sub => "-",
             BinOp::Mul => "*",
             BinOp::Div => "/",
+            BinOp::Rem => "%",
         }
     }
 
@@ -254,7 +280,7 @@ impl BinOp {
     pub fn precedence(self) -> u8 {
         match self {
             BinOp::Add | BinOp::Sub => 1,
-            BinOp::Mul | BinOp::Div => 2,
+            BinOp::Mul | BinOp::Div | BinOp::Rem => 2,
         }
     }
 }

@@ -24,7 +24,9 @@
 //! | E0203 | `--set` value is not a number                                        |
 //! | E0204 | config.json value has the wrong JSON type                            |
 //! | E0205 | override value does not fit an integer param (fractional, too large) |
-//! | W0201 | warning: config.json keys that no param reads                        |
+//! | E0206 | config.json key that no param reads and no `ignore` lists            |
+//! | E0207 | a `require` does not hold for the bound params                       |
+//! | W0201 | warning: config.json keys that no param reads (`ParamEnv::unused_config_warning`) |
 
 use codespan_reporting::diagnostic::{Label, Severity};
 use codespan_reporting::files::SimpleFiles;
@@ -57,6 +59,8 @@ pub const MALFORMED_SET: &str = "E0202";
 pub const BAD_SET_VALUE: &str = "E0203";
 pub const CONFIG_WRONG_TYPE: &str = "E0204";
 pub const NOT_AN_INTEGER: &str = "E0205";
+pub const UNKNOWN_CONFIG_KEY: &str = "E0206";
+pub const REQUIREMENT_FAILED: &str = "E0207";
 pub const UNUSED_CONFIG_KEYS: &str = "W0201";
 
 /// The source texts that spans point into. File ids are those of the wrapped `SimpleFiles`.

@@ -26,6 +26,8 @@ pub enum Keyword {
     Return,
     If,
     Else,
+    Ignore,
+    Require,
 }
 
 const KEYWORDS: [(&str, Keyword); 19] = [
@@ -48,6 +50,8 @@ const KEYWORDS: [(&str, Keyword); 19] = [
     ("return", Keyword::Return),
     ("if", Keyword::If),
     ("else", Keyword::Else),
+    ("ignore", Keyword::Ignore),
+    ("require", Keyword::Require),
 ];
 
 impl Keyword {
@@ -61,7 +65,12 @@ impl Keyword {
     pub fn starts_item(self) -> bool {
         matches!(
             self,
-            Keyword::Model | Keyword::Param | Keyword::Layer | Keyword::Forward
+            Keyword::Model
+                | Keyword::Param
+                | Keyword::Layer
+                | Keyword::Forward
+                | Keyword::Ignore
+                | Keyword::Require
         )
     }
 
@@ -100,6 +109,7 @@ pub enum Punct {
     Minus,
     Star,
     Slash,
+    Percent,
 }
 
 impl Punct {
@@ -120,6 +130,7 @@ impl Punct {
             Punct::Minus => "-",
             Punct::Star => "*",
             Punct::Slash => "/",
+            Punct::Percent => "%",
         }
     }
 
@@ -285,6 +296,7 @@ impl<'a> Lexer<'a> {
             '-' => Punct::Minus,
             '*' => Punct::Star,
             '/' => Punct::Slash,
+            '%' => Punct::Percent,
             '.' if self.peek2() == Some('.') => {
                 self.pos += 2;
                 return Some(Punct::DotDot);

@@ -86,7 +86,8 @@ pub struct ParamEnv {
     pub params: Vec<ParamValue>,
     /// Config keys that some param's `from` read, in param order.
     pub used_config_keys: Vec<String>,
-    /// Config keys that no param reads (sorted): not an error, HF configs carry many.
+    /// Config keys that no param reads (sorted): the file's `ignore` lists and HF bookkeeping
+    /// ([`HF_BOOKKEEPING_KEYS`]); any other key is an error (E0206).
     pub unused_config_keys: Vec<String>,
 }
 
@@ -133,7 +134,7 @@ pub fn eval_params(file: &ast::File, overrides: &Overrides) -> (ParamEnv, Vec<Di
     for (index, param) in params.iter().enumerate() {
         ev.param(index, param, set.get(param.name.name.as_str()), config);
     }
-    if let Some((_, map)) = config {
+    if let Some((path, map)) = config {
         ev.env.unused_config_keys = map
             .keys()
             .filter(|k| {
@@ -143,8 +144,58 @@ pub fn eval_params(file: &ast::File, overrides: &Overrides) -> (ParamEnv, Vec<Di
             })
             .cloned()
             .collect();
+        ev.unknown_keys(file, &params, path, map);
+    }
+    let n = params.len();
+    for item in &file.items {
+        if let Item::Require(r) = item {
+            ev.require(r, n, config.map(|(p, _)| p.as_str()));
+        }
     }
     (ev.env, ev.diags)
+}
+
+/// Config keys of HF bookkeeping (identity, serialization, generation and training settings)
+/// that no model's forward pass reads: accepted in every config without an `ignore`.
+pub const HF_BOOKKEEPING_KEYS: &[&str] = &[
+    "_name_or_path",
+    "architectures",
+    "auto_map",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "use_cache",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "initializer_range",
+    "id2label",
+    "label2id",
+    "problem_type",
+];
+
+/// The param names an expression reads, first occurrence first.
+fn names_in(e: &Expr, out: &mut Vec<String>) {
+    match &e.kind {
+        ExprKind::Name(i) => {
+            if !out.contains(&i.name) {
+                out.push(i.name.clone());
+            }
+        }
+        ExprKind::Neg(x) => names_in(x, out),
+        ExprKind::Binary { lhs, rhs, .. } => {
+            names_in(lhs, out);
+            names_in(rhs, out);
+        }
+        ExprKind::Call { args, .. } => args.iter().for_each(|a| names_in(&a.value, out)),
+        _ => {}
+    }
 }
 
 fn from_key(p: &ast::Param) -> Option<String> {
@@ -169,6 +220,119 @@ struct Evaluator {
 }
 
 impl Evaluator {
+    /// Every config key that no param reads, no `ignore` lists and HF bookkeeping does not
+    /// cover is an error naming the file and the key, with the closest known key.
+    fn unknown_keys(
+        &mut self,
+        file: &ast::File,
+        params: &[&ast::Param],
+        path: &str,
+        map: &serde_json::Map<String, serde_json::Value>,
+    ) {
+        let ignores: Vec<&ast::Ignore> = file
+            .items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Ignore(g) => Some(g),
+                _ => None,
+            })
+            .collect();
+        let ignored: Vec<String> = ignores
+            .iter()
+            .flat_map(|g| g.keys.iter().filter_map(|k| k.as_plain()))
+            .collect();
+        let read: Vec<String> = params.iter().filter_map(|p| from_key(p)).collect();
+        let known: Vec<&str> = read
+            .iter()
+            .chain(&ignored)
+            .map(|s| s.as_str())
+            .chain(HF_BOOKKEEPING_KEYS.iter().copied())
+            .collect();
+        for key in map.keys() {
+            if known.contains(&key.as_str()) {
+                continue;
+            }
+            let mut d = diag::error(
+                diag::UNKNOWN_CONFIG_KEY,
+                format!("config `{path}` has the key `{key}`, which this model does not know"),
+            );
+            let mut candidates: Vec<&str> = read.iter().map(|s| s.as_str()).collect();
+            candidates.extend(ignored.iter().map(|s| s.as_str()));
+            if let Some(c) = closest(key, &candidates) {
+                d.notes.push(format!("help: did you mean `{c}`?"));
+                if let Some(p) = params.iter().find(|p| from_key(p).as_deref() == Some(c)) {
+                    d.labels.push(diag::secondary(
+                        p.from.as_ref().map_or(p.name.span, |f| f.span),
+                        format!("`{c}` is read here"),
+                    ));
+                }
+            }
+            if let Some(last) = ignores.last() {
+                d.labels.push(diag::secondary(
+                    last.span,
+                    "keys the model knows but does not read",
+                ));
+            }
+            d.notes.push(format!(
+                "note: every key must be read by a `param ... from \"key\"` or listed in an `ignore`; \
+                 if `{key}` changes the model, the `.loop` file does not implement it"
+            ));
+            self.diags.push(d);
+        }
+    }
+
+    /// Checks a `require` against the bound params (`n`: all of them are visible).
+    fn require(&mut self, r: &ast::Require, n: usize, config: Option<&str>) {
+        let before = self.diags.len();
+        let (lk, rk) = (self.kind_of(&r.lhs, n), self.kind_of(&r.rhs, n));
+        if lk.is_none() || rk.is_none() || self.diags.len() > before {
+            return;
+        }
+        let (Some(l), Some(v)) = (self.eval(&r.lhs), self.eval(&r.rhs)) else {
+            return;
+        };
+        let equal = match (l, v) {
+            (Value::Int(a), Value::Int(b)) => a == b,
+            (a, b) => a.as_f64() == b.as_f64(),
+        };
+        if equal == (r.cmp == ast::CmpOp::Eq) {
+            return;
+        }
+        let message = r.message.as_plain().unwrap_or_default();
+        let cond = r.lhs.span.to(r.rhs.span);
+        let mut d = diag::error(
+            diag::REQUIREMENT_FAILED,
+            format!("requirement failed: {message}"),
+        )
+        .with_labels(vec![diag::primary(
+            cond,
+            format!(
+                "`{}` is {l}, `{}` is {v}",
+                print_expr(&r.lhs),
+                print_expr(&r.rhs)
+            ),
+        )]);
+        let mut names = Vec::new();
+        names_in(&r.lhs, &mut names);
+        names_in(&r.rhs, &mut names);
+        for name in names {
+            let Some((_, value, source)) = self.results.get(name.as_str()).cloned().flatten()
+            else {
+                continue;
+            };
+            let origin = match source {
+                ValueSource::Default => "its default".to_string(),
+                ValueSource::Set => "`--set`".to_string(),
+                ValueSource::Config(key) => {
+                    format!("config key `{key}` in `{}`", config.unwrap_or("the config"))
+                }
+            };
+            d.notes
+                .push(format!("note: `{name}` is {value}, from {origin}"));
+        }
+        self.diags.push(d);
+    }
+
     /// The params in order, minus duplicates (reported).
     fn collect<'f>(&mut self, file: &'f ast::File) -> Vec<&'f ast::Param> {
         let mut params = Vec::new();
@@ -345,7 +509,9 @@ impl Evaluator {
                     _ => "a number out of range",
                 }
             }
-            J::Bool(_) => "a boolean",
+            // HF flags (`tie_word_embeddings`, `qk_bias`) read as 0 / 1, so `require` can check
+            // the variant a file implements.
+            J::Bool(b) => return Some(Value::Int(i64::from(*b))),
             J::String(_) => "a string",
             J::Array(_) => "an array",
             J::Object(_) => "an object",
@@ -555,7 +721,7 @@ impl Evaluator {
         r: Value,
     ) -> Option<Value> {
         let shown = format!("{l} {} {r}", op.symbol());
-        if op == BinOp::Div && r.as_f64() == 0.0 {
+        if matches!(op, BinOp::Div | BinOp::Rem) && r.as_f64() == 0.0 {
             let mut d = diag::error(
                 diag::DIVISION_BY_ZERO,
                 format!("division by zero in `{}`", print_expr(e)),
@@ -574,6 +740,7 @@ impl Evaluator {
                     BinOp::Add => a.checked_add(b),
                     BinOp::Sub => a.checked_sub(b),
                     BinOp::Mul => a.checked_mul(b),
+                    BinOp::Rem => a.checked_rem(b),
                     BinOp::Div => {
                         if matches!(a.checked_rem(b), Some(rem) if rem != 0) {
                             let mut d = diag::error(
@@ -616,6 +783,7 @@ impl Evaluator {
                     BinOp::Sub => a - b,
                     BinOp::Mul => a * b,
                     BinOp::Div => a / b,
+                    BinOp::Rem => a % b,
                 };
                 if v.is_finite() {
                     Some(Value::Float(v))

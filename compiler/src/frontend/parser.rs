@@ -276,9 +276,11 @@ impl Parser {
                 TokKind::Kw(Keyword::Param) => self.param().map(Item::Param),
                 TokKind::Kw(Keyword::Layer) => self.layer().map(Item::Layer),
                 TokKind::Kw(Keyword::Forward) => self.forward().map(Item::Forward),
+                TokKind::Kw(Keyword::Ignore) => self.ignore().map(Item::Ignore),
+                TokKind::Kw(Keyword::Require) => self.require().map(Item::Require),
                 _ => {
                     let notes = vec![
-                        "note: a file is a sequence of `model`, `param`, `layer` and `forward` items"
+                        "note: a file is a sequence of `model`, `param`, `ignore`, `require`, `layer` and `forward` items"
                             .to_string(),
                     ];
                     Err(self.expected_with("an item", notes))
@@ -312,6 +314,39 @@ impl Parser {
         Ok(Model {
             span: start.to(name.span),
             name,
+        })
+    }
+
+    fn ignore(&mut self) -> PResult<Ignore> {
+        let start = self.bump().span;
+        let mut keys = vec![self.expect_string("a config key (a string)")?];
+        while self.eat_punct(Punct::Comma).is_some() {
+            keys.push(self.expect_string("a config key (a string)")?);
+        }
+        Ok(Ignore {
+            keys,
+            span: start.to(self.prev_span()),
+        })
+    }
+
+    fn require(&mut self) -> PResult<Require> {
+        let start = self.bump().span;
+        let lhs = self.expr()?;
+        let cmp = match self.peek() {
+            TokKind::Punct(Punct::EqEq) => CmpOp::Eq,
+            TokKind::Punct(Punct::NotEq) => CmpOp::Ne,
+            _ => return Err(self.expected_with("`==` or `!=`", vec![])),
+        };
+        self.bump();
+        let rhs = self.expr()?;
+        self.expect_punct(Punct::Comma)?;
+        let message = self.expect_string("the message of the requirement (a string)")?;
+        Ok(Require {
+            lhs,
+            cmp,
+            rhs,
+            message,
+            span: start.to(self.prev_span()),
         })
     }
 
@@ -624,6 +659,7 @@ impl Parser {
             let op = match self.peek() {
                 TokKind::Punct(Punct::Star) => BinOp::Mul,
                 TokKind::Punct(Punct::Slash) => BinOp::Div,
+                TokKind::Punct(Punct::Percent) => BinOp::Rem,
                 _ => return Ok(lhs),
             };
             lhs = self.binary_rhs(lhs, op, Parser::unary)?;

@@ -13,7 +13,10 @@ pub fn print(file: &File) -> String {
     for (i, item) in file.items.iter().enumerate() {
         // Consecutive `param` lines form one paragraph; blank lines separate the rest.
         if i > 0 {
-            let grouped = matches!((&file.items[i - 1], item), (Item::Param(_), Item::Param(_)));
+            let grouped = matches!(
+                (&file.items[i - 1], item),
+                (Item::Param(_), Item::Param(_)) | (Item::Require(_), Item::Require(_))
+            );
             if !grouped {
                 p.out.push('\n');
             }
@@ -82,6 +85,23 @@ impl Printer {
             Item::Forward(f) => {
                 let _ = write!(self.out, "forward({}) ", f.input.name);
                 self.block(&f.body);
+            }
+            Item::Ignore(i) => {
+                self.out.push_str("ignore ");
+                for (j, k) in i.keys.iter().enumerate() {
+                    if j > 0 {
+                        self.out.push_str(", ");
+                    }
+                    self.string(k);
+                }
+            }
+            Item::Require(r) => {
+                self.out.push_str("require ");
+                self.expr(&r.lhs, 0);
+                let _ = write!(self.out, " {} ", r.cmp.symbol());
+                self.expr(&r.rhs, 0);
+                self.out.push_str(", ");
+                self.string(&r.message);
             }
         }
         self.out.push('\n');

@@ -776,6 +776,21 @@ impl Lowerer {
                 });
                 vals.insert(n, o);
             }
+            Op::TimingSignal {
+                min_timescale,
+                max_timescale,
+                step,
+                ..
+            } => {
+                let o = self.buffer(name, cols);
+                out.push(Instr::TimingSignal {
+                    min_timescale: *min_timescale,
+                    max_timescale: *max_timescale,
+                    step: *step,
+                    out: o,
+                });
+                vals.insert(n, o);
+            }
             Op::Unary(_) | Op::Binary(_) | Op::Scale(_) | Op::Fused { .. } => {
                 let body = match &node.op {
                     Op::Unary(u) => vec![FusedOp::Arg(0), FusedOp::Unary(*u, 0)],

@@ -109,6 +109,15 @@ fn instrs(s: &mut String, m: &Manifest, v: &[Instr], ind: &str) {
             Instr::SliceCols { src, start, out } => format!("b{out} = slice b{src}, start={start}"),
             Instr::PosEmbed { table, out } => format!("b{out} = pos_embed {}", w(m, table)),
             Instr::Sinusoidal { base, out } => format!("b{out} = sinusoidal base={base:?}"),
+            Instr::TimingSignal {
+                min_timescale,
+                max_timescale,
+                step,
+                out,
+            } => format!(
+                "b{out} = timing_signal min={min_timescale:?} max={max_timescale:?} of={}",
+                if *step { "step" } else { "position" }
+            ),
             Instr::Kernel { kernel, args } => {
                 let a: Vec<String> = args
                     .iter()
