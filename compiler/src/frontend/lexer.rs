@@ -30,7 +30,7 @@ pub enum Keyword {
     Require,
 }
 
-const KEYWORDS: [(&str, Keyword); 19] = [
+const KEYWORDS: [(&str, Keyword); 21] = [
     ("model", Keyword::Model),
     ("param", Keyword::Param),
     ("from", Keyword::From),
