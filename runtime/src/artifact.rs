@@ -69,14 +69,21 @@ pub enum Derive {
     MulCols { src: WRef, gain: WRef },
     /// The rows of every source (equal `cols`), stacked.
     ConcatRows { srcs: Vec<WRef> },
+    /// `ops` evaluated per element over sources of equal element count (`Input(k)` is source
+    /// `k`), in f64; the result has the first source's shape.
+    Map { srcs: Vec<WRef>, ops: Vec<EwOp> },
+    /// Every row of `src` repeated `times` times in place.
+    RepeatRows { src: WRef, times: usize },
 }
 
 impl Derive {
     pub fn sources(&self) -> Vec<&WRef> {
         match self {
-            Derive::SliceCols { src, .. } | Derive::Scale { src, .. } => vec![src],
+            Derive::SliceCols { src, .. }
+            | Derive::Scale { src, .. }
+            | Derive::RepeatRows { src, .. } => vec![src],
             Derive::MulCols { src, gain } => vec![src, gain],
-            Derive::ConcatRows { srcs } => srcs.iter().collect(),
+            Derive::ConcatRows { srcs } | Derive::Map { srcs, .. } => srcs.iter().collect(),
         }
     }
 
@@ -111,6 +118,19 @@ impl Derive {
                 }
                 Ok((srcs.iter().map(|s| s.rows).sum(), cols))
             }
+            Derive::Map { srcs, ops } => {
+                let first = srcs.first().ok_or("no sources")?;
+                let n = first.rows * first.cols;
+                if srcs.iter().any(|s| s.rows * s.cols != n) {
+                    return Err("sources with different element counts".into());
+                }
+                crate::ew::validate(ops, srcs.len())?;
+                Ok((first.rows, first.cols))
+            }
+            Derive::RepeatRows { src, times } => match src.rows.checked_mul(*times) {
+                Some(rows) if *times > 0 => Ok((rows, src.cols)),
+                _ => Err(format!("{} rows repeated {times} times", src.rows)),
+            },
         }
     }
 
@@ -149,6 +169,20 @@ impl Derive {
                     {
                         *o = x * g;
                     }
+                }
+                Derive::Map { srcs, ops } => {
+                    let data: Vec<&[f32]> = srcs.iter().map(|s| get(s)).collect();
+                    let mut x = vec![0.0; srcs.len()];
+                    for (c, o) in row.iter_mut().enumerate() {
+                        for (xi, d) in x.iter_mut().zip(&data) {
+                            *xi = d[r * cols + c] as f64;
+                        }
+                        *o = crate::ew::eval(ops, &x) as f32;
+                    }
+                }
+                Derive::RepeatRows { src, times } => {
+                    let k = r / times;
+                    row.copy_from_slice(&get(src)[k * cols..(k + 1) * cols]);
                 }
                 Derive::ConcatRows { srcs } => {
                     let mut k = r;
@@ -263,6 +297,8 @@ pub enum EwOp {
     /// 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
     GeluTanh(u32),
     Sqrt(u32),
+    /// ln(1 + eˣ)
+    Softplus(u32),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -308,6 +344,13 @@ pub enum KernelSpec {
     /// `Input(1)` the up half, and the last op is the result (SwiGLU: `silu(g) · u`).
     /// Pointers: `[x (rows × 2·cols), y (rows × cols)]`.
     Glu { cols: usize, ops: Vec<EwOp> },
+    /// Parameter-free RMSNorm of each head: `y[r, h] = x[r, h] · rsqrt(mean(x[r, h]²) + eps)`
+    /// over the `head_dim` columns of head `h` (q/k norm). Pointers: `[x, y]`.
+    HeadRmsNorm {
+        heads: usize,
+        head_dim: usize,
+        eps: f32,
+    },
     /// `x = rope(x + bias)` in place: the q/k bias add as the rotary kernel's prologue (the
     /// attention epilogue of the QKV matmul). Pointers: `[x, bias (heads·head_dim), cos, sin]`.
     RopeBias {
@@ -329,7 +372,7 @@ impl KernelSpec {
             KernelSpec::Rope { .. } => 3,
             KernelSpec::Attention { .. } => 4,
             KernelSpec::LayerNorm { .. } => 4,
-            KernelSpec::Glu { .. } => 2,
+            KernelSpec::Glu { .. } | KernelSpec::HeadRmsNorm { .. } => 2,
             KernelSpec::RopeBias { .. } => 4,
         }
     }
@@ -586,7 +629,7 @@ impl KernelSpec {
             KernelSpec::RmsNorm { .. } => n - 1..n,
             KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. } => 0..1,
             KernelSpec::Attention { .. } | KernelSpec::LayerNorm { .. } => 3..4,
-            KernelSpec::Glu { .. } => 1..2,
+            KernelSpec::Glu { .. } | KernelSpec::HeadRmsNorm { .. } => 1..2,
         }
     }
 }

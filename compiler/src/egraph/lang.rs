@@ -148,7 +148,10 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
         | Op::LayerNorm { .. }
         | Op::MatMul
         | Op::PosEmbed
-        | Op::Sinusoidal { .. } => {
+        | Op::Sinusoidal { .. }
+        | Op::HeadRmsNorm { .. }
+        | Op::WMap { .. }
+        | Op::WRepeatRows(_) => {
             opaque.push(op.clone());
             TOp::Opaque((opaque.len() - 1) as u32)
         }

@@ -230,6 +230,8 @@ pub enum BinOp {
     Sub,
     Mul,
     Div,
+    /// Integer remainder (non-negative for a positive divisor), for build-time layer choices.
+    Rem,
 }
 
 impl BinOp {
@@ -239,6 +241,7 @@ impl BinOp {
             BinOp::Sub => "-",
             BinOp::Mul => "*",
             BinOp::Div => "/",
+            BinOp::Rem => "%",
         }
     }
 
@@ -246,7 +249,7 @@ impl BinOp {
     pub fn precedence(self) -> u8 {
         match self {
             BinOp::Add | BinOp::Sub => 1,
-            BinOp::Mul | BinOp::Div => 2,
+            BinOp::Mul | BinOp::Div | BinOp::Rem => 2,
         }
     }
 }

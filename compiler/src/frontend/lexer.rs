@@ -95,6 +95,7 @@ pub enum Punct {
     Minus,
     Star,
     Slash,
+    Percent,
 }
 
 impl Punct {
@@ -115,6 +116,7 @@ impl Punct {
             Punct::Minus => "-",
             Punct::Star => "*",
             Punct::Slash => "/",
+            Punct::Percent => "%",
         }
     }
 
@@ -280,6 +282,7 @@ impl<'a> Lexer<'a> {
             '-' => Punct::Minus,
             '*' => Punct::Star,
             '/' => Punct::Slash,
+            '%' => Punct::Percent,
             '.' if self.peek2() == Some('.') => {
                 self.pos += 2;
                 return Some(Punct::DotDot);
@@ -375,7 +378,7 @@ impl<'a> Lexer<'a> {
     fn punct_at(&self, c: char) -> bool {
         matches!(
             c,
-            '(' | ')' | '{' | '}' | '[' | ']' | ',' | '=' | '+' | '-' | '*' | '/'
+            '(' | ')' | '{' | '}' | '[' | ']' | ',' | '=' | '+' | '-' | '*' | '/' | '%'
         )
     }
 

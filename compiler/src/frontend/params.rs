@@ -125,6 +125,23 @@ impl ParamEnv {
 
 /// Evaluates every `param` of `file` with `overrides` applied. All errors are collected; a param
 /// that fails is left out of the env, and params depending on it fail silently.
+/// A config key, or a dotted path into nested objects (`rope_settings.rope_base`) when no
+/// top-level key has that exact name.
+fn config_lookup<'a>(
+    map: &'a serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Option<&'a serde_json::Value> {
+    if let Some(v) = map.get(key) {
+        return Some(v);
+    }
+    let mut parts = key.split('.');
+    let mut v = map.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_object()?.get(p)?;
+    }
+    Some(v)
+}
+
 pub fn eval_params(file: &ast::File, overrides: &Overrides) -> (ParamEnv, Vec<Diagnostic>) {
     let mut ev = Evaluator::default();
     let params = ev.collect(file);
@@ -137,9 +154,9 @@ pub fn eval_params(file: &ast::File, overrides: &Overrides) -> (ParamEnv, Vec<Di
         ev.env.unused_config_keys = map
             .keys()
             .filter(|k| {
-                !params
-                    .iter()
-                    .any(|p| from_key(p).as_deref() == Some(k.as_str()))
+                !params.iter().any(|p| {
+                    from_key(p).is_some_and(|f| f == **k || f.split('.').next() == Some(k))
+                })
             })
             .cloned()
             .collect();
@@ -274,7 +291,7 @@ impl Evaluator {
             None => None,
         };
         let config_value = match (from, config) {
-            (Some((key, key_span)), Some((path, map))) => match map.get(&key) {
+            (Some((key, key_span)), Some((path, map))) => match config_lookup(map, &key) {
                 Some(json) => {
                     self.env.used_config_keys.push(key.clone());
                     self.config_value(p, &key, key_span, path, json)
@@ -345,7 +362,8 @@ impl Evaluator {
                     _ => "a number out of range",
                 }
             }
-            J::Bool(_) => "a boolean",
+            // Flags (`qk_norm`, `tie_embeddings`) select variants with `if flag == 1`.
+            J::Bool(b) => return Some(Value::Int(i64::from(*b))),
             J::String(_) => "a string",
             J::Array(_) => "an array",
             J::Object(_) => "an object",
@@ -555,7 +573,7 @@ impl Evaluator {
         r: Value,
     ) -> Option<Value> {
         let shown = format!("{l} {} {r}", op.symbol());
-        if op == BinOp::Div && r.as_f64() == 0.0 {
+        if matches!(op, BinOp::Div | BinOp::Rem) && r.as_f64() == 0.0 {
             let mut d = diag::error(
                 diag::DIVISION_BY_ZERO,
                 format!("division by zero in `{}`", print_expr(e)),
@@ -603,6 +621,7 @@ impl Evaluator {
                         }
                         a.checked_div(b)
                     }
+                    BinOp::Rem => a.checked_rem_euclid(b),
                 };
                 match result {
                     Some(v) => Some(Value::Int(v)),
@@ -616,6 +635,7 @@ impl Evaluator {
                     BinOp::Sub => a - b,
                     BinOp::Mul => a * b,
                     BinOp::Div => a / b,
+                    BinOp::Rem => a.rem_euclid(b),
                 };
                 if v.is_finite() {
                     Some(Value::Float(v))

@@ -613,6 +613,7 @@ impl Parser {
             let op = match self.peek() {
                 TokKind::Punct(Punct::Star) => BinOp::Mul,
                 TokKind::Punct(Punct::Slash) => BinOp::Div,
+                TokKind::Punct(Punct::Percent) => BinOp::Rem,
                 _ => return Ok(lhs),
             };
             lhs = self.binary_rhs(lhs, op, Parser::unary)?;

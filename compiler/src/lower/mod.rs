@@ -175,6 +175,14 @@ impl Lowerer {
                 gain: srcs[1],
             },
             Op::WConcatRows => Derive::ConcatRows { srcs },
+            Op::WMap { body } => Derive::Map {
+                srcs,
+                ops: body.iter().map(ew_op).collect(),
+            },
+            Op::WRepeatRows(times) => Derive::RepeatRows {
+                src: srcs[0],
+                times: *times,
+            },
             _ => unreachable!("is_derived_weight"),
         };
         let (rows, cols) = recipe
@@ -229,6 +237,7 @@ impl Lowerer {
         let kind = match &spec {
             KernelSpec::Elementwise { .. } => "ew",
             KernelSpec::RmsNorm { .. } => "rmsnorm",
+            KernelSpec::HeadRmsNorm { .. } => "headnorm",
             KernelSpec::Rope { .. } => "rope",
             KernelSpec::Attention { .. } => "attn",
             KernelSpec::LayerNorm { .. } => "layernorm",
@@ -491,6 +500,20 @@ impl Lowerer {
                 out.push(Instr::Kernel { kernel: k, args });
                 vals.insert(n, o);
             }
+            Op::HeadRmsNorm { heads, eps } => {
+                let x = self.buf(ops[0], vals)?;
+                let k = self.kernel(KernelSpec::HeadRmsNorm {
+                    heads: *heads,
+                    head_dim: cols / heads,
+                    eps: *eps,
+                });
+                let o = self.buffer(name, cols);
+                out.push(Instr::Kernel {
+                    kernel: k,
+                    args: vec![Arg::Buf(x), Arg::Buf(o)],
+                });
+                vals.insert(n, o);
+            }
             Op::Rope { heads, style, base } => {
                 let x = self.buf(ops[0], vals)?;
                 let head_dim = cols / heads;
@@ -704,7 +727,9 @@ impl Lowerer {
             | Op::WSliceCols { .. }
             | Op::WScale(_)
             | Op::WMulCols
-            | Op::WConcatRows => {}
+            | Op::WConcatRows
+            | Op::WMap { .. }
+            | Op::WRepeatRows(_) => {}
         }
         Ok(())
     }
@@ -723,6 +748,7 @@ fn ew_op(f: &FusedOp) -> EwOp {
             Unary::Tanh => EwOp::Tanh(a),
             Unary::GeluTanh => EwOp::GeluTanh(a),
             Unary::Sqrt => EwOp::Sqrt(a),
+            Unary::Softplus => EwOp::Softplus(a),
         },
         FusedOp::Binary(b, x, y) => match b {
             Binary::Add => EwOp::Add(x, y),
