@@ -60,6 +60,10 @@ stage_snapshots! {
     ltg_ast: "ltg", "ltg_tiny/config.json", "ast";
     ltg_graph: "ltg", "ltg_tiny/config.json", "graph";
     ltg_program: "ltg", "ltg_tiny/config.json", "program";
+    parcae_ast: "parcae", "parcae_tiny/config.json", "ast";
+    parcae_graph: "parcae", "parcae_tiny/config.json", "graph";
+    parcae_egraph: "parcae", "parcae_tiny/config.json", "egraph";
+    parcae_program: "parcae", "parcae_tiny/config.json", "program";
 }
 
 #[test]
@@ -68,6 +72,7 @@ fn graph_text_round_trips() {
         ("huginn", "huginn_tiny/config.json"),
         ("ouro", "ouro_tiny/config.json"),
         ("ltg", "ltg_tiny/config.json"),
+        ("parcae", "parcae_tiny/config.json"),
     ] {
         for st in ["graph", "egraph", "lowered"] {
             let text = stage(ex, cfg, st);
@@ -111,7 +116,7 @@ fn full_size_huginn_elaborates() {
 #[test]
 fn printed_ast_is_a_fixed_point_for_every_example() {
     use loopc_compiler::frontend::{parse, print, SourceMap};
-    for ex in ["huginn", "ouro", "ltg"] {
+    for ex in ["huginn", "ouro", "ltg", "parcae"] {
         let text = std::fs::read_to_string(root().join(format!("examples/{ex}.loop"))).unwrap();
         let mut sm = SourceMap::new();
         let f = sm.add(ex, text);

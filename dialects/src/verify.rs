@@ -370,8 +370,10 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
         Op::WRepeatRows(times) => {
             arity(1)?;
             let w = weight(0)?;
-            match (w.as_slice(), w[0].checked_mul(*times)) {
-                ([_, k], Some(n)) if *times > 0 => Ok(Ty::Weight(vec![n, *k])),
+            match w.as_slice() {
+                [n, k] if *times > 0 && n.checked_mul(*times).is_some() => {
+                    Ok(Ty::Weight(vec![n * times, *k]))
+                }
                 _ => Err(format!(
                     "`w.repeat_rows` needs a 2-D weight and times ≥ 1, got {} and {times}",
                     args[0]
