@@ -68,6 +68,12 @@ fn prefill_last_equals_the_last_row_of_prefill() {
             "ltg_tiny/model.safetensors",
             vec!["positions=1"],
         ),
+        (
+            "parcae",
+            "parcae_tiny/config.json",
+            "parcae_tiny/model.safetensors",
+            vec![],
+        ),
     ] {
         let m = model(ex, cfg, w, &set, 1);
         let prompt = [5, 17, 3, 99, 42];

@@ -30,6 +30,12 @@ fn every_family_at_r128_is_finite_or_a_clean_guard_error() {
             "ltg_tiny/model.safetensors",
             &["inject=1", "positions=1"],
         ),
+        (
+            "parcae",
+            "parcae_tiny/config.json",
+            "parcae_tiny/model.safetensors",
+            &["init_scale=1"],
+        ),
     ];
     for &(ex, cfg, w, set) in cases {
         let m = model(ex, cfg, w, set, 1);

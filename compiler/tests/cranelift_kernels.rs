@@ -153,6 +153,7 @@ fn ew_reference(
                     EwOp::Tanh(x) => a(x).tanh(),
                     EwOp::GeluTanh(x) => gelu_tanh(a(x)),
                     EwOp::Sqrt(x) => a(x).sqrt(),
+                    EwOp::Softplus(x) => a(x).exp().ln_1p(),
                 };
                 v.push(x);
             }
@@ -238,6 +239,15 @@ fn ew_cases() -> Vec<EwCase> {
         unary("relu", EwOp::Relu, (-10.0, 10.0), &wide, 0.0, 0.0),
         unary("tanh", EwOp::Tanh, (-3.0, 3.0), &wide, 2e-6, 1e-30),
         unary("gelu_tanh", EwOp::GeluTanh, (-6.0, 6.0), &wide, 2e-6, 1e-12),
+        // Below e^-87 the clamped exp leaves ~1e-38 instead of ~0.
+        unary(
+            "softplus",
+            EwOp::Softplus,
+            (-20.0, 20.0),
+            &wide,
+            2e-6,
+            2e-38,
+        ),
         unary(
             "sqrt",
             EwOp::Sqrt,
@@ -522,6 +532,57 @@ fn rmsnorm_matches_reference() {
                 assert_close(&format!("{what} sum"), &bufs[bufs.len() - 2], &x, 1e-7, 0.0);
             }
         }
+    }
+}
+
+#[test]
+fn head_rmsnorm_matches_reference() {
+    let shapes = [
+        (1usize, 1usize),
+        (2, 16),
+        (4, 16),
+        (3, 7),
+        (6, 64),
+        (2, 130),
+    ];
+    let eps = f32::EPSILON;
+    let decls: Vec<KernelDecl> = shapes
+        .iter()
+        .map(|&(heads, head_dim)| {
+            decl(
+                &format!("hrms_{heads}_{head_dim}"),
+                KernelSpec::HeadRmsNorm {
+                    heads,
+                    head_dim,
+                    eps,
+                },
+            )
+        })
+        .collect();
+    let lib = Loaded::new(&decls);
+    let mut rng = Rng(5);
+    let rows = 5;
+    for &(heads, hd) in &shapes {
+        let cols = heads * hd;
+        let x = rng.vec(rows * cols, -3.0, 3.0);
+        let mut want = vec![0.0; rows * cols];
+        for (g, chunk) in x.chunks(hd).enumerate() {
+            let ms = chunk.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / hd as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            for (c, &v) in chunk.iter().enumerate() {
+                want[g * hd + c] = v as f64 * inv;
+            }
+        }
+        let mut bufs = vec![x, vec![f32::NAN; rows * cols]];
+        let ptrs = ptrs_of(&mut bufs);
+        call_split(lib.kernel(&format!("hrms_{heads}_{hd}")), &ptrs, rows, 2, 0);
+        assert_close(
+            &format!("head_rmsnorm heads={heads} head_dim={hd}"),
+            &bufs[1],
+            &want,
+            1e-5,
+            1e-5,
+        );
     }
 }
 
@@ -993,6 +1054,16 @@ fn invalid_specs_are_errors() {
             inputs: vec![EwIn::Rows],
             ops: vec![EwOp::Add(0, 1)],
             outputs: vec![0],
+        },
+        KernelSpec::HeadRmsNorm {
+            heads: 0,
+            head_dim: 16,
+            eps: 1e-6,
+        },
+        KernelSpec::HeadRmsNorm {
+            heads: 2,
+            head_dim: 16,
+            eps: f32::NAN,
         },
         KernelSpec::Elementwise {
             cols: 4,

@@ -52,7 +52,12 @@ fn set_args(
     set
 }
 
-const EXAMPLES: [&str; 2] = ["examples/huginn.loop", "examples/ouro.loop"];
+const EXAMPLES: [&str; 4] = [
+    "examples/huginn.loop",
+    "examples/ouro.loop",
+    "examples/ltg.loop",
+    "examples/parcae.loop",
+];
 
 #[test]
 fn examples_parse_without_diagnostics() {
@@ -201,6 +206,44 @@ fn integral_float_overrides_an_int_param() {
     let (env, diags) = eval_params(&file, &overrides);
     assert!(diags.is_empty());
     assert_eq!(env.get("half"), Some(Value::Int(64)));
+}
+
+#[test]
+fn config_flags_nested_keys_and_remainders() {
+    // The authors' Parcae config: booleans, a nested `rope_settings`, `null` for "none".
+    let (file, d) = parse_text(
+        "param qk = 0 from \"qk_norm\"\nparam base = 10000.0 from \"rope_settings.rope_base\"\n\
+         param cap = 0.0 from \"logit_softcap\"\nparam odd = (base - 1) % 2\nparam r = 7 % 3\n",
+    );
+    assert!(d.is_empty(), "{d:?}");
+    let overrides = Overrides {
+        set: vec![],
+        config: config(
+            r#"{"qk_norm": true, "rope_settings": {"rope_base": 50000}, "logit_softcap": null}"#,
+        ),
+    };
+    let (env, diags) = eval_params(&file, &overrides);
+    assert!(diags.is_empty(), "{diags:?}");
+    assert_eq!(env.get("qk"), Some(Value::Int(1)));
+    assert_eq!(env.get("base"), Some(Value::Float(50000.0)));
+    assert_eq!(env.get("cap"), Some(Value::Float(0.0)));
+    assert_eq!(env.get("odd"), Some(Value::Float(1.0)));
+    assert_eq!(env.get("r"), Some(Value::Int(1)));
+    assert!(env.unused_config_keys.is_empty());
+    assert_eq!(print(&file).lines().nth(4), Some("param r = 7 % 3"));
+    // Unread keys are errors, inside a nested object that is read into as well.
+    let overrides = Overrides {
+        set: vec![],
+        config: config(r#"{"rope_settings": {"rope_base": 50000, "use_rope": true}, "extra": 1}"#),
+    };
+    let (_, diags) = eval_params(&file, &overrides);
+    let msgs: Vec<&str> = diags.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(diags.len(), 2, "{msgs:?}");
+    assert!(msgs.iter().any(|m| m.contains("`extra`")), "{msgs:?}");
+    assert!(
+        msgs.iter().any(|m| m.contains("`rope_settings.use_rope`")),
+        "{msgs:?}"
+    );
 }
 
 // ---- diagnostics ----

@@ -66,6 +66,10 @@ stage_snapshots! {
     ltg_program: "ltg", "ltg_tiny/config.json", "program";
     mor_graph: "mor", "mor_tiny/config.json", "graph";
     mor_program: "mor", "mor_tiny/config.json", "program";
+    parcae_ast: "parcae", "parcae_tiny/config.json", "ast";
+    parcae_graph: "parcae", "parcae_tiny/config.json", "graph";
+    parcae_egraph: "parcae", "parcae_tiny/config.json", "egraph";
+    parcae_program: "parcae", "parcae_tiny/config.json", "program";
 }
 
 #[test]
@@ -75,6 +79,7 @@ fn graph_text_round_trips() {
         ("ouro", "ouro_tiny/config.json"),
         ("ltg", "ltg_tiny/config.json"),
         ("mor", "mor_tiny/config.json"),
+        ("parcae", "parcae_tiny/config.json"),
     ] {
         for st in ["graph", "egraph", "lowered"] {
             let text = stage(ex, cfg, st);
@@ -118,7 +123,7 @@ fn full_size_huginn_elaborates() {
 #[test]
 fn printed_ast_is_a_fixed_point_for_every_example() {
     use loopc_compiler::frontend::{parse, print, SourceMap};
-    for ex in ["huginn", "ouro", "ltg", "mor"] {
+    for ex in ["huginn", "ouro", "ltg", "mor", "parcae"] {
         let text = std::fs::read_to_string(root().join(format!("examples/{ex}.loop"))).unwrap();
         let mut sm = SourceMap::new();
         let f = sm.add(ex, text);

@@ -101,6 +101,7 @@ fn mutated_examples_never_panic() {
         ("huginn", "huginn_tiny"),
         ("ouro", "ouro_tiny"),
         ("ltg", "ltg_tiny"),
+        ("parcae", "parcae_tiny"),
     ] {
         let text = std::fs::read_to_string(root.join(format!("examples/{ex}.loop"))).unwrap();
         let opts = Options {

@@ -36,10 +36,12 @@ pub enum Unary {
     Tanh,
     GeluTanh,
     Sqrt,
+    /// `ln(1 + eˣ)` (torch's `softplus`, β = 1).
+    Softplus,
 }
 
 impl Unary {
-    pub const ALL: [Unary; 8] = [
+    pub const ALL: [Unary; 9] = [
         Unary::Neg,
         Unary::Exp,
         Unary::Sigmoid,
@@ -48,6 +50,7 @@ impl Unary {
         Unary::Tanh,
         Unary::GeluTanh,
         Unary::Sqrt,
+        Unary::Softplus,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -59,6 +62,7 @@ impl Unary {
             Unary::Tanh => "tanh",
             Unary::GeluTanh => "gelu_tanh",
             Unary::Sqrt => "sqrt",
+            Unary::Softplus => "softplus",
         }
     }
     pub fn from_name(s: &str) -> Option<Self> {
@@ -280,6 +284,12 @@ pub enum Op {
     Fused {
         body: Vec<FusedOp>,
     },
+    /// Parameter-free RMSNorm of each of the `heads` column groups of a row (q/k norm).
+    /// Operand: x.
+    HeadRmsNorm {
+        heads: usize,
+        eps: f32,
+    },
     /// `(x − mean) · rsqrt(var + eps) · g + b`. Operands: x, g, b.
     LayerNorm {
         eps: f32,
@@ -326,6 +336,14 @@ pub enum Op {
     /// iteration `t` reads (all of one shape). Weights of MoR's per-recursion routers and of
     /// sharing schemes whose layer changes with the recursion.
     WPerIter,
+    /// An elementwise function of weights with equal element counts (the shape of the first):
+    /// weight-only arithmetic such as Parcae's `exp(−softplus(dt_bias)·exp(A_log))`.
+    WMap {
+        body: Vec<FusedOp>,
+    },
+    /// Every row of a 2-D weight repeated `times` times in place (`[n, k]` → `[n·times, k]`):
+    /// a per-head gate widened to per-column.
+    WRepeatRows(usize),
     /// A gated unit over the two halves of its operand `[S, 2n]` → `[S, n]`:
     /// `act(x[:, :n]) · x[:, n:]` (SwiGLU with `silu`). Operand: the gate|up matmul.
     Glu(Unary),
@@ -349,6 +367,7 @@ impl Op {
             Op::Concat => "concat",
             Op::Slice { .. } => "slice",
             Op::Fused { .. } => "fused",
+            Op::HeadRmsNorm { .. } => "head_rmsnorm",
             Op::LayerNorm { .. } => "layernorm",
             Op::MatMul => "matmul",
             Op::PosEmbed => "pos_embed",
@@ -361,6 +380,8 @@ impl Op {
             Op::WMulCols => "w.mul_cols",
             Op::WConcatRows => "w.concat_rows",
             Op::WPerIter => "w.per_iter",
+            Op::WMap { .. } => "w.map",
+            Op::WRepeatRows(_) => "w.repeat_rows",
             Op::Glu(_) => "glu",
         }
     }
@@ -371,7 +392,13 @@ impl Op {
     pub fn is_derived_weight(&self) -> bool {
         matches!(
             self,
-            Op::WSliceCols { .. } | Op::WScale(_) | Op::WMulCols | Op::WConcatRows | Op::WPerIter
+            Op::WSliceCols { .. }
+                | Op::WScale(_)
+                | Op::WMulCols
+                | Op::WConcatRows
+                | Op::WPerIter
+                | Op::WMap { .. }
+                | Op::WRepeatRows(_)
         )
     }
 }

@@ -237,6 +237,14 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
             "w.mul_cols" => Op::WMulCols,
             "w.concat_rows" => Op::WConcatRows,
             "w.per_iter" => Op::WPerIter,
+            "w.map" => Op::WMap {
+                body: parse_fused(ln, fused.unwrap_or(""))?,
+            },
+            "w.repeat_rows" => Op::WRepeatRows(num(ln, attr("times")?)? as usize),
+            "head_rmsnorm" => Op::HeadRmsNorm {
+                heads: num(ln, attr("heads")?)? as usize,
+                eps: num(ln, attr("eps")?)? as f32,
+            },
             "glu" => Op::Glu(Unary::from_name(attr("act")?).ok_or(ParseError {
                 line: ln,
                 message: "unknown `glu` activation".into(),

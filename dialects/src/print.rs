@@ -62,7 +62,7 @@ fn print_region(s: &mut String, r: &Region, depth: usize, terminator: &str) {
         for (k, v) in attrs(&node.op) {
             write!(s, " {k}={v}").unwrap();
         }
-        if let Op::Fused { body } = &node.op {
+        if let Op::Fused { body } | Op::WMap { body } = &node.op {
             let parts: Vec<String> = body
                 .iter()
                 .enumerate()
@@ -151,6 +151,10 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::Scale(c) | Op::WScale(c) => vec![("by", fnum32(*c))],
         Op::RmsNormRes { eps } => vec![("eps", fnum32(*eps))],
         Op::Proj(i) => vec![("index", i.to_string())],
+        Op::HeadRmsNorm { heads, eps } => {
+            vec![("heads", heads.to_string()), ("eps", fnum32(*eps))]
+        }
+        Op::WRepeatRows(times) => vec![("times", times.to_string())],
         Op::Glu(u) => vec![("act", u.name().into())],
         Op::WSliceCols { start, len } => {
             vec![("start", start.to_string()), ("len", len.to_string())]

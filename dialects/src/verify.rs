@@ -5,6 +5,28 @@ use crate::graph::{Module, Region};
 use crate::ops::{FusedOp, Op, StateInit};
 use crate::types::Ty;
 
+/// An elementwise body reads existing operands and earlier instructions only.
+fn check_body(op: &Op, body: &[FusedOp], n_args: usize) -> Result<(), String> {
+    for (j, f) in body.iter().enumerate() {
+        let ok = match f {
+            FusedOp::Arg(a) => (*a as usize) < n_args,
+            FusedOp::Const(_) => true,
+            FusedOp::Unary(_, a) => (*a as usize) < j,
+            FusedOp::Binary(_, a, b) => (*a as usize) < j && (*b as usize) < j,
+        };
+        if !ok {
+            return Err(format!(
+                "`{}` body instruction v{j} refers forward or to a missing operand",
+                op.mnemonic()
+            ));
+        }
+    }
+    if body.is_empty() {
+        return Err(format!("`{}` body is empty", op.mnemonic()));
+    }
+    Ok(())
+}
+
 /// The result type of `op` applied to operands of the given types, or why it is ill-typed.
 pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
     let arity = |n: usize| -> Result<(), String> {
@@ -261,22 +283,7 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                     width = Some(w);
                 }
             }
-            for (j, f) in body.iter().enumerate() {
-                let ok = match f {
-                    FusedOp::Arg(a) => (*a as usize) < args.len(),
-                    FusedOp::Const(_) => true,
-                    FusedOp::Unary(_, a) => (*a as usize) < j,
-                    FusedOp::Binary(_, a, b) => (*a as usize) < j && (*b as usize) < j,
-                };
-                if !ok {
-                    return Err(format!(
-                        "`fused` body instruction v{j} refers forward or to a missing operand"
-                    ));
-                }
-            }
-            if body.is_empty() {
-                return Err("`fused` body is empty".into());
-            }
+            check_body(op, body, args.len())?;
             let w = width.ok_or("`fused` needs at least one activation operand")?;
             for a in args {
                 if let Ty::Weight(s) = a {
@@ -356,6 +363,49 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                 ));
             }
             Ok(Ty::Weight(w))
+        }
+        Op::WMap { body } => {
+            if args.is_empty() {
+                return Err("`w.map` needs at least one operand".into());
+            }
+            let shape = weight(0)?;
+            let n: usize = shape.iter().product();
+            for i in 1..args.len() {
+                if weight(i)?.iter().product::<usize>() != n {
+                    return Err(format!(
+                        "`w.map` operands must have {n} elements like {}, got {}",
+                        args[0], args[i]
+                    ));
+                }
+            }
+            check_body(op, body, args.len())?;
+            Ok(Ty::Weight(shape))
+        }
+        Op::WRepeatRows(times) => {
+            arity(1)?;
+            let w = weight(0)?;
+            match w.as_slice() {
+                [n, k] if *times > 0 && n.checked_mul(*times).is_some() => {
+                    Ok(Ty::Weight(vec![n * times, *k]))
+                }
+                _ => Err(format!(
+                    "`w.repeat_rows` needs a 2-D weight and times ≥ 1, got {} and {times}",
+                    args[0]
+                )),
+            }
+        }
+        Op::HeadRmsNorm { heads, eps } => {
+            arity(1)?;
+            let d = act(0)?;
+            if *heads == 0 || d % heads != 0 {
+                return Err(format!(
+                    "`head_rmsnorm` needs a width divisible into {heads} heads, got {d}"
+                ));
+            }
+            if !(*eps >= 0.0) {
+                return Err(format!("`head_rmsnorm` eps must be ≥ 0, got {eps}"));
+            }
+            Ok(Ty::Act(d))
         }
         Op::WConcatRows => {
             if args.is_empty() {

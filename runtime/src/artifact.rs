@@ -72,14 +72,23 @@ pub enum Derive {
     /// Per-iteration specialization: no data of its own; inside the recurrence, iteration `t`
     /// reads source `t` (whole weights of one shape). Only the recurrence body may read it.
     PerIter { srcs: Vec<WRef> },
+    /// `ops` evaluated per element over sources of equal element count (`Input(k)` is source
+    /// `k`), in f64; the result has the first source's shape.
+    Map { srcs: Vec<WRef>, ops: Vec<EwOp> },
+    /// Every row of `src` repeated `times` times in place.
+    RepeatRows { src: WRef, times: usize },
 }
 
 impl Derive {
     pub fn sources(&self) -> Vec<&WRef> {
         match self {
-            Derive::SliceCols { src, .. } | Derive::Scale { src, .. } => vec![src],
+            Derive::SliceCols { src, .. }
+            | Derive::Scale { src, .. }
+            | Derive::RepeatRows { src, .. } => vec![src],
             Derive::MulCols { src, gain } => vec![src, gain],
-            Derive::ConcatRows { srcs } | Derive::PerIter { srcs } => srcs.iter().collect(),
+            Derive::ConcatRows { srcs } | Derive::PerIter { srcs } | Derive::Map { srcs, .. } => {
+                srcs.iter().collect()
+            }
         }
     }
 
@@ -124,6 +133,19 @@ impl Derive {
                 }
                 Ok((first.rows, first.cols))
             }
+            Derive::Map { srcs, ops } => {
+                let first = srcs.first().ok_or("no sources")?;
+                let n = first.rows * first.cols;
+                if srcs.iter().any(|s| s.rows * s.cols != n) {
+                    return Err("sources with different element counts".into());
+                }
+                crate::ew::validate(ops, srcs.len())?;
+                Ok((first.rows, first.cols))
+            }
+            Derive::RepeatRows { src, times } => match src.rows.checked_mul(*times) {
+                Some(rows) if *times > 0 => Ok((rows, src.cols)),
+                _ => Err(format!("{} rows repeated {times} times", src.rows)),
+            },
         }
     }
 
@@ -165,6 +187,20 @@ impl Derive {
                 }
                 // Selected per iteration, never materialized.
                 Derive::PerIter { .. } => {}
+                Derive::Map { srcs, ops } => {
+                    let data: Vec<&[f32]> = srcs.iter().map(|s| get(s)).collect();
+                    let mut x = vec![0.0; srcs.len()];
+                    for (c, o) in row.iter_mut().enumerate() {
+                        for (xi, d) in x.iter_mut().zip(&data) {
+                            *xi = d[r * cols + c] as f64;
+                        }
+                        *o = crate::ew::eval(ops, &x) as f32;
+                    }
+                }
+                Derive::RepeatRows { src, times } => {
+                    let k = r / times;
+                    row.copy_from_slice(&get(src)[k * cols..(k + 1) * cols]);
+                }
                 Derive::ConcatRows { srcs } => {
                     let mut k = r;
                     for s in srcs {
@@ -278,6 +314,8 @@ pub enum EwOp {
     /// 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))
     GeluTanh(u32),
     Sqrt(u32),
+    /// ln(1 + eˣ)
+    Softplus(u32),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -323,6 +361,13 @@ pub enum KernelSpec {
     /// `Input(1)` the up half, and the last op is the result (SwiGLU: `silu(g) · u`).
     /// Pointers: `[x (rows × 2·cols), y (rows × cols)]`.
     Glu { cols: usize, ops: Vec<EwOp> },
+    /// Parameter-free RMSNorm of each head: `y[r, h] = x[r, h] · rsqrt(mean(x[r, h]²) + eps)`
+    /// over the `head_dim` columns of head `h` (q/k norm). Pointers: `[x, y]`.
+    HeadRmsNorm {
+        heads: usize,
+        head_dim: usize,
+        eps: f32,
+    },
     /// `x = rope(x + bias)` in place: the q/k bias add as the rotary kernel's prologue (the
     /// attention epilogue of the QKV matmul). Pointers: `[x, bias (heads·head_dim), cos, sin]`.
     RopeBias {
@@ -344,7 +389,7 @@ impl KernelSpec {
             KernelSpec::Rope { .. } => 3,
             KernelSpec::Attention { .. } => 4,
             KernelSpec::LayerNorm { .. } => 4,
-            KernelSpec::Glu { .. } => 2,
+            KernelSpec::Glu { .. } | KernelSpec::HeadRmsNorm { .. } => 2,
             KernelSpec::RopeBias { .. } => 4,
         }
     }
@@ -636,7 +681,7 @@ impl KernelSpec {
             KernelSpec::RmsNorm { .. } => n - 1..n,
             KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. } => 0..1,
             KernelSpec::Attention { .. } | KernelSpec::LayerNorm { .. } => 3..4,
-            KernelSpec::Glu { .. } => 1..2,
+            KernelSpec::Glu { .. } | KernelSpec::HeadRmsNorm { .. } => 1..2,
         }
     }
 }

@@ -827,7 +827,9 @@ impl Run<'_> {
                         || attention;
                 let cat = match spec {
                     KernelSpec::Elementwise { .. } => 4,
-                    KernelSpec::RmsNorm { .. } | KernelSpec::LayerNorm { .. } => 5,
+                    KernelSpec::RmsNorm { .. }
+                    | KernelSpec::LayerNorm { .. }
+                    | KernelSpec::HeadRmsNorm { .. } => 5,
                     KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. } => 6,
                     KernelSpec::Attention { .. } => 7,
                     KernelSpec::Glu { .. } => 4,
@@ -842,6 +844,9 @@ impl Run<'_> {
                     } => (heads * head_dim * 3, 1),
                     KernelSpec::Attention { head_dim, .. } => (head_dim * 4, 4),
                     KernelSpec::Glu { cols, ops } => (cols * ops.len().max(1), 1),
+                    KernelSpec::HeadRmsNorm {
+                        heads, head_dim, ..
+                    } => (heads * head_dim * 4, 1),
                     KernelSpec::RopeBias {
                         heads, head_dim, ..
                     } => (heads * head_dim * 4, 1),

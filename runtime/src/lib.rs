@@ -38,6 +38,7 @@
 pub mod artifact;
 mod batch;
 pub mod error;
+pub mod ew;
 mod exec;
 mod exit;
 pub mod guard;

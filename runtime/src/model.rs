@@ -2,7 +2,7 @@
 //! validated, with its kernels loaded and a thread pool).
 
 use crate::artifact::{
-    self, Arg, BufId, EwIn, EwOp, ExitPolicy, Instr, KernelSpec, Manifest, Rows, StateInit, WRef,
+    self, Arg, BufId, EwIn, ExitPolicy, Instr, KernelSpec, Manifest, Rows, StateInit, WRef,
 };
 use crate::error::{Result, RuntimeError};
 use crate::kernels::Kernels;
@@ -369,6 +369,9 @@ fn kernel_needs(spec: &KernelSpec) -> Vec<Need> {
             ]
         }
         KernelSpec::Glu { cols, .. } => vec![Need::PerRow(2 * cols), Need::PerRow(*cols)],
+        KernelSpec::HeadRmsNorm {
+            heads, head_dim, ..
+        } => vec![Need::PerRow(heads * head_dim); 2],
         KernelSpec::RopeBias {
             heads, head_dim, ..
         } => vec![
@@ -515,38 +518,7 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                 outputs,
                 ..
             } => {
-                for (j, op) in ops.iter().enumerate() {
-                    let operands: Vec<u32> = match *op {
-                        EwOp::Input(i) => {
-                            if i as usize >= inputs.len() {
-                                return Err(bad(format!(
-                                    "op {j} reads input {i} of {}",
-                                    inputs.len()
-                                )));
-                            }
-                            vec![]
-                        }
-                        EwOp::Const(_) => vec![],
-                        EwOp::Add(a, b)
-                        | EwOp::Sub(a, b)
-                        | EwOp::Mul(a, b)
-                        | EwOp::Div(a, b)
-                        | EwOp::Max(a, b) => vec![a, b],
-                        EwOp::Neg(a)
-                        | EwOp::Exp(a)
-                        | EwOp::Sigmoid(a)
-                        | EwOp::Silu(a)
-                        | EwOp::Relu(a)
-                        | EwOp::Tanh(a)
-                        | EwOp::GeluTanh(a)
-                        | EwOp::Sqrt(a) => vec![a],
-                    };
-                    if operands.iter().any(|&o| o as usize >= j) {
-                        return Err(bad(format!(
-                            "op {j} uses an operand that is not an earlier op"
-                        )));
-                    }
-                }
+                crate::ew::validate(ops, inputs.len()).map_err(bad)?;
                 if let Some(o) = outputs.iter().find(|&&o| o as usize >= ops.len()) {
                     return Err(bad(format!("output refers to op {o} of {}", ops.len())));
                 }
@@ -575,28 +547,13 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
             }
             KernelSpec::RmsNorm { .. } | KernelSpec::LayerNorm { .. } => {}
             KernelSpec::Glu { ops, .. } => {
-                let ok = !ops.is_empty()
-                    && ops.iter().enumerate().all(|(j, op)| match *op {
-                        EwOp::Input(i) => i < 2,
-                        EwOp::Const(_) => true,
-                        EwOp::Add(a, b)
-                        | EwOp::Sub(a, b)
-                        | EwOp::Mul(a, b)
-                        | EwOp::Div(a, b)
-                        | EwOp::Max(a, b) => (a as usize) < j && (b as usize) < j,
-                        EwOp::Neg(a)
-                        | EwOp::Exp(a)
-                        | EwOp::Sigmoid(a)
-                        | EwOp::Silu(a)
-                        | EwOp::Relu(a)
-                        | EwOp::Tanh(a)
-                        | EwOp::GeluTanh(a)
-                        | EwOp::Sqrt(a) => (a as usize) < j,
-                    });
-                if !ok {
-                    return Err(bad(
-                        "gated unit ops must read inputs 0..2 and earlier ops only".into(),
-                    ));
+                crate::ew::validate(ops, 2).map_err(|e| bad(format!("gated unit: {e}")))?;
+            }
+            KernelSpec::HeadRmsNorm {
+                heads, head_dim, ..
+            } => {
+                if *heads == 0 || *head_dim == 0 {
+                    return Err(bad("head rmsnorm needs heads > 0 and head_dim > 0".into()));
                 }
             }
         }

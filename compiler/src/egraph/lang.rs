@@ -150,7 +150,10 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
         | Op::PosEmbed
         | Op::WPerIter
         | Op::Sinusoidal { .. }
-        | Op::TimingSignal { .. } => {
+        | Op::TimingSignal { .. }
+        | Op::HeadRmsNorm { .. }
+        | Op::WMap { .. }
+        | Op::WRepeatRows(_) => {
             opaque.push(op.clone());
             TOp::Opaque((opaque.len() - 1) as u32)
         }

@@ -25,6 +25,9 @@ pub const NAMES: &[&str] = &[
     "exp",
     "tanh",
     "sqrt",
+    "softplus",
+    "head_rmsnorm",
+    "repeat_rows",
     "zeros",
     "trunc_normal",
     "converge",
@@ -202,6 +205,7 @@ impl<'a> Elab<'a> {
             "gelu_tanh" => Some(Unary::GeluTanh),
             "exp" => Some(Unary::Exp),
             "tanh" => Some(Unary::Tanh),
+            "softplus" => Some(Unary::Softplus),
             _ => None,
         };
         if let Some(u) = unary {
@@ -237,7 +241,18 @@ impl<'a> Elab<'a> {
                 let Some(b) = self.bind(callee, args, &["tokens", "table"], 2, span) else {
                     return Val::Error;
                 };
-                self.op(Op::Embed, &[b.get(0).unwrap(), b.get(1).unwrap()], span)
+                let (t, w) = (b.get(0).unwrap(), b.get(1).unwrap());
+                // A token lookup is loop-invariant and the runtime reads the call's tokens by
+                // row: one written inside `recur` is placed in front of the loop instead.
+                if let (Val::Tensor { depth, .. }, Val::Weight(_)) = (&t.0, &w.0) {
+                    if *depth + 1 < self.regions.len() {
+                        let inner = self.regions.split_off(depth + 1);
+                        let v = self.op(Op::Embed, &[t, w], span);
+                        self.regions.extend(inner);
+                        return v;
+                    }
+                }
+                self.op(Op::Embed, &[t, w], span)
             }
             "linear" | "matmul" => {
                 let Some(b) = self.bind(callee, args, &["x", "weight", "bias"], 2, span) else {
@@ -381,6 +396,46 @@ impl<'a> Elab<'a> {
                     &[b.get(0).unwrap(), b.get(1).unwrap()],
                     span,
                 )
+            }
+            "head_rmsnorm" => {
+                // torch's `F.rms_norm` without `eps` uses the dtype's machine epsilon.
+                let Some(b) = self.bind(callee, args, &["x", "heads", "eps"], 2, span) else {
+                    return Val::Error;
+                };
+                let Some(heads) = self.int_arg(&b.get(1).unwrap(), "`head_rmsnorm` heads", 1)
+                else {
+                    return Val::Error;
+                };
+                let eps = match b.get(2) {
+                    None => f32::EPSILON as f64,
+                    Some(e) => match self.num_arg(
+                        &e,
+                        "`head_rmsnorm` eps",
+                        BAD_ARGS,
+                        |x| x >= 0.0,
+                        "a number ≥ 0",
+                    ) {
+                        Some(x) => x,
+                        None => return Val::Error,
+                    },
+                };
+                self.op(
+                    Op::HeadRmsNorm {
+                        heads,
+                        eps: eps as f32,
+                    },
+                    &[b.get(0).unwrap()],
+                    span,
+                )
+            }
+            "repeat_rows" => {
+                let Some(b) = self.bind(callee, args, &["w", "times"], 2, span) else {
+                    return Val::Error;
+                };
+                let Some(times) = self.int_arg(&b.get(1).unwrap(), "`repeat_rows` times", 1) else {
+                    return Val::Error;
+                };
+                self.op(Op::WRepeatRows(times), &[b.get(0).unwrap()], span)
             }
             "rope" => {
                 let style_expr = args

@@ -22,7 +22,18 @@ use crate::frontend::ast::{self, BinOp, Block, Expr, ExprKind, StmtKind, StrPart
 use crate::frontend::diag::{self, Diagnostic, SourceMap};
 use crate::frontend::{ParamEnv, Span, Value};
 use codespan_reporting::files::Files;
-use loopc_dialects::ops::{Binary, CacheSpec, ExitSpec, StateInit, Unary};
+use loopc_dialects::ops::{Binary, CacheSpec, ExitSpec, FusedOp, StateInit, Unary};
+
+/// The pointwise op of a DSL operator (`%` has none: it is integer-only).
+fn binary_op(op: BinOp) -> Option<Binary> {
+    match op {
+        BinOp::Add => Some(Binary::Add),
+        BinOp::Sub => Some(Binary::Sub),
+        BinOp::Mul => Some(Binary::Mul),
+        BinOp::Div => Some(Binary::Div),
+        BinOp::Rem => None,
+    }
+}
 
 const EXIT_HINT: &str = "expected `fixed`, `converge(threshold = ..., max = ...)`, a criterion (`latent_diff`, `cosine`, `kl`, `minp_kl`, `entropy_diff`, `argmax_stability`: `kl(threshold = 5e-4, min_steps = 1, every = 1, max = 32)`), `gate(q = 0.5)` or `act(eps = 0.01)`";
 const EXIT_CALLS: &[&str] = &[
@@ -580,21 +591,6 @@ impl<'a> Elab<'a> {
         })
     }
 
-    fn interp(&mut self, s: &ast::StrLit) -> Option<String> {
-        match self.interp_val(s)? {
-            Val::Str(x) => Some(x),
-            _ => {
-                self.err(
-                    BAD_ARGS,
-                    s.span,
-                    "this string depends on the iteration index; only weight names may".into(),
-                    "here",
-                );
-                None
-            }
-        }
-    }
-
     fn interp_at(&mut self, s: &ast::StrLit, t: Option<usize>) -> Option<String> {
         let mut out = String::new();
         for p in &s.parts {
@@ -812,13 +808,6 @@ impl<'a> Elab<'a> {
                     BinOp::Add => x.checked_add(*y),
                     BinOp::Sub => x.checked_sub(*y),
                     BinOp::Mul => x.checked_mul(*y),
-                    BinOp::Rem => {
-                        if *y == 0 {
-                            self.err(SHAPE, span, "remainder by zero".into(), "here");
-                            return Error;
-                        }
-                        Some(x % y)
-                    }
                     BinOp::Div => {
                         if *y == 0 {
                             self.err(SHAPE, span, "division by zero".into(), "here");
@@ -834,6 +823,13 @@ impl<'a> Elab<'a> {
                             return Error;
                         }
                         Some(x / y)
+                    }
+                    BinOp::Rem => {
+                        if *y == 0 {
+                            self.err(SHAPE, span, "remainder by zero".into(), "here");
+                            return Error;
+                        }
+                        Some(x.rem_euclid(*y))
                     }
                 };
                 r.map(Int).unwrap_or_else(|| {
@@ -851,30 +847,17 @@ impl<'a> Elab<'a> {
                     BinOp::Rem => x % y,
                 })
             }
+            (Tensor { .. } | Weight(_), Tensor { .. } | Weight(_))
+            | (Tensor { .. } | Weight(_), Int(_) | Float(_))
+            | (Int(_) | Float(_), Tensor { .. } | Weight(_))
+                if (self.is_weight(&a) || a.num().is_some())
+                    && (self.is_weight(&b) || b.num().is_some()) =>
+            {
+                self.weight_binary(op, a, b, op_span, span)
+            }
             (Tensor { .. } | Weight(_), Tensor { .. } | Weight(_)) => {
-                if matches!((&a, &b), (Weight(_), Weight(_))) {
-                    self.err(
-                        BAD_ARGS,
-                        span,
-                        "arithmetic on two weights is not supported; use it on activations".into(),
-                        "here",
-                    );
-                    return Error;
-                }
-                let bop = match op {
-                    BinOp::Rem => {
-                        self.err(
-                            BAD_ARGS,
-                            op_span,
-                            "`%` is defined on numbers, not on tensors".into(),
-                            "here",
-                        );
-                        return Error;
-                    }
-                    BinOp::Add => Binary::Add,
-                    BinOp::Sub => Binary::Sub,
-                    BinOp::Mul => Binary::Mul,
-                    BinOp::Div => Binary::Div,
+                let Some(bop) = binary_op(op) else {
+                    return self.rem_of_tensors(op_span);
                 };
                 self.op(Op::Binary(bop), &[(a, span), (b, span)], op_span)
             }
@@ -911,7 +894,51 @@ impl<'a> Elab<'a> {
     }
 
     pub(crate) fn unary(&mut self, u: Unary, v: Val, span: Span) -> Val {
+        if self.is_weight(&v) {
+            let body = vec![FusedOp::Arg(0), FusedOp::Unary(u, 0)];
+            return self.op(Op::WMap { body }, &[(v, span)], span);
+        }
         self.op(Op::Unary(u), &[(v, span)], span)
+    }
+
+    /// Arithmetic whose operands are weights and numbers: a weight derived once at load.
+    fn weight_binary(&mut self, op: BinOp, a: Val, b: Val, op_span: Span, span: Span) -> Val {
+        let Some(bop) = binary_op(op) else {
+            return self.rem_of_tensors(op_span);
+        };
+        match (a.num(), b.num()) {
+            (None, Some(k)) if matches!(op, BinOp::Mul | BinOp::Div) => {
+                let by = if op == BinOp::Mul { k } else { 1.0 / k };
+                return self.op(Op::WScale(by as f32), &[(a, span)], op_span);
+            }
+            (Some(k), None) if op == BinOp::Mul => {
+                return self.op(Op::WScale(k as f32), &[(b, span)], op_span);
+            }
+            _ => {}
+        }
+        let mut body = vec![];
+        let mut args = vec![];
+        for v in [a, b] {
+            match v.num() {
+                Some(k) => body.push(FusedOp::Const(k as f32)),
+                None => {
+                    body.push(FusedOp::Arg(args.len() as u32));
+                    args.push((v, span));
+                }
+            }
+        }
+        body.push(FusedOp::Binary(bop, 0, 1));
+        self.op(Op::WMap { body }, &args, op_span)
+    }
+
+    fn rem_of_tensors(&mut self, op_span: Span) -> Val {
+        self.err(
+            BAD_ARGS,
+            op_span,
+            "`%` applies to integers only".into(),
+            "this operator",
+        );
+        Val::Error
     }
 
     /// Materialize a value as a node of the current region (capturing outer tensors).
@@ -932,6 +959,14 @@ impl<'a> Elab<'a> {
         let cur = self.regions.len();
         match v {
             Val::Tensor { depth, node } if *depth == cur => Some(*node),
+            Val::Tensor { depth, node }
+                if *depth + 1 == cur
+                    && matches!(self.regions[*depth].region.ty(*node), Ty::Weight(_)) =>
+            {
+                // A derived weight is computed once at load wherever it sits: the body gets
+                // its own copy instead of a capture.
+                Some(self.clone_weight(ctx, *depth, *node))
+            }
             Val::Tensor { depth, node } if *depth + 1 == cur => {
                 if let Some(&(_, p)) = ctx.captures.iter().find(|(o, _)| o == node) {
                     return Some(p);
@@ -986,6 +1021,39 @@ impl<'a> Elab<'a> {
                 );
                 None
             }
+        }
+    }
+
+    /// Copy the weight-typed node `n` of region `depth` (and the derived weights it reads) into
+    /// `ctx`'s region.
+    fn clone_weight(&self, ctx: &mut RegionCtx, depth: usize, n: NodeId) -> NodeId {
+        let outer = &self.regions[depth].region;
+        let node = outer.node(n);
+        if let Op::Weight(w) = &node.op {
+            if let Some(&m) = ctx.weight_nodes.get(w) {
+                return m;
+            }
+            let m = ctx.region.add(node.op.clone(), node.ty.clone(), &[]);
+            ctx.weight_nodes.insert(w.clone(), m);
+            return m;
+        }
+        let ops: Vec<NodeId> = outer
+            .operands(n)
+            .into_iter()
+            .map(|o| self.clone_weight(ctx, depth, o))
+            .collect();
+        ctx.region.add(node.op.clone(), node.ty.clone(), &ops)
+    }
+
+    /// Whether `v` is a weight: a checkpoint tensor or a derived weight node.
+    fn is_weight(&self, v: &Val) -> bool {
+        match v {
+            Val::Weight(_) => true,
+            Val::Tensor { depth, node } => self
+                .regions
+                .get(*depth)
+                .is_some_and(|r| matches!(r.region.ty(*node), Ty::Weight(_))),
+            _ => false,
         }
     }
 

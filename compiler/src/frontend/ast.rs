@@ -261,7 +261,7 @@ pub enum BinOp {
     Sub,
     Mul,
     Div,
-    /// `%`: remainder of integer params (`require dim % heads == 0`).
+    /// `%`: integer remainder (non-negative for a positive divisor), e.g. `require dim % heads == 0`.
     Rem,
 }
 

@@ -126,6 +126,23 @@ impl ParamEnv {
 
 /// Evaluates every `param` of `file` with `overrides` applied. All errors are collected; a param
 /// that fails is left out of the env, and params depending on it fail silently.
+/// A config key, or a dotted path into nested objects (`rope_settings.rope_base`) when no
+/// top-level key has that exact name.
+fn config_lookup<'a>(
+    map: &'a serde_json::Map<String, serde_json::Value>,
+    key: &str,
+) -> Option<&'a serde_json::Value> {
+    if let Some(v) = map.get(key) {
+        return Some(v);
+    }
+    let mut parts = key.split('.');
+    let mut v = map.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_object()?.get(p)?;
+    }
+    Some(v)
+}
+
 pub fn eval_params(file: &ast::File, overrides: &Overrides) -> (ParamEnv, Vec<Diagnostic>) {
     let mut ev = Evaluator::default();
     let params = ev.collect(file);
@@ -138,9 +155,9 @@ pub fn eval_params(file: &ast::File, overrides: &Overrides) -> (ParamEnv, Vec<Di
         ev.env.unused_config_keys = map
             .keys()
             .filter(|k| {
-                !params
-                    .iter()
-                    .any(|p| from_key(p).as_deref() == Some(k.as_str()))
+                !params.iter().any(|p| {
+                    from_key(p).is_some_and(|f| f == **k || f.split('.').next() == Some(k))
+                })
             })
             .cloned()
             .collect();
@@ -248,7 +265,19 @@ impl Evaluator {
             .map(|s| s.as_str())
             .chain(HF_BOOKKEEPING_KEYS.iter().copied())
             .collect();
-        for key in map.keys() {
+        // A nested object (`rope_settings`) that some param reads into (`rope_settings.rope_base`)
+        // is checked key by key under its dotted names.
+        let mut keys: Vec<String> = vec![];
+        for (key, v) in map {
+            let prefix = format!("{key}.");
+            match v.as_object() {
+                Some(obj) if known.iter().any(|k| k.starts_with(&prefix)) => {
+                    keys.extend(obj.keys().map(|sub| format!("{prefix}{sub}")))
+                }
+                _ => keys.push(key.clone()),
+            }
+        }
+        for key in &keys {
             if known.contains(&key.as_str()) {
                 continue;
             }
@@ -438,7 +467,7 @@ impl Evaluator {
             None => None,
         };
         let config_value = match (from, config) {
-            (Some((key, key_span)), Some((path, map))) => match map.get(&key) {
+            (Some((key, key_span)), Some((path, map))) => match config_lookup(map, &key) {
                 Some(json) => {
                     self.env.used_config_keys.push(key.clone());
                     self.config_value(p, &key, key_span, path, json)
@@ -509,8 +538,8 @@ impl Evaluator {
                     _ => "a number out of range",
                 }
             }
-            // HF flags (`tie_word_embeddings`, `qk_bias`) read as 0 / 1, so `require` can check
-            // the variant a file implements.
+            // HF flags (`tie_word_embeddings`, `qk_norm`) read as 0 / 1: `require` checks the
+            // variant a file implements, `if flag == 1` selects one.
             J::Bool(b) => return Some(Value::Int(i64::from(*b))),
             J::String(_) => "a string",
             J::Array(_) => "an array",
@@ -740,7 +769,6 @@ impl Evaluator {
                     BinOp::Add => a.checked_add(b),
                     BinOp::Sub => a.checked_sub(b),
                     BinOp::Mul => a.checked_mul(b),
-                    BinOp::Rem => a.checked_rem(b),
                     BinOp::Div => {
                         if matches!(a.checked_rem(b), Some(rem) if rem != 0) {
                             let mut d = diag::error(
@@ -770,6 +798,7 @@ impl Evaluator {
                         }
                         a.checked_div(b)
                     }
+                    BinOp::Rem => a.checked_rem_euclid(b),
                 };
                 match result {
                     Some(v) => Some(Value::Int(v)),
@@ -783,7 +812,7 @@ impl Evaluator {
                     BinOp::Sub => a - b,
                     BinOp::Mul => a * b,
                     BinOp::Div => a / b,
-                    BinOp::Rem => a % b,
+                    BinOp::Rem => a.rem_euclid(b),
                 };
                 if v.is_finite() {
                     Some(Value::Float(v))

@@ -176,6 +176,14 @@ impl Lowerer {
             },
             Op::WConcatRows => Derive::ConcatRows { srcs },
             Op::WPerIter => Derive::PerIter { srcs },
+            Op::WMap { body } => Derive::Map {
+                srcs,
+                ops: body.iter().map(ew_op).collect(),
+            },
+            Op::WRepeatRows(times) => Derive::RepeatRows {
+                src: srcs[0],
+                times: *times,
+            },
             _ => unreachable!("is_derived_weight"),
         };
         self.register(recipe, op.mnemonic()).map(Some)
@@ -223,6 +231,14 @@ impl Lowerer {
                         },
                         Derive::ConcatRows { .. } => Derive::ConcatRows {
                             srcs: (0..srcs.len()).map(pick).collect(),
+                        },
+                        Derive::Map { ops, .. } => Derive::Map {
+                            srcs: (0..srcs.len()).map(pick).collect(),
+                            ops: ops.clone(),
+                        },
+                        Derive::RepeatRows { times, .. } => Derive::RepeatRows {
+                            src: pick(0),
+                            times: *times,
                         },
                         Derive::PerIter { .. } => unreachable!(),
                     };
@@ -283,6 +299,7 @@ impl Lowerer {
         let kind = match &spec {
             KernelSpec::Elementwise { .. } => "ew",
             KernelSpec::RmsNorm { .. } => "rmsnorm",
+            KernelSpec::HeadRmsNorm { .. } => "headnorm",
             KernelSpec::Rope { .. } => "rope",
             KernelSpec::Attention { .. } => "attn",
             KernelSpec::LayerNorm { .. } => "layernorm",
@@ -618,6 +635,20 @@ impl Lowerer {
                 out.push(Instr::Kernel { kernel: k, args });
                 vals.insert(n, o);
             }
+            Op::HeadRmsNorm { heads, eps } => {
+                let x = self.buf(ops[0], vals)?;
+                let k = self.kernel(KernelSpec::HeadRmsNorm {
+                    heads: *heads,
+                    head_dim: cols / heads,
+                    eps: *eps,
+                });
+                let o = self.buffer(name, cols);
+                out.push(Instr::Kernel {
+                    kernel: k,
+                    args: vec![Arg::Buf(x), Arg::Buf(o)],
+                });
+                vals.insert(n, o);
+            }
             Op::Rope { heads, style, base } => {
                 let x = self.buf(ops[0], vals)?;
                 let head_dim = cols / heads;
@@ -847,7 +878,9 @@ impl Lowerer {
             | Op::WScale(_)
             | Op::WMulCols
             | Op::WConcatRows
-            | Op::WPerIter => {}
+            | Op::WPerIter
+            | Op::WMap { .. }
+            | Op::WRepeatRows(_) => {}
         }
         Ok(())
     }
@@ -866,6 +899,7 @@ fn ew_op(f: &FusedOp) -> EwOp {
             Unary::Tanh => EwOp::Tanh(a),
             Unary::GeluTanh => EwOp::GeluTanh(a),
             Unary::Sqrt => EwOp::Sqrt(a),
+            Unary::Softplus => EwOp::Softplus(a),
         },
         FusedOp::Binary(b, x, y) => match b {
             Binary::Add => EwOp::Add(x, y),

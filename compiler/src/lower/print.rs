@@ -177,5 +177,10 @@ fn spec(k: &KernelSpec) -> String {
             )
         }
         KernelSpec::LayerNorm { cols, eps } => format!("layernorm cols={cols} eps={eps:?}"),
+        KernelSpec::HeadRmsNorm {
+            heads,
+            head_dim,
+            eps,
+        } => format!("head_rmsnorm heads={heads} head_dim={head_dim} eps={eps:?}"),
     }
 }

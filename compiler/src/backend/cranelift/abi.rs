@@ -54,4 +54,15 @@ impl Params {
         fx.b.ins()
             .load(types::I64, arg_flags(), self.ptrs, 8 * k as i32)
     }
+
+    /// The same call seen as `k` items per row: `begin·k .. end·k` (each head of a row as a
+    /// row of its own, for kernels that treat heads independently).
+    pub fn items_per_row(&self, fx: &mut Fx, k: usize) -> Params {
+        Params {
+            ptrs: self.ptrs,
+            begin: fx.imul_imm(self.begin, k as i64),
+            end: fx.imul_imm(self.end, k as i64),
+            pos0: self.pos0,
+        }
+    }
 }

@@ -40,9 +40,8 @@ fn operands(op: &EwOp) -> Vec<u32> {
     match *op {
         Input(_) | Const(_) => vec![],
         Add(a, b) | Sub(a, b) | Mul(a, b) | Div(a, b) | Max(a, b) => vec![a, b],
-        Neg(a) | Exp(a) | Sigmoid(a) | Silu(a) | Relu(a) | Tanh(a) | GeluTanh(a) | Sqrt(a) => {
-            vec![a]
-        }
+        Neg(a) | Exp(a) | Sigmoid(a) | Silu(a) | Relu(a) | Tanh(a) | GeluTanh(a) | Sqrt(a)
+        | Softplus(a) => vec![a],
     }
 }
 
@@ -205,6 +204,7 @@ fn build_with(
                         EwOp::Tanh(a) => math::tanh(fx, arg(a)),
                         EwOp::GeluTanh(a) => math::gelu_tanh(fx, arg(a)),
                         EwOp::Sqrt(a) => fx.b.ins().sqrt(arg(a)),
+                        EwOp::Softplus(a) => math::softplus(fx, arg(a)),
                     };
                     vals[i] = Some(v);
                 }

@@ -177,6 +177,15 @@ fn build(decl: &KernelDecl, features: Features, fctx: &mut FunctionBuilderContex
             scale,
         } => attention::build(&mut fx, &params, *heads, *kv_heads, *head_dim, *scale),
         KernelSpec::LayerNorm { cols, eps } => layernorm::build(&mut fx, &params, *cols, *eps),
+        KernelSpec::HeadRmsNorm {
+            heads,
+            head_dim,
+            eps,
+        } => {
+            // Rows of `heads · head_dim` are `heads` contiguous rows of `head_dim`.
+            let per_head = params.items_per_row(&mut fx, *heads);
+            norm::build(&mut fx, &per_head, *head_dim, *eps, false, false)
+        }
         KernelSpec::Glu { cols, ops } => elementwise::build_glu(&mut fx, &params, *cols, ops),
         KernelSpec::RopeBias {
             heads,
@@ -271,6 +280,21 @@ fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
             }
             if !scale.is_finite() {
                 return Err(invalid(format!("scale = {scale} must be finite")));
+            }
+            Ok(())
+        }
+        KernelSpec::HeadRmsNorm {
+            heads,
+            head_dim,
+            eps,
+        } => {
+            dim("heads", *heads)?;
+            dim("head_dim", *head_dim)?;
+            dim("heads * head_dim", heads.saturating_mul(*head_dim))?;
+            if !eps.is_finite() || *eps < 0.0 {
+                return Err(invalid(format!(
+                    "eps = {eps} must be finite and non-negative"
+                )));
             }
             Ok(())
         }
