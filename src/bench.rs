@@ -9,6 +9,7 @@ pub struct BenchArgs {
     pub steps: Option<usize>,
     pub reps: usize,
     pub seed: u64,
+    pub exit_threshold: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -42,7 +43,10 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
         .collect();
     let mut session = model.session();
     session.set_steps(a.steps);
+    session.set_exit_threshold(a.exit_threshold);
     let (mut pre, mut dec) = (vec![], vec![]);
+    // Block evaluations per token (prefill, decode) and KV bytes per position of the last rep.
+    let (mut evals_pre, mut evals_dec, mut kv_per_pos) = (0.0, 0.0, 0.0);
     // One warm-up repetition plans the buffers for both shapes.
     for rep in 0..=a.reps {
         session.reset();
@@ -52,11 +56,17 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
             .map_err(|e| format!("error: {e}"))?;
         let tp = t.elapsed().as_secs_f64();
         let mut next = loopc_runtime::argmax(logits.last_row());
+        evals_pre = session.last_depths().iter().sum::<usize>() as f64 / a.prompt_len as f64;
+        let mut dec_evals = 0;
         let t = Instant::now();
         for _ in 0..a.new_tokens {
             next = loopc_runtime::argmax(session.step(next).map_err(|e| format!("error: {e}"))?);
+            dec_evals += session.last_depths().iter().sum::<usize>();
         }
         let td = t.elapsed().as_secs_f64();
+        evals_dec = dec_evals as f64 / a.new_tokens.max(1) as f64;
+        let st = session.stats();
+        kv_per_pos = st.kv_bytes_used as f64 / st.kv_positions.max(1) as f64;
         if rep > 0 {
             pre.push(tp);
             dec.push(td);
@@ -64,7 +74,7 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     }
     let (p, d) = (median(pre), median(dec));
     Ok(format!(
-        "{{\"impl\":\"loopc\",\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"peak_rss_mb\":{:.0}}}",
+        "{{\"impl\":\"loopc\",\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"block_evals_per_token_prefill\":{evals_pre:.3},\"block_evals_per_token_decode\":{evals_dec:.3},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
         a.steps.or(model.manifest().program.recur.as_ref().map(|r| r.default_steps)).unwrap_or(0),
         model.threads(),
         a.prompt_len,

@@ -132,6 +132,9 @@ enum Cmd {
         steps: Option<usize>,
         #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Override the exit policy's threshold (router threshold, gate q, criterion).
+        #[arg(long)]
+        exit_threshold: Option<f64>,
         #[command(flatten)]
         args: ModelArgs,
     },
@@ -410,6 +413,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             new_tokens,
             steps,
             reps,
+            exit_threshold,
             args,
         } => {
             let artifact = load_artifact(&model, &args)?;
@@ -423,6 +427,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                     steps,
                     reps,
                     seed: 0,
+                    exit_threshold,
                 },
             )?;
             println!("{line}");

@@ -36,6 +36,18 @@ fn every_family_at_r128_is_finite_or_a_clean_guard_error() {
             "parcae_tiny/model.safetensors",
             &["init_scale=1"],
         ),
+        (
+            "mor",
+            "mor_tiny/config.json",
+            "mor_tiny/vanilla_middle_cycle.safetensors",
+            &["routing=0", "sharing=2"],
+        ),
+        (
+            "ut",
+            "ut_tiny/config.json",
+            "ut_tiny/model.safetensors",
+            &[],
+        ),
     ];
     for &(ex, cfg, w, set) in cases {
         let m = model(ex, cfg, w, set, 1);
@@ -71,6 +83,19 @@ fn every_family_at_r128_is_finite_or_a_clean_guard_error() {
             }
         }
     }
+    // A model whose recursions have weights of their own (MoR's per-recursion routers) cannot
+    // run past them: a clear error, not a silent reuse.
+    let m = model(
+        "mor",
+        "mor_tiny/config.json",
+        "mor_tiny/expert_middle_cycle.safetensors",
+        &["routing=1", "sharing=2"],
+        1,
+    );
+    let mut s = m.session();
+    s.set_steps(Some(128));
+    let e = s.prefill(&[3, 1, 4]).unwrap_err().to_string();
+    assert!(e.contains("cannot run 128"), "{e}");
 }
 
 /// A recurrence that multiplies the state by 10 each step overflows f32 within 40 steps.
