@@ -300,3 +300,31 @@ fn ut_act_matches_reference() {
     ut_case("act_m3", 1);
     ut_case("act_m6", 0);
 }
+
+/// Token choice decides each token's depth from its own state, and recursion-wise attention
+/// only looks back: cached decode equals recomputing the whole sequence in one prefill.
+/// (Expert choice's prefill top-k looks at the whole prompt, so it has no such identity.)
+#[test]
+fn mor_token_choice_decode_equals_recompute() {
+    let f = fixture("mor_tiny/token_cycle.safetensors");
+    let m = model(
+        "mor",
+        "mor_tiny/config.json",
+        "mor_tiny/token_cycle.safetensors",
+        &["routing=2", "sharing=0", "alpha=1"],
+        1,
+    );
+    let prompt = ids(&read(&f, "prompt"));
+    let dec = ids(&read(&f, "decode_tokens"));
+    let mut s = m.session();
+    s.prefill(&prompt).unwrap();
+    let mut got = vec![];
+    for &t in &dec {
+        got.extend_from_slice(s.step(t).unwrap().data());
+    }
+    let all: Vec<u32> = prompt.iter().chain(&dec).copied().collect();
+    let full = m.session().prefill(&all).unwrap();
+    let vocab = full.data().len() / all.len();
+    let d = max_abs_diff(&got, &full.data()[prompt.len() * vocab..]);
+    assert!(d <= 1e-5, "decode vs recompute {d:e}");
+}
