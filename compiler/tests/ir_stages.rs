@@ -190,3 +190,45 @@ fn variable_depth_policies_round_trip() {
         "gate exit without exit_gate"
     );
 }
+
+/// The authors' published config files (as downloaded, every field) configure the families at
+/// full size: each field is read, deliberately ignored or checked by a `require`.
+#[test]
+fn published_configs_configure_their_families() {
+    for (ex, cfg, want) in [
+        ("huginn", "huginn-0125.json", ("dim", 5280.0)),
+        ("ouro", "ouro-1.4b.json", ("layers", 24.0)),
+        ("mor", "smollm-360m.json", ("kv_heads", 5.0)),
+        ("ltg", "gpt2.json", ("ffn", 3072.0)),
+    ] {
+        let o = Options {
+            config: Some(root().join("tests/fixtures/configs").join(cfg)),
+            verify: true,
+            opt_level: 1,
+            ..Default::default()
+        };
+        let path = root().join("examples").join(format!("{ex}.loop"));
+        let f = driver::front(&path, &o).unwrap_or_else(|e| panic!("{ex}/{cfg}: {e}"));
+        let (m, _) = driver::graph(&f, &o).unwrap_or_else(|e| panic!("{ex}/{cfg}: {e}"));
+        let got = m.params.iter().find(|(n, _)| n == want.0).map(|(_, v)| *v);
+        assert_eq!(got, Some(want.1), "{ex}/{cfg}");
+    }
+    // A field the file neither reads nor ignores is an error, not silently dropped.
+    let text = std::fs::read_to_string(root().join("tests/fixtures/configs/ouro-1.4b.json"))
+        .unwrap()
+        .replace(
+            "\"use_cache\": true",
+            "\"use_cache\": true, \"num_experts\": 8",
+        );
+    let dir = std::env::temp_dir().join(format!("loopc-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), text).unwrap();
+    let o = Options {
+        config: Some(dir.join("config.json")),
+        ..Default::default()
+    };
+    let Err(e) = driver::front(&root().join("examples/ouro.loop"), &o) else {
+        panic!("an unknown config field must be an error");
+    };
+    assert!(e.to_string().contains("num_experts"), "{e}");
+}
