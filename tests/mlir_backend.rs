@@ -699,3 +699,176 @@ fn ouro_parity_with_mlir_backend() {
         &[],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Speed (run by hand: `cargo test --features mlir --test mlir_backend -- --ignored --nocapture`)
+
+/// Median seconds of `f` over `reps` runs after a warm-up.
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = std::time::Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t[reps / 2]
+}
+
+/// The kernels of the Huginn d=1024 config (bench/huginn_d1024.json) on one thread, both
+/// backends; and the build time of that model with each.
+#[test]
+#[ignore]
+fn kernel_speed_and_build_time_d1024() {
+    let d = 1024;
+    let ffn = 2816;
+    let (heads, hd) = (16, 64);
+    let decls = vec![
+        decl(
+            "rms".into(),
+            KernelSpec::RmsNorm {
+                cols: d,
+                eps: 1e-6,
+                residual: true,
+                gain: true,
+            },
+        ),
+        decl(
+            "glu".into(),
+            KernelSpec::Glu {
+                cols: ffn,
+                ops: vec![
+                    EwOp::Input(0),
+                    EwOp::Input(1),
+                    EwOp::Silu(0),
+                    EwOp::Mul(2, 1),
+                ],
+            },
+        ),
+        decl(
+            "rope".into(),
+            KernelSpec::RopeBias {
+                heads,
+                head_dim: hd,
+                style: RopeStyle::Half,
+            },
+        ),
+        decl(
+            "attn".into(),
+            KernelSpec::Attention {
+                heads,
+                kv_heads: heads,
+                head_dim: hd,
+                scale: 0.125,
+            },
+        ),
+    ];
+    let pair = Pair::new(&decls);
+    let mut rng = Rng(1);
+    let rows = 128;
+    let (cos, sin) = rope_tables(rows + 1, hd);
+    let cases: Vec<(&str, Vec<Vec<f32>>, usize, usize, f64)> = vec![
+        (
+            "rms",
+            vec![
+                rng.vec(rows * d, -1.0, 1.0),
+                rng.vec(rows * d, -1.0, 1.0),
+                rng.vec(d, 0.5, 1.5),
+                vec![0.0; rows * d],
+                vec![0.0; rows * d],
+            ],
+            rows,
+            0,
+            (5 * rows * d * 4) as f64,
+        ),
+        (
+            "glu",
+            vec![rng.vec(rows * 2 * ffn, -3.0, 3.0), vec![0.0; rows * ffn]],
+            rows,
+            0,
+            (3 * rows * ffn * 4) as f64,
+        ),
+        (
+            "rope",
+            vec![
+                rng.vec(rows * d, -1.0, 1.0),
+                rng.vec(d, -1.0, 1.0),
+                cos.clone(),
+                sin.clone(),
+            ],
+            rows,
+            0,
+            (2 * rows * d * 4) as f64,
+        ),
+        (
+            "attn",
+            vec![
+                rng.vec(rows * d, -1.0, 1.0),
+                rng.vec(rows * d, -1.0, 1.0),
+                rng.vec(rows * d, -1.0, 1.0),
+                vec![0.0; rows * d],
+            ],
+            rows * heads,
+            0,
+            // Causal prefill: 4·hd flops per (query, key) pair and head.
+            (4 * hd * heads * rows * (rows + 1) / 2) as f64,
+        ),
+    ];
+    for (sym, bufs, n, pos0, work) in &cases {
+        let mut secs = vec![];
+        for lib in [&pair.cl, &pair.ml] {
+            let k = lib.kernel(sym);
+            let mut b = bufs.clone();
+            let ptrs: Vec<*mut f32> = b.iter_mut().map(|v| v.as_mut_ptr()).collect();
+            let ints = [0i64, *n as i64, *pos0 as i64, 0];
+            secs.push(time(21, || unsafe { k(ptrs.as_ptr(), ints.as_ptr()) }));
+        }
+        let unit = if *sym == "attn" { "GFLOP/s" } else { "GB/s" };
+        eprintln!(
+            "{sym:>5} prefill-{rows}: cranelift {:8.1} µs ({:6.1} {unit}), mlir {:8.1} µs ({:6.1} {unit}), mlir/cranelift speed {:.2}",
+            secs[0] * 1e6,
+            work / secs[0] / 1e9,
+            secs[1] * 1e6,
+            work / secs[1] / 1e9,
+            secs[0] / secs[1]
+        );
+    }
+    // Decode attention: one query row at position 511 over a 512-row cache.
+    let cap = 512;
+    let bufs = [
+        rng.vec(d, -1.0, 1.0),
+        rng.vec(cap * d, -1.0, 1.0),
+        rng.vec(cap * d, -1.0, 1.0),
+        vec![0.0; d],
+    ];
+    let mut secs = vec![];
+    for lib in [&pair.cl, &pair.ml] {
+        let k = lib.kernel("attn");
+        let mut b = bufs.to_vec();
+        let ptrs: Vec<*mut f32> = b.iter_mut().map(|v| v.as_mut_ptr()).collect();
+        let ints = [0i64, heads as i64, cap as i64 - 1, 0];
+        secs.push(time(51, || unsafe { k(ptrs.as_ptr(), ints.as_ptr()) }));
+    }
+    eprintln!(
+        " attn decode@512: cranelift {:.1} µs, mlir {:.1} µs, mlir/cranelift speed {:.2}",
+        secs[0] * 1e6,
+        secs[1] * 1e6,
+        secs[0] / secs[1]
+    );
+
+    let path = root().join("examples/huginn.loop");
+    for backend in [Backend::Cranelift, Backend::Mlir] {
+        let o = Options {
+            config: Some(root().join("bench/huginn_d1024.json")),
+            opt_level: 1,
+            backend,
+            ..Default::default()
+        };
+        let t = time(3, || {
+            driver::build(&path, &o).unwrap();
+        });
+        eprintln!("build huginn d1024 with {}: {:.3} s", backend.name(), t);
+    }
+}

@@ -561,15 +561,132 @@ fn rope(fx: &mut Fx, p: &Params, heads: usize, head_dim: usize, style: RopeStyle
 // ---------------------------------------------------------------------------------------------
 // Attention
 
-/// One (query row, head) per item; keys one at a time with an online softmax, the `head_dim`
-/// accumulator carried in vector registers (`scf.for` iteration arguments).
+/// Keys per block of the main loop: the block's scores and `exp`s are independent of each
+/// other, so the online-softmax update (a serial chain through `m` and `l`) is paid once per
+/// block rather than once per key.
+const KEYS: usize = 4;
+
+/// What one (query row, head) item needs to fold keys into its state.
+struct Head<'a> {
+    k: &'a str,
+    v: &'a str,
+    /// This head's query chunks, loaded once.
+    qs: Vec<String>,
+    /// Element offset of the item's kv head within a cache row.
+    kv_head: String,
+    kv_row: usize,
+    scale: f32,
+    mask: Option<String>,
+}
+
+impl Head<'_> {
+    fn chunk_mask(&self, c: usize) -> Option<&str> {
+        if c + 1 == self.qs.len() {
+            self.mask.as_deref()
+        } else {
+            None
+        }
+    }
+
+    /// Fold keys `j .. j + nkeys` into `[m, l, acc…]`.
+    fn keys(&self, fx: &mut Fx, j: &str, nkeys: usize, st: &[String]) -> Vec<String> {
+        let (m, l) = (&st[0], &st[1]);
+        let sc = fx.cf(Ty::Scalar, self.scale);
+        let mut rows = vec![];
+        let mut scores = vec![];
+        for key in 0..nkeys {
+            let jk = fx.add_k(j, key);
+            let row = fx.mul_k(&jk, self.kv_row);
+            let row = fx.add_i(&row, &self.kv_head);
+            let mut d = fx.cf(Ty::Vector, 0.0);
+            for (c, qc) in self.qs.iter().enumerate() {
+                let at = fx.add_k(&row, c * W);
+                let kc = fx.load(self.k, &at, self.chunk_mask(c));
+                d = fx.fma(Ty::Vector, qc, &kc, &d);
+            }
+            let s = fx.hsum(&d);
+            scores.push(fx.mul(Ty::Scalar, &s, &sc));
+            rows.push(row);
+        }
+        let mut block_max = scores[0].clone();
+        for s in &scores[1..] {
+            block_max = fx.bin("maximumf", Ty::Scalar, &block_max, s);
+        }
+        let m_new = fx.bin("maximumf", Ty::Scalar, m, &block_max);
+        let dm = fx.sub(Ty::Scalar, m, &m_new);
+        let alpha = math::exp(fx, Ty::Scalar, &dm);
+        let ps: Vec<String> = scores
+            .iter()
+            .map(|s| {
+                let ds = fx.sub(Ty::Scalar, s, &m_new);
+                math::exp(fx, Ty::Scalar, &ds)
+            })
+            .collect();
+        let mut p_sum = ps[0].clone();
+        for p in &ps[1..] {
+            p_sum = fx.add(Ty::Scalar, &p_sum, p);
+        }
+        let l_new = fx.fma(Ty::Scalar, l, &alpha, &p_sum);
+        let alpha_v = fx.splat(&alpha);
+        let p_v: Vec<String> = ps.iter().map(|p| fx.splat(p)).collect();
+        let mut next = vec![m_new, l_new];
+        for c in 0..self.qs.len() {
+            let mut a = fx.mul(Ty::Vector, &st[2 + c], &alpha_v);
+            for (row, pk) in rows.iter().zip(&p_v) {
+                let at = fx.add_k(row, c * W);
+                let vc = fx.load(self.v, &at, self.chunk_mask(c));
+                a = fx.fma(Ty::Vector, pk, &vc, &a);
+            }
+            next.push(a);
+        }
+        next
+    }
+}
+
+/// `scf.for j = lo to hi step step` carrying `[m, l, acc…]` through `body`.
+fn key_loop(
+    fx: &mut Fx,
+    lo: &str,
+    hi: &str,
+    step: usize,
+    init: &[String],
+    tys: &[String],
+    body: impl FnOnce(&mut Fx, &str, &[String]) -> Vec<String>,
+) -> Vec<String> {
+    let step = fx.idx(step);
+    let res = fx.fresh();
+    let j = fx.fresh();
+    let args: Vec<String> = init.iter().map(|_| fx.fresh()).collect();
+    let inits: Vec<String> = args
+        .iter()
+        .zip(init)
+        .map(|(a, v)| format!("{a} = {v}"))
+        .collect();
+    fx.open(format!(
+        "{res}:{} = scf.for {j} = {lo} to {hi} step {step} iter_args({}) -> ({}) {{",
+        init.len(),
+        inits.join(", "),
+        tys.join(", ")
+    ));
+    let next = body(fx, &j, &args);
+    fx.line(format!(
+        "scf.yield {} : {}",
+        next.join(", "),
+        tys.join(", ")
+    ));
+    fx.close("}");
+    (0..init.len()).map(|k| format!("{res}#{k}")).collect()
+}
+
+/// One (query row, head) per item; keys in blocks of [`KEYS`] with an online softmax, then the
+/// last `n % KEYS` one by one (nothing past the causal limit is read). The `head_dim`
+/// accumulator is carried in vector registers (`scf.for` iteration arguments).
 fn attention(fx: &mut Fx, p: &Params, heads: usize, kv_heads: usize, head_dim: usize, scale: f32) {
     let q = p.mem(fx, 0);
     let k = p.mem(fx, 1);
     let v = p.mem(fx, 2);
     let out = p.mem(fx, 3);
     let group = heads / kv_heads;
-    let kv_row = kv_heads * head_dim;
     let n_chunks = head_dim.div_ceil(W);
     let tail = head_dim % W;
     p.rows(fx, |fx, item| {
@@ -581,84 +698,51 @@ fn attention(fx: &mut Fx, p: &Params, heads: usize, kv_heads: usize, head_dim: u
         let q_row = fx.mul_k(&r, heads * head_dim);
         let q_head = fx.mul_k(&h, head_dim);
         let q_off = fx.add_i(&q_row, &q_head);
-        let kv_head = fx.mul_k(&g, head_dim);
         let mask = (tail > 0).then(|| fx.mask(tail));
-        let chunk_mask = |c: usize| {
-            if c + 1 == n_chunks {
-                mask.as_deref()
-            } else {
-                None
-            }
+        let mut head = Head {
+            k: &k,
+            v: &v,
+            qs: vec![],
+            kv_head: fx.mul_k(&g, head_dim),
+            kv_row: kv_heads * head_dim,
+            scale,
+            mask,
         };
-        let qs: Vec<String> = (0..n_chunks)
+        head.qs = (0..n_chunks)
             .map(|c| {
                 let at = fx.add_k(&q_off, c * W);
-                fx.load(&q, &at, chunk_mask(c))
+                let m = if c + 1 == n_chunks {
+                    head.mask.clone()
+                } else {
+                    None
+                };
+                fx.load(&q, &at, m.as_deref())
             })
             .collect();
         // Row r sees cache rows 0..=pos0 + r.
         let pos = fx.add_i(&p.pos0, &r);
         let n = fx.add_k(&pos, 1);
+        let keys_c = fx.idx(KEYS);
+        let blocks = fx.op(format!("arith.divui {n}, {keys_c} : index"));
+        let n_blocked = fx.mul_i(&blocks, &keys_c);
         let lo = fx.idx(0);
-        let one = fx.idx(1);
         // A finite "minus infinity", so `m − m_new` never computes inf − inf.
-        let m0 = fx.cf(Ty::Scalar, f32::MIN);
-        let l0 = fx.cf(Ty::Scalar, 0.0);
+        let mut init = vec![fx.cf(Ty::Scalar, f32::MIN), fx.cf(Ty::Scalar, 0.0)];
         let z = fx.cf(Ty::Vector, 0.0);
-        let res = fx.fresh();
-        let j = fx.fresh();
-        let m = fx.fresh();
-        let l = fx.fresh();
-        let accs: Vec<String> = (0..n_chunks).map(|_| fx.fresh()).collect();
-        let mut inits = vec![format!("{m} = {m0}"), format!("{l} = {l0}")];
-        inits.extend(accs.iter().map(|a| format!("{a} = {z}")));
+        init.extend(std::iter::repeat_n(z, n_chunks));
         let mut tys = vec!["f32".to_string(), "f32".to_string()];
         tys.extend(std::iter::repeat_n(VF.to_string(), n_chunks));
-        fx.open(format!(
-            "{res}:{} = scf.for {j} = {lo} to {n} step {one} iter_args({}) -> ({}) {{",
-            n_chunks + 2,
-            inits.join(", "),
-            tys.join(", ")
-        ));
-        let key_row = fx.mul_k(&j, kv_row);
-        let key = fx.add_i(&key_row, &kv_head);
-        let mut d = fx.cf(Ty::Vector, 0.0);
-        for (c, qc) in qs.iter().enumerate() {
-            let at = fx.add_k(&key, c * W);
-            let kc = fx.load(&k, &at, chunk_mask(c));
-            d = fx.fma(Ty::Vector, qc, &kc, &d);
-        }
-        let s = fx.hsum(&d);
-        let sc = fx.cf(Ty::Scalar, scale);
-        let s = fx.mul(Ty::Scalar, &s, &sc);
-        let m_new = fx.bin("maximumf", Ty::Scalar, &m, &s);
-        let dm = fx.sub(Ty::Scalar, &m, &m_new);
-        let alpha = math::exp(fx, Ty::Scalar, &dm);
-        let ds = fx.sub(Ty::Scalar, &s, &m_new);
-        let pw = math::exp(fx, Ty::Scalar, &ds);
-        let l_new = fx.fma(Ty::Scalar, &l, &alpha, &pw);
-        let alpha_v = fx.splat(&alpha);
-        let p_v = fx.splat(&pw);
-        let mut next = vec![m_new, l_new];
-        for (c, acc) in accs.iter().enumerate() {
-            let at = fx.add_k(&key, c * W);
-            let vc = fx.load(&v, &at, chunk_mask(c));
-            let a = fx.mul(Ty::Vector, acc, &alpha_v);
-            next.push(fx.fma(Ty::Vector, &p_v, &vc, &a));
-        }
-        fx.line(format!(
-            "scf.yield {} : {}",
-            next.join(", "),
-            tys.join(", ")
-        ));
-        fx.close("}");
-        let l_fin = format!("{res}#1");
-        let l_v = fx.splat(&l_fin);
+        let st = key_loop(fx, &lo, &n_blocked, KEYS, &init, &tys, |fx, j, st| {
+            head.keys(fx, j, KEYS, st)
+        });
+        let st = key_loop(fx, &n_blocked, &n, 1, &st, &tys, |fx, j, st| {
+            head.keys(fx, j, 1, st)
+        });
+        let l_v = fx.splat(&st[1]);
         for c in 0..n_chunks {
-            let a = format!("{res}#{}", c + 2);
-            let y = fx.div(Ty::Vector, &a, &l_v);
+            let y = fx.div(Ty::Vector, &st[2 + c], &l_v);
             let at = fx.add_k(&q_off, c * W);
-            fx.store(&y, &out, &at, chunk_mask(c));
+            fx.store(&y, &out, &at, head.chunk_mask(c));
         }
     });
 }
