@@ -594,6 +594,21 @@ fn stage_mlir_verifies_and_parses_in_mlir_opt() {
                 "{name}: `{op}` count changed through mlir-opt"
             );
         }
+        // loopc's own rewrite turns the recurrence into upstream `scf.for` over the body.
+        let scf = mlir::rewrite::lower_recur_text(&text).unwrap();
+        assert!(!scf.contains("\"loop.recur\""), "{name}: loop.recur left");
+        assert!(scf.contains("scf.for"), "{name}: no scf.for");
+        assert!(
+            scf.contains("call @recur_body("),
+            "{name}: the body is not called"
+        );
+        assert!(
+            scf.contains("memref.copy"),
+            "{name}: the state is not carried"
+        );
+        if std::env::var_os("LOOPC_SHOW_SCF").is_some() {
+            eprintln!("{scf}");
+        }
         // The lowered form is LLVM dialect only.
         let llvm = driver::stage_text(&example(name), "llvm", &o).unwrap();
         for dialect in ["vector.", "scf.", "memref.", "arith.", "func.func"] {

@@ -14,6 +14,8 @@ mod text;
 
 #[cfg(feature = "mlir")]
 pub mod native;
+#[cfg(feature = "mlir")]
+pub mod rewrite;
 
 use super::cranelift::BackendError;
 use loopc_runtime::artifact::{KernelDecl, Manifest};
