@@ -561,9 +561,9 @@ fn rope(fx: &mut Fx, p: &Params, heads: usize, head_dim: usize, style: RopeStyle
 // ---------------------------------------------------------------------------------------------
 // Attention
 
-/// Keys per block of the main loop: the block's scores and `exp`s are independent of each
-/// other, so the online-softmax update (a serial chain through `m` and `l`) is paid once per
-/// block rather than once per key.
+/// Keys per block of the main loop: the block's four scores come out as one vector (a 4×4
+/// transpose of the dot products), their `exp` is one vector `exp`, and the online-softmax
+/// rescaling (a serial chain through `m` and `l`) is paid once per block rather than per key.
 const KEYS: usize = 4;
 
 /// What one (query row, head) item needs to fold keys into its state.
@@ -588,47 +588,74 @@ impl Head<'_> {
         }
     }
 
-    /// Fold keys `j .. j + nkeys` into `[m, l, acc…]`.
+    /// The scaled score of each key of `rows` (cache row offsets): one scalar for a single key,
+    /// a 4-lane vector for a block.
+    fn scores(&self, fx: &mut Fx, rows: &[String]) -> String {
+        let mut d = vec![];
+        for row in rows {
+            let mut acc = fx.cf(Ty::Vector, 0.0);
+            for (c, qc) in self.qs.iter().enumerate() {
+                let at = fx.add_k(row, c * W);
+                let kc = fx.load(self.k, &at, self.chunk_mask(c));
+                acc = fx.fma(Ty::Vector, qc, &kc, &acc);
+            }
+            d.push(acc);
+        }
+        if rows.len() == 1 {
+            let s = fx.hsum(&d[0]);
+            let sc = fx.cf(Ty::Scalar, self.scale);
+            return fx.mul(Ty::Scalar, &s, &sc);
+        }
+        let q: Vec<String> = d.iter().map(|v| fx.quarters(v)).collect();
+        let s = fx.transpose_sum([&q[0], &q[1], &q[2], &q[3]]);
+        let sc = fx.cf(Ty::V4, self.scale);
+        fx.mul(Ty::V4, &s, &sc)
+    }
+
+    /// Fold keys `j .. j + nkeys` (1 or [`KEYS`]) into `[m, l, acc…]`.
     fn keys(&self, fx: &mut Fx, j: &str, nkeys: usize, st: &[String]) -> Vec<String> {
         let (m, l) = (&st[0], &st[1]);
-        let sc = fx.cf(Ty::Scalar, self.scale);
-        let mut rows = vec![];
-        let mut scores = vec![];
-        for key in 0..nkeys {
-            let jk = fx.add_k(j, key);
-            let row = fx.mul_k(&jk, self.kv_row);
-            let row = fx.add_i(&row, &self.kv_head);
-            let mut d = fx.cf(Ty::Vector, 0.0);
-            for (c, qc) in self.qs.iter().enumerate() {
-                let at = fx.add_k(&row, c * W);
-                let kc = fx.load(self.k, &at, self.chunk_mask(c));
-                d = fx.fma(Ty::Vector, qc, &kc, &d);
-            }
-            let s = fx.hsum(&d);
-            scores.push(fx.mul(Ty::Scalar, &s, &sc));
-            rows.push(row);
-        }
-        let mut block_max = scores[0].clone();
-        for s in &scores[1..] {
-            block_max = fx.bin("maximumf", Ty::Scalar, &block_max, s);
-        }
-        let m_new = fx.bin("maximumf", Ty::Scalar, m, &block_max);
-        let dm = fx.sub(Ty::Scalar, m, &m_new);
-        let alpha = math::exp(fx, Ty::Scalar, &dm);
-        let ps: Vec<String> = scores
-            .iter()
-            .map(|s| {
-                let ds = fx.sub(Ty::Scalar, s, &m_new);
-                math::exp(fx, Ty::Scalar, &ds)
+        let rows: Vec<String> = (0..nkeys)
+            .map(|key| {
+                let jk = fx.add_k(j, key);
+                let row = fx.mul_k(&jk, self.kv_row);
+                fx.add_i(&row, &self.kv_head)
             })
             .collect();
-        let mut p_sum = ps[0].clone();
-        for p in &ps[1..] {
-            p_sum = fx.add(Ty::Scalar, &p_sum, p);
-        }
+        let s = self.scores(fx, &rows);
+        // The block's `exp`s are one vector `exp`, as in the Cranelift kernel.
+        let (m_new, weights, p_sum) = if nkeys == 1 {
+            let m_new = fx.bin("maximumf", Ty::Scalar, m, &s);
+            let ds = fx.sub(Ty::Scalar, &s, &m_new);
+            let p = math::exp(fx, Ty::Scalar, &ds);
+            (m_new, vec![p.clone()], p)
+        } else {
+            let bmax = fx.op(format!(
+                "vector.reduction <maximumf>, {s} : vector<4xf32> into f32"
+            ));
+            let m_new = fx.bin("maximumf", Ty::Scalar, m, &bmax);
+            let mv = fx.op(format!("vector.broadcast {m_new} : f32 to vector<4xf32>"));
+            let ds = fx.sub(Ty::V4, &s, &mv);
+            let p = math::exp(fx, Ty::V4, &ds);
+            let q = fx.op(format!(
+                "vector.shuffle {p}, {p} [2, 3, 0, 1] : vector<4xf32>, vector<4xf32>"
+            ));
+            let h = fx.add(Ty::V4, &p, &q);
+            let q = fx.op(format!(
+                "vector.shuffle {h}, {h} [1, 0, 3, 2] : vector<4xf32>, vector<4xf32>"
+            ));
+            let h = fx.add(Ty::V4, &h, &q);
+            let p_sum = fx.op(format!("vector.extract {h}[0] : f32 from vector<4xf32>"));
+            let w: Vec<String> = (0..nkeys)
+                .map(|k| fx.op(format!("vector.extract {p}[{k}] : f32 from vector<4xf32>")))
+                .collect();
+            (m_new, w, p_sum)
+        };
+        let dm = fx.sub(Ty::Scalar, m, &m_new);
+        let alpha = math::exp(fx, Ty::Scalar, &dm);
         let l_new = fx.fma(Ty::Scalar, l, &alpha, &p_sum);
         let alpha_v = fx.splat(&alpha);
-        let p_v: Vec<String> = ps.iter().map(|p| fx.splat(p)).collect();
+        let p_v: Vec<String> = weights.iter().map(|p| fx.splat(p)).collect();
         let mut next = vec![m_new, l_new];
         for c in 0..self.qs.len() {
             let mut a = fx.mul(Ty::Vector, &st[2 + c], &alpha_v);

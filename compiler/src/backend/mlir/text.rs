@@ -18,6 +18,8 @@ pub const VM: &str = "vector<16xi1>";
 pub enum Ty {
     Scalar,
     Vector,
+    /// Four lanes: the scores of a block of keys in attention.
+    V4,
 }
 
 impl Ty {
@@ -25,6 +27,7 @@ impl Ty {
         match self {
             Ty::Scalar => "f32",
             Ty::Vector => VF,
+            Ty::V4 => "vector<4xf32>",
         }
     }
 
@@ -32,6 +35,7 @@ impl Ty {
         match self {
             Ty::Scalar => "i32",
             Ty::Vector => VI,
+            Ty::V4 => "vector<4xi32>",
         }
     }
 }
@@ -129,14 +133,16 @@ impl Fx {
     pub fn cf(&mut self, ty: Ty, x: f32) -> String {
         match ty {
             Ty::Scalar => self.op(format!("arith.constant {} : f32", f32_lit(x))),
-            Ty::Vector => self.op(format!("arith.constant dense<{}> : {VF}", f32_lit(x))),
+            Ty::Vector | Ty::V4 => {
+                self.op(format!("arith.constant dense<{}> : {}", f32_lit(x), ty.f()))
+            }
         }
     }
 
     pub fn ci(&mut self, ty: Ty, x: i32) -> String {
         match ty {
             Ty::Scalar => self.op(format!("arith.constant {x} : i32")),
-            Ty::Vector => self.op(format!("arith.constant dense<{x}> : {VI}")),
+            Ty::Vector | Ty::V4 => self.op(format!("arith.constant dense<{x}> : {}", ty.i())),
         }
     }
 
@@ -213,6 +219,9 @@ impl Fx {
         match ty {
             Ty::Scalar => self.op(format!("arith.select {cond}, {a}, {b} : f32")),
             Ty::Vector => self.op(format!("arith.select {cond}, {a}, {b} : {VM}, {VF}")),
+            Ty::V4 => self.op(format!(
+                "arith.select {cond}, {a}, {b} : vector<4xi1>, vector<4xf32>"
+            )),
         }
     }
 
@@ -226,6 +235,17 @@ impl Fx {
     /// `vector.reduction <add>` (strictly sequential without reassociation) is no faster.
     pub fn hsum(&mut self, v: &str) -> String {
         const V4: &str = "vector<4xf32>";
+        let s = self.quarters(v);
+        let t = self.op(format!("vector.shuffle {s}, {s} [2, 3, 0, 1] : {V4}, {V4}"));
+        let s = self.op(format!("arith.addf {s}, {t} : {V4}"));
+        let t = self.op(format!("vector.shuffle {s}, {s} [1, 0, 3, 2] : {V4}, {V4}"));
+        let s = self.op(format!("arith.addf {s}, {t} : {V4}"));
+        self.op(format!("vector.extract {s}[0] : f32 from {V4}"))
+    }
+
+    /// `v` folded to four lanes: `(v[0..4] + v[4..8]) + (v[8..12] + v[12..16])`.
+    pub fn quarters(&mut self, v: &str) -> String {
+        const V4: &str = "vector<4xf32>";
         let mut q = vec![];
         for k in 0..4 {
             let lanes: Vec<String> = (4 * k..4 * k + 4).map(|l| l.to_string()).collect();
@@ -236,12 +256,29 @@ impl Fx {
         }
         let a = self.op(format!("arith.addf {}, {} : {V4}", q[0], q[1]));
         let b = self.op(format!("arith.addf {}, {} : {V4}", q[2], q[3]));
-        let s = self.op(format!("arith.addf {a}, {b} : {V4}"));
-        let t = self.op(format!("vector.shuffle {s}, {s} [2, 3, 0, 1] : {V4}, {V4}"));
-        let s = self.op(format!("arith.addf {s}, {t} : {V4}"));
-        let t = self.op(format!("vector.shuffle {s}, {s} [1, 0, 3, 2] : {V4}, {V4}"));
-        let s = self.op(format!("arith.addf {s}, {t} : {V4}"));
-        self.op(format!("vector.extract {s}[0] : f32 from {V4}"))
+        self.op(format!("arith.addf {a}, {b} : {V4}"))
+    }
+
+    /// `[Σd0, Σd1, Σd2, Σd3]` of four 4-lane vectors (a 4×4 transpose and two adds, the
+    /// Cranelift attention's order).
+    pub fn transpose_sum(&mut self, d: [&str; 4]) -> String {
+        const V4: &str = "vector<4xf32>";
+        let mut sh = |a: &str, b: &str, idx: &str| {
+            self.op(format!("vector.shuffle {a}, {b} [{idx}] : {V4}, {V4}"))
+        };
+        let t0 = sh(d[0], d[1], "0, 4, 1, 5");
+        let t1 = sh(d[0], d[1], "2, 6, 3, 7");
+        let t2 = sh(d[2], d[3], "0, 4, 1, 5");
+        let t3 = sh(d[2], d[3], "2, 6, 3, 7");
+        let u0 = self.op(format!("arith.addf {t0}, {t1} : {V4}"));
+        let u1 = self.op(format!("arith.addf {t2}, {t3} : {V4}"));
+        let lo = self.op(format!(
+            "vector.shuffle {u0}, {u1} [0, 1, 4, 5] : {V4}, {V4}"
+        ));
+        let hi = self.op(format!(
+            "vector.shuffle {u0}, {u1} [2, 3, 6, 7] : {V4}, {V4}"
+        ));
+        self.op(format!("arith.addf {lo}, {hi} : {V4}"))
     }
 
     // ---- memory ----
