@@ -5,7 +5,9 @@
 //! - the program modules of both example families pass MLIR's verifier in process and parse
 //!   in `mlir-opt-22` with the `loop` dialect loaded from its IRDL file;
 //! - whole models built with `--backend mlir` match the PyTorch fixtures to 1e-4 (the parity
-//!   tests of `tests/parity.rs`) and the Cranelift build's logits.
+//!   tests of `tests/parity.rs` and `tests/parity_families.rs`) and the Cranelift build's logits;
+//! - both families at seeded random sizes with random weights: MLIR and Cranelift logits agree
+//!   to 1e-5.
 #![cfg(feature = "mlir")]
 
 mod common;
@@ -550,6 +552,7 @@ fn options(config: &str, set: &[&str], backend: Backend) -> Options {
 const FAMILIES: &[(&str, &str, &[&str])] = &[
     ("huginn", "huginn_tiny/config.json", &["init_scale=0"]),
     ("ouro", "ouro_tiny/config.json", &[]),
+    ("ltg", "ltg_tiny/config.json", &["positions=1", "inject=1"]),
 ];
 
 fn example(name: &str) -> PathBuf {
@@ -709,6 +712,29 @@ fn huginn_parity_with_mlir_backend() {
             &format!("huginn_tiny/{case}.safetensors"),
             steps,
             &["init_scale=0"],
+        );
+    }
+}
+
+/// The third family (looped GPT-2: LayerNorm, GELU, biases, positions) with its fixture's
+/// `inject`/`positions` variant.
+#[test]
+fn ltg_parity_with_mlir_backend() {
+    for case in ["learned_inject_r3", "sinusoidal_r2", "nope_inject_r4"] {
+        let f = fixture(&format!("ltg_tiny/{case}.safetensors"));
+        let iters = read(&f, "iterations").i64[0] as usize;
+        let set = [
+            format!("inject={}", read(&f, "inject").i64[0]),
+            format!("positions={}", read(&f, "positions").i64[0]),
+        ];
+        let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
+        parity(
+            "ltg",
+            "ltg_tiny/config.json",
+            "ltg_tiny/model.safetensors",
+            &format!("ltg_tiny/{case}.safetensors"),
+            iters,
+            &set,
         );
     }
 }
