@@ -95,7 +95,7 @@ impl Pair {
 
     /// Run `symbol` of both builds on copies of `bufs` over items `0..n` as two calls split at
     /// `split` (two runtime threads); returns the worst `|Δ| / max(1, |cranelift|)` over all
-    /// buffers, and checks it against `tol`.
+    /// buffers, and checks it against [`TOL`].
     fn compare(
         &self,
         what: &str,
@@ -104,8 +104,8 @@ impl Pair {
         n: usize,
         split: usize,
         pos0: usize,
-        tol: f32,
     ) -> f32 {
+        let tol = TOL;
         let run = |lib: &Loaded| {
             let mut b = bufs.to_vec();
             let ptrs: Vec<*mut f32> = b.iter_mut().map(|v| v.as_mut_ptr()).collect();
@@ -255,14 +255,14 @@ fn elementwise_and_glu_agree_with_cranelift() {
             })
             .collect();
         bufs.extend((0..*n_out).map(|_| vec![0.0; rows * cols]));
-        worst = worst.max(pair.compare(sym, sym, &bufs, rows, 3, 0, TOL));
+        worst = worst.max(pair.compare(sym, sym, &bufs, rows, 3, 0));
     }
     for d in &decls[cases.len()..] {
         let KernelSpec::Glu { cols, .. } = d.spec else {
             unreachable!()
         };
         let bufs = vec![rng.vec(rows * 2 * cols, -4.0, 4.0), vec![0.0; rows * cols]];
-        worst = worst.max(pair.compare(&d.symbol, &d.symbol, &bufs, rows, 4, 0, TOL));
+        worst = worst.max(pair.compare(&d.symbol, &d.symbol, &bufs, rows, 4, 0));
     }
     eprintln!("elementwise/glu: max relative |Δ| = {worst:.2e}");
 }
@@ -292,7 +292,7 @@ fn elementwise_saturates_like_cranelift() {
     let pair = Pair::new(&decls);
     for d in &decls {
         let bufs = vec![probes.to_vec(), vec![0.0; probes.len()]];
-        pair.compare(&d.symbol, &d.symbol, &bufs, 1, 1, 0, TOL);
+        pair.compare(&d.symbol, &d.symbol, &bufs, 1, 1, 0);
     }
 }
 
@@ -427,7 +427,7 @@ fn norms_agree_with_cranelift() {
             }
             _ => unreachable!(),
         };
-        worst = worst.max(pair.compare(&d.symbol, &d.symbol, &bufs, rows, 2, 0, TOL));
+        worst = worst.max(pair.compare(&d.symbol, &d.symbol, &bufs, rows, 2, 0));
     }
     eprintln!("norms: max relative |Δ| = {worst:.2e}");
 }
@@ -490,7 +490,7 @@ fn rope_agrees_with_cranelift() {
             }
             bufs.push(cos);
             bufs.push(sin);
-            worst = worst.max(pair.compare(&d.symbol, &d.symbol, &bufs, rows, 2, pos0, TOL));
+            worst = worst.max(pair.compare(&d.symbol, &d.symbol, &bufs, rows, 2, pos0));
         }
     }
     eprintln!("rope: max relative |Δ| = {worst:.2e}");
@@ -529,7 +529,7 @@ fn attention_agrees_with_cranelift() {
             let bufs = vec![q, k, v, vec![0.0; rows * heads * head_dim]];
             let what = format!("{} rows={rows} pos0={pos0}", d.symbol);
             let n = rows * heads;
-            worst = worst.max(pair.compare(&what, &d.symbol, &bufs, n, n / 2, pos0, TOL));
+            worst = worst.max(pair.compare(&what, &d.symbol, &bufs, n, n / 2, pos0));
         }
     }
     eprintln!("attention: max relative |Δ| = {worst:.2e}");
@@ -825,7 +825,9 @@ fn kernel_speed_and_build_time_d1024() {
     let mut rng = Rng(1);
     let rows = 128;
     let (cos, sin) = rope_tables(rows + 1, hd);
-    let cases: Vec<(&str, Vec<Vec<f32>>, usize, usize, f64)> = vec![
+    // (kernel, buffers, items, pos0, bytes moved or flops)
+    type Case<'a> = (&'a str, Vec<Vec<f32>>, usize, usize, f64);
+    let cases: Vec<Case> = vec![
         (
             "rms",
             vec![

@@ -21,7 +21,7 @@ use melior::utility::{
 use melior::Context;
 use mlir_sys::{
     mlirTranslateModuleToLLVMIR, LLVMContextCreate, LLVMContextDispose, LLVMDisposeMessage,
-    LLVMDisposeModule, LLVMModuleRef, LLVMPrintModuleToString,
+    LLVMDisposeModule, LLVMModuleRef,
 };
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -243,14 +243,8 @@ impl Drop for Llvm {
     }
 }
 
-/// The LLVM IR of an `llvm`-dialect module, optimized at `-O3` for the host.
-pub fn llvm_ir(module: &Module) -> Result<String, MlirError> {
-    unsafe {
-        let llvm = translate(module)?;
-        Ok(take_message(LLVMPrintModuleToString(llvm.module)))
-    }
-}
-
+/// The `llvm`-dialect module translated to LLVM IR, for the host's target machine, optimized
+/// with `default<O3>` (loop and SLP vectorizers included).
 unsafe fn translate(module: &Module) -> Result<Llvm, MlirError> {
     static INIT: Once = Once::new();
     INIT.call_once(|| unsafe {

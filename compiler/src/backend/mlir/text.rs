@@ -325,6 +325,9 @@ impl Chunks {
     }
 }
 
+/// `(fx, first element, mask of the partial chunk, carried values) -> next carried values`.
+pub type ChunkBody<'a> = dyn FnMut(&mut Fx, &str, Option<&str>, &[String]) -> Vec<String> + 'a;
+
 /// Run `body(fx, offset, mask, carried)` over the chunks of a row of `n` elements starting at
 /// index `base`: a `scf.for` over the full chunks (with `carried` as iteration arguments of
 /// type `carried_ty`), then the partial chunk straight-line with a mask. Returns the carried
@@ -335,7 +338,7 @@ pub fn for_chunks(
     n: usize,
     carried: Vec<String>,
     carried_ty: &str,
-    body: &mut dyn FnMut(&mut Fx, &str, Option<&str>, &[String]) -> Vec<String>,
+    body: &mut ChunkBody,
 ) -> Vec<String> {
     let ch = Chunks::of(n);
     let mut carried = carried;
