@@ -48,6 +48,9 @@ struct ModelArgs {
     /// Verify the IR after every pass (always on in debug builds).
     #[arg(long)]
     verify: bool,
+    /// Kernel code generator: cranelift, or mlir (MLIR → LLVM; needs the `mlir` feature).
+    #[arg(long, default_value = "cranelift")]
+    backend: driver::Backend,
 }
 
 impl ModelArgs {
@@ -60,6 +63,7 @@ impl ModelArgs {
             verify: self.verify,
             pass_limit: self.pass_limit,
             color: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            backend: self.backend,
         }
     }
 }
@@ -138,7 +142,7 @@ enum Cmd {
         #[command(flatten)]
         args: ModelArgs,
     },
-    /// Print one stage of the compiler: ast, graph, egraph, lowered, program, clif.
+    /// Print one stage of the compiler: ast, graph, egraph, lowered, program, clif, mlir, llvm.
     Ir {
         model: PathBuf,
         #[arg(long, default_value = "graph")]

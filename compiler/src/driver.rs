@@ -24,6 +24,69 @@ pub struct Options {
     pub pass_limit: Option<usize>,
     /// Render diagnostics with ANSI colors.
     pub color: bool,
+    /// Which code generator compiles the kernels.
+    pub backend: Backend,
+}
+
+/// `--backend`: the kernels' code generator. Both produce a shared object with the same
+/// symbols and ABI, so the artifact and the runtime do not depend on the choice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Backend {
+    #[default]
+    Cranelift,
+    /// MLIR → LLVM (needs the `mlir` cargo feature).
+    Mlir,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cranelift" => Ok(Backend::Cranelift),
+            "mlir" => Ok(Backend::Mlir),
+            _ => Err(format!(
+                "unknown backend `{s}`; backends are: cranelift, mlir"
+            )),
+        }
+    }
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cranelift => "cranelift",
+            Backend::Mlir => "mlir",
+        }
+    }
+}
+
+/// Compile the kernels with the chosen backend into a shared object.
+fn codegen(manifest: &Manifest, backend: Backend) -> Result<Vec<u8>, CompileError> {
+    fn fail(e: impl std::fmt::Display) -> CompileError {
+        CompileError::Other(format!("error: code generation failed: {e}"))
+    }
+    match backend {
+        Backend::Cranelift => Ok(cranelift::compile_kernels(&manifest.kernels)
+            .map_err(fail)?
+            .shared_object),
+        #[cfg(feature = "mlir")]
+        Backend::Mlir => Ok(
+            crate::backend::mlir::native::compile_kernels(&manifest.kernels)
+                .map_err(fail)?
+                .shared_object,
+        ),
+        #[cfg(not(feature = "mlir"))]
+        Backend::Mlir => Err(no_mlir()),
+    }
+}
+
+#[cfg(not(feature = "mlir"))]
+fn no_mlir() -> CompileError {
+    CompileError::Other(
+        "error: this loopc was built without the MLIR backend; rebuild with `--features mlir` \
+         (LLVM/MLIR 22: see scripts/install-llvm.sh)"
+            .into(),
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,15 +228,15 @@ pub fn build_front(
     let passes = optimize(&mut module, opts)?;
     timings.push(("passes", t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    let manifest = program(&module)?;
+    let mut manifest = program(&module)?;
+    manifest.backend = opts.backend.name().into();
     timings.push(("lower", t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    let compiled = cranelift::compile_kernels(&manifest.kernels)
-        .map_err(|e| CompileError::Other(format!("error: code generation failed: {e}")))?;
+    let shared_object = codegen(&manifest, opts.backend)?;
     timings.push(("codegen+link", t.elapsed().as_secs_f64()));
     Ok(Built {
         manifest,
-        shared_object: compiled.shared_object,
+        shared_object,
         passes,
         module,
         warnings: if warns.is_empty() {
@@ -185,13 +248,17 @@ pub fn build_front(
     })
 }
 
-/// Text of one IR stage: `ast`, `graph`, `lowered`, `program` or `clif`.
+/// Text of one IR stage: `ast`, `graph`, `egraph`, `lowered`, `program`, `clif`, `mlir` (the
+/// module before any upstream pass, verified when the `mlir` feature is on) or `llvm` (the
+/// kernels in the `llvm` dialect after the lowering pipeline; needs the feature).
 pub fn stage_text(path: &Path, stage: &str, opts: &Options) -> Result<String, CompileError> {
     let f = front(path, opts)?;
     stage_text_front(&f, stage, opts)
 }
 
-pub const STAGES: &[&str] = &["ast", "graph", "egraph", "lowered", "program", "clif"];
+pub const STAGES: &[&str] = &[
+    "ast", "graph", "egraph", "lowered", "program", "clif", "mlir", "llvm",
+];
 
 /// `loopc explain`: which e-graph rules fired where, and the cost before and after. Runs the
 /// passes in front of `egraph`, then the optimizer with its report.
@@ -269,6 +336,25 @@ pub fn stage_text_front(f: &Front, stage: &str, opts: &Options) -> Result<String
                 s.push_str(&format!("; {}\n{text}\n", k.symbol));
             }
             Ok(s)
+        }
+        "mlir" => {
+            let text = crate::backend::mlir::program_module(&manifest, true)
+                .map_err(|e| CompileError::Other(format!("error: {e}")))?;
+            #[cfg(feature = "mlir")]
+            crate::backend::mlir::native::verify(&text)
+                .map_err(|e| CompileError::Other(format!("internal compiler error: {e}")))?;
+            Ok(text)
+        }
+        "llvm" => {
+            #[cfg(feature = "mlir")]
+            {
+                let text = crate::backend::mlir::kernels_module(&manifest.kernels)
+                    .map_err(|e| CompileError::Other(format!("error: {e}")))?;
+                crate::backend::mlir::native::lower_text(&text)
+                    .map_err(|e| CompileError::Other(format!("internal compiler error: {e}")))
+            }
+            #[cfg(not(feature = "mlir"))]
+            Err(no_mlir())
         }
         other => Err(CompileError::Other(format!(
             "error: unknown stage `{other}`; stages are: {}",

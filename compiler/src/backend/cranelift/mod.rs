@@ -14,7 +14,7 @@ mod attention;
 mod elementwise;
 mod emit;
 mod layernorm;
-mod link;
+pub(crate) mod link;
 mod math;
 mod norm;
 mod rope;
@@ -201,7 +201,7 @@ fn build(decl: &KernelDecl, features: Features, fctx: &mut FunctionBuilderContex
 /// immediates with room to spare.
 const MAX_DIM: usize = 1 << 24;
 
-fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
+pub(crate) fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
     let invalid = |reason: String| BackendError::InvalidSpec {
         symbol: decl.symbol.clone(),
         reason,
