@@ -74,6 +74,17 @@ impl Params {
         }
     }
 
+    /// The same call seen as `per` items of each row (rows `begin..end` become items
+    /// `begin·per..end·per`): a per-head kernel over rows of `per` heads.
+    fn items_per_row(&self, fx: &mut Fx, per: usize) -> Params {
+        Params {
+            begin: fx.mul_k(&self.begin, per),
+            end: fx.mul_k(&self.end, per),
+            pos0: self.pos0.clone(),
+            ptrs: self.ptrs.clone(),
+        }
+    }
+
     /// Pointer argument `k` as a memref.
     fn mem(&self, fx: &mut Fx, k: usize) -> String {
         let g = fx.op(format!(
@@ -140,6 +151,15 @@ pub fn kernel_func(decl: &KernelDecl) -> Result<String, String> {
             gain,
         } => rmsnorm(&mut fx, &p, *cols, *eps, *residual, *gain),
         KernelSpec::LayerNorm { cols, eps } => layernorm(&mut fx, &p, *cols, *eps),
+        KernelSpec::HeadRmsNorm {
+            heads,
+            head_dim,
+            eps,
+        } => {
+            // Rows of `heads · head_dim` are `heads` contiguous rows of `head_dim`.
+            let per_head = p.items_per_row(&mut fx, *heads);
+            rmsnorm(&mut fx, &per_head, *head_dim, *eps, false, false)
+        }
         KernelSpec::Rope {
             heads,
             head_dim,
@@ -187,9 +207,8 @@ fn operands(op: &EwOp) -> Vec<u32> {
     match *op {
         Input(_) | Const(_) => vec![],
         Add(a, b) | Sub(a, b) | Mul(a, b) | Div(a, b) | Max(a, b) => vec![a, b],
-        Neg(a) | Exp(a) | Sigmoid(a) | Silu(a) | Relu(a) | Tanh(a) | GeluTanh(a) | Sqrt(a) => {
-            vec![a]
-        }
+        Neg(a) | Exp(a) | Sigmoid(a) | Silu(a) | Relu(a) | Tanh(a) | GeluTanh(a) | Sqrt(a)
+        | Softplus(a) => vec![a],
     }
 }
 
@@ -287,6 +306,7 @@ fn elementwise(
                     EwOp::Tanh(x) => math::tanh(fx, ty, &a(x)),
                     EwOp::GeluTanh(x) => math::gelu_tanh(fx, ty, &a(x)),
                     EwOp::Sqrt(x) => fx.unary("math.sqrt", ty, &a(x)),
+                    EwOp::Softplus(x) => math::softplus(fx, ty, &a(x)),
                 };
                 vals[i] = Some(v);
             }

@@ -110,3 +110,24 @@ pub fn gelu_tanh(fx: &mut Fx, ty: Ty, x: &str) -> String {
     let two_u = fx.mul(ty, x, &inner);
     div_one_plus_exp_neg(fx, ty, x, &two_u)
 }
+
+/// `max(x, 0) + log(1 + e^−|x|)`, the log through `log(1 + u) = 2·atanh(u / (2 + u))` as a
+/// series in `s = u/(2+u) ≤ 1/3` (the same terms as the Cranelift kernel, so both agree).
+pub fn softplus(fx: &mut Fx, ty: Ty, x: &str) -> String {
+    let ax = fx.unary("math.absf", ty, x);
+    let nax = fx.neg(ty, &ax);
+    let u = exp(fx, ty, &nax);
+    let two = fx.cf(ty, 2.0);
+    let d = fx.add(ty, &two, &u);
+    let s = fx.div(ty, &u, &d);
+    let z = fx.mul(ty, &s, &s);
+    let mut p = fx.cf(ty, 1.0 / 17.0);
+    for k in (0..8).rev() {
+        let c = fx.cf(ty, 1.0 / (2 * k + 1) as f32);
+        p = fx.fma(ty, &p, &z, &c);
+    }
+    let s2 = fx.add(ty, &s, &s);
+    let zero = fx.cf(ty, 0.0);
+    let pos = fx.bin("maximumf", ty, x, &zero);
+    fx.fma(ty, &s2, &p, &pos)
+}
