@@ -338,7 +338,10 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             let mut i = 2;
             if *row_scale {
                 if act(i)? != 1 {
-                    return Err(format!("`linear_ep` row scale must be [S, 1], got {}", args[i]));
+                    return Err(format!(
+                        "`linear_ep` row scale must be [S, 1], got {}",
+                        args[i]
+                    ));
                 }
                 i += 1;
             }

@@ -496,7 +496,7 @@ pub enum Instr {
 /// - `row_scale` is a `[rows, 1]` buffer with the matmul's row count (`Rows::Tokens` like `x`):
 ///   the folded RMSNorm's `1/rms` of `x` (see [`KernelSpec::InvRms`]), so that
 ///   `linear(rmsnorm(x), W·diag(g)) = row_scale ⊙ (x · (W·diag(g))ᵀ)` reads `x` directly.
-/// - `residual` has the shape of `out` and is a different buffer from `out` and `x`: the
+/// - `residual` has the shape of `out` and is a different buffer from `out` (it may be `x`): the
 ///   residual stream `x + o_proj(a)` added as the product is stored.
 /// - `bias` is a window of `n_out` elements.
 /// - The scale multiplies the product only, not the bias or the residual (the order is the
@@ -709,9 +709,10 @@ impl Instr {
             | Instr::Sinusoidal { out, .. }
             | Instr::TimingSignal { out, .. } => vec![*out],
             Instr::MatMulKN { x, out, .. } => vec![*x, *out],
-            Instr::MatMul { x, out, epi, .. } => {
-                std::iter::once(*x).chain(epi.reads()).chain([*out]).collect()
-            }
+            Instr::MatMul { x, out, epi, .. } => std::iter::once(*x)
+                .chain(epi.reads())
+                .chain([*out])
+                .collect(),
             Instr::SliceCols { src, out, .. } => vec![*src, *out],
             Instr::Concat { inputs, out } => inputs.iter().copied().chain([*out]).collect(),
             Instr::Copy { src, dst } => vec![*src, *dst],

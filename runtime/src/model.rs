@@ -817,9 +817,9 @@ impl<'a> Validator<'a> {
                         }
                         if let Some(r) = epi.residual {
                             let rb = self.buf(&ctx, r)?;
-                            if rb.cols != ob.cols || rb.rows != ob.rows || r == *out || r == *x {
+                            if rb.cols != ob.cols || rb.rows != ob.rows || r == *out {
                                 return Err(err(format!(
-                                    "epilogue residual `{}` must be shaped like `{}` and be neither the input nor the output",
+                                    "epilogue residual `{}` must be shaped like `{}` and not be the output",
                                     rb.name, ob.name
                                 )));
                             }
