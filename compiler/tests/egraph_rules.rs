@@ -116,30 +116,27 @@ fn w(shape: &[usize]) -> String {
 }
 
 fn residual_text(d: usize) -> String {
-    header(&[
-        ("emb", vec![V, d]),
-        ("wa", vec![d, d]),
-        ("g", vec![d]),
-        ("head", vec![V, d]),
-    ]) + &format!(
-        "forward {{
+    // The branch is not a matmul, so `residual-epilogue` has nothing to take and the fused norm
+    // is the cheapest form of `norm(x + branch)`.
+    header(&[("emb", vec![V, d]), ("g", vec![d]), ("head", vec![V, d])])
+        + &format!(
+            "forward {{
   %0 = tokens : tokens
   %1 = weight @0 : {wv}
   %2 = embed %0, %1 : [S, {d}]
-  %3 = weight @1 : {wd}
-  %4 = linear %2, %3 : [S, {d}]
+  %3 = tanh %2 : [S, {d}]
+  %4 = silu %3 : [S, {d}]
   %5 = add %2, %4 : [S, {d}]
-  %6 = weight @2 : w[{d}]
+  %6 = weight @1 : w[{d}]
   %7 = rmsnorm %5, %6 eps=1e-6 : [S, {d}]
   %8 = add %5, %7 : [S, {d}]
-  %9 = weight @3 : {wv}
+  %9 = weight @2 : {wv}
   %10 = linear %8, %9 : [S, {V}]
   return %10
 }}
 ",
-        wv = w(&[V, d]),
-        wd = w(&[d, d])
-    )
+            wv = w(&[V, d]),
+        )
 }
 
 fn embed_scale_text(d: usize) -> String {
@@ -440,6 +437,57 @@ fn rule_rmsnorm_gain_fold_on_the_backend() {
     }
 }
 
+proptest::proptest! {
+    // Few cases: each one compiles two artifacts with Cranelift.
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 6,
+        failure_persistence: None,
+        ..Default::default()
+    })]
+
+    /// `linear(rmsnorm(x), W·diag(g))` as `inv_rms` + a matmul with a row-scale epilogue, on
+    /// both norm forms (plain, and the normalized half of a fused residual norm).
+    #[test]
+    fn rule_rmsnorm_rowscale_on_the_backend(
+        d in proptest::sample::select(vec![1usize, 4, 16, 40]),
+        n in proptest::sample::select(vec![1usize, 8, 24]),
+        residual in proptest::bool::ANY,
+        seed in 0u64..1 << 20,
+    ) {
+        check_rule(&gain_fold_text(d, n, residual), "rmsnorm-rowscale", seed);
+    }
+
+    /// `r + linear(a, W)` as a matmul that adds `r` while storing its product.
+    #[test]
+    fn rule_residual_epilogue_on_the_backend(
+        d in proptest::sample::select(vec![1usize, 4, 16, 40]),
+        n in proptest::sample::select(vec![1usize, 8, 24]),
+        residual in proptest::bool::ANY,
+        seed in 0u64..1 << 20,
+    ) {
+        check_rule(&gain_fold_text(d, n, residual), "residual-epilogue", seed);
+    }
+}
+
+#[test]
+fn residual_epilogue_needs_the_product_only_in_the_add() {
+    // The down projection's product is added to two different values: one matmul cannot
+    // carry both residuals, and two would compute the product twice.
+    let text = gain_fold_text(8, 8, false).replace(
+        "%15 = linear %13, %14",
+        "%16 = add %12, %13 : [S, 8]\n  %15 = linear %16, %14",
+    );
+    let mut m = parse_module(&text).unwrap();
+    let report = egraph::optimize(&mut m);
+    assert_eq!(
+        report.fired("residual-epilogue"),
+        0,
+        "{}\n{}",
+        report.text(),
+        print_module(&m)
+    );
+}
+
 #[test]
 fn gain_fold_needs_every_user_to_be_a_matmul() {
     // Here the normalized value also feeds the residual add: folding would need both norms.
@@ -533,6 +581,11 @@ fn snapshot_rule_swiglu_fuse_separate_weights() {
 #[test]
 fn snapshot_rule_rope_bias_epilogue() {
     insta::assert_snapshot!(snapshot_pair(&rope_bias_text(2, 4, "interleaved", false)));
+}
+
+#[test]
+fn snapshot_rule_rmsnorm_rowscale_and_residual_epilogue() {
+    insta::assert_snapshot!(snapshot_pair(&gain_fold_text(8, 4, false)));
 }
 
 #[test]

@@ -83,6 +83,18 @@ irdl.dialect @loop {
     %out = irdl.base "!builtin.memref"
     irdl.operands(x: %x, w: %w, out: %out)
   }
+  // `matmul` with the GEMM epilogue `out = residual + row_scale ⊙ (x·wᵀ) + bias`: `terms`
+  // names the `epi` operands in order (`row_scale`, `residual`, `bias`, comma-separated).
+  irdl.operation @matmul_ep {
+    %layout = irdl.base "#builtin.string"
+    %terms = irdl.base "#builtin.string"
+    irdl.attributes {"layout" = %layout, "terms" = %terms}
+    %x = irdl.base "!builtin.memref"
+    %w = irdl.base "!builtin.memref"
+    %out = irdl.base "!builtin.memref"
+    %epi = irdl.is memref<*xf32>
+    irdl.operands(x: %x, w: %w, out: %out, epi: variadic %epi)
+  }
   irdl.operation @concat {
     %inputs = irdl.is memref<*xf32>
     %out = irdl.base "!builtin.memref"

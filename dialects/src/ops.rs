@@ -347,6 +347,19 @@ pub enum Op {
     /// A gated unit over the two halves of its operand `[S, 2n]` → `[S, n]`:
     /// `act(x[:, :n]) · x[:, n:]` (SwiGLU with `silu`). Operand: the gate|up matmul.
     Glu(Unary),
+    /// `1 / sqrt(mean(x²) + eps)` per row, `[S, n]` → `[S, 1]`: the factor of a gainless
+    /// RMSNorm that a `linear_ep` applies to its product rows instead of reading `x` normalized.
+    /// Operand: x.
+    InvRms {
+        eps: f32,
+    },
+    /// A matmul with its epilogue: `[r +] [s ⊙] (x · wᵀ)`, with `s: [S, 1]` scaling each product
+    /// row and `r: [S, n]` added (the residual stream). Operands: x, w, then s when
+    /// `row_scale`, then r when `residual`.
+    LinearEp {
+        row_scale: bool,
+        residual: bool,
+    },
 }
 
 impl Op {
@@ -383,6 +396,8 @@ impl Op {
             Op::WMap { .. } => "w.map",
             Op::WRepeatRows(_) => "w.repeat_rows",
             Op::Glu(_) => "glu",
+            Op::InvRms { .. } => "inv_rms",
+            Op::LinearEp { .. } => "linear_ep",
         }
     }
 }

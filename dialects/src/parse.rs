@@ -249,6 +249,13 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
                 line: ln,
                 message: "unknown `glu` activation".into(),
             })?),
+            "inv_rms" => Op::InvRms {
+                eps: num(ln, attr("eps")?)? as f32,
+            },
+            "linear_ep" => Op::LinearEp {
+                row_scale: num(ln, attr("row_scale")?)? != 0.0,
+                residual: num(ln, attr("residual")?)? != 0.0,
+            },
             "slice" => Op::Slice {
                 start: num(ln, attr("start")?)? as usize,
                 len: num(ln, attr("len")?)? as usize,

@@ -156,6 +156,14 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         }
         Op::WRepeatRows(times) => vec![("times", times.to_string())],
         Op::Glu(u) => vec![("act", u.name().into())],
+        Op::InvRms { eps } => vec![("eps", fnum32(*eps))],
+        Op::LinearEp {
+            row_scale,
+            residual,
+        } => vec![
+            ("row_scale", u8::from(*row_scale).to_string()),
+            ("residual", u8::from(*residual).to_string()),
+        ],
         Op::WSliceCols { start, len } => {
             vec![("start", start.to_string()), ("len", len.to_string())]
         }

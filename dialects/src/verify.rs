@@ -314,6 +314,45 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             Ok(Ty::Tuple(vec![Ty::Act(a), Ty::Act(a)]))
         }
+        Op::InvRms { eps } => {
+            arity(1)?;
+            act(0)?;
+            if !(*eps >= 0.0) {
+                return Err(format!("`inv_rms` eps must be ≥ 0, got {eps}"));
+            }
+            Ok(Ty::Act(1))
+        }
+        Op::LinearEp {
+            row_scale,
+            residual,
+        } => {
+            arity(2 + usize::from(*row_scale) + usize::from(*residual))?;
+            let k = act(0)?;
+            let w = weight(1)?;
+            if w.len() != 2 || w[1] != k {
+                return Err(format!(
+                    "`linear_ep` weight must be [n, {k}] for an input of width {k}, got {}",
+                    args[1]
+                ));
+            }
+            let mut i = 2;
+            if *row_scale {
+                if act(i)? != 1 {
+                    return Err(format!(
+                        "`linear_ep` row scale must be [S, 1], got {}",
+                        args[i]
+                    ));
+                }
+                i += 1;
+            }
+            if *residual && act(i)? != w[0] {
+                return Err(format!(
+                    "`linear_ep` residual must be [S, {}], got {}",
+                    w[0], args[i]
+                ));
+            }
+            Ok(Ty::Act(w[0]))
+        }
         Op::Glu(_) => {
             arity(1)?;
             let d = act(0)?;

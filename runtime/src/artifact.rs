@@ -375,6 +375,12 @@ pub enum KernelSpec {
         head_dim: usize,
         style: RopeStyle,
     },
+    /// `s[r] = 1 / sqrt(mean_c(x[r, c]²) + eps)`: the row factor of a gainless RMSNorm, for a
+    /// matmul that applies it in its epilogue ([`Epilogue::row_scale`]) instead of reading a
+    /// normalized copy of `x`. Same sum order and `sqrt` then divide as `RmsNorm`, so
+    /// `x[r, c] · s[r]` equals `RmsNorm`'s output bit for bit.
+    /// Pointers: `[x (rows × cols), s (rows × 1)]`.
+    InvRms { cols: usize, eps: f32 },
 }
 
 impl KernelSpec {
@@ -391,6 +397,7 @@ impl KernelSpec {
             KernelSpec::LayerNorm { .. } => 4,
             KernelSpec::Glu { .. } | KernelSpec::HeadRmsNorm { .. } => 2,
             KernelSpec::RopeBias { .. } => 4,
+            KernelSpec::InvRms { .. } => 2,
         }
     }
 }
@@ -414,11 +421,14 @@ pub enum Instr {
         table: WRef,
         out: BufId,
     },
-    /// `out = x · wᵀ` (`w` is `[n_out, k_in]`, the checkpoint's `Linear` layout).
+    /// `out = x · wᵀ` (`w` is `[n_out, k_in]`, the checkpoint's `Linear` layout), then the
+    /// [`Epilogue`] (absent from the JSON when it does nothing).
     MatMul {
         x: BufId,
         w: WRef,
         out: BufId,
+        #[serde(default, skip_serializing_if = "Epilogue::is_none")]
+        epi: Epilogue,
     },
     /// Column-wise concatenation.
     Concat {
@@ -474,6 +484,45 @@ pub enum Instr {
         step: bool,
         out: BufId,
     },
+}
+
+/// What a [`Instr::MatMul`] does with each product element before storing it (the GEMM
+/// epilogue), with `p = x · wᵀ` of shape `[rows, n_out]`:
+///
+/// `out[r, j] = residual[r, j] + row_scale[r, 0] · p[r, j] + bias[j]`
+///
+/// Each term is optional; absent, it is 0 (residual, bias) or 1 (row scale), so the default
+/// epilogue stores `p` unchanged. Contract (checked by `Model::new`):
+/// - `row_scale` is a `[rows, 1]` buffer with the matmul's row count (`Rows::Tokens` like `x`):
+///   the folded RMSNorm's `1/rms` of `x` (see [`KernelSpec::InvRms`]), so that
+///   `linear(rmsnorm(x), W·diag(g)) = row_scale ⊙ (x · (W·diag(g))ᵀ)` reads `x` directly.
+/// - `residual` has the shape of `out` and is a different buffer from `out` (it may be `x`): the
+///   residual stream `x + o_proj(a)` added as the product is stored.
+/// - `bias` is a window of `n_out` elements.
+/// - The scale multiplies the product only, not the bias or the residual (the order is the
+///   one of `rmsnorm → linear → + bias → + residual`).
+///
+/// Backends may apply it inside the GEMM's store or as a pass over each output block while it
+/// is in cache; the result must match the formula to f32 rounding of the product.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Epilogue {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_scale: Option<BufId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual: Option<BufId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias: Option<WRef>,
+}
+
+impl Epilogue {
+    pub fn is_none(&self) -> bool {
+        self.row_scale.is_none() && self.residual.is_none() && self.bias.is_none()
+    }
+
+    /// The buffers the epilogue reads.
+    pub fn reads(&self) -> impl Iterator<Item = BufId> {
+        self.row_scale.into_iter().chain(self.residual)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -629,8 +678,8 @@ impl Instr {
         match self {
             Instr::Embed { table: w, .. }
             | Instr::PosEmbed { table: w, .. }
-            | Instr::MatMul { w, .. }
             | Instr::MatMulKN { w, .. } => vec![*w],
+            Instr::MatMul { w, epi, .. } => std::iter::once(*w).chain(epi.bias).collect(),
             Instr::Kernel { args, .. } => args
                 .iter()
                 .filter_map(|a| {
@@ -659,7 +708,11 @@ impl Instr {
             | Instr::PosEmbed { out, .. }
             | Instr::Sinusoidal { out, .. }
             | Instr::TimingSignal { out, .. } => vec![*out],
-            Instr::MatMul { x, out, .. } | Instr::MatMulKN { x, out, .. } => vec![*x, *out],
+            Instr::MatMulKN { x, out, .. } => vec![*x, *out],
+            Instr::MatMul { x, out, epi, .. } => std::iter::once(*x)
+                .chain(epi.reads())
+                .chain([*out])
+                .collect(),
             Instr::SliceCols { src, out, .. } => vec![*src, *out],
             Instr::Concat { inputs, out } => inputs.iter().copied().chain([*out]).collect(),
             Instr::Copy { src, dst } => vec![*src, *dst],
@@ -681,7 +734,9 @@ impl KernelSpec {
             KernelSpec::RmsNorm { .. } => n - 1..n,
             KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. } => 0..1,
             KernelSpec::Attention { .. } | KernelSpec::LayerNorm { .. } => 3..4,
-            KernelSpec::Glu { .. } | KernelSpec::HeadRmsNorm { .. } => 1..2,
+            KernelSpec::Glu { .. } | KernelSpec::HeadRmsNorm { .. } | KernelSpec::InvRms { .. } => {
+                1..2
+            }
         }
     }
 }
@@ -694,9 +749,12 @@ impl Manifest {
             | Instr::PosEmbed { out, .. }
             | Instr::Sinusoidal { out, .. }
             | Instr::TimingSignal { out, .. } => (vec![], vec![*out]),
-            Instr::MatMul { x, out, .. }
-            | Instr::MatMulKN { x, out, .. }
-            | Instr::SliceCols { src: x, out, .. } => (vec![*x], vec![*out]),
+            Instr::MatMul { x, out, epi, .. } => {
+                (std::iter::once(*x).chain(epi.reads()).collect(), vec![*out])
+            }
+            Instr::MatMulKN { x, out, .. } | Instr::SliceCols { src: x, out, .. } => {
+                (vec![*x], vec![*out])
+            }
             Instr::Concat { inputs, out } => (inputs.clone(), vec![*out]),
             Instr::Copy { src, dst } => (vec![*src], vec![*dst]),
             Instr::KvWrite { k, v, .. } => (vec![*k, *v], vec![]),

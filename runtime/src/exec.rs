@@ -11,7 +11,6 @@ use crate::error::{Result, RuntimeError};
 use crate::exit::{History, Rule};
 use crate::kernels::KernelFn;
 use crate::kv::KvCache;
-use crate::matmul::matmul;
 use crate::mem::AVec;
 use crate::model::{Inner, Need};
 use crate::rng::{fill_trunc_normal, mix, Rng};
@@ -350,7 +349,7 @@ struct SendPtr(*const *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-impl Run<'_> {
+impl<'a> Run<'a> {
     fn program(&mut self, steps: Option<usize>, gates: &mut Vec<f32>) -> Result<usize> {
         let m = self.m;
         let prog = &m.manifest.program;
@@ -608,6 +607,38 @@ impl Run<'_> {
         unsafe { std::ptr::copy_nonoverlapping(sp, dp, n) };
     }
 
+    /// The epilogue of a matmul over rows `r0 .. r0 + rows` with `n` output columns.
+    fn epi(
+        &self,
+        e: &crate::artifact::Epilogue,
+        iter: Option<usize>,
+        r0: usize,
+        rows: usize,
+        n: usize,
+    ) -> crate::matmul::Epi<'a> {
+        let buf = |b: u32, w: usize| -> &'a [f32] {
+            let v = &self.ws.bufs[b as usize];
+            // SAFETY: the workspace outlives the call and these buffers are only read while the
+            // matmul writes its own, different output buffer (validated by `Model::new`).
+            unsafe { std::slice::from_raw_parts(v.as_ptr().add(r0 * w), rows * w) }
+        };
+        crate::matmul::Epi {
+            row_scale: e.row_scale.map(|b| buf(b, 1)),
+            residual: e.residual.map(|b| buf(b, n)),
+            bias: e.bias.map(|b| weight(self.m, &b, iter)),
+        }
+    }
+
+    /// `len` elements of buffer `b` from `at`, writable while other buffers are read.
+    ///
+    /// # Safety
+    /// No live slice may cover `b`.
+    unsafe fn out_rows(&self, b: u32, at: usize, len: usize) -> &'a mut [f32] {
+        let v = &self.ws.bufs[b as usize];
+        assert!(at + len <= v.len(), "matmul output size");
+        std::slice::from_raw_parts_mut(v.as_ptr().add(at) as *mut f32, len)
+    }
+
     fn list(&mut self, list: &[Instr], iter: Option<usize>) -> Result<()> {
         for ins in list {
             let t0 = self.profile.is_some().then(Instant::now);
@@ -640,7 +671,7 @@ impl Run<'_> {
                 }
                 Ok(0)
             }
-            Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out }
+            Instr::MatMul { x, w, out, .. } | Instr::MatMulKN { x, w, out }
                 if *out == m.manifest.program.logits
                     && self.ex.logits_last_only
                     && self.active.is_empty() =>
@@ -659,27 +690,39 @@ impl Run<'_> {
                     }
                     let r = g.row0 + g.rows - 1;
                     let xs = self.ws.bufs[*x as usize].as_slice()[r * k..(r + 1) * k].to_vec();
-                    let os = &mut self.ws.bufs[*out as usize].as_mut_slice()[r * n..(r + 1) * n];
-                    if matches!(ins, Instr::MatMul { .. }) {
-                        matmul(&xs, wd, os, 1, k, n, m.threads);
+                    if let Instr::MatMul { epi, .. } = ins {
+                        let e = self.epi(epi, iter, r, 1, n);
+                        // SAFETY: the epilogue's buffers differ from `out` (validated).
+                        let os = unsafe { self.out_rows(*out, r * n, n) };
+                        crate::matmul::matmul_epi(&xs, wd, os, 1, k, n, m.threads, &e);
                     } else {
+                        let os =
+                            &mut self.ws.bufs[*out as usize].as_mut_slice()[r * n..(r + 1) * n];
                         crate::matmul::matmul_kn(&xs, wd, os, 1, k, n, m.threads);
                     }
                 }
                 Ok(1)
             }
-            Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out } => {
+            Instr::MatMul { x, w, out, epi } => {
+                let rows = self.rows_of(*x);
+                let wd = weight(m, w, iter);
+                let xb = &self.ws.bufs[*x as usize];
+                // SAFETY: x != out (validated), so the two slices do not alias.
+                let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
+                let e = self.epi(epi, iter, 0, rows, w.rows);
+                // SAFETY: the epilogue's buffers differ from `out` (validated).
+                let os = unsafe { self.out_rows(*out, 0, rows * w.rows) };
+                crate::matmul::matmul_epi(xs, wd, os, rows, w.cols, w.rows, m.threads, &e);
+                Ok(1)
+            }
+            Instr::MatMulKN { x, w, out } => {
                 let rows = self.rows_of(*x);
                 let wd = weight(m, w, iter);
                 let xb = &self.ws.bufs[*x as usize];
                 // SAFETY: x != out (validated), so the two slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
                 let os = self.ws.bufs[*out as usize].as_mut_slice();
-                if matches!(ins, Instr::MatMul { .. }) {
-                    matmul(xs, wd, os, rows, w.cols, w.rows, m.threads);
-                } else {
-                    crate::matmul::matmul_kn(xs, wd, os, rows, w.rows, w.cols, m.threads);
-                }
+                crate::matmul::matmul_kn(xs, wd, os, rows, w.rows, w.cols, m.threads);
                 Ok(1)
             }
             Instr::Concat { inputs, out } => {
@@ -829,7 +872,8 @@ impl Run<'_> {
                     KernelSpec::Elementwise { .. } => 4,
                     KernelSpec::RmsNorm { .. }
                     | KernelSpec::LayerNorm { .. }
-                    | KernelSpec::HeadRmsNorm { .. } => 5,
+                    | KernelSpec::HeadRmsNorm { .. }
+                    | KernelSpec::InvRms { .. } => 5,
                     KernelSpec::Rope { .. } | KernelSpec::RopeBias { .. } => 6,
                     KernelSpec::Attention { .. } => 7,
                     KernelSpec::Glu { .. } => 4,
@@ -839,6 +883,7 @@ impl Run<'_> {
                     KernelSpec::RmsNorm { cols, .. } | KernelSpec::LayerNorm { cols, .. } => {
                         (cols * 4, 1)
                     }
+                    KernelSpec::InvRms { cols, .. } => (cols * 2, 1),
                     KernelSpec::Rope {
                         heads, head_dim, ..
                     } => (heads * head_dim * 3, 1),

@@ -36,26 +36,99 @@ unsafe fn gemm_block(
 /// Below this many multiply-adds a product runs on the calling thread.
 const PAR_MIN_MACS: usize = 1 << 16;
 
+/// The matmul epilogue (`artifact::Epilogue`) resolved to slices, for rows `0..m` of one call:
+/// `out[r, j] = residual[r·n + j] + row_scale[r] · p[r, j] + bias[j]`.
+#[derive(Clone, Copy, Default)]
+pub struct Epi<'a> {
+    /// `[m]`: one factor per output row.
+    pub row_scale: Option<&'a [f32]>,
+    /// `[m, n]`, a different buffer from `out`.
+    pub residual: Option<&'a [f32]>,
+    /// `[n]`.
+    pub bias: Option<&'a [f32]>,
+}
+
+impl Epi<'_> {
+    pub fn is_none(&self) -> bool {
+        self.row_scale.is_none() && self.residual.is_none() && self.bias.is_none()
+    }
+
+    fn check(&self, m: usize, n: usize) {
+        assert!(
+            self.row_scale.is_none_or(|s| s.len() >= m)
+                && self.residual.is_none_or(|r| r.len() >= m * n)
+                && self.bias.is_none_or(|b| b.len() >= n),
+            "matmul epilogue operand sizes"
+        );
+    }
+
+    /// Applies the epilogue to rows `r0..r1`, columns `j0..j0 + nc` of `out` (row stride `n`),
+    /// which hold the raw product. Called on each block right after it is computed, while it
+    /// is still in cache.
+    ///
+    /// # Safety
+    /// `out` covers `r1 · n` elements and no other thread touches this block; `check` passed.
+    #[inline]
+    unsafe fn apply(&self, out: *mut f32, n: usize, r0: usize, r1: usize, j0: usize, nc: usize) {
+        if self.is_none() {
+            return;
+        }
+        for r in r0..r1 {
+            let o = std::slice::from_raw_parts_mut(out.add(r * n + j0), nc);
+            if let Some(s) = self.row_scale {
+                let s = s[r];
+                o.iter_mut().for_each(|v| *v *= s);
+            }
+            if let Some(b) = self.bias {
+                o.iter_mut().zip(&b[j0..j0 + nc]).for_each(|(v, b)| *v += b);
+            }
+            if let Some(res) = self.residual {
+                let rr = &res[r * n + j0..r * n + j0 + nc];
+                o.iter_mut().zip(rr).for_each(|(v, a)| *v += a);
+            }
+        }
+    }
+}
+
 /// `out = x · wᵀ` with `x: [m, k]`, `w: [n, k]`, `out: [m, n]`.
 /// `threads` is the size of the current rayon pool.
 pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize, threads: usize) {
+    matmul_epi(x, w, out, m, k, n, threads, &Epi::default())
+}
+
+/// [`matmul`] followed by the epilogue, applied per output block inside the parallel split (so
+/// the product is not streamed through memory a second time).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_epi(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+    epi: &Epi,
+) {
     assert!(
         x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
         "matmul operand sizes"
     );
+    epi.check(m, n);
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         out[..m * n].fill(0.0);
+        // SAFETY: checked sizes; a single caller owns `out`.
+        unsafe { epi.apply(out.as_mut_ptr(), n, 0, m, 0, n) };
         return;
     }
     if m == 1 {
-        gemv(&x[..k], &w[..n * k], &mut out[..n], threads);
+        gemv_epi(&x[..k], &w[..n * k], &mut out[..n], threads, epi);
         return;
     }
     if m <= SMALL_M {
-        gemv_multi(&x[..m * k], &w[..n * k], &mut out[..m * n], m, threads);
+        gemv_multi_epi(&x[..m * k], &w[..n * k], &mut out[..m * n], m, threads, epi);
         return;
     }
     let macs = m.saturating_mul(n).saturating_mul(k);
@@ -72,7 +145,7 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
             }
             let nc = cols.min(n - j0);
             // SAFETY: sizes checked above; each task writes its own columns j0..j0+nc of `out`
-            // (row stride n) from weight rows j0..j0+nc.
+            // (row stride n) from weight rows j0..j0+nc, then applies the epilogue to them.
             unsafe {
                 gemm_block(
                     m,
@@ -86,7 +159,8 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
                     1,
                     k as isize,
                     gemm::Parallelism::None,
-                )
+                );
+                epi.apply(op as *mut f32, n, 0, m, j0, nc);
             }
         });
         return;
@@ -112,6 +186,20 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
             k as isize,
             par,
         )
+    }
+    if !epi.is_none() {
+        // gemm's own split gives no per-block hook: one pass over row blocks afterwards.
+        let rows = if matches!(par, gemm::Parallelism::None) {
+            m
+        } else {
+            m.div_ceil(threads * 4).max(1)
+        };
+        let op = out.as_mut_ptr() as usize;
+        (0..m.div_ceil(rows)).into_par_iter().for_each(|c| {
+            let r0 = c * rows;
+            // SAFETY: disjoint row blocks of `out`.
+            unsafe { epi.apply(op as *mut f32, n, r0, (r0 + rows).min(m), 0, n) };
+        });
     }
 }
 
@@ -180,19 +268,32 @@ pub fn matmul_kn(
 
 /// `out[j] = Σ_i x[i] · w[j·k + i]` with `k = x.len()`, rows split over the rayon pool.
 pub fn gemv(x: &[f32], w: &[f32], out: &mut [f32], threads: usize) {
+    gemv_epi(x, w, out, threads, &Epi::default())
+}
+
+/// [`gemv`] with the epilogue of its single row applied to each chunk of outputs as it is
+/// produced.
+pub fn gemv_epi(x: &[f32], w: &[f32], out: &mut [f32], threads: usize, epi: &Epi) {
     let k = x.len();
     let n = out.len();
     assert!(w.len() >= n * k, "gemv operand sizes");
+    epi.check(1, n);
     if threads <= 1 || n < 8 || n.saturating_mul(k) < PAR_MIN_MACS {
         gemv_rows(x, w, out);
+        // SAFETY: sizes checked; one caller.
+        unsafe { epi.apply(out.as_mut_ptr(), n, 0, 1, 0, n) };
         return;
     }
     // A few chunks per thread so that rayon can balance; rows in multiples of 4.
     let chunks = threads * 4;
     let rows = n.div_ceil(chunks).next_multiple_of(4).max(4);
+    let op = out.as_mut_ptr() as usize;
     out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| {
         let r0 = c * rows;
-        gemv_rows(x, &w[r0 * k..(r0 + o.len()) * k], o);
+        let len = o.len();
+        gemv_rows(x, &w[r0 * k..(r0 + len) * k], o);
+        // SAFETY: this task's columns r0..r0+len of the single output row.
+        unsafe { epi.apply(op as *mut f32, n, 0, 1, r0, len) };
     });
 }
 
@@ -204,18 +305,26 @@ const SMALL_M: usize = 8;
 /// each block of weight rows is applied to every `x` row while it is hot in cache, so the
 /// weights are streamed from memory once per call, not once per row.
 pub fn gemv_multi(x: &[f32], w: &[f32], out: &mut [f32], m: usize, threads: usize) {
+    gemv_multi_epi(x, w, out, m, threads, &Epi::default())
+}
+
+/// [`gemv_multi`] with the epilogue applied to each block of outputs as it is produced.
+pub fn gemv_multi_epi(x: &[f32], w: &[f32], out: &mut [f32], m: usize, threads: usize, epi: &Epi) {
     let k = x.len() / m.max(1);
     let n = out.len() / m.max(1);
     assert!(
         w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
         "gemv_multi operand sizes"
     );
+    epi.check(m, n);
     let block = |r0: usize, r1: usize, out: *mut f32| {
         for i in 0..m {
             // SAFETY: blocks [r0, r1) are disjoint across callers; row i of out is n long.
             let o = unsafe { std::slice::from_raw_parts_mut(out.add(i * n + r0), r1 - r0) };
             gemv_rows(&x[i * k..(i + 1) * k], &w[r0 * k..r1 * k], o);
         }
+        // SAFETY: as above, columns r0..r1 of every row belong to this caller.
+        unsafe { epi.apply(out, n, 0, m, r0, r1 - r0) };
     };
     let op = out.as_mut_ptr() as usize;
     if threads <= 1 || n < 8 || m.saturating_mul(n).saturating_mul(k) < PAR_MIN_MACS {
@@ -609,6 +718,58 @@ mod tests {
                 let mut o = vec![f32::NAN; m * n];
                 pool(threads).install(|| gemv_multi(&x, &w, &mut o, m, threads));
                 close(&o, &want, k);
+            }
+        }
+    }
+
+    /// Every path (serial and parallel GEMV, the multi-row GEMV, the column-split and the
+    /// whole-matrix gemm) with every combination of epilogue terms against the formula.
+    #[test]
+    fn epilogue_matches_formula_on_every_path() {
+        let mut s = 17u64;
+        let p = pool(2);
+        for &(m, k, n) in &[
+            (1usize, 33usize, 9usize),
+            (1, 300, 1001),
+            (3, 64, 70),
+            (8, 300, 257),
+            (40, 96, 300),
+            (600, 64, 200),
+            (20, 17, 5),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let sc: Vec<f32> = (0..m).map(|_| 1.0 + lcg(&mut s)).collect();
+            let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+            let raw = naive(&x, &w, m, k, n);
+            for mask in 0..8u32 {
+                let epi = Epi {
+                    row_scale: (mask & 1 != 0).then_some(&sc[..]),
+                    residual: (mask & 2 != 0).then_some(&res[..]),
+                    bias: (mask & 4 != 0).then_some(&bias[..]),
+                };
+                let want: Vec<f32> = (0..m * n)
+                    .map(|i| {
+                        let (r, j) = (i / n, i % n);
+                        let mut v = raw[i];
+                        if mask & 1 != 0 {
+                            v *= sc[r];
+                        }
+                        if mask & 4 != 0 {
+                            v += bias[j];
+                        }
+                        if mask & 2 != 0 {
+                            v += res[i];
+                        }
+                        v
+                    })
+                    .collect();
+                for threads in [1, 2] {
+                    let mut o = vec![f32::NAN; m * n];
+                    p.install(|| matmul_epi(&x, &w, &mut o, m, k, n, threads, &epi));
+                    close(&o, &want, k);
+                }
             }
         }
     }

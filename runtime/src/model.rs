@@ -369,6 +369,7 @@ fn kernel_needs(spec: &KernelSpec) -> Vec<Need> {
             ]
         }
         KernelSpec::Glu { cols, .. } => vec![Need::PerRow(2 * cols), Need::PerRow(*cols)],
+        KernelSpec::InvRms { cols, .. } => vec![Need::PerRow(*cols), Need::PerRow(1)],
         KernelSpec::HeadRmsNorm {
             heads, head_dim, ..
         } => vec![Need::PerRow(heads * head_dim); 2],
@@ -546,6 +547,11 @@ pub(crate) fn validate(m: &Manifest) -> Result<Vec<Vec<Need>>> {
                 }
             }
             KernelSpec::RmsNorm { .. } | KernelSpec::LayerNorm { .. } => {}
+            KernelSpec::InvRms { cols, .. } => {
+                if *cols == 0 {
+                    return Err(bad("inv_rms needs cols > 0".into()));
+                }
+            }
             KernelSpec::Glu { ops, .. } => {
                 crate::ew::validate(ops, 2).map_err(|e| bad(format!("gated unit: {e}")))?;
             }
@@ -780,7 +786,7 @@ impl<'a> Validator<'a> {
                         )));
                     }
                 }
-                Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out } => {
+                Instr::MatMul { x, w, out, .. } | Instr::MatMulKN { x, w, out } => {
                     self.wref(&ctx, w)?;
                     let xb = self.buf(&ctx, *x)?;
                     let ob = self.buf(&ctx, *out)?;
@@ -798,6 +804,35 @@ impl<'a> Validator<'a> {
                             "`{}` [{:?}, {}] · W[{}, {}]{t} does not fit `{}` [{:?}, {}]",
                             xb.name, xb.rows, xb.cols, w.rows, w.cols, ob.name, ob.rows, ob.cols
                         )));
+                    }
+                    if let Instr::MatMul { epi, .. } = ins {
+                        if let Some(s) = epi.row_scale {
+                            let sb = self.buf(&ctx, s)?;
+                            if sb.cols != 1 || sb.rows != xb.rows || s == *out {
+                                return Err(err(format!(
+                                    "epilogue row scale `{}` must be [{:?}, 1] and not the output",
+                                    sb.name, xb.rows
+                                )));
+                            }
+                        }
+                        if let Some(r) = epi.residual {
+                            let rb = self.buf(&ctx, r)?;
+                            if rb.cols != ob.cols || rb.rows != ob.rows || r == *out {
+                                return Err(err(format!(
+                                    "epilogue residual `{}` must be shaped like `{}` and not be the output",
+                                    rb.name, ob.name
+                                )));
+                            }
+                        }
+                        if let Some(b) = &epi.bias {
+                            self.wref(&ctx, b)?;
+                            if b.rows * b.cols != n {
+                                return Err(err(format!(
+                                    "epilogue bias [{}, {}] must have {n} elements",
+                                    b.rows, b.cols
+                                )));
+                            }
+                        }
                     }
                 }
                 Instr::Concat { inputs, out } => {

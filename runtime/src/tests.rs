@@ -70,6 +70,7 @@ fn manifest(init: StateInit, exit: ExitPolicy, gate: bool, default_steps: usize)
             x: 3,
             w: wr(1, 0, H, 2 * H),
             out: 2,
+            epi: Default::default(),
         },
         Instr::KvWrite {
             site: 0,
@@ -82,6 +83,7 @@ fn manifest(init: StateInit, exit: ExitPolicy, gate: bool, default_steps: usize)
             x: 2,
             w: wr(3, 0, 1, H),
             out: 5,
+            epi: Default::default(),
         });
     }
     Manifest {
@@ -147,6 +149,7 @@ fn manifest(init: StateInit, exit: ExitPolicy, gate: bool, default_steps: usize)
                     x: 6,
                     w: wr(2, 2 * H, V, H),
                     out: 4,
+                    epi: Default::default(),
                 },
                 Instr::KvWrite {
                     site: 1,
@@ -547,6 +550,7 @@ fn manifest_validation() {
             cols: H,
         },
         out: 4,
+        epi: Default::default(),
     };
     check(m, "exceeds weight `headpack`");
     let mut m = base();
@@ -559,6 +563,7 @@ fn manifest_validation() {
             cols: H,
         },
         out: 4,
+        epi: Default::default(),
     };
     check(m, "does not fit");
     let mut m = base();

@@ -239,16 +239,19 @@ fn manifest() -> Manifest {
                         x: 3,
                         w: wr(2, 0, D, D),
                         out: 4,
+                        epi: Default::default(),
                     },
                     Instr::MatMul {
                         x: 3,
                         w: wr(3, 0, KVD, D),
                         out: 5,
+                        epi: Default::default(),
                     },
                     Instr::MatMul {
                         x: 3,
                         w: wr(4, 0, KVD, D),
                         out: 6,
+                        epi: Default::default(),
                     },
                     Instr::Kernel {
                         kernel: 1,
@@ -271,6 +274,7 @@ fn manifest() -> Manifest {
                         x: 7,
                         w: wr(5, 0, D, D),
                         out: 8,
+                        epi: Default::default(),
                     },
                     Instr::Kernel {
                         kernel: 4,
@@ -289,6 +293,7 @@ fn manifest() -> Manifest {
                 x: 1,
                 w: wr(6, 0, V, D),
                 out: 9,
+                epi: Default::default(),
             }],
             logits: 9,
         },

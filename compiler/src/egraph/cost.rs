@@ -13,7 +13,12 @@
 //! - inside a recur body, a loop-invariant value costs `1/steps` of its price: it is hoisted
 //!   and computed once for all iterations;
 //! - derived weights cost nothing at run time (the runtime computes them once at load);
-//! - projections of a multi-result node are free (they alias one of its output buffers).
+//! - projections of a multi-result node are free (they alias one of its output buffers);
+//! - **resident memory**: a derived weight whose source checkpoint tensor the program still
+//!   reads directly (a tied embedding table scaled for the input but not for the head; a Q
+//!   window scaled while K/V read the original) keeps two copies resident. Those duplicated
+//!   bytes cost [`RESIDENT_PER_BYTE`] each ([`dup_bytes`]). A fold that replaces every read of
+//!   its source costs nothing here: the original is then read only once, at load.
 //!
 //! The extractor first picks, per class, the node with the least tree cost (a fixed point that
 //! tolerates cycles), then improves the selection as a DAG: a class switches to a node whose
@@ -28,6 +33,11 @@ use std::collections::{HashMap, HashSet};
 pub const S_NOMINAL: f64 = 16.0;
 /// A rough machine balance: FLOPs a core does in the time it moves one byte from memory.
 pub const FLOPS_PER_BYTE: f64 = 8.0;
+/// Price of one duplicated resident weight byte, in bytes moved per nominal call: a copy must
+/// save at least 1/64 of its size in traffic per call to be worth keeping. Steers the tied
+/// table of Huginn-3.5B (1.4 GB for a 0.7 MB per-call saving) away from `embed-scale-fold`,
+/// while the Q-scale fold of a Q window (a few MB, whose scale pass it removes) stays.
+pub const RESIDENT_PER_BYTE: f64 = 1.0 / 64.0;
 
 fn width(t: &Option<Ty>) -> f64 {
     match t {
@@ -70,7 +80,9 @@ pub fn node_parts(eg: &TGraph, n: &TNode) -> (f64, f64, Vec<(Id, f64)>) {
     match &n.op {
         TOp::Tokens | TOp::Param(_) | TOp::Weight { .. } | TOp::Opaque(_) | TOp::Proj(_) => b = 0.0,
         TOp::WSliceCols { .. } | TOp::WScale(_) | TOp::WMulCols | TOp::WConcatRows => b = 0.0,
-        TOp::Linear => {
+        TOp::Linear | TOp::LinearEp { .. } => {
+            // The epilogue's row scale and residual are read in the store of each product
+            // block (counted in `acts_in`); the product is written once.
             let w = numel(&ty(1));
             wreads.push((n.children[1], 4.0 * w));
             flops = 2.0 * s * w;
@@ -87,6 +99,7 @@ pub fn node_parts(eg: &TGraph, n: &TNode) -> (f64, f64, Vec<(Id, f64)>) {
             }
         }
         TOp::Concat | TOp::Slice { .. } => {}
+        TOp::InvRms { .. } => flops = 2.0 * s * acts_in,
         TOp::RmsNorm { .. } | TOp::RmsNormRes { .. } => {
             flops = 4.0 * s * out;
             for i in 0..n.children.len() {
@@ -146,7 +159,16 @@ pub fn extract(eg: &TGraph, roots: &[Id]) -> Selection {
                 }
                 let mut total = 0.0;
                 let mut ok = true;
+                // `inv_rms x` exists only as the row scale of a matmul that also reads `x`
+                // (`rmsnorm-rowscale`): a tree would count `x` twice, the DAG once.
+                let shared_input = matches!(n.op, TOp::InvRms { .. });
                 for ch in &n.children {
+                    if shared_input {
+                        if !best.contains_key(&eg.find(*ch)) {
+                            ok = false;
+                        }
+                        continue;
+                    }
                     match best.get(&eg.find(*ch)) {
                         Some((c, _)) => total += c,
                         None => {
@@ -204,9 +226,63 @@ pub fn extract(eg: &TGraph, roots: &[Id]) -> Selection {
             break;
         }
     }
-    let reach = reachable(eg, &choice, &roots);
+    // Memory: a class that reads a duplicating derived weight tries its other nodes, keeping a
+    // switch when the whole selection (duplicated bytes included) gets cheaper. Tree costs
+    // cannot see duplication: it depends on what else the selection reads.
+    let mut sel = Selection { choice, roots };
+    for _ in 0..4 {
+        if dup_bytes(eg, &sel) == 0.0 {
+            break;
+        }
+        let mut cur = dag_cost(eg, &prune(eg, &sel));
+        let reach = reachable(eg, &sel.choice, &sel.roots);
+        let mut switched = false;
+        for &c in &reach {
+            let reads_derived = sel.choice[&c].children.iter().any(|k| {
+                sel.choice
+                    .get(&eg.find(*k))
+                    .is_some_and(|n| is_derived(&n.op))
+            });
+            if !reads_derived {
+                continue;
+            }
+            for n in eg[c].nodes.clone() {
+                if n == sel.choice[&c] || ill_typed(eg, &n) {
+                    continue;
+                }
+                let kids: Vec<Id> = n.children.iter().map(|k| eg.find(*k)).collect();
+                if kids
+                    .iter()
+                    .any(|k| !sel.choice.contains_key(k) || depends_on(eg, &sel.choice, *k, c))
+                {
+                    continue;
+                }
+                let old = sel.choice.insert(c, n).expect("selected");
+                let new_cost = dag_cost(eg, &prune(eg, &sel));
+                if new_cost < cur - 1e-9 {
+                    cur = new_cost;
+                    switched = true;
+                } else {
+                    sel.choice.insert(c, old);
+                }
+            }
+        }
+        if !switched {
+            break;
+        }
+    }
+    prune(eg, &sel)
+}
+
+/// The selection restricted to what its roots reach.
+fn prune(eg: &TGraph, sel: &Selection) -> Selection {
+    let reach = reachable(eg, &sel.choice, &sel.roots);
+    let mut choice = sel.choice.clone();
     choice.retain(|k, _| reach.contains(k));
-    Selection { choice, roots }
+    Selection {
+        choice,
+        roots: sel.roots.clone(),
+    }
 }
 
 fn reachable(eg: &TGraph, choice: &HashMap<Id, TNode>, roots: &[Id]) -> HashSet<Id> {
@@ -231,12 +307,72 @@ fn depends_on(eg: &TGraph, choice: &HashMap<Id, TNode>, from: Id, target: Id) ->
 
 /// DAG cost of a selection (each class once, each weight once at its largest read).
 pub fn dag_cost(eg: &TGraph, sel: &Selection) -> f64 {
-    let (bytes, flops) = dag_parts(eg, sel);
-    bytes + flops / FLOPS_PER_BYTE
+    let (bytes, flops, dup) = dag_parts(eg, sel);
+    bytes + flops / FLOPS_PER_BYTE + dup * RESIDENT_PER_BYTE
 }
 
-/// `(bytes moved, FLOPs)` of a selection for one call of [`S_NOMINAL`] rows.
-pub fn dag_parts(eg: &TGraph, sel: &Selection) -> (f64, f64) {
+fn is_derived(op: &TOp) -> bool {
+    matches!(
+        op,
+        TOp::WSliceCols { .. } | TOp::WScale(_) | TOp::WMulCols | TOp::WConcatRows
+    )
+}
+
+/// Checkpoint tensors (by id) under a selected weight class, through derived weights.
+fn sources(eg: &TGraph, choice: &HashMap<Id, TNode>, c: Id, out: &mut Vec<u32>) {
+    match choice.get(&eg.find(c)) {
+        Some(TNode {
+            op: TOp::Weight { weight, .. },
+            ..
+        }) => out.push(*weight),
+        Some(n) if is_derived(&n.op) => {
+            for k in &n.children {
+                sources(eg, choice, *k, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Resident bytes of the derived weights the program reads whose source tensor it also reads
+/// directly, so both stay in memory.
+pub fn dup_bytes(eg: &TGraph, sel: &Selection) -> f64 {
+    let mut direct: HashSet<u32> = HashSet::new();
+    let mut derived: HashSet<Id> = HashSet::new();
+    for n in sel.choice.values() {
+        if is_derived(&n.op) {
+            continue;
+        }
+        for k in &n.children {
+            let k = eg.find(*k);
+            match sel.choice.get(&k) {
+                Some(TNode {
+                    op: TOp::Weight { weight, .. },
+                    ..
+                }) => {
+                    direct.insert(*weight);
+                }
+                Some(d) if is_derived(&d.op) => {
+                    derived.insert(k);
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut total = 0.0;
+    for d in derived {
+        let mut src = vec![];
+        sources(eg, &sel.choice, d, &mut src);
+        if src.iter().any(|w| direct.contains(w)) {
+            total += 4.0 * numel(&eg[d].data.ty);
+        }
+    }
+    total
+}
+
+/// `(bytes moved, FLOPs, duplicated resident weight bytes)` of a selection for one call of
+/// [`S_NOMINAL`] rows.
+pub fn dag_parts(eg: &TGraph, sel: &Selection) -> (f64, f64, f64) {
     let (mut bytes, mut flops) = (0.0, 0.0);
     let mut wmax: HashMap<Id, f64> = HashMap::new();
     for n in sel.choice.values() {
@@ -248,5 +384,9 @@ pub fn dag_parts(eg: &TGraph, sel: &Selection) -> (f64, f64) {
             *e = e.max(b);
         }
     }
-    (bytes + wmax.values().sum::<f64>(), flops)
+    (
+        bytes + wmax.values().sum::<f64>(),
+        flops,
+        dup_bytes(eg, sel),
+    )
 }

@@ -56,6 +56,13 @@ pub enum TOp {
     WMulCols,
     WConcatRows,
     Glu(u8),
+    InvRms {
+        eps: u32,
+    },
+    LinearEp {
+        row_scale: bool,
+        residual: bool,
+    },
     /// Index into [`TensorAnalysis::opaque`].
     Opaque(u32),
 }
@@ -142,6 +149,14 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
         Op::WMulCols => TOp::WMulCols,
         Op::WConcatRows => TOp::WConcatRows,
         Op::Glu(u) => TOp::Glu(unary_ix(*u)),
+        Op::InvRms { eps } => TOp::InvRms { eps: eps.to_bits() },
+        Op::LinearEp {
+            row_scale,
+            residual,
+        } => TOp::LinearEp {
+            row_scale: *row_scale,
+            residual: *residual,
+        },
         // Kept whole: the optimizer has no rules for them yet.
         Op::Recur { .. }
         | Op::Fused { .. }
@@ -222,6 +237,16 @@ pub fn to_op(t: &TOp, opaque: &[Op]) -> Op {
         TOp::WMulCols => Op::WMulCols,
         TOp::WConcatRows => Op::WConcatRows,
         TOp::Glu(u) => Op::Glu(Unary::ALL[*u as usize]),
+        TOp::InvRms { eps } => Op::InvRms {
+            eps: f32::from_bits(*eps),
+        },
+        TOp::LinearEp {
+            row_scale,
+            residual,
+        } => Op::LinearEp {
+            row_scale: *row_scale,
+            residual: *residual,
+        },
         TOp::Opaque(i) => opaque[*i as usize].clone(),
     }
 }
@@ -302,6 +327,11 @@ pub fn arity_ok(n: &TNode) -> bool {
         TOp::WScale(_) | TOp::WSliceCols { .. } | TOp::Glu(_) => k == 1,
         TOp::RmsNorm { .. } => k == 1 || k == 2,
         TOp::RmsNormRes { .. } => k == 2 || k == 3,
+        TOp::InvRms { .. } => k == 1,
+        TOp::LinearEp {
+            row_scale,
+            residual,
+        } => k == 2 + usize::from(row_scale) + usize::from(residual),
         _ => true,
     }
 }

@@ -27,9 +27,10 @@ pub struct RegionReport {
     pub eclasses: usize,
     pub cost_before: f64,
     pub cost_after: f64,
-    /// `(bytes, FLOPs)` per call of the cost model's nominal size, before and after.
-    pub parts_before: (f64, f64),
-    pub parts_after: (f64, f64),
+    /// `(bytes, FLOPs, duplicated resident weight bytes)` per call of the cost model's nominal
+    /// size, before and after (see `cost::dup_bytes`).
+    pub parts_before: (f64, f64, f64),
+    pub parts_after: (f64, f64, f64),
     /// Applications per rule (a rule applied to a class already equal to its result counts 0).
     pub fired: BTreeMap<&'static str, usize>,
     /// (stage, microseconds, e-nodes after the stage; for `extract`, the classes selected)
@@ -66,8 +67,9 @@ impl Report {
         .unwrap();
         writeln!(
             s,
-            "cost model: bytes + flops/{} at S = {} rows, weights once per region, loop-invariant work / steps",
+            "cost model: bytes + flops/{} + duplicated weight bytes/{} at S = {} rows, weights once per region, loop-invariant work / steps",
             cost::FLOPS_PER_BYTE,
+            1.0 / cost::RESIDENT_PER_BYTE,
             cost::S_NOMINAL
         )
         .unwrap();
@@ -106,6 +108,14 @@ impl Report {
                 r.parts_after.1 / s_rows
             )
             .unwrap();
+            if r.parts_before.2 > 0.0 || r.parts_after.2 > 0.0 {
+                writeln!(
+                    s,
+                    "  derived weights duplicating a tensor still read: {:.0} -> {:.0} bytes resident",
+                    r.parts_before.2, r.parts_after.2
+                )
+                .unwrap();
+            }
             for (st, us, n) in &r.stages {
                 let what = if *st == "extract" {
                     "classes selected"

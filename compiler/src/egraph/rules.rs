@@ -136,6 +136,18 @@ pub fn all() -> Vec<Rule> {
             apply: rope_bias_apply,
         },
         Rule {
+            name: "rmsnorm-rowscale",
+            stage: "epilogue",
+            search: rowscale_search,
+            apply: rowscale_apply,
+        },
+        Rule {
+            name: "residual-epilogue",
+            stage: "epilogue",
+            search: residual_epi_search,
+            apply: residual_epi_apply,
+        },
+        Rule {
             name: "concat-linear-split",
             stage: "licm",
             search: concat_linear_search,
@@ -618,4 +630,138 @@ fn scale_identity_search(eg: &TGraph, c: Id) -> Vec<Match> {
 fn scale_identity_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
     let [x] = m[..] else { return false };
     union_new(eg, c, id(x))
+}
+
+/// `linear(rmsnorm(x), W)` = `linear_ep(x, W, row_scale = inv_rms(x))`: a gainless norm (its
+/// gain already folded into `W`) is a per-row factor, which the matmul applies to its product
+/// rows; `x` is read directly and the normalized copy is never written. Only when every user
+/// of the norm is a matmul (else the copy is needed anyway). Also for the normalized half of a
+/// gainless `rmsnorm_res`, whose sum is then the matmul input.
+fn rowscale_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    for l in nodes_where(eg, c, |o| *o == TOp::Linear) {
+        let (n, w) = (eg.find(l.children[0]), l.children[1]);
+        if weight_shape(eg, w).is_none_or(|s| s.len() != 2) || !only_matmul_users(eg, n) {
+            continue;
+        }
+        for nn in eg[n].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
+            match nn.op {
+                TOp::RmsNorm { eps } if nn.children.len() == 1 => {
+                    out.push(vec![
+                        usize::from(w),
+                        usize::from(nn.children[0]),
+                        eps as usize,
+                        0,
+                    ]);
+                }
+                TOp::Proj(1) => {
+                    let t = nn.children[0];
+                    for tn in nodes_where(eg, t, |o| matches!(o, TOp::RmsNormRes { .. })) {
+                        let TOp::RmsNormRes { eps } = tn.op else {
+                            continue;
+                        };
+                        if tn.children.len() == 2 {
+                            out.push(vec![usize::from(w), usize::from(t), eps as usize, 1]);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn rowscale_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [w, src, eps, from_tuple] = m[..] else {
+        return false;
+    };
+    // The matmul reads the residual sum itself (`proj 0` is the class of `a + b`).
+    let x = if from_tuple == 1 {
+        eg.add(TNode::new(TOp::Proj(0), vec![id(src)]))
+    } else {
+        id(src)
+    };
+    let s = eg.add(TNode::new(TOp::InvRms { eps: eps as u32 }, vec![x]));
+    let l = eg.add(TNode::new(
+        TOp::LinearEp {
+            row_scale: true,
+            residual: false,
+        },
+        vec![x, id(w), s],
+    ));
+    union_new(eg, c, l)
+}
+
+/// `r + linear(a, W)` = `linear_ep(a, W, residual = r)`: the residual add happens as the matmul
+/// stores its product (output projection, MLP down projection, the adapter's state half plus
+/// its hoisted input half), so the product is never written and read back. Only when every
+/// consumer of the product is an add of the same `r` (or the fused norm built from that add):
+/// otherwise the plain product is needed too and the matmul would run twice.
+fn residual_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    let Some(width) = act_width(eg, c) else {
+        return out;
+    };
+    for a in nodes_where(eg, c, |o| *o == TOp::Binary(ADD)) {
+        for (y, r) in [
+            (a.children[0], a.children[1]),
+            (a.children[1], a.children[0]),
+        ] {
+            let (y, r) = (eg.find(y), eg.find(r));
+            if y == r || act_width(eg, r) != Some(width) || !only_added_to(eg, y, r) {
+                continue;
+            }
+            for l in eg[y].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
+                let scale = match l.op {
+                    TOp::Linear => None,
+                    TOp::LinearEp {
+                        row_scale: true,
+                        residual: false,
+                    } => Some(l.children[2]),
+                    _ => continue,
+                };
+                let (x, w) = (l.children[0], l.children[1]);
+                out.push(vec![
+                    usize::from(x),
+                    usize::from(w),
+                    scale.map_or(NONE, usize::from),
+                    usize::from(r),
+                ]);
+            }
+        }
+    }
+    out
+}
+
+/// Every user of `y` adds it to `r` (directly, or in a fused residual norm), and `y` is not a
+/// region result.
+fn only_added_to(eg: &TGraph, y: Id, r: Id) -> bool {
+    !eg.analysis.roots.iter().any(|x| eg.find(*x) == y)
+        && eg[y].parents().all(|p| {
+            let node = eg.id_to_node(p);
+            let kids: Vec<Id> = node.children.iter().map(|k| eg.find(*k)).collect();
+            matches!(node.op, TOp::Binary(ADD) | TOp::RmsNormRes { .. })
+                && kids.len() >= 2
+                && ((kids[0] == y && kids[1] == r) || (kids[0] == r && kids[1] == y))
+        })
+}
+
+fn residual_epi_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [x, w, s, r] = m[..] else {
+        return false;
+    };
+    let mut kids = vec![id(x), id(w)];
+    if s != NONE {
+        kids.push(id(s));
+    }
+    kids.push(id(r));
+    let l = eg.add(TNode::new(
+        TOp::LinearEp {
+            row_scale: s != NONE,
+            residual: true,
+        },
+        kids,
+    ));
+    union_new(eg, c, l)
 }

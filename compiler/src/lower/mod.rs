@@ -12,9 +12,9 @@ use loopc_dialects::ops::{
 };
 use loopc_dialects::{Module, NodeId, Op, Region, Ty};
 use loopc_runtime::artifact::{
-    Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, EwIn, EwOp, ExitPolicy,
-    Instr, KernelDecl, KernelSpec, KvSite, Manifest, Program, Recur, RopeStyle, RopeTable, Rows,
-    StateInit, WRef, WeightDecl, FORMAT_VERSION,
+    Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, Epilogue, EwIn, EwOp,
+    ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite, Manifest, Program, Recur, RopeStyle,
+    RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
 };
 use std::collections::HashMap;
 
@@ -305,6 +305,7 @@ impl Lowerer {
             KernelSpec::LayerNorm { .. } => "layernorm",
             KernelSpec::Glu { .. } => "glu",
             KernelSpec::RopeBias { .. } => "rope",
+            KernelSpec::InvRms { .. } => "invrms",
         };
         let id = self.kernels.len() as u32;
         self.kernels.push(KernelDecl {
@@ -616,7 +617,50 @@ impl Lowerer {
                     .ok_or_else(|| LowerError("`linear` needs a weight".into()))?;
                 let x = self.buf(ops[0], vals)?;
                 let o = self.buffer(name, cols);
-                out.push(Instr::MatMul { x, w, out: o });
+                out.push(Instr::MatMul {
+                    x,
+                    w,
+                    out: o,
+                    epi: Epilogue::default(),
+                });
+                vals.insert(n, o);
+            }
+            Op::LinearEp {
+                row_scale,
+                residual,
+            } => {
+                let w = self
+                    .wref(r, ops[1])?
+                    .ok_or_else(|| LowerError("`linear_ep` needs a weight".into()))?;
+                let x = self.buf(ops[0], vals)?;
+                let mut i = 2;
+                let mut epi = Epilogue::default();
+                if *row_scale {
+                    epi.row_scale = Some(self.buf(ops[i], vals)?);
+                    i += 1;
+                }
+                if *residual {
+                    epi.residual = Some(self.buf(ops[i], vals)?);
+                }
+                let o = self.buffer(name, cols);
+                out.push(Instr::MatMul { x, w, out: o, epi });
+                vals.insert(n, o);
+            }
+            Op::InvRms { eps } => {
+                let x = self.buf(ops[0], vals)?;
+                let xc = r
+                    .ty(ops[0])
+                    .cols()
+                    .ok_or_else(|| LowerError("`inv_rms` of a non-activation".into()))?;
+                let k = self.kernel(KernelSpec::InvRms {
+                    cols: xc,
+                    eps: *eps,
+                });
+                let o = self.buffer(name, cols);
+                out.push(Instr::Kernel {
+                    kernel: k,
+                    args: vec![Arg::Buf(x), Arg::Buf(o)],
+                });
                 vals.insert(n, o);
             }
             Op::RmsNorm { eps } => {

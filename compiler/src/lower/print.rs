@@ -98,7 +98,19 @@ fn instrs(s: &mut String, m: &Manifest, v: &[Instr], ind: &str) {
     for i in v {
         let line = match i {
             Instr::Embed { table, out } => format!("b{out} = embed tokens, {}", w(m, table)),
-            Instr::MatMul { x, w: wr, out } => format!("b{out} = matmul b{x}, {}ᵀ", w(m, wr)),
+            Instr::MatMul { x, w: wr, out, epi } => {
+                let mut l = format!("b{out} = matmul b{x}, {}ᵀ", w(m, wr));
+                if let Some(s) = epi.row_scale {
+                    l += &format!(" rowscale b{s}");
+                }
+                if let Some(b) = &epi.bias {
+                    l += &format!(" bias {}", w(m, b));
+                }
+                if let Some(r) = epi.residual {
+                    l += &format!(" + b{r}");
+                }
+                l
+            }
             Instr::Concat { inputs, out } => {
                 let a: Vec<String> = inputs.iter().map(|b| format!("b{b}")).collect();
                 format!("b{out} = concat {}", a.join(", "))
@@ -161,6 +173,7 @@ fn spec(k: &KernelSpec) -> String {
             style,
         } => format!("rope heads={heads} head_dim={head_dim} style={style:?}"),
         KernelSpec::Glu { cols, ops } => format!("glu cols={cols} ops={ops:?}"),
+        KernelSpec::InvRms { cols, eps } => format!("inv_rms cols={cols} eps={eps:?}"),
         KernelSpec::RopeBias {
             heads,
             head_dim,

@@ -192,6 +192,7 @@ fn build(decl: &KernelDecl, features: Features, fctx: &mut FunctionBuilderContex
             head_dim,
             style,
         } => rope::build_with_bias(&mut fx, &params, *heads, *head_dim, *style),
+        KernelSpec::InvRms { cols, eps } => norm::build_inv(&mut fx, &params, *cols, *eps),
     }
     fx.finish();
     func
@@ -234,7 +235,9 @@ pub(crate) fn validate(decl: &KernelDecl) -> Result<(), BackendError> {
             dim("cols", *cols)?;
             elementwise::validate(inputs, ops, outputs).map_err(invalid)
         }
-        KernelSpec::RmsNorm { cols, eps, .. } | KernelSpec::LayerNorm { cols, eps } => {
+        KernelSpec::RmsNorm { cols, eps, .. }
+        | KernelSpec::LayerNorm { cols, eps }
+        | KernelSpec::InvRms { cols, eps } => {
             dim("cols", *cols)?;
             if !eps.is_finite() || *eps < 0.0 {
                 return Err(invalid(format!(

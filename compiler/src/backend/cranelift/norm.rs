@@ -8,7 +8,25 @@ use cranelift_codegen::ir::InstBuilder;
 const ACCUMULATORS: usize = 4;
 
 pub fn build(fx: &mut Fx, params: &Params, cols: usize, eps: f32, residual: bool, gain: bool) {
-    // Pointers: [x, gain?, y] or [a, b, gain?, sum, y].
+    build_mode(fx, params, cols, eps, residual, gain, false)
+}
+
+/// `KernelSpec::InvRms`: only the row factor `1/rms`, stored as one float per row. It shares
+/// the sum order and `sqrt`-then-divide of `build`, so `x · s` equals the norm bit for bit.
+pub fn build_inv(fx: &mut Fx, params: &Params, cols: usize, eps: f32) {
+    build_mode(fx, params, cols, eps, false, false, true)
+}
+
+fn build_mode(
+    fx: &mut Fx,
+    params: &Params,
+    cols: usize,
+    eps: f32,
+    residual: bool,
+    gain: bool,
+    inv_only: bool,
+) {
+    // Pointers: [x, gain?, y] or [a, b, gain?, sum, y]; inv_only: [x, s].
     let mut next = 0;
     let mut take = |fx: &mut Fx| {
         next += 1;
@@ -30,7 +48,12 @@ pub fn build(fx: &mut Fx, params: &Params, cols: usize, eps: f32, residual: bool
         let a_row = fx.iadd(a, row_off);
         let b_row = b.map(|b| fx.iadd(b, row_off));
         let sum_row = sum_ptr.map(|s| fx.iadd(s, row_off));
-        let y_row = fx.iadd(y_ptr, row_off);
+        let y_row = if inv_only {
+            let off = fx.imul_imm(r, 4);
+            fx.iadd(y_ptr, off)
+        } else {
+            fx.iadd(y_ptr, row_off)
+        };
 
         let zero = fx.splat(0.0);
         let mut acc = vec![zero; ACCUMULATORS];
@@ -64,6 +87,10 @@ pub fn build(fx: &mut Fx, params: &Params, cols: usize, eps: f32, residual: bool
         let rms = fx.b.ins().sqrt(var);
         let one = fx.splat(1.0);
         let inv = fx.div(one, rms);
+        if inv_only {
+            fx.store(inv, y_row, 0, 1);
+            return;
+        }
 
         // With the residual, `x` is re-read from `sum`, not recomputed: `sum` may alias `a`.
         let x_row = sum_row.unwrap_or(a_row);

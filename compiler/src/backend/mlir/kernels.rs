@@ -151,6 +151,9 @@ pub fn kernel_func(decl: &KernelDecl) -> Result<String, String> {
             gain,
         } => rmsnorm(&mut fx, &p, *cols, *eps, *residual, *gain),
         KernelSpec::LayerNorm { cols, eps } => layernorm(&mut fx, &p, *cols, *eps),
+        KernelSpec::InvRms { cols, eps } => {
+            rmsnorm_mode(&mut fx, &p, *cols, *eps, false, false, true)
+        }
         KernelSpec::HeadRmsNorm {
             heads,
             head_dim,
@@ -324,7 +327,19 @@ fn elementwise(
 // Normalization
 
 fn rmsnorm(fx: &mut Fx, p: &Params, cols: usize, eps: f32, residual: bool, gain: bool) {
-    // Pointers: [x, gain?, y] or [a, b, gain?, sum, y].
+    rmsnorm_mode(fx, p, cols, eps, residual, gain, false)
+}
+
+fn rmsnorm_mode(
+    fx: &mut Fx,
+    p: &Params,
+    cols: usize,
+    eps: f32,
+    residual: bool,
+    gain: bool,
+    inv_only: bool,
+) {
+    // Pointers: [x, gain?, y] or [a, b, gain?, sum, y]; `inv_only`: [x, s], `s[r] = 1/rms`.
     let mut next = 0;
     let mut take = |fx: &mut Fx| {
         next += 1;
@@ -362,6 +377,10 @@ fn rmsnorm(fx: &mut Fx, p: &Params, cols: usize, eps: f32, residual: bool, gain:
         let rms = fx.unary("math.sqrt", Ty::Scalar, &var);
         let one = fx.cf(Ty::Scalar, 1.0);
         let inv = fx.div(Ty::Scalar, &one, &rms);
+        if inv_only {
+            fx.line(format!("memref.store {inv}, {y}[{r}] : memref<?xf32>"));
+            return;
+        }
         let inv = fx.splat(&inv);
         // With the residual, `x` is re-read from `sum`, not recomputed: `sum` may alias `a`.
         let x_mem = sum.clone().unwrap_or_else(|| a.clone());

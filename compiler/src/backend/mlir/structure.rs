@@ -238,16 +238,39 @@ impl<'a> Scope<'a> {
                 let o = self.b(*out);
                 self.op("sinusoidal", &[o], &format!("base = {base:?} : f64"));
             }
-            Instr::MatMul { x, w, out } | Instr::MatMulKN { x, w, out } => {
-                let layout = if matches!(i, Instr::MatMul { .. }) {
-                    "nk"
+            Instr::MatMul { x, w, out, epi } => {
+                let x = self.b(*x);
+                let wv = (self.weight(w), wty(w));
+                let o = self.b(*out);
+                if epi.is_none() {
+                    self.op("matmul", &[x, wv, o], "layout = \"nk\"");
                 } else {
-                    "kn"
-                };
+                    let mut ops = vec![x, wv, o];
+                    let mut terms = vec![];
+                    if let Some(s) = epi.row_scale {
+                        let v = self.b(s);
+                        ops.push(self.unranked(v));
+                        terms.push("row_scale");
+                    }
+                    if let Some(r) = epi.residual {
+                        let v = self.b(r);
+                        ops.push(self.unranked(v));
+                        terms.push("residual");
+                    }
+                    if let Some(bias) = &epi.bias {
+                        let v = (self.weight(bias), wty(bias));
+                        ops.push(self.unranked(v));
+                        terms.push("bias");
+                    }
+                    let attrs = format!("layout = \"nk\", terms = {:?}", terms.join(","));
+                    self.op("matmul_ep", &ops, &attrs);
+                }
+            }
+            Instr::MatMulKN { x, w, out } => {
                 let x = self.b(*x);
                 let w = (self.weight(w), wty(w));
                 let o = self.b(*out);
-                self.op("matmul", &[x, w, o], &format!("layout = {layout:?}"));
+                self.op("matmul", &[x, w, o], "layout = \"kn\"");
             }
             Instr::Concat { inputs, out } => {
                 let mut ops: Vec<(String, String)> = vec![];
