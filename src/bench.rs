@@ -37,6 +37,16 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Decode steps of repetition `rep`: the untimed warm-up (rep 0) plans the buffers of both
+/// shapes with a prefill and two steps; the timed ones run all `new_tokens`.
+fn warm_steps(rep: usize, new_tokens: usize) -> usize {
+    if rep == 0 {
+        new_tokens.min(2)
+    } else {
+        new_tokens
+    }
+}
+
 pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     if a.batch > 1 {
         return run_batch(model, a);
@@ -52,7 +62,6 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     let (mut pre, mut dec) = (vec![], vec![]);
     // Block evaluations per token (prefill, decode) and KV bytes per position of the last rep.
     let (mut evals_pre, mut evals_dec, mut kv_per_pos) = (0.0, 0.0, 0.0);
-    // One warm-up repetition plans the buffers for both shapes.
     for rep in 0..=a.reps {
         session.reset();
         let t = Instant::now();
@@ -64,7 +73,7 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
         evals_pre = session.last_depths().iter().sum::<usize>() as f64 / a.prompt_len as f64;
         let mut dec_evals = 0;
         let t = Instant::now();
-        for _ in 0..a.new_tokens {
+        for _ in 0..warm_steps(rep, a.new_tokens) {
             next = loopc_runtime::argmax(session.step(next).map_err(|e| format!("error: {e}"))?);
             dec_evals += session.last_depths().iter().sum::<usize>();
         }
@@ -123,7 +132,7 @@ fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
             .map(|l| Some(loopc_runtime::argmax(l.last_row())))
             .collect();
         let t = Instant::now();
-        for _ in 0..a.new_tokens {
+        for _ in 0..warm_steps(rep, a.new_tokens) {
             let out = bs.step(&next).map_err(err)?;
             for (nx, l) in next.iter_mut().zip(&out) {
                 *nx = Some(loopc_runtime::argmax(l.last_row()));

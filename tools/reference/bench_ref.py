@@ -10,8 +10,8 @@ or measure this machine's ceilings as PyTorch sees them.
     # GEMM (f32, bf16), GEMV and memory bandwidth ceilings
     python tools/reference/bench_ref.py --ceilings
 
-Prints one JSON line with medians over --reps repetitions (after one untimed warm-up rep, which
-with --compile includes the compilation: reported as `warmup_s`).
+Prints one JSON line with medians over --reps repetitions (after an untimed warm-up: a prefill and
+two decode steps; with --compile a whole repetition, including the compilation: `warmup_s`).
 Prefill: --batch sequences of --prompt-len random tokens in one forward, logits for the last
          position only; prefill_tok_s = batch·prompt_len / time.
 Decode:  --new-tokens greedy steps, one token per sequence per forward, attending to the KV cache
@@ -220,13 +220,13 @@ def main():
     g = torch.Generator().manual_seed(a.seed + 1)
     prompt = torch.randint(0, cfg["vocab_size"], (a.batch, a.prompt_len), generator=g)
 
-    def one_rep():
+    def one_rep(new_tokens=a.new_tokens):
         cache = R.KVCache(total)
         t0 = time.perf_counter()
         logits = fwd(prompt, cache, 0)
         tok = logits[:, -1].argmax(-1, keepdim=True)
         t1 = time.perf_counter()
-        for n in range(a.new_tokens):
+        for n in range(new_tokens):
             logits = fwd(tok, cache, a.prompt_len + n)
             tok = logits[:, -1].argmax(-1, keepdim=True)
         t2 = time.perf_counter()
@@ -234,7 +234,9 @@ def main():
 
     with torch.inference_mode():
         t = time.perf_counter()
-        one_rep()  # warm-up (and compilation with --compile)
+        # warm-up: a prefill and two steps (eager), a whole repetition with --compile (which
+        # compiles, and may recompile for the first few positions)
+        one_rep(a.new_tokens if a.compile else min(a.new_tokens, 2))
         warmup = time.perf_counter() - t
         times = [one_rep() for _ in range(a.reps)]
     pre = statistics.median(t[0] for t in times)
