@@ -10,6 +10,8 @@ pub struct BenchArgs {
     pub reps: usize,
     pub seed: u64,
     pub exit_threshold: Option<f64>,
+    /// Sequences decoded together through [`Model::batch_session`] (1: a plain session).
+    pub batch: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -35,7 +37,20 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Decode steps of repetition `rep`: the untimed warm-up (rep 0) plans the buffers of both
+/// shapes with a prefill and two steps; the timed ones run all `new_tokens`.
+fn warm_steps(rep: usize, new_tokens: usize) -> usize {
+    if rep == 0 {
+        new_tokens.min(2)
+    } else {
+        new_tokens
+    }
+}
+
 pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
+    if a.batch > 1 {
+        return run_batch(model, a);
+    }
     let vocab = model.manifest().vocab as u64;
     let mut rng = Rng::new(a.seed);
     let prompt: Vec<u32> = (0..a.prompt_len)
@@ -47,7 +62,6 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     let (mut pre, mut dec) = (vec![], vec![]);
     // Block evaluations per token (prefill, decode) and KV bytes per position of the last rep.
     let (mut evals_pre, mut evals_dec, mut kv_per_pos) = (0.0, 0.0, 0.0);
-    // One warm-up repetition plans the buffers for both shapes.
     for rep in 0..=a.reps {
         session.reset();
         let t = Instant::now();
@@ -59,7 +73,7 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
         evals_pre = session.last_depths().iter().sum::<usize>() as f64 / a.prompt_len as f64;
         let mut dec_evals = 0;
         let t = Instant::now();
-        for _ in 0..a.new_tokens {
+        for _ in 0..warm_steps(rep, a.new_tokens) {
             next = loopc_runtime::argmax(session.step(next).map_err(|e| format!("error: {e}"))?);
             dec_evals += session.last_depths().iter().sum::<usize>();
         }
@@ -74,14 +88,103 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     }
     let (p, d) = (median(pre), median(dec));
     Ok(format!(
-        "{{\"impl\":\"loopc\",\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"block_evals_per_token_prefill\":{evals_pre:.3},\"block_evals_per_token_decode\":{evals_dec:.3},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
+        "{{\"impl\":\"loopc\",\"batch\":1,\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"block_evals_per_token_prefill\":{evals_pre:.3},\"block_evals_per_token_decode\":{evals_dec:.3},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
         a.steps.or(model.manifest().program.recur.as_ref().map(|r| r.default_steps)).unwrap_or(0),
         model.threads(),
         a.prompt_len,
         a.new_tokens,
         a.reps,
         a.prompt_len as f64 / p,
-        a.new_tokens as f64 / d,
+        if a.new_tokens == 0 { 0.0 } else { a.new_tokens as f64 / d },
         peak_rss().unwrap_or(0) as f64 / 1048576.0,
     ))
+}
+
+/// `--batch N`: N sequences with different random prompts of `prompt_len` tokens, prefilled in
+/// one call (logits of each last row only), then `new_tokens` greedy steps of N tokens each.
+/// Throughputs are aggregate: N·prompt_len / prefill time and N·new_tokens / decode time.
+fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
+    let n = a.batch;
+    let vocab = model.manifest().vocab as u64;
+    let mut rng = Rng::new(a.seed);
+    let prompts: Vec<Vec<u32>> = (0..n)
+        .map(|_| {
+            (0..a.prompt_len)
+                .map(|_| (rng.next_u64() % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let chunks: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+    let (mut pre, mut dec) = (vec![], vec![]);
+    let mut kv_per_pos = 0.0;
+    let err = |e: loopc_runtime::RuntimeError| format!("error: {e}");
+    for rep in 0..=a.reps {
+        // A fresh batch per repetition (a batch session has no reset); the warm-up rep plans
+        // the buffers of both shapes.
+        let mut bs = model.batch_session(n);
+        bs.set_steps(a.steps);
+        bs.set_exit_threshold(a.exit_threshold);
+        let t = Instant::now();
+        let logits = bs.prefill_last(&chunks).map_err(err)?;
+        let tp = t.elapsed().as_secs_f64();
+        let mut next: Vec<Option<u32>> = logits
+            .iter()
+            .map(|l| Some(loopc_runtime::argmax(l.last_row())))
+            .collect();
+        let t = Instant::now();
+        for _ in 0..warm_steps(rep, a.new_tokens) {
+            let out = bs.step(&next).map_err(err)?;
+            for (nx, l) in next.iter_mut().zip(&out) {
+                *nx = Some(loopc_runtime::argmax(l.last_row()));
+            }
+        }
+        let td = t.elapsed().as_secs_f64();
+        let used: usize = bs.kv_bytes_used().iter().sum();
+        let positions: usize = bs.positions().iter().sum();
+        kv_per_pos = used as f64 / positions.max(1) as f64;
+        if rep > 0 {
+            pre.push(tp);
+            dec.push(td);
+        }
+    }
+    let (p, d) = (median(pre), median(dec));
+    Ok(format!(
+        "{{\"impl\":\"loopc\",\"batch\":{n},\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
+        a.steps.or(model.manifest().program.recur.as_ref().map(|r| r.default_steps)).unwrap_or(0),
+        model.threads(),
+        a.prompt_len,
+        a.new_tokens,
+        a.reps,
+        (n * a.prompt_len) as f64 / p,
+        if a.new_tokens == 0 { 0.0 } else { (n * a.new_tokens) as f64 / d },
+        peak_rss().unwrap_or(0) as f64 / 1048576.0,
+    ))
+}
+
+/// `--ceilings`: this machine's ceilings measured in this process on `threads` threads (see
+/// `loopc_runtime::ceilings`), as one JSON line.
+pub fn ceilings(threads: usize) -> String {
+    use loopc_runtime::ceilings as c;
+    const MIB: usize = 1 << 20;
+    let gemm: Vec<String> = [(128, 1024, 1024), (512, 1024, 1024), (1024, 1024, 1024)]
+        .iter()
+        .map(|&(m, k, n)| format!("\"{m}x{k}x{n}\":{:.1}", c::gemm_gflops(m, k, n, threads)))
+        .collect();
+    let sizes = [(2, "2MiB"), (64, "64MiB"), (512, "512MiB")];
+    let read: Vec<String> = sizes
+        .iter()
+        .map(|&(s, k)| format!("\"{k}\":{:.1}", c::read_gbs(s * MIB, threads)))
+        .collect();
+    let copy: Vec<String> = sizes
+        .iter()
+        .map(|&(s, k)| format!("\"{k}\":{:.1}", c::copy_gbs(s * MIB, threads)))
+        .collect();
+    format!(
+        "{{\"impl\":\"loopc\",\"threads\":{threads},\"gemm_f32_gflops\":{{{}}},\"gemv_f32_gbs\":{{\"1x4096x4096\":{:.1}}},\"read_gbs\":{{{}}},\"copy_gbs\":{{{}}},\"peak_rss_mb\":{:.0}}}",
+        gemm.join(","),
+        c::gemv_gbs(4096, 4096, threads),
+        read.join(","),
+        copy.join(","),
+        peak_rss().unwrap_or(0) as f64 / 1048576.0,
+    )
 }

@@ -122,12 +122,22 @@ enum Cmd {
         #[command(flatten)]
         args: ModelArgs,
     },
-    /// Time prefill and decode (medians over repetitions), printed as one JSON line.
+    /// Time prefill and decode (medians over repetitions), printed as one JSON line; or, with
+    /// `--ceilings`, this machine's GEMM / GEMV / memory-bandwidth ceilings.
     Bench {
-        /// An artifact or a `.loop` file.
-        model: PathBuf,
+        /// An artifact or a `.loop` file (not needed with `--ceilings`).
+        #[arg(required_unless_present = "ceilings")]
+        model: Option<PathBuf>,
+        #[arg(long, required_unless_present = "ceilings")]
+        weights: Option<PathBuf>,
+        /// Sequences prefilled and decoded together (a batch session); tok/s are aggregate.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Measure the machine's ceilings instead (f32 GEMM GFLOP/s through the runtime's
+        /// matmul, GEMV GB/s, read and copy GB/s at 2 MiB, 64 MiB, 512 MiB), on
+        /// `LOOPC_THREADS` threads.
         #[arg(long)]
-        weights: PathBuf,
+        ceilings: bool,
         #[arg(long, default_value_t = 128)]
         prompt_len: usize,
         #[arg(long, default_value_t = 32)]
@@ -418,8 +428,31 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             steps,
             reps,
             exit_threshold,
+            batch,
+            ceilings,
             args,
         } => {
+            if ceilings {
+                let threads = match std::env::var("LOOPC_THREADS") {
+                    Ok(v) => v
+                        .trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| {
+                            format!("error: LOOPC_THREADS must be a positive integer, got `{v}`")
+                        })?,
+                    Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                };
+                println!("{}", bench::ceilings(threads));
+                return Ok(());
+            }
+            if batch == 0 {
+                return Err("error: --batch must be at least 1".into());
+            }
+            let (Some(model), Some(weights)) = (model, weights) else {
+                return Err("error: a model and --weights are needed".into());
+            };
             let artifact = load_artifact(&model, &args)?;
             let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
             let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
@@ -432,6 +465,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                     reps,
                     seed: 0,
                     exit_threshold,
+                    batch,
                 },
             )?;
             println!("{line}");

@@ -326,3 +326,74 @@ fn explain_lists_rules_per_region_and_the_egraph_stage_prints() {
     let (ok, _, err) = loopc(&["explain", "examples/missing.loop"]);
     assert!(!ok && err.contains("cannot read"), "{err}");
 }
+
+fn json_field(line: &str, key: &str) -> f64 {
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number `{key}` in {line}"))
+}
+
+/// `loopc bench --batch 2`: two sequences through a batch session, aggregate throughputs and the
+/// same KV bytes per position as one sequence; `--new-tokens 0` times prefill alone.
+#[test]
+fn bench_batch_reports_aggregate_throughput() {
+    let base = [
+        "bench",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--set",
+        "init_scale=0",
+        "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors",
+        "--prompt-len",
+        "6",
+        "--reps",
+        "1",
+        "--steps",
+        "3",
+    ];
+    let run = |extra: &[&str]| {
+        let (ok, out, err) = loopc(&[&base[..], extra].concat());
+        assert!(ok, "{err}");
+        out
+    };
+    let b2 = run(&["--batch", "2", "--new-tokens", "3"]);
+    assert_eq!(json_field(&b2, "batch"), 2.0, "{b2}");
+    assert_eq!(json_field(&b2, "r"), 3.0, "{b2}");
+    assert!(json_field(&b2, "prefill_tok_s") > 0.0 && json_field(&b2, "decode_tok_s") > 0.0);
+    let b1 = run(&["--new-tokens", "3"]);
+    assert_eq!(json_field(&b1, "batch"), 1.0, "{b1}");
+    assert_eq!(
+        json_field(&b1, "kv_bytes_per_position"),
+        json_field(&b2, "kv_bytes_per_position")
+    );
+    let p = run(&["--new-tokens", "0"]);
+    assert_eq!(json_field(&p, "decode_tok_s"), 0.0, "{p}");
+    let (ok, _, err) = loopc(&[&base[..], &["--batch", "0"]].concat());
+    assert!(!ok && err.contains("--batch"), "{err}");
+    let (ok, _, err) = loopc(&["bench", "--weights", "x.safetensors"]);
+    assert!(!ok && err.contains("MODEL"), "{err}");
+}
+
+/// `loopc bench --ceilings` needs no model and prints every ceiling as a positive number.
+#[test]
+fn bench_ceilings_prints_the_machine_ceilings() {
+    let (ok, out, err) = loopc(&["bench", "--ceilings"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for (group, keys) in [
+        (
+            "gemm_f32_gflops",
+            &["128x1024x1024", "512x1024x1024", "1024x1024x1024"][..],
+        ),
+        ("gemv_f32_gbs", &["1x4096x4096"][..]),
+        ("read_gbs", &["2MiB", "64MiB", "512MiB"][..]),
+        ("copy_gbs", &["2MiB", "64MiB", "512MiB"][..]),
+    ] {
+        for k in keys {
+            assert!(v[group][k].as_f64().unwrap() > 0.0, "{group}.{k} in {out}");
+        }
+    }
+}

@@ -653,3 +653,36 @@ forward(tokens) {
     let other = toy_model(src, &swapped).session().prefill(&tokens).unwrap();
     assert!(max_abs_diff(other.data(), &want) > 1e-3);
 }
+
+/// `BatchSession::prefill_last` (what `loopc bench --batch` times) returns each sequence's last
+/// row of `prefill`'s logits, and the batch goes on decoding exactly as after a full prefill
+/// (the KV caches are the same: only the head's rows differ).
+#[test]
+fn batch_prefill_last_is_the_last_row_of_prefill() {
+    let model = huginn("fixed", "per_step");
+    let prompts: [&[u32]; 3] = [&[5, 17, 3, 99, 42], &[8, 8, 200], &[77]];
+    let mut full = model.batch_session(3);
+    let mut last = model.batch_session(3);
+    let want = full.prefill(&prompts).unwrap();
+    let got = last.prefill_last(&prompts).unwrap();
+    for b in 0..3 {
+        assert_eq!(got[b].rows, 1);
+        // The head runs as a GEMV on one row instead of a GEMM on all: summation order differs.
+        let d = max_abs_diff(got[b].data(), want[b].last_row());
+        assert!(d <= 1e-5, "sequence {b}: last row differs by {d:e}");
+    }
+    assert_eq!(last.positions(), full.positions());
+    // A sequence that sits out gets no row.
+    let got = last.prefill_last(&[&[1, 2], &[], &[3]]).unwrap();
+    let want = full.prefill(&[&[1, 2], &[], &[3]]).unwrap();
+    assert_eq!((got[1].rows, want[1].rows), (0, 0));
+    assert!(max_abs_diff(got[0].data(), want[0].last_row()) <= 1e-5);
+    let toks = [Some(4), Some(5), Some(6)];
+    let (a, b) = (full.step(&toks).unwrap(), last.step(&toks).unwrap());
+    for s in 0..3 {
+        assert!(
+            max_abs_diff(a[s].data(), b[s].data()) == 0.0,
+            "step, sequence {s}"
+        );
+    }
+}

@@ -134,15 +134,32 @@ impl BatchSession {
         let vocab = m.manifest.vocab;
         let all = self.st.workspace(info.ws).buf(m.manifest.program.logits);
         let mut out = vec![Logits::new(vocab); n];
+        let last_only = self.st.exits.logits_last_only;
         for (g, &b) in self.segs.iter().zip(&self.seq_ids) {
+            // Only the last row of each sequence holds logits when the head ran last-only.
+            let r0 = if last_only {
+                g.row0 + g.rows - 1
+            } else {
+                g.row0
+            };
             out[b] = Logits {
-                data: all[g.row0 * vocab..(g.row0 + g.rows) * vocab].to_vec(),
-                rows: g.rows,
+                data: all[r0 * vocab..(g.row0 + g.rows) * vocab].to_vec(),
+                rows: g.row0 + g.rows - r0,
                 vocab,
             };
             self.pos[b] += g.rows;
         }
         Ok(out)
+    }
+
+    /// As [`BatchSession::prefill`], but computes only each sequence's last row of logits (what
+    /// generation needs, without the head on every prompt row); each returned [`Logits`] has one
+    /// row (none for a sequence that sat the call out).
+    pub fn prefill_last(&mut self, chunks: &[&[u32]]) -> Result<Vec<Logits>> {
+        self.st.exits.logits_last_only = true;
+        let r = self.prefill(chunks);
+        self.st.exits.logits_last_only = false;
+        r
     }
 
     /// One token per sequence (`None` sits a sequence out).

@@ -37,6 +37,7 @@
 
 pub mod artifact;
 mod batch;
+pub mod ceilings;
 pub mod error;
 pub mod ew;
 mod exec;

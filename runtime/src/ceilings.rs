@@ -1,0 +1,154 @@
+//! This machine's measured ceilings, for rooflines next to the model benchmarks (`loopc bench
+//! --ceilings`, issue 9): GEMM GFLOP/s through the runtime's own [`crate::matmul::matmul`], GEMV
+//! GB/s through its row-split [`crate::matmul::gemv`], and memory read / copy bandwidth at
+//! working sets that sit in L2, in L3 and in DRAM.
+//!
+//! Each figure is the best of several timed passes after a warm-up (a ceiling, not a median),
+//! run on a rayon pool of `threads` workers, as the model's own kernels are.
+
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// A rayon pool of `threads` workers (what `Model` runs on).
+pub fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .expect("rayon pool")
+}
+
+/// Calls `f` once to warm up, then until `min_s` seconds have passed (at least `min_reps`
+/// times); returns the fastest call in seconds.
+fn best_time(min_reps: usize, min_s: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let start = Instant::now();
+    let mut best = f64::INFINITY;
+    let mut n = 0;
+    while n < min_reps || start.elapsed().as_secs_f64() < min_s {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+        n += 1;
+    }
+    best
+}
+
+fn fill(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 20) as f32 / 4096.0 - 0.5
+        })
+        .collect()
+}
+
+/// GFLOP/s (2·m·k·n per product) of `out[m, n] = x[m, k] · w[n, k]ᵀ` through the runtime's
+/// `matmul` (the kernel every `Linear` of a prefill runs) on `threads` threads.
+pub fn gemm_gflops(m: usize, k: usize, n: usize, threads: usize) -> f64 {
+    let (x, w) = (fill(m * k, 1), fill(n * k, 2));
+    let mut out = vec![0f32; m * n];
+    let p = pool(threads);
+    let s = p.install(|| {
+        best_time(3, 0.5, || {
+            crate::matmul::matmul(&x, &w, &mut out, m, k, n, threads)
+        })
+    });
+    2.0 * (m * k * n) as f64 / s / 1e9
+}
+
+/// GB/s of weight bytes streamed by the runtime's row-split GEMV, `out[n] = w[n, k] · x[k]`
+/// (a decode step's `Linear`), on `threads` threads. The weight (n·k·4 bytes) should be larger
+/// than the last-level cache for a DRAM figure: 4096 × 4096 is 64 MiB.
+pub fn gemv_gbs(n: usize, k: usize, threads: usize) -> f64 {
+    let (x, w) = (fill(k, 3), fill(n * k, 4));
+    let mut out = vec![0f32; n];
+    let p = pool(threads);
+    let s = p.install(|| best_time(5, 0.5, || crate::matmul::gemv(&x, &w, &mut out, threads)));
+    (n * k * 4) as f64 / s / 1e9
+}
+
+#[inline(always)]
+fn sum_lanes(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 32];
+    let mut it = v.chunks_exact(32);
+    for c in &mut it {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_avx2(v: &[f32]) -> f32 {
+    sum_lanes(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_avx512(v: &[f32]) -> f32 {
+    sum_lanes(v)
+}
+
+/// Σ v, vectorized with the widest instructions this CPU has (a read-only stream).
+fn read_sum(v: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected at run time.
+            return unsafe { sum_avx512(v) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { sum_avx2(v) };
+        }
+    }
+    sum_lanes(v)
+}
+
+/// Read bandwidth in GB/s: the sum of a `bytes`-sized f32 buffer, split in equal parts over
+/// `threads` threads (what a GEMV's weight stream can reach at best).
+pub fn read_gbs(bytes: usize, threads: usize) -> f64 {
+    let v = fill(bytes / 4, 5);
+    let p = pool(threads);
+    let part = v.len().div_ceil(threads.max(1));
+    let mut sink = 0f32;
+    let s = p.install(|| {
+        best_time(5, 0.3, || {
+            sink += v.par_chunks(part).map(read_sum).sum::<f32>();
+        })
+    });
+    std::hint::black_box(sink);
+    bytes as f64 / s / 1e9
+}
+
+/// Copy bandwidth in GB/s over a working set of `bytes` (half source, half destination), split
+/// over `threads` threads; bytes moved = read + written = `bytes` per pass (STREAM's count).
+pub fn copy_gbs(bytes: usize, threads: usize) -> f64 {
+    let half = bytes / 8;
+    let src = fill(half, 6);
+    let mut dst = vec![0f32; half];
+    let p = pool(threads);
+    let part = half.div_ceil(threads.max(1));
+    let s = p.install(|| {
+        best_time(5, 0.3, || {
+            dst.par_chunks_mut(part)
+                .zip(src.par_chunks(part))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        })
+    });
+    std::hint::black_box(&dst);
+    (2 * half * 4) as f64 / s / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ceilings_run_and_are_positive() {
+        assert!(super::gemm_gflops(16, 32, 48, 2) > 0.0);
+        assert!(super::gemv_gbs(64, 32, 2) > 0.0);
+        assert!(super::read_gbs(1 << 16, 2) > 0.0);
+        assert!(super::copy_gbs(1 << 16, 2) > 0.0);
+        assert_eq!(super::read_sum(&[1.0; 37]), 37.0);
+    }
+}
