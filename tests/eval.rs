@@ -132,3 +132,33 @@ fn eval_counts_exact_argmax_matches_by_hops_and_steps() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown policy `latent`"));
 }
+
+/// The committed reasoning-lab model binds to its `.loop` file and traces end to end.
+#[test]
+fn committed_multihop_model_binds_and_traces() {
+    let out = Command::new(env!("CARGO_BIN_EXE_loopc"))
+        .args([
+            "trace",
+            "examples/multihop.loop",
+            "--config",
+            "examples/multihop/config.json",
+            "--weights",
+            "examples/multihop/model.safetensors",
+            "--tokens",
+            "1 50 67 69 2",
+            "--steps",
+            "3",
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rows"].as_array().unwrap().len(), 5 * 3);
+    assert_eq!(v["layers"], 2, "two GPT-2 blocks per iteration");
+    assert_eq!(v["attention_heads"], serde_json::json!([4, 4]));
+}
