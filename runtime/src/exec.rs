@@ -575,7 +575,7 @@ impl Run<'_> {
             let filled = k.len() / width.max(1);
             for i in ia..ib {
                 let len = if recursion_wise {
-                    filled - (ib - ia) + (i - ia) + 1
+                    (filled + i + 1).saturating_sub(ib)
                 } else {
                     self.position_of(i) + 1
                 }
