@@ -97,6 +97,13 @@ enum Cmd {
         /// table, csv or json.
         #[arg(long, default_value = "table")]
         format: String,
+        /// Also score per-token exit policies, each with a sweep of thresholds: `all`, `none`,
+        /// or a comma list of latent-diff, cosine, kl, minp-kl, entropy-diff, argmax-stability.
+        #[arg(long, default_value = "none")]
+        policies: String,
+        /// The policies' iteration cap (default: the largest of --steps).
+        #[arg(long)]
+        policy_cap: Option<usize>,
         #[command(flatten)]
         args: ModelArgs,
     },
@@ -119,6 +126,9 @@ enum Cmd {
         /// Also draw the PCA trajectories (PC1/PC2) as an SVG.
         #[arg(long, value_name = "FILE.svg")]
         svg: Option<PathBuf>,
+        /// Also draw the PCA trajectories and the convergence curves as a PNG.
+        #[arg(long, value_name = "FILE.png")]
+        png: Option<PathBuf>,
         #[command(flatten)]
         args: ModelArgs,
     },
@@ -373,8 +383,14 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             task,
             steps,
             format,
+            policies,
+            policy_cap,
             args,
         } => {
+            let policies = eval::parse_policies(&policies)?;
+            if policy_cap == Some(0) {
+                return Err("error: --policy-cap must be positive".into());
+            }
             let steps: Vec<usize> = steps
                 .split(',')
                 .map(|t| {
@@ -387,15 +403,25 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                 .collect::<Result<_, _>>()?;
             let items = eval::load_task(&task)?;
             let artifact = load_artifact(&model, &args)?;
-            let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
+            let rebuild = (!policies.is_empty()).then(|| artifact.clone());
+            let weights_path = weights;
+            let weights = Weights::open(&weights_path).map_err(|e| format!("error: {e}"))?;
             let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
             let t = Instant::now();
-            let table = eval::evaluate(&model, &items, &steps)?;
+            let cap = policy_cap.unwrap_or_else(|| steps.iter().copied().max().unwrap_or(1));
+            let table = eval::evaluate(
+                &model,
+                rebuild.as_ref().map(|a| (a, weights_path.as_path())),
+                &items,
+                &steps,
+                &policies,
+                cap,
+            )?;
             print!("{}", table.render(&format)?);
             eprintln!(
-                "evaluated {} questions × {} depths in {:.2} s",
+                "evaluated {} questions × {} settings in {:.2} s",
                 items.len(),
-                steps.len(),
+                table.settings.len(),
                 t.elapsed().as_secs_f64()
             );
             Ok(())
@@ -408,6 +434,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             tol,
             format,
             svg,
+            png,
             args,
         } => {
             let tokens = parse_ids(&tokens, "--tokens")?;
@@ -416,7 +443,17 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
             print!(
                 "{}",
-                trace_cmd::run(&model, &tokens, steps, tol, &format, svg.as_deref())?
+                trace_cmd::run(
+                    &model,
+                    &tokens,
+                    &trace_cmd::Options {
+                        steps,
+                        tol,
+                        format: &format,
+                        svg: svg.as_deref(),
+                        png: png.as_deref(),
+                    }
+                )?
             );
             Ok(())
         }

@@ -147,7 +147,7 @@ pub(crate) struct Exits {
     /// Guard events since they were last taken.
     pub(crate) guard_events: Vec<crate::guard::GuardEvent>,
     /// Per-iteration trace of the state (`Session::set_trace`), when on.
-    pub(crate) trace: Option<Vec<crate::trace::TraceStep>>,
+    pub(crate) trace: Option<crate::trace::Tracer>,
 }
 
 /// Per-session mutable state of the interpreter.
@@ -359,6 +359,9 @@ impl<'a> Run<'a> {
         if let Some(rec) = &prog.recur {
             let t0 = self.profile.is_some().then(Instant::now);
             self.init_state(&rec.init, rec.state)?;
+            if let Some(tr) = self.ex.trace.as_mut() {
+                tr.begin(&m.manifest, rec, self.ws.s);
+            }
             self.time(8, t0);
             let cap = cap_of(&rec.exit, rec.default_steps, steps, &self.ex.depths);
             if let Some(l) = m.iter_limit.filter(|&l| cap > l) {
@@ -406,6 +409,10 @@ impl<'a> Run<'a> {
                 self.copy(rec.next, rec.state);
                 self.time(8, t0);
                 iterations += 1;
+                if self.ex.trace.is_some() {
+                    let last = stop || iterations == cap;
+                    self.trace_decide(rec, false, &|_| last)?;
+                }
                 if stop {
                     break;
                 }
@@ -438,12 +445,18 @@ impl<'a> Run<'a> {
             (c, position_in(segs, c))
         };
         let (nb, sb) = (rec.next as usize, rec.state as usize);
-        if let Some(trace) = self.ex.trace.as_mut() {
-            let (a, b) = (self.ws.bufs[nb].as_slice(), self.ws.bufs[sb].as_slice());
-            trace.extend((0..n).map(|i| {
-                let r = i * cols..(i + 1) * cols;
-                crate::trace::step(iteration, row(i).1, &a[r.clone()], &b[r])
-            }));
+        if let Some(tr) = self.ex.trace.as_mut() {
+            let ws = &*self.ws;
+            let (a, b) = (ws.bufs[nb].as_slice(), ws.bufs[sb].as_slice());
+            let rows: Vec<(usize, usize)> = (0..n).map(row).collect();
+            let layers: Vec<&[f32]> = tr
+                .plan
+                .as_ref()
+                .map_or(&[][..], |p| &p.layers[..])
+                .iter()
+                .map(|&l| ws.bufs[l as usize].as_slice())
+                .collect();
+            tr.record(iteration, &rows, a, b, &layers, cols);
         }
         let guard = self.ex.guard;
         if guard.mode == GuardMode::Off {
@@ -478,6 +491,119 @@ impl<'a> Run<'a> {
         }
         self.ex.guard_events.extend(events);
         Ok(())
+    }
+
+    /// Traced calls only, after an iteration's state update: the logit criteria (running the
+    /// readout unless `logits_ready`) and the decision `exited(i)` of compact row `i`.
+    pub(super) fn trace_decide(
+        &mut self,
+        rec: &crate::artifact::Recur,
+        logits_ready: bool,
+        exited: &dyn Fn(usize) -> bool,
+    ) -> Result<()> {
+        let man = &self.m.manifest;
+        let has_readout = !rec.readout.is_empty();
+        if has_readout && !logits_ready {
+            // The readout must cover every row here, whatever the caller asked for the final
+            // logits.
+            let last_only = std::mem::replace(&mut self.ex.logits_last_only, false);
+            for &i in &rec.readout {
+                self.list(std::slice::from_ref(&man.program.coda[i as usize]), None)?;
+            }
+            self.ex.logits_last_only = last_only;
+        }
+        let n = self.n;
+        let call: Vec<usize> = (0..n)
+            .map(|i| {
+                if self.active.is_empty() {
+                    i
+                } else {
+                    self.active[i]
+                }
+            })
+            .collect();
+        let logits = has_readout.then(|| self.ws.buf(man.program.logits));
+        if let Some(tr) = self.ex.trace.as_mut() {
+            tr.decide(&call, logits, man.vocab, exited);
+        }
+        Ok(())
+    }
+
+    /// Traced calls only: each computed row's attention entropy per head at one attention site
+    /// of the block, recomputed from the query rows and the cache slot the kernel just read.
+    fn trace_attention(&mut self, spec: &KernelSpec, args: &[Arg], iter: usize) {
+        let KernelSpec::Attention {
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+        } = *spec
+        else {
+            return;
+        };
+        let (Some(Arg::Buf(q)), Some(Arg::KCache(site))) = (args.first(), args.get(1)) else {
+            return;
+        };
+        let Some(tr) = self.ex.trace.as_mut() else {
+            return;
+        };
+        let Some(off) = tr.plan.as_ref().and_then(|p| p.site_offset(*site)) else {
+            return;
+        };
+        let total = tr.heads();
+        let mut attn = std::mem::take(&mut tr.attn);
+        let site = *site as usize;
+        let recursion_wise = self
+            .m
+            .manifest
+            .program
+            .recur
+            .as_ref()
+            .is_some_and(|r| r.cache == CachePolicy::RecursionWise);
+        let group = (heads / kv_heads.max(1)).max(1);
+        let width = kv_heads * head_dim;
+        let qb = self.ws.bufs[*q as usize].as_slice();
+        let mut scores = Vec::new();
+        for b in 0..self.segs.len() {
+            let (ia, ib) = self.seg_range(b);
+            let kv = &self.kvs[b];
+            let slot = kv.slot_of(site, Some(iter));
+            let Some((k, _)) = kv.slot_rows(site, slot) else {
+                continue;
+            };
+            let filled = k.len() / width.max(1);
+            for i in ia..ib {
+                let len = if recursion_wise {
+                    (filled + i + 1).saturating_sub(ib)
+                } else {
+                    self.position_of(i) + 1
+                }
+                .min(filled);
+                let c = if self.active.is_empty() {
+                    i
+                } else {
+                    self.active[i]
+                };
+                for h in 0..heads {
+                    let qr = &qb[(i * heads + h) * head_dim..(i * heads + h + 1) * head_dim];
+                    let e = crate::trace::attention_entropy(
+                        qr,
+                        k,
+                        width,
+                        (h / group) * head_dim,
+                        len,
+                        scale,
+                        &mut scores,
+                    );
+                    if let Some(x) = attn.get_mut(c * total + off + h) {
+                        *x = e;
+                    }
+                }
+            }
+        }
+        if let Some(tr) = self.ex.trace.as_mut() {
+            tr.attn = attn;
+        }
     }
 
     #[inline]
@@ -999,6 +1125,9 @@ impl<'a> Run<'a> {
                     }
                 }
                 self.ex.runs = runs;
+                if let (Some(t), true) = (iter, attention && self.ex.trace.is_some()) {
+                    self.trace_attention(spec, args, t);
+                }
                 Ok(cat)
             }
         }

@@ -360,7 +360,7 @@ impl Session {
 
     /// Record every token's state after every iteration (see [`crate::trace`]).
     pub fn set_trace(&mut self, on: bool) {
-        self.st.exits.trace = on.then(Vec::new);
+        self.st.exits.trace = on.then(crate::trace::Tracer::default);
     }
 
     /// The trace recorded since tracing was turned on or last taken.
@@ -369,7 +369,7 @@ impl Session {
             .exits
             .trace
             .as_mut()
-            .map(std::mem::take)
+            .map(|t| std::mem::take(&mut t.steps))
             .unwrap_or_default()
     }
 

@@ -1,14 +1,29 @@
-"""Train a small looped GPT-2 (the Loop-Think-Generalize architecture of examples/ltg.loop) on
-k-hop composition questions from gen_data.py, with the recurrence depth sampled per batch.
+"""Train a small looped GPT-2 (examples/multihop.loop: GPT-2 blocks looped with the state
+re-normalised before the embeddings are injected again) on k-hop composition questions from
+gen_data.py, with the recurrence depth sampled per batch.
 
-Writes model.safetensors (tensor names as examples/ltg.loop binds them) and config.json (GPT-2
-field names plus num_iterations), so `loopc` loads the result directly:
+What makes the loop extrapolate to more hops than it was trained on (each option can be turned
+off to compare):
+  --prefix-loss   every prefix `<q> e r1 .. ri` is an i-hop question, so the loss is taken at
+                  every relation position (answer after i hops) as well as at `<a>`; this asks
+                  each position for its partial answer, the same step at every hop count;
+  --pos-shift     positions start at a random offset per batch, so every learned position
+                  embedding is trained in every role and longer (deeper) questions meet no
+                  untrained position;
+  depth sampling  Poisson(--depth-mean) clipped to [--depth-min, --depth-max] per batch, with the
+                  loss masked to positions whose hop count fits the sampled depth
+                  (--depth-mask), so the loop learns about one hop per iteration and keeps
+                  answers stable over the spare iterations;
+  lr schedule     linear warm-up then cosine decay to 10 %.
+
+Writes model.safetensors (tensor names as examples/multihop.loop binds them) and config.json
+(GPT-2 field names plus num_iterations), so `loopc` loads the result directly:
 
     python3 tools/multihop/gen_data.py
-    python3 tools/multihop/train.py --minutes 35
-    loopc eval examples/ltg.loop --config examples/multihop/config.json --set inject=1 --set positions=1 \
+    python3 tools/multihop/train.py --max-steps 3000 --stop-after 2554 --batch 256 --lr 2e-3 --warmup 300
+    loopc eval examples/multihop.loop --config examples/multihop/config.json \
         --weights examples/multihop/model.safetensors --task tools/multihop/data/ood.jsonl --steps 1,2,4,8,12
-Seeded and deterministic for a given thread count.
+Seeded and deterministic for a given thread count (stopping by --max-steps, not --minutes).
 """
 import argparse
 import json
@@ -84,15 +99,15 @@ class LoopedGPT2(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.inject_ln = nn.LayerNorm(d)
         self.ln_f = nn.LayerNorm(d)
 
-    def forward(self, ids, iters):
+    def forward(self, ids, iters, offset=0):
         S = ids.shape[1]
-        e = self.token_embedding(ids) + self.position_embedding.weight[:S]
+        e = self.token_embedding(ids) + self.position_embedding.weight[offset:offset + S]
         h = e
-        for i in range(iters):
-            if i > 0:
-                h = h + e  # additive input injection after the first iteration
+        for _ in range(iters):
+            h = self.inject_ln(h) + e
             for b in self.blocks:
                 h = b(h)
         return F.linear(self.ln_f(h), self.token_embedding.weight)
@@ -113,8 +128,38 @@ def batchify(items):
     return ids, torch.tensor([it["answer"] for it in items])
 
 
+def prefix_targets(items, table, n_ent):
+    """Targets per position for one-length batches: the entity after i hops at the i-th relation
+    (and the final answer at `<a>`); -100 (ignored) at `<q>` and the entity."""
+    S = len(items[0]["tokens"])
+    tgt = torch.full((len(items), S), -100, dtype=torch.long)
+    hops = torch.full((S,), 10**6, dtype=torch.long)
+    for i, it in enumerate(items):
+        toks = it["tokens"]
+        e = toks[1] - 3
+        for p in range(2, S - 1):
+            e = table[toks[p] - 3 - n_ent][e]
+            tgt[i, p] = 3 + e
+            hops[p] = p - 1
+        tgt[i, S - 1] = it["answer"]
+        hops[S - 1] = S - 3
+    return tgt, hops
+
+
+def relation_table(train, n_ent, n_rel):
+    """The one-hop facts, read back from the 1-hop training questions (all of them are there)."""
+    table = [[None] * n_ent for _ in range(n_rel)]
+    for it in train:
+        if it["hops"] == 1:
+            table[it["tokens"][2] - 3 - n_ent][it["tokens"][1] - 3] = it["answer"] - 3
+    assert all(x is not None for row in table for x in row), "train split lacks some 1-hop facts"
+    return table
+
+
 @torch.no_grad()
-def accuracy(model, items, iters, bs=512):
+def accuracy(model, items, iters, bs=512, hops=None, limit=500):
+    if hops is not None:
+        items = [it for it in items if it["hops"] == hops][:limit]
     model.eval()
     correct = 0
     by_len = {}
@@ -136,20 +181,32 @@ def main():
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--minutes", type=float, default=35.0)
-    ap.add_argument("--max-steps", type=int, default=200000)
+    ap.add_argument("--max-steps", type=int, default=200000, help="length of the lr schedule")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after this many steps, keeping the schedule of --max-steps (replays a run "
+                         "that --minutes cut short, exactly)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--depth-mean", type=float, default=4.0)
-    ap.add_argument("--depth-min", type=int, default=2)
-    ap.add_argument("--depth-max", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--depth-mean", type=float, default=3.0)
+    ap.add_argument("--depth-min", type=int, default=1)
+    ap.add_argument("--depth-max", type=int, default=5)
+    ap.add_argument("--prefix-loss", type=int, default=1)
+    ap.add_argument("--pos-shift", type=int, default=1)
+    ap.add_argument("--depth-mask", type=int, default=1)
+    ap.add_argument("--curriculum", type=int, default=1000,
+                    help="steps during which the longest questions are left out (hops <= 2)")
+    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     rng = random.Random(a.seed)
     with open(os.path.join(a.data, "vocab.json")) as f:
-        vocab = json.load(f)["tokens"]
+        meta = json.load(f)
+    vocab = meta["tokens"]
+    n_ent, n_rel = meta["args"]["entities"], meta["args"]["relations"]
     train, test_id, test_ood = (load(os.path.join(a.data, f"{s}.jsonl")) for s in ("train", "id", "ood"))
     n_pos = 16
     model = LoopedGPT2(len(vocab), a.dim, a.heads, a.layers, n_pos)
@@ -158,13 +215,17 @@ def main():
     for it in train:
         by_len.setdefault(len(it["tokens"]), []).append(it)
     lens = sorted(by_len)
+    table = relation_table(train, n_ent, n_rel)
     t0 = time.time()
     step = 0
     log = []
-    while step < a.max_steps and time.time() - t0 < a.minutes * 60:
+    stop = min(a.max_steps, a.stop_after or a.max_steps)
+    while step < stop and time.time() - t0 < a.minutes * 60:
         # One sequence length per batch (no padding inside a batch), weighted by count.
-        L = rng.choices(lens, weights=[len(by_len[l]) for l in lens])[0]
-        ids, ans = batchify(rng.sample(by_len[L], min(a.batch, len(by_len[L]))))
+        avail = [l for l in lens if step >= a.curriculum or l <= lens[0] + 1] or lens
+        L = rng.choices(avail, weights=[len(by_len[l]) for l in avail])[0]
+        items = rng.sample(by_len[L], min(a.batch, len(by_len[L])))
+        ids, ans = batchify(items)
         # Depth sampled per batch: Poisson(mean) clipped, as in Loop, Think & Generalize.
         lam, k, p = a.depth_mean, 0, 1.0
         thr = math.exp(-lam)
@@ -174,19 +235,35 @@ def main():
                 break
             k += 1
         iters = min(max(k, a.depth_min), a.depth_max)
-        lr = a.lr * min(1.0, (step + 1) / 500)
+        offset = rng.randrange(n_pos - L + 1) if a.pos_shift else 0
+        warm = min(1.0, (step + 1) / a.warmup)
+        cos = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, a.max_steps))))
         for g in opt.param_groups:
-            g["lr"] = lr
-        loss = F.cross_entropy(model(ids, iters)[:, -1], ans)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+            g["lr"] = a.lr * warm * cos
+        logits = model(ids, iters, offset)
+        if a.prefix_loss:
+            tgt, hops = prefix_targets(items, table, n_ent)
+            if a.depth_mask:
+                tgt[:, hops > iters] = -100
+            if (tgt != -100).any():
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+            else:
+                loss = None
+        else:
+            loss = F.cross_entropy(logits[:, -1], ans)
+        if loss is not None:
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
         step += 1
-        if step % 500 == 0:
-            accs = {r: (accuracy(model, test_id[:500], r), accuracy(model, test_ood[:500], r)) for r in (4, 8)}
-            line = {"step": step, "minutes": round((time.time() - t0) / 60, 2), "loss": round(loss.item(), 4),
-                    "acc_id_r4": accs[4][0], "acc_ood_r4": accs[4][1], "acc_id_r8": accs[8][0], "acc_ood_r8": accs[8][1]}
+        if step % a.eval_every == 0 or step == stop:
+            line = {"step": step, "minutes": round((time.time() - t0) / 60, 2),
+                    "loss": round(loss.item(), 4) if loss is not None else None}
+            for r in (2, 4, 8, 12):
+                line[f"id3_r{r}"] = round(accuracy(model, test_id, r, hops=3), 3)
+                for h in (4, 6):
+                    line[f"ood{h}_r{r}"] = round(accuracy(model, test_ood, r, hops=h), 3)
             log.append(line)
             print(json.dumps(line), flush=True)
     os.makedirs(a.out, exist_ok=True)
@@ -195,6 +272,9 @@ def main():
     cfg = {"model_type": "gpt2", "n_embd": a.dim, "n_head": a.heads, "n_layer": a.layers, "vocab_size": len(vocab),
            "n_positions": n_pos, "n_inner": None, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
            "num_iterations": a.depth_max}
+    with open(os.path.join(a.out, "train_args.json"), "w") as f:
+        json.dump(vars(a) | {"steps_done": step, "minutes_taken": round((time.time() - t0) / 60, 2)}, f, indent=1)
+        f.write("\n")
     with open(os.path.join(a.out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
         f.write("\n")

@@ -147,6 +147,9 @@ impl Run<'_> {
             } else {
                 self.copy_n(rec.next, rec.state, n * cols);
             }
+            if self.ex.trace.is_some() {
+                self.trace_decide(rec, rule.needs_logits(), &|i| exiting[i])?;
+            }
             let t0 = self.profile.is_some().then(Instant::now);
             let mut keep = std::mem::take(&mut self.ex.keep);
             keep.clear();
