@@ -1038,3 +1038,58 @@ fn random_sized_models_agree_with_cranelift() {
         );
     }
 }
+
+/// The families added beside the MLIR backend: Parcae (softplus-derived injection, per-head
+/// q/k norm, value embeddings), MoR (routers, per-iteration weights) and the UT (ACT, timing
+/// signals), each through the MLIR kernels against its PyTorch fixtures and Cranelift.
+#[test]
+fn parcae_mor_ut_parity_with_mlir_backend() {
+    for case in ["r1", "r4_softcap", "r8_plain_tied"] {
+        let f = fixture(&format!("parcae_tiny/{case}.safetensors"));
+        let flag = |k: &str| read(&f, k).i64[0];
+        let set = [
+            "init_scale=0".to_string(),
+            format!("qk_norm={}", flag("qk_norm")),
+            format!("prelude_norm={}", flag("prelude_norm")),
+            format!("tie_embeddings={}", flag("tie_embeddings")),
+            format!("softcap={}", read(&f, "logit_softcap").f32[0]),
+        ];
+        let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
+        parity(
+            "parcae",
+            "parcae_tiny/config.json",
+            "parcae_tiny/model.safetensors",
+            &format!("parcae_tiny/{case}.safetensors"),
+            flag("steps") as usize,
+            &set,
+        );
+    }
+    for case in [
+        "vanilla_middle_cycle",
+        "token_middle_cycle",
+        "expert_middle_sequence",
+    ] {
+        let path = format!("mor_tiny/{case}.safetensors");
+        let f = fixture(&path);
+        let set = [
+            format!("routing={}", read(&f, "routing").i64[0]),
+            format!("sharing={}", read(&f, "sharing").i64[0]),
+            format!("alpha={}", read(&f, "alpha").f32[0]),
+            "threshold=0".to_string(),
+        ];
+        let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
+        parity("mor", "mor_tiny/config.json", &path, &path, 3, &set);
+    }
+    for (case, max) in [("act_m6", 6), ("act_m3", 3)] {
+        let set = [format!("max_steps={max}")];
+        let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
+        parity(
+            "ut",
+            "ut_tiny/config.json",
+            "ut_tiny/model.safetensors",
+            &format!("ut_tiny/{case}.safetensors"),
+            max,
+            &set,
+        );
+    }
+}
