@@ -301,6 +301,9 @@ pub fn gemv_epi(x: &[f32], w: &[f32], out: &mut [f32], threads: usize, epi: &Epi
 /// whole weight for a handful of rows and loses to streaming it.
 const SMALL_M: usize = 8;
 
+/// Weight bytes per block of the serial multi-row GEMV (half of a 2 MiB L2).
+const SERIAL_BLOCK_BYTES: usize = 1 << 20;
+
 /// GEMV for a few rows at once: the output columns (weight rows) are split over the pool and
 /// each block of weight rows is applied to every `x` row while it is hot in cache, so the
 /// weights are streamed from memory once per call, not once per row.
@@ -328,7 +331,15 @@ pub fn gemv_multi_epi(x: &[f32], w: &[f32], out: &mut [f32], m: usize, threads: 
     };
     let op = out.as_mut_ptr() as usize;
     if threads <= 1 || n < 8 || m.saturating_mul(n).saturating_mul(k) < PAR_MIN_MACS {
-        block(0, n, op as *mut f32);
+        // Blocks of weight rows that stay in L2 while every input row streams over them: the
+        // weights are read from memory once per call, not once per input row.
+        let rows = (SERIAL_BLOCK_BYTES / (4 * k.max(1))).max(4).min(n.max(1));
+        let mut r0 = 0;
+        while r0 < n {
+            let r1 = (r0 + rows).min(n);
+            block(r0, r1, op as *mut f32);
+            r0 = r1;
+        }
         return;
     }
     let rows = n.div_ceil(threads * 4).next_multiple_of(4).max(4);
@@ -710,7 +721,13 @@ mod tests {
     #[test]
     fn gemv_multi_matches_naive_serial_and_parallel() {
         let mut s = 13u64;
-        for &(m, k, n) in &[(2usize, 17usize, 5usize), (4, 300, 1001), (8, 64, 33)] {
+        // The last shape takes several weight blocks on the serial path.
+        for &(m, k, n) in &[
+            (2usize, 17usize, 5usize),
+            (4, 300, 1001),
+            (8, 64, 33),
+            (3, 70000, 21),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
             let want = naive(&x, &w, m, k, n);
