@@ -4,43 +4,7 @@
 mod common;
 use common::*;
 
-const TOL: f32 = 1e-4;
-
-fn check_case(
-    example: &str,
-    cfg: &str,
-    weights: &str,
-    case: &str,
-    steps: usize,
-    set: &[&str],
-    opt_level: u8,
-) -> (f32, f32) {
-    let model = model(example, cfg, weights, set, opt_level);
-    let f = fixture(case);
-    let prompt = ids(&read(&f, "prompt"));
-    let decode = ids(&read(&f, "decode_tokens"));
-    let want_pre = read(&f, "prefill_logits");
-    let want_dec = read(&f, "decode_logits");
-    let mut s = model.session();
-    s.set_steps(Some(steps));
-    let pre = s.prefill(&prompt).unwrap();
-    let d_pre = max_abs_diff(pre.data(), &want_pre.f32);
-    let mut got_dec = vec![];
-    for &t in &decode {
-        got_dec.extend_from_slice(s.step(t).unwrap().data());
-    }
-    let d_dec = max_abs_diff(&got_dec, &want_dec.f32);
-    assert!(
-        d_pre <= TOL,
-        "{case} opt{opt_level}: prefill max |Δ| = {d_pre:e}"
-    );
-    assert!(
-        d_dec <= TOL,
-        "{case} opt{opt_level}: decode max |Δ| = {d_dec:e}"
-    );
-    eprintln!("parity {case} r={steps} opt{opt_level}: prefill {d_pre:.2e}, decode {d_dec:.2e}");
-    (d_pre, d_dec)
-}
+const TOL: f32 = PARITY_TOL;
 
 const HUGINN: &[&str] = &["init_scale=0"];
 

@@ -3,37 +3,24 @@
 mod common;
 use common::*;
 
-const TOL: f32 = 1e-4;
+const TOL: f32 = PARITY_TOL;
 
 fn ltg_case(case: &str, opt_level: u8) {
-    let f = fixture(&format!("ltg_tiny/{case}.safetensors"));
+    let path = format!("ltg_tiny/{case}.safetensors");
+    let f = fixture(&path);
     let iters = read(&f, "iterations").i64[0] as usize;
     let inject = read(&f, "inject").i64[0];
     let positions = read(&f, "positions").i64[0];
     let set = [format!("inject={inject}"), format!("positions={positions}")];
     let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
-    let model = model(
+    check_case(
         "ltg",
         "ltg_tiny/config.json",
         "ltg_tiny/model.safetensors",
+        &path,
+        iters,
         &set,
         opt_level,
-    );
-    let mut s = model.session();
-    s.set_steps(Some(iters));
-    let pre = s.prefill(&ids(&read(&f, "prompt"))).unwrap();
-    let d_pre = max_abs_diff(pre.data(), &read(&f, "prefill_logits").f32);
-    let mut dec = vec![];
-    for &t in &ids(&read(&f, "decode_tokens")) {
-        dec.extend_from_slice(s.step(t).unwrap().data());
-    }
-    let d_dec = max_abs_diff(&dec, &read(&f, "decode_logits").f32);
-    eprintln!(
-        "parity ltg/{case} r={iters} opt{opt_level}: prefill {d_pre:.2e}, decode {d_dec:.2e}"
-    );
-    assert!(
-        d_pre <= TOL && d_dec <= TOL,
-        "ltg/{case}: prefill {d_pre:e}, decode {d_dec:e}"
     );
 }
 

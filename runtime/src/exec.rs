@@ -139,6 +139,8 @@ pub(crate) struct Exits {
     route_depth: Vec<usize>,
     route_w: Vec<f32>,
     route_g: Vec<f32>,
+    route_sig: Vec<f32>,
+    route_idx: Vec<usize>,
     /// Compute the logits of each sequence's last row only (prefill when the caller samples).
     pub(crate) logits_last_only: bool,
     pub(crate) guard: crate::guard::Guard,

@@ -735,16 +735,13 @@ impl<'a> Elab<'a> {
                 let Some(b) = self.bind(callee, args, &["eps", "max"], 0, span) else {
                     return Val::Error;
                 };
-                let eps = match b.get(0) {
-                    Some(e) => self.num_arg(
-                        &e,
-                        "`act` eps",
-                        BAD_POLICY,
-                        |x| x > 0.0 && x < 1.0,
-                        "a number in (0, 1)",
-                    ),
-                    None => Some(0.01),
-                };
+                let eps = self.policy_num_or(
+                    b.get(0),
+                    "`act` eps",
+                    |x| x > 0.0 && x < 1.0,
+                    "a number in (0, 1)",
+                    0.01,
+                );
                 let Ok((_, max_steps)) = self.step_bounds("act", None, b.get(1)) else {
                     return Val::Error;
                 };
@@ -763,26 +760,20 @@ impl<'a> Elab<'a> {
                 ) else {
                     return Val::Error;
                 };
-                let alpha = match b.get(0) {
-                    Some(a) => self.num_arg(
-                        &a,
-                        "`expert_choice` alpha",
-                        BAD_POLICY,
-                        |x| x > 0.0 && x.is_finite(),
-                        "a positive number",
-                    ),
-                    None => Some(0.1),
-                };
-                let threshold = match b.get(2) {
-                    Some(a) => self.num_arg(
-                        &a,
-                        "`expert_choice` threshold",
-                        BAD_POLICY,
-                        |x| (0.0..=1.0).contains(&x),
-                        "a probability in [0, 1]",
-                    ),
-                    None => Some(0.5),
-                };
+                let alpha = self.policy_num_or(
+                    b.get(0),
+                    "`expert_choice` alpha",
+                    |x| x > 0.0 && x.is_finite(),
+                    "a positive number",
+                    0.1,
+                );
+                let threshold = self.policy_num_or(
+                    b.get(2),
+                    "`expert_choice` threshold",
+                    |x| (0.0..=1.0).contains(&x),
+                    "a probability in [0, 1]",
+                    0.5,
+                );
                 let mut capacity = vec![];
                 if let Some((v, sp)) = b.get(1) {
                     let items = match v {
@@ -821,16 +812,13 @@ impl<'a> Elab<'a> {
                 let Some(b) = self.bind(callee, args, &["alpha", "max"], 0, span) else {
                     return Val::Error;
                 };
-                let alpha = match b.get(0) {
-                    Some(a) => self.num_arg(
-                        &a,
-                        "`token_choice` alpha",
-                        BAD_POLICY,
-                        |x| x > 0.0 && x.is_finite(),
-                        "a positive number",
-                    ),
-                    None => Some(1.0),
-                };
+                let alpha = self.policy_num_or(
+                    b.get(0),
+                    "`token_choice` alpha",
+                    |x| x > 0.0 && x.is_finite(),
+                    "a positive number",
+                    1.0,
+                );
                 let Ok((_, max_steps)) = self.step_bounds("token_choice", None, b.get(1)) else {
                     return Val::Error;
                 };
@@ -940,6 +928,22 @@ impl<'a> Elab<'a> {
     }
 
     /// `min_steps` (default 1) and `max` (default 0: the `recur`'s own step count).
+    /// An optional numeric policy argument: its value when given and valid (`None` after the
+    /// diagnostic), `default` when absent.
+    fn policy_num_or(
+        &mut self,
+        v: Option<(Val, Span)>,
+        what: &str,
+        ok: impl Fn(f64) -> bool,
+        expect: &str,
+        default: f64,
+    ) -> Option<f64> {
+        match v {
+            Some(v) => self.num_arg(&v, what, BAD_POLICY, ok, expect),
+            None => Some(default),
+        }
+    }
+
     fn step_bounds(
         &mut self,
         name: &str,

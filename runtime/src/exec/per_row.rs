@@ -162,18 +162,7 @@ impl Run<'_> {
                 }
             }
             self.active = active;
-            if keep.len() < n && !keep.is_empty() {
-                crate::rows::gather(self.ws.bufs[rec.state as usize].as_mut_slice(), cols, &keep);
-                for &b in &live {
-                    let c = man.buffers[b as usize].cols;
-                    crate::rows::gather(self.ws.bufs[b as usize].as_mut_slice(), c, &keep);
-                }
-            }
-            let mut j = 0;
-            self.active.retain(|_| {
-                j += 1;
-                !exiting[j - 1]
-            });
+            self.compact(rec, &live, &keep, &exiting);
             self.ex.keep = keep;
             self.ex.exiting = exiting;
             self.time(8, t0);
@@ -257,69 +246,87 @@ impl Run<'_> {
         threshold: f32,
         live: &[u32],
     ) -> Result<()> {
-        let man = &self.m.manifest;
         let n = self.active.len();
         self.n = n;
         self.list(&rec.router, Some(t))?;
         let out = rec.router_out.expect("validated: routing has a router");
-        let (caps, n_rec) = match &rec.exit {
+        let (cap_t, n_rec) = match &rec.exit {
             crate::artifact::ExitPolicy::ExpertChoice {
                 capacity,
                 max_steps,
                 ..
-            } => (capacity.clone(), *max_steps),
-            _ => (vec![], 1),
+            } => (capacity.get(t).copied(), *max_steps),
+            _ => (None, 1),
         };
         // MoR's default capacity schedule, in the reference's float arithmetic.
-        let cap_t = caps
-            .get(t)
-            .copied()
-            .unwrap_or((n_rec.saturating_sub(t)) as f64 / n_rec as f64);
-        let sig: Vec<f32> = self.ws.buf(out)[..n]
-            .iter()
-            .map(|&z| 1.0 / (1.0 + (-z).exp()))
-            .collect();
-        let mut selected = vec![false; n];
-        let mut idx = vec![];
+        let cap_t = cap_t.unwrap_or((n_rec.saturating_sub(t)) as f64 / n_rec as f64);
+        // Scratch vectors live in `Exits`: decode allocates nothing per iteration.
+        let ex = &mut *self.ex;
+        ex.route_sig.clear();
+        ex.route_sig.extend(
+            self.ws.buf(out)[..n]
+                .iter()
+                .map(|&z| 1.0 / (1.0 + (-z).exp())),
+        );
+        let sig = &ex.route_sig;
+        ex.exiting.clear();
+        ex.exiting.resize(n, true);
         for g in self.segs {
+            let idx = &mut ex.route_idx;
             idx.clear();
             idx.extend((0..n).filter(|&i| (g.row0..g.row0 + g.rows).contains(&self.active[i])));
-            if idx.is_empty() {
-                continue;
-            }
             if g.rows > 1 {
                 let k = ((cap_t * g.rows as f64) as usize).max(1);
                 // Highest gate first; ties go to the earlier position.
                 idx.sort_by(|&a, &b| sig[b].total_cmp(&sig[a]).then(a.cmp(&b)));
                 for &i in idx.iter().take(k) {
-                    selected[i] = true;
+                    ex.exiting[i] = false;
                 }
             } else {
-                for &i in &idx {
-                    selected[i] = sig[i] >= threshold;
+                for &i in idx.iter() {
+                    ex.exiting[i] = sig[i] < threshold;
                 }
             }
         }
-        let cols = man.buffers[rec.state as usize].cols;
-        let mut keep = vec![];
-        let active = std::mem::take(&mut self.active);
+        let mut keep = std::mem::take(&mut self.ex.keep);
+        let mut exiting = std::mem::take(&mut self.ex.exiting);
+        keep.clear();
         self.ex.route_g.clear();
+        let active = std::mem::take(&mut self.active);
         for (i, &r) in active.iter().enumerate() {
-            if selected[i] {
-                keep.push(i);
-                self.ex.route_g.push(sig[i] * alpha);
-            } else {
+            if exiting[i] {
                 self.finish_row(rec, i, r, t, false);
+            } else {
+                keep.push(i);
+                let g = self.ex.route_sig[i] * alpha;
+                self.ex.route_g.push(g);
             }
         }
+        self.active = active;
+        self.compact(rec, live, &keep, &exiting);
+        exiting.clear();
+        self.ex.keep = keep;
+        self.ex.exiting = exiting;
+        Ok(())
+    }
+
+    /// Keep the rows `keep` (increasing) of the state and the live-in buffers, in order, and drop
+    /// the others from the active set (`exiting[i]` marks compact row `i` as leaving).
+    fn compact(&mut self, rec: &Recur, live: &[u32], keep: &[usize], exiting: &[bool]) {
+        let man = &self.m.manifest;
+        let n = self.active.len();
         if keep.len() < n && !keep.is_empty() {
-            crate::rows::gather(self.ws.bufs[rec.state as usize].as_mut_slice(), cols, &keep);
+            let cols = man.buffers[rec.state as usize].cols;
+            crate::rows::gather(self.ws.bufs[rec.state as usize].as_mut_slice(), cols, keep);
             for &b in live {
                 let c = man.buffers[b as usize].cols;
-                crate::rows::gather(self.ws.bufs[b as usize].as_mut_slice(), c, &keep);
+                crate::rows::gather(self.ws.bufs[b as usize].as_mut_slice(), c, keep);
             }
         }
-        self.active = keep.iter().map(|&i| active[i]).collect();
-        Ok(())
+        let mut j = 0;
+        self.active.retain(|_| {
+            j += 1;
+            !exiting[j - 1]
+        });
     }
 }
