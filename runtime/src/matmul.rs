@@ -321,11 +321,8 @@ pub fn gemv_multi_epi(x: &[f32], w: &[f32], out: &mut [f32], m: usize, threads: 
     );
     epi.check(m, n);
     let block = |r0: usize, r1: usize, out: *mut f32| {
-        for i in 0..m {
-            // SAFETY: blocks [r0, r1) are disjoint across callers; row i of out is n long.
-            let o = unsafe { std::slice::from_raw_parts_mut(out.add(i * n + r0), r1 - r0) };
-            gemv_rows(&x[i * k..(i + 1) * k], &w[r0 * k..r1 * k], o);
-        }
+        // SAFETY: blocks [r0, r1) are disjoint across callers; every row of out is n long.
+        unsafe { gemv_rows_multi(x, m, k, &w[r0 * k..r1 * k], out.add(r0), n) };
         // SAFETY: as above, columns r0..r1 of every row belong to this caller.
         unsafe { epi.apply(out, n, 0, m, r0, r1 - r0) };
     };
@@ -347,6 +344,42 @@ pub fn gemv_multi_epi(x: &[f32], w: &[f32], out: &mut [f32], m: usize, threads: 
         let r0 = c * rows;
         block(r0, (r0 + rows).min(n), op as *mut f32);
     });
+}
+
+/// `out[i·n + j] = x[i]·w[j]` for the `m` rows of `x` and every row `j` of the weight block
+/// `w`. With AVX-512 and 2 ≤ m ≤ 8 each weight row is loaded once for all `m` inputs (a batch
+/// decode step then streams its weights once, not once per sequence, and at L2 speed the
+/// FMAs are no longer starved); each output keeps `gemv_rows`'s own summation order, so a
+/// sequence's result does not depend on what else is in the batch.
+///
+/// # Safety
+/// `out` addresses `m` rows of stride `n`, each with `w.len() / k` writable columns that no
+/// other thread touches.
+unsafe fn gemv_rows_multi(x: &[f32], m: usize, k: usize, w: &[f32], out: *mut f32, n: usize) {
+    let len = if k == 0 { 0 } else { w.len() / k };
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if k > 0 && (2..=8).contains(&m) && std::arch::is_x86_feature_detected!("avx512f") {
+        // `gemv_avx512` sums rows in groups of four one way and the last `len % 4` another.
+        done = len / 4 * 4;
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        // SAFETY: the feature is present; x holds m rows of k, w holds len rows of k.
+        match m {
+            2 => x86::gemv_multi_avx512::<2>(xp, k, wp, done, out, n),
+            3 => x86::gemv_multi_avx512::<3>(xp, k, wp, done, out, n),
+            4 => x86::gemv_multi_avx512::<4>(xp, k, wp, done, out, n),
+            5 => x86::gemv_multi_avx512::<5>(xp, k, wp, done, out, n),
+            6 => x86::gemv_multi_avx512::<6>(xp, k, wp, done, out, n),
+            7 => x86::gemv_multi_avx512::<7>(xp, k, wp, done, out, n),
+            _ => x86::gemv_multi_avx512::<8>(xp, k, wp, done, out, n),
+        }
+    }
+    if done < len {
+        for i in 0..m {
+            let o = std::slice::from_raw_parts_mut(out.add(i * n + done), len - done);
+            gemv_rows(&x[i * k..(i + 1) * k], &w[done * k..len * k], o);
+        }
+    }
 }
 
 /// Serial GEMV on one block of rows.
@@ -486,6 +519,56 @@ mod x86 {
             let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
             *out.get_unchecked_mut(j) = _mm512_reduce_add_ps(s);
             j += 1;
+        }
+    }
+
+    /// `out[r·n + j] = x[r]·w[j]` for `M` input rows and weight rows `0..rows`, each weight row
+    /// loaded once for all inputs; per output the same order of sums as `gemv_avx512`'s blocks
+    /// of four rows (even 16-lane chunks into `a`, odd ones and the masked tail into `b`).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gemv_multi_avx512<const M: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const f32,
+        rows: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        let kb = k / 16 * 16;
+        let tail = k - kb;
+        let mask: __mmask16 = ((1u32 << tail) - 1) as u16;
+        for j in 0..rows {
+            let wr = w.add(j * k);
+            let mut a = [_mm512_setzero_ps(); M];
+            let mut b = [_mm512_setzero_ps(); M];
+            let mut i = 0;
+            while i + 32 <= kb {
+                let w0 = _mm512_loadu_ps(wr.add(i));
+                let w1 = _mm512_loadu_ps(wr.add(i + 16));
+                for r in 0..M {
+                    let xr = x.add(r * k + i);
+                    a[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a[r]);
+                    b[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr.add(16)), b[r]);
+                }
+                i += 32;
+            }
+            if i < kb {
+                let w0 = _mm512_loadu_ps(wr.add(i));
+                for r in 0..M {
+                    a[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x.add(r * k + i)), a[r]);
+                }
+                i += 16;
+            }
+            if tail > 0 {
+                let w0 = _mm512_maskz_loadu_ps(mask, wr.add(i));
+                for r in 0..M {
+                    let xr = _mm512_maskz_loadu_ps(mask, x.add(r * k + i));
+                    b[r] = _mm512_fmadd_ps(w0, xr, b[r]);
+                }
+            }
+            for r in 0..M {
+                *out.add(r * n + j) = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+            }
         }
     }
 
@@ -735,6 +818,35 @@ mod tests {
                 let mut o = vec![f32::NAN; m * n];
                 pool(threads).install(|| gemv_multi(&x, &w, &mut o, m, threads));
                 close(&o, &want, k);
+            }
+        }
+    }
+
+    /// A row's product must not depend on the other rows of a small batch: the multi-row GEMV
+    /// gives, bit for bit, what the single-row GEMV gives each row alone (so a batched decode
+    /// step reproduces independent sessions exactly), on every k tail and every n remainder.
+    #[test]
+    fn gemv_multi_rows_equal_single_row_gemv_bitwise() {
+        let mut s = 29u64;
+        for m in 2..=8usize {
+            for &k in &[1usize, 15, 16, 17, 32, 33, 48, 100, 1031] {
+                for &n in &[1usize, 3, 4, 5, 8, 67] {
+                    let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+                    let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+                    for threads in [1, 2] {
+                        let mut o = vec![f32::NAN; m * n];
+                        pool(threads).install(|| gemv_multi(&x, &w, &mut o, m, threads));
+                        for i in 0..m {
+                            let mut one = vec![f32::NAN; n];
+                            pool(threads)
+                                .install(|| gemv(&x[i * k..(i + 1) * k], &w, &mut one, threads));
+                            let got: Vec<u32> =
+                                o[i * n..(i + 1) * n].iter().map(|v| v.to_bits()).collect();
+                            let want: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
+                            assert_eq!(got, want, "m={m} k={k} n={n} threads={threads} row {i}");
+                        }
+                    }
+                }
             }
         }
     }
