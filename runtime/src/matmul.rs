@@ -879,3 +879,6 @@ mod bench {
         );
     }
 }
+
+mod parts;
+pub use parts::{matmul_parts, Part, MAX_PARTS};
