@@ -72,7 +72,10 @@ fn sibling(r: &Region, x: NodeId, u: NodeId) -> Option<(Option<NodeId>, Sibling)
     let Ty::Weight(shape) = r.ty(*ops.get(1)?) else {
         return None;
     };
-    (ops[0] == x && s != Some(x) && shape.len() == 2).then(|| {
+    // A region result stays its own matmul: the LM head keeps the runtime's last-row-only
+    // path, and a tied head would otherwise be stacked with a copy of the embedding table.
+    let own = r.results.contains(&u);
+    (ops[0] == x && s != Some(x) && shape.len() == 2 && !own).then(|| {
         (
             s,
             Sibling {
@@ -248,6 +251,8 @@ fn merge(r: &mut Region, x: NodeId, s: Option<NodeId>, sibs: &[Sibling]) -> bool
             Some(g) => r.add(Op::WMulCols, wty.clone(), &[wv, g]),
             None => wv,
         }
+    } else if copies_a_tensor_still_read(r, sibs) {
+        return false;
     } else if let Some((inner, g)) = shared_gain(r, sibs) {
         // The shared gain once over the stack of the gainless parts.
         let st = r.add(Op::WConcatRows, wty.clone(), &inner);
@@ -301,4 +306,42 @@ fn shared_gain(r: &Region, sibs: &[Sibling]) -> Option<(Vec<NodeId>, NodeId)> {
         inner.push(ops[0]);
     }
     Some((inner, g0?))
+}
+
+/// Whether a stacked copy would leave a checkpoint tensor of some part resident twice: the
+/// tensor is also read at run time by a node outside the parts' weight expressions. A read
+/// through another copying derived weight does not count (the original is read once, at
+/// load, and freed), a `w.per_iter` passes its sources through, so its readers count.
+fn copies_a_tensor_still_read(r: &Region, sibs: &[Sibling]) -> bool {
+    let mut cone = std::collections::BTreeSet::new();
+    let mut stack: Vec<NodeId> = sibs.iter().map(|sb| sb.w).collect();
+    while let Some(n) = stack.pop() {
+        if cone.insert(n) {
+            let ops = r.operands(n);
+            // A gain is a factor of the stack, not part of its rows.
+            let rows = if r.node(n).op == Op::WMulCols {
+                1
+            } else {
+                ops.len()
+            };
+            stack.extend(&ops[..rows.min(ops.len())]);
+        }
+    }
+    let tensors: std::collections::BTreeSet<u32> = cone
+        .iter()
+        .filter_map(|&n| view(r, n).map(|v| v.weight))
+        .collect();
+    let inside = |u: &NodeId| cone.contains(u) || sibs.iter().any(|sb| sb.node == *u);
+    fn read_at_run_time(r: &Region, n: NodeId, inside: &dyn Fn(&NodeId) -> bool) -> bool {
+        r.users(n)
+            .iter()
+            .filter(|u| !inside(u))
+            .any(|&u| match r.node(u).op {
+                Op::WPerIter => read_at_run_time(r, u, inside),
+                ref op => !op.is_derived_weight(),
+            })
+    }
+    r.graph.node_indices().any(|n| {
+        view(r, n).is_some_and(|v| tensors.contains(&v.weight)) && read_at_run_time(r, n, &inside)
+    })
 }
