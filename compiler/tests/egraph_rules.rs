@@ -652,3 +652,241 @@ fn malformed_derived_weights_are_rejected() {
     }
     Model::with_threads(Artifact::new(manifest, so), weights(), 1).unwrap();
 }
+
+/// An attention block whose Q, K and V read one normed input (with `norm`) or the scaled
+/// embeddings: `fused` takes them as adjacent row windows of one `Wqkv` tensor (Huginn), else
+/// from three tensors (Ouro); `bias` adds q/k biases before RoPE (Huginn's `qk_bias`). K and V
+/// have `kvh` heads (GQA when fewer than `heads`).
+fn qkv_text(
+    d: usize,
+    heads: usize,
+    kvh: usize,
+    hd: usize,
+    fused: bool,
+    norm: bool,
+    bias: bool,
+) -> String {
+    let (nq, nk) = (heads * hd, kvh * hd);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut ws: Vec<(&str, Vec<usize>)> = vec![("emb", vec![V, d]), ("g", vec![d])];
+    if fused {
+        ws.push(("wqkv", vec![nq + 2 * nk, d]));
+    } else {
+        ws.extend([
+            ("wq", vec![nq, d]),
+            ("wk", vec![nk, d]),
+            ("wv", vec![nk, d]),
+        ]);
+    }
+    let bq = ws.len();
+    ws.extend([
+        ("bq", vec![1, heads, hd]),
+        ("bk", vec![1, kvh, hd]),
+        ("head", vec![V, nq]),
+    ]);
+    let wref = |i: usize, off: usize, n: usize| {
+        if fused {
+            format!("weight @2+{} : {}", off * d, w(&[n, d]))
+        } else {
+            format!("weight @{} : {}", 2 + i, w(&[n, d]))
+        }
+    };
+    let x = if norm {
+        format!("rmsnorm %2, %3 eps=1e-6 : [S, {d}]")
+    } else {
+        format!("scale %2 by=1.5 : [S, {d}]")
+    };
+    let (q, k) = if bias {
+        (
+            format!("add %8, %11 : [S, {nq}]"),
+            format!("add %9, %12 : [S, {nk}]"),
+        )
+    } else {
+        // `x · 1` (removed by `scale-identity`) keeps the numbering: RoPE reads the matmul.
+        (
+            format!("scale %8 by=1.0 : [S, {nq}]"),
+            format!("scale %9 by=1.0 : [S, {nk}]"),
+        )
+    };
+    header(&ws)
+        + &format!(
+            "forward {{
+  %0 = tokens : tokens
+  %1 = weight @0 : {wv}
+  %2 = embed %0, %1 : [S, {d}]
+  %3 = weight @1 : w[{d}]
+  %4 = {x}
+  %5 = {wq}
+  %6 = {wk}
+  %7 = {wvv}
+  %8 = linear %4, %5 : [S, {nq}]
+  %9 = linear %4, %6 : [S, {nk}]
+  %10 = linear %4, %7 : [S, {nk}]
+  %11 = weight @{bq} : w[1, {heads}, {hd}]
+  %12 = weight @{bk} : w[1, {kvh}, {hd}]
+  %13 = {q}
+  %14 = {k}
+  %15 = rope %13 heads={heads} style=interleaved base=500.0 : [S, {nq}]
+  %16 = rope %14 heads={kvh} style=interleaved base=500.0 : [S, {nk}]
+  %17 = attention %15, %16, %10 heads={heads} kv_heads={kvh} scale={scale:?} site=0 : [S, {nq}]
+  %18 = weight @{bh} : {wh}
+  %19 = linear %17, %18 : [S, {V}]
+  return %19
+}}
+",
+            wv = w(&[V, d]),
+            wq = wref(0, 0, nq),
+            wk = wref(1, nq, nk),
+            wvv = wref(2, nq + nk, nk),
+            bk = bq + 1,
+            bh = bq + 2,
+            wh = w(&[V, nq]),
+        )
+}
+
+/// `sibling-matmul-merge` on `text`: it fired, the program has one `linear_parts` and none of
+/// the separate Q/K/V matmuls, and both sides agree on the backend (prefill + one decode step).
+fn check_merge(text: &str, seed: u64) -> Module {
+    let lhs = parse_module(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    verify_module(&lhs).unwrap();
+    let mut rhs = lhs.clone();
+    let report = egraph::optimize(&mut rhs);
+    let rule = egraph::merge::RULE;
+    assert_eq!(report.fired(rule), 1, "{}\n{text}", report.text());
+    verify_module(&rhs).unwrap_or_else(|e| panic!("{e}\n{}", print_module(&rhs)));
+    let out = print_module(&rhs);
+    assert_eq!(out.matches("linear_parts").count(), 1, "{out}");
+    let tokens: Vec<u32> = (0..6)
+        .map(|i| ((seed as u32).wrapping_mul(7) + i * 3) % 16)
+        .collect();
+    let a = run(&lhs, seed, &tokens);
+    let b = run(&rhs, seed, &tokens);
+    let scale = a.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale;
+    assert!(
+        d <= 1e-5,
+        "{rule} seed {seed}: sides differ by {d:e} (relative)\n{out}"
+    );
+    rhs
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 8,
+        failure_persistence: None,
+        ..Default::default()
+    })]
+
+    /// Q, K and V as one product on random shapes: different part widths, GQA with fewer KV
+    /// heads, with and without the norm's row scale and the q/k bias. Adjacent windows of one
+    /// tensor become one derived weight over the whole tensor (the softmax scale moves back
+    /// into the attention); separate tensors are stacked by `w.concat_rows`.
+    #[test]
+    fn rule_sibling_matmul_merge_on_the_backend(
+        d in proptest::sample::select(vec![4usize, 8, 24]),
+        heads in proptest::sample::select(vec![1usize, 2, 4]),
+        kv_div in proptest::sample::select(vec![1usize, 2, 4]),
+        hd in proptest::sample::select(vec![2usize, 4, 8]),
+        fused in proptest::bool::ANY,
+        norm in proptest::bool::ANY,
+        bias in proptest::bool::ANY,
+        seed in 0u64..1 << 20,
+    ) {
+        let kvh = if heads % kv_div == 0 { heads / kv_div } else { heads };
+        let m = check_merge(&qkv_text(d, heads, kvh, hd, fused, norm, bias), seed);
+        let out = print_module(&m);
+        if fused {
+            proptest::prop_assert!(!out.contains("w.concat_rows"), "{}", out);
+            let whole = format!("weight @2 : {}", w(&[(heads + 2 * kvh) * hd, d]));
+            proptest::prop_assert!(out.contains(&whole), "{}", out);
+        } else {
+            proptest::prop_assert!(out.contains("w.concat_rows"), "{}", out);
+        }
+    }
+}
+
+#[test]
+fn snapshot_rule_sibling_matmul_merge() {
+    insta::assert_snapshot!(snapshot_pair(&qkv_text(8, 2, 1, 4, true, true, true)));
+}
+
+#[test]
+fn snapshot_rule_sibling_matmul_merge_separate_weights() {
+    insta::assert_snapshot!(snapshot_pair(&qkv_text(8, 2, 1, 4, false, true, false)));
+}
+
+/// A Q weight that carries the softmax scale and whose product is also read outside the
+/// attention: the scale cannot move into the attention, so the stack is `w.concat_rows` (with
+/// the shared gain factored out), and the merge still happens.
+#[test]
+fn merge_keeps_a_q_scale_it_cannot_move() {
+    let text = qkv_text(8, 2, 2, 4, true, true, false)
+        .replace(
+            "  %8 = linear %4, %5 :",
+            "  %5s = w.scale %5 by=0.5 : w[8, 8]\n  %8 = linear %4, %5s :",
+        )
+        .replace("scale=0.5 site=0", "scale=1.0 site=0")
+        .replace(
+            "  return %19",
+            "  %20 = linear %8, %18 : [S, 16]\n  %21 = add %19, %20 : [S, 16]\n  return %21",
+        );
+    assert!(
+        text.contains("%5s") && text.contains("scale=1.0") && text.contains("%21"),
+        "{text}"
+    );
+    let out = print_module(&check_merge(&text, 5));
+    assert!(
+        out.contains("w.concat_rows") && out.contains("w.scale"),
+        "{out}"
+    );
+}
+
+#[test]
+fn linear_parts_text_round_trips_and_is_verified() {
+    let mut m = parse_module(&qkv_text(8, 2, 1, 4, true, true, true)).unwrap();
+    egraph::optimize(&mut m);
+    let text = print_module(&m);
+    assert!(text.contains("parts=8;4;4 row_scale=1"), "{text}");
+    let again = parse_module(&text).unwrap();
+    assert_eq!(print_module(&again), text);
+    verify_module(&again).unwrap();
+    // Parts that do not add up to the weight's rows, a zero-width part, a missing row scale.
+    for (from, to) in [
+        ("parts=8;4;4 row_scale=1", "parts=8;4;2 row_scale=1"),
+        (
+            "parts=8;4;4 row_scale=1 : ([S, 8], [S, 4], [S, 4])",
+            "parts=8;0;4;4 row_scale=1 : ([S, 8], [S, 0], [S, 4], [S, 4])",
+        ),
+        (", %4 parts=8;4;4 row_scale=1", " parts=8;4;4 row_scale=1"),
+    ] {
+        assert!(text.contains(from), "{from}\n{text}");
+        let bad = text.replace(from, to);
+        let err = parse_module(&bad)
+            .map_err(|e| e.to_string())
+            .and_then(|m| verify_module(&m).map_err(|e| e.to_string()));
+        let err = err.expect_err(&bad);
+        assert!(err.contains("linear_parts"), "{err}");
+    }
+}
+
+/// Separate Q/K/V tensors where Q's tensor is also read by another matmul: stacking would keep
+/// a second copy of it resident, so the siblings stay separate.
+#[test]
+fn merge_does_not_copy_a_tensor_read_elsewhere() {
+    let text = qkv_text(8, 2, 2, 4, false, true, false).replace(
+        "  return %19",
+        "  %20 = linear %2, %5 : [S, 8]\n  %21 = linear %20, %18 : [S, 16]\n  %22 = add %19, %21 : [S, 16]\n  return %22",
+    );
+    assert!(text.contains("%22 = add"), "{text}");
+    let mut m = parse_module(&text).unwrap();
+    let report = egraph::optimize(&mut m);
+    assert_eq!(report.fired(egraph::merge::RULE), 0, "{}", print_module(&m));
+    // Without the extra read the same program merges.
+    let mut m = parse_module(&qkv_text(8, 2, 2, 4, false, true, false)).unwrap();
+    assert_eq!(egraph::optimize(&mut m).fired(egraph::merge::RULE), 1);
+}

@@ -95,6 +95,19 @@ irdl.dialect @loop {
     %epi = irdl.is memref<*xf32>
     irdl.operands(x: %x, w: %w, out: %out, epi: variadic %epi)
   }
+  // One product `x · wᵀ` whose columns go to `parts` destinations (the first `parts` operands
+  // after `w`, in column order, widths = their columns), each with its own GEMM epilogue: the
+  // remaining operands, named per part by `terms` (parts separated by `;`, terms by `,`).
+  irdl.operation @matmul_parts {
+    %layout = irdl.base "#builtin.string"
+    %parts = irdl.base "#builtin.integer"
+    %terms = irdl.base "#builtin.string"
+    irdl.attributes {"layout" = %layout, "parts" = %parts, "terms" = %terms}
+    %x = irdl.base "!builtin.memref"
+    %w = irdl.base "!builtin.memref"
+    %rest = irdl.is memref<*xf32>
+    irdl.operands(x: %x, w: %w, rest: variadic %rest)
+  }
   irdl.operation @concat {
     %inputs = irdl.is memref<*xf32>
     %out = irdl.base "!builtin.memref"

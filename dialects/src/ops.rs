@@ -360,6 +360,13 @@ pub enum Op {
         row_scale: bool,
         residual: bool,
     },
+    /// Sibling matmuls as one product: `x · wᵀ` over the stacked weight `w: [Σ parts, k]`, whose
+    /// columns are cut into `parts.len()` results of widths `parts` (read by `proj i`), each
+    /// `[s ⊙]` scaled per row when `row_scale`. Operands: x, w, then s when `row_scale`.
+    LinearParts {
+        parts: Vec<usize>,
+        row_scale: bool,
+    },
 }
 
 impl Op {
@@ -398,6 +405,7 @@ impl Op {
             Op::Glu(_) => "glu",
             Op::InvRms { .. } => "inv_rms",
             Op::LinearEp { .. } => "linear_ep",
+            Op::LinearParts { .. } => "linear_parts",
         }
     }
 }

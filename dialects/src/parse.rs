@@ -256,6 +256,13 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
                 row_scale: num(ln, attr("row_scale")?)? != 0.0,
                 residual: num(ln, attr("residual")?)? != 0.0,
             },
+            "linear_parts" => Op::LinearParts {
+                parts: attr("parts")?
+                    .split(';')
+                    .map(|p| num(ln, p).map(|v| v as usize))
+                    .collect::<Result<_, _>>()?,
+                row_scale: num(ln, attr("row_scale")?)? != 0.0,
+            },
             "slice" => Op::Slice {
                 start: num(ln, attr("start")?)? as usize,
                 len: num(ln, attr("len")?)? as usize,

@@ -167,6 +167,18 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::WSliceCols { start, len } => {
             vec![("start", start.to_string()), ("len", len.to_string())]
         }
+        // `;` between the widths: attribute lists split on `,` and spaces.
+        Op::LinearParts { parts, row_scale } => vec![
+            (
+                "parts",
+                parts
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(";"),
+            ),
+            ("row_scale", u8::from(*row_scale).to_string()),
+        ],
         Op::Slice { start, len } => vec![("start", start.to_string()), ("len", len.to_string())],
         _ => vec![],
     }

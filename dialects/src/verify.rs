@@ -353,6 +353,30 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             Ok(Ty::Act(w[0]))
         }
+        Op::LinearParts { parts, row_scale } => {
+            arity(2 + usize::from(*row_scale))?;
+            let k = act(0)?;
+            let w = weight(1)?;
+            if parts.is_empty() || parts.contains(&0) {
+                return Err(format!(
+                    "`linear_parts` needs one or more parts of non-zero width, got {parts:?}"
+                ));
+            }
+            let n: usize = parts.iter().sum();
+            if w.len() != 2 || w[1] != k || w[0] != n {
+                return Err(format!(
+                    "`linear_parts` weight must be [{n}, {k}] for parts {parts:?} of an input of width {k}, got {}",
+                    args[1]
+                ));
+            }
+            if *row_scale && act(2)? != 1 {
+                return Err(format!(
+                    "`linear_parts` row scale must be [S, 1], got {}",
+                    args[2]
+                ));
+            }
+            Ok(Ty::Tuple(parts.iter().map(|&p| Ty::Act(p)).collect()))
+        }
         Op::Glu(_) => {
             arity(1)?;
             let d = act(0)?;

@@ -484,6 +484,27 @@ pub enum Instr {
         step: bool,
         out: BufId,
     },
+    /// One product `x · wᵀ` whose output columns go to several buffers: part `i` receives the
+    /// next `parts[i].out.cols` columns (the parts' widths add up to `w.rows`), then its own
+    /// [`Epilogue`] (a bias is a window of that part's width). `x` is read once and the weight
+    /// streamed once, in one dispatch (Q, K and V of an attention block reading the same
+    /// normed input); each destination stays a contiguous buffer. At most [`MAX_MATMUL_PARTS`].
+    MatMulParts {
+        x: BufId,
+        w: WRef,
+        parts: Vec<MatPart>,
+    },
+}
+
+/// Most destinations of one [`Instr::MatMulParts`] (the runtime keeps them on the stack).
+pub const MAX_MATMUL_PARTS: usize = 8;
+
+/// A destination of [`Instr::MatMulParts`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct MatPart {
+    pub out: BufId,
+    #[serde(default, skip_serializing_if = "Epilogue::is_none")]
+    pub epi: Epilogue,
 }
 
 /// What a [`Instr::MatMul`] does with each product element before storing it (the GEMM
@@ -680,6 +701,9 @@ impl Instr {
             | Instr::PosEmbed { table: w, .. }
             | Instr::MatMulKN { w, .. } => vec![*w],
             Instr::MatMul { w, epi, .. } => std::iter::once(*w).chain(epi.bias).collect(),
+            Instr::MatMulParts { w, parts, .. } => std::iter::once(*w)
+                .chain(parts.iter().filter_map(|p| p.epi.bias))
+                .collect(),
             Instr::Kernel { args, .. } => args
                 .iter()
                 .filter_map(|a| {
@@ -712,6 +736,10 @@ impl Instr {
             Instr::MatMul { x, out, epi, .. } => std::iter::once(*x)
                 .chain(epi.reads())
                 .chain([*out])
+                .collect(),
+            Instr::MatMulParts { x, parts, .. } => std::iter::once(*x)
+                .chain(parts.iter().flat_map(|p| p.epi.reads()))
+                .chain(parts.iter().map(|p| p.out))
                 .collect(),
             Instr::SliceCols { src, out, .. } => vec![*src, *out],
             Instr::Concat { inputs, out } => inputs.iter().copied().chain([*out]).collect(),
@@ -752,6 +780,12 @@ impl Manifest {
             Instr::MatMul { x, out, epi, .. } => {
                 (std::iter::once(*x).chain(epi.reads()).collect(), vec![*out])
             }
+            Instr::MatMulParts { x, parts, .. } => (
+                std::iter::once(*x)
+                    .chain(parts.iter().flat_map(|p| p.epi.reads()))
+                    .collect(),
+                parts.iter().map(|p| p.out).collect(),
+            ),
             Instr::MatMulKN { x, out, .. } | Instr::SliceCols { src: x, out, .. } => {
                 (vec![*x], vec![*out])
             }

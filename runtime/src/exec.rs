@@ -843,6 +843,26 @@ impl<'a> Run<'a> {
                 crate::matmul::matmul_epi(xs, wd, os, rows, w.cols, w.rows, m.threads, &e);
                 Ok(1)
             }
+            Instr::MatMulParts { x, w, parts } => {
+                let rows = self.rows_of(*x);
+                let wd = weight(m, w, iter);
+                let xb = &self.ws.bufs[*x as usize];
+                // SAFETY: x is none of the outputs (validated), so the slices do not alias.
+                let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
+                // On the stack: no allocation per decode step.
+                let mut ps: [crate::matmul::Part; crate::matmul::MAX_PARTS] = Default::default();
+                for (p, d) in parts.iter().zip(ps.iter_mut()) {
+                    let n = bufs[p.out as usize].cols;
+                    d.n = n;
+                    d.epi = self.epi(&p.epi, iter, 0, rows, n);
+                    // SAFETY: the outputs are distinct and differ from every buffer read
+                    // (validated by `Model::new`).
+                    d.out = unsafe { self.out_rows(p.out, 0, rows * n) };
+                }
+                let ps = &mut ps[..parts.len()];
+                crate::matmul::matmul_parts(xs, wd, ps, rows, w.cols, m.threads);
+                Ok(1)
+            }
             Instr::MatMulKN { x, w, out } => {
                 let rows = self.rows_of(*x);
                 let wd = weight(m, w, iter);

@@ -991,3 +991,6 @@ mod bench {
         );
     }
 }
+
+mod parts;
+pub use parts::{matmul_parts, Part, MAX_PARTS};

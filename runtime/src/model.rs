@@ -420,6 +420,7 @@ fn instr_name(i: &Instr) -> &'static str {
         Instr::PosEmbed { .. } => "PosEmbed",
         Instr::Sinusoidal { .. } => "Sinusoidal",
         Instr::TimingSignal { .. } => "TimingSignal",
+        Instr::MatMulParts { .. } => "MatMulParts",
     }
 }
 
@@ -944,6 +945,7 @@ impl<'a> Validator<'a> {
                         ));
                     }
                 }
+                Instr::MatMulParts { x, w, parts } => self.matmul_parts(&ctx, *x, w, parts)?,
                 Instr::Kernel { kernel, args } => {
                     let kd = self
                         .m
@@ -964,6 +966,80 @@ impl<'a> Validator<'a> {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// `MatMulParts`: the parts' widths add up to the weight's rows, every destination has the
+    /// rows of `x` and is written by no other part, and no operand (x, a row scale, a residual)
+    /// is one of the destinations, since the parts are written while those are read.
+    fn matmul_parts(
+        &self,
+        ctx: &str,
+        x: BufId,
+        w: &WRef,
+        parts: &[artifact::MatPart],
+    ) -> Result<()> {
+        let err = |msg: String| RuntimeError::manifest(format!("{ctx}: {msg}"));
+        self.wref(ctx, w)?;
+        let xb = self.buf(ctx, x)?;
+        if parts.is_empty() || parts.len() > artifact::MAX_MATMUL_PARTS {
+            return Err(err(format!(
+                "{} output parts (1 to {} allowed)",
+                parts.len(),
+                artifact::MAX_MATMUL_PARTS
+            )));
+        }
+        if xb.cols != w.cols {
+            return Err(err(format!(
+                "`{}` [{:?}, {}] · W[{}, {}]ᵀ: the inner sizes differ",
+                xb.name, xb.rows, xb.cols, w.rows, w.cols
+            )));
+        }
+        let outs: Vec<BufId> = parts.iter().map(|p| p.out).collect();
+        let mut total = 0usize;
+        for (i, p) in parts.iter().enumerate() {
+            let ob = self.buf(ctx, p.out)?;
+            if ob.rows != xb.rows || p.out == x || outs[..i].contains(&p.out) {
+                return Err(err(format!(
+                    "part {i} `{}` must have the rows of `{}` and be a buffer of its own",
+                    ob.name, xb.name
+                )));
+            }
+            total += ob.cols;
+            if let Some(s) = p.epi.row_scale {
+                let sb = self.buf(ctx, s)?;
+                if sb.cols != 1 || sb.rows != xb.rows || outs.contains(&s) {
+                    return Err(err(format!(
+                        "part {i}: epilogue row scale `{}` must be [{:?}, 1] and not an output",
+                        sb.name, xb.rows
+                    )));
+                }
+            }
+            if let Some(r) = p.epi.residual {
+                let rb = self.buf(ctx, r)?;
+                if rb.cols != ob.cols || rb.rows != ob.rows || outs.contains(&r) {
+                    return Err(err(format!(
+                        "part {i}: epilogue residual `{}` must be shaped like `{}` and not be an output",
+                        rb.name, ob.name
+                    )));
+                }
+            }
+            if let Some(b) = &p.epi.bias {
+                self.wref(ctx, b)?;
+                if b.rows * b.cols != ob.cols {
+                    return Err(err(format!(
+                        "part {i}: epilogue bias [{}, {}] must have {} elements",
+                        b.rows, b.cols, ob.cols
+                    )));
+                }
+            }
+        }
+        if total != w.rows {
+            return Err(err(format!(
+                "the parts have {total} columns in all, the weight W[{}, {}] has {} rows",
+                w.rows, w.cols, w.rows
+            )));
         }
         Ok(())
     }

@@ -168,7 +168,9 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
         | Op::TimingSignal { .. }
         | Op::HeadRmsNorm { .. }
         | Op::WMap { .. }
-        | Op::WRepeatRows(_) => {
+        | Op::WRepeatRows(_)
+        // Made after extraction (`merge`); a region that already has one keeps it whole.
+        | Op::LinearParts { .. } => {
             opaque.push(op.clone());
             TOp::Opaque((opaque.len() - 1) as u32)
         }

@@ -8,6 +8,7 @@
 //! A region is only replaced when the extracted program is cheaper than the one it came from.
 pub mod cost;
 pub mod lang;
+pub mod merge;
 pub mod rules;
 
 use egg::{Id, Runner, SimpleScheduler};
@@ -119,6 +120,8 @@ impl Report {
             for (st, us, n) in &r.stages {
                 let what = if *st == "extract" {
                     "classes selected"
+                } else if *st == "merge" {
+                    "graph nodes"
                 } else {
                     "e-nodes"
                 };
@@ -129,6 +132,9 @@ impl Report {
                 if n > 0 {
                     writeln!(s, "  fired {} x{n}", rule.name).unwrap();
                 }
+            }
+            if let Some(n) = r.fired.get(merge::RULE) {
+                writeln!(s, "  fired {} x{n} (after extraction)", merge::RULE).unwrap();
             }
             if r.hoisted > 0 {
                 writeln!(s, "  hoisted {} value(s) out of the loop", r.hoisted).unwrap();
@@ -269,6 +275,14 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
     if !rep.replaced {
         rep.cost_after = rep.cost_before;
         rep.parts_after = rep.parts_before;
+    }
+    let t = Instant::now();
+    let merged = merge::merge_siblings(r);
+    if merged > 0 {
+        r.compact();
+        rep.fired.insert(merge::RULE, merged);
+        rep.stages
+            .push(("merge", t.elapsed().as_micros(), r.graph.node_count()));
     }
     rep.nodes_after = r.graph.node_count();
     rep

@@ -11,6 +11,7 @@ use loopc_dialects::ops::{
     StateInit as DInit, Unary,
 };
 use loopc_dialects::{Module, NodeId, Op, Region, Ty};
+use loopc_runtime::artifact::MatPart;
 use loopc_runtime::artifact::{
     Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, Epilogue, EwIn, EwOp,
     ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite, Manifest, Program, Recur, RopeStyle,
@@ -585,6 +586,31 @@ impl Lowerer {
                 self.tuples.insert((in_loop, n), vec![sum, y]);
                 return Ok(());
             }
+            Op::LinearParts { parts, row_scale } => {
+                let w = self
+                    .wref(r, ops[1])?
+                    .ok_or_else(|| LowerError("`linear_parts` needs a weight".into()))?;
+                let x = self.buf(ops[0], vals)?;
+                let epi = Epilogue {
+                    row_scale: if *row_scale {
+                        Some(self.buf(ops[2], vals)?)
+                    } else {
+                        None
+                    },
+                    ..Epilogue::default()
+                };
+                let outs: Vec<BufId> = parts
+                    .iter()
+                    .map(|&c| self.buffer("linear_part".into(), c))
+                    .collect();
+                out.push(Instr::MatMulParts {
+                    x,
+                    w,
+                    parts: outs.iter().map(|&o| MatPart { out: o, epi }).collect(),
+                });
+                self.tuples.insert((in_loop, n), outs);
+                return Ok(());
+            }
             Op::Proj(i) => {
                 let b = self
                     .tuples
@@ -917,6 +943,7 @@ impl Lowerer {
             | Op::Tokens
             | Op::Weight(_)
             | Op::RmsNormRes { .. }
+            | Op::LinearParts { .. }
             | Op::Proj(_)
             | Op::WSliceCols { .. }
             | Op::WScale(_)

@@ -111,6 +111,32 @@ fn instrs(s: &mut String, m: &Manifest, v: &[Instr], ind: &str) {
                 }
                 l
             }
+            Instr::MatMulParts { x, w: wr, parts } => {
+                let outs: Vec<String> = parts.iter().map(|p| format!("b{}", p.out)).collect();
+                let mut l = format!("{} = matmul b{x}, {}ᵀ", outs.join(", "), w(m, wr));
+                // One epilogue shared by every part (the merged Q/K/V row scale) prints once.
+                let shared = parts.iter().all(|p| p.epi == parts[0].epi);
+                for (i, p) in parts.iter().enumerate() {
+                    if shared && i > 0 {
+                        break;
+                    }
+                    let at = if shared {
+                        String::new()
+                    } else {
+                        format!("[{i}]")
+                    };
+                    if let Some(s) = p.epi.row_scale {
+                        l += &format!(" rowscale{at} b{s}");
+                    }
+                    if let Some(b) = &p.epi.bias {
+                        l += &format!(" bias{at} {}", w(m, b));
+                    }
+                    if let Some(r) = p.epi.residual {
+                        l += &format!(" +{at} b{r}");
+                    }
+                }
+                l
+            }
             Instr::Concat { inputs, out } => {
                 let a: Vec<String> = inputs.iter().map(|b| format!("b{b}")).collect();
                 format!("b{out} = concat {}", a.join(", "))

@@ -266,6 +266,43 @@ impl<'a> Scope<'a> {
                     self.op("matmul_ep", &ops, &attrs);
                 }
             }
+            Instr::MatMulParts { x, w, parts } => {
+                // The destinations in column order, then each part's epilogue operands; `terms`
+                // names them per part (`;` between parts) and `parts` counts the destinations.
+                let x = self.b(*x);
+                let wv = (self.weight(w), wty(w));
+                let mut ops = vec![x, wv];
+                for p in parts {
+                    let v = self.b(p.out);
+                    ops.push(self.unranked(v));
+                }
+                let mut terms = vec![];
+                for p in parts {
+                    let mut t = vec![];
+                    if let Some(s) = p.epi.row_scale {
+                        let v = self.b(s);
+                        ops.push(self.unranked(v));
+                        t.push("row_scale");
+                    }
+                    if let Some(r) = p.epi.residual {
+                        let v = self.b(r);
+                        ops.push(self.unranked(v));
+                        t.push("residual");
+                    }
+                    if let Some(bias) = &p.epi.bias {
+                        let v = (self.weight(bias), wty(bias));
+                        ops.push(self.unranked(v));
+                        t.push("bias");
+                    }
+                    terms.push(t.join(","));
+                }
+                let attrs = format!(
+                    "layout = \"nk\", parts = {} : i64, terms = {:?}",
+                    parts.len(),
+                    terms.join(";")
+                );
+                self.op("matmul_parts", &ops, &attrs);
+            }
             Instr::MatMulKN { x, w, out } => {
                 let x = self.b(*x);
                 let w = (self.weight(w), wty(w));

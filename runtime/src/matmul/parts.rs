@@ -1,0 +1,339 @@
+//! One product `x · wᵀ` whose output columns are scattered into several destination buffers
+//! (`artifact::Instr::MatMulParts`): Q, K and V of an attention block as one matmul over the
+//! stacked weight, each written straight into its own contiguous buffer. Every path of
+//! [`super::matmul_epi`] is kept (GEMV split over the pool for decode, the few-row GEMV, the
+//! column-split and the gemm-threaded GEMM); a block of output columns that straddles a part
+//! boundary is cut there, and each piece gets its own part's epilogue right after it is
+//! computed.
+
+use super::{gemm_block, gemv_rows, Epi, PAR_MIN_MACS, SERIAL_BLOCK_BYTES, SMALL_M};
+use rayon::prelude::*;
+
+/// Most parts of one call: the runtime keeps them on the stack (no allocation per step).
+pub const MAX_PARTS: usize = crate::artifact::MAX_MATMUL_PARTS;
+
+/// One destination: the next `n` columns of the product, stored with row stride `n`.
+#[derive(Default)]
+pub struct Part<'a> {
+    /// `[m, n]`.
+    pub out: &'a mut [f32],
+    pub n: usize,
+    /// Rows `0..m` of this part (residual `[m, n]`, bias `[n]`).
+    pub epi: Epi<'a>,
+}
+
+/// A part as the parallel tasks see it: its first global column and its output pointer.
+#[derive(Clone, Copy, Default)]
+struct Dst<'a> {
+    ptr: usize,
+    n: usize,
+    off: usize,
+    epi: Epi<'a>,
+}
+
+struct Layout<'a> {
+    d: [Dst<'a>; MAX_PARTS],
+    len: usize,
+}
+
+impl Layout<'_> {
+    /// Calls `f(part, a, b)` for each piece `[a, b)` of global columns `[j0, j1)` that lies in
+    /// one part, in column order.
+    #[inline]
+    fn pieces(&self, j0: usize, j1: usize, mut f: impl FnMut(&Dst, usize, usize)) {
+        for d in &self.d[..self.len] {
+            let (a, b) = (j0.max(d.off), j1.min(d.off + d.n));
+            if a < b {
+                f(d, a, b);
+            }
+        }
+    }
+}
+
+/// `x · wᵀ` with `x: [m, k]`, `w: [Σ nᵢ, k]`, columns `offᵢ .. offᵢ + nᵢ` into `parts[i]`
+/// (then its epilogue). `threads` is the size of the current rayon pool.
+pub fn matmul_parts(x: &[f32], w: &[f32], parts: &mut [Part], m: usize, k: usize, threads: usize) {
+    assert!(
+        !parts.is_empty() && parts.len() <= MAX_PARTS,
+        "matmul_parts: 1 to {MAX_PARTS} parts"
+    );
+    let mut lay = Layout {
+        d: [Dst::default(); MAX_PARTS],
+        len: parts.len(),
+    };
+    let mut n = 0;
+    for (i, p) in parts.iter_mut().enumerate() {
+        assert!(p.out.len() >= m * p.n, "matmul_parts output sizes");
+        p.epi.check(m, p.n);
+        lay.d[i] = Dst {
+            ptr: p.out.as_mut_ptr() as usize,
+            n: p.n,
+            off: n,
+            epi: p.epi,
+        };
+        n += p.n;
+    }
+    assert!(
+        x.len() >= m * k && w.len() >= n * k,
+        "matmul_parts operand sizes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let out = |d: &Dst, r: usize, c: usize, len: usize| {
+        // SAFETY: callers pass a row < m and columns c..c+len < d.n of their own piece; the
+        // part's buffer holds m·n elements (checked above) and pieces are disjoint.
+        unsafe { std::slice::from_raw_parts_mut((d.ptr as *mut f32).add(r * d.n + c), len) }
+    };
+    if k == 0 {
+        lay.pieces(0, n, |d, a, b| {
+            for r in 0..m {
+                out(d, r, a - d.off, b - a).fill(0.0);
+            }
+            // SAFETY: as above; one caller.
+            unsafe { d.epi.apply(d.ptr as *mut f32, d.n, 0, m, a - d.off, b - a) };
+        });
+        return;
+    }
+    // Rows `0..rows` of x times weight rows [a, b) into the piece, then its epilogue.
+    let gemv_piece = |d: &Dst, a: usize, b: usize, rows: usize| {
+        for i in 0..rows {
+            gemv_rows(
+                &x[i * k..(i + 1) * k],
+                &w[a * k..b * k],
+                out(d, i, a - d.off, b - a),
+            );
+        }
+        // SAFETY: this caller's columns of the part, every row.
+        unsafe {
+            d.epi
+                .apply(d.ptr as *mut f32, d.n, 0, rows, a - d.off, b - a)
+        };
+    };
+    let macs = m.saturating_mul(n).saturating_mul(k);
+    if m <= SMALL_M {
+        if threads <= 1 || n < 8 || macs < PAR_MIN_MACS {
+            // L2-sized blocks of weight rows, each applied to every x row while hot (as in
+            // `gemv_multi_epi`); for m = 1 this is the plain serial GEMV.
+            let rows = (SERIAL_BLOCK_BYTES / (4 * k)).max(4).min(n);
+            let mut j0 = 0;
+            while j0 < n {
+                let j1 = (j0 + rows).min(n);
+                lay.pieces(j0, j1, |d, a, b| gemv_piece(d, a, b, m));
+                j0 = j1;
+            }
+            return;
+        }
+        // One split over all rows of the stacked weight, a few chunks per thread.
+        let rows = n.div_ceil(threads * 4).next_multiple_of(4).max(4);
+        let lay = &lay;
+        (0..n.div_ceil(rows)).into_par_iter().for_each(|c| {
+            let j0 = c * rows;
+            lay.pieces(j0, (j0 + rows).min(n), |d, a, b| gemv_piece(d, a, b, m));
+        });
+        return;
+    }
+    // The column block [a, b) of the product, as one single-threaded gemm into the part.
+    let gemm_piece = |d: &Dst, a: usize, b: usize, par: gemm::Parallelism| {
+        let c = a - d.off;
+        // SAFETY: sizes checked above; dst is the part's columns c..c+(b-a) with row stride
+        // d.n, lhs [m, k] row-major, rhs element (kk, j) of weight row a + j at w[(a+j)·k + kk].
+        unsafe {
+            gemm_block(
+                m,
+                b - a,
+                k,
+                (d.ptr as *mut f32).add(c),
+                d.n as isize,
+                x.as_ptr(),
+                k as isize,
+                w.as_ptr().add(a * k),
+                1,
+                k as isize,
+                par,
+            );
+        }
+    };
+    if threads > 1 && macs >= 64 * PAR_MIN_MACS && m <= 512 && n >= 64 * threads {
+        // As `matmul_epi`: one column block per thread, over the stacked weight's rows.
+        let cols = n.div_ceil(threads).next_multiple_of(16);
+        let lay = &lay;
+        (0..threads).into_par_iter().for_each(|p| {
+            let j0 = p * cols;
+            if j0 >= n {
+                return;
+            }
+            lay.pieces(j0, (j0 + cols).min(n), |d, a, b| {
+                gemm_piece(d, a, b, gemm::Parallelism::None);
+                // SAFETY: this task's columns of the part, every row.
+                unsafe { d.epi.apply(d.ptr as *mut f32, d.n, 0, m, a - d.off, b - a) };
+            });
+        });
+        return;
+    }
+    // Large products keep gemm's own threading: one call per part, each packing x again (the
+    // product is compute-bound here; the point of the merge is the few-row paths).
+    let par = if threads > 1 && macs >= 64 * PAR_MIN_MACS {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    lay.pieces(0, n, |d, a, b| {
+        gemm_piece(d, a, b, par);
+        if d.epi.is_none() {
+            return;
+        }
+        let rows = if matches!(par, gemm::Parallelism::None) {
+            m
+        } else {
+            m.div_ceil(threads * 4).max(1)
+        };
+        (0..m.div_ceil(rows)).into_par_iter().for_each(|c| {
+            let r0 = c * rows;
+            // SAFETY: disjoint row blocks of the part.
+            unsafe {
+                d.epi
+                    .apply(d.ptr as *mut f32, d.n, r0, (r0 + rows).min(m), 0, d.n)
+            };
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// `x · wᵀ` in f64, `[m, n]`.
+    fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut o = vec![0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
+                    .sum();
+                o[r * n + j] = s as f32;
+            }
+        }
+        o
+    }
+
+    /// Runs `matmul_parts` on random data and compares every part with the naive product of
+    /// the stacked weight, cut at the part boundaries, and the epilogue formula per part.
+    /// `epi`: 0 none, 1 row scale, 2 row scale + residual + bias.
+    fn check(m: usize, k: usize, widths: &[usize], threads: usize, epi: u32, seed: u64) {
+        let mut s = seed;
+        let n: usize = widths.iter().sum();
+        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+        let sc: Vec<f32> = (0..m).map(|_| 1.0 + lcg(&mut s)).collect();
+        let res: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|&p| (0..m * p).map(|_| lcg(&mut s)).collect())
+            .collect();
+        let bias: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|&p| (0..p).map(|_| lcg(&mut s)).collect())
+            .collect();
+        let mut outs: Vec<Vec<f32>> = widths.iter().map(|&p| vec![f32::NAN; m * p]).collect();
+        let mut parts: Vec<Part> = outs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, o)| Part {
+                out: &mut o[..],
+                n: widths[i],
+                epi: Epi {
+                    row_scale: (epi >= 1).then_some(&sc[..]),
+                    residual: (epi >= 2).then_some(&res[i][..]),
+                    bias: (epi >= 2).then_some(&bias[i][..]),
+                },
+            })
+            .collect();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| matmul_parts(&x, &w, &mut parts, m, k, threads));
+        drop(parts);
+        let full = naive(&x, &w, m, k, n);
+        let tol = 1e-5 * (k as f32).sqrt().max(1.0);
+        let mut off = 0;
+        for (i, &p) in widths.iter().enumerate() {
+            for r in 0..m {
+                for j in 0..p {
+                    let mut want = full[r * n + off + j];
+                    if epi >= 1 {
+                        want *= sc[r];
+                    }
+                    if epi >= 2 {
+                        want += bias[i][j] + res[i][r * p + j];
+                    }
+                    let got = outs[i][r * p + j];
+                    assert!(
+                        (got - want).abs() <= tol * (1.0 + want.abs()),
+                        "m={m} k={k} parts={widths:?} threads={threads} epi={epi}: \
+                         part {i} [{r}, {j}] = {got}, want {want}"
+                    );
+                }
+            }
+            off += p;
+        }
+    }
+
+    fn every_epilogue(m: usize, k: usize, widths: &[usize], threads: usize) {
+        for epi in 0..3 {
+            check(m, k, widths, threads, epi, 7 + m as u64 * 31 + epi as u64);
+        }
+    }
+
+    /// Decode: one row, the GEMV split over 4 threads in chunks of 16 weight rows (196 rows),
+    /// so chunks straddle both boundaries (100, 136); GQA-like narrower K and V parts.
+    #[test]
+    fn one_row_threaded_straddles_part_boundaries() {
+        every_epilogue(1, 512, &[100, 36, 60], 4);
+    }
+
+    /// One row on one thread (the serial GEMV over every part), and a single part.
+    #[test]
+    fn one_row_serial_and_single_part() {
+        every_epilogue(1, 96, &[40, 24, 24], 1);
+        every_epilogue(1, 512, &[196], 4);
+    }
+
+    /// A few rows (m ≤ 8): the threaded multi-row GEMV, and the serial one whose L2 blocks of
+    /// 64 weight rows (k = 4096) straddle the boundary at 100.
+    #[test]
+    fn few_rows_threaded_and_serial_blocks() {
+        every_epilogue(5, 512, &[100, 36, 60], 4);
+        every_epilogue(8, 4096, &[100, 60, 36], 1);
+    }
+
+    /// m = 64, n = 300 on 4 threads: the column split (blocks of 80 columns), whose blocks cut
+    /// the boundaries at 128 and 228.
+    #[test]
+    fn column_split_straddles_part_boundaries() {
+        every_epilogue(64, 256, &[128, 100, 72], 4);
+    }
+
+    /// m > 512: gemm's own threading, one call per part; and the same size on one thread.
+    #[test]
+    fn large_m_gemm_threaded_and_serial() {
+        every_epilogue(600, 64, &[100, 36, 60], 4);
+        every_epilogue(520, 32, &[20, 12, 12], 1);
+    }
+
+    /// Degenerate shapes: no inner dimension (the product is zero, the epilogue still applies),
+    /// a few rows below the parallel threshold.
+    #[test]
+    fn degenerate_shapes() {
+        every_epilogue(3, 0, &[4, 2, 2], 4);
+        every_epilogue(2, 7, &[3, 1, 5], 4);
+        every_epilogue(12, 9, &[5, 3], 4);
+    }
+}
