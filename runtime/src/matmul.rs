@@ -355,7 +355,14 @@ pub fn gemv_multi_epi(x: &[f32], w: &[f32], out: &mut [f32], m: usize, threads: 
 /// # Safety
 /// `out` addresses `m` rows of stride `n`, each with `w.len() / k` writable columns that no
 /// other thread touches.
-unsafe fn gemv_rows_multi(x: &[f32], m: usize, k: usize, w: &[f32], out: *mut f32, n: usize) {
+pub(super) unsafe fn gemv_rows_multi(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    out: *mut f32,
+    n: usize,
+) {
     let len = if k == 0 { 0 } else { w.len() / k };
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]

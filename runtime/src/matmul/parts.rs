@@ -6,7 +6,7 @@
 //! boundary is cut there, and each piece gets its own part's epilogue right after it is
 //! computed.
 
-use super::{gemm_block, gemv_rows, Epi, PAR_MIN_MACS, SERIAL_BLOCK_BYTES, SMALL_M};
+use super::{gemm_block, gemv_rows_multi, Epi, PAR_MIN_MACS, SERIAL_BLOCK_BYTES, SMALL_M};
 use rayon::prelude::*;
 
 /// Most parts of one call: the runtime keeps them on the stack (no allocation per step).
@@ -97,13 +97,17 @@ pub fn matmul_parts(x: &[f32], w: &[f32], parts: &mut [Part], m: usize, k: usize
     }
     // Rows `0..rows` of x times weight rows [a, b) into the piece, then its epilogue.
     let gemv_piece = |d: &Dst, a: usize, b: usize, rows: usize| {
-        for i in 0..rows {
-            gemv_rows(
-                &x[i * k..(i + 1) * k],
+        // SAFETY: the part's buffer holds rows·n elements (checked above); pieces are disjoint.
+        unsafe {
+            gemv_rows_multi(
+                x,
+                rows,
+                k,
                 &w[a * k..b * k],
-                out(d, i, a - d.off, b - a),
-            );
-        }
+                (d.ptr as *mut f32).add(a - d.off),
+                d.n,
+            )
+        };
         // SAFETY: this caller's columns of the part, every row.
         unsafe {
             d.epi
