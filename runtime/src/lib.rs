@@ -35,8 +35,10 @@
 //! (per-operation timers in [`Stats::profile`]), `LOOPC_HUGEPAGE_WEIGHTS=1` (copy f32 weights
 //! into huge-page-advised memory instead of using them in place from the mapping).
 
+mod amx;
 pub mod artifact;
 mod batch;
+pub mod bf16;
 pub mod ceilings;
 pub mod error;
 pub mod ew;
@@ -46,6 +48,7 @@ pub mod guard;
 pub mod kernels;
 mod kv;
 pub mod matmul;
+pub mod matmul_bf16;
 mod mem;
 mod model;
 pub mod rng;
