@@ -88,7 +88,8 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     }
     let (p, d) = (median(pre), median(dec));
     Ok(format!(
-        "{{\"impl\":\"loopc\",\"batch\":1,\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"block_evals_per_token_prefill\":{evals_pre:.3},\"block_evals_per_token_decode\":{evals_dec:.3},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
+        "{{\"impl\":\"loopc\",\"dtype\":\"{}\",\"batch\":1,\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"block_evals_per_token_prefill\":{evals_pre:.3},\"block_evals_per_token_decode\":{evals_dec:.3},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
+        model.dtype(),
         a.steps.or(model.manifest().program.recur.as_ref().map(|r| r.default_steps)).unwrap_or(0),
         model.threads(),
         a.prompt_len,
@@ -149,7 +150,8 @@ fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
     }
     let (p, d) = (median(pre), median(dec));
     Ok(format!(
-        "{{\"impl\":\"loopc\",\"batch\":{n},\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
+        "{{\"impl\":\"loopc\",\"dtype\":\"{}\",\"batch\":{n},\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
+        model.dtype(),
         a.steps.or(model.manifest().program.recur.as_ref().map(|r| r.default_steps)).unwrap_or(0),
         model.threads(),
         a.prompt_len,

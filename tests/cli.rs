@@ -397,3 +397,35 @@ fn bench_ceilings_prints_the_machine_ceilings() {
         }
     }
 }
+
+#[test]
+fn dtype_bf16_runs_and_a_wrong_dtype_is_a_clear_error() {
+    let base = [
+        "bench",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--set",
+        "init_scale=0",
+        "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors",
+        "--prompt-len",
+        "12",
+        "--new-tokens",
+        "2",
+        "--reps",
+        "1",
+    ];
+    let (ok, out, err) = loopc(&[&base[..], &["--dtype", "bf16"]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["dtype"], "bf16", "{out}");
+    assert!(json_field(&out, "decode_tok_s") > 0.0);
+    let (ok, _, err) = loopc(&[&base[..], &["--dtype", "fp8"]].concat());
+    assert!(!ok);
+    assert!(
+        err.contains("--dtype") && err.contains("fp8") && err.contains("bf16"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
