@@ -389,6 +389,11 @@ fn bench_ceilings_prints_the_machine_ceilings() {
             &["128x1024x1024", "512x1024x1024", "1024x1024x1024"][..],
         ),
         ("gemv_f32_gbs", &["1x4096x4096"][..]),
+        (
+            "gemm_bf16_gflops",
+            &["128x1024x1024", "512x1024x1024", "1024x1024x1024"][..],
+        ),
+        ("gemv_bf16_gbs", &["1x4096x8192"][..]),
         ("read_gbs", &["2MiB", "64MiB", "512MiB"][..]),
         ("copy_gbs", &["2MiB", "64MiB", "512MiB"][..]),
     ] {

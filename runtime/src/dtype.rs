@@ -158,50 +158,128 @@ pub(crate) fn plan(m: &Manifest) -> Plan {
     }
 }
 
-/// Pack every window of `plan`, then drop the f32 data nothing reads any more.
-pub(crate) fn pack(
-    m: &Manifest,
-    plan: &Plan,
-    bound: &mut [Bound],
-    checkpoint: &Weights,
-    pool: &rayon::ThreadPool,
-) -> Result<HashMap<PackKey, Packed>> {
-    let mut out = HashMap::with_capacity(plan.windows.len());
-    for &k in &plan.windows {
-        let (id, off, rows, cols, kn) = k;
+/// Packs the windows of [`Plan`] while the model loads, each weight as early as possible and
+/// its f32 data (an owned copy, or the checkpoint's pages) dropped right after when nothing
+/// reads it any more: the peak memory of a load stays near the f32 checkpoint's own size
+/// instead of adding every derived weight in f32 and then in bf16.
+pub(crate) struct Packer<'a> {
+    m: &'a Manifest,
+    plan: &'a Plan,
+    checkpoint: &'a Weights,
+    pool: &'a rayon::ThreadPool,
+    /// By weight id: the last non-`PerIter` derived recipe that reads it.
+    last_use: Vec<Option<usize>>,
+    has_windows: Vec<bool>,
+    pub packed: HashMap<PackKey, Packed>,
+}
+
+impl<'a> Packer<'a> {
+    pub fn new(
+        m: &'a Manifest,
+        plan: &'a Plan,
+        checkpoint: &'a Weights,
+        pool: &'a rayon::ThreadPool,
+    ) -> Self {
+        let total = m.weights.len() + m.derived.len();
+        let mut last_use = vec![None; total];
+        for (k, d) in m.derived.iter().enumerate() {
+            if !matches!(d.recipe, Derive::PerIter { .. }) {
+                for s in d.recipe.sources() {
+                    if let Some(l) = last_use.get_mut(s.weight as usize) {
+                        *l = Some(k);
+                    }
+                }
+            }
+        }
+        let mut has_windows = vec![false; total];
+        for w in &plan.windows {
+            has_windows[w.0 as usize] = true;
+        }
+        Packer {
+            m,
+            plan,
+            checkpoint,
+            pool,
+            last_use,
+            has_windows,
+            packed: HashMap::with_capacity(plan.windows.len()),
+        }
+    }
+
+    /// The checkpoint tensors no derived weight reads (before deriving).
+    pub fn checkpoint_weights(&mut self, bound: &mut [Bound]) -> Result<()> {
+        for id in 0..self.m.weights.len() {
+            if self.last_use[id].is_none() {
+                self.finish(id, bound)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After derived weight `k` was computed: it, unless a later recipe reads it, and every
+    /// weight whose last reader it was.
+    pub fn derived(&mut self, k: usize, bound: &mut [Bound]) -> Result<()> {
+        let id = self.m.weights.len() + k;
+        if self.last_use[id].is_none() {
+            self.finish(id, bound)?;
+        }
+        let d = &self.m.derived[k];
+        if !matches!(d.recipe, Derive::PerIter { .. }) {
+            for s in d.recipe.sources() {
+                let s = s.weight as usize;
+                if self.last_use[s] == Some(k) {
+                    self.finish(s, bound)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pack every window of weight `id`, then drop its f32 data unless the program reads it.
+    fn finish(&mut self, id: usize, bound: &mut [Bound]) -> Result<()> {
+        let m = self.m;
+        let name = match m.weights.get(id) {
+            Some(d) => d.name.as_str(),
+            None => m.derived[id - m.weights.len()].name.as_str(),
+        };
+        if self.has_windows[id] {
+            let lo = self.plan.windows.partition_point(|w| (w.0 as usize) < id);
+            for &key in self.plan.windows[lo..]
+                .iter()
+                .take_while(|w| w.0 as usize == id)
+            {
+                let p = self.pack_window(key, name, &bound[id])?;
+                self.packed.insert(key, p);
+            }
+        }
+        if self.plan.f32_needed[id] {
+            return Ok(());
+        }
+        // Packed, or only a derived weight's source: the program never reads it in f32.
+        if bound[id].is_mapped() {
+            bound[id].release_pages();
+        }
+        bound[id] = Bound::Owned(crate::mem::AVec::new());
+        if id < m.weights.len() {
+            self.checkpoint.release(name);
+        }
+        Ok(())
+    }
+
+    fn pack_window(&self, key: PackKey, name: &str, b: &Bound) -> Result<Packed> {
+        let (id, off, rows, cols, kn) = key;
         let (n, kk) = if kn { (cols, rows) } else { (rows, cols) };
         // Element (j, i) of the [n, k] view at this index of the weight's row-major data.
         let at = |j: usize, i: usize| off + if kn { i * n + j } else { j * kk + i };
-        let name = match m.weights.get(id as usize) {
-            Some(d) => d.name.clone(),
-            None => m.derived[id as usize - m.weights.len()].name.clone(),
-        };
         let what = format!("bf16 copy of weight `{name}`");
-        let b = &bound[id as usize];
-        let p = if b.len() > 0 || (id as usize) >= m.weights.len() {
+        if b.len() > 0 || id as usize >= self.m.weights.len() {
             let src = b.as_slice();
-            Packed::build(n, kk, &what, pool, |j, i| to_bf16(src[at(j, i)]))?
+            Packed::build(n, kk, &what, self.pool, |j, i| to_bf16(src[at(j, i)]))
         } else {
-            let get = checkpoint.bf16_reader(&name).ok_or_else(|| {
+            let get = self.checkpoint.bf16_reader(name).ok_or_else(|| {
                 RuntimeError::Config(format!("weight `{name}` cannot be read as bf16"))
             })?;
-            Packed::build(n, kk, &what, pool, |j, i| get(at(j, i)))?
-        };
-        out.insert(k, p);
-    }
-    // Everything the program reads in f32 is in `f32_needed`; the rest (packed weights, and
-    // checkpoint tensors that only fed derived weights) is never read again.
-    for (id, b) in bound.iter_mut().enumerate() {
-        if plan.f32_needed[id] {
-            continue;
-        }
-        if b.is_mapped() {
-            b.release_pages();
-        }
-        *b = Bound::Owned(crate::mem::AVec::new());
-        if let Some(d) = m.weights.get(id) {
-            checkpoint.release(&d.name);
+            Packed::build(n, kk, &what, self.pool, |j, i| get(at(j, i)))
         }
     }
-    Ok(out)
 }

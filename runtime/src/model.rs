@@ -177,10 +177,19 @@ impl Model {
         let plan = (dtype == WeightDtype::Bf16).then(|| crate::dtype::plan(&manifest));
         let lazy = plan.as_ref().map_or(&[][..], |p| &p.lazy[..]);
         let mut bound = weights.bind(&manifest.weights, &pool, lazy)?;
-        derive_weights(&manifest, &mut bound, &pool)?;
         let packed = match &plan {
-            Some(p) => crate::dtype::pack(&manifest, p, &mut bound, &weights, &pool)?,
-            None => HashMap::new(),
+            Some(p) => {
+                let mut packer = crate::dtype::Packer::new(&manifest, p, &weights, &pool);
+                packer.checkpoint_weights(&mut bound)?;
+                derive_weights(&manifest, &mut bound, &pool, &mut |k, b| {
+                    packer.derived(k, b)
+                })?;
+                packer.packed
+            }
+            None => {
+                derive_weights(&manifest, &mut bound, &pool, &mut |_, _| Ok(()))?;
+                HashMap::new()
+            }
         };
         let kernels = Kernels::load(&object, &manifest.kernels)?;
         let token_limit = embed_limit(&manifest);
@@ -265,13 +274,20 @@ impl Model {
 }
 
 /// Append the derived weights (validated by [`validate`]) to the bound checkpoint tensors.
-fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool) -> Result<()> {
+/// `after(k, bound)` runs once derived weight `k` is in `bound` (the bf16 packing hook).
+fn derive_weights(
+    m: &Manifest,
+    bound: &mut Vec<Bound>,
+    pool: &rayon::ThreadPool,
+    after: &mut dyn FnMut(usize, &mut [Bound]) -> Result<()>,
+) -> Result<()> {
     use rayon::prelude::*;
     const ROWS: usize = 64;
-    for d in &m.derived {
+    for (k, d) in m.derived.iter().enumerate() {
         if matches!(d.recipe, artifact::Derive::PerIter { .. }) {
             // Selected per iteration by the interpreter: no data of its own.
             bound.push(Bound::Owned(crate::mem::AVec::new()));
+            after(k, bound)?;
             continue;
         }
         let (rows, cols) = d.recipe.out_shape().map_err(RuntimeError::manifest)?;
@@ -288,6 +304,7 @@ fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool
             });
         }
         bound.push(Bound::Owned(v));
+        after(k, bound)?;
     }
     // Intermediate results (the scaled Q weight a gain is then folded into) and checkpoint
     // tensors converted to f32 that only fed derived weights are not read by the program: free
