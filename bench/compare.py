@@ -288,6 +288,7 @@ def main():
                ("decode b1 tok/s", "p128+d64", "decode_tok_s"),
                (f"decode b{B} tok/s (aggregate)", f"b{B}", "decode_tok_s"),
                ("peak RSS MB (p128+d64)", "p128+d64", "peak_rss_mb")]
+    metrics = [x for x in metrics if x[1] in workloads]
     summary = {}
     for name in models:
         m = MODELS[name]

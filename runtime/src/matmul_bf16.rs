@@ -108,17 +108,25 @@ pub fn matmul_bf16_path(
     // AMX reads A tiles 32 rows at a time: pad with zero rows.
     let rows = if amx { m.next_multiple_of(32) } else { m };
     XQ.with(|cell| {
-        let mut xq = cell.borrow_mut();
+        // A rayon worker waiting inside one call can pick up another session's call on the
+        // same pool; that one gets its own buffer.
+        let mut own = Vec::new();
+        let mut held = cell.try_borrow_mut();
+        let xq: &mut Vec<u32> = match held.as_deref_mut() {
+            Ok(v) => v,
+            Err(_) => &mut own,
+        };
         round_rows(
             &x[..m * k],
             m,
             k,
             w.kp(),
             rows,
-            &mut xq,
+            xq,
             path != Path::Portable,
+            threads,
         );
-        let xq: &[u32] = &xq;
+        let xq: &[u32] = xq;
         if amx {
             #[cfg(target_arch = "x86_64")]
             amx_gemm(xq, w, out, m, threads, epi);
@@ -128,7 +136,9 @@ pub fn matmul_bf16_path(
     });
 }
 
-/// `x[m, k]` rounded into `dst` as `rows` rows of `kp / 2` bf16 pairs, zero beyond `m` and `k`.
+/// `x[m, k]` rounded into `dst` as `rows` rows of `kp / 2` bf16 pairs, zero beyond `m` and `k`
+/// (row blocks split over the pool when large).
+#[allow(clippy::too_many_arguments)]
 fn round_rows(
     x: &[f32],
     m: usize,
@@ -137,10 +147,23 @@ fn round_rows(
     rows: usize,
     dst: &mut Vec<u32>,
     simd: bool,
+    threads: usize,
 ) {
     let kw = kp / 2;
     dst.clear();
     dst.resize(rows * kw, 0);
+    if threads > 1 && m * k >= 1 << 16 {
+        let per = m.div_ceil(threads * 2);
+        dst[..m * kw]
+            .par_chunks_mut(per * kw)
+            .zip(x[..m * k].par_chunks(per * k))
+            .for_each(|(d, x)| round_rows_serial(x, x.len() / k, k, kw, d, simd));
+    } else {
+        round_rows_serial(x, m, k, kw, &mut dst[..m * kw], simd);
+    }
+}
+
+fn round_rows_serial(x: &[f32], m: usize, k: usize, kw: usize, dst: &mut [u32], simd: bool) {
     for r in 0..m {
         let src = &x[r * k..(r + 1) * k];
         let d = &mut dst[r * kw..(r + 1) * kw];
@@ -401,6 +424,7 @@ mod x86 {
     /// `T` input rows from `t0` × `NB` output blocks from `b`: `T · NB` accumulators of 16
     /// outputs, one weight load per block and one broadcast per row per input pair.
     #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::needless_range_loop)] // `acc` is indexed by block and row together
     unsafe fn group<const T: usize, const NB: usize>(
         xq: &[u32],
         w: &Packed,
@@ -565,14 +589,26 @@ mod tests {
     }
 
     #[test]
+    fn parallel_rounding_matches_serial() {
+        let mut s = 2u64;
+        let (m, k) = (300usize, 333usize);
+        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+        let kp = k.next_multiple_of(32);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        pool(2).install(|| round_rows(&x, m, k, kp, 320, &mut a, true, 2));
+        round_rows(&x, m, k, kp, 320, &mut b, false, 1);
+        assert_eq!(a, b);
+    }
+
+    #[test]
     fn rounding_rows_matches_the_scalar_rounding() {
         let mut s = 1u64;
         for k in [1usize, 2, 15, 16, 17, 31, 32, 33, 64, 70] {
             let x: Vec<f32> = (0..k).map(|_| lcg(&mut s) * 1e3).collect();
             let kp = k.next_multiple_of(32);
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            round_rows(&x, 1, k, kp, 2, &mut a, true);
-            round_rows(&x, 1, k, kp, 2, &mut b, false);
+            round_rows(&x, 1, k, kp, 2, &mut a, true, 1);
+            round_rows(&x, 1, k, kp, 2, &mut b, false, 1);
             assert_eq!(a, b, "k = {k}");
             assert!(a[kp / 2..].iter().all(|&v| v == 0));
         }
