@@ -2,7 +2,8 @@
 """loopc vs the PyTorch reference, side by side in one run (issue 9's benchmark matrix).
 
 For each model and recurrence depth r, each workload runs once per implementation per round,
-alternating loopc / PyTorch eager f32 / PyTorch eager bf16 (/ torch.compile with --compile); each
+alternating loopc f32 / loopc bf16 (`--dtype bf16`) / PyTorch eager f32 / PyTorch eager bf16
+(/ torch.compile with --compile); each
 process reports medians over --reps repetitions after a warm-up, and this script takes the median
 over --rounds. The machine is shared and noisy: only ratios within one run are meaningful.
 
@@ -24,6 +25,7 @@ row per sequence) / the best f32 (or bf16) GEMM GFLOP/s measured in the run.
     python3 bench/compare.py --quick                 # d=1024 at r=8, d=256, Ouro; ~10-15 min
     python3 bench/compare.py                         # the full matrix (about an hour)
     python3 bench/compare.py --compile               # adds torch.compile f32 (45-200 s warm-up each)
+    python3 bench/compare.py --quick --models huginn-d1024 --workloads p128+d64,p512 --reps 3
 
 Prints Markdown tables (ready for BENCHMARKS.md) and writes every raw JSON line to --out.
 """
@@ -99,6 +101,8 @@ def main():
     ap.add_argument("--compile", action="store_true",
                     help="also torch.compile (f32; p128+d64 and b8 workloads at the model's middle r)")
     ap.add_argument("--no-bf16", action="store_true", help="skip PyTorch eager bf16")
+    ap.add_argument("--no-loopc-bf16", action="store_true", help="skip loopc --dtype bf16")
+    ap.add_argument("--workloads", help="comma-separated subset of p128+d64,p512,b<batch> (default: all)")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--rs", help="override the d=1024 Huginn depths, e.g. 4,8")
     ap.add_argument("--rounds", type=int)
@@ -168,14 +172,22 @@ def main():
         "p512": dict(prompt=512, new=0, batch=1),
         f"b{a.batch}": dict(prompt=a.batch_prompt_len, new=a.new_tokens, batch=a.batch),
     }
-    impls = ["loopc", "eager-f32"] + ([] if a.no_bf16 else ["eager-bf16"])
+    if a.workloads:
+        keep = [w for w in a.workloads.split(",") if w]
+        unknown = [w for w in keep if w not in workloads]
+        if unknown:
+            sys.exit(f"--workloads: unknown {unknown}; choose from {list(workloads)}")
+        workloads = {k: v for k, v in workloads.items() if k in keep}
+    impls = (["loopc"] + ([] if a.no_loopc_bf16 else ["loopc-bf16"]) + ["eager-f32"]
+             + ([] if a.no_bf16 else ["eager-bf16"]))
 
     def cmd_for(name, r, wl, impl):
         m, w = MODELS[name], workloads[wl]
         common = ["--prompt-len", str(w["prompt"]), "--new-tokens", str(w["new"]), "--reps", str(reps),
                   "--batch", str(w["batch"])]
-        if impl == "loopc":
-            return [a.loopc, "bench", m["art"], "--weights", m["path"], "--steps", str(r)] + common, env
+        if impl.startswith("loopc"):
+            dt = ["--dtype", "bf16"] if impl == "loopc-bf16" else []
+            return [a.loopc, "bench", m["art"], "--weights", m["path"], "--steps", str(r)] + dt + common, env
         dtype = "bf16" if impl.endswith("bf16") else "f32"
         c = ref + ["--weights", m["path"], "--r", str(r), "--dtype", dtype] + common
         if impl.startswith("compile"):
@@ -212,7 +224,8 @@ def main():
     gemm_shapes = ["128x1024x1024", "512x1024x1024", "1024x1024x1024"]
     f32_peak = max([x for s in ("loopc", "pytorch") for k in gemm_shapes
                     for x in [best(s, "gemm_f32_gflops", k)] if x] or [float("nan")])
-    bf16_peak = max([x for k in gemm_shapes for x in [best("pytorch", "gemm_bf16_gflops", k)] if x] or [float("nan")])
+    bf16_peak = max([x for s in ("loopc", "pytorch") for k in gemm_shapes
+                     for x in [best(s, "gemm_bf16_gflops", k)] if x] or [float("nan")])
     dram = max([x for s in ("loopc", "pytorch") for x in [best(s, "read_gbs", "512MiB")] if x] or [float("nan")])
 
     def med(name, r, wl, impl, key):
@@ -235,22 +248,24 @@ def main():
     p("")
     p("### Ceilings (same run; best of the passes)")
     p("")
-    p("| ceiling | loopc runtime | PyTorch f32 | PyTorch bf16 |")
-    p("|---|---|---|---|")
+    p("| ceiling | loopc f32 | loopc bf16 | PyTorch f32 | PyTorch bf16 |")
+    p("|---|---|---|---|---|")
     for k in gemm_shapes:
         p(f"| GEMM {k.replace('x', '×')} GFLOP/s | {fmt(best('loopc', 'gemm_f32_gflops', k))} | "
+          f"{fmt(best('loopc', 'gemm_bf16_gflops', k))} | "
           f"{fmt(best('pytorch', 'gemm_f32_gflops', k))} | {fmt(best('pytorch', 'gemm_bf16_gflops', k))} |")
-    p(f"| GEMV 1×4096·4096ᵀ GB/s (weight bytes) | {fmt(best('loopc', 'gemv_f32_gbs', '1x4096x4096'))} | "
+    p(f"| GEMV 1×4096·4096ᵀ GB/s (weight bytes; loopc bf16: 1×4096·8192ᵀ) | "
+      f"{fmt(best('loopc', 'gemv_f32_gbs', '1x4096x4096'))} | {fmt(best('loopc', 'gemv_bf16_gbs', '1x4096x8192'))} | "
       f"{fmt(best('pytorch', 'gemv_f32_gbs', '1x4096x4096'))} | {fmt(best('pytorch', 'gemv_bf16_gbs', '1x4096x4096'))} |")
     for k in ("2MiB", "64MiB", "512MiB"):
-        p(f"| read GB/s, {k} | {fmt(best('loopc', 'read_gbs', k))} | {fmt(best('pytorch', 'read_gbs', k))} | |")
+        p(f"| read GB/s, {k} | {fmt(best('loopc', 'read_gbs', k))} | | {fmt(best('pytorch', 'read_gbs', k))} | |")
     for k in ("2MiB", "64MiB", "512MiB"):
-        p(f"| copy GB/s, {k} (read + write) | {fmt(best('loopc', 'copy_gbs', k))} | {fmt(best('pytorch', 'copy_gbs', k))} | |")
+        p(f"| copy GB/s, {k} (read + write) | {fmt(best('loopc', 'copy_gbs', k))} | | {fmt(best('pytorch', 'copy_gbs', k))} | |")
     p("")
     p(f"Rooflines below use DRAM read {dram:.1f} GB/s (best 512 MiB read), f32 GEMM peak {f32_peak:.0f} "
       f"GFLOP/s, bf16 GEMM peak {bf16_peak:.0f} GFLOP/s (best measured shapes of the run).")
     p("")
-    p("### Throughput (medians; loopc f32 — loopc has no bf16 path yet, so its bf16 column is n/a)")
+    p("### Throughput (medians; loopc bf16 = `--dtype bf16`: bf16 matmul weights, f32 accumulation)")
     p("")
     has_compile = any(k[3] == "compile-f32" for k in results)
     hdr = "| model | r | metric | loopc f32 | loopc bf16 | eager f32 | eager bf16 |"
@@ -258,12 +273,12 @@ def main():
     if has_compile:
         hdr += " compile f32 |"
         sep += "---|"
-    hdr += " loopc / eager f32 | loopc / eager bf16 |"
-    sep += "---|---|"
+    hdr += " loopc / eager f32 | loopc / eager bf16 | loopc bf16 / eager bf16 |"
+    sep += "---|---|---|"
     if has_compile:
         hdr += " loopc / compile |"
         sep += "---|"
-    hdr += " roofline % loopc · eager f32 · eager bf16 |"
+    hdr += " roofline % loopc · loopc bf16 · eager f32 · eager bf16 |"
     sep += "---|"
     p(hdr)
     p(sep)
@@ -273,6 +288,7 @@ def main():
                ("decode b1 tok/s", "p128+d64", "decode_tok_s"),
                (f"decode b{B} tok/s (aggregate)", f"b{B}", "decode_tok_s"),
                ("peak RSS MB (p128+d64)", "p128+d64", "peak_rss_mb")]
+    metrics = [x for x in metrics if x[1] in workloads]
     summary = {}
     for name in models:
         m = MODELS[name]
@@ -282,7 +298,8 @@ def main():
                 v = {i: med(name, r, wl, i, key) for i in impls + ["compile-f32"]}
                 summary[(name, r, label)] = v
                 roof = []
-                for i, elt, peak in (("loopc", 4, f32_peak), ("eager-f32", 4, f32_peak), ("eager-bf16", 2, bf16_peak)):
+                for i, elt, peak in (("loopc", 4, f32_peak), ("loopc-bf16", 2, bf16_peak),
+                                     ("eager-f32", 4, f32_peak), ("eager-bf16", 2, bf16_peak)):
                     x = v.get(i)
                     if x is None or key == "peak_rss_mb":
                         roof.append("—")
@@ -295,10 +312,12 @@ def main():
                         frac = (x / (w["batch"] * w["prompt"])) * prefill_flops(shape, w["prompt"], w["batch"]) / (peak * 1e9)
                     roof.append(f"{100 * frac:.0f}")
                 nd = 0 if key == "peak_rss_mb" else (2 if "decode" in label else 1)
-                row = f"| {name} | {r} | {label} | {fmt(v['loopc'], nd)} | n/a | {fmt(v['eager-f32'], nd)} | {fmt(v.get('eager-bf16'), nd)} |"
+                row = (f"| {name} | {r} | {label} | {fmt(v['loopc'], nd)} | {fmt(v.get('loopc-bf16'), nd)} | "
+                       f"{fmt(v['eager-f32'], nd)} | {fmt(v.get('eager-bf16'), nd)} |")
                 if has_compile:
                     row += f" {fmt(v.get('compile-f32'), nd)} |"
-                row += f" {fmt(ratio(v['loopc'], v['eager-f32']), 2)} | {fmt(ratio(v['loopc'], v.get('eager-bf16')), 2)} |"
+                row += (f" {fmt(ratio(v['loopc'], v['eager-f32']), 2)} | {fmt(ratio(v['loopc'], v.get('eager-bf16')), 2)} |"
+                        f" {fmt(ratio(v.get('loopc-bf16'), v.get('eager-bf16')), 2)} |")
                 if has_compile:
                     row += f" {fmt(ratio(v['loopc'], v.get('compile-f32')), 2)} |"
                 row += f" {' · '.join(roof)} |"
@@ -333,16 +352,20 @@ def main():
         if dec.get("loopc"):
             target("decode b1 ≥ 95 % of the DRAM roofline (f32)",
                    dec["loopc"] * decode_bytes_per_step(shape, 4) / (dram * 1e9), 0.95, lambda g: f"{100 * g:.0f} %")
-        p("| decode b1 ≥ 95 % of the DRAM roofline (bf16) | loopc has no bf16 path | missed (n/a) |")
+        if dec.get("loopc-bf16"):
+            target("decode b1 ≥ 95 % of the DRAM roofline (bf16)",
+                   dec["loopc-bf16"] * decode_bytes_per_step(shape, 2) / (dram * 1e9), 0.95, lambda g: f"{100 * g:.0f} %")
         target("decode b1 ≥ 1.0× torch.compile (f32)", ratio(dec.get("loopc"), dec.get("compile-f32")), 1.0)
         target("decode b1 ≥ 1.2× eager f32", ratio(dec.get("loopc"), dec.get("eager-f32")), 1.2)
         target("decode b1 ≥ 1.4× eager bf16 (loopc f32 vs eager bf16)", ratio(dec.get("loopc"), dec.get("eager-bf16")), 1.4)
+        target("decode b1 ≥ 1.4× eager bf16 (loopc bf16 vs eager bf16)", ratio(dec.get("loopc-bf16"), dec.get("eager-bf16")), 1.4)
         d8 = s(f"decode b{B} tok/s (aggregate)")
         target(f"decode b{B} ≥ 2× eager f32", ratio(d8.get("loopc"), d8.get("eager-f32")), 2.0)
         target(f"decode b{B} ≥ 1.5× torch.compile f32", ratio(d8.get("loopc"), d8.get("compile-f32")), 1.5)
         p5 = s("prefill-512 tok/s")
         target("prefill-512 ≥ 1.0× eager f32", ratio(p5.get("loopc"), p5.get("eager-f32")), 1.0)
         target("prefill-512 ≥ 1.0× eager bf16 (loopc f32 vs eager bf16)", ratio(p5.get("loopc"), p5.get("eager-bf16")), 1.0)
+        target("prefill-512 ≥ 1.0× eager bf16 (loopc bf16 vs eager bf16)", ratio(p5.get("loopc-bf16"), p5.get("eager-bf16")), 1.0)
         p1 = s("prefill-128 tok/s")
         target("prefill-128 ≥ 1.2× eager f32", ratio(p1.get("loopc"), p1.get("eager-f32")), 1.2)
         rss = s("peak RSS MB (p128+d64)")

@@ -88,7 +88,8 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     }
     let (p, d) = (median(pre), median(dec));
     Ok(format!(
-        "{{\"impl\":\"loopc\",\"batch\":1,\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"block_evals_per_token_prefill\":{evals_pre:.3},\"block_evals_per_token_decode\":{evals_dec:.3},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
+        "{{\"impl\":\"loopc\",\"dtype\":\"{}\",\"batch\":1,\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"block_evals_per_token_prefill\":{evals_pre:.3},\"block_evals_per_token_decode\":{evals_dec:.3},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
+        model.dtype(),
         a.steps.or(model.manifest().program.recur.as_ref().map(|r| r.default_steps)).unwrap_or(0),
         model.threads(),
         a.prompt_len,
@@ -149,7 +150,8 @@ fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
     }
     let (p, d) = (median(pre), median(dec));
     Ok(format!(
-        "{{\"impl\":\"loopc\",\"batch\":{n},\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
+        "{{\"impl\":\"loopc\",\"dtype\":\"{}\",\"batch\":{n},\"r\":{},\"threads\":{},\"prompt_len\":{},\"new_tokens\":{},\"reps\":{},\"prefill_s\":{p:.4},\"decode_s\":{d:.4},\"prefill_tok_s\":{:.2},\"decode_tok_s\":{:.2},\"kv_bytes_per_position\":{kv_per_pos:.0},\"peak_rss_mb\":{:.0}}}",
+        model.dtype(),
         a.steps.or(model.manifest().program.recur.as_ref().map(|r| r.default_steps)).unwrap_or(0),
         model.threads(),
         a.prompt_len,
@@ -170,6 +172,15 @@ pub fn ceilings(threads: usize) -> String {
         .iter()
         .map(|&(m, k, n)| format!("\"{m}x{k}x{n}\":{:.1}", c::gemm_gflops(m, k, n, threads)))
         .collect();
+    let gemm16: Vec<String> = [(128, 1024, 1024), (512, 1024, 1024), (1024, 1024, 1024)]
+        .iter()
+        .map(|&(m, k, n)| {
+            format!(
+                "\"{m}x{k}x{n}\":{:.1}",
+                c::gemm_bf16_gflops(m, k, n, threads)
+            )
+        })
+        .collect();
     let sizes = [(2, "2MiB"), (64, "64MiB"), (512, "512MiB")];
     let read: Vec<String> = sizes
         .iter()
@@ -180,9 +191,11 @@ pub fn ceilings(threads: usize) -> String {
         .map(|&(s, k)| format!("\"{k}\":{:.1}", c::copy_gbs(s * MIB, threads)))
         .collect();
     format!(
-        "{{\"impl\":\"loopc\",\"threads\":{threads},\"gemm_f32_gflops\":{{{}}},\"gemv_f32_gbs\":{{\"1x4096x4096\":{:.1}}},\"read_gbs\":{{{}}},\"copy_gbs\":{{{}}},\"peak_rss_mb\":{:.0}}}",
+        "{{\"impl\":\"loopc\",\"threads\":{threads},\"gemm_f32_gflops\":{{{}}},\"gemv_f32_gbs\":{{\"1x4096x4096\":{:.1}}},\"gemm_bf16_gflops\":{{{}}},\"gemv_bf16_gbs\":{{\"1x4096x8192\":{:.1}}},\"read_gbs\":{{{}}},\"copy_gbs\":{{{}}},\"peak_rss_mb\":{:.0}}}",
         gemm.join(","),
         c::gemv_gbs(4096, 4096, threads),
+        gemm16.join(","),
+        c::gemv_bf16_gbs(8192, 4096, threads),
         read.join(","),
         copy.join(","),
         peak_rss().unwrap_or(0) as f64 / 1048576.0,

@@ -2,7 +2,7 @@
 //! tokens) to stdout, so `loopc ir ... > file` and pipes stay clean.
 use clap::{Args, Parser, Subcommand};
 use loopc_compiler::driver::{self, CompileError, Options};
-use loopc_runtime::{Artifact, Model, SamplerConfig, Weights};
+use loopc_runtime::{Artifact, LoadOptions, Model, SamplerConfig, WeightDtype, Weights};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -68,6 +68,28 @@ impl ModelArgs {
     }
 }
 
+/// The load-time weight dtype, shared by the commands that run a model.
+#[derive(Args)]
+struct DtypeArg {
+    /// Matmul weight storage: f32, or bf16 (converted once at load, f32 accumulation; norms,
+    /// biases, attention, the KV cache and activations stay f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+impl DtypeArg {
+    fn options(&self) -> Result<LoadOptions, String> {
+        let dtype: WeightDtype = self
+            .dtype
+            .parse()
+            .map_err(|e| format!("error: --dtype: {e}"))?;
+        Ok(LoadOptions {
+            threads: None,
+            dtype,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Compile a `.loop` file into an artifact.
@@ -105,6 +127,8 @@ enum Cmd {
         #[arg(long)]
         policy_cap: Option<usize>,
         #[command(flatten)]
+        dtype: DtypeArg,
+        #[command(flatten)]
         args: ModelArgs,
     },
     /// Per token and iteration: state norm, relative update, cosine to the previous state, and
@@ -129,6 +153,8 @@ enum Cmd {
         /// Also draw the PCA trajectories and the convergence curves as a PNG.
         #[arg(long, value_name = "FILE.png")]
         png: Option<PathBuf>,
+        #[command(flatten)]
+        dtype: DtypeArg,
         #[command(flatten)]
         args: ModelArgs,
     },
@@ -159,6 +185,8 @@ enum Cmd {
         /// Override the exit policy's threshold (router threshold, gate q, criterion).
         #[arg(long)]
         exit_threshold: Option<f64>,
+        #[command(flatten)]
+        dtype: DtypeArg,
         #[command(flatten)]
         args: ModelArgs,
     },
@@ -253,6 +281,8 @@ struct RunArgs {
     /// With --depths: repeat the list cyclically (position p gets d[p mod n]).
     #[arg(long)]
     cycle_depths: bool,
+    #[command(flatten)]
+    dtype: DtypeArg,
     /// Compile options when MODEL is a `.loop` file.
     #[command(flatten)]
     args: ModelArgs,
@@ -385,8 +415,10 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             format,
             policies,
             policy_cap,
+            dtype,
             args,
         } => {
+            let load = dtype.options()?;
             let policies = eval::parse_policies(&policies)?;
             if policy_cap == Some(0) {
                 return Err("error: --policy-cap must be positive".into());
@@ -406,7 +438,8 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             let rebuild = (!policies.is_empty()).then(|| artifact.clone());
             let weights_path = weights;
             let weights = Weights::open(&weights_path).map_err(|e| format!("error: {e}"))?;
-            let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
+            let model =
+                Model::with_options(artifact, weights, &load).map_err(|e| format!("error: {e}"))?;
             let t = Instant::now();
             let cap = policy_cap.unwrap_or_else(|| steps.iter().copied().max().unwrap_or(1));
             let table = eval::evaluate(
@@ -416,6 +449,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                 &steps,
                 &policies,
                 cap,
+                &load,
             )?;
             print!("{}", table.render(&format)?);
             eprintln!(
@@ -435,12 +469,15 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             format,
             svg,
             png,
+            dtype,
             args,
         } => {
+            let load = dtype.options()?;
             let tokens = parse_ids(&tokens, "--tokens")?;
             let artifact = load_artifact(&model, &args)?;
             let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
-            let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
+            let model =
+                Model::with_options(artifact, weights, &load).map_err(|e| format!("error: {e}"))?;
             print!(
                 "{}",
                 trace_cmd::run(
@@ -467,8 +504,10 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             exit_threshold,
             batch,
             ceilings,
+            dtype,
             args,
         } => {
+            let load = dtype.options()?;
             if ceilings {
                 let threads = match std::env::var("LOOPC_THREADS") {
                     Ok(v) => v
@@ -492,7 +531,8 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             };
             let artifact = load_artifact(&model, &args)?;
             let weights = Weights::open(&weights).map_err(|e| format!("error: {e}"))?;
-            let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
+            let model =
+                Model::with_options(artifact, weights, &load).map_err(|e| format!("error: {e}"))?;
             let line = bench::run(
                 &model,
                 &bench::BenchArgs {
@@ -538,6 +578,7 @@ fn parse_ids(s: &str, what: &str) -> Result<Vec<u32>, String> {
 }
 
 fn run(r: RunArgs) -> Result<(), String> {
+    let load = r.dtype.options()?;
     // The prompt first, so a bad tokenizer fails before the model is compiled and loaded.
     let (prompt, tokenizer) = match (&r.tokens, &r.prompt, &r.tokenizer) {
         (Some(t), _, _) => (parse_ids(t, "--tokens")?, None),
@@ -553,7 +594,7 @@ fn run(r: RunArgs) -> Result<(), String> {
     let artifact = load_artifact(&r.model, &r.args)?;
     let t = Instant::now();
     let weights = Weights::open(&r.weights).map_err(|e| format!("error: {e}"))?;
-    let model = Model::new(artifact, weights).map_err(|e| format!("error: {e}"))?;
+    let model = Model::with_options(artifact, weights, &load).map_err(|e| format!("error: {e}"))?;
     eprintln!(
         "loaded weights from {} in {:.3} s",
         r.weights.display(),

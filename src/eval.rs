@@ -174,6 +174,7 @@ pub fn evaluate(
     steps: &[usize],
     policies: &[(&str, Criterion, &[f64])],
     cap: usize,
+    load: &loopc_runtime::LoadOptions,
 ) -> Result<Table, String> {
     let mut cells = BTreeMap::new();
     let mut settings = vec![];
@@ -205,7 +206,7 @@ pub fn evaluate(
                     };
                 }
                 let w = Weights::open(weights).map_err(|e| format!("error: {e}"))?;
-                let m = Model::new(a, w).map_err(|e| format!("error: {e}"))?;
+                let m = Model::with_options(a, w, load).map_err(|e| format!("error: {e}"))?;
                 settings.push(Setting {
                     policy: name.into(),
                     threshold: Some(threshold),

@@ -389,6 +389,11 @@ fn bench_ceilings_prints_the_machine_ceilings() {
             &["128x1024x1024", "512x1024x1024", "1024x1024x1024"][..],
         ),
         ("gemv_f32_gbs", &["1x4096x4096"][..]),
+        (
+            "gemm_bf16_gflops",
+            &["128x1024x1024", "512x1024x1024", "1024x1024x1024"][..],
+        ),
+        ("gemv_bf16_gbs", &["1x4096x8192"][..]),
         ("read_gbs", &["2MiB", "64MiB", "512MiB"][..]),
         ("copy_gbs", &["2MiB", "64MiB", "512MiB"][..]),
     ] {
@@ -396,4 +401,36 @@ fn bench_ceilings_prints_the_machine_ceilings() {
             assert!(v[group][k].as_f64().unwrap() > 0.0, "{group}.{k} in {out}");
         }
     }
+}
+
+#[test]
+fn dtype_bf16_runs_and_a_wrong_dtype_is_a_clear_error() {
+    let base = [
+        "bench",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--set",
+        "init_scale=0",
+        "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors",
+        "--prompt-len",
+        "12",
+        "--new-tokens",
+        "2",
+        "--reps",
+        "1",
+    ];
+    let (ok, out, err) = loopc(&[&base[..], &["--dtype", "bf16"]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["dtype"], "bf16", "{out}");
+    assert!(json_field(&out, "decode_tok_s") > 0.0);
+    let (ok, _, err) = loopc(&[&base[..], &["--dtype", "fp8"]].concat());
+    assert!(!ok);
+    assert!(
+        err.contains("--dtype") && err.contains("fp8") && err.contains("bf16"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -1,6 +1,7 @@
 //! This machine's measured ceilings, for rooflines next to the model benchmarks (`loopc bench
 //! --ceilings`, issue 9): GEMM GFLOP/s through the runtime's own [`crate::matmul::matmul`], GEMV
-//! GB/s through its row-split [`crate::matmul::gemv`], and memory read / copy bandwidth at
+//! GB/s through its row-split [`crate::matmul::gemv`], the same two for bf16 weights
+//! ([`crate::matmul_bf16`]), and memory read / copy bandwidth at
 //! working sets that sit in L2, in L3 and in DRAM.
 //!
 //! Each figure is the best of several timed passes after a warm-up (a ceiling, not a median),
@@ -64,6 +65,35 @@ pub fn gemv_gbs(n: usize, k: usize, threads: usize) -> f64 {
     let p = pool(threads);
     let s = p.install(|| best_time(5, 0.5, || crate::matmul::gemv(&x, &w, &mut out, threads)));
     (n * k * 4) as f64 / s / 1e9
+}
+
+/// [`gemm_gflops`] with the weight in bf16 through [`crate::matmul_bf16`] (AMX where present).
+pub fn gemm_bf16_gflops(m: usize, k: usize, n: usize, threads: usize) -> f64 {
+    let (x, w) = (fill(m * k, 1), fill(n * k, 2));
+    let w = crate::bf16::Packed::from_f32(&w, n, k);
+    let mut out = vec![0f32; m * n];
+    let p = pool(threads);
+    let s = p.install(|| {
+        best_time(3, 0.5, || {
+            crate::matmul_bf16::matmul_bf16(&x, &w, &mut out, m, threads)
+        })
+    });
+    2.0 * (m * k * n) as f64 / s / 1e9
+}
+
+/// [`gemv_gbs`] for a bf16 weight (n·k·2 bytes streamed per call) through the decode kernel
+/// of [`crate::matmul_bf16`].
+pub fn gemv_bf16_gbs(n: usize, k: usize, threads: usize) -> f64 {
+    let (x, w) = (fill(k, 3), fill(n * k, 4));
+    let w = crate::bf16::Packed::from_f32(&w, n, k);
+    let mut out = vec![0f32; n];
+    let p = pool(threads);
+    let s = p.install(|| {
+        best_time(5, 0.5, || {
+            crate::matmul_bf16::matmul_bf16(&x, &w, &mut out, 1, threads)
+        })
+    });
+    (n * k * 2) as f64 / s / 1e9
 }
 
 #[inline(always)]
@@ -147,6 +177,8 @@ mod tests {
     fn ceilings_run_and_are_positive() {
         assert!(super::gemm_gflops(16, 32, 48, 2) > 0.0);
         assert!(super::gemv_gbs(64, 32, 2) > 0.0);
+        assert!(super::gemm_bf16_gflops(40, 32, 48, 2) > 0.0);
+        assert!(super::gemv_bf16_gbs(64, 32, 2) > 0.0);
         assert!(super::read_gbs(1 << 16, 2) > 0.0);
         assert!(super::copy_gbs(1 << 16, 2) > 0.0);
         assert_eq!(super::read_sum(&[1.0; 37]), 37.0);

@@ -782,6 +782,20 @@ impl<'a> Run<'a> {
         let bufs = &m.manifest.buffers;
         let s = self.n;
         match ins {
+            Instr::Embed { table, out } if packed(m, table, iter, false).is_some() => {
+                let p = packed(m, table, iter, false).expect("checked by the guard");
+                let cols = table.cols;
+                let o = self.ws.bufs[*out as usize].as_mut_slice();
+                for r in 0..s {
+                    let t = self.tokens[if self.active.is_empty() {
+                        r
+                    } else {
+                        self.active[r]
+                    }];
+                    p.row_into(t as usize, &mut o[r * cols..(r + 1) * cols]);
+                }
+                Ok(0)
+            }
             Instr::Embed { table, out } => {
                 let cols = table.cols;
                 let w = weight(m, table, iter).as_ptr();
@@ -811,14 +825,28 @@ impl<'a> Run<'a> {
                 } else {
                     (w.rows, w.cols)
                 };
-                let wd = weight(m, w, iter);
+                let kn = matches!(ins, Instr::MatMulKN { .. });
+                let pw = packed(m, w, iter, kn);
+                let wd = if pw.is_some() {
+                    &[][..]
+                } else {
+                    weight(m, w, iter)
+                };
                 for g in self.segs {
                     if g.rows == 0 {
                         continue;
                     }
                     let r = g.row0 + g.rows - 1;
                     let xs = self.ws.bufs[*x as usize].as_slice()[r * k..(r + 1) * k].to_vec();
-                    if let Instr::MatMul { epi, .. } = ins {
+                    if let Some(p) = pw {
+                        let e = match ins {
+                            Instr::MatMul { epi, .. } => self.epi(epi, iter, r, 1, n),
+                            _ => crate::matmul::Epi::default(),
+                        };
+                        // SAFETY: the epilogue's buffers differ from `out` (validated).
+                        let os = unsafe { self.out_rows(*out, r * n, n) };
+                        crate::matmul_bf16::matmul_bf16_epi(&xs, p, os, 1, m.threads, &e);
+                    } else if let Instr::MatMul { epi, .. } = ins {
                         let e = self.epi(epi, iter, r, 1, n);
                         // SAFETY: the epilogue's buffers differ from `out` (validated).
                         let os = unsafe { self.out_rows(*out, r * n, n) };
@@ -829,6 +857,28 @@ impl<'a> Run<'a> {
                         crate::matmul::matmul_kn(&xs, wd, os, 1, k, n, m.threads);
                     }
                 }
+                Ok(1)
+            }
+            Instr::MatMul { x, w, out, epi } if packed(m, w, iter, false).is_some() => {
+                let p = packed(m, w, iter, false).expect("checked by the guard");
+                let rows = self.rows_of(*x);
+                let xb = &self.ws.bufs[*x as usize];
+                // SAFETY: x != out (validated), so the two slices do not alias.
+                let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
+                let e = self.epi(epi, iter, 0, rows, w.rows);
+                // SAFETY: the epilogue's buffers differ from `out` (validated).
+                let os = unsafe { self.out_rows(*out, 0, rows * w.rows) };
+                crate::matmul_bf16::matmul_bf16_epi(xs, p, os, rows, m.threads, &e);
+                Ok(1)
+            }
+            Instr::MatMulKN { x, w, out } if packed(m, w, iter, true).is_some() => {
+                let p = packed(m, w, iter, true).expect("checked by the guard");
+                let rows = self.rows_of(*x);
+                let xb = &self.ws.bufs[*x as usize];
+                // SAFETY: x != out (validated), so the two slices do not alias.
+                let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
+                let os = self.ws.bufs[*out as usize].as_mut_slice();
+                crate::matmul_bf16::matmul_bf16(xs, p, os, rows, m.threads);
                 Ok(1)
             }
             Instr::MatMul { x, w, out, epi } => {
@@ -1154,6 +1204,28 @@ impl<'a> Run<'a> {
             }
         }
     }
+}
+
+/// The bf16 copy of a matmul weight window (`kn`: a `MatMulKN` weight), if the model holds
+/// one; per-iteration weights resolve as in [`weight`].
+fn packed<'x>(
+    m: &'x Inner,
+    w: &crate::artifact::WRef,
+    iter: Option<usize>,
+    kn: bool,
+) -> Option<&'x crate::bf16::Packed> {
+    if m.packed.is_empty() {
+        return None;
+    }
+    let vars = &m.iter_variants[w.weight as usize];
+    let (id, base) = match (vars.is_empty(), iter) {
+        (true, _) => (w.weight, 0),
+        (false, t) => {
+            let v = &vars[t.unwrap_or(0).min(vars.len() - 1)];
+            (v.weight, v.offset)
+        }
+    };
+    m.packed.get(&crate::dtype::key(id, base + w.offset, w, kn))
 }
 
 /// The validated window of a weight; a per-iteration weight resolves to the one iteration

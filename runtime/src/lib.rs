@@ -33,11 +33,18 @@
 //!
 //! Environment: `LOOPC_THREADS` (worker threads; default: available cores), `LOOPC_PROFILE=1`
 //! (per-operation timers in [`Stats::profile`]), `LOOPC_HUGEPAGE_WEIGHTS=1` (copy f32 weights
-//! into huge-page-advised memory instead of using them in place from the mapping).
+//! into huge-page-advised memory instead of using them in place from the mapping),
+//! `LOOPC_NO_AMX=1` (bf16 prefill without AMX tiles, on the AVX-512-BF16 kernel).
+//!
+//! [`Model::with_options`] with [`WeightDtype::Bf16`] stores the matmul weights in bf16 (f32
+//! accumulation; norms, biases, attention, the KV cache and activations stay f32).
 
+mod amx;
 pub mod artifact;
 mod batch;
+pub mod bf16;
 pub mod ceilings;
+mod dtype;
 pub mod error;
 pub mod ew;
 mod exec;
@@ -46,6 +53,7 @@ pub mod guard;
 pub mod kernels;
 mod kv;
 pub mod matmul;
+pub mod matmul_bf16;
 mod mem;
 mod model;
 pub mod rng;
@@ -57,6 +65,7 @@ pub mod trace;
 pub mod weights;
 
 pub use batch::BatchSession;
+pub use dtype::{LoadOptions, WeightDtype};
 pub use error::{Result, RuntimeError};
 pub use model::{Artifact, Model};
 pub use rng::Rng;

@@ -53,7 +53,7 @@ impl Epi<'_> {
         self.row_scale.is_none() && self.residual.is_none() && self.bias.is_none()
     }
 
-    fn check(&self, m: usize, n: usize) {
+    pub(crate) fn check(&self, m: usize, n: usize) {
         assert!(
             self.row_scale.is_none_or(|s| s.len() >= m)
                 && self.residual.is_none_or(|r| r.len() >= m * n)
@@ -69,7 +69,15 @@ impl Epi<'_> {
     /// # Safety
     /// `out` covers `r1 · n` elements and no other thread touches this block; `check` passed.
     #[inline]
-    unsafe fn apply(&self, out: *mut f32, n: usize, r0: usize, r1: usize, j0: usize, nc: usize) {
+    pub(crate) unsafe fn apply(
+        &self,
+        out: *mut f32,
+        n: usize,
+        r0: usize,
+        r1: usize,
+        j0: usize,
+        nc: usize,
+    ) {
         if self.is_none() {
             return;
         }

@@ -4,10 +4,12 @@
 use crate::artifact::{
     self, Arg, BufId, EwIn, ExitPolicy, Instr, KernelSpec, Manifest, Rows, StateInit, WRef,
 };
+use crate::dtype::{LoadOptions, WeightDtype};
 use crate::error::{Result, RuntimeError};
 use crate::kernels::Kernels;
 use crate::session::Session;
 use crate::weights::{Bound, Weights};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -94,6 +96,9 @@ pub(crate) struct Inner {
     pub(crate) iter_variants: Vec<Vec<WRef>>,
     /// Iterations the per-iteration weights cover (`None` without any).
     pub(crate) iter_limit: Option<usize>,
+    /// bf16 copies of the matmul weight windows (`--dtype bf16`; empty for f32).
+    pub(crate) packed: HashMap<crate::dtype::PackKey, crate::bf16::Packed>,
+    pub(crate) dtype: WeightDtype,
     // Keeps the memory maps behind `weights` alive; dropped after `weights`.
     pub(crate) _checkpoint: Weights,
 }
@@ -113,7 +118,20 @@ impl Model {
     /// Validate the manifest, bind the weights and load the kernels. The thread count comes
     /// from `LOOPC_THREADS` (default: the available cores).
     pub fn new(artifact: Artifact, weights: Weights) -> Result<Self> {
-        let threads = match std::env::var("LOOPC_THREADS") {
+        Self::with_options(artifact, weights, &LoadOptions::default())
+    }
+
+    /// [`Model::new`] with explicit [`LoadOptions`] (threads, weight dtype).
+    pub fn with_options(artifact: Artifact, weights: Weights, opts: &LoadOptions) -> Result<Self> {
+        let threads = match opts.threads {
+            Some(t) => t,
+            None => Self::env_threads()?,
+        };
+        Self::build(artifact, weights, threads, opts.dtype)
+    }
+
+    fn env_threads() -> Result<usize> {
+        Ok(match std::env::var("LOOPC_THREADS") {
             Ok(v) => v
                 .trim()
                 .parse::<usize>()
@@ -125,8 +143,7 @@ impl Model {
                     ))
                 })?,
             Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        };
-        Self::with_threads(artifact, weights, threads)
+        })
     }
 
     /// [`Artifact::load`] + [`Weights::open`] + [`Model::new`].
@@ -136,6 +153,15 @@ impl Model {
 
     /// As [`Model::new`] with an explicit thread count.
     pub fn with_threads(artifact: Artifact, weights: Weights, threads: usize) -> Result<Self> {
+        Self::build(artifact, weights, threads, WeightDtype::F32)
+    }
+
+    fn build(
+        artifact: Artifact,
+        weights: Weights,
+        threads: usize,
+        dtype: WeightDtype,
+    ) -> Result<Self> {
         if threads == 0 {
             return Err(RuntimeError::Config(
                 "the thread count must be at least 1".into(),
@@ -148,8 +174,23 @@ impl Model {
             .thread_name(|i| format!("loopc-{i}"))
             .build()
             .map_err(|e| RuntimeError::Config(format!("cannot start {threads} threads: {e}")))?;
-        let mut bound = weights.bind(&manifest.weights, &pool)?;
-        derive_weights(&manifest, &mut bound, &pool)?;
+        let plan = (dtype == WeightDtype::Bf16).then(|| crate::dtype::plan(&manifest));
+        let lazy = plan.as_ref().map_or(&[][..], |p| &p.lazy[..]);
+        let mut bound = weights.bind(&manifest.weights, &pool, lazy)?;
+        let packed = match &plan {
+            Some(p) => {
+                let mut packer = crate::dtype::Packer::new(&manifest, p, &weights, &pool);
+                packer.checkpoint_weights(&mut bound)?;
+                derive_weights(&manifest, &mut bound, &pool, &mut |k, b| {
+                    packer.derived(k, b)
+                })?;
+                packer.packed
+            }
+            None => {
+                derive_weights(&manifest, &mut bound, &pool, &mut |_, _| Ok(()))?;
+                HashMap::new()
+            }
+        };
         let kernels = Kernels::load(&object, &manifest.kernels)?;
         let token_limit = embed_limit(&manifest);
         let mut iter_variants = vec![Vec::new(); manifest.weights.len()];
@@ -175,6 +216,8 @@ impl Model {
                 needs,
                 iter_variants,
                 iter_limit,
+                packed,
+                dtype,
                 _checkpoint: weights,
             }),
         })
@@ -193,10 +236,16 @@ impl Model {
         self.inner.token_limit
     }
 
-    /// `(bytes used in place from the checkpoint mapping, bytes converted/copied to f32)`.
+    /// How matmul weights are stored ([`LoadOptions::dtype`]).
+    pub fn dtype(&self) -> WeightDtype {
+        self.inner.dtype
+    }
+
+    /// `(bytes used in place from the checkpoint mapping, bytes converted/copied to f32 or
+    /// packed to bf16)`.
     pub fn weight_bytes(&self) -> (usize, usize) {
         let mut m = 0;
-        let mut o = 0;
+        let mut o: usize = self.inner.packed.values().map(|p| p.bytes()).sum();
         for w in &self.inner.weights {
             if w.is_mapped() {
                 m += 4 * w.len();
@@ -207,7 +256,8 @@ impl Model {
         (m, o)
     }
 
-    /// The f32 data bound to weight `id` (`None` if out of range).
+    /// The f32 data bound to weight `id` (`None` if out of range; empty for a weight held
+    /// only in bf16, see [`WeightDtype::Bf16`]).
     pub fn weight(&self, id: usize) -> Option<&[f32]> {
         self.inner.weights.get(id).map(|w| w.as_slice())
     }
@@ -224,13 +274,20 @@ impl Model {
 }
 
 /// Append the derived weights (validated by [`validate`]) to the bound checkpoint tensors.
-fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool) -> Result<()> {
+/// `after(k, bound)` runs once derived weight `k` is in `bound` (the bf16 packing hook).
+fn derive_weights(
+    m: &Manifest,
+    bound: &mut Vec<Bound>,
+    pool: &rayon::ThreadPool,
+    after: &mut dyn FnMut(usize, &mut [Bound]) -> Result<()>,
+) -> Result<()> {
     use rayon::prelude::*;
     const ROWS: usize = 64;
-    for d in &m.derived {
+    for (k, d) in m.derived.iter().enumerate() {
         if matches!(d.recipe, artifact::Derive::PerIter { .. }) {
             // Selected per iteration by the interpreter: no data of its own.
             bound.push(Bound::Owned(crate::mem::AVec::new()));
+            after(k, bound)?;
             continue;
         }
         let (rows, cols) = d.recipe.out_shape().map_err(RuntimeError::manifest)?;
@@ -247,6 +304,7 @@ fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool
             });
         }
         bound.push(Bound::Owned(v));
+        after(k, bound)?;
     }
     // Intermediate results (the scaled Q weight a gain is then folded into) and checkpoint
     // tensors converted to f32 that only fed derived weights are not read by the program: free

@@ -354,11 +354,14 @@ impl Weights {
             .collect()
     }
 
-    /// Bind every declaration by name, checking shapes and converting to f32.
+    /// Bind every declaration by name, checking shapes and converting to f32; a declaration
+    /// marked in `lazy` (read only as bf16, packed later from [`Weights::bf16_reader`]) is not
+    /// converted: it stays in place when it is aligned f32 and is otherwise bound empty.
     pub(crate) fn bind(
         &self,
         decls: &[WeightDecl],
         pool: &rayon::ThreadPool,
+        lazy: &[bool],
     ) -> Result<Vec<Bound>> {
         let force_copy = std::env::var("LOOPC_HUGEPAGE_WEIGHTS").is_ok_and(|v| v == "1");
         let missing: Vec<&WeightDecl> = decls
@@ -375,7 +378,7 @@ impl Weights {
             });
         }
         let mut out = Vec::with_capacity(decls.len());
-        for d in decls {
+        for (i, d) in decls.iter().enumerate() {
             let e = self.check_one(d)?;
             let n = checked_product(&e.shape).unwrap_or(usize::MAX);
             let bytes = &self.files[e.file].backing.bytes()[e.start..e.end];
@@ -392,6 +395,7 @@ impl Weights {
                         len: n,
                     }
                 }
+                _ if lazy.get(i).copied().unwrap_or(false) => Bound::Owned(AVec::new()),
                 dt => {
                     let mut v = AVec::zeroed(n, &what())?;
                     convert(dt, bytes, v.as_mut_slice(), pool);
@@ -401,6 +405,46 @@ impl Weights {
             out.push(bound);
         }
         Ok(out)
+    }
+
+    /// Element `i` (row-major) of tensor `name` rounded to bf16, read from the checkpoint's
+    /// own bytes: bf16 tensors are copied bit for bit, never widened to f32 first. `None` for a
+    /// name that [`Weights::check`] would reject.
+    pub(crate) fn bf16_reader(&self, name: &str) -> Option<impl Fn(usize) -> u16 + Sync + '_> {
+        use crate::bf16::to_bf16;
+        let e = self.index.get(name)?;
+        let b = &self.files[e.file].backing.bytes()[e.start..e.end];
+        let dt = e.dtype;
+        matches!(dt, Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F64).then_some(
+            move |i: usize| match dt {
+                Dtype::BF16 => u16::from_le_bytes([b[2 * i], b[2 * i + 1]]),
+                Dtype::F16 => to_bf16(f16_to_f32(u16::from_le_bytes([b[2 * i], b[2 * i + 1]]))),
+                Dtype::F64 => {
+                    to_bf16(f64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap()) as f32)
+                }
+                _ => to_bf16(f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap())),
+            },
+        )
+    }
+
+    /// Give back the resident pages of tensor `name`'s bytes in a file mapping (after packing
+    /// them, nothing reads them again).
+    pub(crate) fn release(&self, name: &str) {
+        let Some(e) = self.index.get(name) else {
+            return;
+        };
+        if let Backing::Mmap(m) = &self.files[e.file].backing {
+            let p = m.as_ptr() as usize;
+            let page = 4096usize;
+            let start = (p + e.start).next_multiple_of(page);
+            let end = (p + e.end) / page * page;
+            if end > start {
+                // SAFETY: the range lies inside a live read-only file mapping we own.
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
+                };
+            }
+        }
     }
 
     fn similar_names(&self, name: &str, k: usize) -> Vec<String> {
@@ -655,6 +699,7 @@ mod tests {
             .bind(
                 &[decl("a.weight", &[2, 3]), decl("b", &[3]), decl("c", &[4])],
                 &pool(),
+                &[],
             )
             .unwrap();
         assert_eq!(b[0].as_slice(), &a[..]);
@@ -669,7 +714,7 @@ mod tests {
         std::fs::rename(&p, &p2).unwrap();
         let w = Weights::open(&d).unwrap();
         assert_eq!(
-            w.bind(&[decl("b", &[3])], &pool()).unwrap()[0].as_slice(),
+            w.bind(&[decl("b", &[3])], &pool(), &[]).unwrap()[0].as_slice(),
             &[1.0, -2.5, 3.0]
         );
         let _ = std::fs::remove_dir_all(&d);
@@ -712,6 +757,7 @@ mod tests {
                     decl("nothere", &[1]),
                 ],
                 &pool(),
+                &[],
             )
             .unwrap_err();
         let msg = err.to_string();
@@ -741,7 +787,7 @@ mod tests {
     fn wrong_shape_error_names_both() {
         let w = Weights::from_f32([("x", vec![2, 3], &[0f32; 6][..])]).unwrap();
         let msg = w
-            .bind(&[decl("x", &[3, 2])], &pool())
+            .bind(&[decl("x", &[3, 2])], &pool(), &[])
             .unwrap_err()
             .to_string();
         assert!(
@@ -749,7 +795,7 @@ mod tests {
             "{msg}"
         );
         let msg = w
-            .bind(&[decl("x", &[6, 2])], &pool())
+            .bind(&[decl("x", &[6, 2])], &pool(), &[])
             .unwrap_err()
             .to_string();
         assert!(
@@ -764,7 +810,10 @@ mod tests {
         let p = d.join("m.safetensors");
         write(&p, &[("i", Dtype::I32, vec![2], vec![0; 8])]);
         let w = Weights::open(&p).unwrap();
-        let msg = w.bind(&[decl("i", &[2])], &pool()).unwrap_err().to_string();
+        let msg = w
+            .bind(&[decl("i", &[2])], &pool(), &[])
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("I32"), "{msg}");
         std::fs::write(&p, b"garbage").unwrap();
         assert!(matches!(
@@ -805,7 +854,7 @@ mod tests {
         .unwrap();
         let w = Weights::open(&d).unwrap();
         let b = w
-            .bind(&[decl("a", &[1]), decl("b", &[2])], &pool())
+            .bind(&[decl("a", &[1]), decl("b", &[2])], &pool(), &[])
             .unwrap();
         assert_eq!(b[0].as_slice(), &[9.0]);
         assert_eq!(b[1].as_slice(), &[2.0, 3.0]);
@@ -837,7 +886,7 @@ mod tests {
                 })
                 .collect();
             assert!(decls.len() > 10);
-            let b = w.bind(&decls, &pool()).unwrap();
+            let b = w.bind(&decls, &pool(), &[]).unwrap();
             if std::env::var("LOOPC_HUGEPAGE_WEIGHTS").is_err() {
                 assert!(b.iter().all(|x| x.is_mapped()), "{dir}");
             }

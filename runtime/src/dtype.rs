@@ -1,0 +1,285 @@
+//! The load-time weight dtype (`--dtype`): which weights become packed bf16 ([`Packed`]) and
+//! which stay f32.
+//!
+//! With [`WeightDtype::Bf16`] every matmul weight window (`MatMul` and `MatMulKN`, the LM head
+//! included, per-iteration variants resolved) is packed once at load, derived weights after
+//! they are computed in f32. Token embedding tables are packed too and gathered from bf16
+//! (as in a model converted with `.to(torch.bfloat16)`; a tied head shares the copy). A weight
+//! read any other way (norm gains, biases, kernel arguments, learned position embeddings)
+//! keeps its f32 copy; a weight read only as bf16 loses it, and
+//! a checkpoint tensor that feeds no derived weight is packed straight from the file's bytes
+//! (bf16 checkpoints bit for bit), never widened to f32. Activations, the KV cache, norms,
+//! RoPE and attention stay f32; the artifact is the same for both dtypes.
+
+use crate::artifact::{Derive, Instr, Manifest, WRef};
+use crate::bf16::{to_bf16, Packed};
+use crate::error::{Result, RuntimeError};
+use crate::weights::{Bound, Weights};
+use std::collections::HashMap;
+
+/// How matmul weights are stored at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// As loaded, f32 (checkpoints in other dtypes are widened).
+    #[default]
+    F32,
+    /// bf16 matmul weights, f32 accumulation (see the module docs).
+    Bf16,
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = RuntimeError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(WeightDtype::F32),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            _ => Err(RuntimeError::Config(format!(
+                "unknown weight dtype `{s}` (expected f32 or bf16)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Options of [`crate::Model::with_options`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Worker threads (`None`: `LOOPC_THREADS`, else the available cores).
+    pub threads: Option<usize>,
+    pub dtype: WeightDtype,
+}
+
+/// One packed window: `(weight id, offset, rows, cols, kn)`, the `WRef` of a `MatMul`
+/// (`kn = false`, `[n, k]`) or `MatMulKN` (`kn = true`, `[k, n]`) with any per-iteration weight
+/// resolved to the source it reads.
+pub(crate) type PackKey = (u32, usize, usize, usize, bool);
+
+pub(crate) fn key(id: u32, offset: usize, w: &WRef, kn: bool) -> PackKey {
+    (id, offset, w.rows, w.cols, kn)
+}
+
+pub(crate) struct Plan {
+    pub windows: Vec<PackKey>,
+    /// By weight id (checkpoint then derived): read as f32 at run time.
+    pub f32_needed: Vec<bool>,
+    /// By checkpoint weight id: packed straight from the checkpoint, never bound as f32.
+    pub lazy: Vec<bool>,
+}
+
+/// `(id, offset)` of every weight a reference may read (each variant of a per-iteration one).
+fn resolve(m: &Manifest, w: &WRef) -> Vec<(u32, usize)> {
+    let nw = m.weights.len();
+    match (w.weight as usize)
+        .checked_sub(nw)
+        .and_then(|i| m.derived.get(i))
+    {
+        Some(d) if matches!(d.recipe, Derive::PerIter { .. }) => d
+            .recipe
+            .sources()
+            .iter()
+            .map(|s| (s.weight, s.offset + w.offset))
+            .collect(),
+        _ => vec![(w.weight, w.offset)],
+    }
+}
+
+pub(crate) fn plan(m: &Manifest) -> Plan {
+    let total = m.weights.len() + m.derived.len();
+    let mut windows: Vec<PackKey> = Vec::new();
+    let mut f32_needed = vec![false; total];
+    let mut lists: Vec<&[Instr]> = vec![&m.program.prelude, &m.program.coda];
+    if let Some(r) = &m.program.recur {
+        lists.push(&r.body);
+        lists.push(&r.router);
+    }
+    let need = |w: &WRef, f32_needed: &mut Vec<bool>| {
+        for (id, _) in resolve(m, w) {
+            if let Some(f) = f32_needed.get_mut(id as usize) {
+                *f = true;
+            }
+        }
+    };
+    for list in lists {
+        for ins in list {
+            match ins {
+                Instr::MatMul { w, epi, .. } => {
+                    for (id, off) in resolve(m, w) {
+                        windows.push(key(id, off, w, false));
+                    }
+                    if let Some(b) = &epi.bias {
+                        need(b, &mut f32_needed);
+                    }
+                }
+                Instr::MatMulKN { w, .. } => {
+                    for (id, off) in resolve(m, w) {
+                        windows.push(key(id, off, w, true));
+                    }
+                }
+                Instr::Embed { table, .. } => {
+                    for (id, off) in resolve(m, table) {
+                        windows.push(key(id, off, table, false));
+                    }
+                }
+                other => {
+                    for w in other.weights() {
+                        need(&w, &mut f32_needed);
+                    }
+                }
+            }
+        }
+    }
+    windows.sort_unstable();
+    windows.dedup();
+    let mut derive_src = vec![false; total];
+    for d in &m.derived {
+        if !matches!(d.recipe, Derive::PerIter { .. }) {
+            for s in d.recipe.sources() {
+                if let Some(f) = derive_src.get_mut(s.weight as usize) {
+                    *f = true;
+                }
+            }
+        }
+    }
+    let lazy = (0..m.weights.len())
+        .map(|id| !f32_needed[id] && !derive_src[id] && windows.iter().any(|w| w.0 as usize == id))
+        .collect();
+    Plan {
+        windows,
+        f32_needed,
+        lazy,
+    }
+}
+
+/// Packs the windows of [`Plan`] while the model loads, each weight as early as possible and
+/// its f32 data (an owned copy, or the checkpoint's pages) dropped right after when nothing
+/// reads it any more: the peak memory of a load stays near the f32 checkpoint's own size
+/// instead of adding every derived weight in f32 and then in bf16.
+pub(crate) struct Packer<'a> {
+    m: &'a Manifest,
+    plan: &'a Plan,
+    checkpoint: &'a Weights,
+    pool: &'a rayon::ThreadPool,
+    /// By weight id: the last non-`PerIter` derived recipe that reads it.
+    last_use: Vec<Option<usize>>,
+    has_windows: Vec<bool>,
+    pub packed: HashMap<PackKey, Packed>,
+}
+
+impl<'a> Packer<'a> {
+    pub fn new(
+        m: &'a Manifest,
+        plan: &'a Plan,
+        checkpoint: &'a Weights,
+        pool: &'a rayon::ThreadPool,
+    ) -> Self {
+        let total = m.weights.len() + m.derived.len();
+        let mut last_use = vec![None; total];
+        for (k, d) in m.derived.iter().enumerate() {
+            if !matches!(d.recipe, Derive::PerIter { .. }) {
+                for s in d.recipe.sources() {
+                    if let Some(l) = last_use.get_mut(s.weight as usize) {
+                        *l = Some(k);
+                    }
+                }
+            }
+        }
+        let mut has_windows = vec![false; total];
+        for w in &plan.windows {
+            has_windows[w.0 as usize] = true;
+        }
+        Packer {
+            m,
+            plan,
+            checkpoint,
+            pool,
+            last_use,
+            has_windows,
+            packed: HashMap::with_capacity(plan.windows.len()),
+        }
+    }
+
+    /// The checkpoint tensors no derived weight reads (before deriving).
+    pub fn checkpoint_weights(&mut self, bound: &mut [Bound]) -> Result<()> {
+        for id in 0..self.m.weights.len() {
+            if self.last_use[id].is_none() {
+                self.finish(id, bound)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After derived weight `k` was computed: it, unless a later recipe reads it, and every
+    /// weight whose last reader it was.
+    pub fn derived(&mut self, k: usize, bound: &mut [Bound]) -> Result<()> {
+        let id = self.m.weights.len() + k;
+        if self.last_use[id].is_none() {
+            self.finish(id, bound)?;
+        }
+        let d = &self.m.derived[k];
+        if !matches!(d.recipe, Derive::PerIter { .. }) {
+            for s in d.recipe.sources() {
+                let s = s.weight as usize;
+                if self.last_use[s] == Some(k) {
+                    self.finish(s, bound)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pack every window of weight `id`, then drop its f32 data unless the program reads it.
+    fn finish(&mut self, id: usize, bound: &mut [Bound]) -> Result<()> {
+        let m = self.m;
+        let name = match m.weights.get(id) {
+            Some(d) => d.name.as_str(),
+            None => m.derived[id - m.weights.len()].name.as_str(),
+        };
+        if self.has_windows[id] {
+            let lo = self.plan.windows.partition_point(|w| (w.0 as usize) < id);
+            for &key in self.plan.windows[lo..]
+                .iter()
+                .take_while(|w| w.0 as usize == id)
+            {
+                let p = self.pack_window(key, name, &bound[id])?;
+                self.packed.insert(key, p);
+            }
+        }
+        if self.plan.f32_needed[id] {
+            return Ok(());
+        }
+        // Packed, or only a derived weight's source: the program never reads it in f32.
+        if bound[id].is_mapped() {
+            bound[id].release_pages();
+        }
+        bound[id] = Bound::Owned(crate::mem::AVec::new());
+        if id < m.weights.len() {
+            self.checkpoint.release(name);
+        }
+        Ok(())
+    }
+
+    fn pack_window(&self, key: PackKey, name: &str, b: &Bound) -> Result<Packed> {
+        let (id, off, rows, cols, kn) = key;
+        let (n, kk) = if kn { (cols, rows) } else { (rows, cols) };
+        // Element (j, i) of the [n, k] view at this index of the weight's row-major data.
+        let at = |j: usize, i: usize| off + if kn { i * n + j } else { j * kk + i };
+        let what = format!("bf16 copy of weight `{name}`");
+        if b.len() > 0 || id as usize >= self.m.weights.len() {
+            let src = b.as_slice();
+            Packed::build(n, kk, &what, self.pool, |j, i| to_bf16(src[at(j, i)]))
+        } else {
+            let get = self.checkpoint.bf16_reader(name).ok_or_else(|| {
+                RuntimeError::Config(format!("weight `{name}` cannot be read as bf16"))
+            })?;
+            Packed::build(n, kk, &what, self.pool, |j, i| get(at(j, i)))
+        }
+    }
+}

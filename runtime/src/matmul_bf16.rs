@@ -1,0 +1,616 @@
+//! `out[m, n] = x[m, k] · W[n, k]ᵀ` with `W` in bf16 ([`Packed`]) and f32 accumulation.
+//!
+//! `x` is rounded to bf16 (nearest even) once per call; products of two bf16 values are exact
+//! in f32 and are summed in f32, and the [`Epi`] epilogue runs on the f32 result as in
+//! [`crate::matmul`]. Paths, picked at run time:
+//! - up to [`SMALL_M`] rows (decode): each 64-byte row of a packed block is `vdpbf16ps`-ed
+//!   against every input row's broadcast bf16 pair, giving 16 outputs per accumulator without
+//!   horizontal sums; the weight is streamed once per call, output blocks split over the pool;
+//! - more rows with AMX: 32×32 output blocks of four `tdpbf16ps` tiles, the activations as
+//!   A tiles straight from the rounded rows, the packed weight as B tiles;
+//! - more rows without AMX: the decode kernel on groups of 8 rows over L2-sized weight blocks;
+//! - without AVX-512-BF16 (or off x86): a portable scalar kernel over the same layout.
+
+use crate::bf16::{from_bf16, Packed};
+use crate::matmul::Epi;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Up to this many rows use the streaming (decode) kernel even when AMX is present.
+const SMALL_M: usize = 8;
+
+/// Weight bytes per task block of the row-group fallback and per L2 sub-block of the AMX
+/// kernel (half of a 2 MiB L2).
+const BLOCK_BYTES: usize = 1 << 20;
+
+/// Which kernel family runs (tests force each one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Portable,
+    Avx512Bf16,
+    Amx,
+}
+
+impl Path {
+    /// The fastest path this CPU and process allow.
+    pub fn best() -> Path {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::amx::available() {
+                return Path::Amx;
+            }
+            if std::arch::is_x86_feature_detected!("avx512bf16") {
+                return Path::Avx512Bf16;
+            }
+        }
+        Path::Portable
+    }
+
+    /// Every path this CPU can run (the first is always the portable one).
+    pub fn supported() -> Vec<Path> {
+        let mut v = vec![Path::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512bf16") {
+                v.push(Path::Avx512Bf16);
+            }
+            if crate::amx::available() {
+                v.push(Path::Amx);
+            }
+        }
+        v
+    }
+}
+
+thread_local! {
+    /// The calling thread's rounded copy of `x` (bf16 pairs, rows padded to `kp`).
+    static XQ: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`matmul_bf16_epi`] with no epilogue.
+pub fn matmul_bf16(x: &[f32], w: &Packed, out: &mut [f32], m: usize, threads: usize) {
+    matmul_bf16_epi(x, w, out, m, threads, &Epi::default())
+}
+
+/// `out = epi(x · Wᵀ)` for `x: [m, w.k()]`, `out: [m, w.n()]` on the fastest path.
+pub fn matmul_bf16_epi(
+    x: &[f32],
+    w: &Packed,
+    out: &mut [f32],
+    m: usize,
+    threads: usize,
+    epi: &Epi,
+) {
+    matmul_bf16_path(x, w, out, m, threads, epi, Path::best())
+}
+
+/// [`matmul_bf16_epi`] on a chosen path (which must be one of [`Path::supported`]).
+pub fn matmul_bf16_path(
+    x: &[f32],
+    w: &Packed,
+    out: &mut [f32],
+    m: usize,
+    threads: usize,
+    epi: &Epi,
+    path: Path,
+) {
+    let (k, n) = (w.k(), w.n());
+    assert!(
+        x.len() >= m * k && out.len() >= m * n,
+        "bf16 matmul operand sizes"
+    );
+    assert!(Path::supported().contains(&path), "bf16 path {path:?}");
+    epi.check(m, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let amx = path == Path::Amx && m > SMALL_M;
+    // AMX reads A tiles 32 rows at a time: pad with zero rows.
+    let rows = if amx { m.next_multiple_of(32) } else { m };
+    XQ.with(|cell| {
+        // A rayon worker waiting inside one call can pick up another session's call on the
+        // same pool; that one gets its own buffer.
+        let mut own = Vec::new();
+        let mut held = cell.try_borrow_mut();
+        let xq: &mut Vec<u32> = match held.as_deref_mut() {
+            Ok(v) => v,
+            Err(_) => &mut own,
+        };
+        round_rows(
+            &x[..m * k],
+            m,
+            k,
+            w.kp(),
+            rows,
+            xq,
+            path != Path::Portable,
+            threads,
+        );
+        let xq: &[u32] = xq;
+        if amx {
+            #[cfg(target_arch = "x86_64")]
+            amx_gemm(xq, w, out, m, threads, epi);
+        } else {
+            dot_gemm(xq, w, out, m, threads, epi, path);
+        }
+    });
+}
+
+/// `x[m, k]` rounded into `dst` as `rows` rows of `kp / 2` bf16 pairs, zero beyond `m` and `k`
+/// (row blocks split over the pool when large).
+#[allow(clippy::too_many_arguments)]
+fn round_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    kp: usize,
+    rows: usize,
+    dst: &mut Vec<u32>,
+    simd: bool,
+    threads: usize,
+) {
+    let kw = kp / 2;
+    dst.clear();
+    dst.resize(rows * kw, 0);
+    if threads > 1 && m * k >= 1 << 16 {
+        let per = m.div_ceil(threads * 2);
+        dst[..m * kw]
+            .par_chunks_mut(per * kw)
+            .zip(x[..m * k].par_chunks(per * k))
+            .for_each(|(d, x)| round_rows_serial(x, x.len() / k, k, kw, d, simd));
+    } else {
+        round_rows_serial(x, m, k, kw, &mut dst[..m * kw], simd);
+    }
+}
+
+fn round_rows_serial(x: &[f32], m: usize, k: usize, kw: usize, dst: &mut [u32], simd: bool) {
+    for r in 0..m {
+        let src = &x[r * k..(r + 1) * k];
+        let d = &mut dst[r * kw..(r + 1) * kw];
+        #[cfg(target_arch = "x86_64")]
+        if simd && std::arch::is_x86_feature_detected!("avx512bf16") {
+            // SAFETY: the feature is present; `d` holds k.div_ceil(2) words or more.
+            unsafe { x86::round_row(src, d) };
+            continue;
+        }
+        let _ = simd;
+        for (p, o) in d.iter_mut().enumerate().take(k.div_ceil(2)) {
+            let lo = crate::bf16::to_bf16(src[2 * p]) as u32;
+            let hi = src
+                .get(2 * p + 1)
+                .map_or(0, |&v| crate::bf16::to_bf16(v) as u32);
+            *o = lo | (hi << 16);
+        }
+    }
+}
+
+/// The streaming kernel over output blocks, split over the pool; more than [`SMALL_M`] rows go
+/// in groups of 8 over blocks of at most [`BLOCK_BYTES`] of weight.
+fn dot_gemm(
+    xq: &[u32],
+    w: &Packed,
+    out: &mut [f32],
+    m: usize,
+    threads: usize,
+    epi: &Epi,
+    path: Path,
+) {
+    let (k, n) = (w.k(), w.n());
+    let nb = n.div_ceil(16);
+    let block_bytes = 16 * w.kp() * 2;
+    let op = out.as_mut_ptr() as usize;
+    let run = |b0: usize, b1: usize| {
+        let mut t0 = 0;
+        while t0 < m {
+            let t1 = (t0 + SMALL_M).min(m);
+            // SAFETY: callers own output columns 16·b0 .. 16·b1 of rows t0..t1.
+            unsafe { dot_blocks(xq, w, op as *mut f32, n, t0, t1, b0, b1, path) };
+            t0 = t1;
+        }
+        let (j0, j1) = (16 * b0, (16 * b1).min(n));
+        // SAFETY: as above.
+        unsafe { epi.apply(op as *mut f32, n, 0, m, j0, j1 - j0) };
+    };
+    let cap = (BLOCK_BYTES / block_bytes).max(1);
+    let macs = m.saturating_mul(n).saturating_mul(k);
+    if threads <= 1 || nb < 2 || macs < 1 << 16 {
+        let mut b0 = 0;
+        while b0 < nb {
+            let b1 = (b0 + cap).min(nb);
+            run(b0, b1);
+            b0 = b1;
+        }
+        return;
+    }
+    // A few chunks per thread so that rayon can balance; multiples of 4 blocks for the kernel.
+    let chunk = nb.div_ceil(threads * 4).next_multiple_of(4).min(cap.max(4));
+    (0..nb.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let b0 = c * chunk;
+        run(b0, (b0 + chunk).min(nb));
+    });
+}
+
+/// Rows `t0..t1` (at most 8) × output blocks `b0..b1` of `out` (row stride `n`).
+///
+/// # Safety
+/// `out` covers `t1 · n` floats; no other thread writes these elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_blocks(
+    xq: &[u32],
+    w: &Packed,
+    out: *mut f32,
+    n: usize,
+    t0: usize,
+    t1: usize,
+    b0: usize,
+    b1: usize,
+    path: Path,
+) {
+    debug_assert!(t1 - t0 <= SMALL_M && b1 <= n.div_ceil(16));
+    #[cfg(target_arch = "x86_64")]
+    if path != Path::Portable {
+        x86::dot_blocks(xq, w, out, n, t0, t1, b0, b1);
+        return;
+    }
+    let _ = path;
+    let kw = w.kp() / 2;
+    let words = w.words();
+    for b in b0..b1 {
+        let blk = &words[b * 16 * kw..(b + 1) * 16 * kw];
+        let valid = (n - 16 * b).min(16);
+        for t in t0..t1 {
+            let xr = &xq[t * kw..(t + 1) * kw];
+            let mut acc = [0f32; 16];
+            for (p, &xv) in xr.iter().enumerate() {
+                let (xl, xh) = (from_bf16(xv as u16), from_bf16((xv >> 16) as u16));
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let wv = blk[p * 16 + l];
+                    *a += from_bf16(wv as u16) * xl + from_bf16((wv >> 16) as u16) * xh;
+                }
+            }
+            let o = std::slice::from_raw_parts_mut(out.add(t * n + 16 * b), valid);
+            o.copy_from_slice(&acc[..valid]);
+        }
+    }
+}
+
+/// The AMX GEMM: output block pairs (32 features) split over the pool, each task walking
+/// L2-sized groups of block pairs and, for each, every 32-row block of `x`.
+#[cfg(target_arch = "x86_64")]
+fn amx_gemm(xq: &[u32], w: &Packed, out: &mut [f32], m: usize, threads: usize, epi: &Epi) {
+    let n = w.n();
+    let kp = w.kp();
+    let pairs = n.div_ceil(32);
+    let op = out.as_mut_ptr() as usize;
+    let xp = xq.as_ptr() as usize;
+    let wp = w.words().as_ptr() as usize;
+    let per_pair = 32 * kp * 2;
+    let group = (BLOCK_BYTES / per_pair).max(1);
+    let task = |p0: usize, p1: usize| {
+        // SAFETY: `amx_gemm` only runs on the Amx path, which requires `amx::available()`.
+        let _tiles = unsafe { crate::amx::Tiles::new() };
+        let mut scratch = [0f32; 32 * 32];
+        let mut g0 = p0;
+        while g0 < p1 {
+            let g1 = (g0 + group).min(p1);
+            for t0 in (0..m).step_by(32) {
+                let tr = (m - t0).min(32);
+                for bp in g0..g1 {
+                    let j0 = bp * 32;
+                    let jc = (n - j0).min(32);
+                    let full = tr == 32 && jc == 32;
+                    let (c, cs) = if full {
+                        ((op as *mut f32).wrapping_add(t0 * n + j0), n * 4)
+                    } else {
+                        (scratch.as_mut_ptr(), 32 * 4)
+                    };
+                    // SAFETY: xq has m.next_multiple_of(32) rows of kp bf16; the packed weight
+                    // has 2·pairs blocks of kp/2 · 16 words; `c` is this task's own block.
+                    unsafe {
+                        crate::amx::block_2x2(
+                            (xp as *const u16).add(t0 * kp),
+                            kp * 2,
+                            (wp as *const u32).add(2 * bp * 8 * kp),
+                            (wp as *const u32).add((2 * bp + 1) * 8 * kp),
+                            kp / 32,
+                            c,
+                            cs,
+                        );
+                    }
+                    if !full {
+                        for r in 0..tr {
+                            // SAFETY: rows t0..t0+tr, columns j0..j0+jc belong to this task.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    scratch.as_ptr().add(r * 32),
+                                    (op as *mut f32).add((t0 + r) * n + j0),
+                                    jc,
+                                )
+                            };
+                        }
+                    }
+                    // SAFETY: as above.
+                    unsafe { epi.apply(op as *mut f32, n, t0, t0 + tr, j0, jc) };
+                }
+            }
+            g0 = g1;
+        }
+    };
+    if threads <= 1 || pairs < 2 {
+        task(0, pairs);
+        return;
+    }
+    let chunk = pairs.div_ceil(threads);
+    (0..pairs.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let p0 = c * chunk;
+        task(p0, (p0 + chunk).min(pairs));
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Packed;
+    use std::arch::x86_64::*;
+
+    /// Round one row to bf16 pairs with `vcvtne2ps2bf16` (nearest even, as the scalar path).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_row(src: &[f32], dst: &mut [u32]) {
+        let k = src.len();
+        assert!(dst.len() >= k.div_ceil(2));
+        let sp = src.as_ptr();
+        let dp = dst.as_mut_ptr() as *mut __m512i;
+        let mut i = 0;
+        while i + 32 <= k {
+            let lo = _mm512_loadu_ps(sp.add(i));
+            let hi = _mm512_loadu_ps(sp.add(i + 16));
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(dp.add(i / 32), v);
+            i += 32;
+        }
+        if i < k {
+            let r = k - i;
+            let m0 = ((1u32 << r.min(16)) - 1) as u16;
+            let m1 = if r > 16 {
+                ((1u32 << (r - 16)) - 1) as u16
+            } else {
+                0
+            };
+            let lo = _mm512_maskz_loadu_ps(m0, sp.add(i));
+            let hi = _mm512_maskz_loadu_ps(m1, sp.add(i + 16));
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            let words = r.div_ceil(2);
+            _mm512_mask_storeu_epi32(dp.add(i / 32) as *mut i32, ((1u32 << words) - 1) as u16, v);
+        }
+    }
+
+    /// See `super::dot_blocks`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn dot_blocks(
+        xq: &[u32],
+        w: &Packed,
+        out: *mut f32,
+        n: usize,
+        t0: usize,
+        t1: usize,
+        b0: usize,
+        b1: usize,
+    ) {
+        macro_rules! go {
+            ($t:literal, $nb:literal) => {{
+                let mut b = b0;
+                while b + $nb <= b1 {
+                    group::<$t, $nb>(xq, w, out, n, t0, b);
+                    b += $nb;
+                }
+                while b < b1 {
+                    group::<$t, 1>(xq, w, out, n, t0, b);
+                    b += 1;
+                }
+            }};
+        }
+        match t1 - t0 {
+            1 => go!(1, 4),
+            2 => go!(2, 4),
+            3 => go!(3, 4),
+            4 => go!(4, 2),
+            5 => go!(5, 2),
+            6 => go!(6, 2),
+            7 => go!(7, 2),
+            8 => go!(8, 2),
+            _ => unreachable!("at most 8 rows per group"),
+        }
+    }
+
+    /// `T` input rows from `t0` × `NB` output blocks from `b`: `T · NB` accumulators of 16
+    /// outputs, one weight load per block and one broadcast per row per input pair.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::needless_range_loop)] // `acc` is indexed by block and row together
+    unsafe fn group<const T: usize, const NB: usize>(
+        xq: &[u32],
+        w: &Packed,
+        out: *mut f32,
+        n: usize,
+        t0: usize,
+        b: usize,
+    ) {
+        let kw = w.kp() / 2;
+        assert!(xq.len() >= (t0 + T) * kw && w.words().len() >= (b + NB) * 16 * kw);
+        let xp = xq.as_ptr().add(t0 * kw);
+        let wp = w.words().as_ptr().add(b * 16 * kw);
+        let mut acc = [[_mm512_setzero_ps(); T]; NB];
+        for p in 0..kw {
+            let mut wv = [_mm512_setzero_si512(); NB];
+            for (u, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(wp.add(u * 16 * kw + p * 16) as *const __m512i);
+            }
+            for t in 0..T {
+                let xb = _mm512_set1_epi32(*xp.add(t * kw + p) as i32);
+                for u in 0..NB {
+                    acc[u][t] = _mm512_dpbf16_ps(
+                        acc[u][t],
+                        std::mem::transmute::<__m512i, __m512bh>(wv[u]),
+                        std::mem::transmute::<__m512i, __m512bh>(xb),
+                    );
+                }
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            let j0 = (b + u) * 16;
+            if j0 >= n {
+                break;
+            }
+            let valid = (n - j0).min(16);
+            let mask = ((1u32 << valid) - 1) as u16;
+            for (t, v) in a.iter().enumerate() {
+                _mm512_mask_storeu_ps(out.add((t0 + t) * n + j0), mask, *v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bf16::round_bf16;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// f64 sums of products of the bf16-rounded operands.
+    fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut o = vec![0f32; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for i in 0..k {
+                    s += round_bf16(x[r * k + i]) as f64 * round_bf16(w[j * k + i]) as f64;
+                }
+                o[r * n + j] = s as f32;
+            }
+        }
+        o
+    }
+
+    /// f32 accumulation error only: the operands are the same bf16 values on both sides.
+    fn close(a: &[f32], b: &[f32], k: usize, what: &str) {
+        assert_eq!(a.len(), b.len());
+        let tol = 2e-6 * (k as f32).sqrt().max(1.0);
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what} index {i}: {x} vs {y} (k={k})"
+            );
+        }
+    }
+
+    fn pool(n: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_path_matches_the_rounded_reference() {
+        let mut s = 5u64;
+        let p = pool(2);
+        let paths = Path::supported();
+        eprintln!("bf16 paths on this CPU: {paths:?}");
+        for &(m, k, n) in &[
+            (1usize, 1usize, 1usize),
+            (1, 7, 5),
+            (1, 64, 300),
+            (1, 1000, 77),
+            (2, 33, 17),
+            (3, 64, 64),
+            (5, 100, 40),
+            (8, 96, 129),
+            (9, 32, 16),
+            (13, 70, 33),
+            (40, 64, 100),
+            (64, 128, 64),
+            (65, 130, 95),
+            (128, 256, 128),
+            (150, 96, 300),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let want = reference(&x, &w, m, k, n);
+            let packed = Packed::from_f32(&w, n, k);
+            for &path in &paths {
+                for threads in [1, 2] {
+                    let mut o = vec![f32::NAN; m * n];
+                    p.install(|| {
+                        matmul_bf16_path(&x, &packed, &mut o, m, threads, &Epi::default(), path)
+                    });
+                    close(
+                        &o,
+                        &want,
+                        k,
+                        &format!("{path:?} ({m},{k},{n}) threads {threads}"),
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn epilogue_on_every_path() {
+        let mut s = 9u64;
+        let p = pool(2);
+        for &(m, k, n) in &[(1usize, 33usize, 9usize), (4, 64, 70), (40, 96, 100)] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let sc: Vec<f32> = (0..m).map(|_| 1.0 + lcg(&mut s)).collect();
+            let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+            let raw = reference(&x, &w, m, k, n);
+            let want: Vec<f32> = (0..m * n)
+                .map(|i| raw[i] * sc[i / n] + bias[i % n] + res[i])
+                .collect();
+            let epi = Epi {
+                row_scale: Some(&sc),
+                residual: Some(&res),
+                bias: Some(&bias),
+            };
+            let packed = Packed::from_f32(&w, n, k);
+            for path in Path::supported() {
+                for threads in [1, 2] {
+                    let mut o = vec![f32::NAN; m * n];
+                    p.install(|| matmul_bf16_path(&x, &packed, &mut o, m, threads, &epi, path));
+                    close(&o, &want, k, &format!("{path:?} ({m},{k},{n})"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parallel_rounding_matches_serial() {
+        let mut s = 2u64;
+        let (m, k) = (300usize, 333usize);
+        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+        let kp = k.next_multiple_of(32);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        pool(2).install(|| round_rows(&x, m, k, kp, 320, &mut a, true, 2));
+        round_rows(&x, m, k, kp, 320, &mut b, false, 1);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn rounding_rows_matches_the_scalar_rounding() {
+        let mut s = 1u64;
+        for k in [1usize, 2, 15, 16, 17, 31, 32, 33, 64, 70] {
+            let x: Vec<f32> = (0..k).map(|_| lcg(&mut s) * 1e3).collect();
+            let kp = k.next_multiple_of(32);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            round_rows(&x, 1, k, kp, 2, &mut a, true, 1);
+            round_rows(&x, 1, k, kp, 2, &mut b, false, 1);
+            assert_eq!(a, b, "k = {k}");
+            assert!(a[kp / 2..].iter().all(|&v| v == 0));
+        }
+    }
+}
