@@ -85,6 +85,8 @@ irdl.dialect @loop {
   }
   // `matmul` with the GEMM epilogue `out = residual + row_scale ⊙ (x·wᵀ) + bias`: `terms`
   // names the `epi` operands in order (`row_scale`, `residual`, `bias`, comma-separated).
+  // `glu(<act>,block=B)` last: `out` is then the product scratch and the last operand receives
+  // `act(gate) · up` over gate/up column blocks of B (the `artifact::GluEpilogue`).
   irdl.operation @matmul_ep {
     %layout = irdl.base "#builtin.string"
     %terms = irdl.base "#builtin.string"

@@ -359,6 +359,26 @@ pub enum Op {
     LinearEp {
         row_scale: bool,
         residual: bool,
+        /// A last operand `b` (a weight of `n` elements) added to each product row before the
+        /// residual: `[r +] [s ⊙] (x · wᵀ) + b` (a linear layer's bias).
+        bias: bool,
+    },
+    /// The transpose of a 2-D weight, `[k, n]` → `[n, k]`: a `Conv1D` (`matmul`) weight in the
+    /// `Linear` layout that the GEMV streams and whose product takes an epilogue.
+    WTranspose,
+    /// The rows of a stacked gate|up weight `[2n, k]` interleaved in blocks of `block`: block
+    /// `i` holds gate rows `i·block ..` then the same up rows (a shorter last block when
+    /// `block` does not divide `n`), so every block of `2·block` product columns holds matching
+    /// gate/up halves for `linear_glu`.
+    WInterleaveRows(usize),
+    /// `act(g) · u` of a gate|up matmul as its epilogue: `[S, n]` from `x` and the
+    /// interleaved weight `w.interleave_rows block=B` of `[Wg; Wu]` (`[2n, k]`), with `g`/`u`
+    /// the gate/up product columns `[s ⊙] (x · [Wg; Wu]ᵀ)`. Operands: x, w, then s when
+    /// `row_scale`. The product never reaches memory as a whole.
+    LinearGlu {
+        act: Unary,
+        block: usize,
+        row_scale: bool,
     },
 }
 
@@ -398,6 +418,9 @@ impl Op {
             Op::Glu(_) => "glu",
             Op::InvRms { .. } => "inv_rms",
             Op::LinearEp { .. } => "linear_ep",
+            Op::WTranspose => "w.transpose",
+            Op::WInterleaveRows(_) => "w.interleave_rows",
+            Op::LinearGlu { .. } => "linear_glu",
         }
     }
 }
@@ -414,6 +437,8 @@ impl Op {
                 | Op::WPerIter
                 | Op::WMap { .. }
                 | Op::WRepeatRows(_)
+                | Op::WTranspose
+                | Op::WInterleaveRows(_)
         )
     }
 }

@@ -160,9 +160,27 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::LinearEp {
             row_scale,
             residual,
+            bias,
+        } => {
+            let mut a = vec![
+                ("row_scale", u8::from(*row_scale).to_string()),
+                ("residual", u8::from(*residual).to_string()),
+            ];
+            // Absent means no bias: the text of bias-free epilogues stays as it was.
+            if *bias {
+                a.push(("bias", "1".into()));
+            }
+            a
+        }
+        Op::WInterleaveRows(block) => vec![("block", block.to_string())],
+        Op::LinearGlu {
+            act,
+            block,
+            row_scale,
         } => vec![
+            ("act", act.name().into()),
+            ("block", block.to_string()),
             ("row_scale", u8::from(*row_scale).to_string()),
-            ("residual", u8::from(*residual).to_string()),
         ],
         Op::WSliceCols { start, len } => {
             vec![("start", start.to_string()), ("len", len.to_string())]

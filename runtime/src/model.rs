@@ -833,6 +833,27 @@ impl<'a> Validator<'a> {
                                 )));
                             }
                         }
+                        if let Some(g) = &epi.glu {
+                            let gb = self.buf(&ctx, g.out)?;
+                            let distinct = g.out != *out
+                                && g.out != *x
+                                && Some(g.out) != epi.row_scale
+                                && Some(g.out) != epi.residual;
+                            if n % 2 != 0 || gb.cols * 2 != n || gb.rows != ob.rows || !distinct {
+                                return Err(err(format!(
+                                    "gated epilogue output `{}` must be [{:?}, {}] and differ from the matmul's other buffers",
+                                    gb.name, ob.rows, n / 2
+                                )));
+                            }
+                            let unary = crate::ew::operands(&g.act) == [0]
+                                && !matches!(g.act, artifact::EwOp::Input(_));
+                            if g.block == 0 || !unary {
+                                return Err(err(format!(
+                                    "gated epilogue needs a block ≥ 1 and a unary activation of its gate, got block {} and {:?}",
+                                    g.block, g.act
+                                )));
+                            }
+                        }
                     }
                 }
                 Instr::Concat { inputs, out } => {

@@ -80,12 +80,27 @@ pub fn node_parts(eg: &TGraph, n: &TNode) -> (f64, f64, Vec<(Id, f64)>) {
     match &n.op {
         TOp::Tokens | TOp::Param(_) | TOp::Weight { .. } | TOp::Opaque(_) | TOp::Proj(_) => b = 0.0,
         TOp::WSliceCols { .. } | TOp::WScale(_) | TOp::WMulCols | TOp::WConcatRows => b = 0.0,
-        TOp::Linear | TOp::LinearEp { .. } => {
+        TOp::WTranspose | TOp::WInterleaveRows(_) => b = 0.0,
+        // The `Conv1D` layout costs what the `Linear` one does; only the latter takes epilogues.
+        TOp::Linear | TOp::LinearEp { .. } | TOp::MatMul => {
             // The epilogue's row scale and residual are read in the store of each product
             // block (counted in `acts_in`); the product is written once.
             let w = numel(&ty(1));
             wreads.push((n.children[1], 4.0 * w));
             flops = 2.0 * s * w;
+            if matches!(n.op, TOp::LinearEp { bias: true, .. }) {
+                let last = n.children.len() - 1;
+                wreads.push((n.children[last], 4.0 * numel(&ty(last))));
+                flops += s * out;
+            }
+        }
+        TOp::LinearGlu { .. } => {
+            // The `[S, 2n]` product goes to its scratch block by block (written once, never
+            // read back from memory); the gated unit's `[S, n]` result is stored.
+            let w = numel(&ty(1));
+            wreads.push((n.children[1], 4.0 * w));
+            flops = 2.0 * s * w + 2.0 * s * out;
+            b += bytes(2.0 * out);
         }
         TOp::Embed => {
             b = bytes(out);
@@ -314,7 +329,12 @@ pub fn dag_cost(eg: &TGraph, sel: &Selection) -> f64 {
 fn is_derived(op: &TOp) -> bool {
     matches!(
         op,
-        TOp::WSliceCols { .. } | TOp::WScale(_) | TOp::WMulCols | TOp::WConcatRows
+        TOp::WSliceCols { .. }
+            | TOp::WScale(_)
+            | TOp::WMulCols
+            | TOp::WConcatRows
+            | TOp::WTranspose
+            | TOp::WInterleaveRows(_)
     )
 }
 

@@ -13,8 +13,8 @@ use loopc_dialects::ops::{
 use loopc_dialects::{Module, NodeId, Op, Region, Ty};
 use loopc_runtime::artifact::{
     Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, Epilogue, EwIn, EwOp,
-    ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite, Manifest, Program, Recur, RopeStyle,
-    RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
+    ExitPolicy, GluEpilogue, Instr, KernelDecl, KernelSpec, KvSite, Manifest, Program, Recur,
+    RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
 };
 use std::collections::HashMap;
 
@@ -184,6 +184,11 @@ impl Lowerer {
                 src: srcs[0],
                 times: *times,
             },
+            Op::WTranspose => Derive::Transpose { src: srcs[0] },
+            Op::WInterleaveRows(block) => Derive::InterleaveRows {
+                src: srcs[0],
+                block: *block,
+            },
             _ => unreachable!("is_derived_weight"),
         };
         self.register(recipe, op.mnemonic()).map(Some)
@@ -239,6 +244,11 @@ impl Lowerer {
                         Derive::RepeatRows { times, .. } => Derive::RepeatRows {
                             src: pick(0),
                             times: *times,
+                        },
+                        Derive::Transpose { .. } => Derive::Transpose { src: pick(0) },
+                        Derive::InterleaveRows { block, .. } => Derive::InterleaveRows {
+                            src: pick(0),
+                            block: *block,
                         },
                         Derive::PerIter { .. } => unreachable!(),
                     };
@@ -628,6 +638,7 @@ impl Lowerer {
             Op::LinearEp {
                 row_scale,
                 residual,
+                bias,
             } => {
                 let w = self
                     .wref(r, ops[1])?
@@ -641,9 +652,46 @@ impl Lowerer {
                 }
                 if *residual {
                     epi.residual = Some(self.buf(ops[i], vals)?);
+                    i += 1;
+                }
+                if *bias {
+                    epi.bias =
+                        Some(self.wref(r, ops[i])?.ok_or_else(|| {
+                            LowerError("`linear_ep` bias must be a weight".into())
+                        })?);
                 }
                 let o = self.buffer(name, cols);
                 out.push(Instr::MatMul { x, w, out: o, epi });
+                vals.insert(n, o);
+            }
+            Op::LinearGlu {
+                act,
+                block,
+                row_scale,
+            } => {
+                let w = self
+                    .wref(r, ops[1])?
+                    .ok_or_else(|| LowerError("`linear_glu` needs a weight".into()))?;
+                let x = self.buf(ops[0], vals)?;
+                let mut epi = Epilogue::default();
+                if *row_scale {
+                    epi.row_scale = Some(self.buf(ops[2], vals)?);
+                }
+                // The product goes to a scratch of its own: the epilogue reads each gate/up block
+                // of it while writing the (narrower) result.
+                let scratch = self.buffer(format!("{name}_product"), 2 * cols);
+                let o = self.buffer(name, cols);
+                epi.glu = Some(GluEpilogue {
+                    out: o,
+                    block: *block,
+                    act: ew_op(&FusedOp::Unary(*act, 0)),
+                });
+                out.push(Instr::MatMul {
+                    x,
+                    w,
+                    out: scratch,
+                    epi,
+                });
                 vals.insert(n, o);
             }
             Op::InvRms { eps } => {
@@ -924,7 +972,9 @@ impl Lowerer {
             | Op::WConcatRows
             | Op::WPerIter
             | Op::WMap { .. }
-            | Op::WRepeatRows(_) => {}
+            | Op::WRepeatRows(_)
+            | Op::WTranspose
+            | Op::WInterleaveRows(_) => {}
         }
         Ok(())
     }

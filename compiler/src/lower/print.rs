@@ -109,6 +109,9 @@ fn instrs(s: &mut String, m: &Manifest, v: &[Instr], ind: &str) {
                 if let Some(r) = epi.residual {
                     l += &format!(" + b{r}");
                 }
+                if let Some(g) = &epi.glu {
+                    l += &format!(" glu {:?} block={} -> b{}", g.act, g.block, g.out);
+                }
                 l
             }
             Instr::Concat { inputs, out } => {

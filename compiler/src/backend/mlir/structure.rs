@@ -246,6 +246,7 @@ impl<'a> Scope<'a> {
                     self.op("matmul", &[x, wv, o], "layout = \"nk\"");
                 } else {
                     let mut ops = vec![x, wv, o];
+                    let glu_term: String;
                     let mut terms = vec![];
                     if let Some(s) = epi.row_scale {
                         let v = self.b(s);
@@ -261,6 +262,12 @@ impl<'a> Scope<'a> {
                         let v = (self.weight(bias), wty(bias));
                         ops.push(self.unranked(v));
                         terms.push("bias");
+                    }
+                    if let Some(g) = &epi.glu {
+                        let v = self.b(g.out);
+                        ops.push(self.unranked(v));
+                        glu_term = format!("glu({:?},block={})", g.act, g.block);
+                        terms.push(&glu_term);
                     }
                     let attrs = format!("layout = \"nk\", terms = {:?}", terms.join(","));
                     self.op("matmul_ep", &ops, &attrs);
