@@ -395,6 +395,53 @@ fn conv1d_text(d: usize, n: usize, bias_first: bool) -> String {
     )
 }
 
+/// A sandwich block's tail: `r + o_proj(a)` (residual epilogue), with `post_norm` the block's
+/// norm of that sum (Huginn's `norm_2`), then the next pre-norm read by two matmuls (its gain
+/// folded, its `inv_rms` a row scale) and the down projection adding the stream back.
+fn sandwich_text(d: usize, n: usize, post_norm: bool) -> String {
+    let stream = if post_norm {
+        format!("  %g1 = weight @2 : w[{d}]\n  %h = rmsnorm %6, %g1 eps=1e-6 : [S, {d}]\n")
+    } else {
+        String::new()
+    };
+    let h = if post_norm { "%h" } else { "%6" };
+    header(&[
+        ("emb", vec![V, d]),
+        ("wo", vec![d, d]),
+        ("g1", vec![d]),
+        ("g2", vec![d]),
+        ("wa", vec![n, d]),
+        ("wb", vec![n, d]),
+        ("wd", vec![d, n]),
+        ("head", vec![V, d]),
+    ]) + &format!(
+        "forward {{
+  %0 = tokens : tokens
+  %1 = weight @0 : {wv}
+  %2 = embed %0, %1 : [S, {d}]
+  %3 = weight @1 : w[{d}, {d}]
+  %4 = tanh %2 : [S, {d}]
+  %5 = linear %4, %3 : [S, {d}]
+  %6 = add %2, %5 : [S, {d}]
+{stream}  %g2 = weight @3 : w[{d}]
+  %p = rmsnorm {h}, %g2 eps=1e-6 : [S, {d}]
+  %wa = weight @4 : w[{n}, {d}]
+  %a = linear %p, %wa : [S, {n}]
+  %wb = weight @5 : w[{n}, {d}]
+  %b = linear %p, %wb : [S, {n}]
+  %m = mul %a, %b : [S, {n}]
+  %wd = weight @6 : w[{d}, {n}]
+  %dn = linear %m, %wd : [S, {d}]
+  %o = add {h}, %dn : [S, {d}]
+  %wh = weight @7 : {wv}
+  %lg = linear %o, %wh : [S, {V}]
+  return %lg
+}}
+",
+        wv = w(&[V, d]),
+    )
+}
+
 #[test]
 fn rule_scale_identity_on_the_backend() {
     for (seed, d) in [(0, 3), (1, 16)] {
@@ -589,6 +636,25 @@ proptest::proptest! {
         proptest::prop_assert!(!out.contains("= matmul") && out.contains("w.transpose"), "{}", out);
         proptest::prop_assert!(out.contains("residual=1 bias=1"), "{}", out);
     }
+
+    /// The next norm in the output projection's epilogue: `inv_rms` of the projection's result
+    /// (no post-norm) or the post-norm and its `inv_rms` (sandwich), as results of the matmul.
+    #[test]
+    fn rule_norm_epilogue_on_the_backend(
+        d in proptest::sample::select(vec![1usize, 4, 16, 40, 100]),
+        n in proptest::sample::select(vec![1usize, 8, 24]),
+        post_norm in proptest::bool::ANY,
+        seed in 0u64..1 << 20,
+    ) {
+        let rhs = check_rule(&sandwich_text(d, n, post_norm), "norm-epilogue", seed);
+        let out = print_module(&rhs);
+        // At width 1 the norm is as cheap as its row scale and the cost model may keep it.
+        if d > 1 {
+            proptest::prop_assert!(out.contains("linear_norm"), "{}", out);
+            proptest::prop_assert_eq!(out.contains("normalize=1"), post_norm, "{}", out);
+            proptest::prop_assert!(!out.contains("= inv_rms"), "{}", out);
+        }
+    }
 }
 
 #[test]
@@ -688,6 +754,11 @@ fn snapshot_rule_glu_epilogue() {
 #[test]
 fn snapshot_rule_transpose_fold_and_bias_epilogue() {
     insta::assert_snapshot!(snapshot_pair(&conv1d_text(4, 8, false)));
+}
+
+#[test]
+fn snapshot_rule_norm_epilogue() {
+    insta::assert_snapshot!(snapshot_pair(&sandwich_text(8, 4, true)));
 }
 
 #[test]

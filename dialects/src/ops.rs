@@ -380,6 +380,19 @@ pub enum Op {
         block: usize,
         row_scale: bool,
     },
+    /// `linear_ep` whose epilogue also reduces each output row once all its column blocks are
+    /// stored (a second phase after the split joins). Results `(y, q)`: with `normalize`,
+    /// `y = rmsnorm(p[, g])` of the epilogue's result `p` (a sandwich block's norm after the
+    /// residual add), else `y = p`; `q = inv_rms(y)` (`[S, 1]`), the row scale of the matmuls
+    /// that read `y` next. One `eps` for both. Operands: x, w, then s when `row_scale`, r when
+    /// `residual`, g when `gain` (only with `normalize`).
+    LinearNorm {
+        row_scale: bool,
+        residual: bool,
+        normalize: bool,
+        gain: bool,
+        eps: f32,
+    },
 }
 
 impl Op {
@@ -421,6 +434,7 @@ impl Op {
             Op::WTranspose => "w.transpose",
             Op::WInterleaveRows(_) => "w.interleave_rows",
             Op::LinearGlu { .. } => "linear_glu",
+            Op::LinearNorm { .. } => "linear_norm",
         }
     }
 }

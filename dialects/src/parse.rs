@@ -261,6 +261,13 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
                 },
             },
             "w.transpose" => Op::WTranspose,
+            "linear_norm" => Op::LinearNorm {
+                row_scale: num(ln, attr("row_scale")?)? != 0.0,
+                residual: num(ln, attr("residual")?)? != 0.0,
+                normalize: num(ln, attr("normalize")?)? != 0.0,
+                gain: num(ln, attr("gain")?)? != 0.0,
+                eps: num(ln, attr("eps")?)? as f32,
+            },
             "w.interleave_rows" => Op::WInterleaveRows(num(ln, attr("block")?)? as usize),
             "linear_glu" => Op::LinearGlu {
                 act: Unary::from_name(attr("act")?).ok_or(ParseError {

@@ -173,6 +173,19 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
             a
         }
         Op::WInterleaveRows(block) => vec![("block", block.to_string())],
+        Op::LinearNorm {
+            row_scale,
+            residual,
+            normalize,
+            gain,
+            eps,
+        } => vec![
+            ("row_scale", u8::from(*row_scale).to_string()),
+            ("residual", u8::from(*residual).to_string()),
+            ("normalize", u8::from(*normalize).to_string()),
+            ("gain", u8::from(*gain).to_string()),
+            ("eps", fnum32(*eps)),
+        ],
         Op::LinearGlu {
             act,
             block,

@@ -388,6 +388,53 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             Ok(Ty::Act(w[0] / 2))
         }
+        Op::LinearNorm {
+            row_scale,
+            residual,
+            normalize,
+            gain,
+            eps,
+        } => {
+            arity(2 + usize::from(*row_scale) + usize::from(*residual) + usize::from(*gain))?;
+            let k = act(0)?;
+            let w = weight(1)?;
+            if w.len() != 2 || w[1] != k || w[0] == 0 {
+                return Err(format!(
+                    "`linear_norm` weight must be [n, {k}] for an input of width {k}, got {}",
+                    args[1]
+                ));
+            }
+            let n = w[0];
+            let mut i = 2;
+            if *row_scale {
+                if act(i)? != 1 {
+                    return Err(format!(
+                        "`linear_norm` row scale must be [S, 1], got {}",
+                        args[i]
+                    ));
+                }
+                i += 1;
+            }
+            if *residual {
+                if act(i)? != n {
+                    return Err(format!(
+                        "`linear_norm` residual must be [S, {n}], got {}",
+                        args[i]
+                    ));
+                }
+                i += 1;
+            }
+            if *gain && (!*normalize || weight(i)?.iter().product::<usize>() != n) {
+                return Err(format!(
+                    "`linear_norm` gain needs `normalize=1` and {n} elements, got {}",
+                    args[i]
+                ));
+            }
+            if !(*eps >= 0.0) {
+                return Err(format!("`linear_norm` eps must be ≥ 0, got {eps}"));
+            }
+            Ok(Ty::Tuple(vec![Ty::Act(n), Ty::Act(1)]))
+        }
         Op::WTranspose => {
             arity(1)?;
             match weight(0)?.as_slice() {

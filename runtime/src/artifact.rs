@@ -556,6 +556,27 @@ pub struct Epilogue {
     /// A gated unit as the last step: the matmul's `out` is then the product scratch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub glu: Option<GluEpilogue>,
+    /// A row reduction over the finished rows (after every other term).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm: Option<NormEpilogue>,
+}
+
+/// The second phase of an epilogue, once every column block of a row is stored: with
+/// `rms(v) = 1 / sqrt(mean(v²) + eps)` over the row's `n_out` values,
+/// - `normalize`: `out[r, :] = out[r, :] · rms(out[r, :]) [· gain]` (RMSNorm of the result);
+/// - `inv_rms`: a `[rows, 1]` buffer (not `out`, `x` or another epilogue operand) receiving
+///   `rms` of the final `out` row (the row scale of the next matmuls).
+///
+/// Not combined with [`GluEpilogue`]. The sum order may differ from the `RmsNorm` / `InvRms`
+/// kernels (f32 rounding).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct NormEpilogue {
+    pub eps: f32,
+    pub normalize: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gain: Option<WRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inv_rms: Option<BufId>,
 }
 
 /// `glu.out[r, i·block + c] = act(p[r, 2·i·block + c]) · p[r, 2·i·block + b + c]` for
@@ -578,6 +599,7 @@ impl Epilogue {
             && self.residual.is_none()
             && self.bias.is_none()
             && self.glu.is_none()
+            && self.norm.is_none()
     }
 
     /// The buffers the epilogue reads.
@@ -587,7 +609,10 @@ impl Epilogue {
 
     /// The buffers the epilogue writes besides the matmul's `out`.
     pub fn writes(&self) -> impl Iterator<Item = BufId> {
-        self.glu.map(|g| g.out).into_iter()
+        self.glu
+            .map(|g| g.out)
+            .into_iter()
+            .chain(self.norm.and_then(|m| m.inv_rms))
     }
 }
 
@@ -745,7 +770,10 @@ impl Instr {
             Instr::Embed { table: w, .. }
             | Instr::PosEmbed { table: w, .. }
             | Instr::MatMulKN { w, .. } => vec![*w],
-            Instr::MatMul { w, epi, .. } => std::iter::once(*w).chain(epi.bias).collect(),
+            Instr::MatMul { w, epi, .. } => std::iter::once(*w)
+                .chain(epi.bias)
+                .chain(epi.norm.and_then(|m| m.gain))
+                .collect(),
             Instr::Kernel { args, .. } => args
                 .iter()
                 .filter_map(|a| {

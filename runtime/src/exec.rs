@@ -761,6 +761,15 @@ impl<'a> Run<'a> {
                 let o = unsafe { self.out_rows(g.out, r0 * half, rows * half) };
                 crate::matmul::GluEpi::new(o, g.block, g.act)
             }),
+            norm: e.norm.map(|nm| {
+                crate::matmul::NormEpi::new(
+                    nm.eps,
+                    nm.normalize,
+                    nm.gain.map(|g| weight(self.m, &g, iter)),
+                    // SAFETY: as for the gated output: its own buffer, written only here.
+                    nm.inv_rms.map(|q| unsafe { self.out_rows(q, r0, rows) }),
+                )
+            }),
         }
     }
 

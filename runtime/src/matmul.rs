@@ -50,6 +50,80 @@ pub struct Epi<'a> {
     /// The gated unit over interleaved gate/up blocks (`artifact::GluEpilogue`): the product
     /// (in `out`) is a scratch and this writes the `[m, n/2]` result.
     pub glu: Option<GluEpi<'a>>,
+    /// The row reduction after the split joins (`artifact::NormEpilogue`).
+    pub norm: Option<NormEpi<'a>>,
+}
+
+/// The second phase of an epilogue: per finished row, optionally normalize it (RMSNorm with
+/// an optional gain) and store `1/rms` of the result.
+#[derive(Clone, Copy)]
+pub struct NormEpi<'a> {
+    eps: f32,
+    normalize: bool,
+    gain: Option<&'a [f32]>,
+    /// `[m]` output, as an address: rows are finished from several threads.
+    inv_rms: Option<(usize, usize)>,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> NormEpi<'a> {
+    pub fn new(
+        eps: f32,
+        normalize: bool,
+        gain: Option<&'a [f32]>,
+        inv_rms: Option<&'a mut [f32]>,
+    ) -> Self {
+        NormEpi {
+            eps,
+            normalize,
+            gain,
+            inv_rms: inv_rms.map(|q| (q.as_mut_ptr() as usize, q.len())),
+            _out: std::marker::PhantomData,
+        }
+    }
+
+    /// `1 / sqrt(mean(v²) + eps)`, `sqrt` then divide as the `RmsNorm` kernel (8 partial sums
+    /// so the loop vectorizes; the kernels' own order differs in the last bits).
+    fn rms(&self, v: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let mut it = v.chunks_exact(8);
+        for c in &mut it {
+            for l in 0..8 {
+                acc[l] += c[l] * c[l];
+            }
+        }
+        let tail: f32 = it.remainder().iter().map(|x| x * x).sum();
+        let ss = acc.iter().sum::<f32>() + tail;
+        1.0 / (ss / v.len() as f32 + self.eps).sqrt()
+    }
+
+    /// Finish rows `0..m` of `out` (row stride `n`), once every column block is stored.
+    fn finish(&self, out: &mut [f32], m: usize, n: usize, threads: usize) {
+        if n == 0 || m == 0 {
+            return;
+        }
+        let row = |r: usize, o: &mut [f32]| {
+            if self.normalize {
+                let s = self.rms(o);
+                match self.gain {
+                    Some(g) => o.iter_mut().zip(g).for_each(|(v, g)| *v = *v * s * g),
+                    None => o.iter_mut().for_each(|v| *v *= s),
+                }
+            }
+            if let Some((q, _)) = self.inv_rms {
+                // SAFETY: `check` sized the buffer to `m` rows; each row is finished once.
+                unsafe { *(q as *mut f32).add(r) = self.rms(o) };
+            }
+        };
+        let rows = &mut out[..m * n];
+        if threads > 1 && m > 1 && m * n >= PAR_MIN_MACS / 16 {
+            rows.par_chunks_mut(n)
+                .enumerate()
+                .for_each(|(r, o)| row(r, o));
+        } else {
+            rows.chunks_mut(n).enumerate().for_each(|(r, o)| row(r, o));
+        }
+    }
 }
 
 /// The output of a gated epilogue. Blocks of it are written from several threads (each its
@@ -130,6 +204,7 @@ impl Epi<'_> {
             && self.residual.is_none()
             && self.bias.is_none()
             && self.glu.is_none()
+            && self.norm.is_none()
     }
 
     fn check(&self, m: usize, n: usize) {
@@ -137,7 +212,12 @@ impl Epi<'_> {
             self.row_scale.is_none_or(|s| s.len() >= m)
                 && self.residual.is_none_or(|r| r.len() >= m * n)
                 && self.bias.is_none_or(|b| b.len() >= n)
-                && self.glu.is_none_or(|g| n % 2 == 0 && g.len >= m * (n / 2)),
+                && self.glu.is_none_or(|g| n % 2 == 0 && g.len >= m * (n / 2))
+                && self.norm.is_none_or(|nm| {
+                    self.glu.is_none()
+                        && nm.gain.is_none_or(|g| g.len() >= n)
+                        && nm.inv_rms.is_none_or(|q| q.1 >= m)
+                }),
             "matmul epilogue operand sizes"
         );
     }
@@ -196,9 +276,28 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
 }
 
 /// [`matmul`] followed by the epilogue, applied per output block inside the parallel split (so
-/// the product is not streamed through memory a second time).
+/// the product is not streamed through memory a second time); a row reduction
+/// ([`NormEpi`]) runs once the split has joined, over rows that were just written.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_epi(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+    epi: &Epi,
+) {
+    matmul_blocks(x, w, out, m, k, n, threads, epi);
+    if let Some(nm) = &epi.norm {
+        nm.finish(out, m, n, threads);
+    }
+}
+
+/// The product with the per-block epilogue terms.
+#[allow(clippy::too_many_arguments)]
+fn matmul_blocks(
     x: &[f32],
     w: &[f32],
     out: &mut [f32],
@@ -879,6 +978,7 @@ mod tests {
                     residual: (mask & 2 != 0).then_some(&res[..]),
                     bias: (mask & 4 != 0).then_some(&bias[..]),
                     glu: None,
+                    norm: None,
                 };
                 let want: Vec<f32> = (0..m * n)
                     .map(|i| {
@@ -965,6 +1065,84 @@ mod tests {
                     };
                     p.install(|| matmul_epi(&x, &wi, &mut scratch, m, k, n, threads, &epi));
                     close(&o, &want, k.max(16));
+                }
+            }
+        }
+    }
+
+    /// The row-reduction epilogue (normalize with and without gain, inv_rms of the result,
+    /// with a residual and a row scale in the first phase) on every path against the naive
+    /// product normalized in f64.
+    #[test]
+    fn norm_epilogue_matches_reference_on_every_path() {
+        let mut s = 29u64;
+        let p = pool(2);
+        for &(m, k, n) in &[
+            (1usize, 33usize, 9usize),
+            (1, 300, 1001),
+            (3, 64, 70),
+            (8, 300, 257),
+            (40, 96, 300),
+            (100, 128, 400),
+            (600, 64, 200),
+            (5, 0, 12),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let sc: Vec<f32> = (0..m).map(|_| 1.0 + lcg(&mut s)).collect();
+            let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
+            let gain: Vec<f32> = (0..n).map(|_| 1.0 + lcg(&mut s)).collect();
+            let raw = naive(&x, &w, m, k, n);
+            let eps = 1e-6f64;
+            let rms =
+                |v: &[f64]| 1.0 / (v.iter().map(|a| a * a).sum::<f64>() / n as f64 + eps).sqrt();
+            for mask in 0..8u32 {
+                let (normalize, with_gain, first_phase) =
+                    (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+                if with_gain && !normalize {
+                    continue;
+                }
+                let mut want = vec![0f32; m * n];
+                let mut want_q = vec![0f32; m];
+                for r in 0..m {
+                    let mut v: Vec<f64> = (0..n)
+                        .map(|j| {
+                            let p = raw[r * n + j] as f64;
+                            if first_phase {
+                                p * sc[r] as f64 + res[r * n + j] as f64
+                            } else {
+                                p
+                            }
+                        })
+                        .collect();
+                    if normalize {
+                        let f = rms(&v);
+                        for (j, a) in v.iter_mut().enumerate() {
+                            *a *= f * if with_gain { gain[j] as f64 } else { 1.0 };
+                        }
+                    }
+                    want_q[r] = rms(&v) as f32;
+                    for j in 0..n {
+                        want[r * n + j] = v[j] as f32;
+                    }
+                }
+                for threads in [1, 2] {
+                    let mut o = vec![f32::NAN; m * n];
+                    let mut q = vec![f32::NAN; m];
+                    let epi = Epi {
+                        row_scale: first_phase.then_some(&sc[..]),
+                        residual: first_phase.then_some(&res[..]),
+                        norm: Some(NormEpi::new(
+                            eps as f32,
+                            normalize,
+                            with_gain.then_some(&gain[..]),
+                            Some(&mut q),
+                        )),
+                        ..Epi::default()
+                    };
+                    p.install(|| matmul_epi(&x, &w, &mut o, m, k, n, threads, &epi));
+                    close(&o, &want, k.max(16));
+                    close(&q, &want_q, k.max(16));
                 }
             }
         }

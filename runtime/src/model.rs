@@ -833,6 +833,35 @@ impl<'a> Validator<'a> {
                                 )));
                             }
                         }
+                        if let Some(nm) = &epi.norm {
+                            if epi.glu.is_some() || !(nm.eps >= 0.0) {
+                                return Err(err(
+                                    "a norm epilogue needs eps ≥ 0 and no gated unit".into()
+                                ));
+                            }
+                            if let Some(g) = &nm.gain {
+                                self.wref(&ctx, g)?;
+                                if g.rows * g.cols != n || !nm.normalize {
+                                    return Err(err(format!(
+                                        "norm epilogue gain [{}, {}] must have {n} elements and normalize",
+                                        g.rows, g.cols
+                                    )));
+                                }
+                            }
+                            if let Some(q) = nm.inv_rms {
+                                let qb = self.buf(&ctx, q)?;
+                                let distinct = q != *out
+                                    && q != *x
+                                    && Some(q) != epi.row_scale
+                                    && Some(q) != epi.residual;
+                                if qb.cols != 1 || qb.rows != ob.rows || !distinct {
+                                    return Err(err(format!(
+                                        "norm epilogue inv_rms `{}` must be [{:?}, 1] and differ from the matmul's other buffers",
+                                        qb.name, ob.rows
+                                    )));
+                                }
+                            }
+                        }
                         if let Some(g) = &epi.glu {
                             let gb = self.buf(&ctx, g.out)?;
                             let distinct = g.out != *out

@@ -74,6 +74,13 @@ pub enum TOp {
         block: usize,
         row_scale: bool,
     },
+    LinearNorm {
+        row_scale: bool,
+        residual: bool,
+        normalize: bool,
+        gain: bool,
+        eps: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -169,6 +176,19 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
             bias: *bias,
         },
         Op::MatMul => TOp::MatMul,
+        Op::LinearNorm {
+            row_scale,
+            residual,
+            normalize,
+            gain,
+            eps,
+        } => TOp::LinearNorm {
+            row_scale: *row_scale,
+            residual: *residual,
+            normalize: *normalize,
+            gain: *gain,
+            eps: eps.to_bits(),
+        },
         Op::WTranspose => TOp::WTranspose,
         Op::WInterleaveRows(b) => TOp::WInterleaveRows(*b),
         Op::LinearGlu {
@@ -272,6 +292,19 @@ pub fn to_op(t: &TOp, opaque: &[Op]) -> Op {
             bias: *bias,
         },
         TOp::MatMul => Op::MatMul,
+        TOp::LinearNorm {
+            row_scale,
+            residual,
+            normalize,
+            gain,
+            eps,
+        } => Op::LinearNorm {
+            row_scale: *row_scale,
+            residual: *residual,
+            normalize: *normalize,
+            gain: *gain,
+            eps: f32::from_bits(*eps),
+        },
         TOp::WTranspose => Op::WTranspose,
         TOp::WInterleaveRows(b) => Op::WInterleaveRows(*b),
         TOp::LinearGlu {
@@ -372,6 +405,12 @@ pub fn arity_ok(n: &TNode) -> bool {
         TOp::MatMul => k == 2,
         TOp::WTranspose | TOp::WInterleaveRows(_) => k == 1,
         TOp::LinearGlu { row_scale, .. } => k == 2 + usize::from(row_scale),
+        TOp::LinearNorm {
+            row_scale,
+            residual,
+            gain,
+            ..
+        } => k == 2 + usize::from(row_scale) + usize::from(residual) + usize::from(gain),
         _ => true,
     }
 }

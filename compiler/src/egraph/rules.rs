@@ -171,6 +171,12 @@ pub fn all() -> Vec<Rule> {
             search: glu_epi_search,
             apply: glu_epi_apply,
         },
+        Rule {
+            name: "norm-epilogue",
+            stage: "epilogue",
+            search: norm_epi_search,
+            apply: norm_epi_apply,
+        },
     ]
 }
 
@@ -937,4 +943,97 @@ fn glu_epi_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
         kids,
     ));
     union_new(eg, c, l)
+}
+
+/// A matmul without a bias as `(x, w, row scale, residual)`, the operands an epilogue that
+/// adds a row reduction keeps.
+fn product_parts(l: &TNode) -> Option<(Id, Id, Option<Id>, Option<Id>)> {
+    match l.op {
+        TOp::Linear => Some((l.children[0], l.children[1], None, None)),
+        TOp::LinearEp {
+            row_scale,
+            residual,
+            bias: false,
+        } => Some((
+            l.children[0],
+            l.children[1],
+            row_scale.then(|| l.children[2]),
+            residual.then(|| l.children[2 + usize::from(row_scale)]),
+        )),
+        _ => None,
+    }
+}
+
+/// `inv_rms(p)` and `inv_rms(rmsnorm(p[, g]))` of a matmul's result `p` as results of that
+/// matmul (`linear_norm`): the row's sum of squares is taken once all its column blocks are
+/// stored, while the row is in cache, so neither the norm nor the `inv_rms` pass reads `p`
+/// from memory again. Huginn's sandwich blocks (`rmsnorm(r + o_proj(a), g)` whose result the
+/// next matmuls read with a row scale) and the adapter (`inv_rms` of its product). The norm
+/// form only when every user of `p` is a norm (else `p` would be needed as well).
+fn norm_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    let mut push = |kind: usize, y: Id, l: &TNode, g: Option<Id>, eps: u32| {
+        if let Some((x, w, s, r)) = product_parts(l) {
+            if weight_shape(eg, w).is_some_and(|s| s.len() == 2) {
+                out.push(vec![
+                    kind,
+                    usize::from(y),
+                    usize::from(x),
+                    usize::from(w),
+                    s.map_or(NONE, usize::from),
+                    r.map_or(NONE, usize::from),
+                    g.map_or(NONE, usize::from),
+                    eps as usize,
+                ]);
+            }
+        }
+    };
+    for q in nodes_where(eg, c, |o| matches!(o, TOp::InvRms { .. })) {
+        let TOp::InvRms { eps } = q.op else { continue };
+        let y = eg.find(q.children[0]);
+        for l in eg[y].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
+            push(0, y, l, None, eps);
+        }
+        for nn in nodes_where(eg, y, move |o| *o == TOp::RmsNorm { eps }) {
+            let p = eg.find(nn.children[0]);
+            let only_normed = !eg.analysis.roots.iter().any(|r| eg.find(*r) == p)
+                && eg[p]
+                    .parents()
+                    .all(|u| matches!(eg.id_to_node(u).op, TOp::RmsNorm { .. }));
+            if !only_normed {
+                continue;
+            }
+            for l in eg[p].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
+                push(1, y, l, nn.children.get(1).copied(), eps);
+            }
+        }
+    }
+    out
+}
+
+fn norm_epi_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [kind, y, x, w, s, r, g, eps] = m[..] else {
+        return false;
+    };
+    let mut kids = vec![id(x), id(w)];
+    for k in [s, r, g] {
+        if k != NONE {
+            kids.push(id(k));
+        }
+    }
+    let t = eg.add(TNode::new(
+        TOp::LinearNorm {
+            row_scale: s != NONE,
+            residual: r != NONE,
+            normalize: kind == 1,
+            gain: g != NONE,
+            eps: eps as u32,
+        },
+        kids,
+    ));
+    let p0 = eg.add(TNode::new(TOp::Proj(0), vec![t]));
+    let p1 = eg.add(TNode::new(TOp::Proj(1), vec![t]));
+    let a = union_new(eg, c, p1);
+    let b = union_new(eg, id(y), p0);
+    a || b
 }

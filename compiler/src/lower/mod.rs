@@ -13,8 +13,8 @@ use loopc_dialects::ops::{
 use loopc_dialects::{Module, NodeId, Op, Region, Ty};
 use loopc_runtime::artifact::{
     Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, Epilogue, EwIn, EwOp,
-    ExitPolicy, GluEpilogue, Instr, KernelDecl, KernelSpec, KvSite, Manifest, Program, Recur,
-    RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
+    ExitPolicy, GluEpilogue, Instr, KernelDecl, KernelSpec, KvSite, Manifest, NormEpilogue,
+    Program, Recur, RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
 };
 use std::collections::HashMap;
 
@@ -595,6 +595,52 @@ impl Lowerer {
                 self.tuples.insert((in_loop, n), vec![sum, y]);
                 return Ok(());
             }
+            Op::LinearNorm {
+                row_scale,
+                residual,
+                normalize,
+                gain,
+                eps,
+            } => {
+                let cols = match &node.ty {
+                    Ty::Tuple(ts) => ts.first().and_then(|t| t.cols()),
+                    _ => None,
+                }
+                .ok_or_else(|| LowerError("`linear_norm` must be a pair".into()))?;
+                let w = self
+                    .wref(r, ops[1])?
+                    .ok_or_else(|| LowerError("`linear_norm` needs a weight".into()))?;
+                let x = self.buf(ops[0], vals)?;
+                let mut i = 2;
+                let mut epi = Epilogue::default();
+                if *row_scale {
+                    epi.row_scale = Some(self.buf(ops[i], vals)?);
+                    i += 1;
+                }
+                if *residual {
+                    epi.residual = Some(self.buf(ops[i], vals)?);
+                    i += 1;
+                }
+                let g =
+                    if *gain {
+                        Some(self.wref(r, ops[i])?.ok_or_else(|| {
+                            LowerError("`linear_norm` gain must be a weight".into())
+                        })?)
+                    } else {
+                        None
+                    };
+                let o = self.buffer("linear_norm".into(), cols);
+                let q = self.buffer("linear_norm_inv_rms".into(), 1);
+                epi.norm = Some(NormEpilogue {
+                    eps: *eps,
+                    normalize: *normalize,
+                    gain: g,
+                    inv_rms: Some(q),
+                });
+                out.push(Instr::MatMul { x, w, out: o, epi });
+                self.tuples.insert((in_loop, n), vec![o, q]);
+                return Ok(());
+            }
             Op::Proj(i) => {
                 let b = self
                     .tuples
@@ -965,6 +1011,7 @@ impl Lowerer {
             | Op::Tokens
             | Op::Weight(_)
             | Op::RmsNormRes { .. }
+            | Op::LinearNorm { .. }
             | Op::Proj(_)
             | Op::WSliceCols { .. }
             | Op::WScale(_)
