@@ -180,6 +180,25 @@ fn exp_f32(x: f32) -> f32 {
 /// `out[c] = act(g[c]) · u[c]`, the activation in the generated kernels' forms (silu and
 /// gelu_tanh as `x / (1 + e^-(k·x))`); other unary ops through the scalar semantics.
 fn glu_block(act: EwOp, g: &[f32], u: &[f32], out: &mut [f32]) {
+    // Whole blocks of 16 as fixed-size arrays: the short loops of a per-block epilogue then
+    // compile to straight vector code instead of a vectorized loop with a scalar tail.
+    if let (Ok(g), Ok(u), Ok(o)) = (
+        <&[f32; 16]>::try_from(g),
+        <&[f32; 16]>::try_from(u),
+        <&mut [f32; 16]>::try_from(&mut *out),
+    ) {
+        return glu_fixed(act, g, u, o);
+    }
+    glu_slices(act, g, u, out)
+}
+
+#[inline(always)]
+fn glu_fixed(act: EwOp, g: &[f32; 16], u: &[f32; 16], out: &mut [f32; 16]) {
+    glu_slices(act, g, u, out)
+}
+
+#[inline(always)]
+fn glu_slices(act: EwOp, g: &[f32], u: &[f32], out: &mut [f32]) {
     let it = out.iter_mut().zip(g.iter().zip(u));
     match act {
         EwOp::Silu(_) => it.for_each(|(o, (&g, &u))| *o = g / (1.0 + exp_f32(-g)) * u),
@@ -1250,6 +1269,104 @@ mod tests {
 #[cfg(test)]
 mod bench {
     use super::*;
+
+    fn min_time(reps: usize, mut f: impl FnMut()) -> f64 {
+        (0..reps)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// The fused epilogues against the product followed by a separate pass, at Huginn-d1024
+    /// decode and prefill shapes (minimum over repetitions, so a loaded machine's noise mostly
+    /// drops out). The separate passes here are Rust loops standing in for the `Glu` /
+    /// `RmsNorm` / `InvRms` kernels.
+    /// `cargo test -p loopc-runtime --lib bench_fused_epilogues -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_fused_epilogues() {
+        let (d, f) = (1024usize, 2816usize);
+        let lcg = |i: usize| ((i.wrapping_mul(2654435761) >> 7) % 1000) as f32 / 1000.0 - 0.5;
+        let w: Vec<f32> = (0..2 * f * d).map(lcg).collect();
+        let wo: Vec<f32> = (0..d * d).map(|i| lcg(i + 7)).collect();
+        let g: Vec<f32> = (0..d).map(|i| 1.0 + lcg(i)).collect();
+        for threads in [1usize, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for m in [1usize, 64] {
+                let x: Vec<f32> = (0..m * d).map(|i| lcg(i + 3)).collect();
+                let mut scratch = vec![0f32; m * 2 * f];
+                let mut o = vec![0f32; m * f];
+                let reps = if m == 1 { 200 } else { 20 };
+                let sep = |scratch: &mut [f32], o: &mut [f32]| {
+                    matmul(&x, &w, scratch, m, d, 2 * f, threads);
+                    for r in 0..m {
+                        let p = &scratch[r * 2 * f..(r + 1) * 2 * f];
+                        glu_block(EwOp::Silu(0), &p[..f], &p[f..], &mut o[r * f..(r + 1) * f]);
+                    }
+                };
+                let fused = |scratch: &mut [f32], o: &mut [f32]| {
+                    let epi = Epi {
+                        glu: Some(GluEpi::new(o, 16, EwOp::Silu(0))),
+                        ..Epi::default()
+                    };
+                    matmul_epi(&x, &w, scratch, m, d, 2 * f, threads, &epi);
+                };
+                let (mut a, mut b) = (f64::INFINITY, f64::INFINITY);
+                for _ in 0..3 {
+                    a = a.min(pool.install(|| min_time(reps, || sep(&mut scratch, &mut o))));
+                    b = b.min(pool.install(|| min_time(reps, || fused(&mut scratch, &mut o))));
+                }
+                println!(
+                    "glu   m={m:<3} threads={threads}: product + pass {:.3} ms, epilogue {:.3} ms",
+                    a * 1e3,
+                    b * 1e3
+                );
+                let res: Vec<f32> = (0..m * d).map(|i| lcg(i + 5)).collect();
+                let mut y = vec![0f32; m * d];
+                let mut y2 = vec![0f32; m * d];
+                let mut q = vec![0f32; m];
+                let sep = |y: &mut [f32], y2: &mut [f32], q: &mut [f32]| {
+                    let epi = Epi {
+                        residual: Some(&res),
+                        ..Epi::default()
+                    };
+                    matmul_epi(&x, &wo, y, m, d, d, threads, &epi);
+                    let n = NormEpi::new(1e-6, true, Some(&g), None);
+                    for r in 0..m {
+                        let s = n.rms(&y[r * d..(r + 1) * d]);
+                        for c in 0..d {
+                            y2[r * d + c] = y[r * d + c] * s * g[c];
+                        }
+                        q[r] = n.rms(&y2[r * d..(r + 1) * d]);
+                    }
+                };
+                let fused = |y: &mut [f32], q: &mut [f32]| {
+                    let epi = Epi {
+                        residual: Some(&res),
+                        norm: Some(NormEpi::new(1e-6, true, Some(&g), Some(q))),
+                        ..Epi::default()
+                    };
+                    matmul_epi(&x, &wo, y, m, d, d, threads, &epi);
+                };
+                let (mut a, mut b) = (f64::INFINITY, f64::INFINITY);
+                for _ in 0..3 {
+                    a = a.min(pool.install(|| min_time(reps, || sep(&mut y, &mut y2, &mut q))));
+                    b = b.min(pool.install(|| min_time(reps, || fused(&mut y, &mut q))));
+                }
+                println!(
+                    "norm  m={m:<3} threads={threads}: product + passes {:.3} ms, epilogue {:.3} ms",
+                    a * 1e3,
+                    b * 1e3
+                );
+            }
+        }
+    }
 
     /// `cargo test --release -p loopc-runtime bench_gemv -- --ignored --nocapture`
     #[test]

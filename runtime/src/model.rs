@@ -227,7 +227,49 @@ impl Model {
 fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool) -> Result<()> {
     use rayon::prelude::*;
     const ROWS: usize = 64;
-    for d in &m.derived {
+    // Intermediate results (the scaled Q weight a gain is then folded into) and checkpoint
+    // tensors converted to f32 that only fed derived weights are not read by the program: free
+    // them (mapped tensors cost no memory once unused).
+    let nw = m.weights.len();
+    let mut used = vec![false; nw + m.derived.len()];
+    let mut mark = |list: &[Instr]| {
+        for i in list {
+            for w in i.weights() {
+                if let Some(u) = used.get_mut(w.weight as usize) {
+                    *u = true;
+                }
+            }
+        }
+    };
+    mark(&m.program.prelude);
+    if let Some(r) = &m.program.recur {
+        mark(&r.body);
+        mark(&r.router);
+    }
+    mark(&m.program.coda);
+    // What a used per-iteration weight selects is used too (derived after their sources, so
+    // one pass from the back reaches every level).
+    for (i, d) in m.derived.iter().enumerate().rev() {
+        if let (true, artifact::Derive::PerIter { srcs }) = (used[nw + i], &d.recipe) {
+            for s in srcs {
+                used[s.weight as usize] = true;
+            }
+        }
+    }
+    // The last derived weight computed from each derived weight: an intermediate the program
+    // does not read is freed right after it, so chains (gain fold, then the gate/up interleave)
+    // never hold every level at once.
+    let mut last_reader = vec![None; m.derived.len()];
+    for (j, d) in m.derived.iter().enumerate() {
+        for s in d.recipe.sources() {
+            if let Some(i) = (s.weight as usize).checked_sub(nw) {
+                if let Some(l) = last_reader.get_mut(i) {
+                    *l = Some(j);
+                }
+            }
+        }
+    }
+    for (j, d) in m.derived.iter().enumerate() {
         if matches!(d.recipe, artifact::Derive::PerIter { .. }) {
             // Selected per iteration by the interpreter: no data of its own.
             bound.push(Bound::Owned(crate::mem::AVec::new()));
@@ -247,33 +289,10 @@ fn derive_weights(m: &Manifest, bound: &mut Vec<Bound>, pool: &rayon::ThreadPool
             });
         }
         bound.push(Bound::Owned(v));
-    }
-    // Intermediate results (the scaled Q weight a gain is then folded into) and checkpoint
-    // tensors converted to f32 that only fed derived weights are not read by the program: free
-    // them (mapped tensors cost no memory once unused).
-    let mut used = vec![false; bound.len()];
-    let mut mark = |list: &[Instr]| {
-        for i in list {
-            for w in i.weights() {
-                if let Some(u) = used.get_mut(w.weight as usize) {
-                    *u = true;
-                }
-            }
-        }
-    };
-    mark(&m.program.prelude);
-    if let Some(r) = &m.program.recur {
-        mark(&r.body);
-        mark(&r.router);
-    }
-    mark(&m.program.coda);
-    // What a used per-iteration weight selects is used too (derived after their sources, so
-    // one pass from the back reaches every level).
-    let nw = m.weights.len();
-    for (i, d) in m.derived.iter().enumerate().rev() {
-        if let (true, artifact::Derive::PerIter { srcs }) = (used[nw + i], &d.recipe) {
-            for s in srcs {
-                used[s.weight as usize] = true;
+        for s in d.recipe.sources() {
+            let w = s.weight as usize;
+            if w >= nw && !used[w] && last_reader[w - nw] == Some(j) {
+                bound[w] = Bound::Owned(crate::mem::AVec::new());
             }
         }
     }

@@ -996,10 +996,12 @@ fn norm_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
         }
         for nn in nodes_where(eg, y, move |o| *o == TOp::RmsNorm { eps }) {
             let p = eg.find(nn.children[0]);
+            // Every user is this norm (or an equal one): a second, different norm of `p`
+            // would need `p` itself, which the fused form never stores.
             let only_normed = !eg.analysis.roots.iter().any(|r| eg.find(*r) == p)
                 && eg[p]
                     .parents()
-                    .all(|u| matches!(eg.id_to_node(u).op, TOp::RmsNorm { .. }));
+                    .all(|u| matches!(eg.id_to_node(u).op, TOp::RmsNorm { .. }) && eg.find(u) == y);
             if !only_normed {
                 continue;
             }
