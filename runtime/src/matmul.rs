@@ -198,6 +198,7 @@ fn glu_fixed(act: EwOp, g: &[f32; 16], u: &[f32; 16], out: &mut [f32; 16]) {
 }
 
 #[inline(always)]
+#[allow(clippy::excessive_precision)]
 fn glu_slices(act: EwOp, g: &[f32], u: &[f32], out: &mut [f32]) {
     let it = out.iter_mut().zip(g.iter().zip(u));
     match act {
@@ -231,7 +232,9 @@ impl Epi<'_> {
             self.row_scale.is_none_or(|s| s.len() >= m)
                 && self.residual.is_none_or(|r| r.len() >= m * n)
                 && self.bias.is_none_or(|b| b.len() >= n)
-                && self.glu.is_none_or(|g| n % 2 == 0 && g.len >= m * (n / 2))
+                && self
+                    .glu
+                    .is_none_or(|g| n.is_multiple_of(2) && g.len >= m * (n / 2))
                 && self.norm.is_none_or(|nm| {
                     self.glu.is_none()
                         && nm.gain.is_none_or(|g| g.len() >= n)

@@ -853,7 +853,7 @@ impl<'a> Validator<'a> {
                             }
                         }
                         if let Some(nm) = &epi.norm {
-                            if epi.glu.is_some() || !(nm.eps >= 0.0) {
+                            if epi.glu.is_some() || nm.eps.is_nan() || nm.eps < 0.0 {
                                 return Err(err(
                                     "a norm epilogue needs eps ≥ 0 and no gated unit".into()
                                 ));
