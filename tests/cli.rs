@@ -308,8 +308,25 @@ fn explain_lists_rules_per_region_and_the_egraph_stage_prints() {
         "fired rmsnorm-residual",
         "fired concat-linear-split",
         "fired swiglu-fuse",
+        "fired glu-epilogue",
+        "fired norm-epilogue",
         "hoisted 1 value",
         "cost ",
+    ] {
+        assert!(out.contains(want), "missing `{want}` in:\n{out}");
+    }
+    // The GPT-2 family: Conv1D weights transposed at load, biases in the GEMM epilogue.
+    let (ok, out, err) = loopc(&[
+        "explain",
+        "examples/ltg.loop",
+        "--config",
+        "tests/fixtures/ltg_tiny/config.json",
+    ]);
+    assert!(ok, "{err}");
+    for want in [
+        "fired transpose-fold",
+        "fired bias-epilogue",
+        "fired residual-epilogue",
     ] {
         assert!(out.contains(want), "missing `{want}` in:\n{out}");
     }

@@ -85,6 +85,10 @@ irdl.dialect @loop {
   }
   // `matmul` with the GEMM epilogue `out = residual + row_scale ⊙ (x·wᵀ) + bias`: `terms`
   // names the `epi` operands in order (`row_scale`, `residual`, `bias`, comma-separated).
+  // `glu(<act>,block=B)` last: `out` is then the product scratch and the last operand receives
+  // `act(gate) · up` over gate/up column blocks of B (the `artifact::GluEpilogue`).
+  // `norm(eps=..,normalize=..,gain=..,inv_rms=..)` last: the row reduction once a row is stored
+  // (`artifact::NormEpilogue`); its gain and `[rows, 1]` inv_rms buffer are the last operands.
   irdl.operation @matmul_ep {
     %layout = irdl.base "#builtin.string"
     %terms = irdl.base "#builtin.string"

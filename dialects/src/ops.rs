@@ -359,6 +359,39 @@ pub enum Op {
     LinearEp {
         row_scale: bool,
         residual: bool,
+        /// A last operand `b` (a weight of `n` elements) added to each product row before the
+        /// residual: `[r +] [s ⊙] (x · wᵀ) + b` (a linear layer's bias).
+        bias: bool,
+    },
+    /// The transpose of a 2-D weight, `[k, n]` → `[n, k]`: a `Conv1D` (`matmul`) weight in the
+    /// `Linear` layout that the GEMV streams and whose product takes an epilogue.
+    WTranspose,
+    /// The rows of a stacked gate|up weight `[2n, k]` interleaved in blocks of `block`: block
+    /// `i` holds gate rows `i·block ..` then the same up rows (a shorter last block when
+    /// `block` does not divide `n`), so every block of `2·block` product columns holds matching
+    /// gate/up halves for `linear_glu`.
+    WInterleaveRows(usize),
+    /// `act(g) · u` of a gate|up matmul as its epilogue: `[S, n]` from `x` and the
+    /// interleaved weight `w.interleave_rows block=B` of `[Wg; Wu]` (`[2n, k]`), with `g`/`u`
+    /// the gate/up product columns `[s ⊙] (x · [Wg; Wu]ᵀ)`. Operands: x, w, then s when
+    /// `row_scale`. The product never reaches memory as a whole.
+    LinearGlu {
+        act: Unary,
+        block: usize,
+        row_scale: bool,
+    },
+    /// `linear_ep` whose epilogue also reduces each output row once all its column blocks are
+    /// stored (a second phase after the split joins). Results `(y, q)`: with `normalize`,
+    /// `y = rmsnorm(p[, g])` of the epilogue's result `p` (a sandwich block's norm after the
+    /// residual add), else `y = p`; `q = inv_rms(y)` (`[S, 1]`), the row scale of the matmuls
+    /// that read `y` next. One `eps` for both. Operands: x, w, then s when `row_scale`, r when
+    /// `residual`, g when `gain` (only with `normalize`).
+    LinearNorm {
+        row_scale: bool,
+        residual: bool,
+        normalize: bool,
+        gain: bool,
+        eps: f32,
     },
     /// Sibling matmuls as one product: `x · wᵀ` over the stacked weight `w: [Σ parts, k]`, whose
     /// columns are cut into `parts.len()` results of widths `parts` (read by `proj i`), each
@@ -406,6 +439,10 @@ impl Op {
             Op::InvRms { .. } => "inv_rms",
             Op::LinearEp { .. } => "linear_ep",
             Op::LinearParts { .. } => "linear_parts",
+            Op::WTranspose => "w.transpose",
+            Op::WInterleaveRows(_) => "w.interleave_rows",
+            Op::LinearGlu { .. } => "linear_glu",
+            Op::LinearNorm { .. } => "linear_norm",
         }
     }
 }
@@ -422,6 +459,8 @@ impl Op {
                 | Op::WPerIter
                 | Op::WMap { .. }
                 | Op::WRepeatRows(_)
+                | Op::WTranspose
+                | Op::WInterleaveRows(_)
         )
     }
 }

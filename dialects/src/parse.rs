@@ -255,6 +255,27 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
             "linear_ep" => Op::LinearEp {
                 row_scale: num(ln, attr("row_scale")?)? != 0.0,
                 residual: num(ln, attr("residual")?)? != 0.0,
+                bias: match attr("bias") {
+                    Ok(b) => num(ln, b)? != 0.0,
+                    Err(_) => false,
+                },
+            },
+            "w.transpose" => Op::WTranspose,
+            "linear_norm" => Op::LinearNorm {
+                row_scale: num(ln, attr("row_scale")?)? != 0.0,
+                residual: num(ln, attr("residual")?)? != 0.0,
+                normalize: num(ln, attr("normalize")?)? != 0.0,
+                gain: num(ln, attr("gain")?)? != 0.0,
+                eps: num(ln, attr("eps")?)? as f32,
+            },
+            "w.interleave_rows" => Op::WInterleaveRows(num(ln, attr("block")?)? as usize),
+            "linear_glu" => Op::LinearGlu {
+                act: Unary::from_name(attr("act")?).ok_or(ParseError {
+                    line: ln,
+                    message: "unknown `linear_glu` activation".into(),
+                })?,
+                block: num(ln, attr("block")?)? as usize,
+                row_scale: num(ln, attr("row_scale")?)? != 0.0,
             },
             "linear_parts" => Op::LinearParts {
                 parts: attr("parts")?

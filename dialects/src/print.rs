@@ -160,9 +160,40 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
         Op::LinearEp {
             row_scale,
             residual,
+            bias,
+        } => {
+            let mut a = vec![
+                ("row_scale", u8::from(*row_scale).to_string()),
+                ("residual", u8::from(*residual).to_string()),
+            ];
+            // Absent means no bias: the text of bias-free epilogues stays as it was.
+            if *bias {
+                a.push(("bias", "1".into()));
+            }
+            a
+        }
+        Op::WInterleaveRows(block) => vec![("block", block.to_string())],
+        Op::LinearNorm {
+            row_scale,
+            residual,
+            normalize,
+            gain,
+            eps,
         } => vec![
             ("row_scale", u8::from(*row_scale).to_string()),
             ("residual", u8::from(*residual).to_string()),
+            ("normalize", u8::from(*normalize).to_string()),
+            ("gain", u8::from(*gain).to_string()),
+            ("eps", fnum32(*eps)),
+        ],
+        Op::LinearGlu {
+            act,
+            block,
+            row_scale,
+        } => vec![
+            ("act", act.name().into()),
+            ("block", block.to_string()),
+            ("row_scale", u8::from(*row_scale).to_string()),
         ],
         Op::WSliceCols { start, len } => {
             vec![("start", start.to_string()), ("len", len.to_string())]

@@ -325,8 +325,9 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
         Op::LinearEp {
             row_scale,
             residual,
+            bias,
         } => {
-            arity(2 + usize::from(*row_scale) + usize::from(*residual))?;
+            arity(2 + usize::from(*row_scale) + usize::from(*residual) + usize::from(*bias))?;
             let k = act(0)?;
             let w = weight(1)?;
             if w.len() != 2 || w[1] != k {
@@ -345,9 +346,18 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                 }
                 i += 1;
             }
-            if *residual && act(i)? != w[0] {
+            if *residual {
+                if act(i)? != w[0] {
+                    return Err(format!(
+                        "`linear_ep` residual must be [S, {}], got {}",
+                        w[0], args[i]
+                    ));
+                }
+                i += 1;
+            }
+            if *bias && weight(i)?.iter().product::<usize>() != w[0] {
                 return Err(format!(
-                    "`linear_ep` residual must be [S, {}], got {}",
+                    "`linear_ep` bias must have {} elements, got {}",
                     w[0], args[i]
                 ));
             }
@@ -376,6 +386,95 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                 ));
             }
             Ok(Ty::Tuple(parts.iter().map(|&p| Ty::Act(p)).collect()))
+        }
+        Op::LinearGlu {
+            act: _,
+            block,
+            row_scale,
+        } => {
+            arity(2 + usize::from(*row_scale))?;
+            let k = act(0)?;
+            let w = weight(1)?;
+            if w.len() != 2 || w[1] != k || w[0] % 2 != 0 || w[0] == 0 {
+                return Err(format!(
+                    "`linear_glu` weight must be [2n, {k}] for an input of width {k}, got {}",
+                    args[1]
+                ));
+            }
+            if *block == 0 {
+                return Err("`linear_glu` block must be ≥ 1".into());
+            }
+            if *row_scale && act(2)? != 1 {
+                return Err(format!(
+                    "`linear_glu` row scale must be [S, 1], got {}",
+                    args[2]
+                ));
+            }
+            Ok(Ty::Act(w[0] / 2))
+        }
+        Op::LinearNorm {
+            row_scale,
+            residual,
+            normalize,
+            gain,
+            eps,
+        } => {
+            arity(2 + usize::from(*row_scale) + usize::from(*residual) + usize::from(*gain))?;
+            let k = act(0)?;
+            let w = weight(1)?;
+            if w.len() != 2 || w[1] != k || w[0] == 0 {
+                return Err(format!(
+                    "`linear_norm` weight must be [n, {k}] for an input of width {k}, got {}",
+                    args[1]
+                ));
+            }
+            let n = w[0];
+            let mut i = 2;
+            if *row_scale {
+                if act(i)? != 1 {
+                    return Err(format!(
+                        "`linear_norm` row scale must be [S, 1], got {}",
+                        args[i]
+                    ));
+                }
+                i += 1;
+            }
+            if *residual {
+                if act(i)? != n {
+                    return Err(format!(
+                        "`linear_norm` residual must be [S, {n}], got {}",
+                        args[i]
+                    ));
+                }
+                i += 1;
+            }
+            if *gain && (!*normalize || weight(i)?.iter().product::<usize>() != n) {
+                return Err(format!(
+                    "`linear_norm` gain needs `normalize=1` and {n} elements, got {}",
+                    args[i]
+                ));
+            }
+            if !(*eps >= 0.0) {
+                return Err(format!("`linear_norm` eps must be ≥ 0, got {eps}"));
+            }
+            Ok(Ty::Tuple(vec![Ty::Act(n), Ty::Act(1)]))
+        }
+        Op::WTranspose => {
+            arity(1)?;
+            match weight(0)?.as_slice() {
+                [k, n] => Ok(Ty::Weight(vec![*n, *k])),
+                _ => Err(format!("`w.transpose` needs a 2-D weight, got {}", args[0])),
+            }
+        }
+        Op::WInterleaveRows(block) => {
+            arity(1)?;
+            match weight(0)?.as_slice() {
+                [n2, k] if *block > 0 && n2 % 2 == 0 => Ok(Ty::Weight(vec![*n2, *k])),
+                _ => Err(format!(
+                    "`w.interleave_rows` needs a 2-D weight of an even row count and block ≥ 1, got {} and {block}",
+                    args[0]
+                )),
+            }
         }
         Op::Glu(_) => {
             arity(1)?;

@@ -77,6 +77,13 @@ pub enum Derive {
     Map { srcs: Vec<WRef>, ops: Vec<EwOp> },
     /// Every row of `src` repeated `times` times in place.
     RepeatRows { src: WRef, times: usize },
+    /// `srcᵀ`: a `[k, n]` (`Conv1D`) weight in the `[n, k]` (`Linear`) layout.
+    Transpose { src: WRef },
+    /// A stacked gate|up weight (`2n` rows: gate rows then up rows) with its rows interleaved
+    /// in blocks: output block `i` is gate rows `i·block .. i·block + b` then up rows
+    /// `n + i·block ..` of the same count, `b = min(block, n − i·block)`. Read by a matmul with
+    /// an [`GluEpilogue`] of the same `block`.
+    InterleaveRows { src: WRef, block: usize },
 }
 
 impl Derive {
@@ -84,7 +91,9 @@ impl Derive {
         match self {
             Derive::SliceCols { src, .. }
             | Derive::Scale { src, .. }
-            | Derive::RepeatRows { src, .. } => vec![src],
+            | Derive::RepeatRows { src, .. }
+            | Derive::Transpose { src }
+            | Derive::InterleaveRows { src, .. } => vec![src],
             Derive::MulCols { src, gain } => vec![src, gain],
             Derive::ConcatRows { srcs } | Derive::PerIter { srcs } | Derive::Map { srcs, .. } => {
                 srcs.iter().collect()
@@ -146,6 +155,16 @@ impl Derive {
                 Some(rows) if *times > 0 => Ok((rows, src.cols)),
                 _ => Err(format!("{} rows repeated {times} times", src.rows)),
             },
+            Derive::Transpose { src } => Ok((src.cols, src.rows)),
+            Derive::InterleaveRows { src, block } => {
+                if *block == 0 || src.rows % 2 != 0 {
+                    return Err(format!(
+                        "{} rows interleaved in blocks of {block} (needs an even row count and a block ≥ 1)",
+                        src.rows
+                    ));
+                }
+                Ok((src.rows, src.cols))
+            }
         }
     }
 
@@ -201,6 +220,16 @@ impl Derive {
                     let k = r / times;
                     row.copy_from_slice(&get(src)[k * cols..(k + 1) * cols]);
                 }
+                Derive::Transpose { src } => {
+                    let s = get(src);
+                    for (c, o) in row.iter_mut().enumerate() {
+                        *o = s[c * src.cols + r];
+                    }
+                }
+                Derive::InterleaveRows { src, block } => {
+                    let k = interleaved_source_row(src.rows / 2, *block, r);
+                    row.copy_from_slice(&get(src)[k * cols..(k + 1) * cols]);
+                }
                 Derive::ConcatRows { srcs } => {
                     let mut k = r;
                     for s in srcs {
@@ -213,6 +242,18 @@ impl Derive {
                 }
             }
         }
+    }
+}
+
+/// The source row of row `r` of [`Derive::InterleaveRows`] over `2·n` rows.
+pub fn interleaved_source_row(n: usize, block: usize, r: usize) -> usize {
+    let b0 = r / (2 * block) * block;
+    let b = block.min(n - b0);
+    let c = r - 2 * b0;
+    if c < b {
+        b0 + c
+    } else {
+        n + b0 + c - b
     }
 }
 
@@ -533,16 +574,66 @@ pub struct Epilogue {
     pub residual: Option<BufId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bias: Option<WRef>,
+    /// A gated unit as the last step: the matmul's `out` is then the product scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub glu: Option<GluEpilogue>,
+    /// A row reduction over the finished rows (after every other term).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm: Option<NormEpilogue>,
+}
+
+/// The second phase of an epilogue, once every column block of a row is stored: with
+/// `rms(v) = 1 / sqrt(mean(v²) + eps)` over the row's `n_out` values,
+/// - `normalize`: `out[r, :] = out[r, :] · rms(out[r, :]) [· gain]` (RMSNorm of the result);
+/// - `inv_rms`: a `[rows, 1]` buffer (not `out`, `x` or another epilogue operand) receiving
+///   `rms` of the final `out` row (the row scale of the next matmuls).
+///
+/// Not combined with [`GluEpilogue`]. The sum order may differ from the `RmsNorm` / `InvRms`
+/// kernels (f32 rounding).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct NormEpilogue {
+    pub eps: f32,
+    pub normalize: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gain: Option<WRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inv_rms: Option<BufId>,
+}
+
+/// `glu.out[r, i·block + c] = act(p[r, 2·i·block + c]) · p[r, 2·i·block + b + c]` for
+/// `c < b = min(block, n − i·block)`, where `p` (`[rows, 2n]`) is the product after the other
+/// epilogue terms, whose columns are gate/up halves interleaved in blocks
+/// ([`Derive::InterleaveRows`] of `[Wg; Wu]`). The matmul's own `out` holds `p` (a scratch
+/// buffer, different from `glu.out`). A backend computes whole blocks of `2·block` product
+/// columns and reduces each while it is in cache. `act` is a unary [`EwOp`] of operand 0
+/// (`Silu(0)`, `GeluTanh(0)`, `Relu(0)`, ...), with the scalar semantics of `ew::eval`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct GluEpilogue {
+    pub out: BufId,
+    pub block: usize,
+    pub act: EwOp,
 }
 
 impl Epilogue {
     pub fn is_none(&self) -> bool {
-        self.row_scale.is_none() && self.residual.is_none() && self.bias.is_none()
+        self.row_scale.is_none()
+            && self.residual.is_none()
+            && self.bias.is_none()
+            && self.glu.is_none()
+            && self.norm.is_none()
     }
 
     /// The buffers the epilogue reads.
     pub fn reads(&self) -> impl Iterator<Item = BufId> {
         self.row_scale.into_iter().chain(self.residual)
+    }
+
+    /// The buffers the epilogue writes besides the matmul's `out`.
+    pub fn writes(&self) -> impl Iterator<Item = BufId> {
+        self.glu
+            .map(|g| g.out)
+            .into_iter()
+            .chain(self.norm.and_then(|m| m.inv_rms))
     }
 }
 
@@ -700,7 +791,10 @@ impl Instr {
             Instr::Embed { table: w, .. }
             | Instr::PosEmbed { table: w, .. }
             | Instr::MatMulKN { w, .. } => vec![*w],
-            Instr::MatMul { w, epi, .. } => std::iter::once(*w).chain(epi.bias).collect(),
+            Instr::MatMul { w, epi, .. } => std::iter::once(*w)
+                .chain(epi.bias)
+                .chain(epi.norm.and_then(|m| m.gain))
+                .collect(),
             Instr::MatMulParts { w, parts, .. } => std::iter::once(*w)
                 .chain(parts.iter().filter_map(|p| p.epi.bias))
                 .collect(),
@@ -736,6 +830,7 @@ impl Instr {
             Instr::MatMul { x, out, epi, .. } => std::iter::once(*x)
                 .chain(epi.reads())
                 .chain([*out])
+                .chain(epi.writes())
                 .collect(),
             Instr::MatMulParts { x, parts, .. } => std::iter::once(*x)
                 .chain(parts.iter().flat_map(|p| p.epi.reads()))
@@ -777,9 +872,10 @@ impl Manifest {
             | Instr::PosEmbed { out, .. }
             | Instr::Sinusoidal { out, .. }
             | Instr::TimingSignal { out, .. } => (vec![], vec![*out]),
-            Instr::MatMul { x, out, epi, .. } => {
-                (std::iter::once(*x).chain(epi.reads()).collect(), vec![*out])
-            }
+            Instr::MatMul { x, out, epi, .. } => (
+                std::iter::once(*x).chain(epi.reads()).collect(),
+                std::iter::once(*out).chain(epi.writes()).collect(),
+            ),
             Instr::MatMulParts { x, parts, .. } => (
                 std::iter::once(*x)
                     .chain(parts.iter().flat_map(|p| p.epi.reads()))

@@ -754,6 +754,22 @@ impl<'a> Run<'a> {
             row_scale: e.row_scale.map(|b| buf(b, 1)),
             residual: e.residual.map(|b| buf(b, n)),
             bias: e.bias.map(|b| weight(self.m, &b, iter)),
+            glu: e.glu.map(|g| {
+                let half = n / 2;
+                // SAFETY: the gated output is a buffer of its own (validated by `Model::new`),
+                // written only by this matmul.
+                let o = unsafe { self.out_rows(g.out, r0 * half, rows * half) };
+                crate::matmul::GluEpi::new(o, g.block, g.act)
+            }),
+            norm: e.norm.map(|nm| {
+                crate::matmul::NormEpi::new(
+                    nm.eps,
+                    nm.normalize,
+                    nm.gain.map(|g| weight(self.m, &g, iter)),
+                    // SAFETY: as for the gated output: its own buffer, written only here.
+                    nm.inv_rms.map(|q| unsafe { self.out_rows(q, r0, rows) }),
+                )
+            }),
         }
     }
 

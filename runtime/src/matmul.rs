@@ -5,6 +5,7 @@
 //! output rows over the pool and streams each weight row exactly once, with AVX-512 or
 //! AVX2+FMA dot products picked at run time (portable fallback elsewhere).
 
+use crate::artifact::EwOp;
 use rayon::prelude::*;
 
 /// `dst[m, n] = x[m, k] · B` (all row strides in elements) where element `(kk, j)` of `B` is at
@@ -46,20 +47,206 @@ pub struct Epi<'a> {
     pub residual: Option<&'a [f32]>,
     /// `[n]`.
     pub bias: Option<&'a [f32]>,
+    /// The gated unit over interleaved gate/up blocks (`artifact::GluEpilogue`): the product
+    /// (in `out`) is a scratch and this writes the `[m, n/2]` result.
+    pub glu: Option<GluEpi<'a>>,
+    /// The row reduction after the split joins (`artifact::NormEpilogue`).
+    pub norm: Option<NormEpi<'a>>,
+}
+
+/// The second phase of an epilogue: per finished row, optionally normalize it (RMSNorm with
+/// an optional gain) and store `1/rms` of the result.
+#[derive(Clone, Copy)]
+pub struct NormEpi<'a> {
+    eps: f32,
+    normalize: bool,
+    gain: Option<&'a [f32]>,
+    /// `[m]` output, as an address: rows are finished from several threads.
+    inv_rms: Option<(usize, usize)>,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> NormEpi<'a> {
+    pub fn new(
+        eps: f32,
+        normalize: bool,
+        gain: Option<&'a [f32]>,
+        inv_rms: Option<&'a mut [f32]>,
+    ) -> Self {
+        NormEpi {
+            eps,
+            normalize,
+            gain,
+            inv_rms: inv_rms.map(|q| (q.as_mut_ptr() as usize, q.len())),
+            _out: std::marker::PhantomData,
+        }
+    }
+
+    /// `1 / sqrt(mean(v²) + eps)`, `sqrt` then divide as the `RmsNorm` kernel (8 partial sums
+    /// so the loop vectorizes; the kernels' own order differs in the last bits).
+    fn rms(&self, v: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let mut it = v.chunks_exact(8);
+        for c in &mut it {
+            for l in 0..8 {
+                acc[l] += c[l] * c[l];
+            }
+        }
+        let tail: f32 = it.remainder().iter().map(|x| x * x).sum();
+        let ss = acc.iter().sum::<f32>() + tail;
+        1.0 / (ss / v.len() as f32 + self.eps).sqrt()
+    }
+
+    /// Finish rows `0..m` of `out` (row stride `n`), once every column block is stored.
+    fn finish(&self, out: &mut [f32], m: usize, n: usize, threads: usize) {
+        if n == 0 || m == 0 {
+            return;
+        }
+        let row = |r: usize, o: &mut [f32]| {
+            if self.normalize {
+                let s = self.rms(o);
+                match self.gain {
+                    Some(g) => o.iter_mut().zip(g).for_each(|(v, g)| *v = *v * s * g),
+                    None => o.iter_mut().for_each(|v| *v *= s),
+                }
+            }
+            if let Some((q, _)) = self.inv_rms {
+                // SAFETY: `check` sized the buffer to `m` rows; each row is finished once.
+                unsafe { *(q as *mut f32).add(r) = self.rms(o) };
+            }
+        };
+        let rows = &mut out[..m * n];
+        if threads > 1 && m > 1 && m * n >= PAR_MIN_MACS / 16 {
+            rows.par_chunks_mut(n)
+                .enumerate()
+                .for_each(|(r, o)| row(r, o));
+        } else {
+            rows.chunks_mut(n).enumerate().for_each(|(r, o)| row(r, o));
+        }
+    }
+}
+
+/// The output of a gated epilogue. Blocks of it are written from several threads (each its
+/// own columns), hence an address rather than a slice.
+#[derive(Clone, Copy)]
+pub struct GluEpi<'a> {
+    out: usize,
+    len: usize,
+    pub block: usize,
+    pub act: EwOp,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> GluEpi<'a> {
+    pub fn new(out: &'a mut [f32], block: usize, act: EwOp) -> Self {
+        GluEpi {
+            out: out.as_mut_ptr() as usize,
+            len: out.len(),
+            block: block.max(1),
+            act,
+            _out: std::marker::PhantomData,
+        }
+    }
+}
+
+/// Cephes `expf` as in the generated kernels (`backend/cranelift/math.rs`): clamped to
+/// [-87, 88], `2^n · e^r` with a two-part `ln 2` and a degree-6 polynomial. Plain arithmetic
+/// (no `mul_add`, which is a libm call without FMA) so the loops over a block vectorize.
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+fn exp_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = n * -0.693_359_375 + x;
+    let r = n * 2.121_944_4e-4 + r;
+    let z = r * r;
+    let mut p = 1.987_569_15e-4f32;
+    for c in [
+        1.398_199_950_7e-3,
+        8.333_451_907_3e-3,
+        4.166_579_589_4e-2,
+        1.666_666_545_9e-1,
+        5.000_000_120_1e-1,
+    ] {
+        p = p * r + c;
+    }
+    let y = p * z + r + 1.0;
+    let e = (t.to_bits() as i32 - (MAGIC.to_bits() as i32 - 127)) << 23;
+    y * f32::from_bits(e as u32)
+}
+
+/// `out[c] = act(g[c]) · u[c]`, the activation in the generated kernels' forms (silu and
+/// gelu_tanh as `x / (1 + e^-(k·x))`); other unary ops through the scalar semantics.
+fn glu_block(act: EwOp, g: &[f32], u: &[f32], out: &mut [f32]) {
+    // Whole blocks of 16 as fixed-size arrays: the short loops of a per-block epilogue then
+    // compile to straight vector code instead of a vectorized loop with a scalar tail.
+    if let (Ok(g), Ok(u), Ok(o)) = (
+        <&[f32; 16]>::try_from(g),
+        <&[f32; 16]>::try_from(u),
+        <&mut [f32; 16]>::try_from(&mut *out),
+    ) {
+        return glu_fixed(act, g, u, o);
+    }
+    glu_slices(act, g, u, out)
+}
+
+#[inline(always)]
+fn glu_fixed(act: EwOp, g: &[f32; 16], u: &[f32; 16], out: &mut [f32; 16]) {
+    glu_slices(act, g, u, out)
+}
+
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+fn glu_slices(act: EwOp, g: &[f32], u: &[f32], out: &mut [f32]) {
+    let it = out.iter_mut().zip(g.iter().zip(u));
+    match act {
+        EwOp::Silu(_) => it.for_each(|(o, (&g, &u))| *o = g / (1.0 + exp_f32(-g)) * u),
+        EwOp::GeluTanh(_) => {
+            const K: f32 = 2.0 * 0.797_884_560_802_865_4;
+            it.for_each(|(o, (&g, &u))| {
+                let two_u = g * (g * g * (K * 0.044_715) + K);
+                *o = g / (1.0 + exp_f32(-two_u)) * u
+            })
+        }
+        EwOp::Relu(_) => it.for_each(|(o, (&g, &u))| *o = g.max(0.0) * u),
+        EwOp::Sigmoid(_) => it.for_each(|(o, (&g, &u))| *o = 1.0 / (1.0 + exp_f32(-g)) * u),
+        _ => it.for_each(|(o, (&g, &u))| {
+            *o = crate::ew::eval(&[EwOp::Input(0), act], &[g as f64]) as f32 * u
+        }),
+    }
 }
 
 impl Epi<'_> {
     pub fn is_none(&self) -> bool {
-        self.row_scale.is_none() && self.residual.is_none() && self.bias.is_none()
+        self.row_scale.is_none()
+            && self.residual.is_none()
+            && self.bias.is_none()
+            && self.glu.is_none()
+            && self.norm.is_none()
     }
 
     pub(crate) fn check(&self, m: usize, n: usize) {
         assert!(
             self.row_scale.is_none_or(|s| s.len() >= m)
                 && self.residual.is_none_or(|r| r.len() >= m * n)
-                && self.bias.is_none_or(|b| b.len() >= n),
+                && self.bias.is_none_or(|b| b.len() >= n)
+                && self
+                    .glu
+                    .is_none_or(|g| n.is_multiple_of(2) && g.len >= m * (n / 2))
+                && self.norm.is_none_or(|nm| {
+                    self.glu.is_none()
+                        && nm.gain.is_none_or(|g| g.len() >= n)
+                        && nm.inv_rms.is_none_or(|q| q.1 >= m)
+                }),
             "matmul epilogue operand sizes"
         );
+    }
+
+    /// Product column blocks must start at multiples of this (a whole gate/up block).
+    fn align(&self) -> usize {
+        self.glu.map_or(1, |g| 2 * g.block)
     }
 
     /// Applies the epilogue to rows `r0..r1`, columns `j0..j0 + nc` of `out` (row stride `n`),
@@ -94,6 +281,20 @@ impl Epi<'_> {
                 let rr = &res[r * n + j0..r * n + j0 + nc];
                 o.iter_mut().zip(rr).for_each(|(v, a)| *v += a);
             }
+            if let Some(g) = self.glu {
+                // `j0` starts a gate/up block (callers split at `align()`), so every block in
+                // the range is whole: `2·b` columns reduce to `b` outputs.
+                let half = n / 2;
+                let mut c = 0;
+                while c < nc {
+                    let b0 = (j0 + c) / 2;
+                    let b = g.block.min(half - b0);
+                    let dst =
+                        std::slice::from_raw_parts_mut((g.out as *mut f32).add(r * half + b0), b);
+                    glu_block(g.act, &o[c..c + b], &o[c + b..c + 2 * b], dst);
+                    c += 2 * b;
+                }
+            }
         }
     }
 }
@@ -105,9 +306,28 @@ pub fn matmul(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usiz
 }
 
 /// [`matmul`] followed by the epilogue, applied per output block inside the parallel split (so
-/// the product is not streamed through memory a second time).
+/// the product is not streamed through memory a second time); a row reduction
+/// ([`NormEpi`]) runs once the split has joined, over rows that were just written.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_epi(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+    epi: &Epi,
+) {
+    matmul_blocks(x, w, out, m, k, n, threads, epi);
+    if let Some(nm) = &epi.norm {
+        nm.finish(out, m, n, threads);
+    }
+}
+
+/// The product with the per-block epilogue terms.
+#[allow(clippy::too_many_arguments)]
+fn matmul_blocks(
     x: &[f32],
     w: &[f32],
     out: &mut [f32],
@@ -144,7 +364,10 @@ pub fn matmul_epi(
     // at m = 128, n = 1024 it reached ~90 GFLOP/s on two cores where one column block per
     // thread, each a single-threaded gemm, reached ~160. Large products keep gemm's split.
     if threads > 1 && macs >= 64 * PAR_MIN_MACS && m <= 512 && n >= 64 * threads {
-        let cols = n.div_ceil(threads).next_multiple_of(16);
+        let cols = n
+            .div_ceil(threads)
+            .next_multiple_of(16)
+            .next_multiple_of(epi.align());
         let op = out.as_mut_ptr() as usize;
         (0..threads).into_par_iter().for_each(|p| {
             let j0 = p * cols;
@@ -294,7 +517,11 @@ pub fn gemv_epi(x: &[f32], w: &[f32], out: &mut [f32], threads: usize, epi: &Epi
     }
     // A few chunks per thread so that rayon can balance; rows in multiples of 4.
     let chunks = threads * 4;
-    let rows = n.div_ceil(chunks).next_multiple_of(4).max(4);
+    let rows = n
+        .div_ceil(chunks)
+        .next_multiple_of(4)
+        .max(4)
+        .next_multiple_of(epi.align());
     let op = out.as_mut_ptr() as usize;
     out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| {
         let r0 = c * rows;
@@ -338,7 +565,10 @@ pub fn gemv_multi_epi(x: &[f32], w: &[f32], out: &mut [f32], m: usize, threads: 
     if threads <= 1 || n < 8 || m.saturating_mul(n).saturating_mul(k) < PAR_MIN_MACS {
         // Blocks of weight rows that stay in L2 while every input row streams over them: the
         // weights are read from memory once per call, not once per input row.
-        let rows = (SERIAL_BLOCK_BYTES / (4 * k.max(1))).max(4).min(n.max(1));
+        let rows = (SERIAL_BLOCK_BYTES / (4 * k.max(1)))
+            .max(4)
+            .next_multiple_of(epi.align())
+            .min(n.max(1));
         let mut r0 = 0;
         while r0 < n {
             let r1 = (r0 + rows).min(n);
@@ -347,7 +577,11 @@ pub fn gemv_multi_epi(x: &[f32], w: &[f32], out: &mut [f32], m: usize, threads: 
         }
         return;
     }
-    let rows = n.div_ceil(threads * 4).next_multiple_of(4).max(4);
+    let rows = n
+        .div_ceil(threads * 4)
+        .next_multiple_of(4)
+        .max(4)
+        .next_multiple_of(epi.align());
     (0..n.div_ceil(rows)).into_par_iter().for_each(|c| {
         let r0 = c * rows;
         block(r0, (r0 + rows).min(n), op as *mut f32);
@@ -892,6 +1126,8 @@ mod tests {
                     row_scale: (mask & 1 != 0).then_some(&sc[..]),
                     residual: (mask & 2 != 0).then_some(&res[..]),
                     bias: (mask & 4 != 0).then_some(&bias[..]),
+                    glu: None,
+                    norm: None,
                 };
                 let want: Vec<f32> = (0..m * n)
                     .map(|i| {
@@ -915,6 +1151,218 @@ mod tests {
                     close(&o, &want, k);
                 }
             }
+        }
+    }
+
+    /// The gated epilogue on every path (serial and threaded GEMV, the few-row GEMV, the
+    /// column-split gemm, gemm's own split with the row-block pass, k = 0), block sizes that
+    /// do and do not divide `n`, with and without a row scale, against the naive product of the
+    /// interleaved weight reduced by the scalar semantics of the activation.
+    #[test]
+    fn glu_epilogue_matches_reference_on_every_path() {
+        use crate::artifact::{interleaved_source_row, EwOp};
+        let mut s = 23u64;
+        let p = pool(2);
+        let acts = [
+            EwOp::Silu(0),
+            EwOp::GeluTanh(0),
+            EwOp::Relu(0),
+            EwOp::Tanh(0),
+        ];
+        for &(m, k, half, block) in &[
+            (1usize, 33usize, 9usize, 16usize),
+            (1, 300, 520, 16),
+            (1, 64, 50, 3),
+            (3, 64, 70, 16),
+            (8, 300, 257, 8),
+            (40, 96, 300, 16),
+            (600, 64, 200, 16),
+            (100, 128, 200, 16),
+            (64, 256, 150, 16),
+            (20, 17, 5, 2),
+            (5, 0, 12, 4),
+        ] {
+            let n = 2 * half;
+            let x: Vec<f32> = (0..m * k).map(|_| 2.0 * lcg(&mut s)).collect();
+            // Stacked [Wg; Wu] and its interleaved rows.
+            let wgu: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let mut wi = vec![0f32; n * k];
+            for r in 0..n {
+                let src = interleaved_source_row(half, block, r);
+                wi[r * k..(r + 1) * k].copy_from_slice(&wgu[src * k..(src + 1) * k]);
+            }
+            let sc: Vec<f32> = (0..m).map(|_| 1.0 + lcg(&mut s)).collect();
+            let raw = naive(&x, &wgu, m, k, n);
+            for (ai, &act) in acts.iter().enumerate() {
+                let scaled = ai % 2 == 1;
+                let want: Vec<f32> = (0..m * half)
+                    .map(|i| {
+                        let (r, j) = (i / half, i % half);
+                        let f = if scaled { sc[r] as f64 } else { 1.0 };
+                        let g = raw[r * n + j] as f64 * f;
+                        let u = raw[r * n + half + j] as f64 * f;
+                        (crate::ew::eval(&[EwOp::Input(0), act], &[g]) * u) as f32
+                    })
+                    .collect();
+                for threads in [1, 2] {
+                    let mut scratch = vec![f32::NAN; m * n];
+                    let mut o = vec![f32::NAN; m * half];
+                    let epi = Epi {
+                        row_scale: scaled.then_some(&sc[..]),
+                        glu: Some(GluEpi::new(&mut o, block, act)),
+                        ..Epi::default()
+                    };
+                    p.install(|| matmul_epi(&x, &wi, &mut scratch, m, k, n, threads, &epi));
+                    close(&o, &want, k.max(16));
+                }
+            }
+        }
+    }
+
+    /// The row-reduction epilogue (normalize with and without gain, inv_rms of the result,
+    /// with a residual and a row scale in the first phase) on every path against the naive
+    /// product normalized in f64.
+    #[test]
+    fn norm_epilogue_matches_reference_on_every_path() {
+        let mut s = 29u64;
+        let p = pool(2);
+        for &(m, k, n) in &[
+            (1usize, 33usize, 9usize),
+            (1, 300, 1001),
+            (3, 64, 70),
+            (8, 300, 257),
+            (40, 96, 300),
+            (100, 128, 400),
+            (600, 64, 200),
+            (5, 0, 12),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let sc: Vec<f32> = (0..m).map(|_| 1.0 + lcg(&mut s)).collect();
+            let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
+            let gain: Vec<f32> = (0..n).map(|_| 1.0 + lcg(&mut s)).collect();
+            let raw = naive(&x, &w, m, k, n);
+            let eps = 1e-6f64;
+            let rms =
+                |v: &[f64]| 1.0 / (v.iter().map(|a| a * a).sum::<f64>() / n as f64 + eps).sqrt();
+            for mask in 0..8u32 {
+                let (normalize, with_gain, first_phase) =
+                    (mask & 1 != 0, mask & 2 != 0, mask & 4 != 0);
+                if with_gain && !normalize {
+                    continue;
+                }
+                let mut want = vec![0f32; m * n];
+                let mut want_q = vec![0f32; m];
+                for r in 0..m {
+                    let mut v: Vec<f64> = (0..n)
+                        .map(|j| {
+                            let p = raw[r * n + j] as f64;
+                            if first_phase {
+                                p * sc[r] as f64 + res[r * n + j] as f64
+                            } else {
+                                p
+                            }
+                        })
+                        .collect();
+                    if normalize {
+                        let f = rms(&v);
+                        for (j, a) in v.iter_mut().enumerate() {
+                            *a *= f * if with_gain { gain[j] as f64 } else { 1.0 };
+                        }
+                    }
+                    want_q[r] = rms(&v) as f32;
+                    for j in 0..n {
+                        want[r * n + j] = v[j] as f32;
+                    }
+                }
+                for threads in [1, 2] {
+                    let mut o = vec![f32::NAN; m * n];
+                    let mut q = vec![f32::NAN; m];
+                    let epi = Epi {
+                        row_scale: first_phase.then_some(&sc[..]),
+                        residual: first_phase.then_some(&res[..]),
+                        norm: Some(NormEpi::new(
+                            eps as f32,
+                            normalize,
+                            with_gain.then_some(&gain[..]),
+                            Some(&mut q),
+                        )),
+                        ..Epi::default()
+                    };
+                    p.install(|| matmul_epi(&x, &w, &mut o, m, k, n, threads, &epi));
+                    close(&o, &want, k.max(16));
+                    close(&q, &want_q, k.max(16));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn interleaved_rows_are_a_permutation_with_matching_blocks() {
+        use crate::artifact::interleaved_source_row;
+        for (half, block) in [(1, 1), (5, 2), (16, 16), (17, 16), (50, 3)] {
+            let src: Vec<usize> = (0..2 * half)
+                .map(|r| interleaved_source_row(half, block, r))
+                .collect();
+            let mut sorted = src.clone();
+            sorted.sort();
+            assert_eq!(sorted, (0..2 * half).collect::<Vec<_>>());
+            // Each block: gate rows j.. then the up rows half + j.. of the same count.
+            let mut r = 0;
+            while r < 2 * half {
+                let b = block.min(half - r / 2);
+                for c in 0..b {
+                    assert_eq!(src[r + b + c], src[r + c] + half);
+                }
+                r += 2 * b;
+            }
+        }
+    }
+
+    #[test]
+    fn derived_transpose_and_interleave_match_their_definitions() {
+        use crate::artifact::{Derive, WRef};
+        let (k, n) = (5usize, 6usize);
+        let data: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
+        let src = WRef {
+            weight: 0,
+            offset: 0,
+            rows: k,
+            cols: n,
+        };
+        let t = Derive::Transpose { src }.compute(|_| &data[..]);
+        assert_eq!(Derive::Transpose { src }.out_shape(), Ok((n, k)));
+        for r in 0..n {
+            for c in 0..k {
+                assert_eq!(t[r * k + c], data[c * n + r]);
+            }
+        }
+        // 6 rows of 5 = gate rows 0..3, up rows 3..6, blocks of 2: g0 g1 u0 u1 g2 u2.
+        let src = WRef {
+            weight: 0,
+            offset: 0,
+            rows: 6,
+            cols: 5,
+        };
+        let d = Derive::InterleaveRows { src, block: 2 };
+        let v = d.compute(|_| &data[..]);
+        let order: Vec<usize> = (0..6).map(|r| v[r * 5] as usize / 5).collect();
+        assert_eq!(order, vec![0, 1, 3, 4, 2, 5]);
+        assert!(Derive::InterleaveRows { src, block: 0 }
+            .out_shape()
+            .is_err());
+        let odd = WRef { rows: 5, ..src };
+        assert!(Derive::InterleaveRows { src: odd, block: 2 }
+            .out_shape()
+            .is_err());
+    }
+
+    #[test]
+    fn cephes_exp_matches_std_to_a_few_ulp() {
+        for i in -2000..2000 {
+            let x = i as f32 * 0.043;
+            let (a, b) = (exp_f32(x), x.exp());
+            assert!((a - b).abs() <= 4.0 * f32::EPSILON * b, "{x}: {a} vs {b}");
         }
     }
 
@@ -951,6 +1399,104 @@ mod tests {
 #[cfg(test)]
 mod bench {
     use super::*;
+
+    fn min_time(reps: usize, mut f: impl FnMut()) -> f64 {
+        (0..reps)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// The fused epilogues against the product followed by a separate pass, at Huginn-d1024
+    /// decode and prefill shapes (minimum over repetitions, so a loaded machine's noise mostly
+    /// drops out). The separate passes here are Rust loops standing in for the `Glu` /
+    /// `RmsNorm` / `InvRms` kernels.
+    /// `cargo test -p loopc-runtime --lib bench_fused_epilogues -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_fused_epilogues() {
+        let (d, f) = (1024usize, 2816usize);
+        let lcg = |i: usize| ((i.wrapping_mul(2654435761) >> 7) % 1000) as f32 / 1000.0 - 0.5;
+        let w: Vec<f32> = (0..2 * f * d).map(lcg).collect();
+        let wo: Vec<f32> = (0..d * d).map(|i| lcg(i + 7)).collect();
+        let g: Vec<f32> = (0..d).map(|i| 1.0 + lcg(i)).collect();
+        for threads in [1usize, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for m in [1usize, 64] {
+                let x: Vec<f32> = (0..m * d).map(|i| lcg(i + 3)).collect();
+                let mut scratch = vec![0f32; m * 2 * f];
+                let mut o = vec![0f32; m * f];
+                let reps = if m == 1 { 200 } else { 20 };
+                let sep = |scratch: &mut [f32], o: &mut [f32]| {
+                    matmul(&x, &w, scratch, m, d, 2 * f, threads);
+                    for r in 0..m {
+                        let p = &scratch[r * 2 * f..(r + 1) * 2 * f];
+                        glu_block(EwOp::Silu(0), &p[..f], &p[f..], &mut o[r * f..(r + 1) * f]);
+                    }
+                };
+                let fused = |scratch: &mut [f32], o: &mut [f32]| {
+                    let epi = Epi {
+                        glu: Some(GluEpi::new(o, 16, EwOp::Silu(0))),
+                        ..Epi::default()
+                    };
+                    matmul_epi(&x, &w, scratch, m, d, 2 * f, threads, &epi);
+                };
+                let (mut a, mut b) = (f64::INFINITY, f64::INFINITY);
+                for _ in 0..3 {
+                    a = a.min(pool.install(|| min_time(reps, || sep(&mut scratch, &mut o))));
+                    b = b.min(pool.install(|| min_time(reps, || fused(&mut scratch, &mut o))));
+                }
+                println!(
+                    "glu   m={m:<3} threads={threads}: product + pass {:.3} ms, epilogue {:.3} ms",
+                    a * 1e3,
+                    b * 1e3
+                );
+                let res: Vec<f32> = (0..m * d).map(|i| lcg(i + 5)).collect();
+                let mut y = vec![0f32; m * d];
+                let mut y2 = vec![0f32; m * d];
+                let mut q = vec![0f32; m];
+                let sep = |y: &mut [f32], y2: &mut [f32], q: &mut [f32]| {
+                    let epi = Epi {
+                        residual: Some(&res),
+                        ..Epi::default()
+                    };
+                    matmul_epi(&x, &wo, y, m, d, d, threads, &epi);
+                    let n = NormEpi::new(1e-6, true, Some(&g), None);
+                    for r in 0..m {
+                        let s = n.rms(&y[r * d..(r + 1) * d]);
+                        for c in 0..d {
+                            y2[r * d + c] = y[r * d + c] * s * g[c];
+                        }
+                        q[r] = n.rms(&y2[r * d..(r + 1) * d]);
+                    }
+                };
+                let fused = |y: &mut [f32], q: &mut [f32]| {
+                    let epi = Epi {
+                        residual: Some(&res),
+                        norm: Some(NormEpi::new(1e-6, true, Some(&g), Some(q))),
+                        ..Epi::default()
+                    };
+                    matmul_epi(&x, &wo, y, m, d, d, threads, &epi);
+                };
+                let (mut a, mut b) = (f64::INFINITY, f64::INFINITY);
+                for _ in 0..3 {
+                    a = a.min(pool.install(|| min_time(reps, || sep(&mut y, &mut y2, &mut q))));
+                    b = b.min(pool.install(|| min_time(reps, || fused(&mut y, &mut q))));
+                }
+                println!(
+                    "norm  m={m:<3} threads={threads}: product + passes {:.3} ms, epilogue {:.3} ms",
+                    a * 1e3,
+                    b * 1e3
+                );
+            }
+        }
+    }
 
     /// `cargo test --release -p loopc-runtime bench_gemv -- --ignored --nocapture`
     #[test]

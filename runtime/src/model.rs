@@ -283,33 +283,11 @@ fn derive_weights(
 ) -> Result<()> {
     use rayon::prelude::*;
     const ROWS: usize = 64;
-    for (k, d) in m.derived.iter().enumerate() {
-        if matches!(d.recipe, artifact::Derive::PerIter { .. }) {
-            // Selected per iteration by the interpreter: no data of its own.
-            bound.push(Bound::Owned(crate::mem::AVec::new()));
-            after(k, bound)?;
-            continue;
-        }
-        let (rows, cols) = d.recipe.out_shape().map_err(RuntimeError::manifest)?;
-        let mut v = crate::mem::AVec::zeroed(rows * cols, &d.name)?;
-        {
-            let all: &Vec<Bound> = bound;
-            let get =
-                |w: &WRef| &all[w.weight as usize].as_slice()[w.offset..w.offset + w.rows * w.cols];
-            let out = v.as_mut_slice();
-            pool.install(|| {
-                out.par_chunks_mut((ROWS * cols).max(1))
-                    .enumerate()
-                    .for_each(|(i, chunk)| d.recipe.compute_rows(&get, i * ROWS, chunk));
-            });
-        }
-        bound.push(Bound::Owned(v));
-        after(k, bound)?;
-    }
     // Intermediate results (the scaled Q weight a gain is then folded into) and checkpoint
     // tensors converted to f32 that only fed derived weights are not read by the program: free
     // them (mapped tensors cost no memory once unused).
-    let mut used = vec![false; bound.len()];
+    let nw = m.weights.len();
+    let mut used = vec![false; nw + m.derived.len()];
     let mut mark = |list: &[Instr]| {
         for i in list {
             for w in i.weights() {
@@ -327,11 +305,52 @@ fn derive_weights(
     mark(&m.program.coda);
     // What a used per-iteration weight selects is used too (derived after their sources, so
     // one pass from the back reaches every level).
-    let nw = m.weights.len();
     for (i, d) in m.derived.iter().enumerate().rev() {
         if let (true, artifact::Derive::PerIter { srcs }) = (used[nw + i], &d.recipe) {
             for s in srcs {
                 used[s.weight as usize] = true;
+            }
+        }
+    }
+    // The last derived weight computed from each derived weight: an intermediate the program
+    // does not read is freed right after it, so chains (gain fold, then the gate/up interleave)
+    // never hold every level at once.
+    let mut last_reader = vec![None; m.derived.len()];
+    for (j, d) in m.derived.iter().enumerate() {
+        for s in d.recipe.sources() {
+            if let Some(i) = (s.weight as usize).checked_sub(nw) {
+                if let Some(l) = last_reader.get_mut(i) {
+                    *l = Some(j);
+                }
+            }
+        }
+    }
+    for (j, d) in m.derived.iter().enumerate() {
+        if matches!(d.recipe, artifact::Derive::PerIter { .. }) {
+            // Selected per iteration by the interpreter: no data of its own.
+            bound.push(Bound::Owned(crate::mem::AVec::new()));
+            after(j, bound)?;
+            continue;
+        }
+        let (rows, cols) = d.recipe.out_shape().map_err(RuntimeError::manifest)?;
+        let mut v = crate::mem::AVec::zeroed(rows * cols, &d.name)?;
+        {
+            let all: &Vec<Bound> = bound;
+            let get =
+                |w: &WRef| &all[w.weight as usize].as_slice()[w.offset..w.offset + w.rows * w.cols];
+            let out = v.as_mut_slice();
+            pool.install(|| {
+                out.par_chunks_mut((ROWS * cols).max(1))
+                    .enumerate()
+                    .for_each(|(i, chunk)| d.recipe.compute_rows(&get, i * ROWS, chunk));
+            });
+        }
+        bound.push(Bound::Owned(v));
+        after(j, bound)?;
+        for s in d.recipe.sources() {
+            let w = s.weight as usize;
+            if w >= nw && !used[w] && last_reader[w - nw] == Some(j) {
+                bound[w] = Bound::Owned(crate::mem::AVec::new());
             }
         }
     }
@@ -889,6 +908,56 @@ impl<'a> Validator<'a> {
                                 return Err(err(format!(
                                     "epilogue bias [{}, {}] must have {n} elements",
                                     b.rows, b.cols
+                                )));
+                            }
+                        }
+                        if let Some(nm) = &epi.norm {
+                            if epi.glu.is_some() || nm.eps.is_nan() || nm.eps < 0.0 {
+                                return Err(err(
+                                    "a norm epilogue needs eps ≥ 0 and no gated unit".into()
+                                ));
+                            }
+                            if let Some(g) = &nm.gain {
+                                self.wref(&ctx, g)?;
+                                if g.rows * g.cols != n || !nm.normalize {
+                                    return Err(err(format!(
+                                        "norm epilogue gain [{}, {}] must have {n} elements and normalize",
+                                        g.rows, g.cols
+                                    )));
+                                }
+                            }
+                            if let Some(q) = nm.inv_rms {
+                                let qb = self.buf(&ctx, q)?;
+                                let distinct = q != *out
+                                    && q != *x
+                                    && Some(q) != epi.row_scale
+                                    && Some(q) != epi.residual;
+                                if qb.cols != 1 || qb.rows != ob.rows || !distinct {
+                                    return Err(err(format!(
+                                        "norm epilogue inv_rms `{}` must be [{:?}, 1] and differ from the matmul's other buffers",
+                                        qb.name, ob.rows
+                                    )));
+                                }
+                            }
+                        }
+                        if let Some(g) = &epi.glu {
+                            let gb = self.buf(&ctx, g.out)?;
+                            let distinct = g.out != *out
+                                && g.out != *x
+                                && Some(g.out) != epi.row_scale
+                                && Some(g.out) != epi.residual;
+                            if n % 2 != 0 || gb.cols * 2 != n || gb.rows != ob.rows || !distinct {
+                                return Err(err(format!(
+                                    "gated epilogue output `{}` must be [{:?}, {}] and differ from the matmul's other buffers",
+                                    gb.name, ob.rows, n / 2
+                                )));
+                            }
+                            let unary = crate::ew::operands(&g.act) == [0]
+                                && !matches!(g.act, artifact::EwOp::Input(_));
+                            if g.block == 0 || !unary {
+                                return Err(err(format!(
+                                    "gated epilogue needs a block ≥ 1 and a unary activation of its gate, got block {} and {:?}",
+                                    g.block, g.act
                                 )));
                             }
                         }

@@ -176,6 +176,18 @@ impl Plan {
         let mut chain = vec![rec.next];
         let mut cur = rec.next;
         while let Some(&w) = writer.get(&cur) {
+            // A matmul that adds the residual as it stores its product (the GEMM epilogue,
+            // possibly normalizing the sum too): the stream goes on through that residual.
+            if let Instr::MatMul { out, epi, .. } = &rec.body[w] {
+                match epi.residual {
+                    Some(r) if *out == cur && !chain.contains(&r) && writer.contains_key(&r) => {
+                        chain.push(r);
+                        cur = r;
+                        continue;
+                    }
+                    _ => break,
+                }
+            }
             let Instr::Kernel { kernel, args } = &rec.body[w] else {
                 break;
             };

@@ -80,12 +80,38 @@ pub fn node_parts(eg: &TGraph, n: &TNode) -> (f64, f64, Vec<(Id, f64)>) {
     match &n.op {
         TOp::Tokens | TOp::Param(_) | TOp::Weight { .. } | TOp::Opaque(_) | TOp::Proj(_) => b = 0.0,
         TOp::WSliceCols { .. } | TOp::WScale(_) | TOp::WMulCols | TOp::WConcatRows => b = 0.0,
-        TOp::Linear | TOp::LinearEp { .. } => {
+        TOp::WTranspose | TOp::WInterleaveRows(_) => b = 0.0,
+        // The `Conv1D` layout costs what the `Linear` one does; only the latter takes epilogues.
+        TOp::Linear | TOp::LinearEp { .. } | TOp::MatMul => {
             // The epilogue's row scale and residual are read in the store of each product
             // block (counted in `acts_in`); the product is written once.
             let w = numel(&ty(1));
             wreads.push((n.children[1], 4.0 * w));
             flops = 2.0 * s * w;
+            if matches!(n.op, TOp::LinearEp { bias: true, .. }) {
+                let last = n.children.len() - 1;
+                wreads.push((n.children[last], 4.0 * numel(&ty(last))));
+                flops += s * out;
+            }
+        }
+        TOp::LinearNorm { gain, .. } => {
+            // One more pass over each stored row while it is in cache (sum of squares, and the
+            // scaling with `normalize`): FLOPs, no extra traffic. `out` counts `y` and `q`.
+            let w = numel(&ty(1));
+            wreads.push((n.children[1], 4.0 * w));
+            if *gain {
+                let last = n.children.len() - 1;
+                wreads.push((n.children[last], 4.0 * numel(&ty(last))));
+            }
+            flops = 2.0 * s * w + 4.0 * s * out;
+        }
+        TOp::LinearGlu { .. } => {
+            // The `[S, 2n]` product goes to its scratch block by block (written once, never
+            // read back from memory); the gated unit's `[S, n]` result is stored.
+            let w = numel(&ty(1));
+            wreads.push((n.children[1], 4.0 * w));
+            flops = 2.0 * s * w + 2.0 * s * out;
+            b += bytes(2.0 * out);
         }
         TOp::Embed => {
             b = bytes(out);
@@ -226,6 +252,62 @@ pub fn extract(eg: &TGraph, roots: &[Id]) -> Selection {
             break;
         }
     }
+    // Multi-result nodes: the tree pass prices a projection with its whole tuple, so a tuple
+    // that replaces several classes at once (`linear_norm`: the product and its `inv_rms`) is
+    // never picked class by class. Try switching every reached class that holds a projection
+    // of a not yet computed tuple whose operands are computed anyway, and keep the switch when
+    // the whole selection's DAG cost goes down.
+    for _ in 0..8 {
+        let reach = reachable(eg, &choice, &roots);
+        let cost_of = |choice: &HashMap<Id, TNode>| {
+            let sel = Selection {
+                choice: choice.clone(),
+                roots: roots.clone(),
+            };
+            dag_cost(eg, &prune(eg, &sel))
+        };
+        let base = cost_of(&choice);
+        let mut tuples: Vec<Id> = vec![];
+        for &c in &reach {
+            for n in &eg[c].nodes {
+                if let TOp::Proj(_) = n.op {
+                    let t = eg.find(n.children[0]);
+                    let ready = choice
+                        .get(&t)
+                        .is_some_and(|tn| tn.children.iter().all(|k| reach.contains(&eg.find(*k))));
+                    if !reach.contains(&t) && ready && !tuples.contains(&t) {
+                        tuples.push(t);
+                    }
+                }
+            }
+        }
+        tuples.sort();
+        let mut switched = false;
+        for t in tuples {
+            let mut cand = choice.clone();
+            let mut any = false;
+            for &c in &reach {
+                let proj = eg[c]
+                    .nodes
+                    .iter()
+                    .find(|n| matches!(n.op, TOp::Proj(_)) && eg.find(n.children[0]) == t);
+                if let Some(p) = proj {
+                    if !depends_on(eg, &cand, t, c) {
+                        cand.insert(c, p.clone());
+                        any = true;
+                    }
+                }
+            }
+            if any && cost_of(&cand) < base - 1e-9 {
+                choice = cand;
+                switched = true;
+                break;
+            }
+        }
+        if !switched {
+            break;
+        }
+    }
     // Memory: a class that reads a duplicating derived weight tries its other nodes, keeping a
     // switch when the whole selection (duplicated bytes included) gets cheaper. Tree costs
     // cannot see duplication: it depends on what else the selection reads.
@@ -314,7 +396,12 @@ pub fn dag_cost(eg: &TGraph, sel: &Selection) -> f64 {
 fn is_derived(op: &TOp) -> bool {
     matches!(
         op,
-        TOp::WSliceCols { .. } | TOp::WScale(_) | TOp::WMulCols | TOp::WConcatRows
+        TOp::WSliceCols { .. }
+            | TOp::WScale(_)
+            | TOp::WMulCols
+            | TOp::WConcatRows
+            | TOp::WTranspose
+            | TOp::WInterleaveRows(_)
     )
 }
 

@@ -62,9 +62,25 @@ pub enum TOp {
     LinearEp {
         row_scale: bool,
         residual: bool,
+        bias: bool,
     },
     /// Index into [`TensorAnalysis::opaque`].
     Opaque(u32),
+    MatMul,
+    WTranspose,
+    WInterleaveRows(usize),
+    LinearGlu {
+        act: u8,
+        block: usize,
+        row_scale: bool,
+    },
+    LinearNorm {
+        row_scale: bool,
+        residual: bool,
+        normalize: bool,
+        gain: bool,
+        eps: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -153,15 +169,41 @@ pub fn to_top(op: &Op, opaque: &mut Vec<Op>) -> TOp {
         Op::LinearEp {
             row_scale,
             residual,
+            bias,
         } => TOp::LinearEp {
             row_scale: *row_scale,
             residual: *residual,
+            bias: *bias,
+        },
+        Op::MatMul => TOp::MatMul,
+        Op::LinearNorm {
+            row_scale,
+            residual,
+            normalize,
+            gain,
+            eps,
+        } => TOp::LinearNorm {
+            row_scale: *row_scale,
+            residual: *residual,
+            normalize: *normalize,
+            gain: *gain,
+            eps: eps.to_bits(),
+        },
+        Op::WTranspose => TOp::WTranspose,
+        Op::WInterleaveRows(b) => TOp::WInterleaveRows(*b),
+        Op::LinearGlu {
+            act,
+            block,
+            row_scale,
+        } => TOp::LinearGlu {
+            act: unary_ix(*act),
+            block: *block,
+            row_scale: *row_scale,
         },
         // Kept whole: the optimizer has no rules for them yet.
         Op::Recur { .. }
         | Op::Fused { .. }
         | Op::LayerNorm { .. }
-        | Op::MatMul
         | Op::PosEmbed
         | Op::WPerIter
         | Op::Sinusoidal { .. }
@@ -245,9 +287,36 @@ pub fn to_op(t: &TOp, opaque: &[Op]) -> Op {
         TOp::LinearEp {
             row_scale,
             residual,
+            bias,
         } => Op::LinearEp {
             row_scale: *row_scale,
             residual: *residual,
+            bias: *bias,
+        },
+        TOp::MatMul => Op::MatMul,
+        TOp::LinearNorm {
+            row_scale,
+            residual,
+            normalize,
+            gain,
+            eps,
+        } => Op::LinearNorm {
+            row_scale: *row_scale,
+            residual: *residual,
+            normalize: *normalize,
+            gain: *gain,
+            eps: f32::from_bits(*eps),
+        },
+        TOp::WTranspose => Op::WTranspose,
+        TOp::WInterleaveRows(b) => Op::WInterleaveRows(*b),
+        TOp::LinearGlu {
+            act,
+            block,
+            row_scale,
+        } => Op::LinearGlu {
+            act: Unary::ALL[*act as usize],
+            block: *block,
+            row_scale: *row_scale,
         },
         TOp::Opaque(i) => opaque[*i as usize].clone(),
     }
@@ -333,7 +402,17 @@ pub fn arity_ok(n: &TNode) -> bool {
         TOp::LinearEp {
             row_scale,
             residual,
-        } => k == 2 + usize::from(row_scale) + usize::from(residual),
+            bias,
+        } => k == 2 + usize::from(row_scale) + usize::from(residual) + usize::from(bias),
+        TOp::MatMul => k == 2,
+        TOp::WTranspose | TOp::WInterleaveRows(_) => k == 1,
+        TOp::LinearGlu { row_scale, .. } => k == 2 + usize::from(row_scale),
+        TOp::LinearNorm {
+            row_scale,
+            residual,
+            gain,
+            ..
+        } => k == 2 + usize::from(row_scale) + usize::from(residual) + usize::from(gain),
         _ => true,
     }
 }

@@ -153,6 +153,30 @@ pub fn all() -> Vec<Rule> {
             search: concat_linear_search,
             apply: concat_linear_apply,
         },
+        Rule {
+            name: "transpose-fold",
+            stage: "fold-weights",
+            search: transpose_fold_search,
+            apply: transpose_fold_apply,
+        },
+        Rule {
+            name: "bias-epilogue",
+            stage: "epilogue",
+            search: bias_epi_search,
+            apply: bias_epi_apply,
+        },
+        Rule {
+            name: "glu-epilogue",
+            stage: "epilogue",
+            search: glu_epi_search,
+            apply: glu_epi_apply,
+        },
+        Rule {
+            name: "norm-epilogue",
+            stage: "epilogue",
+            search: norm_epi_search,
+            apply: norm_epi_apply,
+        },
     ]
 }
 
@@ -687,6 +711,7 @@ fn rowscale_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
         TOp::LinearEp {
             row_scale: true,
             residual: false,
+            bias: false,
         },
         vec![x, id(w), s],
     ));
@@ -713,12 +738,16 @@ fn residual_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
                 continue;
             }
             for l in eg[y].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
-                let scale = match l.op {
-                    TOp::Linear => None,
+                let (scale, bias) = match l.op {
+                    TOp::Linear => (None, None),
                     TOp::LinearEp {
-                        row_scale: true,
+                        row_scale,
                         residual: false,
-                    } => Some(l.children[2]),
+                        bias,
+                    } => (
+                        row_scale.then(|| l.children[2]),
+                        bias.then(|| l.children[l.children.len() - 1]),
+                    ),
                     _ => continue,
                 };
                 let (x, w) = (l.children[0], l.children[1]);
@@ -727,6 +756,7 @@ fn residual_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
                     usize::from(w),
                     scale.map_or(NONE, usize::from),
                     usize::from(r),
+                    bias.map_or(NONE, usize::from),
                 ]);
             }
         }
@@ -748,7 +778,7 @@ fn only_added_to(eg: &TGraph, y: Id, r: Id) -> bool {
 }
 
 fn residual_epi_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
-    let [x, w, s, r] = m[..] else {
+    let [x, w, s, r, b] = m[..] else {
         return false;
     };
     let mut kids = vec![id(x), id(w)];
@@ -756,12 +786,256 @@ fn residual_epi_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
         kids.push(id(s));
     }
     kids.push(id(r));
+    if b != NONE {
+        kids.push(id(b));
+    }
     let l = eg.add(TNode::new(
         TOp::LinearEp {
             row_scale: s != NONE,
             residual: true,
+            bias: b != NONE,
         },
         kids,
     ));
     union_new(eg, c, l)
+}
+
+/// `matmul(x, W)` = `linear(x, Wᵀ)` with `Wᵀ` derived once at load: GPT-2's `Conv1D` weights
+/// (`[k, n]`) in the layout the GEMV streams row by row and whose product takes an epilogue
+/// (bias, residual). When every read of `W` is folded the original is read only at load, so
+/// the copy costs no memory (`cost::dup_bytes`); otherwise the memory term prices it.
+fn transpose_fold_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    nodes_where(eg, c, |o| *o == TOp::MatMul)
+        .filter(|n| weight_shape(eg, n.children[1]).is_some_and(|s| s.len() == 2))
+        .map(|n| vec![usize::from(n.children[0]), usize::from(n.children[1])])
+        .collect()
+}
+
+fn transpose_fold_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [x, w] = m[..] else { return false };
+    let wt = eg.add(TNode::new(TOp::WTranspose, vec![id(w)]));
+    let l = eg.add(TNode::new(TOp::Linear, vec![id(x), wt]));
+    union_new(eg, c, l)
+}
+
+/// `linear(x, W) + b` = `linear_ep(x, W, bias = b)` (also over a row-scaled product): the bias
+/// is added as the product block is stored instead of in a pass of its own. Only when every
+/// user of the product adds that same `b` (else the plain product is needed as well).
+fn bias_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    let Some(width) = act_width(eg, c) else {
+        return out;
+    };
+    for a in nodes_where(eg, c, |o| *o == TOp::Binary(ADD)) {
+        for (y, b) in [
+            (a.children[0], a.children[1]),
+            (a.children[1], a.children[0]),
+        ] {
+            let (y, b) = (eg.find(y), eg.find(b));
+            let numel = weight_shape(eg, b).map(|s| s.iter().product::<usize>());
+            if act_width(eg, y) != Some(width) || numel != Some(width) || !only_added_to(eg, y, b) {
+                continue;
+            }
+            for l in eg[y].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
+                let scale = match l.op {
+                    TOp::Linear => None,
+                    TOp::LinearEp {
+                        row_scale: true,
+                        residual: false,
+                        bias: false,
+                    } => Some(l.children[2]),
+                    _ => continue,
+                };
+                out.push(vec![
+                    usize::from(l.children[0]),
+                    usize::from(l.children[1]),
+                    scale.map_or(NONE, usize::from),
+                    usize::from(b),
+                ]);
+            }
+        }
+    }
+    out
+}
+
+fn bias_epi_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [x, w, s, b] = m[..] else {
+        return false;
+    };
+    let mut kids = vec![id(x), id(w)];
+    if s != NONE {
+        kids.push(id(s));
+    }
+    kids.push(id(b));
+    let l = eg.add(TNode::new(
+        TOp::LinearEp {
+            row_scale: s != NONE,
+            residual: false,
+            bias: true,
+        },
+        kids,
+    ));
+    union_new(eg, c, l)
+}
+
+/// Rows per gate/up block of the interleaved weight read by `linear_glu`: 2·16 product
+/// columns are one block, a multiple of the GEMV's 4-row and the column split's 16-column
+/// granularity, and 16 floats fill an AVX-512 register in the activation loop.
+pub const GLU_BLOCK: usize = 16;
+
+/// `glu_act(linear(x, [Wg; Wu]))` = `linear_glu(x, interleave([Wg; Wu]))` (also over a
+/// row-scaled product): the activation and the product run in the matmul's epilogue on each
+/// block of gate/up columns while it is in cache, so the `[S, 2n]` product is never read back.
+/// The rows of the stacked weight are interleaved at load in blocks of [`GLU_BLOCK`] so every
+/// block of product columns holds matching gate and up halves. Only when every user of the
+/// product is a gated unit.
+fn glu_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    for g in nodes_where(eg, c, |o| matches!(o, TOp::Glu(_))) {
+        let TOp::Glu(act) = g.op else { continue };
+        let p = eg.find(g.children[0]);
+        let only_glu = !eg.analysis.roots.iter().any(|r| eg.find(*r) == p)
+            && eg[p]
+                .parents()
+                .all(|u| matches!(eg.id_to_node(u).op, TOp::Glu(_)));
+        if !only_glu {
+            continue;
+        }
+        for l in eg[p].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
+            let scale = match l.op {
+                TOp::Linear => None,
+                TOp::LinearEp {
+                    row_scale: true,
+                    residual: false,
+                    bias: false,
+                } => Some(l.children[2]),
+                _ => continue,
+            };
+            if weight_shape(eg, l.children[1]).is_none_or(|s| s.len() != 2 || s[0] % 2 != 0) {
+                continue;
+            }
+            out.push(vec![
+                usize::from(l.children[0]),
+                usize::from(l.children[1]),
+                scale.map_or(NONE, usize::from),
+                act as usize,
+            ]);
+        }
+    }
+    out
+}
+
+fn glu_epi_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [x, w, s, act] = m[..] else {
+        return false;
+    };
+    let wi = eg.add(TNode::new(TOp::WInterleaveRows(GLU_BLOCK), vec![id(w)]));
+    let mut kids = vec![id(x), wi];
+    if s != NONE {
+        kids.push(id(s));
+    }
+    let l = eg.add(TNode::new(
+        TOp::LinearGlu {
+            act: act as u8,
+            block: GLU_BLOCK,
+            row_scale: s != NONE,
+        },
+        kids,
+    ));
+    union_new(eg, c, l)
+}
+
+/// A matmul without a bias as `(x, w, row scale, residual)`, the operands an epilogue that
+/// adds a row reduction keeps.
+fn product_parts(l: &TNode) -> Option<(Id, Id, Option<Id>, Option<Id>)> {
+    match l.op {
+        TOp::Linear => Some((l.children[0], l.children[1], None, None)),
+        TOp::LinearEp {
+            row_scale,
+            residual,
+            bias: false,
+        } => Some((
+            l.children[0],
+            l.children[1],
+            row_scale.then(|| l.children[2]),
+            residual.then(|| l.children[2 + usize::from(row_scale)]),
+        )),
+        _ => None,
+    }
+}
+
+/// `inv_rms(p)` and `inv_rms(rmsnorm(p[, g]))` of a matmul's result `p` as results of that
+/// matmul (`linear_norm`): the row's sum of squares is taken once all its column blocks are
+/// stored, while the row is in cache, so neither the norm nor the `inv_rms` pass reads `p`
+/// from memory again. Huginn's sandwich blocks (`rmsnorm(r + o_proj(a), g)` whose result the
+/// next matmuls read with a row scale) and the adapter (`inv_rms` of its product). The norm
+/// form only when every user of `p` is a norm (else `p` would be needed as well).
+fn norm_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
+    let mut out = vec![];
+    let mut push = |kind: usize, y: Id, l: &TNode, g: Option<Id>, eps: u32| {
+        if let Some((x, w, s, r)) = product_parts(l) {
+            if weight_shape(eg, w).is_some_and(|s| s.len() == 2) {
+                out.push(vec![
+                    kind,
+                    usize::from(y),
+                    usize::from(x),
+                    usize::from(w),
+                    s.map_or(NONE, usize::from),
+                    r.map_or(NONE, usize::from),
+                    g.map_or(NONE, usize::from),
+                    eps as usize,
+                ]);
+            }
+        }
+    };
+    for q in nodes_where(eg, c, |o| matches!(o, TOp::InvRms { .. })) {
+        let TOp::InvRms { eps } = q.op else { continue };
+        let y = eg.find(q.children[0]);
+        for l in eg[y].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
+            push(0, y, l, None, eps);
+        }
+        for nn in nodes_where(eg, y, move |o| *o == TOp::RmsNorm { eps }) {
+            let p = eg.find(nn.children[0]);
+            // Every user is this norm (or an equal one): a second, different norm of `p`
+            // would need `p` itself, which the fused form never stores.
+            let only_normed = !eg.analysis.roots.iter().any(|r| eg.find(*r) == p)
+                && eg[p]
+                    .parents()
+                    .all(|u| matches!(eg.id_to_node(u).op, TOp::RmsNorm { .. }) && eg.find(u) == y);
+            if !only_normed {
+                continue;
+            }
+            for l in eg[p].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
+                push(1, y, l, nn.children.get(1).copied(), eps);
+            }
+        }
+    }
+    out
+}
+
+fn norm_epi_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
+    let [kind, y, x, w, s, r, g, eps] = m[..] else {
+        return false;
+    };
+    let mut kids = vec![id(x), id(w)];
+    for k in [s, r, g] {
+        if k != NONE {
+            kids.push(id(k));
+        }
+    }
+    let t = eg.add(TNode::new(
+        TOp::LinearNorm {
+            row_scale: s != NONE,
+            residual: r != NONE,
+            normalize: kind == 1,
+            gain: g != NONE,
+            eps: eps as u32,
+        },
+        kids,
+    ));
+    let p0 = eg.add(TNode::new(TOp::Proj(0), vec![t]));
+    let p1 = eg.add(TNode::new(TOp::Proj(1), vec![t]));
+    let a = union_new(eg, c, p1);
+    let b = union_new(eg, id(y), p0);
+    a || b
 }

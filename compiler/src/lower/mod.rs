@@ -14,8 +14,8 @@ use loopc_dialects::{Module, NodeId, Op, Region, Ty};
 use loopc_runtime::artifact::MatPart;
 use loopc_runtime::artifact::{
     Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, Epilogue, EwIn, EwOp,
-    ExitPolicy, Instr, KernelDecl, KernelSpec, KvSite, Manifest, Program, Recur, RopeStyle,
-    RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
+    ExitPolicy, GluEpilogue, Instr, KernelDecl, KernelSpec, KvSite, Manifest, NormEpilogue,
+    Program, Recur, RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
 };
 use std::collections::HashMap;
 
@@ -185,6 +185,11 @@ impl Lowerer {
                 src: srcs[0],
                 times: *times,
             },
+            Op::WTranspose => Derive::Transpose { src: srcs[0] },
+            Op::WInterleaveRows(block) => Derive::InterleaveRows {
+                src: srcs[0],
+                block: *block,
+            },
             _ => unreachable!("is_derived_weight"),
         };
         self.register(recipe, op.mnemonic()).map(Some)
@@ -240,6 +245,11 @@ impl Lowerer {
                         Derive::RepeatRows { times, .. } => Derive::RepeatRows {
                             src: pick(0),
                             times: *times,
+                        },
+                        Derive::Transpose { .. } => Derive::Transpose { src: pick(0) },
+                        Derive::InterleaveRows { block, .. } => Derive::InterleaveRows {
+                            src: pick(0),
+                            block: *block,
                         },
                         Derive::PerIter { .. } => unreachable!(),
                     };
@@ -611,6 +621,52 @@ impl Lowerer {
                 self.tuples.insert((in_loop, n), outs);
                 return Ok(());
             }
+            Op::LinearNorm {
+                row_scale,
+                residual,
+                normalize,
+                gain,
+                eps,
+            } => {
+                let cols = match &node.ty {
+                    Ty::Tuple(ts) => ts.first().and_then(|t| t.cols()),
+                    _ => None,
+                }
+                .ok_or_else(|| LowerError("`linear_norm` must be a pair".into()))?;
+                let w = self
+                    .wref(r, ops[1])?
+                    .ok_or_else(|| LowerError("`linear_norm` needs a weight".into()))?;
+                let x = self.buf(ops[0], vals)?;
+                let mut i = 2;
+                let mut epi = Epilogue::default();
+                if *row_scale {
+                    epi.row_scale = Some(self.buf(ops[i], vals)?);
+                    i += 1;
+                }
+                if *residual {
+                    epi.residual = Some(self.buf(ops[i], vals)?);
+                    i += 1;
+                }
+                let g =
+                    if *gain {
+                        Some(self.wref(r, ops[i])?.ok_or_else(|| {
+                            LowerError("`linear_norm` gain must be a weight".into())
+                        })?)
+                    } else {
+                        None
+                    };
+                let o = self.buffer("linear_norm".into(), cols);
+                let q = self.buffer("linear_norm_inv_rms".into(), 1);
+                epi.norm = Some(NormEpilogue {
+                    eps: *eps,
+                    normalize: *normalize,
+                    gain: g,
+                    inv_rms: Some(q),
+                });
+                out.push(Instr::MatMul { x, w, out: o, epi });
+                self.tuples.insert((in_loop, n), vec![o, q]);
+                return Ok(());
+            }
             Op::Proj(i) => {
                 let b = self
                     .tuples
@@ -654,6 +710,7 @@ impl Lowerer {
             Op::LinearEp {
                 row_scale,
                 residual,
+                bias,
             } => {
                 let w = self
                     .wref(r, ops[1])?
@@ -667,9 +724,46 @@ impl Lowerer {
                 }
                 if *residual {
                     epi.residual = Some(self.buf(ops[i], vals)?);
+                    i += 1;
+                }
+                if *bias {
+                    epi.bias =
+                        Some(self.wref(r, ops[i])?.ok_or_else(|| {
+                            LowerError("`linear_ep` bias must be a weight".into())
+                        })?);
                 }
                 let o = self.buffer(name, cols);
                 out.push(Instr::MatMul { x, w, out: o, epi });
+                vals.insert(n, o);
+            }
+            Op::LinearGlu {
+                act,
+                block,
+                row_scale,
+            } => {
+                let w = self
+                    .wref(r, ops[1])?
+                    .ok_or_else(|| LowerError("`linear_glu` needs a weight".into()))?;
+                let x = self.buf(ops[0], vals)?;
+                let mut epi = Epilogue::default();
+                if *row_scale {
+                    epi.row_scale = Some(self.buf(ops[2], vals)?);
+                }
+                // The product goes to a scratch of its own: the epilogue reads each gate/up block
+                // of it while writing the (narrower) result.
+                let scratch = self.buffer(format!("{name}_product"), 2 * cols);
+                let o = self.buffer(name, cols);
+                epi.glu = Some(GluEpilogue {
+                    out: o,
+                    block: *block,
+                    act: ew_op(&FusedOp::Unary(*act, 0)),
+                });
+                out.push(Instr::MatMul {
+                    x,
+                    w,
+                    out: scratch,
+                    epi,
+                });
                 vals.insert(n, o);
             }
             Op::InvRms { eps } => {
@@ -944,6 +1038,7 @@ impl Lowerer {
             | Op::Weight(_)
             | Op::RmsNormRes { .. }
             | Op::LinearParts { .. }
+            | Op::LinearNorm { .. }
             | Op::Proj(_)
             | Op::WSliceCols { .. }
             | Op::WScale(_)
@@ -951,7 +1046,9 @@ impl Lowerer {
             | Op::WConcatRows
             | Op::WPerIter
             | Op::WMap { .. }
-            | Op::WRepeatRows(_) => {}
+            | Op::WRepeatRows(_)
+            | Op::WTranspose
+            | Op::WInterleaveRows(_) => {}
         }
         Ok(())
     }

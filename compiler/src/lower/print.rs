@@ -109,6 +109,21 @@ fn instrs(s: &mut String, m: &Manifest, v: &[Instr], ind: &str) {
                 if let Some(r) = epi.residual {
                     l += &format!(" + b{r}");
                 }
+                if let Some(g) = &epi.glu {
+                    l += &format!(" glu {:?} block={} -> b{}", g.act, g.block, g.out);
+                }
+                if let Some(nm) = &epi.norm {
+                    l += &format!(" norm eps={:?}", nm.eps);
+                    if nm.normalize {
+                        l += " normalize";
+                    }
+                    if let Some(g) = &nm.gain {
+                        l += &format!(" gain {}", w(m, g));
+                    }
+                    if let Some(q) = nm.inv_rms {
+                        l += &format!(" inv_rms -> b{q}");
+                    }
+                }
                 l
             }
             Instr::MatMulParts { x, w: wr, parts } => {

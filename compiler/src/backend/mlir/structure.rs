@@ -246,6 +246,8 @@ impl<'a> Scope<'a> {
                     self.op("matmul", &[x, wv, o], "layout = \"nk\"");
                 } else {
                     let mut ops = vec![x, wv, o];
+                    let glu_term: String;
+                    let norm_term: String;
                     let mut terms = vec![];
                     if let Some(s) = epi.row_scale {
                         let v = self.b(s);
@@ -261,6 +263,30 @@ impl<'a> Scope<'a> {
                         let v = (self.weight(bias), wty(bias));
                         ops.push(self.unranked(v));
                         terms.push("bias");
+                    }
+                    if let Some(g) = &epi.glu {
+                        let v = self.b(g.out);
+                        ops.push(self.unranked(v));
+                        glu_term = format!("glu({:?},block={})", g.act, g.block);
+                        terms.push(&glu_term);
+                    }
+                    if let Some(nm) = &epi.norm {
+                        if let Some(g) = &nm.gain {
+                            let v = (self.weight(g), wty(g));
+                            ops.push(self.unranked(v));
+                        }
+                        if let Some(q) = nm.inv_rms {
+                            let v = self.b(q);
+                            ops.push(self.unranked(v));
+                        }
+                        norm_term = format!(
+                            "norm(eps={:?},normalize={},gain={},inv_rms={})",
+                            nm.eps,
+                            nm.normalize,
+                            nm.gain.is_some(),
+                            nm.inv_rms.is_some()
+                        );
+                        terms.push(&norm_term);
                     }
                     let attrs = format!("layout = \"nk\", terms = {:?}", terms.join(","));
                     self.op("matmul_ep", &ops, &attrs);
