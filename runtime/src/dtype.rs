@@ -91,6 +91,29 @@ fn resolve(m: &Manifest, w: &WRef) -> Vec<(u32, usize)> {
     }
 }
 
+/// The row window of `w` each part of a `MatMulParts` reads (parts are consecutive row ranges
+/// as wide as their output buffers).
+pub(crate) fn part_windows(
+    m: &Manifest,
+    w: &WRef,
+    parts: &[crate::artifact::MatPart],
+) -> Vec<WRef> {
+    let mut row = 0;
+    parts
+        .iter()
+        .map(|p| {
+            let n = m.buffers[p.out as usize].cols;
+            let pw = WRef {
+                offset: w.offset + row * w.cols,
+                rows: n,
+                ..*w
+            };
+            row += n;
+            pw
+        })
+        .collect()
+}
+
 pub(crate) fn plan(m: &Manifest) -> Plan {
     let total = m.weights.len() + m.derived.len();
     let mut windows: Vec<PackKey> = Vec::new();
@@ -116,6 +139,20 @@ pub(crate) fn plan(m: &Manifest) -> Plan {
                     }
                     if let Some(b) = &epi.bias {
                         need(b, &mut f32_needed);
+                    }
+                    if let Some(g) = epi.norm.and_then(|n| n.gain) {
+                        need(&g, &mut f32_needed);
+                    }
+                }
+                Instr::MatMulParts { w, parts, .. } => {
+                    // Each part is packed as a matmul of its own over its rows of `w`.
+                    for pw in part_windows(m, w, parts) {
+                        for (id, off) in resolve(m, &pw) {
+                            windows.push(key(id, off, &pw, false));
+                        }
+                    }
+                    for b in parts.iter().filter_map(|p| p.epi.bias) {
+                        need(&b, &mut f32_needed);
                     }
                 }
                 Instr::MatMulKN { w, .. } => {

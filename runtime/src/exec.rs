@@ -909,6 +909,34 @@ impl<'a> Run<'a> {
                 crate::matmul::matmul_epi(xs, wd, os, rows, w.cols, w.rows, m.threads, &e);
                 Ok(1)
             }
+            Instr::MatMulParts { x, w, parts } if !m.packed.is_empty() => {
+                // bf16: one packed matmul per part (the plan packs each part's rows).
+                let rows = self.rows_of(*x);
+                let xb = &self.ws.bufs[*x as usize];
+                // SAFETY: x is none of the outputs (validated), so the slices do not alias.
+                let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
+                let mut row = 0;
+                for p in parts {
+                    let n = bufs[p.out as usize].cols;
+                    let pw = crate::artifact::WRef {
+                        offset: w.offset + row * w.cols,
+                        rows: n,
+                        ..*w
+                    };
+                    row += n;
+                    let packed = packed(m, &pw, iter, false).ok_or_else(|| {
+                        RuntimeError::Config(format!(
+                            "bf16: part of `{}` was not packed at load",
+                            m.manifest.buffers[p.out as usize].name
+                        ))
+                    })?;
+                    let e = self.epi(&p.epi, iter, 0, rows, n);
+                    // SAFETY: the outputs are distinct and differ from every buffer read.
+                    let os = unsafe { self.out_rows(p.out, 0, rows * n) };
+                    crate::matmul_bf16::matmul_bf16_epi(xs, packed, os, rows, m.threads, &e);
+                }
+                Ok(1)
+            }
             Instr::MatMulParts { x, w, parts } => {
                 let rows = self.rows_of(*x);
                 let wd = weight(m, w, iter);

@@ -98,7 +98,7 @@ impl<'a> NormEpi<'a> {
     }
 
     /// Finish rows `0..m` of `out` (row stride `n`), once every column block is stored.
-    fn finish(&self, out: &mut [f32], m: usize, n: usize, threads: usize) {
+    pub(crate) fn finish(&self, out: &mut [f32], m: usize, n: usize, threads: usize) {
         if n == 0 || m == 0 {
             return;
         }

@@ -81,7 +81,32 @@ pub fn matmul_bf16_epi(
     threads: usize,
     epi: &Epi,
 ) {
-    matmul_bf16_path(x, w, out, m, threads, epi, Path::best())
+    if epi.glu.is_none() && epi.norm.is_none() {
+        return matmul_bf16_path(x, w, out, m, threads, epi, Path::best());
+    }
+    // The bf16 kernels' column blocks follow the packed 16-output layout, not the gate/up
+    // blocks, and do not join for a row reduction: the product with the per-element terms,
+    // then the gated unit and the norm over the finished rows (still in cache for decode).
+    let base = Epi {
+        glu: None,
+        norm: None,
+        ..*epi
+    };
+    matmul_bf16_path(x, w, out, m, threads, &base, Path::best());
+    let n = w.n();
+    if epi.glu.is_some() {
+        let glu = Epi {
+            glu: epi.glu,
+            ..Epi::default()
+        };
+        glu.check(m, n);
+        // SAFETY: `out` holds m·n products (asserted by the product); `check` sized the
+        // gated output; one caller.
+        unsafe { glu.apply(out.as_mut_ptr(), n, 0, m, 0, n) };
+    }
+    if let Some(nm) = &epi.norm {
+        nm.finish(out, m, n, threads);
+    }
 }
 
 /// [`matmul_bf16_epi`] on a chosen path (which must be one of [`Path::supported`]).
@@ -576,6 +601,7 @@ mod tests {
                 row_scale: Some(&sc),
                 residual: Some(&res),
                 bias: Some(&bias),
+                ..Epi::default()
             };
             let packed = Packed::from_f32(&w, n, k);
             for path in Path::supported() {
@@ -584,6 +610,71 @@ mod tests {
                     p.install(|| matmul_bf16_path(&x, &packed, &mut o, m, threads, &epi, path));
                     close(&o, &want, k, &format!("{path:?} ({m},{k},{n})"));
                 }
+            }
+        }
+    }
+
+    /// The gated unit and the row norm (which the bf16 kernels run over finished rows) give
+    /// what the f32 matmul's fused epilogues give on the same bf16-rounded operands.
+    #[test]
+    fn gated_and_norm_epilogues_match_f32_on_rounded_operands() {
+        use crate::artifact::EwOp;
+        use crate::matmul::{matmul_epi, GluEpi, NormEpi};
+        let mut s = 21u64;
+        let p = pool(2);
+        for &(m, k, half) in &[(1usize, 40usize, 48usize), (3, 64, 32), (20, 33, 40)] {
+            let n = 2 * half;
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let g: Vec<f32> = (0..n).map(|_| 1.0 + lcg(&mut s)).collect();
+            let xr: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+            let wr: Vec<f32> = w.iter().map(|&v| round_bf16(v)).collect();
+            let packed = Packed::from_f32(&w, n, k);
+            for threads in [1, 2] {
+                // Gated unit over blocks of 16 gate/up columns.
+                let (mut want, mut got) = (vec![0f32; m * half], vec![0f32; m * half]);
+                let (mut s1, mut s2) = (vec![0f32; m * n], vec![0f32; m * n]);
+                let e = Epi {
+                    glu: Some(GluEpi::new(&mut want, 16, EwOp::Silu(0))),
+                    ..Epi::default()
+                };
+                p.install(|| matmul_epi(&xr, &wr, &mut s1, m, k, n, threads, &e));
+                let e = Epi {
+                    glu: Some(GluEpi::new(&mut got, 16, EwOp::Silu(0))),
+                    ..Epi::default()
+                };
+                p.install(|| matmul_bf16_epi(&x, &packed, &mut s2, m, threads, &e));
+                close(
+                    &got,
+                    &want,
+                    k,
+                    &format!("glu ({m},{k},{n}) threads {threads}"),
+                );
+                // RMSNorm with a gain, and the 1/rms of the result.
+                let (mut q1, mut q2) = (vec![0f32; m], vec![0f32; m]);
+                let (mut o1, mut o2) = (vec![0f32; m * n], vec![0f32; m * n]);
+                let e = Epi {
+                    norm: Some(NormEpi::new(1e-6, true, Some(&g), Some(&mut q1))),
+                    ..Epi::default()
+                };
+                p.install(|| matmul_epi(&xr, &wr, &mut o1, m, k, n, threads, &e));
+                let e = Epi {
+                    norm: Some(NormEpi::new(1e-6, true, Some(&g), Some(&mut q2))),
+                    ..Epi::default()
+                };
+                p.install(|| matmul_bf16_epi(&x, &packed, &mut o2, m, threads, &e));
+                close(
+                    &o2,
+                    &o1,
+                    k,
+                    &format!("norm ({m},{k},{n}) threads {threads}"),
+                );
+                close(
+                    &q2,
+                    &q1,
+                    k,
+                    &format!("inv_rms ({m},{k},{n}) threads {threads}"),
+                );
             }
         }
     }

@@ -63,9 +63,12 @@ fn sibling(r: &Region, x: NodeId, u: NodeId) -> Option<(Option<NodeId>, Sibling)
     let ops = r.operands(u);
     let s = match r.node(u).op {
         Op::Linear => None,
+        // A biased product stays alone (the parts' epilogues could carry it, but no family
+        // has biased siblings).
         Op::LinearEp {
             row_scale: true,
             residual: false,
+            bias: false,
         } => Some(ops[2]),
         _ => return None,
     };

@@ -256,6 +256,7 @@ mod tests {
                     row_scale: (epi >= 1).then_some(&sc[..]),
                     residual: (epi >= 2).then_some(&res[i][..]),
                     bias: (epi >= 2).then_some(&bias[i][..]),
+                    ..Epi::default()
                 },
             })
             .collect();
