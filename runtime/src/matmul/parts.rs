@@ -357,7 +357,7 @@ mod bench {
             .build()
             .unwrap();
         let w: Vec<f32> = (0..3 * n * k).map(|i| (i % 13) as f32 * 0.01).collect();
-        for m in [1usize, 4] {
+        for m in [1usize, 4, 32] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
             let s: Vec<f32> = vec![0.5; m];
             let epi = Epi {
