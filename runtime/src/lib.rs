@@ -74,6 +74,8 @@ pub use session::{generate, DepthSchedule, ExitProbs, GenerateOutput, Logits, Se
 pub use weights::{check_weights, TensorInfo, Weights};
 
 #[cfg(test)]
+mod test_util;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_kernels;

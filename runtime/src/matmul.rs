@@ -912,27 +912,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
-
-    fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-        let mut o = vec![0f32; m * n];
-        for r in 0..m {
-            for j in 0..n {
-                let mut s = 0f64;
-                for i in 0..k {
-                    s += x[r * k + i] as f64 * w[j * k + i] as f64;
-                }
-                o[r * n + j] = s as f32;
-            }
-        }
-        o
-    }
+    use crate::test_util::{lcg, naive, pool};
 
     fn close(a: &[f32], b: &[f32], k: usize) {
         assert_eq!(a.len(), b.len());
@@ -943,13 +923,6 @@ mod tests {
                 "index {i}: {x} vs {y} (k={k})"
             );
         }
-    }
-
-    fn pool(n: usize) -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .unwrap()
     }
 
     #[test]

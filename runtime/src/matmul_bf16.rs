@@ -497,27 +497,11 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::bf16::round_bf16;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
+    use crate::test_util::{lcg, naive_with, pool};
 
     /// f64 sums of products of the bf16-rounded operands.
     fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-        let mut o = vec![0f32; m * n];
-        for r in 0..m {
-            for j in 0..n {
-                let mut s = 0f64;
-                for i in 0..k {
-                    s += round_bf16(x[r * k + i]) as f64 * round_bf16(w[j * k + i]) as f64;
-                }
-                o[r * n + j] = s as f32;
-            }
-        }
-        o
+        naive_with(x, w, m, k, n, round_bf16)
     }
 
     /// f32 accumulation error only: the operands are the same bf16 values on both sides.
@@ -530,13 +514,6 @@ mod tests {
                 "{what} index {i}: {x} vs {y} (k={k})"
             );
         }
-    }
-
-    fn pool(n: usize) -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .unwrap()
     }
 
     #[test]

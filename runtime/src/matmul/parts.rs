@@ -208,27 +208,7 @@ pub fn matmul_parts(x: &[f32], w: &[f32], parts: &mut [Part], m: usize, k: usize
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
-
-    /// `x · wᵀ` in f64, `[m, n]`.
-    fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-        let mut o = vec![0f32; m * n];
-        for r in 0..m {
-            for j in 0..n {
-                let s: f64 = (0..k)
-                    .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
-                    .sum();
-                o[r * n + j] = s as f32;
-            }
-        }
-        o
-    }
+    use crate::test_util::{lcg, naive};
 
     /// Runs `matmul_parts` on random data and compares every part with the naive product of
     /// the stacked weight, cut at the part boundaries, and the epilogue formula per part.
