@@ -13,6 +13,11 @@ mod structure;
 mod text;
 
 #[cfg(feature = "mlir")]
+pub mod loop_ops;
+/// For programs that build `loop` ops with [`loop_ops`] (and the tests).
+#[cfg(feature = "mlir")]
+pub use melior;
+#[cfg(feature = "mlir")]
 pub mod native;
 #[cfg(feature = "mlir")]
 pub mod rewrite;

@@ -9,7 +9,7 @@
 
 use super::kernels;
 use super::text::sym;
-use loopc_runtime::artifact::{Arg, BufId, Instr, KernelDecl, Manifest, Rows, WRef};
+use loopc_runtime::artifact::{Arg, BufId, Epilogue, Instr, KernelDecl, Manifest, Rows, WRef};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write;
 
@@ -109,16 +109,7 @@ impl<'a> Scope<'a> {
             return v.clone();
         }
         let v = self.fresh("w");
-        let n = self.m.weights.len();
-        let name = match (w.weight as usize).checked_sub(n) {
-            None => self.m.weights[w.weight as usize].name.clone(),
-            Some(d) => self
-                .m
-                .derived
-                .get(d)
-                .map(|d| d.name.clone())
-                .unwrap_or_default(),
-        };
+        let name = weight_name(self.m, w);
         self.line(format!(
             "{v} = \"loop.weight\"() {{id = {} : i64, name = {name:?}, offset = {} : i64}} : () -> memref<{}x{}xf32>",
             w.weight, w.offset, w.rows, w.cols
@@ -246,48 +237,7 @@ impl<'a> Scope<'a> {
                     self.op("matmul", &[x, wv, o], "layout = \"nk\"");
                 } else {
                     let mut ops = vec![x, wv, o];
-                    let glu_term: String;
-                    let norm_term: String;
-                    let mut terms = vec![];
-                    if let Some(s) = epi.row_scale {
-                        let v = self.b(s);
-                        ops.push(self.unranked(v));
-                        terms.push("row_scale");
-                    }
-                    if let Some(r) = epi.residual {
-                        let v = self.b(r);
-                        ops.push(self.unranked(v));
-                        terms.push("residual");
-                    }
-                    if let Some(bias) = &epi.bias {
-                        let v = (self.weight(bias), wty(bias));
-                        ops.push(self.unranked(v));
-                        terms.push("bias");
-                    }
-                    if let Some(g) = &epi.glu {
-                        let v = self.b(g.out);
-                        ops.push(self.unranked(v));
-                        glu_term = format!("glu({:?},block={})", g.act, g.block);
-                        terms.push(&glu_term);
-                    }
-                    if let Some(nm) = &epi.norm {
-                        if let Some(g) = &nm.gain {
-                            let v = (self.weight(g), wty(g));
-                            ops.push(self.unranked(v));
-                        }
-                        if let Some(q) = nm.inv_rms {
-                            let v = self.b(q);
-                            ops.push(self.unranked(v));
-                        }
-                        norm_term = format!(
-                            "norm(eps={:?},normalize={},gain={},inv_rms={})",
-                            nm.eps,
-                            nm.normalize,
-                            nm.gain.is_some(),
-                            nm.inv_rms.is_some()
-                        );
-                        terms.push(&norm_term);
-                    }
+                    let Ok(terms) = epilogue_operands(self, epi, &mut ops);
                     let attrs = format!("layout = \"nk\", terms = {:?}", terms.join(","));
                     self.op("matmul_ep", &ops, &attrs);
                 }
@@ -304,22 +254,7 @@ impl<'a> Scope<'a> {
                 }
                 let mut terms = vec![];
                 for p in parts {
-                    let mut t = vec![];
-                    if let Some(s) = p.epi.row_scale {
-                        let v = self.b(s);
-                        ops.push(self.unranked(v));
-                        t.push("row_scale");
-                    }
-                    if let Some(r) = p.epi.residual {
-                        let v = self.b(r);
-                        ops.push(self.unranked(v));
-                        t.push("residual");
-                    }
-                    if let Some(bias) = &p.epi.bias {
-                        let v = (self.weight(bias), wty(bias));
-                        ops.push(self.unranked(v));
-                        t.push("bias");
-                    }
+                    let Ok(t) = epilogue_operands(self, &p.epi, &mut ops);
                     terms.push(t.join(","));
                 }
                 let attrs = format!(
@@ -376,12 +311,92 @@ impl<'a> Scope<'a> {
     }
 }
 
+/// What the text emitter and the melior builders (`loop_ops.rs`) both provide, so that the
+/// operands of an epilogue are made in one order by one function.
+pub(super) trait Operands {
+    type V;
+    type E;
+    fn buf_value(&mut self, b: BufId) -> Result<Self::V, Self::E>;
+    fn weight_value(&mut self, w: &WRef) -> Result<Self::V, Self::E>;
+    fn unranked_value(&mut self, v: Self::V) -> Result<Self::V, Self::E>;
+}
+
+impl Operands for Scope<'_> {
+    type V = (String, String);
+    type E = std::convert::Infallible;
+    fn buf_value(&mut self, b: BufId) -> Result<Self::V, Self::E> {
+        Ok(self.b(b))
+    }
+    fn weight_value(&mut self, w: &WRef) -> Result<Self::V, Self::E> {
+        Ok((self.weight(w), wty(w)))
+    }
+    fn unranked_value(&mut self, v: Self::V) -> Result<Self::V, Self::E> {
+        Ok(self.unranked(v))
+    }
+}
+
+/// Appends the epilogue's operands (unranked, in the dialect's order) and returns the term
+/// names `loop.matmul_ep` / `loop.matmul_parts` list them by.
+pub(super) fn epilogue_operands<S: Operands>(
+    s: &mut S,
+    epi: &Epilogue,
+    ops: &mut Vec<S::V>,
+) -> Result<Vec<String>, S::E> {
+    let mut terms = vec![];
+    if let Some(r) = epi.row_scale {
+        let v = s.buf_value(r)?;
+        ops.push(s.unranked_value(v)?);
+        terms.push("row_scale".to_string());
+    }
+    if let Some(r) = epi.residual {
+        let v = s.buf_value(r)?;
+        ops.push(s.unranked_value(v)?);
+        terms.push("residual".to_string());
+    }
+    if let Some(bias) = &epi.bias {
+        let v = s.weight_value(bias)?;
+        ops.push(s.unranked_value(v)?);
+        terms.push("bias".to_string());
+    }
+    if let Some(g) = &epi.glu {
+        let v = s.buf_value(g.out)?;
+        ops.push(s.unranked_value(v)?);
+        terms.push(format!("glu({:?},block={})", g.act, g.block));
+    }
+    if let Some(nm) = &epi.norm {
+        if let Some(g) = &nm.gain {
+            let v = s.weight_value(g)?;
+            ops.push(s.unranked_value(v)?);
+        }
+        if let Some(q) = nm.inv_rms {
+            let v = s.buf_value(q)?;
+            ops.push(s.unranked_value(v)?);
+        }
+        terms.push(format!(
+            "norm(eps={:?},normalize={},gain={},inv_rms={})",
+            nm.eps,
+            nm.normalize,
+            nm.gain.is_some(),
+            nm.inv_rms.is_some()
+        ));
+    }
+    Ok(terms)
+}
+
 fn wty(w: &WRef) -> String {
     format!("memref<{}x{}xf32>", w.rows, w.cols)
 }
 
+/// A checkpoint tensor's name, or a derived weight's.
+pub(super) fn weight_name(m: &Manifest, w: &WRef) -> String {
+    match (w.weight as usize).checked_sub(m.weights.len()) {
+        None => m.weights[w.weight as usize].name.clone(),
+        Some(d) => m.derived.get(d).map(|d| d.name.clone()).unwrap_or_default(),
+    }
+}
+
 /// The kind of a kernel, for reading the structure without the kernel bodies.
-fn spec_name(d: &KernelDecl) -> String {
+pub(super) fn spec_name(d: &KernelDecl) -> String {
     let s = format!("{:?}", d.spec);
     let end = s.find([' ', '{', '(']).unwrap_or(s.len());
     s[..end].to_lowercase()
@@ -426,7 +441,7 @@ fn program_func(m: &Manifest) -> String {
 
 /// `(state, next, injected)`: the body's arguments. Injected are the buffers the body reads
 /// that the prelude or coda also use (loop invariants and values read after the loop).
-fn recur_operands(m: &Manifest) -> (BufId, BufId, Vec<BufId>) {
+pub(super) fn recur_operands(m: &Manifest) -> (BufId, BufId, Vec<BufId>) {
     let r = m.program.recur.as_ref().expect("a recurrence");
     let outside: BTreeSet<BufId> = m
         .program
