@@ -91,27 +91,22 @@ fn resolve(m: &Manifest, w: &WRef) -> Vec<(u32, usize)> {
     }
 }
 
-/// The row window of `w` each part of a `MatMulParts` reads (parts are consecutive row ranges
-/// as wide as their output buffers).
+/// The row window of `w` each part of a `MatMulParts` reads: parts are consecutive row ranges
+/// as wide as their output buffers (`widths`, in part order). No allocation: the bf16 decode
+/// path walks it per call.
 pub(crate) fn part_windows(
-    m: &Manifest,
-    w: &WRef,
-    parts: &[crate::artifact::MatPart],
-) -> Vec<WRef> {
-    let mut row = 0;
-    parts
-        .iter()
-        .map(|p| {
-            let n = m.buffers[p.out as usize].cols;
-            let pw = WRef {
-                offset: w.offset + row * w.cols,
-                rows: n,
-                ..*w
-            };
-            row += n;
-            pw
-        })
-        .collect()
+    w: WRef,
+    widths: impl Iterator<Item = usize>,
+) -> impl Iterator<Item = WRef> {
+    widths.scan(0, move |row, n| {
+        let pw = WRef {
+            offset: w.offset + *row * w.cols,
+            rows: n,
+            ..w
+        };
+        *row += n;
+        Some(pw)
+    })
 }
 
 pub(crate) fn plan(m: &Manifest) -> Plan {
@@ -146,7 +141,8 @@ pub(crate) fn plan(m: &Manifest) -> Plan {
                 }
                 Instr::MatMulParts { w, parts, .. } => {
                     // Each part is packed as a matmul of its own over its rows of `w`.
-                    for pw in part_windows(m, w, parts) {
+                    let widths = parts.iter().map(|p| m.buffers[p.out as usize].cols);
+                    for pw in part_windows(*w, widths) {
                         for (id, off) in resolve(m, &pw) {
                             windows.push(key(id, off, &pw, false));
                         }

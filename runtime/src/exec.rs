@@ -915,15 +915,9 @@ impl<'a> Run<'a> {
                 let xb = &self.ws.bufs[*x as usize];
                 // SAFETY: x is none of the outputs (validated), so the slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
-                let mut row = 0;
-                for p in parts {
-                    let n = bufs[p.out as usize].cols;
-                    let pw = crate::artifact::WRef {
-                        offset: w.offset + row * w.cols,
-                        rows: n,
-                        ..*w
-                    };
-                    row += n;
+                let widths = parts.iter().map(|p| bufs[p.out as usize].cols);
+                for (p, pw) in parts.iter().zip(crate::dtype::part_windows(*w, widths)) {
+                    let n = pw.rows;
                     let packed = packed(m, &pw, iter, false).ok_or_else(|| {
                         RuntimeError::Config(format!(
                             "bf16: part of `{}` was not packed at load",

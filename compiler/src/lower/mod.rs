@@ -560,6 +560,34 @@ impl Lowerer {
         Ok(())
     }
 
+    /// The operands every matmul form starts with: `x`, the weight, then the optional row scale
+    /// and residual in that order. Returns the epilogue so far and the index of the next operand.
+    fn matmul_operands(
+        &mut self,
+        r: &Region,
+        ops: &[NodeId],
+        vals: &HashMap<NodeId, BufId>,
+        what: &str,
+        row_scale: bool,
+        residual: bool,
+    ) -> Result<(BufId, WRef, Epilogue, usize), LowerError> {
+        let w = self
+            .wref(r, ops[1])?
+            .ok_or_else(|| LowerError(format!("`{what}` needs a weight")))?;
+        let x = self.buf(ops[0], vals)?;
+        let mut i = 2;
+        let mut epi = Epilogue::default();
+        if row_scale {
+            epi.row_scale = Some(self.buf(ops[i], vals)?);
+            i += 1;
+        }
+        if residual {
+            epi.residual = Some(self.buf(ops[i], vals)?);
+            i += 1;
+        }
+        Ok((x, w, epi, i))
+    }
+
     fn lower_node(
         &mut self,
         r: &Region,
@@ -597,18 +625,8 @@ impl Lowerer {
                 return Ok(());
             }
             Op::LinearParts { parts, row_scale } => {
-                let w = self
-                    .wref(r, ops[1])?
-                    .ok_or_else(|| LowerError("`linear_parts` needs a weight".into()))?;
-                let x = self.buf(ops[0], vals)?;
-                let epi = Epilogue {
-                    row_scale: if *row_scale {
-                        Some(self.buf(ops[2], vals)?)
-                    } else {
-                        None
-                    },
-                    ..Epilogue::default()
-                };
+                let (x, w, epi, _) =
+                    self.matmul_operands(r, &ops, vals, "linear_parts", *row_scale, false)?;
                 let outs: Vec<BufId> = parts
                     .iter()
                     .map(|&c| self.buffer("linear_part".into(), c))
@@ -633,20 +651,8 @@ impl Lowerer {
                     _ => None,
                 }
                 .ok_or_else(|| LowerError("`linear_norm` must be a pair".into()))?;
-                let w = self
-                    .wref(r, ops[1])?
-                    .ok_or_else(|| LowerError("`linear_norm` needs a weight".into()))?;
-                let x = self.buf(ops[0], vals)?;
-                let mut i = 2;
-                let mut epi = Epilogue::default();
-                if *row_scale {
-                    epi.row_scale = Some(self.buf(ops[i], vals)?);
-                    i += 1;
-                }
-                if *residual {
-                    epi.residual = Some(self.buf(ops[i], vals)?);
-                    i += 1;
-                }
+                let (x, w, mut epi, i) =
+                    self.matmul_operands(r, &ops, vals, "linear_norm", *row_scale, *residual)?;
                 let g =
                     if *gain {
                         Some(self.wref(r, ops[i])?.ok_or_else(|| {
@@ -712,20 +718,8 @@ impl Lowerer {
                 residual,
                 bias,
             } => {
-                let w = self
-                    .wref(r, ops[1])?
-                    .ok_or_else(|| LowerError("`linear_ep` needs a weight".into()))?;
-                let x = self.buf(ops[0], vals)?;
-                let mut i = 2;
-                let mut epi = Epilogue::default();
-                if *row_scale {
-                    epi.row_scale = Some(self.buf(ops[i], vals)?);
-                    i += 1;
-                }
-                if *residual {
-                    epi.residual = Some(self.buf(ops[i], vals)?);
-                    i += 1;
-                }
+                let (x, w, mut epi, i) =
+                    self.matmul_operands(r, &ops, vals, "linear_ep", *row_scale, *residual)?;
                 if *bias {
                     epi.bias =
                         Some(self.wref(r, ops[i])?.ok_or_else(|| {
@@ -741,14 +735,8 @@ impl Lowerer {
                 block,
                 row_scale,
             } => {
-                let w = self
-                    .wref(r, ops[1])?
-                    .ok_or_else(|| LowerError("`linear_glu` needs a weight".into()))?;
-                let x = self.buf(ops[0], vals)?;
-                let mut epi = Epilogue::default();
-                if *row_scale {
-                    epi.row_scale = Some(self.buf(ops[2], vals)?);
-                }
+                let (x, w, mut epi, _) =
+                    self.matmul_operands(r, &ops, vals, "linear_glu", *row_scale, false)?;
                 // The product goes to a scratch of its own: the epilogue reads each gate/up block
                 // of it while writing the (narrower) result.
                 let scratch = self.buffer(format!("{name}_product"), 2 * cols);
