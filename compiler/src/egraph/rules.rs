@@ -606,22 +606,17 @@ fn rope_bias_search(eg: &TGraph, c: Id) -> Vec<Match> {
         let Some(w) = act_width(eg, r.children[0]) else {
             continue;
         };
-        for a in nodes_where(eg, r.children[0], |o| *o == TOp::Binary(ADD)) {
-            for (y, b) in [
-                (a.children[0], a.children[1]),
-                (a.children[1], a.children[0]),
-            ] {
-                let numel = weight_shape(eg, b).map(|s| s.iter().product::<usize>());
-                if act_width(eg, y) == Some(w) && numel == Some(w) {
-                    out.push(vec![
-                        usize::from(y),
-                        usize::from(b),
-                        heads,
-                        interleaved as usize,
-                        (base >> 32) as usize,
-                        (base & 0xffff_ffff) as usize,
-                    ]);
-                }
+        for (y, b) in add_operand_orders(eg, r.children[0]) {
+            let numel = weight_shape(eg, b).map(|s| s.iter().product::<usize>());
+            if act_width(eg, y) == Some(w) && numel == Some(w) {
+                out.push(vec![
+                    usize::from(y),
+                    usize::from(b),
+                    heads,
+                    interleaved as usize,
+                    (base >> 32) as usize,
+                    (base & 0xffff_ffff) as usize,
+                ]);
             }
         }
     }
@@ -728,37 +723,32 @@ fn residual_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
     let Some(width) = act_width(eg, c) else {
         return out;
     };
-    for a in nodes_where(eg, c, |o| *o == TOp::Binary(ADD)) {
-        for (y, r) in [
-            (a.children[0], a.children[1]),
-            (a.children[1], a.children[0]),
-        ] {
-            let (y, r) = (eg.find(y), eg.find(r));
-            if y == r || act_width(eg, r) != Some(width) || !only_added_to(eg, y, r) {
-                continue;
-            }
-            for l in eg[y].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
-                let (scale, bias) = match l.op {
-                    TOp::Linear => (None, None),
-                    TOp::LinearEp {
-                        row_scale,
-                        residual: false,
-                        bias,
-                    } => (
-                        row_scale.then(|| l.children[2]),
-                        bias.then(|| l.children[l.children.len() - 1]),
-                    ),
-                    _ => continue,
-                };
-                let (x, w) = (l.children[0], l.children[1]);
-                out.push(vec![
-                    usize::from(x),
-                    usize::from(w),
-                    scale.map_or(NONE, usize::from),
-                    usize::from(r),
-                    bias.map_or(NONE, usize::from),
-                ]);
-            }
+    for (y, r) in add_operand_orders(eg, c) {
+        let (y, r) = (eg.find(y), eg.find(r));
+        if y == r || act_width(eg, r) != Some(width) || !only_added_to(eg, y, r) {
+            continue;
+        }
+        for l in eg[y].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
+            let (scale, bias) = match l.op {
+                TOp::Linear => (None, None),
+                TOp::LinearEp {
+                    row_scale,
+                    residual: false,
+                    bias,
+                } => (
+                    row_scale.then(|| l.children[2]),
+                    bias.then(|| l.children[l.children.len() - 1]),
+                ),
+                _ => continue,
+            };
+            let (x, w) = (l.children[0], l.children[1]);
+            out.push(vec![
+                usize::from(x),
+                usize::from(w),
+                scale.map_or(NONE, usize::from),
+                usize::from(r),
+                bias.map_or(NONE, usize::from),
+            ]);
         }
     }
     out
@@ -826,33 +816,28 @@ fn bias_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
     let Some(width) = act_width(eg, c) else {
         return out;
     };
-    for a in nodes_where(eg, c, |o| *o == TOp::Binary(ADD)) {
-        for (y, b) in [
-            (a.children[0], a.children[1]),
-            (a.children[1], a.children[0]),
-        ] {
-            let (y, b) = (eg.find(y), eg.find(b));
-            let numel = weight_shape(eg, b).map(|s| s.iter().product::<usize>());
-            if act_width(eg, y) != Some(width) || numel != Some(width) || !only_added_to(eg, y, b) {
-                continue;
-            }
-            for l in eg[y].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
-                let scale = match l.op {
-                    TOp::Linear => None,
-                    TOp::LinearEp {
-                        row_scale: true,
-                        residual: false,
-                        bias: false,
-                    } => Some(l.children[2]),
-                    _ => continue,
-                };
-                out.push(vec![
-                    usize::from(l.children[0]),
-                    usize::from(l.children[1]),
-                    scale.map_or(NONE, usize::from),
-                    usize::from(b),
-                ]);
-            }
+    for (y, b) in add_operand_orders(eg, c) {
+        let (y, b) = (eg.find(y), eg.find(b));
+        let numel = weight_shape(eg, b).map(|s| s.iter().product::<usize>());
+        if act_width(eg, y) != Some(width) || numel != Some(width) || !only_added_to(eg, y, b) {
+            continue;
+        }
+        for l in eg[y].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
+            let scale = match l.op {
+                TOp::Linear => None,
+                TOp::LinearEp {
+                    row_scale: true,
+                    residual: false,
+                    bias: false,
+                } => Some(l.children[2]),
+                _ => continue,
+            };
+            out.push(vec![
+                usize::from(l.children[0]),
+                usize::from(l.children[1]),
+                scale.map_or(NONE, usize::from),
+                usize::from(b),
+            ]);
         }
     }
     out
@@ -1038,4 +1023,15 @@ fn norm_epi_apply(eg: &mut TGraph, c: Id, m: &Match) -> bool {
     let a = union_new(eg, c, p1);
     let b = union_new(eg, id(y), p0);
     a || b
+}
+
+/// Both operand orders `(y, other)` of every `add` node in class `c`: the rules that look for
+/// `y + other` try each side as `y`.
+fn add_operand_orders(eg: &TGraph, c: Id) -> impl Iterator<Item = (Id, Id)> + '_ {
+    nodes_where(eg, c, |o| *o == TOp::Binary(ADD)).flat_map(|a| {
+        [
+            (a.children[0], a.children[1]),
+            (a.children[1], a.children[0]),
+        ]
+    })
 }
