@@ -823,14 +823,8 @@ fn bias_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
             continue;
         }
         for l in eg[y].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
-            let scale = match l.op {
-                TOp::Linear => None,
-                TOp::LinearEp {
-                    row_scale: true,
-                    residual: false,
-                    bias: false,
-                } => Some(l.children[2]),
-                _ => continue,
+            let Some(scale) = scaled_product(l) else {
+                continue;
             };
             out.push(vec![
                 usize::from(l.children[0]),
@@ -887,14 +881,8 @@ fn glu_epi_search(eg: &TGraph, c: Id) -> Vec<Match> {
             continue;
         }
         for l in eg[p].nodes.iter().filter(|x| super::lang::arity_ok(x)) {
-            let scale = match l.op {
-                TOp::Linear => None,
-                TOp::LinearEp {
-                    row_scale: true,
-                    residual: false,
-                    bias: false,
-                } => Some(l.children[2]),
-                _ => continue,
+            let Some(scale) = scaled_product(l) else {
+                continue;
             };
             if weight_shape(eg, l.children[1]).is_none_or(|s| s.len() != 2 || s[0] % 2 != 0) {
                 continue;
@@ -1034,4 +1022,18 @@ fn add_operand_orders(eg: &TGraph, c: Id) -> impl Iterator<Item = (Id, Id)> + '_
             (a.children[1], a.children[0]),
         ]
     })
+}
+
+/// For a plain product (`linear`, or `linear_ep` with only a row scale), `Some(row scale)`;
+/// `None` for any other node. The epilogue rules that add one more term start from these.
+fn scaled_product(l: &TNode) -> Option<Option<Id>> {
+    match l.op {
+        TOp::Linear => Some(None),
+        TOp::LinearEp {
+            row_scale: true,
+            residual: false,
+            bias: false,
+        } => Some(Some(l.children[2])),
+        _ => None,
+    }
 }
