@@ -160,6 +160,7 @@ fn manifest(init: StateInit, exit: ExitPolicy, gate: bool, default_steps: usize)
             logits: 4,
         },
         derived: vec![],
+        cuda: None,
     }
 }
 

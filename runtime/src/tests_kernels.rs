@@ -298,6 +298,7 @@ fn manifest() -> Manifest {
             logits: 9,
         },
         derived: vec![],
+        cuda: None,
     }
 }
 

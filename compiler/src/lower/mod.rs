@@ -119,6 +119,7 @@ pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, L
             logits,
         },
         derived: l.derived,
+        cuda: None,
     })
 }
 

@@ -14,6 +14,9 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub mod cuda;
+pub use cuda::{CudaImage, CudaKernel};
+
 pub const MAGIC: &[u8; 8] = b"LOOPCAR1";
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -28,7 +31,7 @@ pub type WeightId = u32;
 pub struct Manifest {
     pub format_version: u32,
     pub model: String,
-    /// `cpu-x86_64` for Cranelift output.
+    /// `cpu-x86_64` for host code (Cranelift or MLIR), `cuda-sm_90` for PTX ([`cuda`]).
     pub target: String,
     pub backend: String,
     /// Evaluated DSL parameters, for display and for checking a config against the artifact.
@@ -48,6 +51,10 @@ pub struct Manifest {
     /// names it like a checkpoint tensor. Absent from artifacts that need none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub derived: Vec<DerivedWeight>,
+    /// Present in artifacts built with `--target cuda`: the object section then holds PTX text,
+    /// and this table says how to launch each kernel (see [`cuda`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda: Option<CudaImage>,
 }
 
 /// A weight computed at load; its sources are checkpoint tensors or earlier derived weights.
