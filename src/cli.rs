@@ -75,6 +75,11 @@ struct DtypeArg {
     /// biases, attention, the KV cache and activations stay f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Where the model runs: cpu, cuda (or cuda:N; a `--target cuda` artifact and a loopc built
+    /// with `--features cuda`), or cuda-emu (the CUDA executor over host memory with a CPU
+    /// artifact: a slow check of the executor without a GPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 impl DtypeArg {
@@ -83,9 +88,14 @@ impl DtypeArg {
             .dtype
             .parse()
             .map_err(|e| format!("error: --dtype: {e}"))?;
+        let device: loopc_runtime::Device = self
+            .device
+            .parse()
+            .map_err(|e| format!("error: --device: {e}"))?;
         Ok(LoadOptions {
             threads: None,
             dtype,
+            device,
         })
     }
 }

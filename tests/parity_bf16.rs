@@ -16,6 +16,7 @@ fn load(opt_level: u8, dtype: WeightDtype) -> Model {
         &LoadOptions {
             threads: Some(2),
             dtype,
+            ..Default::default()
         },
     )
     .expect("weights bind")
@@ -114,6 +115,7 @@ fn with_dtype(example: &str, cfg: &str, weights: &str, set: &[&str], dtype: Weig
         &LoadOptions {
             threads: Some(2),
             dtype,
+            ..Default::default()
         },
     )
     .expect("weights bind")

@@ -80,6 +80,11 @@ impl BatchSession {
     /// Process `chunks[b]` for each sequence `b` (an empty chunk sits this call out); returns
     /// the logits of every row of each sequence.
     pub fn prefill(&mut self, chunks: &[&[u32]]) -> Result<Vec<Logits>> {
+        if self.model.inner.dev.is_some() {
+            return Err(RuntimeError::Unsupported(
+                "batch sessions (run one Session per sequence)".into(),
+            ));
+        }
         let n = self.kvs.len();
         if chunks.len() != n {
             return Err(RuntimeError::Config(format!(

@@ -55,6 +55,8 @@ pub struct LoadOptions {
     /// Worker threads (`None`: `LOOPC_THREADS`, else the available cores).
     pub threads: Option<usize>,
     pub dtype: WeightDtype,
+    /// Where the model runs (a `cuda` artifact needs [`crate::Device::Cuda`]).
+    pub device: crate::Device,
 }
 
 /// One packed window: `(weight id, offset, rows, cols, kn)`, the `WRef` of a `MatMul`

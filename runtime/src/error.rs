@@ -115,6 +115,15 @@ pub enum RuntimeError {
 
     #[error("invalid setting: {0}")]
     Config(String),
+
+    /// The CUDA device cannot be used (no driver, no device, a driver error, a capability below
+    /// the artifact's).
+    #[error("cuda: {0}")]
+    Cuda(String),
+
+    /// The artifact uses something the CUDA executor cannot run yet.
+    #[error("unsupported on cuda: {0}")]
+    Unsupported(String),
 }
 
 impl RuntimeError {

@@ -301,7 +301,7 @@ impl ExecState {
 
 /// Recurrence length of a call: the forced depths' maximum, else the per-call override, else
 /// the policy's cap.
-fn cap_of(
+pub(crate) fn cap_of(
     exit: &ExitPolicy,
     default_steps: usize,
     steps: Option<usize>,

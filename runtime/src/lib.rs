@@ -44,6 +44,7 @@ pub mod artifact;
 mod batch;
 pub mod bf16;
 pub mod ceilings;
+mod cuda;
 mod dtype;
 pub mod error;
 pub mod ew;
@@ -65,6 +66,7 @@ pub mod trace;
 pub mod weights;
 
 pub use batch::BatchSession;
+pub use cuda::Device;
 pub use dtype::{LoadOptions, WeightDtype};
 pub use error::{Result, RuntimeError};
 pub use model::{Artifact, Model};

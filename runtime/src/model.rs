@@ -99,6 +99,9 @@ pub(crate) struct Inner {
     /// bf16 copies of the matmul weight windows (`--dtype bf16`; empty for f32).
     pub(crate) packed: HashMap<crate::dtype::PackKey, crate::bf16::Packed>,
     pub(crate) dtype: WeightDtype,
+    pub(crate) device: crate::Device,
+    /// The device side (weights on the GPU) when `device` is not the CPU.
+    pub(crate) dev: Option<crate::cuda::exec::DevModel>,
     // Keeps the memory maps behind `weights` alive; dropped after `weights`.
     pub(crate) _checkpoint: Weights,
 }
@@ -127,7 +130,7 @@ impl Model {
             Some(t) => t,
             None => Self::env_threads()?,
         };
-        Self::build(artifact, weights, threads, opts.dtype)
+        Self::build(artifact, weights, threads, opts.dtype, opts.device)
     }
 
     fn env_threads() -> Result<usize> {
@@ -153,7 +156,13 @@ impl Model {
 
     /// As [`Model::new`] with an explicit thread count.
     pub fn with_threads(artifact: Artifact, weights: Weights, threads: usize) -> Result<Self> {
-        Self::build(artifact, weights, threads, WeightDtype::F32)
+        Self::build(
+            artifact,
+            weights,
+            threads,
+            WeightDtype::F32,
+            crate::Device::Cpu,
+        )
     }
 
     fn build(
@@ -161,6 +170,7 @@ impl Model {
         weights: Weights,
         threads: usize,
         dtype: WeightDtype,
+        device: crate::Device,
     ) -> Result<Self> {
         if threads == 0 {
             return Err(RuntimeError::Config(
@@ -168,7 +178,30 @@ impl Model {
             ));
         }
         let Artifact { manifest, object } = artifact;
+        crate::cuda::check_target(&manifest, device)?;
         let needs = validate(&manifest)?;
+        // The device comes first: no driver or no device fails before the weights are read.
+        let (image, gpu, kernels) = match device {
+            crate::Device::Cpu => (None, None, Kernels::load(&object, &manifest.kernels)?),
+            crate::Device::Cuda(_) | crate::Device::CudaEmulated => {
+                if dtype != WeightDtype::F32 {
+                    return Err(RuntimeError::Unsupported(format!(
+                        "{dtype} weights (the device runs f32)"
+                    )));
+                }
+                let image = match &manifest.cuda {
+                    Some(i) => i.clone(),
+                    None => crate::cuda::emulated_image(&manifest),
+                };
+                crate::cuda::check_program(&manifest, &image)?;
+                let kernels = match device {
+                    crate::Device::CudaEmulated => Kernels::load(&object, &manifest.kernels)?,
+                    _ => Kernels::load(&[], &[])?,
+                };
+                let gpu = crate::cuda::open(device, &image, &object, Some(&kernels))?;
+                (Some(image), Some(gpu), kernels)
+            }
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("loopc-{i}"))
@@ -191,7 +224,6 @@ impl Model {
                 HashMap::new()
             }
         };
-        let kernels = Kernels::load(&object, &manifest.kernels)?;
         let token_limit = embed_limit(&manifest);
         let mut iter_variants = vec![Vec::new(); manifest.weights.len()];
         let mut iter_limit: Option<usize> = None;
@@ -205,6 +237,10 @@ impl Model {
             };
             iter_variants.push(v);
         }
+        let device_model = match (gpu, &image) {
+            (Some(g), Some(img)) => Some(crate::cuda::exec::DevModel::new(g, img, &bound)?),
+            _ => None,
+        };
         Ok(Model {
             inner: Arc::new(Inner {
                 manifest,
@@ -218,6 +254,8 @@ impl Model {
                 iter_limit,
                 packed,
                 dtype,
+                device,
+                dev: device_model,
                 _checkpoint: weights,
             }),
         })
@@ -229,6 +267,11 @@ impl Model {
 
     pub fn threads(&self) -> usize {
         self.inner.threads
+    }
+
+    /// Where the model runs.
+    pub fn device(&self) -> crate::Device {
+        self.inner.device
     }
 
     /// Token ids accepted by this model are `0..token_limit()`.

@@ -303,7 +303,12 @@ pub struct Session {
     exit: Option<ExitProbs>,
     stats: Stats,
     last_iterations: usize,
+    /// The device state when the model runs on a GPU (`st` then holds only the exit results).
+    dev: Option<crate::cuda::exec::DevState>,
 }
+
+/// Where a call left its logits.
+const ON_DEVICE: usize = usize::MAX;
 
 enum Kind {
     Prefill,
@@ -317,6 +322,11 @@ impl Session {
             st.profile = Some(Box::default());
         }
         let vocab = model.inner.manifest.vocab;
+        let dev = model
+            .inner
+            .dev
+            .as_ref()
+            .map(|_| crate::cuda::exec::DevState::new(&model.inner));
         Session {
             model,
             steps: None,
@@ -327,6 +337,18 @@ impl Session {
             exit: None,
             stats: Stats::default(),
             last_iterations: 0,
+            dev,
+        }
+    }
+
+    /// The logits of the call that returned `wi`: `[S, vocab]`.
+    fn logits_of(&self, wi: usize) -> &[f32] {
+        match (&self.dev, wi) {
+            (Some(d), ON_DEVICE) => &d.logits,
+            _ => {
+                let m = &self.model.inner;
+                self.st.workspace(wi).buf(m.manifest.program.logits)
+            }
         }
     }
 
@@ -392,9 +414,8 @@ impl Session {
     /// position, `[tokens.len(), vocab]`.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Logits> {
         let wi = self.forward(tokens, Kind::Prefill)?;
-        let m = &self.model.inner;
-        let vocab = m.manifest.vocab;
-        let l = &self.st.workspace(wi).buf(m.manifest.program.logits)[..tokens.len() * vocab];
+        let vocab = self.model.inner.manifest.vocab;
+        let l = &self.logits_of(wi)[..tokens.len() * vocab];
         Ok(Logits {
             data: l.to_vec(),
             rows: tokens.len(),
@@ -409,10 +430,9 @@ impl Session {
         let r = self.forward(tokens, Kind::Prefill);
         self.st.exits.logits_last_only = false;
         let wi = r?;
-        let m = &self.model.inner;
-        let vocab = m.manifest.vocab;
+        let vocab = self.model.inner.manifest.vocab;
         let s = tokens.len();
-        let l = &self.st.workspace(wi).buf(m.manifest.program.logits)[(s - 1) * vocab..s * vocab];
+        let l = &self.logits_of(wi)[(s - 1) * vocab..s * vocab];
         Ok(Logits {
             data: l.to_vec(),
             rows: 1,
@@ -423,11 +443,12 @@ impl Session {
     /// Process one token; returns its logits (one row of `vocab`; reused by the next call).
     pub fn step(&mut self, token: u32) -> Result<&Logits> {
         let wi = self.forward(&[token], Kind::Decode)?;
-        let m = &self.model.inner;
-        let l = &self.st.workspace(wi).buf(m.manifest.program.logits)[..m.manifest.vocab];
-        let out = &mut self.step_out;
+        let vocab = self.model.inner.manifest.vocab;
+        let mut out = std::mem::take(&mut self.step_out);
         out.data.clear();
-        out.data.extend_from_slice(l);
+        out.data.extend_from_slice(&self.logits_of(wi)[..vocab]);
+        self.step_out = out;
+        let out = &mut self.step_out;
         out.rows = 1;
         Ok(&self.step_out)
     }
@@ -448,7 +469,30 @@ impl Session {
                 self.st.exits.depths.push(d);
             }
         }
-        let info = self.st.forward(m, tokens, self.pos, self.steps)?;
+        let info = match (&mut self.dev, &m.dev) {
+            (Some(dev), Some(dm)) => {
+                if self.st.exits.trace.is_some() {
+                    return Err(RuntimeError::Unsupported("tracing (`set_trace`)".into()));
+                }
+                let call = crate::cuda::exec::Call {
+                    tokens,
+                    pos0: self.pos,
+                    steps: self.steps,
+                    depths: &self.st.exits.depths,
+                    threshold: self.st.exits.threshold,
+                };
+                let iterations = dev.forward(m, dm, &call)?;
+                let ex = &mut self.st.exits;
+                ex.row_depth.clone_from(&dev.row_depth);
+                ex.readout_rows = 0;
+                self.st.gates.clone_from(&dev.gates);
+                crate::exec::CallInfo {
+                    iterations,
+                    ws: ON_DEVICE,
+                }
+            }
+            _ => self.st.forward(m, tokens, self.pos, self.steps)?,
+        };
         let dt = t0.elapsed();
         let s = tokens.len();
         self.pos += s;
@@ -480,8 +524,16 @@ impl Session {
         }
         st.iterations.push(info.iterations);
         st.total_iterations += info.iterations;
-        st.kv_bytes_allocated = self.st.kv.bytes_allocated();
-        st.kv_bytes_used = self.st.kv.bytes_used();
+        match &self.dev {
+            Some(d) => {
+                st.kv_bytes_allocated = d.kv.bytes_allocated();
+                st.kv_bytes_used = d.kv.bytes_used();
+            }
+            None => {
+                st.kv_bytes_allocated = self.st.kv.bytes_allocated();
+                st.kv_bytes_used = self.st.kv.bytes_used();
+            }
+        }
         st.kv_positions = self.pos;
         st.readout_rows += self.st.exits.readout_rows;
         if m.manifest.program.recur.is_some() {
@@ -543,6 +595,9 @@ impl Session {
     pub fn reset(&mut self) {
         self.pos = 0;
         self.st.kv.reset();
+        if let Some(d) = &mut self.dev {
+            d.kv.reset();
+        }
         self.exit = None;
         self.last_iterations = 0;
         self.stats.kv_bytes_used = 0;
@@ -551,10 +606,14 @@ impl Session {
 
     /// Filled length of every KV slot: `(site name, lengths per slot)`.
     pub fn kv_lens(&self) -> Vec<(String, Vec<usize>)> {
-        self.st.kv.lens()
+        match &self.dev {
+            Some(d) => d.kv.lens(),
+            None => self.st.kv.lens(),
+        }
     }
 
-    /// Keys and values (`[len, kv_heads·head_dim]` each) of a KV slot, for inspection.
+    /// Keys and values (`[len, kv_heads·head_dim]` each) of a KV slot, for inspection (host
+    /// caches only: `None` on a GPU).
     pub fn kv_slot(&self, site: usize, slot: usize) -> Option<(&[f32], &[f32])> {
         self.st.kv.slot_rows(site, slot)
     }

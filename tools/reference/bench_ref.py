@@ -156,6 +156,7 @@ def main():
     ap.add_argument("--r", type=int, default=8, help="recurrence steps (Huginn) / loops T (Ouro)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device for the benchmark (cpu, cuda)")
     ap.add_argument("--batch", type=int, default=1, help="sequences prefilled and decoded together")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -197,10 +198,13 @@ def main():
     dtype = DTYPES[a.dtype]
     w = R.cast_weights(w, dtype)
     w.pop("freqs_cis", None)
+    dev = torch.device(a.device)
+    w = {k: v.to(dev) for k, v in w.items()}
     total = a.prompt_len + a.new_tokens
     if ouro:
         cfg["total_ut_steps"] = a.r
         rope = R.ouro_rope_table(cfg, total, dtype)
+        rope = tuple(t.to(dev) for t in rope) if isinstance(rope, tuple) else rope.to(dev)
 
         def forward(ids, cache, start):
             return R.ouro_forward(w, cfg, ids, a.r, cache=cache, start=start, rope=rope,
@@ -209,7 +213,7 @@ def main():
         cfg["mean_recurrence"] = a.r
         if total > cfg["block_size"]:
             cfg["block_size"] = total
-        rope = R.huginn_rope_table(cfg, dtype)
+        rope = R.huginn_rope_table(cfg, dtype).to(dev)
 
         def forward(ids, cache, start):
             return R.huginn_forward(w, cfg, ids, a.r, cache=cache, start=start, rope=rope,
@@ -218,17 +222,22 @@ def main():
     fwd = torch.compile(forward, dynamic=True) if a.compile else forward
 
     g = torch.Generator().manual_seed(a.seed + 1)
-    prompt = torch.randint(0, cfg["vocab_size"], (a.batch, a.prompt_len), generator=g)
+    prompt = torch.randint(0, cfg["vocab_size"], (a.batch, a.prompt_len), generator=g).to(dev)
+    # Device work is asynchronous: wait for it before reading a clock.
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def one_rep(new_tokens=a.new_tokens):
         cache = R.KVCache(total)
+        sync()
         t0 = time.perf_counter()
         logits = fwd(prompt, cache, 0)
         tok = logits[:, -1].argmax(-1, keepdim=True)
+        sync()
         t1 = time.perf_counter()
         for n in range(new_tokens):
             logits = fwd(tok, cache, a.prompt_len + n)
             tok = logits[:, -1].argmax(-1, keepdim=True)
+        sync()
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, cache.num_slots()
 
@@ -250,7 +259,7 @@ def main():
         "torch": torch.__version__,
         "family": "ouro" if ouro else "huginn",
         "config": {k: cfg.get(k) for k in keys},
-        "r": a.r, "dtype": a.dtype, "threads": a.threads, "batch": a.batch,
+        "r": a.r, "dtype": a.dtype, "threads": a.threads, "batch": a.batch, "device": a.device,
         "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "reps": a.reps,
         "warmup_s": round(warmup, 2),
         "prefill_s": round(pre, 4), "decode_s": round(dec, 4),

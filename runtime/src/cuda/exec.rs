@@ -1,0 +1,880 @@
+//! The device executor: runs the [`Program`](crate::artifact::Program) with device buffers.
+//!
+//! Every call keeps all its rows in place: per-token exits use an active mask instead of the
+//! CPU's compaction. Exited rows keep their state (`select_rows` after each iteration), their KV
+//! entries at later iterations are the previous iteration's (as the CPU's compacted write leaves
+//! them), and the decision needs one small read per iteration (the exit values or the gate), never
+//! one per layer. Matrix products go to the [`Gpu`]'s GEMM and then the `epilogue` / `glu` /
+//! `row_norm` support kernels.
+
+use super::gpu::{bytes, bytes_mut, DevMem, Entry, Gemm, Gpu, Param, What};
+use super::kv::{DevKv, Masks};
+use crate::artifact::{
+    cuda::support, Arg, CachePolicy, CudaImage, Epilogue, ExitPolicy, Instr, Recur, Rows,
+    StateInit, WRef,
+};
+use crate::error::{Result, RuntimeError};
+use crate::exit::{passes, History, Rule};
+use crate::model::Inner;
+use crate::rope::Rope;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+const MAX_WORKSPACES: usize = 4;
+
+/// A model's device side: the GPU, the image's entries and the uploaded weights.
+pub(crate) struct DevModel {
+    pub(crate) gpu: Arc<dyn Gpu>,
+    sup: HashMap<&'static str, usize>,
+    kernels: Vec<usize>,
+    /// By weight id (checkpoint then derived); `None` for weights with no data of their own.
+    weights: Vec<Option<DevMem>>,
+}
+
+impl DevModel {
+    /// Upload every weight that holds data (derived weights were computed on the host).
+    pub(crate) fn new(
+        gpu: Arc<dyn Gpu>,
+        image: &CudaImage,
+        weights: &[crate::weights::Bound],
+    ) -> Result<Self> {
+        let entries: Vec<Entry> = super::gpu::entries(image)?;
+        let mut sup = HashMap::new();
+        let mut kernels = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            match e.what {
+                What::Support(n) => {
+                    sup.insert(n, i);
+                }
+                What::Kernel(_) => kernels.push(i),
+            }
+        }
+        let mut dw = Vec::with_capacity(weights.len());
+        for (id, w) in weights.iter().enumerate() {
+            let data = w.as_slice();
+            if data.is_empty() {
+                dw.push(None);
+                continue;
+            }
+            let mem = gpu.alloc(4 * data.len(), &format!("weight #{id}"))?;
+            gpu.upload(mem.addr, bytes(data))?;
+            dw.push(Some(mem));
+        }
+        Ok(DevModel {
+            gpu,
+            sup,
+            kernels,
+            weights: dw,
+        })
+    }
+}
+
+/// The buffers of one call size.
+struct Ws {
+    s: usize,
+    bufs: Vec<DevMem>,
+    /// The product of a `MatMulParts` before its parts' epilogues.
+    scratch: Option<DevMem>,
+    tokens: DevMem,
+    active: DevMem,
+    exited: DevMem,
+    value: DevMem,
+}
+
+struct DevRope {
+    host: Rope,
+    cos: Option<DevMem>,
+    sin: Option<DevMem>,
+    uploaded: usize,
+}
+
+/// A session's device state.
+pub(crate) struct DevState {
+    pub(crate) kv: DevKv,
+    ropes: Vec<DevRope>,
+    ws: Vec<Ws>,
+    /// The last call's logits, `[S, vocab]`, read back to the host.
+    pub(crate) logits: Vec<f32>,
+    pub(crate) row_depth: Vec<usize>,
+    /// Sigmoid of the exit gate, `[iteration][row]`, for the last call.
+    pub(crate) gates: Vec<f32>,
+    hist: History,
+}
+
+/// Per-call settings, from the session.
+pub(crate) struct Call<'a> {
+    pub tokens: &'a [u32],
+    pub pos0: usize,
+    pub steps: Option<usize>,
+    pub depths: &'a [usize],
+    pub threshold: Option<f64>,
+}
+
+impl DevState {
+    pub(crate) fn new(m: &Inner) -> Self {
+        let ring = m
+            .manifest
+            .program
+            .recur
+            .as_ref()
+            .and_then(|r| r.cache.slots());
+        DevState {
+            kv: DevKv::new(&m.manifest.kv_sites, ring),
+            ropes: m
+                .manifest
+                .rope_tables
+                .iter()
+                .map(|t| DevRope {
+                    host: Rope::new(t),
+                    cos: None,
+                    sin: None,
+                    uploaded: 0,
+                })
+                .collect(),
+            ws: Vec::new(),
+            logits: Vec::new(),
+            row_depth: Vec::new(),
+            gates: Vec::new(),
+            hist: History::default(),
+        }
+    }
+
+    fn workspace_for(&mut self, m: &Inner, d: &DevModel, s: usize) -> Result<usize> {
+        if let Some(i) = self.ws.iter().position(|w| w.s == s) {
+            return Ok(i);
+        }
+        let gpu = &*d.gpu;
+        let man = &m.manifest;
+        let mut bufs = Vec::with_capacity(man.buffers.len());
+        for b in &man.buffers {
+            let r = match b.rows {
+                Rows::Tokens => s,
+                Rows::Fixed(n) => n,
+            };
+            let bytes = r.checked_mul(b.cols).and_then(|e| e.checked_mul(4)).ok_or(
+                RuntimeError::Alloc {
+                    bytes: r as u128 * b.cols as u128 * 4,
+                    what: format!("buffer `{}`", b.name),
+                },
+            )?;
+            bufs.push(gpu.alloc(bytes.max(4), &format!("buffer `{}`", b.name))?);
+        }
+        let mut prod = 0;
+        let mut scan = |list: &[Instr]| {
+            for i in list {
+                if let Instr::MatMulParts { w, .. } = i {
+                    prod = prod.max(s * w.rows);
+                }
+            }
+        };
+        scan(&man.program.prelude);
+        scan(&man.program.coda);
+        if let Some(r) = &man.program.recur {
+            scan(&r.body);
+        }
+        let scratch = match prod {
+            0 => None,
+            n => Some(gpu.alloc(4 * n, "matmul parts product")?),
+        };
+        let ws = Ws {
+            s,
+            bufs,
+            scratch,
+            tokens: gpu.alloc(4 * s, "token ids")?,
+            active: gpu.alloc(4 * s, "active mask")?,
+            exited: gpu.alloc(4 * s, "exited mask")?,
+            value: gpu.alloc(4 * s, "exit values")?,
+        };
+        if self.ws.len() >= MAX_WORKSPACES {
+            if let Some(evict) = self.ws.iter().position(|w| w.s != 1) {
+                self.ws.remove(evict);
+            }
+        }
+        self.ws.push(ws);
+        Ok(self.ws.len() - 1)
+    }
+
+    /// Run one call; the logits are left in [`DevState::logits`]. Returns the iterations run.
+    pub(crate) fn forward(&mut self, m: &Inner, d: &DevModel, c: &Call<'_>) -> Result<usize> {
+        let s = c.tokens.len();
+        if s == 0 {
+            return Err(RuntimeError::EmptyInput);
+        }
+        for (i, &t) in c.tokens.iter().enumerate() {
+            if t as usize >= m.token_limit {
+                return Err(RuntimeError::TokenOutOfRange {
+                    token: t,
+                    index: i,
+                    limit: m.token_limit,
+                });
+            }
+        }
+        let man = &m.manifest;
+        if let Some(rec) = &man.program.recur {
+            if crate::exec::cap_of(&rec.exit, rec.default_steps, c.steps, c.depths) == 0
+                || c.depths.contains(&0)
+            {
+                return Err(RuntimeError::ZeroSteps);
+            }
+        }
+        let kv_len = c
+            .pos0
+            .checked_add(s)
+            .ok_or_else(|| RuntimeError::Config("position overflow".into()))?;
+        let gpu = &*d.gpu;
+        for r in &mut self.ropes {
+            r.host.ensure(kv_len)?;
+            let n = r.host.positions_held();
+            if n > r.uploaded {
+                let half = r.host.half();
+                let what = "rotary tables";
+                let (cos, sin) = (
+                    gpu.alloc(4 * n * half, what)?,
+                    gpu.alloc(4 * n * half, what)?,
+                );
+                gpu.upload(cos.addr, bytes(r.host.cos()))?;
+                gpu.upload(sin.addr, bytes(r.host.sin()))?;
+                r.cos = Some(cos);
+                r.sin = Some(sin);
+                r.uploaded = n;
+            }
+        }
+        let wi = self.workspace_for(m, d, s)?;
+        let toks: Vec<i32> = c.tokens.iter().map(|&t| t as i32).collect();
+        gpu.upload(self.ws[wi].tokens.addr, bytes(&toks))?;
+        let DevState {
+            kv,
+            ropes,
+            ws,
+            logits,
+            row_depth,
+            gates,
+            hist,
+        } = self;
+        let mut run = Run {
+            m,
+            d,
+            gpu,
+            ws: &ws[wi],
+            kv,
+            ropes,
+            s,
+            pos0: c.pos0,
+            masks: None,
+        };
+        let iterations = run.program(c, row_depth, gates, hist)?;
+        let lb = man.program.logits;
+        let n = s * man.vocab;
+        logits.resize(n, 0.0);
+        gpu.download(ws[wi].bufs[lb as usize].addr, bytes_mut(&mut logits[..n]))?;
+        Ok(iterations)
+    }
+}
+
+struct Run<'a> {
+    m: &'a Inner,
+    d: &'a DevModel,
+    gpu: &'a dyn Gpu,
+    ws: &'a Ws,
+    kv: &'a mut DevKv,
+    ropes: &'a [DevRope],
+    s: usize,
+    pos0: usize,
+    /// Set while some rows of the call have exited.
+    masks: Option<Masks>,
+}
+
+fn p(a: u64) -> Param {
+    Param::Ptr(a)
+}
+fn i(v: usize) -> Param {
+    Param::I64(v as i64)
+}
+
+impl Run<'_> {
+    fn buf(&self, b: u32) -> u64 {
+        self.ws.bufs[b as usize].addr
+    }
+
+    fn cols(&self, b: u32) -> usize {
+        self.m.manifest.buffers[b as usize].cols
+    }
+
+    fn rows_of(&self, b: u32) -> usize {
+        match self.m.manifest.buffers[b as usize].rows {
+            Rows::Tokens => self.s,
+            Rows::Fixed(r) => r,
+        }
+    }
+
+    /// The device address of a weight window; a per-iteration weight resolves to the one
+    /// iteration `iter` reads, as on the CPU.
+    fn weight(&self, w: &WRef, iter: Option<usize>) -> Result<u64> {
+        let vars = &self.m.iter_variants[w.weight as usize];
+        let (id, base) = match (vars.is_empty(), iter) {
+            (true, _) => (w.weight, 0),
+            (false, t) => {
+                let v = &vars[t.unwrap_or(0).min(vars.len() - 1)];
+                (v.weight, v.offset)
+            }
+        };
+        let mem = self.d.weights[id as usize].as_ref().ok_or_else(|| {
+            RuntimeError::Manifest(format!("weight #{id} has no data on the device"))
+        })?;
+        Ok(mem.at(base + w.offset))
+    }
+
+    fn sup(&self, name: &str, items: usize, params: &[Param]) -> Result<()> {
+        let f = *self.d.sup.get(name).ok_or_else(|| {
+            RuntimeError::Artifact(format!("the CUDA image lacks the support kernel `{name}`"))
+        })?;
+        self.gpu.launch(f, items, params)
+    }
+
+    fn copy_cols(
+        &self,
+        dst: u64,
+        src: u64,
+        rows: usize,
+        cols: usize,
+        strides: [usize; 4],
+    ) -> Result<()> {
+        let [ds, doff, ss, soff] = strides;
+        self.sup(
+            support::COPY_COLS,
+            rows,
+            &[
+                p(dst),
+                p(src),
+                i(rows),
+                i(cols),
+                i(ds),
+                i(doff),
+                i(ss),
+                i(soff),
+            ],
+        )
+    }
+
+    fn select(&self, dst: u64, src: u64, mask: u64, rows: usize, n: usize) -> Result<()> {
+        self.sup(
+            support::SELECT_ROWS,
+            rows,
+            &[p(dst), p(src), p(mask), i(rows), i(n)],
+        )
+    }
+
+    fn copy_buf(&self, src: u32, dst: u32) -> Result<()> {
+        if src == dst {
+            return Ok(());
+        }
+        let n = (self.rows_of(src) * self.cols(src)).min(self.rows_of(dst) * self.cols(dst));
+        self.gpu.copy(self.buf(dst), self.buf(src), 4 * n)
+    }
+
+    fn program(
+        &mut self,
+        c: &Call<'_>,
+        row_depth: &mut Vec<usize>,
+        gates: &mut Vec<f32>,
+        hist: &mut History,
+    ) -> Result<usize> {
+        let m = self.m;
+        let prog = &m.manifest.program;
+        gates.clear();
+        self.list(&prog.prelude, None)?;
+        let mut iterations = 0;
+        if let Some(rec) = &prog.recur {
+            self.init_state(&rec.init, rec.state)?;
+            let cap = crate::exec::cap_of(&rec.exit, rec.default_steps, c.steps, c.depths);
+            if let Some(l) = m.iter_limit.filter(|&l| cap > l) {
+                return Err(RuntimeError::Config(format!(
+                    "this model has per-iteration weights for {l} iterations; it cannot run {cap}"
+                )));
+            }
+            let rule = if c.depths.is_empty() {
+                Rule::of(&rec.exit, c.threshold)
+            } else {
+                Rule::None
+            };
+            if !c.depths.is_empty() || !matches!(rule, Rule::None) {
+                iterations = self.per_row(rec, cap, rule, c.depths, row_depth, gates, hist)?;
+            } else {
+                let converge = match rec.exit {
+                    ExitPolicy::Converge {
+                        threshold,
+                        min_steps,
+                        ..
+                    } => Some((c.threshold.unwrap_or(threshold), min_steps)),
+                    _ => None,
+                };
+                while iterations < cap {
+                    self.list(&rec.body, Some(iterations))?;
+                    if let Some(g) = rec.gate {
+                        let v = self.read_rows(g)?;
+                        gates.extend(v.iter().map(|&x| 1.0 / (1.0 + (-x).exp())));
+                    }
+                    let stop = match converge {
+                        Some((thr, min)) if iterations + 1 >= min => {
+                            let v = self.latent(rec, 0)?;
+                            v.iter().map(|&x| x as f64).sum::<f64>() / (self.s as f64) < thr
+                        }
+                        _ => false,
+                    };
+                    self.copy_buf(rec.next, rec.state)?;
+                    iterations += 1;
+                    if stop {
+                        break;
+                    }
+                }
+                if iterations == 0 {
+                    self.copy_buf(rec.state, rec.next)?;
+                }
+                row_depth.clear();
+                row_depth.resize(self.s, iterations);
+            }
+        }
+        self.list(&prog.coda, None)?;
+        Ok(iterations)
+    }
+
+    /// The first `S` values of a `[rows, 1]` buffer, read back.
+    fn read_rows(&self, b: u32) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; self.s];
+        self.gpu.download(self.buf(b), bytes_mut(&mut v))?;
+        Ok(v)
+    }
+
+    /// Per-row latent exit values between `next` and `state` (`kind` as `exit_latent`).
+    fn latent(&self, rec: &Recur, kind: usize) -> Result<Vec<f32>> {
+        let s = self.s;
+        let cols = self.cols(rec.state);
+        self.sup(
+            support::EXIT_LATENT,
+            s,
+            &[
+                p(self.ws.value.addr),
+                p(self.buf(rec.next)),
+                p(self.buf(rec.state)),
+                i(s),
+                i(cols),
+                i(kind),
+            ],
+        )?;
+        let mut v = vec![0f32; s];
+        self.gpu.download(self.ws.value.addr, bytes_mut(&mut v))?;
+        Ok(v)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn per_row(
+        &mut self,
+        rec: &Recur,
+        cap: usize,
+        rule: Rule,
+        depths: &[usize],
+        row_depth: &mut Vec<usize>,
+        gates: &mut Vec<f32>,
+        hist: &mut History,
+    ) -> Result<usize> {
+        let s = self.s;
+        let cols = self.cols(rec.state);
+        hist.reset(s, self.m.manifest.vocab, &rule);
+        row_depth.clear();
+        row_depth.resize(s, 0);
+        let mut active = vec![true; s];
+        let masks = Masks {
+            active: self.ws.active.addr,
+            exited: self.ws.exited.addr,
+        };
+        self.upload_masks(&active)?;
+        self.masks = None;
+        let mut t = 0;
+        let mut exiting = vec![false; s];
+        while active.iter().any(|&a| a) && t < cap {
+            self.list(&rec.body, Some(t))?;
+            let step = t + 1;
+            for r in 0..s {
+                exiting[r] = active[r] && step >= depths.get(r).copied().unwrap_or(cap).min(cap);
+            }
+            if let Some(g) = rec.gate {
+                let z = self.read_rows(g)?;
+                let base = gates.len();
+                gates.resize(base + s, 0.0);
+                for r in (0..s).filter(|&r| active[r]) {
+                    let l = 1.0 / (1.0 + (-z[r]).exp());
+                    gates[base + r] = l;
+                    if let Rule::Gate { q, min_steps } = rule {
+                        let cdf = hist.gate_cdf(r, l, step == cap);
+                        exiting[r] |= step >= min_steps && cdf >= q;
+                    }
+                }
+            }
+            if let Rule::Criterion {
+                c,
+                threshold,
+                min_steps,
+                every,
+            } = rule
+            {
+                let check = step >= min_steps && step % every == 0;
+                let kind = match c {
+                    crate::artifact::Criterion::LatentDiff => 0,
+                    crate::artifact::Criterion::Cosine => 1,
+                    other => {
+                        return Err(RuntimeError::Unsupported(format!(
+                            "the exit criterion {other:?}"
+                        )))
+                    }
+                };
+                let v = self.latent(rec, kind)?;
+                for r in (0..s).filter(|&r| active[r]) {
+                    exiting[r] |= check && passes(c, v[r] as f64, threshold);
+                }
+            }
+            // The rows that ran take the new state; exited rows keep theirs.
+            if active.iter().all(|&a| a) {
+                self.copy_buf(rec.next, rec.state)?;
+            } else {
+                self.select(
+                    self.buf(rec.state),
+                    self.buf(rec.next),
+                    masks.active,
+                    s,
+                    cols,
+                )?;
+            }
+            let mut changed = false;
+            for r in 0..s {
+                if exiting[r] {
+                    row_depth[r] = step;
+                    active[r] = false;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.upload_masks(&active)?;
+                self.masks = Some(masks);
+            }
+            t = step;
+        }
+        for r in (0..s).filter(|&r| active[r]) {
+            row_depth[r] = t;
+        }
+        self.masks = None;
+        self.copy_buf(rec.state, rec.next)?;
+        Ok(t)
+    }
+
+    fn upload_masks(&self, active: &[bool]) -> Result<()> {
+        let a: Vec<i32> = active.iter().map(|&x| x as i32).collect();
+        let e: Vec<i32> = active.iter().map(|&x| (!x) as i32).collect();
+        self.gpu.upload(self.ws.active.addr, bytes(&a))?;
+        self.gpu.upload(self.ws.exited.addr, bytes(&e))
+    }
+
+    fn init_state(&mut self, init: &StateInit, state: u32) -> Result<()> {
+        let cols = self.cols(state);
+        let n = self.rows_of(state) * cols;
+        match init {
+            StateInit::Zeros => self.gpu.zero(self.buf(state), 4 * n),
+            StateInit::From(b) => self.copy_buf(*b, state),
+            StateInit::TruncNormal { std, scale, seed } => {
+                // One generator per absolute position, as on the CPU (drawn on the host: a few
+                // rows per call).
+                let mut v = vec![0f32; self.s * cols];
+                for (r, row) in v.chunks_mut(cols.max(1)).enumerate() {
+                    let mut rng =
+                        crate::rng::Rng::new(crate::rng::mix(*seed, (self.pos0 + r) as u64));
+                    crate::rng::fill_trunc_normal(row, *std, *scale, &mut rng);
+                }
+                self.gpu.upload(self.buf(state), bytes(&v))
+            }
+        }
+    }
+
+    fn list(&mut self, list: &[Instr], iter: Option<usize>) -> Result<()> {
+        for ins in list {
+            self.instr(ins, iter)?;
+        }
+        Ok(())
+    }
+
+    /// The epilogue's first phase over `rows` rows of `n` columns read from `p` (row stride
+    /// `p_stride`, column offset `p_off`) into `out`, then its gated and norm phases.
+    #[allow(clippy::too_many_arguments)]
+    fn epilogue(
+        &self,
+        e: &Epilogue,
+        iter: Option<usize>,
+        out: u32,
+        prod: u64,
+        rows: usize,
+        n: usize,
+        p_stride: usize,
+        p_off: usize,
+    ) -> Result<()> {
+        let first = e.row_scale.is_some() || e.residual.is_some() || e.bias.is_some();
+        if first || prod != self.buf(out) || p_off != 0 || p_stride != n {
+            let bias = match &e.bias {
+                Some(b) => self.weight(b, iter)?,
+                None => 0,
+            };
+            self.sup(
+                support::EPILOGUE,
+                rows,
+                &[
+                    p(self.buf(out)),
+                    p(prod),
+                    p(e.row_scale.map_or(0, |b| self.buf(b))),
+                    p(e.residual.map_or(0, |b| self.buf(b))),
+                    p(bias),
+                    i(rows),
+                    i(n),
+                    i(p_stride),
+                    i(p_off),
+                ],
+            )?;
+        }
+        if let Some(g) = e.glu {
+            let act = support::act_code(&g.act).ok_or_else(|| {
+                RuntimeError::Unsupported(format!("the gated activation {:?}", g.act))
+            })?;
+            self.sup(
+                support::GLU,
+                rows,
+                &[
+                    p(self.buf(g.out)),
+                    p(self.buf(out)),
+                    i(rows),
+                    i(n / 2),
+                    i(g.block),
+                    i(act as usize),
+                ],
+            )?;
+        }
+        if let Some(nm) = e.norm {
+            let gain = match &nm.gain {
+                Some(g) => self.weight(g, iter)?,
+                None => 0,
+            };
+            self.sup(
+                support::ROW_NORM,
+                rows,
+                &[
+                    p(self.buf(out)),
+                    p(gain),
+                    p(nm.inv_rms.map_or(0, |b| self.buf(b))),
+                    i(rows),
+                    i(n),
+                    i(nm.normalize as usize),
+                    Param::F32(nm.eps),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn instr(&mut self, ins: &Instr, iter: Option<usize>) -> Result<()> {
+        let s = self.s;
+        match ins {
+            Instr::Embed { table, out } => self.sup(
+                support::EMBED,
+                s,
+                &[
+                    p(self.buf(*out)),
+                    p(self.weight(table, iter)?),
+                    p(self.ws.tokens.addr),
+                    i(s),
+                    i(table.cols),
+                ],
+            ),
+            Instr::MatMul { x, w, out, epi } => {
+                let rows = self.rows_of(*x);
+                self.gpu.gemm(&Gemm {
+                    kn: false,
+                    m: rows,
+                    n: w.rows,
+                    k: w.cols,
+                    x: self.buf(*x),
+                    ldx: w.cols,
+                    w: self.weight(w, iter)?,
+                    ldw: w.cols,
+                    c: self.buf(*out),
+                    ldc: w.rows,
+                })?;
+                self.epilogue(epi, iter, *out, self.buf(*out), rows, w.rows, w.rows, 0)
+            }
+            Instr::MatMulKN { x, w, out } => {
+                let rows = self.rows_of(*x);
+                self.gpu.gemm(&Gemm {
+                    kn: true,
+                    m: rows,
+                    n: w.cols,
+                    k: w.rows,
+                    x: self.buf(*x),
+                    ldx: w.rows,
+                    w: self.weight(w, iter)?,
+                    ldw: w.cols,
+                    c: self.buf(*out),
+                    ldc: w.cols,
+                })
+            }
+            Instr::MatMulParts { x, w, parts } => {
+                let rows = self.rows_of(*x);
+                let scratch = self
+                    .ws
+                    .scratch
+                    .as_ref()
+                    .ok_or_else(|| RuntimeError::Manifest("no product scratch".into()))?
+                    .addr;
+                self.gpu.gemm(&Gemm {
+                    kn: false,
+                    m: rows,
+                    n: w.rows,
+                    k: w.cols,
+                    x: self.buf(*x),
+                    ldx: w.cols,
+                    w: self.weight(w, iter)?,
+                    ldw: w.cols,
+                    c: scratch,
+                    ldc: w.rows,
+                })?;
+                let mut off = 0;
+                for part in parts {
+                    let n = self.cols(part.out);
+                    self.epilogue(&part.epi, iter, part.out, scratch, rows, n, w.rows, off)?;
+                    off += n;
+                }
+                Ok(())
+            }
+            Instr::Concat { inputs, out } => {
+                let oc = self.cols(*out);
+                let rows = self.rows_of(*out);
+                let mut off = 0;
+                for b in inputs {
+                    let c = self.cols(*b);
+                    self.copy_cols(self.buf(*out), self.buf(*b), rows, c, [oc, off, c, 0])?;
+                    off += c;
+                }
+                Ok(())
+            }
+            Instr::Copy { src, dst } => self.copy_buf(*src, *dst),
+            Instr::SliceCols { src, start, out } => {
+                let (sc, oc) = (self.cols(*src), self.cols(*out));
+                let rows = self.rows_of(*out);
+                self.copy_cols(
+                    self.buf(*out),
+                    self.buf(*src),
+                    rows,
+                    oc,
+                    [oc, 0, sc, *start],
+                )
+            }
+            Instr::PosEmbed { table, out } => {
+                if self.pos0 + s > table.rows {
+                    return Err(RuntimeError::Config(format!(
+                        "position {} is past the {} learned position embeddings of this model",
+                        (self.pos0 + s - 1).max(table.rows),
+                        table.rows
+                    )));
+                }
+                let c = table.cols;
+                let src = self.weight(table, iter)? + (4 * self.pos0 * c) as u64;
+                self.copy_cols(self.buf(*out), src, s, c, [c, 0, c, 0])
+            }
+            Instr::Sinusoidal { base, out } => self.sup(
+                support::SINUSOIDAL,
+                s,
+                &[
+                    p(self.buf(*out)),
+                    i(s),
+                    i(self.cols(*out)),
+                    i(self.pos0),
+                    Param::F64(*base),
+                ],
+            ),
+            Instr::TimingSignal {
+                min_timescale,
+                max_timescale,
+                step,
+                out,
+            } => {
+                let (t0, dt) = match step {
+                    true => (iter.unwrap_or(0), 0),
+                    false => (self.pos0, 1),
+                };
+                self.sup(
+                    support::TIMING_SIGNAL,
+                    s,
+                    &[
+                        p(self.buf(*out)),
+                        i(s),
+                        i(self.cols(*out)),
+                        i(t0),
+                        i(dt),
+                        Param::F64(*min_timescale),
+                        Param::F64(*max_timescale),
+                    ],
+                )
+            }
+            Instr::KvWrite { site, k, v } => {
+                let site = *site as usize;
+                let in_loop = self.kv.in_loop(site);
+                let cache = self.m.manifest.program.recur.as_ref().map(|r| &r.cache);
+                if in_loop && iter.is_some_and(|t| t > 0) && cache == Some(&CachePolicy::ShareFirst)
+                {
+                    return Ok(());
+                }
+                let slot = self.kv.slot_of(site, iter);
+                let prev = match iter {
+                    Some(t) if in_loop && t > 0 => Some(self.kv.slot_of(site, Some(t - 1))),
+                    _ => None,
+                };
+                let masks = if in_loop { self.masks } else { None };
+                let (gpu, kb, vb) = (self.gpu, self.buf(*k), self.buf(*v));
+                let f = self.d.sup.get(support::SELECT_ROWS).copied();
+                let sel = |d: u64, sr: u64, mk: u64, rows: usize, n: usize| match f {
+                    Some(f) => gpu.launch(f, rows, &[p(d), p(sr), p(mk), i(rows), i(n)]),
+                    None => Err(RuntimeError::Artifact(
+                        "the CUDA image lacks the support kernel `select_rows`".into(),
+                    )),
+                };
+                self.kv
+                    .write(gpu, site, slot, prev, self.pos0, s, kb, vb, masks, &sel)
+            }
+            Instr::Kernel { kernel, args } => {
+                let k = *kernel as usize;
+                let items = self.m.manifest.kernel_items(*kernel, s);
+                let kv_len = self.pos0 + s;
+                let mut params = Vec::with_capacity(args.len() + 4);
+                for a in args {
+                    let addr = match a {
+                        Arg::Buf(b) => self.buf(*b),
+                        Arg::Weight(w) => self.weight(w, iter)?,
+                        Arg::RopeCos(r) => {
+                            self.ropes[*r as usize].cos.as_ref().map_or(0, |m| m.addr)
+                        }
+                        Arg::RopeSin(r) => {
+                            self.ropes[*r as usize].sin.as_ref().map_or(0, |m| m.addr)
+                        }
+                        Arg::KCache(st) | Arg::VCache(st) => {
+                            let st = *st as usize;
+                            let slot = self.kv.slot_of(st, iter);
+                            self.kv.ensure(self.gpu, st, slot, kv_len)?;
+                            let (ka, va) = self.kv.addrs(st, slot);
+                            if matches!(a, Arg::KCache(_)) {
+                                ka
+                            } else {
+                                va
+                            }
+                        }
+                    };
+                    params.push(p(addr));
+                }
+                params.extend([i(0), i(items), i(self.pos0), i(kv_len)]);
+                self.gpu.launch(self.d.kernels[k], items, &params)
+            }
+        }
+    }
+}

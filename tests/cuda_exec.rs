@@ -1,0 +1,272 @@
+//! The CUDA executor without a GPU: `Device::CudaEmulated` runs a CPU artifact through the
+//! device executor (device buffers, masks, KV slots, grids, the support kernels' contract) over
+//! host memory, and must give the CPU session's logits, depths and KV lengths. Also the errors a
+//! CPU machine can provoke: target mismatches, a missing driver, unsupported policies, an
+//! incomplete image.
+mod common;
+use common::*;
+use loopc_compiler::driver::{self, Options};
+use loopc_runtime::{Artifact, DepthSchedule, Device, LoadOptions, Model, Weights};
+
+const TOL: f32 = 1e-4;
+
+/// `examples/{example}.loop` with its `exit`/`cache` lines replaced, built for the CPU.
+fn artifact(example: &str, cfg: &str, exit: &str, cache: &str, set: &[&str]) -> Artifact {
+    let src =
+        std::fs::read_to_string(root().join("examples").join(format!("{example}.loop"))).unwrap();
+    let src = src
+        .replace("exit fixed", &format!("exit {exit}"))
+        .replace("cache per_step", &format!("cache {cache}"));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("loopc_cuda_{}_{n}.loop", std::process::id()));
+    std::fs::write(&path, src).unwrap();
+    let opts = Options {
+        set: set.iter().map(|s| s.to_string()).collect(),
+        config: Some(fixture(cfg)),
+        opt_level: 1,
+        verify: true,
+        ..Default::default()
+    };
+    let built = driver::build(&path, &opts).unwrap_or_else(|e| panic!("build failed:\n{e}"));
+    let _ = std::fs::remove_file(&path);
+    Artifact::from_bytes(built.artifact_bytes()).unwrap()
+}
+
+fn load(a: &Artifact, weights: &str, device: Device) -> loopc_runtime::Result<Model> {
+    Model::with_options(
+        a.clone(),
+        Weights::open(fixture(weights)).unwrap(),
+        &LoadOptions {
+            threads: Some(1),
+            device,
+            ..Default::default()
+        },
+    )
+}
+
+struct Run {
+    logits: Vec<f32>,
+    depths: Vec<usize>,
+    kv: Vec<(String, Vec<usize>)>,
+}
+
+/// Prefill `prompt`, then decode `decode` one token at a time.
+fn run(
+    m: &Model,
+    prompt: &[u32],
+    decode: &[u32],
+    steps: Option<usize>,
+    sched: Option<DepthSchedule>,
+) -> Run {
+    let mut s = m.session();
+    s.set_steps(steps);
+    s.set_depth_schedule(sched);
+    let mut logits = s.prefill(prompt).unwrap().data().to_vec();
+    let mut depths = s.last_depths().to_vec();
+    for &t in decode {
+        logits.extend_from_slice(s.step(t).unwrap().data());
+        depths.extend_from_slice(s.last_depths());
+    }
+    Run {
+        logits,
+        depths,
+        kv: s.kv_lens(),
+    }
+}
+
+/// The emulated device against the CPU on one artifact; returns the max |Δ| of the logits.
+fn compare(a: &Artifact, weights: &str, steps: Option<usize>, sched: Option<DepthSchedule>) -> f32 {
+    let prompt = [3u32, 17, 5, 9, 1, 22, 8];
+    let decode = [4u32, 11, 2];
+    let cpu = run(
+        &load(a, weights, Device::Cpu).unwrap(),
+        &prompt,
+        &decode,
+        steps,
+        sched.clone(),
+    );
+    let emu = run(
+        &load(a, weights, Device::CudaEmulated).unwrap(),
+        &prompt,
+        &decode,
+        steps,
+        sched,
+    );
+    assert_eq!(cpu.depths, emu.depths, "per-token depths");
+    assert_eq!(cpu.kv, emu.kv, "KV slot lengths");
+    assert_eq!(cpu.logits.len(), emu.logits.len());
+    let d = max_abs_diff(&cpu.logits, &emu.logits);
+    assert!(
+        d <= TOL,
+        "max |Δ| {d} between the CPU and the emulated device"
+    );
+    d
+}
+
+const HUGINN_CFG: &str = "huginn_tiny/config.json";
+const HUGINN_W: &str = "huginn_tiny/model.safetensors";
+
+#[test]
+fn huginn_fixed_depth_matches_cpu() {
+    let a = artifact("huginn", HUGINN_CFG, "fixed", "per_step", &[]);
+    for r in [1, 4] {
+        compare(&a, HUGINN_W, Some(r), None);
+    }
+}
+
+#[test]
+fn huginn_forced_depths_under_each_cache_policy() {
+    for cache in ["per_step", "ring(2)", "last_step", "share_first"] {
+        let a = artifact("huginn", HUGINN_CFG, "fixed", cache, &["init_scale=0"]);
+        // Unequal depths inside the prefill, and decode tokens that stop early (later slots then
+        // fill their gap from lower ones).
+        let sched = DepthSchedule::Cycle(vec![2, 4, 1, 3, 4, 2, 1]);
+        compare(&a, HUGINN_W, Some(4), Some(sched));
+    }
+}
+
+#[test]
+fn huginn_latent_exits_match_cpu() {
+    for exit in [
+        "latent_diff(threshold = 0.9, max = 7)",
+        "cosine(threshold = 0.3, every = 2, max = 7)",
+    ] {
+        let a = artifact("huginn", HUGINN_CFG, exit, "per_step", &["init_scale=0"]);
+        compare(&a, HUGINN_W, None, None);
+    }
+}
+
+#[test]
+fn ouro_fixed_and_gate_exit_match_cpu() {
+    for exit in ["fixed", "gate(q = 0.5)"] {
+        let a = artifact("ouro", "ouro_tiny/config.json", exit, "per_step", &[]);
+        compare(&a, "ouro_tiny/model.safetensors", None, None);
+    }
+}
+
+#[test]
+fn exit_probabilities_match_cpu() {
+    let a = artifact("ouro", "ouro_tiny/config.json", "fixed", "per_step", &[]);
+    let w = "ouro_tiny/model.safetensors";
+    let mut cpu = load(&a, w, Device::Cpu).unwrap().session();
+    let mut emu = load(&a, w, Device::CudaEmulated).unwrap().session();
+    cpu.prefill(&[1, 2, 3]).unwrap();
+    emu.prefill(&[1, 2, 3]).unwrap();
+    let (c, e) = (cpu.exit_probs().unwrap(), emu.exit_probs().unwrap());
+    assert!(max_abs_diff(c, e) <= 1e-5);
+}
+
+/// A CPU artifact relabelled as a CUDA one (the executor's checks come before any PTX is read).
+fn as_cuda(a: &Artifact) -> Artifact {
+    let mut c = a.clone();
+    c.manifest.target = "cuda-sm_90".into();
+    c.manifest.cuda = Some(emulated_image(&c.manifest));
+    c.object = b"// no PTX: the load must stop before the driver reads it\n".to_vec();
+    c
+}
+
+/// The launch table every kernel and support kernel (the shape of the emulator's).
+fn emulated_image(m: &loopc_runtime::artifact::Manifest) -> loopc_runtime::artifact::CudaImage {
+    use loopc_runtime::artifact::cuda::{support, CudaImage, CudaKernel, SupportKernel};
+    let k = |e: &str| CudaKernel {
+        entry: e.into(),
+        block: 128,
+        items_per_block: 1,
+        shared_bytes: 0,
+    };
+    CudaImage {
+        arch: "sm_90".into(),
+        kernels: m.kernels.iter().map(|d| k(&d.symbol)).collect(),
+        support: support::ALL
+            .iter()
+            .map(|n| SupportKernel {
+                name: n.to_string(),
+                launch: k(n),
+            })
+            .collect(),
+    }
+}
+
+fn err(r: loopc_runtime::Result<Model>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn target_mismatches_are_clear_errors() {
+    let a = artifact("huginn", HUGINN_CFG, "fixed", "per_step", &[]);
+    let e = err(load(&a, HUGINN_W, Device::Cuda(0)));
+    assert!(
+        e.contains("not for CUDA") && e.contains("--target cuda"),
+        "{e}"
+    );
+    let c = as_cuda(&a);
+    let e = err(load(&c, HUGINN_W, Device::Cpu));
+    assert!(
+        e.contains("cuda-sm_90") && e.contains("--device cuda"),
+        "{e}"
+    );
+    let e = err(load(&c, HUGINN_W, Device::CudaEmulated));
+    assert!(e.contains("holds PTX"), "{e}");
+}
+
+#[test]
+fn cuda_without_a_driver_or_the_feature_is_a_clear_error() {
+    let c = as_cuda(&artifact("huginn", HUGINN_CFG, "fixed", "per_step", &[]));
+    let e = err(load(&c, HUGINN_W, Device::Cuda(0)));
+    if cfg!(feature = "cuda") {
+        // A machine with a driver gets past this point; this one has none (CI, this host).
+        if std::path::Path::new("/dev/nvidiactl").exists() {
+            return;
+        }
+        assert!(
+            e.contains("no CUDA driver") || e.contains("cannot initialise the CUDA driver"),
+            "{e}"
+        );
+    } else {
+        assert!(e.contains("built without CUDA support"), "{e}");
+    }
+}
+
+#[test]
+fn unsupported_policies_and_incomplete_images_are_errors() {
+    let a = artifact(
+        "huginn",
+        HUGINN_CFG,
+        "kl(threshold = 0.3, max = 7)",
+        "per_step",
+        &[],
+    );
+    let e = err(load(&a, HUGINN_W, Device::CudaEmulated));
+    assert!(
+        e.starts_with("unsupported on cuda") && e.contains("Kl"),
+        "{e}"
+    );
+    let a = artifact("huginn", HUGINN_CFG, "fixed", "recursion_wise", &[]);
+    let e = err(load(&a, HUGINN_W, Device::CudaEmulated));
+    assert!(e.contains("recursion-wise"), "{e}");
+    // An image without `embed` (which every model here needs) is refused at load, before the
+    // driver.
+    let mut c = as_cuda(&artifact("huginn", HUGINN_CFG, "fixed", "per_step", &[]));
+    c.manifest
+        .cuda
+        .as_mut()
+        .unwrap()
+        .support
+        .retain(|s| s.name != "embed");
+    let e = err(load(&c, HUGINN_W, Device::Cuda(0)));
+    assert!(e.contains("lacks the support kernel `embed`"), "{e}");
+}
+
+#[test]
+fn device_names_parse() {
+    assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
+    assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(3)));
+    assert_eq!("cuda-emu".parse::<Device>(), Ok(Device::CudaEmulated));
+    assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
+    assert!("gpu".parse::<Device>().is_err());
+    assert!("cuda:x".parse::<Device>().is_err());
+}
