@@ -270,3 +270,23 @@ fn device_names_parse() {
     assert!("gpu".parse::<Device>().is_err());
     assert!("cuda:x".parse::<Device>().is_err());
 }
+
+/// The executor's launch plan for a 3-token prefill and one decode step of the tiny Huginn model
+/// at r = 2, with a forced depth of 1 for the second token (so the masked state update and KV
+/// writes appear): every launch with its grid and symbolic parameters (`allocation+element`),
+/// every product with its shapes and strides, every copy. The emulator has checked each access
+/// against its allocation while recording.
+#[test]
+fn launch_plan_snapshot() {
+    let a = artifact("huginn", HUGINN_CFG, "fixed", "per_step", &["init_scale=0"]);
+    let m = load(&a, HUGINN_W, Device::CudaEmulated).unwrap();
+    let mut s = m.session();
+    s.set_steps(Some(2));
+    s.set_depth_schedule(Some(DepthSchedule::Positions(vec![2, 1, 2, 2])));
+    s.device_log(true);
+    s.prefill(&[3, 17, 5]).unwrap();
+    s.step(4).unwrap();
+    let log = s.device_log(false);
+    assert!(log.iter().any(|l| l.contains("select_rows")));
+    insta::assert_snapshot!(log.join("\n"));
+}

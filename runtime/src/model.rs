@@ -238,7 +238,9 @@ impl Model {
             iter_variants.push(v);
         }
         let device_model = match (gpu, &image) {
-            (Some(g), Some(img)) => Some(crate::cuda::exec::DevModel::new(g, img, &bound)?),
+            (Some(g), Some(img)) => {
+                Some(crate::cuda::exec::DevModel::new(g, img, &manifest, &bound)?)
+            }
             _ => None,
         };
         Ok(Model {

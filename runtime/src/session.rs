@@ -604,6 +604,18 @@ impl Session {
         self.stats.kv_positions = 0;
     }
 
+    /// The device operations (launches, products, copies, with symbolic addresses) recorded
+    /// since the last call, recording from now on when `on`; only `Device::CudaEmulated` records.
+    /// For tests and debugging of the CUDA executor.
+    #[doc(hidden)]
+    pub fn device_log(&mut self, on: bool) -> Vec<String> {
+        self.model
+            .inner
+            .dev
+            .as_ref()
+            .map_or_else(Vec::new, |d| d.gpu.take_log(on))
+    }
+
     /// Filled length of every KV slot: `(site name, lengths per slot)`.
     pub fn kv_lens(&self) -> Vec<(String, Vec<usize>)> {
         match &self.dev {

@@ -11,12 +11,15 @@ use crate::kernels::{KernelFn, Kernels};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-type Registry = Arc<Mutex<BTreeMap<u64, usize>>>;
+/// Live allocations: base address → (bytes, what it holds).
+type Registry = Arc<Mutex<BTreeMap<u64, (usize, String)>>>;
 
 pub(crate) struct Emu {
     entries: Vec<Entry>,
     fns: Vec<KernelFn>,
     live: Registry,
+    /// Every operation in symbolic form (`what+element`), while logging is on.
+    log: Mutex<Option<Vec<String>>>,
 }
 
 struct HostAlloc {
@@ -45,6 +48,31 @@ impl Emu {
             entries: entries.to_vec(),
             fns: (0..kernels.len()).map(|k| kernels.get(k)).collect(),
             live: Arc::default(),
+            log: Mutex::new(None),
+        }
+    }
+
+    /// `what+i` for the `f32` element `i` of the allocation holding `addr` (`0` for null).
+    fn name(&self, addr: u64) -> String {
+        if addr == 0 {
+            return "null".into();
+        }
+        let Ok(live) = self.live.lock() else {
+            return format!("{addr:#x}");
+        };
+        match live.range(..=addr).next_back() {
+            Some((&base, (len, what))) if addr <= base + *len as u64 => {
+                format!("{what}+{}", (addr - base) / 4)
+            }
+            _ => format!("{addr:#x}?"),
+        }
+    }
+
+    fn record(&self, line: impl FnOnce() -> String) {
+        if let Ok(mut l) = self.log.lock() {
+            if let Some(v) = l.as_mut() {
+                v.push(line());
+            }
         }
     }
 
@@ -52,7 +80,9 @@ impl Emu {
     fn span(&self, addr: u64, bytes: usize, what: &str) -> Result<*mut u8> {
         let live = self.live.lock().map_err(|_| oob(what))?;
         match live.range(..=addr).next_back() {
-            Some((&base, &len)) if addr + bytes as u64 <= base + len as u64 => Ok(addr as *mut u8),
+            Some((&base, &(len, _))) if addr + bytes as u64 <= base + len as u64 => {
+                Ok(addr as *mut u8)
+            }
             _ => Err(RuntimeError::Cuda(format!(
                 "emulator: {what} ({bytes} bytes at {addr:#x}) is outside every device allocation"
             ))),
@@ -291,6 +321,13 @@ impl Emu {
 }
 
 impl Gpu for Emu {
+    fn take_log(&self, on: bool) -> Vec<String> {
+        match self.log.lock() {
+            Ok(mut l) => std::mem::replace(&mut *l, on.then(Vec::new)).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     fn alloc(&self, bytes: usize, what: &str) -> Result<DevMem> {
         let words = bytes.div_ceil(8).max(1);
         let mut data: Vec<u64> = Vec::new();
@@ -301,7 +338,10 @@ impl Gpu for Emu {
             })?;
         data.resize(words, 0);
         let addr = data.as_ptr() as u64;
-        self.live.lock().map_err(|_| oob(what))?.insert(addr, bytes);
+        self.live
+            .lock()
+            .map_err(|_| oob(what))?
+            .insert(addr, (bytes, what.to_string()));
         Ok(DevMem {
             addr,
             _own: Box::new(HostAlloc {
@@ -313,6 +353,7 @@ impl Gpu for Emu {
     }
 
     fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.record(|| format!("upload {} B -> {}", src.len(), self.name(dst)));
         let d = self.span(dst, src.len(), "upload destination")?;
         // SAFETY: checked span; host memory never overlaps the source slice's allocation.
         unsafe { std::ptr::copy(src.as_ptr(), d, src.len()) };
@@ -320,6 +361,7 @@ impl Gpu for Emu {
     }
 
     fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        self.record(|| format!("download {} B <- {}", dst.len(), self.name(src)));
         let s = self.span(src, dst.len(), "download source")?;
         // SAFETY: checked span.
         unsafe { std::ptr::copy(s, dst.as_mut_ptr(), dst.len()) };
@@ -327,6 +369,7 @@ impl Gpu for Emu {
     }
 
     fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.record(|| format!("copy {bytes} B {} <- {}", self.name(dst), self.name(src)));
         let d = self.span(dst, bytes, "copy destination")?;
         let s = self.span(src, bytes, "copy source")?;
         // SAFETY: checked spans.
@@ -335,6 +378,7 @@ impl Gpu for Emu {
     }
 
     fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        self.record(|| format!("zero {bytes} B {}", self.name(dst)));
         let d = self.span(dst, bytes, "zeroed range")?;
         // SAFETY: checked span.
         unsafe { std::ptr::write_bytes(d, 0, bytes) };
@@ -346,6 +390,24 @@ impl Gpu for Emu {
             .entries
             .get(f)
             .ok_or_else(|| RuntimeError::Cuda(format!("emulator: no entry #{f}")))?;
+        self.record(|| {
+            let ps: Vec<String> = params
+                .iter()
+                .map(|p| match *p {
+                    Param::Ptr(a) => self.name(a),
+                    Param::I64(v) => v.to_string(),
+                    Param::F32(v) => format!("{v:e}f"),
+                    Param::F64(v) => format!("{v:e}"),
+                })
+                .collect();
+            format!(
+                "launch {} grid {}x{} ({})",
+                e.launch.entry,
+                grid(&e.launch, items),
+                e.launch.block,
+                ps.join(", ")
+            )
+        });
         match e.what {
             What::Support(name) => self.support(name, params),
             What::Kernel(k) => {
@@ -398,6 +460,21 @@ impl Gpu for Emu {
     }
 
     fn gemm(&self, g: &Gemm) -> Result<()> {
+        self.record(|| {
+            format!(
+                "gemm{} m={} n={} k={} c={} (ld {}) = x={} (ld {}) · w={} (ld {})",
+                if g.kn { " kn" } else { "" },
+                g.m,
+                g.n,
+                g.k,
+                self.name(g.c),
+                g.ldc,
+                self.name(g.x),
+                g.ldx,
+                self.name(g.w),
+                g.ldw
+            )
+        });
         if g.m == 0 || g.n == 0 {
             return Ok(());
         }

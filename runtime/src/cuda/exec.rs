@@ -36,6 +36,7 @@ impl DevModel {
     pub(crate) fn new(
         gpu: Arc<dyn Gpu>,
         image: &CudaImage,
+        manifest: &crate::artifact::Manifest,
         weights: &[crate::weights::Bound],
     ) -> Result<Self> {
         let entries: Vec<Entry> = super::gpu::entries(image)?;
@@ -56,7 +57,14 @@ impl DevModel {
                 dw.push(None);
                 continue;
             }
-            let mem = gpu.alloc(4 * data.len(), &format!("weight #{id}"))?;
+            let name = match manifest.weights.get(id) {
+                Some(w) => w.name.clone(),
+                None => manifest
+                    .derived
+                    .get(id - manifest.weights.len())
+                    .map_or_else(|| format!("weight #{id}"), |d| d.name.clone()),
+            };
+            let mem = gpu.alloc(4 * data.len(), &format!("`{name}`"))?;
             gpu.upload(mem.addr, bytes(data))?;
             dw.push(Some(mem));
         }
@@ -146,7 +154,7 @@ impl DevState {
         let gpu = &*d.gpu;
         let man = &m.manifest;
         let mut bufs = Vec::with_capacity(man.buffers.len());
-        for b in &man.buffers {
+        for (id, b) in man.buffers.iter().enumerate() {
             let r = match b.rows {
                 Rows::Tokens => s,
                 Rows::Fixed(n) => n,
@@ -157,7 +165,7 @@ impl DevState {
                     what: format!("buffer `{}`", b.name),
                 },
             )?;
-            bufs.push(gpu.alloc(bytes.max(4), &format!("buffer `{}`", b.name))?);
+            bufs.push(gpu.alloc(bytes.max(4), &format!("buf{id} `{}`", b.name))?);
         }
         let mut prod = 0;
         let mut scan = |list: &[Instr]| {

@@ -39,6 +39,11 @@ pub(crate) trait Gpu: Send + Sync {
     /// Launch entry `f` (an index into [`entries`]) over `items` work items.
     fn launch(&self, f: usize, items: usize, params: &[Param]) -> Result<()>;
     fn gemm(&self, g: &Gemm) -> Result<()>;
+    /// The operations recorded since the last call, and whether to record from now on (only the
+    /// emulator records).
+    fn take_log(&self, _on: bool) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A device allocation; freed when dropped.

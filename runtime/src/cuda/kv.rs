@@ -105,8 +105,10 @@ impl DevKv {
                     bytes: cap as u128 * w as u128 * 4,
                     what: format!("KV cache of site `{}`", s.name),
                 })?;
-        let what = format!("KV cache of site `{}`", s.name);
-        let (k, v) = (gpu.alloc(bytes, &what)?, gpu.alloc(bytes, &what)?);
+        let (k, v) = (
+            gpu.alloc(bytes, &format!("K `{}` slot {slot}", s.name))?,
+            gpu.alloc(bytes, &format!("V `{}` slot {slot}", s.name))?,
+        );
         if let (Some(ok), Some(ov)) = (&sl.k, &sl.v) {
             gpu.copy(k.addr, ok.addr, sl.len * w * 4)?;
             gpu.copy(v.addr, ov.addr, sl.len * w * 4)?;
