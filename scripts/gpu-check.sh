@@ -101,20 +101,29 @@ prepare() {
 # CUDA 13 installs only as libcublas.so.13 in the toolkit or torch's nvidia-cublas wheel).
 cuda_libs() {
   local dirs=() d f
-  d=$($PY -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
+  # pip's nvidia-* wheels (torch's CUDA): nvidia/<pkg>/lib or, for CUDA 13, nvidia/cu13/lib.
+  d=$($PY -c 'import glob, os, nvidia
+for p in nvidia.__path__:
+    for f in sorted(glob.glob(os.path.join(p, "*", "lib", "libcublas.so*"))):
+        print(os.path.dirname(f)); raise SystemExit' 2>/dev/null || true)
   [ -n "$d" ] && dirs+=("$d")
   dirs+=(/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu)
   for d in "${dirs[@]}"; do
     f=$(ls "$d"/libcublas.so* 2>/dev/null | head -1 || true)
-    if [ -n "$f" ]; then
-      mkdir -p /tmp/gpu-check-lib
-      ln -sf "$(readlink -f "$f")" /tmp/gpu-check-lib/libcublas.so
-      export LD_LIBRARY_PATH="/tmp/gpu-check-lib:$d:${LD_LIBRARY_PATH:-}"
-      say "cuBLAS: $f"
-      return
-    fi
+    [ -n "$f" ] && break
   done
-  say "warning: no libcublas found; loopc will report it"
+  if [ -z "$f" ]; then
+    f=$(find /usr/local /opt -name 'libcublas.so*' 2>/dev/null | head -1 || true)
+    d=$(dirname "${f:-.}")
+  fi
+  if [ -n "$f" ]; then
+    mkdir -p /tmp/gpu-check-lib
+    ln -sf "$(readlink -f "$f")" /tmp/gpu-check-lib/libcublas.so
+    export LD_LIBRARY_PATH="/tmp/gpu-check-lib:$d:${LD_LIBRARY_PATH:-}"
+    say "cuBLAS: $f"
+  else
+    say "warning: no libcublas found; loopc will report it"
+  fi
 }
 
 parity() {

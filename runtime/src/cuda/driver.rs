@@ -151,12 +151,18 @@ impl Gpu for CudaGpu {
     }
 
     fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
         self.bind()?;
         // SAFETY: the executor sizes every destination (the emulator checks the same calls).
         unsafe { drv::memcpy_htod_sync(dst, src) }.map_err(|e| err("host-to-device copy", e))
     }
 
     fn download(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
         self.bind()?;
         // SAFETY: as for `upload`.
         unsafe { drv::memcpy_dtoh_sync(dst, src) }.map_err(|e| err("device-to-host copy", e))
