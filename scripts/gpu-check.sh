@@ -21,7 +21,8 @@
 # Environment: LOOPC_BUILDER (--prepare) a loopc that can `build --target cuda` (built with the
 # `mlir` feature; default: the release binary); PYTHON (default python3, or the torch venv here
 # for --dry-run); OUT (where the reports go; default target/gpu-check/out or …-dry/out);
-# LOOPC_BIN (--dry-run) a loopc to use instead of building target/debug/loopc.
+# LOOPC_BIN (--dry-run) a loopc to use instead of building target/debug/loopc; BUDGET (seconds,
+# default 450) caps the whole run: each command's timeout is cut to what is left.
 # On the device tool: carry ["target/gpu-check"], command `scripts/gpu-check.sh`, timeout ~540 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,13 @@ PROMPT="3 17 5 9 1 22 8"
 NEW_TOKENS=8
 T0=$(date +%s)
 say() { echo "[gpu-check $(( $(date +%s) - T0 ))s] $*" >&2; }
+# The whole check must end within the device tool's limit: every command gets at most `$1`
+# seconds and never more than what is left of BUDGET (default 450 s).
+BUDGET=${BUDGET:-450}
+limit() {
+  local left=$(( T0 + BUDGET - $(date +%s) ))
+  [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"
+}
 
 # Artifacts: name | example | fixture config | exit | cache | --set
 ARTIFACTS=(
@@ -135,7 +143,7 @@ parity() {
     for side in cpu gpu; do
       local dev=cpu a="$DIR/$art.cpu.loopc"
       [ "$side" = gpu ] && dev=$gpu_dev && a="$DIR/$art.$gpu_art.loopc"
-      if ! timeout 120 "$BIN" run "$a" --weights "tests/fixtures/$w/model.safetensors" \
+      if ! timeout "$(limit 60)" "$BIN" run "$a" --weights "tests/fixtures/$w/model.safetensors" \
         --tokens "$PROMPT" --max-new-tokens $NEW_TOKENS --guard off $flags --device "$dev" \
         --dump-logits "$OUT/$name.$side.safetensors" >"$OUT/$name.$side.log" 2>&1; then
         say "$name on $dev failed:"; tail -5 "$OUT/$name.$side.log" >&2
@@ -150,16 +158,16 @@ bench() {
   local dev=$1 art=$2 cfg=$3 weights=$4 torch_dev=$5 plen=$6 ntok=$7 reps=$8
   if [ ! -f "$weights" ]; then
     say "writing benchmark weights ($cfg)"
-    $PY tools/reference/bench_ref.py --make-weights "$weights" --config "$cfg" \
-      --threads "$(nproc)" >/dev/null
+    timeout "$(limit 120)" $PY tools/reference/bench_ref.py --make-weights "$weights" \
+      --config "$cfg" --threads "$(nproc)" >/dev/null || say "writing the weights failed"
   fi
   : >"$OUT/bench.jsonl"
   for r in "${RS[@]}"; do
     say "benchmark r=$r"
-    timeout 150 "$BIN" bench "$art" --weights "$weights" --steps "$r" --prompt-len "$plen" \
+    timeout "$(limit 120)" "$BIN" bench "$art" --weights "$weights" --steps "$r" --prompt-len "$plen" \
       --new-tokens "$ntok" --reps "$reps" --device "$dev" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.log" \
       || say "loopc bench r=$r failed (see bench.log)"
-    timeout 150 $PY tools/reference/bench_ref.py --weights "$weights" --r "$r" --prompt-len "$plen" \
+    timeout "$(limit 120)" $PY tools/reference/bench_ref.py --weights "$weights" --r "$r" --prompt-len "$plen" \
       --new-tokens "$ntok" --reps "$reps" --device "$torch_dev" --threads "$(nproc)" \
       >>"$OUT/bench.jsonl" 2>>"$OUT/bench.log" || say "torch r=$r failed (see bench.log)"
   done
