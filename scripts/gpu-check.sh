@@ -50,13 +50,16 @@ limit() {
   [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"
 }
 
-# Artifacts: name | example | fixture config | exit | cache | --set
+# Artifacts: name | example | fixture config | exit | cache | --set values (comma-separated)
 ARTIFACTS=(
   "huginn_fixed|huginn|huginn_tiny/config.json|fixed|per_step|"
   "huginn_latent|huginn|huginn_tiny/config.json|latent_diff(threshold = 0.9, max = 7)|per_step|init_scale=0"
   "huginn_ring|huginn|huginn_tiny/config.json|fixed|ring(2)|init_scale=0"
   "ouro_fixed|ouro|ouro_tiny/config.json|fixed|per_step|"
   "ouro_gate|ouro|ouro_tiny/config.json|gate(q = 0.5)|per_step|"
+  "ut_act|ut|ut_tiny/config.json|fixed|per_step|max_steps=6"
+  "ltg_learned|ltg|ltg_tiny/config.json|fixed|per_step|inject=1,positions=1"
+  "ltg_sinusoidal|ltg|ltg_tiny/config.json|fixed|per_step|positions=2"
 )
 # Parity cases: name | artifact | weights | extra `loopc run` flags
 CASES=(
@@ -66,6 +69,9 @@ CASES=(
   "huginn_ring_sched|huginn_ring|huginn_tiny|--steps 4 --depths 3,1,4,2 --cycle-depths"
   "ouro_t4|ouro_fixed|ouro_tiny|"
   "ouro_gate|ouro_gate|ouro_tiny|"
+  "ut_act|ut_act|ut_tiny|"
+  "ltg_learned_r3|ltg_learned|ltg_tiny|--steps 3"
+  "ltg_sinusoidal_r2|ltg_sinusoidal|ltg_tiny|--steps 2"
 )
 RS=(4 8 32)
 PARITY_FAILED=0
@@ -79,7 +85,8 @@ build_artifact() {
   sed -e "s/exit fixed/exit $exit/" -e "s/cache per_step/cache $cache/" \
     "examples/$example.loop" >"$src"
   local args=(build "$src" --config "tests/fixtures/$cfg" -o "$DIR/$name.$target.loopc")
-  [ -n "$set" ] && args+=(--set "$set")
+  local kv
+  for kv in ${set//,/ }; do args+=(--set "$kv"); done
   [ "$target" = cuda ] && args+=(--target cuda)
   "$loopc" "${args[@]}" >/dev/null
 }

@@ -146,6 +146,34 @@ fn ouro_fixed_and_gate_exit_match_cpu() {
 }
 
 #[test]
+fn ltg_positions_and_parcae_match_cpu() {
+    // Learned positions (`PosEmbed` → `copy_cols` from row `pos0`), sinusoidal ones (the
+    // `sinusoidal` support kernel), input injection; Parcae's per-head q/k norms and softcap.
+    for set in [["inject=1", "positions=1"], ["inject=0", "positions=2"]] {
+        let a = artifact("ltg", "ltg_tiny/config.json", "fixed", "per_step", &set);
+        compare(&a, "ltg_tiny/model.safetensors", Some(3), None);
+    }
+    let a = artifact(
+        "parcae",
+        "parcae_tiny/config.json",
+        "fixed",
+        "per_step",
+        &[],
+    );
+    compare(&a, "parcae_tiny/model.safetensors", Some(4), None);
+}
+
+#[test]
+fn ut_act_matches_cpu() {
+    // ACT's weighted state average (two `epilogue` launches per iteration) and the timing
+    // signals of positions and of the recurrence step (`timing_signal`).
+    for max in ["max_steps=3", "max_steps=6"] {
+        let a = artifact("ut", "ut_tiny/config.json", "fixed", "per_step", &[max]);
+        compare(&a, "ut_tiny/model.safetensors", None, None);
+    }
+}
+
+#[test]
 fn exit_probabilities_match_cpu() {
     let a = artifact("ouro", "ouro_tiny/config.json", "fixed", "per_step", &[]);
     let w = "ouro_tiny/model.safetensors";
@@ -248,6 +276,20 @@ fn unsupported_policies_and_incomplete_images_are_errors() {
     let a = artifact("huginn", HUGINN_CFG, "fixed", "recursion_wise", &[]);
     let e = err(load(&a, HUGINN_W, Device::CudaEmulated));
     assert!(e.contains("recursion-wise"), "{e}");
+    // MoR expert choice (the fixture config's router).
+    let a = artifact(
+        "mor",
+        "mor_tiny/config.json",
+        "fixed",
+        "per_step",
+        &["routing=1", "sharing=2"],
+    );
+    let e = err(load(
+        &a,
+        "mor_tiny/expert_middle_cycle.safetensors",
+        Device::CudaEmulated,
+    ));
+    assert!(e.contains("MoR routers"), "{e}");
     // An image without `embed` (which every model here needs) is refused at load, before the
     // driver.
     let mut c = as_cuda(&artifact("huginn", HUGINN_CFG, "fixed", "per_step", &[]));

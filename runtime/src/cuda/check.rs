@@ -22,6 +22,9 @@ fn needed(m: &Manifest) -> Result<Vec<&'static str>> {
         ) {
             need.push(support::EXIT_LATENT);
         }
+        if matches!(r.exit, ExitPolicy::Act { .. }) {
+            need.push(support::EPILOGUE);
+        }
     }
     for list in lists {
         for ins in list {
@@ -80,8 +83,9 @@ pub(crate) fn check_program(m: &Manifest, image: &CudaImage) -> Result<()> {
                     "the exit criterion {criterion:?} (it needs the logits every iteration; latent-diff and cosine run on the device)"
                 )))
             }
+            ExitPolicy::Act { .. } if r.gate.is_some() => {}
             ExitPolicy::Act { .. } => {
-                return Err(unsupported("ACT halting (the weighted-average state update has no device kernel yet)"))
+                return Err(RuntimeError::Manifest("ACT halting without an exit gate".into()))
             }
             ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. } => {
                 return Err(unsupported("MoR routers (expert/token choice)"))

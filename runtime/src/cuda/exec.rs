@@ -87,6 +87,8 @@ struct Ws {
     active: DevMem,
     exited: DevMem,
     value: DevMem,
+    /// ACT: each row's weight `w` then `1 − w` (`2·S` floats), and `w·next` (`[S, state cols]`).
+    act: Option<(DevMem, DevMem)>,
 }
 
 struct DevRope {
@@ -184,7 +186,18 @@ impl DevState {
             0 => None,
             n => Some(gpu.alloc(4 * n, "matmul parts product")?),
         };
+        let act = match &man.program.recur {
+            Some(r) if matches!(r.exit, ExitPolicy::Act { .. }) => {
+                let cols = man.buffers[r.state as usize].cols;
+                Some((
+                    gpu.alloc(8 * s, "ACT weights")?,
+                    gpu.alloc(4 * s * cols, "ACT weighted next")?,
+                ))
+            }
+            _ => None,
+        };
         let ws = Ws {
+            act,
             s,
             bufs,
             scratch,
@@ -509,6 +522,7 @@ impl Run<'_> {
                 let z = self.read_rows(g)?;
                 let base = gates.len();
                 gates.resize(base + s, 0.0);
+                let mut act_w = vec![0f32; 2 * s];
                 for r in (0..s).filter(|&r| active[r]) {
                     let l = 1.0 / (1.0 + (-z[r]).exp());
                     gates[base + r] = l;
@@ -516,6 +530,15 @@ impl Run<'_> {
                         let cdf = hist.gate_cdf(r, l, step == cap);
                         exiting[r] |= step >= min_steps && cdf >= q;
                     }
+                    if let Rule::Act { thr } = rule {
+                        let (w, halted) = hist.act_weight(r, l, thr);
+                        exiting[r] |= halted;
+                        act_w[r] = w;
+                        act_w[s + r] = 1.0 - w;
+                    }
+                }
+                if let Rule::Act { .. } = rule {
+                    self.act_blend(rec, &act_w)?;
                 }
             }
             if let Rule::Criterion {
@@ -572,6 +595,49 @@ impl Run<'_> {
         self.masks = None;
         self.copy_buf(rec.state, rec.next)?;
         Ok(t)
+    }
+
+    /// ACT's running average on the device: `next = state·(1 − w) + next·w` per row, as two
+    /// `epilogue` launches (a row scale, then a row scale and a residual).
+    fn act_blend(&self, rec: &Recur, w: &[f32]) -> Result<()> {
+        let (s, cols) = (self.s, self.cols(rec.state));
+        let (wm, tmp) = self
+            .ws
+            .act
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Manifest("no ACT buffers".into()))?;
+        self.gpu.upload(wm.addr, bytes(w))?;
+        let (next, state) = (self.buf(rec.next), self.buf(rec.state));
+        self.sup(
+            support::EPILOGUE,
+            s,
+            &[
+                p(tmp.addr),
+                p(next),
+                p(wm.addr),
+                p(0),
+                p(0),
+                i(s),
+                i(cols),
+                i(cols),
+                i(0),
+            ],
+        )?;
+        self.sup(
+            support::EPILOGUE,
+            s,
+            &[
+                p(next),
+                p(state),
+                p(wm.at(s)),
+                p(tmp.addr),
+                p(0),
+                i(s),
+                i(cols),
+                i(cols),
+                i(0),
+            ],
+        )
     }
 
     fn upload_masks(&self, active: &[bool]) -> Result<()> {
