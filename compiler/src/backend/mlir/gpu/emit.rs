@@ -87,8 +87,7 @@ impl Kern {
     /// Pointer parameter `name` as an `!llvm.ptr`.
     pub fn ptr(&mut self, name: &str) -> String {
         let p = self.param(name);
-        self.fx
-            .op(format!("llvm.inttoptr {p} : i64 to !llvm.ptr"))
+        self.fx.op(format!("llvm.inttoptr {p} : i64 to !llvm.ptr"))
     }
 
     /// The `memref` of the block's `f32` reduction slots (declared on first use).

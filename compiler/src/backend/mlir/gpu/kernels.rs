@@ -127,11 +127,7 @@ pub fn kernel(decl: &KernelDecl) -> Result<(String, CudaKernel), String> {
             k
         }
         // Kernel kinds added after this backend fail the build with a message, not a panic.
-        other => {
-            return Err(format!(
-                "the CUDA backend does not generate {other:?} yet"
-            ))
-        }
+        other => return Err(format!("the CUDA backend does not generate {other:?} yet")),
     };
     Ok(k.finish())
 }

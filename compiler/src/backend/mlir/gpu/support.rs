@@ -316,11 +316,10 @@ fn epilogue(mut k: Kern) -> Kern {
     let res = k.ptr("residual");
     let bias = k.ptr("bias");
     let [n, ps, po] = ["n", "p_stride", "p_off"].map(|x| k.param(x));
-    let [has_rs, has_res, has_bias] =
-        ["row_scale", "residual", "bias"].map(|x| {
-            let v = k.param(x);
-            present(&mut k.fx, &v)
-        });
+    let [has_rs, has_res, has_bias] = ["row_scale", "residual", "bias"].map(|x| {
+        let v = k.param(x);
+        present(&mut k.fx, &v)
+    });
     each_row(k, |k, r| {
         let fx = &mut k.fx;
         let one = fx.cf(Ty::Scalar, 1.0);
