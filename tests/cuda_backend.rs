@@ -620,21 +620,39 @@ fn worst_rel(what: &str, want: &[Vec<f32>], got: &[Vec<f32>], tol: f32) -> f32 {
     worst
 }
 
+/// The Cranelift build of `decls`, loaded.
+fn host_kernels(decls: &[KernelDecl], tag: &str) -> Library {
+    let so = cranelift::compile_kernels(decls).unwrap().shared_object;
+    let path = std::env::temp_dir().join(format!("loopc-cuda-sim-{tag}-{}.so", std::process::id()));
+    std::fs::write(&path, &so).unwrap();
+    let lib = unsafe { Library::new(&path) }.unwrap();
+    let _ = std::fs::remove_file(&path);
+    lib
+}
+
 /// Every kernel kind of the zoo, simulated as the device runs it, agrees with the Cranelift
 /// kernel to 1e-5 (row sums and attention add in a different order), over several row counts,
 /// positions and launch splits.
 #[test]
 fn device_kernels_agree_with_cranelift_in_the_simulator() {
-    let decls = zoo();
-    let so = cranelift::compile_kernels(&decls).unwrap().shared_object;
-    let path = std::env::temp_dir().join(format!("loopc-cuda-sim-{}.so", std::process::id()));
-    std::fs::write(&path, &so).unwrap();
-    let lib = unsafe { Library::new(&path) }.unwrap();
-    let _ = std::fs::remove_file(&path);
+    agree_in_simulator(&zoo(), "zoo", &[(1, 0), (3, 0), (2, 9), (7, 33)]);
+}
+
+/// The same for every kernel of every example family, at the fixtures' shapes.
+#[test]
+fn family_kernels_agree_with_cranelift_in_the_simulator() {
+    for (name, cfg, set) in FAMILIES {
+        let m = build(name, cfg, set, 1).manifest;
+        agree_in_simulator(&m.kernels, name, &[(1, 4), (3, 0)]);
+    }
+}
+
+fn agree_in_simulator(decls: &[KernelDecl], tag: &str, shapes: &[(usize, usize)]) {
+    let lib = host_kernels(decls, tag);
     let mut rng = Rng(7);
-    for d in &decls {
+    for d in decls {
         let mut worst = 0.0f32;
-        for (rows, pos0) in [(1usize, 0usize), (3, 0), (2, 9), (7, 33)] {
+        for &(rows, pos0) in shapes {
             let (bufs, n) = buffers(&d.spec, rows, pos0, &mut rng);
             let split = rng.below(n + 1);
             let want = on_host(&lib, d, &bufs, n, pos0);
@@ -642,7 +660,7 @@ fn device_kernels_agree_with_cranelift_in_the_simulator() {
             let what = format!("{} rows={rows} pos0={pos0} split={split}", d.symbol);
             worst = worst.max(worst_rel(&what, &want, &got, 1e-5));
         }
-        eprintln!("{}: max relative |Δ| = {worst:.1e}", d.symbol);
+        eprintln!("{tag} {}: max relative |Δ| = {worst:.1e}", d.symbol);
     }
 }
 
