@@ -275,8 +275,7 @@ fn target_cuda_without_the_mlir_feature_is_a_clear_error() {
     };
     assert!(e.contains("--features mlir"), "{e}");
     let e = driver::stage_text(&example(name), "ptx", &options(cfg, set, Target::Cpu))
-        .err()
-        .expect("--stage ptx needs the feature")
+        .expect_err("--stage ptx needs the feature")
         .to_string();
     assert!(e.contains("--features mlir"), "{e}");
     // `--stage gpu` needs no LLVM.

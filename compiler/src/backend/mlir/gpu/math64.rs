@@ -49,8 +49,9 @@ pub fn exp(fx: &mut Fx, x: &str) -> String {
     let magic = c(fx, MAGIC);
     let t = fma(fx, &x, &log2e, &magic);
     let n = bin(fx, "subf", &t, &magic);
-    let ln2_hi = c(fx, 6.931_471_803_691_238_2e-1);
-    let ln2_lo = c(fx, 1.908_214_929_270_587_7e-10);
+    // fdlibm's split of ln 2: the high part has trailing zero bits, so `n·ln2_hi` is exact.
+    let ln2_hi = c(fx, f64::from_bits(0x3FE6_2E42_FEE0_0000));
+    let ln2_lo = c(fx, f64::from_bits(0x3DEA_39EF_3579_3C76));
     let nn = fx.op(format!("arith.negf {n} : f64"));
     let r = fma(fx, &nn, &ln2_hi, &x);
     let r = fma(fx, &nn, &ln2_lo, &r);

@@ -13,6 +13,9 @@ use loopc_runtime::artifact::CudaKernel;
 
 const BLOCK: usize = 256;
 
+/// A scalar activation of `math`.
+type Act = fn(&mut Fx, Ty, &str) -> String;
+
 /// Every support kernel: `(name, gpu.func text, launch)`, in [`names::ALL`]'s order.
 pub fn all() -> Vec<(&'static str, String, CudaKernel)> {
     names::ALL
@@ -383,7 +386,7 @@ fn glu(mut k: Kern) -> Kern {
             let u = ld(fx, &p, &u_at);
             let a = fx.fresh();
             fx.open(format!("{a} = scf.index_switch {act_i} -> f32"));
-            let cases: [(&str, fn(&mut Fx, Ty, &str) -> String); 4] = [
+            let cases: [(&str, Act); 4] = [
                 ("case 0", math::silu),
                 ("case 1", math::gelu_tanh),
                 ("case 3", math::sigmoid),
