@@ -630,8 +630,11 @@ impl Block<'_> {
             "memref.store" => {
                 let (v, m, i) = (arg(self, 0), ops[1].clone(), arg(self, 2));
                 let is64 = line.contains("f64");
+                // The length from the type: `memref<Nxf32, …>`.
+                let ty = line.split("memref<").nth(1).unwrap();
+                let len: usize = ty.split('x').next().unwrap().parse().unwrap();
                 let sh = self.shared.entry(m).or_insert_with(|| {
-                    vec![if is64 { V::D(f64::NAN) } else { V::F(f32::NAN) }; 32]
+                    vec![if is64 { V::D(f64::NAN) } else { V::F(f32::NAN) }; len]
                 });
                 for t in 0..lanes {
                     if active[t] {

@@ -43,7 +43,7 @@ pub struct Kern {
     params: Vec<(String, P)>,
     pub launch: CudaKernel,
     /// `f32` (and `f64`) block-reduction scratch, declared as workgroup attributions.
-    shared: Vec<(&'static str, &'static str)>,
+    shared: Vec<(String, String)>,
     /// Thread and block index (`i64`).
     pub tid: String,
     pub bid: String,
@@ -92,15 +92,24 @@ impl Kern {
 
     /// The `memref` of the block's `f32` reduction slots (declared on first use).
     pub fn shared_f32(&mut self) -> &'static str {
-        if !self.shared.iter().any(|(n, _)| *n == "%red") {
-            self.shared.push(("%red", SHARED_F32));
+        if !self.shared.iter().any(|(n, _)| n == "%red") {
+            self.shared.push(("%red".into(), SHARED_F32.into()));
         }
         "%red"
     }
 
+    /// A workgroup buffer of `len` `f32`s named `name`: its name and type.
+    pub fn shared_buf(&mut self, name: &str, len: usize) -> (String, String) {
+        let ty = format!("memref<{len}xf32, #gpu.address_space<workgroup>>");
+        if !self.shared.iter().any(|(n, _)| n == name) {
+            self.shared.push((name.to_string(), ty.clone()));
+        }
+        (name.to_string(), ty)
+    }
+
     pub fn shared_f64(&mut self) -> &'static str {
-        if !self.shared.iter().any(|(n, _)| *n == "%red64") {
-            self.shared.push(("%red64", SHARED_F64));
+        if !self.shared.iter().any(|(n, _)| n == "%red64") {
+            self.shared.push(("%red64".into(), SHARED_F64.into()));
         }
         "%red64"
     }

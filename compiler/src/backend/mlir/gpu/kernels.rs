@@ -6,9 +6,10 @@
 //!   (warp shuffles, then one shared slot per warp);
 //! - per-head norms: one row a block, one warp a head (warp reductions only, no barrier);
 //! - rotary embeddings: one row a block, one pair a thread;
-//! - attention: one warp per (query row, head) item, four items a block; each lane owns
+//! - attention: one (query row, head) a block of eight warps that split its keys; each lane owns
 //!   `head_dim / 32` dimensions, the score is a warp reduction and the online softmax state
-//!   (`m`, `l`, the accumulators) stays in registers while the keys stream from the cache.
+//!   (`m`, `l`, the accumulators) stays in registers while the keys stream from the cache; the
+//!   warps' states are merged through shared memory at the end.
 //!
 //! The scalar maths (the `exp`/`tanh`/... polynomials) are the host backends', so the device
 //! rounds like them up to FMA contraction and the order of the row sums.
@@ -20,8 +21,8 @@ use loopc_runtime::artifact::{CudaKernel, EwIn, EwOp, KernelDecl, KernelSpec, Ro
 
 /// Threads of the elementwise kernels' blocks.
 const EW_BLOCK: usize = 256;
-/// Query heads handled by one attention block (one warp each).
-const ATTN_ITEMS: usize = 4;
+/// Warps of an attention block (one (row, head) item; the warps split its keys).
+const ATTN_WARPS: usize = 8;
 
 /// The `gpu.func` of one kernel and how to launch it.
 #[allow(unreachable_patterns)]
@@ -122,7 +123,7 @@ pub fn kernel(decl: &KernelDecl) -> Result<(String, CudaKernel), String> {
             head_dim,
             scale,
         } => {
-            let mut k = mk(WARP * ATTN_ITEMS, ATTN_ITEMS);
+            let mut k = mk(WARP * ATTN_WARPS, 1);
             attention(&mut k, *heads, *kv_heads, *head_dim, *scale);
             k
         }
@@ -520,26 +521,30 @@ fn rope(k: &mut Kern, heads: usize, head_dim: usize, style: RopeStyle, bias: boo
 // ---------------------------------------------------------------------------------------------
 // Attention
 
-/// A warp per (query row, head). Lane `l` owns dimensions `l + 32·j`; the query stays in
-/// registers, every key's score is one warp reduction, and the online softmax folds key `j`'s
-/// value rows straight from the cache (nothing past the causal limit is read).
+/// One (query row, head) a block; its warps split the keys (warp `w` takes keys `w, w + W, …`
+/// up to the causal limit, so a decode step's few heads still spread over many warps). In a warp,
+/// lane `l` owns dimensions `l + 32·j`: the query stays in registers, each key's score is one
+/// warp reduction, and an online softmax folds the value rows straight from the cache. The
+/// warps' states `(m, l, acc)` are then merged through shared memory: with `M = max m_w`,
+/// `out = Σ_w acc_w·e^(m_w − M) / Σ_w l_w·e^(m_w − M)`.
 fn attention(k: &mut Kern, heads: usize, kv_heads: usize, head_dim: usize, scale: f32) {
     let q = k.ptr("p0");
     let kc = k.ptr("p1");
     let vc = k.ptr("p2");
     let out = k.ptr("p3");
     let pos0 = k.param("pos0");
-    let end = k.param("end");
     let group = heads / kv_heads;
     let per_lane = head_dim.div_ceil(WARP);
-    let base = first_item(k);
-    let tid = k.tid.clone();
-    let fx = &mut k.fx;
-    let (warp, lane) = divrem_k(fx, &tid, WARP);
-    let item = add(fx, &base, &warp);
-    let ok = cmp(fx, "slt", &item, &end);
-    when(fx, &ok, |fx| {
-        let (r, h) = divrem_k(fx, &item, heads);
+    let warps = k.block() / WARP;
+    // Shared: m and l of each warp, then each warp's accumulators (32 · per_lane each).
+    let stride = per_lane * WARP;
+    let (sh, sh_ty) = k.shared_buf("%att", warps * (2 + stride));
+    one_row(k, |k, item| {
+        let tid = k.tid.clone();
+        let block = k.block();
+        let fx = &mut k.fx;
+        let (warp, lane) = divrem_k(fx, &tid, WARP);
+        let (r, h) = divrem_k(fx, item, heads);
         let (g, _) = divrem_k(fx, &h, group);
         let q_row = mul_k(fx, &r, heads * head_dim);
         let q_head = mul_k(fx, &h, head_dim);
@@ -548,7 +553,6 @@ fn attention(k: &mut Kern, heads: usize, kv_heads: usize, head_dim: usize, scale
         // Lane dimensions; past `head_dim` a lane reads dimension 0 with a zero query, so it
         // adds nothing to the scores and its accumulator is never stored.
         let mut dims = vec![];
-        let mut valid = vec![];
         let mut qs = vec![];
         for j in 0..per_lane {
             let d = add_k(fx, &lane, j * WARP);
@@ -569,20 +573,18 @@ fn attention(k: &mut Kern, heads: usize, kv_heads: usize, head_dim: usize, scale
                 qv = fx.select(Ty::Scalar, ok, &qv, &z);
             }
             dims.push(d_safe);
-            valid.push(ok);
             qs.push(qv);
         }
         // Row r sees cache rows 0..=pos0 + r.
         let pos = add(fx, &pos0, &r);
         let n = add_k(fx, &pos, 1);
-        let zero = c64(fx, 0);
-        let one = c64(fx, 1);
+        let step = c64(fx, warps as i64);
         // A finite "minus infinity", so `m − m_new` never computes inf − inf.
         let mut init = vec![fx.cf(Ty::Scalar, f32::MIN), fx.cf(Ty::Scalar, 0.0)];
         let z = fx.cf(Ty::Scalar, 0.0);
         init.extend(std::iter::repeat_n(z, per_lane));
         let tys = vec!["f32"; init.len()];
-        let st8 = for_carry(fx, &zero, &n, &one, &init, &tys, |fx, j, st| {
+        let state = for_carry(fx, &warp, &n, &step, &init, &tys, |fx, j, st| {
             let (m, l) = (&st[0], &st[1]);
             let row = mul_k(fx, j, kv_heads * head_dim);
             let row = add(fx, &row, &kv_head);
@@ -611,13 +613,70 @@ fn attention(k: &mut Kern, heads: usize, kv_heads: usize, head_dim: usize, scale
             }
             next
         });
-        for (c, ok) in valid.iter().enumerate() {
-            let y = fx.div(Ty::Scalar, &st8[2 + c], &st8[1]);
-            let at = add(fx, &q_off, &dims[c]);
-            match ok {
-                Some(ok) => when(fx, ok, |fx| st(fx, &y, &out, &at)),
-                None => st(fx, &y, &out, &at),
-            }
+        // Publish the warp's state: m and l from lane 0, every lane's accumulators.
+        let idx = |fx: &mut Fx, at: &str| fx.op(format!("arith.index_cast {at} : i64 to index"));
+        let zero = c64(fx, 0);
+        let first = cmp(fx, "eq", &lane, &zero);
+        let wi = idx(fx, &warp);
+        let wl = add_k(fx, &warp, warps);
+        let wli = idx(fx, &wl);
+        when(fx, &first, |fx| {
+            fx.line(format!("memref.store {}, {sh}[{wi}] : {sh_ty}", state[0]));
+            fx.line(format!("memref.store {}, {sh}[{wli}] : {sh_ty}", state[1]));
+        });
+        let acc_base = mul_k(fx, &warp, stride);
+        let acc_base = add_k(fx, &acc_base, 2 * warps);
+        for c in 0..per_lane {
+            let d = add_k(fx, &lane, c * WARP);
+            let at = add(fx, &acc_base, &d);
+            let ai = idx(fx, &at);
+            fx.line(format!(
+                "memref.store {}, {sh}[{ai}] : {sh_ty}",
+                state[2 + c]
+            ));
         }
+        fx.line("gpu.barrier");
+        // Every thread merges the warps in the same order (so all agree on M and L), then the
+        // block's threads take the dimensions.
+        let load = |fx: &mut Fx, at: usize| {
+            let i = fx.idx(at);
+            fx.op(format!("memref.load {sh}[{i}] : {sh_ty}"))
+        };
+        let mut big = load(fx, 0);
+        for w in 1..warps {
+            let m = load(fx, w);
+            big = fx.bin("maximumf", Ty::Scalar, &big, &m);
+        }
+        let mut weights = vec![];
+        let mut total = String::new();
+        for w in 0..warps {
+            let m = load(fx, w);
+            let l = load(fx, warps + w);
+            let dm = fx.sub(Ty::Scalar, &m, &big);
+            let e = math::exp(fx, Ty::Scalar, &dm);
+            total = if w == 0 {
+                fx.mul(Ty::Scalar, &l, &e)
+            } else {
+                fx.fma(Ty::Scalar, &l, &e, &total)
+            };
+            weights.push(e);
+        }
+        let hd = c64(fx, head_dim as i64);
+        strided(fx, &tid, &hd, block, |fx, d| {
+            let mut acc = String::new();
+            for (w, e) in weights.iter().enumerate() {
+                let at = add_k(fx, d, 2 * warps + w * stride);
+                let ai = idx(fx, &at);
+                let a = fx.op(format!("memref.load {sh}[{ai}] : {sh_ty}"));
+                acc = if w == 0 {
+                    fx.mul(Ty::Scalar, &a, e)
+                } else {
+                    fx.fma(Ty::Scalar, &a, e, &acc)
+                };
+            }
+            let y = fx.div(Ty::Scalar, &acc, &total);
+            let at = add(fx, &q_off, d);
+            st(fx, &y, &out, &at);
+        });
     });
 }
