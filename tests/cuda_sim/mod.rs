@@ -3,9 +3,10 @@
 //! checked on a CPU against the host backends.
 //!
 //! A block runs in lockstep: every op is applied to all active threads before the next, with
-//! per-thread masks through `scf.if`/`scf.for`/`scf.index_switch`. That makes `gpu.barrier` a
-//! no-op and `gpu.shuffle` a read of the other lane's value; it also means races a barrier
-//! should prevent go unnoticed (lockstep is the most forgiving schedule). Float ops round as
+//! per-thread masks through `scf.if`/`scf.for`/`scf.index_switch`, so `gpu.shuffle` is a read of
+//! the other lane's value. Lockstep is the most forgiving schedule, so memory accesses are
+//! tracked instead ([`Races`]): two threads touching a word between the same two barriers (or
+//! two blocks in one launch), one of them writing, fail the run. Float ops round as
 //! PTX's `.rn` instructions (the emitted PTX has no contraction), so results should match a GPU
 //! bit for bit. Out-of-bounds and null accesses panic with the address.
 
@@ -278,6 +279,57 @@ struct Block<'m> {
     vals: HashMap<String, Vec<V>>,
     shared: HashMap<String, Vec<V>>,
     mem: &'m mut Mem,
+    races: &'m mut Races,
+    /// This block's index and how many `gpu.barrier`s it has passed.
+    bid: usize,
+    epoch: usize,
+}
+
+/// Who touched a memory word last in a launch: `(block, thread, barrier epoch)` of the last
+/// write and of the last read by another thread.
+#[derive(Default, Clone, Copy)]
+struct Access {
+    write: Option<(usize, usize, usize)>,
+    read: Option<(usize, usize, usize)>,
+    /// More than one thread read it in `read`'s block and epoch (so one of them is not the
+    /// next writer).
+    many: bool,
+}
+
+/// Data races of one launch, as a GPU would have them: two accesses to a word, at least one a
+/// write, by different threads with no barrier between them (threads of one block), or by
+/// different blocks at all. Lockstep execution hides such races; this makes them fail.
+#[derive(Default)]
+pub struct Races {
+    words: HashMap<(String, i64), Access>,
+}
+
+impl Races {
+    fn conflict(a: Option<(usize, usize, usize)>, b: usize, t: usize, epoch: usize) -> bool {
+        a.is_some_and(|(b2, t2, e2)| (b2, t2) != (b, t) && (b2 != b || e2 == epoch))
+    }
+
+    fn touch(&mut self, word: (String, i64), write: bool, b: usize, t: usize, epoch: usize) {
+        let a = self.words.entry(word.clone()).or_default();
+        let many_now = a.many && a.read.is_some_and(|(b2, _, e2)| (b2, e2) == (b, epoch));
+        let race = Self::conflict(a.write, b, t, epoch)
+            || (write && (Self::conflict(a.read, b, t, epoch) || many_now));
+        assert!(
+            !race,
+            "data race on {word:?}: {} by block {b} thread {t} (epoch {epoch}) after write {:?} / read {:?}",
+            if write { "write" } else { "read" },
+            a.write,
+            a.read
+        );
+        if write {
+            a.write = Some((b, t, epoch));
+        } else {
+            a.many = a
+                .read
+                .is_some_and(|(b2, t2, e2)| (b2, e2) == (b, epoch) && (t2 != t || a.many));
+            a.read = Some((b, t, epoch));
+        }
+    }
 }
 
 fn ty_after_colon(line: &str) -> &str {
@@ -440,7 +492,11 @@ impl Block<'_> {
         let out: Vec<V> = match name {
             "gpu.thread_id" => (0..lanes).map(|t| V::I(t as i64)).collect(),
             "gpu.block_id" => vec![self.vals["%__bid"][0]; lanes],
-            "gpu.barrier" | "gpu.return" => return,
+            "gpu.barrier" => {
+                self.epoch += 1;
+                return;
+            }
+            "gpu.return" => return,
             "arith.constant" => {
                 let lit = line["arith.constant".len()..]
                     .split(" : ")
@@ -596,6 +652,13 @@ impl Block<'_> {
                 let mut out = vec![V::I(0); lanes];
                 for t in 0..lanes {
                     if active[t] {
+                        self.races.touch(
+                            ("global".into(), p[t].i()),
+                            false,
+                            self.bid,
+                            t,
+                            self.epoch,
+                        );
                         let w = *self.mem.slot(p[t].i());
                         out[t] = if float {
                             V::F(f32::from_bits(w))
@@ -610,6 +673,13 @@ impl Block<'_> {
                 let (v, p) = (arg(self, 0), arg(self, 1));
                 for t in 0..lanes {
                     if active[t] {
+                        self.races.touch(
+                            ("global".into(), p[t].i()),
+                            true,
+                            self.bid,
+                            t,
+                            self.epoch,
+                        );
                         *self.mem.slot(p[t].i()) = v[t].f().to_bits();
                     }
                 }
@@ -633,6 +703,12 @@ impl Block<'_> {
                 // The length from the type: `memref<Nxf32, …>`.
                 let ty = line.split("memref<").nth(1).unwrap();
                 let len: usize = ty.split('x').next().unwrap().parse().unwrap();
+                for t in 0..lanes {
+                    if active[t] {
+                        let word = (format!("{m} of block {}", self.bid), i[t].i());
+                        self.races.touch(word, true, self.bid, t, self.epoch);
+                    }
+                }
                 let sh = self.shared.entry(m).or_insert_with(|| {
                     vec![if is64 { V::D(f64::NAN) } else { V::F(f32::NAN) }; len]
                 });
@@ -645,6 +721,12 @@ impl Block<'_> {
             }
             "memref.load" => {
                 let (m, i) = (ops[0].clone(), arg(self, 1));
+                for t in 0..lanes {
+                    if active[t] {
+                        let word = (format!("{m} of block {}", self.bid), i[t].i());
+                        self.races.touch(word, false, self.bid, t, self.epoch);
+                    }
+                }
                 let sh = &self.shared[&m];
                 per(&|t| sh[i[t].i() as usize])
             }
@@ -664,12 +746,16 @@ impl Func {
             "{}: argument count",
             self.name
         );
+        let mut races = Races::default();
         for b in 0..grid {
             let mut blk = Block {
                 lanes: block,
                 vals: HashMap::new(),
                 shared: HashMap::new(),
                 mem,
+                races: &mut races,
+                bid: b,
+                epoch: 0,
             };
             for (p, a) in self.params.iter().zip(args) {
                 blk.vals.insert(p.clone(), vec![*a; block]);
