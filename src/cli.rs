@@ -51,6 +51,10 @@ struct ModelArgs {
     /// Kernel code generator: cranelift, or mlir (MLIR → LLVM; needs the `mlir` feature).
     #[arg(long, default_value = "cranelift")]
     backend: driver::Backend,
+    /// cpu (host code), or cuda (PTX for sm_90 GPUs through the MLIR backend; needs the `mlir`
+    /// feature).
+    #[arg(long, default_value = "cpu")]
+    target: driver::Target,
 }
 
 impl ModelArgs {
@@ -64,6 +68,7 @@ impl ModelArgs {
             pass_limit: self.pass_limit,
             color: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             backend: self.backend,
+            target: self.target,
         }
     }
 }
@@ -200,7 +205,8 @@ enum Cmd {
         #[command(flatten)]
         args: ModelArgs,
     },
-    /// Print one stage of the compiler: ast, graph, egraph, lowered, program, clif, mlir, llvm.
+    /// Print one stage of the compiler: ast, graph, egraph, lowered, program, clif, mlir, llvm, gpu,
+    /// ptx.
     Ir {
         model: PathBuf,
         #[arg(long, default_value = "graph")]

@@ -108,7 +108,7 @@ fn run_compiles_a_loop_file_in_memory() {
 
 #[test]
 fn ir_prints_every_stage() {
-    for stage in ["ast", "graph", "lowered", "program", "clif"] {
+    for stage in ["ast", "graph", "lowered", "program", "clif", "gpu"] {
         let (ok, out, err) = loopc(&[
             "ir",
             "examples/ouro.loop",
@@ -123,6 +123,42 @@ fn ir_prints_every_stage() {
     let (ok, _, err) = loopc(&["ir", "examples/ouro.loop", "--stage", "nope"]);
     assert!(!ok);
     assert!(err.contains("unknown stage `nope`"), "{err}");
+}
+
+/// `--target cuda` builds PTX with the MLIR backend, and is a clear error without it.
+#[test]
+fn build_target_cuda() {
+    let art = tmp("huginn-cuda.loopc");
+    let (ok, _, err) = loopc(&[
+        "build",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--target",
+        "cuda",
+        "-o",
+        art.to_str().unwrap(),
+    ]);
+    if cfg!(feature = "mlir") {
+        assert!(ok, "{err}");
+        let bytes = std::fs::read(&art).unwrap();
+        let (m, ptx) = loopc_runtime::artifact::decode(&bytes).unwrap();
+        assert_eq!(m.target, "cuda-sm_90");
+        assert!(m.cuda.is_some());
+        assert!(std::str::from_utf8(ptx)
+            .unwrap()
+            .contains(".visible .entry"));
+    } else {
+        assert!(!ok);
+        assert!(
+            err.contains("--target cuda") && err.contains("--features mlir"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (ok, _, err) = loopc(&["build", "examples/huginn.loop", "--target", "tpu"]);
+    assert!(!ok);
+    assert!(err.contains("unknown target `tpu`"), "{err}");
 }
 
 #[test]

@@ -26,6 +26,28 @@ pub struct Options {
     pub color: bool,
     /// Which code generator compiles the kernels.
     pub backend: Backend,
+    /// The machine the artifact runs on.
+    pub target: Target,
+}
+
+/// `--target`: host code (a shared object) or PTX for NVIDIA GPUs (through the MLIR backend).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Target {
+    #[default]
+    Cpu,
+    /// `cuda-sm_90`: every kernel as PTX (needs the `mlir` cargo feature).
+    Cuda,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Target::Cpu),
+            "cuda" => Ok(Target::Cuda),
+            _ => Err(format!("unknown target `{s}`; targets are: cpu, cuda")),
+        }
+    }
 }
 
 /// `--backend`: the kernels' code generator. Both produce a shared object with the same
@@ -77,6 +99,29 @@ fn codegen(manifest: &Manifest, backend: Backend) -> Result<Vec<u8>, CompileErro
         ),
         #[cfg(not(feature = "mlir"))]
         Backend::Mlir => Err(no_mlir()),
+    }
+}
+
+/// The PTX of every kernel and support kernel, and the launch table, into the manifest.
+fn codegen_cuda(manifest: &mut Manifest) -> Result<Vec<u8>, CompileError> {
+    #[cfg(feature = "mlir")]
+    {
+        let out = crate::backend::mlir::native::compile_ptx(&manifest.kernels).map_err(|e| {
+            CompileError::Other(format!("error: code generation for CUDA failed: {e}"))
+        })?;
+        manifest.target = crate::backend::mlir::gpu::TARGET.into();
+        manifest.backend = Backend::Mlir.name().into();
+        manifest.cuda = Some(out.image);
+        Ok(out.ptx.into_bytes())
+    }
+    #[cfg(not(feature = "mlir"))]
+    {
+        let _ = manifest;
+        Err(CompileError::Other(
+            "error: `--target cuda` needs the MLIR backend, and this loopc was built without it; \
+             rebuild with `--features mlir` (LLVM/MLIR 22: see scripts/install-llvm.sh)"
+                .into(),
+        ))
     }
 }
 
@@ -232,7 +277,10 @@ pub fn build_front(
     manifest.backend = opts.backend.name().into();
     timings.push(("lower", t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    let shared_object = codegen(&manifest, opts.backend)?;
+    let shared_object = match opts.target {
+        Target::Cpu => codegen(&manifest, opts.backend)?,
+        Target::Cuda => codegen_cuda(&mut manifest)?,
+    };
     timings.push(("codegen+link", t.elapsed().as_secs_f64()));
     Ok(Built {
         manifest,
@@ -250,14 +298,16 @@ pub fn build_front(
 
 /// Text of one IR stage: `ast`, `graph`, `egraph`, `lowered`, `program`, `clif`, `mlir` (the
 /// module before any upstream pass, verified when the `mlir` feature is on) or `llvm` (the
-/// kernels in the `llvm` dialect after the lowering pipeline; needs the feature).
+/// kernels in the `llvm` dialect after the lowering pipeline; needs the feature), `gpu` (every
+/// kernel and support kernel as a `gpu.module`, verified with the feature) or `ptx` (its PTX;
+/// needs the feature).
 pub fn stage_text(path: &Path, stage: &str, opts: &Options) -> Result<String, CompileError> {
     let f = front(path, opts)?;
     stage_text_front(&f, stage, opts)
 }
 
 pub const STAGES: &[&str] = &[
-    "ast", "graph", "egraph", "lowered", "program", "clif", "mlir", "llvm",
+    "ast", "graph", "egraph", "lowered", "program", "clif", "mlir", "llvm", "gpu", "ptx",
 ];
 
 /// `loopc explain`: which e-graph rules fired where, and the cost before and after. Runs the
@@ -352,6 +402,24 @@ pub fn stage_text_front(f: &Front, stage: &str, opts: &Options) -> Result<String
                     .map_err(|e| CompileError::Other(format!("error: {e}")))?;
                 crate::backend::mlir::native::lower_text(&text)
                     .map_err(|e| CompileError::Other(format!("internal compiler error: {e}")))
+            }
+            #[cfg(not(feature = "mlir"))]
+            Err(no_mlir())
+        }
+        "gpu" => {
+            let g = crate::backend::mlir::gpu::gpu_module(&manifest.kernels)
+                .map_err(|e| CompileError::Other(format!("error: {e}")))?;
+            #[cfg(feature = "mlir")]
+            crate::backend::mlir::native::verify(&g.text)
+                .map_err(|e| CompileError::Other(format!("internal compiler error: {e}")))?;
+            Ok(g.text)
+        }
+        "ptx" => {
+            #[cfg(feature = "mlir")]
+            {
+                crate::backend::mlir::native::compile_ptx(&manifest.kernels)
+                    .map(|o| o.ptx)
+                    .map_err(|e| CompileError::Other(format!("error: {e}")))
             }
             #[cfg(not(feature = "mlir"))]
             Err(no_mlir())

@@ -7,6 +7,7 @@
 //! parsing, verification, lowering and code generation go through melior and the MLIR/LLVM 22
 //! libraries behind the `mlir` feature ([`native`]).
 
+pub mod gpu;
 mod kernels;
 mod math;
 mod structure;

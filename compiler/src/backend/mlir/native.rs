@@ -337,3 +337,72 @@ unsafe fn emit_object(module: &Module) -> Result<Vec<u8>, MlirError> {
         Ok(bytes)
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// CUDA: the `gpu` module to PTX.
+
+/// Output of [`compile_ptx`].
+#[derive(Debug, Clone)]
+pub struct CudaPtx {
+    /// The PTX text of the one `gpu.module` (every kernel and support kernel).
+    pub ptx: String,
+    pub image: loopc_runtime::artifact::CudaImage,
+    /// The `gpu`-dialect module before the pipeline (`--stage gpu`).
+    pub gpu_text: String,
+}
+
+/// Every kernel and the contract's support kernels as PTX for [`gpu::ARCH`](super::gpu::ARCH),
+/// with the launch table.
+pub fn compile_ptx(kernels: &[KernelDecl]) -> Result<CudaPtx, MlirError> {
+    let g = super::gpu::gpu_module(kernels)?;
+    let ptx = ptx_of_text(&g.text)?;
+    Ok(CudaPtx {
+        ptx,
+        image: g.image,
+        gpu_text: g.text,
+    })
+}
+
+/// Parse and verify a module holding one `gpu.module`, run
+/// [`PTX_PIPELINE`](super::gpu::PTX_PIPELINE) and read the PTX out of the resulting
+/// `gpu.binary`.
+pub fn ptx_of_text(text: &str) -> Result<String, MlirError> {
+    use melior::ir::attribute::AttributeLike;
+    use melior::ir::block::BlockLike;
+    let mlir = Mlir::new()?;
+    let mut module = mlir.parse(text, "the gpu module")?;
+    let pm = PassManager::new(&mlir.context);
+    parse_pass_pipeline(pm.as_operation_pass_manager(), super::gpu::PTX_PIPELINE)
+        .map_err(|e| err(format!("bad pass pipeline: {e}")))?;
+    pm.run(&mut module).map_err(|e| {
+        err(format!(
+            "lowering the gpu module to PTX failed: {e}\n{}",
+            mlir.take_diagnostics()
+        ))
+    })?;
+    let body = module.body();
+    let mut op = body.first_operation();
+    while let Some(o) = op {
+        if o.name().as_string_ref().as_str() == Ok("gpu.binary") {
+            let objects = o
+                .attribute("objects")
+                .map_err(|e| err(format!("gpu.binary without objects: {e}")))?;
+            unsafe {
+                let raw = objects.to_raw();
+                if mlir_sys::mlirArrayAttrGetNumElements(raw) != 1 {
+                    return Err(err("expected one object in the gpu.binary".into()));
+                }
+                let obj = mlir_sys::mlirArrayAttrGetElement(raw, 0);
+                if !mlir_sys::mlirAttributeIsAGPUObjectAttr(obj) {
+                    return Err(err("the gpu.binary's object is not a #gpu.object".into()));
+                }
+                let s = mlir_sys::mlirGPUObjectAttrGetObject(obj);
+                let bytes = std::slice::from_raw_parts(s.data as *const u8, s.length);
+                return String::from_utf8(bytes.to_vec())
+                    .map_err(|_| err("the PTX is not UTF-8".into()));
+            }
+        }
+        op = o.next_in_block();
+    }
+    Err(err("the pipeline produced no gpu.binary".into()))
+}

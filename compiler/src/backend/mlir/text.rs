@@ -77,6 +77,10 @@ pub struct Fx {
     out: String,
     next: usize,
     indent: usize,
+    /// Device code: `convert-gpu-to-nvvm` turns `math.fma`/`sqrt`/`absf` into calls of
+    /// libdevice (`__nv_fmaf`, ...), which a PTX module without a CUDA toolkit cannot link, so
+    /// these are emitted as an LLVM intrinsic, inline PTX and a sign-bit mask instead.
+    gpu: bool,
 }
 
 impl Fx {
@@ -85,6 +89,15 @@ impl Fx {
             out: String::new(),
             next: 0,
             indent,
+            gpu: false,
+        }
+    }
+
+    /// A builder for device code (scalar `f32` only for the ops it rewrites).
+    pub fn gpu(indent: usize) -> Fx {
+        Fx {
+            gpu: true,
+            ..Fx::new(indent)
         }
     }
 
@@ -122,6 +135,13 @@ impl Fx {
     pub fn close(&mut self, s: impl AsRef<str>) {
         self.indent -= 1;
         self.line(s);
+    }
+
+    /// A line between two regions of one op (`} else {`).
+    pub fn between(&mut self, s: impl AsRef<str>) {
+        self.indent -= 1;
+        self.line(s);
+        self.indent += 1;
     }
 
     // ---- constants ----
@@ -203,6 +223,12 @@ impl Fx {
 
     /// `a · b + c` with one rounding.
     pub fn fma(&mut self, ty: Ty, a: &str, b: &str, c: &str) -> String {
+        if self.gpu {
+            let t = ty.f();
+            return self.op(format!(
+                "llvm.intr.fma({a}, {b}, {c}) : ({t}, {t}, {t}) -> {t}"
+            ));
+        }
         self.op(format!("math.fma {a}, {b}, {c} : {}", ty.f()))
     }
 
@@ -211,6 +237,22 @@ impl Fx {
     }
 
     pub fn unary(&mut self, op: &str, ty: Ty, a: &str) -> String {
+        if self.gpu && ty == Ty::Scalar {
+            match op {
+                "math.sqrt" => {
+                    return self.op(format!(
+                        "llvm.inline_asm \"sqrt.rn.f32 $0, $1;\", \"=f,f\" {a} : (f32) -> f32"
+                    ))
+                }
+                "math.absf" => {
+                    let bits = self.op(format!("arith.bitcast {a} : f32 to i32"));
+                    let m = self.op("arith.constant 2147483647 : i32");
+                    let abs = self.op(format!("arith.andi {bits}, {m} : i32"));
+                    return self.op(format!("arith.bitcast {abs} : i32 to f32"));
+                }
+                _ => {}
+            }
+        }
         self.op(format!("{op} {a} : {}", ty.f()))
     }
 
