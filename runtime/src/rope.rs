@@ -83,11 +83,9 @@ impl Rope {
     pub(crate) fn sin_ptr(&mut self) -> *mut f32 {
         self.sin.as_mut_ptr()
     }
-    #[cfg(test)]
     pub(crate) fn cos(&self) -> &[f32] {
         self.cos.as_slice()
     }
-    #[cfg(test)]
     pub(crate) fn sin(&self) -> &[f32] {
         self.sin.as_slice()
     }
