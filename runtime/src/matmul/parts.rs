@@ -459,6 +459,119 @@ mod tests {
 mod bench {
     use super::*;
 
+    /// `cargo test -p loopc-runtime --lib qkv_rope_epilogue_vs_separate_pass -- --ignored
+    /// --nocapture` (with optimizations): the d = 1024 QKV product (Huginn: 16 heads of 64,
+    /// interleaved, q/k bias) with the bias and rotation in its store, against the product
+    /// followed by a separate in-place pass over q and k (a Rust loop standing in for the
+    /// `RopeBias` kernel, same maths), at m = 1 (decode) and m = 128 (prefill), alternating,
+    /// minimum over rounds.
+    #[test]
+    #[ignore]
+    fn qkv_rope_epilogue_vs_separate_pass() {
+        use crate::artifact::{RopeStyle, RopeTable};
+        use crate::matmul::{RopeEpi, RowPos};
+        let (k, n, hd) = (1024usize, 1024usize, 64usize);
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut table = crate::rope::Rope::new(&RopeTable {
+            head_dim: hd,
+            base: 50000.0,
+        });
+        table.ensure(4096).unwrap();
+        let w: Vec<f32> = (0..3 * n * k).map(|i| (i % 13) as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.1).collect();
+        for m in [1usize, 128] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let s: Vec<f32> = vec![0.5; m];
+            let rope = RopeEpi {
+                cos: table.cos(),
+                sin: table.sin(),
+                head_dim: hd,
+                style: RopeStyle::Interleaved,
+                pos: RowPos::From(1000),
+            };
+            let scaled = Epi {
+                row_scale: Some(&s),
+                ..Epi::default()
+            };
+            let fused_epi = Epi {
+                bias: Some(&b),
+                rope: Some(rope),
+                ..scaled
+            };
+            let mut o = vec![vec![0f32; m * n]; 3];
+            let mut fused = || {
+                let epis = [fused_epi, fused_epi, scaled];
+                let mut parts: Vec<Part> = o
+                    .iter_mut()
+                    .zip(epis)
+                    .map(|(o, epi)| Part { out: o, n, epi })
+                    .collect();
+                matmul_parts(&x, &w, &mut parts, m, k, threads);
+            };
+            let mut o2 = vec![vec![0f32; m * n]; 3];
+            let mut separate = || {
+                let mut parts: Vec<Part> = o2
+                    .iter_mut()
+                    .map(|o| Part {
+                        out: o,
+                        n,
+                        epi: scaled,
+                    })
+                    .collect();
+                matmul_parts(&x, &w, &mut parts, m, k, threads);
+                drop(parts);
+                let pass = Epi {
+                    bias: Some(&b),
+                    rope: Some(rope),
+                    ..Epi::default()
+                };
+                for q in o2.iter_mut().take(2) {
+                    let rows = m.div_ceil(threads).max(1);
+                    let qp = q.as_mut_ptr() as usize;
+                    (0..m.div_ceil(rows)).into_par_iter().for_each(|c| {
+                        let r0 = c * rows;
+                        // SAFETY: disjoint row blocks of an [m, n] buffer.
+                        unsafe { pass.apply(qp as *mut f32, n, r0, (r0 + rows).min(m), 0, n) };
+                    });
+                }
+            };
+            let reps = if m == 1 { 200 } else { 10 };
+            let time = |f: &mut dyn FnMut()| {
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    f();
+                }
+                t.elapsed().as_secs_f64() / reps as f64
+            };
+            let (mut a, mut bt) = (f64::INFINITY, f64::INFINITY);
+            pool.install(|| {
+                for round in 0..10 {
+                    if round % 2 == 0 {
+                        a = a.min(time(&mut separate));
+                        bt = bt.min(time(&mut fused));
+                    } else {
+                        bt = bt.min(time(&mut fused));
+                        a = a.min(time(&mut separate));
+                    }
+                }
+            });
+            assert_eq!(
+                o, o2,
+                "the fused and separate forms compute the same values"
+            );
+            println!(
+                "m={m} threads={threads}: product + RopeBias pass {:.3} ms, rope epilogue {:.3} ms, ratio {:.3}",
+                a * 1e3,
+                bt * 1e3,
+                bt / a
+            );
+        }
+    }
+
     #[test]
     #[ignore]
     fn qkv_product_vs_three_matmuls() {
