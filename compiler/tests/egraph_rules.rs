@@ -1268,7 +1268,7 @@ fn linear_parts_text_round_trips_and_is_verified() {
         ("parts=8;4;4 row_scale=1".to_string(), "parts=8;4;2 row_scale=1".to_string()),
         (
             format!("{attrs} : ([S, 8], [S, 4], [S, 4])"),
-            format!("parts=8;0;4;4 row_scale=1 rope=2:interleaved:500.0:1;-;1:interleaved:500.0:1;- : ([S, 8], [S, 0], [S, 4], [S, 4])"),
+            "parts=8;0;4;4 row_scale=1 rope=2:interleaved:500.0:1;-;1:interleaved:500.0:1;- : ([S, 8], [S, 0], [S, 4], [S, 4])".to_string(),
         ),
         (ops.to_string(), ", %5, %6 parts=".to_string()),
         (rope.to_string(), "rope=2:interleaved:500.0:1;1:interleaved:500.0:1".to_string()),
