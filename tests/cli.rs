@@ -346,11 +346,32 @@ fn explain_lists_rules_per_region_and_the_egraph_stage_prints() {
         "fired swiglu-fuse",
         "fired glu-epilogue",
         "fired norm-epilogue",
+        "fired sibling-matmul-merge x2 (after extraction)",
+        "fired rope-epilogue x4 (after extraction)",
         "hoisted 1 value",
         "cost ",
     ] {
         assert!(out.contains(want), "missing `{want}` in:\n{out}");
     }
+    // One rule turned off by name: the rest of the report is unchanged, that rule unfired.
+    let off = Command::new(env!("CARGO_BIN_EXE_loopc"))
+        .current_dir(root())
+        .args([
+            "explain",
+            "examples/huginn.loop",
+            "--config",
+            "tests/fixtures/huginn_tiny/config.json",
+            "--set",
+            "init_scale=0",
+        ])
+        .env("LOOPC_DISABLE_RULES", "rope-epilogue")
+        .output()
+        .unwrap();
+    let off = String::from_utf8_lossy(&off.stdout);
+    assert!(
+        !off.contains("rope-epilogue x") && off.contains("fired sibling-matmul-merge x2"),
+        "{off}"
+    );
     // The GPT-2 family: Conv1D weights transposed at load, biases in the GEMM epilogue.
     let (ok, out, err) = loopc(&[
         "explain",

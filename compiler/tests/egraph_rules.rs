@@ -29,6 +29,35 @@ impl Rng {
 }
 
 fn run(m: &Module, rng_seed: u64, tokens: &[u32]) -> Vec<f32> {
+    let model = compile(m, rng_seed);
+    let mut s = model.session();
+    let mut out = s
+        .prefill(&tokens[..tokens.len() - 1])
+        .unwrap()
+        .data()
+        .to_vec();
+    out.extend_from_slice(s.step(tokens[tokens.len() - 1]).unwrap().data());
+    out
+}
+
+/// A batch of two sequences at different positions (a short and a long prefill, then one
+/// decode step each): rows of one call whose positions are not `pos0 + row`.
+fn run_batch(m: &Module, rng_seed: u64, tokens: &[u32]) -> Vec<f32> {
+    let model = compile(m, rng_seed);
+    let mut b = model.batch_session(2);
+    let n = tokens.len();
+    let mut out = vec![];
+    for l in b.prefill(&[&tokens[..2], &tokens[..n - 1]]).unwrap() {
+        out.extend_from_slice(l.data());
+    }
+    for l in b.step(&[Some(tokens[n - 1]), Some(tokens[0])]).unwrap() {
+        out.extend_from_slice(l.data());
+    }
+    out
+}
+
+/// `m` compiled by the Cranelift backend, on random weights from `rng_seed`.
+fn compile(m: &Module, rng_seed: u64) -> Model {
     verify_module(m).unwrap_or_else(|e| panic!("{e}\n{}", print_module(m)));
     let manifest = driver::program(m).unwrap_or_else(|e| panic!("{e}\n{}", print_module(m)));
     let so = cranelift::compile_kernels(&manifest.kernels)
@@ -51,15 +80,7 @@ fn run(m: &Module, rng_seed: u64, tokens: &[u32]) -> Vec<f32> {
             .map(|(w, d)| (w.name.as_str(), w.shape.clone(), d.as_slice())),
     )
     .unwrap();
-    let model = Model::with_threads(Artifact::new(manifest, so), weights, 2).unwrap();
-    let mut s = model.session();
-    let mut out = s
-        .prefill(&tokens[..tokens.len() - 1])
-        .unwrap()
-        .data()
-        .to_vec();
-    out.extend_from_slice(s.step(tokens[tokens.len() - 1]).unwrap().data());
-    out
+    Model::with_threads(Artifact::new(manifest, so), weights, 2).unwrap()
 }
 
 /// Optimize a copy of `m`, check that `rule` fired, and compare both sides on the backend.
@@ -983,6 +1004,215 @@ proptest::proptest! {
     }
 }
 
+/// The QKV product as the merge leaves it (`linear_parts`, then RoPE with or without the q/k
+/// bias on Q and K): `lead` columns of another part first (so the rotated parts start at
+/// columns that are not multiples of the head size), or with `single` Q as a matmul of its
+/// own (plain, or row-scaled with `scale`) and K, V as the product.
+#[allow(clippy::too_many_arguments)]
+fn rope_parts_text(
+    d: usize,
+    heads: usize,
+    kvh: usize,
+    hd: usize,
+    style: &str,
+    bias: bool,
+    scale: bool,
+    lead: usize,
+    single: bool,
+) -> String {
+    let (nq, nk) = (heads * hd, kvh * hd);
+    let lead = if single { 0 } else { lead };
+    let sc = 1.0 / (hd as f32).sqrt();
+    let mut ws: Vec<(&str, Vec<usize>)> = vec![
+        ("emb", vec![V, d]),
+        ("w", vec![lead + nq + 2 * nk, d]),
+        ("bq", vec![1, heads, hd]),
+        ("bk", vec![1, kvh, hd]),
+        ("head", vec![V, nq]),
+    ];
+    if lead > 0 {
+        ws.push(("lead_head", vec![V, lead]));
+    }
+    let mut lines: Vec<String> = vec![];
+    let mut def = |l: String| {
+        lines.push(format!("  %{} = {l}", lines.len()));
+        lines.len() - 1
+    };
+    def("tokens : tokens".into());
+    let emb = def(format!("weight @0 : {}", w(&[V, d])));
+    let x = def(format!("embed %0, %{emb} : [S, {d}]"));
+    let s = scale.then(|| def(format!("inv_rms %{x} eps=1e-6 : [S, 1]")));
+    let s_op = s.map_or(String::new(), |s| format!(", %{s}"));
+    let rs = u8::from(scale);
+    let bq = def(format!("weight @2 : {}", w(&[1, heads, hd])));
+    let bk = def(format!("weight @3 : {}", w(&[1, kvh, hd])));
+    let (q, k, v, lead_v) = if single {
+        let wq = def(format!("weight @1 : {}", w(&[nq, d])));
+        let wkv = def(format!("weight @1+{} : {}", nq * d, w(&[2 * nk, d])));
+        let q = match s {
+            Some(s) => def(format!(
+                "linear_ep %{x}, %{wq}, %{s} row_scale=1 residual=0 : [S, {nq}]"
+            )),
+            None => def(format!("linear %{x}, %{wq} : [S, {nq}]")),
+        };
+        let p = def(format!(
+            "linear_parts %{x}, %{wkv}{s_op} parts={nk};{nk} row_scale={rs} : ([S, {nk}], [S, {nk}])"
+        ));
+        let k = def(format!("proj %{p} index=0 : [S, {nk}]"));
+        let v = def(format!("proj %{p} index=1 : [S, {nk}]"));
+        (q, k, v, None)
+    } else {
+        let wall = def(format!("weight @1 : {}", w(&[lead + nq + 2 * nk, d])));
+        let (widths, tys): (Vec<usize>, Vec<String>) = [lead, nq, nk, nk]
+            .into_iter()
+            .filter(|&c| c > 0)
+            .map(|c| (c, format!("[S, {c}]")))
+            .unzip();
+        let ws: Vec<String> = widths.iter().map(|c| c.to_string()).collect();
+        let p = def(format!(
+            "linear_parts %{x}, %{wall}{s_op} parts={} row_scale={rs} : ({})",
+            ws.join(";"),
+            tys.join(", ")
+        ));
+        let o = usize::from(lead > 0);
+        let lv = (lead > 0).then(|| def(format!("proj %{p} index=0 : [S, {lead}]")));
+        let q = def(format!("proj %{p} index={o} : [S, {nq}]"));
+        let k = def(format!("proj %{p} index={} : [S, {nk}]", o + 1));
+        let v = def(format!("proj %{p} index={} : [S, {nk}]", o + 2));
+        (q, k, v, lv)
+    };
+    let (bq, bk) = if bias {
+        (format!(", %{bq}"), format!(", %{bk}"))
+    } else {
+        (String::new(), String::new())
+    };
+    let rq = def(format!(
+        "rope %{q}{bq} heads={heads} style={style} base=500.0 : [S, {nq}]"
+    ));
+    let rk = def(format!(
+        "rope %{k}{bk} heads={kvh} style={style} base=500.0 : [S, {nk}]"
+    ));
+    let a = def(format!(
+        "attention %{rq}, %{rk}, %{v} heads={heads} kv_heads={kvh} scale={sc:?} site=0 : [S, {nq}]"
+    ));
+    let wh = def(format!("weight @4 : {}", w(&[V, nq])));
+    let mut out = def(format!("linear %{a}, %{wh} : [S, {V}]"));
+    if let Some(lv) = lead_v {
+        let wl = def(format!("weight @5 : {}", w(&[V, lead])));
+        let l = def(format!("linear %{lv}, %{wl} : [S, {V}]"));
+        out = def(format!("add %{out}, %{l} : [S, {V}]"));
+    }
+    header(&ws) + &format!("forward {{\n{}\n  return %{out}\n}}\n", lines.join("\n"))
+}
+
+/// `rope-epilogue` on `text`: it folded both RoPEs (no `rope` op is left), and both sides agree
+/// on the backend, for one sequence (prefill + a decode step) and for a batch of two at
+/// different positions.
+fn check_rope_fold(text: &str, seed: u64) -> Module {
+    let lhs = parse_module(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    verify_module(&lhs).unwrap();
+    let mut rhs = lhs.clone();
+    let report = egraph::optimize(&mut rhs);
+    let rule = egraph::rope_fold::RULE;
+    assert_eq!(report.fired(rule), 2, "{}\n{text}", report.text());
+    verify_module(&rhs).unwrap_or_else(|e| panic!("{e}\n{}", print_module(&rhs)));
+    let out = print_module(&rhs);
+    assert!(!out.contains(" rope %"), "{out}");
+    let tokens: Vec<u32> = (0..6)
+        .map(|i| ((seed as u32).wrapping_mul(7) + i * 3) % 16)
+        .collect();
+    for batch in [false, true] {
+        let run = if batch { run_batch } else { run };
+        let a = run(&lhs, seed, &tokens);
+        let b = run(&rhs, seed, &tokens);
+        let scale = a.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+            / scale;
+        assert!(
+            d <= 1e-5,
+            "{rule} seed {seed} batch {batch}: sides differ by {d:e} (relative)\n{out}"
+        );
+    }
+    rhs
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 8,
+        failure_persistence: None,
+        ..Default::default()
+    })]
+
+    /// RoPE (with and without the q/k bias, both styles) folded into the QKV product's parts,
+    /// or into a lone Q matmul, with and without the row scale, GQA widths, rotated parts at
+    /// offsets that are not whole heads: the rotation in the matmul's store against the
+    /// separate `Rope`/`RopeBias` kernel.
+    #[test]
+    fn rule_rope_epilogue_on_the_backend(
+        d in proptest::sample::select(vec![4usize, 8, 24]),
+        heads in proptest::sample::select(vec![1usize, 2, 4]),
+        kv_div in proptest::sample::select(vec![1usize, 2]),
+        hd in proptest::sample::select(vec![2usize, 4, 6, 16]),
+        style in proptest::sample::select(vec!["interleaved", "half"]),
+        bias in proptest::bool::ANY,
+        scale in proptest::bool::ANY,
+        lead in proptest::sample::select(vec![0usize, 3]),
+        single in proptest::bool::ANY,
+        seed in 0u64..1 << 20,
+    ) {
+        let kvh = if heads % kv_div == 0 { heads / kv_div } else { heads };
+        let text = rope_parts_text(d, heads, kvh, hd, style, bias, scale, lead, single);
+        let m = check_rope_fold(&text, seed);
+        let out = print_module(&m);
+        proptest::prop_assert!(out.contains(" rope="), "{}", out);
+    }
+}
+
+/// A RoPE whose input is also read elsewhere (here the unrotated K, by a second attention)
+/// keeps its kernel: the rotation in the store would change what the other reader sees. Q's
+/// RoPE still folds.
+#[test]
+fn rope_epilogue_needs_the_part_to_itself() {
+    let text = rope_parts_text(8, 2, 1, 4, "half", true, true, 0, false);
+    let tail = "  %16 = attention %11, %9, %10 heads=2 kv_heads=1 scale=0.5 site=1 : [S, 8]
+  %17 = linear %16, %14 : [S, 16]
+  %18 = add %15, %17 : [S, 16]
+  return %18";
+    assert!(
+        text.contains("%9 = proj %7 index=1") && text.contains("  return %15"),
+        "{text}"
+    );
+    let text = text.replace("  return %15", tail);
+    let lhs = parse_module(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let mut rhs = lhs.clone();
+    let report = egraph::optimize(&mut rhs);
+    assert_eq!(
+        report.fired(egraph::rope_fold::RULE),
+        1,
+        "{}",
+        report.text()
+    );
+    let out = print_module(&rhs);
+    assert_eq!(out.matches(" rope %").count(), 1, "{out}");
+    let tokens = [1, 5, 9, 2, 7];
+    let (a, b) = (run(&lhs, 3, &tokens), run(&rhs, 3, &tokens));
+    let scale = a.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * scale, "{x} vs {y}\n{out}");
+    }
+}
+
+#[test]
+fn snapshot_rule_rope_epilogue() {
+    insta::assert_snapshot!(snapshot_pair(&rope_parts_text(
+        8, 2, 1, 4, "half", true, true, 3, false
+    )));
+}
+
 #[test]
 fn snapshot_rule_sibling_matmul_merge() {
     insta::assert_snapshot!(snapshot_pair(&qkv_text(8, 2, 1, 4, true, true, true)));
@@ -1024,21 +1254,34 @@ fn linear_parts_text_round_trips_and_is_verified() {
     let mut m = parse_module(&qkv_text(8, 2, 1, 4, true, true, true)).unwrap();
     egraph::optimize(&mut m);
     let text = print_module(&m);
-    assert!(text.contains("parts=8;4;4 row_scale=1"), "{text}");
+    let rope = "rope=2:interleaved:500.0:1;1:interleaved:500.0:1;-";
+    let attrs = format!("parts=8;4;4 row_scale=1 {rope}");
+    assert!(text.contains(&attrs), "{text}");
     let again = parse_module(&text).unwrap();
     assert_eq!(print_module(&again), text);
     verify_module(&again).unwrap();
-    // Parts that do not add up to the weight's rows, a zero-width part, a missing row scale.
+    // Parts that do not add up to the weight's rows, a zero-width part, a missing row scale;
+    // rotations for too few parts, for none, of a width that is not whole heads, an unknown
+    // style, a missing bias operand.
+    let ops = ", %4, %5, %6 parts=";
     for (from, to) in [
-        ("parts=8;4;4 row_scale=1", "parts=8;4;2 row_scale=1"),
+        ("parts=8;4;4 row_scale=1".to_string(), "parts=8;4;2 row_scale=1".to_string()),
         (
-            "parts=8;4;4 row_scale=1 : ([S, 8], [S, 4], [S, 4])",
-            "parts=8;0;4;4 row_scale=1 : ([S, 8], [S, 0], [S, 4], [S, 4])",
+            format!("{attrs} : ([S, 8], [S, 4], [S, 4])"),
+            "parts=8;0;4;4 row_scale=1 rope=2:interleaved:500.0:1;-;1:interleaved:500.0:1;- : ([S, 8], [S, 0], [S, 4], [S, 4])".to_string(),
         ),
-        (", %4 parts=8;4;4 row_scale=1", " parts=8;4;4 row_scale=1"),
+        (ops.to_string(), ", %5, %6 parts=".to_string()),
+        (rope.to_string(), "rope=2:interleaved:500.0:1;1:interleaved:500.0:1".to_string()),
+        (
+            format!(", %4, %5, %6 {attrs}"),
+            ", %4 parts=8;4;4 row_scale=1 rope=-;-;-".to_string(),
+        ),
+        (rope.to_string(), rope.replace("rope=2:", "rope=3:")),
+        (rope.to_string(), rope.replace("1:interleaved", "1:sideways")),
+        (ops.to_string(), ", %4, %5 parts=".to_string()),
     ] {
-        assert!(text.contains(from), "{from}\n{text}");
-        let bad = text.replace(from, to);
+        assert!(text.contains(&from), "{from}\n{text}");
+        let bad = text.replace(&from, &to);
         let err = parse_module(&bad)
             .map_err(|e| e.to_string())
             .and_then(|m| verify_module(&m).map_err(|e| e.to_string()));

@@ -89,6 +89,8 @@ irdl.dialect @loop {
   // `act(gate) · up` over gate/up column blocks of B (the `artifact::GluEpilogue`).
   // `norm(eps=..,normalize=..,gain=..,inv_rms=..)` last: the row reduction once a row is stored
   // (`artifact::NormEpilogue`); its gain and `[rows, 1]` inv_rms buffer are the last operands.
+  // `rope(<style>,head_dim=D)` last: each head of D columns of the result rotated at its row's
+  // position (`artifact::RopeEpilogue`); the rope table's cos and sin rows are its operands.
   irdl.operation @matmul_ep {
     %layout = irdl.base "#builtin.string"
     %terms = irdl.base "#builtin.string"

@@ -395,11 +395,61 @@ pub enum Op {
     },
     /// Sibling matmuls as one product: `x · wᵀ` over the stacked weight `w: [Σ parts, k]`, whose
     /// columns are cut into `parts.len()` results of widths `parts` (read by `proj i`), each
-    /// `[s ⊙]` scaled per row when `row_scale`. Operands: x, w, then s when `row_scale`.
+    /// `[s ⊙]` scaled per row when `row_scale`. With `ropes` (empty, or one entry per part with
+    /// at least one rotated), part `i` with `Some(r)` is `rope([s ⊙] pᵢ [+ bᵢ])` as the `rope`
+    /// op computes it: the rotation in the product's store. Operands: x, w, then s when
+    /// `row_scale`, then `bᵢ` of each part whose rope has a `bias`, in part order.
     LinearParts {
         parts: Vec<usize>,
         row_scale: bool,
+        ropes: Vec<Option<PartRope>>,
     },
+}
+
+/// The rotary epilogue of one part of a `linear_parts` (the `rope` op's attributes, and
+/// whether a bias operand is added before the rotation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PartRope {
+    pub heads: usize,
+    pub style: RopeStyle,
+    pub base: f64,
+    pub bias: bool,
+}
+
+impl PartRope {
+    /// `heads:style:base:bias` (one part of the `rope=` attribute; `-` for an unrotated part).
+    pub fn text(r: &Option<PartRope>) -> String {
+        match r {
+            None => "-".into(),
+            Some(r) => format!(
+                "{}:{}:{}:{}",
+                r.heads,
+                r.style.name(),
+                fnum(r.base),
+                u8::from(r.bias)
+            ),
+        }
+    }
+
+    pub fn parse(t: &str) -> Option<Option<PartRope>> {
+        if t == "-" {
+            return Some(None);
+        }
+        let f: Vec<&str> = t.split(':').collect();
+        let [h, st, b, bias] = f.as_slice() else {
+            return None;
+        };
+        Some(Some(PartRope {
+            heads: h.parse().ok()?,
+            style: RopeStyle::from_name(st)?,
+            base: b.parse().ok()?,
+            bias: match *bias {
+                "0" => false,
+                "1" => true,
+                _ => return None,
+            },
+        }))
+    }
 }
 
 impl Op {

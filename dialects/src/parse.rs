@@ -283,6 +283,20 @@ fn parse_region(lines: &mut Lines, terminator: &str, params: &[Ty]) -> Result<Re
                     .map(|p| num(ln, p).map(|v| v as usize))
                     .collect::<Result<_, _>>()?,
                 row_scale: num(ln, attr("row_scale")?)? != 0.0,
+                ropes: match attr("rope") {
+                    Ok(t) => t
+                        .split(';')
+                        .map(|p| {
+                            crate::ops::PartRope::parse(p).ok_or(ParseError {
+                                line: ln,
+                                message: format!(
+                                    "`linear_parts rope=` parts are `-` or `heads:style:base:bias`, got `{p}`"
+                                ),
+                            })
+                        })
+                        .collect::<Result<_, _>>()?,
+                    Err(_) => vec![],
+                },
             },
             "slice" => Op::Slice {
                 start: num(ln, attr("start")?)? as usize,

@@ -18,7 +18,7 @@
 //! }
 //! ```
 use crate::graph::{Module, NodeId, Region};
-use crate::ops::{fnum, fnum32, FusedOp, Op};
+use crate::ops::{fnum, fnum32, FusedOp, Op, PartRope};
 use std::collections::HashMap;
 use std::fmt::Write;
 
@@ -199,17 +199,29 @@ pub fn attrs(op: &Op) -> Vec<(&'static str, String)> {
             vec![("start", start.to_string()), ("len", len.to_string())]
         }
         // `;` between the widths: attribute lists split on `,` and spaces.
-        Op::LinearParts { parts, row_scale } => vec![
-            (
-                "parts",
-                parts
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(";"),
-            ),
-            ("row_scale", u8::from(*row_scale).to_string()),
-        ],
+        Op::LinearParts {
+            parts,
+            row_scale,
+            ropes,
+        } => {
+            let mut a = vec![
+                (
+                    "parts",
+                    parts
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join(";"),
+                ),
+                ("row_scale", u8::from(*row_scale).to_string()),
+            ];
+            // Absent means no rotated part: the text of plain products stays as it was.
+            if !ropes.is_empty() {
+                let t: Vec<String> = ropes.iter().map(PartRope::text).collect();
+                a.push(("rope", t.join(";")));
+            }
+            a
+        }
         Op::Slice { start, len } => vec![("start", start.to_string()), ("len", len.to_string())],
         _ => vec![],
     }

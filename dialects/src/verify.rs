@@ -363,8 +363,41 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             }
             Ok(Ty::Act(w[0]))
         }
-        Op::LinearParts { parts, row_scale } => {
-            arity(2 + usize::from(*row_scale))?;
+        Op::LinearParts {
+            parts,
+            row_scale,
+            ropes,
+        } => {
+            let biases = ropes.iter().flatten().filter(|r| r.bias).count();
+            arity(2 + usize::from(*row_scale) + biases)?;
+            if !ropes.is_empty()
+                && (ropes.len() != parts.len() || ropes.iter().all(Option::is_none))
+            {
+                return Err(format!(
+                    "`linear_parts` rope= names every one of the {} parts and rotates one or more",
+                    parts.len()
+                ));
+            }
+            let mut b = 2 + usize::from(*row_scale);
+            for (i, r) in ropes.iter().enumerate() {
+                let Some(r) = r else { continue };
+                let d = parts.get(i).copied().unwrap_or(0);
+                if r.heads == 0 || d % r.heads != 0 || (d / r.heads) % 2 != 0 || !(r.base > 0.0) {
+                    return Err(format!(
+                        "`linear_parts` part {i} needs a width divisible into {} heads of even size and a base > 0, got {d}",
+                        r.heads
+                    ));
+                }
+                if r.bias {
+                    if weight(b)?.iter().product::<usize>() != d {
+                        return Err(format!(
+                            "`linear_parts` part {i} rope bias must have {d} elements, got {}",
+                            args[b]
+                        ));
+                    }
+                    b += 1;
+                }
+            }
             let k = act(0)?;
             let w = weight(1)?;
             if parts.is_empty() || parts.contains(&0) {

@@ -131,6 +131,9 @@ pub(crate) struct Exits {
     keep: Vec<usize>,
     exiting: Vec<bool>,
     runs: Vec<(usize, usize, i64)>,
+    /// Positions of the compact rows for a rotary matmul epilogue (reused: no allocation per
+    /// step).
+    rope_pos: Vec<usize>,
     final_state: Vec<f32>,
     saved: Vec<(u32, Vec<f32>)>,
     /// Routing (MoR): each call row's initial state (token choice), depth and weight, and the
@@ -735,7 +738,29 @@ impl<'a> Run<'a> {
         unsafe { std::ptr::copy_nonoverlapping(sp, dp, n) };
     }
 
-    /// The epilogue of a matmul over rows `r0 .. r0 + rows` with `n` output columns.
+    /// Positions of the compact rows `0..n` for a matmul with a rotary epilogue (`need`): row
+    /// `i` at `pos0 + i` for one sequence in order, else each row's own position in its
+    /// sequence, as the `Rope` kernel's per-run calls see it.
+    fn row_pos(&mut self, need: bool) -> crate::matmul::RowPos<'a> {
+        use crate::matmul::RowPos;
+        let simple = self.segs.len() == 1
+            && self.segs[0].row0 == 0
+            && self.active.last().is_none_or(|&r| r + 1 == self.n);
+        if !need || simple {
+            return RowPos::From(self.segs.first().map_or(0, |g| g.pos0));
+        }
+        let mut pos = std::mem::take(&mut self.ex.rope_pos);
+        pos.clear();
+        pos.extend((0..self.n).map(|i| self.position_of(i)));
+        self.ex.rope_pos = pos;
+        let v = &self.ex.rope_pos;
+        // SAFETY: the vector is not touched again until the next instruction asks for
+        // positions, after this instruction's matmul (the only reader) has returned.
+        RowPos::Rows(unsafe { std::slice::from_raw_parts(v.as_ptr(), v.len()) })
+    }
+
+    /// The epilogue of a matmul over rows `r0 .. r0 + rows` with `n` output columns; `pos`
+    /// holds the positions of those rows.
     fn epi(
         &self,
         e: &crate::artifact::Epilogue,
@@ -743,6 +768,7 @@ impl<'a> Run<'a> {
         r0: usize,
         rows: usize,
         n: usize,
+        pos: crate::matmul::RowPos<'a>,
     ) -> crate::matmul::Epi<'a> {
         let buf = |b: u32, w: usize| -> &'a [f32] {
             let v = &self.ws.bufs[b as usize];
@@ -769,6 +795,24 @@ impl<'a> Run<'a> {
                     // SAFETY: as for the gated output: its own buffer, written only here.
                     nm.inv_rms.map(|q| unsafe { self.out_rows(q, r0, rows) }),
                 )
+            }),
+            rope: e.rope.map(|rp| {
+                let t = &self.ropes[rp.table as usize];
+                // SAFETY: the tables were grown for this call's positions before it started
+                // and are not resized while it runs.
+                let (cos, sin) = unsafe {
+                    (
+                        std::slice::from_raw_parts(t.cos().as_ptr(), t.cos().len()),
+                        std::slice::from_raw_parts(t.sin().as_ptr(), t.sin().len()),
+                    )
+                };
+                crate::matmul::RopeEpi {
+                    cos,
+                    sin,
+                    head_dim: rp.head_dim,
+                    style: rp.style,
+                    pos,
+                }
             }),
         }
     }
@@ -853,17 +897,18 @@ impl<'a> Run<'a> {
                         continue;
                     }
                     let r = g.row0 + g.rows - 1;
+                    let last_pos = crate::matmul::RowPos::From(g.pos0 + g.rows - 1);
                     let xs = self.ws.bufs[*x as usize].as_slice()[r * k..(r + 1) * k].to_vec();
                     if let Some(p) = pw {
                         let e = match ins {
-                            Instr::MatMul { epi, .. } => self.epi(epi, iter, r, 1, n),
+                            Instr::MatMul { epi, .. } => self.epi(epi, iter, r, 1, n, last_pos),
                             _ => crate::matmul::Epi::default(),
                         };
                         // SAFETY: the epilogue's buffers differ from `out` (validated).
                         let os = unsafe { self.out_rows(*out, r * n, n) };
                         crate::matmul_bf16::matmul_bf16_epi(&xs, p, os, 1, m.threads, &e);
                     } else if let Instr::MatMul { epi, .. } = ins {
-                        let e = self.epi(epi, iter, r, 1, n);
+                        let e = self.epi(epi, iter, r, 1, n, last_pos);
                         // SAFETY: the epilogue's buffers differ from `out` (validated).
                         let os = unsafe { self.out_rows(*out, r * n, n) };
                         crate::matmul::matmul_epi(&xs, wd, os, 1, k, n, m.threads, &e);
@@ -878,10 +923,11 @@ impl<'a> Run<'a> {
             Instr::MatMul { x, w, out, epi } if packed(m, w, iter, false).is_some() => {
                 let p = packed(m, w, iter, false).expect("checked by the guard");
                 let rows = self.rows_of(*x);
+                let pos = self.row_pos(epi.rope.is_some());
                 let xb = &self.ws.bufs[*x as usize];
                 // SAFETY: x != out (validated), so the two slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
-                let e = self.epi(epi, iter, 0, rows, w.rows);
+                let e = self.epi(epi, iter, 0, rows, w.rows, pos);
                 // SAFETY: the epilogue's buffers differ from `out` (validated).
                 let os = unsafe { self.out_rows(*out, 0, rows * w.rows) };
                 crate::matmul_bf16::matmul_bf16_epi(xs, p, os, rows, m.threads, &e);
@@ -899,11 +945,12 @@ impl<'a> Run<'a> {
             }
             Instr::MatMul { x, w, out, epi } => {
                 let rows = self.rows_of(*x);
+                let pos = self.row_pos(epi.rope.is_some());
                 let wd = weight(m, w, iter);
                 let xb = &self.ws.bufs[*x as usize];
                 // SAFETY: x != out (validated), so the two slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
-                let e = self.epi(epi, iter, 0, rows, w.rows);
+                let e = self.epi(epi, iter, 0, rows, w.rows, pos);
                 // SAFETY: the epilogue's buffers differ from `out` (validated).
                 let os = unsafe { self.out_rows(*out, 0, rows * w.rows) };
                 crate::matmul::matmul_epi(xs, wd, os, rows, w.cols, w.rows, m.threads, &e);
@@ -912,6 +959,7 @@ impl<'a> Run<'a> {
             Instr::MatMulParts { x, w, parts } if !m.packed.is_empty() => {
                 // bf16: one packed matmul per part (the plan packs each part's rows).
                 let rows = self.rows_of(*x);
+                let pos = self.row_pos(parts.iter().any(|p| p.epi.rope.is_some()));
                 let xb = &self.ws.bufs[*x as usize];
                 // SAFETY: x is none of the outputs (validated), so the slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
@@ -924,7 +972,7 @@ impl<'a> Run<'a> {
                             m.manifest.buffers[p.out as usize].name
                         ))
                     })?;
-                    let e = self.epi(&p.epi, iter, 0, rows, n);
+                    let e = self.epi(&p.epi, iter, 0, rows, n, pos);
                     // SAFETY: the outputs are distinct and differ from every buffer read.
                     let os = unsafe { self.out_rows(p.out, 0, rows * n) };
                     crate::matmul_bf16::matmul_bf16_epi(xs, packed, os, rows, m.threads, &e);
@@ -933,6 +981,7 @@ impl<'a> Run<'a> {
             }
             Instr::MatMulParts { x, w, parts } => {
                 let rows = self.rows_of(*x);
+                let pos = self.row_pos(parts.iter().any(|p| p.epi.rope.is_some()));
                 let wd = weight(m, w, iter);
                 let xb = &self.ws.bufs[*x as usize];
                 // SAFETY: x is none of the outputs (validated), so the slices do not alias.
@@ -942,7 +991,7 @@ impl<'a> Run<'a> {
                 for (p, d) in parts.iter().zip(ps.iter_mut()) {
                     let n = bufs[p.out as usize].cols;
                     d.n = n;
-                    d.epi = self.epi(&p.epi, iter, 0, rows, n);
+                    d.epi = self.epi(&p.epi, iter, 0, rows, n, pos);
                     // SAFETY: the outputs are distinct and differ from every buffer read
                     // (validated by `Model::new`).
                     d.out = unsafe { self.out_rows(p.out, 0, rows * n) };

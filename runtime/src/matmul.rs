@@ -5,7 +5,7 @@
 //! output rows over the pool and streams each weight row exactly once, with AVX-512 or
 //! AVX2+FMA dot products picked at run time (portable fallback elsewhere).
 
-use crate::artifact::EwOp;
+use crate::artifact::{EwOp, RopeStyle};
 use rayon::prelude::*;
 
 /// `dst[m, n] = x[m, k] · B` (all row strides in elements) where element `(kk, j)` of `B` is at
@@ -52,6 +52,77 @@ pub struct Epi<'a> {
     pub glu: Option<GluEpi<'a>>,
     /// The row reduction after the split joins (`artifact::NormEpilogue`).
     pub norm: Option<NormEpi<'a>>,
+    /// Rotary embedding of each head after the other per-element terms
+    /// (`artifact::RopeEpilogue`).
+    pub rope: Option<RopeEpi<'a>>,
+}
+
+/// Absolute positions of the rows `0..m` of one call.
+#[derive(Clone, Copy, Debug)]
+pub enum RowPos<'a> {
+    /// Row `r` at position `pos0 + r` (one sequence, rows in order).
+    From(usize),
+    /// Row `r` at `pos[r]` (a batch of sequences, or compacted rows of per-row exits).
+    Rows(&'a [usize]),
+}
+
+impl RowPos<'_> {
+    #[inline]
+    fn of(&self, r: usize) -> usize {
+        match self {
+            RowPos::From(p) => p + r,
+            RowPos::Rows(p) => p[r],
+        }
+    }
+
+    /// One past the largest position of rows `0..m`.
+    fn end(&self, m: usize) -> usize {
+        match self {
+            RowPos::From(p) => p + m,
+            RowPos::Rows(p) => p[..m].iter().map(|&q| q + 1).max().unwrap_or(0),
+        }
+    }
+}
+
+/// The rotary epilogue: `cos`/`sin` tables `[positions, head_dim/2]` (`rope::Rope`) and the
+/// rows' positions.
+#[derive(Clone, Copy)]
+pub struct RopeEpi<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub head_dim: usize,
+    pub style: RopeStyle,
+    pub pos: RowPos<'a>,
+}
+
+impl RopeEpi<'_> {
+    /// Rotates every head of `o` (whole heads: callers split at `align()`) at position `pos`,
+    /// as the `Rope` kernel: `(a, b) → (a·cos − b·sin, b·cos + a·sin)` per pair.
+    #[inline]
+    fn rotate(&self, o: &mut [f32], pos: usize) {
+        let half = self.head_dim / 2;
+        let c = &self.cos[pos * half..(pos + 1) * half];
+        let s = &self.sin[pos * half..(pos + 1) * half];
+        for h in o.chunks_exact_mut(self.head_dim) {
+            match self.style {
+                RopeStyle::Half => {
+                    let (lo, hi) = h.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (lo[i], hi[i]);
+                        lo[i] = a * c[i] - b * s[i];
+                        hi[i] = b * c[i] + a * s[i];
+                    }
+                }
+                RopeStyle::Interleaved => {
+                    for (i, p) in h.chunks_exact_mut(2).enumerate() {
+                        let (a, b) = (p[0], p[1]);
+                        p[0] = a * c[i] - b * s[i];
+                        p[1] = b * c[i] + a * s[i];
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The second phase of an epilogue: per finished row, optionally normalize it (RMSNorm with
@@ -225,6 +296,7 @@ impl Epi<'_> {
             && self.bias.is_none()
             && self.glu.is_none()
             && self.norm.is_none()
+            && self.rope.is_none()
     }
 
     pub(crate) fn check(&self, m: usize, n: usize) {
@@ -239,14 +311,31 @@ impl Epi<'_> {
                     self.glu.is_none()
                         && nm.gain.is_none_or(|g| g.len() >= n)
                         && nm.inv_rms.is_none_or(|q| q.1 >= m)
+                })
+                && self.rope.is_none_or(|rp| {
+                    let half = rp.head_dim / 2;
+                    self.glu.is_none()
+                        && self.norm.is_none()
+                        && half > 0
+                        && n.is_multiple_of(rp.head_dim)
+                        && match rp.pos {
+                            RowPos::From(_) => true,
+                            RowPos::Rows(p) => p.len() >= m,
+                        }
+                        && rp.pos.end(m) * half <= rp.cos.len().min(rp.sin.len())
                 }),
             "matmul epilogue operand sizes"
         );
     }
 
-    /// Product column blocks must start at multiples of this (a whole gate/up block).
-    fn align(&self) -> usize {
-        self.glu.map_or(1, |g| 2 * g.block)
+    /// Product column blocks must start at multiples of this (a whole gate/up block, a whole
+    /// rotary head).
+    pub(crate) fn align(&self) -> usize {
+        match (self.glu, self.rope) {
+            (Some(g), _) => 2 * g.block,
+            (None, Some(rp)) => rp.head_dim,
+            (None, None) => 1,
+        }
     }
 
     /// Applies the epilogue to rows `r0..r1`, columns `j0..j0 + nc` of `out` (row stride `n`),
@@ -294,6 +383,11 @@ impl Epi<'_> {
                     glu_block(g.act, &o[c..c + b], &o[c + b..c + 2 * b], dst);
                     c += 2 * b;
                 }
+            }
+            if let Some(rp) = &self.rope {
+                // `j0` starts a head and `nc` covers whole heads (callers split at `align()`).
+                debug_assert!(j0.is_multiple_of(rp.head_dim) && nc.is_multiple_of(rp.head_dim));
+                rp.rotate(o, rp.pos.of(r));
             }
         }
     }
@@ -1101,6 +1195,7 @@ mod tests {
                     bias: (mask & 4 != 0).then_some(&bias[..]),
                     glu: None,
                     norm: None,
+                    rope: None,
                 };
                 let want: Vec<f32> = (0..m * n)
                     .map(|i| {
@@ -1265,6 +1360,80 @@ mod tests {
                     p.install(|| matmul_epi(&x, &w, &mut o, m, k, n, threads, &epi));
                     close(&o, &want, k.max(16));
                     close(&q, &want_q, k.max(16));
+                }
+            }
+        }
+    }
+
+    /// The rotary epilogue (with and without a row scale and a bias before it, both styles,
+    /// positions in order and scattered) on every path against the naive product rotated in
+    /// f64: head sizes that do and do not divide the paths' blocks of 4/16 columns.
+    #[test]
+    fn rope_epilogue_matches_reference_on_every_path() {
+        use crate::artifact::{RopeStyle, RopeTable};
+        use crate::test_util::{rope_rows, test_positions};
+        let mut s = 41u64;
+        let p = pool(2);
+        for &(m, k, n, hd) in &[
+            (1usize, 33usize, 24usize, 8usize),
+            (1, 300, 1020, 6),
+            (1, 256, 1024, 64),
+            (3, 64, 72, 8),
+            (8, 300, 258, 6),
+            (100, 128, 390, 6),
+            (100, 128, 384, 64),
+            (600, 64, 192, 8),
+            (5, 0, 12, 4),
+        ] {
+            let mut table = crate::rope::Rope::new(&RopeTable {
+                head_dim: hd,
+                base: 10000.0,
+            });
+            table.ensure(1000).unwrap();
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let sc: Vec<f32> = (0..m).map(|_| 1.0 + lcg(&mut s)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+            let raw = naive(&x, &w, m, k, n);
+            for (style, terms, pos0) in [
+                (RopeStyle::Half, false, Some(0)),
+                (RopeStyle::Interleaved, true, Some(7)),
+                (RopeStyle::Half, true, None),
+                (RopeStyle::Interleaved, false, None),
+            ] {
+                let pos = test_positions(m, pos0);
+                let mut want: Vec<f64> = (0..m * n)
+                    .map(|i| {
+                        let (r, j) = (i / n, i % n);
+                        let v = raw[i] as f64;
+                        if terms {
+                            v * sc[r] as f64 + bias[j] as f64
+                        } else {
+                            v
+                        }
+                    })
+                    .collect();
+                rope_rows(&mut want, n, hd, style, &pos, table.cos(), table.sin());
+                let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+                for threads in [1, 2] {
+                    let mut o = vec![f32::NAN; m * n];
+                    let epi = Epi {
+                        row_scale: terms.then_some(&sc[..]),
+                        bias: terms.then_some(&bias[..]),
+                        rope: Some(RopeEpi {
+                            cos: table.cos(),
+                            sin: table.sin(),
+                            head_dim: hd,
+                            style,
+                            pos: match pos0 {
+                                Some(p0) => RowPos::From(p0),
+                                None => RowPos::Rows(&pos),
+                            },
+                        }),
+                        ..Epi::default()
+                    };
+                    p.install(|| matmul_epi(&x, &w, &mut o, m, k, n, threads, &epi));
+                    close(&o, &want, k.max(16));
                 }
             }
         }

@@ -81,28 +81,45 @@ pub fn matmul_bf16_epi(
     threads: usize,
     epi: &Epi,
 ) {
-    if epi.glu.is_none() && epi.norm.is_none() {
+    if epi.glu.is_none() && epi.norm.is_none() && epi.rope.is_none() {
         return matmul_bf16_path(x, w, out, m, threads, epi, Path::best());
     }
     // The bf16 kernels' column blocks follow the packed 16-output layout, not the gate/up
-    // blocks, and do not join for a row reduction: the product with the per-element terms,
-    // then the gated unit and the norm over the finished rows (still in cache for decode).
+    // blocks or the rotary heads, and do not join for a row reduction: the product with the
+    // per-element terms, then the gated unit or the rotation, and the norm, over the finished
+    // rows (still in cache for decode).
     let base = Epi {
         glu: None,
         norm: None,
+        rope: None,
         ..*epi
     };
     matmul_bf16_path(x, w, out, m, threads, &base, Path::best());
     let n = w.n();
-    if epi.glu.is_some() {
-        let glu = Epi {
+    if epi.glu.is_some() || epi.rope.is_some() {
+        let last = Epi {
             glu: epi.glu,
+            rope: epi.rope,
             ..Epi::default()
         };
-        glu.check(m, n);
-        // SAFETY: `out` holds m·n products (asserted by the product); `check` sized the
-        // gated output; one caller.
-        unsafe { glu.apply(out.as_mut_ptr(), n, 0, m, 0, n) };
+        last.check(m, n);
+        let rows = if threads > 1 && m > 1 {
+            m.div_ceil(threads * 4).max(1)
+        } else {
+            m
+        };
+        let op = out.as_mut_ptr() as usize;
+        let pass = |c: usize| {
+            let r0 = c * rows;
+            // SAFETY: `out` holds m·n products (asserted by the product); `check` sized the
+            // gated output; disjoint row blocks.
+            unsafe { last.apply(op as *mut f32, n, r0, (r0 + rows).min(m), 0, n) };
+        };
+        if rows < m {
+            (0..m.div_ceil(rows)).into_par_iter().for_each(pass);
+        } else {
+            pass(0);
+        }
     }
     if let Some(nm) = &epi.norm {
         nm.finish(out, m, n, threads);
@@ -652,6 +669,64 @@ mod tests {
                     k,
                     &format!("inv_rms ({m},{k},{n}) threads {threads}"),
                 );
+            }
+        }
+    }
+
+    /// The rotary epilogue (a pass over the finished rows on the bf16 paths) gives what the
+    /// f32 matmul's fused one gives on the same bf16-rounded operands, with a row scale and a
+    /// bias before it, positions in order and scattered.
+    #[test]
+    fn rope_epilogue_matches_f32_on_rounded_operands() {
+        use crate::artifact::{RopeStyle, RopeTable};
+        use crate::matmul::{matmul_epi, RopeEpi, RowPos};
+        let mut s = 23u64;
+        let p = pool(2);
+        for &(m, k, n, hd) in &[
+            (1usize, 40usize, 48usize, 8usize),
+            (3, 64, 96, 6),
+            (20, 33, 128, 64),
+        ] {
+            let mut t = crate::rope::Rope::new(&RopeTable {
+                head_dim: hd,
+                base: 10000.0,
+            });
+            t.ensure(200).unwrap();
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let sc: Vec<f32> = (0..m).map(|_| 1.0 + lcg(&mut s)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+            let xr: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+            let wr: Vec<f32> = w.iter().map(|&v| round_bf16(v)).collect();
+            let packed = Packed::from_f32(&w, n, k);
+            let scattered = crate::test_util::test_positions(m, None);
+            for (style, pos) in [
+                (RopeStyle::Half, RowPos::From(5)),
+                (RopeStyle::Interleaved, RowPos::Rows(&scattered)),
+            ] {
+                let e = Epi {
+                    row_scale: Some(&sc),
+                    bias: Some(&bias),
+                    rope: Some(RopeEpi {
+                        cos: t.cos(),
+                        sin: t.sin(),
+                        head_dim: hd,
+                        style,
+                        pos,
+                    }),
+                    ..Epi::default()
+                };
+                for threads in [1, 2] {
+                    let (mut o1, mut o2) = (vec![0f32; m * n], vec![0f32; m * n]);
+                    p.install(|| matmul_epi(&xr, &wr, &mut o1, m, k, n, threads, &e));
+                    p.install(|| matmul_bf16_epi(&x, &packed, &mut o2, m, threads, &e));
+                    close(
+                        &o2,
+                        &o1,
+                        k,
+                        &format!("rope {style:?} ({m},{k},{n}) threads {threads}"),
+                    );
+                }
             }
         }
     }

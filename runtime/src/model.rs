@@ -956,6 +956,7 @@ impl<'a> Validator<'a> {
                                 )));
                             }
                         }
+                        self.rope_epilogue(&ctx, epi, ob)?;
                         if let Some(nm) = &epi.norm {
                             if epi.glu.is_some() || nm.eps.is_nan() || nm.eps < 0.0 {
                                 return Err(err(
@@ -1145,6 +1146,41 @@ impl<'a> Validator<'a> {
     /// `MatMulParts`: the parts' widths add up to the weight's rows, every destination has the
     /// rows of `x` and is written by no other part, and no operand (x, a row scale, a residual)
     /// is one of the destinations, since the parts are written while those are read.
+    /// A rotary epilogue: an existing table of the same head size, whole heads in the
+    /// output, one position per token row, no gated unit or norm.
+    fn rope_epilogue(
+        &self,
+        ctx: &str,
+        epi: &artifact::Epilogue,
+        ob: &artifact::BufferDecl,
+    ) -> Result<()> {
+        let Some(rp) = &epi.rope else {
+            return Ok(());
+        };
+        let err = |msg: String| RuntimeError::manifest(format!("{ctx}: {msg}"));
+        let tab = self
+            .m
+            .rope_tables
+            .get(rp.table as usize)
+            .ok_or_else(|| err(format!("rope epilogue table #{} does not exist", rp.table)))?;
+        if tab.head_dim != rp.head_dim
+            || rp.head_dim == 0
+            || !ob.cols.is_multiple_of(rp.head_dim)
+            || ob.rows != Rows::Tokens
+        {
+            return Err(err(format!(
+                "rope epilogue: table #{} (head_dim {}) must match head_dim {}, which must divide the [tokens, n] output `{}` ({} columns)",
+                rp.table, tab.head_dim, rp.head_dim, ob.name, ob.cols
+            )));
+        }
+        if epi.glu.is_some() || epi.norm.is_some() {
+            return Err(err(
+                "a rope epilogue is not combined with a gated unit or a norm".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn matmul_parts(
         &self,
         ctx: &str,
@@ -1206,6 +1242,12 @@ impl<'a> Validator<'a> {
                     )));
                 }
             }
+            if p.epi.glu.is_some() || p.epi.norm.is_some() {
+                return Err(err(format!(
+                    "part {i}: a part's epilogue has no gated unit or norm"
+                )));
+            }
+            self.rope_epilogue(&format!("{ctx}: part {i}"), &p.epi, ob)?;
         }
         if total != w.rows {
             return Err(err(format!(

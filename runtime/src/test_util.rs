@@ -40,3 +40,43 @@ pub fn pool(n: usize) -> rayon::ThreadPool {
         .build()
         .unwrap()
 }
+
+/// `v[r, :]` (`[m, n]`, f64) with each head of `head_dim` columns rotated at position `pos[r]`
+/// from the runtime's own `cos`/`sin` tables: the `Rope`/`RopeBias` kernels' maths in f64.
+pub fn rope_rows(
+    v: &mut [f64],
+    n: usize,
+    head_dim: usize,
+    style: crate::artifact::RopeStyle,
+    pos: &[usize],
+    cos: &[f32],
+    sin: &[f32],
+) {
+    let half = head_dim / 2;
+    for (r, row) in v.chunks_mut(n).enumerate() {
+        let p = pos[r];
+        for h in row.chunks_mut(head_dim) {
+            for i in 0..half {
+                let (c, s) = (cos[p * half + i] as f64, sin[p * half + i] as f64);
+                let (ia, ib) = match style {
+                    crate::artifact::RopeStyle::Half => (i, i + half),
+                    crate::artifact::RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (a, b) = (h[ia], h[ib]);
+                h[ia] = a * c - b * s;
+                h[ib] = b * c + a * s;
+            }
+        }
+    }
+}
+
+/// Row positions for rotary tests: in order from `pos0` (`None`), or scattered and repeating
+/// as in a batch of sequences with per-row exits.
+pub fn test_positions(m: usize, pos0: Option<usize>) -> Vec<usize> {
+    (0..m)
+        .map(|r| match pos0 {
+            Some(p) => p + r,
+            None => (r * 37 + 3) % 101,
+        })
+        .collect()
+}

@@ -647,6 +647,81 @@ fn manifest_validation() {
     let mut m = base();
     m.program.recur.as_mut().unwrap().next = 1;
     check(m, "must be different buffers");
+    // Rotary epilogues: a table that does not exist, heads that do not divide the output, a
+    // table of another head size, a rotation combined with a norm.
+    let rope = |table: u32, head_dim: usize| RopeEpilogue {
+        table,
+        head_dim,
+        style: RopeStyle::Half,
+    };
+    let rotated = |m: &mut Manifest, epi: Epilogue| {
+        m.program.coda.push(Instr::MatMul {
+            x: 6,
+            w: WRef {
+                weight: 2,
+                offset: 0,
+                rows: H,
+                cols: H,
+            },
+            out: 2,
+            epi,
+        });
+    };
+    let table = |head_dim| RopeTable {
+        head_dim,
+        base: 100.0,
+    };
+    let mut m = base();
+    rotated(
+        &mut m,
+        Epilogue {
+            rope: Some(rope(0, 2)),
+            ..Default::default()
+        },
+    );
+    check(m, "rope epilogue table #0 does not exist");
+    let mut m = base();
+    m.rope_tables.push(table(2));
+    if let Instr::MatMul { epi, .. } = &mut m.program.coda[1] {
+        epi.rope = Some(rope(0, 2));
+    }
+    check(m, "which must divide");
+    let mut m = base();
+    m.rope_tables.push(table(2));
+    rotated(
+        &mut m,
+        Epilogue {
+            rope: Some(rope(0, 4)),
+            ..Default::default()
+        },
+    );
+    check(m, "must match head_dim 4");
+    let mut m = base();
+    m.rope_tables.push(table(2));
+    rotated(
+        &mut m,
+        Epilogue {
+            rope: Some(rope(0, 2)),
+            norm: Some(NormEpilogue {
+                eps: 1e-6,
+                normalize: true,
+                gain: None,
+                inv_rms: None,
+            }),
+            ..Default::default()
+        },
+    );
+    check(m, "not combined with a gated unit or a norm");
+    let mut m = base();
+    m.rope_tables.push(table(2));
+    rotated(
+        &mut m,
+        Epilogue {
+            rope: Some(rope(0, 2)),
+            ..Default::default()
+        },
+    );
+    Model::with_threads(Artifact::new(m, vec![]), weights(), 1).unwrap();
     // Threads.
     let e = Model::with_threads(Artifact::new(base(), vec![]), weights(), 0).unwrap_err();
     assert!(matches!(e, RuntimeError::Config(_)));

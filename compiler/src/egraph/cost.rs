@@ -27,7 +27,7 @@
 //! sum whose fused norm is selected anyway, instead of adding the sum a second time.
 use super::lang::{TGraph, TNode, TOp};
 use egg::Id;
-use loopc_dialects::Ty;
+use loopc_dialects::{Op, Ty};
 use std::collections::{HashMap, HashSet};
 
 pub const S_NOMINAL: f64 = 16.0;
@@ -78,6 +78,31 @@ pub fn node_parts(eg: &TGraph, n: &TNode) -> (f64, f64, Vec<(Id, f64)>) {
     let bytes = |cols: f64| 4.0 * s * cols;
     let (mut b, mut flops) = (bytes(acts_in + out), 0.0);
     match &n.op {
+        TOp::Opaque(i) if is_parts(eg, *i) => {
+            // Made after extraction (`sibling-matmul-merge`): one product over the stacked
+            // weight, `x` read once, each part written once. A rotated part (`rope-epilogue`)
+            // adds its bias and rotates in the store: FLOPs, no pass over q or k.
+            let w = numel(&ty(1));
+            wreads.push((n.children[1], 4.0 * w));
+            flops = 2.0 * s * w;
+            if let Some(Op::LinearParts {
+                parts,
+                row_scale,
+                ropes,
+            }) = eg.analysis.opaque.get(*i as usize)
+            {
+                let mut bi = 2 + usize::from(*row_scale);
+                for (p, r) in parts.iter().zip(ropes) {
+                    let Some(r) = r else { continue };
+                    flops += 3.0 * s * *p as f64;
+                    if r.bias {
+                        wreads.push((n.children[bi], 4.0 * numel(&ty(bi))));
+                        flops += s * *p as f64;
+                        bi += 1;
+                    }
+                }
+            }
+        }
         TOp::Tokens | TOp::Param(_) | TOp::Weight { .. } | TOp::Opaque(_) | TOp::Proj(_) => b = 0.0,
         TOp::WSliceCols { .. } | TOp::WScale(_) | TOp::WMulCols | TOp::WConcatRows => b = 0.0,
         TOp::WTranspose | TOp::WInterleaveRows(_) => b = 0.0,
@@ -154,9 +179,18 @@ pub fn node_parts(eg: &TGraph, n: &TNode) -> (f64, f64, Vec<(Id, f64)>) {
     (b, flops, wreads)
 }
 
+/// Whether opaque handle `i` is a `linear_parts` product (priced like a matmul).
+pub fn is_parts(eg: &TGraph, i: u32) -> bool {
+    matches!(
+        eg.analysis.opaque.get(i as usize),
+        Some(Op::LinearParts { .. })
+    )
+}
+
 fn node_invariant(eg: &TGraph, n: &TNode) -> bool {
     match n.op {
         TOp::Param(i) => i != 0,
+        TOp::Opaque(i) if is_parts(eg, i) => n.children.iter().all(|c| eg[*c].data.invariant),
         TOp::Attention { .. } | TOp::Opaque(_) => false,
         _ => n.children.iter().all(|c| eg[*c].data.invariant),
     }

@@ -366,6 +366,9 @@ impl Analysis<TNode> for TensorAnalysis {
         let ty = eg.analysis.node_ty(eg, enode);
         let invariant = match &enode.op {
             TOp::Param(i) => !eg.analysis.in_loop || *i != 0,
+            TOp::Opaque(i) if matches!(eg.analysis.opaque[*i as usize], Op::LinearParts { .. }) => {
+                enode.children.iter().all(|c| eg[*c].data.invariant)
+            }
             TOp::Attention { .. } | TOp::Opaque(_) => !eg.analysis.in_loop,
             _ => enode.children.iter().all(|c| eg[*c].data.invariant),
         };

@@ -271,6 +271,7 @@ fn merge(r: &mut Region, x: NodeId, s: Option<NodeId>, sibs: &[Sibling]) -> bool
         Op::LinearParts {
             parts: parts.clone(),
             row_scale: s.is_some(),
+            ropes: vec![],
         },
         Ty::Tuple(parts.iter().map(|&p| Ty::Act(p)).collect()),
         &ops,

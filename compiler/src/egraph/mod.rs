@@ -9,6 +9,7 @@
 pub mod cost;
 pub mod lang;
 pub mod merge;
+pub mod rope_fold;
 pub mod rules;
 
 use egg::{Id, Runner, SimpleScheduler};
@@ -133,8 +134,10 @@ impl Report {
                     writeln!(s, "  fired {} x{n}", rule.name).unwrap();
                 }
             }
-            if let Some(n) = r.fired.get(merge::RULE) {
-                writeln!(s, "  fired {} x{n} (after extraction)", merge::RULE).unwrap();
+            for rule in [merge::RULE, rope_fold::RULE] {
+                if let Some(n) = r.fired.get(rule) {
+                    writeln!(s, "  fired {rule} x{n} (after extraction)").unwrap();
+                }
             }
             if r.hoisted > 0 {
                 writeln!(s, "  hoisted {} value(s) out of the loop", r.hoisted).unwrap();
@@ -204,31 +207,8 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
         nodes_before: r.graph.node_count(),
         ..Default::default()
     };
-    let analysis = TensorAnalysis {
-        params: r.params.clone(),
-        opaque: vec![],
-        in_loop,
-        steps,
-        roots: vec![],
-    };
-    let mut eg: TGraph = egg::EGraph::new(analysis);
-    let mut ids: HashMap<NodeId, Id> = HashMap::new();
-    let mut original: HashMap<Id, TNode> = HashMap::new();
-    for n in r.topo_order() {
-        let children: Vec<Id> = r.operands(n).iter().map(|o| ids[o]).collect();
-        let top = to_top(&r.node(n).op, &mut eg.analysis.opaque);
-        let node = TNode::new(top, children);
-        let id = eg.add(node.clone());
-        original.entry(id).or_insert(node);
-        ids.insert(n, id);
-    }
-    eg.rebuild();
-    let roots: Vec<Id> = r.results.iter().map(|n| ids[n]).collect();
-    eg.analysis.roots = roots.clone();
-    let before = cost::Selection {
-        choice: original,
-        roots: roots.clone(),
-    };
+    let (mut eg, before) = load(r, in_loop, steps);
+    let roots = before.roots.clone();
     rep.cost_before = cost::dag_cost(&eg, &before);
     rep.parts_before = cost::dag_parts(&eg, &before);
 
@@ -237,7 +217,7 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
         let t = Instant::now();
         let rw: Vec<_> = rules
             .iter()
-            .filter(|x| x.stage == *stage)
+            .filter(|x| x.stage == *stage && !disabled(x.name))
             .map(|x| x.rewrite())
             .collect();
         let runner = Runner::default()
@@ -277,15 +257,71 @@ fn rewrite_region(r: &mut Region, path: &str, in_loop: bool, steps: usize) -> Re
         rep.parts_after = rep.parts_before;
     }
     let t = Instant::now();
-    let merged = merge::merge_siblings(r);
-    if merged > 0 {
+    let merged = if disabled(merge::RULE) {
+        0
+    } else {
+        merge::merge_siblings(r)
+    };
+    let folded = if disabled(rope_fold::RULE) {
+        0
+    } else {
+        rope_fold::fold_ropes(r)
+    };
+    if merged + folded > 0 {
         r.compact();
-        rep.fired.insert(merge::RULE, merged);
+        if merged > 0 {
+            rep.fired.insert(merge::RULE, merged);
+        }
+        if folded > 0 {
+            rep.fired.insert(rope_fold::RULE, folded);
+        }
         rep.stages
             .push(("merge", t.elapsed().as_micros(), r.graph.node_count()));
+        // The steps after extraction are priced like the rest: the region as it now is.
+        let (eg, sel) = load(r, in_loop, steps);
+        rep.cost_after = cost::dag_cost(&eg, &sel);
+        rep.parts_after = cost::dag_parts(&eg, &sel);
     }
     rep.nodes_after = r.graph.node_count();
     rep
+}
+
+/// The rules named (comma-separated) in `LOOPC_DISABLE_RULES`, for measuring one rule's effect
+/// (`loopc explain` then shows it unfired). Read per call: the pass is run once per compile.
+pub fn disabled(rule: &str) -> bool {
+    std::env::var("LOOPC_DISABLE_RULES").is_ok_and(|v| v.split(',').any(|r| r.trim() == rule))
+}
+
+/// `r` as an e-graph with its own nodes as the selection (what the program costs as it is).
+fn load(r: &Region, in_loop: bool, steps: usize) -> (TGraph, cost::Selection) {
+    let analysis = TensorAnalysis {
+        params: r.params.clone(),
+        opaque: vec![],
+        in_loop,
+        steps,
+        roots: vec![],
+    };
+    let mut eg: TGraph = egg::EGraph::new(analysis);
+    let mut ids: HashMap<NodeId, Id> = HashMap::new();
+    let mut original: HashMap<Id, TNode> = HashMap::new();
+    for n in r.topo_order() {
+        let children: Vec<Id> = r.operands(n).iter().map(|o| ids[o]).collect();
+        let top = to_top(&r.node(n).op, &mut eg.analysis.opaque);
+        let node = TNode::new(top, children);
+        let id = eg.add(node.clone());
+        original.entry(id).or_insert(node);
+        ids.insert(n, id);
+    }
+    eg.rebuild();
+    let roots: Vec<Id> = r.results.iter().map(|n| ids[n]).collect();
+    eg.analysis.roots = roots.clone();
+    (
+        eg,
+        cost::Selection {
+            choice: original,
+            roots,
+        },
+    )
 }
 
 /// The graph IR of an extracted selection (`None` if some class has no typed node).

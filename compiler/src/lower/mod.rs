@@ -15,7 +15,8 @@ use loopc_runtime::artifact::MatPart;
 use loopc_runtime::artifact::{
     Arg, BufId, BufferDecl, CachePolicy, Criterion, Derive, DerivedWeight, Epilogue, EwIn, EwOp,
     ExitPolicy, GluEpilogue, Instr, KernelDecl, KernelSpec, KvSite, Manifest, NormEpilogue,
-    Program, Recur, RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl, FORMAT_VERSION,
+    Program, Recur, RopeEpilogue, RopeStyle, RopeTable, Rows, StateInit, WRef, WeightDecl,
+    FORMAT_VERSION,
 };
 use std::collections::HashMap;
 
@@ -625,18 +626,57 @@ impl Lowerer {
                 self.tuples.insert((in_loop, n), vec![sum, y]);
                 return Ok(());
             }
-            Op::LinearParts { parts, row_scale } => {
-                let (x, w, epi, _) =
+            Op::LinearParts {
+                parts,
+                row_scale,
+                ropes,
+            } => {
+                let (x, w, epi, mut i) =
                     self.matmul_operands(r, &ops, vals, "linear_parts", *row_scale, false)?;
+                let mut epis = vec![epi; parts.len()];
+                for (j, rot) in ropes.iter().enumerate() {
+                    let (Some(rot), Some(e)) = (rot, epis.get_mut(j)) else {
+                        continue;
+                    };
+                    let head_dim = parts[j] / rot.heads;
+                    e.rope = Some(RopeEpilogue {
+                        table: self.rope_table(head_dim, rot.base),
+                        head_dim,
+                        style: match rot.style {
+                            DRope::Interleaved => RopeStyle::Interleaved,
+                            DRope::Half => RopeStyle::Half,
+                        },
+                    });
+                    if rot.bias {
+                        e.bias = Some(self.wref(r, ops[i])?.ok_or_else(|| {
+                            LowerError("`linear_parts` rope bias must be a weight".into())
+                        })?);
+                        i += 1;
+                    }
+                }
                 let outs: Vec<BufId> = parts
                     .iter()
                     .map(|&c| self.buffer("linear_part".into(), c))
                     .collect();
-                out.push(Instr::MatMulParts {
-                    x,
-                    w,
-                    parts: outs.iter().map(|&o| MatPart { out: o, epi }).collect(),
-                });
+                if let ([o], [e]) = (&outs[..], &epis[..]) {
+                    // One part (a lone rotated q or k): the plain matmul with that epilogue.
+                    out.push(Instr::MatMul {
+                        x,
+                        w,
+                        out: *o,
+                        epi: *e,
+                    });
+                } else {
+                    out.push(Instr::MatMulParts {
+                        x,
+                        w,
+                        parts: outs
+                            .iter()
+                            .zip(epis)
+                            .map(|(&o, epi)| MatPart { out: o, epi })
+                            .collect(),
+                    });
+                }
                 self.tuples.insert((in_loop, n), outs);
                 return Ok(());
             }

@@ -94,6 +94,11 @@ fn w(m: &Manifest, r: &WRef) -> String {
     }
 }
 
+/// A rotary epilogue: `rope[i] <style> hd=<head_dim> t<table>`.
+fn rope(at: &str, rp: &loopc_runtime::artifact::RopeEpilogue) -> String {
+    format!("rope{at} {:?} hd={} t{}", rp.style, rp.head_dim, rp.table)
+}
+
 fn instrs(s: &mut String, m: &Manifest, v: &[Instr], ind: &str) {
     for i in v {
         let line = match i {
@@ -112,6 +117,9 @@ fn instrs(s: &mut String, m: &Manifest, v: &[Instr], ind: &str) {
                 if let Some(g) = &epi.glu {
                     l += &format!(" glu {:?} block={} -> b{}", g.act, g.block, g.out);
                 }
+                if let Some(rp) = &epi.rope {
+                    l += &format!(" {}", rope("", rp));
+                }
                 if let Some(nm) = &epi.norm {
                     l += &format!(" norm eps={:?}", nm.eps);
                     if nm.normalize {
@@ -129,25 +137,25 @@ fn instrs(s: &mut String, m: &Manifest, v: &[Instr], ind: &str) {
             Instr::MatMulParts { x, w: wr, parts } => {
                 let outs: Vec<String> = parts.iter().map(|p| format!("b{}", p.out)).collect();
                 let mut l = format!("{} = matmul b{x}, {}ᵀ", outs.join(", "), w(m, wr));
-                // One epilogue shared by every part (the merged Q/K/V row scale) prints once.
-                let shared = parts.iter().all(|p| p.epi == parts[0].epi);
+                // A row scale shared by every part (the merged Q/K/V's) prints once.
+                let shared = parts
+                    .iter()
+                    .all(|p| p.epi.row_scale == parts[0].epi.row_scale);
+                if let (true, Some(s)) = (shared, parts[0].epi.row_scale) {
+                    l += &format!(" rowscale b{s}");
+                }
                 for (i, p) in parts.iter().enumerate() {
-                    if shared && i > 0 {
-                        break;
-                    }
-                    let at = if shared {
-                        String::new()
-                    } else {
-                        format!("[{i}]")
-                    };
-                    if let Some(s) = p.epi.row_scale {
-                        l += &format!(" rowscale{at} b{s}");
+                    if let (false, Some(s)) = (shared, p.epi.row_scale) {
+                        l += &format!(" rowscale[{i}] b{s}");
                     }
                     if let Some(b) = &p.epi.bias {
-                        l += &format!(" bias{at} {}", w(m, b));
+                        l += &format!(" bias[{i}] {}", w(m, b));
                     }
                     if let Some(r) = p.epi.residual {
-                        l += &format!(" +{at} b{r}");
+                        l += &format!(" +[{i}] b{r}");
+                    }
+                    if let Some(rp) = &p.epi.rope {
+                        l += &format!(" {}", rope(&format!("[{i}]"), rp));
                     }
                 }
                 l

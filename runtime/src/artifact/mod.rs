@@ -587,6 +587,24 @@ pub struct Epilogue {
     /// A row reduction over the finished rows (after every other term).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub norm: Option<NormEpilogue>,
+    /// Rotary embedding of each head of the output row, after the other per-element terms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope: Option<RopeEpilogue>,
+}
+
+/// `out[r, :] = rope(p[r, :], pos(r))`: each head of `head_dim` columns of the epilogue's
+/// result `p` (after row scale, bias and residual) rotated as [`KernelSpec::Rope`] does, with
+/// the `cos`/`sin` of rope table `table` at row `r`'s absolute position (the row's position in
+/// its own sequence, as the `Rope` kernel gets it through `pos0` and the runtime's per-run
+/// calls). With a bias this is `RopeBias` in the product's store: `rope(s ⊙ (x · Wᵀ) + b)`.
+/// A backend computes whole heads per block of output columns and rotates each while it is in
+/// cache. Not combined with [`GluEpilogue`] or [`NormEpilogue`]; `n_out` is a multiple of
+/// `head_dim`, which is the table's.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct RopeEpilogue {
+    pub table: u32,
+    pub head_dim: usize,
+    pub style: RopeStyle,
 }
 
 /// The second phase of an epilogue, once every column block of a row is stored: with
@@ -628,6 +646,7 @@ impl Epilogue {
             && self.bias.is_none()
             && self.glu.is_none()
             && self.norm.is_none()
+            && self.rope.is_none()
     }
 
     /// The buffers the epilogue reads.

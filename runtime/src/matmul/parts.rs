@@ -48,6 +48,30 @@ impl Layout<'_> {
             }
         }
     }
+
+    /// Global column `j` moved up to the next start of a whole block of its part's epilogue
+    /// (a rotary head), or to the part's end: chunks cut at snapped columns give every part
+    /// pieces that start and end on its blocks. Monotone in `j`.
+    #[inline]
+    fn snap(&self, j: usize) -> usize {
+        for d in &self.d[..self.len] {
+            if j < d.off + d.n {
+                let local = (j.max(d.off) - d.off).next_multiple_of(d.epi.align());
+                return d.off + local.min(d.n);
+            }
+        }
+        j
+    }
+
+    /// Calls `f(part, a, b)` for every piece of chunk `[j0, j1)` of the (unsnapped) uniform
+    /// split, after snapping both ends.
+    #[inline]
+    fn snapped_pieces(&self, j0: usize, j1: usize, f: impl FnMut(&Dst, usize, usize)) {
+        let (a, b) = (self.snap(j0), self.snap(j1));
+        if a < b {
+            self.pieces(a, b, f);
+        }
+    }
 }
 
 /// `x · wᵀ` with `x: [m, k]`, `w: [Σ nᵢ, k]`, columns `offᵢ .. offᵢ + nᵢ` into `parts[i]`
@@ -123,7 +147,7 @@ pub fn matmul_parts(x: &[f32], w: &[f32], parts: &mut [Part], m: usize, k: usize
             let mut j0 = 0;
             while j0 < n {
                 let j1 = (j0 + rows).min(n);
-                lay.pieces(j0, j1, |d, a, b| gemv_piece(d, a, b, m));
+                lay.snapped_pieces(j0, j1, |d, a, b| gemv_piece(d, a, b, m));
                 j0 = j1;
             }
             return;
@@ -135,7 +159,7 @@ pub fn matmul_parts(x: &[f32], w: &[f32], parts: &mut [Part], m: usize, k: usize
         let lay = &lay;
         (0..n.div_ceil(rows)).into_par_iter().for_each(|c| {
             let j0 = c * rows;
-            lay.pieces(j0, (j0 + rows).min(n), |d, a, b| gemv_piece(d, a, b, m));
+            lay.snapped_pieces(j0, (j0 + rows).min(n), |d, a, b| gemv_piece(d, a, b, m));
         });
         return;
     }
@@ -169,7 +193,7 @@ pub fn matmul_parts(x: &[f32], w: &[f32], parts: &mut [Part], m: usize, k: usize
             if j0 >= n {
                 return;
             }
-            lay.pieces(j0, (j0 + cols).min(n), |d, a, b| {
+            lay.snapped_pieces(j0, (j0 + cols).min(n), |d, a, b| {
                 gemm_piece(d, a, b, gemm::Parallelism::None);
                 // SAFETY: this task's columns of the part, every row.
                 unsafe { d.epi.apply(d.ptr as *mut f32, d.n, 0, m, a - d.off, b - a) };
@@ -315,6 +339,109 @@ mod tests {
         every_epilogue(520, 32, &[20, 12, 12], 1);
     }
 
+    /// Parts with a rotary epilogue (row scale and bias before it), on scattered positions,
+    /// against the naive product rotated in f64. `ropes[i]`: part i's head size (0: none).
+    fn check_rope(m: usize, k: usize, widths: &[usize], ropes: &[usize], threads: usize) {
+        use crate::artifact::{RopeStyle, RopeTable};
+        use crate::matmul::{RopeEpi, RowPos};
+        use crate::test_util::{rope_rows, test_positions};
+        let mut s = 5 + m as u64;
+        let n: usize = widths.iter().sum();
+        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+        let sc: Vec<f32> = (0..m).map(|_| 1.0 + lcg(&mut s)).collect();
+        let bias: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|&p| (0..p).map(|_| lcg(&mut s)).collect())
+            .collect();
+        let tables: Vec<crate::rope::Rope> = ropes
+            .iter()
+            .map(|&hd| {
+                let mut t = crate::rope::Rope::new(&RopeTable {
+                    head_dim: hd.max(2),
+                    base: 500.0,
+                });
+                t.ensure(m + 128).unwrap();
+                t
+            })
+            .collect();
+        let full = naive(&x, &w, m, k, n);
+        for (style, pos0) in [(RopeStyle::Half, None), (RopeStyle::Interleaved, Some(3))] {
+            let pos = test_positions(m, pos0);
+            let mut outs: Vec<Vec<f32>> = widths.iter().map(|&p| vec![f32::NAN; m * p]).collect();
+            let mut parts: Vec<Part> = outs
+                .iter_mut()
+                .enumerate()
+                .map(|(i, o)| Part {
+                    out: &mut o[..],
+                    n: widths[i],
+                    epi: Epi {
+                        row_scale: Some(&sc[..]),
+                        bias: Some(&bias[i][..]),
+                        rope: (ropes[i] > 0).then(|| RopeEpi {
+                            cos: tables[i].cos(),
+                            sin: tables[i].sin(),
+                            head_dim: ropes[i],
+                            style,
+                            pos: match pos0 {
+                                Some(p0) => RowPos::From(p0),
+                                None => RowPos::Rows(&pos),
+                            },
+                        }),
+                        ..Epi::default()
+                    },
+                })
+                .collect();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| matmul_parts(&x, &w, &mut parts, m, k, threads));
+            drop(parts);
+            let tol = 1e-5 * (k as f32).sqrt().max(4.0);
+            let mut off = 0;
+            for (i, &p) in widths.iter().enumerate() {
+                let mut want: Vec<f64> = (0..m * p)
+                    .map(|e| {
+                        let (r, j) = (e / p, e % p);
+                        full[r * n + off + j] as f64 * sc[r] as f64 + bias[i][j] as f64
+                    })
+                    .collect();
+                if ropes[i] > 0 {
+                    let t = &tables[i];
+                    rope_rows(&mut want, p, ropes[i], style, &pos, t.cos(), t.sin());
+                }
+                for (e, (&got, &want)) in outs[i].iter().zip(&want).enumerate() {
+                    let want = want as f32;
+                    assert!(
+                        (got - want).abs() <= tol * (1.0 + want.abs()),
+                        "m={m} k={k} parts={widths:?} ropes={ropes:?} threads={threads} \
+                         {style:?}: part {i} [{}, {}] = {got}, want {want}",
+                        e / p,
+                        e % p
+                    );
+                }
+                off += p;
+            }
+        }
+    }
+
+    /// Every path with rotary parts: an unrotated part first, so the rotated ones start at
+    /// columns that are not multiples of their head size (the split must snap to their heads),
+    /// and head sizes that do not divide the blocks of 4/16 columns.
+    #[test]
+    fn rope_parts_on_every_path() {
+        let (w, r) = (&[20usize, 48, 24][..], &[0usize, 8, 6][..]);
+        check_rope(1, 512, w, r, 4); // threaded GEMV, chunks of 8 rows
+        check_rope(1, 96, w, r, 1); // serial GEMV
+        check_rope(5, 512, w, r, 4); // threaded few-row GEMV
+        check_rope(8, 4096, &[36, 96, 60], &[0, 6, 12], 1); // serial L2 blocks of 64 rows
+        check_rope(64, 256, &[100, 128, 72], &[0, 64, 6], 4); // column split
+        check_rope(600, 64, &[100, 36, 60], &[0, 6, 6], 4); // gemm's own threading
+        check_rope(3, 0, &[4, 8, 4], &[0, 4, 2], 4); // k = 0
+        check_rope(1, 512, &[96], &[32], 4); // one rotated part
+    }
+
     /// Degenerate shapes: no inner dimension (the product is zero, the epilogue still applies),
     /// a few rows below the parallel threshold.
     #[test]
@@ -331,6 +458,119 @@ mod tests {
 #[cfg(test)]
 mod bench {
     use super::*;
+
+    /// `cargo test -p loopc-runtime --lib qkv_rope_epilogue_vs_separate_pass -- --ignored
+    /// --nocapture` (with optimizations): the d = 1024 QKV product (Huginn: 16 heads of 64,
+    /// interleaved, q/k bias) with the bias and rotation in its store, against the product
+    /// followed by a separate in-place pass over q and k (a Rust loop standing in for the
+    /// `RopeBias` kernel, same maths), at m = 1 (decode) and m = 128 (prefill), alternating,
+    /// minimum over rounds.
+    #[test]
+    #[ignore]
+    fn qkv_rope_epilogue_vs_separate_pass() {
+        use crate::artifact::{RopeStyle, RopeTable};
+        use crate::matmul::{RopeEpi, RowPos};
+        let (k, n, hd) = (1024usize, 1024usize, 64usize);
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut table = crate::rope::Rope::new(&RopeTable {
+            head_dim: hd,
+            base: 50000.0,
+        });
+        table.ensure(4096).unwrap();
+        let w: Vec<f32> = (0..3 * n * k).map(|i| (i % 13) as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..n).map(|i| (i % 5) as f32 * 0.1).collect();
+        for m in [1usize, 128] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let s: Vec<f32> = vec![0.5; m];
+            let rope = RopeEpi {
+                cos: table.cos(),
+                sin: table.sin(),
+                head_dim: hd,
+                style: RopeStyle::Interleaved,
+                pos: RowPos::From(1000),
+            };
+            let scaled = Epi {
+                row_scale: Some(&s),
+                ..Epi::default()
+            };
+            let fused_epi = Epi {
+                bias: Some(&b),
+                rope: Some(rope),
+                ..scaled
+            };
+            let mut o = vec![vec![0f32; m * n]; 3];
+            let mut fused = || {
+                let epis = [fused_epi, fused_epi, scaled];
+                let mut parts: Vec<Part> = o
+                    .iter_mut()
+                    .zip(epis)
+                    .map(|(o, epi)| Part { out: o, n, epi })
+                    .collect();
+                matmul_parts(&x, &w, &mut parts, m, k, threads);
+            };
+            let mut o2 = vec![vec![0f32; m * n]; 3];
+            let mut separate = || {
+                let mut parts: Vec<Part> = o2
+                    .iter_mut()
+                    .map(|o| Part {
+                        out: o,
+                        n,
+                        epi: scaled,
+                    })
+                    .collect();
+                matmul_parts(&x, &w, &mut parts, m, k, threads);
+                drop(parts);
+                let pass = Epi {
+                    bias: Some(&b),
+                    rope: Some(rope),
+                    ..Epi::default()
+                };
+                for q in o2.iter_mut().take(2) {
+                    let rows = m.div_ceil(threads).max(1);
+                    let qp = q.as_mut_ptr() as usize;
+                    (0..m.div_ceil(rows)).into_par_iter().for_each(|c| {
+                        let r0 = c * rows;
+                        // SAFETY: disjoint row blocks of an [m, n] buffer.
+                        unsafe { pass.apply(qp as *mut f32, n, r0, (r0 + rows).min(m), 0, n) };
+                    });
+                }
+            };
+            let reps = if m == 1 { 200 } else { 10 };
+            let time = |f: &mut dyn FnMut()| {
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    f();
+                }
+                t.elapsed().as_secs_f64() / reps as f64
+            };
+            let (mut a, mut bt) = (f64::INFINITY, f64::INFINITY);
+            pool.install(|| {
+                for round in 0..10 {
+                    if round % 2 == 0 {
+                        a = a.min(time(&mut separate));
+                        bt = bt.min(time(&mut fused));
+                    } else {
+                        bt = bt.min(time(&mut fused));
+                        a = a.min(time(&mut separate));
+                    }
+                }
+            });
+            assert_eq!(
+                o, o2,
+                "the fused and separate forms compute the same values"
+            );
+            println!(
+                "m={m} threads={threads}: product + RopeBias pass {:.3} ms, rope epilogue {:.3} ms, ratio {:.3}",
+                a * 1e3,
+                bt * 1e3,
+                bt / a
+            );
+        }
+    }
 
     #[test]
     #[ignore]

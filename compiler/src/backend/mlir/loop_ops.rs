@@ -421,6 +421,9 @@ impl<'c, 'a> Operands for Scope<'c, 'a> {
     fn weight_value(&mut self, w: &WRef) -> Result<Self::V, MlirError> {
         self.weight(w)
     }
+    fn table_value(&mut self, t: u32, cos: bool) -> Result<Self::V, MlirError> {
+        self.table(t, cos)
+    }
     fn unranked_value(&mut self, v: Self::V) -> Result<Self::V, MlirError> {
         self.unranked(v)
     }

@@ -318,6 +318,8 @@ pub(super) trait Operands {
     type E;
     fn buf_value(&mut self, b: BufId) -> Result<Self::V, Self::E>;
     fn weight_value(&mut self, w: &WRef) -> Result<Self::V, Self::E>;
+    /// A rope table's `cos` (or `sin`) rows.
+    fn table_value(&mut self, t: u32, cos: bool) -> Result<Self::V, Self::E>;
     fn unranked_value(&mut self, v: Self::V) -> Result<Self::V, Self::E>;
 }
 
@@ -329,6 +331,13 @@ impl Operands for Scope<'_> {
     }
     fn weight_value(&mut self, w: &WRef) -> Result<Self::V, Self::E> {
         Ok((self.weight(w), wty(w)))
+    }
+    fn table_value(&mut self, t: u32, cos: bool) -> Result<Self::V, Self::E> {
+        Ok(self.arg(&if cos {
+            Arg::RopeCos(t)
+        } else {
+            Arg::RopeSin(t)
+        }))
     }
     fn unranked_value(&mut self, v: Self::V) -> Result<Self::V, Self::E> {
         Ok(self.unranked(v))
@@ -379,6 +388,13 @@ pub(super) fn epilogue_operands<S: Operands>(
             nm.gain.is_some(),
             nm.inv_rms.is_some()
         ));
+    }
+    if let Some(rp) = &epi.rope {
+        for cos in [true, false] {
+            let v = s.table_value(rp.table, cos)?;
+            ops.push(s.unranked_value(v)?);
+        }
+        terms.push(format!("rope({:?},head_dim={})", rp.style, rp.head_dim));
     }
     Ok(terms)
 }
