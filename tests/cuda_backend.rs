@@ -988,3 +988,66 @@ fn support_kernels_match_the_runtime_formulas_in_the_simulator() {
         assert_eq!(mem.read(d), want, "select_rows");
     }
 }
+
+/// `rope_rows` (the rotary epilogue term) against the runtime's own rotation of the CPU
+/// epilogue, both styles, head sizes with an odd half (6) and the families' (64, 80), several
+/// heads a row, rows at `pos0 + r` past the first positions of the tables.
+#[test]
+fn rope_rows_matches_the_runtime_rotation_in_the_simulator() {
+    use loopc_runtime::matmul::{RopeEpi, RowPos};
+    let mut rng = Rng(29);
+    for style in [RopeStyle::Interleaved, RopeStyle::Half] {
+        for (head_dim, heads, rows, pos0) in [
+            (6usize, 5usize, 3usize, 0usize),
+            (64, 3, 4, 17),
+            (80, 2, 3, 300),
+        ] {
+            let (n, half) = (heads * head_dim, head_dim / 2);
+            let positions = pos0 + rows + 5;
+            // The runtime's table formula (`rope.rs`): `pos / base^(2i/d)` in f64, rounded.
+            let (mut cos, mut sin) = (
+                vec![0.0f32; positions * half],
+                vec![0.0f32; positions * half],
+            );
+            for p in 0..positions {
+                for k in 0..half {
+                    let t = p as f64 / 10000f64.powf((2 * k) as f64 / head_dim as f64);
+                    cos[p * half + k] = t.cos() as f32;
+                    sin[p * half + k] = t.sin() as f32;
+                }
+            }
+            let x = rng.vec(rows * n, -2.0, 2.0);
+            let mut mem = Mem::new();
+            let out = mem.f32s(&x);
+            let (ca, sa) = (mem.f32s(&cos), mem.f32s(&sin));
+            let args = [
+                V::I(out),
+                V::I(ca),
+                V::I(sa),
+                i(rows),
+                i(n),
+                i(head_dim),
+                V::I(support::rope_style_code(style)),
+                i(pos0),
+            ];
+            run_support(support::ROPE_ROWS, &mut mem, rows, &args);
+            let rp = RopeEpi {
+                cos: &cos,
+                sin: &sin,
+                head_dim,
+                style,
+                pos: RowPos::From(pos0),
+            };
+            let mut want = x.clone();
+            for (r, row) in want.chunks_mut(n).enumerate() {
+                rp.rotate(row, pos0 + r);
+            }
+            let got = mem.read(out);
+            // The device rounds `a·c − b·s` once less (an fma, as the generated `Rope` kernel).
+            let what = format!("rope_rows {style:?} head_dim={head_dim} pos0={pos0}");
+            let worst = worst_rel(&what, &[want.clone()], &[got.clone()], 1e-6);
+            eprintln!("{what}: max relative |Δ| = {worst:.1e}");
+            assert_ne!(got, x, "{what}: nothing was rotated");
+        }
+    }
+}

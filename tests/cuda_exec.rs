@@ -303,6 +303,52 @@ fn unsupported_policies_and_incomplete_images_are_errors() {
     assert!(e.contains("lacks the support kernel `embed`"), "{e}");
 }
 
+/// Whether a program applies a rotary epilogue anywhere.
+fn has_rope_epilogue(m: &loopc_runtime::artifact::Manifest) -> bool {
+    use loopc_runtime::artifact::Instr;
+    let p = &m.program;
+    let body = p.recur.iter().flat_map(|r| r.body.iter());
+    p.prelude
+        .iter()
+        .chain(body)
+        .chain(p.coda.iter())
+        .any(|ins| match ins {
+            Instr::MatMul { epi, .. } => epi.rope.is_some(),
+            Instr::MatMulParts { parts, .. } => parts.iter().any(|q| q.epi.rope.is_some()),
+            _ => false,
+        })
+}
+
+#[test]
+fn an_image_without_rope_rows_is_refused_for_a_rotary_epilogue() {
+    for (ex, cfg, w) in [
+        ("huginn", HUGINN_CFG, HUGINN_W),
+        (
+            "ouro",
+            "ouro_tiny/config.json",
+            "ouro_tiny/model.safetensors",
+        ),
+    ] {
+        let a = artifact(ex, cfg, "fixed", "per_step", &[]);
+        assert!(
+            has_rope_epilogue(&a.manifest),
+            "{ex}: no rotary epilogue to check"
+        );
+        let mut c = as_cuda(&a);
+        c.manifest
+            .cuda
+            .as_mut()
+            .unwrap()
+            .support
+            .retain(|s| s.name != "rope_rows");
+        let e = err(load(&c, w, Device::Cuda(0)));
+        assert!(
+            e.contains("lacks the support kernel `rope_rows`"),
+            "{ex}: {e}"
+        );
+    }
+}
+
 #[test]
 fn device_names_parse() {
     assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));

@@ -99,7 +99,7 @@ impl RopeEpi<'_> {
     /// Rotates every head of `o` (whole heads: callers split at `align()`) at position `pos`,
     /// as the `Rope` kernel: `(a, b) → (a·cos − b·sin, b·cos + a·sin)` per pair.
     #[inline]
-    fn rotate(&self, o: &mut [f32], pos: usize) {
+    pub fn rotate(&self, o: &mut [f32], pos: usize) {
         let half = self.head_dim / 2;
         let c = &self.cos[pos * half..(pos + 1) * half];
         let s = &self.sin[pos * half..(pos + 1) * half];

@@ -112,6 +112,12 @@ pub mod support {
     /// state of exited rows while the active ones take the new one.
     /// `(dst, src, mask: *const i32, rows: i64, n: i64)`.
     pub const SELECT_ROWS: &str = "select_rows";
+    /// [`RopeEpilogue`](crate::artifact::RopeEpilogue), in place after the other terms of a
+    /// product's (or part's) epilogue: each head of `head_dim` columns of row `r` of `out`
+    /// (`[rows, n]`, `n` a multiple of `head_dim`) rotated at position `pos0 + r` with the
+    /// `cos`/`sin` tables `[positions, head_dim/2]`; `style` is a [`rope_style_code`].
+    /// `(out, cos, sin, rows: i64, n: i64, head_dim: i64, style: i64, pos0: i64)`.
+    pub const ROPE_ROWS: &str = "rope_rows";
 
     /// Every support kernel, in a stable order.
     pub const ALL: &[&str] = &[
@@ -124,7 +130,16 @@ pub mod support {
         ROW_NORM,
         EXIT_LATENT,
         SELECT_ROWS,
+        ROPE_ROWS,
     ];
+
+    /// The `style` code of [`ROPE_ROWS`]: pairs `(2i, 2i + 1)` are 0, pairs `(i, i + d/2)` 1.
+    pub fn rope_style_code(style: crate::artifact::RopeStyle) -> i64 {
+        match style {
+            crate::artifact::RopeStyle::Interleaved => 0,
+            crate::artifact::RopeStyle::Half => 1,
+        }
+    }
 
     /// The `act` code of [`GLU`] for a unary [`EwOp`](crate::artifact::EwOp) of operand 0, or
     /// `None` when the device has no such activation.

@@ -44,6 +44,9 @@ fn needed(m: &Manifest) -> Result<Vec<&'static str>> {
                 if e.norm.is_some() {
                     need.push(support::ROW_NORM);
                 }
+                if e.rope.is_some() {
+                    need.push(support::ROPE_ROWS);
+                }
                 Ok(())
             };
             match ins {

@@ -5,9 +5,10 @@
 //! offset, stride or capacity) is an error here rather than a silent corruption on a GPU.
 
 use super::gpu::{grid, DevMem, Entry, Gemm, Gpu, Param, What};
-use crate::artifact::{cuda::support, EwOp};
+use crate::artifact::{cuda::support, EwOp, RopeStyle};
 use crate::error::{Result, RuntimeError};
 use crate::kernels::{KernelFn, Kernels};
+use crate::matmul::{RopeEpi, RowPos};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -308,6 +309,45 @@ impl Emu {
                     if unsafe { *mask.add(r) } != 0 {
                         unsafe { std::ptr::copy(src.add(r * n), dst.add(r * n), n) };
                     }
+                }
+            }
+            support::ROPE_ROWS => {
+                let (rows, n, hd, style, pos0) = (int(3)?, int(4)?, int(5)?, int(6)?, int(7)?);
+                if hd == 0 || hd % 2 == 1 || n % hd != 0 {
+                    return Err(RuntimeError::Cuda(format!(
+                        "emulator: rope_rows: {n} columns are not whole heads of even size {hd}"
+                    )));
+                }
+                let style = match style {
+                    0 => RopeStyle::Interleaved,
+                    1 => RopeStyle::Half,
+                    s => {
+                        return Err(RuntimeError::Cuda(format!(
+                            "emulator: rope_rows: unknown style code {s}"
+                        )))
+                    }
+                };
+                if rows == 0 || n == 0 {
+                    return Ok(());
+                }
+                let half = hd / 2;
+                let len = (pos0 + rows) * half;
+                let out = self.f32s(ptr(0)?, rows * n, "rope_rows out")?;
+                let cos = self.f32s(ptr(1)?, len, "rope_rows cos")?;
+                let sin = self.f32s(ptr(2)?, len, "rope_rows sin")?;
+                // The CPU epilogue's own rotation, so the emulator checks the launch, not the maths.
+                let rp = unsafe {
+                    RopeEpi {
+                        cos: std::slice::from_raw_parts(cos, len),
+                        sin: std::slice::from_raw_parts(sin, len),
+                        head_dim: hd,
+                        style,
+                        pos: RowPos::From(pos0),
+                    }
+                };
+                for r in 0..rows {
+                    let row = unsafe { std::slice::from_raw_parts_mut(out.add(r * n), n) };
+                    rp.rotate(row, pos0 + r);
                 }
             }
             _ => {

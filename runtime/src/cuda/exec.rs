@@ -247,10 +247,10 @@ impl DevState {
             let n = r.host.positions_held();
             if n > r.uploaded {
                 let half = r.host.half();
-                let what = "rotary tables";
+                // Named apart so that the launch log shows which table a kernel reads where.
                 let (cos, sin) = (
-                    gpu.alloc(4 * n * half, what)?,
-                    gpu.alloc(4 * n * half, what)?,
+                    gpu.alloc(4 * n * half, "rotary cos")?,
+                    gpu.alloc(4 * n * half, "rotary sin")?,
                 );
                 gpu.upload(cos.addr, bytes(r.host.cos()))?;
                 gpu.upload(sin.addr, bytes(r.host.sin()))?;

@@ -8,7 +8,7 @@ use crate::error::{Result, RuntimeError};
 
 impl Run<'_> {
     /// The epilogue's first phase over `rows` rows of `n` columns read from `p` (row stride
-    /// `p_stride`, column offset `p_off`) into `out`, then its gated and norm phases.
+    /// `p_stride`, column offset `p_off`) into `out`, then its rotary, gated and norm phases.
     #[allow(clippy::too_many_arguments)]
     fn epilogue(
         &self,
@@ -40,6 +40,32 @@ impl Run<'_> {
                     i(n),
                     i(p_stride),
                     i(p_off),
+                ],
+            )?;
+        }
+        if let Some(rp) = e.rope {
+            // Every row of the call is present (exited rows are frozen, not compacted), so row
+            // `r` is at `pos0 + r` as for the `Rope` kernel.
+            let t = self.ropes.get(rp.table as usize).ok_or_else(|| {
+                RuntimeError::Manifest(format!("rope table #{} does not exist", rp.table))
+            })?;
+            let addr = |m: &Option<crate::cuda::gpu::DevMem>| {
+                m.as_ref().map(|m| m.addr).ok_or_else(|| {
+                    RuntimeError::Manifest(format!("rope table #{} is not on the device", rp.table))
+                })
+            };
+            self.sup(
+                support::ROPE_ROWS,
+                rows,
+                &[
+                    p(self.buf(out)),
+                    p(addr(&t.cos)?),
+                    p(addr(&t.sin)?),
+                    i(rows),
+                    i(n),
+                    i(rp.head_dim),
+                    Param::I64(support::rope_style_code(rp.style)),
+                    i(self.pos0),
                 ],
             )?;
         }

@@ -454,7 +454,7 @@ fn head_rmsnorm(k: &mut Kern, heads: usize, head_dim: usize, eps: f32) {
 // Rotary embedding
 
 /// `(a, b) → (a·cos − b·sin, a·sin + b·cos)`, with the host kernels' roundings.
-fn rotate(fx: &mut Fx, a: &str, b: &str, c: &str, s: &str) -> (String, String) {
+pub fn rotate(fx: &mut Fx, a: &str, b: &str, c: &str, s: &str) -> (String, String) {
     let t = Ty::Scalar;
     let bs = fx.mul(t, b, s);
     let nbs = fx.neg(t, &bs);

@@ -6,7 +6,7 @@
 use super::super::math;
 use super::super::text::{Fx, Ty};
 use super::emit::*;
-use super::kernels::inv_rms_dyn;
+use super::kernels::{inv_rms_dyn, rotate};
 use super::math64;
 use loopc_runtime::artifact::cuda::support as names;
 use loopc_runtime::artifact::CudaKernel;
@@ -148,6 +148,21 @@ pub fn kernel(name: &str) -> Option<(String, CudaKernel)> {
                 ("mask", Ptr),
                 ("rows", I64),
                 ("n", I64),
+            ],
+            BLOCK,
+            1,
+        )),
+        names::ROPE_ROWS => rope_rows(Kern::new(
+            name,
+            &[
+                ("out", Ptr),
+                ("cos", Ptr),
+                ("sin", Ptr),
+                ("rows", I64),
+                ("n", I64),
+                ("head_dim", I64),
+                ("style", I64),
+                ("pos0", I64),
             ],
             BLOCK,
             1,
@@ -549,5 +564,50 @@ fn select_rows(mut k: Kern) -> Kern {
             st(fx, &v, &dst, &at);
         });
         k.fx.close("}");
+    })
+}
+
+/// Rotates each head of row `r` in place at position `pos0 + r`, one pair a thread over the
+/// row's `n / 2` pairs, with the generated `Rope` kernel's roundings; `style` 1 pairs
+/// `(i, i + d/2)`, else `(2i, 2i + 1)`.
+fn rope_rows(mut k: Kern) -> Kern {
+    let out = k.ptr("out");
+    let cos = k.ptr("cos");
+    let sin = k.ptr("sin");
+    let [n, hd, style, pos0] = ["n", "head_dim", "style", "pos0"].map(|x| k.param(x));
+    let fx = &mut k.fx;
+    let two = c64(fx, 2);
+    let one = c64(fx, 1);
+    let half = ibin(fx, "divui", &hd, &two);
+    let pairs = ibin(fx, "divui", &n, &two);
+    let zero = c64(fx, 0);
+    let split = cmp(fx, "ne", &style, &zero);
+    each_row(k, |k, r| {
+        let fx = &mut k.fx;
+        let pos = add(fx, &pos0, r);
+        let table_row = mul(fx, &pos, &half);
+        let row = mul(fx, r, &n);
+        columns(k, &pairs, |fx, e| {
+            let h = ibin(fx, "divui", e, &half);
+            let i = ibin(fx, "remui", e, &half);
+            let ti = add(fx, &table_row, &i);
+            let c = ld(fx, &cos, &ti);
+            let s = ld(fx, &sin, &ti);
+            let head = mul(fx, &h, &hd);
+            let head = add(fx, &row, &head);
+            // Offsets of the pair within the head.
+            let i2 = mul(fx, &i, &two);
+            let ia = fx.op(format!("arith.select {split}, {i}, {i2} : i64"));
+            let ih = add(fx, &i, &half);
+            let i21 = add(fx, &i2, &one);
+            let ib = fx.op(format!("arith.select {split}, {ih}, {i21} : i64"));
+            let at_a = add(fx, &head, &ia);
+            let at_b = add(fx, &head, &ib);
+            let a = ld(fx, &out, &at_a);
+            let b = ld(fx, &out, &at_b);
+            let (a2, b2) = rotate(fx, &a, &b, &c, &s);
+            st(fx, &a2, &out, &at_a);
+            st(fx, &b2, &out, &at_b);
+        });
     })
 }
