@@ -313,7 +313,7 @@ impl Emu {
             }
             support::ROPE_ROWS => {
                 let (rows, n, hd, style, pos0) = (int(3)?, int(4)?, int(5)?, int(6)?, int(7)?);
-                if hd == 0 || hd % 2 == 1 || n % hd != 0 {
+                if hd == 0 || !hd.is_multiple_of(2) || !n.is_multiple_of(hd) {
                     return Err(RuntimeError::Cuda(format!(
                         "emulator: rope_rows: {n} columns are not whole heads of even size {hd}"
                     )));
