@@ -189,11 +189,11 @@ bench() {
   for r in "${RS[@]}"; do
     say "benchmark r=$r"
     timeout "$(limit 120)" "$BIN" bench "$art" --weights "$weights" --steps "$r" --prompt-len "$plen" \
-      --new-tokens "$ntok" --reps "$reps" --device "$dev" >>"$OUT/bench.jsonl" 2>>"$WORK/bench.log" \
-      || { say "loopc bench r=$r failed:"; tail -3 "$WORK/bench.log" >&2; }
+      --new-tokens "$ntok" --reps "$reps" --device "$dev" >>"$OUT/bench.jsonl" 2>"$WORK/bench.loopc.r$r.log" \
+      || { say "loopc bench r=$r failed:"; tail -3 "$WORK/bench.loopc.r$r.log" >&2; }
     timeout "$(limit 120)" $PY tools/reference/bench_ref.py --weights "$weights" --r "$r" --prompt-len "$plen" \
       --new-tokens "$ntok" --reps "$reps" --device "$torch_dev" --threads "$(nproc)" \
-      >>"$OUT/bench.jsonl" 2>>"$WORK/bench.log" || { say "torch r=$r failed:"; tail -3 "$WORK/bench.log" >&2; }
+      >>"$OUT/bench.jsonl" 2>"$WORK/bench.torch.r$r.log" || { say "torch r=$r failed:"; tail -3 "$WORK/bench.torch.r$r.log" >&2; }
   done
   $PY scripts/gpu_check_report.py bench "$OUT/bench.jsonl" | tee "$OUT/bench.md"
 }

@@ -63,10 +63,6 @@ impl DevMem {
         DevMem { addr, _own: owner }
     }
 
-    pub fn addr(&self) -> u64 {
-        self.addr
-    }
-
     /// The address of element `i` of an `f32`/`i32` array.
     #[inline]
     pub(crate) fn at(&self, i: usize) -> u64 {
