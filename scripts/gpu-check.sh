@@ -2,12 +2,15 @@
 # The CUDA check on a GPU machine (issue 6), from binaries and artifacts built beforehand here:
 # the GPU machine has no Rust toolchain and no registry.
 #
-#   scripts/gpu-check.sh --prepare   # here: release loopc (--features cuda), CPU and CUDA
-#                                    # artifacts, into target/gpu-check (the one carry path)
+#   scripts/gpu-check.sh --prepare   # here: release loopc (--features cuda, no LLVM needed to
+#                                    # run), CPU and CUDA artifacts, into target/gpu-check (the one
+#                                    # carry path, ~10 MiB)
 #   scripts/gpu-check.sh             # on the GPU machine: parity suite + decode benchmark
-#   scripts/gpu-check.sh --dry-run   # here, no GPU: the same logic with `--device cuda-emu`
-#                                    # (the CUDA executor over host memory), torch on the CPU and
-#                                    # a tiny benchmark config
+#   scripts/gpu-check.sh --dry-run   # here, no GPU: the parity logic with `--device cuda-emu` (the
+#                                    # CUDA executor over host memory), torch on the CPU, a tiny
+#                                    # benchmark config; after --prepare it runs the carried binary
+#                                    # and CPU artifacts, and loads every prepared CUDA artifact with
+#                                    # `--device cuda` up to the driver (which this machine lacks)
 #
 # Parity: for each case, `loopc run --dump-logits` with the CPU artifact on the CPU and with the
 # CUDA artifact on the GPU, same prompt, greedy decode; the table gives max |Δ| of the prefill and
@@ -18,12 +21,19 @@
 # tools/reference/bench_ref.py, 1.9 GB) at r ∈ {4, 8, 32}: `loopc bench --device cuda` next to
 # PyTorch eager (`bench_ref.py --device cuda`) on the same GPU, prompt 128, 32 decode tokens.
 #
-# Environment: LOOPC_BUILDER (--prepare) a loopc that can `build --target cuda` (built with the
-# `mlir` feature; default: the release binary); PYTHON (default python3, or the torch venv here
-# for --dry-run); OUT (where the reports go; default target/gpu-check/out or …-dry/out);
-# LOOPC_BIN (--dry-run) a loopc to use instead of building target/debug/loopc; BUDGET (seconds,
+# Environment: LOOPC_BUILDER (--prepare) a loopc that can `build --target cuda`, i.e. built with
+# the `mlir` feature (default: target/mlir/debug/loopc, from
+#   MLIR_SYS_220_PREFIX=/usr/lib/llvm-22 TABLEGEN_220_PREFIX=/usr/lib/llvm-22 \
+#   CARGO_TARGET_DIR=target/mlir cargo build -j2 --features mlir,cuda --bin loopc);
+# PYTHON (default python3, or the torch venv here for --dry-run); OUT (where the reports go;
+# default target/gpu-check/out or …-dry/out; the device tool sets it); LOOPC_BIN (--dry-run
+# without --prepare) a loopc to use instead of building target/debug/loopc; BUDGET (seconds,
 # default 450) caps the whole run: each command's timeout is cut to what is left.
-# On the device tool: carry ["target/gpu-check"], command `scripts/gpu-check.sh`, timeout ~540 s.
+#
+# On the device tool (from the checkout the session runs the tool from, after --prepare there):
+#   run(command="scripts/gpu-check.sh", carry=["target/gpu-check"], timeout_s=540)
+# The reports come back in $OUT (at most 8 files): parity.md, bench.md, bench.jsonl and
+# logs.tar.gz (every run's log and logits dump); the tables are also at the end of the output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +48,8 @@ esac
 DIR=target/gpu-check
 [ "$MODE" = dry ] && DIR=target/gpu-check-dry
 BIN=$DIR/loopc
+# Where the binary and the artifacts are read from (the dry run reads the prepared ones if any).
+ART=$DIR
 PROMPT="3 17 5 9 1 22 8"
 NEW_TOKENS=8
 T0=$(date +%s)
@@ -97,7 +109,12 @@ prepare() {
   mkdir -p "$DIR"
   # Debug info stripped: the carried tree is limited to 64 MiB.
   objcopy --strip-debug target/release/loopc "$BIN"
-  local builder=${LOOPC_BUILDER:-$BIN}
+  local builder=${LOOPC_BUILDER:-target/mlir/debug/loopc}
+  if [ ! -x "$builder" ]; then
+    echo "error: no loopc that can \`build --target cuda\` at $builder: build one with --features mlir,cuda (see the header of $0) or set LOOPC_BUILDER" >&2
+    exit 1
+  fi
+  say "CUDA artifacts built with $builder"
   for a in "${ARTIFACTS[@]}"; do
     build_artifact "$BIN" cpu "$a"
     if ! build_artifact "$builder" cuda "$a"; then
@@ -148,16 +165,16 @@ parity() {
     names+=("$name")
     # shellcheck disable=SC2086
     for side in cpu gpu; do
-      local dev=cpu a="$DIR/$art.cpu.loopc"
-      [ "$side" = gpu ] && dev=$gpu_dev && a="$DIR/$art.$gpu_art.loopc"
+      local dev=cpu a="$ART/$art.cpu.loopc"
+      [ "$side" = gpu ] && dev=$gpu_dev && a="$ART/$art.$gpu_art.loopc"
       if ! timeout "$(limit 60)" "$BIN" run "$a" --weights "tests/fixtures/$w/model.safetensors" \
         --tokens "$PROMPT" --max-new-tokens $NEW_TOKENS --guard off $flags --device "$dev" \
-        --dump-logits "$OUT/$name.$side.safetensors" >"$OUT/$name.$side.log" 2>&1; then
-        say "$name on $dev failed:"; tail -5 "$OUT/$name.$side.log" >&2
+        --dump-logits "$WORK/$name.$side.safetensors" >"$WORK/$name.$side.log" 2>&1; then
+        say "$name on $dev failed:"; tail -5 "$WORK/$name.$side.log" >&2
       fi
     done
   done
-  $PY scripts/gpu_check_report.py parity "$OUT" "${names[@]}" | tee "$OUT/parity.md" \
+  $PY scripts/gpu_check_report.py parity "$WORK" "${names[@]}" | tee "$OUT/parity.md" \
     || PARITY_FAILED=1
 }
 
@@ -172,11 +189,11 @@ bench() {
   for r in "${RS[@]}"; do
     say "benchmark r=$r"
     timeout "$(limit 120)" "$BIN" bench "$art" --weights "$weights" --steps "$r" --prompt-len "$plen" \
-      --new-tokens "$ntok" --reps "$reps" --device "$dev" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.log" \
-      || say "loopc bench r=$r failed (see bench.log)"
+      --new-tokens "$ntok" --reps "$reps" --device "$dev" >>"$OUT/bench.jsonl" 2>"$WORK/bench.loopc.r$r.log" \
+      || { say "loopc bench r=$r failed:"; tail -3 "$WORK/bench.loopc.r$r.log" >&2; }
     timeout "$(limit 120)" $PY tools/reference/bench_ref.py --weights "$weights" --r "$r" --prompt-len "$plen" \
       --new-tokens "$ntok" --reps "$reps" --device "$torch_dev" --threads "$(nproc)" \
-      >>"$OUT/bench.jsonl" 2>>"$OUT/bench.log" || say "torch r=$r failed (see bench.log)"
+      >>"$OUT/bench.jsonl" 2>"$WORK/bench.torch.r$r.log" || { say "torch r=$r failed:"; tail -3 "$WORK/bench.torch.r$r.log" >&2; }
   done
   $PY scripts/gpu_check_report.py bench "$OUT/bench.jsonl" | tee "$OUT/bench.md"
 }
@@ -186,16 +203,44 @@ if [ "$MODE" = prepare ]; then
   exit 0
 fi
 
+# Every prepared CUDA artifact, loaded by the carried binary with `--device cuda` on this machine
+# (no driver): the artifact, its launch table and the program checks must pass, so that the only
+# error is the missing driver. Weights are bound after the device opens, so the tiny Huginn
+# fixture serves for the d=2048 artifact too.
+cuda_loads() {
+  local a name cfg e w
+  for a in "${ARTIFACTS[@]}" "huginn_d2048|huginn|huginn_tiny/config.json"; do
+    IFS='|' read -r name _ cfg _ <<<"$a"
+    w="tests/fixtures/${cfg%/config.json}/model.safetensors"
+    e=$("$BIN" run "$ART/$name.cuda.loopc" --weights "$w" --tokens "$PROMPT" --max-new-tokens 1 \
+      --device cuda 2>&1 >/dev/null || true)
+    if grep -qE "no CUDA driver|cannot initialise the CUDA driver|no CUDA device" <<<"$e"; then
+      say "$name.cuda.loopc loads up to the driver"
+    else
+      say "$name.cuda.loopc: unexpected result without a driver: $e"
+      PARITY_FAILED=1
+    fi
+  done
+}
+
 if [ "$MODE" = dry ]; then
   PY=${PYTHON:-$( [ -x /work/torchvenv/bin/python ] && echo /work/torchvenv/bin/python || echo python3)}
   OUT=${OUT:-$DIR/out}
-  mkdir -p "$DIR" "$OUT"
-  if [ -z "${LOOPC_BIN:-}" ]; then
-    cargo build -j2 --bin loopc
-    LOOPC_BIN=target/debug/loopc
+  WORK=$OUT/runs
+  mkdir -p "$DIR" "$OUT" "$WORK"
+  if [ -x target/gpu-check/loopc ]; then
+    ART=target/gpu-check
+    BIN=$ART/loopc
+    say "using the prepared binary and artifacts in $ART"
+    cuda_loads
+  else
+    if [ -z "${LOOPC_BIN:-}" ]; then
+      cargo build -j2 --bin loopc
+      LOOPC_BIN=target/debug/loopc
+    fi
+    cp "$LOOPC_BIN" "$BIN"
+    for a in "${ARTIFACTS[@]}"; do build_artifact "$BIN" cpu "$a"; done
   fi
-  cp "$LOOPC_BIN" "$BIN"
-  for a in "${ARTIFACTS[@]}"; do build_artifact "$BIN" cpu "$a"; done
   parity cuda-emu cpu
   # A tiny config: the emulator's products are plain loops.
   cat >"$DIR/tiny.json" <<'EOF'
@@ -213,11 +258,15 @@ fi
 
 PY=${PYTHON:-python3}
 OUT=${OUT:-$DIR/out}
+# The device tool brings back at most 8 files from $OUT: the runs go to a scratch folder and
+# come back as one archive.
+WORK=$(mktemp -d /tmp/gpu-check-runs.XXXXXX)
 mkdir -p "$OUT"
 [ -x "$BIN" ] || { echo "error: $BIN is missing: run scripts/gpu-check.sh --prepare first and carry $DIR" >&2; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 || true
 cuda_libs
 parity cuda cuda
 bench cuda "$DIR/huginn_d2048.cuda.loopc" bench/huginn_d2048.json /tmp/huginn_d2048.safetensors cuda 128 32 3
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" .
 say "done in $(( $(date +%s) - T0 )) s; reports in $OUT"
 exit $PARITY_FAILED

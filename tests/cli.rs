@@ -148,6 +148,41 @@ fn build_target_cuda() {
         assert!(std::str::from_utf8(ptx)
             .unwrap()
             .contains(".visible .entry"));
+        // The CPU runtime refuses it by its target, before reading the PTX as a shared object.
+        let task = tmp("cuda-task.jsonl");
+        std::fs::write(
+            &task,
+            "{\"tokens\": [1, 2, 3], \"answer\": 4, \"hops\": 1}\n",
+        )
+        .unwrap();
+        let (a, w) = (
+            art.to_str().unwrap(),
+            "tests/fixtures/huginn_tiny/model.safetensors",
+        );
+        for args in [
+            &["run", a, "--weights", w, "--tokens", "1 2 3"][..],
+            &[
+                "bench",
+                a,
+                "--weights",
+                w,
+                "--prompt-len",
+                "4",
+                "--new-tokens",
+                "2",
+            ],
+            &["eval", a, "--weights", w, "--task", task.to_str().unwrap()],
+            &["trace", a, "--weights", w, "--tokens", "1 2 3"],
+        ] {
+            let (ok, _, err) = loopc(args);
+            assert!(!ok, "{}", args[0]);
+            assert!(
+                err.contains("built for `cuda-sm_90`") && err.contains("--device cuda"),
+                "{}: {err}",
+                args[0]
+            );
+            assert!(!err.contains("panicked") && !err.contains("ELF"), "{err}");
+        }
     } else {
         assert!(!ok);
         assert!(

@@ -65,6 +65,14 @@ mod session;
 pub mod trace;
 pub mod weights;
 
+/// The CUDA executor's device interface, so that a CUDA artifact can run over a device of the
+/// caller's own ([`Model::with_gpu`]); the tests run the compiler's device kernels in a SIMT
+/// interpreter through it. Not a stable API.
+#[doc(hidden)]
+pub mod device {
+    pub use crate::cuda::{DevMem, Gemm, Gpu, Param};
+}
+
 pub use batch::BatchSession;
 pub use cuda::Device;
 pub use dtype::{LoadOptions, WeightDtype};

@@ -130,7 +130,28 @@ impl Model {
             Some(t) => t,
             None => Self::env_threads()?,
         };
-        Self::build(artifact, weights, threads, opts.dtype, opts.device)
+        Self::build(artifact, weights, threads, opts.dtype, opts.device, None)
+    }
+
+    /// A `--target cuda` artifact on a device of the caller's own: `make` gets the image's
+    /// entries in launch-index order and returns the device the executor then drives (as
+    /// [`Device::Cuda`](crate::Device::Cuda)). For tests of the executor with the compiler's
+    /// device code on a simulator; not a stable API.
+    #[doc(hidden)]
+    pub fn with_gpu(
+        artifact: Artifact,
+        weights: Weights,
+        threads: usize,
+        make: impl FnOnce(&[crate::artifact::CudaKernel]) -> Result<Arc<dyn crate::device::Gpu>>,
+    ) -> Result<Self> {
+        Self::build(
+            artifact,
+            weights,
+            threads,
+            WeightDtype::F32,
+            crate::Device::Cuda(0),
+            Some(Box::new(make)),
+        )
     }
 
     fn env_threads() -> Result<usize> {
@@ -162,6 +183,7 @@ impl Model {
             threads,
             WeightDtype::F32,
             crate::Device::Cpu,
+            None,
         )
     }
 
@@ -171,6 +193,7 @@ impl Model {
         threads: usize,
         dtype: WeightDtype,
         device: crate::Device,
+        custom: Option<crate::cuda::CustomGpu<'_>>,
     ) -> Result<Self> {
         if threads == 0 {
             return Err(RuntimeError::Config(
@@ -198,7 +221,7 @@ impl Model {
                     crate::Device::CudaEmulated => Kernels::load(&object, &manifest.kernels)?,
                     _ => Kernels::load(&[], &[])?,
                 };
-                let gpu = crate::cuda::open(device, &image, &object, Some(&kernels))?;
+                let gpu = crate::cuda::open(device, custom, &image, &object, Some(&kernels))?;
                 (Some(image), Some(gpu), kernels)
             }
         };

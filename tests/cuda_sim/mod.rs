@@ -61,6 +61,39 @@ impl Mem {
         (self.bufs.len() as i64) << 40
     }
 
+    /// A zeroed buffer of `words` 4-byte words; returns its address.
+    #[allow(dead_code)]
+    pub fn alloc(&mut self, words: usize) -> i64 {
+        self.bufs.push(vec![0; words]);
+        (self.bufs.len() as i64) << 40
+    }
+
+    /// Frees the buffer at `addr` (later accesses to it fail; its address is not reused).
+    #[allow(dead_code)]
+    pub fn free(&mut self, addr: i64) {
+        self.bufs[(addr >> 40) as usize - 1] = Vec::new();
+    }
+
+    /// The `n` words from `addr` on, which must lie in one buffer.
+    #[allow(dead_code)]
+    pub fn words(&mut self, addr: i64, n: usize) -> &mut [u32] {
+        let b = (addr >> 40) as usize;
+        let off = (addr & ((1 << 40) - 1)) as usize;
+        assert!(
+            b >= 1 && b <= self.bufs.len() && off % 4 == 0,
+            "access to address {addr:#x}: no buffer"
+        );
+        let buf = &mut self.bufs[b - 1];
+        assert!(
+            off / 4 + n <= buf.len(),
+            "{n} words at buffer {} element {} (of {})",
+            b - 1,
+            off / 4,
+            buf.len()
+        );
+        &mut buf[off / 4..off / 4 + n]
+    }
+
     pub fn read(&self, addr: i64) -> Vec<f32> {
         self.bufs[(addr >> 40) as usize - 1]
             .iter()

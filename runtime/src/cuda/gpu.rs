@@ -1,12 +1,15 @@
 //! What the executor needs from a GPU: memory, copies, launches of the image's entries and
 //! matrix products. Addresses are `u64` device addresses (the kernel ABI's pointers).
+//!
+//! Public (hidden, through [`crate::device`]) so that a test can run the executor over a device
+//! of its own: tests/cuda_sim_exec.rs runs the compiler's device kernels in a SIMT interpreter.
 
 use crate::artifact::{cuda::support, CudaImage, CudaKernel};
 use crate::error::{Result, RuntimeError};
 
 /// A kernel parameter, in the kernel ABI's order (see [`crate::artifact::cuda`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Param {
+pub enum Param {
     Ptr(u64),
     I64(i64),
     F32(f32),
@@ -16,7 +19,7 @@ pub(crate) enum Param {
 /// Row-major `c[i, j] = Σ_k x[i, k] · w(j, k)` for `i < m`, `j < n`, where `w(j, k)` is
 /// `w[j, k]` (`Linear` layout) or, with `kn`, `w[k, j]` (`Conv1D` layout). Strides in elements.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Gemm {
+pub struct Gemm {
     pub kn: bool,
     pub m: usize,
     pub n: usize,
@@ -29,14 +32,16 @@ pub(crate) struct Gemm {
     pub ldc: usize,
 }
 
-pub(crate) trait Gpu: Send + Sync {
+pub trait Gpu: Send + Sync {
     /// Zeroed device memory.
     fn alloc(&self, bytes: usize, what: &str) -> Result<DevMem>;
     fn upload(&self, dst: u64, src: &[u8]) -> Result<()>;
     fn download(&self, src: u64, dst: &mut [u8]) -> Result<()>;
     fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()>;
     fn zero(&self, dst: u64, bytes: usize) -> Result<()>;
-    /// Launch entry `f` (an index into [`entries`]) over `items` work items.
+    /// Launch entry `f` over `items` work items: `f` indexes the image's entries, every kernel
+    /// in manifest order then the support kernels in the order of [`support::ALL`] (the list
+    /// `Model::with_gpu` hands a custom device).
     fn launch(&self, f: usize, items: usize, params: &[Param]) -> Result<()>;
     fn gemm(&self, g: &Gemm) -> Result<()>;
     /// The operations recorded since the last call, and whether to record from now on (only the
@@ -47,12 +52,17 @@ pub(crate) trait Gpu: Send + Sync {
 }
 
 /// A device allocation; freed when dropped.
-pub(crate) struct DevMem {
+pub struct DevMem {
     pub(crate) addr: u64,
     pub(crate) _own: Box<dyn Send + Sync>,
 }
 
 impl DevMem {
+    /// An allocation at `addr` that `owner` frees when dropped.
+    pub fn new(addr: u64, owner: Box<dyn Send + Sync>) -> Self {
+        DevMem { addr, _own: owner }
+    }
+
     /// The address of element `i` of an `f32`/`i32` array.
     #[inline]
     pub(crate) fn at(&self, i: usize) -> u64 {

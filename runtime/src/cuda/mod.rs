@@ -16,7 +16,7 @@ mod gpu;
 mod kv;
 
 pub(crate) use check::check_program;
-pub(crate) use gpu::Gpu;
+pub use gpu::{DevMem, Gemm, Gpu, Param};
 
 use crate::artifact::{cuda::support, CudaImage, CudaKernel, Manifest};
 use crate::error::{Result, RuntimeError};
@@ -149,15 +149,24 @@ pub(crate) fn check_capability(arch: &str, cc: (i32, i32), name: &str) -> Result
     Ok(())
 }
 
+/// A device of the caller's own, made from the image's entries in launch-index order (see
+/// [`Gpu::launch`]).
+pub(crate) type CustomGpu<'a> = Box<dyn FnOnce(&[CudaKernel]) -> Result<Arc<dyn Gpu>> + 'a>;
+
 /// Open the device of a CUDA model: the driver's GPU, or the host emulator over the model's CPU
 /// kernels (which therefore must be loaded first).
 pub(crate) fn open(
     device: Device,
+    custom: Option<CustomGpu<'_>>,
     image: &CudaImage,
     ptx: &[u8],
     kernels: Option<&crate::kernels::Kernels>,
 ) -> Result<Arc<dyn Gpu>> {
     let entries = gpu::entries(image)?;
+    if let Some(make) = custom {
+        let launches: Vec<CudaKernel> = entries.iter().map(|e| e.launch.clone()).collect();
+        return make(&launches);
+    }
     match device {
         Device::Cpu => Err(RuntimeError::Config("no device to open for the CPU".into())),
         Device::CudaEmulated => {
