@@ -59,7 +59,20 @@ fn run(
     steps: Option<usize>,
     sched: Option<DepthSchedule>,
 ) -> Run {
+    run_at(m, prompt, decode, steps, sched, None)
+}
+
+/// As [`run`], with a run-time exit threshold.
+fn run_at(
+    m: &Model,
+    prompt: &[u32],
+    decode: &[u32],
+    steps: Option<usize>,
+    sched: Option<DepthSchedule>,
+    threshold: Option<f64>,
+) -> Run {
     let mut s = m.session();
+    s.set_exit_threshold(threshold);
     s.set_steps(steps);
     s.set_depth_schedule(sched);
     let mut logits = s.prefill(prompt).unwrap().data().to_vec();
@@ -134,6 +147,55 @@ fn huginn_latent_exits_match_cpu() {
     ] {
         let a = artifact("huginn", HUGINN_CFG, exit, "per_step", &["init_scale=0"]);
         compare(&a, HUGINN_W, None, None);
+    }
+}
+
+/// The criteria that judge the output distribution: the readout runs after every iteration and
+/// `exit_logits` keeps each row's history on the device. Each criterion is swept over
+/// thresholds; every one must match the CPU (logits, per-token depths, KV lengths), and some
+/// must make the depths of one call's tokens differ (so the per-row history and the masks are
+/// exercised).
+#[test]
+fn huginn_logit_exits_match_cpu() {
+    let prompt = [3u32, 17, 5, 9, 1, 22, 8];
+    let decode = [4u32, 11, 2];
+    for (exit, sweep) in [
+        (
+            "kl(threshold = 1e-3, max = 7)",
+            &[1.0, 0.3, 1e-1, 1e-2, 1e-3][..],
+        ),
+        (
+            "minp_kl(threshold = 1e-3, max = 7)",
+            &[0.3, 1e-1, 1e-2, 1e-3][..],
+        ),
+        (
+            "entropy_diff(threshold = 1e-2, every = 2, max = 7)",
+            &[1.0, 1e-1, 1e-2, 1e-3, 1e-4][..],
+        ),
+        (
+            "argmax_stability(threshold = 2, max = 7)",
+            &[1.0, 2.0, 3.0, 4.0][..],
+        ),
+    ] {
+        let a = artifact("huginn", HUGINN_CFG, exit, "per_step", &["init_scale=0"]);
+        let cpu_m = load(&a, HUGINN_W, Device::Cpu).unwrap();
+        let emu_m = load(&a, HUGINN_W, Device::CudaEmulated).unwrap();
+        let mut varied = false;
+        for &thr in sweep {
+            let cpu = run_at(&cpu_m, &prompt, &decode, None, None, Some(thr));
+            let emu = run_at(&emu_m, &prompt, &decode, None, None, Some(thr));
+            assert_eq!(cpu.depths, emu.depths, "{exit} at {thr}: per-token depths");
+            assert_eq!(cpu.kv, emu.kv, "{exit} at {thr}: KV slot lengths");
+            let d = max_abs_diff(&cpu.logits, &emu.logits);
+            assert!(d <= TOL, "{exit} at {thr}: max |Δ| {d}");
+            // Depths that differ inside the prefill (one call, per-row masks).
+            let mut ds = cpu.depths[..prompt.len()].to_vec();
+            ds.sort();
+            ds.dedup();
+            eprintln!("{exit} at {thr}: depths {:?}, |Δ| {d:.1e}", cpu.depths);
+            varied |= ds.len() > 1;
+        }
+        assert!(varied, "{exit}: no threshold made the depths differ");
     }
 }
 
@@ -261,18 +323,22 @@ fn cuda_without_a_driver_or_the_feature_is_a_clear_error() {
 
 #[test]
 fn unsupported_policies_and_incomplete_images_are_errors() {
-    let a = artifact(
+    // A logit criterion needs `exit_logits`.
+    let mut c = as_cuda(&artifact(
         "huginn",
         HUGINN_CFG,
         "kl(threshold = 0.3, max = 7)",
         "per_step",
         &[],
-    );
-    let e = err(load(&a, HUGINN_W, Device::CudaEmulated));
-    assert!(
-        e.starts_with("unsupported on cuda") && e.contains("Kl"),
-        "{e}"
-    );
+    ));
+    c.manifest
+        .cuda
+        .as_mut()
+        .unwrap()
+        .support
+        .retain(|s| s.name != "exit_logits");
+    let e = err(load(&c, HUGINN_W, Device::Cuda(0)));
+    assert!(e.contains("lacks the support kernel `exit_logits`"), "{e}");
     let a = artifact("huginn", HUGINN_CFG, "fixed", "recursion_wise", &[]);
     let e = err(load(&a, HUGINN_W, Device::CudaEmulated));
     assert!(e.contains("recursion-wise"), "{e}");

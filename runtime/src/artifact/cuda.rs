@@ -108,6 +108,19 @@ pub mod support {
     /// `‖a − b‖ / ‖a‖`; `Criterion::Cosine` = 1: `1 − cos(a, b)`), into `value[r]` (f32).
     /// `(value, a, b, rows: i64, n: i64, kind: i64)`.
     pub const EXIT_LATENT: &str = "exit_latent";
+    /// Per-row exit value of a criterion that judges the output distribution, with each row's
+    /// history kept on the device (the host's `exit.rs` maths, `f64` where it uses `f64`), for
+    /// the rows whose `active[r]` (`i32`) is non-zero; other rows are left untouched.
+    /// `kind`: 2 `Kl` (`KL(p_{t−1} ‖ p_t)`), 3 `MinpKl` (the same after the min-p filter),
+    /// 4 `EntropyDiff` (`|H_t − H_{t−1}|`), 5 `ArgmaxStability` (the argmax's streak).
+    /// History: `prev_logp` (`[rows, vocab]` f32 log-probabilities, for 2/3), `prev_h`
+    /// (`[rows]` f64 entropies, for 4), `prev_am` / `count` (`[rows]` i32 argmax and streak,
+    /// for 5). With `first != 0` the history is taken as the host's reset values (uniform
+    /// `prev_logp = uniform`, `prev_h = 100`, no previous argmax) instead of being read.
+    /// `value` is `[rows]` f64.
+    /// `(value, logits, prev_logp, prev_h, prev_am: *i32, count: *i32, active: *const i32,
+    /// rows: i64, vocab: i64, kind: i64, first: i64, uniform: f32)`.
+    pub const EXIT_LOGITS: &str = "exit_logits";
     /// `dst[r, :] = mask[r] != 0 ? src[r, :] : dst[r, :]` (`mask: *const i32`): freezes the
     /// state of exited rows while the active ones take the new one.
     /// `(dst, src, mask: *const i32, rows: i64, n: i64)`.
@@ -124,7 +137,20 @@ pub mod support {
         ROW_NORM,
         EXIT_LATENT,
         SELECT_ROWS,
+        EXIT_LOGITS,
     ];
+
+    /// The `kind` of [`EXIT_LOGITS`] for a criterion that reads the logits.
+    pub fn logits_kind(c: crate::artifact::Criterion) -> Option<i64> {
+        use crate::artifact::Criterion::*;
+        Some(match c {
+            Kl => 2,
+            MinpKl => 3,
+            EntropyDiff => 4,
+            ArgmaxStability => 5,
+            LatentDiff | Cosine => return None,
+        })
+    }
 
     /// The `act` code of [`GLU`] for a unary [`EwOp`](crate::artifact::EwOp) of operand 0, or
     /// `None` when the device has no such activation.

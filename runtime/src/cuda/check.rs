@@ -16,11 +16,14 @@ fn needed(m: &Manifest) -> Result<Vec<&'static str>> {
         lists.push(&r.body);
         // Forced depth schedules can be set on any recurrence: exited rows are frozen with it.
         need.push(support::SELECT_ROWS);
-        if matches!(
-            r.exit,
-            ExitPolicy::Converge { .. } | ExitPolicy::Criterion { .. }
-        ) {
-            need.push(support::EXIT_LATENT);
+        match r.exit {
+            ExitPolicy::Criterion { criterion, .. } if criterion.needs_logits() => {
+                need.push(support::EXIT_LOGITS);
+            }
+            ExitPolicy::Converge { .. } | ExitPolicy::Criterion { .. } => {
+                need.push(support::EXIT_LATENT)
+            }
+            _ => {}
         }
         if matches!(r.exit, ExitPolicy::Act { .. }) {
             need.push(support::EPILOGUE);
@@ -77,15 +80,12 @@ pub(crate) fn check_program(m: &Manifest, image: &CudaImage) -> Result<()> {
     if let Some(r) = &m.program.recur {
         match &r.exit {
             ExitPolicy::Fixed | ExitPolicy::Converge { .. } | ExitPolicy::Gate { .. } => {}
-            ExitPolicy::Criterion { criterion, .. } if !criterion.needs_logits() => {}
-            ExitPolicy::Criterion { criterion, .. } => {
-                return Err(unsupported(format!(
-                    "the exit criterion {criterion:?} (it needs the logits every iteration; latent-diff and cosine run on the device)"
-                )))
-            }
+            ExitPolicy::Criterion { .. } => {}
             ExitPolicy::Act { .. } if r.gate.is_some() => {}
             ExitPolicy::Act { .. } => {
-                return Err(RuntimeError::Manifest("ACT halting without an exit gate".into()))
+                return Err(RuntimeError::Manifest(
+                    "ACT halting without an exit gate".into(),
+                ))
             }
             ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. } => {
                 return Err(unsupported("MoR routers (expert/token choice)"))

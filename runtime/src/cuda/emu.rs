@@ -299,6 +299,63 @@ impl Emu {
                     unsafe { *v.add(r) = crate::exit::latent_value(c, ra, rb) as f32 };
                 }
             }
+            support::EXIT_LOGITS => {
+                use crate::artifact::Criterion::*;
+                let (rows, vocab, kind, first) = (int(7)?, int(8)?, int(9)?, int(10)? != 0);
+                let uniform = match p.get(11) {
+                    Some(Param::F32(u)) => *u,
+                    _ => return Err(RuntimeError::Cuda("emulator: exit_logits uniform".into())),
+                };
+                let c = match kind {
+                    2 => Kl,
+                    3 => MinpKl,
+                    4 => EntropyDiff,
+                    5 => ArgmaxStability,
+                    _ => {
+                        return Err(RuntimeError::Cuda(format!(
+                            "emulator: exit_logits kind {kind}"
+                        )))
+                    }
+                };
+                let value = self.span(ptr(0)?, 8 * rows, "exit_logits value")? as *mut f64;
+                let logits = self.f32s(ptr(1)?, rows * vocab, "exit_logits logits")?;
+                let kl = matches!(c, Kl | MinpKl);
+                let prev_logp = match kl {
+                    true => self.f32s(ptr(2)?, rows * vocab, "exit_logits prev_logp")?,
+                    false => std::ptr::null_mut(),
+                };
+                let prev_h = self.span(ptr(3)?, 8 * rows, "exit_logits prev_h")? as *mut f64;
+                let prev_am = self.f32s(ptr(4)?, rows, "exit_logits prev_am")? as *mut u32;
+                let count = self.f32s(ptr(5)?, rows, "exit_logits count")? as *mut u32;
+                let active = self.f32s(ptr(6)?, rows, "exit_logits active")? as *const i32;
+                let mut logp = vec![0f32; vocab];
+                for r in 0..rows {
+                    // SAFETY: every pointer below is inside a span checked above.
+                    unsafe {
+                        if *active.add(r) == 0 {
+                            continue;
+                        }
+                        let prev: &mut [f32] = match kl {
+                            true => std::slice::from_raw_parts_mut(prev_logp.add(r * vocab), vocab),
+                            false => &mut [],
+                        };
+                        if first {
+                            prev.fill(uniform);
+                            *prev_h.add(r) = 100.0;
+                            *prev_am.add(r) = u32::MAX;
+                            *count.add(r) = 0;
+                        }
+                        let h = crate::exit::RowHistory {
+                            prev_logp: prev,
+                            prev_h: &mut *prev_h.add(r),
+                            prev_am: &mut *prev_am.add(r),
+                            count: &mut *count.add(r),
+                        };
+                        let l = std::slice::from_raw_parts(logits.add(r * vocab), vocab);
+                        *value.add(r) = crate::exit::logits_step(c, l, &mut logp, h);
+                    }
+                }
+            }
             support::SELECT_ROWS => {
                 let (rows, n) = (int(3)?, int(4)?);
                 let dst = self.f32s(ptr(0)?, rows * n, "select_rows dst")?;

@@ -7,9 +7,11 @@
 //! one per layer. Matrix products go to the [`Gpu`]'s GEMM and then the `epilogue` / `glu` /
 //! `row_norm` support kernels.
 
-use super::gpu::{bytes, bytes_mut, DevMem, Entry, Gpu, Param, What};
+use super::gpu::{bytes, bytes_mut, bytes_mut64, DevMem, Entry, Gpu, Param, What};
 use super::kv::{DevKv, Masks};
-use crate::artifact::{cuda::support, CudaImage, ExitPolicy, Instr, Recur, Rows, StateInit, WRef};
+use crate::artifact::{
+    cuda::support, Criterion, CudaImage, ExitPolicy, Instr, Recur, Rows, StateInit, WRef,
+};
 use crate::error::{Result, RuntimeError};
 use crate::exit::{passes, History, Rule};
 use crate::model::Inner;
@@ -88,6 +90,19 @@ struct Ws {
     value: DevMem,
     /// ACT: each row's weight `w` then `1 − w` (`2·S` floats), and `w·next` (`[S, state cols]`).
     act: Option<(DevMem, DevMem)>,
+    /// The history of a criterion that reads the logits (`exit_logits`).
+    logit_hist: Option<LogitHist>,
+}
+
+/// Each row's history of a logit criterion, kept on the device across iterations.
+struct LogitHist {
+    /// `[S]` f64 values read back once per iteration.
+    value: DevMem,
+    /// `[S, vocab]` previous log-probabilities (KL criteria only).
+    prev_logp: Option<DevMem>,
+    prev_h: DevMem,
+    prev_am: DevMem,
+    count: DevMem,
 }
 
 struct DevRope {
@@ -195,8 +210,29 @@ impl DevState {
             }
             _ => None,
         };
+        let logit_hist = match &man.program.recur {
+            Some(Recur {
+                exit: ExitPolicy::Criterion { criterion: c, .. },
+                ..
+            }) if c.needs_logits() => {
+                let kl = matches!(c, Criterion::Kl | Criterion::MinpKl);
+                let what = "exit criterion history";
+                Some(LogitHist {
+                    value: gpu.alloc(8 * s, "exit values (f64)")?,
+                    prev_logp: match kl {
+                        true => Some(gpu.alloc(4 * s * man.vocab.max(1), what)?),
+                        false => None,
+                    },
+                    prev_h: gpu.alloc(8 * s, what)?,
+                    prev_am: gpu.alloc(4 * s, what)?,
+                    count: gpu.alloc(4 * s, what)?,
+                })
+            }
+            _ => None,
+        };
         let ws = Ws {
             act,
+            logit_hist,
             s,
             bufs,
             scratch,
@@ -547,19 +583,16 @@ impl Run<'_> {
                 every,
             } = rule
             {
-                let check = step >= min_steps && step % every == 0;
-                let kind = match c {
-                    crate::artifact::Criterion::LatentDiff => 0,
-                    crate::artifact::Criterion::Cosine => 1,
-                    other => {
-                        return Err(RuntimeError::Unsupported(format!(
-                            "the exit criterion {other:?}"
-                        )))
+                if rule.needs_latent() {
+                    let check = step >= min_steps && step % every == 0;
+                    let kind = match c {
+                        Criterion::Cosine => 1,
+                        _ => 0,
+                    };
+                    let v = self.latent(rec, kind)?;
+                    for r in (0..s).filter(|&r| active[r]) {
+                        exiting[r] |= check && passes(c, v[r] as f64, threshold);
                     }
-                };
-                let v = self.latent(rec, kind)?;
-                for r in (0..s).filter(|&r| active[r]) {
-                    exiting[r] |= check && passes(c, v[r] as f64, threshold);
                 }
             }
             // The rows that ran take the new state; exited rows keep theirs.
@@ -573,6 +606,22 @@ impl Run<'_> {
                     s,
                     cols,
                 )?;
+            }
+            if let Rule::Criterion {
+                c,
+                threshold,
+                min_steps,
+                every,
+            } = rule
+            {
+                if rule.needs_logits() {
+                    // After the state update, as on the CPU: the readout sees the new states.
+                    let check = step >= min_steps && step % every == 0;
+                    let v = self.logits_values(rec, c, t == 0)?;
+                    for r in (0..s).filter(|&r| active[r]) {
+                        exiting[r] |= check && passes(c, v[r], threshold);
+                    }
+                }
             }
             let mut changed = false;
             for r in 0..s {
@@ -594,6 +643,49 @@ impl Run<'_> {
         self.masks = None;
         self.copy_buf(rec.state, rec.next)?;
         Ok(t)
+    }
+
+    /// A logit criterion's per-row values after an iteration: the readout (the coda
+    /// instructions that depend on the state) over the call's rows, then `exit_logits` on the
+    /// active ones, whose history stays on the device; one read of `S` values.
+    fn logits_values(&mut self, rec: &Recur, c: Criterion, first: bool) -> Result<Vec<f64>> {
+        let man = &self.m.manifest;
+        for &ix in &rec.readout {
+            let ins = man.program.coda.get(ix as usize).ok_or_else(|| {
+                RuntimeError::Manifest("recur: readout index past the end of the coda".into())
+            })?;
+            self.instr(ins, None)?;
+        }
+        let kind = support::logits_kind(c).ok_or_else(|| {
+            RuntimeError::Unsupported(format!("the exit criterion {c:?} on the logits"))
+        })?;
+        let h =
+            self.ws.logit_hist.as_ref().ok_or_else(|| {
+                RuntimeError::Manifest("no exit criterion history buffers".into())
+            })?;
+        let (s, vocab) = (self.s, man.vocab);
+        let uniform = -(vocab.max(1) as f32).ln();
+        self.sup(
+            support::EXIT_LOGITS,
+            s,
+            &[
+                p(h.value.addr),
+                p(self.buf(man.program.logits)),
+                p(h.prev_logp.as_ref().map_or(0, |m| m.addr)),
+                p(h.prev_h.addr),
+                p(h.prev_am.addr),
+                p(h.count.addr),
+                p(self.ws.active.addr),
+                i(s),
+                i(vocab),
+                Param::I64(kind),
+                i(first as usize),
+                Param::F32(uniform),
+            ],
+        )?;
+        let mut v = vec![0f64; s];
+        self.gpu.download(h.value.addr, bytes_mut64(&mut v))?;
+        Ok(v)
     }
 
     /// ACT's running average on the device: `next = state·(1 − w) + next·w` per row, as two
