@@ -219,6 +219,25 @@ pub(crate) fn logits_step(
     }
 }
 
+/// MoR's router gate σ(z) in f32, as the CPU executor computes it.
+pub(crate) fn sigmoid_rn(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// MoR token choice for one row of router logits: the depth `argmax + 1` (the first maximum
+/// on ties, at most `cap`, at least 1) and the weight `alpha · softmax(z)[argmax]`.
+pub(crate) fn token_route(row: &[f32], cap: usize, alpha: f32) -> (usize, f32) {
+    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
+    let mut d = 0;
+    for (j, &x) in row.iter().enumerate() {
+        if x > row[d] {
+            d = j;
+        }
+    }
+    ((d + 1).min(cap.max(1)), (row[d] - mx).exp() / sum * alpha)
+}
+
 /// Whether a criterion value stops the row.
 pub(crate) fn passes(c: Criterion, value: f64, threshold: f64) -> bool {
     match c {

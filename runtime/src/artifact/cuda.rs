@@ -121,6 +121,19 @@ pub mod support {
     /// `(value, logits, prev_logp, prev_h, prev_am: *i32, count: *i32, active: *const i32,
     /// rows: i64, vocab: i64, kind: i64, first: i64, uniform: f32)`.
     pub const EXIT_LOGITS: &str = "exit_logits";
+    /// MoR expert choice before an iteration, for one sequence in one block (launched over one
+    /// item): `σ = 1 / (1 + e^(−z[r]))` in f32 (the device rounds an f64 `e^x`, which is what a
+    /// correctly rounded `expf` gives); with `rows > 1` the `k` active rows of highest `σ` are kept (ties to the earlier
+    /// row), with one row it is kept when `σ ≥ threshold`; `keep[r]` (i32) is 1 for kept rows,
+    /// `gate[r] = σ·alpha` for them and 0 for the others.
+    /// `(keep: *i32, gate, z, active: *const i32, rows: i64, k: i64, threshold: f32,
+    /// alpha: f32)`.
+    pub const ROUTE_EXPERT: &str = "route_expert";
+    /// MoR token choice, per row of `z` (`[rows, n]`): `d` the first maximum, `depth[r] =
+    /// min(d + 1, cap)` (i32), `weight[r] = alpha · e^(z_d − max) / Σ e^(z_j − max)` (f32 sum in
+    /// column order, `e^x` as in [`ROUTE_EXPERT`]).
+    /// `(depth: *i32, weight, z, rows: i64, n: i64, cap: i64, alpha: f32)`.
+    pub const ROUTE_TOKEN: &str = "route_token";
     /// `dst[r, :] = mask[r] != 0 ? src[r, :] : dst[r, :]` (`mask: *const i32`): freezes the
     /// state of exited rows while the active ones take the new one.
     /// `(dst, src, mask: *const i32, rows: i64, n: i64)`.
@@ -138,6 +151,8 @@ pub mod support {
         EXIT_LATENT,
         SELECT_ROWS,
         EXIT_LOGITS,
+        ROUTE_EXPERT,
+        ROUTE_TOKEN,
     ];
 
     /// The `kind` of [`EXIT_LOGITS`] for a criterion that reads the logits.

@@ -23,6 +23,14 @@ fn needed(m: &Manifest) -> Result<Vec<&'static str>> {
             ExitPolicy::Converge { .. } | ExitPolicy::Criterion { .. } => {
                 need.push(support::EXIT_LATENT)
             }
+            ExitPolicy::ExpertChoice { .. } => {
+                need.extend([support::ROUTE_EXPERT, support::EPILOGUE]);
+                lists.push(&r.router);
+            }
+            ExitPolicy::TokenChoice { .. } => {
+                need.extend([support::ROUTE_TOKEN, support::EPILOGUE]);
+                lists.push(&r.router);
+            }
             _ => {}
         }
         if matches!(r.exit, ExitPolicy::Act { .. }) {
@@ -87,9 +95,14 @@ pub(crate) fn check_program(m: &Manifest, image: &CudaImage) -> Result<()> {
                     "ACT halting without an exit gate".into(),
                 ))
             }
-            ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. } => {
-                return Err(unsupported("MoR routers (expert/token choice)"))
+            ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. }
+                if r.cache == CachePolicy::RecursionWise =>
+            {
+                return Err(unsupported(
+                    "MoR routers with the recursion-wise KV cache policy (routers run on the device with the other cache policies)",
+                ))
             }
+            ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. } => {}
         }
         if r.cache == CachePolicy::RecursionWise {
             return Err(unsupported("the recursion-wise KV cache policy"));

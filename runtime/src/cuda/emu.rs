@@ -356,6 +356,66 @@ impl Emu {
                     }
                 }
             }
+            support::ROUTE_EXPERT => {
+                let (rows, k) = (int(4)?, int(5)?);
+                let f32_ = |i: usize| match p.get(i) {
+                    Some(Param::F32(v)) => Ok(*v),
+                    _ => Err(RuntimeError::Cuda(format!(
+                        "emulator: {name}: parameter {i} is not an f32"
+                    ))),
+                };
+                let (threshold, alpha) = (f32_(6)?, f32_(7)?);
+                let keep = self.f32s(ptr(0)?, rows, "route_expert keep")? as *mut i32;
+                let gate = self.f32s(ptr(1)?, rows, "route_expert gate")?;
+                let z = self.f32s(ptr(2)?, rows, "route_expert z")?;
+                let active = self.f32s(ptr(3)?, rows, "route_expert active")? as *const i32;
+                // SAFETY: inside the spans checked above.
+                let (z, on) = unsafe {
+                    (
+                        std::slice::from_raw_parts(z, rows),
+                        std::slice::from_raw_parts(active, rows),
+                    )
+                };
+                let sig: Vec<f32> = z.iter().map(|&x| crate::exit::sigmoid_rn(x)).collect();
+                let mut idx: Vec<usize> = (0..rows).filter(|&r| on[r] != 0).collect();
+                let mut kept = vec![false; rows];
+                if rows > 1 {
+                    idx.sort_by(|&a, &b| sig[b].total_cmp(&sig[a]).then(a.cmp(&b)));
+                    for &r in idx.iter().take(k) {
+                        kept[r] = true;
+                    }
+                } else {
+                    for &r in &idx {
+                        kept[r] = sig[r] >= threshold;
+                    }
+                }
+                for r in 0..rows {
+                    // SAFETY: inside the spans checked above.
+                    unsafe {
+                        *keep.add(r) = kept[r] as i32;
+                        *gate.add(r) = if kept[r] { sig[r] * alpha } else { 0.0 };
+                    }
+                }
+            }
+            support::ROUTE_TOKEN => {
+                let (rows, n, cap) = (int(3)?, int(4)?, int(5)?);
+                let alpha = match p.get(6) {
+                    Some(Param::F32(v)) => *v,
+                    _ => return Err(RuntimeError::Cuda("emulator: route_token alpha".into())),
+                };
+                let depth = self.f32s(ptr(0)?, rows, "route_token depth")? as *mut i32;
+                let weight = self.f32s(ptr(1)?, rows, "route_token weight")?;
+                let z = self.f32s(ptr(2)?, rows * n, "route_token z")?;
+                for r in 0..rows {
+                    // SAFETY: inside the spans checked above.
+                    let row = unsafe { std::slice::from_raw_parts(z.add(r * n), n) };
+                    let (d, w) = crate::exit::token_route(row, cap, alpha);
+                    unsafe {
+                        *depth.add(r) = d as i32;
+                        *weight.add(r) = w;
+                    }
+                }
+            }
             support::SELECT_ROWS => {
                 let (rows, n) = (int(3)?, int(4)?);
                 let dst = self.f32s(ptr(0)?, rows * n, "select_rows dst")?;

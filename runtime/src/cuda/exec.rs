@@ -92,6 +92,18 @@ struct Ws {
     act: Option<(DevMem, DevMem)>,
     /// The history of a criterion that reads the logits (`exit_logits`).
     logit_hist: Option<LogitHist>,
+    /// MoR routing: expert choice's keep mask and gates, or token choice's depths, weights
+    /// and initial states.
+    route: Option<Route>,
+}
+
+struct Route {
+    /// `[S]` i32: expert choice's kept rows, token choice's depths.
+    sel: DevMem,
+    /// `[S]` f32: expert choice's gates `σ·α`, token choice's weights.
+    w: DevMem,
+    /// `[S, state cols]`: token choice's states before the first iteration.
+    h0: Option<DevMem>,
 }
 
 /// Each row's history of a logit criterion, kept on the device across iterations.
@@ -230,9 +242,30 @@ impl DevState {
             }
             _ => None,
         };
+        let route = match &man.program.recur {
+            Some(
+                r @ Recur {
+                    exit: ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. },
+                    ..
+                },
+            ) => {
+                let token = matches!(r.exit, ExitPolicy::TokenChoice { .. });
+                let cols = man.buffers[r.state as usize].cols;
+                Some(Route {
+                    sel: gpu.alloc(4 * s, "router decisions")?,
+                    w: gpu.alloc(4 * s, "router weights")?,
+                    h0: match token {
+                        true => Some(gpu.alloc(4 * s * cols, "token-choice initial states")?),
+                        false => None,
+                    },
+                })
+            }
+            _ => None,
+        };
         let ws = Ws {
             act,
             logit_hist,
+            route,
             s,
             bufs,
             scratch,
@@ -547,11 +580,59 @@ impl Run<'_> {
         self.masks = None;
         let mut t = 0;
         let mut exiting = vec![false; s];
+        let route_depth = match rule {
+            Rule::Token { alpha } => self.token_route(rec, alpha, cap)?,
+            _ => Vec::new(),
+        };
         while active.iter().any(|&a| a) && t < cap {
+            if let Rule::Expert { alpha, threshold } = rule {
+                // Rows the router does not pick stop before iteration t, with their state.
+                let keep = self.expert_route(rec, t, alpha, threshold)?;
+                let mut changed = false;
+                for r in 0..s {
+                    if active[r] && keep[r] == 0 {
+                        active[r] = false;
+                        row_depth[r] = t;
+                        changed = true;
+                    }
+                }
+                if changed {
+                    self.upload_masks(&active)?;
+                    self.masks = Some(masks);
+                }
+                if !active.iter().any(|&a| a) {
+                    break;
+                }
+            }
             self.list(&rec.body, Some(t))?;
+            if let Rule::Expert { .. } = rule {
+                // MoR's gated update of the rows that ran: h ← h + g·f(h) (other rows' `next`
+                // is never read: the state update below is masked).
+                let (next, state) = (self.buf(rec.next), self.buf(rec.state));
+                let g = self.route()?.w.addr;
+                self.sup(
+                    support::EPILOGUE,
+                    s,
+                    &[
+                        p(next),
+                        p(next),
+                        p(g),
+                        p(state),
+                        p(0),
+                        i(s),
+                        i(cols),
+                        i(cols),
+                        i(0),
+                    ],
+                )?;
+            }
             let step = t + 1;
             for r in 0..s {
-                exiting[r] = active[r] && step >= depths.get(r).copied().unwrap_or(cap).min(cap);
+                let d = match rule {
+                    Rule::Token { .. } => route_depth[r],
+                    _ => depths.get(r).copied().unwrap_or(cap),
+                };
+                exiting[r] = active[r] && step >= d.min(cap);
             }
             if let Some(g) = rec.gate {
                 let z = self.read_rows(g)?;
@@ -641,8 +722,115 @@ impl Run<'_> {
             row_depth[r] = t;
         }
         self.masks = None;
+        if let Rule::Token { .. } = rule {
+            // MoR token choice's result: h_0 + w·h_d.
+            let r = self.route()?;
+            let h0 = r.h0.as_ref().map_or(0, |m| m.addr);
+            let (w, state) = (r.w.addr, self.buf(rec.state));
+            self.sup(
+                support::EPILOGUE,
+                s,
+                &[
+                    p(state),
+                    p(state),
+                    p(w),
+                    p(h0),
+                    p(0),
+                    i(s),
+                    i(cols),
+                    i(cols),
+                    i(0),
+                ],
+            )?;
+        }
         self.copy_buf(rec.state, rec.next)?;
         Ok(t)
+    }
+
+    fn route(&self) -> Result<&Route> {
+        self.ws
+            .route
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Manifest("no router buffers".into()))
+    }
+
+    fn router_out(&self, rec: &Recur) -> Result<u32> {
+        rec.router_out
+            .ok_or_else(|| RuntimeError::Manifest("a routed recurrence without a router".into()))
+    }
+
+    /// Token choice: the router on every row's initial state, each row's depth read back (the
+    /// one read of the call), the weights and initial states kept on the device.
+    fn token_route(&mut self, rec: &Recur, alpha: f32, cap: usize) -> Result<Vec<usize>> {
+        let s = self.s;
+        self.list(&rec.router, Some(0))?;
+        let out = self.router_out(rec)?;
+        let r = self.route()?;
+        let (sel, w) = (r.sel.addr, r.w.addr);
+        let h0 = r.h0.as_ref().map_or(0, |m| m.addr);
+        self.sup(
+            support::ROUTE_TOKEN,
+            s,
+            &[
+                p(sel),
+                p(w),
+                p(self.buf(out)),
+                i(s),
+                i(self.cols(out)),
+                i(cap),
+                Param::F32(alpha),
+            ],
+        )?;
+        let cols = self.cols(rec.state);
+        self.gpu.copy(h0, self.buf(rec.state), 4 * s * cols)?;
+        let mut d = vec![0f32; s];
+        self.gpu.download(sel, bytes_mut(&mut d))?;
+        Ok(d.iter().map(|x| x.to_bits() as i32 as usize).collect())
+    }
+
+    /// Expert choice before iteration `t`: the router on the state, then `route_expert` keeps
+    /// the top `max(1, ⌊capacity_t·S⌋)` active rows (a multi-token call) or those with
+    /// `σ(z) ≥ threshold` (one token); returns the keep mask, read back.
+    fn expert_route(
+        &mut self,
+        rec: &Recur,
+        t: usize,
+        alpha: f32,
+        threshold: f32,
+    ) -> Result<Vec<i32>> {
+        let s = self.s;
+        self.list(&rec.router, Some(t))?;
+        let out = self.router_out(rec)?;
+        let (cap_t, n_rec) = match &rec.exit {
+            ExitPolicy::ExpertChoice {
+                capacity,
+                max_steps,
+                ..
+            } => (capacity.get(t).copied(), *max_steps),
+            _ => (None, 1),
+        };
+        // MoR's default capacity schedule, in the reference's float arithmetic (as the CPU).
+        let cap_t = cap_t.unwrap_or((n_rec.saturating_sub(t)) as f64 / n_rec as f64);
+        let k = ((cap_t * s as f64) as usize).max(1);
+        let r = self.route()?;
+        let (sel, w) = (r.sel.addr, r.w.addr);
+        self.sup(
+            support::ROUTE_EXPERT,
+            1,
+            &[
+                p(sel),
+                p(w),
+                p(self.buf(out)),
+                p(self.ws.active.addr),
+                i(s),
+                i(k),
+                Param::F32(threshold),
+                Param::F32(alpha),
+            ],
+        )?;
+        let mut keep = vec![0f32; s];
+        self.gpu.download(sel, bytes_mut(&mut keep))?;
+        Ok(keep.iter().map(|x| x.to_bits() as i32).collect())
     }
 
     /// A logit criterion's per-row values after an iteration: the readout (the coda
