@@ -1158,3 +1158,124 @@ fn exit_logits_match_the_runtime_formulas_in_the_simulator() {
         }
     }
 }
+
+/// MoR's routers against the host's rules (`runtime/src/exec/per_row.rs`): expert choice's
+/// top-k over a sequence longer than the block (ties to the earlier row, inactive rows never
+/// chosen) and its single-token threshold; token choice's first-maximum depth and weight.
+#[test]
+fn routers_match_the_runtime_rules_in_the_simulator() {
+    let mut rng = Rng(31);
+    let sig = |z: f32| 1.0 / (1.0 + (-z).exp());
+    // expert choice, several sequence lengths and capacities
+    for (rows, k) in [(300usize, 100usize), (7, 3), (5, 5)] {
+        let mut z = rng.vec(rows, -3.0, 3.0);
+        // Ties: equal scores must go to the earlier row.
+        z[rows - 1] = z[0];
+        z[rows / 2] = z[1];
+        let act: Vec<i32> = (0..rows).map(|r| (r % 4 != 3) as i32).collect();
+        let (alpha, thr) = (0.1f32, 0.5f32);
+        let mut mem = Mem::new();
+        let keep = mem.i32s(&vec![7; rows]);
+        let gate = mem.f32s(&vec![7.0; rows]);
+        let (za, aa) = (mem.f32s(&z), mem.i32s(&act));
+        let args = [
+            V::I(keep),
+            V::I(gate),
+            V::I(za),
+            V::I(aa),
+            i(rows),
+            i(k),
+            V::F(thr),
+            V::F(alpha),
+        ];
+        run_support(support::ROUTE_EXPERT, &mut mem, 1, &args);
+        let s: Vec<f32> = z.iter().map(|&x| sig(x)).collect();
+        let mut idx: Vec<usize> = (0..rows).filter(|&r| act[r] != 0).collect();
+        idx.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+        let mut want = vec![0i32; rows];
+        for &r in idx.iter().take(k) {
+            want[r] = 1;
+        }
+        assert_eq!(
+            mem.read_i32(keep),
+            want,
+            "route_expert keep rows={rows} k={k}"
+        );
+        let g = mem.read(gate);
+        for r in 0..rows {
+            let w = if want[r] != 0 { s[r] * alpha } else { 0.0 };
+            assert!(
+                (w - g[r]).abs() <= 2.0 * f32::EPSILON * w.abs(),
+                "route_expert gate {r}: host {w}, device {}",
+                g[r]
+            );
+        }
+    }
+    // expert choice, one decoded token: the threshold decides
+    for z in [-0.3f32, 0.0, 0.4] {
+        let mut mem = Mem::new();
+        let keep = mem.i32s(&[7]);
+        let gate = mem.f32s(&[7.0]);
+        let (za, aa) = (mem.f32s(&[z]), mem.i32s(&[1]));
+        let args = [
+            V::I(keep),
+            V::I(gate),
+            V::I(za),
+            V::I(aa),
+            i(1),
+            i(1),
+            V::F(0.5),
+            V::F(0.1),
+        ];
+        run_support(support::ROUTE_EXPERT, &mut mem, 1, &args);
+        assert_eq!(mem.read_i32(keep), vec![(sig(z) >= 0.5) as i32], "z = {z}");
+    }
+    // token choice
+    {
+        let (rows, n, cap, alpha) = (6usize, 4usize, 3usize, 0.7f32);
+        let mut z = rng.vec(rows * n, -2.0, 2.0);
+        // A tie for the maximum (the first wins) and a maximum past the cap.
+        z[n + 1] = 5.0;
+        z[n + 3] = 5.0;
+        z[2 * n + 3] = 6.0;
+        let mut mem = Mem::new();
+        let depth = mem.i32s(&vec![0; rows]);
+        let weight = mem.f32s(&vec![0.0; rows]);
+        let za = mem.f32s(&z);
+        let args = [
+            V::I(depth),
+            V::I(weight),
+            V::I(za),
+            i(rows),
+            i(n),
+            i(cap),
+            V::F(alpha),
+        ];
+        run_support(support::ROUTE_TOKEN, &mut mem, rows, &args);
+        let (dd, ww) = (mem.read_i32(depth), mem.read(weight));
+        for r in 0..rows {
+            let row = &z[r * n..(r + 1) * n];
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
+            let mut d = 0;
+            for (j, &x) in row.iter().enumerate() {
+                if x > row[d] {
+                    d = j;
+                }
+            }
+            let w = (row[d] - mx).exp() / sum * alpha;
+            assert_eq!(
+                dd[r] as usize,
+                (d + 1).min(cap),
+                "route_token depth row {r}"
+            );
+            assert!(
+                (w - ww[r]).abs() <= 4.0 * f32::EPSILON * w,
+                "route_token weight row {r}: host {w}, device {}",
+                ww[r]
+            );
+        }
+        assert_eq!(dd[1], 2);
+        assert_eq!(dd[2], 3);
+    }
+}

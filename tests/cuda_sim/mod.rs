@@ -529,7 +529,7 @@ impl Block<'_> {
                     .trim();
                 vec![parse_const(lit, ty_after_colon(line)); lanes]
             }
-            "arith.index_cast" | "llvm.inttoptr" | "arith.extsi" => arg(self, 0),
+            "arith.index_cast" | "llvm.inttoptr" | "arith.extsi" | "arith.extui" => arg(self, 0),
             "arith.trunci" => {
                 let a = arg(self, 0);
                 let to = line.rsplit(" to ").next().unwrap().trim();
@@ -618,6 +618,8 @@ impl Block<'_> {
                         "olt" => x < y,
                         "oeq" => x == y,
                         "ogt" => x > y,
+                        "oge" => x >= y,
+                        "ole" => x <= y,
                         p => panic!("cmpf {p}"),
                     } as i64)
                 })

@@ -159,6 +159,35 @@ pub fn kernel(name: &str) -> Option<(String, CudaKernel)> {
             BLOCK,
             1,
         )),
+        names::ROUTE_EXPERT => route_expert(Kern::new(
+            name,
+            &[
+                ("keep", Ptr),
+                ("gate", Ptr),
+                ("z", Ptr),
+                ("active", Ptr),
+                ("rows", I64),
+                ("k", I64),
+                ("threshold", F32),
+                ("alpha", F32),
+            ],
+            BLOCK,
+            1,
+        )),
+        names::ROUTE_TOKEN => route_token(Kern::new(
+            name,
+            &[
+                ("depth", Ptr),
+                ("weight", Ptr),
+                ("z", Ptr),
+                ("rows", I64),
+                ("n", I64),
+                ("cap", I64),
+                ("alpha", F32),
+            ],
+            BLOCK,
+            1,
+        )),
         names::SELECT_ROWS => select_rows(Kern::new(
             name,
             &[
@@ -907,5 +936,149 @@ fn exit_logits(mut k: Kern) -> Kern {
         fx.close("}");
         when(fx, &lead, |fx| st_f64(fx, &val, &value, r));
         k.fx.close("}");
+    })
+}
+
+/// `e^x` of an `f32` through `f64`, rounded once: what a correctly rounded `expf` returns.
+fn exp_rn(fx: &mut Fx, x: &str) -> String {
+    let d = fx.op(format!("arith.extf {x} : f32 to f64"));
+    let e = math64::exp(fx, &d);
+    fx.op(format!("arith.truncf {e} : f64 to f32"))
+}
+
+/// MoR expert choice for one sequence in one block: σ of every row into `gate`, then each
+/// row's rank among the active rows (higher σ first, the earlier row on ties) against `k`,
+/// or `σ ≥ threshold` for a single row; `gate` becomes `σ·alpha` for the kept rows, 0 else.
+fn route_expert(mut k: Kern) -> Kern {
+    let keep = k.ptr("keep");
+    let gate = k.ptr("gate");
+    let z = k.ptr("z");
+    let active = k.ptr("active");
+    let [rows, kk, threshold, alpha] = ["rows", "k", "threshold", "alpha"].map(|x| k.param(x));
+    let tid = k.tid.clone();
+    let bid = k.bid.clone();
+    let fx = &mut k.fx;
+    let zero = c64(fx, 0);
+    let one = c64(fx, 1);
+    // One block does the whole sequence (the barriers below are reached by all its threads).
+    let first_block = cmp(fx, "eq", &bid, &zero);
+    fx.open(format!("scf.if {first_block} {{"));
+    let one_f = fx.cf(Ty::Scalar, 1.0);
+    strided(fx, &tid, &rows, BLOCK, |fx, r| {
+        let zr = ld(fx, &z, r);
+        let nz = fx.op(format!("arith.negf {zr} : f32"));
+        let e = exp_rn(fx, &nz);
+        let den = fx.add(Ty::Scalar, &one_f, &e);
+        let sig = fx.div(Ty::Scalar, &one_f, &den);
+        st(fx, &sig, &gate, r);
+    });
+    fx.line("gpu.barrier");
+    let z32 = fx.op("arith.constant 0 : i32");
+    let single = cmp(fx, "eq", &rows, &one);
+    // The decisions go to `keep` (each thread its own rows): `gate` is read by every thread
+    // until the barrier, and only then becomes `σ·alpha`.
+    strided(fx, &tid, &rows, BLOCK, |fx, r| {
+        let sig = ld(fx, &gate, r);
+        let a = load(fx, &active, r, "i32");
+        let on = fx.op(format!("arith.cmpi ne, {a}, {z32} : i32"));
+        let by_thr = fx.op(format!("arith.cmpf oge, {sig}, {threshold} : f32"));
+        let rank = for_carry(
+            fx,
+            &zero,
+            &rows,
+            &one,
+            &[zero.clone()],
+            &["i64"],
+            |fx, q, acc| {
+                let sq = ld(fx, &gate, q);
+                let aq = load(fx, &active, q, "i32");
+                let onq = fx.op(format!("arith.cmpi ne, {aq}, {z32} : i32"));
+                let gt = fx.op(format!("arith.cmpf ogt, {sq}, {sig} : f32"));
+                let eq = fx.op(format!("arith.cmpf oeq, {sq}, {sig} : f32"));
+                let before = cmp(fx, "slt", q, r);
+                let tie = fx.op(format!("arith.andi {eq}, {before} : i1"));
+                let ahead = fx.op(format!("arith.ori {gt}, {tie} : i1"));
+                let ahead = fx.op(format!("arith.andi {onq}, {ahead} : i1"));
+                let inc = fx.op(format!("arith.extui {ahead} : i1 to i64"));
+                vec![add(fx, &acc[0], &inc)]
+            },
+        );
+        let in_k = cmp(fx, "slt", &rank[0], &kk);
+        let chosen = fx.op(format!("arith.select {single}, {by_thr}, {in_k} : i1"));
+        let kept = fx.op(format!("arith.andi {on}, {chosen} : i1"));
+        let kept32 = fx.op(format!("arith.extui {kept} : i1 to i32"));
+        store(fx, &kept32, &keep, r, "i32");
+    });
+    fx.line("gpu.barrier");
+    strided(fx, &tid, &rows, BLOCK, |fx, r| {
+        let sig = ld(fx, &gate, r);
+        let kv = load(fx, &keep, r, "i32");
+        let kept = fx.op(format!("arith.cmpi ne, {kv}, {z32} : i32"));
+        let g = fx.mul(Ty::Scalar, &sig, &alpha);
+        let zf = fx.cf(Ty::Scalar, 0.0);
+        let g = fx.op(format!("arith.select {kept}, {g}, {zf} : f32"));
+        st(fx, &g, &gate, r);
+    });
+    fx.close("}");
+    k
+}
+
+/// MoR token choice per row (one thread: `n` is the number of recursions): the first maximum
+/// `d`, `depth = min(d + 1, max(cap, 1))`, `weight = alpha · e^(z_d − max) / Σ e^(z_j − max)`
+/// with the sum in column order, as the host.
+fn route_token(mut k: Kern) -> Kern {
+    let depth = k.ptr("depth");
+    let weight = k.ptr("weight");
+    let z = k.ptr("z");
+    let [n, cap, alpha] = ["n", "cap", "alpha"].map(|x| k.param(x));
+    each_row(k, |k, r| {
+        let tid = k.tid.clone();
+        let fx = &mut k.fx;
+        let zero = c64(fx, 0);
+        let one = c64(fx, 1);
+        let lead = cmp(fx, "eq", &tid, &zero);
+        when(fx, &lead, |fx| {
+            let row = mul(fx, r, &n);
+            let ninf = fx.op("arith.constant 0xFF800000 : f32");
+            let mx = for_carry(fx, &zero, &n, &one, &[ninf], &["f32"], |fx, j, acc| {
+                let at = add(fx, &row, j);
+                let v = ld(fx, &z, &at);
+                vec![fx.op(format!("arith.maximumf {}, {v} : f32", acc[0]))]
+            });
+            let mx = mx[0].clone();
+            let zf = fx.cf(Ty::Scalar, 0.0);
+            let z0 = ld(fx, &z, &row);
+            let init = [zf, zero.clone(), z0];
+            let acc = for_carry(
+                fx,
+                &zero,
+                &n,
+                &one,
+                &init,
+                &["f32", "i64", "f32"],
+                |fx, j, acc| {
+                    let at = add(fx, &row, j);
+                    let v = ld(fx, &z, &at);
+                    let d = fx.sub(Ty::Scalar, &v, &mx);
+                    let e = exp_rn(fx, &d);
+                    let sum = fx.add(Ty::Scalar, &acc[0], &e);
+                    let gt = fx.op(format!("arith.cmpf ogt, {v}, {} : f32", acc[2]));
+                    let bi = fx.op(format!("arith.select {gt}, {j}, {} : i64", acc[1]));
+                    let bv = fx.op(format!("arith.select {gt}, {v}, {} : f32", acc[2]));
+                    vec![sum, bi, bv]
+                },
+            );
+            let (sum, d, zd) = (&acc[0], &acc[1], &acc[2]);
+            let d1 = add(fx, d, &one);
+            let capm = ibin(fx, "maxsi", &cap, &one);
+            let dep = ibin(fx, "minsi", &d1, &capm);
+            let dep32 = fx.op(format!("arith.trunci {dep} : i64 to i32"));
+            store(fx, &dep32, &depth, r, "i32");
+            let x = fx.sub(Ty::Scalar, zd, &mx);
+            let e = exp_rn(fx, &x);
+            let w = fx.div(Ty::Scalar, &e, sum);
+            let w = fx.mul(Ty::Scalar, &w, &alpha);
+            st(fx, &w, &weight, r);
+        });
     })
 }
