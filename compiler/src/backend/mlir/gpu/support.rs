@@ -987,7 +987,7 @@ fn route_expert(mut k: Kern) -> Kern {
             &zero,
             &rows,
             &one,
-            &[zero.clone()],
+            std::slice::from_ref(&zero),
             &["i64"],
             |fx, q, acc| {
                 let sq = ld(fx, &gate, q);
