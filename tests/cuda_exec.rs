@@ -130,7 +130,13 @@ fn huginn_fixed_depth_matches_cpu() {
 
 #[test]
 fn huginn_forced_depths_under_each_cache_policy() {
-    for cache in ["per_step", "ring(2)", "last_step", "share_first"] {
+    for cache in [
+        "per_step",
+        "ring(2)",
+        "last_step",
+        "share_first",
+        "recursion_wise",
+    ] {
         let a = artifact("huginn", HUGINN_CFG, "fixed", cache, &["init_scale=0"]);
         // Unequal depths inside the prefill, and decode tokens that stop early (later slots then
         // fill their gap from lower ones).
@@ -201,9 +207,9 @@ fn huginn_logit_exits_match_cpu() {
 
 /// MoR routers on the device (`route_expert` / `route_token`, the gated update and token
 /// choice's `h_0 + w·h_d` as `epilogue` launches) against the CPU, for the routed fixtures'
-/// settings. Recursion-wise caches stay on the CPU, so those cases run with per-step slots
-/// (`kv_share=2`); recursive sharing (`kv_share=1`) is kept. Decode runs at the fixture's
-/// threshold, at 0 (every decoded token recurses) and at 0.5.
+/// settings, with the fixture's cache (recursion-wise or recursive sharing) and with per-step
+/// slots (`kv_share=2`). Decode runs at the fixture's threshold, at 0 (every decoded token
+/// recurses) and at 0.5.
 #[test]
 fn mor_routers_match_cpu() {
     let prompt = [3u32, 17, 5, 9, 1, 22, 8, 14, 30];
@@ -219,37 +225,40 @@ fn mor_routers_match_cpu() {
         let w = format!("mor_tiny/{case}.safetensors");
         let f = fixture(&w);
         let kv = read(&f, "kv_sharing").i64[0];
-        let set = [
-            format!("routing={}", read(&f, "routing").i64[0]),
-            format!("sharing={}", read(&f, "sharing").i64[0]),
-            format!("alpha={}", read(&f, "alpha").f32[0]),
-            format!("kv_share={}", if kv == 0 { 2 } else { kv }),
-        ];
-        let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
-        let a = artifact("mor", "mor_tiny/config.json", "fixed", "per_step", &set);
-        let cpu_m = load(&a, &w, Device::Cpu).unwrap();
-        let emu_m = load(&a, &w, Device::CudaEmulated).unwrap();
-        let mut varied = false;
-        for thr in [None, Some(0.0), Some(0.5)] {
-            let cpu = run_at(&cpu_m, &prompt, &decode, None, None, thr);
-            let emu = run_at(&emu_m, &prompt, &decode, None, None, thr);
-            assert_eq!(
-                cpu.depths, emu.depths,
-                "{case} at {thr:?}: per-token depths"
+        for kv in [kv, 2] {
+            let set = [
+                format!("routing={}", read(&f, "routing").i64[0]),
+                format!("sharing={}", read(&f, "sharing").i64[0]),
+                format!("alpha={}", read(&f, "alpha").f32[0]),
+                format!("kv_share={kv}"),
+            ];
+            let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
+            let a = artifact("mor", "mor_tiny/config.json", "fixed", "per_step", &set);
+            let cpu_m = load(&a, &w, Device::Cpu).unwrap();
+            let emu_m = load(&a, &w, Device::CudaEmulated).unwrap();
+            let mut varied = false;
+            for thr in [None, Some(0.0), Some(0.5)] {
+                let cpu = run_at(&cpu_m, &prompt, &decode, None, None, thr);
+                let emu = run_at(&emu_m, &prompt, &decode, None, None, thr);
+                let what = format!("{case} kv_share={kv} at {thr:?}");
+                assert_eq!(cpu.depths, emu.depths, "{what}: per-token depths");
+                assert_eq!(cpu.kv, emu.kv, "{what}: KV slot lengths");
+                let d = max_abs_diff(&cpu.logits, &emu.logits);
+                assert!(d <= TOL, "{what}: max |Δ| {d}");
+                eprintln!(
+                    "{case} kv_share={kv} at {thr:?}: depths {:?}, |Δ| {d:.1e}",
+                    cpu.depths
+                );
+                let mut ds = cpu.depths[..prompt.len()].to_vec();
+                ds.sort();
+                ds.dedup();
+                varied |= ds.len() > 1;
+            }
+            assert!(
+                varied,
+                "{case}: the router gave every prompt token the same depth"
             );
-            assert_eq!(cpu.kv, emu.kv, "{case} at {thr:?}: KV slot lengths");
-            let d = max_abs_diff(&cpu.logits, &emu.logits);
-            assert!(d <= TOL, "{case} at {thr:?}: max |Δ| {d}");
-            eprintln!("{case} at {thr:?}: depths {:?}, |Δ| {d:.1e}", cpu.depths);
-            let mut ds = cpu.depths[..prompt.len()].to_vec();
-            ds.sort();
-            ds.dedup();
-            varied |= ds.len() > 1;
         }
-        assert!(
-            varied,
-            "{case}: the router gave every prompt token the same depth"
-        );
     }
 }
 
@@ -393,23 +402,6 @@ fn unsupported_policies_and_incomplete_images_are_errors() {
         .retain(|s| s.name != "exit_logits");
     let e = err(load(&c, HUGINN_W, Device::Cuda(0)));
     assert!(e.contains("lacks the support kernel `exit_logits`"), "{e}");
-    let a = artifact("huginn", HUGINN_CFG, "fixed", "recursion_wise", &[]);
-    let e = err(load(&a, HUGINN_W, Device::CudaEmulated));
-    assert!(e.contains("recursion-wise"), "{e}");
-    // MoR expert choice with its default recursion-wise cache.
-    let a = artifact(
-        "mor",
-        "mor_tiny/config.json",
-        "fixed",
-        "per_step",
-        &["routing=1", "sharing=2"],
-    );
-    let e = err(load(
-        &a,
-        "mor_tiny/expert_middle_cycle.safetensors",
-        Device::CudaEmulated,
-    ));
-    assert!(e.contains("recursion-wise"), "{e}");
     // An image without `embed` (which every model here needs) is refused at load, before the
     // driver.
     let mut c = as_cuda(&artifact("huginn", HUGINN_CFG, "fixed", "per_step", &[]));

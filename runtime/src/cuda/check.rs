@@ -1,7 +1,7 @@
 //! Load-time checks of a program against what the CUDA executor and the image can do, so that
 //! an unsupported policy or a missing support kernel is a clear error before anything runs.
 
-use crate::artifact::{cuda::support, CachePolicy, CudaImage, ExitPolicy, Instr, Manifest};
+use crate::artifact::{cuda::support, CudaImage, ExitPolicy, Instr, Manifest};
 use crate::error::{Result, RuntimeError};
 
 fn unsupported(what: impl Into<String>) -> RuntimeError {
@@ -95,17 +95,7 @@ pub(crate) fn check_program(m: &Manifest, image: &CudaImage) -> Result<()> {
                     "ACT halting without an exit gate".into(),
                 ))
             }
-            ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. }
-                if r.cache == CachePolicy::RecursionWise =>
-            {
-                return Err(unsupported(
-                    "MoR routers with the recursion-wise KV cache policy (routers run on the device with the other cache policies)",
-                ))
-            }
             ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. } => {}
-        }
-        if r.cache == CachePolicy::RecursionWise {
-            return Err(unsupported("the recursion-wise KV cache policy"));
         }
     }
     if image.kernels.len() != m.kernels.len() {

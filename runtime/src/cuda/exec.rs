@@ -350,6 +350,7 @@ impl DevState {
             s,
             pos0: c.pos0,
             masks: None,
+            rows_on: Vec::new(),
         };
         let iterations = run.program(c, row_depth, gates, hist)?;
         let lb = man.program.logits;
@@ -371,6 +372,9 @@ struct Run<'a> {
     pos0: usize,
     /// Set while some rows of the call have exited.
     masks: Option<Masks>,
+    /// The rows still running, as last uploaded in the masks (empty: every row), for the
+    /// recursion-wise cache, whose slots and attention follow the active rows.
+    rows_on: Vec<bool>,
 }
 
 fn p(a: u64) -> Param {
@@ -722,6 +726,7 @@ impl Run<'_> {
             row_depth[r] = t;
         }
         self.masks = None;
+        self.rows_on.clear();
         if let Rule::Token { .. } = rule {
             // MoR token choice's result: h_0 + w·h_d.
             let r = self.route()?;
@@ -745,6 +750,28 @@ impl Run<'_> {
         }
         self.copy_buf(rec.state, rec.next)?;
         Ok(t)
+    }
+
+    /// The runs of consecutive running rows `(first, end, running rows before first)`.
+    pub(super) fn active_runs(&self) -> Vec<(usize, usize, usize)> {
+        if self.rows_on.is_empty() {
+            return vec![(0, self.s, 0)];
+        }
+        let mut runs = Vec::new();
+        let (mut r, mut before) = (0, 0);
+        while r < self.s {
+            if !self.rows_on[r] {
+                r += 1;
+                continue;
+            }
+            let r0 = r;
+            while r < self.s && self.rows_on[r] {
+                r += 1;
+            }
+            runs.push((r0, r, before));
+            before += r - r0;
+        }
+        runs
     }
 
     fn route(&self) -> Result<&Route> {
@@ -919,7 +946,9 @@ impl Run<'_> {
         )
     }
 
-    fn upload_masks(&self, active: &[bool]) -> Result<()> {
+    fn upload_masks(&mut self, active: &[bool]) -> Result<()> {
+        self.rows_on.clear();
+        self.rows_on.extend_from_slice(active);
         let a: Vec<i32> = active.iter().map(|&x| x as i32).collect();
         let e: Vec<i32> = active.iter().map(|&x| (!x) as i32).collect();
         self.gpu.upload(self.ws.active.addr, bytes(&a))?;
