@@ -987,6 +987,297 @@ fn support_kernels_match_the_runtime_formulas_in_the_simulator() {
         }
         assert_eq!(mem.read(d), want, "select_rows");
     }
+    // exit_logits: in `exit_logits_match_the_runtime_formulas_in_the_simulator`
+}
+
+/// `exit.rs`'s logit criteria on the host (f32 max, f64 sums, f32 log-probabilities): one row's
+/// step, updating its history; `kind` as the contract's `exit_logits`.
+fn host_logits_step(
+    kind: i64,
+    l: &[f32],
+    prev: &mut [f32],
+    prev_h: &mut f64,
+    prev_am: &mut i32,
+    count: &mut i32,
+) -> f64 {
+    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = l.iter().map(|&v| ((v - m) as f64).exp()).sum();
+    let lz = m as f64 + z.ln();
+    let mut lp: Vec<f32> = l.iter().map(|&v| (v as f64 - lz) as f32).collect();
+    if kind == 3 {
+        let vf = lp.len() as f64;
+        let mx = lp.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let cut = mx.exp() * 0.1;
+        let mut z = 0.0f64;
+        for x in lp.iter_mut() {
+            let p = (*x as f64).exp();
+            let p = if p < cut { 1.0 / vf } else { p };
+            *x = p as f32;
+            z += p;
+        }
+        for x in lp.iter_mut() {
+            *x = ((*x as f64) / z).ln() as f32;
+        }
+    }
+    match kind {
+        2 | 3 => {
+            let kl = prev
+                .iter()
+                .zip(&lp)
+                .map(|(&a, &b)| (a as f64).exp() * (a as f64 - b as f64))
+                .sum();
+            prev.copy_from_slice(&lp);
+            kl
+        }
+        4 => {
+            let h: f64 = -lp
+                .iter()
+                .map(|&x| (x as f64).exp() * ((x as f64).exp() + 1e-10).ln())
+                .sum::<f64>();
+            let d = (h - *prev_h).abs();
+            *prev_h = h;
+            d
+        }
+        _ => {
+            let mut best = 0usize;
+            let mut found = false;
+            for (i, &v) in l.iter().enumerate() {
+                if !v.is_nan() && (!found || v > l[best]) {
+                    best = i;
+                    found = true;
+                }
+            }
+            *count = if best as i32 == *prev_am {
+                *count + 1
+            } else {
+                0
+            };
+            *prev_am = best as i32;
+            *count as f64
+        }
+    }
+}
+
+/// `exit_logits` against the host's formulas over three steps: the first (reset history),
+/// later ones reading the device history, a row that is inactive in the second step (its
+/// history must not move), a row with a tied maximum (argmax: the first), a peaked row (min-p
+/// filters most of it) and a vocabulary that is not a multiple of the block.
+#[test]
+fn exit_logits_match_the_runtime_formulas_in_the_simulator() {
+    let mut rng = Rng(23);
+    let (rows, vocab) = (4usize, 777usize);
+    let uniform = -(vocab as f32).ln();
+    for kind in [2i64, 3, 4, 5] {
+        let mut mem = Mem::new();
+        let value = mem.f64s(&vec![0.0; rows]);
+        let prev_a = mem.f32s(&vec![0.0; rows * vocab]);
+        let h_a = mem.f64s(&vec![0.0; rows]);
+        let am_a = mem.i32s(&vec![0; rows]);
+        let cnt_a = mem.i32s(&vec![0; rows]);
+        let mut prev = vec![uniform; rows * vocab];
+        let mut ph = vec![100.0f64; rows];
+        let mut pam = vec![-1i32; rows];
+        let mut cnt = vec![0i32; rows];
+        let mut want_v = vec![0.0f64; rows];
+        let base = rng.vec(rows * vocab, -3.0, 3.0);
+        for step in 0..3 {
+            // Small moves of a fixed landscape, so argmax streaks and small KLs happen.
+            let mut l: Vec<f32> = base
+                .iter()
+                .map(|&x| x + rng.uniform(-0.05, 0.05) * step as f32)
+                .collect();
+            // Row 1: a tied maximum at two columns; row 3: one dominant column.
+            l[vocab + 5] = 9.0;
+            l[vocab + 600] = 9.0;
+            l[3 * vocab + 300] = 12.0;
+            let act: Vec<i32> = (0..rows).map(|r| (step != 1 || r != 2) as i32).collect();
+            let la = mem.f32s(&l);
+            let aa = mem.i32s(&act);
+            let args = [
+                V::I(value),
+                V::I(la),
+                V::I(prev_a),
+                V::I(h_a),
+                V::I(am_a),
+                V::I(cnt_a),
+                V::I(aa),
+                i(rows),
+                i(vocab),
+                V::I(kind),
+                i((step == 0) as usize),
+                V::F(uniform),
+            ];
+            run_support(support::EXIT_LOGITS, &mut mem, rows, &args);
+            for r in (0..rows).filter(|&r| act[r] != 0) {
+                want_v[r] = host_logits_step(
+                    kind,
+                    &l[r * vocab..(r + 1) * vocab],
+                    &mut prev[r * vocab..(r + 1) * vocab],
+                    &mut ph[r],
+                    &mut pam[r],
+                    &mut cnt[r],
+                );
+            }
+            let got = mem.read64(value);
+            for r in 0..rows {
+                let (w, g) = (want_v[r], got[r]);
+                // Reassociated f64 sums and a few-ulp exp/ln; a log-probability may round to the
+                // neighbouring f32, which moves a KL term by p·ulp.
+                assert!(
+                    (w - g).abs() <= 1e-9 + 1e-9 * w.abs(),
+                    "exit_logits kind {kind} step {step} row {r}: host {w:e}, device {g:e}"
+                );
+            }
+            match kind {
+                2 | 3 => {
+                    let d = mem.read(prev_a);
+                    for (j, (a, b)) in prev.iter().zip(&d).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 2.0 * f32::EPSILON * a.abs().max(1e-3),
+                            "prev_logp[{j}] kind {kind} step {step}: host {a}, device {b}"
+                        );
+                    }
+                }
+                4 => assert!(
+                    mem.read64(h_a)
+                        .iter()
+                        .zip(&ph)
+                        .all(|(a, b)| (a - b).abs() <= 1e-12 * b.abs().max(1.0)),
+                    "prev_h step {step}"
+                ),
+                _ => {
+                    assert_eq!(mem.read_i32(am_a), pam, "argmax step {step}");
+                    assert_eq!(mem.read_i32(cnt_a), cnt, "streak step {step}");
+                }
+            }
+        }
+        if kind == 5 {
+            // The tie resolves to the first column, and unchanged argmaxes made streaks.
+            assert_eq!(pam[1], 5);
+            assert!(cnt.iter().any(|&c| c >= 2), "{cnt:?}");
+        }
+    }
+}
+
+/// MoR's routers against the host's rules (`runtime/src/exec/per_row.rs`): expert choice's
+/// top-k over a sequence longer than the block (ties to the earlier row, inactive rows never
+/// chosen) and its single-token threshold; token choice's first-maximum depth and weight.
+#[test]
+fn routers_match_the_runtime_rules_in_the_simulator() {
+    let mut rng = Rng(31);
+    let sig = |z: f32| 1.0 / (1.0 + (-z).exp());
+    // expert choice, several sequence lengths and capacities
+    for (rows, k) in [(300usize, 100usize), (7, 3), (5, 5)] {
+        let mut z = rng.vec(rows, -3.0, 3.0);
+        // Ties: equal scores must go to the earlier row.
+        z[rows - 1] = z[0];
+        z[rows / 2] = z[1];
+        let act: Vec<i32> = (0..rows).map(|r| (r % 4 != 3) as i32).collect();
+        let (alpha, thr) = (0.1f32, 0.5f32);
+        let mut mem = Mem::new();
+        let keep = mem.i32s(&vec![7; rows]);
+        let gate = mem.f32s(&vec![7.0; rows]);
+        let (za, aa) = (mem.f32s(&z), mem.i32s(&act));
+        let args = [
+            V::I(keep),
+            V::I(gate),
+            V::I(za),
+            V::I(aa),
+            i(rows),
+            i(k),
+            V::F(thr),
+            V::F(alpha),
+        ];
+        run_support(support::ROUTE_EXPERT, &mut mem, 1, &args);
+        let s: Vec<f32> = z.iter().map(|&x| sig(x)).collect();
+        let mut idx: Vec<usize> = (0..rows).filter(|&r| act[r] != 0).collect();
+        idx.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+        let mut want = vec![0i32; rows];
+        for &r in idx.iter().take(k) {
+            want[r] = 1;
+        }
+        assert_eq!(
+            mem.read_i32(keep),
+            want,
+            "route_expert keep rows={rows} k={k}"
+        );
+        let g = mem.read(gate);
+        for r in 0..rows {
+            let w = if want[r] != 0 { s[r] * alpha } else { 0.0 };
+            assert!(
+                (w - g[r]).abs() <= 2.0 * f32::EPSILON * w.abs(),
+                "route_expert gate {r}: host {w}, device {}",
+                g[r]
+            );
+        }
+    }
+    // expert choice, one decoded token: the threshold decides
+    for z in [-0.3f32, 0.0, 0.4] {
+        let mut mem = Mem::new();
+        let keep = mem.i32s(&[7]);
+        let gate = mem.f32s(&[7.0]);
+        let (za, aa) = (mem.f32s(&[z]), mem.i32s(&[1]));
+        let args = [
+            V::I(keep),
+            V::I(gate),
+            V::I(za),
+            V::I(aa),
+            i(1),
+            i(1),
+            V::F(0.5),
+            V::F(0.1),
+        ];
+        run_support(support::ROUTE_EXPERT, &mut mem, 1, &args);
+        assert_eq!(mem.read_i32(keep), vec![(sig(z) >= 0.5) as i32], "z = {z}");
+    }
+    // token choice
+    {
+        let (rows, n, cap, alpha) = (6usize, 4usize, 3usize, 0.7f32);
+        let mut z = rng.vec(rows * n, -2.0, 2.0);
+        // A tie for the maximum (the first wins) and a maximum past the cap.
+        z[n + 1] = 5.0;
+        z[n + 3] = 5.0;
+        z[2 * n + 3] = 6.0;
+        let mut mem = Mem::new();
+        let depth = mem.i32s(&vec![0; rows]);
+        let weight = mem.f32s(&vec![0.0; rows]);
+        let za = mem.f32s(&z);
+        let args = [
+            V::I(depth),
+            V::I(weight),
+            V::I(za),
+            i(rows),
+            i(n),
+            i(cap),
+            V::F(alpha),
+        ];
+        run_support(support::ROUTE_TOKEN, &mut mem, rows, &args);
+        let (dd, ww) = (mem.read_i32(depth), mem.read(weight));
+        for r in 0..rows {
+            let row = &z[r * n..(r + 1) * n];
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
+            let mut d = 0;
+            for (j, &x) in row.iter().enumerate() {
+                if x > row[d] {
+                    d = j;
+                }
+            }
+            let w = (row[d] - mx).exp() / sum * alpha;
+            assert_eq!(
+                dd[r] as usize,
+                (d + 1).min(cap),
+                "route_token depth row {r}"
+            );
+            assert!(
+                (w - ww[r]).abs() <= 4.0 * f32::EPSILON * w,
+                "route_token weight row {r}: host {w}, device {}",
+                ww[r]
+            );
+        }
+        assert_eq!(dd[1], 2);
+        assert_eq!(dd[2], 3);
+    }
 }
 
 /// `rope_rows` (the rotary epilogue term) against the runtime's own rotation of the CPU

@@ -59,7 +59,20 @@ fn run(
     steps: Option<usize>,
     sched: Option<DepthSchedule>,
 ) -> Run {
+    run_at(m, prompt, decode, steps, sched, None)
+}
+
+/// As [`run`], with a run-time exit threshold.
+fn run_at(
+    m: &Model,
+    prompt: &[u32],
+    decode: &[u32],
+    steps: Option<usize>,
+    sched: Option<DepthSchedule>,
+    threshold: Option<f64>,
+) -> Run {
     let mut s = m.session();
+    s.set_exit_threshold(threshold);
     s.set_steps(steps);
     s.set_depth_schedule(sched);
     let mut logits = s.prefill(prompt).unwrap().data().to_vec();
@@ -117,7 +130,13 @@ fn huginn_fixed_depth_matches_cpu() {
 
 #[test]
 fn huginn_forced_depths_under_each_cache_policy() {
-    for cache in ["per_step", "ring(2)", "last_step", "share_first"] {
+    for cache in [
+        "per_step",
+        "ring(2)",
+        "last_step",
+        "share_first",
+        "recursion_wise",
+    ] {
         let a = artifact("huginn", HUGINN_CFG, "fixed", cache, &["init_scale=0"]);
         // Unequal depths inside the prefill, and decode tokens that stop early (later slots then
         // fill their gap from lower ones).
@@ -134,6 +153,112 @@ fn huginn_latent_exits_match_cpu() {
     ] {
         let a = artifact("huginn", HUGINN_CFG, exit, "per_step", &["init_scale=0"]);
         compare(&a, HUGINN_W, None, None);
+    }
+}
+
+/// The criteria that judge the output distribution: the readout runs after every iteration and
+/// `exit_logits` keeps each row's history on the device. Each criterion is swept over
+/// thresholds; every one must match the CPU (logits, per-token depths, KV lengths), and some
+/// must make the depths of one call's tokens differ (so the per-row history and the masks are
+/// exercised).
+#[test]
+fn huginn_logit_exits_match_cpu() {
+    let prompt = [3u32, 17, 5, 9, 1, 22, 8];
+    let decode = [4u32, 11, 2];
+    for (exit, sweep) in [
+        (
+            "kl(threshold = 1e-3, max = 7)",
+            &[1.0, 0.3, 1e-1, 1e-2, 1e-3][..],
+        ),
+        (
+            "minp_kl(threshold = 1e-3, max = 7)",
+            &[0.3, 1e-1, 1e-2, 1e-3][..],
+        ),
+        (
+            "entropy_diff(threshold = 1e-2, every = 2, max = 7)",
+            &[1.0, 1e-1, 1e-2, 1e-3, 1e-4][..],
+        ),
+        (
+            "argmax_stability(threshold = 2, max = 7)",
+            &[1.0, 2.0, 3.0, 4.0][..],
+        ),
+    ] {
+        let a = artifact("huginn", HUGINN_CFG, exit, "per_step", &["init_scale=0"]);
+        let cpu_m = load(&a, HUGINN_W, Device::Cpu).unwrap();
+        let emu_m = load(&a, HUGINN_W, Device::CudaEmulated).unwrap();
+        let mut varied = false;
+        for &thr in sweep {
+            let cpu = run_at(&cpu_m, &prompt, &decode, None, None, Some(thr));
+            let emu = run_at(&emu_m, &prompt, &decode, None, None, Some(thr));
+            assert_eq!(cpu.depths, emu.depths, "{exit} at {thr}: per-token depths");
+            assert_eq!(cpu.kv, emu.kv, "{exit} at {thr}: KV slot lengths");
+            let d = max_abs_diff(&cpu.logits, &emu.logits);
+            assert!(d <= TOL, "{exit} at {thr}: max |Δ| {d}");
+            // Depths that differ inside the prefill (one call, per-row masks).
+            let mut ds = cpu.depths[..prompt.len()].to_vec();
+            ds.sort();
+            ds.dedup();
+            eprintln!("{exit} at {thr}: depths {:?}, |Δ| {d:.1e}", cpu.depths);
+            varied |= ds.len() > 1;
+        }
+        assert!(varied, "{exit}: no threshold made the depths differ");
+    }
+}
+
+/// MoR routers on the device (`route_expert` / `route_token`, the gated update and token
+/// choice's `h_0 + w·h_d` as `epilogue` launches) against the CPU, for the routed fixtures'
+/// settings, with the fixture's cache (recursion-wise or recursive sharing) and with per-step
+/// slots (`kv_share=2`). Decode runs at the fixture's threshold, at 0 (every decoded token
+/// recurses) and at 0.5.
+#[test]
+fn mor_routers_match_cpu() {
+    let prompt = [3u32, 17, 5, 9, 1, 22, 8, 14, 30];
+    let decode = [4u32, 11, 2, 19];
+    for case in [
+        "expert_middle_cycle",
+        "expert_middle_cycle_kvshare",
+        "expert_middle_sequence",
+        "token_middle_cycle",
+        "token_cycle",
+        "token_middle_cycle_kvshare",
+    ] {
+        let w = format!("mor_tiny/{case}.safetensors");
+        let f = fixture(&w);
+        let kv = read(&f, "kv_sharing").i64[0];
+        for kv in [kv, 2] {
+            let set = [
+                format!("routing={}", read(&f, "routing").i64[0]),
+                format!("sharing={}", read(&f, "sharing").i64[0]),
+                format!("alpha={}", read(&f, "alpha").f32[0]),
+                format!("kv_share={kv}"),
+            ];
+            let set: Vec<&str> = set.iter().map(|s| s.as_str()).collect();
+            let a = artifact("mor", "mor_tiny/config.json", "fixed", "per_step", &set);
+            let cpu_m = load(&a, &w, Device::Cpu).unwrap();
+            let emu_m = load(&a, &w, Device::CudaEmulated).unwrap();
+            let mut varied = false;
+            for thr in [None, Some(0.0), Some(0.5)] {
+                let cpu = run_at(&cpu_m, &prompt, &decode, None, None, thr);
+                let emu = run_at(&emu_m, &prompt, &decode, None, None, thr);
+                let what = format!("{case} kv_share={kv} at {thr:?}");
+                assert_eq!(cpu.depths, emu.depths, "{what}: per-token depths");
+                assert_eq!(cpu.kv, emu.kv, "{what}: KV slot lengths");
+                let d = max_abs_diff(&cpu.logits, &emu.logits);
+                assert!(d <= TOL, "{what}: max |Δ| {d}");
+                eprintln!(
+                    "{case} kv_share={kv} at {thr:?}: depths {:?}, |Δ| {d:.1e}",
+                    cpu.depths
+                );
+                let mut ds = cpu.depths[..prompt.len()].to_vec();
+                ds.sort();
+                ds.dedup();
+                varied |= ds.len() > 1;
+            }
+            assert!(
+                varied,
+                "{case}: the router gave every prompt token the same depth"
+            );
+        }
     }
 }
 
@@ -261,35 +386,22 @@ fn cuda_without_a_driver_or_the_feature_is_a_clear_error() {
 
 #[test]
 fn unsupported_policies_and_incomplete_images_are_errors() {
-    let a = artifact(
+    // A logit criterion needs `exit_logits`.
+    let mut c = as_cuda(&artifact(
         "huginn",
         HUGINN_CFG,
         "kl(threshold = 0.3, max = 7)",
         "per_step",
         &[],
-    );
-    let e = err(load(&a, HUGINN_W, Device::CudaEmulated));
-    assert!(
-        e.starts_with("unsupported on cuda") && e.contains("Kl"),
-        "{e}"
-    );
-    let a = artifact("huginn", HUGINN_CFG, "fixed", "recursion_wise", &[]);
-    let e = err(load(&a, HUGINN_W, Device::CudaEmulated));
-    assert!(e.contains("recursion-wise"), "{e}");
-    // MoR expert choice (the fixture config's router).
-    let a = artifact(
-        "mor",
-        "mor_tiny/config.json",
-        "fixed",
-        "per_step",
-        &["routing=1", "sharing=2"],
-    );
-    let e = err(load(
-        &a,
-        "mor_tiny/expert_middle_cycle.safetensors",
-        Device::CudaEmulated,
     ));
-    assert!(e.contains("MoR routers"), "{e}");
+    c.manifest
+        .cuda
+        .as_mut()
+        .unwrap()
+        .support
+        .retain(|s| s.name != "exit_logits");
+    let e = err(load(&c, HUGINN_W, Device::Cuda(0)));
+    assert!(e.contains("lacks the support kernel `exit_logits`"), "{e}");
     // An image without `embed` (which every model here needs) is refused at load, before the
     // driver.
     let mut c = as_cuda(&artifact("huginn", HUGINN_CFG, "fixed", "per_step", &[]));

@@ -125,45 +125,17 @@ impl History {
     /// Update row `row`'s history with this step's logits and return the criterion's value.
     pub(crate) fn logits_value(&mut self, c: Criterion, row: usize, logits: &[f32]) -> f64 {
         let v = self.vocab;
-        log_softmax(logits, &mut self.logp);
-        if c == Criterion::MinpKl {
-            minp(&mut self.logp);
-        }
-        match c {
-            Criterion::Kl | Criterion::MinpKl => {
-                let prev = &mut self.prev_logp[row * v..(row + 1) * v];
-                // KL(p_{t−1} ‖ p_t), the direction of `F.kl_div(logp_t, logp_{t−1}, log_target=True)`.
-                let mut kl = 0.0f64;
-                for (&a, &b) in prev.iter().zip(&self.logp) {
-                    kl += (a as f64).exp() * (a as f64 - b as f64);
-                }
-                prev.copy_from_slice(&self.logp);
-                kl
-            }
-            Criterion::EntropyDiff => {
-                let h: f64 = -self
-                    .logp
-                    .iter()
-                    .map(|&l| (l as f64).exp() * ((l as f64).exp() + 1e-10).ln())
-                    .sum::<f64>();
-                let d = (h - self.prev_h[row]).abs();
-                self.prev_h[row] = h;
-                d
-            }
-            Criterion::ArgmaxStability => {
-                let am = crate::sampler::argmax(logits);
-                if am == self.prev_am[row] {
-                    self.count[row] += 1;
-                } else {
-                    self.count[row] = 0;
-                }
-                self.prev_am[row] = am;
-                self.count[row] as f64
-            }
-            Criterion::LatentDiff | Criterion::Cosine => {
-                unreachable!("latent criteria read the state")
-            }
-        }
+        let prev = match c {
+            Criterion::Kl | Criterion::MinpKl => &mut self.prev_logp[row * v..(row + 1) * v],
+            _ => &mut [][..],
+        };
+        let h = RowHistory {
+            prev_logp: prev,
+            prev_h: &mut self.prev_h[row],
+            prev_am: &mut self.prev_am[row],
+            count: &mut self.count[row],
+        };
+        logits_step(c, logits, &mut self.logp, h)
     }
 
     /// UT/ACT halting in f32: returns the update weight of this step and whether the row halts.
@@ -189,6 +161,81 @@ impl History {
         self.cdf[row] += p;
         self.cdf[row]
     }
+}
+
+/// One row's history of a logit criterion (the CUDA emulator keeps it in device buffers).
+pub(crate) struct RowHistory<'a> {
+    /// The previous step's log-probabilities (KL criteria; may be empty for the others).
+    pub prev_logp: &'a mut [f32],
+    pub prev_h: &'a mut f64,
+    pub prev_am: &'a mut u32,
+    pub count: &'a mut u32,
+}
+
+/// A logit criterion's value for one row and this step's logits, updating its history;
+/// `logp` is scratch of the vocabulary's length.
+pub(crate) fn logits_step(
+    c: Criterion,
+    logits: &[f32],
+    logp: &mut [f32],
+    h: RowHistory<'_>,
+) -> f64 {
+    log_softmax(logits, logp);
+    if c == Criterion::MinpKl {
+        minp(logp);
+    }
+    match c {
+        Criterion::Kl | Criterion::MinpKl => {
+            // KL(p_{t−1} ‖ p_t), the direction of `F.kl_div(logp_t, logp_{t−1}, log_target=True)`.
+            let mut kl = 0.0f64;
+            for (&a, &b) in h.prev_logp.iter().zip(logp.iter()) {
+                kl += (a as f64).exp() * (a as f64 - b as f64);
+            }
+            h.prev_logp.copy_from_slice(logp);
+            kl
+        }
+        Criterion::EntropyDiff => {
+            let e: f64 = -logp
+                .iter()
+                .map(|&l| (l as f64).exp() * ((l as f64).exp() + 1e-10).ln())
+                .sum::<f64>();
+            let d = (e - *h.prev_h).abs();
+            *h.prev_h = e;
+            d
+        }
+        Criterion::ArgmaxStability => {
+            let am = crate::sampler::argmax(logits);
+            if am == *h.prev_am {
+                *h.count += 1;
+            } else {
+                *h.count = 0;
+            }
+            *h.prev_am = am;
+            *h.count as f64
+        }
+        Criterion::LatentDiff | Criterion::Cosine => {
+            unreachable!("latent criteria read the state")
+        }
+    }
+}
+
+/// MoR's router gate σ(z) in f32, as the CPU executor computes it.
+pub(crate) fn sigmoid_rn(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// MoR token choice for one row of router logits: the depth `argmax + 1` (the first maximum
+/// on ties, at most `cap`, at least 1) and the weight `alpha · softmax(z)[argmax]`.
+pub(crate) fn token_route(row: &[f32], cap: usize, alpha: f32) -> (usize, f32) {
+    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
+    let mut d = 0;
+    for (j, &x) in row.iter().enumerate() {
+        if x > row[d] {
+            d = j;
+        }
+    }
+    ((d + 1).min(cap.max(1)), (row[d] - mx).exp() / sum * alpha)
 }
 
 /// Whether a criterion value stops the row.

@@ -94,6 +94,30 @@ impl Mem {
         &mut buf[off / 4..off / 4 + n]
     }
 
+    /// Add a buffer of `f64`s (two words each, little-endian); returns its address.
+    pub fn f64s(&mut self, data: &[f64]) -> i64 {
+        self.bufs.push(
+            data.iter()
+                .flat_map(|x| [x.to_bits() as u32, (x.to_bits() >> 32) as u32])
+                .collect(),
+        );
+        (self.bufs.len() as i64) << 40
+    }
+
+    pub fn read64(&self, addr: i64) -> Vec<f64> {
+        self.bufs[(addr >> 40) as usize - 1]
+            .chunks(2)
+            .map(|w| f64::from_bits(w[0] as u64 | (w[1] as u64) << 32))
+            .collect()
+    }
+
+    pub fn read_i32(&self, addr: i64) -> Vec<i32> {
+        self.bufs[(addr >> 40) as usize - 1]
+            .iter()
+            .map(|&b| b as i32)
+            .collect()
+    }
+
     pub fn read(&self, addr: i64) -> Vec<f32> {
         self.bufs[(addr >> 40) as usize - 1]
             .iter()
@@ -538,7 +562,16 @@ impl Block<'_> {
                     .trim();
                 vec![parse_const(lit, ty_after_colon(line)); lanes]
             }
-            "arith.index_cast" | "llvm.inttoptr" | "arith.extsi" => arg(self, 0),
+            "arith.index_cast" | "llvm.inttoptr" | "arith.extsi" | "arith.extui" => arg(self, 0),
+            "arith.trunci" => {
+                let a = arg(self, 0);
+                let to = line.rsplit(" to ").next().unwrap().trim();
+                per(&|t| match to {
+                    "i32" => V::I(a[t].i() as i32 as i64),
+                    "i1" => V::I(a[t].i() & 1),
+                    _ => a[t],
+                })
+            }
             "arith.sitofp" => {
                 let a = arg(self, 0);
                 let to = line.rsplit(" to ").next().unwrap().trim();
@@ -618,6 +651,8 @@ impl Block<'_> {
                         "olt" => x < y,
                         "oeq" => x == y,
                         "ogt" => x > y,
+                        "oge" => x >= y,
+                        "ole" => x <= y,
                         p => panic!("cmpf {p}"),
                     } as i64)
                 })
@@ -677,24 +712,36 @@ impl Block<'_> {
             }
             "llvm.getelementptr" => {
                 let (p, i) = (arg(self, 0), arg(self, 1));
-                per(&|t| V::I(p[t].i() + 4 * i[t].i()))
+                let size = if line.ends_with("f64") || line.ends_with("i64") {
+                    8
+                } else {
+                    4
+                };
+                per(&|t| V::I(p[t].i() + size * i[t].i()))
             }
             "llvm.load" => {
                 let p = arg(self, 0);
                 let float = line.ends_with("f32");
+                let wide = line.ends_with("f64");
                 let mut out = vec![V::I(0); lanes];
                 for t in 0..lanes {
                     if active[t] {
-                        self.races.touch(
-                            ("global".into(), p[t].i()),
-                            false,
-                            self.bid,
-                            t,
-                            self.epoch,
-                        );
+                        let words = if wide { 2 } else { 1 };
+                        for w in 0..words {
+                            self.races.touch(
+                                ("global".into(), p[t].i() + 4 * w),
+                                false,
+                                self.bid,
+                                t,
+                                self.epoch,
+                            );
+                        }
                         let w = *self.mem.slot(p[t].i());
                         out[t] = if float {
                             V::F(f32::from_bits(w))
+                        } else if wide {
+                            let hi = *self.mem.slot(p[t].i() + 4);
+                            V::D(f64::from_bits(w as u64 | (hi as u64) << 32))
                         } else {
                             V::I(w as i32 as i64)
                         };
@@ -706,14 +753,17 @@ impl Block<'_> {
                 let (v, p) = (arg(self, 0), arg(self, 1));
                 for t in 0..lanes {
                     if active[t] {
-                        self.races.touch(
-                            ("global".into(), p[t].i()),
-                            true,
-                            self.bid,
-                            t,
-                            self.epoch,
-                        );
-                        *self.mem.slot(p[t].i()) = v[t].f().to_bits();
+                        let bits: Vec<u32> = match v[t] {
+                            V::F(x) => vec![x.to_bits()],
+                            V::I(x) => vec![x as u32],
+                            V::D(x) => vec![x.to_bits() as u32, (x.to_bits() >> 32) as u32],
+                        };
+                        for (w, b) in bits.into_iter().enumerate() {
+                            let at = p[t].i() + 4 * w as i64;
+                            self.races
+                                .touch(("global".into(), at), true, self.bid, t, self.epoch);
+                            *self.mem.slot(at) = b;
+                        }
                     }
                 }
                 return;

@@ -108,6 +108,32 @@ pub mod support {
     /// `‖a − b‖ / ‖a‖`; `Criterion::Cosine` = 1: `1 − cos(a, b)`), into `value[r]` (f32).
     /// `(value, a, b, rows: i64, n: i64, kind: i64)`.
     pub const EXIT_LATENT: &str = "exit_latent";
+    /// Per-row exit value of a criterion that judges the output distribution, with each row's
+    /// history kept on the device (the host's `exit.rs` maths, `f64` where it uses `f64`), for
+    /// the rows whose `active[r]` (`i32`) is non-zero; other rows are left untouched.
+    /// `kind`: 2 `Kl` (`KL(p_{t−1} ‖ p_t)`), 3 `MinpKl` (the same after the min-p filter),
+    /// 4 `EntropyDiff` (`|H_t − H_{t−1}|`), 5 `ArgmaxStability` (the argmax's streak).
+    /// History: `prev_logp` (`[rows, vocab]` f32 log-probabilities, for 2/3), `prev_h`
+    /// (`[rows]` f64 entropies, for 4), `prev_am` / `count` (`[rows]` i32 argmax and streak,
+    /// for 5). With `first != 0` the history is taken as the host's reset values (uniform
+    /// `prev_logp = uniform`, `prev_h = 100`, no previous argmax) instead of being read.
+    /// `value` is `[rows]` f64.
+    /// `(value, logits, prev_logp, prev_h, prev_am: *i32, count: *i32, active: *const i32,
+    /// rows: i64, vocab: i64, kind: i64, first: i64, uniform: f32)`.
+    pub const EXIT_LOGITS: &str = "exit_logits";
+    /// MoR expert choice before an iteration, for one sequence in one block (launched over one
+    /// item): `σ = 1 / (1 + e^(−z[r]))` in f32 (the device rounds an f64 `e^x`, which is what a
+    /// correctly rounded `expf` gives); with `rows > 1` the `k` active rows of highest `σ` are kept (ties to the earlier
+    /// row), with one row it is kept when `σ ≥ threshold`; `keep[r]` (i32) is 1 for kept rows,
+    /// `gate[r] = σ·alpha` for them and 0 for the others.
+    /// `(keep: *i32, gate, z, active: *const i32, rows: i64, k: i64, threshold: f32,
+    /// alpha: f32)`.
+    pub const ROUTE_EXPERT: &str = "route_expert";
+    /// MoR token choice, per row of `z` (`[rows, n]`): `d` the first maximum, `depth[r] =
+    /// min(d + 1, cap)` (i32), `weight[r] = alpha · e^(z_d − max) / Σ e^(z_j − max)` (f32 sum in
+    /// column order, `e^x` as in [`ROUTE_EXPERT`]).
+    /// `(depth: *i32, weight, z, rows: i64, n: i64, cap: i64, alpha: f32)`.
+    pub const ROUTE_TOKEN: &str = "route_token";
     /// `dst[r, :] = mask[r] != 0 ? src[r, :] : dst[r, :]` (`mask: *const i32`): freezes the
     /// state of exited rows while the active ones take the new one.
     /// `(dst, src, mask: *const i32, rows: i64, n: i64)`.
@@ -130,6 +156,9 @@ pub mod support {
         ROW_NORM,
         EXIT_LATENT,
         SELECT_ROWS,
+        EXIT_LOGITS,
+        ROUTE_EXPERT,
+        ROUTE_TOKEN,
         ROPE_ROWS,
     ];
 
@@ -139,6 +168,18 @@ pub mod support {
             crate::artifact::RopeStyle::Interleaved => 0,
             crate::artifact::RopeStyle::Half => 1,
         }
+    }
+
+    /// The `kind` of [`EXIT_LOGITS`] for a criterion that reads the logits.
+    pub fn logits_kind(c: crate::artifact::Criterion) -> Option<i64> {
+        use crate::artifact::Criterion::*;
+        Some(match c {
+            Kl => 2,
+            MinpKl => 3,
+            EntropyDiff => 4,
+            ArgmaxStability => 5,
+            LatentDiff | Cosine => return None,
+        })
     }
 
     /// The `act` code of [`GLU`] for a unary [`EwOp`](crate::artifact::EwOp) of operand 0, or

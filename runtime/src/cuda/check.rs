@@ -1,7 +1,7 @@
 //! Load-time checks of a program against what the CUDA executor and the image can do, so that
 //! an unsupported policy or a missing support kernel is a clear error before anything runs.
 
-use crate::artifact::{cuda::support, CachePolicy, CudaImage, ExitPolicy, Instr, Manifest};
+use crate::artifact::{cuda::support, CudaImage, ExitPolicy, Instr, Manifest};
 use crate::error::{Result, RuntimeError};
 
 fn unsupported(what: impl Into<String>) -> RuntimeError {
@@ -16,11 +16,22 @@ fn needed(m: &Manifest) -> Result<Vec<&'static str>> {
         lists.push(&r.body);
         // Forced depth schedules can be set on any recurrence: exited rows are frozen with it.
         need.push(support::SELECT_ROWS);
-        if matches!(
-            r.exit,
-            ExitPolicy::Converge { .. } | ExitPolicy::Criterion { .. }
-        ) {
-            need.push(support::EXIT_LATENT);
+        match r.exit {
+            ExitPolicy::Criterion { criterion, .. } if criterion.needs_logits() => {
+                need.push(support::EXIT_LOGITS);
+            }
+            ExitPolicy::Converge { .. } | ExitPolicy::Criterion { .. } => {
+                need.push(support::EXIT_LATENT)
+            }
+            ExitPolicy::ExpertChoice { .. } => {
+                need.extend([support::ROUTE_EXPERT, support::EPILOGUE]);
+                lists.push(&r.router);
+            }
+            ExitPolicy::TokenChoice { .. } => {
+                need.extend([support::ROUTE_TOKEN, support::EPILOGUE]);
+                lists.push(&r.router);
+            }
+            _ => {}
         }
         if matches!(r.exit, ExitPolicy::Act { .. }) {
             need.push(support::EPILOGUE);
@@ -80,22 +91,14 @@ pub(crate) fn check_program(m: &Manifest, image: &CudaImage) -> Result<()> {
     if let Some(r) = &m.program.recur {
         match &r.exit {
             ExitPolicy::Fixed | ExitPolicy::Converge { .. } | ExitPolicy::Gate { .. } => {}
-            ExitPolicy::Criterion { criterion, .. } if !criterion.needs_logits() => {}
-            ExitPolicy::Criterion { criterion, .. } => {
-                return Err(unsupported(format!(
-                    "the exit criterion {criterion:?} (it needs the logits every iteration; latent-diff and cosine run on the device)"
-                )))
-            }
+            ExitPolicy::Criterion { .. } => {}
             ExitPolicy::Act { .. } if r.gate.is_some() => {}
             ExitPolicy::Act { .. } => {
-                return Err(RuntimeError::Manifest("ACT halting without an exit gate".into()))
+                return Err(RuntimeError::Manifest(
+                    "ACT halting without an exit gate".into(),
+                ))
             }
-            ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. } => {
-                return Err(unsupported("MoR routers (expert/token choice)"))
-            }
-        }
-        if r.cache == CachePolicy::RecursionWise {
-            return Err(unsupported("the recursion-wise KV cache policy"));
+            ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. } => {}
         }
     }
     if image.kernels.len() != m.kernels.len() {

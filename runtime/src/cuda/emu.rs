@@ -300,6 +300,123 @@ impl Emu {
                     unsafe { *v.add(r) = crate::exit::latent_value(c, ra, rb) as f32 };
                 }
             }
+            support::EXIT_LOGITS => {
+                use crate::artifact::Criterion::*;
+                let (rows, vocab, kind, first) = (int(7)?, int(8)?, int(9)?, int(10)? != 0);
+                let uniform = match p.get(11) {
+                    Some(Param::F32(u)) => *u,
+                    _ => return Err(RuntimeError::Cuda("emulator: exit_logits uniform".into())),
+                };
+                let c = match kind {
+                    2 => Kl,
+                    3 => MinpKl,
+                    4 => EntropyDiff,
+                    5 => ArgmaxStability,
+                    _ => {
+                        return Err(RuntimeError::Cuda(format!(
+                            "emulator: exit_logits kind {kind}"
+                        )))
+                    }
+                };
+                let value = self.span(ptr(0)?, 8 * rows, "exit_logits value")? as *mut f64;
+                let logits = self.f32s(ptr(1)?, rows * vocab, "exit_logits logits")?;
+                let kl = matches!(c, Kl | MinpKl);
+                let prev_logp = match kl {
+                    true => self.f32s(ptr(2)?, rows * vocab, "exit_logits prev_logp")?,
+                    false => std::ptr::null_mut(),
+                };
+                let prev_h = self.span(ptr(3)?, 8 * rows, "exit_logits prev_h")? as *mut f64;
+                let prev_am = self.f32s(ptr(4)?, rows, "exit_logits prev_am")? as *mut u32;
+                let count = self.f32s(ptr(5)?, rows, "exit_logits count")? as *mut u32;
+                let active = self.f32s(ptr(6)?, rows, "exit_logits active")? as *const i32;
+                let mut logp = vec![0f32; vocab];
+                for r in 0..rows {
+                    // SAFETY: every pointer below is inside a span checked above.
+                    unsafe {
+                        if *active.add(r) == 0 {
+                            continue;
+                        }
+                        let prev: &mut [f32] = match kl {
+                            true => std::slice::from_raw_parts_mut(prev_logp.add(r * vocab), vocab),
+                            false => &mut [],
+                        };
+                        if first {
+                            prev.fill(uniform);
+                            *prev_h.add(r) = 100.0;
+                            *prev_am.add(r) = u32::MAX;
+                            *count.add(r) = 0;
+                        }
+                        let h = crate::exit::RowHistory {
+                            prev_logp: prev,
+                            prev_h: &mut *prev_h.add(r),
+                            prev_am: &mut *prev_am.add(r),
+                            count: &mut *count.add(r),
+                        };
+                        let l = std::slice::from_raw_parts(logits.add(r * vocab), vocab);
+                        *value.add(r) = crate::exit::logits_step(c, l, &mut logp, h);
+                    }
+                }
+            }
+            support::ROUTE_EXPERT => {
+                let (rows, k) = (int(4)?, int(5)?);
+                let f32_ = |i: usize| match p.get(i) {
+                    Some(Param::F32(v)) => Ok(*v),
+                    _ => Err(RuntimeError::Cuda(format!(
+                        "emulator: {name}: parameter {i} is not an f32"
+                    ))),
+                };
+                let (threshold, alpha) = (f32_(6)?, f32_(7)?);
+                let keep = self.f32s(ptr(0)?, rows, "route_expert keep")? as *mut i32;
+                let gate = self.f32s(ptr(1)?, rows, "route_expert gate")?;
+                let z = self.f32s(ptr(2)?, rows, "route_expert z")?;
+                let active = self.f32s(ptr(3)?, rows, "route_expert active")? as *const i32;
+                // SAFETY: inside the spans checked above.
+                let (z, on) = unsafe {
+                    (
+                        std::slice::from_raw_parts(z, rows),
+                        std::slice::from_raw_parts(active, rows),
+                    )
+                };
+                let sig: Vec<f32> = z.iter().map(|&x| crate::exit::sigmoid_rn(x)).collect();
+                let mut idx: Vec<usize> = (0..rows).filter(|&r| on[r] != 0).collect();
+                let mut kept = vec![false; rows];
+                if rows > 1 {
+                    idx.sort_by(|&a, &b| sig[b].total_cmp(&sig[a]).then(a.cmp(&b)));
+                    for &r in idx.iter().take(k) {
+                        kept[r] = true;
+                    }
+                } else {
+                    for &r in &idx {
+                        kept[r] = sig[r] >= threshold;
+                    }
+                }
+                for r in 0..rows {
+                    // SAFETY: inside the spans checked above.
+                    unsafe {
+                        *keep.add(r) = kept[r] as i32;
+                        *gate.add(r) = if kept[r] { sig[r] * alpha } else { 0.0 };
+                    }
+                }
+            }
+            support::ROUTE_TOKEN => {
+                let (rows, n, cap) = (int(3)?, int(4)?, int(5)?);
+                let alpha = match p.get(6) {
+                    Some(Param::F32(v)) => *v,
+                    _ => return Err(RuntimeError::Cuda("emulator: route_token alpha".into())),
+                };
+                let depth = self.f32s(ptr(0)?, rows, "route_token depth")? as *mut i32;
+                let weight = self.f32s(ptr(1)?, rows, "route_token weight")?;
+                let z = self.f32s(ptr(2)?, rows * n, "route_token z")?;
+                for r in 0..rows {
+                    // SAFETY: inside the spans checked above.
+                    let row = unsafe { std::slice::from_raw_parts(z.add(r * n), n) };
+                    let (d, w) = crate::exit::token_route(row, cap, alpha);
+                    unsafe {
+                        *depth.add(r) = d as i32;
+                        *weight.add(r) = w;
+                    }
+                }
+            }
             support::SELECT_ROWS => {
                 let (rows, n) = (int(3)?, int(4)?);
                 let dst = self.f32s(ptr(0)?, rows * n, "select_rows dst")?;

@@ -7,9 +7,11 @@
 //! one per layer. Matrix products go to the [`Gpu`]'s GEMM and then the `epilogue` / `glu` /
 //! `row_norm` support kernels.
 
-use super::gpu::{bytes, bytes_mut, DevMem, Entry, Gpu, Param, What};
+use super::gpu::{bytes, bytes_mut, bytes_mut64, DevMem, Entry, Gpu, Param, What};
 use super::kv::{DevKv, Masks};
-use crate::artifact::{cuda::support, CudaImage, ExitPolicy, Instr, Recur, Rows, StateInit, WRef};
+use crate::artifact::{
+    cuda::support, Criterion, CudaImage, ExitPolicy, Instr, Recur, Rows, StateInit, WRef,
+};
 use crate::error::{Result, RuntimeError};
 use crate::exit::{passes, History, Rule};
 use crate::model::Inner;
@@ -88,6 +90,31 @@ struct Ws {
     value: DevMem,
     /// ACT: each row's weight `w` then `1 − w` (`2·S` floats), and `w·next` (`[S, state cols]`).
     act: Option<(DevMem, DevMem)>,
+    /// The history of a criterion that reads the logits (`exit_logits`).
+    logit_hist: Option<LogitHist>,
+    /// MoR routing: expert choice's keep mask and gates, or token choice's depths, weights
+    /// and initial states.
+    route: Option<Route>,
+}
+
+struct Route {
+    /// `[S]` i32: expert choice's kept rows, token choice's depths.
+    sel: DevMem,
+    /// `[S]` f32: expert choice's gates `σ·α`, token choice's weights.
+    w: DevMem,
+    /// `[S, state cols]`: token choice's states before the first iteration.
+    h0: Option<DevMem>,
+}
+
+/// Each row's history of a logit criterion, kept on the device across iterations.
+struct LogitHist {
+    /// `[S]` f64 values read back once per iteration.
+    value: DevMem,
+    /// `[S, vocab]` previous log-probabilities (KL criteria only).
+    prev_logp: Option<DevMem>,
+    prev_h: DevMem,
+    prev_am: DevMem,
+    count: DevMem,
 }
 
 struct DevRope {
@@ -195,8 +222,50 @@ impl DevState {
             }
             _ => None,
         };
+        let logit_hist = match &man.program.recur {
+            Some(Recur {
+                exit: ExitPolicy::Criterion { criterion: c, .. },
+                ..
+            }) if c.needs_logits() => {
+                let kl = matches!(c, Criterion::Kl | Criterion::MinpKl);
+                let what = "exit criterion history";
+                Some(LogitHist {
+                    value: gpu.alloc(8 * s, "exit values (f64)")?,
+                    prev_logp: match kl {
+                        true => Some(gpu.alloc(4 * s * man.vocab.max(1), what)?),
+                        false => None,
+                    },
+                    prev_h: gpu.alloc(8 * s, what)?,
+                    prev_am: gpu.alloc(4 * s, what)?,
+                    count: gpu.alloc(4 * s, what)?,
+                })
+            }
+            _ => None,
+        };
+        let route = match &man.program.recur {
+            Some(
+                r @ Recur {
+                    exit: ExitPolicy::ExpertChoice { .. } | ExitPolicy::TokenChoice { .. },
+                    ..
+                },
+            ) => {
+                let token = matches!(r.exit, ExitPolicy::TokenChoice { .. });
+                let cols = man.buffers[r.state as usize].cols;
+                Some(Route {
+                    sel: gpu.alloc(4 * s, "router decisions")?,
+                    w: gpu.alloc(4 * s, "router weights")?,
+                    h0: match token {
+                        true => Some(gpu.alloc(4 * s * cols, "token-choice initial states")?),
+                        false => None,
+                    },
+                })
+            }
+            _ => None,
+        };
         let ws = Ws {
             act,
+            logit_hist,
+            route,
             s,
             bufs,
             scratch,
@@ -281,6 +350,7 @@ impl DevState {
             s,
             pos0: c.pos0,
             masks: None,
+            rows_on: Vec::new(),
         };
         let iterations = run.program(c, row_depth, gates, hist)?;
         let lb = man.program.logits;
@@ -302,6 +372,9 @@ struct Run<'a> {
     pos0: usize,
     /// Set while some rows of the call have exited.
     masks: Option<Masks>,
+    /// The rows still running, as last uploaded in the masks (empty: every row), for the
+    /// recursion-wise cache, whose slots and attention follow the active rows.
+    rows_on: Vec<bool>,
 }
 
 fn p(a: u64) -> Param {
@@ -511,11 +584,59 @@ impl Run<'_> {
         self.masks = None;
         let mut t = 0;
         let mut exiting = vec![false; s];
+        let route_depth = match rule {
+            Rule::Token { alpha } => self.token_route(rec, alpha, cap)?,
+            _ => Vec::new(),
+        };
         while active.iter().any(|&a| a) && t < cap {
+            if let Rule::Expert { alpha, threshold } = rule {
+                // Rows the router does not pick stop before iteration t, with their state.
+                let keep = self.expert_route(rec, t, alpha, threshold)?;
+                let mut changed = false;
+                for r in 0..s {
+                    if active[r] && keep[r] == 0 {
+                        active[r] = false;
+                        row_depth[r] = t;
+                        changed = true;
+                    }
+                }
+                if changed {
+                    self.upload_masks(&active)?;
+                    self.masks = Some(masks);
+                }
+                if !active.iter().any(|&a| a) {
+                    break;
+                }
+            }
             self.list(&rec.body, Some(t))?;
+            if let Rule::Expert { .. } = rule {
+                // MoR's gated update of the rows that ran: h ← h + g·f(h) (other rows' `next`
+                // is never read: the state update below is masked).
+                let (next, state) = (self.buf(rec.next), self.buf(rec.state));
+                let g = self.route()?.w.addr;
+                self.sup(
+                    support::EPILOGUE,
+                    s,
+                    &[
+                        p(next),
+                        p(next),
+                        p(g),
+                        p(state),
+                        p(0),
+                        i(s),
+                        i(cols),
+                        i(cols),
+                        i(0),
+                    ],
+                )?;
+            }
             let step = t + 1;
             for r in 0..s {
-                exiting[r] = active[r] && step >= depths.get(r).copied().unwrap_or(cap).min(cap);
+                let d = match rule {
+                    Rule::Token { .. } => route_depth[r],
+                    _ => depths.get(r).copied().unwrap_or(cap),
+                };
+                exiting[r] = active[r] && step >= d.min(cap);
             }
             if let Some(g) = rec.gate {
                 let z = self.read_rows(g)?;
@@ -547,19 +668,16 @@ impl Run<'_> {
                 every,
             } = rule
             {
-                let check = step >= min_steps && step % every == 0;
-                let kind = match c {
-                    crate::artifact::Criterion::LatentDiff => 0,
-                    crate::artifact::Criterion::Cosine => 1,
-                    other => {
-                        return Err(RuntimeError::Unsupported(format!(
-                            "the exit criterion {other:?}"
-                        )))
+                if rule.needs_latent() {
+                    let check = step >= min_steps && step % every == 0;
+                    let kind = match c {
+                        Criterion::Cosine => 1,
+                        _ => 0,
+                    };
+                    let v = self.latent(rec, kind)?;
+                    for r in (0..s).filter(|&r| active[r]) {
+                        exiting[r] |= check && passes(c, v[r] as f64, threshold);
                     }
-                };
-                let v = self.latent(rec, kind)?;
-                for r in (0..s).filter(|&r| active[r]) {
-                    exiting[r] |= check && passes(c, v[r] as f64, threshold);
                 }
             }
             // The rows that ran take the new state; exited rows keep theirs.
@@ -573,6 +691,22 @@ impl Run<'_> {
                     s,
                     cols,
                 )?;
+            }
+            if let Rule::Criterion {
+                c,
+                threshold,
+                min_steps,
+                every,
+            } = rule
+            {
+                if rule.needs_logits() {
+                    // After the state update, as on the CPU: the readout sees the new states.
+                    let check = step >= min_steps && step % every == 0;
+                    let v = self.logits_values(rec, c, t == 0)?;
+                    for r in (0..s).filter(|&r| active[r]) {
+                        exiting[r] |= check && passes(c, v[r], threshold);
+                    }
+                }
             }
             let mut changed = false;
             for r in 0..s {
@@ -592,8 +726,181 @@ impl Run<'_> {
             row_depth[r] = t;
         }
         self.masks = None;
+        self.rows_on.clear();
+        if let Rule::Token { .. } = rule {
+            // MoR token choice's result: h_0 + w·h_d.
+            let r = self.route()?;
+            let h0 = r.h0.as_ref().map_or(0, |m| m.addr);
+            let (w, state) = (r.w.addr, self.buf(rec.state));
+            self.sup(
+                support::EPILOGUE,
+                s,
+                &[
+                    p(state),
+                    p(state),
+                    p(w),
+                    p(h0),
+                    p(0),
+                    i(s),
+                    i(cols),
+                    i(cols),
+                    i(0),
+                ],
+            )?;
+        }
         self.copy_buf(rec.state, rec.next)?;
         Ok(t)
+    }
+
+    /// The runs of consecutive running rows `(first, end, running rows before first)`.
+    pub(super) fn active_runs(&self) -> Vec<(usize, usize, usize)> {
+        if self.rows_on.is_empty() {
+            return vec![(0, self.s, 0)];
+        }
+        let mut runs = Vec::new();
+        let (mut r, mut before) = (0, 0);
+        while r < self.s {
+            if !self.rows_on[r] {
+                r += 1;
+                continue;
+            }
+            let r0 = r;
+            while r < self.s && self.rows_on[r] {
+                r += 1;
+            }
+            runs.push((r0, r, before));
+            before += r - r0;
+        }
+        runs
+    }
+
+    fn route(&self) -> Result<&Route> {
+        self.ws
+            .route
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Manifest("no router buffers".into()))
+    }
+
+    fn router_out(&self, rec: &Recur) -> Result<u32> {
+        rec.router_out
+            .ok_or_else(|| RuntimeError::Manifest("a routed recurrence without a router".into()))
+    }
+
+    /// Token choice: the router on every row's initial state, each row's depth read back (the
+    /// one read of the call), the weights and initial states kept on the device.
+    fn token_route(&mut self, rec: &Recur, alpha: f32, cap: usize) -> Result<Vec<usize>> {
+        let s = self.s;
+        self.list(&rec.router, Some(0))?;
+        let out = self.router_out(rec)?;
+        let r = self.route()?;
+        let (sel, w) = (r.sel.addr, r.w.addr);
+        let h0 = r.h0.as_ref().map_or(0, |m| m.addr);
+        self.sup(
+            support::ROUTE_TOKEN,
+            s,
+            &[
+                p(sel),
+                p(w),
+                p(self.buf(out)),
+                i(s),
+                i(self.cols(out)),
+                i(cap),
+                Param::F32(alpha),
+            ],
+        )?;
+        let cols = self.cols(rec.state);
+        self.gpu.copy(h0, self.buf(rec.state), 4 * s * cols)?;
+        let mut d = vec![0f32; s];
+        self.gpu.download(sel, bytes_mut(&mut d))?;
+        Ok(d.iter().map(|x| x.to_bits() as i32 as usize).collect())
+    }
+
+    /// Expert choice before iteration `t`: the router on the state, then `route_expert` keeps
+    /// the top `max(1, ⌊capacity_t·S⌋)` active rows (a multi-token call) or those with
+    /// `σ(z) ≥ threshold` (one token); returns the keep mask, read back.
+    fn expert_route(
+        &mut self,
+        rec: &Recur,
+        t: usize,
+        alpha: f32,
+        threshold: f32,
+    ) -> Result<Vec<i32>> {
+        let s = self.s;
+        self.list(&rec.router, Some(t))?;
+        let out = self.router_out(rec)?;
+        let (cap_t, n_rec) = match &rec.exit {
+            ExitPolicy::ExpertChoice {
+                capacity,
+                max_steps,
+                ..
+            } => (capacity.get(t).copied(), *max_steps),
+            _ => (None, 1),
+        };
+        // MoR's default capacity schedule, in the reference's float arithmetic (as the CPU).
+        let cap_t = cap_t.unwrap_or((n_rec.saturating_sub(t)) as f64 / n_rec as f64);
+        let k = ((cap_t * s as f64) as usize).max(1);
+        let r = self.route()?;
+        let (sel, w) = (r.sel.addr, r.w.addr);
+        self.sup(
+            support::ROUTE_EXPERT,
+            1,
+            &[
+                p(sel),
+                p(w),
+                p(self.buf(out)),
+                p(self.ws.active.addr),
+                i(s),
+                i(k),
+                Param::F32(threshold),
+                Param::F32(alpha),
+            ],
+        )?;
+        let mut keep = vec![0f32; s];
+        self.gpu.download(sel, bytes_mut(&mut keep))?;
+        Ok(keep.iter().map(|x| x.to_bits() as i32).collect())
+    }
+
+    /// A logit criterion's per-row values after an iteration: the readout (the coda
+    /// instructions that depend on the state) over the call's rows, then `exit_logits` on the
+    /// active ones, whose history stays on the device; one read of `S` values.
+    fn logits_values(&mut self, rec: &Recur, c: Criterion, first: bool) -> Result<Vec<f64>> {
+        let man = &self.m.manifest;
+        for &ix in &rec.readout {
+            let ins = man.program.coda.get(ix as usize).ok_or_else(|| {
+                RuntimeError::Manifest("recur: readout index past the end of the coda".into())
+            })?;
+            self.instr(ins, None)?;
+        }
+        let kind = support::logits_kind(c).ok_or_else(|| {
+            RuntimeError::Unsupported(format!("the exit criterion {c:?} on the logits"))
+        })?;
+        let h =
+            self.ws.logit_hist.as_ref().ok_or_else(|| {
+                RuntimeError::Manifest("no exit criterion history buffers".into())
+            })?;
+        let (s, vocab) = (self.s, man.vocab);
+        let uniform = -(vocab.max(1) as f32).ln();
+        self.sup(
+            support::EXIT_LOGITS,
+            s,
+            &[
+                p(h.value.addr),
+                p(self.buf(man.program.logits)),
+                p(h.prev_logp.as_ref().map_or(0, |m| m.addr)),
+                p(h.prev_h.addr),
+                p(h.prev_am.addr),
+                p(h.count.addr),
+                p(self.ws.active.addr),
+                i(s),
+                i(vocab),
+                Param::I64(kind),
+                i(first as usize),
+                Param::F32(uniform),
+            ],
+        )?;
+        let mut v = vec![0f64; s];
+        self.gpu.download(h.value.addr, bytes_mut64(&mut v))?;
+        Ok(v)
     }
 
     /// ACT's running average on the device: `next = state·(1 − w) + next·w` per row, as two
@@ -639,7 +946,9 @@ impl Run<'_> {
         )
     }
 
-    fn upload_masks(&self, active: &[bool]) -> Result<()> {
+    fn upload_masks(&mut self, active: &[bool]) -> Result<()> {
+        self.rows_on.clear();
+        self.rows_on.extend_from_slice(active);
         let a: Vec<i32> = active.iter().map(|&x| x as i32).collect();
         let e: Vec<i32> = active.iter().map(|&x| (!x) as i32).collect();
         self.gpu.upload(self.ws.active.addr, bytes(&a))?;

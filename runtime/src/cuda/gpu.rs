@@ -125,6 +125,11 @@ pub(crate) fn bytes<T: Copy>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
+pub(crate) fn bytes_mut64(v: &mut [f64]) -> &mut [u8] {
+    // SAFETY: every byte pattern is a valid f64.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+}
+
 pub(crate) fn bytes_mut(v: &mut [f32]) -> &mut [u8] {
     // SAFETY: every byte pattern is a valid f32.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }

@@ -203,6 +203,33 @@ impl DevKv {
         Ok(())
     }
 
+    /// Append `rows` key/value rows (`[rows, width]` at `k`, `v`) after the slot's filled rows:
+    /// a recursion-wise slot holds only the tokens that ran its iteration, in position order.
+    pub(crate) fn append(
+        &mut self,
+        gpu: &dyn Gpu,
+        site: usize,
+        slot: usize,
+        rows: usize,
+        k: u64,
+        v: u64,
+    ) -> Result<()> {
+        let len = self.len(site, slot);
+        self.ensure(gpu, site, slot, len + rows)?;
+        let w = self.sites[site].width;
+        let at = (len * w * 4) as u64;
+        let (dk, dv) = self.addrs(site, slot);
+        gpu.copy(dk + at, k, rows * w * 4)?;
+        gpu.copy(dv + at, v, rows * w * 4)?;
+        self.sites[site].slots[slot].len = len + rows;
+        Ok(())
+    }
+
+    /// The filled rows of a slot (0 for a slot not yet made).
+    pub(crate) fn len(&self, site: usize, slot: usize) -> usize {
+        self.sites[site].slots.get(slot).map_or(0, |s| s.len)
+    }
+
     pub(crate) fn in_loop(&self, site: usize) -> bool {
         self.sites[site].in_loop
     }

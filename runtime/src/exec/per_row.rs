@@ -217,17 +217,9 @@ impl Run<'_> {
         ex.route_depth.clear();
         ex.route_w.clear();
         for r in 0..s {
-            let row = &z[r * nz..(r + 1) * nz];
-            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row.iter().map(|&x| (x - mx).exp()).sum();
-            let mut d = 0;
-            for (j, &x) in row.iter().enumerate() {
-                if x > row[d] {
-                    d = j;
-                }
-            }
-            ex.route_depth.push((d + 1).min(cap.max(1)));
-            ex.route_w.push((row[d] - mx).exp() / sum * alpha);
+            let (d, w) = crate::exit::token_route(&z[r * nz..(r + 1) * nz], cap, alpha);
+            ex.route_depth.push(d);
+            ex.route_w.push(w);
         }
         ex.route_init.clear();
         ex.route_init
@@ -266,7 +258,7 @@ impl Run<'_> {
         ex.route_sig.extend(
             self.ws.buf(out)[..n]
                 .iter()
-                .map(|&z| 1.0 / (1.0 + (-z).exp())),
+                .map(|&z| crate::exit::sigmoid_rn(z)),
         );
         let sig = &ex.route_sig;
         ex.exiting.clear();

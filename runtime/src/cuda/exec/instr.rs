@@ -7,6 +7,12 @@ use crate::cuda::gpu::{Gemm, Param};
 use crate::error::{Result, RuntimeError};
 
 impl Run<'_> {
+    /// Key (or value) columns of a KV site.
+    fn kv_width(&self, site: usize) -> usize {
+        let s = &self.m.manifest.kv_sites[site];
+        s.kv_heads * s.head_dim
+    }
+
     /// The epilogue's first phase over `rows` rows of `n` columns read from `p` (row stride
     /// `p_stride`, column offset `p_off`) into `out`, then its rotary, gated and norm phases.
     #[allow(clippy::too_many_arguments)]
@@ -260,6 +266,17 @@ impl Run<'_> {
                     return Ok(());
                 }
                 let slot = self.kv.slot_of(site, iter);
+                if in_loop && cache == Some(&CachePolicy::RecursionWise) {
+                    // Only the rows that run this iteration, compacted in position order.
+                    let w = self.kv_width(site);
+                    let (kb, vb) = (self.buf(*k), self.buf(*v));
+                    for (r0, r1, _) in self.active_runs() {
+                        let at = (4 * r0 * w) as u64;
+                        self.kv
+                            .append(self.gpu, site, slot, r1 - r0, kb + at, vb + at)?;
+                    }
+                    return Ok(());
+                }
                 let prev = match iter {
                     Some(t) if in_loop && t > 0 => Some(self.kv.slot_of(site, Some(t - 1))),
                     _ => None,
@@ -304,6 +321,30 @@ impl Run<'_> {
                         }
                     };
                     params.push(p(addr));
+                }
+                let rw_site = args.iter().find_map(|a| match a {
+                    Arg::KCache(st) if self.kv.in_loop(*st as usize) => Some(*st as usize),
+                    _ => None,
+                });
+                let recursion_wise = self.m.manifest.program.recur.as_ref().map(|r| &r.cache)
+                    == Some(&CachePolicy::RecursionWise);
+                if let (Some(st), true) = (rw_site, recursion_wise) {
+                    // A recursion-wise slot holds exactly the rows that reached this iteration,
+                    // in position order: the j-th running row attends to its first
+                    // `base + j + 1` entries. One launch per run of consecutive running rows.
+                    let runs = self.active_runs();
+                    let running: usize = runs.iter().map(|&(a, b, _)| b - a).sum();
+                    let base = self.kv.len(st, self.kv.slot_of(st, iter)) as i64 - running as i64;
+                    let per = items / s.max(1);
+                    let at = params.len();
+                    for (r0, r1, before) in runs {
+                        params.truncate(at);
+                        let p0 = base + before as i64 - r0 as i64;
+                        params.extend([i(r0 * per), i(r1 * per), Param::I64(p0), i(kv_len)]);
+                        self.gpu
+                            .launch(self.d.kernels[k], (r1 - r0) * per, &params)?;
+                    }
+                    return Ok(());
                 }
                 params.extend([i(0), i(items), i(self.pos0), i(kv_len)]);
                 self.gpu.launch(self.d.kernels[k], items, &params)

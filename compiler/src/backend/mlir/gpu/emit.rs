@@ -107,6 +107,16 @@ impl Kern {
         (name.to_string(), ty)
     }
 
+    /// A workgroup buffer of `len` elements of `elem` (`f32`, `i64`, …) named `name`: its name
+    /// and type.
+    pub fn shared_typed(&mut self, name: &str, len: usize, elem: &str) -> (String, String) {
+        let ty = format!("memref<{len}x{elem}, #gpu.address_space<workgroup>>");
+        if !self.shared.iter().any(|(n, _)| n == name) {
+            self.shared.push((name.to_string(), ty.clone()));
+        }
+        (name.to_string(), ty)
+    }
+
     pub fn shared_f64(&mut self) -> &'static str {
         if !self.shared.iter().any(|(n, _)| n == "%red64") {
             self.shared.push(("%red64".into(), SHARED_F64.into()));

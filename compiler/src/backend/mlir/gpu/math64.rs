@@ -6,7 +6,8 @@
 
 use super::super::text::Fx;
 
-fn c(fx: &mut Fx, x: f64) -> String {
+/// An `f64` constant.
+pub(super) fn c(fx: &mut Fx, x: f64) -> String {
     // `{:e}` prints the shortest round-trip form with an exponent, which MLIR reads back.
     let s = format!("{x:e}");
     let s = match s.find('e') {
