@@ -543,3 +543,41 @@ fn dtype_bf16_runs_and_a_wrong_dtype_is_a_clear_error() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A reader that stops early (`loopc ir … | head`) ends the command quietly, not with a panic
+/// in `println!`.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loopc"))
+        .args([
+            "ir",
+            "examples/huginn.loop",
+            "--config",
+            "tests/fixtures/huginn_tiny/config.json",
+            "--stage",
+            "gpu",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The pipe's read end is closed here; the module is far longer than the pipe buffer.
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!err.contains("panicked"), "stderr: {err}");
+    assert!(
+        !status.success(),
+        "the module should not fit in the pipe: {status:?}"
+    );
+}
