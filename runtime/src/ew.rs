@@ -13,6 +13,22 @@ pub fn operands(op: &EwOp) -> Vec<u32> {
     }
 }
 
+/// The instructions some output depends on (the backends emit only these).
+pub fn live_ops(ops: &[EwOp], outputs: &[u32]) -> Vec<bool> {
+    let mut live = vec![false; ops.len()];
+    for &o in outputs {
+        live[o as usize] = true;
+    }
+    for i in (0..ops.len()).rev() {
+        if live[i] {
+            for a in operands(&ops[i]) {
+                live[a as usize] = true;
+            }
+        }
+    }
+    live
+}
+
 /// Every instruction reads earlier instructions and existing inputs, and there is a last one.
 pub fn validate(ops: &[EwOp], inputs: usize) -> Result<(), String> {
     if ops.is_empty() {

@@ -5,6 +5,7 @@ use super::emit::{Fx, UNROLL_ALL};
 use super::math;
 use cranelift_codegen::ir::{InstBuilder, Value};
 use loopc_runtime::artifact::{EwIn, EwOp};
+use loopc_runtime::ew::{live_ops, operands};
 
 pub fn validate(inputs: &[EwIn], ops: &[EwOp], outputs: &[u32]) -> Result<(), String> {
     if outputs.is_empty() {
@@ -33,32 +34,6 @@ pub fn validate(inputs: &[EwIn], ops: &[EwOp], outputs: &[u32]) -> Result<(), St
         }
     }
     Ok(())
-}
-
-fn operands(op: &EwOp) -> Vec<u32> {
-    use EwOp::*;
-    match *op {
-        Input(_) | Const(_) => vec![],
-        Add(a, b) | Sub(a, b) | Mul(a, b) | Div(a, b) | Max(a, b) => vec![a, b],
-        Neg(a) | Exp(a) | Sigmoid(a) | Silu(a) | Relu(a) | Tanh(a) | GeluTanh(a) | Sqrt(a)
-        | Softplus(a) => vec![a],
-    }
-}
-
-/// Ops that some output depends on; the others are not emitted.
-fn live_ops(ops: &[EwOp], outputs: &[u32]) -> Vec<bool> {
-    let mut live = vec![false; ops.len()];
-    for &o in outputs {
-        live[o as usize] = true;
-    }
-    for i in (0..ops.len()).rev() {
-        if live[i] {
-            for a in operands(&ops[i]) {
-                live[a as usize] = true;
-            }
-        }
-    }
-    live
 }
 
 /// Where an input's values of the current row come from.

@@ -11,6 +11,7 @@
 use super::math;
 use super::text::{for_chunks, sym, Fx, Ty, VF, W};
 use loopc_runtime::artifact::{EwIn, EwOp, KernelDecl, KernelSpec, RopeStyle};
+use loopc_runtime::ew::live_ops;
 
 const DESC: &str = "!llvm.struct<(ptr, ptr, i64, array<1 x i64>, array<1 x i64>)>";
 
@@ -203,31 +204,6 @@ struct Layout {
     ptr: usize,
     stride: usize,
     col: usize,
-}
-
-fn operands(op: &EwOp) -> Vec<u32> {
-    use EwOp::*;
-    match *op {
-        Input(_) | Const(_) => vec![],
-        Add(a, b) | Sub(a, b) | Mul(a, b) | Div(a, b) | Max(a, b) => vec![a, b],
-        Neg(a) | Exp(a) | Sigmoid(a) | Silu(a) | Relu(a) | Tanh(a) | GeluTanh(a) | Sqrt(a)
-        | Softplus(a) => vec![a],
-    }
-}
-
-fn live_ops(ops: &[EwOp], outputs: &[u32]) -> Vec<bool> {
-    let mut live = vec![false; ops.len()];
-    for &o in outputs {
-        live[o as usize] = true;
-    }
-    for i in (0..ops.len()).rev() {
-        if live[i] {
-            for a in operands(&ops[i]) {
-                live[a as usize] = true;
-            }
-        }
-    }
-    live
 }
 
 fn elementwise(

@@ -18,6 +18,7 @@ use super::super::math;
 use super::super::text::{Fx, Ty};
 use super::emit::*;
 use loopc_runtime::artifact::{CudaKernel, EwIn, EwOp, KernelDecl, KernelSpec, RopeStyle};
+use loopc_runtime::ew::live_ops;
 
 /// Threads of the elementwise kernels' blocks.
 const EW_BLOCK: usize = 256;
@@ -215,31 +216,6 @@ pub fn eval_ops(
         vals[i] = Some(v);
     }
     vals
-}
-
-fn operands(op: &EwOp) -> Vec<u32> {
-    use EwOp::*;
-    match *op {
-        Input(_) | Const(_) => vec![],
-        Add(a, b) | Sub(a, b) | Mul(a, b) | Div(a, b) | Max(a, b) => vec![a, b],
-        Neg(a) | Exp(a) | Sigmoid(a) | Silu(a) | Relu(a) | Tanh(a) | GeluTanh(a) | Sqrt(a)
-        | Softplus(a) => vec![a],
-    }
-}
-
-pub fn live_ops(ops: &[EwOp], outputs: &[u32]) -> Vec<bool> {
-    let mut live = vec![false; ops.len()];
-    for &o in outputs {
-        live[o as usize] = true;
-    }
-    for i in (0..ops.len()).rev() {
-        if live[i] {
-            for a in operands(&ops[i]) {
-                live[a as usize] = true;
-            }
-        }
-    }
-    live
 }
 
 /// One element a thread over the block's rows (flattened), so an output may alias an input:
