@@ -114,6 +114,10 @@ def main():
     ap.add_argument("--weights-dir", default="/work")
     ap.add_argument("--python", default=os.environ.get("PYTHON", TORCH_PY if os.path.exists(TORCH_PY) else sys.executable))
     ap.add_argument("--loopc", default=os.path.join(ROOT, "target/release/loopc"))
+    ap.add_argument("--backend", default="cranelift", choices=["cranelift", "mlir"],
+                    help="the code generator of the artifacts (mlir: its own GEMMs too)")
+    ap.add_argument("--builder", help="the loopc that builds the artifacts (default --loopc; "
+                    "--backend mlir needs one built with --features mlir)")
     ap.add_argument("--out", default="/tmp/loopc-compare.json")
     a = ap.parse_args()
     rounds = a.rounds or (1 if a.quick else 2)
@@ -154,7 +158,8 @@ def main():
             subprocess.run([a.python, "tools/reference/bench_ref.py", "--make-weights", w, "--config", m["config"]],
                            cwd=ROOT, check=True, capture_output=True)
         art = f"/tmp/loopc-compare-{name}.loopc"
-        cmd = [a.loopc, "build", m["src"], "--config", m["config"], "-o", art]
+        cmd = [a.builder or a.loopc, "build", m["src"], "--config", m["config"], "--backend", a.backend,
+               "-o", art]
         for s in m["set"]:
             cmd += ["--set", s]
         t = time.perf_counter()

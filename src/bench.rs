@@ -165,22 +165,52 @@ fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
 
 /// `--ceilings`: this machine's ceilings measured in this process on `threads` threads (see
 /// `loopc_runtime::ceilings`), as one JSON line.
-pub fn ceilings(threads: usize) -> String {
+/// With `host` (an artifact's own GEMM, the MLIR backend's), its GFLOP/s on the same shapes,
+/// timed alternately with the runtime's, is added as `gemm_f32_artifact_gflops`.
+pub fn ceilings(threads: usize, host: Option<loopc_runtime::matmul::HostGemm>) -> String {
     use loopc_runtime::ceilings as c;
     const MIB: usize = 1 << 20;
-    let gemm: Vec<String> = [(128, 1024, 1024), (512, 1024, 1024), (1024, 1024, 1024)]
+    let shapes = [
+        (128, 1024, 1024),
+        (512, 1024, 1024),
+        (1024, 1024, 1024),
+        (512, 1024, 5632),
+        (512, 2816, 1024),
+    ];
+    let pairs: Vec<((usize, usize, usize), (f64, Option<f64>))> = shapes
         .iter()
-        .map(|&(m, k, n)| format!("\"{m}x{k}x{n}\":{:.1}", c::gemm_gflops(m, k, n, threads)))
+        .map(|&(m, k, n)| ((m, k, n), c::gemm_pair_gflops(host, m, k, n, threads)))
         .collect();
-    let gemm16: Vec<String> = [(128, 1024, 1024), (512, 1024, 1024), (1024, 1024, 1024)]
+    let gemm: Vec<String> = pairs
         .iter()
-        .map(|&(m, k, n)| {
-            format!(
-                "\"{m}x{k}x{n}\":{:.1}",
-                c::gemm_bf16_gflops(m, k, n, threads)
-            )
-        })
+        .map(|((m, k, n), (g, _))| format!("\"{m}x{k}x{n}\":{g:.1}"))
         .collect();
+    let artifact_gemm = if host.is_some() {
+        let v: Vec<String> = pairs
+            .iter()
+            .map(|((m, k, n), (_, a))| format!("\"{m}x{k}x{n}\":{:.1}", a.unwrap_or(0.0)))
+            .collect();
+        format!(",\"gemm_f32_artifact_gflops\":{{{}}}", v.join(","))
+    } else {
+        String::new()
+    };
+    let pairs16: Vec<((usize, usize, usize), (f64, Option<f64>))> = shapes
+        .iter()
+        .map(|&(m, k, n)| ((m, k, n), c::gemm_bf16_pair_gflops(host, m, k, n, threads)))
+        .collect();
+    let gemm16: Vec<String> = pairs16
+        .iter()
+        .map(|((m, k, n), (g, _))| format!("\"{m}x{k}x{n}\":{g:.1}"))
+        .collect();
+    let artifact_gemm16 = if pairs16.iter().any(|(_, (_, a))| a.is_some()) {
+        let v: Vec<String> = pairs16
+            .iter()
+            .map(|((m, k, n), (_, a))| format!("\"{m}x{k}x{n}\":{:.1}", a.unwrap_or(0.0)))
+            .collect();
+        format!(",\"gemm_bf16_artifact_gflops\":{{{}}}", v.join(","))
+    } else {
+        String::new()
+    };
     let sizes = [(2, "2MiB"), (64, "64MiB"), (512, "512MiB")];
     let read: Vec<String> = sizes
         .iter()
@@ -191,7 +221,7 @@ pub fn ceilings(threads: usize) -> String {
         .map(|&(s, k)| format!("\"{k}\":{:.1}", c::copy_gbs(s * MIB, threads)))
         .collect();
     format!(
-        "{{\"impl\":\"loopc\",\"threads\":{threads},\"gemm_f32_gflops\":{{{}}},\"gemv_f32_gbs\":{{\"1x4096x4096\":{:.1}}},\"gemm_bf16_gflops\":{{{}}},\"gemv_bf16_gbs\":{{\"1x4096x8192\":{:.1}}},\"read_gbs\":{{{}}},\"copy_gbs\":{{{}}},\"peak_rss_mb\":{:.0}}}",
+        "{{\"impl\":\"loopc\",\"threads\":{threads},\"gemm_f32_gflops\":{{{}}}{artifact_gemm},\"gemv_f32_gbs\":{{\"1x4096x4096\":{:.1}}},\"gemm_bf16_gflops\":{{{}}}{artifact_gemm16},\"gemv_bf16_gbs\":{{\"1x4096x8192\":{:.1}}},\"read_gbs\":{{{}}},\"copy_gbs\":{{{}}},\"peak_rss_mb\":{:.0}}}",
         gemm.join(","),
         c::gemv_gbs(4096, 4096, threads),
         gemm16.join(","),

@@ -176,7 +176,8 @@ enum Cmd {
     /// Time prefill and decode (medians over repetitions), printed as one JSON line; or, with
     /// `--ceilings`, this machine's GEMM / GEMV / memory-bandwidth ceilings.
     Bench {
-        /// An artifact or a `.loop` file (not needed with `--ceilings`).
+        /// An artifact or a `.loop` file (not needed with `--ceilings`; given with it, the
+        /// artifact's own GEMM is measured beside the runtime's).
         #[arg(required_unless_present = "ceilings")]
         model: Option<PathBuf>,
         #[arg(long, required_unless_present = "ceilings")]
@@ -536,7 +537,33 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                         })?,
                     Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 };
-                println!("{}", bench::ceilings(threads));
+                // An artifact given beside --ceilings: its own GEMM is measured too.
+                let mut keep = None;
+                let host = match &model {
+                    Some(path) => {
+                        let art = load_artifact(path, &args)?;
+                        let k = loopc_runtime::kernels::Kernels::load_with_gemm(
+                            &art.object,
+                            &art.manifest.kernels,
+                            art.manifest.host_gemm.as_ref(),
+                        )
+                        .map_err(|e| format!("error: {}: {e}", path.display()))?;
+                        let g = k.gemm();
+                        // The GEMM's code stays mapped while `keep` lives.
+                        keep = Some(k);
+                        if g.is_none() {
+                            return Err(format!(
+                                "error: {}: the artifact has no GEMM of its own (only `--backend \
+                                 mlir` builds do); drop it to measure the runtime's ceilings",
+                                path.display()
+                            ));
+                        }
+                        g
+                    }
+                    None => None,
+                };
+                println!("{}", bench::ceilings(threads, host));
+                drop(keep);
                 return Ok(());
             }
             if batch == 0 {

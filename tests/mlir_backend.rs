@@ -986,7 +986,7 @@ fn kernel_speed_and_build_time_d1024() {
 
 /// Both example families at seeded random sizes (odd head sizes, grouped KV heads, widths that
 /// are not multiples of the vector length) with random weights: the MLIR build's logits match
-/// the Cranelift build's, prefill and decode.
+/// the Cranelift build's, prefill (up to 40 tokens, so through the MLIR GEMM) and decode.
 #[test]
 fn random_sized_models_agree_with_cranelift() {
     let mut rng = Rng(77);
@@ -1064,7 +1064,10 @@ fn random_sized_models_agree_with_cranelift() {
                 .unwrap();
                 let m = Model::new(Artifact::from_bytes(b.artifact_bytes()).unwrap(), w).unwrap();
                 let mut s = m.session();
-                let prompt: Vec<u32> = (0..7).map(|i| (i * 13 % vocab) as u32).collect();
+                // Beyond 8 rows the MLIR build's products go through its own GEMM.
+                let prompt: Vec<u32> = (0..[7, 19, 40][case % 3])
+                    .map(|i| (i * 13 % vocab) as u32)
+                    .collect();
                 let pre = s.prefill(&prompt).unwrap().data().to_vec();
                 let mut dec = vec![];
                 for t in [3u32, 5, 8] {
@@ -1141,5 +1144,240 @@ fn parcae_mor_ut_parity_with_mlir_backend() {
             max,
             &set,
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The MLIR GEMM
+
+/// The MLIR object's GEMMs, loaded the way the runtime loads an artifact that names them.
+fn mlir_gemm() -> (
+    loopc_runtime::kernels::Kernels,
+    loopc_runtime::matmul::HostGemm,
+) {
+    let out = mlir::native::compile_kernels(&[]).unwrap();
+    let so = out.shared_object;
+    let decl = loopc_runtime::artifact::HostGemm {
+        nk: mlir::GEMM_NK.into(),
+        kn: mlir::GEMM_KN.into(),
+        panel: mlir::GEMM_PANEL,
+        bf16_amx: out.amx.then(|| mlir::GEMM_BF16_AMX.into()),
+    };
+    let k = loopc_runtime::kernels::Kernels::load_with_gemm(&so, &[], Some(&decl)).unwrap();
+    let g = k.gemm().expect("the GEMMs were resolved");
+    (k, g)
+}
+
+/// `x · wᵀ` and `x · w` in f64, the reference of the GEMM tests.
+fn gemm_reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, kn: bool) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k)
+                .map(|kk| {
+                    let b = if kn { w[kk * n + j] } else { w[j * k + kk] };
+                    x[i * k + kk] as f64 * b as f64
+                })
+                .sum();
+        }
+    }
+    out
+}
+
+/// Both layouts at seeded random shapes: rows that leave 4- and 1-row tiles, depths that are
+/// not multiples of 16, widths that end in a partial panel, more rows than one L2 block, and
+/// the runtime's two-thread column split; each result within 1e-5 (relative to the sum of
+/// |products|) of an f64 reference, and the output buffer's padding untouched.
+#[test]
+fn mlir_gemm_matches_a_reference_on_every_shape() {
+    let (_lib, g) = mlir_gemm();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let mut rng = Rng(2024);
+    let mut shapes = vec![
+        (9, 1, 1),
+        (13, 17, 33),
+        (300, 40, 70),
+        (16, 16, 32),
+        (21, 100, 257),
+    ];
+    for _ in 0..12 {
+        shapes.push((9 + rng.below(120), 1 + rng.below(150), 1 + rng.below(150)));
+    }
+    for (m, k, n) in shapes {
+        let x = rng.vec(m * k, -1.0, 1.0);
+        let w = rng.vec(n * k, -1.0, 1.0);
+        for kn in [false, true] {
+            let want = gemm_reference(&x, &w, m, k, n, kn);
+            let scale: Vec<f64> = {
+                let (xa, wa): (Vec<f32>, Vec<f32>) = (
+                    x.iter().map(|v| v.abs()).collect(),
+                    w.iter().map(|v| v.abs()).collect(),
+                );
+                gemm_reference(&xa, &wa, m, k, n, kn)
+            };
+            for threads in [1, 2] {
+                // A sentinel tail: the GEMM writes exactly m·n values.
+                let mut out = vec![f32::NAN; m * n + 7];
+                pool.install(|| {
+                    if kn {
+                        loopc_runtime::matmul::matmul_kn_on(
+                            Some(g),
+                            &x,
+                            &w,
+                            &mut out,
+                            m,
+                            k,
+                            n,
+                            threads,
+                        )
+                    } else {
+                        loopc_runtime::matmul::matmul_epi_on(
+                            Some(g),
+                            &x,
+                            &w,
+                            &mut out,
+                            m,
+                            k,
+                            n,
+                            threads,
+                            &Default::default(),
+                        )
+                    }
+                });
+                assert!(
+                    out[m * n..].iter().all(|v| v.is_nan()),
+                    "wrote past the output"
+                );
+                let worst = out[..m * n]
+                    .iter()
+                    .zip(&want)
+                    .zip(&scale)
+                    .map(|((o, r), s)| (*o as f64 - r).abs() / s.max(1.0))
+                    .fold(0.0f64, f64::max);
+                assert!(
+                    worst <= 1e-5,
+                    "m={m} k={k} n={n} kn={kn} threads={threads}: worst {worst:e}"
+                );
+            }
+        }
+    }
+}
+
+/// `cargo test --features mlir --test mlir_backend mlir_gemm_speed -- --ignored --nocapture`:
+/// the MLIR GEMM against the `gemm` crate (what the Cranelift backend's artifacts use) on the
+/// d=1024 model's prefill shapes, 1 and 2 threads, alternating in rounds; the best of each.
+#[test]
+#[ignore]
+fn mlir_gemm_speed() {
+    let (_lib, g) = mlir_gemm();
+    let threads_all = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let mut rng = Rng(5);
+    for (m, k, n) in [
+        (128, 1024, 1024),
+        (128, 1024, 3072),
+        (128, 1024, 5632),
+        (128, 2816, 1024),
+        (512, 1024, 1024),
+        (512, 1024, 5632),
+        (512, 2816, 1024),
+    ] {
+        let x = rng.vec(m * k, -1.0, 1.0);
+        let w = rng.vec(n * k, -1.0, 1.0);
+        let mut out = vec![0f32; m * n];
+        for threads in [1, threads_all] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut best = [f64::MAX; 2];
+            for _round in 0..5 {
+                for (i, host) in [None, Some(g)].into_iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    pool.install(|| {
+                        loopc_runtime::matmul::matmul_epi_on(
+                            host,
+                            &x,
+                            &w,
+                            &mut out,
+                            m,
+                            k,
+                            n,
+                            threads,
+                            &Default::default(),
+                        )
+                    });
+                    best[i] = best[i].min(t.elapsed().as_secs_f64());
+                }
+            }
+            let gf = |s: f64| 2.0 * (m * n * k) as f64 / s / 1e9;
+            println!(
+                "m={m:<4} k={k:<5} n={n:<5} threads={threads}: gemm crate {:6.1} GFLOP/s, \
+                 MLIR {:6.1} GFLOP/s, MLIR/gemm {:.2}",
+                gf(best[0]),
+                gf(best[1]),
+                best[0] / best[1]
+            );
+        }
+    }
+}
+
+/// The AMX bf16 GEMM (on hosts with AMX-BF16, where the build includes it) against the
+/// runtime's own tile kernel on the same rounded operands: the same `tdpbf16ps` sequence, so
+/// the products must be bit-identical, at shapes with partial row and column blocks, depths
+/// that are not multiples of 32, several L2 groups, and both thread counts; a bias epilogue
+/// rides along. Without AMX the build must not include it.
+#[test]
+fn mlir_amx_gemm_matches_the_runtime_tile_kernel() {
+    use loopc_runtime::matmul_bf16::{matmul_bf16_path, matmul_bf16_path_on, Path};
+    let (_lib, g) = mlir_gemm();
+    let host_amx = Path::supported().contains(&Path::Amx);
+    assert_eq!(
+        g.bf16_amx.is_some(),
+        mlir::native::host_has_amx(),
+        "the AMX GEMM is built exactly when LLVM sees AMX-BF16"
+    );
+    let Some(f) = g.bf16_amx.filter(|_| host_amx) else {
+        eprintln!("no AMX on this host (or no permission): the AMX GEMM is not built or run");
+        return;
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let mut rng = Rng(99);
+    for (m, k, n) in [
+        (9, 32, 32),
+        (40, 100, 70),
+        (64, 1024, 96),
+        (77, 2900, 33),
+        (130, 64, 1000),
+    ] {
+        let x = rng.vec(m * k, -1.0, 1.0);
+        let w = rng.vec(n * k, -1.0, 1.0);
+        let bias = rng.vec(n, -1.0, 1.0);
+        let packed = loopc_runtime::bf16::Packed::from_f32(&w, n, k);
+        let epi = loopc_runtime::matmul::Epi {
+            bias: Some(&bias),
+            ..Default::default()
+        };
+        for threads in [1, 2] {
+            let (mut a, mut b) = (vec![f32::NAN; m * n + 5], vec![f32::NAN; m * n + 5]);
+            pool.install(|| {
+                matmul_bf16_path(&x, &packed, &mut a, m, threads, &epi, Path::Amx);
+                matmul_bf16_path_on(Some(f), &x, &packed, &mut b, m, threads, &epi, Path::Amx);
+            });
+            assert!(
+                b[m * n..].iter().all(|v| v.is_nan()),
+                "wrote past the output"
+            );
+            let same = a[..m * n]
+                .iter()
+                .zip(&b[..m * n])
+                .all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "m={m} k={k} n={n} threads={threads}: products differ");
+        }
     }
 }

@@ -83,7 +83,8 @@ impl Backend {
 }
 
 /// Compile the kernels with the chosen backend into a shared object.
-fn codegen(manifest: &Manifest, backend: Backend) -> Result<Vec<u8>, CompileError> {
+/// The MLIR backend's object also carries GEMMs, which the manifest then names.
+fn codegen(manifest: &mut Manifest, backend: Backend) -> Result<Vec<u8>, CompileError> {
     fn fail(e: impl std::fmt::Display) -> CompileError {
         CompileError::Other(format!("error: code generation failed: {e}"))
     }
@@ -92,13 +93,22 @@ fn codegen(manifest: &Manifest, backend: Backend) -> Result<Vec<u8>, CompileErro
             .map_err(fail)?
             .shared_object),
         #[cfg(feature = "mlir")]
-        Backend::Mlir => Ok(
-            crate::backend::mlir::native::compile_kernels(&manifest.kernels)
-                .map_err(fail)?
-                .shared_object,
-        ),
+        Backend::Mlir => {
+            use crate::backend::mlir;
+            let out = mlir::native::compile_kernels(&manifest.kernels).map_err(fail)?;
+            manifest.host_gemm = Some(loopc_runtime::artifact::HostGemm {
+                nk: mlir::GEMM_NK.into(),
+                kn: mlir::GEMM_KN.into(),
+                panel: mlir::GEMM_PANEL,
+                bf16_amx: out.amx.then(|| mlir::GEMM_BF16_AMX.into()),
+            });
+            Ok(out.shared_object)
+        }
         #[cfg(not(feature = "mlir"))]
-        Backend::Mlir => Err(no_mlir()),
+        Backend::Mlir => {
+            let _ = &manifest;
+            Err(no_mlir())
+        }
     }
 }
 
@@ -275,10 +285,11 @@ pub fn build_front(
     let t = Instant::now();
     let mut manifest = program(&module)?;
     manifest.backend = opts.backend.name().into();
+
     timings.push(("lower", t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let shared_object = match opts.target {
-        Target::Cpu => codegen(&manifest, opts.backend)?,
+        Target::Cpu => codegen(&mut manifest, opts.backend)?,
         Target::Cuda => codegen_cuda(&mut manifest)?,
     };
     timings.push(("codegen+link", t.elapsed().as_secs_f64()));
@@ -398,7 +409,8 @@ pub fn stage_text_front(f: &Front, stage: &str, opts: &Options) -> Result<String
         "llvm" => {
             #[cfg(feature = "mlir")]
             {
-                let text = crate::backend::mlir::kernels_module(&manifest.kernels)
+                let amx = crate::backend::mlir::native::host_has_amx();
+                let text = crate::backend::mlir::kernels_module(&manifest.kernels, amx)
                     .map_err(|e| CompileError::Other(format!("error: {e}")))?;
                 crate::backend::mlir::native::lower_text(&text)
                     .map_err(|e| CompileError::Other(format!("internal compiler error: {e}")))

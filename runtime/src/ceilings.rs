@@ -45,15 +45,47 @@ fn fill(n: usize, seed: u32) -> Vec<f32> {
 /// GFLOP/s (2·m·k·n per product) of `out[m, n] = x[m, k] · w[n, k]ᵀ` through the runtime's
 /// `matmul` (the kernel every `Linear` of a prefill runs) on `threads` threads.
 pub fn gemm_gflops(m: usize, k: usize, n: usize, threads: usize) -> f64 {
+    gemm_pair_gflops(None, m, k, n, threads).0
+}
+
+/// [`gemm_gflops`] of the runtime's own GEMM and, with `host`, of an artifact's GEMM (the MLIR
+/// backend's) on the same operands, timed in alternating rounds so both see the same machine.
+pub fn gemm_pair_gflops(
+    host: Option<crate::matmul::HostGemm>,
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) -> (f64, Option<f64>) {
     let (x, w) = (fill(m * k, 1), fill(n * k, 2));
     let mut out = vec![0f32; m * n];
     let p = pool(threads);
-    let s = p.install(|| {
-        best_time(3, 0.5, || {
-            crate::matmul::matmul(&x, &w, &mut out, m, k, n, threads)
+    let mut run = |h: Option<crate::matmul::HostGemm>| {
+        p.install(|| {
+            best_time(3, 0.1, || {
+                crate::matmul::matmul_epi_on(
+                    h,
+                    &x,
+                    &w,
+                    &mut out,
+                    m,
+                    k,
+                    n,
+                    threads,
+                    &Default::default(),
+                )
+            })
         })
-    });
-    2.0 * (m * k * n) as f64 / s / 1e9
+    };
+    let (mut own, mut art) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..5 {
+        own = own.min(run(None));
+        if host.is_some() {
+            art = art.min(run(host));
+        }
+    }
+    let gf = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
+    (gf(own), host.map(|_| gf(art)))
 }
 
 /// GB/s of weight bytes streamed by the runtime's row-split GEMV, `out[n] = w[n, k] · x[k]`
@@ -69,16 +101,47 @@ pub fn gemv_gbs(n: usize, k: usize, threads: usize) -> f64 {
 
 /// [`gemm_gflops`] with the weight in bf16 through [`crate::matmul_bf16`] (AMX where present).
 pub fn gemm_bf16_gflops(m: usize, k: usize, n: usize, threads: usize) -> f64 {
+    gemm_bf16_pair_gflops(None, m, k, n, threads).0
+}
+
+/// [`gemm_bf16_gflops`] and, with `host` (an artifact's AMX GEMM), the same products through
+/// it, alternating as [`gemm_pair_gflops`].
+pub fn gemm_bf16_pair_gflops(
+    host: Option<crate::matmul::HostGemm>,
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) -> (f64, Option<f64>) {
+    let host = host.filter(|h| h.bf16_amx.is_some());
     let (x, w) = (fill(m * k, 1), fill(n * k, 2));
     let w = crate::bf16::Packed::from_f32(&w, n, k);
     let mut out = vec![0f32; m * n];
     let p = pool(threads);
-    let s = p.install(|| {
-        best_time(3, 0.5, || {
-            crate::matmul_bf16::matmul_bf16(&x, &w, &mut out, m, threads)
+    let mut run = |h: Option<crate::matmul::HostGemm>| {
+        p.install(|| {
+            best_time(3, 0.1, || {
+                crate::matmul_bf16::matmul_bf16_epi_on(
+                    h,
+                    &x,
+                    &w,
+                    &mut out,
+                    m,
+                    threads,
+                    &Default::default(),
+                )
+            })
         })
-    });
-    2.0 * (m * k * n) as f64 / s / 1e9
+    };
+    let (mut own, mut art) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..5 {
+        own = own.min(run(None));
+        if host.is_some() {
+            art = art.min(run(host));
+        }
+    }
+    let gf = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
+    (gf(own), host.map(|_| gf(art)))
 }
 
 /// [`gemv_gbs`] for a bf16 weight (n·k·2 bytes streamed per call) through the decode kernel

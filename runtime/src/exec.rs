@@ -930,7 +930,15 @@ impl<'a> Run<'a> {
                 let e = self.epi(epi, iter, 0, rows, w.rows, pos);
                 // SAFETY: the epilogue's buffers differ from `out` (validated).
                 let os = unsafe { self.out_rows(*out, 0, rows * w.rows) };
-                crate::matmul_bf16::matmul_bf16_epi(xs, p, os, rows, m.threads, &e);
+                crate::matmul_bf16::matmul_bf16_epi_on(
+                    m.kernels.gemm,
+                    xs,
+                    p,
+                    os,
+                    rows,
+                    m.threads,
+                    &e,
+                );
                 Ok(1)
             }
             Instr::MatMulKN { x, w, out } if packed(m, w, iter, true).is_some() => {
@@ -940,7 +948,15 @@ impl<'a> Run<'a> {
                 // SAFETY: x != out (validated), so the two slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
                 let os = self.ws.bufs[*out as usize].as_mut_slice();
-                crate::matmul_bf16::matmul_bf16(xs, p, os, rows, m.threads);
+                crate::matmul_bf16::matmul_bf16_epi_on(
+                    m.kernels.gemm,
+                    xs,
+                    p,
+                    os,
+                    rows,
+                    m.threads,
+                    &Default::default(),
+                );
                 Ok(1)
             }
             Instr::MatMul { x, w, out, epi } => {
@@ -953,7 +969,17 @@ impl<'a> Run<'a> {
                 let e = self.epi(epi, iter, 0, rows, w.rows, pos);
                 // SAFETY: the epilogue's buffers differ from `out` (validated).
                 let os = unsafe { self.out_rows(*out, 0, rows * w.rows) };
-                crate::matmul::matmul_epi(xs, wd, os, rows, w.cols, w.rows, m.threads, &e);
+                crate::matmul::matmul_epi_on(
+                    m.kernels.gemm,
+                    xs,
+                    wd,
+                    os,
+                    rows,
+                    w.cols,
+                    w.rows,
+                    m.threads,
+                    &e,
+                );
                 Ok(1)
             }
             Instr::MatMulParts { x, w, parts } if !m.packed.is_empty() => {
@@ -975,7 +1001,15 @@ impl<'a> Run<'a> {
                     let e = self.epi(&p.epi, iter, 0, rows, n, pos);
                     // SAFETY: the outputs are distinct and differ from every buffer read.
                     let os = unsafe { self.out_rows(p.out, 0, rows * n) };
-                    crate::matmul_bf16::matmul_bf16_epi(xs, packed, os, rows, m.threads, &e);
+                    crate::matmul_bf16::matmul_bf16_epi_on(
+                        m.kernels.gemm,
+                        xs,
+                        packed,
+                        os,
+                        rows,
+                        m.threads,
+                        &e,
+                    );
                 }
                 Ok(1)
             }
@@ -997,7 +1031,7 @@ impl<'a> Run<'a> {
                     d.out = unsafe { self.out_rows(p.out, 0, rows * n) };
                 }
                 let ps = &mut ps[..parts.len()];
-                crate::matmul::matmul_parts(xs, wd, ps, rows, w.cols, m.threads);
+                crate::matmul::matmul_parts_on(m.kernels.gemm, xs, wd, ps, rows, w.cols, m.threads);
                 Ok(1)
             }
             Instr::MatMulKN { x, w, out } => {
@@ -1007,7 +1041,16 @@ impl<'a> Run<'a> {
                 // SAFETY: x != out (validated), so the two slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
                 let os = self.ws.bufs[*out as usize].as_mut_slice();
-                crate::matmul::matmul_kn(xs, wd, os, rows, w.rows, w.cols, m.threads);
+                crate::matmul::matmul_kn_on(
+                    m.kernels.gemm,
+                    xs,
+                    wd,
+                    os,
+                    rows,
+                    w.rows,
+                    w.cols,
+                    m.threads,
+                );
                 Ok(1)
             }
             Instr::Concat { inputs, out } => {

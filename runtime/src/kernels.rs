@@ -1,6 +1,6 @@
 //! Loading the artifact's generated kernels from the embedded shared object.
 
-use crate::artifact::KernelDecl;
+use crate::artifact::{HostGemm, KernelDecl};
 use crate::error::{Result, RuntimeError};
 use std::io::Write;
 
@@ -11,6 +11,8 @@ pub type KernelFn = unsafe extern "C" fn(*const *mut f32, *const i64);
 /// The loaded shared object and its resolved kernel entry points (indexed by `KernelId`).
 pub struct Kernels {
     fns: Vec<KernelFn>,
+    /// The object's own GEMMs, when the manifest names them (`artifact::HostGemm`).
+    pub(crate) gemm: Option<crate::matmul::HostGemm>,
     // Keeps the code mapped as long as `fns` are callable. Declared after `fns`.
     _lib: Option<libloading::Library>,
 }
@@ -27,9 +29,19 @@ impl Kernels {
     /// Load `object` and resolve every declared symbol. An empty declaration list needs no
     /// object (it may be empty); an empty object with declared kernels is an error.
     pub fn load(object: &[u8], decls: &[KernelDecl]) -> Result<Self> {
-        if decls.is_empty() {
+        Self::load_with_gemm(object, decls, None)
+    }
+
+    /// [`Kernels::load`], also resolving the GEMMs the manifest says the object exports.
+    pub fn load_with_gemm(
+        object: &[u8],
+        decls: &[KernelDecl],
+        gemm: Option<&HostGemm>,
+    ) -> Result<Self> {
+        if decls.is_empty() && gemm.is_none() {
             return Ok(Kernels {
                 fns: Vec::new(),
+                gemm: None,
                 _lib: None,
             });
         }
@@ -45,6 +57,38 @@ impl Kernels {
         let lib = unsafe { libloading::Library::new(&path) };
         let _ = std::fs::remove_file(&path);
         let lib = lib.map_err(|e| RuntimeError::KernelLoad(format!("dlopen failed: {e}")))?;
+        let gemm = match gemm {
+            Some(g) => {
+                fn get<T: Copy>(lib: &libloading::Library, name: &str) -> Result<T> {
+                    let mut sym = name.as_bytes().to_vec();
+                    sym.push(0);
+                    // SAFETY: the manifest declares the symbol to have the GEMM ABI
+                    // (`artifact::HostGemm`), which `T` spells.
+                    let f: std::result::Result<libloading::Symbol<'_, T>, _> =
+                        unsafe { lib.get(&sym) };
+                    f.map(|f| *f).map_err(|e| {
+                        RuntimeError::KernelLoad(format!(
+                            "the manifest names the GEMM `{name}`, which the object lacks: {e}"
+                        ))
+                    })
+                }
+                if g.panel == 0 {
+                    return Err(RuntimeError::KernelLoad(
+                        "the manifest's GEMM has a panel width of 0".into(),
+                    ));
+                }
+                Some(crate::matmul::HostGemm {
+                    nk: get(&lib, &g.nk)?,
+                    kn: get(&lib, &g.kn)?,
+                    panel: g.panel,
+                    bf16_amx: match &g.bf16_amx {
+                        Some(name) => Some(get(&lib, name)?),
+                        None => None,
+                    },
+                })
+            }
+            None => None,
+        };
         let mut fns = Vec::with_capacity(decls.len());
         for (i, d) in decls.iter().enumerate() {
             let mut name = d.symbol.as_bytes().to_vec();
@@ -65,8 +109,14 @@ impl Kernels {
         }
         Ok(Kernels {
             fns,
+            gemm,
             _lib: Some(lib),
         })
+    }
+
+    /// The object's GEMMs, when it has them.
+    pub fn gemm(&self) -> Option<crate::matmul::HostGemm> {
+        self.gemm
     }
 
     #[inline]

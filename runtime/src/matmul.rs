@@ -8,9 +8,93 @@
 use crate::artifact::{EwOp, RopeStyle};
 use rayon::prelude::*;
 
+/// The C signature of an artifact's GEMM (`artifact::HostGemm`).
+pub type GemmFn =
+    unsafe extern "C" fn(*const f32, *const f32, *mut f32, *mut f32, i64, i64, i64, i64, i64, i64);
+
+/// The C signature of an artifact's AMX bf16 GEMM (`artifact::HostGemm::bf16_amx`).
+pub type AmxGemmFn = unsafe extern "C" fn(
+    *const u16,
+    *const u32,
+    *mut f32,
+    *mut f32,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+);
+
+/// The artifact's own GEMMs, resolved: the MLIR backend compiles them into its object, and
+/// every product of more than [`SMALL_M`] rows goes through them instead of `gemm` (and, for
+/// bf16 weights on AMX, instead of the runtime's own tile kernel).
+#[derive(Clone, Copy, Debug)]
+pub struct HostGemm {
+    pub nk: GemmFn,
+    pub kn: GemmFn,
+    pub panel: usize,
+    pub bf16_amx: Option<AmxGemmFn>,
+}
+
+thread_local! {
+    /// Each thread's packed-panel scratch for [`HostGemm`] calls; grows to the largest depth.
+    static GEMM_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl HostGemm {
+    /// One call on this thread. `None` when the strides fit neither layout.
+    ///
+    /// # Safety
+    /// As [`gemm_block`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn call(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: *mut f32,
+        dst_rs: isize,
+        x: *const f32,
+        x_rs: isize,
+        rhs: *const f32,
+        rhs_rs: isize,
+        rhs_cs: isize,
+    ) -> Option<()> {
+        let (f, ldb) = if rhs_rs == 1 {
+            (self.nk, rhs_cs)
+        } else if rhs_cs == 1 {
+            (self.kn, rhs_rs)
+        } else {
+            return None;
+        };
+        let len = k.next_multiple_of(16) * self.panel;
+        GEMM_SCRATCH.with_borrow_mut(|s| {
+            if s.len() < len {
+                s.resize(len, 0.0);
+            }
+            f(
+                x,
+                rhs,
+                dst,
+                s.as_mut_ptr(),
+                m as i64,
+                k as i64,
+                n as i64,
+                x_rs as i64,
+                ldb as i64,
+                dst_rs as i64,
+            )
+        });
+        Some(())
+    }
+}
+
 /// `dst[m, n] = x[m, k] · B` (all row strides in elements) where element `(kk, j)` of `B` is at
 /// `rhs + kk·rhs_rs + j·rhs_cs`: one call shape for the `Linear` (Wᵀ) and `Conv1D` (W) layouts
-/// and for column blocks of either.
+/// and for column blocks of either. With `host`, the artifact's GEMM computes it (its own
+/// column split over the pool when `par` asks for threads), else `gemm`.
 ///
 /// # Safety
 /// Every pointer must cover the elements the strides address.
@@ -27,7 +111,41 @@ unsafe fn gemm_block(
     rhs_rs: isize,
     rhs_cs: isize,
     par: gemm::Parallelism,
+    host: Option<HostGemm>,
 ) {
+    if let Some(h) = host.filter(|_| rhs_rs == 1 || rhs_cs == 1) {
+        let threads = match par {
+            gemm::Parallelism::Rayon(t) => t.max(1),
+            _ => 1,
+        };
+        if threads == 1 || n <= h.panel {
+            h.call(m, n, k, dst, dst_rs, x, x_rs, rhs, rhs_rs, rhs_cs);
+            return;
+        }
+        let cols = n.div_ceil(threads).next_multiple_of(h.panel);
+        let (d, xa, r) = (dst as usize, x as usize, rhs as usize);
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|c| {
+            let j0 = c * cols;
+            let nc = cols.min(n - j0);
+            // SAFETY: each task writes its own columns j0..j0+nc of dst from B's columns
+            // j0..j0+nc; the caller's pointers cover all of them.
+            unsafe {
+                h.call(
+                    m,
+                    nc,
+                    k,
+                    (d as *mut f32).add(j0),
+                    dst_rs,
+                    xa as *const f32,
+                    x_rs,
+                    (r as *const f32).offset(j0 as isize * rhs_cs),
+                    rhs_rs,
+                    rhs_cs,
+                );
+            }
+        });
+        return;
+    }
     gemm::gemm(
         m, n, k, dst, 1, dst_rs, false, x, 1, x_rs, rhs, rhs_cs, rhs_rs, 0.0f32, 1.0f32, false,
         false, false, par,
@@ -413,7 +531,23 @@ pub fn matmul_epi(
     threads: usize,
     epi: &Epi,
 ) {
-    matmul_blocks(x, w, out, m, k, n, threads, epi);
+    matmul_epi_on(None, x, w, out, m, k, n, threads, epi)
+}
+
+/// [`matmul_epi`] with the artifact's GEMM (when it has one) for the many-row products.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_epi_on(
+    host: Option<HostGemm>,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+    epi: &Epi,
+) {
+    matmul_blocks(host, x, w, out, m, k, n, threads, epi);
     if let Some(nm) = &epi.norm {
         nm.finish(out, m, n, threads);
     }
@@ -422,6 +556,7 @@ pub fn matmul_epi(
 /// The product with the per-block epilogue terms.
 #[allow(clippy::too_many_arguments)]
 fn matmul_blocks(
+    host: Option<HostGemm>,
     x: &[f32],
     w: &[f32],
     out: &mut [f32],
@@ -460,7 +595,7 @@ fn matmul_blocks(
     if threads > 1 && macs >= 64 * PAR_MIN_MACS && m <= 512 && n >= 64 * threads {
         let cols = n
             .div_ceil(threads)
-            .next_multiple_of(16)
+            .next_multiple_of(host.map_or(16, |h| h.panel))
             .next_multiple_of(epi.align());
         let op = out.as_mut_ptr() as usize;
         (0..threads).into_par_iter().for_each(|p| {
@@ -484,6 +619,7 @@ fn matmul_blocks(
                     1,
                     k as isize,
                     gemm::Parallelism::None,
+                    host,
                 );
                 epi.apply(op as *mut f32, n, 0, m, j0, nc);
             }
@@ -510,6 +646,7 @@ fn matmul_blocks(
             1,
             k as isize,
             par,
+            host,
         )
     }
     if !epi.is_none() {
@@ -532,6 +669,21 @@ fn matmul_blocks(
 /// For one row the output columns are split over the pool, each chunk streaming its columns of
 /// every weight row.
 pub fn matmul_kn(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    threads: usize,
+) {
+    matmul_kn_on(None, x, w, out, m, k, n, threads)
+}
+
+/// [`matmul_kn`] with the artifact's GEMM (when it has one) for the many-row products.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_kn_on(
+    host: Option<HostGemm>,
     x: &[f32],
     w: &[f32],
     out: &mut [f32],
@@ -568,6 +720,7 @@ pub fn matmul_kn(
                 n as isize,
                 1,
                 par,
+                host,
             )
         }
     };
@@ -1683,6 +1836,7 @@ mod bench {
                     1,
                     k as isize,
                     gemm::Parallelism::None,
+                    None,
                 )
             }
         }
@@ -1696,4 +1850,4 @@ mod bench {
 }
 
 mod parts;
-pub use parts::{matmul_parts, Part, MAX_PARTS};
+pub use parts::{matmul_parts, matmul_parts_on, Part, MAX_PARTS};

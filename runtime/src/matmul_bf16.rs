@@ -12,7 +12,7 @@
 //! - without AVX-512-BF16 (or off x86): a portable scalar kernel over the same layout.
 
 use crate::bf16::{from_bf16, Packed};
-use crate::matmul::Epi;
+use crate::matmul::{AmxGemmFn, Epi, HostGemm};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -81,8 +81,23 @@ pub fn matmul_bf16_epi(
     threads: usize,
     epi: &Epi,
 ) {
+    matmul_bf16_epi_on(None, x, w, out, m, threads, epi)
+}
+
+/// [`matmul_bf16_epi`] with the artifact's AMX GEMM (when it has one) for the many-row
+/// products.
+pub fn matmul_bf16_epi_on(
+    host: Option<HostGemm>,
+    x: &[f32],
+    w: &Packed,
+    out: &mut [f32],
+    m: usize,
+    threads: usize,
+    epi: &Epi,
+) {
+    let amx = host.and_then(|h| h.bf16_amx);
     if epi.glu.is_none() && epi.norm.is_none() && epi.rope.is_none() {
-        return matmul_bf16_path(x, w, out, m, threads, epi, Path::best());
+        return matmul_bf16_path_on(amx, x, w, out, m, threads, epi, Path::best());
     }
     // The bf16 kernels' column blocks follow the packed 16-output layout, not the gate/up
     // blocks or the rotary heads, and do not join for a row reduction: the product with the
@@ -94,7 +109,7 @@ pub fn matmul_bf16_epi(
         rope: None,
         ..*epi
     };
-    matmul_bf16_path(x, w, out, m, threads, &base, Path::best());
+    matmul_bf16_path_on(amx, x, w, out, m, threads, &base, Path::best());
     let n = w.n();
     if epi.glu.is_some() || epi.rope.is_some() {
         let last = Epi {
@@ -128,6 +143,22 @@ pub fn matmul_bf16_epi(
 
 /// [`matmul_bf16_epi`] on a chosen path (which must be one of [`Path::supported`]).
 pub fn matmul_bf16_path(
+    x: &[f32],
+    w: &Packed,
+    out: &mut [f32],
+    m: usize,
+    threads: usize,
+    epi: &Epi,
+    path: Path,
+) {
+    matmul_bf16_path_on(None, x, w, out, m, threads, epi, path)
+}
+
+/// [`matmul_bf16_path`]; on the AMX path, `host` (an artifact's AMX GEMM) computes the
+/// products in place of the runtime's tile kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bf16_path_on(
+    host: Option<AmxGemmFn>,
     x: &[f32],
     w: &Packed,
     out: &mut [f32],
@@ -171,7 +202,7 @@ pub fn matmul_bf16_path(
         let xq: &[u32] = xq;
         if amx {
             #[cfg(target_arch = "x86_64")]
-            amx_gemm(xq, w, out, m, threads, epi);
+            amx_gemm(xq, w, out, m, threads, epi, host);
         } else {
             dot_gemm(xq, w, out, m, threads, epi, path);
         }
@@ -319,7 +350,15 @@ unsafe fn dot_blocks(
 /// The AMX GEMM: output block pairs (32 features) split over the pool, each task walking
 /// L2-sized groups of block pairs and, for each, every 32-row block of `x`.
 #[cfg(target_arch = "x86_64")]
-fn amx_gemm(xq: &[u32], w: &Packed, out: &mut [f32], m: usize, threads: usize, epi: &Epi) {
+fn amx_gemm(
+    xq: &[u32],
+    w: &Packed,
+    out: &mut [f32],
+    m: usize,
+    threads: usize,
+    epi: &Epi,
+    host: Option<AmxGemmFn>,
+) {
     let n = w.n();
     let kp = w.kp();
     let pairs = n.div_ceil(32);
@@ -329,6 +368,36 @@ fn amx_gemm(xq: &[u32], w: &Packed, out: &mut [f32], m: usize, threads: usize, e
     let per_pair = 32 * kp * 2;
     let group = (BLOCK_BYTES / per_pair).max(1);
     let task = |p0: usize, p1: usize| {
+        if let Some(f) = host {
+            // The artifact's kernel configures (and releases) the tiles itself.
+            let mut scratch = [0f32; 32 * 32];
+            let mut g0 = p0;
+            while g0 < p1 {
+                let g1 = (g0 + group).min(p1);
+                // SAFETY: AMX is available (the Amx path); xq has m.next_multiple_of(32) rows
+                // of kp bf16, the packed weight 2·pairs blocks; the call writes columns
+                // 32·g0 .. min(32·g1, n) of this task's rows, as `artifact::HostGemm` says.
+                unsafe {
+                    f(
+                        xp as *const u16,
+                        wp as *const u32,
+                        op as *mut f32,
+                        scratch.as_mut_ptr(),
+                        m as i64,
+                        kp as i64,
+                        n as i64,
+                        n as i64,
+                        g0 as i64,
+                        g1 as i64,
+                        (g1 - g0) as i64,
+                    );
+                    let j0 = g0 * 32;
+                    epi.apply(op as *mut f32, n, 0, m, j0, (g1 * 32).min(n) - j0);
+                }
+                g0 = g1;
+            }
+            return;
+        }
         // SAFETY: `amx_gemm` only runs on the Amx path, which requires `amx::available()`.
         let _tiles = unsafe { crate::amx::Tiles::new() };
         let mut scratch = [0f32; 32 * 32];

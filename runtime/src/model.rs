@@ -205,7 +205,11 @@ impl Model {
         let needs = validate(&manifest)?;
         // The device comes first: no driver or no device fails before the weights are read.
         let (image, gpu, kernels) = match device {
-            crate::Device::Cpu => (None, None, Kernels::load(&object, &manifest.kernels)?),
+            crate::Device::Cpu => (
+                None,
+                None,
+                Kernels::load_with_gemm(&object, &manifest.kernels, manifest.host_gemm.as_ref())?,
+            ),
             crate::Device::Cuda(_) | crate::Device::CudaEmulated => {
                 if dtype != WeightDtype::F32 {
                     return Err(RuntimeError::Unsupported(format!(

@@ -161,6 +161,7 @@ fn manifest(init: StateInit, exit: ExitPolicy, gate: bool, default_steps: usize)
         },
         derived: vec![],
         cuda: None,
+        host_gemm: None,
     }
 }
 

@@ -299,6 +299,7 @@ fn manifest() -> Manifest {
         },
         derived: vec![],
         cuda: None,
+        host_gemm: None,
     }
 }
 

@@ -121,6 +121,7 @@ pub fn lower(module: &Module, target: &str, backend: &str) -> Result<Manifest, L
         },
         derived: l.derived,
         cuda: None,
+        host_gemm: None,
     })
 }
 

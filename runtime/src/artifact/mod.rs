@@ -55,6 +55,41 @@ pub struct Manifest {
     /// and this table says how to launch each kernel (see [`cuda`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda: Option<CudaImage>,
+    /// Present in artifacts whose object also exports GEMMs (the MLIR backend's): the runtime
+    /// calls them for products of more than a few rows in place of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_gemm: Option<HostGemm>,
+}
+
+/// The symbols of the object's f32 GEMMs. Each has the C signature
+/// `void f(const float *a, const float *b, float *c, float *scratch, int64_t m, int64_t k,
+/// int64_t n, int64_t lda, int64_t ldb, int64_t ldc)` and computes `c[i·ldc + j] =
+/// Σ_kk a[i·lda + kk] · B(kk, j)` for `i < m`, `j < n`, overwriting `c`. `scratch` holds
+/// [`HostGemm::scratch_len`] floats for the packed panel; calls on different threads need
+/// different scratch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostGemm {
+    /// `B(kk, j) = b[j·ldb + kk]`: the `Linear` layout, `w[n, k]`.
+    pub nk: String,
+    /// `B(kk, j) = b[kk·ldb + j]`: the `Conv1D` layout, `w[k, n]`.
+    pub kn: String,
+    /// Columns of the packed panel.
+    pub panel: usize,
+    /// The AMX bf16 GEMM, in objects built on hosts with AMX-BF16: `void f(const uint16_t *a,
+    /// const uint32_t *b, float *c, float *scratch, int64_t m, int64_t kp, int64_t n,
+    /// int64_t ldc, int64_t p0, int64_t p1, int64_t group)` over the runtime's bf16 layouts
+    /// (`a`: `kp` bf16 per row, rows padded to 32; `b`: `bf16::Packed`'s words): output columns
+    /// `32·p0 .. min(32·p1, n)` of rows `0..m`, overwriting `c`, in groups of `group` column
+    /// pairs; `scratch` holds 32×32 floats. The caller has AMX permission (`amx::available`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bf16_amx: Option<String>,
+}
+
+impl HostGemm {
+    /// Floats of scratch a call with depth `k` needs.
+    pub fn scratch_len(&self, k: usize) -> usize {
+        k.next_multiple_of(16) * self.panel
+    }
 }
 
 /// A weight computed at load; its sources are checkpoint tensors or earlier derived weights.

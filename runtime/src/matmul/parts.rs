@@ -6,7 +6,9 @@
 //! boundary is cut there, and each piece gets its own part's epilogue right after it is
 //! computed.
 
-use super::{gemm_block, gemv_rows_multi, Epi, PAR_MIN_MACS, SERIAL_BLOCK_BYTES, SMALL_M};
+use super::{
+    gemm_block, gemv_rows_multi, Epi, HostGemm, PAR_MIN_MACS, SERIAL_BLOCK_BYTES, SMALL_M,
+};
 use rayon::prelude::*;
 
 /// Most parts of one call: the runtime keeps them on the stack (no allocation per step).
@@ -77,6 +79,19 @@ impl Layout<'_> {
 /// `x · wᵀ` with `x: [m, k]`, `w: [Σ nᵢ, k]`, columns `offᵢ .. offᵢ + nᵢ` into `parts[i]`
 /// (then its epilogue). `threads` is the size of the current rayon pool.
 pub fn matmul_parts(x: &[f32], w: &[f32], parts: &mut [Part], m: usize, k: usize, threads: usize) {
+    matmul_parts_on(None, x, w, parts, m, k, threads)
+}
+
+/// [`matmul_parts`] with the artifact's GEMM (when it has one) for the many-row products.
+pub fn matmul_parts_on(
+    host: Option<HostGemm>,
+    x: &[f32],
+    w: &[f32],
+    parts: &mut [Part],
+    m: usize,
+    k: usize,
+    threads: usize,
+) {
     assert!(
         !parts.is_empty() && parts.len() <= MAX_PARTS,
         "matmul_parts: 1 to {MAX_PARTS} parts"
@@ -181,6 +196,7 @@ pub fn matmul_parts(x: &[f32], w: &[f32], parts: &mut [Part], m: usize, k: usize
                 1,
                 k as isize,
                 par,
+                host,
             );
         }
     };

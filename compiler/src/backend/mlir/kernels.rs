@@ -37,10 +37,15 @@ pub fn view_helper() -> String {
 }
 
 /// The kernels as one module (what the backend parses, verifies and lowers).
-pub fn kernels_module(kernels: &[KernelDecl]) -> Result<String, String> {
+/// With `amx`, the AMX bf16 GEMM too (only for hosts whose LLVM target has AMX-BF16).
+pub fn kernels_module(kernels: &[KernelDecl], amx: bool) -> Result<String, String> {
     let mut s = String::from("module {\n");
     for k in kernels {
         s.push_str(&kernel_func(k)?);
+    }
+    s.push_str(&super::gemm::gemm_funcs());
+    if amx {
+        s.push_str(&super::gemm::amx_func());
     }
     s.push_str(&view_helper());
     s.push_str("}\n");

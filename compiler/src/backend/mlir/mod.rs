@@ -7,6 +7,7 @@
 //! parsing, verification, lowering and code generation go through melior and the MLIR/LLVM 22
 //! libraries behind the `mlir` feature ([`native`]).
 
+mod gemm;
 pub mod gpu;
 mod kernels;
 mod math;
@@ -23,6 +24,8 @@ pub mod native;
 #[cfg(feature = "mlir")]
 pub mod rewrite;
 
+pub use gemm::{GEMM_BF16_AMX, GEMM_KN, GEMM_NK, NR as GEMM_PANEL};
+
 use super::cranelift::BackendError;
 use loopc_runtime::artifact::{KernelDecl, Manifest};
 use std::collections::HashSet;
@@ -32,9 +35,11 @@ pub const LOOP_DIALECT_IRDL: &str = include_str!("../../../../dialects/mlir/loop
 
 /// The lowering pipeline from the emitted module to the `llvm` dialect. `inline` folds the
 /// memref views into the kernels before the memref descriptors are lowered, so each pointer
-/// becomes a plain base address again; masked vector ops lower to AVX-512 masked moves.
+/// becomes a plain base address again; masked vector ops lower to AVX-512 masked moves; the
+/// GEMM's 16×16 transposes lower to the AVX-512 shuffle sequence.
 pub const LOWERING_PIPELINE: &str = "builtin.module(inline, canonicalize, cse, \
-     convert-vector-to-scf, convert-scf-to-cf, convert-vector-to-llvm, expand-strided-metadata, \
+     convert-vector-to-scf, convert-scf-to-cf, \
+     convert-vector-to-llvm{vector-transpose-lowering=shuffle16x16 enable-amx}, expand-strided-metadata, \
      finalize-memref-to-llvm, convert-math-to-llvm, convert-arith-to-llvm, convert-index-to-llvm, \
      convert-cf-to-llvm, convert-func-to-llvm, reconcile-unrealized-casts, canonicalize, cse)";
 
@@ -61,10 +66,11 @@ fn check(kernels: &[KernelDecl]) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// The kernels alone as a module: what [`native::compile_kernels`] lowers.
-pub fn kernels_module(kernels: &[KernelDecl]) -> Result<String, MlirError> {
+/// The kernels alone as a module: what [`native::compile_kernels`] lowers. With `amx`, the AMX
+/// bf16 GEMM is included (it needs a host whose LLVM target has AMX-BF16).
+pub fn kernels_module(kernels: &[KernelDecl], amx: bool) -> Result<String, MlirError> {
     check(kernels)?;
-    kernels::kernels_module(kernels).map_err(MlirError::Mlir)
+    kernels::kernels_module(kernels, amx).map_err(MlirError::Mlir)
 }
 
 /// The module of `loopc ir --stage mlir`: the program in the `loop` dialect with every kernel,

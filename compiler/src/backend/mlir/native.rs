@@ -35,6 +35,16 @@ pub struct MlirKernels {
     pub shared_object: Vec<u8>,
     /// The `llvm`-dialect module after the lowering pipeline (`--stage llvm`).
     pub llvm_dialect: String,
+    /// Whether the object has the AMX bf16 GEMM (the host's LLVM target has AMX-BF16).
+    pub amx: bool,
+}
+
+/// Whether LLVM's view of this host includes AMX tiles with bf16 (what the AMX GEMM's
+/// intrinsics need to be selected).
+pub fn host_has_amx() -> bool {
+    // SAFETY: LLVM returns an owned C string, freed by `take_message`.
+    let f = unsafe { take_message(LLVMGetHostCPUFeatures()) };
+    f.split(',').any(|x| x == "+amx-bf16") && f.split(',').any(|x| x == "+amx-tile")
 }
 
 /// An MLIR context with every upstream dialect, pass and LLVM translation registered, plus the
@@ -141,7 +151,8 @@ pub fn lower_text(text: &str) -> Result<String, MlirError> {
 /// Compile every kernel through MLIR and LLVM into a shared object with the same symbols and
 /// ABI as the Cranelift backend's.
 pub fn compile_kernels(kernels: &[KernelDecl]) -> Result<MlirKernels, MlirError> {
-    let text = kernels_module(kernels)?;
+    let amx = host_has_amx();
+    let text = kernels_module(kernels, amx)?;
     let mlir = Mlir::new()?;
     let mut module = mlir.parse(&text, "the kernel module")?;
     mlir.lower(&mut module)?;
@@ -152,6 +163,7 @@ pub fn compile_kernels(kernels: &[KernelDecl]) -> Result<MlirKernels, MlirError>
         object,
         shared_object,
         llvm_dialect,
+        amx,
     })
 }
 

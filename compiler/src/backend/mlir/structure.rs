@@ -37,7 +37,9 @@ pub fn program_module(m: &Manifest, kernel_bodies: bool) -> Result<String, Strin
             );
         }
     }
-    if kernel_bodies && !m.kernels.is_empty() {
+    if kernel_bodies {
+        s.push_str(&super::gemm::gemm_funcs());
+        s.push_str(&super::gemm::amx_func());
         s.push_str(&kernels::view_helper());
     }
     s.push_str("}\n");
