@@ -213,3 +213,57 @@ fn chunked_prefill_equals_one_prefill() {
     let d = max_abs_diff(&got, &want.f32);
     assert!(d <= TOL, "chunked prefill differs by {d:e}");
 }
+
+/// Prefills of 32 rows or more run attention as two GEMMs per head and row block
+/// (`runtime/src/attention.rs`); decode steps run the generated kernel. A 90-token sequence
+/// prefilled whole, prefilled in two long chunks (the second at positions 40.., so past cached
+/// keys), and fed token by token must give the same logits at every position, for both
+/// families (Ouro with grouped KV heads' shapes from its config).
+#[test]
+fn long_prefill_attention_equals_the_decode_kernel() {
+    for (example, cfg, weights, steps, set) in [
+        (
+            "huginn",
+            "huginn_tiny/config.json",
+            "huginn_tiny/model.safetensors",
+            4,
+            HUGINN,
+        ),
+        (
+            "ouro",
+            "ouro_tiny/config.json",
+            "ouro_tiny/model.safetensors",
+            4,
+            &[][..],
+        ),
+    ] {
+        let model = model(example, cfg, weights, set, 1);
+        let vocab = model.manifest().vocab;
+        let tokens: Vec<u32> = (0..90u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
+        let run = |chunks: &[usize]| -> Vec<f32> {
+            let mut s = model.session();
+            s.set_steps(Some(steps));
+            let mut out = vec![];
+            let mut at = 0;
+            for &n in chunks {
+                out.extend_from_slice(s.prefill(&tokens[at..at + n]).unwrap().data());
+                at += n;
+            }
+            out
+        };
+        let whole = run(&[90]);
+        let chunked = run(&[40, 50]);
+        let mut s = model.session();
+        s.set_steps(Some(steps));
+        let mut stepped = s.prefill(&tokens[..1]).unwrap().data().to_vec();
+        for &t in &tokens[1..] {
+            stepped.extend_from_slice(s.step(t).unwrap().data());
+        }
+        let d_chunk = max_abs_diff(&whole, &chunked);
+        let d_step = max_abs_diff(&whole, &stepped);
+        assert!(
+            d_chunk <= 1e-5 && d_step <= 1e-5,
+            "{example}: whole vs chunked {d_chunk:e}, whole vs token by token {d_step:e}"
+        );
+    }
+}

@@ -1292,6 +1292,39 @@ impl<'a> Run<'a> {
                             chunks_per_thread,
                             m.threads,
                         );
+                    } else if let (
+                        true,
+                        &KernelSpec::Attention {
+                            heads,
+                            kv_heads,
+                            head_dim,
+                            scale,
+                        },
+                    ) = (simple && s >= crate::attention::MIN_ROWS, spec)
+                    {
+                        // A long prefill: the same attention as two GEMMs per head and block.
+                        let p = &self.ws.ptrs;
+                        let shape = crate::attention::Shape {
+                            heads,
+                            kv_heads,
+                            head_dim,
+                            scale,
+                        };
+                        // SAFETY: the pointers were validated against the kernel's spec (q and
+                        // out hold s rows, the caches kv_len = pos0 + s) and out is no input.
+                        unsafe {
+                            crate::attention::causal_gemm(
+                                p[0],
+                                p[1],
+                                p[2],
+                                p[3],
+                                s,
+                                g.pos0,
+                                shape,
+                                m.threads,
+                                m.kernels.gemm,
+                            )
+                        };
                     } else if simple {
                         launch(
                             f,

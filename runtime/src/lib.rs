@@ -41,6 +41,7 @@
 
 mod amx;
 pub mod artifact;
+mod attention;
 mod batch;
 pub mod bf16;
 pub mod ceilings;

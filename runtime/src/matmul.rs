@@ -99,7 +99,7 @@ impl HostGemm {
 /// # Safety
 /// Every pointer must cover the elements the strides address.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_block(
+pub(crate) unsafe fn gemm_block(
     m: usize,
     n: usize,
     k: usize,
@@ -343,7 +343,7 @@ impl<'a> GluEpi<'a> {
 /// (no `mul_add`, which is a libm call without FMA) so the loops over a block vectorize.
 #[inline(always)]
 #[allow(clippy::excessive_precision)]
-fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
     let t = x * std::f32::consts::LOG2_E + MAGIC;
