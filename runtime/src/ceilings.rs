@@ -10,6 +10,23 @@
 use rayon::prelude::*;
 use std::time::Instant;
 
+/// GFLOP/s (`flops` per call) of `run(None)` and, with `host`, of `run(host)`: the best of 5
+/// rounds that alternate the two, so both see the same machine.
+fn alternate(
+    host: Option<crate::matmul::HostGemm>,
+    mut run: impl FnMut(Option<crate::matmul::HostGemm>) -> f64,
+    flops: f64,
+) -> (f64, Option<f64>) {
+    let (mut own, mut art) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..5 {
+        own = own.min(run(None));
+        if host.is_some() {
+            art = art.min(run(host));
+        }
+    }
+    (flops / own / 1e9, host.map(|_| flops / art / 1e9))
+}
+
 /// A rayon pool of `threads` workers (what `Model` runs on).
 pub fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new()
@@ -60,7 +77,7 @@ pub fn gemm_pair_gflops(
     let (x, w) = (fill(m * k, 1), fill(n * k, 2));
     let mut out = vec![0f32; m * n];
     let p = pool(threads);
-    let mut run = |h: Option<crate::matmul::HostGemm>| {
+    let run = |h: Option<crate::matmul::HostGemm>| {
         p.install(|| {
             best_time(3, 0.1, || {
                 crate::matmul::matmul_epi_on(
@@ -77,15 +94,7 @@ pub fn gemm_pair_gflops(
             })
         })
     };
-    let (mut own, mut art) = (f64::INFINITY, f64::INFINITY);
-    for _ in 0..5 {
-        own = own.min(run(None));
-        if host.is_some() {
-            art = art.min(run(host));
-        }
-    }
-    let gf = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
-    (gf(own), host.map(|_| gf(art)))
+    alternate(host, run, 2.0 * (m * k * n) as f64)
 }
 
 /// GB/s of weight bytes streamed by the runtime's row-split GEMV, `out[n] = w[n, k] · x[k]`
@@ -118,7 +127,7 @@ pub fn gemm_bf16_pair_gflops(
     let w = crate::bf16::Packed::from_f32(&w, n, k);
     let mut out = vec![0f32; m * n];
     let p = pool(threads);
-    let mut run = |h: Option<crate::matmul::HostGemm>| {
+    let run = |h: Option<crate::matmul::HostGemm>| {
         p.install(|| {
             best_time(3, 0.1, || {
                 crate::matmul_bf16::matmul_bf16_epi_on(
@@ -133,15 +142,7 @@ pub fn gemm_bf16_pair_gflops(
             })
         })
     };
-    let (mut own, mut art) = (f64::INFINITY, f64::INFINITY);
-    for _ in 0..5 {
-        own = own.min(run(None));
-        if host.is_some() {
-            art = art.min(run(host));
-        }
-    }
-    let gf = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e9;
-    (gf(own), host.map(|_| gf(art)))
+    alternate(host, run, 2.0 * (m * k * n) as f64)
 }
 
 /// [`gemv_gbs`] for a bf16 weight (n·k·2 bytes streamed per call) through the decode kernel

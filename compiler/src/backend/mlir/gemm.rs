@@ -374,7 +374,7 @@ pub fn amx_func() -> String {
     g.l(2, format!("%steps = arith.divui %kp, {c32} : index"));
     g.l(2, format!("%srem = arith.remui %steps, {cu} : index"));
     g.l(2, "%smain = arith.subi %steps, %srem : index");
-    g.l(2, format!("scf.for %g0 = %p0 to %p1 step %grp {{"));
+    g.l(2, "scf.for %g0 = %p0 to %p1 step %grp {");
     g.l(3, "%g1a = arith.addi %g0, %grp : index");
     g.l(3, "%g1 = arith.minui %g1a, %p1 : index");
     g.l(3, format!("scf.for %t0 = {c0} to %m step {c32} {{"));
