@@ -12,6 +12,8 @@ pub struct BenchArgs {
     pub exit_threshold: Option<f64>,
     /// Sequences decoded together through [`Model::batch_session`] (1: a plain session).
     pub batch: usize,
+    /// Per-operation timers over the timed repetitions, printed to stderr (batch 1).
+    pub profile: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -59,6 +61,7 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     let mut session = model.session();
     session.set_steps(a.steps);
     session.set_exit_threshold(a.exit_threshold);
+    session.set_profiling(a.profile);
     let (mut pre, mut dec) = (vec![], vec![]);
     // Block evaluations per token (prefill, decode) and KV bytes per position of the last rep.
     let (mut evals_pre, mut evals_dec, mut kv_per_pos) = (0.0, 0.0, 0.0);
@@ -84,7 +87,13 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
         if rep > 0 {
             pre.push(tp);
             dec.push(td);
+        } else {
+            // The warm-up's first-touch costs stay out of the profile.
+            session.reset_stats();
         }
+    }
+    if a.profile {
+        eprintln!("{}", session.stats());
     }
     let (p, d) = (median(pre), median(dec));
     Ok(format!(

@@ -190,6 +190,10 @@ enum Cmd {
         /// `LOOPC_THREADS` threads.
         #[arg(long)]
         ceilings: bool,
+        /// Time every kind of operation over the timed repetitions and print the table to
+        /// stderr (batch 1).
+        #[arg(long)]
+        profile: bool,
         #[arg(long, default_value_t = 128)]
         prompt_len: usize,
         #[arg(long, default_value_t = 32)]
@@ -521,6 +525,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             exit_threshold,
             batch,
             ceilings,
+            profile,
             dtype,
             args,
         } => {
@@ -586,6 +591,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                     seed: 0,
                     exit_threshold,
                     batch,
+                    profile,
                 },
             )?;
             println!("{line}");

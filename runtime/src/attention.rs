@@ -117,15 +117,62 @@ pub unsafe fn causal_gemm(
     }
 }
 
-/// `x ← softmax(scale · x)` in place, with the kernels' `exp`.
+/// `x ← softmax(scale · x)` in place, with the kernels' `exp`: vector code for the widest
+/// instructions this CPU has (the reductions run in 16 lanes, so nothing is left scalar).
 fn softmax_prefix(x: &mut [f32], scale: f32) {
-    let mx = x.iter().fold(f32::MIN, |a, &b| a.max(b)) * scale;
-    let mut sum = 0.0f32;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected at run time.
+            return unsafe { softmax_avx512(x, scale) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { softmax_avx2(x, scale) };
+        }
+    }
+    softmax_lanes(x, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_avx512(x: &mut [f32], scale: f32) {
+    softmax_lanes(x, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(x: &mut [f32], scale: f32) {
+    softmax_lanes(x, scale)
+}
+
+#[inline(always)]
+fn softmax_lanes(x: &mut [f32], scale: f32) {
+    let mut mx = [f32::MIN; 16];
+    let mut it = x.chunks_exact(16);
+    for c in &mut it {
+        for (m, v) in mx.iter_mut().zip(c) {
+            *m = m.max(*v);
+        }
+    }
+    let mx = it
+        .remainder()
+        .iter()
+        .chain(&mx)
+        .fold(f32::MIN, |a, &b| a.max(b))
+        * scale;
     for e in x.iter_mut() {
         *e = exp_f32(*e * scale - mx);
-        sum += *e;
     }
-    let inv = 1.0 / sum;
+    let mut sum = [0f32; 16];
+    let mut it = x.chunks_exact(16);
+    for c in &mut it {
+        for (a, v) in sum.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let inv = 1.0 / (sum.iter().sum::<f32>() + it.remainder().iter().sum::<f32>());
     for e in x.iter_mut() {
         *e *= inv;
     }

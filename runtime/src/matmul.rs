@@ -216,7 +216,7 @@ pub struct RopeEpi<'a> {
 impl RopeEpi<'_> {
     /// Rotates every head of `o` (whole heads: callers split at `align()`) at position `pos`,
     /// as the `Rope` kernel: `(a, b) → (a·cos − b·sin, b·cos + a·sin)` per pair.
-    #[inline]
+    #[inline(always)]
     pub fn rotate(&self, o: &mut [f32], pos: usize) {
         let half = self.head_dim / 2;
         let c = &self.cos[pos * half..(pos + 1) * half];
@@ -368,6 +368,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 /// `out[c] = act(g[c]) · u[c]`, the activation in the generated kernels' forms (silu and
 /// gelu_tanh as `x / (1 + e^-(k·x))`); other unary ops through the scalar semantics.
+#[inline(always)]
 fn glu_block(act: EwOp, g: &[f32], u: &[f32], out: &mut [f32]) {
     // Whole blocks of 16 as fixed-size arrays: the short loops of a per-block epilogue then
     // compile to straight vector code instead of a vectorized loop with a scalar tail.
@@ -386,8 +387,8 @@ fn glu_fixed(act: EwOp, g: &[f32; 16], u: &[f32; 16], out: &mut [f32; 16]) {
     glu_slices(act, g, u, out)
 }
 
-#[inline(always)]
 #[allow(clippy::excessive_precision)]
+#[inline(always)]
 fn glu_slices(act: EwOp, g: &[f32], u: &[f32], out: &mut [f32]) {
     let it = out.iter_mut().zip(g.iter().zip(u));
     match act {
@@ -475,6 +476,44 @@ impl Epi<'_> {
         if self.is_none() {
             return;
         }
+        // The per-element terms, the gated unit's `exp` and the rotation run over whole
+        // blocks after a prefill GEMM: compiled for AVX-512 they take a third of the baseline
+        // (SSE2) code's time.
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return self.apply_avx512(out, n, r0, r1, j0, nc);
+        }
+        self.apply_rows(out, n, r0, r1, j0, nc)
+    }
+
+    /// # Safety
+    /// As [`Epi::apply`], on a CPU with AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn apply_avx512(
+        &self,
+        out: *mut f32,
+        n: usize,
+        r0: usize,
+        r1: usize,
+        j0: usize,
+        nc: usize,
+    ) {
+        self.apply_rows(out, n, r0, r1, j0, nc)
+    }
+
+    /// # Safety
+    /// As [`Epi::apply`].
+    #[inline(always)]
+    unsafe fn apply_rows(
+        &self,
+        out: *mut f32,
+        n: usize,
+        r0: usize,
+        r1: usize,
+        j0: usize,
+        nc: usize,
+    ) {
         for r in r0..r1 {
             let o = std::slice::from_raw_parts_mut(out.add(r * n + j0), nc);
             if let Some(s) = self.row_scale {
