@@ -1266,63 +1266,8 @@ fn mlir_gemm_matches_a_reference_on_every_shape() {
     }
 }
 
-/// `cargo test --features mlir --test mlir_backend mlir_gemm_speed -- --ignored --nocapture`:
-/// the MLIR GEMM against the `gemm` crate (what the Cranelift backend's artifacts use) on the
-/// d=1024 model's prefill shapes, 1 and 2 threads, alternating in rounds; the best of each.
-#[test]
-#[ignore]
-fn mlir_gemm_speed() {
-    let (_lib, g) = mlir_gemm();
-    let threads_all = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let mut rng = Rng(5);
-    for (m, k, n) in [
-        (128, 1024, 1024),
-        (128, 1024, 3072),
-        (128, 1024, 5632),
-        (128, 2816, 1024),
-        (512, 1024, 1024),
-        (512, 1024, 5632),
-        (512, 2816, 1024),
-    ] {
-        let x = rng.vec(m * k, -1.0, 1.0);
-        let w = rng.vec(n * k, -1.0, 1.0);
-        let mut out = vec![0f32; m * n];
-        for threads in [1, threads_all] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let mut best = [f64::MAX; 2];
-            for _round in 0..5 {
-                for (i, host) in [None, Some(g)].into_iter().enumerate() {
-                    let t = std::time::Instant::now();
-                    pool.install(|| {
-                        loopc_runtime::matmul::matmul_epi_on(
-                            host,
-                            &x,
-                            &w,
-                            &mut out,
-                            m,
-                            k,
-                            n,
-                            threads,
-                            &Default::default(),
-                        )
-                    });
-                    best[i] = best[i].min(t.elapsed().as_secs_f64());
-                }
-            }
-            let gf = |s: f64| 2.0 * (m * n * k) as f64 / s / 1e9;
-            println!(
-                "m={m:<4} k={k:<5} n={n:<5} threads={threads}: gemm crate {:6.1} GFLOP/s, \
-                 MLIR {:6.1} GFLOP/s, MLIR/gemm {:.2}",
-                gf(best[0]),
-                gf(best[1]),
-                best[0] / best[1]
-            );
-        }
-    }
-}
+// Speed: `loopc bench --ceilings ARTIFACT` (a release build) times these GEMMs beside the
+// runtime's own on the same operands; a test binary's dev profile would misreport both.
 
 /// The AMX bf16 GEMM (on hosts with AMX-BF16, where the build includes it) against the
 /// runtime's own tile kernel on the same rounded operands: the same `tdpbf16ps` sequence, so

@@ -232,10 +232,26 @@ impl RopeEpi<'_> {
                     }
                 }
                 RopeStyle::Interleaved => {
-                    for (i, p) in h.chunks_exact_mut(2).enumerate() {
+                    // Blocks of 8 pairs as fixed-size arrays, so the pair shuffles vectorize.
+                    let mut blocks = h.chunks_exact_mut(16);
+                    let mut i0 = 0;
+                    for blk in &mut blocks {
+                        let blk: &mut [f32; 16] = blk.try_into().expect("16 floats");
+                        let cb: &[f32; 8] = c[i0..i0 + 8].try_into().expect("8 pairs");
+                        let sb: &[f32; 8] = s[i0..i0 + 8].try_into().expect("8 pairs");
+                        let mut out = [0f32; 16];
+                        for j in 0..8 {
+                            let (a, b) = (blk[2 * j], blk[2 * j + 1]);
+                            out[2 * j] = a * cb[j] - b * sb[j];
+                            out[2 * j + 1] = b * cb[j] + a * sb[j];
+                        }
+                        *blk = out;
+                        i0 += 8;
+                    }
+                    for (i, p) in blocks.into_remainder().chunks_exact_mut(2).enumerate() {
                         let (a, b) = (p[0], p[1]);
-                        p[0] = a * c[i] - b * s[i];
-                        p[1] = b * c[i] + a * s[i];
+                        p[0] = a * c[i0 + i] - b * s[i0 + i];
+                        p[1] = b * c[i0 + i] + a * s[i0 + i];
                     }
                 }
             }
