@@ -1157,12 +1157,7 @@ fn mlir_gemm() -> (
 ) {
     let out = mlir::native::compile_kernels(&[]).unwrap();
     let so = out.shared_object;
-    let decl = loopc_runtime::artifact::HostGemm {
-        nk: mlir::GEMM_NK.into(),
-        kn: mlir::GEMM_KN.into(),
-        panel: mlir::GEMM_PANEL,
-        bf16_amx: out.amx.then(|| mlir::GEMM_BF16_AMX.into()),
-    };
+    let decl = mlir::host_gemm(out.amx);
     let k = loopc_runtime::kernels::Kernels::load_with_gemm(&so, &[], Some(&decl)).unwrap();
     let g = k.gemm().expect("the GEMMs were resolved");
     (k, g)

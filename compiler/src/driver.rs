@@ -96,12 +96,7 @@ fn codegen(manifest: &mut Manifest, backend: Backend) -> Result<Vec<u8>, Compile
         Backend::Mlir => {
             use crate::backend::mlir;
             let out = mlir::native::compile_kernels(&manifest.kernels).map_err(fail)?;
-            manifest.host_gemm = Some(loopc_runtime::artifact::HostGemm {
-                nk: mlir::GEMM_NK.into(),
-                kn: mlir::GEMM_KN.into(),
-                panel: mlir::GEMM_PANEL,
-                bf16_amx: out.amx.then(|| mlir::GEMM_BF16_AMX.into()),
-            });
+            manifest.host_gemm = Some(mlir::host_gemm(out.amx));
             Ok(out.shared_object)
         }
         #[cfg(not(feature = "mlir"))]

@@ -10,13 +10,16 @@
 use rayon::prelude::*;
 use std::time::Instant;
 
-/// GFLOP/s (`flops` per call) of `run(None)` and, with `host`, of `run(host)`: the best of 5
-/// rounds that alternate the two, so both see the same machine.
+/// GFLOP/s (`flops` per call) of `product(None)` and, with `host`, of `product(host)` on a pool
+/// of `threads`: the best of 5 rounds that alternate the two, so both see the same machine.
 fn alternate(
+    threads: usize,
     host: Option<crate::matmul::HostGemm>,
-    mut run: impl FnMut(Option<crate::matmul::HostGemm>) -> f64,
     flops: f64,
+    mut product: impl FnMut(Option<crate::matmul::HostGemm>) + Send,
 ) -> (f64, Option<f64>) {
+    let p = pool(threads);
+    let mut run = |h| p.install(|| best_time(3, 0.1, || product(h)));
     let (mut own, mut art) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..5 {
         own = own.min(run(None));
@@ -76,25 +79,9 @@ pub fn gemm_pair_gflops(
 ) -> (f64, Option<f64>) {
     let (x, w) = (fill(m * k, 1), fill(n * k, 2));
     let mut out = vec![0f32; m * n];
-    let p = pool(threads);
-    let run = |h: Option<crate::matmul::HostGemm>| {
-        p.install(|| {
-            best_time(3, 0.1, || {
-                crate::matmul::matmul_epi_on(
-                    h,
-                    &x,
-                    &w,
-                    &mut out,
-                    m,
-                    k,
-                    n,
-                    threads,
-                    &Default::default(),
-                )
-            })
-        })
-    };
-    alternate(host, run, 2.0 * (m * k * n) as f64)
+    alternate(threads, host, 2.0 * (m * k * n) as f64, |h| {
+        crate::matmul::matmul_epi_on(h, &x, &w, &mut out, m, k, n, threads, &Default::default())
+    })
 }
 
 /// GB/s of weight bytes streamed by the runtime's row-split GEMV, `out[n] = w[n, k] · x[k]`
@@ -126,23 +113,9 @@ pub fn gemm_bf16_pair_gflops(
     let (x, w) = (fill(m * k, 1), fill(n * k, 2));
     let w = crate::bf16::Packed::from_f32(&w, n, k);
     let mut out = vec![0f32; m * n];
-    let p = pool(threads);
-    let run = |h: Option<crate::matmul::HostGemm>| {
-        p.install(|| {
-            best_time(3, 0.1, || {
-                crate::matmul_bf16::matmul_bf16_epi_on(
-                    h,
-                    &x,
-                    &w,
-                    &mut out,
-                    m,
-                    threads,
-                    &Default::default(),
-                )
-            })
-        })
-    };
-    alternate(host, run, 2.0 * (m * k * n) as f64)
+    alternate(threads, host, 2.0 * (m * k * n) as f64, |h| {
+        crate::matmul_bf16::matmul_bf16_epi_on(h, &x, &w, &mut out, m, threads, &Default::default())
+    })
 }
 
 /// [`gemv_gbs`] for a bf16 weight (n·k·2 bytes streamed per call) through the decode kernel

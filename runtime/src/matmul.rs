@@ -44,51 +44,56 @@ thread_local! {
 }
 
 impl HostGemm {
-    /// One call on this thread. `None` when the strides fit neither layout.
-    ///
-    /// # Safety
-    /// As [`gemm_block`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn call(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        dst: *mut f32,
-        dst_rs: isize,
-        x: *const f32,
-        x_rs: isize,
-        rhs: *const f32,
-        rhs_rs: isize,
-        rhs_cs: isize,
-    ) -> Option<()> {
-        let (f, ldb) = if rhs_rs == 1 {
-            (self.nk, rhs_cs)
+    /// The GEMM for `B`'s strides and its `ldb`: the `Linear` layout (`rhs_rs = 1`) or the
+    /// `Conv1D` one (`rhs_cs = 1`); `None` for any other, which stays on `gemm`.
+    fn pick(&self, rhs_rs: isize, rhs_cs: isize) -> Option<(GemmFn, isize)> {
+        if rhs_rs == 1 {
+            Some((self.nk, rhs_cs))
         } else if rhs_cs == 1 {
-            (self.kn, rhs_rs)
+            Some((self.kn, rhs_rs))
         } else {
-            return None;
-        };
-        let len = k.next_multiple_of(16) * self.panel;
-        GEMM_SCRATCH.with_borrow_mut(|s| {
-            if s.len() < len {
-                s.resize(len, 0.0);
-            }
-            f(
-                x,
-                rhs,
-                dst,
-                s.as_mut_ptr(),
-                m as i64,
-                k as i64,
-                n as i64,
-                x_rs as i64,
-                ldb as i64,
-                dst_rs as i64,
-            )
-        });
-        Some(())
+            None
+        }
     }
+}
+
+/// One call of `f` (the artifact's GEMM for `B`'s layout, see [`HostGemm::pick`]) on this
+/// thread, with this thread's packed-panel scratch.
+///
+/// # Safety
+/// As [`gemm_block`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn host_call(
+    f: GemmFn,
+    panel: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    x: *const f32,
+    x_rs: isize,
+    rhs: *const f32,
+    ldb: isize,
+) {
+    let len = k.next_multiple_of(16) * panel;
+    GEMM_SCRATCH.with_borrow_mut(|s| {
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(
+            x,
+            rhs,
+            dst,
+            s.as_mut_ptr(),
+            m as i64,
+            k as i64,
+            n as i64,
+            x_rs as i64,
+            ldb as i64,
+            dst_rs as i64,
+        )
+    });
 }
 
 /// `dst[m, n] = x[m, k] · B` (all row strides in elements) where element `(kk, j)` of `B` is at
@@ -113,13 +118,13 @@ pub(crate) unsafe fn gemm_block(
     par: gemm::Parallelism,
     host: Option<HostGemm>,
 ) {
-    if let Some(h) = host.filter(|_| rhs_rs == 1 || rhs_cs == 1) {
+    if let Some((h, (f, ldb))) = host.and_then(|h| Some((h, h.pick(rhs_rs, rhs_cs)?))) {
         let threads = match par {
             gemm::Parallelism::Rayon(t) => t.max(1),
             _ => 1,
         };
         if threads == 1 || n <= h.panel {
-            h.call(m, n, k, dst, dst_rs, x, x_rs, rhs, rhs_rs, rhs_cs);
+            host_call(f, h.panel, m, n, k, dst, dst_rs, x, x_rs, rhs, ldb);
             return;
         }
         let cols = n.div_ceil(threads).next_multiple_of(h.panel);
@@ -130,7 +135,9 @@ pub(crate) unsafe fn gemm_block(
             // SAFETY: each task writes its own columns j0..j0+nc of dst from B's columns
             // j0..j0+nc; the caller's pointers cover all of them.
             unsafe {
-                h.call(
+                host_call(
+                    f,
+                    h.panel,
                     m,
                     nc,
                     k,
@@ -139,8 +146,7 @@ pub(crate) unsafe fn gemm_block(
                     xa as *const f32,
                     x_rs,
                     (r as *const f32).offset(j0 as isize * rhs_cs),
-                    rhs_rs,
-                    rhs_cs,
+                    ldb,
                 );
             }
         });

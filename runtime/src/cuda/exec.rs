@@ -592,15 +592,7 @@ impl Run<'_> {
             if let Rule::Expert { alpha, threshold } = rule {
                 // Rows the router does not pick stop before iteration t, with their state.
                 let keep = self.expert_route(rec, t, alpha, threshold)?;
-                let mut changed = false;
-                for r in 0..s {
-                    if active[r] && keep[r] == 0 {
-                        active[r] = false;
-                        row_depth[r] = t;
-                        changed = true;
-                    }
-                }
-                if changed {
+                if retire(&mut active, row_depth, t, |r, a| a && keep[r] == 0) {
                     self.upload_masks(&active)?;
                     self.masks = Some(masks);
                 }
@@ -708,15 +700,7 @@ impl Run<'_> {
                     }
                 }
             }
-            let mut changed = false;
-            for r in 0..s {
-                if exiting[r] {
-                    row_depth[r] = step;
-                    active[r] = false;
-                    changed = true;
-                }
-            }
-            if changed {
+            if retire(&mut active, row_depth, step, |r, _| exiting[r]) {
                 self.upload_masks(&active)?;
                 self.masks = Some(masks);
             }
@@ -981,4 +965,23 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+/// Rows that `leave(row, active)` picks stop at `depth`; whether any did (the device's masks
+/// then need uploading).
+fn retire(
+    active: &mut [bool],
+    row_depth: &mut [usize],
+    depth: usize,
+    leave: impl Fn(usize, bool) -> bool,
+) -> bool {
+    let mut changed = false;
+    for (r, a) in active.iter_mut().enumerate() {
+        if leave(r, *a) {
+            *a = false;
+            row_depth[r] = depth;
+            changed = true;
+        }
+    }
+    changed
 }

@@ -35,6 +35,16 @@ const VF: &str = "vector<16xf32>";
 const VM: &str = "vector<16xi1>";
 const NV: usize = NR / 16;
 
+/// The manifest's entry for an object built with these GEMMs (`amx`: with [`amx_func`]).
+pub fn host_gemm(amx: bool) -> loopc_runtime::artifact::HostGemm {
+    loopc_runtime::artifact::HostGemm {
+        nk: GEMM_NK.into(),
+        kn: GEMM_KN.into(),
+        panel: NR,
+        bf16_amx: amx.then(|| GEMM_BF16_AMX.into()),
+    }
+}
+
 /// Both GEMM functions (they call `@__loopc_view`, which the kernel module defines).
 pub fn gemm_funcs() -> String {
     let mut s = String::new();

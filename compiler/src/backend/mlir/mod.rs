@@ -24,7 +24,7 @@ pub mod native;
 #[cfg(feature = "mlir")]
 pub mod rewrite;
 
-pub use gemm::{GEMM_BF16_AMX, GEMM_KN, GEMM_NK, NR as GEMM_PANEL};
+pub use gemm::host_gemm;
 
 use super::cranelift::BackendError;
 use loopc_runtime::artifact::{KernelDecl, Manifest};
