@@ -15,7 +15,6 @@ use crate::mem::AVec;
 use crate::model::{Inner, Need};
 use crate::rng::{fill_trunc_normal, mix, Rng};
 use crate::rope::Rope;
-use rayon::prelude::*;
 
 mod per_row;
 use std::time::{Duration, Instant};
@@ -297,7 +296,13 @@ impl ExecState {
             tokens,
             profile: profile.as_deref_mut(),
         };
-        let iterations = m.pool.install(|| run.program(steps, gates))?;
+        let iterations = m.pool.install(|| {
+            if s <= crate::par::TEAM_ROWS {
+                m.team.install(|| run.program(steps, gates))
+            } else {
+                run.program(steps, gates)
+            }
+        })?;
         Ok(CallInfo { iterations, ws: wi })
     }
 }
@@ -1224,6 +1229,21 @@ impl<'a> Run<'a> {
                         heads, head_dim, ..
                     } => (heads * head_dim * 4, 1),
                 };
+                // Decode and short prompts: the runtime's vector attention where it has one.
+                let direct = match *spec {
+                    KernelSpec::Attention {
+                        heads,
+                        kv_heads,
+                        head_dim,
+                        scale,
+                    } if crate::attention::rows_supported() => Some(crate::attention::Shape {
+                        heads,
+                        kv_heads,
+                        head_dim,
+                        scale,
+                    }),
+                    _ => None,
+                };
                 let simple = !positional
                     || (self.segs.len() == 1
                         && self.segs[0].row0 == 0
@@ -1283,6 +1303,7 @@ impl<'a> Run<'a> {
                         let base = kv.len(st, kv.slot_of(st, iter)) as i64 - (ib - ia) as i64;
                         launch(
                             f,
+                            direct,
                             &self.ws.ptrs,
                             ia * per,
                             ib * per,
@@ -1328,6 +1349,7 @@ impl<'a> Run<'a> {
                     } else if simple {
                         launch(
                             f,
+                            direct,
                             &self.ws.ptrs,
                             0,
                             items,
@@ -1344,6 +1366,7 @@ impl<'a> Run<'a> {
                         for &(i0, i1, p0) in &runs {
                             launch(
                                 f,
+                                direct,
                                 &self.ws.ptrs,
                                 i0 * per,
                                 i1 * per,
@@ -1411,6 +1434,7 @@ fn weight<'x>(m: &'x Inner, w: &crate::artifact::WRef, iter: Option<usize>) -> &
 #[allow(clippy::too_many_arguments)]
 fn launch(
     f: KernelFn,
+    attention: Option<crate::attention::Shape>,
     ptrs: &[*mut f32],
     begin: usize,
     end: usize,
@@ -1421,6 +1445,29 @@ fn launch(
     threads: usize,
 ) {
     if end <= begin {
+        return;
+    }
+    if let Some(s) = attention {
+        let heads = s.heads.max(1);
+        debug_assert!(
+            pos0 + (end / heads) as i64 <= kv_len as i64,
+            "attention past kv_len"
+        );
+        // SAFETY: the pointers (q, k, v, out) were validated against the attention spec for
+        // these rows; items are (row, head) pairs, whole rows.
+        unsafe {
+            crate::attention::causal_rows(
+                ptrs[0],
+                ptrs[1],
+                ptrs[2],
+                ptrs[3],
+                begin / heads,
+                end / heads,
+                pos0,
+                s,
+                threads,
+            )
+        };
         return;
     }
     let items = end - begin;
@@ -1435,7 +1482,7 @@ fn launch(
     let per = items.div_ceil(chunks);
     let n = items.div_ceil(per);
     let p = SendPtr(ptrs.as_ptr());
-    (0..n).into_par_iter().for_each(move |c| {
+    crate::par::for_each(n, move |c| {
         let p = p;
         let b = begin + c * per;
         let e = (b + per).min(end);
@@ -1476,7 +1523,20 @@ mod tests {
         let mut out = vec![-1f32; 100];
         let addr = out.as_mut_ptr() as usize;
         SEEN.lock().unwrap().clear();
-        pool.install(move || launch(record, &[addr as *mut f32], 0, 100, 7, 107, 1 << 20, 1, 3));
+        pool.install(move || {
+            launch(
+                record,
+                None,
+                &[addr as *mut f32],
+                0,
+                100,
+                7,
+                107,
+                1 << 20,
+                1,
+                3,
+            )
+        });
         assert!(out.iter().enumerate().all(|(i, &x)| x == i as f32));
         let mut seen = SEEN.lock().unwrap().clone();
         seen.sort();
@@ -1487,7 +1547,7 @@ mod tests {
         assert!(seen.iter().all(|s| s.2 == 7 && s.3 == 107));
         // Tiny work runs inline in one call.
         SEEN.lock().unwrap().clear();
-        pool.install(move || launch(record, &[addr as *mut f32], 0, 100, 0, 100, 1, 1, 3));
+        pool.install(move || launch(record, None, &[addr as *mut f32], 0, 100, 0, 100, 1, 1, 3));
         assert_eq!(SEEN.lock().unwrap().as_slice(), &[(0, 100, 0, 100)]);
     }
 }

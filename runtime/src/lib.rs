@@ -41,7 +41,7 @@
 
 mod amx;
 pub mod artifact;
-mod attention;
+pub mod attention;
 mod batch;
 pub mod bf16;
 pub mod ceilings;
@@ -58,6 +58,7 @@ pub mod matmul;
 pub mod matmul_bf16;
 mod mem;
 mod model;
+pub mod par;
 pub mod rng;
 mod rope;
 mod rows;

@@ -6,7 +6,6 @@
 //! AVX2+FMA dot products picked at run time (portable fallback elsewhere).
 
 use crate::artifact::{EwOp, RopeStyle};
-use rayon::prelude::*;
 
 /// The C signature of an artifact's GEMM (`artifact::HostGemm`).
 pub type GemmFn =
@@ -129,7 +128,7 @@ pub(crate) unsafe fn gemm_block(
         }
         let cols = n.div_ceil(threads).next_multiple_of(h.panel);
         let (d, xa, r) = (dst as usize, x as usize, rhs as usize);
-        (0..n.div_ceil(cols)).into_par_iter().for_each(|c| {
+        crate::par::for_each(n.div_ceil(cols), |c| {
             let j0 = c * cols;
             let nc = cols.min(n - j0);
             // SAFETY: each task writes its own columns j0..j0+nc of dst from B's columns
@@ -328,9 +327,13 @@ impl<'a> NormEpi<'a> {
         };
         let rows = &mut out[..m * n];
         if threads > 1 && m > 1 && m * n >= PAR_MIN_MACS / 16 {
-            rows.par_chunks_mut(n)
-                .enumerate()
-                .for_each(|(r, o)| row(r, o));
+            let rp = rows.as_mut_ptr() as usize;
+            crate::par::for_each(m, |r| {
+                // SAFETY: row r of the m rows of n, owned by this chunk.
+                row(r, unsafe {
+                    std::slice::from_raw_parts_mut((rp as *mut f32).add(r * n), n)
+                })
+            });
         } else {
             rows.chunks_mut(n).enumerate().for_each(|(r, o)| row(r, o));
         }
@@ -659,7 +662,7 @@ fn matmul_blocks(
             .next_multiple_of(host.map_or(16, |h| h.panel))
             .next_multiple_of(epi.align());
         let op = out.as_mut_ptr() as usize;
-        (0..threads).into_par_iter().for_each(|p| {
+        crate::par::for_each(threads, |p| {
             let j0 = p * cols;
             if j0 >= n {
                 return;
@@ -718,7 +721,7 @@ fn matmul_blocks(
             m.div_ceil(threads * 4).max(1)
         };
         let op = out.as_mut_ptr() as usize;
-        (0..m.div_ceil(rows)).into_par_iter().for_each(|c| {
+        crate::par::for_each(m.div_ceil(rows), |c| {
             let r0 = c * rows;
             // SAFETY: disjoint row blocks of `out`.
             unsafe { epi.apply(op as *mut f32, n, r0, (r0 + rows).min(m), 0, n) };
@@ -788,7 +791,7 @@ pub fn matmul_kn_on(
     if m == 1 && threads > 1 && macs >= PAR_MIN_MACS && n >= 64 {
         let chunk = n.div_ceil(threads * 2).next_multiple_of(16);
         let base = out.as_mut_ptr() as usize;
-        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        crate::par::for_each(n.div_ceil(chunk), |c| {
             let j0 = c * chunk;
             let nc = chunk.min(n - j0);
             // SAFETY: chunks write disjoint columns of the single output row.
@@ -831,9 +834,11 @@ pub fn gemv_epi(x: &[f32], w: &[f32], out: &mut [f32], threads: usize, epi: &Epi
         .max(4)
         .next_multiple_of(epi.align());
     let op = out.as_mut_ptr() as usize;
-    out.par_chunks_mut(rows).enumerate().for_each(|(c, o)| {
+    crate::par::for_each(n.div_ceil(rows), |c| {
         let r0 = c * rows;
-        let len = o.len();
+        let len = rows.min(n - r0);
+        // SAFETY: chunk c owns outputs r0..r0+len.
+        let o = unsafe { std::slice::from_raw_parts_mut((op as *mut f32).add(r0), len) };
         gemv_rows(x, &w[r0 * k..(r0 + len) * k], o);
         // SAFETY: this task's columns r0..r0+len of the single output row.
         unsafe { epi.apply(op as *mut f32, n, 0, 1, r0, len) };
@@ -890,7 +895,7 @@ pub fn gemv_multi_epi(x: &[f32], w: &[f32], out: &mut [f32], m: usize, threads: 
         .next_multiple_of(4)
         .max(4)
         .next_multiple_of(epi.align());
-    (0..n.div_ceil(rows)).into_par_iter().for_each(|c| {
+    crate::par::for_each(n.div_ceil(rows), |c| {
         let r0 = c * rows;
         block(r0, (r0 + rows).min(n), op as *mut f32);
     });
@@ -1079,9 +1084,13 @@ mod x86 {
         }
     }
 
-    /// `out[r·n + j] = x[r]·w[j]` for `M` input rows and weight rows `0..rows`, each weight row
-    /// loaded once for all inputs; per output the same order of sums as `gemv_avx512`'s blocks
-    /// of four rows (even 16-lane chunks into `a`, odd ones and the masked tail into `b`).
+    /// `out[r·n + j] = x[r]·w[j]` for `M` input rows and weight rows `0..rows`, in register
+    /// blocks of two weight rows by up to four inputs: each load of a weight chunk feeds four
+    /// products and each load of an input chunk two, where one weight row at a time needed an
+    /// input load per multiply-add (the batch-8 decode step was load-bound at half the
+    /// memory's speed). Per output the same order of sums as `gemv_avx512`'s blocks of four
+    /// rows (even 16-lane chunks into `a`, odd ones and the masked tail into `b`), so a row's
+    /// result does not depend on the batch.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemv_multi_avx512<const M: usize>(
         x: *const f32,
@@ -1091,40 +1100,111 @@ mod x86 {
         out: *mut f32,
         n: usize,
     ) {
+        gemv_multi_rg::<M, 2, 4>(x, k, w, rows, out, n)
+    }
+
+    /// Blocks of `R` weight rows by `G` inputs (the last rows one at a time).
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn gemv_multi_rg<const M: usize, const R: usize, const G: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const f32,
+        rows: usize,
+        out: *mut f32,
+        n: usize,
+    ) {
+        let mut j = 0;
+        while j < rows {
+            let full = j + R <= rows;
+            let mut g = 0;
+            while g < M {
+                let (xg, og) = (x.add(g * k), out.add(g * n + j));
+                let (wj, left) = (w.add(j * k), (M - g).min(G));
+                macro_rules! go {
+                    ($r:literal) => {
+                        match left {
+                            1 => multi_block::<$r, 1>(xg, k, wj, og, n),
+                            2 => multi_block::<$r, 2>(xg, k, wj, og, n),
+                            3 => multi_block::<$r, 3>(xg, k, wj, og, n),
+                            4 => multi_block::<$r, 4>(xg, k, wj, og, n),
+                            5 => multi_block::<$r, 5>(xg, k, wj, og, n),
+                            6 => multi_block::<$r, 6>(xg, k, wj, og, n),
+                            7 => multi_block::<$r, 7>(xg, k, wj, og, n),
+                            _ => multi_block::<$r, 8>(xg, k, wj, og, n),
+                        }
+                    };
+                }
+                if full {
+                    match R {
+                        1 => go!(1),
+                        2 => go!(2),
+                        _ => go!(4),
+                    }
+                } else {
+                    go!(1)
+                }
+                g += G;
+            }
+            j += if full { R } else { 1 };
+        }
+    }
+
+    /// `R` weight rows at `w` by `G` input rows at `x` (rows `k` apart); output `(g, r)` at
+    /// `out[g·n + r]`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn multi_block<const R: usize, const G: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const f32,
+        out: *mut f32,
+        n: usize,
+    ) {
         let kb = k / 16 * 16;
         let tail = k - kb;
         let mask: __mmask16 = ((1u32 << tail) - 1) as u16;
-        for j in 0..rows {
-            let wr = w.add(j * k);
-            let mut a = [_mm512_setzero_ps(); M];
-            let mut b = [_mm512_setzero_ps(); M];
-            let mut i = 0;
-            while i + 32 <= kb {
-                let w0 = _mm512_loadu_ps(wr.add(i));
-                let w1 = _mm512_loadu_ps(wr.add(i + 16));
-                for r in 0..M {
-                    let xr = x.add(r * k + i);
-                    a[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a[r]);
-                    b[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr.add(16)), b[r]);
-                }
-                i += 32;
+        let mut a = [[_mm512_setzero_ps(); G]; R];
+        let mut b = [[_mm512_setzero_ps(); G]; R];
+        let mut i = 0;
+        while i + 32 <= kb {
+            let mut x0 = [_mm512_setzero_ps(); G];
+            let mut x1 = [_mm512_setzero_ps(); G];
+            for q in 0..G {
+                x0[q] = _mm512_loadu_ps(x.add(q * k + i));
+                x1[q] = _mm512_loadu_ps(x.add(q * k + i + 16));
             }
-            if i < kb {
-                let w0 = _mm512_loadu_ps(wr.add(i));
-                for r in 0..M {
-                    a[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x.add(r * k + i)), a[r]);
-                }
-                i += 16;
-            }
-            if tail > 0 {
-                let w0 = _mm512_maskz_loadu_ps(mask, wr.add(i));
-                for r in 0..M {
-                    let xr = _mm512_maskz_loadu_ps(mask, x.add(r * k + i));
-                    b[r] = _mm512_fmadd_ps(w0, xr, b[r]);
+            for r in 0..R {
+                let wr = w.add(r * k + i);
+                let w0 = _mm512_loadu_ps(wr);
+                let w1 = _mm512_loadu_ps(wr.add(16));
+                for q in 0..G {
+                    a[r][q] = _mm512_fmadd_ps(w0, x0[q], a[r][q]);
+                    b[r][q] = _mm512_fmadd_ps(w1, x1[q], b[r][q]);
                 }
             }
-            for r in 0..M {
-                *out.add(r * n + j) = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+            i += 32;
+        }
+        if i < kb {
+            for r in 0..R {
+                let w0 = _mm512_loadu_ps(w.add(r * k + i));
+                for q in 0..G {
+                    a[r][q] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x.add(q * k + i)), a[r][q]);
+                }
+            }
+            i += 16;
+        }
+        if tail > 0 {
+            for r in 0..R {
+                let w0 = _mm512_maskz_loadu_ps(mask, w.add(r * k + i));
+                for q in 0..G {
+                    let xq = _mm512_maskz_loadu_ps(mask, x.add(q * k + i));
+                    b[r][q] = _mm512_fmadd_ps(w0, xq, b[r][q]);
+                }
+            }
+        }
+        for r in 0..R {
+            for q in 0..G {
+                *out.add(q * n + r) = _mm512_reduce_add_ps(_mm512_add_ps(a[r][q], b[r][q]));
             }
         }
     }
@@ -1855,6 +1935,68 @@ mod bench {
     }
 
     /// `cargo test --release -p loopc-runtime bench_gemv -- --ignored --nocapture`
+    /// The register blocks of the multi-row GEMV side by side on 8 input rows, with the
+    /// weights in L2 and past the L3, next to the single-row GEMV on the same weights
+    /// (`cargo test --release -p loopc-runtime bench_gemv_multi -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn bench_gemv_multi() {
+        type F = unsafe fn(*const f32, usize, *const f32, usize, *mut f32, usize);
+        unsafe fn one(
+            x: *const f32,
+            k: usize,
+            w: *const f32,
+            rows: usize,
+            out: *mut f32,
+            _: usize,
+        ) {
+            unsafe {
+                x86::gemv_avx512(
+                    std::slice::from_raw_parts(x, k),
+                    std::slice::from_raw_parts(w, rows * k),
+                    std::slice::from_raw_parts_mut(out, rows),
+                )
+            }
+        }
+        let kinds: [(&str, F); 5] = [
+            ("one input row (reference)", one),
+            ("1x8", x86::gemv_multi_rg::<8, 1, 8>),
+            ("2x4 (used)", x86::gemv_multi_rg::<8, 2, 4>),
+            ("4x2", x86::gemv_multi_rg::<8, 4, 2>),
+            ("4x4", x86::gemv_multi_rg::<8, 4, 4>),
+        ];
+        let team = crate::par::Team::new(1).unwrap();
+        let (m, k) = (8usize, 1024usize);
+        for (place, n, mats) in [("L2", 256usize, 1usize), ("DRAM", 4096, 24)] {
+            let w: Vec<f32> = (0..mats * n * k).map(|i| (i % 13) as f32 * 0.01).collect();
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let mut out = vec![0f32; m * n];
+            let calls = 200 / mats * mats;
+            let mut best = [f64::MAX; 5];
+            for _ in 0..5 {
+                for (i, (_, f)) in kinds.iter().enumerate() {
+                    let op = out.as_mut_ptr() as usize;
+                    let t = std::time::Instant::now();
+                    team.install(|| {
+                        for mi in (0..calls).map(|c| c % mats) {
+                            let wm = &w[mi * n * k..(mi + 1) * n * k];
+                            let rows = n / 16;
+                            crate::par::for_each(16, |c| unsafe {
+                                let (wp, o) = (wm.as_ptr().add(c * rows * k), op as *mut f32);
+                                f(x.as_ptr(), k, wp, rows, o.add(c * rows), n)
+                            });
+                        }
+                    });
+                    best[i] = best[i].min(t.elapsed().as_secs_f64());
+                }
+            }
+            for (i, (name, _)) in kinds.iter().enumerate() {
+                let gbs = (calls * n * k * 4) as f64 / best[i] / 1e9;
+                println!("weights in {place}: {name}: {gbs:.1} GB/s");
+            }
+        }
+    }
+
     #[test]
     #[ignore]
     fn bench_gemv() {

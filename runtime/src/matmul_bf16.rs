@@ -131,7 +131,7 @@ pub fn matmul_bf16_epi_on(
             unsafe { last.apply(op as *mut f32, n, r0, (r0 + rows).min(m), 0, n) };
         };
         if rows < m {
-            (0..m.div_ceil(rows)).into_par_iter().for_each(pass);
+            crate::par::for_each(m.div_ceil(rows), pass);
         } else {
             pass(0);
         }
@@ -297,7 +297,7 @@ fn dot_gemm(
     }
     // A few chunks per thread so that rayon can balance; multiples of 4 blocks for the kernel.
     let chunk = nb.div_ceil(threads * 4).next_multiple_of(4).min(cap.max(4));
-    (0..nb.div_ceil(chunk)).into_par_iter().for_each(|c| {
+    crate::par::for_each(nb.div_ceil(chunk), |c| {
         let b0 = c * chunk;
         run(b0, (b0 + chunk).min(nb));
     });
@@ -452,7 +452,7 @@ fn amx_gemm(
         return;
     }
     let chunk = pairs.div_ceil(threads);
-    (0..pairs.div_ceil(chunk)).into_par_iter().for_each(|c| {
+    crate::par::for_each(pairs.div_ceil(chunk), |c| {
         let p0 = c * chunk;
         task(p0, (p0 + chunk).min(pairs));
     });

@@ -86,6 +86,8 @@ pub(crate) struct Inner {
     pub(crate) weights: Vec<Bound>,
     pub(crate) kernels: Kernels,
     pub(crate) pool: rayon::ThreadPool,
+    /// Serves the parallel loops of calls of a few rows (decode steps); see [`crate::par`].
+    pub(crate) team: crate::par::Team,
     pub(crate) threads: usize,
     /// Token ids must be below this (rows of the smallest embedding table, else `vocab`).
     pub(crate) token_limit: usize,
@@ -234,6 +236,8 @@ impl Model {
             .thread_name(|i| format!("loopc-{i}"))
             .build()
             .map_err(|e| RuntimeError::Config(format!("cannot start {threads} threads: {e}")))?;
+        let team = crate::par::Team::new(threads.saturating_sub(1))
+            .map_err(|e| RuntimeError::Config(format!("cannot start {threads} threads: {e}")))?;
         let plan = (dtype == WeightDtype::Bf16).then(|| crate::dtype::plan(&manifest));
         let lazy = plan.as_ref().map_or(&[][..], |p| &p.lazy[..]);
         let mut bound = weights.bind(&manifest.weights, &pool, lazy)?;
@@ -276,6 +280,7 @@ impl Model {
                 weights: bound,
                 kernels,
                 pool,
+                team,
                 threads,
                 token_limit,
                 needs,

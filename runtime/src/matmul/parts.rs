@@ -9,7 +9,6 @@
 use super::{
     gemm_block, gemv_rows_multi, Epi, HostGemm, PAR_MIN_MACS, SERIAL_BLOCK_BYTES, SMALL_M,
 };
-use rayon::prelude::*;
 
 /// Most parts of one call: the runtime keeps them on the stack (no allocation per step).
 pub const MAX_PARTS: usize = crate::artifact::MAX_MATMUL_PARTS;
@@ -172,7 +171,7 @@ pub fn matmul_parts_on(
         // less behind (measured: a third as many chunks was up to 1.3x slower at d = 1024).
         let rows = n.div_ceil(threads * 4 * lay.len).next_multiple_of(4).max(4);
         let lay = &lay;
-        (0..n.div_ceil(rows)).into_par_iter().for_each(|c| {
+        crate::par::for_each(n.div_ceil(rows), |c| {
             let j0 = c * rows;
             lay.snapped_pieces(j0, (j0 + rows).min(n), |d, a, b| gemv_piece(d, a, b, m));
         });
@@ -204,7 +203,7 @@ pub fn matmul_parts_on(
         // As `matmul_epi`: one column block per thread, over the stacked weight's rows.
         let cols = n.div_ceil(threads).next_multiple_of(16);
         let lay = &lay;
-        (0..threads).into_par_iter().for_each(|p| {
+        crate::par::for_each(threads, |p| {
             let j0 = p * cols;
             if j0 >= n {
                 return;
@@ -234,7 +233,7 @@ pub fn matmul_parts_on(
         } else {
             m.div_ceil(threads * 4).max(1)
         };
-        (0..m.div_ceil(rows)).into_par_iter().for_each(|c| {
+        crate::par::for_each(m.div_ceil(rows), |c| {
             let r0 = c * rows;
             // SAFETY: disjoint row blocks of the part.
             unsafe {
@@ -548,7 +547,7 @@ mod bench {
                 for q in o2.iter_mut().take(2) {
                     let rows = m.div_ceil(threads).max(1);
                     let qp = q.as_mut_ptr() as usize;
-                    (0..m.div_ceil(rows)).into_par_iter().for_each(|c| {
+                    crate::par::for_each(m.div_ceil(rows), |c| {
                         let r0 = c * rows;
                         // SAFETY: disjoint row blocks of an [m, n] buffer.
                         unsafe { pass.apply(qp as *mut f32, n, r0, (r0 + rows).min(m), 0, n) };
