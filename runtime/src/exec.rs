@@ -296,12 +296,9 @@ impl ExecState {
             tokens,
             profile: profile.as_deref_mut(),
         };
-        let iterations = m.pool.install(|| {
-            if s <= crate::par::TEAM_ROWS {
-                m.team.install(|| run.program(steps, gates))
-            } else {
-                run.program(steps, gates)
-            }
+        let iterations = m.pool.install(|| match &m.team {
+            Some(team) if s <= crate::par::TEAM_ROWS => team.install(|| run.program(steps, gates)),
+            _ => run.program(steps, gates),
         })?;
         Ok(CallInfo { iterations, ws: wi })
     }

@@ -34,7 +34,9 @@
 //! Environment: `LOOPC_THREADS` (worker threads; default: available cores), `LOOPC_PROFILE=1`
 //! (per-operation timers in [`Stats::profile`]), `LOOPC_HUGEPAGE_WEIGHTS=1` (copy f32 weights
 //! into huge-page-advised memory instead of using them in place from the mapping),
-//! `LOOPC_NO_AMX=1` (bf16 prefill without AMX tiles, on the AVX-512-BF16 kernel).
+//! `LOOPC_NO_AMX=1` (bf16 prefill without AMX tiles, on the AVX-512-BF16 kernel),
+//! `LOOPC_SPIN=0` (decode steps' parallel loops on rayon instead of the spinning team of
+//! [`par`]).
 //!
 //! [`Model::with_options`] with [`WeightDtype::Bf16`] stores the matmul weights in bf16 (f32
 //! accumulation; norms, biases, attention, the KV cache and activations stay f32).

@@ -87,7 +87,8 @@ pub(crate) struct Inner {
     pub(crate) kernels: Kernels,
     pub(crate) pool: rayon::ThreadPool,
     /// Serves the parallel loops of calls of a few rows (decode steps); see [`crate::par`].
-    pub(crate) team: crate::par::Team,
+    /// `None` with one thread or `LOOPC_SPIN=0`.
+    pub(crate) team: Option<crate::par::Team>,
     pub(crate) threads: usize,
     /// Token ids must be below this (rows of the smallest embedding table, else `vocab`).
     pub(crate) token_limit: usize,
@@ -236,8 +237,12 @@ impl Model {
             .thread_name(|i| format!("loopc-{i}"))
             .build()
             .map_err(|e| RuntimeError::Config(format!("cannot start {threads} threads: {e}")))?;
-        let team = crate::par::Team::new(threads.saturating_sub(1))
-            .map_err(|e| RuntimeError::Config(format!("cannot start {threads} threads: {e}")))?;
+        let team = match crate::par::spin_from_env()? {
+            true if threads > 1 => Some(crate::par::Team::new(threads - 1).map_err(|e| {
+                RuntimeError::Config(format!("cannot start {threads} threads: {e}"))
+            })?),
+            _ => None,
+        };
         let plan = (dtype == WeightDtype::Bf16).then(|| crate::dtype::plan(&manifest));
         let lazy = plan.as_ref().map_or(&[][..], |p| &p.lazy[..]);
         let mut bound = weights.bind(&manifest.weights, &pool, lazy)?;

@@ -25,6 +25,22 @@ use std::time::{Duration, Instant};
 /// loops on the model's team; longer ones on rayon, whose pool the GEMM crate shares.
 pub const TEAM_ROWS: usize = 8;
 
+/// `LOOPC_SPIN`: `0` keeps decode on rayon too (no spinning team: for machines where an idle
+/// core is worth more to other work than this model's decode latency), `1` (the default) uses
+/// the team.
+pub fn spin_from_env() -> crate::Result<bool> {
+    match std::env::var("LOOPC_SPIN") {
+        Err(_) => Ok(true),
+        Ok(v) => match v.trim() {
+            "1" => Ok(true),
+            "0" => Ok(false),
+            _ => Err(crate::RuntimeError::Config(format!(
+                "LOOPC_SPIN must be 0 or 1, got `{v}`"
+            ))),
+        },
+    }
+}
+
 /// How long a worker spins for the next job before it parks.
 const SPIN: Duration = Duration::from_micros(500);
 
