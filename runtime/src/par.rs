@@ -72,6 +72,9 @@ struct Shared {
     panicked: AtomicBool,
     stop: AtomicBool,
     sleeping: Vec<AtomicBool>,
+    /// Held by the caller of the running job: sessions of one model may decode on several
+    /// threads at once, and a job has one caller.
+    busy: AtomicBool,
 }
 
 /// `workers` threads besides the caller. Dropping it stops them.
@@ -138,6 +141,7 @@ impl Team {
             panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             sleeping: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            busy: AtomicBool::new(false),
         });
         let mut handles = Vec::with_capacity(workers);
         for w in 0..workers {
@@ -260,17 +264,25 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
         return;
     }
     let team = CURRENT.with(|c| c.get());
-    if team.is_null() || n > MAX_CHUNKS {
-        use rayon::prelude::*;
-        let f = &f;
-        (0..n).into_par_iter().for_each(f);
-    } else {
-        // SAFETY: `install` keeps the team alive and current for the whole body.
-        let team = unsafe { &*team };
-        if team.workers.is_empty() {
-            (0..n).for_each(f);
-        } else {
-            team.run(n, &f);
+    // SAFETY: `install` keeps the team alive and current for the whole body.
+    let team = (!team.is_null() && n <= MAX_CHUNKS).then(|| unsafe { &*team });
+    match team {
+        Some(t) if t.workers.is_empty() => (0..n).for_each(f),
+        Some(t) if !t.shared.busy.swap(true, SeqCst) => {
+            struct Release<'a>(&'a AtomicBool);
+            impl Drop for Release<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, SeqCst);
+                }
+            }
+            let _release = Release(&t.shared.busy);
+            t.run(n, &f);
+        }
+        // No team, or another thread's call holds it: rayon's loop.
+        _ => {
+            use rayon::prelude::*;
+            let f = &f;
+            (0..n).into_par_iter().for_each(f);
         }
     }
 }
@@ -336,6 +348,33 @@ mod tests {
                 count.fetch_add(1, SeqCst);
             });
             assert_eq!(count.load(SeqCst), 10);
+        });
+    }
+
+    /// Two threads with the same team installed: one runs each job on the team, the other
+    /// falls back to rayon while the team is taken; every chunk still runs exactly once.
+    #[test]
+    fn concurrent_callers_share_one_team() {
+        within_a_minute(|| {
+            let team = Team::new(1).unwrap();
+            std::thread::scope(|sc| {
+                for t in 0..2 {
+                    let team = &team;
+                    sc.spawn(move || {
+                        team.install(|| {
+                            for round in 0..3000usize {
+                                let n = 2 + (round + t) % 19;
+                                let hits: Vec<AtomicUsize> =
+                                    (0..n).map(|_| AtomicUsize::new(0)).collect();
+                                for_each(n, |c| {
+                                    hits[c].fetch_add(1, SeqCst);
+                                });
+                                assert!(hits.iter().all(|h| h.load(SeqCst) == 1));
+                            }
+                        })
+                    });
+                }
+            });
         });
     }
 
