@@ -129,8 +129,8 @@ impl KvCache {
         let w = s.width;
         let dst = &mut s.slots[slot];
         let r = pos0 * w..(pos0 + rows) * w;
-        dst.k.as_mut_slice()[r.clone()].copy_from_slice(&k[..rows * w]);
-        dst.v.as_mut_slice()[r].copy_from_slice(&v[..rows * w]);
+        copy(&mut dst.k.as_mut_slice()[r.clone()], &k[..rows * w]);
+        copy(&mut dst.v.as_mut_slice()[r], &v[..rows * w]);
         dst.len = pos0 + rows;
         Ok(())
     }
@@ -292,6 +292,24 @@ impl KvCache {
         let n = sl.len * s.width;
         Some((&sl.k.as_slice()[..n], &sl.v.as_slice()[..n]))
     }
+}
+
+/// A prefill's rows (megabytes per site) are copied by every thread of the pool: one core
+/// alone does not reach the memory's write bandwidth.
+fn copy(dst: &mut [f32], src: &[f32]) {
+    const CHUNK: usize = 1 << 16;
+    assert_eq!(dst.len(), src.len(), "KV copy sizes");
+    if src.len() < 2 * CHUNK {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let d = dst.as_mut_ptr() as usize;
+    crate::par::for_each(src.len().div_ceil(CHUNK), |c| {
+        let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(src.len()));
+        // SAFETY: chunks are disjoint ranges of `dst`, which is as long as `src`.
+        unsafe { std::slice::from_raw_parts_mut((d as *mut f32).add(a), b - a) }
+            .copy_from_slice(&src[a..b]);
+    });
 }
 
 #[cfg(test)]
