@@ -451,17 +451,20 @@ mod tests {
                         None,
                     )
                 });
-                let worst = out
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let worst = max_abs_diff(&out, &want);
                 assert!(
                     worst <= 2e-6,
                     "rows={rows} pos0={pos0} heads={heads}/{kv_heads} hd={head_dim} threads={threads}: {worst:e}"
                 );
             }
         }
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
     }
 
     /// The decode path: single rows and short runs, a run whose positions are shifted below its
@@ -514,11 +517,7 @@ mod tests {
                         threads,
                     )
                 });
-                let worst = out
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let worst = max_abs_diff(&out, &want);
                 assert!(
                     worst <= 2e-6,
                     "rows {r0}..{r1} pos0={pos0} heads={heads}/{kv_heads} hd={head_dim} threads={threads}: {worst:e}"
