@@ -581,3 +581,58 @@ fn a_closed_stdout_is_not_a_panic() {
         "the module should not fit in the pipe: {status:?}"
     );
 }
+
+/// `LOOPC_SPIN` as a user sets it: `1` (the default) and `0` both run and give the same logits,
+/// and a bad value is a clear error, not a panic. (The fixture is small enough that few of its
+/// loops go parallel at all; `par::tests` holds the team's chunk semantics.)
+#[test]
+fn spin_setting_keeps_results_and_rejects_bad_values() {
+    let run = |spin: &str, dump: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_loopc"))
+            .current_dir(root())
+            .args([
+                "run",
+                "examples/huginn.loop",
+                "--config",
+                "tests/fixtures/huginn_tiny/config.json",
+                "--set",
+                "init_scale=0",
+                "--weights",
+                "tests/fixtures/huginn_tiny/model.safetensors",
+                "--tokens",
+                "1 2 3 4",
+                "--steps",
+                "4",
+                "--max-new-tokens",
+                "8",
+                "--dump-logits",
+            ])
+            .arg(dump)
+            .env("LOOPC_THREADS", "2")
+            .env("LOOPC_SPIN", spin)
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (tmp("spin_on.safetensors"), tmp("spin_off.safetensors"));
+    let on = run("1", &a);
+    let off = run("0", &b);
+    assert!(
+        on.status.success(),
+        "{}",
+        String::from_utf8_lossy(&on.stderr)
+    );
+    assert!(
+        off.status.success(),
+        "{}",
+        String::from_utf8_lossy(&off.stderr)
+    );
+    assert_eq!(on.stdout, off.stdout);
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let bad = run("yes", &tmp("spin_bad.safetensors"));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("LOOPC_SPIN must be 0 or 1"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

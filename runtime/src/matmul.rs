@@ -1103,7 +1103,7 @@ mod x86 {
         gemv_multi_rg::<M, 2, 4>(x, k, w, rows, out, n)
     }
 
-    /// Blocks of `R` weight rows by `G` inputs (the last rows one at a time).
+    /// Blocks of `R` weight rows by `G ≤ 8` inputs (the last rows one at a time).
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn gemv_multi_rg<const M: usize, const R: usize, const G: usize>(
         x: *const f32,
@@ -1113,6 +1113,7 @@ mod x86 {
         out: *mut f32,
         n: usize,
     ) {
+        const { assert!(R >= 1 && G >= 1 && G <= 8) };
         let mut j = 0;
         while j < rows {
             let full = j + R <= rows;
@@ -1120,26 +1121,24 @@ mod x86 {
             while g < M {
                 let (xg, og) = (x.add(g * k), out.add(g * n + j));
                 let (wj, left) = (w.add(j * k), (M - g).min(G));
+                // `R` is the block height itself (a const parameter); only the inputs left
+                // for the last group (fewer than `G` when `G` does not divide `M`) are matched.
                 macro_rules! go {
-                    ($r:literal) => {
+                    ($r:expr) => {
                         match left {
-                            1 => multi_block::<$r, 1>(xg, k, wj, og, n),
-                            2 => multi_block::<$r, 2>(xg, k, wj, og, n),
-                            3 => multi_block::<$r, 3>(xg, k, wj, og, n),
-                            4 => multi_block::<$r, 4>(xg, k, wj, og, n),
-                            5 => multi_block::<$r, 5>(xg, k, wj, og, n),
-                            6 => multi_block::<$r, 6>(xg, k, wj, og, n),
-                            7 => multi_block::<$r, 7>(xg, k, wj, og, n),
-                            _ => multi_block::<$r, 8>(xg, k, wj, og, n),
+                            1 => multi_block::<{ $r }, 1>(xg, k, wj, og, n),
+                            2 => multi_block::<{ $r }, 2>(xg, k, wj, og, n),
+                            3 => multi_block::<{ $r }, 3>(xg, k, wj, og, n),
+                            4 => multi_block::<{ $r }, 4>(xg, k, wj, og, n),
+                            5 => multi_block::<{ $r }, 5>(xg, k, wj, og, n),
+                            6 => multi_block::<{ $r }, 6>(xg, k, wj, og, n),
+                            7 => multi_block::<{ $r }, 7>(xg, k, wj, og, n),
+                            _ => multi_block::<{ $r }, 8>(xg, k, wj, og, n),
                         }
                     };
                 }
                 if full {
-                    match R {
-                        1 => go!(1),
-                        2 => go!(2),
-                        _ => go!(4),
-                    }
+                    go!(R)
                 } else {
                     go!(1)
                 }
