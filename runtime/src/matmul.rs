@@ -826,7 +826,7 @@ pub fn gemv_epi(x: &[f32], w: &[f32], out: &mut [f32], threads: usize, epi: &Epi
         unsafe { epi.apply(out.as_mut_ptr(), n, 0, 1, 0, n) };
         return;
     }
-    // A few chunks per thread so that rayon can balance; rows in multiples of 4.
+    // A few chunks per thread so that the threads can balance; rows in multiples of 4.
     let chunks = threads * 4;
     let rows = n
         .div_ceil(chunks)

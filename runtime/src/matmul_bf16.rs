@@ -295,7 +295,7 @@ fn dot_gemm(
         }
         return;
     }
-    // A few chunks per thread so that rayon can balance; multiples of 4 blocks for the kernel.
+    // A few chunks per thread so that the threads can balance; multiples of 4 blocks for the kernel.
     let chunk = nb.div_ceil(threads * 4).next_multiple_of(4).min(cap.max(4));
     crate::par::for_each(nb.div_ceil(chunk), |c| {
         let b0 = c * chunk;

@@ -65,10 +65,9 @@ fn unpack(s: u64) -> (u64, usize, usize) {
 
 struct Shared {
     state: AtomicU64,
-    /// The current job's closure (a `&dyn Fn` split in two words). Written only between jobs;
-    /// read only for a chunk that has been claimed, which the caller waits for.
-    data: AtomicUsize,
-    vtable: AtomicUsize,
+    /// Address of the current job's `&dyn Fn`, on the caller's stack. Written only between
+    /// jobs; read only for a chunk that has been claimed, which the caller waits for.
+    job: AtomicUsize,
     finished: AtomicUsize,
     panicked: AtomicBool,
     stop: AtomicBool,
@@ -91,17 +90,6 @@ thread_local! {
     static IN_JOB: Cell<bool> = const { Cell::new(false) };
 }
 
-fn split(f: Job) -> (usize, usize) {
-    // SAFETY: a `&dyn Fn` is two words, data pointer then vtable; reassembled in `join`.
-    unsafe { std::mem::transmute::<Job, (usize, usize)>(f) }
-}
-
-/// # Safety
-/// The words come from [`split`] of a closure that is still alive.
-unsafe fn join<'a>(w: (usize, usize)) -> Job<'a> {
-    unsafe { std::mem::transmute::<(usize, usize), Job<'a>>(w) }
-}
-
 impl Shared {
     /// Claim and run chunks of the current job until none is left; `epoch` is the job's.
     fn work(&self, epoch: u64) {
@@ -122,7 +110,7 @@ impl Shared {
             }
             // SAFETY: chunk i of the live job is ours; the caller waits for it to finish, so the
             // closure outlives the call.
-            let f = unsafe { join((self.data.load(SeqCst), self.vtable.load(SeqCst))) };
+            let f: Job = unsafe { *(self.job.load(SeqCst) as *const Job) };
             if catch_unwind(AssertUnwindSafe(|| f(i))).is_err() {
                 self.panicked.store(true, SeqCst);
             }
@@ -136,8 +124,7 @@ impl Team {
     pub fn new(workers: usize) -> std::io::Result<Team> {
         let shared = Arc::new(Shared {
             state: AtomicU64::new(0),
-            data: AtomicUsize::new(0),
-            vtable: AtomicUsize::new(0),
+            job: AtomicUsize::new(0),
             finished: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -182,9 +169,7 @@ impl Team {
 
     fn run(&self, n: usize, f: Job) {
         let sh = &*self.shared;
-        let (data, vtable) = split(f);
-        sh.data.store(data, SeqCst);
-        sh.vtable.store(vtable, SeqCst);
+        sh.job.store(&f as *const Job as usize, SeqCst);
         sh.finished.store(0, SeqCst);
         let epoch = unpack(sh.state.load(SeqCst)).0.wrapping_add(1) & ((1 << (64 - 2 * FIELD)) - 1);
         sh.state
