@@ -16,6 +16,17 @@ fn loopc(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The bundled tiny Huginn model: source, config and weights (the README's example).
+const HUGINN_TINY: &[&str] = &[
+    "examples/huginn.loop",
+    "--config",
+    "tests/fixtures/huginn_tiny/config.json",
+    "--set",
+    "init_scale=0",
+    "--weights",
+    "tests/fixtures/huginn_tiny/model.safetensors",
+];
+
 fn tmp(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("loopc-cli-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -308,23 +319,22 @@ fn params_lists_values_and_their_sources() {
 
 #[test]
 fn run_with_forced_depths_prints_depth_stats() {
-    let (ok, out, err) = loopc(&[
-        "run",
-        "examples/huginn.loop",
-        "--config",
-        "tests/fixtures/huginn_tiny/config.json",
-        "--set",
-        "init_scale=0",
-        "--weights",
-        "tests/fixtures/huginn_tiny/model.safetensors",
-        "--tokens",
-        "1 2 3 4",
-        "--depths",
-        "3 1 2 4 2",
-        "--max-new-tokens",
-        "3",
-        "--stats",
-    ]);
+    let (ok, out, err) = loopc(
+        &[
+            &["run"],
+            HUGINN_TINY,
+            &[
+                "--tokens",
+                "1 2 3 4",
+                "--depths",
+                "3 1 2 4 2",
+                "--max-new-tokens",
+                "3",
+                "--stats",
+            ],
+        ]
+        .concat(),
+    );
     assert!(ok, "{err}");
     assert_eq!(out.split_whitespace().count(), 3);
     // Positions 0..=5 run 3 1 2 4 2 2 iterations (the last depth repeats).
@@ -590,15 +600,9 @@ fn spin_setting_keeps_results_and_rejects_bad_values() {
     let run = |spin: &str, dump: &std::path::Path| {
         Command::new(env!("CARGO_BIN_EXE_loopc"))
             .current_dir(root())
+            .arg("run")
+            .args(HUGINN_TINY)
             .args([
-                "run",
-                "examples/huginn.loop",
-                "--config",
-                "tests/fixtures/huginn_tiny/config.json",
-                "--set",
-                "init_scale=0",
-                "--weights",
-                "tests/fixtures/huginn_tiny/model.safetensors",
                 "--tokens",
                 "1 2 3 4",
                 "--steps",
