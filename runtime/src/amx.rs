@@ -68,14 +68,16 @@ impl TileConfig {
     }
 }
 
-/// `C[32 × 32] = A · Bᵀ` over `steps` depth-32 steps for one 2×2 tile block, stored to `c`
-/// (row stride `c_stride` bytes): `A` is 32 rows of bf16 activations from `a` (row stride
-/// `a_stride` bytes, rows 16.. from `a + 16·a_stride`), `B` two packed 16-feature blocks at
-/// `b0`, `b1` (1 KiB per step each).
+/// `C[32 × 32] += A · Bᵀ` over `steps` depth-32 steps for one 2×2 tile block: `C` (row
+/// stride `c_stride` bytes) starts from the sums at `c` when `load`, from zero otherwise, and
+/// is stored back there. `A` is 32 rows of bf16 activations from `a` (row stride `a_stride`
+/// bytes, rows 16.. from `a + 16·a_stride`), `B` two packed 16-feature blocks at `b0`, `b1`
+/// (1 KiB per step each). The GEMM calls it once per depth chunk, so one chunk of `A` stays
+/// in L1 across every weight block of a group.
 ///
 /// # Safety
 /// [`available`] returned true and [`Tiles::new`] configured this thread; every pointer covers
-/// what the steps read or write.
+/// what the steps read or write; with `load`, `c` holds the block's partial sums.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
@@ -87,14 +89,36 @@ pub(crate) unsafe fn block_2x2(
     steps: usize,
     c: *mut f32,
     c_stride: usize,
+    load: bool,
 ) {
     debug_assert!(steps > 0);
     let a1 = (a as *const u8).add(16 * a_stride);
+    let c1 = c.add(16);
+    let c2 = (c as *mut u8).add(16 * c_stride) as *mut f32;
+    let c3 = c2.add(16);
+    if load {
+        std::arch::asm!(
+            "tileloadd tmm0, [{c0} + {sc}*1]",
+            "tileloadd tmm1, [{c1} + {sc}*1]",
+            "tileloadd tmm2, [{c2} + {sc}*1]",
+            "tileloadd tmm3, [{c3} + {sc}*1]",
+            c0 = in(reg) c,
+            c1 = in(reg) c1,
+            c2 = in(reg) c2,
+            c3 = in(reg) c3,
+            sc = in(reg) c_stride,
+            options(nostack, readonly),
+        );
+    } else {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+    }
     std::arch::asm!(
-        "tilezero tmm0",
-        "tilezero tmm1",
-        "tilezero tmm2",
-        "tilezero tmm3",
         "2:",
         "tileloadd tmm4, [{a0} + {sa}*1]",
         "tileloadd tmm6, [{b0} + {sb}*1]",
@@ -122,9 +146,9 @@ pub(crate) unsafe fn block_2x2(
         sa = in(reg) a_stride,
         sb = in(reg) 64usize,
         c0 = in(reg) c,
-        c1 = in(reg) c.add(16),
-        c2 = in(reg) (c as *mut u8).add(16 * c_stride),
-        c3 = in(reg) ((c as *mut u8).add(16 * c_stride) as *mut f32).add(16),
+        c1 = in(reg) c1,
+        c2 = in(reg) c2,
+        c3 = in(reg) c3,
         sc = in(reg) c_stride,
         options(nostack),
     );

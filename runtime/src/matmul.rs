@@ -498,6 +498,30 @@ impl Epi<'_> {
         j0: usize,
         nc: usize,
     ) {
+        self.apply_ld(out, n, n, r0, r1, j0, nc)
+    }
+
+    /// [`Epi::apply`] on a block held apart from `out`: element `(r, j)` of the product is at
+    /// `blk + r·ld + j` (a base that may lie outside the block's buffer; only rows `r0..r1`,
+    /// columns `j0..j0 + nc` are touched). The residual and the gated output keep their own
+    /// `[m, n]` and `[m, n/2]` layouts. The AMX GEMM finishes each block in a cache-resident
+    /// accumulator this way, and writes `out` once.
+    ///
+    /// # Safety
+    /// Those elements of `blk` are valid and this thread's alone; `check(m, n)` passed for
+    /// the operands the terms read.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn apply_ld(
+        &self,
+        blk: *mut f32,
+        ld: usize,
+        n: usize,
+        r0: usize,
+        r1: usize,
+        j0: usize,
+        nc: usize,
+    ) {
         if self.is_none() {
             return;
         }
@@ -506,33 +530,37 @@ impl Epi<'_> {
         // (SSE2) code's time.
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            return self.apply_avx512(out, n, r0, r1, j0, nc);
+            return self.apply_avx512(blk, ld, n, r0, r1, j0, nc);
         }
-        self.apply_rows(out, n, r0, r1, j0, nc)
+        self.apply_rows(blk, ld, n, r0, r1, j0, nc)
     }
 
     /// # Safety
-    /// As [`Epi::apply`], on a CPU with AVX-512F.
+    /// As [`Epi::apply_ld`], on a CPU with AVX-512F.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn apply_avx512(
         &self,
-        out: *mut f32,
+        blk: *mut f32,
+        ld: usize,
         n: usize,
         r0: usize,
         r1: usize,
         j0: usize,
         nc: usize,
     ) {
-        self.apply_rows(out, n, r0, r1, j0, nc)
+        self.apply_rows(blk, ld, n, r0, r1, j0, nc)
     }
 
     /// # Safety
-    /// As [`Epi::apply`].
+    /// As [`Epi::apply_ld`].
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn apply_rows(
         &self,
-        out: *mut f32,
+        blk: *mut f32,
+        ld: usize,
         n: usize,
         r0: usize,
         r1: usize,
@@ -540,7 +568,7 @@ impl Epi<'_> {
         nc: usize,
     ) {
         for r in r0..r1 {
-            let o = std::slice::from_raw_parts_mut(out.add(r * n + j0), nc);
+            let o = std::slice::from_raw_parts_mut(blk.wrapping_add(r * ld + j0), nc);
             if let Some(s) = self.row_scale {
                 let s = s[r];
                 o.iter_mut().for_each(|v| *v *= s);

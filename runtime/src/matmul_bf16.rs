@@ -7,7 +7,9 @@
 //!   against every input row's broadcast bf16 pair, giving 16 outputs per accumulator without
 //!   horizontal sums; the weight is streamed once per call, output blocks split over the pool;
 //! - more rows with AMX: 32×32 output blocks of four `tdpbf16ps` tiles, the activations as
-//!   A tiles straight from the rounded rows, the packed weight as B tiles;
+//!   A tiles straight from the rounded rows, the packed weight as B tiles, summed in depth
+//!   chunks into an L1/L2-resident accumulator where the whole epilogue (the gated unit and
+//!   the rotation included) runs before `out` is written once;
 //! - more rows without AMX: the decode kernel on groups of 8 rows over L2-sized weight blocks;
 //! - without AVX-512-BF16 (or off x86): a portable scalar kernel over the same layout.
 
@@ -18,6 +20,10 @@ use std::cell::RefCell;
 
 /// Up to this many rows use the streaming (decode) kernel even when AMX is present.
 const SMALL_M: usize = 8;
+
+/// Depth steps (32 each) per chunk of the AMX kernel: 32 rows × 256 bf16 of activations
+/// (16 KiB) stay in L1 while the chunk runs over every weight block of a group.
+const KC_STEPS: usize = 8;
 
 /// Weight bytes per task block of the row-group fallback and per L2 sub-block of the AMX
 /// kernel (half of a 2 MiB L2).
@@ -96,22 +102,52 @@ pub fn matmul_bf16_epi_on(
     epi: &Epi,
 ) {
     let amx = host.and_then(|h| h.bf16_amx);
-    if epi.glu.is_none() && epi.norm.is_none() && epi.rope.is_none() {
-        return matmul_bf16_path_on(amx, x, w, out, m, threads, epi, Path::best());
-    }
-    // The bf16 kernels' column blocks follow the packed 16-output layout, not the gate/up
-    // blocks or the rotary heads, and do not join for a row reduction: the product with the
-    // per-element terms, then the gated unit or the rotation, and the norm, over the finished
-    // rows (still in cache for decode).
-    let base = Epi {
-        glu: None,
+    matmul_bf16_path_on(amx, x, w, out, m, threads, epi, Path::best())
+}
+
+/// [`matmul_bf16_epi`] on a chosen path (which must be one of [`Path::supported`]).
+pub fn matmul_bf16_path(
+    x: &[f32],
+    w: &Packed,
+    out: &mut [f32],
+    m: usize,
+    threads: usize,
+    epi: &Epi,
+    path: Path,
+) {
+    matmul_bf16_path_on(None, x, w, out, m, threads, epi, path)
+}
+
+/// [`matmul_bf16_path`]; on the AMX path, `host` (an artifact's AMX GEMM) computes the
+/// products in place of the runtime's tile kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bf16_path_on(
+    host: Option<AmxGemmFn>,
+    x: &[f32],
+    w: &Packed,
+    out: &mut [f32],
+    m: usize,
+    threads: usize,
+    epi: &Epi,
+    path: Path,
+) {
+    let n = w.n();
+    // The runtime's AMX kernel finishes 32-column blocks in its accumulator, so it takes the
+    // gated unit and the rotation along when they fall on whole blocks. The other kernels'
+    // column blocks follow the packed 16-output layout, not the gate/up blocks or the rotary
+    // heads: they get the per-element terms, and the gated unit or the rotation runs over the
+    // finished rows (still in cache for decode). A row reduction waits for every column.
+    let tiles = path == Path::Amx && m > SMALL_M && host.is_none();
+    let fused = tiles && epi.align().is_multiple_of(32);
+    let late = !fused && (epi.glu.is_some() || epi.rope.is_some());
+    let first = Epi {
+        glu: if late { None } else { epi.glu },
+        rope: if late { None } else { epi.rope },
         norm: None,
-        rope: None,
         ..*epi
     };
-    matmul_bf16_path_on(amx, x, w, out, m, threads, &base, Path::best());
-    let n = w.n();
-    if epi.glu.is_some() || epi.rope.is_some() {
+    product(host, x, w, out, m, threads, &first, path);
+    if late {
         let last = Epi {
             glu: epi.glu,
             rope: epi.rope,
@@ -141,23 +177,10 @@ pub fn matmul_bf16_epi_on(
     }
 }
 
-/// [`matmul_bf16_epi`] on a chosen path (which must be one of [`Path::supported`]).
-pub fn matmul_bf16_path(
-    x: &[f32],
-    w: &Packed,
-    out: &mut [f32],
-    m: usize,
-    threads: usize,
-    epi: &Epi,
-    path: Path,
-) {
-    matmul_bf16_path_on(None, x, w, out, m, threads, epi, path)
-}
-
-/// [`matmul_bf16_path`]; on the AMX path, `host` (an artifact's AMX GEMM) computes the
-/// products in place of the runtime's tile kernel.
+/// The product with `epi`'s terms (no row reduction; a gated unit or rotation only where the
+/// path's blocks are whole ones, as [`matmul_bf16_path_on`] arranges).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_bf16_path_on(
+fn product(
     host: Option<AmxGemmFn>,
     x: &[f32],
     w: &Packed,
@@ -178,8 +201,12 @@ pub fn matmul_bf16_path_on(
         return;
     }
     let amx = path == Path::Amx && m > SMALL_M;
-    // AMX reads A tiles 32 rows at a time: pad with zero rows.
+    // AMX reads A tiles 32 rows at a time: pad with zero rows. The runtime's tile kernel
+    // reads 32-row chunks of A from L1, so its rows are padded by one line off the 4 KiB
+    // stride that would put them all in a few cache sets.
     let rows = if amx { m.next_multiple_of(32) } else { m };
+    let kw = w.kp() / 2;
+    let xld = if amx && host.is_none() { kw + 16 } else { kw };
     XQ.with(|cell| {
         // A rayon worker waiting inside one call can pick up another session's call on the
         // same pool; that one gets its own buffer.
@@ -193,7 +220,7 @@ pub fn matmul_bf16_path_on(
             &x[..m * k],
             m,
             k,
-            w.kp(),
+            xld,
             rows,
             xq,
             path != Path::Portable,
@@ -202,29 +229,30 @@ pub fn matmul_bf16_path_on(
         let xq: &[u32] = xq;
         if amx {
             #[cfg(target_arch = "x86_64")]
-            amx_gemm(xq, w, out, m, threads, epi, host);
+            amx_gemm(xq, xld, w, out, m, threads, epi, host);
         } else {
             dot_gemm(xq, w, out, m, threads, epi, path);
         }
     });
 }
 
-/// `x[m, k]` rounded into `dst` as `rows` rows of `kp / 2` bf16 pairs, zero beyond `m` and `k`
-/// (row blocks split over the pool when large).
+/// `x[m, k]` rounded into `dst` as `rows` rows of `kw` words (bf16 pairs), zero beyond `m`
+/// and `k` (row blocks split over the pool when large).
 #[allow(clippy::too_many_arguments)]
 fn round_rows(
     x: &[f32],
     m: usize,
     k: usize,
-    kp: usize,
+    kw: usize,
     rows: usize,
     dst: &mut Vec<u32>,
     simd: bool,
     threads: usize,
 ) {
-    let kw = kp / 2;
-    dst.clear();
+    // Every word is written below (pairs, then zeros): the buffer is reused across calls
+    // without a memset of the whole of it.
     dst.resize(rows * kw, 0);
+    dst[m * kw..].fill(0);
     if threads > 1 && m * k >= 1 << 16 {
         let per = m.div_ceil(threads * 2);
         dst[..m * kw]
@@ -244,6 +272,7 @@ fn round_rows_serial(x: &[f32], m: usize, k: usize, kw: usize, dst: &mut [u32], 
         if simd && std::arch::is_x86_feature_detected!("avx512bf16") {
             // SAFETY: the feature is present; `d` holds k.div_ceil(2) words or more.
             unsafe { x86::round_row(src, d) };
+            d[k.div_ceil(2)..].fill(0);
             continue;
         }
         let _ = simd;
@@ -254,6 +283,7 @@ fn round_rows_serial(x: &[f32], m: usize, k: usize, kw: usize, dst: &mut [u32], 
                 .map_or(0, |&v| crate::bf16::to_bf16(v) as u32);
             *o = lo | (hi << 16);
         }
+        d[k.div_ceil(2)..].fill(0);
     }
 }
 
@@ -348,10 +378,16 @@ unsafe fn dot_blocks(
 }
 
 /// The AMX GEMM: output block pairs (32 features) split over the pool, each task walking
-/// L2-sized groups of block pairs and, for each, every 32-row block of `x`.
+/// L2-sized groups of block pairs and, for each, every 32-row block of `x` in depth chunks;
+/// then the epilogue over the group's accumulator. Before, the tiles were stored straight to
+/// `out` (rows 4 KiB apart, so a 32-row block crowded a few L1 sets) and the gated unit and
+/// the rotation were a second pass over the whole product: this took bf16 prefill-512 of the
+/// d=1024 model from 654–680 to 781–808 tok/s (BENCHMARKS.md).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn amx_gemm(
     xq: &[u32],
+    xld: usize,
     w: &Packed,
     out: &mut [f32],
     m: usize,
@@ -366,7 +402,11 @@ fn amx_gemm(
     let xp = xq.as_ptr() as usize;
     let wp = w.words().as_ptr() as usize;
     let per_pair = 32 * kp * 2;
-    let group = (BLOCK_BYTES / per_pair).max(1);
+    // Tasks and groups start at whole gate/up blocks or heads (`epi.align()`, a multiple of
+    // 32 columns when the caller fuses those terms here).
+    let unit = (epi.align() / 32).max(1);
+    let group = (BLOCK_BYTES / per_pair).max(unit) / unit * unit;
+    let steps = kp / 32;
     let task = |p0: usize, p1: usize| {
         if let Some(f) = host {
             // The artifact's kernel configures (and releases) the tiles itself.
@@ -400,48 +440,54 @@ fn amx_gemm(
         }
         // SAFETY: `amx_gemm` only runs on the Amx path, which requires `amx::available()`.
         let _tiles = unsafe { crate::amx::Tiles::new() };
-        let mut scratch = [0f32; 32 * 32];
+        // The group's sums for one 32-row block, rows padded off the 4 KiB alias stride.
+        let ld = group * 32 + 16;
+        let mut acc = vec![0f32; 32 * ld];
+        let ap = acc.as_mut_ptr();
         let mut g0 = p0;
         while g0 < p1 {
             let g1 = (g0 + group).min(p1);
+            let (j0, j1) = (g0 * 32, (g1 * 32).min(n));
             for t0 in (0..m).step_by(32) {
                 let tr = (m - t0).min(32);
-                for bp in g0..g1 {
-                    let j0 = bp * 32;
-                    let jc = (n - j0).min(32);
-                    let full = tr == 32 && jc == 32;
-                    let (c, cs) = if full {
-                        ((op as *mut f32).wrapping_add(t0 * n + j0), n * 4)
-                    } else {
-                        (scratch.as_mut_ptr(), 32 * 4)
-                    };
-                    // SAFETY: xq has m.next_multiple_of(32) rows of kp bf16; the packed weight
-                    // has 2·pairs blocks of kp/2 · 16 words; `c` is this task's own block.
-                    unsafe {
-                        crate::amx::block_2x2(
-                            (xp as *const u16).add(t0 * kp),
-                            kp * 2,
-                            (wp as *const u32).add(2 * bp * 8 * kp),
-                            (wp as *const u32).add((2 * bp + 1) * 8 * kp),
-                            kp / 32,
-                            c,
-                            cs,
-                        );
-                    }
-                    if !full {
-                        for r in 0..tr {
-                            // SAFETY: rows t0..t0+tr, columns j0..j0+jc belong to this task.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    scratch.as_ptr().add(r * 32),
-                                    (op as *mut f32).add((t0 + r) * n + j0),
-                                    jc,
-                                )
-                            };
+                let mut s0 = 0;
+                while s0 < steps {
+                    let s1 = (s0 + KC_STEPS).min(steps);
+                    for bp in g0..g1 {
+                        // SAFETY: xq has m.next_multiple_of(32) rows of `xld` words covering
+                        // kp bf16; the packed weight has 2·pairs blocks of `steps` 1 KiB
+                        // steps; `acc` has 32 rows of `ld ≥ 32·group` floats.
+                        unsafe {
+                            crate::amx::block_2x2(
+                                (xp as *const u16).add(2 * t0 * xld + 32 * s0),
+                                xld * 4,
+                                (wp as *const u32).add(2 * bp * 8 * kp + 256 * s0),
+                                (wp as *const u32).add((2 * bp + 1) * 8 * kp + 256 * s0),
+                                s1 - s0,
+                                ap.add((bp - g0) * 32),
+                                ld * 4,
+                                s0 > 0,
+                            );
                         }
                     }
-                    // SAFETY: as above.
-                    unsafe { epi.apply(op as *mut f32, n, t0, t0 + tr, j0, jc) };
+                    s0 = s1;
+                }
+                // `acc` holds rows t0.., columns j0..: address (r, j) as `base + r·ld + j`.
+                let base = ap.wrapping_sub(t0 * ld + j0);
+                // SAFETY: the block is this task's; `fused` epilogues were checked by the
+                // caller for [m, n] (`j0`, `j1` are whole gate/up blocks or heads).
+                unsafe { epi.apply_ld(base, ld, n, t0, t0 + tr, j0, j1 - j0) };
+                if epi.glu.is_none() {
+                    for r in 0..tr {
+                        // SAFETY: rows t0..t0+tr, columns j0..j1 belong to this task.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                ap.add(r * ld),
+                                (op as *mut f32).add((t0 + r) * n + j0),
+                                j1 - j0,
+                            )
+                        };
+                    }
                 }
             }
             g0 = g1;
@@ -451,7 +497,7 @@ fn amx_gemm(
         task(0, pairs);
         return;
     }
-    let chunk = pairs.div_ceil(threads);
+    let chunk = pairs.div_ceil(threads).next_multiple_of(unit);
     crate::par::for_each(pairs.div_ceil(chunk), |c| {
         let p0 = c * chunk;
         task(p0, (p0 + chunk).min(pairs));
@@ -685,7 +731,14 @@ mod tests {
         use crate::matmul::{matmul_epi, GluEpi, NormEpi};
         let mut s = 21u64;
         let p = pool(2);
-        for &(m, k, half) in &[(1usize, 40usize, 48usize), (3, 64, 32), (20, 33, 40)] {
+        // The last shape spans several L2 groups and depth chunks of the AMX kernel, which
+        // finishes the gated unit in its accumulator.
+        for &(m, k, half) in &[
+            (1usize, 40usize, 48usize),
+            (3, 64, 32),
+            (20, 33, 40),
+            (40, 1024, 704),
+        ] {
             let n = 2 * half;
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
@@ -702,17 +755,20 @@ mod tests {
                     ..Epi::default()
                 };
                 p.install(|| matmul_epi(&xr, &wr, &mut s1, m, k, n, threads, &e));
-                let e = Epi {
-                    glu: Some(GluEpi::new(&mut got, 16, EwOp::Silu(0))),
-                    ..Epi::default()
-                };
-                p.install(|| matmul_bf16_epi(&x, &packed, &mut s2, m, threads, &e));
-                close(
-                    &got,
-                    &want,
-                    k,
-                    &format!("glu ({m},{k},{n}) threads {threads}"),
-                );
+                for path in Path::supported() {
+                    got.iter_mut().for_each(|v| *v = f32::NAN);
+                    let e = Epi {
+                        glu: Some(GluEpi::new(&mut got, 16, EwOp::Silu(0))),
+                        ..Epi::default()
+                    };
+                    p.install(|| matmul_bf16_path(&x, &packed, &mut s2, m, threads, &e, path));
+                    close(
+                        &got,
+                        &want,
+                        k,
+                        &format!("glu {path:?} ({m},{k},{n}) threads {threads}"),
+                    );
+                }
                 // RMSNorm with a gain, and the 1/rms of the result.
                 let (mut q1, mut q2) = (vec![0f32; m], vec![0f32; m]);
                 let (mut o1, mut o2) = (vec![0f32; m * n], vec![0f32; m * n]);
@@ -755,6 +811,9 @@ mod tests {
             (1usize, 40usize, 48usize, 8usize),
             (3, 64, 96, 6),
             (20, 33, 128, 64),
+            // Heads of 2 and 4 AMX column blocks, tasks and groups cut at whole heads.
+            (40, 1024, 1280, 64),
+            (33, 64, 384, 128),
         ] {
             let mut t = crate::rope::Rope::new(&RopeTable {
                 head_dim: hd,
@@ -788,13 +847,16 @@ mod tests {
                 for threads in [1, 2] {
                     let (mut o1, mut o2) = (vec![0f32; m * n], vec![0f32; m * n]);
                     p.install(|| matmul_epi(&xr, &wr, &mut o1, m, k, n, threads, &e));
-                    p.install(|| matmul_bf16_epi(&x, &packed, &mut o2, m, threads, &e));
-                    close(
-                        &o2,
-                        &o1,
-                        k,
-                        &format!("rope {style:?} ({m},{k},{n}) threads {threads}"),
-                    );
+                    for path in Path::supported() {
+                        o2.iter_mut().for_each(|v| *v = f32::NAN);
+                        p.install(|| matmul_bf16_path(&x, &packed, &mut o2, m, threads, &e, path));
+                        close(
+                            &o2,
+                            &o1,
+                            k,
+                            &format!("rope {style:?} {path:?} ({m},{k},{n}) threads {threads}"),
+                        );
+                    }
                 }
             }
         }
@@ -805,11 +867,15 @@ mod tests {
         let mut s = 2u64;
         let (m, k) = (300usize, 333usize);
         let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
-        let kp = k.next_multiple_of(32);
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        pool(2).install(|| round_rows(&x, m, k, kp, 320, &mut a, true, 2));
-        round_rows(&x, m, k, kp, 320, &mut b, false, 1);
+        // Rows padded past the pairs, as the AMX kernel lays them out.
+        let kw = k.next_multiple_of(32) / 2 + 16;
+        // A reused buffer: nothing of an earlier call's layout may survive.
+        let (mut a, mut b) = (vec![u32::MAX; 2 * 320 * kw], Vec::new());
+        pool(2).install(|| round_rows(&x, m, k, kw, 320, &mut a, true, 2));
+        round_rows(&x, m, k, kw, 320, &mut b, false, 1);
         assert_eq!(a, b);
+        assert!(a[k.div_ceil(2)..kw].iter().all(|&v| v == 0));
+        assert!(a[m * kw..].iter().all(|&v| v == 0) && a.len() == 320 * kw);
     }
 
     #[test]
@@ -819,10 +885,60 @@ mod tests {
             let x: Vec<f32> = (0..k).map(|_| lcg(&mut s) * 1e3).collect();
             let kp = k.next_multiple_of(32);
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            round_rows(&x, 1, k, kp, 2, &mut a, true, 1);
-            round_rows(&x, 1, k, kp, 2, &mut b, false, 1);
+            round_rows(&x, 1, k, kp / 2, 2, &mut a, true, 1);
+            round_rows(&x, 1, k, kp / 2, 2, &mut b, false, 1);
             assert_eq!(a, b, "k = {k}");
             assert!(a[kp / 2..].iter().all(|&v| v == 0));
+        }
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use crate::test_util::{lcg, pool};
+
+    /// The prefill GEMM's throughput at the d=1024 model's shapes (m = 512):
+    /// `cargo test --release -p loopc-runtime bench_amx_gemm -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_amx_gemm() {
+        let mut s = 3u64;
+        let p = pool(2);
+        let m = 512;
+        for &(k, n) in &[
+            (1024usize, 3072usize),
+            (1024, 1024),
+            (1024, 5632),
+            (2816, 1024),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let packed = Packed::from_f32(&w, n, k);
+            let mut o = vec![0f32; m * n];
+            for threads in [1, 2] {
+                let mut best = f64::MAX;
+                for _ in 0..7 {
+                    let t = std::time::Instant::now();
+                    p.install(|| {
+                        matmul_bf16_path(
+                            &x,
+                            &packed,
+                            &mut o,
+                            m,
+                            threads,
+                            &Epi::default(),
+                            Path::best(),
+                        )
+                    });
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                let gf = 2.0 * (m * n * k) as f64 / best / 1e9;
+                eprintln!(
+                    "m={m} k={k} n={n} threads={threads}: {:.3} ms, {gf:.0} GFLOP/s",
+                    best * 1e3
+                );
+            }
         }
     }
 }
