@@ -98,7 +98,8 @@ unsafe fn host_call(
 /// `dst[m, n] = x[m, k] · B` (all row strides in elements) where element `(kk, j)` of `B` is at
 /// `rhs + kk·rhs_rs + j·rhs_cs`: one call shape for the `Linear` (Wᵀ) and `Conv1D` (W) layouts
 /// and for column blocks of either. With `host`, the artifact's GEMM computes it (its own
-/// column split over the pool when `par` asks for threads), else `gemm`.
+/// column split over the pool when `par` asks for threads); else, for the `Linear` layout at
+/// the row counts where it wins, the unpacked dot-product kernel (`dot`); else `gemm`.
 ///
 /// # Safety
 /// Every pointer must cover the elements the strides address.
@@ -148,6 +149,41 @@ pub(crate) unsafe fn gemm_block(
                     ldb,
                 );
             }
+        });
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if rhs_rs == 1 && x_rs > 0 && rhs_cs > 0 && dst_rs > 0 && dot::wins(m, k) {
+        // `B` is row-major `W` (the `Linear` layout): the unpacked dot-product kernel, on
+        // column blocks over the pool when `par` asks for threads.
+        let (ldx, ldw, ldo) = (x_rs as usize, rhs_cs as usize, dst_rs as usize);
+        let threads = match par {
+            gemm::Parallelism::Rayon(t) => t.max(1),
+            _ => 1,
+        };
+        if threads == 1 {
+            dot::gemm_dot(m, n, k, x, ldx, rhs, ldw, dst, ldo);
+            return;
+        }
+        let cols = n.div_ceil(threads * 2).next_multiple_of(16);
+        let (d, xa, r) = (dst as usize, x as usize, rhs as usize);
+        crate::par::for_each(n.div_ceil(cols), |c| {
+            let j0 = c * cols;
+            // SAFETY: each task writes its own columns j0.. of dst from weight rows j0..; the
+            // caller's pointers cover all of them.
+            unsafe {
+                dot::gemm_dot(
+                    m,
+                    cols.min(n - j0),
+                    k,
+                    xa as *const f32,
+                    ldx,
+                    (r as *const f32).add(j0 * ldw),
+                    ldw,
+                    (d as *mut f32).add(j0),
+                    ldo,
+                )
+            };
         });
         return;
     }
@@ -1500,6 +1536,9 @@ mod tests {
             (3, 64, 70),
             (8, 300, 257),
             (40, 96, 300),
+            // The dot-product kernel (9 ≤ m ≤ 256, k ≥ 256): block and depth tails.
+            (40, 300, 257),
+            (130, 1100, 100),
             (600, 64, 200),
             (20, 17, 5),
         ] {
@@ -1563,6 +1602,7 @@ mod tests {
             (1, 300, 520, 16),
             (1, 64, 50, 3),
             (3, 64, 70, 16),
+            (40, 300, 70, 16),
             (8, 300, 257, 8),
             (40, 96, 300, 16),
             (600, 64, 200, 16),
@@ -1621,6 +1661,7 @@ mod tests {
             (3, 64, 70),
             (8, 300, 257),
             (40, 96, 300),
+            (40, 300, 257),
             (100, 128, 400),
             (600, 64, 200),
             (5, 0, 12),
@@ -1703,6 +1744,7 @@ mod tests {
             (8, 300, 258, 6),
             (100, 128, 390, 6),
             (100, 128, 384, 64),
+            (100, 300, 384, 64),
             (600, 64, 192, 8),
             (5, 0, 12, 4),
         ] {
@@ -1840,6 +1882,8 @@ mod tests {
             (64, 96, 80, 123),
             (130, 64, 257, 64),
             (200, 128, 300, 5),
+            // The dot-product kernel on an unaligned window.
+            (50, 300, 70, 3),
         ] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
             let big: Vec<f32> = (0..off + n * k + 11).map(|_| lcg(&mut s)).collect();
@@ -2079,5 +2123,6 @@ mod bench {
     }
 }
 
+mod dot;
 mod parts;
 pub use parts::{matmul_parts, matmul_parts_on, Part, MAX_PARTS};
