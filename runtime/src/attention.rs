@@ -13,6 +13,8 @@
 use crate::matmul::{exp_f32, gemm_block, HostGemm};
 use std::cell::RefCell;
 
+mod tiles;
+
 /// Query rows per work unit: `S` for one unit is `ROWS × keys` floats (128 KiB at 512 keys).
 const ROWS: usize = 64;
 
@@ -22,6 +24,8 @@ pub(crate) const MIN_ROWS: usize = 32;
 thread_local! {
     /// A thread's `S`/`P` block.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's packed Kᵀ and V of every kv head (the register-tile path).
+    static KT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The shapes of one call.
@@ -52,6 +56,9 @@ pub unsafe fn causal_gemm(
     threads: usize,
     host: Option<HostGemm>,
 ) {
+    if host.is_none() && tiles::supported(&s) {
+        return causal_tiles(q, k, v, out, rows, pos0, s, threads);
+    }
     let group = s.heads / s.kv_heads.max(1);
     let (qrow, kvrow) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     let blocks = rows.div_ceil(ROWS);
@@ -113,6 +120,107 @@ pub unsafe fn causal_gemm(
         crate::par::for_each(units, unit);
     } else {
         (0..units).for_each(unit);
+    }
+}
+
+/// [`causal_gemm`] in register tiles: every kv head's Kᵀ and V packed once (over the pool),
+/// then the (head, row block) units as in the `gemm` path.
+///
+/// # Safety
+/// As [`causal_gemm`]; [`tiles::supported`] returned true.
+#[allow(clippy::too_many_arguments)]
+unsafe fn causal_tiles(
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    out: *mut f32,
+    rows: usize,
+    pos0: usize,
+    s: Shape,
+    threads: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let group = s.heads / s.kv_heads.max(1);
+        let (hd, kvrow) = (s.head_dim, s.kv_heads * s.head_dim);
+        let (nk, nkp) = (pos0 + rows, tiles::padded(pos0 + rows));
+        // Per kv head: Kᵀ, then V.
+        let per_head = hd * nkp + nk * hd;
+        KT.with(|cell| {
+            // A pool thread waiting inside this call can pick up another session's call;
+            // that one gets its own buffer.
+            let mut own = Vec::new();
+            let mut held = cell.try_borrow_mut();
+            let kt: &mut Vec<f32> = match held.as_deref_mut() {
+                Ok(b) => b,
+                Err(_) => &mut own,
+            };
+            if kt.len() < s.kv_heads * per_head {
+                kt.resize(s.kv_heads * per_head, 0.0);
+            }
+            let (ktp, k, q, v, out) = (
+                kt.as_mut_ptr() as usize,
+                k as usize,
+                q as usize,
+                v as usize,
+                out as usize,
+            );
+            let pack = |g: usize| {
+                let dst = (ktp as *mut f32).wrapping_add(g * per_head);
+                // SAFETY: the caller's cache holds nk rows; head g's block is this task's.
+                unsafe {
+                    tiles::pack_kt(k as *const f32, kvrow, g, hd, nk, nkp, dst);
+                    tiles::pack_v(v as *const f32, kvrow, g, hd, nk, dst.add(hd * nkp));
+                }
+            };
+            let blocks = rows.div_ceil(tiles::ROWS);
+            let unit = |u: usize| {
+                // Row blocks from the last: the largest units start first.
+                let (h, b) = (u % s.heads, blocks - 1 - u / s.heads);
+                let (r0, r1) = (b * tiles::ROWS, ((b + 1) * tiles::ROWS).min(rows));
+                let g = h / group;
+                SCORES.with_borrow_mut(|sc| {
+                    let need = tiles::ROWS * (nkp + hd);
+                    if sc.len() < need {
+                        sc.resize(need, 0.0);
+                    }
+                    let mut inv = [0f32; tiles::ROWS];
+                    // SAFETY: Kᵀ of head g is packed (the pack loop joined); the scratch is
+                    // this thread's; units write disjoint (rows, head) blocks of out.
+                    unsafe {
+                        let kt = (ktp as *const f32).add(g * per_head);
+                        tiles::unit(
+                            q as *const f32,
+                            kt,
+                            nkp,
+                            kt.add(hd * nkp),
+                            out as *mut f32,
+                            h,
+                            r0,
+                            r1,
+                            pos0,
+                            s,
+                            sc.as_mut_ptr(),
+                            sc.as_mut_ptr().add(tiles::ROWS * nkp),
+                            &mut inv,
+                        )
+                    };
+                });
+            };
+            let units = blocks * s.heads;
+            if threads > 1 && units > 1 {
+                crate::par::for_each(s.kv_heads, pack);
+                crate::par::for_each(units, unit);
+            } else {
+                (0..s.kv_heads).for_each(pack);
+                (0..units).for_each(unit);
+            }
+        });
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (q, k, v, out, rows, pos0, s, threads);
+        unreachable!("tiles::supported is false off x86_64");
     }
 }
 
@@ -329,9 +437,13 @@ unsafe fn softmax_avx2(x: &mut [f32], scale: f32) {
 
 #[inline(always)]
 fn softmax_lanes(x: &mut [f32], scale: f32) {
+    // Whole blocks of 16 as fixed-size arrays, so each pass is straight 16-lane code (a plain
+    // loop over the slice vectorized to 8 lanes with a scalar tail), and the exponentials and
+    // their sum in one pass.
     let mut mx = [f32::MIN; 16];
     let mut it = x.chunks_exact(16);
     for c in &mut it {
+        let c: &[f32; 16] = c.try_into().expect("16 floats");
         for (m, v) in mx.iter_mut().zip(c) {
             *m = m.max(*v);
         }
@@ -342,18 +454,29 @@ fn softmax_lanes(x: &mut [f32], scale: f32) {
         .chain(&mx)
         .fold(f32::MIN, |a, &b| a.max(b))
         * scale;
-    for e in x.iter_mut() {
-        *e = exp_f32(*e * scale - mx);
-    }
     let mut sum = [0f32; 16];
-    let mut it = x.chunks_exact(16);
+    let mut it = x.chunks_exact_mut(16);
     for c in &mut it {
-        for (a, v) in sum.iter_mut().zip(c) {
-            *a += v;
+        let c: &mut [f32; 16] = c.try_into().expect("16 floats");
+        for (e, a) in c.iter_mut().zip(sum.iter_mut()) {
+            *e = exp_f32(*e * scale - mx);
+            *a += *e;
         }
     }
-    let inv = 1.0 / (sum.iter().sum::<f32>() + it.remainder().iter().sum::<f32>());
-    for e in x.iter_mut() {
+    let mut tail = 0f32;
+    for e in it.into_remainder() {
+        *e = exp_f32(*e * scale - mx);
+        tail += *e;
+    }
+    let inv = 1.0 / (sum.iter().sum::<f32>() + tail);
+    let mut it = x.chunks_exact_mut(16);
+    for c in &mut it {
+        let c: &mut [f32; 16] = c.try_into().expect("16 floats");
+        for e in c.iter_mut() {
+            *e *= inv;
+        }
+    }
+    for e in it.into_remainder() {
         *e *= inv;
     }
 }
@@ -411,7 +534,8 @@ mod tests {
     }
 
     /// Row counts around the block size, a chunk after earlier positions (`pos0 > 0`), grouped
-    /// KV heads and a head size that is not a multiple of 16, on one and two threads.
+    /// KV heads, head sizes that are not multiples of 16 (the `gemm` path) and that are (the
+    /// register tiles on AVX-512), on one and two threads.
     #[test]
     fn matches_the_definition() {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -424,6 +548,10 @@ mod tests {
             (65, 0, 4, 2, 8),
             (130, 37, 3, 1, 20),
             (64, 200, 2, 1, 64),
+            // Register tiles (head sizes of 16·c): row and column-chunk tails, GQA, pos0 > 0.
+            (65, 0, 4, 2, 80),
+            (130, 37, 3, 1, 32),
+            (100, 5, 2, 2, 128),
         ] {
             let s = Shape {
                 heads,
@@ -525,6 +653,58 @@ mod tests {
                     "rows {r0}..{r1} pos0={pos0} heads={heads}/{kv_heads} hd={head_dim} threads={threads}: {worst:e}"
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use crate::test_util::{lcg, pool};
+
+    /// One layer's prefill attention of the d=1024 model (16 heads of 64, 512 rows):
+    /// `cargo test --release -p loopc-runtime bench_causal_gemm -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_causal_gemm() {
+        let mut s = 5u64;
+        let p = pool(2);
+        let sh = Shape {
+            heads: 16,
+            kv_heads: 16,
+            head_dim: 64,
+            scale: 0.125,
+        };
+        for rows in [128usize, 512] {
+            let w = sh.heads * sh.head_dim;
+            let q: Vec<f32> = (0..rows * w).map(|_| lcg(&mut s)).collect();
+            let k: Vec<f32> = (0..rows * w).map(|_| lcg(&mut s)).collect();
+            let v: Vec<f32> = (0..rows * w).map(|_| lcg(&mut s)).collect();
+            let mut o = vec![0f32; rows * w];
+            let flops = 4.0 * (sh.heads * rows * rows / 2 * sh.head_dim) as f64;
+            let mut best = f64::MAX;
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                p.install(|| unsafe {
+                    causal_gemm(
+                        q.as_ptr(),
+                        k.as_ptr(),
+                        v.as_ptr(),
+                        o.as_mut_ptr(),
+                        rows,
+                        0,
+                        sh,
+                        2,
+                        None,
+                    )
+                });
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            eprintln!(
+                "rows {rows}: {:.3} ms, {:.0} GFLOP/s (causal half)",
+                best * 1e3,
+                flops / best / 1e9
+            );
         }
     }
 }
