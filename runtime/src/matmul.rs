@@ -2123,6 +2123,6 @@ mod bench {
     }
 }
 
-mod dot;
+pub(crate) mod dot;
 mod parts;
 pub use parts::{matmul_parts, matmul_parts_on, Part, MAX_PARTS};

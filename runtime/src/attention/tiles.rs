@@ -244,7 +244,7 @@ unsafe fn o_tile<const R: usize, const C: usize>(
 /// `x ← exp(scale·x − scale·max x)` with the kernels' `exp`; returns the sum.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn exp_row(x: &mut [f32], scale: f32) -> f32 {
+pub(super) unsafe fn exp_row(x: &mut [f32], scale: f32) -> f32 {
     let n = x.len();
     let p = x.as_mut_ptr();
     let full = n / 16 * 16;

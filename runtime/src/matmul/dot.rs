@@ -182,7 +182,7 @@ unsafe fn block<const RR: usize, const GG: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn reduce4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+pub(crate) unsafe fn reduce4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
     // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [Σa, Σb, Σc, Σd] of the lane.
     let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
     let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
