@@ -285,8 +285,8 @@ pub unsafe fn causal_rows(
                 let (r, span) = (r0 + u / spans, u % spans);
                 let (h0, h1) = (span * s.heads / spans, (span + 1) * s.heads / spans);
                 let n = keys(r);
-                if sc.len() < n * (h1 - h0) {
-                    sc.resize(n * (h1 - h0), 0.0);
+                if sc.len() < n {
+                    sc.resize(n, 0.0);
                 }
                 // SAFETY: per the caller; units write disjoint (row, heads) slices of out.
                 #[cfg(target_arch = "x86_64")]
@@ -296,7 +296,7 @@ pub unsafe fn causal_rows(
                         k as *const f32,
                         v as *const f32,
                         (out as *mut f32).add(r * qrow),
-                        &mut sc[..n * (h1 - h0)],
+                        &mut sc[..n],
                         n,
                         (h0, h1, group),
                         s.head_dim,

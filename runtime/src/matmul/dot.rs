@@ -39,7 +39,7 @@ fn chunk_len(k: usize) -> usize {
 
 /// Whether a product of `m` rows and depth `k` runs here rather than in `gemm`: measured on
 /// two cores (`bench_gemm_dot`, aligned operands, d=1024 shapes), this kernel ran 252–276
-/// GFLOP/s at m = 128 where `gemm` ran 187–212, 239–267 against 131–160 at m = 64, and 3–9×
+/// GFLOP/s at m = 128 where `gemm` ran 187–212, 239–267 against 131–160 at m = 64, and 3–10×
 /// `gemm` at m = 16; the two were even at m = 256 and `gemm` led from m = 384 (its packed
 /// panels of `x` stay in L2; these rows come from L3). Short depths (attention's head-sized
 /// products) would spend too much in the lane sums.
@@ -178,7 +178,9 @@ unsafe fn block<const RR: usize, const GG: usize>(
     }
 }
 
-/// The lane sums of four vectors, as one 4-lane vector.
+/// The lane sums of four vectors, as one 4-lane vector. (`attention`'s `reduce4_ordered`
+/// sums in `_mm512_reduce_add_ps`'s order instead; used here it took this kernel from ~320
+/// to ~108 GFLOP/s at m = 128, so the two stay apart.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
