@@ -600,11 +600,12 @@ mod x86 {
         // With several input rows, the next group's blocks (they follow these in memory) are
         // prefetched into L2 at this group's offsets: a block is 16·k/2 words, each its own
         // stream of pages that the hardware prefetchers pick up late. d=1024 bf16 decode at
-        // batch 8 went from 78–80 to 128–129 tok/s. For one row it cost d=256 decode 20 %
-        // (groups are small there and the next is often another task's), so not there.
+        // batch 8 went from 78–80 to 128–129 tok/s, at batch 1 from 26.6–27.0 to 27.8–31.0.
+        // For one row of a short depth it cost d=256 decode 20 % (its groups are small and
+        // the next is often another task's), so not there.
         let ahead = wp.wrapping_add(NB * 16 * kw) as *const i8;
         for p in 0..kw {
-            if T > 1 {
+            if T > 1 || kw >= 512 {
                 for u in 0..NB {
                     _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add((u * 16 * kw + p * 16) * 4));
                 }
