@@ -1559,9 +1559,10 @@ mod tests {
             (3, 64, 70),
             (8, 300, 257),
             (40, 96, 300),
-            // The dot-product kernel (9 ≤ m ≤ 256, k ≥ 256): block and depth tails.
+            // The dot-product kernel (9 ≤ m ≤ 256, k ≥ 256; k ≤ 1024 past m = 128): block and
+            // depth tails.
             (40, 300, 257),
-            (130, 1100, 100),
+            (120, 1100, 100),
             (600, 64, 200),
             (20, 17, 5),
         ] {

@@ -42,9 +42,10 @@ fn chunk_len(k: usize) -> usize {
 /// GFLOP/s at m = 128 where `gemm` ran 187–212, 239–267 against 131–160 at m = 64, and 3–10×
 /// `gemm` at m = 16; the two were even at m = 256 and `gemm` led from m = 384 (its packed
 /// panels of `x` stay in L2; these rows come from L3). Short depths (attention's head-sized
-/// products) would spend too much in the lane sums.
+/// products) would spend too much in the lane sums. Past 128 rows a depth over one chunk
+/// tips it too: at m = 256, k = 2816 `gemm` ran 269–304 where this ran 233–279.
 pub(crate) fn wins(m: usize, k: usize) -> bool {
-    (2..=MAX_M).contains(&m) && k >= 256 && supported()
+    (2..=MAX_M).contains(&m) && k >= 256 && (m <= 128 || k <= KC_MAX) && supported()
 }
 
 /// Most rows [`wins`] takes.
