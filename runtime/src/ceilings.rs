@@ -10,6 +10,8 @@
 use rayon::prelude::*;
 use std::time::Instant;
 
+use crate::mem::AVec;
+
 /// GFLOP/s (`flops` per call) of `product(None)` and, with `host`, of `product(host)` on a pool
 /// of `threads`: the best of 5 rounds that alternate the two, so both see the same machine.
 fn alternate(
@@ -54,12 +56,21 @@ fn best_time(min_reps: usize, min_s: f64, mut f: impl FnMut()) -> f64 {
     best
 }
 
-fn fill(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 20) as f32 / 4096.0 - 0.5
-        })
-        .collect()
+/// `n` pseudo-random floats in the runtime's own storage (64-byte aligned; huge pages when
+/// large), as its weights and activations are: from `Vec`'s 16-byte aligned blocks every
+/// 64-byte load of the f32 GEMM spans two lines, which measured ~20 % lower on one core.
+fn fill(n: usize, seed: u32) -> AVec {
+    let mut v = zeroed(n);
+    for (i, x) in v.as_mut_slice().iter_mut().enumerate() {
+        *x = ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 20) as f32 / 4096.0 - 0.5;
+    }
+    v
+}
+
+/// `n` zeros in the runtime's storage.
+fn zeroed(n: usize) -> AVec {
+    AVec::zeroed(n, "a ceiling measurement's buffer")
+        .unwrap_or_else(|e| panic!("out of memory for the ceilings: {e}"))
 }
 
 /// GFLOP/s (2·m·k·n per product) of `out[m, n] = x[m, k] · w[n, k]ᵀ` through the runtime's
@@ -78,9 +89,11 @@ pub fn gemm_pair_gflops(
     threads: usize,
 ) -> (f64, Option<f64>) {
     let (x, w) = (fill(m * k, 1), fill(n * k, 2));
-    let mut out = vec![0f32; m * n];
+    let (x, w) = (x.as_slice(), w.as_slice());
+    let mut out = zeroed(m * n);
+    let out = out.as_mut_slice();
     alternate(threads, host, 2.0 * (m * k * n) as f64, |h| {
-        crate::matmul::matmul_epi_on(h, &x, &w, &mut out, m, k, n, threads, &Default::default())
+        crate::matmul::matmul_epi_on(h, x, w, out, m, k, n, threads, &Default::default())
     })
 }
 
@@ -89,9 +102,11 @@ pub fn gemm_pair_gflops(
 /// than the last-level cache for a DRAM figure: 4096 × 4096 is 64 MiB.
 pub fn gemv_gbs(n: usize, k: usize, threads: usize) -> f64 {
     let (x, w) = (fill(k, 3), fill(n * k, 4));
-    let mut out = vec![0f32; n];
+    let (x, w) = (x.as_slice(), w.as_slice());
+    let mut out = zeroed(n);
+    let out = out.as_mut_slice();
     let p = pool(threads);
-    let s = p.install(|| best_time(5, 0.5, || crate::matmul::gemv(&x, &w, &mut out, threads)));
+    let s = p.install(|| best_time(5, 0.5, || crate::matmul::gemv(x, w, out, threads)));
     (n * k * 4) as f64 / s / 1e9
 }
 
@@ -111,10 +126,12 @@ pub fn gemm_bf16_pair_gflops(
 ) -> (f64, Option<f64>) {
     let host = host.filter(|h| h.bf16_amx.is_some());
     let (x, w) = (fill(m * k, 1), fill(n * k, 2));
-    let w = crate::bf16::Packed::from_f32(&w, n, k);
-    let mut out = vec![0f32; m * n];
+    let w = crate::bf16::Packed::from_f32(w.as_slice(), n, k);
+    let x = x.as_slice();
+    let mut out = zeroed(m * n);
+    let out = out.as_mut_slice();
     alternate(threads, host, 2.0 * (m * k * n) as f64, |h| {
-        crate::matmul_bf16::matmul_bf16_epi_on(h, &x, &w, &mut out, m, threads, &Default::default())
+        crate::matmul_bf16::matmul_bf16_epi_on(h, x, &w, out, m, threads, &Default::default())
     })
 }
 
@@ -122,12 +139,14 @@ pub fn gemm_bf16_pair_gflops(
 /// of [`crate::matmul_bf16`].
 pub fn gemv_bf16_gbs(n: usize, k: usize, threads: usize) -> f64 {
     let (x, w) = (fill(k, 3), fill(n * k, 4));
-    let w = crate::bf16::Packed::from_f32(&w, n, k);
-    let mut out = vec![0f32; n];
+    let w = crate::bf16::Packed::from_f32(w.as_slice(), n, k);
+    let x = x.as_slice();
+    let mut out = zeroed(n);
+    let out = out.as_mut_slice();
     let p = pool(threads);
     let s = p.install(|| {
         best_time(5, 0.5, || {
-            crate::matmul_bf16::matmul_bf16(&x, &w, &mut out, 1, threads)
+            crate::matmul_bf16::matmul_bf16(x, &w, out, 1, threads)
         })
     });
     (n * k * 2) as f64 / s / 1e9
@@ -177,6 +196,7 @@ fn read_sum(v: &[f32]) -> f32 {
 /// `threads` threads (what a GEMV's weight stream can reach at best).
 pub fn read_gbs(bytes: usize, threads: usize) -> f64 {
     let v = fill(bytes / 4, 5);
+    let v = v.as_slice();
     let p = pool(threads);
     let part = v.len().div_ceil(threads.max(1));
     let mut sink = 0f32;
@@ -194,7 +214,9 @@ pub fn read_gbs(bytes: usize, threads: usize) -> f64 {
 pub fn copy_gbs(bytes: usize, threads: usize) -> f64 {
     let half = bytes / 8;
     let src = fill(half, 6);
-    let mut dst = vec![0f32; half];
+    let src = src.as_slice();
+    let mut dst = zeroed(half);
+    let dst = dst.as_mut_slice();
     let p = pool(threads);
     let part = half.div_ceil(threads.max(1));
     let s = p.install(|| {
@@ -204,7 +226,7 @@ pub fn copy_gbs(bytes: usize, threads: usize) -> f64 {
                 .for_each(|(d, s)| d.copy_from_slice(s));
         })
     });
-    std::hint::black_box(&dst);
+    std::hint::black_box(&*dst);
     (2 * half * 4) as f64 / s / 1e9
 }
 
