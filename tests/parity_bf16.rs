@@ -193,6 +193,9 @@ fn every_family_runs_in_bf16_near_f32() {
             d > 0.0 && d <= 0.03 * scale,
             "{ex} {w}: max |Δ| {d} at scale {scale}"
         );
-        assert!((b16 as f64) < 0.6 * b32 as f64, "{ex}: {b16} B vs {b32} B");
+        // Live bytes on both sides (f32 checkpoint tensors that only fed derived weights are
+        // freed now that f32 weights are copied by default; mapped, they were counted). The
+        // tiny MoR keeps a large share in f32 (router, norms, the embedding table): 0.61.
+        assert!((b16 as f64) < 0.65 * b32 as f64, "{ex}: {b16} B vs {b32} B");
     }
 }

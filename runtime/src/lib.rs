@@ -32,8 +32,9 @@
 //! ```
 //!
 //! Environment: `LOOPC_THREADS` (worker threads; default: available cores), `LOOPC_PROFILE=1`
-//! (per-operation timers in [`Stats::profile`]), `LOOPC_HUGEPAGE_WEIGHTS=1` (copy f32 weights
-//! into huge-page-advised memory instead of using them in place from the mapping),
+//! (per-operation timers in [`Stats::profile`]), `LOOPC_HUGEPAGE_WEIGHTS=0` (use aligned f32
+//! weights in place from the checkpoint's mapping instead of copying them into 64-byte
+//! aligned, huge-page-advised memory),
 //! `LOOPC_NO_AMX=1` (bf16 prefill without AMX tiles, on the AVX-512-BF16 kernel),
 //! `LOOPC_SPIN=0` (decode steps' parallel loops on rayon instead of the spinning team of
 //! [`par`]).

@@ -397,13 +397,14 @@ fn derive_weights(
     // The last derived weight computed from each derived weight: an intermediate the program
     // does not read is freed right after it, so chains (gain fold, then the gate/up interleave)
     // never hold every level at once.
-    let mut last_reader = vec![None; m.derived.len()];
+    // Checkpoint tensors too: copied f32 tensors (the default binding) that only feed derived
+    // weights are freed as soon as their last reader is done, not after every derived weight
+    // exists (at d=1024 that held ~270 MB of sources next to their derived copies).
+    let mut last_reader = vec![None; nw + m.derived.len()];
     for (j, d) in m.derived.iter().enumerate() {
         for s in d.recipe.sources() {
-            if let Some(i) = (s.weight as usize).checked_sub(nw) {
-                if let Some(l) = last_reader.get_mut(i) {
-                    *l = Some(j);
-                }
+            if let Some(l) = last_reader.get_mut(s.weight as usize) {
+                *l = Some(j);
             }
         }
     }
@@ -431,8 +432,12 @@ fn derive_weights(
         after(j, bound)?;
         for s in d.recipe.sources() {
             let w = s.weight as usize;
-            if w >= nw && !used[w] && last_reader[w - nw] == Some(j) {
-                bound[w] = Bound::Owned(crate::mem::AVec::new());
+            if !used[w] && last_reader[w] == Some(j) {
+                if bound[w].is_mapped() {
+                    bound[w].release_pages();
+                } else {
+                    bound[w] = Bound::Owned(crate::mem::AVec::new());
+                }
             }
         }
     }
