@@ -96,6 +96,22 @@ impl Packed {
         Ok(Packed { n, k, kp, data })
     }
 
+    /// Words of packed data (as f32-sized units).
+    pub(crate) fn data_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Moves the packed data to `dst` (`data_len()` floats) and keeps a window of it there.
+    ///
+    /// # Safety
+    /// `dst` is 64-byte aligned, valid for `data_len()` floats, outlives `self`, and no other
+    /// value uses that range.
+    pub(crate) unsafe fn move_to(&mut self, dst: *mut f32) {
+        let len = self.data.len();
+        std::ptr::copy_nonoverlapping(self.data.as_ptr(), dst, len);
+        self.data = AVec::window(dst, len);
+    }
+
     /// Pack a row-major f32 `[n, k]` matrix, rounding each element.
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
         assert!(w.len() >= n * k, "packed weight size");

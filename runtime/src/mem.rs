@@ -17,6 +17,8 @@ enum Kind {
     Empty,
     Heap(Layout),
     Mmap(usize),
+    /// Part of another allocation, which outlives this value (nothing to free).
+    Window,
 }
 
 /// A fixed-length, 64-byte aligned `[f32]` that starts zeroed.
@@ -90,6 +92,22 @@ impl AVec {
         })
     }
 
+    /// A view of `len` floats at `ptr`, inside an allocation that outlives the result and
+    /// that no other value reads or writes in that range (an arena's window).
+    ///
+    /// # Safety
+    /// As stated: `ptr` valid for `len` floats, 64-byte aligned, exclusively this value's.
+    pub(crate) unsafe fn window(ptr: *mut f32, len: usize) -> Self {
+        match NonNull::new(ptr) {
+            Some(ptr) if len > 0 => AVec {
+                ptr,
+                len,
+                kind: Kind::Window,
+            },
+            _ => Self::new(),
+        }
+    }
+
     #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len
@@ -117,7 +135,7 @@ impl AVec {
 impl Drop for AVec {
     fn drop(&mut self) {
         match self.kind {
-            Kind::Empty => {}
+            Kind::Empty | Kind::Window => {}
             // SAFETY: allocated with this layout by alloc_zeroed.
             Kind::Heap(layout) => unsafe {
                 std::alloc::dealloc(self.ptr.as_ptr() as *mut u8, layout)

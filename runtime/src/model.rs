@@ -105,6 +105,8 @@ pub(crate) struct Inner {
     pub(crate) device: crate::Device,
     /// The device side (weights on the GPU) when `device` is not the CPU.
     pub(crate) dev: Option<crate::cuda::exec::DevModel>,
+    // Holds the small weights behind `weights`' `Bound::Arena` windows.
+    pub(crate) _arena: crate::mem::AVec,
     // Keeps the memory maps behind `weights` alive; dropped after `weights`.
     pub(crate) _checkpoint: Weights,
 }
@@ -246,7 +248,7 @@ impl Model {
         let plan = (dtype == WeightDtype::Bf16).then(|| crate::dtype::plan(&manifest));
         let lazy = plan.as_ref().map_or(&[][..], |p| &p.lazy[..]);
         let mut bound = weights.bind(&manifest.weights, &pool, lazy)?;
-        let packed = match &plan {
+        let mut packed = match &plan {
             Some(p) => {
                 let mut packer = crate::dtype::Packer::new(&manifest, p, &weights, &pool);
                 packer.checkpoint_weights(&mut bound)?;
@@ -260,6 +262,7 @@ impl Model {
                 HashMap::new()
             }
         };
+        let arena = compact_small(&mut bound, &mut packed)?;
         let token_limit = embed_limit(&manifest);
         let mut iter_variants = vec![Vec::new(); manifest.weights.len()];
         let mut iter_limit: Option<usize> = None;
@@ -295,6 +298,7 @@ impl Model {
                 dtype,
                 device,
                 dev: device_model,
+                _arena: arena,
                 _checkpoint: weights,
             }),
         })
@@ -456,6 +460,58 @@ fn derive_weights(
         }
     }
     Ok(())
+}
+
+/// Moves every owned weight (f32, or bf16-packed) smaller than a huge-page allocation into one
+/// arena on transparent huge pages, in order; returns the arena (empty when there is nothing
+/// to gain). Each small tensor was its own heap block on 4 KiB pages: at d=256, where every
+/// layer weight is under 1 MiB, f32 decode streamed them 6–25 % slower (200–220 against
+/// 232–252 tok/s, alternating binaries).
+fn compact_small(
+    bound: &mut [Bound],
+    packed: &mut HashMap<crate::dtype::PackKey, crate::bf16::Packed>,
+) -> Result<crate::mem::AVec> {
+    const LINE: usize = 16;
+    let fits = |len: usize| len > 0 && len * 4 < crate::mem::HUGE_THRESHOLD;
+    let small = |b: &Bound| matches!(b, Bound::Owned(v) if fits(v.len()));
+    let mut keys: Vec<_> = packed
+        .iter()
+        .filter(|(_, p)| fits(p.data_len()))
+        .map(|(k, _)| *k)
+        .collect();
+    keys.sort_unstable();
+    let total: usize = bound
+        .iter()
+        .filter(|b| small(b))
+        .map(|b| b.len())
+        .chain(keys.iter().map(|k| packed[k].data_len()))
+        .map(|len| len.next_multiple_of(LINE))
+        .sum();
+    if total * 4 < crate::mem::HUGE_THRESHOLD {
+        return Ok(crate::mem::AVec::new());
+    }
+    let mut arena = crate::mem::AVec::zeroed(total, "the arena of small weights")?;
+    let base = arena.as_mut_ptr();
+    let mut off = 0;
+    for b in bound.iter_mut().filter(|b| small(b)) {
+        let len = b.len();
+        // SAFETY: `off + len ≤ total` (summed above over the same tensors), windows 64-byte
+        // aligned and disjoint; the source is a separate allocation.
+        unsafe {
+            let dst = base.add(off);
+            std::ptr::copy_nonoverlapping(b.as_slice().as_ptr(), dst, len);
+            *b = Bound::Arena { ptr: dst, len };
+        }
+        off += len.next_multiple_of(LINE);
+    }
+    for k in &keys {
+        let p = packed.get_mut(k).expect("key listed above");
+        let len = p.data_len();
+        // SAFETY: as above; the arena lives in the model next to `packed`.
+        unsafe { p.move_to(base.add(off)) };
+        off += len.next_multiple_of(LINE);
+    }
+    Ok(arena)
 }
 
 fn embed_limit(m: &Manifest) -> usize {
@@ -1382,5 +1438,82 @@ impl<'a> Validator<'a> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod arena_tests {
+    use super::*;
+    use crate::mem::AVec;
+
+    fn owned(len: usize, seed: f32) -> Bound {
+        let mut v = AVec::zeroed(len, "test").unwrap();
+        for (i, x) in v.as_mut_slice().iter_mut().enumerate() {
+            *x = seed + i as f32;
+        }
+        Bound::Owned(v)
+    }
+
+    /// Small owned tensors and small packed weights move into one arena, keep their values,
+    /// get disjoint 64-byte aligned windows; large, empty and mapped ones stay where they are.
+    #[test]
+    fn small_weights_move_into_one_arena_unchanged() {
+        let big = crate::mem::HUGE_THRESHOLD / 4;
+        let mut bound = vec![
+            owned(1 << 18, 1.0), // 1 MiB
+            owned(17, 2.0),      // not a multiple of a line
+            owned(big, 3.0),     // too large: stays
+            Bound::Owned(AVec::new()),
+            owned(3 << 18, 4.0), // 3 MiB
+        ];
+        let mapped_src = vec![5f32; 8];
+        bound.push(Bound::Mapped {
+            ptr: mapped_src.as_ptr(),
+            len: mapped_src.len(),
+        });
+        let want: Vec<Vec<f32>> = bound.iter().map(|b| b.as_slice().to_vec()).collect();
+        let w: Vec<f32> = (0..64 * 96).map(|i| (i % 13) as f32 - 6.0).collect();
+        let mut packed = HashMap::new();
+        packed.insert(
+            (7u32, 0usize, 64usize, 96usize, false),
+            crate::bf16::Packed::from_f32(&w, 64, 96),
+        );
+        let want_packed = packed.values().next().unwrap().words().to_vec();
+        let arena = compact_small(&mut bound, &mut packed).unwrap();
+        assert!(arena.len() >= (1 << 18) + 17 + (3 << 18));
+        let lo = arena.as_ptr() as usize;
+        let hi = lo + arena.len() * 4;
+        let mut windows = vec![];
+        for (i, b) in bound.iter().enumerate() {
+            assert_eq!(b.as_slice(), &want[i][..], "tensor {i}");
+            let p = b.as_slice().as_ptr() as usize;
+            let inside = (lo..hi).contains(&p);
+            assert_eq!(
+                matches!(b, Bound::Arena { .. }),
+                [0, 1, 4].contains(&i),
+                "tensor {i}"
+            );
+            assert_eq!(inside, matches!(b, Bound::Arena { .. }), "tensor {i}");
+            if inside {
+                assert_eq!(p % 64, 0);
+                windows.push((p, p + 4 * b.len()));
+            }
+        }
+        let p = packed.values().next().unwrap();
+        assert_eq!(p.words(), &want_packed[..]);
+        let pp = p.words().as_ptr() as usize;
+        assert!((lo..hi).contains(&pp) && pp.is_multiple_of(64));
+        windows.push((pp, pp + 4 * p.data_len()));
+        windows.sort_unstable();
+        assert!(windows.windows(2).all(|w| w[0].1 <= w[1].0), "{windows:?}");
+    }
+
+    /// Below a huge page's worth of small tensors there is no arena.
+    #[test]
+    fn few_small_weights_stay_apart() {
+        let mut bound = vec![owned(100, 1.0), owned(1 << 10, 2.0)];
+        let arena = compact_small(&mut bound, &mut HashMap::new()).unwrap();
+        assert_eq!(arena.len(), 0);
+        assert!(bound.iter().all(|b| matches!(b, Bound::Owned(_))));
     }
 }

@@ -538,8 +538,17 @@ fn parse_index(path: &Path, text: &str) -> Result<HashMap<String, String>> {
 
 /// A bound weight: f32 data, either in place in a mapping or owned.
 pub(crate) enum Bound {
-    Mapped { ptr: *const f32, len: usize },
+    Mapped {
+        ptr: *const f32,
+        len: usize,
+    },
     Owned(AVec),
+    /// A window of the model's weight arena (`crate::model::compact_small`), which the model
+    /// keeps alive as long as this value.
+    Arena {
+        ptr: *const f32,
+        len: usize,
+    },
 }
 
 impl std::fmt::Debug for Bound {
@@ -553,14 +562,15 @@ impl std::fmt::Debug for Bound {
     }
 }
 
-// SAFETY: Mapped points into a read-only mapping owned by the same Model as this value.
+// SAFETY: Mapped points into a read-only mapping, Arena into an allocation, both owned by the
+// same Model as this value and never written after it is made.
 unsafe impl Send for Bound {}
 unsafe impl Sync for Bound {}
 
 impl Bound {
     pub(crate) fn len(&self) -> usize {
         match self {
-            Bound::Mapped { len, .. } => *len,
+            Bound::Mapped { len, .. } | Bound::Arena { len, .. } => *len,
             Bound::Owned(v) => v.len(),
         }
     }
@@ -569,6 +579,8 @@ impl Bound {
             // SAFETY: ptr/len describe f32 data in a live mapping (or dangling with len 0
             // impossible: mapped slices of length 0 still have a valid in-file pointer).
             Bound::Mapped { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+            // SAFETY: a window of the live arena, written before this value was made.
+            Bound::Arena { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
             Bound::Owned(v) => v.as_slice(),
         }
     }
