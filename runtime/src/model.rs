@@ -1466,7 +1466,7 @@ mod arena_tests {
             Bound::Owned(AVec::new()),
             owned(3 << 18, 4.0), // 3 MiB
         ];
-        let mapped_src = vec![5f32; 8];
+        let mapped_src = [5f32; 8];
         bound.push(Bound::Mapped {
             ptr: mapped_src.as_ptr(),
             len: mapped_src.len(),
