@@ -409,8 +409,8 @@ mod x86 {
         };
         // Key rows are `kvrow` apart (a 4 KiB page each at d = 1024), too far for the hardware
         // prefetchers to follow: fetch the rows `AHEAD` keys on while these are summed. At
-        // d = 256 (bf16 decode, 128–192 positions) attention went from 95–115 to 84–99 ms of
-        // `--profile`'s time, alternating binaries; 8 or 16 keys ahead, or V fetched during
+        // d = 256 (bf16 decode, 128–192 positions) attention went from 87–115 to 84–99 ms of
+        // `--profile`'s time over three alternating rounds; 8 or 16 keys ahead, or V fetched during
         // the scores too, measured the same.
         let fetch = |base: *const f32, j: usize| {
             if j < n {

@@ -107,9 +107,7 @@ impl Packed {
     /// `dst` is 64-byte aligned, valid for `data_len()` floats, outlives `self`, and no other
     /// value uses that range.
     pub(crate) unsafe fn move_to(&mut self, dst: *mut f32) {
-        let len = self.data.len();
-        std::ptr::copy_nonoverlapping(self.data.as_ptr(), dst, len);
-        self.data = AVec::window(dst, len);
+        self.data.move_to(dst);
     }
 
     /// Pack a row-major f32 `[n, k]` matrix, rounding each element.

@@ -1056,7 +1056,7 @@ mod x86 {
     /// apart) from `next`: the weight block after the current one, which is read at the same
     /// pace. Each weight row is its own page-sized stream, and the hardware prefetchers stop
     /// at a page's end and restart late on the next row. Worth 10–13 % of d=1024 decode at
-    /// batch 8 (68–69 to 75–77 tok/s, alternating binaries); in the single-row GEMV it cost
+    /// batch 8 (68–70 to 75–78 tok/s, alternating binaries); in the single-row GEMV it cost
     /// 3–4 % (that stream already runs at the bandwidth ceiling), so only the multi-row
     /// kernel uses it.
     #[inline(always)]

@@ -97,7 +97,7 @@ impl AVec {
     ///
     /// # Safety
     /// As stated: `ptr` valid for `len` floats, 64-byte aligned, exclusively this value's.
-    pub(crate) unsafe fn window(ptr: *mut f32, len: usize) -> Self {
+    unsafe fn window(ptr: *mut f32, len: usize) -> Self {
         match NonNull::new(ptr) {
             Some(ptr) if len > 0 => AVec {
                 ptr,
@@ -106,6 +106,17 @@ impl AVec {
             },
             _ => Self::new(),
         }
+    }
+
+    /// Copies the data to `dst` and becomes a window of it there (see [`AVec::window`]),
+    /// freeing its own allocation.
+    ///
+    /// # Safety
+    /// As for [`AVec::window`] with `dst` and `self.len()`.
+    pub(crate) unsafe fn move_to(&mut self, dst: *mut f32) {
+        let len = self.len;
+        std::ptr::copy_nonoverlapping(self.as_ptr(), dst, len);
+        *self = Self::window(dst, len);
     }
 
     #[inline]

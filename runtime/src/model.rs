@@ -105,7 +105,7 @@ pub(crate) struct Inner {
     pub(crate) device: crate::Device,
     /// The device side (weights on the GPU) when `device` is not the CPU.
     pub(crate) dev: Option<crate::cuda::exec::DevModel>,
-    // Holds the small weights behind `weights`' `Bound::Arena` windows.
+    // Holds the small weights behind the windows in `weights` and `packed`.
     pub(crate) _arena: crate::mem::AVec,
     // Keeps the memory maps behind `weights` alive; dropped after `weights`.
     pub(crate) _checkpoint: Weights,
@@ -437,11 +437,7 @@ fn derive_weights(
         for s in d.recipe.sources() {
             let w = s.weight as usize;
             if !used[w] && last_reader[w] == Some(j) {
-                if bound[w].is_mapped() {
-                    bound[w].release_pages();
-                } else {
-                    bound[w] = Bound::Owned(crate::mem::AVec::new());
-                }
+                give_back(&mut bound[w]);
             }
         }
     }
@@ -450,16 +446,21 @@ fn derive_weights(
     }
     for (i, b) in bound.iter_mut().enumerate() {
         if !used[i] {
-            if b.is_mapped() {
-                // Deriving read these pages; the program never will again, so give them back
-                // (they would otherwise stay resident next to their derived copies).
-                b.release_pages();
-            } else {
-                *b = Bound::Owned(crate::mem::AVec::new());
-            }
+            give_back(b);
         }
     }
     Ok(())
+}
+
+/// Frees a weight the program never reads: an owned copy is dropped; a mapped tensor's pages
+/// are given back (deriving read them; they would otherwise stay resident next to their
+/// derived copies).
+fn give_back(b: &mut Bound) {
+    if b.is_mapped() {
+        b.release_pages();
+    } else {
+        *b = Bound::Owned(crate::mem::AVec::new());
+    }
 }
 
 /// Moves every owned weight (f32, or bf16-packed) smaller than a huge-page allocation into one
@@ -495,12 +496,10 @@ fn compact_small(
     let mut off = 0;
     for b in bound.iter_mut().filter(|b| small(b)) {
         let len = b.len();
-        // SAFETY: `off + len ≤ total` (summed above over the same tensors), windows 64-byte
-        // aligned and disjoint; the source is a separate allocation.
-        unsafe {
-            let dst = base.add(off);
-            std::ptr::copy_nonoverlapping(b.as_slice().as_ptr(), dst, len);
-            *b = Bound::Arena { ptr: dst, len };
+        if let Bound::Owned(v) = b {
+            // SAFETY: `off + len ≤ total` (summed above over the same tensors), windows
+            // 64-byte aligned and disjoint; the arena lives in the model next to `bound`.
+            unsafe { v.move_to(base.add(off)) };
         }
         off += len.next_multiple_of(LINE);
     }
@@ -1488,12 +1487,8 @@ mod arena_tests {
             assert_eq!(b.as_slice(), &want[i][..], "tensor {i}");
             let p = b.as_slice().as_ptr() as usize;
             let inside = (lo..hi).contains(&p);
-            assert_eq!(
-                matches!(b, Bound::Arena { .. }),
-                [0, 1, 4].contains(&i),
-                "tensor {i}"
-            );
-            assert_eq!(inside, matches!(b, Bound::Arena { .. }), "tensor {i}");
+            assert_eq!(inside, [0, 1, 4].contains(&i), "tensor {i}");
+            assert_eq!(b.is_mapped(), i == 5, "tensor {i}");
             if inside {
                 assert_eq!(p % 64, 0);
                 windows.push((p, p + 4 * b.len()));

@@ -84,8 +84,8 @@ const RELEASE_SLICE: usize = 1 << 22;
 /// rather than copied into the runtime's storage (the default). The copy is 64-byte aligned
 /// (safetensors aligns data to 8 bytes only: the bench checkpoints' tensors all sit at 40 mod
 /// 64, so every 64-byte load of a mapped weight spans two lines) and, from 4 MiB, on
-/// transparent huge pages. Measured on d=1024, alternating: f32 prefill-128 +5–7 %, decode
-/// +6 %.
+/// transparent huge pages. Measured on d=1024, alternating on a busy machine: f32 prefill-128
+/// 192–204 → 203–221 tok/s, decode 11.4–12.6 → 12.6–13.5 tok/s.
 fn map_f32_in_place() -> bool {
     std::env::var("LOOPC_HUGEPAGE_WEIGHTS").is_ok_and(|v| v == "0")
 }
@@ -425,8 +425,9 @@ impl Weights {
                 dt => {
                     let mut v = AVec::zeroed(n, &what())?;
                     // In slices, each slice's file pages given back once copied: they are not
-                    // read again, and a tensor resident twice raised d=1024's peak from 679 to
-                    // 1359 MB (all tensors) or 834 MB (released per whole tensor).
+                    // read again (kept, they raised d=1024's peak from 679 to 1359 MB), and a
+                    // slice bounds what is resident twice to 16 MiB instead of the largest
+                    // tensor (the 131 MB embedding at d=1024; not measured apart).
                     let elem = bytes.len() / n.max(1);
                     let mut i = 0;
                     while i < n {
@@ -481,15 +482,8 @@ impl Weights {
     fn release_bytes(&self, file: usize, start: usize, end: usize) {
         if let Backing::Mmap(m) = &self.files[file].backing {
             let p = m.as_ptr() as usize;
-            let page = 4096usize;
-            let start = (p + start).next_multiple_of(page);
-            let end = (p + end) / page * page;
-            if end > start {
-                // SAFETY: the range lies inside a live read-only file mapping we own.
-                unsafe {
-                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
-                };
-            }
+            // SAFETY: the range lies inside a live read-only file mapping we own.
+            unsafe { dont_need(p + start, p + end) };
         }
     }
 
@@ -536,19 +530,27 @@ fn parse_index(path: &Path, text: &str) -> Result<HashMap<String, String>> {
     Ok(idx.weight_map)
 }
 
+/// Drops the resident pages wholly inside addresses `start..end` of a read-only file mapping
+/// (a later read faults the data back in from the file).
+///
+/// # Safety
+/// The range lies inside a live read-only file mapping that nothing writes.
+unsafe fn dont_need(start: usize, end: usize) {
+    let page = 4096usize;
+    let (start, end) = (start.next_multiple_of(page), end / page * page);
+    if end > start {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+    }
+}
+
 /// A bound weight: f32 data, either in place in a mapping or owned.
 pub(crate) enum Bound {
     Mapped {
         ptr: *const f32,
         len: usize,
     },
+    /// Its own allocation, or a window of the model's weight arena (`model::compact_small`).
     Owned(AVec),
-    /// A window of the model's weight arena (`crate::model::compact_small`), which the model
-    /// keeps alive as long as this value.
-    Arena {
-        ptr: *const f32,
-        len: usize,
-    },
 }
 
 impl std::fmt::Debug for Bound {
@@ -562,15 +564,14 @@ impl std::fmt::Debug for Bound {
     }
 }
 
-// SAFETY: Mapped points into a read-only mapping, Arena into an allocation, both owned by the
-// same Model as this value and never written after it is made.
+// SAFETY: Mapped points into a read-only mapping owned by the same Model as this value.
 unsafe impl Send for Bound {}
 unsafe impl Sync for Bound {}
 
 impl Bound {
     pub(crate) fn len(&self) -> usize {
         match self {
-            Bound::Mapped { len, .. } | Bound::Arena { len, .. } => *len,
+            Bound::Mapped { len, .. } => *len,
             Bound::Owned(v) => v.len(),
         }
     }
@@ -579,8 +580,6 @@ impl Bound {
             // SAFETY: ptr/len describe f32 data in a live mapping (or dangling with len 0
             // impossible: mapped slices of length 0 still have a valid in-file pointer).
             Bound::Mapped { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
-            // SAFETY: a window of the live arena, written before this value was made.
-            Bound::Arena { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
             Bound::Owned(v) => v.as_slice(),
         }
     }
@@ -588,15 +587,8 @@ impl Bound {
     /// file-backed and read-only, so a later read would simply fault the data back in).
     pub(crate) fn release_pages(&self) {
         if let Bound::Mapped { ptr, len } = self {
-            let page = 4096usize;
-            let start = (*ptr as usize).next_multiple_of(page);
-            let end = (*ptr as usize + len * 4) / page * page;
-            if end > start {
-                // SAFETY: the range lies inside this tensor's part of a live read-only mapping.
-                unsafe {
-                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
-                };
-            }
+            // SAFETY: the range is this tensor's part of a live read-only mapping.
+            unsafe { dont_need(*ptr as usize, *ptr as usize + len * 4) };
         }
     }
 
