@@ -284,6 +284,12 @@ impl ExecState {
             Some(k) => k,
             None => std::slice::from_mut(kv),
         };
+        let iterations = m.manifest.program.recur.as_ref().map_or(0, |rec| {
+            cap_of(&rec.exit, rec.default_steps, steps, &exits.depths)
+        });
+        for (kv, sg) in kvs.iter_mut().zip(segs) {
+            kv.reserve(iterations, sg.pos0 + sg.rows)?;
+        }
         let mut run = Run {
             m,
             kvs,
@@ -1253,6 +1259,13 @@ impl<'a> Run<'a> {
                     }
                     let g = self.segs[b];
                     let kv_len = g.pos0 + g.rows;
+                    // Growth moves the whole cache: every slot first, then the pointers.
+                    for a in args {
+                        if let Arg::KCache(st) | Arg::VCache(st) = a {
+                            let kv = &mut self.kvs[b];
+                            kv.ensure(*st as usize, kv.slot_of(*st as usize, iter), kv_len)?;
+                        }
+                    }
                     self.ws.ptrs.clear();
                     for a in args {
                         let p: *mut f32 = match a {
@@ -1263,9 +1276,7 @@ impl<'a> Run<'a> {
                             Arg::KCache(st) | Arg::VCache(st) => {
                                 let st = *st as usize;
                                 let kv = &mut self.kvs[b];
-                                let slot = kv.slot_of(st, iter);
-                                kv.ensure(st, slot, kv_len)?;
-                                let (kp, vp) = kv.ptrs(st, slot);
+                                let (kp, vp) = kv.ptrs(st, kv.slot_of(st, iter));
                                 if matches!(a, Arg::KCache(_)) {
                                     kp
                                 } else {

@@ -11,6 +11,8 @@ use std::ptr::NonNull;
 
 /// Allocations at least this large (in bytes) are `mmap`ed and advised for huge pages.
 pub(crate) const HUGE_THRESHOLD: usize = 4 << 20;
+/// A transparent huge page on x86-64 and most arm64 kernels.
+const HUGE_PAGE: usize = 2 << 20;
 const ALIGN: usize = 64;
 
 enum Kind {
@@ -43,6 +45,17 @@ impl AVec {
 
     /// `len` zeroed floats; `what` names the allocation in the error.
     pub(crate) fn zeroed(len: usize, what: &str) -> Result<Self> {
+        Self::zeroed_from(len, what, HUGE_THRESHOLD, false)
+    }
+
+    /// As [`AVec::zeroed`], on huge pages from one huge page up, the mapping rounded up to
+    /// whole huge pages: for storage read in scattered rows (the KV cache), where a 4 KiB page
+    /// per row or two costs a page walk per read.
+    pub(crate) fn zeroed_huge(len: usize, what: &str) -> Result<Self> {
+        Self::zeroed_from(len, what, HUGE_PAGE, true)
+    }
+
+    fn zeroed_from(len: usize, what: &str, huge_from: usize, whole: bool) -> Result<Self> {
         if len == 0 {
             return Ok(Self::new());
         }
@@ -55,7 +68,13 @@ impl AVec {
             return Err(err());
         }
         #[cfg(unix)]
-        if bytes >= HUGE_THRESHOLD {
+        if bytes >= huge_from {
+            // Whole huge pages: none of the mapping falls back to small pages.
+            let bytes = if whole {
+                bytes.div_ceil(HUGE_PAGE) * HUGE_PAGE
+            } else {
+                bytes
+            };
             // SAFETY: plain anonymous private mapping; checked for MAP_FAILED.
             let p = unsafe {
                 libc::mmap(
