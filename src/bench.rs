@@ -3,6 +3,9 @@
 use loopc_runtime::{Model, Rng};
 use std::time::Instant;
 
+/// A GEMM shape `(m, k, n)`.
+type Shape3 = (usize, usize, usize);
+
 pub struct BenchArgs {
     pub prompt_len: usize,
     pub new_tokens: usize,
@@ -186,7 +189,7 @@ pub fn ceilings(threads: usize, host: Option<loopc_runtime::matmul::HostGemm>) -
         (512, 1024, 5632),
         (512, 2816, 1024),
     ];
-    let pairs: Vec<((usize, usize, usize), (f64, Option<f64>))> = shapes
+    let pairs: Vec<(Shape3, (f64, Option<f64>))> = shapes
         .iter()
         .map(|&(m, k, n)| ((m, k, n), c::gemm_pair_gflops(host, m, k, n, threads)))
         .collect();
@@ -203,7 +206,7 @@ pub fn ceilings(threads: usize, host: Option<loopc_runtime::matmul::HostGemm>) -
     } else {
         String::new()
     };
-    let pairs16: Vec<((usize, usize, usize), (f64, Option<f64>))> = shapes
+    let pairs16: Vec<(Shape3, (f64, Option<f64>))> = shapes
         .iter()
         .map(|&(m, k, n)| ((m, k, n), c::gemm_bf16_pair_gflops(host, m, k, n, threads)))
         .collect();

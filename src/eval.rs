@@ -88,11 +88,14 @@ pub struct Table {
     pub steps: Vec<usize>,
 }
 
+/// A named exit criterion and the thresholds the sweep tries.
+pub type Policy = (&'static str, Criterion, &'static [f64]);
+
 /// The criteria `--policies all` sweeps, with their thresholds: what each compares is in
 /// `loopc_runtime::exit` (relative update, 1 − cos, KL from the previous step's distribution,
 /// the same after min-p filtering, entropy change, and — stopping at or above the threshold —
 /// the number of consecutive steps with an unchanged argmax).
-pub const SWEEP: [(&str, Criterion, &[f64]); 6] = [
+pub const SWEEP: [Policy; 6] = [
     (
         "latent-diff",
         Criterion::LatentDiff,
@@ -114,9 +117,7 @@ pub const SWEEP: [(&str, Criterion, &[f64]); 6] = [
 ];
 
 /// The policies named in `--policies` (`all`, `none`, or a comma list of [`SWEEP`] names).
-pub fn parse_policies(
-    list: &str,
-) -> Result<Vec<(&'static str, Criterion, &'static [f64])>, String> {
+pub fn parse_policies(list: &str) -> Result<Vec<Policy>, String> {
     match list.trim() {
         "none" | "" => Ok(vec![]),
         "all" => Ok(SWEEP.to_vec()),

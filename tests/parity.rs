@@ -117,13 +117,13 @@ fn ouro_exit_probabilities() {
     let want = read(&f, "prefill_exit_probs");
     let got = s.exit_probs().expect("ouro has an exit gate");
     assert_eq!(got.len(), want.f32.len());
-    let d = max_abs_diff(&got, &want.f32);
+    let d = max_abs_diff(got, &want.f32);
     assert!(d <= 1e-5, "prefill exit probabilities differ by {d:e}");
     let want = read(&f, "decode_exit_probs");
     for (i, &t) in ids(&read(&f, "decode_tokens")).iter().enumerate() {
         s.step(t).unwrap();
         let got = s.exit_probs().unwrap();
-        let d = max_abs_diff(&got, &want.f32[i * 4..(i + 1) * 4]);
+        let d = max_abs_diff(got, &want.f32[i * 4..(i + 1) * 4]);
         assert!(
             d <= 1e-5,
             "decode step {i}: exit probabilities differ by {d:e}"

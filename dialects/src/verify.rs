@@ -111,7 +111,7 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                     args[1]
                 ));
             }
-            if !(*eps >= 0.0) {
+            if eps.is_nan() || *eps < 0.0 {
                 return Err(format!("`rmsnorm` eps must be ≥ 0, got {eps}"));
             }
             Ok(Ty::Act(d))
@@ -128,7 +128,7 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                     ));
                 }
             }
-            if !(*eps >= 0.0) {
+            if eps.is_nan() || *eps < 0.0 {
                 return Err(format!("`layernorm` eps must be ≥ 0, got {eps}"));
             }
             Ok(Ty::Act(d))
@@ -172,7 +172,7 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
         }
         Op::Sinusoidal { cols, base } => {
             arity(0)?;
-            if *cols == 0 || !(*base > 1.0) {
+            if *cols == 0 || base.is_nan() || *base <= 1.0 {
                 return Err(format!(
                     "`sinusoidal` needs a width > 0 and a base > 1, got {cols} and {base}"
                 ));
@@ -309,7 +309,7 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             if a != b || g != a {
                 return Err(format!("`rmsnorm_res` needs two activations of one width and a gain of that many elements, got {}, {} and {}", args[0], args[1], args.get(2).map_or("no gain".to_string(), |t| t.to_string())));
             }
-            if !(*eps >= 0.0) {
+            if eps.is_nan() || *eps < 0.0 {
                 return Err(format!("`rmsnorm_res` eps must be ≥ 0, got {eps}"));
             }
             Ok(Ty::Tuple(vec![Ty::Act(a), Ty::Act(a)]))
@@ -317,7 +317,7 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
         Op::InvRms { eps } => {
             arity(1)?;
             act(0)?;
-            if !(*eps >= 0.0) {
+            if eps.is_nan() || *eps < 0.0 {
                 return Err(format!("`inv_rms` eps must be ≥ 0, got {eps}"));
             }
             Ok(Ty::Act(1))
@@ -382,7 +382,12 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
             for (i, r) in ropes.iter().enumerate() {
                 let Some(r) = r else { continue };
                 let d = parts.get(i).copied().unwrap_or(0);
-                if r.heads == 0 || d % r.heads != 0 || (d / r.heads) % 2 != 0 || !(r.base > 0.0) {
+                if r.heads == 0
+                    || d % r.heads != 0
+                    || (d / r.heads) % 2 != 0
+                    || r.base.is_nan()
+                    || r.base <= 0.0
+                {
                     return Err(format!(
                         "`linear_parts` part {i} needs a width divisible into {} heads of even size and a base > 0, got {d}",
                         r.heads
@@ -487,7 +492,7 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                     args[i]
                 ));
             }
-            if !(*eps >= 0.0) {
+            if eps.is_nan() || *eps < 0.0 {
                 return Err(format!("`linear_norm` eps must be ≥ 0, got {eps}"));
             }
             Ok(Ty::Tuple(vec![Ty::Act(n), Ty::Act(1)]))
@@ -597,7 +602,7 @@ pub fn infer(op: &Op, args: &[Ty], params: &[Ty]) -> Result<Ty, String> {
                     "`head_rmsnorm` needs a width divisible into {heads} heads, got {d}"
                 ));
             }
-            if !(*eps >= 0.0) {
+            if eps.is_nan() || *eps < 0.0 {
                 return Err(format!("`head_rmsnorm` eps must be ≥ 0, got {eps}"));
             }
             Ok(Ty::Act(d))

@@ -1500,6 +1500,13 @@ fn launch(
     });
 }
 
+/// Absolute position of call row `c` within its own sequence.
+fn position_in(segs: &[Seg], c: usize) -> usize {
+    let b = segs.partition_point(|g| g.row0 + g.rows <= c);
+    let g = segs[b.min(segs.len() - 1)];
+    g.pos0 + (c - g.row0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1558,11 +1565,4 @@ mod tests {
         pool.install(move || launch(record, None, &[addr as *mut f32], 0, 100, 0, 100, 1, 1, 3));
         assert_eq!(SEEN.lock().unwrap().as_slice(), &[(0, 100, 0, 100)]);
     }
-}
-
-/// Absolute position of call row `c` within its own sequence.
-fn position_in(segs: &[Seg], c: usize) -> usize {
-    let b = segs.partition_point(|g| g.row0 + g.rows <= c);
-    let g = segs[b.min(segs.len() - 1)];
-    g.pos0 + (c - g.row0)
 }

@@ -468,54 +468,6 @@ pub fn analyze(steps: &[&TraceStep], tol: f32, max_period: usize) -> Settled {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn traj(states: &[[f32; 2]]) -> Vec<TraceStep> {
-        let mut prev = [0.0f32; 2];
-        states
-            .iter()
-            .enumerate()
-            .map(|(t, s)| {
-                let st = step(t, 0, s, &prev);
-                prev = *s;
-                st
-            })
-            .collect()
-    }
-
-    #[test]
-    fn finds_fixed_points_and_cycles() {
-        let fixed = traj(&[[1.0, 0.0], [2.0, 1.0], [2.0, 1.0]]);
-        assert!(matches!(
-            analyze(&fixed.iter().collect::<Vec<_>>(), 1e-3, 4),
-            Settled::FixedPoint { .. }
-        ));
-        let cyc = traj(&[
-            [1.0, 0.0],
-            [0.0, 1.0],
-            [-1.0, 0.0],
-            [1.0, 0.0],
-            [0.0, 1.0],
-            [-1.0, 0.0],
-        ]);
-        assert_eq!(
-            analyze(&cyc.iter().collect::<Vec<_>>(), 1e-3, 4),
-            Settled::Cycle {
-                period: 3,
-                distance: 0.0
-            }
-        );
-        let moving = traj(&[[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]);
-        assert!(matches!(
-            analyze(&moving.iter().collect::<Vec<_>>(), 1e-3, 4),
-            Settled::Moving { .. }
-        ));
-        assert!((cyc[1].cosine - 0.0).abs() < 1e-6 && (fixed[2].cosine - 1.0).abs() < 1e-6);
-    }
-}
-
 /// Principal components of a set of states (rows of `x`, `n × d`): the top `k` directions of the
 /// centered data by power iteration with deflation on the covariance, and each row's coordinates
 /// along them. Directions are normalized with their largest-magnitude entry positive, so the
@@ -586,4 +538,52 @@ pub fn pca(x: &[f32], n: usize, d: usize, k: usize) -> (Vec<f64>, Vec<f64>, Vec<
         }
     }
     (comps, proj, vars)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn traj(states: &[[f32; 2]]) -> Vec<TraceStep> {
+        let mut prev = [0.0f32; 2];
+        states
+            .iter()
+            .enumerate()
+            .map(|(t, s)| {
+                let st = step(t, 0, s, &prev);
+                prev = *s;
+                st
+            })
+            .collect()
+    }
+
+    #[test]
+    fn finds_fixed_points_and_cycles() {
+        let fixed = traj(&[[1.0, 0.0], [2.0, 1.0], [2.0, 1.0]]);
+        assert!(matches!(
+            analyze(&fixed.iter().collect::<Vec<_>>(), 1e-3, 4),
+            Settled::FixedPoint { .. }
+        ));
+        let cyc = traj(&[
+            [1.0, 0.0],
+            [0.0, 1.0],
+            [-1.0, 0.0],
+            [1.0, 0.0],
+            [0.0, 1.0],
+            [-1.0, 0.0],
+        ]);
+        assert_eq!(
+            analyze(&cyc.iter().collect::<Vec<_>>(), 1e-3, 4),
+            Settled::Cycle {
+                period: 3,
+                distance: 0.0
+            }
+        );
+        let moving = traj(&[[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]);
+        assert!(matches!(
+            analyze(&moving.iter().collect::<Vec<_>>(), 1e-3, 4),
+            Settled::Moving { .. }
+        ));
+        assert!((cyc[1].cosine - 0.0).abs() < 1e-6 && (fixed[2].cosine - 1.0).abs() < 1e-6);
+    }
 }

@@ -80,7 +80,7 @@ impl Mem {
         let b = (addr >> 40) as usize;
         let off = (addr & ((1 << 40) - 1)) as usize;
         assert!(
-            b >= 1 && b <= self.bufs.len() && off % 4 == 0,
+            b >= 1 && b <= self.bufs.len() && off.is_multiple_of(4),
             "access to address {addr:#x}: no buffer"
         );
         let buf = &mut self.bufs[b - 1];
@@ -134,7 +134,7 @@ impl Mem {
         );
         let buf = &mut self.bufs[b - 1];
         assert!(
-            off % 4 == 0 && off / 4 < buf.len(),
+            off.is_multiple_of(4) && off / 4 < buf.len(),
             "access to buffer {} element {} (of {})",
             b - 1,
             off as f64 / 4.0,

@@ -200,11 +200,8 @@ pub const HF_BOOKKEEPING_KEYS: &[&str] = &[
 /// The param names an expression reads, first occurrence first.
 fn names_in(e: &Expr, out: &mut Vec<String>) {
     match &e.kind {
-        ExprKind::Name(i) => {
-            if !out.contains(&i.name) {
-                out.push(i.name.clone());
-            }
-        }
+        ExprKind::Name(i) if !out.contains(&i.name) => out.push(i.name.clone()),
+        ExprKind::Name(_) => {}
         ExprKind::Neg(x) => names_in(x, out),
         ExprKind::Binary { lhs, rhs, .. } => {
             names_in(lhs, out);

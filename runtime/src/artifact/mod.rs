@@ -249,7 +249,7 @@ impl Derive {
                 // Selected per iteration, never materialized.
                 Derive::PerIter { .. } => {}
                 Derive::Map { srcs, ops } => {
-                    let data: Vec<&[f32]> = srcs.iter().map(|s| get(s)).collect();
+                    let data: Vec<&[f32]> = srcs.iter().map(get).collect();
                     let mut x = vec![0.0; srcs.len()];
                     for (c, o) in row.iter_mut().enumerate() {
                         for (xi, d) in x.iter_mut().zip(&data) {

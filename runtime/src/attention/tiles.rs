@@ -139,10 +139,10 @@ pub(super) unsafe fn unit(
         i += rows;
     }
     // exp(scale·s − max) over each row's keys, zero from there to the block's last key.
-    for i in 0..m {
+    for (i, inv) in inv.iter_mut().enumerate().take(m) {
         let row = std::slice::from_raw_parts_mut(sc.add(i * nkp), nk);
         let (seen, masked) = row.split_at_mut(lim(i));
-        inv[i] = 1.0 / exp_row(seen, s.scale);
+        *inv = 1.0 / exp_row(seen, s.scale);
         masked.fill(0.0);
     }
     // O = E·V / sum, 6 rows at a time over the keys the group's last row sees.
