@@ -336,7 +336,9 @@ mod x86 {
     /// rows. The first version reduced every score on its own and added each V row into `out`
     /// in memory, a store-to-load chain per key: d=256 decode spent 13 % of its samples here,
     /// at half the GEMV's bandwidth. (Keys-outer over all heads measured the
-    /// same as heads-outer at d=1024: both are bound by the KV stream.)
+    /// same as heads-outer at d=1024: both are bound by the KV stream. So did keys-outer over
+    /// groups of up to four heads with the cache on huge pages, at d=256 and 160 or 1040
+    /// positions and at d=1024.)
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn heads_row(
@@ -410,8 +412,8 @@ mod x86 {
         // Key rows are `kvrow` apart (a 4 KiB page each at d = 1024), too far for the hardware
         // prefetchers to follow: fetch the rows `AHEAD` keys on while these are summed. At
         // d = 256 (bf16 decode, 128–192 positions) attention went from 87–115 to 84–99 ms of
-        // `--profile`'s time over three alternating rounds; 8 or 16 keys ahead, or V fetched during
-        // the scores too, measured the same.
+        // `--profile`'s time over three alternating rounds; 8, 32 or 64 keys ahead, or V fetched
+        // during the scores too, measured the same.
         let fetch = |base: *const f32, j: usize| {
             if j < n {
                 for c in 0..C {
