@@ -1,9 +1,10 @@
 //! Aligned, zero-initialised `f32` storage that reports allocation failure as an error.
 //!
 //! Small blocks come from the global allocator with 64-byte alignment. Blocks of at least
-//! [`HUGE_THRESHOLD`] bytes are anonymous `mmap`s advised with `MADV_HUGEPAGE` (transparent
-//! huge pages make streaming GEMV over weights noticeably faster); the kernel hands out
-//! zeroed pages lazily, so a large allocation costs nothing until it is touched.
+//! [`HUGE_THRESHOLD`] bytes are anonymous `mmap`s of whole huge pages advised with
+//! `MADV_HUGEPAGE` (transparent huge pages make streaming GEMV over weights noticeably faster);
+//! the kernel hands out zeroed pages lazily, so a large allocation costs nothing until it is
+//! touched, and then its last partial huge page costs up to 2 MiB of resident memory.
 
 use crate::error::{Result, RuntimeError};
 use std::alloc::Layout;
@@ -45,17 +46,16 @@ impl AVec {
 
     /// `len` zeroed floats; `what` names the allocation in the error.
     pub(crate) fn zeroed(len: usize, what: &str) -> Result<Self> {
-        Self::zeroed_from(len, what, HUGE_THRESHOLD, false)
+        Self::zeroed_from(len, what, HUGE_THRESHOLD)
     }
 
-    /// As [`AVec::zeroed`], on huge pages from one huge page up, the mapping rounded up to
-    /// whole huge pages: for storage read in scattered rows (the KV cache), where a 4 KiB page
-    /// per row or two costs a page walk per read.
+    /// As [`AVec::zeroed`], on huge pages from one huge page up: for storage read in scattered
+    /// rows (the KV cache), where a 4 KiB page per row or two costs a page walk per read.
     pub(crate) fn zeroed_huge(len: usize, what: &str) -> Result<Self> {
-        Self::zeroed_from(len, what, HUGE_PAGE, true)
+        Self::zeroed_from(len, what, HUGE_PAGE)
     }
 
-    fn zeroed_from(len: usize, what: &str, huge_from: usize, whole: bool) -> Result<Self> {
+    fn zeroed_from(len: usize, what: &str, huge_from: usize) -> Result<Self> {
         if len == 0 {
             return Ok(Self::new());
         }
@@ -69,12 +69,11 @@ impl AVec {
         }
         #[cfg(unix)]
         if bytes >= huge_from {
-            // Whole huge pages: none of the mapping falls back to small pages.
-            let bytes = if whole {
-                bytes.div_ceil(HUGE_PAGE) * HUGE_PAGE
-            } else {
-                bytes
-            };
+            // Whole huge pages: the kernel aligns a mapping of whole huge pages to one, so none
+            // of it falls back to small pages. Unrounded, a mapping started anywhere and up to
+            // 2 MiB at each end stayed on 4 KiB pages (d=1024: 602 of 688 MB resident on huge
+            // pages; rounded, 623 of 697, decode +0–10 % over five alternations, mean +4 %).
+            let bytes = bytes.div_ceil(HUGE_PAGE) * HUGE_PAGE;
             // SAFETY: plain anonymous private mapping; checked for MAP_FAILED.
             let p = unsafe {
                 libc::mmap(
@@ -201,6 +200,28 @@ mod tests {
                 assert_eq!(v.as_ptr() as usize % ALIGN, 0);
                 v.as_mut_slice()[n - 1] = 1.0;
                 assert_eq!(v.as_slice()[n - 1], 1.0);
+            }
+        }
+    }
+
+    /// Mappings are whole huge pages (so the kernel can align them to one), from 4 MiB for
+    /// `zeroed` and from 2 MiB for `zeroed_huge`.
+    #[test]
+    #[cfg(unix)]
+    fn mappings_are_whole_huge_pages() {
+        for (v, mapped) in [
+            (AVec::zeroed(HUGE_THRESHOLD / 4 + 3, "t").unwrap(), true),
+            (AVec::zeroed(HUGE_THRESHOLD / 4 - 1, "t").unwrap(), false),
+            (AVec::zeroed_huge(HUGE_PAGE / 4 + 5, "t").unwrap(), true),
+            (AVec::zeroed_huge(HUGE_PAGE / 4 - 1, "t").unwrap(), false),
+        ] {
+            match v.kind {
+                Kind::Mmap(bytes) => {
+                    assert!(mapped, "{} floats mapped", v.len());
+                    assert_eq!(bytes % HUGE_PAGE, 0);
+                    assert!(bytes >= 4 * v.len() && bytes - 4 * v.len() < HUGE_PAGE);
+                }
+                _ => assert!(!mapped, "{} floats not mapped", v.len()),
             }
         }
     }
