@@ -239,10 +239,15 @@ impl Model {
             .thread_name(|i| format!("loopc-{i}"))
             .build()
             .map_err(|e| RuntimeError::Config(format!("cannot start {threads} threads: {e}")))?;
+        // A real device runs the kernels; the host's parallel loops (loading, packing) are
+        // rayon's, and a spinning team would only hold a core.
+        let host_runs = !matches!(device, crate::Device::Cuda(_));
         let team = match crate::par::spin_from_env()? {
-            true if threads > 1 => Some(crate::par::Team::new(threads - 1).map_err(|e| {
-                RuntimeError::Config(format!("cannot start {threads} threads: {e}"))
-            })?),
+            true if threads > 1 && host_runs => {
+                Some(crate::par::Team::new(threads - 1).map_err(|e| {
+                    RuntimeError::Config(format!("cannot start {threads} threads: {e}"))
+                })?)
+            }
             _ => None,
         };
         let plan = (dtype == WeightDtype::Bf16).then(|| crate::dtype::plan(&manifest));
