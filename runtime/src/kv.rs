@@ -46,10 +46,11 @@ pub(crate) struct Site {
 
 /// All slots of all sites live in one allocation, on huge pages once it reaches one: decode
 /// attention reads every slot's rows once per token, and with a buffer of its own per slot on
-/// 4 KiB pages (d = 256: 72 buffers of 256 KiB) those reads missed the TLB. Measured on d = 256
-/// f32 decode (128 + 64 tokens, `--profile`, alternating): attention 111–121 → 94–95 ms,
-/// writes 12.7–13.5 → 7.9–9.3 ms. Slot `t` of a site holds its keys at
-/// `base + 2·t·cap·width` and its values `cap·width` after them.
+/// 4 KiB pages (d = 256: 72 buffers of 256 KiB) those reads missed the TLB. Measured against
+/// that (`--profile`, f32, alternating): d = 1024 (128 + 32 tokens) attention 193–215 →
+/// 162–165 ms, KV writes 25–28 → 16–18 ms; d = 256 (128 + 64) decode 231–281 → 258–290 tok/s,
+/// attention within noise. Slot `t` of a site holds its keys at `base + 2·t·cap·width` and its
+/// values `cap·width` after them.
 pub(crate) struct KvCache {
     sites: Vec<Site>,
     /// Slots per in-loop site (`None`: one per iteration).
@@ -124,10 +125,16 @@ impl KvCache {
 
     /// Make sure `slot` exists and holds at least `rows` rows of capacity.
     pub(crate) fn ensure(&mut self, site: usize, slot: usize, rows: usize) -> Result<()> {
-        if slot >= self.sites[site].room || rows > self.cap {
-            // Iterations beyond the reservation (a caller that did not reserve): double.
-            let per_loop = (slot + 1).max(2 * self.sites[site].room);
-            let per_loop = self.ring.map_or(per_loop, |c| c.min(per_loop));
+        let room = self.sites[site].room;
+        if slot >= room || rows > self.cap {
+            // Beyond the reservation (a caller that did not reserve): double what is short, and
+            // only that (0 keeps every site's room).
+            let per_loop = if slot >= room {
+                let want = (slot + 1).max(2 * room);
+                self.ring.map_or(want, |c| c.min(want))
+            } else {
+                0
+            };
             self.grow(per_loop, rows)?;
         }
         let s = &mut self.sites[site];
@@ -339,9 +346,10 @@ impl KvCache {
     /// Capacity (rows) of a slot.
     #[cfg(test)]
     pub(crate) fn capacity(&self, site: usize, slot: usize) -> usize {
-        match self.sites[site].slots.get(slot) {
-            Some(_) => self.cap,
-            None => 0,
+        if self.sites[site].slots.get(slot).is_some() {
+            self.cap
+        } else {
+            0
         }
     }
 
@@ -577,6 +585,10 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(kv.ptrs(1, 0), first);
+        // Growing for rows alone leaves the slot room as it was.
+        kv.ensure(1, 0, 300).unwrap();
+        assert_eq!((kv.sites[1].room, kv.cap), (8, 512));
+        assert!(kv.slot_rows(1, 7).unwrap().0.chunks(2).all(|c| c[0] == 7.0));
         // A ring keeps its slot count.
         let mut ring = KvCache::new(&[site(true)], Some(2));
         ring.reserve(8, 4).unwrap();

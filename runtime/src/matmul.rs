@@ -2092,6 +2092,71 @@ mod bench {
         }
     }
 
+    /// d=256 decode's GEMV sequence (36 layers of 768×256, 256×256, 1408×256, 256×704, then the
+    /// 32000×256 head) on the team, weights packed in one huge-page block as the arena does,
+    /// vs one GEMV over as many bytes.
+    #[test]
+    #[ignore]
+    fn bench_gemv_sequence() {
+        use crate::mem::AVec;
+        let team = crate::par::Team::new(1).unwrap();
+        // Distinct weights: 8 layers (prelude 2, block 4, coda 2), the adapter, the head; the
+        // sequence reads the block and the adapter 8 times, as decode at r = 8 does.
+        let layer = [(768, 256), (256, 256), (1408, 256), (256, 704)];
+        let mut distinct: Vec<(usize, usize)> = (0..8).flat_map(|_| layer).collect();
+        distinct.push((256, 512));
+        distinct.push((32000, 256));
+        let mut offs = vec![0];
+        for &(n, k) in &distinct {
+            offs.push(offs.last().unwrap() + n * k);
+        }
+        let lay = |l: usize| (4 * l..4 * l + 4).collect::<Vec<usize>>();
+        let mut seq: Vec<usize> = lay(0).into_iter().chain(lay(1)).collect();
+        for _ in 0..8 {
+            seq.extend(std::iter::once(32).chain((2..6).flat_map(lay)));
+        }
+        seq.extend(lay(6).into_iter().chain(lay(7)).chain([33]));
+        let shapes: Vec<(usize, usize)> = seq.iter().map(|&i| distinct[i]).collect();
+        let total: usize = *offs.last().unwrap();
+        let read: usize = shapes.iter().map(|&(n, k)| n * k).sum();
+        let mut all = AVec::zeroed(total, "w").unwrap();
+        for (i, x) in all.as_mut_slice().iter_mut().enumerate() {
+            *x = (i % 13) as f32 * 0.01;
+        }
+        let x: Vec<f32> = (0..1408).map(|i| (i % 7) as f32 * 0.1).collect();
+        let mut o = vec![0f32; total / 256];
+        for _ in 0..3 {
+            let mut best = f64::MAX;
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                team.install(|| {
+                    for &i in &seq {
+                        let ((n, k), at) = (distinct[i], offs[i]);
+                        gemv(&x[..k], &all.as_slice()[at..at + n * k], &mut o[..n], 2);
+                    }
+                });
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let mut one = f64::MAX;
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                team.install(|| gemv(&x[..256], all.as_slice(), &mut o, 2));
+                one = one.min(t.elapsed().as_secs_f64());
+            }
+            let (b, r) = (total as f64 * 4.0, read as f64 * 4.0);
+            eprintln!(
+                "{} jobs, {:.1} MB read: sequence {:.3} ms ({:.1} GB/s); one GEMV over the {:.1} MB: {:.3} ms ({:.1} GB/s)",
+                shapes.len(),
+                r / 1e6,
+                best * 1e3,
+                r / best / 1e9,
+                b / 1e6,
+                one * 1e3,
+                b / one / 1e9
+            );
+        }
+    }
+
     #[test]
     #[ignore]
     fn bench_gemv() {
@@ -2150,73 +2215,3 @@ mod bench {
 pub(crate) mod dot;
 mod parts;
 pub use parts::{matmul_parts, matmul_parts_on, Part, MAX_PARTS};
-
-#[cfg(test)]
-mod bench_seq {
-    use super::*;
-    use crate::mem::AVec;
-
-    /// d=256 decode's GEMV sequence (36 layers of 768×256, 256×256, 1408×256, 256×704, then the
-    /// 32000×256 head) on the team, weights packed in one huge-page block as the arena does,
-    /// vs one GEMV over as many bytes.
-    #[test]
-    #[ignore]
-    fn bench_gemv_sequence() {
-        let team = crate::par::Team::new(1).unwrap();
-        // Distinct weights: 8 layers (prelude 2, block 4, coda 2), the adapter, the head; the
-        // sequence reads the block and the adapter 8 times, as decode at r = 8 does.
-        let layer = [(768, 256), (256, 256), (1408, 256), (256, 704)];
-        let mut distinct: Vec<(usize, usize)> = (0..8).flat_map(|_| layer).collect();
-        distinct.push((256, 512));
-        distinct.push((32000, 256));
-        let mut offs = vec![0];
-        for &(n, k) in &distinct {
-            offs.push(offs.last().unwrap() + n * k);
-        }
-        let lay = |l: usize| (4 * l..4 * l + 4).collect::<Vec<usize>>();
-        let mut seq: Vec<usize> = lay(0).into_iter().chain(lay(1)).collect();
-        for _ in 0..8 {
-            seq.extend(std::iter::once(32).chain((2..6).flat_map(lay)));
-        }
-        seq.extend(lay(6).into_iter().chain(lay(7)).chain([33]));
-        let shapes: Vec<(usize, usize)> = seq.iter().map(|&i| distinct[i]).collect();
-        let total: usize = *offs.last().unwrap();
-        let read: usize = shapes.iter().map(|&(n, k)| n * k).sum();
-        let mut all = AVec::zeroed(total, "w").unwrap();
-        for (i, x) in all.as_mut_slice().iter_mut().enumerate() {
-            *x = (i % 13) as f32 * 0.01;
-        }
-        let x: Vec<f32> = (0..1408).map(|i| (i % 7) as f32 * 0.1).collect();
-        let mut o = vec![0f32; total / 256];
-        for _ in 0..3 {
-            let mut best = f64::MAX;
-            for _ in 0..20 {
-                let t = std::time::Instant::now();
-                team.install(|| {
-                    for &i in &seq {
-                        let ((n, k), at) = (distinct[i], offs[i]);
-                        gemv(&x[..k], &all.as_slice()[at..at + n * k], &mut o[..n], 2);
-                    }
-                });
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            let mut one = f64::MAX;
-            for _ in 0..20 {
-                let t = std::time::Instant::now();
-                team.install(|| gemv(&x[..256], all.as_slice(), &mut o, 2));
-                one = one.min(t.elapsed().as_secs_f64());
-            }
-            let (b, r) = (total as f64 * 4.0, read as f64 * 4.0);
-            eprintln!(
-                "{} jobs, {:.1} MB read: sequence {:.3} ms ({:.1} GB/s); one GEMV over the {:.1} MB: {:.3} ms ({:.1} GB/s)",
-                shapes.len(),
-                r / 1e6,
-                best * 1e3,
-                r / best / 1e9,
-                b / 1e6,
-                one * 1e3,
-                b / one / 1e9
-            );
-        }
-    }
-}

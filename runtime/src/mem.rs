@@ -69,10 +69,11 @@ impl AVec {
         }
         #[cfg(unix)]
         if bytes >= huge_from {
-            // Whole huge pages: the kernel aligns a mapping of whole huge pages to one, so none
-            // of it falls back to small pages. Unrounded, a mapping started anywhere and up to
-            // 2 MiB at each end stayed on 4 KiB pages (d=1024: 602 of 688 MB resident on huge
-            // pages; rounded, 623 of 697, decode +0–10 % over five alternations, mean +4 %).
+            // Whole huge pages: Linux (6.18 here) aligns a mapping of whole huge pages to one,
+            // so none of it falls back to small pages. Unrounded, a mapping started anywhere and
+            // up to 2 MiB at each end stayed on 4 KiB pages (d=1024: 602 of 688 MB resident on
+            // huge pages; rounded, 623 of 697; decode −1 to +10 % over five alternations, mean
+            // +3 %).
             let bytes = bytes.div_ceil(HUGE_PAGE) * HUGE_PAGE;
             // SAFETY: plain anonymous private mapping; checked for MAP_FAILED.
             let p = unsafe {
