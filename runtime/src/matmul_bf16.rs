@@ -10,8 +10,13 @@
 //!   A tiles straight from the rounded rows, the packed weight as B tiles, summed in depth
 //!   chunks into an L1/L2-resident accumulator where the whole epilogue (the gated unit and
 //!   the rotation included) runs before `out` is written once;
-//! - more rows without AMX: the decode kernel on groups of 8 rows over L2-sized weight blocks;
-//! - without AVX-512-BF16 (or off x86): a portable scalar kernel over the same layout.
+//! - more rows without AMX, on Intel or without AVX-512-BF16 ([`Path::Widen`]): each task
+//!   widens its columns of the packed weight to an f32 panel and runs the f32 GEMM on the
+//!   rounded rows (still exact products of bf16 values, summed in f32);
+//! - more rows with AVX-512-BF16 elsewhere ([`Path::Avx512Bf16`]): the decode kernel on groups
+//!   of 8 rows over L2-sized weight blocks;
+//! - without AVX-512-BF16 (or off x86): a portable scalar kernel over the same layout for the
+//!   decode rows.
 
 use crate::bf16::{from_bf16, Packed};
 use crate::matmul::{AmxGemmFn, Epi, HostGemm};
@@ -31,32 +36,55 @@ const KC_STEPS: usize = 8;
 /// kernel (half of a 2 MiB L2).
 const BLOCK_BYTES: usize = 1 << 20;
 
+/// Rows from which [`Path::Widen`] widens when `vdpbf16ps` is present (below, its decode
+/// kernel in groups of 8 rows runs): 2 threads, `bench_amx_gemm`'s four shapes, GFLOP/s
+/// widened against `vdpbf16ps` here: 65/144 at 16 rows, 150/140 at 128, 175/135 at 256,
+/// 208–253/140–150 at 512.
+const WIDEN_MIN_M: usize = 256;
+
+/// Weight bytes (as f32) per widened panel of [`Path::Widen`]: a task widens at most this much
+/// before its GEMM runs over it, so a wide head does not take a panel of its whole width.
+const PANEL_BYTES: usize = 8 << 20;
+
 /// Which kernel family runs (tests force each one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
+    /// The scalar kernel for every row count.
     Portable,
+    /// `vdpbf16ps` for every row count.
     Avx512Bf16,
+    /// Widened f32 panels and the f32 GEMM from [`WIDEN_MIN_M`] rows (from [`SMALL_M`]
+    /// without `vdpbf16ps`); below, the `vdpbf16ps` kernels where present, else the scalar
+    /// ones.
+    Widen,
+    /// The decode kernel up to [`SMALL_M`] rows, AMX tiles above.
     Amx,
 }
 
 impl Path {
-    /// The fastest path this CPU and process allow.
+    /// The fastest path this CPU and process allow: AMX where the process may use it; else
+    /// `vdpbf16ps` for many rows only where it is not slower than widening: on Intel's cores
+    /// (Sapphire/Emerald Rapids with AMX hidden by a hypervisor) it issues at half the rate
+    /// of f32 FMAs for the same lanes (1.28 G instr/s against 5.24 G on one core here, so
+    /// 82 against 168 GFLOP/s), and the f32 GEMM on widened panels wins; elsewhere (AMD's
+    /// cores run it at the FMA rate, doing twice the MACs) it stays. Without it, widening
+    /// beats the scalar kernel by far.
     pub fn best() -> Path {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::amx::available() {
                 return Path::Amx;
             }
-            if std::arch::is_x86_feature_detected!("avx512bf16") {
+            if std::arch::is_x86_feature_detected!("avx512bf16") && !intel() {
                 return Path::Avx512Bf16;
             }
         }
-        Path::Portable
+        Path::Widen
     }
 
     /// Every path this CPU can run (the first is always the portable one).
     pub fn supported() -> Vec<Path> {
-        let mut v = vec![Path::Portable];
+        let mut v = vec![Path::Portable, Path::Widen];
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512bf16") {
@@ -68,6 +96,31 @@ impl Path {
         }
         v
     }
+
+    /// The kernel of the decode rows (at most [`SMALL_M`]) on this path.
+    fn small(self) -> Path {
+        match self {
+            Path::Portable | Path::Avx512Bf16 => self,
+            Path::Widen | Path::Amx => {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512bf16") {
+                    return Path::Avx512Bf16;
+                }
+                Path::Portable
+            }
+        }
+    }
+}
+
+/// Whether this is an Intel CPU (vendor string `GenuineIntel`).
+#[cfg(target_arch = "x86_64")]
+fn intel() -> bool {
+    let c = std::arch::x86_64::__cpuid(0);
+    let v: Vec<u8> = [c.ebx, c.edx, c.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    v == b"GenuineIntel"
 }
 
 thread_local! {
@@ -202,6 +255,16 @@ fn product(
     if m == 0 || n == 0 {
         return;
     }
+    if path == Path::Widen && (m >= WIDEN_MIN_M || (m > SMALL_M && path.small() == Path::Portable))
+    {
+        widened_gemm(x, w, out, m, threads, epi, PANEL_BYTES);
+        return;
+    }
+    let path = if path == Path::Amx && m > SMALL_M {
+        path
+    } else {
+        path.small()
+    };
     let amx = path == Path::Amx && m > SMALL_M;
     // AMX reads A tiles 32 rows at a time: pad with zero rows. The runtime's tile kernel
     // reads 32-row chunks of A from L1, so its rows are padded by one line off the 4 KiB
@@ -236,6 +299,147 @@ fn product(
             dot_gemm(xq, w, out, m, threads, epi, path);
         }
     });
+}
+
+thread_local! {
+    /// The calling thread's `x` rounded to bf16 values, as f32 ([`Path::Widen`]).
+    static XR: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A task's widened weight panel ([`Path::Widen`]).
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the thread's buffer in `cell`, or on a fresh one when it is taken (a rayon
+/// worker waiting inside one call can pick up another session's call on the same pool).
+fn with_buffer<R>(
+    cell: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    f: impl FnOnce(&mut Vec<f32>) -> R,
+) -> R {
+    cell.with(|c| match c.try_borrow_mut() {
+        Ok(mut v) => f(&mut v),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// [`Path::Widen`] for more than [`SMALL_M`] rows: `x` rounded to bf16 values kept in f32, the
+/// columns split over the pool, and each task's packed 16-column blocks widened to an f32
+/// `[k, columns]` panel of at most `panel_bytes` (one block at least) that the f32 GEMM
+/// multiplies, followed by
+/// `epi`'s per-element terms. Products of two bf16 values are exact in f32, so this is the
+/// arithmetic of the other paths summed in another order.
+fn widened_gemm(
+    x: &[f32],
+    w: &Packed,
+    out: &mut [f32],
+    m: usize,
+    threads: usize,
+    epi: &Epi,
+    panel_bytes: usize,
+) {
+    let (k, n) = (w.k(), w.n());
+    let nb = n.div_ceil(16);
+    with_buffer(&XR, |xr| {
+        round_rows_f32(&x[..m * k], m, k, xr, threads);
+        let xr: &[f32] = xr;
+        let op = out.as_mut_ptr() as usize;
+        let per_panel = (panel_bytes / (64 * k.max(1))).max(1);
+        let task = |b0: usize, b1: usize| {
+            with_buffer(&PANEL, |panel| {
+                let mut p0 = b0;
+                while p0 < b1 {
+                    let p1 = (p0 + per_panel).min(b1);
+                    let cols = 16 * (p1 - p0);
+                    panel.resize(k * cols, 0.0);
+                    widen_blocks(w, p0, p1, panel);
+                    let (j0, j1) = (16 * p0, (16 * p1).min(n));
+                    // SAFETY: this task owns columns j0..j1 of `out` (row stride n, m rows);
+                    // `xr` is [m, k] row-major, the panel [k, cols] (rs = cols, cs = 1) covers
+                    // columns j0..j1 of Wᵀ.
+                    unsafe {
+                        crate::matmul::gemm_block(
+                            m,
+                            j1 - j0,
+                            k,
+                            (op as *mut f32).add(j0),
+                            n as isize,
+                            xr.as_ptr(),
+                            k as isize,
+                            panel.as_ptr(),
+                            cols as isize,
+                            1,
+                            gemm::Parallelism::None,
+                            None,
+                        );
+                        epi.apply(op as *mut f32, n, 0, m, j0, j1 - j0);
+                    }
+                    p0 = p1;
+                }
+            })
+        };
+        if threads <= 1 || nb < 2 {
+            task(0, nb);
+            return;
+        }
+        // One column block per thread, each a single-threaded GEMM: the split `matmul` takes
+        // for f32 products of this size.
+        let chunk = nb.div_ceil(threads);
+        crate::par::for_each(nb.div_ceil(chunk), |c| {
+            let b0 = c * chunk;
+            task(b0, (b0 + chunk).min(nb));
+        });
+    })
+}
+
+/// `x[m, k]` rounded to bf16 values (nearest even), kept as f32, into `dst`.
+fn round_rows_f32(x: &[f32], m: usize, k: usize, dst: &mut Vec<f32>, threads: usize) {
+    dst.resize(m * k, 0.0);
+    let serial = |x: &[f32], d: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512bf16") {
+            // SAFETY: the feature is present; `d` and `x` have the same length.
+            unsafe { x86::round_f32(x, d) };
+            return;
+        }
+        for (o, &v) in d.iter_mut().zip(x) {
+            *o = crate::bf16::round_bf16(v);
+        }
+    };
+    if threads > 1 && m * k >= 1 << 16 {
+        let per = m.div_ceil(threads * 2) * k;
+        dst.par_chunks_mut(per)
+            .zip(x.par_chunks(per))
+            .for_each(|(d, x)| serial(x, d));
+    } else {
+        serial(x, dst);
+    }
+}
+
+/// Packed blocks `b0..b1` widened to f32 in `panel` as `[k, 16·(b1 - b0)]` (row `i` holds
+/// `W[j, i]` for the blocks' columns `j`).
+fn widen_blocks(w: &Packed, b0: usize, b1: usize, panel: &mut [f32]) {
+    let (k, kw) = (w.k(), w.kp() / 2);
+    let cols = 16 * (b1 - b0);
+    assert!(panel.len() >= k * cols, "widened panel size");
+    let words = w.words();
+    for b in b0..b1 {
+        let blk = &words[b * 16 * kw..(b + 1) * 16 * kw];
+        let c0 = 16 * (b - b0);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature is present; `blk` holds kw rows of 16 words and the panel
+            // k rows of `cols ≥ c0 + 16` floats.
+            unsafe { x86::widen_block(blk, k, panel, cols, c0) };
+            continue;
+        }
+        for (p, row) in blk.chunks_exact(16).enumerate() {
+            for (i, half) in [(2 * p, 0u32), (2 * p + 1, 16)] {
+                if i < k {
+                    for (l, &v) in row.iter().enumerate() {
+                        panel[i * cols + c0 + l] = f32::from_bits((v >> half) << 16);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `x[m, k]` rounded into `dst` as `rows` rows of `kw` words (bf16 pairs), zero beyond `m`
@@ -542,6 +746,49 @@ mod x86 {
         }
     }
 
+    /// `d = round_bf16(x)` elementwise with `vcvtneps2bf16` (nearest even, as the scalar path).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn round_f32(x: &[f32], d: &mut [f32]) {
+        let n = x.len().min(d.len());
+        let (xp, dp) = (x.as_ptr(), d.as_mut_ptr());
+        let mut i = 0;
+        while i < n {
+            let mask = if n - i >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            let v = _mm512_maskz_loadu_ps(mask, xp.add(i));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            let r = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+            _mm512_mask_storeu_ps(dp.add(i), mask, _mm512_castsi512_ps(r));
+            i += 16;
+        }
+    }
+
+    /// One packed block (`kw` rows of 16 words: bf16 pairs of 16 features) widened into
+    /// columns `c0..c0 + 16` of the `[k, cols]` f32 panel.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn widen_block(
+        blk: &[u32],
+        k: usize,
+        panel: &mut [f32],
+        cols: usize,
+        c0: usize,
+    ) {
+        let (bp, pp) = (blk.as_ptr(), panel.as_mut_ptr());
+        let hi_mask = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        for p in 0..k.div_ceil(2) {
+            let v = _mm512_loadu_si512(bp.add(16 * p) as *const __m512i);
+            let lo = _mm512_slli_epi32::<16>(v);
+            _mm512_storeu_ps(pp.add(2 * p * cols + c0), _mm512_castsi512_ps(lo));
+            if 2 * p + 1 < k {
+                let hi = _mm512_and_si512(v, hi_mask);
+                _mm512_storeu_ps(pp.add((2 * p + 1) * cols + c0), _mm512_castsi512_ps(hi));
+            }
+        }
+    }
+
     /// See `super::dot_blocks`.
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn dot_blocks(
@@ -704,6 +951,60 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The widened GEMM on its own, below the row count where `Path::Widen` picks it too: odd
+    /// depths (the last pair half empty), partial last blocks, panels of one block and of
+    /// several, with the per-element epilogue terms on each panel's columns.
+    #[test]
+    fn widened_panels_match_the_rounded_reference() {
+        let mut s = 41u64;
+        let p = pool(2);
+        for &(m, k, n) in &[
+            (9usize, 33usize, 17usize),
+            (40, 64, 100),
+            (65, 127, 250),
+            (300, 96, 48),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+            let raw = reference(&x, &w, m, k, n);
+            let want: Vec<f32> = (0..m * n).map(|i| raw[i] + bias[i % n]).collect();
+            let packed = Packed::from_f32(&w, n, k);
+            let epi = Epi {
+                bias: Some(&bias),
+                ..Epi::default()
+            };
+            // One block per panel, three blocks, and the whole width.
+            for blocks in [1usize, 3, 64] {
+                for threads in [1, 2] {
+                    let mut o = vec![f32::NAN; m * n];
+                    p.install(|| {
+                        widened_gemm(&x, &packed, &mut o, m, threads, &epi, blocks * 64 * k)
+                    });
+                    close(
+                        &o,
+                        &want,
+                        k,
+                        &format!("widened ({m},{k},{n}) panels of {blocks} threads {threads}"),
+                    );
+                }
+            }
+        }
+        // Past the threshold, `Path::Widen` takes it on its own.
+        let (m, k, n) = (WIDEN_MIN_M + 3, 40, 33);
+        let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+        let mut o = vec![f32::NAN; m * n];
+        let packed = Packed::from_f32(&w, n, k);
+        p.install(|| matmul_bf16_path(&x, &packed, &mut o, m, 2, &Epi::default(), Path::Widen));
+        close(
+            &o,
+            &reference(&x, &w, m, k, n),
+            k,
+            "Path::Widen at the threshold",
+        );
     }
 
     #[test]
@@ -919,39 +1220,40 @@ mod bench {
     fn bench_amx_gemm() {
         let mut s = 3u64;
         let p = pool(2);
-        let m = 512;
-        for &(k, n) in &[
-            (1024usize, 3072usize),
-            (1024, 1024),
-            (1024, 5632),
-            (2816, 1024),
-        ] {
-            let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
-            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
-            let packed = Packed::from_f32(&w, n, k);
-            let mut o = vec![0f32; m * n];
-            for threads in [1, 2] {
-                let mut best = f64::MAX;
-                for _ in 0..7 {
-                    let t = std::time::Instant::now();
-                    p.install(|| {
-                        matmul_bf16_path(
-                            &x,
-                            &packed,
-                            &mut o,
-                            m,
-                            threads,
-                            &Epi::default(),
-                            Path::best(),
-                        )
-                    });
-                    best = best.min(t.elapsed().as_secs_f64());
+        // Where the best path is not `vdpbf16ps`, that kernel beside it.
+        let mut paths = vec![Path::best()];
+        if Path::best() == Path::Widen && Path::supported().contains(&Path::Avx512Bf16) {
+            paths.push(Path::Avx512Bf16);
+        }
+        for (m, path) in [128usize, 512]
+            .into_iter()
+            .flat_map(|m| paths.iter().map(move |&p| (m, p)))
+        {
+            for &(k, n) in &[
+                (1024usize, 3072usize),
+                (1024, 1024),
+                (1024, 5632),
+                (2816, 1024),
+            ] {
+                let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+                let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+                let packed = Packed::from_f32(&w, n, k);
+                let mut o = vec![0f32; m * n];
+                for threads in [1, 2] {
+                    let mut best = f64::MAX;
+                    for _ in 0..7 {
+                        let t = std::time::Instant::now();
+                        p.install(|| {
+                            matmul_bf16_path(&x, &packed, &mut o, m, threads, &Epi::default(), path)
+                        });
+                        best = best.min(t.elapsed().as_secs_f64());
+                    }
+                    let gf = 2.0 * (m * n * k) as f64 / best / 1e9;
+                    eprintln!(
+                        "{path:?} m={m} k={k} n={n} threads={threads}: {:.3} ms, {gf:.0} GFLOP/s",
+                        best * 1e3
+                    );
                 }
-                let gf = 2.0 * (m * n * k) as f64 / best / 1e9;
-                eprintln!(
-                    "m={m} k={k} n={n} threads={threads}: {:.3} ms, {gf:.0} GFLOP/s",
-                    best * 1e3
-                );
             }
         }
     }
