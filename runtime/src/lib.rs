@@ -35,7 +35,8 @@
 //! (per-operation timers in [`Stats::profile`]), `LOOPC_HUGEPAGE_WEIGHTS=0` (use aligned f32
 //! weights in place from the checkpoint's mapping instead of copying them into 64-byte
 //! aligned, huge-page-advised memory),
-//! `LOOPC_NO_AMX=1` (bf16 prefill without AMX tiles, on the AVX-512-BF16 kernel),
+//! `LOOPC_NO_AMX=1` (bf16 prefill without AMX tiles: widened f32 panels on Intel, else the
+//! AVX-512-BF16 kernel), `LOOPC_BF16_WIDEN=1` (widened panels on other vendors' CPUs too),
 //! `LOOPC_SPIN=0` (decode steps' parallel loops on rayon instead of the spinning team of
 //! [`par`]).
 //!

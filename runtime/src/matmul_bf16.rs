@@ -63,19 +63,21 @@ pub enum Path {
 
 impl Path {
     /// The fastest path this CPU and process allow: AMX where the process may use it; else
-    /// `vdpbf16ps` for many rows only where it is not slower than widening: on Intel's cores
-    /// (Sapphire/Emerald Rapids with AMX hidden by a hypervisor) it issues at half the rate
-    /// of f32 FMAs for the same lanes (1.28 G instr/s against 5.24 G on one core here, so
-    /// 82 against 168 GFLOP/s), and the f32 GEMM on widened panels wins; elsewhere (AMD's
-    /// cores run it at the FMA rate, doing twice the MACs) it stays. Without it, widening
-    /// beats the scalar kernel by far.
+    /// widening on Intel, whose cores issue `vdpbf16ps` at a quarter of the f32 FMA rate
+    /// (measured on an Emerald Rapids VM with AMX hidden: 1.28 G instr/s against 5.24 G on
+    /// one core, 82 against 168 GFLOP/s), so the f32 GEMM on widened panels wins (512 rows:
+    /// 208–253 against 140–150 GFLOP/s on two cores). Other vendors keep `vdpbf16ps` for
+    /// many rows: a core that issues it at its FMA rate does twice the MACs with it. That is
+    /// not measured here, so `LOOPC_BF16_WIDEN=1` forces widening. Without `vdpbf16ps`,
+    /// widening beats the scalar kernel by far.
     pub fn best() -> Path {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::amx::available() {
                 return Path::Amx;
             }
-            if std::arch::is_x86_feature_detected!("avx512bf16") && !intel() {
+            let force = std::env::var("LOOPC_BF16_WIDEN").is_ok_and(|v| v == "1");
+            if std::arch::is_x86_feature_detected!("avx512bf16") && !intel() && !force {
                 return Path::Avx512Bf16;
             }
         }
