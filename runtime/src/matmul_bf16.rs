@@ -128,6 +128,10 @@ fn intel() -> bool {
 thread_local! {
     /// The calling thread's rounded copy of `x` (bf16 pairs, rows padded to `kp`).
     static XQ: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's `x` rounded to bf16 values, as f32 ([`Path::Widen`]).
+    static XR: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A task's widened weight panel ([`Path::Widen`]).
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// [`matmul_bf16_epi`] with no epilogue.
@@ -274,15 +278,7 @@ fn product(
     let rows = if amx { m.next_multiple_of(32) } else { m };
     let kw = w.kp() / 2;
     let xld = if amx && host.is_none() { kw + 16 } else { kw };
-    XQ.with(|cell| {
-        // A rayon worker waiting inside one call can pick up another session's call on the
-        // same pool; that one gets its own buffer.
-        let mut own = Vec::new();
-        let mut held = cell.try_borrow_mut();
-        let xq: &mut Vec<u32> = match held.as_deref_mut() {
-            Ok(v) => v,
-            Err(_) => &mut own,
-        };
+    with_buffer(&XQ, |xq| {
         round_rows(
             &x[..m * k],
             m,
@@ -303,18 +299,11 @@ fn product(
     });
 }
 
-thread_local! {
-    /// The calling thread's `x` rounded to bf16 values, as f32 ([`Path::Widen`]).
-    static XR: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// A task's widened weight panel ([`Path::Widen`]).
-    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// Runs `f` on the thread's buffer in `cell`, or on a fresh one when it is taken (a rayon
 /// worker waiting inside one call can pick up another session's call on the same pool).
-fn with_buffer<R>(
-    cell: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
-    f: impl FnOnce(&mut Vec<f32>) -> R,
+fn with_buffer<T, R>(
+    cell: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
+    f: impl FnOnce(&mut Vec<T>) -> R,
 ) -> R {
     cell.with(|c| match c.try_borrow_mut() {
         Ok(mut v) => f(&mut v),
@@ -325,8 +314,7 @@ fn with_buffer<R>(
 /// [`Path::Widen`] for more than [`SMALL_M`] rows: `x` rounded to bf16 values kept in f32, the
 /// columns split over the pool, and each task's packed 16-column blocks widened to an f32
 /// `[k, columns]` panel of at most `panel_bytes` (one block at least) that the f32 GEMM
-/// multiplies, followed by
-/// `epi`'s per-element terms. Products of two bf16 values are exact in f32, so this is the
+/// multiplies, followed by `epi`'s per-element terms. Products of two bf16 values are exact in f32, so this is the
 /// arithmetic of the other paths summed in another order.
 fn widened_gemm(
     x: &[f32],
