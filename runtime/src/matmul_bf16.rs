@@ -71,6 +71,13 @@ impl Path {
     /// not measured here, so `LOOPC_BF16_WIDEN=1` forces widening. Without `vdpbf16ps`,
     /// widening beats the scalar kernel by far.
     pub fn best() -> Path {
+        // Once per process: `cpuid` traps to the hypervisor in a VM (tens of µs), and this
+        // runs on every product.
+        static BEST: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+        *BEST.get_or_init(Path::detect)
+    }
+
+    fn detect() -> Path {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::amx::available() {
