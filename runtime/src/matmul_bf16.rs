@@ -38,8 +38,9 @@ const BLOCK_BYTES: usize = 1 << 20;
 
 /// Rows from which [`Path::Widen`] widens when `vdpbf16ps` is present (below, its decode
 /// kernel in groups of 8 rows runs): 2 threads, `bench_amx_gemm`'s four shapes, GFLOP/s
-/// widened against `vdpbf16ps` here: 65/144 at 16 rows, 150/140 at 128, 175/135 at 256,
-/// 208–253/140–150 at 512.
+/// widened against `vdpbf16ps` on an Emerald Rapids VM without AMX: 46–65 against 70–144 at
+/// 16 rows, 147–154 against 124–150 at 128, 169–184 against 111–151 at 256, 208–253 against
+/// 139–151 at 512.
 const WIDEN_MIN_M: usize = 256;
 
 /// Weight bytes (as f32) per widened panel of [`Path::Widen`]: a task widens at most this much
@@ -66,12 +67,12 @@ impl Path {
     /// widening on Intel, whose cores issue `vdpbf16ps` at a quarter of the f32 FMA rate
     /// (measured on an Emerald Rapids VM with AMX hidden: 1.28 G instr/s against 5.24 G on
     /// one core, 82 against 168 GFLOP/s), so the f32 GEMM on widened panels wins (512 rows:
-    /// 208–253 against 140–150 GFLOP/s on two cores). Other vendors keep `vdpbf16ps` for
+    /// 208–253 against 139–151 GFLOP/s on two cores). Other vendors keep `vdpbf16ps` for
     /// many rows: a core that issues it at its FMA rate does twice the MACs with it. That is
     /// not measured here, so `LOOPC_BF16_WIDEN=1` forces widening. Without `vdpbf16ps`,
     /// widening beats the scalar kernel by far.
     pub fn best() -> Path {
-        // Once per process: `cpuid` traps to the hypervisor in a VM (tens of µs), and this
+        // Once per process: `cpuid` traps to the hypervisor in a VM (15–20 µs a call here), and this
         // runs on every product.
         static BEST: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
         *BEST.get_or_init(Path::detect)
@@ -93,17 +94,28 @@ impl Path {
 
     /// Every path this CPU can run (the first is always the portable one).
     pub fn supported() -> Vec<Path> {
-        let mut v = vec![Path::Portable, Path::Widen];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512bf16") {
-                v.push(Path::Avx512Bf16);
-            }
-            if crate::amx::available() {
-                v.push(Path::Amx);
-            }
+        [Path::Portable, Path::Widen, Path::Avx512Bf16, Path::Amx]
+            .into_iter()
+            .filter(|p| p.runs_here())
+            .collect()
+    }
+
+    /// Whether this CPU can run the path (no allocation: every product asserts it).
+    fn runs_here(self) -> bool {
+        match self {
+            Path::Portable | Path::Widen => true,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Bf16 => std::arch::is_x86_feature_detected!("avx512bf16"),
+            #[cfg(target_arch = "x86_64")]
+            Path::Amx => crate::amx::available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
-        v
+    }
+
+    /// Whether a product of `m` rows widens the weight on this path.
+    fn widens(self, m: usize) -> bool {
+        self == Path::Widen && (m >= WIDEN_MIN_M || (m > SMALL_M && self.small() == Path::Portable))
     }
 
     /// The kernel of the decode rows (at most [`SMALL_M`]) on this path.
@@ -263,13 +275,12 @@ fn product(
         x.len() >= m * k && out.len() >= m * n,
         "bf16 matmul operand sizes"
     );
-    assert!(Path::supported().contains(&path), "bf16 path {path:?}");
+    assert!(path.runs_here(), "bf16 path {path:?}");
     epi.check(m, n);
     if m == 0 || n == 0 {
         return;
     }
-    if path == Path::Widen && (m >= WIDEN_MIN_M || (m > SMALL_M && path.small() == Path::Portable))
-    {
+    if path.widens(m) {
         widened_gemm(x, w, out, m, threads, epi, PANEL_BYTES);
         return;
     }
@@ -321,8 +332,8 @@ fn with_buffer<T, R>(
 /// [`Path::Widen`] for more than [`SMALL_M`] rows: `x` rounded to bf16 values kept in f32, the
 /// columns split over the pool, and each task's packed 16-column blocks widened to an f32
 /// `[k, columns]` panel of at most `panel_bytes` (one block at least) that the f32 GEMM
-/// multiplies, followed by `epi`'s per-element terms. Products of two bf16 values are exact in f32, so this is the
-/// arithmetic of the other paths summed in another order.
+/// multiplies, followed by `epi`'s per-element terms. Products of two bf16 values are exact
+/// in f32, so this is the arithmetic of the other paths summed in another order.
 fn widened_gemm(
     x: &[f32],
     w: &Packed,
@@ -989,7 +1000,17 @@ mod tests {
                 }
             }
         }
-        // Past the threshold, `Path::Widen` takes it on its own.
+        // Which row counts widen: from the threshold with `vdpbf16ps`, past the decode rows
+        // without it; never on the other paths.
+        let small = Path::Widen.small() == Path::Portable;
+        for m in [1, SMALL_M, SMALL_M + 1, WIDEN_MIN_M - 1, WIDEN_MIN_M, 4096] {
+            let want = m >= WIDEN_MIN_M || (small && m > SMALL_M);
+            assert_eq!(Path::Widen.widens(m), want, "Path::Widen at {m} rows");
+            for other in [Path::Portable, Path::Avx512Bf16, Path::Amx] {
+                assert!(!other.widens(m), "{other:?} at {m} rows");
+            }
+        }
+        // Past the threshold, through the public entry.
         let (m, k, n) = (WIDEN_MIN_M + 3, 40, 33);
         let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
         let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
