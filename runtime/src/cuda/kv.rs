@@ -1,13 +1,12 @@
 //! The KV cache in device memory, with the CPU cache's rules (`crate::kv`): slots per policy,
-//! capacity doubling, the "latest" gap fill from lower slots, and for a call with exited rows
-//! the previous iteration's entries where the CPU's compacted write leaves them. Lengths live on
-//! the host (they follow from the calls and the iterations that ran), so no read-back is needed.
+//! capacity growth (`crate::kv::grown_capacity`), the "latest" gap fill from lower slots, and
+//! for a call with exited rows the previous iteration's entries where the CPU's compacted write
+//! leaves them. Lengths live on the host (they follow from the calls and the iterations that
+//! ran), so no read-back is needed.
 
 use super::gpu::{DevMem, Gpu};
 use crate::artifact::KvSite;
 use crate::error::{Result, RuntimeError};
-
-const MIN_CAP: usize = 16;
 
 #[derive(Default)]
 struct Slot {
@@ -94,10 +93,7 @@ impl DevKv {
         if sl.cap >= rows && sl.k.is_some() {
             return Ok(());
         }
-        let mut cap = sl.cap.max(MIN_CAP);
-        while cap < rows {
-            cap = cap.saturating_mul(2);
-        }
+        let cap = crate::kv::grown_capacity(sl.cap, rows);
         let bytes =
             cap.checked_mul(w)
                 .and_then(|e| e.checked_mul(4))
