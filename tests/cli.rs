@@ -640,3 +640,78 @@ fn spin_setting_keeps_results_and_rejects_bad_values() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `LOOPC_SHARE_BUFFERS` as a user sets it: with the memory plan (`1`, the default) and without
+/// it (`0`, every buffer its own storage) a prompt and its decode steps give the same logits
+/// bit for bit, at a fixed depth and with per-token exits (Ouro's gate, which compacts the
+/// active rows of every per-token buffer); a bad value is a clear error, not a panic.
+#[test]
+fn shared_buffers_change_no_logit() {
+    // Ouro with its learned exit gate on: tokens leave the loop at different depths.
+    let src = std::fs::read_to_string(root().join("examples/ouro.loop")).unwrap();
+    assert!(src.contains("    exit fixed\n"));
+    let gated = tmp("ouro_gate.loop");
+    std::fs::write(
+        &gated,
+        src.replace("    exit fixed\n", "    exit gate(q = 0.5)\n"),
+    )
+    .unwrap();
+    let ouro: &[&str] = &[
+        gated.to_str().unwrap(),
+        "--config",
+        "tests/fixtures/ouro_tiny/config.json",
+        "--weights",
+        "tests/fixtures/ouro_tiny/model.safetensors",
+        "--exit-threshold",
+        "0.5",
+    ];
+    let run = |model: &[&str], share: &str, dump: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_loopc"))
+            .current_dir(root())
+            .arg("run")
+            .args(model)
+            .args([
+                "--tokens",
+                "5 17 3 99 42 7 1 64 12 30 8 2",
+                "--steps",
+                "4",
+                "--max-new-tokens",
+                "6",
+                "--stats",
+                "--dump-logits",
+            ])
+            .arg(dump)
+            .env("LOOPC_SHARE_BUFFERS", share)
+            .output()
+            .unwrap()
+    };
+    for (name, model) in [("huginn", HUGINN_TINY), ("ouro", ouro)] {
+        let (a, b) = (
+            tmp(&format!("share_on_{name}.safetensors")),
+            tmp(&format!("share_off_{name}.safetensors")),
+        );
+        let on = run(model, "1", &a);
+        let off = run(model, "0", &b);
+        for o in [&on, &off] {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        assert_eq!(on.stdout, off.stdout, "{name}");
+        let stats = String::from_utf8_lossy(&on.stderr);
+        let hist = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("depth histogram (depth:tokens): "))
+            .unwrap_or_else(|| panic!("{name}: no depth histogram in\n{stats}"));
+        let depths = hist.split_whitespace().count();
+        assert_eq!(depths > 1, name == "ouro", "{name}: depths {hist}");
+        let (da, db) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        assert!(da.len() > 1000, "{name}: a dump with logits");
+        assert_eq!(da, db, "{name}");
+    }
+    let bad = run(HUGINN_TINY, "yes", &tmp("share_bad.safetensors"));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("LOOPC_SHARE_BUFFERS must be 0 or 1"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

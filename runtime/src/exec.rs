@@ -17,6 +17,7 @@ use crate::rng::{fill_trunc_normal, mix, Rng};
 use crate::rope::Rope;
 
 mod per_row;
+mod plan;
 use std::time::{Duration, Instant};
 
 /// Below this much estimated work (flops) a kernel call runs on the calling thread.
@@ -40,9 +41,28 @@ pub(crate) const OP_NAMES: [&str; 9] = [
 /// All buffers of the program for one call size `S`.
 pub(crate) struct Workspace {
     pub(crate) s: usize,
+    /// Per buffer: storage of its own, or a window of `arena` (see `plan`).
     bufs: Vec<AVec>,
     rows: Vec<usize>,
     ptrs: Vec<*mut f32>,
+    /// Declared after `bufs`, whose windows point into it.
+    _arena: AVec,
+}
+
+/// `LOOPC_SHARE_BUFFERS`: `1` (the default) lets buffers whose live ranges do not overlap share
+/// storage (`plan`); `0` gives every buffer its own, to rule the plan out when chasing a wrong
+/// result.
+pub(crate) fn share_buffers_from_env() -> Result<bool> {
+    match std::env::var("LOOPC_SHARE_BUFFERS") {
+        Err(_) => Ok(true),
+        Ok(v) => match v.trim() {
+            "1" => Ok(true),
+            "0" => Ok(false),
+            _ => Err(RuntimeError::Config(format!(
+                "LOOPC_SHARE_BUFFERS must be 0 or 1, got `{v}`"
+            ))),
+        },
+    }
 }
 
 // SAFETY: the raw pointers in `ptrs` are scratch space rewritten before each use.
@@ -51,9 +71,15 @@ unsafe impl Send for Workspace {}
 impl Workspace {
     fn new(m: &Inner, s: usize) -> Result<Self> {
         let man = &m.manifest;
+        let plan = plan::plan(man, m.share_buffers);
+        let arena_len = s.checked_mul(plan.arena_cols).ok_or(RuntimeError::Alloc {
+            bytes: s as u128 * plan.arena_cols as u128 * 4,
+            what: "activation buffers".into(),
+        })?;
+        let mut arena = AVec::zeroed(arena_len, "activation buffers")?;
         let mut bufs = Vec::with_capacity(man.buffers.len());
         let mut rows = Vec::with_capacity(man.buffers.len());
-        for b in &man.buffers {
+        for (b, off) in man.buffers.iter().zip(&plan.offset) {
             let r = match b.rows {
                 Rows::Tokens => s,
                 Rows::Fixed(n) => n,
@@ -62,7 +88,13 @@ impl Workspace {
                 bytes: r as u128 * b.cols as u128 * 4,
                 what: format!("buffer `{}`", b.name),
             })?;
-            bufs.push(AVec::zeroed(n, &format!("buffer `{}`", b.name))?);
+            bufs.push(match off {
+                // SAFETY: the plan places the buffer's `S · cols` floats inside the arena at a
+                // 64-byte aligned offset, and only beside buffers whose live ranges do not
+                // overlap its own, so no instruction sees two of them at once.
+                Some(o) => unsafe { AVec::window(arena.as_mut_ptr().add(o * s), n) },
+                None => AVec::zeroed(n, &format!("buffer `{}`", b.name))?,
+            });
             rows.push(r);
         }
         let ws = Workspace {
@@ -70,6 +102,7 @@ impl Workspace {
             bufs,
             rows,
             ptrs: Vec::with_capacity(8),
+            _arena: arena,
         };
         ws.check_sizes(m)?;
         Ok(ws)

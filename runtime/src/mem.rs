@@ -112,11 +112,13 @@ impl AVec {
     }
 
     /// A view of `len` floats at `ptr`, inside an allocation that outlives the result and
-    /// that no other value reads or writes in that range (an arena's window).
+    /// that no other value reads or writes in that range while this one is in use (an arena's
+    /// window; the workspace's windows take turns on the same floats).
     ///
     /// # Safety
-    /// As stated: `ptr` valid for `len` floats, 64-byte aligned, exclusively this value's.
-    unsafe fn window(ptr: *mut f32, len: usize) -> Self {
+    /// As stated: `ptr` valid for `len` floats and 64-byte aligned; no reference obtained
+    /// through another value overlapping the range is alive while one from this value is.
+    pub(crate) unsafe fn window(ptr: *mut f32, len: usize) -> Self {
         match NonNull::new(ptr) {
             Some(ptr) if len > 0 => AVec {
                 ptr,
