@@ -180,7 +180,7 @@ unsafe fn causal_tiles(
                 let (r0, r1) = (b * tiles::ROWS, ((b + 1) * tiles::ROWS).min(rows));
                 let g = h / group;
                 SCORES.with_borrow_mut(|sc| {
-                    let need = tiles::ROWS * (nkp + hd);
+                    let need = tiles::ROWS * (nkp + 2 * hd);
                     if sc.len() < need {
                         sc.resize(need, 0.0);
                     }
@@ -202,6 +202,7 @@ unsafe fn causal_tiles(
                             s,
                             sc.as_mut_ptr(),
                             sc.as_mut_ptr().add(tiles::ROWS * nkp),
+                            sc.as_mut_ptr().add(tiles::ROWS * (nkp + hd)),
                             &mut inv,
                         )
                     };
@@ -680,6 +681,10 @@ mod tests {
             (65, 0, 4, 2, 80),
             (130, 37, 3, 1, 32),
             (100, 5, 2, 2, 128),
+            // Past `tiles::LONG` keys: key chunks with a running maximum, a chunk boundary
+            // inside a row group, rows whose last chunk is partial.
+            (70, 1100, 2, 1, 64),
+            (9, 1530, 3, 3, 16),
         ] {
             let s = Shape {
                 heads,
@@ -691,7 +696,14 @@ mod tests {
             let mut rand =
                 |len: usize, a: f32| -> Vec<f32> { (0..len).map(|_| a * lcg(&mut seed)).collect() };
             let q = rand(rows * heads * head_dim, 4.0);
-            let k = rand(n * kv_heads * head_dim, 4.0);
+            let mut k = rand(n * kv_heads * head_dim, 4.0);
+            if n > tiles::LONG {
+                // Larger keys late in the row: the running maximum grows from chunk to chunk.
+                for (j, row) in k.chunks_mut(kv_heads * head_dim).enumerate() {
+                    let f = 1.0 + (j / 512) as f32 * 0.5;
+                    row.iter_mut().for_each(|x| *x *= f);
+                }
+            }
             let v = rand(n * kv_heads * head_dim, 2.0);
             let want = reference(&q, &k, &v, rows, pos0, s);
             for threads in [1, 2] {
@@ -826,7 +838,7 @@ mod bench {
     use super::*;
     use crate::test_util::{lcg, pool};
 
-    /// One layer's prefill attention of the d=1024 model (16 heads of 64, 512 rows):
+    /// One layer's prefill attention of the d=1024 model (16 heads of 64, 128 to 4096 rows):
     /// `cargo test --release -p loopc-runtime bench_causal_gemm -- --ignored --nocapture`.
     #[test]
     #[ignore]
@@ -839,7 +851,7 @@ mod bench {
             head_dim: 64,
             scale: 0.125,
         };
-        for rows in [128usize, 512] {
+        for rows in [128usize, 512, 2048, 4096] {
             let w = sh.heads * sh.head_dim;
             let q: Vec<f32> = (0..rows * w).map(|_| lcg(&mut s)).collect();
             let k: Vec<f32> = (0..rows * w).map(|_| lcg(&mut s)).collect();

@@ -10,7 +10,8 @@
 //! stored. The queries, Kᵀ and V are laid out so that no operand walks a power-of-two stride
 //! (the cache's rows are 4 KiB apart at d=1024). Measured: 3.8–4.1 ms per 512-row layer
 //! against 4.2–5.0 with `gemm`, and bf16 prefill-512 of the d=1024 model from 676–714 to
-//! 752–790 tok/s, alternating binaries in one run.
+//! 752–790 tok/s, alternating binaries in one run. Past [`LONG`] keys a unit walks the keys in
+//! chunks with an online softmax ([`unit_chunked`]), so that its working set stays in L2.
 
 use super::Shape;
 #[cfg(target_arch = "x86_64")]
@@ -84,8 +85,8 @@ pub(super) unsafe fn pack_v(
 }
 
 /// One unit: rows `r0..r1` of query head `h`, given its kv head's packed Kᵀ (`nkp` wide) and
-/// V (`head_dim` wide), a scratch `sc` of `(r1 − r0) · nkp` floats and `qb` of
-/// `(r1 − r0) · head_dim`.
+/// V (`head_dim` wide), a scratch `sc` of `(r1 − r0) · nkp` floats, and `qb` and `ob` of
+/// `(r1 − r0) · head_dim` each.
 ///
 /// # Safety
 /// [`supported`]; `q`/`out` hold rows `r0..r1` of `heads · head_dim`; `kt` covers
@@ -107,6 +108,7 @@ pub(super) unsafe fn unit(
     s: Shape,
     sc: *mut f32,
     qb: *mut f32,
+    ob: *mut f32,
     inv: &mut [f32; ROWS],
 ) {
     let hd = s.head_dim;
@@ -117,6 +119,9 @@ pub(super) unsafe fn unit(
     // The block's queries side by side: in `q` their rows are a cache row apart too.
     for i in 0..m {
         std::ptr::copy_nonoverlapping(q.add((r0 + i) * qrow + h * hd), qb.add(i * hd), hd);
+    }
+    if nk > LONG {
+        return unit_chunked(qb, kt, nkp, v, out, h, r0, m, pos0, s, sc, ob);
     }
     // S, 8 rows at a time, over the key tiles the group's last row sees.
     let mut i = 0;
@@ -174,6 +179,222 @@ pub(super) unsafe fn unit(
         }
         i += rows;
     }
+}
+
+/// Units that see more keys than this go through [`unit_chunked`].
+pub(super) const LONG: usize = 1024;
+
+/// Keys per chunk of [`unit_chunked`] (a multiple of the 32-key tiles): its scores, Kᵀ and V
+/// come to 3 × 128 KiB at 64 rows and head size 64, which stay in L2.
+const KEY_CHUNK: usize = 512;
+
+/// [`unit`] over many keys, one chunk of [`KEY_CHUNK`] keys at a time with a running maximum
+/// and sum per row (the online softmax of FlashAttention): the whole row of scores, Kᵀ and V
+/// of a 4096-key unit were 1 MiB each, more than L2, and every 8-row group streamed Kᵀ again
+/// from L3. Each chunk's exponentials take the row's maximum so far; the output so far and
+/// the sum are rescaled by `exp(scale · (old max − new max))` when it grows. `qb` holds the
+/// unit's queries side by side, `ob` `m · head_dim` floats of scratch.
+///
+/// # Safety
+/// As [`unit`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn unit_chunked(
+    qb: *const f32,
+    kt: *const f32,
+    nkp: usize,
+    v: *const f32,
+    out: *mut f32,
+    h: usize,
+    r0: usize,
+    m: usize,
+    pos0: usize,
+    s: Shape,
+    sc: *mut f32,
+    ob: *mut f32,
+) {
+    let hd = s.head_dim;
+    let qrow = s.heads * hd;
+    let lim = |i: usize| pos0 + r0 + i + 1;
+    let nk = lim(m - 1);
+    let mut mx = [f32::NEG_INFINITY; ROWS];
+    let mut sum = [0f32; ROWS];
+    let mut alpha = [0f32; ROWS];
+    let mut c0 = 0;
+    while c0 < nk {
+        let c1 = (c0 + KEY_CHUNK).min(nk);
+        // S over the chunk's key tiles that each 8-row group sees.
+        let mut i = 0;
+        while i < m {
+            let rows = (m - i).min(8);
+            let seen = lim(i + rows - 1).min(c1);
+            let qi = qb.add(i * hd);
+            for t in c0 / 32..seen.div_ceil(32) {
+                let (kt_t, s_t) = (kt.add(32 * t), sc.add(i * nkp + 32 * t));
+                macro_rules! go {
+                    ($($r:literal),*) => {
+                        match rows {
+                            $($r => s_tile::<$r>(qi, hd, kt_t, nkp, hd, s_t),)*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                go!(8, 7, 6, 5, 4, 3, 2, 1);
+            }
+            i += rows;
+        }
+        // Each row's exponentials against its maximum so far; zeros past its last key.
+        for i in 0..m {
+            let hi = lim(i).min(c1);
+            let row = sc.add(i * nkp);
+            if hi > c0 {
+                let seen = std::slice::from_raw_parts_mut(row.add(c0), hi - c0);
+                let top = mx[i].max(row_max(seen));
+                alpha[i] = if c0 == 0 {
+                    0.0
+                } else {
+                    crate::matmul::exp_f32(s.scale * (mx[i] - top))
+                };
+                mx[i] = top;
+                sum[i] = sum[i] * alpha[i] + exp_below(seen, s.scale, top);
+            } else {
+                alpha[i] = 1.0;
+            }
+            let from = hi.max(c0);
+            std::ptr::write_bytes(row.add(from), 0, c1 - from);
+        }
+        // O ← α·O + E·V over the chunk's keys, 6 rows at a time.
+        let mut i = 0;
+        while i < m {
+            let rows = (m - i).min(6);
+            let keys = lim(i + rows - 1).min(c1).saturating_sub(c0);
+            let mut c = 0;
+            while keys > 0 && c < hd {
+                let cols = ((hd - c) / 16).min(4);
+                let (e, vc) = (sc.add(i * nkp + c0), v.add(c0 * hd + c));
+                let (o, a) = (ob.add(i * hd + c), alpha.as_ptr().add(i));
+                let first = c0 == 0;
+                macro_rules! go {
+                    ($($r:literal),*) => {
+                        match (rows, cols) {
+                            $(
+                                ($r, 4) => acc_tile::<$r, 4>(e, nkp, vc, hd, keys, a, o, first),
+                                ($r, 3) => acc_tile::<$r, 3>(e, nkp, vc, hd, keys, a, o, first),
+                                ($r, 2) => acc_tile::<$r, 2>(e, nkp, vc, hd, keys, a, o, first),
+                                ($r, 1) => acc_tile::<$r, 1>(e, nkp, vc, hd, keys, a, o, first),
+                            )*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                go!(6, 5, 4, 3, 2, 1);
+                c += 16 * cols;
+            }
+            i += rows;
+        }
+        c0 = c1;
+    }
+    for (i, &z) in sum.iter().enumerate().take(m) {
+        let f = _mm512_set1_ps(1.0 / z);
+        let (src, dst) = (ob.add(i * hd), out.add((r0 + i) * qrow + h * hd));
+        for c in (0..hd).step_by(16) {
+            _mm512_storeu_ps(dst.add(c), _mm512_mul_ps(_mm512_loadu_ps(src.add(c)), f));
+        }
+    }
+}
+
+/// `acc[r, 0..16·C] ← α[r] · acc[r, ..] + Σ_{j < keys} e[r, j] · V[j, 0..16·C]` for `R` rows
+/// (`acc` rows `vrow` apart; with `first`, the old `acc` is not read).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn acc_tile<const R: usize, const C: usize>(
+    e: *const f32,
+    nkp: usize,
+    v: *const f32,
+    vrow: usize,
+    keys: usize,
+    alpha: *const f32,
+    acc: *mut f32,
+    first: bool,
+) {
+    let mut a = [[_mm512_setzero_ps(); C]; R];
+    if !first {
+        for (r, ar) in a.iter_mut().enumerate() {
+            let f = _mm512_set1_ps(*alpha.add(r));
+            for (c, x) in ar.iter_mut().enumerate() {
+                *x = _mm512_mul_ps(_mm512_loadu_ps(acc.add(r * vrow + 16 * c)), f);
+            }
+        }
+    }
+    for j in 0..keys {
+        let mut vs = [_mm512_setzero_ps(); C];
+        for (c, x) in vs.iter_mut().enumerate() {
+            *x = _mm512_loadu_ps(v.add(j * vrow + 16 * c));
+        }
+        for (r, ar) in a.iter_mut().enumerate() {
+            let p = _mm512_set1_ps(*e.add(r * nkp + j));
+            for c in 0..C {
+                ar[c] = _mm512_fmadd_ps(p, vs[c], ar[c]);
+            }
+        }
+    }
+    for (r, ar) in a.iter().enumerate() {
+        for (c, &x) in ar.iter().enumerate() {
+            _mm512_storeu_ps(acc.add(r * vrow + 16 * c), x);
+        }
+    }
+}
+
+/// The largest element of a non-empty row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_max(x: &[f32]) -> f32 {
+    let (n, p) = (x.len(), x.as_ptr());
+    let full = n / 16 * 16;
+    let mut mx = _mm512_set1_ps(f32::MIN);
+    let mut i = 0;
+    while i < full {
+        mx = _mm512_max_ps(mx, _mm512_loadu_ps(p.add(i)));
+        i += 16;
+    }
+    let tail = ((1u32 << (n - full)) - 1) as __mmask16;
+    if tail != 0 {
+        mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, p.add(i)));
+    }
+    _mm512_reduce_max_ps(mx)
+}
+
+/// `x ← exp(scale·x − scale·top)`; returns the sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_below(x: &mut [f32], scale: f32, top: f32) -> f32 {
+    let (n, p) = (x.len(), x.as_mut_ptr());
+    let full = n / 16 * 16;
+    let tail = ((1u32 << (n - full)) - 1) as __mmask16;
+    let (mx, sv) = (_mm512_set1_ps(top * scale), _mm512_set1_ps(scale));
+    let mut sum = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < full {
+        let e = exp16(_mm512_sub_ps(
+            _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), sv),
+            mx,
+        ));
+        _mm512_storeu_ps(p.add(i), e);
+        sum = _mm512_add_ps(sum, e);
+        i += 16;
+    }
+    if tail != 0 {
+        let e = exp16(_mm512_sub_ps(
+            _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p.add(i)), sv),
+            mx,
+        ));
+        _mm512_mask_storeu_ps(p.add(i), tail, e);
+        sum = _mm512_mask_add_ps(sum, tail, sum, e);
+    }
+    _mm512_reduce_add_ps(sum)
 }
 
 /// `S[r, 0..32] = Σ_d q[r, d] · Kᵀ[d, 0..32]` for `R` rows.
