@@ -466,41 +466,7 @@ unsafe fn o_tile<const R: usize, const C: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn exp_row(x: &mut [f32], scale: f32) -> f32 {
-    let n = x.len();
-    let p = x.as_mut_ptr();
-    let full = n / 16 * 16;
-    let tail = ((1u32 << (n - full)) - 1) as __mmask16;
-    let mut mx = _mm512_set1_ps(f32::MIN);
-    let mut i = 0;
-    while i < full {
-        mx = _mm512_max_ps(mx, _mm512_loadu_ps(p.add(i)));
-        i += 16;
-    }
-    if tail != 0 {
-        mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, p.add(i)));
-    }
-    let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale);
-    let sv = _mm512_set1_ps(scale);
-    let mut sum = _mm512_setzero_ps();
-    let mut i = 0;
-    while i < full {
-        let e = exp16(_mm512_sub_ps(
-            _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), sv),
-            mx,
-        ));
-        _mm512_storeu_ps(p.add(i), e);
-        sum = _mm512_add_ps(sum, e);
-        i += 16;
-    }
-    if tail != 0 {
-        let e = exp16(_mm512_sub_ps(
-            _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, p.add(i)), sv),
-            mx,
-        ));
-        _mm512_mask_storeu_ps(p.add(i), tail, e);
-        sum = _mm512_mask_add_ps(sum, tail, sum, e);
-    }
-    _mm512_reduce_add_ps(sum)
+    exp_below(x, scale, row_max(x))
 }
 
 /// `crate::matmul::exp_f32` in 16 lanes (the same operations, unfused, so the same bits).
