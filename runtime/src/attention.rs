@@ -184,7 +184,6 @@ unsafe fn causal_tiles(
                     if sc.len() < need {
                         sc.resize(need, 0.0);
                     }
-                    let mut inv = [0f32; tiles::ROWS];
                     // SAFETY: Kᵀ of head g is packed (the pack loop joined); the scratch is
                     // this thread's; units write disjoint (rows, head) blocks of out.
                     unsafe {
@@ -203,7 +202,6 @@ unsafe fn causal_tiles(
                             sc.as_mut_ptr(),
                             sc.as_mut_ptr().add(tiles::ROWS * nkp),
                             sc.as_mut_ptr().add(tiles::ROWS * (nkp + hd)),
-                            &mut inv,
                         )
                     };
                 });

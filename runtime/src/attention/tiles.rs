@@ -6,12 +6,12 @@
 //! kv head's K for every row block and the softmax made three passes. Here each kv head's Kᵀ
 //! and V are packed once per call, `S = Q·Kᵀ` runs in 8-row × 32-key tiles (only the key tiles a row
 //! group can see), one pass takes the maximum, another the exponentials and their sum, and
-//! `E·V` runs in 6-row × 64-column tiles over the visible keys, scaled by 1/sum as it is
-//! stored. The queries, Kᵀ and V are laid out so that no operand walks a power-of-two stride
+//! `E·V` runs in 6-row × 64-column tiles over the visible keys, then a pass scales it by
+//! 1/sum into the output. The queries, Kᵀ and V are laid out so that no operand walks a power-of-two stride
 //! (the cache's rows are 4 KiB apart at d=1024). Measured: 3.8–4.1 ms per 512-row layer
 //! against 4.2–5.0 with `gemm`, and bf16 prefill-512 of the d=1024 model from 676–714 to
 //! 752–790 tok/s, alternating binaries in one run. Past [`LONG`] keys a unit walks the keys in
-//! chunks with an online softmax ([`unit_chunked`]), so that its working set stays in L2.
+//! chunks with an online softmax ([`keys_in_chunks`]), so that its working set stays in L2.
 
 use super::Shape;
 #[cfg(target_arch = "x86_64")]
@@ -109,7 +109,6 @@ pub(super) unsafe fn unit(
     sc: *mut f32,
     qb: *mut f32,
     ob: *mut f32,
-    inv: &mut [f32; ROWS],
 ) {
     let hd = s.head_dim;
     let qrow = s.heads * hd;
@@ -120,87 +119,31 @@ pub(super) unsafe fn unit(
     for i in 0..m {
         std::ptr::copy_nonoverlapping(q.add((r0 + i) * qrow + h * hd), qb.add(i * hd), hd);
     }
-    if nk > LONG {
-        return unit_chunked(qb, kt, nkp, v, out, h, r0, m, pos0, s, sc, ob);
-    }
-    // S, 8 rows at a time, over the key tiles the group's last row sees.
-    let mut i = 0;
-    while i < m {
-        let rows = (m - i).min(8);
-        let tiles = lim(i + rows - 1).div_ceil(32);
-        let qi = qb.add(i * hd);
-        for t in 0..tiles {
-            let (kt_t, s_t) = (kt.add(32 * t), sc.add(i * nkp + 32 * t));
-            macro_rules! go {
-                ($($r:literal),*) => {
-                    match rows {
-                        $($r => s_tile::<$r>(qi, hd, kt_t, nkp, hd, s_t),)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            go!(8, 7, 6, 5, 4, 3, 2, 1);
-        }
-        i += rows;
-    }
-    // exp(scale·s − max) over each row's keys, zero from there to the block's last key.
-    for (i, inv) in inv.iter_mut().enumerate().take(m) {
-        let row = std::slice::from_raw_parts_mut(sc.add(i * nkp), nk);
-        let (seen, masked) = row.split_at_mut(lim(i));
-        *inv = 1.0 / exp_row(seen, s.scale);
-        masked.fill(0.0);
-    }
-    // O = E·V / sum, 6 rows at a time over the keys the group's last row sees.
-    let mut i = 0;
-    while i < m {
-        let rows = (m - i).min(6);
-        let keys = lim(i + rows - 1);
-        let mut c = 0;
-        while c < hd {
-            let cols = ((hd - c) / 16).min(4);
-            let (e, vc) = (sc.add(i * nkp), v.add(c));
-            let o = out.add((r0 + i) * qrow + h * hd + c);
-            let sc_i = inv.as_ptr().add(i);
-            macro_rules! go {
-                ($($r:literal),*) => {
-                    match (rows, cols) {
-                        $(
-                            ($r, 4) => o_tile::<$r, 4>(e, nkp, vc, hd, keys, sc_i, o, qrow),
-                            ($r, 3) => o_tile::<$r, 3>(e, nkp, vc, hd, keys, sc_i, o, qrow),
-                            ($r, 2) => o_tile::<$r, 2>(e, nkp, vc, hd, keys, sc_i, o, qrow),
-                            ($r, 1) => o_tile::<$r, 1>(e, nkp, vc, hd, keys, sc_i, o, qrow),
-                        )*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            go!(6, 5, 4, 3, 2, 1);
-            c += 16 * cols;
-        }
-        i += rows;
-    }
+    let chunk = if nk > LONG { KEY_CHUNK } else { nk };
+    keys_in_chunks(qb, kt, nkp, v, out, h, r0, m, pos0, s, sc, ob, chunk);
 }
 
-/// Units that see more keys than this go through [`unit_chunked`].
+/// Units that see more keys than this walk them in chunks of [`KEY_CHUNK`]; the others in one.
 pub(super) const LONG: usize = 1024;
 
-/// Keys per chunk of [`unit_chunked`] (a multiple of the 32-key tiles): its scores, Kᵀ and V
-/// come to 3 × 128 KiB at 64 rows and head size 64, which stay in L2.
+/// Keys per chunk past [`LONG`] (a multiple of the 32-key tiles): its scores, Kᵀ and V come to
+/// 3 × 128 KiB at 64 rows and head size 64, which stay in L2.
 const KEY_CHUNK: usize = 512;
 
-/// [`unit`] over many keys, one chunk of [`KEY_CHUNK`] keys at a time with a running maximum
+/// A unit's products and softmax over its keys, `chunk` keys at a time with a running maximum
 /// and sum per row (the online softmax of FlashAttention): the whole row of scores, Kᵀ and V
 /// of a 4096-key unit were 1 MiB each, more than L2, and every 8-row group streamed Kᵀ again
 /// from L3. Each chunk's exponentials take the row's maximum so far; the output so far and
-/// the sum are rescaled by `exp(scale · (old max − new max))` when it grows. `qb` holds the
-/// unit's queries side by side, `ob` `m · head_dim` floats of scratch.
+/// the sum are rescaled by `exp(scale · (old max − new max))` when it grows. With one chunk
+/// these are the operations of a plain softmax (max, exponentials and sum, E·V, times 1/sum).
+/// `qb` holds the unit's queries side by side, `ob` `m · head_dim` floats of scratch.
 ///
 /// # Safety
-/// As [`unit`].
+/// As [`unit`]; `chunk` is a multiple of 32 or at least the unit's keys.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn unit_chunked(
+unsafe fn keys_in_chunks(
     qb: *const f32,
     kt: *const f32,
     nkp: usize,
@@ -213,6 +156,7 @@ unsafe fn unit_chunked(
     s: Shape,
     sc: *mut f32,
     ob: *mut f32,
+    chunk: usize,
 ) {
     let hd = s.head_dim;
     let qrow = s.heads * hd;
@@ -223,7 +167,7 @@ unsafe fn unit_chunked(
     let mut alpha = [0f32; ROWS];
     let mut c0 = 0;
     while c0 < nk {
-        let c1 = (c0 + KEY_CHUNK).min(nk);
+        let c1 = (c0 + chunk).min(nk);
         // S over the chunk's key tiles that each 8-row group sees.
         let mut i = 0;
         while i < m {
@@ -423,50 +367,6 @@ unsafe fn s_tile<const R: usize>(
         _mm512_storeu_ps(s.add(r * nkp), a[0]);
         _mm512_storeu_ps(s.add(r * nkp + 16), a[1]);
     }
-}
-
-/// `out[r, 0..16·C] = scale[r] · Σ_{j < keys} e[r, j] · V[j, 0..16·C]` for `R` rows (V rows
-/// `vrow` apart).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn o_tile<const R: usize, const C: usize>(
-    e: *const f32,
-    nkp: usize,
-    v: *const f32,
-    vrow: usize,
-    keys: usize,
-    scale: *const f32,
-    out: *mut f32,
-    qrow: usize,
-) {
-    let mut acc = [[_mm512_setzero_ps(); C]; R];
-    for j in 0..keys {
-        let mut vs = [_mm512_setzero_ps(); C];
-        for (c, x) in vs.iter_mut().enumerate() {
-            *x = _mm512_loadu_ps(v.add(j * vrow + 16 * c));
-        }
-        for (r, a) in acc.iter_mut().enumerate() {
-            let p = _mm512_set1_ps(*e.add(r * nkp + j));
-            for c in 0..C {
-                a[c] = _mm512_fmadd_ps(p, vs[c], a[c]);
-            }
-        }
-    }
-    for (r, a) in acc.iter().enumerate() {
-        let f = _mm512_set1_ps(*scale.add(r));
-        for (c, &x) in a.iter().enumerate() {
-            _mm512_storeu_ps(out.add(r * qrow + 16 * c), _mm512_mul_ps(x, f));
-        }
-    }
-}
-
-/// `x ← exp(scale·x − scale·max x)` with the kernels' `exp`; returns the sum.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn exp_row(x: &mut [f32], scale: f32) -> f32 {
-    exp_below(x, scale, row_max(x))
 }
 
 /// `crate::matmul::exp_f32` in 16 lanes (the same operations, unfused, so the same bits).
