@@ -49,20 +49,26 @@ pub(crate) struct Workspace {
     _arena: AVec,
 }
 
-/// `LOOPC_SHARE_BUFFERS`: `1` (the default) lets buffers whose live ranges do not overlap share
-/// storage (`plan`); `0` gives every buffer its own, to rule the plan out when chasing a wrong
-/// result.
-pub(crate) fn share_buffers_from_env() -> Result<bool> {
-    match std::env::var("LOOPC_SHARE_BUFFERS") {
-        Err(_) => Ok(true),
+pub(crate) use plan::Plan as BufferPlan;
+
+/// The model's buffer plan, made once at load (it depends on the program alone; each
+/// workspace places its buffers by it). `LOOPC_SHARE_BUFFERS`: `1` (the default) lets buffers
+/// whose live ranges do not overlap share storage; `0` gives every buffer its own, to rule
+/// the plan out when chasing a wrong result.
+pub(crate) fn buffer_plan(man: &crate::artifact::Manifest) -> Result<BufferPlan> {
+    let share = match std::env::var("LOOPC_SHARE_BUFFERS") {
+        Err(_) => true,
         Ok(v) => match v.trim() {
-            "1" => Ok(true),
-            "0" => Ok(false),
-            _ => Err(RuntimeError::Config(format!(
-                "LOOPC_SHARE_BUFFERS must be 0 or 1, got `{v}`"
-            ))),
+            "1" => true,
+            "0" => false,
+            _ => {
+                return Err(RuntimeError::Config(format!(
+                    "LOOPC_SHARE_BUFFERS must be 0 or 1, got `{v}`"
+                )))
+            }
         },
-    }
+    };
+    Ok(plan::plan(man, share))
 }
 
 // SAFETY: the raw pointers in `ptrs` are scratch space rewritten before each use.
@@ -71,7 +77,7 @@ unsafe impl Send for Workspace {}
 impl Workspace {
     fn new(m: &Inner, s: usize) -> Result<Self> {
         let man = &m.manifest;
-        let plan = plan::plan(man, m.share_buffers);
+        let plan = &m.buffer_plan;
         let arena_len = s.checked_mul(plan.arena_cols).ok_or(RuntimeError::Alloc {
             bytes: s as u128 * plan.arena_cols as u128 * 4,
             what: "activation buffers".into(),

@@ -102,8 +102,8 @@ pub(crate) struct Inner {
     /// bf16 copies of the matmul weight windows (`--dtype bf16`; empty for f32).
     pub(crate) packed: HashMap<crate::dtype::PackKey, crate::bf16::Packed>,
     pub(crate) dtype: WeightDtype,
-    /// `LOOPC_SHARE_BUFFERS` (see `exec::share_buffers_from_env`).
-    pub(crate) share_buffers: bool,
+    /// Where each activation buffer lives in a workspace (`exec::buffer_plan`).
+    pub(crate) buffer_plan: crate::exec::BufferPlan,
     pub(crate) device: crate::Device,
     /// The device side (weights on the GPU) when `device` is not the CPU.
     pub(crate) dev: Option<crate::cuda::exec::DevModel>,
@@ -244,7 +244,7 @@ impl Model {
         // A real device runs the kernels; the host's parallel loops (loading, packing) are
         // rayon's, and a spinning team would only hold a core.
         let host_runs = !matches!(device, crate::Device::Cuda(_));
-        let share_buffers = crate::exec::share_buffers_from_env()?;
+        let buffer_plan = crate::exec::buffer_plan(&manifest)?;
         let team = match crate::par::spin_from_env()? {
             true if threads > 1 && host_runs => {
                 Some(crate::par::Team::new(threads - 1).map_err(|e| {
@@ -304,7 +304,7 @@ impl Model {
                 iter_limit,
                 packed,
                 dtype,
-                share_buffers,
+                buffer_plan,
                 device,
                 dev: device_model,
                 _arena: arena,
