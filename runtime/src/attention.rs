@@ -146,15 +146,7 @@ unsafe fn causal_tiles(
         let (nk, nkp) = (pos0 + rows, tiles::padded(pos0 + rows));
         // Per kv head: Kᵀ, then V.
         let per_head = hd * nkp + nk * hd;
-        KT.with(|cell| {
-            // A pool thread waiting inside this call can pick up another session's call;
-            // that one gets its own buffer.
-            let mut own = Vec::new();
-            let mut held = cell.try_borrow_mut();
-            let kt: &mut Vec<f32> = match held.as_deref_mut() {
-                Ok(b) => b,
-                Err(_) => &mut own,
-            };
+        crate::mem::with_buffer(&KT, |kt| {
             if kt.len() < s.kv_heads * per_head {
                 kt.resize(s.kv_heads * per_head, 0.0);
             }
@@ -169,7 +161,7 @@ unsafe fn causal_tiles(
                 let dst = (ktp as *mut f32).wrapping_add(g * per_head);
                 // SAFETY: the caller's cache holds nk rows; head g's block is this task's.
                 unsafe {
-                    tiles::pack_kt(k as *const f32, kvrow, g, hd, nk, nkp, dst);
+                    tiles::pack_kt(k as *const f32, kvrow, g, hd, nk, dst);
                     tiles::pack_v(v as *const f32, kvrow, g, hd, nk, dst.add(hd * nkp));
                 }
             };

@@ -20,6 +20,7 @@
 
 use crate::bf16::{from_bf16, Packed};
 use crate::matmul::{AmxGemmFn, Epi, HostGemm};
+use crate::mem::with_buffer;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -315,18 +316,6 @@ fn product(
             dot_gemm(xq, w, out, m, threads, epi, path);
         }
     });
-}
-
-/// Runs `f` on the thread's buffer in `cell`, or on a fresh one when it is taken (a rayon
-/// worker waiting inside one call can pick up another session's call on the same pool).
-fn with_buffer<T, R>(
-    cell: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
-    f: impl FnOnce(&mut Vec<T>) -> R,
-) -> R {
-    cell.with(|c| match c.try_borrow_mut() {
-        Ok(mut v) => f(&mut v),
-        Err(_) => f(&mut Vec::new()),
-    })
 }
 
 /// [`Path::Widen`] for more than [`SMALL_M`] rows: `x` rounded to bf16 values kept in f32, the

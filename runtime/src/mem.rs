@@ -5,6 +5,7 @@
 //! `MADV_HUGEPAGE` (transparent huge pages make streaming GEMV over weights noticeably faster);
 //! the kernel hands out zeroed pages lazily, so a large allocation costs nothing until it is
 //! touched, and then its last partial huge page costs up to 2 MiB of resident memory.
+//! [`with_buffer`] lends a thread its reusable scratch vector.
 
 use crate::error::{Result, RuntimeError};
 use std::alloc::Layout;
@@ -187,6 +188,19 @@ impl Default for AVec {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Runs `f` on the thread's buffer in `cell`, or on a fresh one when it is taken (a pool
+/// thread waiting inside one call can pick up another session's call on the same pool, which
+/// then finds the buffer borrowed).
+pub(crate) fn with_buffer<T, R>(
+    cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
+    f: impl FnOnce(&mut Vec<T>) -> R,
+) -> R {
+    cell.with(|c| match c.try_borrow_mut() {
+        Ok(mut v) => f(&mut v),
+        Err(_) => f(&mut Vec::new()),
+    })
 }
 
 #[cfg(test)]

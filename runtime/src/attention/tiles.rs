@@ -4,7 +4,7 @@
 //! A profile of one d=1024 layer at 512 rows (`bench_causal_gemm`) had `gemm`'s packing at
 //! 27 % of the time, its microkernel at 35 % and the softmax at 17–26 %: `gemm` repacked each
 //! kv head's K for every row block and the softmax made three passes. Here each kv head's Kᵀ
-//! and V are packed once per call, `S = Q·Kᵀ` runs in 8-row × 32-key tiles (only the key tiles
+//! (in 32-key tiles, [`pack_kt`]) and V are packed once per call, `S = Q·Kᵀ` runs in 8-row × 32-key tiles (only the key tiles
 //! a row group can see), one pass takes the maximum, another the exponentials and their sum,
 //! and `E·V` runs in 6-row × 64-column tiles over the visible keys, then a pass scales it by
 //! 1/sum into the output. The queries, Kᵀ and V are laid out so that no operand walks a
@@ -35,33 +35,42 @@ pub(super) fn supported(s: &Shape) -> bool {
     }
 }
 
-/// Floats per packed row of Kᵀ (and of the scores) for `nk` keys: whole 32-key tiles plus
-/// one line, so that rows a power of two apart (2 KiB at 512 keys) do not crowd a few L1 sets.
+/// Floats per row of the scores for `nk` keys (and `head_dim ·` this bounds the packed Kᵀ):
+/// whole 32-key tiles plus one line, so that rows a power of two apart (2 KiB at 512 keys) do
+/// not crowd a few L1 sets.
 pub(super) fn padded(nk: usize) -> usize {
     nk.next_multiple_of(32) + 16
 }
 
-/// Kᵀ of kv head `g` into `dst` (`head_dim` rows of `nkp` floats, zero past `nk`).
+/// Kᵀ of kv head `g` into `dst` in 32-key tiles: tile `t` is `head_dim` rows of its 32 keys,
+/// contiguous (`32 · head_dim` floats from `t · 32 · head_dim`), zero past `nk`. An S tile
+/// then reads one contiguous 8 KiB block (at head size 64) where rows of the whole Kᵀ put each
+/// of its 64 row pieces on its own page: a `perf` profile of a 4096-row layer had a quarter
+/// of the attention's samples on that load.
 ///
 /// # Safety
-/// `k` holds `nk` rows of `kvrow` floats; `dst` holds `head_dim · nkp`.
+/// `k` holds `nk` rows of `kvrow` floats; `dst` holds `head_dim · nk.next_multiple_of(32)`.
 pub(super) unsafe fn pack_kt(
     k: *const f32,
     kvrow: usize,
     g: usize,
     hd: usize,
     nk: usize,
-    nkp: usize,
     dst: *mut f32,
 ) {
     for j in 0..nk {
         let row = k.add(j * kvrow + g * hd);
+        let tile = dst.add(j / 32 * 32 * hd + j % 32);
         for d in 0..hd {
-            *dst.add(d * nkp + j) = *row.add(d);
+            *tile.add(d * 32) = *row.add(d);
         }
     }
-    for d in 0..hd {
-        std::ptr::write_bytes(dst.add(d * nkp + nk), 0, nkp - nk);
+    let end = nk.next_multiple_of(32);
+    if end > nk {
+        let tile = dst.add(nk / 32 * 32 * hd);
+        for d in 0..hd {
+            std::ptr::write_bytes(tile.add(d * 32 + nk % 32), 0, end - nk);
+        }
     }
 }
 
@@ -84,13 +93,13 @@ pub(super) unsafe fn pack_v(
     }
 }
 
-/// One unit: rows `r0..r1` of query head `h`, given its kv head's packed Kᵀ (`nkp` wide) and
-/// V (`head_dim` wide), a scratch `sc` of `(r1 − r0) · nkp` floats, and `qb` and `ob` of
+/// One unit: rows `r0..r1` of query head `h`, given its kv head's packed Kᵀ ([`pack_kt`]'s
+/// tiles) and V (`head_dim` wide), a scratch `sc` of `(r1 − r0) · nkp` floats, and `qb` and `ob` of
 /// `(r1 − r0) · head_dim` each.
 ///
 /// # Safety
-/// [`supported`]; `q`/`out` hold rows `r0..r1` of `heads · head_dim`; `kt` covers
-/// `head_dim · nkp` with `nkp ≥ padded(pos0 + r1)`, `v` `pos0 + r1` packed rows; this unit's
+/// [`supported`]; `q`/`out` hold rows `r0..r1` of `heads · head_dim`; `kt` covers the tiles
+/// of `pos0 + r1` keys, `nkp ≥ padded(pos0 + r1)`, `v` `pos0 + r1` packed rows; this unit's
 /// block of `out` is its own.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -175,11 +184,11 @@ unsafe fn keys_in_chunks(
             let seen = lim(i + rows - 1).min(c1);
             let qi = qb.add(i * hd);
             for t in c0 / 32..seen.div_ceil(32) {
-                let (kt_t, s_t) = (kt.add(32 * t), sc.add(i * nkp + 32 * t));
+                let (kt_t, s_t) = (kt.add(32 * hd * t), sc.add(i * nkp + 32 * t));
                 macro_rules! go {
                     ($($r:literal),*) => {
                         match rows {
-                            $($r => s_tile::<$r>(qi, hd, kt_t, nkp, hd, s_t),)*
+                            $($r => s_tile::<$r>(qi, hd, kt_t, hd, s_t, nkp),)*
                             _ => unreachable!(),
                         }
                     };
@@ -341,7 +350,8 @@ unsafe fn exp_below(x: &mut [f32], scale: f32, top: f32) -> f32 {
     _mm512_reduce_add_ps(sum)
 }
 
-/// `S[r, 0..32] = Σ_d q[r, d] · Kᵀ[d, 0..32]` for `R` rows.
+/// `S[r, 0..32] = Σ_d q[r, d] · Kᵀ[d, 0..32]` for `R` rows, from one packed Kᵀ tile (rows of
+/// 32 keys) into rows of `S` `srow` apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -349,14 +359,14 @@ unsafe fn s_tile<const R: usize>(
     q: *const f32,
     qrow: usize,
     kt: *const f32,
-    nkp: usize,
     hd: usize,
     s: *mut f32,
+    srow: usize,
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for d in 0..hd {
-        let b0 = _mm512_loadu_ps(kt.add(d * nkp));
-        let b1 = _mm512_loadu_ps(kt.add(d * nkp + 16));
+        let b0 = _mm512_loadu_ps(kt.add(d * 32));
+        let b1 = _mm512_loadu_ps(kt.add(d * 32 + 16));
         for (r, a) in acc.iter_mut().enumerate() {
             let x = _mm512_set1_ps(*q.add(r * qrow + d));
             a[0] = _mm512_fmadd_ps(x, b0, a[0]);
@@ -364,8 +374,8 @@ unsafe fn s_tile<const R: usize>(
         }
     }
     for (r, a) in acc.iter().enumerate() {
-        _mm512_storeu_ps(s.add(r * nkp), a[0]);
-        _mm512_storeu_ps(s.add(r * nkp + 16), a[1]);
+        _mm512_storeu_ps(s.add(r * srow), a[0]);
+        _mm512_storeu_ps(s.add(r * srow + 16), a[1]);
     }
 }
 
