@@ -713,8 +713,20 @@ fn run(r: RunArgs) -> Result<(), String> {
             loopc_runtime::DepthSchedule::Positions(v)
         }));
     }
-    let out = loopc_runtime::generate(&mut session, &prompt, r.max_new_tokens, &sampler, &stops)
-        .map_err(|e| format!("error: {e}"))?;
+    // Every prompt position's logits only when they are written out.
+    let keep = match r.dump_logits {
+        Some(_) => loopc_runtime::PromptLogits::All,
+        None => loopc_runtime::PromptLogits::Last,
+    };
+    let out = loopc_runtime::generate_with(
+        &mut session,
+        &prompt,
+        r.max_new_tokens,
+        &sampler,
+        &stops,
+        keep,
+    )
+    .map_err(|e| format!("error: {e}"))?;
     let events = session.take_guard_events();
     for e in events.iter().take(5) {
         eprintln!("warning: {e}");

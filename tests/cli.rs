@@ -644,7 +644,8 @@ fn spin_setting_keeps_results_and_rejects_bad_values() {
 /// `LOOPC_SHARE_BUFFERS` as a user sets it: with the memory plan (`1`, the default) and without
 /// it (`0`, every buffer its own storage) a prompt and its decode steps give the same logits
 /// bit for bit, at a fixed depth and with per-token exits (Ouro's gate, which compacts the
-/// active rows of every per-token buffer); a bad value is a clear error, not a panic.
+/// active rows of every per-token buffer on the CPU and masks them on the device), on the CPU
+/// and through the CUDA executor (`cuda-emu`); a bad value is a clear error, not a panic.
 #[test]
 fn shared_buffers_change_no_logit() {
     // Ouro with its learned exit gate on: tokens leave the loop at different depths.
@@ -665,11 +666,12 @@ fn shared_buffers_change_no_logit() {
         "--exit-threshold",
         "0.5",
     ];
-    let run = |model: &[&str], share: &str, dump: &std::path::Path| {
+    let run_on = |device: &str, model: &[&str], share: &str, dump: &std::path::Path| {
         Command::new(env!("CARGO_BIN_EXE_loopc"))
             .current_dir(root())
             .arg("run")
             .args(model)
+            .args(["--device", device])
             .args([
                 "--tokens",
                 "5 17 3 99 42 7 1 64 12 30 8 2",
@@ -685,13 +687,19 @@ fn shared_buffers_change_no_logit() {
             .output()
             .unwrap()
     };
-    for (name, model) in [("huginn", HUGINN_TINY), ("ouro", ouro)] {
+    let run =
+        |model: &[&str], share: &str, dump: &std::path::Path| run_on("cpu", model, share, dump);
+    for (device, (name, model)) in ["cpu", "cuda-emu"]
+        .into_iter()
+        .flat_map(|d| [("huginn", HUGINN_TINY), ("ouro", ouro)].map(|m| (d, m)))
+    {
+        let name = &format!("{name}_{device}");
         let (a, b) = (
             tmp(&format!("share_on_{name}.safetensors")),
             tmp(&format!("share_off_{name}.safetensors")),
         );
-        let on = run(model, "1", &a);
-        let off = run(model, "0", &b);
+        let on = run_on(device, model, "1", &a);
+        let off = run_on(device, model, "0", &b);
         for o in [&on, &off] {
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
@@ -702,7 +710,24 @@ fn shared_buffers_change_no_logit() {
             .find_map(|l| l.strip_prefix("depth histogram (depth:tokens): "))
             .unwrap_or_else(|| panic!("{name}: no depth histogram in\n{stats}"));
         let depths = hist.split_whitespace().count();
-        assert_eq!(depths > 1, name == "ouro", "{name}: depths {hist}");
+        assert_eq!(
+            depths > 1,
+            name.starts_with("ouro"),
+            "{name}: depths {hist}"
+        );
+        let act = |o: &std::process::Output| {
+            let e = String::from_utf8_lossy(&o.stderr).into_owned();
+            e.lines()
+                .find_map(|l| l.strip_prefix("activations: "))
+                .and_then(|l| l.strip_suffix(" KiB allocated"))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{name}: no activations line in\n{e}"))
+        };
+        let (shared, own) = (act(&on), act(&off));
+        assert!(
+            shared > 0.0 && shared < own,
+            "{name}: {shared} KiB shared, {own} KiB own"
+        );
         let (da, db) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         assert!(da.len() > 1000, "{name}: a dump with logits");
         assert_eq!(da, db, "{name}");

@@ -473,8 +473,9 @@ fn device_names_parse() {
 
 /// The executor's launch plan for a 3-token prefill and one decode step of the tiny Huginn model
 /// at r = 2, with a forced depth of 1 for the second token (so the masked state update and KV
-/// writes appear): every launch with its grid and symbolic parameters (`allocation+element`),
-/// every product with its shapes and strides, every copy. The emulator has checked each access
+/// writes appear): every launch with its grid and symbolic parameters (`allocation+element`;
+/// the buffers the memory plan places together are elements of `activation buffers`), every
+/// product with its shapes and strides, every copy. The emulator has checked each access
 /// against its allocation while recording.
 #[test]
 fn launch_plan_snapshot() {

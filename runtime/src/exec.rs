@@ -45,6 +45,8 @@ pub(crate) struct Workspace {
     bufs: Vec<AVec>,
     rows: Vec<usize>,
     ptrs: Vec<*mut f32>,
+    /// Bytes allocated for the buffers: the arena and the buffers of their own.
+    bytes: usize,
     /// Declared after `bufs`, whose windows point into it.
     _arena: AVec,
 }
@@ -85,6 +87,7 @@ impl Workspace {
         let mut arena = AVec::zeroed(arena_len, "activation buffers")?;
         let mut bufs = Vec::with_capacity(man.buffers.len());
         let mut rows = Vec::with_capacity(man.buffers.len());
+        let mut bytes = 4 * arena_len;
         for (b, off) in man.buffers.iter().zip(&plan.offset) {
             let r = match b.rows {
                 Rows::Tokens => s,
@@ -99,7 +102,10 @@ impl Workspace {
                 // 64-byte aligned offset, and only beside buffers whose live ranges do not
                 // overlap its own, so no instruction sees two of them at once.
                 Some(o) => unsafe { AVec::window(arena.as_mut_ptr().add(o * s), n) },
-                None => AVec::zeroed(n, &format!("buffer `{}`", b.name))?,
+                None => {
+                    bytes += 4 * n;
+                    AVec::zeroed(n, &format!("buffer `{}`", b.name))?
+                }
             });
             rows.push(r);
         }
@@ -108,6 +114,7 @@ impl Workspace {
             bufs,
             rows,
             ptrs: Vec::with_capacity(8),
+            bytes,
             _arena: arena,
         };
         ws.check_sizes(m)?;
@@ -231,6 +238,11 @@ impl ExecState {
 
     pub(crate) fn workspace(&self, i: usize) -> &Workspace {
         &self.workspaces[i]
+    }
+
+    /// Bytes of the activation buffers of the workspaces held.
+    pub(crate) fn activation_bytes(&self) -> usize {
+        self.workspaces.iter().map(|w| w.bytes).sum()
     }
 
     fn workspace_for(&mut self, m: &Inner, s: usize) -> Result<usize> {

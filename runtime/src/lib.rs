@@ -87,7 +87,10 @@ pub use error::{Result, RuntimeError};
 pub use model::{Artifact, Model};
 pub use rng::Rng;
 pub use sampler::{argmax, sample, SamplerConfig};
-pub use session::{generate, DepthSchedule, ExitProbs, GenerateOutput, Logits, Session, Stats};
+pub use session::{
+    generate, generate_with, DepthSchedule, ExitProbs, GenerateOutput, Logits, PromptLogits,
+    Session, Stats,
+};
 pub use weights::{check_weights, TensorInfo, Weights};
 
 #[cfg(test)]

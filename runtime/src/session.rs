@@ -193,6 +193,9 @@ pub struct Stats {
     pub kv_bytes_used: usize,
     /// Positions the KV cache holds (the sequence length so far).
     pub kv_positions: usize,
+    /// Bytes of activation buffers held (after the last call): one workspace per recent call
+    /// size, its buffers placed by the memory plan (`LOOPC_SHARE_BUFFERS`).
+    pub activation_bytes: usize,
     /// `depth_histogram[d]`: tokens that ran exactly `d` recurrence iterations.
     pub depth_histogram: Vec<usize>,
     /// Token rows the readout (coda and head) ran on inside the recurrence, for per-step
@@ -251,6 +254,11 @@ impl std::fmt::Display for Stats {
             self.kv_bytes_allocated as f64 / 1024.0,
             self.kv_bytes_used / self.kv_positions.max(1),
             self.kv_bytes_used
+        )?;
+        write!(
+            f,
+            "\nactivations: {:.1} KiB allocated",
+            self.activation_bytes as f64 / 1024.0
         )?;
         if !self.profile.is_empty() {
             let total: f64 = self.profile.iter().map(|p| p.1.as_secs_f64()).sum();
@@ -528,10 +536,12 @@ impl Session {
             Some(d) => {
                 st.kv_bytes_allocated = d.kv.bytes_allocated();
                 st.kv_bytes_used = d.kv.bytes_used();
+                st.activation_bytes = d.activation_bytes();
             }
             None => {
                 st.kv_bytes_allocated = self.st.kv.bytes_allocated();
                 st.kv_bytes_used = self.st.kv.bytes_used();
+                st.activation_bytes = self.st.activation_bytes();
             }
         }
         st.kv_positions = self.pos;
@@ -636,7 +646,8 @@ impl Session {
 pub struct GenerateOutput {
     /// The new tokens (the prompt excluded), including a final stop token if one was drawn.
     pub tokens: Vec<u32>,
-    /// Logits of every prompt position.
+    /// Logits of every prompt position (`[P, vocab]`), or of the last one only (`[1, vocab]`)
+    /// from [`generate_with`] with [`PromptLogits::Last`].
     pub prefill_logits: Logits,
     /// Logits of each decode step, one row per step (the step that consumed `tokens[i]` gives
     /// row `i`, which produced `tokens[i + 1]`).
@@ -706,8 +717,22 @@ impl GenerateOutput {
     }
 }
 
+/// Which of the prompt's logits [`generate_with`] computes and keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptLogits {
+    /// Every position's, as [`Session::prefill`] (what a dump of the run needs).
+    #[default]
+    All,
+    /// The last position's only, as [`Session::prefill_last`]: the head skips the other rows,
+    /// a third of a prompt's arithmetic at r = 1 for the d=1024 Huginn model and 512 MB of
+    /// logits at 4096 tokens. The last row is the same product through another kernel, so it
+    /// may differ from [`PromptLogits::All`]'s in the last bits.
+    Last,
+}
+
 /// Prefill `prompt`, then sample up to `max_new_tokens` tokens, stopping after a token in
-/// `stop_tokens`. Sampling uses a generator seeded with `cfg.seed`.
+/// `stop_tokens`. Sampling uses a generator seeded with `cfg.seed`. Keeps every prompt
+/// position's logits ([`generate_with`] can skip them).
 pub fn generate(
     session: &mut Session,
     prompt: &[u32],
@@ -715,10 +740,32 @@ pub fn generate(
     cfg: &SamplerConfig,
     stop_tokens: &[u32],
 ) -> Result<GenerateOutput> {
+    generate_with(
+        session,
+        prompt,
+        max_new_tokens,
+        cfg,
+        stop_tokens,
+        PromptLogits::All,
+    )
+}
+
+/// [`generate`] computing the prompt's logits that `prompt_logits` asks for.
+pub fn generate_with(
+    session: &mut Session,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    cfg: &SamplerConfig,
+    stop_tokens: &[u32],
+    prompt_logits: PromptLogits,
+) -> Result<GenerateOutput> {
     let vocab = session.model.inner.manifest.vocab;
     let mut rng = Rng::new(cfg.seed);
     let t0 = Instant::now();
-    let prefill_logits = session.prefill(prompt)?;
+    let prefill_logits = match prompt_logits {
+        PromptLogits::All => session.prefill(prompt)?,
+        PromptLogits::Last => session.prefill_last(prompt)?,
+    };
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let mut out = GenerateOutput {
         prefill_seconds,

@@ -487,6 +487,33 @@ fn generate_dumps_all_logits() {
     assert_eq!(a.tokens, b.tokens);
 }
 
+/// `PromptLogits::Last` (what `loopc run` uses without `--dump-logits`): the prompt's last
+/// row only, the same tokens and decode logits as keeping every row.
+#[test]
+fn generate_can_skip_the_prompts_other_logits() {
+    let m = model(manifest(StateInit::Zeros, ExitPolicy::Fixed, false, 2));
+    let mut s = m.session();
+    let prompt = [1, 2, 3, 1, 2];
+    let all = generate(&mut s, &prompt, 4, &SamplerConfig::greedy(), &[]).unwrap();
+    s.reset();
+    let cfg = SamplerConfig::greedy();
+    let last =
+        crate::generate_with(&mut s, &prompt, 4, &cfg, &[], crate::PromptLogits::Last).unwrap();
+    assert_eq!((all.prefill_logits.rows, last.prefill_logits.rows), (5, 1));
+    let d = all
+        .prefill_logits
+        .last_row()
+        .iter()
+        .zip(last.prefill_logits.last_row())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-5, "last prompt row differs by {d}");
+    assert_eq!(all.tokens, last.tokens);
+    assert_eq!(all.step_logits, last.step_logits);
+    assert_eq!(all.iterations, last.iterations);
+    assert_eq!(s.position(), 8);
+}
+
 #[test]
 fn artifact_bytes_roundtrip_and_garbage() {
     let man = manifest(StateInit::Zeros, ExitPolicy::Fixed, false, 2);

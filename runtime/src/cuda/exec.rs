@@ -81,7 +81,11 @@ impl DevModel {
 /// The buffers of one call size.
 struct Ws {
     s: usize,
+    /// Per buffer: an allocation of its own, or a window of `_arena` (the CPU workspace's
+    /// plan, `exec::plan`).
     bufs: Vec<DevMem>,
+    /// Bytes allocated for `bufs`: the arena and the buffers of their own.
+    bytes: usize,
     /// The product of a `MatMulParts` before its parts' epilogues.
     scratch: Option<DevMem>,
     tokens: DevMem,
@@ -95,6 +99,8 @@ struct Ws {
     /// MoR routing: expert choice's keep mask and gates, or token choice's depths, weights
     /// and initial states.
     route: Option<Route>,
+    /// Declared after `bufs`, whose windows point into it.
+    _arena: Option<DevMem>,
 }
 
 struct Route {
@@ -175,14 +181,36 @@ impl DevState {
         }
     }
 
+    /// Bytes of the activation buffers of the workspaces held.
+    pub(crate) fn activation_bytes(&self) -> usize {
+        self.ws.iter().map(|w| w.bytes).sum()
+    }
+
     fn workspace_for(&mut self, m: &Inner, d: &DevModel, s: usize) -> Result<usize> {
         if let Some(i) = self.ws.iter().position(|w| w.s == s) {
             return Ok(i);
         }
         let gpu = &*d.gpu;
         let man = &m.manifest;
+        // Launches run in order on one stream, so the CPU's plan holds here as it stands: a
+        // buffer's storage is reused only by buffers no instruction sees at the same time.
+        let plan = &m.buffer_plan;
+        let arena = match s
+            .checked_mul(plan.arena_cols)
+            .and_then(|e| e.checked_mul(4))
+        {
+            Some(0) => None,
+            Some(bytes) => Some(gpu.alloc(bytes, "activation buffers")?),
+            None => {
+                return Err(RuntimeError::Alloc {
+                    bytes: s as u128 * plan.arena_cols as u128 * 4,
+                    what: "activation buffers".into(),
+                })
+            }
+        };
         let mut bufs = Vec::with_capacity(man.buffers.len());
-        for (id, b) in man.buffers.iter().enumerate() {
+        let mut buf_bytes = 4 * s * plan.arena_cols;
+        for ((id, b), off) in man.buffers.iter().enumerate().zip(&plan.offset) {
             let r = match b.rows {
                 Rows::Tokens => s,
                 Rows::Fixed(n) => n,
@@ -193,7 +221,15 @@ impl DevState {
                     what: format!("buffer `{}`", b.name),
                 },
             )?;
-            bufs.push(gpu.alloc(bytes.max(4), &format!("buf{id} `{}`", b.name))?);
+            bufs.push(match (off, &arena) {
+                // The plan places the buffer's `S · cols` floats inside the arena, 64-byte
+                // aligned; the window frees nothing.
+                (Some(o), Some(a)) => DevMem::new(a.at(o * s), Box::new(())),
+                _ => {
+                    buf_bytes += bytes.max(4);
+                    gpu.alloc(bytes.max(4), &format!("buf{id} `{}`", b.name))?
+                }
+            });
         }
         let mut prod = 0;
         let mut scan = |list: &[Instr]| {
@@ -268,11 +304,13 @@ impl DevState {
             route,
             s,
             bufs,
+            bytes: buf_bytes,
             scratch,
             tokens: gpu.alloc(4 * s, "token ids")?,
             active: gpu.alloc(4 * s, "active mask")?,
             exited: gpu.alloc(4 * s, "exited mask")?,
             value: gpu.alloc(4 * s, "exit values")?,
+            _arena: arena,
         };
         if self.ws.len() >= MAX_WORKSPACES {
             if let Some(evict) = self.ws.iter().position(|w| w.s != 1) {
