@@ -2063,8 +2063,16 @@ mod bench {
         let team = crate::par::Team::new(1).unwrap();
         let (m, k) = (8usize, 1024usize);
         for (place, n, mats) in [("L2", 256usize, 1usize), ("DRAM", 4096, 24)] {
-            let w: Vec<f32> = (0..mats * n * k).map(|i| (i % 13) as f32 * 0.01).collect();
-            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            // 64-byte aligned, as the runtime's weights and activations are.
+            let mut wv = crate::mem::AVec::zeroed(mats * n * k, "w").unwrap();
+            let mut xv = crate::mem::AVec::zeroed(m * k, "x").unwrap();
+            for (i, v) in wv.as_mut_slice().iter_mut().enumerate() {
+                *v = (i % 13) as f32 * 0.01;
+            }
+            for (i, v) in xv.as_mut_slice().iter_mut().enumerate() {
+                *v = (i % 7) as f32 * 0.1;
+            }
+            let (w, x) = (wv.as_slice(), xv.as_slice());
             let mut out = vec![0f32; m * n];
             let calls = 200 / mats * mats;
             let mut best = [f64::MAX; 5];
