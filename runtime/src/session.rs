@@ -724,9 +724,9 @@ pub enum PromptLogits {
     #[default]
     All,
     /// The last position's only, as [`Session::prefill_last`]: the head skips the other rows,
-    /// a third of a prompt's arithmetic at r = 1 for the d=1024 Huginn model and 512 MB of
-    /// logits at 4096 tokens. The last row is the same product through another kernel, so it
-    /// may differ from [`PromptLogits::All`]'s in the last bits.
+    /// a quarter of a prompt's arithmetic at r = 1 for the d=1024 Huginn model, and 512 MB of
+    /// logits (and their copy) at 4096 tokens. The last row is the same product through another
+    /// kernel, so it may differ from [`PromptLogits::All`]'s in the last bits.
     Last,
 }
 
