@@ -1,16 +1,16 @@
-//! The prefill attention's products in register tiles (AVX-512), in place of two `gemm`
-//! calls per (head, row block).
+//! The prefill attention's products in register tiles (AVX-512), in place of two `gemm` calls per
+//! (head, row block).
 //!
-//! A profile of one d=1024 layer at 512 rows (`bench_causal_gemm`) had `gemm`'s packing at
-//! 27 % of the time, its microkernel at 35 % and the softmax at 17–26 %: `gemm` repacked each
-//! kv head's K for every row block and the softmax made three passes. Here each kv head's Kᵀ
-//! (in 32-key tiles, [`pack_kt`]) and V are packed once per call, `S = Q·Kᵀ` runs in 8-row × 32-key tiles (only the key tiles
-//! a row group can see), one pass takes the maximum, another the exponentials and their sum,
-//! and `E·V` runs in 6-row × 64-column tiles over the visible keys, then a pass scales it by
+//! A profile of one d=1024 layer at 512 rows (`bench_causal_gemm`) had `gemm`'s packing at 27 % of
+//! the time, its microkernel at 35 % and the softmax at 17–26 %: `gemm` repacked each kv head's K
+//! for every row block and the softmax made three passes. Here each kv head's Kᵀ (in 32-key tiles,
+//! [`pack_kt`]) and V are packed once per call, `S = Q·Kᵀ` runs in 8-row × 32-key tiles (only the
+//! key tiles a row group can see), one pass takes the maximum, another the exponentials and their
+//! sum, and `E·V` runs in 6-row × 64-column tiles over the visible keys, then a pass scales it by
 //! 1/sum into the output. The queries, Kᵀ and V are laid out so that no operand walks a
-//! power-of-two stride (the cache's rows are 4 KiB apart at d=1024). Measured: 3.8–4.1 ms per 512-row layer
-//! against 4.2–5.0 with `gemm`, and bf16 prefill-512 of the d=1024 model from 676–714 to
-//! 752–790 tok/s, alternating binaries in one run. Past [`LONG`] keys a unit walks the keys in
+//! power-of-two stride (the cache's rows are 4 KiB apart at d=1024). Measured: 3.8–4.1 ms per
+//! 512-row layer against 4.2–5.0 with `gemm`, and bf16 prefill-512 of the d=1024 model from 676–714
+//! to 752–790 tok/s, alternating binaries in one run. Past [`LONG`] keys a unit walks the keys in
 //! chunks with an online softmax ([`keys_in_chunks`]), so that its working set stays in L2.
 
 use super::Shape;
@@ -94,8 +94,8 @@ pub(super) unsafe fn pack_v(
 }
 
 /// One unit: rows `r0..r1` of query head `h`, given its kv head's packed Kᵀ ([`pack_kt`]'s
-/// tiles) and V (`head_dim` wide), a scratch `sc` of `(r1 − r0) · nkp` floats, and `qb` and `ob` of
-/// `(r1 − r0) · head_dim` each.
+/// tiles) and V (`head_dim` wide), a scratch `sc` of `(r1 − r0) · nkp` floats, and `qb` and
+/// `ob` of `(r1 − r0) · head_dim` each.
 ///
 /// # Safety
 /// [`supported`]; `q`/`out` hold rows `r0..r1` of `heads · head_dim`; `kt` covers the tiles
