@@ -15,7 +15,7 @@ pub struct BenchArgs {
     pub exit_threshold: Option<f64>,
     /// Sequences decoded together through [`Model::batch_session`] (1: a plain session).
     pub batch: usize,
-    /// Per-operation timers over the timed repetitions, printed to stderr (batch 1).
+    /// Per-operation timers over the timed repetitions, printed to stderr.
     pub profile: bool,
 }
 
@@ -130,6 +130,8 @@ fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
     let chunks: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
     let (mut pre, mut dec) = (vec![], vec![]);
     let mut kv_per_pos = 0.0;
+    // The timed repetitions' timers, summed (each repetition has its own batch session).
+    let mut profile: Vec<(&'static str, std::time::Duration, u64)> = Vec::new();
     let err = |e: loopc_runtime::RuntimeError| format!("error: {e}");
     for rep in 0..=a.reps {
         // A fresh batch per repetition (a batch session has no reset); the warm-up rep plans
@@ -137,6 +139,7 @@ fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
         let mut bs = model.batch_session(n);
         bs.set_steps(a.steps);
         bs.set_exit_threshold(a.exit_threshold);
+        bs.set_profiling(a.profile && rep > 0);
         let t = Instant::now();
         let logits = bs.prefill_last(&chunks).map_err(err)?;
         let tp = t.elapsed().as_secs_f64();
@@ -159,6 +162,15 @@ fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
             pre.push(tp);
             dec.push(td);
         }
+        for (name, t, calls) in bs.profile() {
+            match profile.iter_mut().find(|p| p.0 == name) {
+                Some(p) => (p.1, p.2) = (p.1 + t, p.2 + calls),
+                None => profile.push((name, t, calls)),
+            }
+        }
+    }
+    if a.profile {
+        eprintln!("{}", loopc_runtime::profile_text(&profile));
     }
     let (p, d) = (median(pre), median(dec));
     Ok(format!(

@@ -191,7 +191,7 @@ enum Cmd {
         #[arg(long)]
         ceilings: bool,
         /// Time every kind of operation over the timed repetitions and print the table to
-        /// stderr (batch 1).
+        /// stderr.
         #[arg(long)]
         profile: bool,
         #[arg(long, default_value_t = 128)]

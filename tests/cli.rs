@@ -454,7 +454,8 @@ fn json_field(line: &str, key: &str) -> f64 {
 }
 
 /// `loopc bench --batch 2`: two sequences through a batch session, aggregate throughputs and the
-/// same KV bytes per position as one sequence; `--new-tokens 0` times prefill alone.
+/// same KV bytes per position as one sequence, `--profile`'s timers; `--new-tokens 0` times
+/// prefill alone.
 #[test]
 fn bench_batch_reports_aggregate_throughput() {
     let base = [
@@ -488,6 +489,25 @@ fn bench_batch_reports_aggregate_throughput() {
         json_field(&b1, "kv_bytes_per_position"),
         json_field(&b2, "kv_bytes_per_position")
     );
+    let (ok, _, err) = loopc(
+        &[
+            &base[..],
+            &["--batch", "2", "--new-tokens", "3", "--profile"],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    let calls = |op: &str| {
+        err.lines()
+            .find_map(|l| l.trim_start().strip_prefix(op))
+            .and_then(|l| l.split_whitespace().rev().nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no `{op}` timer in\n{err}"))
+    };
+    // The timed repetition alone: a prefill and three steps, each through the tiny model's
+    // 1 + 3·2 + 1 attention layers (the warm-up repetition is not counted).
+    assert!(calls("matmul ") > 0, "{err}");
+    assert_eq!(calls("attention "), 4 * (1 + 3 * 2 + 1), "{err}");
     let p = run(&["--new-tokens", "0"]);
     assert_eq!(json_field(&p, "decode_tok_s"), 0.0, "{p}");
     let (ok, _, err) = loopc(&[&base[..], &["--batch", "0"]].concat());

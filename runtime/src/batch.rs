@@ -48,6 +48,18 @@ impl BatchSession {
         }
     }
 
+    /// Turn the per-operation timers on (they cost a clock read per instruction; see
+    /// [`BatchSession::profile`]) or off.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.st.set_profiling(on);
+    }
+
+    /// The per-operation timers since profiling was turned on, `(name, total time, count)` as
+    /// in [`crate::Stats::profile`]; empty when it is off.
+    pub fn profile(&self) -> Vec<(&'static str, std::time::Duration, u64)> {
+        self.st.profile_table()
+    }
+
     /// Number of sequences.
     pub fn len(&self) -> usize {
         self.kvs.len()

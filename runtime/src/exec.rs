@@ -240,6 +240,27 @@ impl ExecState {
         &self.workspaces[i]
     }
 
+    /// Turn the per-operation timers on (keeping what they hold) or off.
+    pub(crate) fn set_profiling(&mut self, on: bool) {
+        match (on, &self.profile) {
+            (true, None) => self.profile = Some(Box::default()),
+            (false, _) => self.profile = None,
+            (true, Some(_)) => {}
+        }
+    }
+
+    /// The timers that ran, `(name, total time, count)`; empty when profiling is off.
+    pub(crate) fn profile_table(&self) -> Vec<(&'static str, Duration, u64)> {
+        self.profile.as_deref().map_or_else(Vec::new, |p| {
+            OP_NAMES
+                .iter()
+                .zip(p.iter())
+                .filter(|(_, (_, n))| *n > 0)
+                .map(|(name, (d, n))| (*name, *d, *n))
+                .collect()
+        })
+    }
+
     /// Bytes of the activation buffers of the workspaces held.
     pub(crate) fn activation_bytes(&self) -> usize {
         self.workspaces.iter().map(|w| w.bytes).sum()

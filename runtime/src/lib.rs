@@ -88,8 +88,8 @@ pub use model::{Artifact, Model};
 pub use rng::Rng;
 pub use sampler::{argmax, sample, SamplerConfig};
 pub use session::{
-    generate, generate_with, DepthSchedule, ExitProbs, GenerateOutput, Logits, PromptLogits,
-    Session, Stats,
+    generate, generate_with, profile_text, DepthSchedule, ExitProbs, GenerateOutput, Logits,
+    PromptLogits, Session, Stats,
 };
 pub use weights::{check_weights, TensorInfo, Weights};
 

@@ -1,7 +1,7 @@
 //! Sessions: a KV cache and a position over one sequence, with prefill/step calls.
 
 use crate::error::{Result, RuntimeError};
-use crate::exec::{ExecState, OP_NAMES};
+use crate::exec::ExecState;
 use crate::model::Model;
 use crate::sampler::{sample, Rng, SamplerConfig};
 use std::time::{Duration, Instant};
@@ -261,16 +261,7 @@ impl std::fmt::Display for Stats {
             self.activation_bytes as f64 / 1024.0
         )?;
         if !self.profile.is_empty() {
-            let total: f64 = self.profile.iter().map(|p| p.1.as_secs_f64()).sum();
-            for (name, d, n) in &self.profile {
-                write!(
-                    f,
-                    "\n  {name:<14} {:>9.3} ms {:>5.1}% {:>8} calls",
-                    d.as_secs_f64() * 1e3,
-                    100.0 * d.as_secs_f64() / total.max(1e-12),
-                    n
-                )?;
-            }
+            write!(f, "\n{}", profile_text(&self.profile))?;
         }
         Ok(())
     }
@@ -571,26 +562,13 @@ impl Session {
     /// Counters (profile timers are filled in when profiling is on).
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
-        if let Some(p) = &self.st.profile {
-            s.profile = OP_NAMES
-                .iter()
-                .zip(p.iter())
-                .filter(|(_, (_, n))| *n > 0)
-                .map(|(name, (d, n))| (*name, *d, *n))
-                .collect();
-        }
+        s.profile = self.st.profile_table();
         s
     }
 
     /// Turn the per-operation timers on or off (they cost a clock read per instruction).
     pub fn set_profiling(&mut self, on: bool) {
-        if on {
-            if self.st.profile.is_none() {
-                self.st.profile = Some(Box::default());
-            }
-        } else {
-            self.st.profile = None;
-        }
+        self.st.set_profiling(on);
     }
 
     pub fn reset_stats(&mut self) {
@@ -715,6 +693,24 @@ impl GenerateOutput {
             e => RuntimeError::Config(format!("cannot write `{}`: {e}", path.display())),
         })
     }
+}
+
+/// Per-operation timers `(name, total time, count)` as lines of a table (time, share of the
+/// total, calls), as [`Stats`]' display ends with.
+pub fn profile_text(profile: &[(&str, Duration, u64)]) -> String {
+    let total: f64 = profile.iter().map(|p| p.1.as_secs_f64()).sum();
+    profile
+        .iter()
+        .map(|(name, d, n)| {
+            format!(
+                "  {name:<14} {:>9.3} ms {:>5.1}% {:>8} calls",
+                d.as_secs_f64() * 1e3,
+                100.0 * d.as_secs_f64() / total.max(1e-12),
+                n
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Which of the prompt's logits [`generate_with`] computes and keeps.
