@@ -707,8 +707,6 @@ fn shared_buffers_change_no_logit() {
             .output()
             .unwrap()
     };
-    let run =
-        |model: &[&str], share: &str, dump: &std::path::Path| run_on("cpu", model, share, dump);
     for (device, (name, model)) in ["cpu", "cuda-emu"]
         .into_iter()
         .flat_map(|d| [("huginn", HUGINN_TINY), ("ouro", ouro)].map(|m| (d, m)))
@@ -752,7 +750,7 @@ fn shared_buffers_change_no_logit() {
         assert!(da.len() > 1000, "{name}: a dump with logits");
         assert_eq!(da, db, "{name}");
     }
-    let bad = run(HUGINN_TINY, "yes", &tmp("share_bad.safetensors"));
+    let bad = run_on("cpu", HUGINN_TINY, "yes", &tmp("share_bad.safetensors"));
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
         !bad.status.success() && err.contains("LOOPC_SHARE_BUFFERS must be 0 or 1"),

@@ -137,3 +137,18 @@ impl RuntimeError {
         RuntimeError::Manifest(msg.into())
     }
 }
+
+/// A `0`/`1` switch read from the environment variable `name` (`default` when unset); any
+/// other value is a configuration error that names the variable.
+pub(crate) fn env_switch(name: &str, default: bool) -> Result<bool> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(v) => match v.trim() {
+            "1" => Ok(true),
+            "0" => Ok(false),
+            _ => Err(RuntimeError::Config(format!(
+                "{name} must be 0 or 1, got `{v}`"
+            ))),
+        },
+    }
+}

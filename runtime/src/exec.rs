@@ -58,18 +58,7 @@ pub(crate) use plan::Plan as BufferPlan;
 /// whose live ranges do not overlap share storage; `0` gives every buffer its own, to rule
 /// the plan out when chasing a wrong result.
 pub(crate) fn buffer_plan(man: &crate::artifact::Manifest) -> Result<BufferPlan> {
-    let share = match std::env::var("LOOPC_SHARE_BUFFERS") {
-        Err(_) => true,
-        Ok(v) => match v.trim() {
-            "1" => true,
-            "0" => false,
-            _ => {
-                return Err(RuntimeError::Config(format!(
-                    "LOOPC_SHARE_BUFFERS must be 0 or 1, got `{v}`"
-                )))
-            }
-        },
-    };
+    let share = crate::error::env_switch("LOOPC_SHARE_BUFFERS", true)?;
     Ok(plan::plan(man, share))
 }
 
@@ -232,7 +221,10 @@ impl ExecState {
             ropes: m.manifest.rope_tables.iter().map(Rope::new).collect(),
             workspaces: Vec::new(),
             gates: Vec::new(),
-            profile: None,
+            // `LOOPC_PROFILE=1` turns the timers on for every session, single or batch.
+            profile: std::env::var("LOOPC_PROFILE")
+                .is_ok_and(|v| v == "1")
+                .then(Box::default),
         }
     }
 

@@ -22,15 +22,15 @@ use crate::mem::AVec;
 
 const MIN_CAP: usize = 16;
 
-/// The row capacity after a call that needs `rows` rows finds `cap`: unchanged when it
-/// suffices, else the larger of `rows` plus a quarter and `cap` plus a half, in multiples of
-/// [`MIN_CAP`]. Doubling to the next power of two instead left a prompt of 512 positions at a
-/// capacity of exactly 512, so the first decode step allocated a new cache and moved every slot
-/// into it (d=1024, `loopc run` in a fresh process: 0.75–1.12 s for that step against 0.10 s
-/// with the headroom; 147 MiB moved) and then held twice the rows in use. The headroom lets decode follow a
-/// prompt for a quarter of its length first; growing by half of what is there keeps the copies
-/// of a long decode amortized (decoding 100 000 rows one at a time moves 2.6 rows per row, in 22
-/// reallocations).
+/// The row capacity after a call that needs `rows` rows finds `cap`: unchanged when it suffices,
+/// else the larger of `rows` plus a quarter and `cap` plus a half, in multiples of [`MIN_CAP`].
+/// Doubling to the next power of two instead left a prompt of 512 positions at a capacity of
+/// exactly 512, so the first decode step allocated a new cache and moved every slot into it
+/// (d=1024, `loopc run` in a fresh process: 0.75–1.12 s for that step against 0.10 s with the
+/// headroom; 144 MiB of slots moved) and then held twice the rows in use. The headroom lets decode
+/// follow a prompt for a quarter of its length first; growing by half of what is there keeps the
+/// copies of a long decode amortized (decoding 100 000 rows one at a time moves 2.6 rows per row,
+/// in 22 reallocations).
 pub(crate) fn grown_capacity(cap: usize, rows: usize) -> usize {
     if rows <= cap {
         return cap.max(MIN_CAP);

@@ -32,7 +32,8 @@
 //! ```
 //!
 //! Environment: `LOOPC_THREADS` (worker threads; default: available cores), `LOOPC_PROFILE=1`
-//! (per-operation timers in [`Stats::profile`]), `LOOPC_HUGEPAGE_WEIGHTS=0` (use aligned f32
+//! (per-operation timers in [`Stats::profile`] and [`BatchSession::profile`]),
+//! `LOOPC_HUGEPAGE_WEIGHTS=0` (use aligned f32
 //! weights in place from the checkpoint's mapping instead of copying them into 64-byte
 //! aligned, huge-page-advised memory),
 //! `LOOPC_NO_AMX=1` (bf16 prefill without AMX tiles: widened f32 panels on Intel, else the

@@ -30,16 +30,7 @@ pub const TEAM_ROWS: usize = 8;
 /// core is worth more to other work than this model's decode latency), `1` (the default) uses
 /// the team.
 pub fn spin_from_env() -> crate::Result<bool> {
-    match std::env::var("LOOPC_SPIN") {
-        Err(_) => Ok(true),
-        Ok(v) => match v.trim() {
-            "1" => Ok(true),
-            "0" => Ok(false),
-            _ => Err(crate::RuntimeError::Config(format!(
-                "LOOPC_SPIN must be 0 or 1, got `{v}`"
-            ))),
-        },
-    }
+    crate::error::env_switch("LOOPC_SPIN", true)
 }
 
 /// How long a worker spins for the next job before it parks.

@@ -193,8 +193,8 @@ pub struct Stats {
     pub kv_bytes_used: usize,
     /// Positions the KV cache holds (the sequence length so far).
     pub kv_positions: usize,
-    /// Bytes of activation buffers held (after the last call): one workspace per recent call
-    /// size, its buffers placed by the memory plan (`LOOPC_SHARE_BUFFERS`).
+    /// Bytes of activation buffers held now: one workspace per recent call size, its buffers
+    /// placed by the memory plan (`LOOPC_SHARE_BUFFERS`).
     pub activation_bytes: usize,
     /// `depth_histogram[d]`: tokens that ran exactly `d` recurrence iterations.
     pub depth_histogram: Vec<usize>,
@@ -316,10 +316,7 @@ enum Kind {
 
 impl Session {
     pub(crate) fn new(model: Model) -> Self {
-        let mut st = ExecState::new(&model.inner);
-        if std::env::var("LOOPC_PROFILE").is_ok_and(|v| v == "1") {
-            st.profile = Some(Box::default());
-        }
+        let st = ExecState::new(&model.inner);
         let vocab = model.inner.manifest.vocab;
         let dev = model
             .inner
@@ -527,12 +524,10 @@ impl Session {
             Some(d) => {
                 st.kv_bytes_allocated = d.kv.bytes_allocated();
                 st.kv_bytes_used = d.kv.bytes_used();
-                st.activation_bytes = d.activation_bytes();
             }
             None => {
                 st.kv_bytes_allocated = self.st.kv.bytes_allocated();
                 st.kv_bytes_used = self.st.kv.bytes_used();
-                st.activation_bytes = self.st.activation_bytes();
             }
         }
         st.kv_positions = self.pos;
@@ -563,6 +558,10 @@ impl Session {
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
         s.profile = self.st.profile_table();
+        s.activation_bytes = match &self.dev {
+            Some(d) => d.activation_bytes(),
+            None => self.st.activation_bytes(),
+        };
         s
     }
 
@@ -720,7 +719,7 @@ pub enum PromptLogits {
     #[default]
     All,
     /// The last position's only, as [`Session::prefill_last`]: the head skips the other rows,
-    /// a quarter of a prompt's arithmetic at r = 1 for the d=1024 Huginn model, and 512 MB of
+    /// a quarter of a prompt's arithmetic at r = 1 for the d=1024 Huginn model, and 524 MB of
     /// logits (and their copy) at 4096 tokens. The last row is the same product through another
     /// kernel, so it may differ from [`PromptLogits::All`]'s in the last bits.
     Last,
