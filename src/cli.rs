@@ -645,9 +645,14 @@ fn run(r: RunArgs) -> Result<(), String> {
     let weights = Weights::open(&r.weights).map_err(|e| format!("error: {e}"))?;
     let model = Model::with_options(artifact, weights, &load).map_err(|e| format!("error: {e}"))?;
     eprintln!(
-        "loaded weights from {} in {:.3} s",
+        "loaded weights from {} in {:.3} s{}",
         r.weights.display(),
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        if model.packs_f32() {
+            " (f32 matmul weights packed into panels)"
+        } else {
+            ""
+        }
     );
     if let (Some((_, path)), Some(&id)) = (&tokenizer, prompt.iter().max()) {
         if id as usize >= model.token_limit() {

@@ -666,9 +666,9 @@ fn spin_setting_keeps_results_and_rejects_bad_values() {
 /// bit for bit, at a fixed depth and with per-token exits (Ouro's gate, which compacts the
 /// active rows of every per-token buffer on the CPU and masks them on the device), on the CPU
 /// and through the CUDA executor (`cuda-emu`); a bad value is a clear error, not a panic.
-#[test]
-fn shared_buffers_change_no_logit() {
-    // Ouro with its learned exit gate on: tokens leave the loop at different depths.
+/// `loopc run` arguments for the tiny Ouro with its learned exit gate on: tokens leave the
+/// loop at different depths.
+fn ouro_gated() -> Vec<String> {
     let src = std::fs::read_to_string(root().join("examples/ouro.loop")).unwrap();
     assert!(src.contains("    exit fixed\n"));
     let gated = tmp("ouro_gate.loop");
@@ -677,7 +677,7 @@ fn shared_buffers_change_no_logit() {
         src.replace("    exit fixed\n", "    exit gate(q = 0.5)\n"),
     )
     .unwrap();
-    let ouro: &[&str] = &[
+    [
         gated.to_str().unwrap(),
         "--config",
         "tests/fixtures/ouro_tiny/config.json",
@@ -685,7 +685,15 @@ fn shared_buffers_change_no_logit() {
         "tests/fixtures/ouro_tiny/model.safetensors",
         "--exit-threshold",
         "0.5",
-    ];
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn shared_buffers_change_no_logit() {
+    let ouro_args = ouro_gated();
+    let ouro: &[&str] = &ouro_args.iter().map(String::as_str).collect::<Vec<_>>();
     let run_on = |device: &str, model: &[&str], share: &str, dump: &std::path::Path| {
         Command::new(env!("CARGO_BIN_EXE_loopc"))
             .current_dir(root())
@@ -757,4 +765,79 @@ fn shared_buffers_change_no_logit() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// The f32 weights packed into panels at load (the default on AVX-512) against the row-major
+/// kernels (`LOOPC_PACK_F32=0`): the same tokens and depths, logits within summation-order
+/// differences, for Huginn and for Ouro with its gate exit. A bad switch value is an error.
+#[test]
+fn packed_f32_weights_match_row_major() {
+    let ouro_args = ouro_gated();
+    let ouro: &[&str] = &ouro_args.iter().map(String::as_str).collect::<Vec<_>>();
+    let run = |model: &[&str], pack: &str, dump: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_loopc"))
+            .current_dir(root())
+            .arg("run")
+            .args(model)
+            .args([
+                "--tokens",
+                "5 17 3 99 42 7 1 64 12 30 8 2 77 13 250 6",
+                "--steps",
+                "4",
+                "--max-new-tokens",
+                "6",
+                "--stats",
+                "--dump-logits",
+            ])
+            .arg(dump)
+            .env("LOOPC_PACK_F32", pack)
+            .output()
+            .unwrap()
+    };
+    for (name, model) in [("huginn", HUGINN_TINY), ("ouro", ouro)] {
+        let (a, b) = (
+            tmp(&format!("pack_on_{name}.safetensors")),
+            tmp(&format!("pack_off_{name}.safetensors")),
+        );
+        let on = run(model, "1", &a);
+        let off = run(model, "0", &b);
+        for o in [&on, &off] {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        assert_eq!(on.stdout, off.stdout, "{name}: tokens");
+        let packed = |o: &std::process::Output| {
+            String::from_utf8_lossy(&o.stderr).contains("f32 matmul weights packed into panels")
+        };
+        assert!(!packed(&off), "{name}: LOOPC_PACK_F32=0 packs nothing");
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            packed(&on),
+            std::arch::is_x86_feature_detected!("avx512f"),
+            "{name}: the default packs where the kernels run"
+        );
+        let hist = |o: &std::process::Output| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .find(|l| l.starts_with("depth histogram"))
+                .map(String::from)
+        };
+        assert!(hist(&on).is_some(), "{name}");
+        assert_eq!(hist(&on), hist(&off), "{name}: depths");
+        for t in ["prefill_logits", "decode_logits"] {
+            let (x, y) = (read(&a, t), read(&b, t));
+            assert_eq!(x.shape, y.shape, "{name} {t}");
+            let scale = y.f32.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = max_abs_diff(&x.f32, &y.f32);
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "{name} {t}: {d} (scale {scale})"
+            );
+        }
+    }
+    let bad = run(HUGINN_TINY, "yes", &tmp("pack_bad.safetensors"));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("LOOPC_PACK_F32 must be 0 or 1"),
+        "{err}"
+    );
 }

@@ -10,10 +10,15 @@
 //! a checkpoint tensor that feeds no derived weight is packed straight from the file's bytes
 //! (bf16 checkpoints bit for bit), never widened to f32. Activations, the KV cache, norms,
 //! RoPE and attention stay f32; the artifact is the same for both dtypes.
+//!
+//! With [`WeightDtype::F32`] on a CPU with AVX-512 (and no artifact GEMM), the same windows
+//! are packed in f32 ([`PackedF32`], panels of 32 depth-major rows) for the packed kernels of
+//! `matmul::packed`; `LOOPC_PACK_F32=0` keeps them row-major. The values are the checkpoint's.
 
 use crate::artifact::{Derive, Instr, Manifest, WRef};
 use crate::bf16::{to_bf16, Packed};
 use crate::error::{Result, RuntimeError};
+use crate::matmul::PackedF32;
 use crate::weights::{Bound, Weights};
 use std::collections::HashMap;
 
@@ -68,6 +73,43 @@ pub(crate) fn key(id: u32, offset: usize, w: &WRef, kn: bool) -> PackKey {
     (id, offset, w.rows, w.cols, kn)
 }
 
+/// A weight window packed at load: bf16 ([`WeightDtype::Bf16`]) or f32 panels.
+#[derive(Debug)]
+pub(crate) enum PackedW {
+    Bf16(Packed),
+    F32(PackedF32),
+}
+
+impl PackedW {
+    pub fn bytes(&self) -> usize {
+        match self {
+            PackedW::Bf16(p) => p.bytes(),
+            PackedW::F32(p) => p.bytes(),
+        }
+    }
+    pub fn data_len(&self) -> usize {
+        match self {
+            PackedW::Bf16(p) => p.data_len(),
+            PackedW::F32(p) => p.data_len(),
+        }
+    }
+    /// # Safety
+    /// As [`Packed::move_to`].
+    pub unsafe fn move_to(&mut self, dst: *mut f32) {
+        match self {
+            PackedW::Bf16(p) => p.move_to(dst),
+            PackedW::F32(p) => p.move_to(dst),
+        }
+    }
+    /// Row `j` of the `[n, k]` view into `out[..k]` (an embedding gathered from the table).
+    pub fn row_into(&self, j: usize, out: &mut [f32]) {
+        match self {
+            PackedW::Bf16(p) => p.row_into(j, out),
+            PackedW::F32(p) => p.row_into(j, out),
+        }
+    }
+}
+
 pub(crate) struct Plan {
     pub windows: Vec<PackKey>,
     /// By weight id (checkpoint then derived): read as f32 at run time.
@@ -111,9 +153,11 @@ pub(crate) fn part_windows(
     })
 }
 
-pub(crate) fn plan(m: &Manifest) -> Plan {
+/// The windows to pack, to f32 panels ([`PackedF32`]) with `f32`, else to bf16.
+pub(crate) fn plan(m: &Manifest, f32: bool) -> Plan {
     let total = m.weights.len() + m.derived.len();
     let mut windows: Vec<PackKey> = Vec::new();
+    let mut embeds: Vec<WRef> = Vec::new();
     let mut f32_needed = vec![false; total];
     let mut lists: Vec<&[Instr]> = vec![&m.program.prelude, &m.program.coda];
     if let Some(r) = &m.program.recur {
@@ -158,6 +202,7 @@ pub(crate) fn plan(m: &Manifest) -> Plan {
                         windows.push(key(id, off, w, true));
                     }
                 }
+                Instr::Embed { table, .. } if f32 => embeds.push(*table),
                 Instr::Embed { table, .. } => {
                     for (id, off) in resolve(m, table) {
                         windows.push(key(id, off, table, false));
@@ -173,6 +218,17 @@ pub(crate) fn plan(m: &Manifest) -> Plan {
     }
     windows.sort_unstable();
     windows.dedup();
+    // f32: a table gathers from the panels where it is also a matmul's weight (tied), else
+    // from its own f32 rows, of which a run only touches its tokens' pages.
+    for t in embeds {
+        for (id, off) in resolve(m, &t) {
+            if windows.binary_search(&key(id, off, &t, false)).is_err() {
+                if let Some(f) = f32_needed.get_mut(id as usize) {
+                    *f = true;
+                }
+            }
+        }
+    }
     let mut derive_src = vec![false; total];
     for d in &m.derived {
         if !matches!(d.recipe, Derive::PerIter { .. }) {
@@ -205,7 +261,9 @@ pub(crate) struct Packer<'a> {
     /// By weight id: the last non-`PerIter` derived recipe that reads it.
     last_use: Vec<Option<usize>>,
     has_windows: Vec<bool>,
-    pub packed: HashMap<PackKey, Packed>,
+    /// Pack to f32 panels, not bf16.
+    f32: bool,
+    pub packed: HashMap<PackKey, PackedW>,
 }
 
 impl<'a> Packer<'a> {
@@ -214,6 +272,7 @@ impl<'a> Packer<'a> {
         plan: &'a Plan,
         checkpoint: &'a Weights,
         pool: &'a rayon::ThreadPool,
+        f32: bool,
     ) -> Self {
         let total = m.weights.len() + m.derived.len();
         let mut last_use = vec![None; total];
@@ -237,6 +296,7 @@ impl<'a> Packer<'a> {
             pool,
             last_use,
             has_windows,
+            f32,
             packed: HashMap::with_capacity(plan.windows.len()),
         }
     }
@@ -301,20 +361,33 @@ impl<'a> Packer<'a> {
         Ok(())
     }
 
-    fn pack_window(&self, key: PackKey, name: &str, b: &Bound) -> Result<Packed> {
+    fn pack_window(&self, key: PackKey, name: &str, b: &Bound) -> Result<PackedW> {
         let (id, off, rows, cols, kn) = key;
         let (n, kk) = if kn { (cols, rows) } else { (rows, cols) };
         // Element (j, i) of the [n, k] view at this index of the weight's row-major data.
         let at = |j: usize, i: usize| off + if kn { i * n + j } else { j * kk + i };
+        if self.f32 {
+            let what = format!("packed copy of weight `{name}`");
+            if b.len() > 0 || id as usize >= self.m.weights.len() {
+                let src = b.as_slice();
+                return PackedF32::build(n, kk, &what, self.pool, |j, i| src[at(j, i)])
+                    .map(PackedW::F32);
+            }
+            let get = self.checkpoint.f32_reader(name).ok_or_else(|| {
+                RuntimeError::Config(format!("weight `{name}` cannot be read as f32"))
+            })?;
+            return PackedF32::build(n, kk, &what, self.pool, |j, i| get(at(j, i)))
+                .map(PackedW::F32);
+        }
         let what = format!("bf16 copy of weight `{name}`");
         if b.len() > 0 || id as usize >= self.m.weights.len() {
             let src = b.as_slice();
-            Packed::build(n, kk, &what, self.pool, |j, i| to_bf16(src[at(j, i)]))
+            Packed::build(n, kk, &what, self.pool, |j, i| to_bf16(src[at(j, i)])).map(PackedW::Bf16)
         } else {
             let get = self.checkpoint.bf16_reader(name).ok_or_else(|| {
                 RuntimeError::Config(format!("weight `{name}` cannot be read as bf16"))
             })?;
-            Packed::build(n, kk, &what, self.pool, |j, i| get(at(j, i)))
+            Packed::build(n, kk, &what, self.pool, |j, i| get(at(j, i))).map(PackedW::Bf16)
         }
     }
 }

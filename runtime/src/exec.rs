@@ -978,7 +978,7 @@ impl<'a> Run<'a> {
                         };
                         // SAFETY: the epilogue's buffers differ from `out` (validated).
                         let os = unsafe { self.out_rows(*out, r * n, n) };
-                        crate::matmul_bf16::matmul_bf16_epi(&xs, p, os, 1, m.threads, &e);
+                        packed_matmul(None, &xs, p, os, 1, m.threads, &e);
                     } else if let Instr::MatMul { epi, .. } = ins {
                         let e = self.epi(epi, iter, r, 1, n, last_pos);
                         // SAFETY: the epilogue's buffers differ from `out` (validated).
@@ -1002,15 +1002,7 @@ impl<'a> Run<'a> {
                 let e = self.epi(epi, iter, 0, rows, w.rows, pos);
                 // SAFETY: the epilogue's buffers differ from `out` (validated).
                 let os = unsafe { self.out_rows(*out, 0, rows * w.rows) };
-                crate::matmul_bf16::matmul_bf16_epi_on(
-                    m.kernels.gemm,
-                    xs,
-                    p,
-                    os,
-                    rows,
-                    m.threads,
-                    &e,
-                );
+                packed_matmul(m.kernels.gemm, xs, p, os, rows, m.threads, &e);
                 Ok(1)
             }
             Instr::MatMulKN { x, w, out } if packed(m, w, iter, true).is_some() => {
@@ -1020,7 +1012,7 @@ impl<'a> Run<'a> {
                 // SAFETY: x != out (validated), so the two slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
                 let os = self.ws.bufs[*out as usize].as_mut_slice();
-                crate::matmul_bf16::matmul_bf16_epi_on(
+                packed_matmul(
                     m.kernels.gemm,
                     xs,
                     p,
@@ -1055,34 +1047,40 @@ impl<'a> Run<'a> {
                 Ok(1)
             }
             Instr::MatMulParts { x, w, parts } if !m.packed.is_empty() => {
-                // bf16: one packed matmul per part (the plan packs each part's rows).
+                // Each part packed as a matmul of its own rows (the plan's windows): f32
+                // panels run as one pass over every part, bf16 one matmul per part.
                 let rows = self.rows_of(*x);
                 let pos = self.row_pos(parts.iter().any(|p| p.epi.rope.is_some()));
                 let xb = &self.ws.bufs[*x as usize];
                 // SAFETY: x is none of the outputs (validated), so the slices do not alias.
                 let xs = unsafe { std::slice::from_raw_parts(xb.as_ptr(), xb.len()) };
                 let widths = parts.iter().map(|p| bufs[p.out as usize].cols);
-                for (p, pw) in parts.iter().zip(crate::dtype::part_windows(*w, widths)) {
+                // On the stack: no allocation per decode step.
+                let mut jobs: [Option<crate::matmul::Job>; crate::matmul::MAX_PARTS] =
+                    Default::default();
+                for ((p, pw), job) in parts
+                    .iter()
+                    .zip(crate::dtype::part_windows(*w, widths))
+                    .zip(jobs.iter_mut())
+                {
                     let n = pw.rows;
                     let packed = packed(m, &pw, iter, false).ok_or_else(|| {
                         RuntimeError::Config(format!(
-                            "bf16: part of `{}` was not packed at load",
+                            "part of `{}` was not packed at load",
                             m.manifest.buffers[p.out as usize].name
                         ))
                     })?;
                     let e = self.epi(&p.epi, iter, 0, rows, n, pos);
                     // SAFETY: the outputs are distinct and differ from every buffer read.
                     let os = unsafe { self.out_rows(p.out, 0, rows * n) };
-                    crate::matmul_bf16::matmul_bf16_epi_on(
-                        m.kernels.gemm,
-                        xs,
-                        packed,
-                        os,
-                        rows,
-                        m.threads,
-                        &e,
-                    );
+                    match packed {
+                        crate::dtype::PackedW::F32(w) => {
+                            *job = Some(crate::matmul::Job { w, out: os, epi: e })
+                        }
+                        bf16 => packed_matmul(m.kernels.gemm, xs, bf16, os, rows, m.threads, &e),
+                    }
                 }
+                crate::matmul::matmul_packed_jobs(xs, rows, m.threads, &mut jobs);
                 Ok(1)
             }
             Instr::MatMulParts { x, w, parts } => {
@@ -1471,7 +1469,7 @@ fn packed<'x>(
     w: &crate::artifact::WRef,
     iter: Option<usize>,
     kn: bool,
-) -> Option<&'x crate::bf16::Packed> {
+) -> Option<&'x crate::dtype::PackedW> {
     if m.packed.is_empty() {
         return None;
     }
@@ -1484,6 +1482,26 @@ fn packed<'x>(
         }
     };
     m.packed.get(&crate::dtype::key(id, base + w.offset, w, kn))
+}
+
+/// `out = x · Wᵀ` with its epilogue, on a weight packed at load (either kind).
+fn packed_matmul(
+    host: Option<crate::matmul::HostGemm>,
+    x: &[f32],
+    w: &crate::dtype::PackedW,
+    out: &mut [f32],
+    rows: usize,
+    threads: usize,
+    epi: &crate::matmul::Epi,
+) {
+    match w {
+        crate::dtype::PackedW::Bf16(p) => {
+            crate::matmul_bf16::matmul_bf16_epi_on(host, x, p, out, rows, threads, epi)
+        }
+        crate::dtype::PackedW::F32(p) => {
+            crate::matmul::matmul_packed_epi(x, p, out, rows, threads, epi)
+        }
+    }
 }
 
 /// The validated window of a weight; a per-iteration weight resolves to the one iteration

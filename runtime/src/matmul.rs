@@ -1549,6 +1549,28 @@ mod tests {
 
     /// Every path (serial and parallel GEMV, the multi-row GEMV, the column-split and the
     /// whole-matrix gemm) with every combination of epilogue terms against the formula.
+    /// `matmul_epi`, or with `packed` the same product on the weight packed into f32 panels
+    /// (`packed::matmul_packed_epi`).
+    #[allow(clippy::too_many_arguments)]
+    fn either(
+        packed: bool,
+        x: &[f32],
+        w: &[f32],
+        out: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        threads: usize,
+        epi: &Epi,
+    ) {
+        if packed {
+            let pw = PackedF32::from_f32(w, n, k);
+            matmul_packed_epi(x, &pw, out, m, threads, epi)
+        } else {
+            matmul_epi(x, w, out, m, k, n, threads, epi)
+        }
+    }
+
     #[test]
     fn epilogue_matches_formula_on_every_path() {
         let mut s = 17u64;
@@ -1597,9 +1619,9 @@ mod tests {
                         v
                     })
                     .collect();
-                for threads in [1, 2] {
+                for (threads, packed) in [(1, false), (2, false), (1, true), (2, true)] {
                     let mut o = vec![f32::NAN; m * n];
-                    p.install(|| matmul_epi(&x, &w, &mut o, m, k, n, threads, &epi));
+                    p.install(|| either(packed, &x, &w, &mut o, m, k, n, threads, &epi));
                     close(&o, &want, k);
                 }
             }
@@ -1657,7 +1679,7 @@ mod tests {
                         (crate::ew::eval(&[EwOp::Input(0), act], &[g]) * u) as f32
                     })
                     .collect();
-                for threads in [1, 2] {
+                for (threads, packed) in [(1, false), (2, false), (1, true), (2, true)] {
                     let mut scratch = vec![f32::NAN; m * n];
                     let mut o = vec![f32::NAN; m * half];
                     let epi = Epi {
@@ -1665,7 +1687,7 @@ mod tests {
                         glu: Some(GluEpi::new(&mut o, block, act)),
                         ..Epi::default()
                     };
-                    p.install(|| matmul_epi(&x, &wi, &mut scratch, m, k, n, threads, &epi));
+                    p.install(|| either(packed, &x, &wi, &mut scratch, m, k, n, threads, &epi));
                     close(&o, &want, k.max(16));
                 }
             }
@@ -1729,7 +1751,7 @@ mod tests {
                         want[r * n + j] = v[j] as f32;
                     }
                 }
-                for threads in [1, 2] {
+                for (threads, packed) in [(1, false), (2, false), (1, true), (2, true)] {
                     let mut o = vec![f32::NAN; m * n];
                     let mut q = vec![f32::NAN; m];
                     let epi = Epi {
@@ -1743,7 +1765,7 @@ mod tests {
                         )),
                         ..Epi::default()
                     };
-                    p.install(|| matmul_epi(&x, &w, &mut o, m, k, n, threads, &epi));
+                    p.install(|| either(packed, &x, &w, &mut o, m, k, n, threads, &epi));
                     close(&o, &want, k.max(16));
                     close(&q, &want_q, k.max(16));
                 }
@@ -1802,7 +1824,7 @@ mod tests {
                     .collect();
                 rope_rows(&mut want, n, hd, style, &pos, table.cos(), table.sin());
                 let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
-                for threads in [1, 2] {
+                for (threads, packed) in [(1, false), (2, false), (1, true), (2, true)] {
                     let mut o = vec![f32::NAN; m * n];
                     let epi = Epi {
                         row_scale: terms.then_some(&sc[..]),
@@ -1819,7 +1841,7 @@ mod tests {
                         }),
                         ..Epi::default()
                     };
-                    p.install(|| matmul_epi(&x, &w, &mut o, m, k, n, threads, &epi));
+                    p.install(|| either(packed, &x, &w, &mut o, m, k, n, threads, &epi));
                     close(&o, &want, k.max(16));
                 }
             }
@@ -2221,5 +2243,7 @@ mod bench {
 }
 
 pub(crate) mod dot;
+pub(crate) mod packed;
 mod parts;
+pub use packed::{matmul_packed_epi, matmul_packed_jobs, Job, PackedF32};
 pub use parts::{matmul_parts, matmul_parts_on, Part, MAX_PARTS};

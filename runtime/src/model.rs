@@ -99,8 +99,9 @@ pub(crate) struct Inner {
     pub(crate) iter_variants: Vec<Vec<WRef>>,
     /// Iterations the per-iteration weights cover (`None` without any).
     pub(crate) iter_limit: Option<usize>,
-    /// bf16 copies of the matmul weight windows (`--dtype bf16`; empty for f32).
-    pub(crate) packed: HashMap<crate::dtype::PackKey, crate::bf16::Packed>,
+    /// The matmul weight windows packed at load: bf16 copies (`--dtype bf16`), or f32 panels
+    /// (`dtype::PackedW`); empty when f32 weights stay row-major.
+    pub(crate) packed: HashMap<crate::dtype::PackKey, crate::dtype::PackedW>,
     pub(crate) dtype: WeightDtype,
     /// Where each activation buffer lives in a workspace (`exec::buffer_plan`).
     pub(crate) buffer_plan: crate::exec::BufferPlan,
@@ -253,12 +254,20 @@ impl Model {
             }
             _ => None,
         };
-        let plan = (dtype == WeightDtype::Bf16).then(|| crate::dtype::plan(&manifest));
+        // f32 panels where the packed kernels run: on the CPU, with AVX-512, and without an
+        // artifact GEMM (which reads the row-major layout).
+        let pack_f32 = dtype == WeightDtype::F32
+            && matches!(device, crate::Device::Cpu)
+            && kernels.gemm.is_none()
+            && crate::matmul::packed::supported()
+            && crate::error::env_switch("LOOPC_PACK_F32", true)?;
+        let plan = (dtype == WeightDtype::Bf16 || pack_f32)
+            .then(|| crate::dtype::plan(&manifest, pack_f32));
         let lazy = plan.as_ref().map_or(&[][..], |p| &p.lazy[..]);
         let mut bound = weights.bind(&manifest.weights, &pool, lazy)?;
         let mut packed = match &plan {
             Some(p) => {
-                let mut packer = crate::dtype::Packer::new(&manifest, p, &weights, &pool);
+                let mut packer = crate::dtype::Packer::new(&manifest, p, &weights, &pool, pack_f32);
                 packer.checkpoint_weights(&mut bound)?;
                 derive_weights(&manifest, &mut bound, &pool, &mut |k, b| {
                     packer.derived(k, b)
@@ -271,6 +280,13 @@ impl Model {
             }
         };
         let arena = compact_small(&mut bound, &mut packed)?;
+        // Loading freed every small tensor's first home (f32 copies, packed blocks moved into
+        // the arena); give those heap pages back (d=256 with f32 panels: 28 MB of 133).
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: no allocator invariant is involved; it only returns free memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         let token_limit = embed_limit(&manifest);
         let mut iter_variants = vec![Vec::new(); manifest.weights.len()];
         let mut iter_limit: Option<usize> = None;
@@ -334,6 +350,14 @@ impl Model {
     /// How matmul weights are stored ([`LoadOptions::dtype`]).
     pub fn dtype(&self) -> WeightDtype {
         self.inner.dtype
+    }
+
+    /// Whether the f32 matmul weights were packed into panels at load (`dtype::PackedW`).
+    pub fn packs_f32(&self) -> bool {
+        self.inner
+            .packed
+            .values()
+            .any(|p| matches!(p, crate::dtype::PackedW::F32(_)))
     }
 
     /// `(bytes used in place from the checkpoint mapping, bytes converted/copied to f32 or
@@ -479,7 +503,7 @@ fn give_back(b: &mut Bound) {
 /// 232–252 tok/s, alternating binaries).
 fn compact_small(
     bound: &mut [Bound],
-    packed: &mut HashMap<crate::dtype::PackKey, crate::bf16::Packed>,
+    packed: &mut HashMap<crate::dtype::PackKey, crate::dtype::PackedW>,
 ) -> Result<crate::mem::AVec> {
     const LINE: usize = 16;
     let fits = |len: usize| len > 0 && len * 4 < crate::mem::HUGE_THRESHOLD;
@@ -1484,9 +1508,13 @@ mod arena_tests {
         let mut packed = HashMap::new();
         packed.insert(
             (7u32, 0usize, 64usize, 96usize, false),
-            crate::bf16::Packed::from_f32(&w, 64, 96),
+            crate::dtype::PackedW::Bf16(crate::bf16::Packed::from_f32(&w, 64, 96)),
         );
-        let want_packed = packed.values().next().unwrap().words().to_vec();
+        let words = |p: &crate::dtype::PackedW| match p {
+            crate::dtype::PackedW::Bf16(b) => b.words().to_vec(),
+            crate::dtype::PackedW::F32(_) => unreachable!("a bf16 weight"),
+        };
+        let want_packed = words(packed.values().next().unwrap());
         let arena = compact_small(&mut bound, &mut packed).unwrap();
         assert!(arena.len() >= (1 << 18) + 17 + (3 << 18));
         let lo = arena.as_ptr() as usize;
@@ -1504,6 +1532,9 @@ mod arena_tests {
             }
         }
         let p = packed.values().next().unwrap();
+        let crate::dtype::PackedW::Bf16(p) = p else {
+            unreachable!("a bf16 weight")
+        };
         assert_eq!(p.words(), &want_packed[..]);
         let pp = p.words().as_ptr() as usize;
         assert!((lo..hi).contains(&pp) && pp.is_multiple_of(64));

@@ -469,6 +469,17 @@ impl Weights {
         )
     }
 
+    /// Element `i` (row-major) of tensor `name` as f32, read from the checkpoint's own bytes
+    /// with the widening [`Weights::bind`] applies: the f32 panels are packed straight from
+    /// the file, with no f32 copy of the tensor in between. `None` as for `bf16_reader`.
+    pub(crate) fn f32_reader(&self, name: &str) -> Option<impl Fn(usize) -> f32 + Sync + '_> {
+        let e = self.index.get(name)?;
+        let b = &self.files[e.file].backing.bytes()[e.start..e.end];
+        let dt = e.dtype;
+        matches!(dt, Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F64)
+            .then_some(move |i: usize| widen(dt, b, i))
+    }
+
     /// Give back the resident pages of tensor `name`'s bytes in a file mapping (after packing
     /// them, nothing reads them again).
     pub(crate) fn release(&self, name: &str) {
@@ -594,6 +605,19 @@ impl Bound {
 
     pub(crate) fn is_mapped(&self) -> bool {
         matches!(self, Bound::Mapped { .. })
+    }
+}
+
+/// Element `i` of `src` (little-endian `dt`) as f32: `convert`'s widening, one element.
+#[inline]
+fn widen(dt: Dtype, src: &[u8], i: usize) -> f32 {
+    match dt {
+        Dtype::BF16 => {
+            f32::from_bits((u16::from_le_bytes([src[2 * i], src[2 * i + 1]]) as u32) << 16)
+        }
+        Dtype::F16 => f16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])),
+        Dtype::F64 => f64::from_le_bytes(src[8 * i..8 * i + 8].try_into().unwrap()) as f32,
+        _ => f32::from_le_bytes(src[4 * i..4 * i + 4].try_into().unwrap()),
     }
 }
 
