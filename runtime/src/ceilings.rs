@@ -90,23 +90,37 @@ pub fn gemm_pair_gflops(
 ) -> (f64, Option<f64>) {
     let (x, w) = (fill(m * k, 1), fill(n * k, 2));
     let (x, w) = (x.as_slice(), w.as_slice());
+    // The runtime's own kernel is the one a model loaded here runs: on f32 panels where it
+    // packs them (never beside an artifact GEMM).
+    let packed = (host.is_none() && crate::matmul::packed::enabled())
+        .then(|| crate::matmul::PackedF32::from_f32(w, n, k));
     let mut out = zeroed(m * n);
     let out = out.as_mut_slice();
-    alternate(threads, host, 2.0 * (m * k * n) as f64, |h| {
-        crate::matmul::matmul_epi_on(h, x, w, out, m, k, n, threads, &Default::default())
+    alternate(threads, host, 2.0 * (m * k * n) as f64, |h| match &packed {
+        Some(p) => crate::matmul::matmul_packed_epi(x, p, out, m, threads, &Default::default()),
+        None => crate::matmul::matmul_epi_on(h, x, w, out, m, k, n, threads, &Default::default()),
     })
 }
 
-/// GB/s of weight bytes streamed by the runtime's row-split GEMV, `out[n] = w[n, k] · x[k]`
-/// (a decode step's `Linear`), on `threads` threads. The weight (n·k·4 bytes) should be larger
+/// GB/s of weight bytes streamed by the runtime's decode GEMV, `out[n] = w[n, k] · x[k]` (a
+/// decode step's `Linear`; on f32 panels where a model would pack them), on `threads` threads. The weight (n·k·4 bytes) should be larger
 /// than the last-level cache for a DRAM figure: 4096 × 4096 is 64 MiB.
 pub fn gemv_gbs(n: usize, k: usize, threads: usize) -> f64 {
     let (x, w) = (fill(k, 3), fill(n * k, 4));
     let (x, w) = (x.as_slice(), w.as_slice());
+    let packed =
+        crate::matmul::packed::enabled().then(|| crate::matmul::PackedF32::from_f32(w, n, k));
     let mut out = zeroed(n);
     let out = out.as_mut_slice();
     let p = pool(threads);
-    let s = p.install(|| best_time(5, 0.5, || crate::matmul::gemv(x, w, out, threads)));
+    let s = p.install(|| {
+        best_time(5, 0.5, || match &packed {
+            Some(pw) => {
+                crate::matmul::matmul_packed_epi(x, pw, out, 1, threads, &Default::default())
+            }
+            None => crate::matmul::gemv(x, w, out, threads),
+        })
+    });
     (n * k * 4) as f64 / s / 1e9
 }
 
