@@ -190,6 +190,9 @@ fn mor_batch_of_unequal_sequences_equals_single_sessions() {
             [Some(16), None, Some(23), Some(42)],
             [Some(99), Some(100), Some(101), None],
         ];
+        // Exact on f32 panels (a row's matmul bits do not depend on the batch), as in
+        // `variable_depth.rs`.
+        let tol = if model.packs_f32() { 0.0 } else { 1e-5 };
         let mut batch = model.batch_session(4);
         batch.set_exit_threshold(Some(thr));
         let mut singles: Vec<_> = (0..4).map(|_| model.session()).collect();
@@ -199,10 +202,7 @@ fn mor_batch_of_unequal_sequences_equals_single_sessions() {
             singles[b].set_exit_threshold(Some(thr));
             let want = singles[b].prefill(prompts[b]).unwrap();
             let d = max_abs_diff(got[b].data(), want.data());
-            assert!(
-                d <= 1e-5,
-                "{case}: prefill of sequence {b} differs by {d:e}"
-            );
+            assert!(d <= tol, "{case}: prefill of sequence {b} differs by {d:e}");
             assert_eq!(
                 batch.last_depths(b),
                 singles[b].last_depths(),
@@ -218,7 +218,7 @@ fn mor_batch_of_unequal_sequences_equals_single_sessions() {
                 if let Some(t) = toks[b] {
                     let want = singles[b].step(t).unwrap().data().to_vec();
                     let d = max_abs_diff(got[b].data(), &want);
-                    assert!(d <= 1e-5, "{case}: decode of sequence {b} differs by {d:e}");
+                    assert!(d <= tol, "{case}: decode of sequence {b} differs by {d:e}");
                     assert_eq!(batch.last_depths(b), singles[b].last_depths());
                 }
             }

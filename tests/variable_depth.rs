@@ -442,6 +442,10 @@ fn batch_of_four_equals_independent_sessions() {
     ];
     for (exit, cache, forced) in cases {
         let model = huginn(exit, cache);
+        // On f32 panels every matmul gives a row the same bits whatever the batch (the
+        // attention, norms and exits are per sequence already): exact. Row-major kernels sum
+        // a batch's rows in another order.
+        let tol = if model.packs_f32() { 0.0 } else { 1e-5 };
         let mut batch = model.batch_session(4);
         let mut singles: Vec<_> = (0..4).map(|_| model.session()).collect();
         if forced {
@@ -456,7 +460,7 @@ fn batch_of_four_equals_independent_sessions() {
             let want = singles[b].prefill(prompts[b]).unwrap();
             let d = max_abs_diff(got[b].data(), want.data());
             assert!(
-                d <= 1e-5,
+                d <= tol,
                 "{exit}/{cache}: prefill of sequence {b} differs by {d:e}"
             );
             assert_eq!(
@@ -475,7 +479,7 @@ fn batch_of_four_equals_independent_sessions() {
                         let want = singles[b].step(t).unwrap().data().to_vec();
                         let d = max_abs_diff(got[b].data(), &want);
                         assert!(
-                            d <= 1e-5,
+                            d <= tol,
                             "{exit}/{cache}: decode of sequence {b} differs by {d:e}"
                         );
                         assert_eq!(batch.last_depths(b), singles[b].last_depths());
@@ -665,11 +669,13 @@ fn batch_prefill_last_is_the_last_row_of_prefill() {
     let mut last = model.batch_session(3);
     let want = full.prefill(&prompts).unwrap();
     let got = last.prefill_last(&prompts).unwrap();
+    // The head runs on one row instead of all: the row-major kernels (GEMV against GEMM) sum
+    // in another order; on f32 panels a row's bits do not depend on the row count.
+    let tol = if model.packs_f32() { 0.0 } else { 1e-5 };
     for b in 0..3 {
         assert_eq!(got[b].rows, 1);
-        // The head runs as a GEMV on one row instead of a GEMM on all: summation order differs.
         let d = max_abs_diff(got[b].data(), want[b].last_row());
-        assert!(d <= 1e-5, "sequence {b}: last row differs by {d:e}");
+        assert!(d <= tol, "sequence {b}: last row differs by {d:e}");
     }
     assert_eq!(last.positions(), full.positions());
     // A sequence that sits out gets no row.

@@ -40,7 +40,8 @@
 //! AVX-512-BF16 kernel), `LOOPC_BF16_WIDEN=1` (widened panels on other vendors' CPUs too),
 //! `LOOPC_SPIN=0` (decode steps' parallel loops on rayon instead of the spinning team of
 //! [`par`]), `LOOPC_SHARE_BUFFERS=0` (every activation buffer its own storage instead of the
-//! memory plan that lets buffers with disjoint live ranges share it).
+//! memory plan that lets buffers with disjoint live ranges share it), `LOOPC_PACK_F32=0` (f32
+//! matmul weights stay row-major instead of packed into the panels of `matmul::packed`).
 //!
 //! [`Model::with_options`] with [`WeightDtype::Bf16`] stores the matmul weights in bf16 (f32
 //! accumulation; norms, biases, attention, the KV cache and activations stay f32).

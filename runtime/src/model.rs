@@ -361,7 +361,7 @@ impl Model {
     }
 
     /// `(bytes used in place from the checkpoint mapping, bytes converted/copied to f32 or
-    /// packed to bf16)`.
+    /// packed, to bf16 or to f32 panels)`.
     pub fn weight_bytes(&self) -> (usize, usize) {
         let mut m = 0;
         let mut o: usize = self.inner.packed.values().map(|p| p.bytes()).sum();

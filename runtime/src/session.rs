@@ -720,8 +720,9 @@ pub enum PromptLogits {
     All,
     /// The last position's only, as [`Session::prefill_last`]: the head skips the other rows,
     /// a quarter of a prompt's arithmetic at r = 1 for the d=1024 Huginn model, and 524 MB of
-    /// logits (and their copy) at 4096 tokens. The last row is the same product through another
-    /// kernel, so it may differ from [`PromptLogits::All`]'s in the last bits.
+    /// logits (and their copy) at 4096 tokens. On f32 panels (`Model::packs_f32`) the last row
+    /// is [`PromptLogits::All`]'s bit for bit; with row-major or bf16 weights it is the same
+    /// product through another kernel, and may differ in the last bits.
     Last,
 }
 

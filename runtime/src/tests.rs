@@ -507,7 +507,9 @@ fn generate_can_skip_the_prompts_other_logits() {
         .zip(last.prefill_logits.last_row())
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(d < 1e-5, "last prompt row differs by {d}");
+    // Exact on f32 panels (one kernel for every row count); row-major, a GEMV against a GEMM.
+    let tol = if m.packs_f32() { 0.0 } else { 1e-5 };
+    assert!(d <= tol, "last prompt row differs by {d}");
     assert_eq!(all.tokens, last.tokens);
     assert_eq!(all.step_logits, last.step_logits);
     assert_eq!(all.iterations, last.iterations);
