@@ -666,6 +666,28 @@ fn spin_setting_keeps_results_and_rejects_bad_values() {
 /// bit for bit, at a fixed depth and with per-token exits (Ouro's gate, which compacts the
 /// active rows of every per-token buffer on the CPU and masks them on the device), on the CPU
 /// and through the CUDA executor (`cuda-emu`); a bad value is a clear error, not a panic.
+/// `loopc run MODEL EXTRA --tokens TOKENS --steps 4 --max-new-tokens 6 --stats --dump-logits
+/// DUMP` with one environment switch set.
+fn run_dumping(
+    model: &[&str],
+    extra: &[&str],
+    tokens: &str,
+    (var, value): (&str, &str),
+    dump: &std::path::Path,
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_loopc"))
+        .current_dir(root())
+        .arg("run")
+        .args(model)
+        .args(extra)
+        .args(["--tokens", tokens, "--steps", "4", "--max-new-tokens", "6"])
+        .args(["--stats", "--dump-logits"])
+        .arg(dump)
+        .env(var, value)
+        .output()
+        .unwrap()
+}
+
 /// `loopc run` arguments for the tiny Ouro with its learned exit gate on: tokens leave the
 /// loop at different depths.
 fn ouro_gated() -> Vec<String> {
@@ -695,25 +717,13 @@ fn shared_buffers_change_no_logit() {
     let ouro_args = ouro_gated();
     let ouro: &[&str] = &ouro_args.iter().map(String::as_str).collect::<Vec<_>>();
     let run_on = |device: &str, model: &[&str], share: &str, dump: &std::path::Path| {
-        Command::new(env!("CARGO_BIN_EXE_loopc"))
-            .current_dir(root())
-            .arg("run")
-            .args(model)
-            .args(["--device", device])
-            .args([
-                "--tokens",
-                "5 17 3 99 42 7 1 64 12 30 8 2",
-                "--steps",
-                "4",
-                "--max-new-tokens",
-                "6",
-                "--stats",
-                "--dump-logits",
-            ])
-            .arg(dump)
-            .env("LOOPC_SHARE_BUFFERS", share)
-            .output()
-            .unwrap()
+        run_dumping(
+            model,
+            &["--device", device],
+            "5 17 3 99 42 7 1 64 12 30 8 2",
+            ("LOOPC_SHARE_BUFFERS", share),
+            dump,
+        )
     };
     for (device, (name, model)) in ["cpu", "cuda-emu"]
         .into_iter()
@@ -775,24 +785,13 @@ fn packed_f32_weights_match_row_major() {
     let ouro_args = ouro_gated();
     let ouro: &[&str] = &ouro_args.iter().map(String::as_str).collect::<Vec<_>>();
     let run = |model: &[&str], pack: &str, dump: &std::path::Path| {
-        Command::new(env!("CARGO_BIN_EXE_loopc"))
-            .current_dir(root())
-            .arg("run")
-            .args(model)
-            .args([
-                "--tokens",
-                "5 17 3 99 42 7 1 64 12 30 8 2 77 13 250 6",
-                "--steps",
-                "4",
-                "--max-new-tokens",
-                "6",
-                "--stats",
-                "--dump-logits",
-            ])
-            .arg(dump)
-            .env("LOOPC_PACK_F32", pack)
-            .output()
-            .unwrap()
+        run_dumping(
+            model,
+            &[],
+            "5 17 3 99 42 7 1 64 12 30 8 2 77 13 250 6",
+            ("LOOPC_PACK_F32", pack),
+            dump,
+        )
     };
     for (name, model) in [("huginn", HUGINN_TINY), ("ouro", ouro)] {
         let (a, b) = (

@@ -1547,8 +1547,6 @@ mod tests {
         }
     }
 
-    /// Every path (serial and parallel GEMV, the multi-row GEMV, the column-split and the
-    /// whole-matrix gemm) with every combination of epilogue terms against the formula.
     /// `matmul_epi`, or with `packed` the same product on the weight packed into f32 panels
     /// (`packed::matmul_packed_epi`).
     #[allow(clippy::too_many_arguments)]
@@ -1571,6 +1569,9 @@ mod tests {
         }
     }
 
+    /// Every path (serial and parallel GEMV, the multi-row GEMV, the column-split and the
+    /// whole-matrix gemm, the packed panels) with every combination of epilogue terms against
+    /// the formula.
     #[test]
     fn epilogue_matches_formula_on_every_path() {
         let mut s = 17u64;
