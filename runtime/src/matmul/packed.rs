@@ -4,14 +4,15 @@
 //! Every row count runs one register tile: per input row, the panel's [`NR`] outputs as two
 //! 16-lane vectors, each lane a fused multiply-add chain over the depth in order, one input
 //! element broadcast per step. There are no lane sums, and an output does not depend on how
-//! many rows the call has or where the depth is split into chunks, so prefill, decode and
-//! batched decode give a row the same bits.
+//! many rows the call has or where the depth is split into chunks: a row's product has the
+//! same bits in a prefill, a decode step or a batch.
 //!
 //! Why the layout: a decode step streams each panel as one contiguous run (the row-major
 //! GEMV read four rows 4 KiB apart), and a batched step does 16 lanes of work per weight
 //! load with no horizontal sums, where the row-major kernel needed an input load per
-//! multiply-add pair and a lane sum per output (`bench_packed`: eight rows at 34–45 against
-//! 24–31 GB/s of weights from L3, one row 26–27 against 24–25 GB/s from DRAM).
+//! multiply-add pair and a lane sum per output (`bench_packed`, three runs: eight rows at
+//! 32–41 against 22–30 GB/s of weights from L3, 20–22 against 17–19 from DRAM; one row 24–27
+//! against 22–25 GB/s from DRAM).
 
 use super::{Epi, PAR_MIN_MACS};
 use crate::error::Result;
