@@ -52,7 +52,7 @@ pub(crate) fn enabled() -> bool {
     supported() && crate::error::env_switch("LOOPC_PACK_F32", true).unwrap_or(false)
 }
 
-/// An f32 weight `[n, k]` in panels of [`NR`] rows (rows past `n` are zero).
+/// An f32 weight `[n, k]` in panels of 32 rows, depth-major (rows past `n` are zero).
 pub struct PackedF32 {
     n: usize,
     k: usize,
