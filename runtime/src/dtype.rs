@@ -153,8 +153,8 @@ pub(crate) fn part_windows(
     })
 }
 
-/// The windows to pack, to f32 panels ([`PackedF32`]) with `f32`, else to bf16.
-pub(crate) fn plan(m: &Manifest, f32: bool) -> Plan {
+/// The windows to pack, to f32 panels ([`PackedF32`]) with `panels`, else to bf16.
+pub(crate) fn plan(m: &Manifest, panels: bool) -> Plan {
     let total = m.weights.len() + m.derived.len();
     let mut windows: Vec<PackKey> = Vec::new();
     let mut embeds: Vec<WRef> = Vec::new();
@@ -202,7 +202,7 @@ pub(crate) fn plan(m: &Manifest, f32: bool) -> Plan {
                         windows.push(key(id, off, w, true));
                     }
                 }
-                Instr::Embed { table, .. } if f32 => embeds.push(*table),
+                Instr::Embed { table, .. } if panels => embeds.push(*table),
                 Instr::Embed { table, .. } => {
                     for (id, off) in resolve(m, table) {
                         windows.push(key(id, off, table, false));
@@ -218,7 +218,7 @@ pub(crate) fn plan(m: &Manifest, f32: bool) -> Plan {
     }
     windows.sort_unstable();
     windows.dedup();
-    // f32: a table gathers from the panels where it is also a matmul's weight (tied), else
+    // Panels: a table gathers from them where it is also a matmul's weight (tied), else
     // from its own f32 rows, of which a run only touches its tokens' pages.
     for t in embeds {
         for (id, off) in resolve(m, &t) {
@@ -262,7 +262,7 @@ pub(crate) struct Packer<'a> {
     last_use: Vec<Option<usize>>,
     has_windows: Vec<bool>,
     /// Pack to f32 panels, not bf16.
-    f32: bool,
+    panels: bool,
     pub packed: HashMap<PackKey, PackedW>,
 }
 
@@ -272,7 +272,7 @@ impl<'a> Packer<'a> {
         plan: &'a Plan,
         checkpoint: &'a Weights,
         pool: &'a rayon::ThreadPool,
-        f32: bool,
+        panels: bool,
     ) -> Self {
         let total = m.weights.len() + m.derived.len();
         let mut last_use = vec![None; total];
@@ -296,7 +296,7 @@ impl<'a> Packer<'a> {
             pool,
             last_use,
             has_windows,
-            f32,
+            panels,
             packed: HashMap::with_capacity(plan.windows.len()),
         }
     }
@@ -366,7 +366,7 @@ impl<'a> Packer<'a> {
         let (n, kk) = if kn { (cols, rows) } else { (rows, cols) };
         // Element (j, i) of the [n, k] view at this index of the weight's row-major data.
         let at = |j: usize, i: usize| off + if kn { i * n + j } else { j * kk + i };
-        if self.f32 {
+        if self.panels {
             let what = format!("packed copy of weight `{name}`");
             if b.len() > 0 || id as usize >= self.m.weights.len() {
                 let src = b.as_slice();
