@@ -91,8 +91,8 @@ pub fn gemm_pair_gflops(
     let (x, w) = (fill(m * k, 1), fill(n * k, 2));
     let (x, w) = (x.as_slice(), w.as_slice());
     // The runtime's own kernel is the one a model loaded here runs: on f32 panels where it
-    // packs them (never beside an artifact GEMM).
-    let packed = (host.is_none() && crate::matmul::packed::enabled())
+    // packs them (never beside an artifact GEMM; a malformed switch is the model load's error).
+    let packed = (host.is_none() && crate::matmul::packed::enabled().unwrap_or(false))
         .then(|| crate::matmul::PackedF32::from_f32(w, n, k));
     let mut out = zeroed(m * n);
     let out = out.as_mut_slice();
@@ -108,8 +108,9 @@ pub fn gemm_pair_gflops(
 pub fn gemv_gbs(n: usize, k: usize, threads: usize) -> f64 {
     let (x, w) = (fill(k, 3), fill(n * k, 4));
     let (x, w) = (x.as_slice(), w.as_slice());
-    let packed =
-        crate::matmul::packed::enabled().then(|| crate::matmul::PackedF32::from_f32(w, n, k));
+    let packed = crate::matmul::packed::enabled()
+        .unwrap_or(false)
+        .then(|| crate::matmul::PackedF32::from_f32(w, n, k));
     let mut out = zeroed(n);
     let out = out.as_mut_slice();
     let p = pool(threads);

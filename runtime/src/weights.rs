@@ -460,11 +460,7 @@ impl Weights {
         matches!(dt, Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F64).then_some(
             move |i: usize| match dt {
                 Dtype::BF16 => u16::from_le_bytes([b[2 * i], b[2 * i + 1]]),
-                Dtype::F16 => to_bf16(f16_to_f32(u16::from_le_bytes([b[2 * i], b[2 * i + 1]]))),
-                Dtype::F64 => {
-                    to_bf16(f64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap()) as f32)
-                }
-                _ => to_bf16(f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap())),
+                _ => to_bf16(widen(dt, b, i)),
             },
         )
     }
@@ -608,7 +604,10 @@ impl Bound {
     }
 }
 
-/// Element `i` of `src` (little-endian `dt`) as f32: `convert`'s widening, one element.
+/// Element `i` of `src` (little-endian `dt`) as f32, for the element readers (`f32_reader`,
+/// `bf16_reader`): `convert`'s widening, one element. `convert` keeps its own fixed-stride
+/// loops: written through this function, loading d=1024 row-major measured 0.27–0.70 s against
+/// 0.25–0.29 (alternating binaries).
 #[inline]
 fn widen(dt: Dtype, src: &[u8], i: usize) -> f32 {
     match dt {
