@@ -65,6 +65,10 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
     session.set_steps(a.steps);
     session.set_exit_threshold(a.exit_threshold);
     session.set_profiling(a.profile);
+    // As `generate` and the PyTorch reference do: the cache for the whole sequence, up front.
+    session
+        .reserve(a.prompt_len + a.new_tokens)
+        .map_err(|e| format!("error: {e}"))?;
     let (mut pre, mut dec) = (vec![], vec![]);
     // Block evaluations per token (prefill, decode) and KV bytes per position of the last rep.
     let (mut evals_pre, mut evals_dec, mut kv_per_pos) = (0.0, 0.0, 0.0);
@@ -140,6 +144,7 @@ fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
         bs.set_steps(a.steps);
         bs.set_exit_threshold(a.exit_threshold);
         bs.set_profiling(a.profile && rep > 0);
+        bs.reserve(a.prompt_len + a.new_tokens).map_err(err)?;
         let t = Instant::now();
         let logits = bs.prefill_last(&chunks).map_err(err)?;
         let tp = t.elapsed().as_secs_f64();

@@ -491,3 +491,31 @@ fn launch_plan_snapshot() {
     assert!(log.iter().any(|l| l.contains("select_rows")));
     insta::assert_snapshot!(log.join("\n"));
 }
+
+/// `Session::reserve` on the device: the slots and rotary tables it allocates hold the calls
+/// within it (no slot grows), and the logits are the CPU's.
+#[test]
+fn reserved_device_cache_holds_the_sequence() {
+    let a = artifact("huginn", HUGINN_CFG, "fixed", "per_step", &["init_scale=0"]);
+    let prompt = [3u32, 17, 5, 9, 1, 22, 8];
+    let decode: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % 250).collect();
+    let mut emu = load(&a, HUGINN_W, Device::CudaEmulated).unwrap().session();
+    emu.set_steps(Some(3));
+    emu.reserve(prompt.len() + decode.len()).unwrap();
+    let reserved = emu.stats().kv_bytes_allocated;
+    assert!(reserved > 0);
+    let cpu = run(
+        &load(&a, HUGINN_W, Device::Cpu).unwrap(),
+        &prompt,
+        &decode,
+        Some(3),
+        None,
+    );
+    let mut logits = emu.prefill(&prompt).unwrap().data().to_vec();
+    for &t in &decode {
+        logits.extend_from_slice(emu.step(t).unwrap().data());
+        assert_eq!(emu.stats().kv_bytes_allocated, reserved);
+    }
+    assert!(max_abs_diff(&logits, &cpu.logits) <= TOL);
+    assert_eq!(emu.kv_lens(), cpu.kv);
+}

@@ -692,3 +692,79 @@ fn batch_prefill_last_is_the_last_row_of_prefill() {
         );
     }
 }
+
+/// `Session::reserve` / `BatchSession::reserve`: the cache reserved for a sequence's length is
+/// never moved or enlarged by the calls within it (where an unreserved session grows it), the
+/// logits are the same bits, and a call past the reservation still grows the cache.
+#[test]
+fn reserved_cache_never_moves_and_changes_nothing() {
+    let prompt: &[u32] = &[5, 17, 3, 99, 42, 7, 1];
+    let decode: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 250).collect();
+    // 32 positions: a whole number of the cache's 16-row units, so that decode runs past it.
+    let reserved = prompt.len() + 25;
+    for (exit, cache) in [
+        ("fixed", "per_step"),
+        ("fixed", "recursion_wise"),
+        ("fixed", "ring(2)"),
+        (
+            "entropy_diff(threshold = 5e-2, min_steps = 2, max = 7)",
+            "per_step",
+        ),
+    ] {
+        let case = format!("{exit}/{cache}");
+        let model = huginn(exit, cache);
+        let mut plain = model.session();
+        let mut held = model.session();
+        held.reserve(reserved).unwrap();
+        let (a, b) = (
+            plain.prefill(prompt).unwrap(),
+            held.prefill(prompt).unwrap(),
+        );
+        assert_eq!(a.data(), b.data(), "{case}: prefill");
+        let (plain0, held0) = (
+            plain.stats().kv_bytes_allocated,
+            held.stats().kv_bytes_allocated,
+        );
+        let storage = |s: &loopc_runtime::Session| s.kv_slot(0, 0).unwrap().0.as_ptr();
+        let at = storage(&held);
+        let mut plain_grew = false;
+        for &t in &decode {
+            let want = plain.step(t).unwrap().data().to_vec();
+            assert_eq!(held.step(t).unwrap().data(), &want[..], "{case}: decode");
+            assert_eq!(held.last_depths(), plain.last_depths(), "{case}");
+            if held.position() <= reserved {
+                plain_grew |= plain.stats().kv_bytes_allocated != plain0;
+                assert_eq!(held.stats().kv_bytes_allocated, held0, "{case}");
+                assert_eq!(storage(&held), at, "{case}: the cache moved");
+            }
+        }
+        assert!(plain_grew, "{case}: the unreserved session never grew");
+        assert!(
+            held.stats().kv_bytes_allocated > held0,
+            "{case}: past the reservation the cache grows"
+        );
+        assert_eq!(held.kv_lens(), plain.kv_lens(), "{case}");
+    }
+
+    // A batch: every sequence's cache reserved, the same bits as an unreserved batch.
+    let model = huginn("fixed", "per_step");
+    let prompts: [&[u32]; 3] = [prompt, &[8, 8, 200], &[77]];
+    let mut plain = model.batch_session(3);
+    let mut held = model.batch_session(3);
+    held.reserve(reserved).unwrap();
+    assert_eq!(
+        plain.prefill(&prompts).unwrap(),
+        held.prefill(&prompts).unwrap()
+    );
+    let (plain0, held0) = (plain.kv_bytes_allocated(), held.kv_bytes_allocated());
+    for &t in &decode[..20] {
+        let toks = [Some(t), Some(t + 1), Some(t + 2)];
+        assert_eq!(plain.step(&toks).unwrap(), held.step(&toks).unwrap());
+        assert_eq!(held.kv_bytes_allocated(), held0);
+    }
+    assert_ne!(
+        plain.kv_bytes_allocated(),
+        plain0,
+        "the unreserved batch never grew"
+    );
+}

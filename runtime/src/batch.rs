@@ -48,6 +48,15 @@ impl BatchSession {
         }
     }
 
+    /// [`crate::Session::reserve`] for every sequence: storage for `positions` positions each.
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        let m = &self.model.inner;
+        for kv in &mut self.kvs {
+            self.st.reserve(m, Some(kv), positions, self.steps)?;
+        }
+        Ok(())
+    }
+
     /// Turn the per-operation timers on (they cost a clock read per instruction; see
     /// [`BatchSession::profile`]) or off.
     pub fn set_profiling(&mut self, on: bool) {
@@ -205,5 +214,10 @@ impl BatchSession {
     /// KV bytes holding filled positions, per sequence.
     pub fn kv_bytes_used(&self) -> Vec<usize> {
         self.kvs.iter().map(|k| k.bytes_used()).collect()
+    }
+
+    /// Bytes of KV storage each sequence holds (filled or not).
+    pub fn kv_bytes_allocated(&self) -> Vec<usize> {
+        self.kvs.iter().map(|k| k.bytes_allocated()).collect()
     }
 }

@@ -228,6 +228,30 @@ impl ExecState {
         }
     }
 
+    /// Storage for `positions` positions in `kv` (this state's own cache when `None`) at the
+    /// iteration count a call with `steps` would run, and the rotary tables to match: calls
+    /// that stay within it allocate nothing and never move the cache.
+    pub(crate) fn reserve(
+        &mut self,
+        m: &Inner,
+        kv: Option<&mut KvCache>,
+        positions: usize,
+        steps: Option<usize>,
+    ) -> Result<()> {
+        let iterations = m
+            .manifest
+            .program
+            .recur
+            .as_ref()
+            .map_or(0, |rec| cap_of(&rec.exit, rec.default_steps, steps, &[]));
+        kv.unwrap_or(&mut self.kv)
+            .reserve_exact(iterations, positions)?;
+        for r in &mut self.ropes {
+            r.ensure(positions)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn workspace(&self, i: usize) -> &Workspace {
         &self.workspaces[i]
     }

@@ -123,6 +123,26 @@ impl KvCache {
     /// Room for `iterations` recurrence iterations and `rows` positions in every site, so that
     /// a call grows the storage at most once, before it starts.
     pub(crate) fn reserve(&mut self, iterations: usize, rows: usize) -> Result<()> {
+        self.reserve_with(iterations, rows, grown_capacity)
+    }
+
+    /// [`KvCache::reserve`] for a caller that knows the sequence's length: room for exactly
+    /// `rows` rows (in multiples of [`MIN_CAP`]), no headroom.
+    pub(crate) fn reserve_exact(&mut self, iterations: usize, rows: usize) -> Result<()> {
+        self.reserve_with(iterations, rows, |cap, rows| {
+            rows.max(cap)
+                .max(MIN_CAP)
+                .checked_next_multiple_of(MIN_CAP)
+                .unwrap_or(rows)
+        })
+    }
+
+    fn reserve_with(
+        &mut self,
+        iterations: usize,
+        rows: usize,
+        capacity: fn(usize, usize) -> usize,
+    ) -> Result<()> {
         let per_loop = self.ring.map_or(iterations, |c| c.min(iterations)).max(1);
         if rows <= self.cap
             && self
@@ -132,7 +152,7 @@ impl KvCache {
         {
             return Ok(());
         }
-        self.grow(per_loop, rows)
+        self.grow(per_loop, capacity(self.cap, rows))
     }
 
     fn room_for(s: &Site, per_loop: usize) -> usize {
@@ -155,7 +175,7 @@ impl KvCache {
             } else {
                 0
             };
-            self.grow(per_loop, rows)?;
+            self.grow(per_loop, grown_capacity(self.cap, rows))?;
         }
         let s = &mut self.sites[site];
         if s.slots.len() <= slot {
@@ -164,10 +184,9 @@ impl KvCache {
         Ok(())
     }
 
-    /// Reallocate with room for at least `per_loop` slots per in-loop site and `rows` rows
-    /// per slot (see [`grown_capacity`]), moving every slot's filled rows.
-    fn grow(&mut self, per_loop: usize, rows: usize) -> Result<()> {
-        let cap = grown_capacity(self.cap, rows);
+    /// Reallocate with room for at least `per_loop` slots per in-loop site and `cap` rows
+    /// per slot, moving every slot's filled rows.
+    fn grow(&mut self, per_loop: usize, cap: usize) -> Result<()> {
         let mut rooms = Vec::with_capacity(self.sites.len());
         let mut total = 0usize;
         let overflow = || crate::error::RuntimeError::Alloc {
@@ -648,5 +667,39 @@ mod tests {
         let mut ring = KvCache::new(&[site(true)], Some(2));
         ring.reserve(8, 4).unwrap();
         assert_eq!(ring.sites[0].room, 2);
+    }
+
+    /// A reservation for a known length holds that many rows (whole `MIN_CAP`s), no headroom;
+    /// rows written within it keep the storage, rows past it grow it with headroom, moving
+    /// what was written.
+    #[test]
+    fn exact_reservation_holds_what_was_asked() {
+        let mut kv = KvCache::new(&[site(false), site(true)], None);
+        kv.reserve_exact(3, 100).unwrap();
+        assert_eq!((kv.cap, kv.sites[1].room), (112, 3));
+        let first = kv.ptrs(1, 0);
+        for pos in 0..112 {
+            for t in 0..3 {
+                kv.write(1, t, pos, 1, &rows(t, pos, 1), &rows(t, pos, 1))
+                    .unwrap();
+            }
+        }
+        assert_eq!(kv.ptrs(1, 0), first);
+        // Asking for less, or for what is there, changes nothing.
+        kv.reserve_exact(2, 50).unwrap();
+        kv.reserve_exact(3, 112).unwrap();
+        assert_eq!((kv.cap, kv.ptrs(1, 0)), (112, first));
+        kv.write(1, 0, 112, 1, &rows(0, 112, 1), &rows(0, 112, 1))
+            .unwrap();
+        assert_eq!(kv.cap, grown_capacity(112, 113));
+        assert_ne!(kv.ptrs(1, 0), first);
+        assert_eq!(
+            kv.slot_rows(1, 2).unwrap().0[..2 * 112],
+            rows(2, 0, 112)[..]
+        );
+        assert_eq!(
+            kv.slot_rows(1, 0).unwrap().0[..2 * 113],
+            rows(0, 0, 113)[..]
+        );
     }
 }

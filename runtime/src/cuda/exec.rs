@@ -322,6 +322,57 @@ impl DevState {
     }
 
     /// Run one call; the logits are left in [`DevState::logits`]. Returns the iterations run.
+    /// Rotary tables for `positions` positions, on the device.
+    fn ensure_ropes(&mut self, gpu: &dyn Gpu, positions: usize) -> Result<()> {
+        for r in &mut self.ropes {
+            r.host.ensure(positions)?;
+            let n = r.host.positions_held();
+            if n > r.uploaded {
+                let half = r.host.half();
+                // Named apart so that the launch log shows which table a kernel reads where.
+                let (cos, sin) = (
+                    gpu.alloc(4 * n * half, "rotary cos")?,
+                    gpu.alloc(4 * n * half, "rotary sin")?,
+                );
+                gpu.upload(cos.addr, bytes(r.host.cos()))?;
+                gpu.upload(sin.addr, bytes(r.host.sin()))?;
+                r.cos = Some(cos);
+                r.sin = Some(sin);
+                r.uploaded = n;
+            }
+        }
+        Ok(())
+    }
+
+    /// The device side of [`crate::Session::reserve`]: every slot a call with `steps` would
+    /// use, and the rotary tables, for `positions` positions.
+    pub(crate) fn reserve(
+        &mut self,
+        m: &Inner,
+        d: &DevModel,
+        positions: usize,
+        steps: Option<usize>,
+    ) -> Result<()> {
+        let gpu = &*d.gpu;
+        let iterations = m.manifest.program.recur.as_ref().map_or(0, |rec| {
+            crate::exec::cap_of(&rec.exit, rec.default_steps, steps, &[])
+        });
+        for site in 0..m.manifest.kv_sites.len() {
+            let slots = if self.kv.in_loop(site) {
+                (0..iterations.max(1))
+                    .map(|t| self.kv.slot_of(site, Some(t)))
+                    .max()
+                    .map_or(1, |s| s + 1)
+            } else {
+                1
+            };
+            for slot in 0..slots {
+                self.kv.ensure(gpu, site, slot, positions)?;
+            }
+        }
+        self.ensure_ropes(gpu, positions)
+    }
+
     pub(crate) fn forward(&mut self, m: &Inner, d: &DevModel, c: &Call<'_>) -> Result<usize> {
         let s = c.tokens.len();
         if s == 0 {
@@ -349,23 +400,7 @@ impl DevState {
             .checked_add(s)
             .ok_or_else(|| RuntimeError::Config("position overflow".into()))?;
         let gpu = &*d.gpu;
-        for r in &mut self.ropes {
-            r.host.ensure(kv_len)?;
-            let n = r.host.positions_held();
-            if n > r.uploaded {
-                let half = r.host.half();
-                // Named apart so that the launch log shows which table a kernel reads where.
-                let (cos, sin) = (
-                    gpu.alloc(4 * n * half, "rotary cos")?,
-                    gpu.alloc(4 * n * half, "rotary sin")?,
-                );
-                gpu.upload(cos.addr, bytes(r.host.cos()))?;
-                gpu.upload(sin.addr, bytes(r.host.sin()))?;
-                r.cos = Some(cos);
-                r.sin = Some(sin);
-                r.uploaded = n;
-            }
-        }
+        self.ensure_ropes(gpu, kv_len)?;
         let wi = self.workspace_for(m, d, s)?;
         let toks: Vec<i32> = c.tokens.iter().map(|&t| t as i32).collect();
         gpu.upload(self.ws[wi].tokens.addr, bytes(&toks))?;
