@@ -134,17 +134,19 @@ fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
     let chunks: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
     let (mut pre, mut dec) = (vec![], vec![]);
     let mut kv_per_pos = 0.0;
-    // The timed repetitions' timers, summed (each repetition has its own batch session).
-    let mut profile: Vec<(&'static str, std::time::Duration, u64)> = Vec::new();
     let err = |e: loopc_runtime::RuntimeError| format!("error: {e}");
+    // One batch for every repetition, as a server reuses its batch: the warm-up rep plans the
+    // buffers of both shapes and touches the cache's pages, the timed ones start its sequences
+    // over (as the single-sequence bench resets its session).
+    let mut bs = model.batch_session(n);
+    bs.set_steps(a.steps);
+    bs.set_exit_threshold(a.exit_threshold);
+    bs.reserve(a.prompt_len + a.new_tokens).map_err(err)?;
     for rep in 0..=a.reps {
-        // A fresh batch per repetition (a batch session has no reset); the warm-up rep plans
-        // the buffers of both shapes.
-        let mut bs = model.batch_session(n);
-        bs.set_steps(a.steps);
-        bs.set_exit_threshold(a.exit_threshold);
+        for b in 0..n {
+            bs.reset(b).map_err(err)?;
+        }
         bs.set_profiling(a.profile && rep > 0);
-        bs.reserve(a.prompt_len + a.new_tokens).map_err(err)?;
         let t = Instant::now();
         let logits = bs.prefill_last(&chunks).map_err(err)?;
         let tp = t.elapsed().as_secs_f64();
@@ -167,15 +169,10 @@ fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
             pre.push(tp);
             dec.push(td);
         }
-        for (name, t, calls) in bs.profile() {
-            match profile.iter_mut().find(|p| p.0 == name) {
-                Some(p) => (p.1, p.2) = (p.1 + t, p.2 + calls),
-                None => profile.push((name, t, calls)),
-            }
-        }
     }
     if a.profile {
-        eprintln!("{}", loopc_runtime::profile_text(&profile));
+        // The timed repetitions' timers (turned on after the warm-up).
+        eprintln!("{}", loopc_runtime::profile_text(&bs.profile()));
     }
     let (p, d) = (median(pre), median(dec));
     Ok(format!(

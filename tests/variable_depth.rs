@@ -768,3 +768,61 @@ fn reserved_cache_never_moves_and_changes_nothing() {
         "the unreserved batch never grew"
     );
 }
+
+/// `BatchSession::reset`: one sequence starts over (a new request in a finished one's place)
+/// while the others go on; every sequence still equals its own single session, and the
+/// restarted one a fresh session. An index past the batch is an error.
+#[test]
+fn batch_sequence_restarts_while_the_others_go_on() {
+    let model = huginn("fixed", "per_step");
+    let tol = if model.packs_f32() { 0.0 } else { 1e-5 };
+    let mut batch = model.batch_session(3);
+    let mut singles: Vec<_> = (0..3).map(|_| model.session()).collect();
+    let prompts: [&[u32]; 3] = [&[5, 17, 3, 99], &[8, 8, 200], &[77, 1]];
+    let check = |got: &[loopc_runtime::Logits], want: &[Option<Vec<f32>>], what: &str| {
+        for (b, w) in want.iter().enumerate() {
+            if let Some(w) = w {
+                let d = max_abs_diff(got[b].data(), w);
+                assert!(d <= tol, "{what}: sequence {b} differs by {d:e}");
+            }
+        }
+    };
+    let got = batch.prefill(&prompts).unwrap();
+    let want: Vec<_> = (0..3)
+        .map(|b| Some(singles[b].prefill(prompts[b]).unwrap().data().to_vec()))
+        .collect();
+    check(&got, &want, "prefill");
+    for t in 0..4u32 {
+        let toks = [Some(t + 1), Some(t + 20), Some(t + 40)];
+        let got = batch.step(&toks).unwrap();
+        let want: Vec<_> = (0..3)
+            .map(|b| Some(singles[b].step(toks[b].unwrap()).unwrap().data().to_vec()))
+            .collect();
+        check(&got, &want, "decode");
+    }
+    // Sequence 1 finishes; a new request takes its place, prefilled beside the others' steps.
+    batch.reset(1).unwrap();
+    assert_eq!(batch.positions(), &[8, 0, 6]);
+    singles[1] = model.session();
+    let chunks: [&[u32]; 3] = [&[9], &[250, 4, 4, 31, 2], &[11]];
+    let got = batch.prefill(&chunks).unwrap();
+    let want: Vec<_> = (0..3)
+        .map(|b| Some(singles[b].prefill(chunks[b]).unwrap().data().to_vec()))
+        .collect();
+    check(&got, &want, "prefill after the restart");
+    for t in 0..3u32 {
+        let toks = [Some(t + 3), Some(t + 60), None];
+        let got = batch.step(&toks).unwrap();
+        let want = [
+            Some(singles[0].step(t + 3).unwrap().data().to_vec()),
+            Some(singles[1].step(t + 60).unwrap().data().to_vec()),
+            None,
+        ];
+        check(&got, &want, "decode after the restart");
+    }
+    assert_eq!(batch.positions(), &[12, 8, 7]);
+    let kv: Vec<usize> = singles.iter().map(|s| s.stats().kv_bytes_used).collect();
+    assert_eq!(batch.kv_bytes_used(), kv);
+    let e = batch.reset(3).unwrap_err().to_string();
+    assert!(e.contains("no sequence 3 in a batch of 3"), "{e}");
+}

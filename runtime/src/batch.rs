@@ -93,6 +93,20 @@ impl BatchSession {
         }
     }
 
+    /// Start sequence `b` over: position 0 and an empty KV cache whose storage is kept; the
+    /// other sequences go on where they are. A finished request's place in the batch can so be
+    /// taken by the next one (continuous batching) without allocating.
+    pub fn reset(&mut self, b: usize) -> Result<()> {
+        let n = self.kvs.len();
+        let kv = self
+            .kvs
+            .get_mut(b)
+            .ok_or_else(|| RuntimeError::Config(format!("no sequence {b} in a batch of {n}")))?;
+        kv.reset();
+        self.pos[b] = 0;
+        Ok(())
+    }
+
     /// Positions of the next token of each sequence.
     pub fn positions(&self) -> &[usize] {
         &self.pos
