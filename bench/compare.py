@@ -381,6 +381,10 @@ def main():
         r = MODELS["huginn-d256"]["run_rs"][0]
         d = summary.get(("huginn-d256", r, "decode b1 tok/s"), {})
         target(f"d=256 decode ≥ 5× eager f32 (r={r})", ratio(d.get("loopc"), d.get("eager-f32")), 5.0)
+        # The issue names no dtype here; the like-for-like bf16 pair, as the b1 decode lines have.
+        if d.get("loopc-bf16") and d.get("eager-bf16"):
+            target(f"d=256 decode ≥ 5× eager bf16 (loopc bf16 vs eager bf16, r={r})",
+                   ratio(d.get("loopc-bf16"), d.get("eager-bf16")), 5.0)
         # This model's weights and cache (~60 MB f32) stay in the last-level cache, so its decode is
         # bound by the 64 MiB read ceiling, not DRAM: say how far 5× eager is from that bound.
         kvb = med("huginn-d256", r, "p128+d64", "loopc", "kv_bytes_per_position")

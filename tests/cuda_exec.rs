@@ -518,4 +518,14 @@ fn reserved_device_cache_holds_the_sequence() {
     }
     assert!(max_abs_diff(&logits, &cpu.logits) <= TOL);
     assert_eq!(emu.kv_lens(), cpu.kv);
+    // Both reserve exactly the rows asked for (in 16-row units), no headroom: a CPU session
+    // reserved alike ends up holding the same bytes.
+    let mut host = load(&a, HUGINN_W, Device::Cpu).unwrap().session();
+    host.set_steps(Some(3));
+    host.reserve(prompt.len() + decode.len()).unwrap();
+    host.prefill(&prompt).unwrap();
+    for &t in &decode {
+        host.step(t).unwrap();
+    }
+    assert_eq!(host.stats().kv_bytes_allocated, reserved);
 }

@@ -42,6 +42,12 @@ pub(crate) fn grown_capacity(cap: usize, rows: usize) -> usize {
     want.checked_next_multiple_of(MIN_CAP).unwrap_or(want)
 }
 
+/// The row capacity for a known length: `rows` (at least `cap`) in whole [`MIN_CAP`]s.
+pub(crate) fn exact_capacity(cap: usize, rows: usize) -> usize {
+    let want = rows.max(cap).max(MIN_CAP);
+    want.checked_next_multiple_of(MIN_CAP).unwrap_or(want)
+}
+
 /// A slot's keys and values.
 type Kv<'a> = (&'a [f32], &'a [f32]);
 type KvMut<'a> = (&'a mut [f32], &'a mut [f32]);
@@ -129,12 +135,7 @@ impl KvCache {
     /// [`KvCache::reserve`] for a caller that knows the sequence's length: room for exactly
     /// `rows` rows (in multiples of [`MIN_CAP`]), no headroom.
     pub(crate) fn reserve_exact(&mut self, iterations: usize, rows: usize) -> Result<()> {
-        self.reserve_with(iterations, rows, |cap, rows| {
-            rows.max(cap)
-                .max(MIN_CAP)
-                .checked_next_multiple_of(MIN_CAP)
-                .unwrap_or(rows)
-        })
+        self.reserve_with(iterations, rows, exact_capacity)
     }
 
     fn reserve_with(

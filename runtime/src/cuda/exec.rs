@@ -367,7 +367,7 @@ impl DevState {
                 1
             };
             for slot in 0..slots {
-                self.kv.ensure(gpu, site, slot, positions)?;
+                self.kv.reserve_exact(gpu, site, slot, positions)?;
             }
         }
         self.ensure_ropes(gpu, positions)

@@ -84,6 +84,29 @@ impl DevKv {
         slot: usize,
         rows: usize,
     ) -> Result<()> {
+        self.ensure_with(gpu, site, slot, rows, crate::kv::grown_capacity)
+    }
+
+    /// [`DevKv::ensure`] for a caller that knows the sequence's length: exactly `rows` rows
+    /// (in the host cache's units), no headroom.
+    pub(crate) fn reserve_exact(
+        &mut self,
+        gpu: &dyn Gpu,
+        site: usize,
+        slot: usize,
+        rows: usize,
+    ) -> Result<()> {
+        self.ensure_with(gpu, site, slot, rows, crate::kv::exact_capacity)
+    }
+
+    fn ensure_with(
+        &mut self,
+        gpu: &dyn Gpu,
+        site: usize,
+        slot: usize,
+        rows: usize,
+        capacity: fn(usize, usize) -> usize,
+    ) -> Result<()> {
         let s = &mut self.sites[site];
         while s.slots.len() <= slot {
             s.slots.push(Slot::default());
@@ -93,7 +116,7 @@ impl DevKv {
         if sl.cap >= rows && sl.k.is_some() {
             return Ok(());
         }
-        let cap = crate::kv::grown_capacity(sl.cap, rows);
+        let cap = capacity(sl.cap, rows);
         let bytes =
             cap.checked_mul(w)
                 .and_then(|e| e.checked_mul(4))
