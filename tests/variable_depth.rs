@@ -826,3 +826,33 @@ fn batch_sequence_restarts_while_the_others_go_on() {
     let e = batch.reset(3).unwrap_err().to_string();
     assert!(e.contains("no sequence 3 in a batch of 3"), "{e}");
 }
+
+/// `generate` reserves the cache for prompt + new tokens before it starts: 7 + 89 positions held
+/// in exactly 96 rows, where growing call by call ends at 128 (16, 32, 48, 80, 128).
+#[test]
+fn generate_reserves_the_whole_sequence() {
+    let model = huginn("fixed", "per_step");
+    let mut s = model.session();
+    s.set_steps(Some(4));
+    let out = loopc_runtime::generate(
+        &mut s,
+        &[5, 17, 3, 99, 42, 7, 1],
+        90,
+        &loopc_runtime::SamplerConfig::greedy(),
+        &[],
+    )
+    .unwrap();
+    assert_eq!((out.tokens.len(), s.position()), (90, 96));
+    let st = s.stats();
+    assert_eq!(st.kv_bytes_allocated, st.kv_bytes_used);
+    let mut grown = model.session();
+    grown.set_steps(Some(4));
+    grown.prefill(&[5, 17, 3, 99, 42, 7, 1]).unwrap();
+    for &t in &out.tokens[..89] {
+        grown.step(t).unwrap();
+    }
+    assert_eq!(
+        grown.stats().kv_bytes_allocated,
+        st.kv_bytes_used / 96 * 128
+    );
+}

@@ -16,6 +16,7 @@
 //!
 //! let mut session = model.session();
 //! session.set_steps(Some(8));                              // recurrence depth (None = artifact default)
+//! session.reserve(3 + 16)?;                                // the KV cache for the whole sequence, once
 //! let logits = session.prefill(&[1, 2, 3])?;               // [3, vocab]: every position
 //! let mut rng = Rng::new(0);
 //! let next = sample(logits.last_row(), &SamplerConfig::greedy(), &mut rng);
@@ -24,7 +25,7 @@
 //! println!("{:?} {:?}", session.exit_probs(), session.stats());
 //! session.reset();                                         // new sequence, same allocations
 //!
-//! // Or in one go, keeping every logit:
+//! // Or in one go, keeping every logit (`generate` reserves the cache itself):
 //! let out = generate(&mut session, &[1, 2, 3], 16, &SamplerConfig::temperature(0.7).with_top_p(0.9), &[0])?;
 //! println!("{:?} ({} decode rows)", out.tokens, out.step_logits.rows);
 //! # Ok(())

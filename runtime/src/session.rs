@@ -781,9 +781,8 @@ pub fn generate_with(
     // The last sampled token is never fed back. A failed reservation (more positions than this
     // machine can map) is no error: the calls grow the cache as they go, and fail only if
     // the tokens actually generated need more memory than there is.
-    let positions = (session.position() + prompt.len())
-        .saturating_add(max_new_tokens)
-        .saturating_sub(1);
+    let positions =
+        (session.position() + prompt.len()).saturating_add(max_new_tokens.saturating_sub(1));
     let _ = session.reserve(positions);
     let t0 = Instant::now();
     let prefill_logits = match prompt_logits {
