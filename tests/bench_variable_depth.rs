@@ -34,7 +34,8 @@ fn batch_decode_throughput() {
     for sched in [None, Some(vec![2usize, 4, 8, 6])] {
         let set = |b: &mut loopc_runtime::BatchSession| {
             for i in 0..n {
-                b.set_depth_schedule(i, sched.clone().map(DepthSchedule::Cycle));
+                b.set_depth_schedule(i, sched.clone().map(DepthSchedule::Cycle))
+                    .unwrap();
             }
         };
         let prompts: Vec<Vec<u32>> = (0..n)

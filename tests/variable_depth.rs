@@ -364,12 +364,14 @@ fn bad_schedules_are_errors() {
         b.prefill(&[&[1], &[100_000]]).is_err(),
         "token out of range"
     );
-    b.set_depth_schedule(0, Some(DepthSchedule::Positions(vec![2])));
+    b.set_depth_schedule(0, Some(DepthSchedule::Positions(vec![2])))
+        .unwrap();
     assert!(
         b.prefill(&[&[1], &[2]]).is_err(),
         "a schedule for only some sequences"
     );
-    b.set_depth_schedule(1, Some(DepthSchedule::Positions(vec![3])));
+    b.set_depth_schedule(1, Some(DepthSchedule::Positions(vec![3])))
+        .unwrap();
     assert_eq!(b.prefill(&[&[1], &[2]]).unwrap().len(), 2);
     assert_eq!(
         b.positions(),
@@ -450,7 +452,9 @@ fn batch_of_four_equals_independent_sessions() {
         let mut singles: Vec<_> = (0..4).map(|_| model.session()).collect();
         if forced {
             for b in 0..4 {
-                batch.set_depth_schedule(b, Some(DepthSchedule::Positions(scheds[b].clone())));
+                batch
+                    .set_depth_schedule(b, Some(DepthSchedule::Positions(scheds[b].clone())))
+                    .unwrap();
                 singles[b].set_depth_schedule(Some(DepthSchedule::Positions(scheds[b].clone())));
             }
         }
@@ -825,6 +829,51 @@ fn batch_sequence_restarts_while_the_others_go_on() {
     assert_eq!(batch.kv_bytes_used(), kv);
     let e = batch.reset(3).unwrap_err().to_string();
     assert!(e.contains("no sequence 3 in a batch of 3"), "{e}");
+}
+
+/// A batch call that fails on one sequence's input (here an empty depth schedule) leaves every
+/// sequence as it was: positions and caches kept, so the batch goes on equal to single sessions.
+/// A schedule for a sequence past the batch is an error, not ignored.
+#[test]
+fn failed_batch_call_leaves_every_sequence_intact() {
+    let model = huginn("fixed", "per_step");
+    let tol = if model.packs_f32() { 0.0 } else { 1e-5 };
+    let mut batch = model.batch_session(2);
+    let mut singles: Vec<_> = (0..2).map(|_| model.session()).collect();
+    let prompts: [&[u32]; 2] = [&[5, 17, 3], &[8, 200]];
+    batch.prefill(&prompts).unwrap();
+    for (s, p) in singles.iter_mut().zip(prompts) {
+        s.prefill(p).unwrap();
+    }
+    let used = batch.kv_bytes_used();
+    assert!(used.iter().all(|&u| u > 0));
+    batch
+        .set_depth_schedule(0, Some(DepthSchedule::Positions(vec![3])))
+        .unwrap();
+    batch
+        .set_depth_schedule(1, Some(DepthSchedule::Positions(vec![])))
+        .unwrap();
+    let e = batch.step(&[Some(4), Some(9)]).unwrap_err().to_string();
+    assert!(e.contains("depth schedule is empty"), "{e}");
+    assert_eq!(batch.positions(), &[3, 2]);
+    assert_eq!(batch.kv_bytes_used(), used);
+    let e = batch
+        .set_depth_schedule(2, Some(DepthSchedule::Positions(vec![1])))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no sequence 2 in a batch of 2"), "{e}");
+    for b in 0..2 {
+        batch.set_depth_schedule(b, None).unwrap();
+    }
+    let got = batch.step(&[Some(4), Some(9)]).unwrap();
+    for (b, t) in [4u32, 9].into_iter().enumerate() {
+        let want = singles[b].step(t).unwrap();
+        let d = max_abs_diff(got[b].data(), want.data());
+        assert!(
+            d <= tol,
+            "sequence {b} differs by {d:e} after the failed call"
+        );
+    }
 }
 
 /// `generate` reserves the cache for prompt + new tokens before it starts: 7 + 89 positions held

@@ -87,9 +87,22 @@ impl BatchSession {
     }
 
     /// Force the depths of sequence `b`'s tokens; either every sequence has a schedule or none.
-    pub fn set_depth_schedule(&mut self, b: usize, schedule: Option<DepthSchedule>) {
-        if let Some(s) = self.schedules.get_mut(b) {
-            *s = schedule;
+    /// Force the depth of every token of sequence `b` ([`crate::Session::set_depth_schedule`]);
+    /// either every sequence of a batch has a schedule or none.
+    pub fn set_depth_schedule(&mut self, b: usize, schedule: Option<DepthSchedule>) -> Result<()> {
+        self.check_index(b)?;
+        self.schedules[b] = schedule;
+        Ok(())
+    }
+
+    fn check_index(&self, b: usize) -> Result<()> {
+        let n = self.kvs.len();
+        if b < n {
+            Ok(())
+        } else {
+            Err(RuntimeError::Config(format!(
+                "no sequence {b} in a batch of {n}"
+            )))
         }
     }
 
@@ -97,12 +110,8 @@ impl BatchSession {
     /// other sequences go on where they are. A finished request's place in the batch can so be
     /// taken by the next one (continuous batching) without allocating.
     pub fn reset(&mut self, b: usize) -> Result<()> {
-        let n = self.kvs.len();
-        let kv = self
-            .kvs
-            .get_mut(b)
-            .ok_or_else(|| RuntimeError::Config(format!("no sequence {b} in a batch of {n}")))?;
-        kv.reset();
+        self.check_index(b)?;
+        self.kvs[b].reset();
         self.pos[b] = 0;
         Ok(())
     }
@@ -137,8 +146,9 @@ impl BatchSession {
         self.tokens.clear();
         self.st.exits.depths.clear();
         self.seq_ids.clear();
-        let mut kvs = Vec::with_capacity(n);
-        for (b, (c, kv)) in chunks.iter().zip(self.kvs.iter_mut()).enumerate() {
+        // Every check that can fail runs before any cache leaves `self.kvs`: an error must leave
+        // the batch as it was.
+        for (b, c) in chunks.iter().enumerate() {
             if c.is_empty() {
                 continue;
             }
@@ -156,12 +166,16 @@ impl BatchSession {
                     self.st.exits.depths.push(d);
                 }
             }
-            kvs.push(std::mem::replace(kv, KvCache::new(&[], None)));
             self.seq_ids.push(b);
         }
         if self.tokens.is_empty() {
             return Err(RuntimeError::EmptyInput);
         }
+        let mut kvs: Vec<KvCache> = self
+            .seq_ids
+            .iter()
+            .map(|&b| std::mem::replace(&mut self.kvs[b], KvCache::new(&[], None)))
+            .collect();
         let m = &self.model.inner;
         let r = self
             .st
