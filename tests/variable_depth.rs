@@ -832,7 +832,8 @@ fn batch_sequence_restarts_while_the_others_go_on() {
 }
 
 /// A batch call that fails on one sequence's input (here an empty depth schedule) leaves every
-/// sequence as it was: positions and caches kept, so the batch goes on equal to single sessions.
+/// sequence as it was: positions and caches kept, no depths reported, and the batch goes on
+/// equal to single sessions.
 /// A schedule for a sequence past the batch is an error, not ignored.
 #[test]
 fn failed_batch_call_leaves_every_sequence_intact() {
@@ -853,10 +854,15 @@ fn failed_batch_call_leaves_every_sequence_intact() {
     batch
         .set_depth_schedule(1, Some(DepthSchedule::Positions(vec![])))
         .unwrap();
-    let e = batch.step(&[Some(4), Some(9)]).unwrap_err().to_string();
+    // More rows than the last call had: the failed call's plan must not be read back.
+    let e = batch
+        .prefill(&[&[4, 4, 4, 4, 4, 4], &[9]])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("depth schedule is empty"), "{e}");
     assert_eq!(batch.positions(), &[3, 2]);
     assert_eq!(batch.kv_bytes_used(), used);
+    assert!(batch.last_depths(0).is_empty() && batch.last_depths(1).is_empty());
     let e = batch
         .set_depth_schedule(2, Some(DepthSchedule::Positions(vec![1])))
         .unwrap_err()

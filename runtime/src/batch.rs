@@ -86,7 +86,6 @@ impl BatchSession {
         self.st.exits.threshold = threshold;
     }
 
-    /// Force the depths of sequence `b`'s tokens; either every sequence has a schedule or none.
     /// Force the depth of every token of sequence `b` ([`crate::Session::set_depth_schedule`]);
     /// either every sequence of a batch has a schedule or none.
     pub fn set_depth_schedule(&mut self, b: usize, schedule: Option<DepthSchedule>) -> Result<()> {
@@ -124,6 +123,16 @@ impl BatchSession {
     /// Process `chunks[b]` for each sequence `b` (an empty chunk sits this call out); returns
     /// the logits of every row of each sequence.
     pub fn prefill(&mut self, chunks: &[&[u32]]) -> Result<Vec<Logits>> {
+        let r = self.run(chunks);
+        if r.is_err() {
+            // A failed call ran no sequence: `last_depths` must not read its partial plan.
+            self.segs.clear();
+            self.seq_ids.clear();
+        }
+        r
+    }
+
+    fn run(&mut self, chunks: &[&[u32]]) -> Result<Vec<Logits>> {
         if self.model.inner.dev.is_some() {
             return Err(RuntimeError::Unsupported(
                 "batch sessions (run one Session per sequence)".into(),
@@ -225,7 +234,8 @@ impl BatchSession {
         self.prefill(&chunks)
     }
 
-    /// Iterations each token of sequence `b` ran in the last call (empty if it sat out).
+    /// Iterations each token of sequence `b` ran in the last call (empty if it sat out or the
+    /// call failed).
     pub fn last_depths(&self, b: usize) -> &[usize] {
         let Some(i) = self.seq_ids.iter().position(|&x| x == b) else {
             return &[];
