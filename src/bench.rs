@@ -63,7 +63,9 @@ pub fn run(model: &Model, a: &BenchArgs) -> Result<String, String> {
         .collect();
     let mut session = model.session();
     session.set_steps(a.steps);
-    session.set_exit_threshold(a.exit_threshold);
+    session
+        .set_exit_threshold(a.exit_threshold)
+        .map_err(|e| format!("error: --exit-threshold: {e}"))?;
     session.set_profiling(a.profile);
     // As `generate` and the PyTorch reference do: the cache for the whole sequence, up front.
     session
@@ -140,7 +142,8 @@ fn run_batch(model: &Model, a: &BenchArgs) -> Result<String, String> {
     // over (as the single-sequence bench resets its session).
     let mut bs = model.batch_session(n);
     bs.set_steps(a.steps);
-    bs.set_exit_threshold(a.exit_threshold);
+    bs.set_exit_threshold(a.exit_threshold)
+        .map_err(|e| format!("error: --exit-threshold: {e}"))?;
     bs.reserve(a.prompt_len + a.new_tokens).map_err(err)?;
     for rep in 0..=a.reps {
         for b in 0..n {

@@ -684,11 +684,9 @@ fn run(r: RunArgs) -> Result<(), String> {
     session.set_profiling(r.profile);
     session.set_guard(r.guard);
     if let Some(x) = r.exit_threshold {
-        if !x.is_finite() {
-            return Err(format!(
-                "error: --exit-threshold must be a finite number, got {x}"
-            ));
-        }
+        session
+            .set_exit_threshold(Some(x))
+            .map_err(|e| format!("error: --exit-threshold: {e}"))?;
         let fixed = matches!(
             model.manifest().program.recur.as_ref().map(|r| &r.exit),
             Some(loopc_runtime::artifact::ExitPolicy::Fixed) | None
@@ -698,7 +696,6 @@ fn run(r: RunArgs) -> Result<(), String> {
                 "warning: --exit-threshold has no effect: the model's exit policy is `fixed`"
             );
         }
-        session.set_exit_threshold(Some(x));
     }
     if let Some(d) = &r.depths {
         let v = d

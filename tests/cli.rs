@@ -370,6 +370,20 @@ fn run_with_forced_depths_prints_depth_stats() {
         "nan",
     ]);
     assert!(!ok && err.contains("--exit-threshold"), "{err}");
+    let (ok, _, err) = loopc(&[
+        "bench",
+        "examples/huginn.loop",
+        "--config",
+        "tests/fixtures/huginn_tiny/config.json",
+        "--weights",
+        "tests/fixtures/huginn_tiny/model.safetensors",
+        "--exit-threshold",
+        "inf",
+    ]);
+    assert!(
+        !ok && err.contains("--exit-threshold") && err.contains("finite"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -72,7 +72,7 @@ fn run_at(
     threshold: Option<f64>,
 ) -> Run {
     let mut s = m.session();
-    s.set_exit_threshold(threshold);
+    s.set_exit_threshold(threshold).unwrap();
     s.set_steps(steps);
     s.set_depth_schedule(sched);
     let mut logits = s.prefill(prompt).unwrap().data().to_vec();

@@ -96,7 +96,8 @@ fn mor_case(case: &str, opt_level: u8) {
     let weights = format!("mor_tiny/{case}.safetensors");
     let model = model("mor", "mor_tiny/config.json", &weights, &set, opt_level);
     let mut s = model.session();
-    s.set_exit_threshold(Some(if thr < 0.0 { 0.0 } else { thr as f64 }));
+    s.set_exit_threshold(Some(if thr < 0.0 { 0.0 } else { thr as f64 }))
+        .unwrap();
     let pre = s.prefill(&ids(&read(&f, "prompt"))).unwrap();
     let d_pre = max_abs_diff(pre.data(), &read(&f, "prefill_logits").f32);
     let depths: Vec<i64> = s.last_depths().iter().map(|&d| d as i64).collect();
@@ -194,12 +195,12 @@ fn mor_batch_of_unequal_sequences_equals_single_sessions() {
         // `variable_depth.rs`.
         let tol = if model.packs_f32() { 0.0 } else { 1e-5 };
         let mut batch = model.batch_session(4);
-        batch.set_exit_threshold(Some(thr));
+        batch.set_exit_threshold(Some(thr)).unwrap();
         let mut singles: Vec<_> = (0..4).map(|_| model.session()).collect();
         let got = batch.prefill(&prompts).unwrap();
         let mut depths = vec![];
         for b in 0..4 {
-            singles[b].set_exit_threshold(Some(thr));
+            singles[b].set_exit_threshold(Some(thr)).unwrap();
             let want = singles[b].prefill(prompts[b]).unwrap();
             let d = max_abs_diff(got[b].data(), want.data());
             assert!(d <= tol, "{case}: prefill of sequence {b} differs by {d:e}");

@@ -276,14 +276,24 @@ fn criterion_exit_equals_forced_schedule() {
 }
 
 /// The run-time threshold override: a huge threshold exits at `min_steps`, a tiny one runs to
-/// the cap; block evaluations follow.
+/// the cap; block evaluations follow. One that is not a finite number is refused.
 #[test]
 fn exit_threshold_override() {
     let f = fixture("huginn_tiny/r7.safetensors");
     let prompt = ids(&read(&f, "prompt"));
     let model = huginn("kl(threshold = 1e-3, min_steps = 2, max = 6)", "per_step");
     let mut s = model.session();
-    s.set_exit_threshold(Some(1e9));
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let e = s.set_exit_threshold(Some(bad)).unwrap_err().to_string();
+        assert!(e.contains("finite"), "{e}");
+        let e = model
+            .batch_session(2)
+            .set_exit_threshold(Some(bad))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("finite"), "{e}");
+    }
+    s.set_exit_threshold(Some(1e9)).unwrap();
     s.prefill(&prompt).unwrap();
     assert!(
         s.last_depths().iter().all(|&d| d == 2),
@@ -291,7 +301,7 @@ fn exit_threshold_override() {
         s.last_depths()
     );
     s.reset();
-    s.set_exit_threshold(Some(1e-30));
+    s.set_exit_threshold(Some(1e-30)).unwrap();
     s.prefill(&prompt).unwrap();
     assert!(
         s.last_depths().iter().all(|&d| d == 6),
@@ -335,7 +345,7 @@ fn ouro_gate_exit() {
     );
     assert!(depths.iter().all(|&d| (1..=4).contains(&d)));
     s.reset();
-    s.set_exit_threshold(Some(1.0));
+    s.set_exit_threshold(Some(1.0)).unwrap();
     let pre = s.prefill(&prompt).unwrap();
     assert!(s.last_depths().iter().all(|&d| d == 4));
     assert!(max_abs_diff(pre.data(), &read(&f, "prefill_logits").f32) <= TOL);

@@ -82,8 +82,10 @@ impl BatchSession {
         self.steps = steps;
     }
 
-    pub fn set_exit_threshold(&mut self, threshold: Option<f64>) {
-        self.st.exits.threshold = threshold;
+    /// [`crate::Session::set_exit_threshold`] for every sequence.
+    pub fn set_exit_threshold(&mut self, threshold: Option<f64>) -> Result<()> {
+        self.st.exits.threshold = crate::exit::checked_threshold(threshold)?;
+        Ok(())
     }
 
     /// Force the depth of every token of sequence `b` ([`crate::Session::set_depth_schedule`]);

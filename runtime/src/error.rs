@@ -110,7 +110,7 @@ pub enum RuntimeError {
     #[error("the recurrence needs at least one iteration, but steps = 0 (from set_steps or the artifact's default)")]
     ZeroSteps,
 
-    #[error("cannot allocate {bytes} bytes for {what}")]
+    #[error("cannot allocate {} for {what}", bytes_text(*.bytes))]
     Alloc { bytes: u128, what: String },
 
     #[error("invalid setting: {0}")]
@@ -150,5 +150,16 @@ pub(crate) fn env_switch(name: &str, default: bool) -> Result<bool> {
                 "{name} must be 0 or 1, got `{v}`"
             ))),
         },
+    }
+}
+
+/// A byte count for an allocation error; one past the address space says so (a KV cache asked
+/// for an absurd depth or length, say), as its 39 digits would not.
+fn bytes_text(bytes: u128) -> String {
+    if bytes > usize::MAX as u128 {
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        format!("{gib:.3e} GiB (more than the address space)")
+    } else {
+        format!("{bytes} bytes")
     }
 }

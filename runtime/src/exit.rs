@@ -238,6 +238,16 @@ pub(crate) fn token_route(row: &[f32], cap: usize, alpha: f32) -> (usize, f32) {
     ((d + 1).min(cap.max(1)), (row[d] - mx).exp() / sum * alpha)
 }
 
+/// A run-time threshold override, refused when it is not a finite number.
+pub(crate) fn checked_threshold(t: Option<f64>) -> crate::error::Result<Option<f64>> {
+    match t {
+        Some(x) if !x.is_finite() => Err(crate::error::RuntimeError::Config(format!(
+            "the exit threshold must be a finite number, got {x}"
+        ))),
+        _ => Ok(t),
+    }
+}
+
 /// Whether a criterion value stops the row.
 pub(crate) fn passes(c: Criterion, value: f64, threshold: f64) -> bool {
     match c {

@@ -190,8 +190,17 @@ impl KvCache {
     fn grow(&mut self, per_loop: usize, cap: usize) -> Result<()> {
         let mut rooms = Vec::with_capacity(self.sites.len());
         let mut total = 0usize;
+        // The size asked for, for the error when it does not fit a usize.
         let overflow = || crate::error::RuntimeError::Alloc {
-            bytes: u128::MAX,
+            bytes: self
+                .sites
+                .iter()
+                .map(|s| {
+                    [s.room.max(Self::room_for(s, per_loop)), 2, cap, s.width, 4]
+                        .iter()
+                        .fold(1u128, |a, &x| a.saturating_mul(x as u128))
+                })
+                .fold(0u128, u128::saturating_add),
             what: "KV cache".into(),
         };
         for s in &self.sites {
@@ -673,6 +682,22 @@ mod tests {
     /// A reservation for a known length holds that many rows (whole `MIN_CAP`s), no headroom;
     /// rows written within it keep the storage, rows past it grow it with headroom, moving
     /// what was written.
+    /// A reservation past the address space is an error that gives the size asked for, and
+    /// leaves the cache as it was.
+    #[test]
+    fn reservation_past_the_address_space_is_an_error() {
+        let mut kv = KvCache::new(&[site(false), site(true)], None);
+        kv.reserve_exact(2, 16).unwrap();
+        let e = kv.reserve_exact(usize::MAX, 16).unwrap_err().to_string();
+        assert!(
+            e.contains("GiB (more than the address space) for KV cache"),
+            "{e}"
+        );
+        let e = kv.reserve_exact(3, usize::MAX / 2).unwrap_err().to_string();
+        assert!(e.contains("more than the address space"), "{e}");
+        assert_eq!((kv.cap, kv.sites[1].room), (16, 2));
+    }
+
     #[test]
     fn exact_reservation_holds_what_was_asked() {
         let mut kv = KvCache::new(&[site(false), site(true)], None);

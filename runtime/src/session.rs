@@ -391,9 +391,12 @@ impl Session {
             .unwrap_or_default()
     }
 
-    /// Override the exit policy's threshold (`q` for a gate exit) for the next calls.
-    pub fn set_exit_threshold(&mut self, threshold: Option<f64>) {
-        self.st.exits.threshold = threshold;
+    /// Override the exit policy's threshold (`q` for a gate exit) for the next calls; `None`
+    /// restores the artifact's. A threshold that is not a finite number is an error (NaN
+    /// would compare false everywhere and silently run every token to the cap).
+    pub fn set_exit_threshold(&mut self, threshold: Option<f64>) -> Result<()> {
+        self.st.exits.threshold = crate::exit::checked_threshold(threshold)?;
+        Ok(())
     }
 
     /// Iterations each token of the last call ran.
