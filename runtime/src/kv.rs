@@ -679,9 +679,6 @@ mod tests {
         assert_eq!(ring.sites[0].room, 2);
     }
 
-    /// A reservation for a known length holds that many rows (whole `MIN_CAP`s), no headroom;
-    /// rows written within it keep the storage, rows past it grow it with headroom, moving
-    /// what was written.
     /// A reservation past the address space is an error that gives the size asked for, and
     /// leaves the cache as it was.
     #[test]
@@ -698,6 +695,9 @@ mod tests {
         assert_eq!((kv.cap, kv.sites[1].room), (16, 2));
     }
 
+    /// A reservation for a known length holds that many rows (whole `MIN_CAP`s), no headroom;
+    /// rows written within it keep the storage, rows past it grow it with headroom, moving
+    /// what was written.
     #[test]
     fn exact_reservation_holds_what_was_asked() {
         let mut kv = KvCache::new(&[site(false), site(true)], None);
