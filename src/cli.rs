@@ -750,14 +750,25 @@ fn run(r: RunArgs) -> Result<(), String> {
         }
     }
     let st = session.stats();
+    // The first new token is drawn from the prefill's logits; each later one costs a decode
+    // step (one row of `step_logits`), and the decode rate counts those steps.
+    let steps = out.step_logits.rows();
+    let decode = if steps == 0 {
+        "no decode step".to_string()
+    } else {
+        format!(
+            "decode {steps} steps in {:.3} s ({:.1} tok/s)",
+            out.decode_seconds,
+            steps as f64 / out.decode_seconds.max(1e-9)
+        )
+    };
     eprintln!(
-        "prefill {} tokens in {:.3} s ({:.1} tok/s); decode {} tokens in {:.3} s ({:.1} tok/s)",
+        "prefill {} tokens in {:.3} s ({:.1} tok/s); {} new token{}; {decode}",
         prompt.len(),
         out.prefill_seconds,
         prompt.len() as f64 / out.prefill_seconds.max(1e-9),
         out.tokens.len(),
-        out.decode_seconds,
-        out.tokens.len() as f64 / out.decode_seconds.max(1e-9),
+        if out.tokens.len() == 1 { "" } else { "s" },
     );
     if r.stats || r.profile {
         eprintln!("{st}");

@@ -344,6 +344,17 @@ fn run_with_forced_depths_prints_depth_stats() {
     );
     assert!(err.contains("block evaluations: 2.33 per token"), "{err}");
     assert!(err.contains("bytes per token"), "{err}");
+    // The first new token comes from the prefill; the other two cost a decode step each.
+    assert!(err.contains("; 3 new tokens; decode 2 steps in "), "{err}");
+    let (ok, _, err) = loopc(
+        &[
+            &["run"],
+            HUGINN_TINY,
+            &["--tokens", "1 2 3 4", "--max-new-tokens", "1"],
+        ]
+        .concat(),
+    );
+    assert!(ok && err.contains("; 1 new token; no decode step"), "{err}");
     let (ok, _, err) = loopc(&[
         "run",
         "examples/huginn.loop",
