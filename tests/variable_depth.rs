@@ -56,6 +56,18 @@ fn huginn(exit: &str, cache: &str) -> Model {
     )
 }
 
+/// How far a row's logits may move when the rows computed beside it change (a batch, or the
+/// head on one row instead of all): on f32 panels every matmul gives a row the same bits
+/// whatever the row count (attention, norms and exits are per sequence already), so exact;
+/// the row-major kernels (GEMV against GEMM) sum in another order.
+fn rows_tol(model: &Model) -> f32 {
+    if model.packs_f32() {
+        0.0
+    } else {
+        1e-5
+    }
+}
+
 fn depths(t: &Tensor) -> Vec<usize> {
     t.i64.iter().map(|&x| x as usize).collect()
 }
@@ -454,10 +466,7 @@ fn batch_of_four_equals_independent_sessions() {
     ];
     for (exit, cache, forced) in cases {
         let model = huginn(exit, cache);
-        // On f32 panels every matmul gives a row the same bits whatever the batch (the
-        // attention, norms and exits are per sequence already): exact. Row-major kernels sum
-        // a batch's rows in another order.
-        let tol = if model.packs_f32() { 0.0 } else { 1e-5 };
+        let tol = rows_tol(&model);
         let mut batch = model.batch_session(4);
         let mut singles: Vec<_> = (0..4).map(|_| model.session()).collect();
         if forced {
@@ -683,9 +692,8 @@ fn batch_prefill_last_is_the_last_row_of_prefill() {
     let mut last = model.batch_session(3);
     let want = full.prefill(&prompts).unwrap();
     let got = last.prefill_last(&prompts).unwrap();
-    // The head runs on one row instead of all: the row-major kernels (GEMV against GEMM) sum
-    // in another order; on f32 panels a row's bits do not depend on the row count.
-    let tol = if model.packs_f32() { 0.0 } else { 1e-5 };
+    // The head runs on one row instead of all.
+    let tol = rows_tol(&model);
     for b in 0..3 {
         assert_eq!(got[b].rows, 1);
         let d = max_abs_diff(got[b].data(), want[b].last_row());
@@ -789,7 +797,7 @@ fn reserved_cache_never_moves_and_changes_nothing() {
 #[test]
 fn batch_sequence_restarts_while_the_others_go_on() {
     let model = huginn("fixed", "per_step");
-    let tol = if model.packs_f32() { 0.0 } else { 1e-5 };
+    let tol = rows_tol(&model);
     let mut batch = model.batch_session(3);
     let mut singles: Vec<_> = (0..3).map(|_| model.session()).collect();
     let prompts: [&[u32]; 3] = [&[5, 17, 3, 99], &[8, 8, 200], &[77, 1]];
@@ -843,12 +851,11 @@ fn batch_sequence_restarts_while_the_others_go_on() {
 
 /// A batch call that fails on one sequence's input (here an empty depth schedule) leaves every
 /// sequence as it was: positions and caches kept, no depths reported, and the batch goes on
-/// equal to single sessions.
-/// A schedule for a sequence past the batch is an error, not ignored.
+/// equal to single sessions. A schedule for a sequence past the batch is an error, not ignored.
 #[test]
 fn failed_batch_call_leaves_every_sequence_intact() {
     let model = huginn("fixed", "per_step");
-    let tol = if model.packs_f32() { 0.0 } else { 1e-5 };
+    let tol = rows_tol(&model);
     let mut batch = model.batch_session(2);
     let mut singles: Vec<_> = (0..2).map(|_| model.session()).collect();
     let prompts: [&[u32]; 2] = [&[5, 17, 3], &[8, 200]];

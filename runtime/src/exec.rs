@@ -238,12 +238,7 @@ impl ExecState {
         positions: usize,
         steps: Option<usize>,
     ) -> Result<()> {
-        let iterations = m
-            .manifest
-            .program
-            .recur
-            .as_ref()
-            .map_or(0, |rec| cap_of(&rec.exit, rec.default_steps, steps, &[]));
+        let iterations = iterations_of(m, steps, &[]);
         kv.unwrap_or(&mut self.kv)
             .reserve_exact(iterations, positions)?;
         for r in &mut self.ropes {
@@ -372,9 +367,7 @@ impl ExecState {
             Some(k) => k,
             None => std::slice::from_mut(kv),
         };
-        let iterations = m.manifest.program.recur.as_ref().map_or(0, |rec| {
-            cap_of(&rec.exit, rec.default_steps, steps, &exits.depths)
-        });
+        let iterations = iterations_of(m, steps, &exits.depths);
         for (kv, sg) in kvs.iter_mut().zip(segs) {
             kv.reserve(iterations, sg.pos0 + sg.rows)?;
         }
@@ -396,6 +389,15 @@ impl ExecState {
         })?;
         Ok(CallInfo { iterations, ws: wi })
     }
+}
+
+/// [`cap_of`] for the model's recurrence; 0 for a model without one.
+pub(crate) fn iterations_of(m: &Inner, steps: Option<usize>, depths: &[usize]) -> usize {
+    m.manifest
+        .program
+        .recur
+        .as_ref()
+        .map_or(0, |rec| cap_of(&rec.exit, rec.default_steps, steps, depths))
 }
 
 /// Recurrence length of a call: the forced depths' maximum, else the per-call override, else

@@ -188,33 +188,25 @@ impl KvCache {
     /// Reallocate with room for at least `per_loop` slots per in-loop site and `cap` rows
     /// per slot, moving every slot's filled rows.
     fn grow(&mut self, per_loop: usize, cap: usize) -> Result<()> {
+        // Sizes in u128, so that one past the address space is reported as what was asked.
         let mut rooms = Vec::with_capacity(self.sites.len());
-        let mut total = 0usize;
-        // The size asked for, for the error when it does not fit a usize.
-        let overflow = || crate::error::RuntimeError::Alloc {
-            bytes: self
-                .sites
-                .iter()
-                .map(|s| {
-                    [s.room.max(Self::room_for(s, per_loop)), 2, cap, s.width, 4]
-                        .iter()
-                        .fold(1u128, |a, &x| a.saturating_mul(x as u128))
-                })
-                .fold(0u128, u128::saturating_add),
-            what: "KV cache".into(),
-        };
+        let mut floats = 0u128;
         for s in &self.sites {
             let room = s.room.max(Self::room_for(s, per_loop));
-            let floats = room
-                .checked_mul(2)
-                .and_then(|n| n.checked_mul(cap))
-                .and_then(|n| n.checked_mul(s.width))
-                .ok_or_else(overflow)?;
-            rooms.push((total, room));
-            total = total.checked_add(floats).ok_or_else(overflow)?;
+            rooms.push((floats, room));
+            let site = [room, 2, cap, s.width]
+                .iter()
+                .fold(1u128, |a, &x| a.saturating_mul(x as u128));
+            floats = floats.saturating_add(site);
         }
+        let total = usize::try_from(floats).map_err(|_| crate::error::RuntimeError::Alloc {
+            bytes: floats.saturating_mul(4),
+            what: "KV cache".into(),
+        })?;
         let mut store = AVec::zeroed_huge(total, "KV cache")?;
         for (s, &(base, room)) in self.sites.iter_mut().zip(&rooms) {
+            // At most `total`, so it fits.
+            let base = base as usize;
             let w = s.width;
             for (t, sl) in s.slots.iter().enumerate() {
                 let n = sl.len * w;

@@ -321,7 +321,6 @@ impl DevState {
         Ok(self.ws.len() - 1)
     }
 
-    /// Run one call; the logits are left in [`DevState::logits`]. Returns the iterations run.
     /// Rotary tables for `positions` positions, on the device.
     fn ensure_ropes(&mut self, gpu: &dyn Gpu, positions: usize) -> Result<()> {
         for r in &mut self.ropes {
@@ -354,9 +353,7 @@ impl DevState {
         steps: Option<usize>,
     ) -> Result<()> {
         let gpu = &*d.gpu;
-        let iterations = m.manifest.program.recur.as_ref().map_or(0, |rec| {
-            crate::exec::cap_of(&rec.exit, rec.default_steps, steps, &[])
-        });
+        let iterations = crate::exec::iterations_of(m, steps, &[]);
         for site in 0..m.manifest.kv_sites.len() {
             let slots = if self.kv.in_loop(site) {
                 (0..iterations.max(1))
@@ -373,6 +370,7 @@ impl DevState {
         self.ensure_ropes(gpu, positions)
     }
 
+    /// Run one call; the logits are left in [`DevState::logits`]. Returns the iterations run.
     pub(crate) fn forward(&mut self, m: &Inner, d: &DevModel, c: &Call<'_>) -> Result<usize> {
         let s = c.tokens.len();
         if s == 0 {
